@@ -1,0 +1,1 @@
+"""Shared structures: their layouts, and (with the live node) the segments that hold them."""

@@ -1,0 +1,1 @@
+"""Benchmarks and the perf tool of the exposure monitor."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import orjson
@@ -47,11 +46,6 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--compact", action="store_true", help="one-line JSON")
     r.set_defaults(func=_cmd_replay)
     return p
-
-
-def bundled_example() -> Path:
-    """Path of the example event file shipped with the package."""
-    return Path(__file__).resolve().parent / "data" / "basic.jsonl"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,7 +114,7 @@ _MAX_OID = np.uint64(MAX_ORDER_ID)
 
 
 # ----------------------------------------------------------------------------- hashing
-@njit(inline="always", cache=True, _nrt=False)
+@njit(cache=True, _nrt=False)
 def _mix(x):
     """murmur3's 64-bit finaliser: every input bit affects every output bit."""
     x ^= x >> _S33
@@ -125,7 +125,7 @@ def _mix(x):
     return x
 
 
-@njit(inline="always", cache=True, _nrt=False)
+@njit(cache=True, _nrt=False)
 def _order_home(source, order_id, mask):
     """Home slot of (source, order_id): blocks of 16 consecutive ids of a source share an
     aligned run of 16 slots (sequential ids from an OMS stay on adjacent cache lines);
@@ -135,7 +135,7 @@ def _order_home(source, order_id, mask):
 
 
 # ----------------------------------------------------------------------------- sums
-@njit(inline="always", cache=True, _nrt=False)
+@njit(cache=True, _nrt=False)
 def _kadd(t, k, x):
     """t[k] += x as a compensated sum: t[k, 0] value, t[k, 1] the low bits lost so far.
 
@@ -149,7 +149,7 @@ def _kadd(t, k, x):
     t[k, 0] = u
 
 
-@njit(inline="always", cache=True, _nrt=False)
+@njit(cache=True, _nrt=False)
 def _move(t, k, old, new):
     if old != new:
         _kadd(t, k, -old)
@@ -157,7 +157,7 @@ def _move(t, k, old, new):
 
 
 # ----------------------------------------------------------------------------- contributions
-@njit(inline="always", cache=True, _nrt=False)
+@njit(cache=True, _nrt=False)
 def _contrib(pos, ob, os_, sod_qty, sod_price, flow, ref, mult, mr, beta):
     """The eight numbers a cell adds to its account (types.K_* order)."""
     v = ref * mult
@@ -178,7 +178,7 @@ def _contrib(pos, ob, os_, sod_qty, sod_price, flow, ref, mult, mr, beta):
     )
 
 
-@njit(inline="always", cache=True, _nrt=False)
+@njit(cache=True, _nrt=False)
 def _cell_contrib(cells, c, ref, mult, mr, beta):
     return _contrib(cells[c].pos, cells[c].open_buy, cells[c].open_sell, cells[c].sod_qty,
                     cells[c].sod_price, cells[c].flow, ref, mult, mr, beta)
@@ -191,7 +191,7 @@ def _cell_now(st, c):
                          st.inst[i].margin_rate, st.inst[i].beta)
 
 
-@njit(inline="always", cache=True, _nrt=False)
+@njit(cache=True, _nrt=False)
 def _inst_contrib(fund_pos, abs_pos, ref, mult):
     """(net long, net short, sector net, sector gross) of one instrument."""
     v = ref * mult
@@ -207,7 +207,7 @@ def _inst_now(st, i):
                          st.inst[i].multiplier)
 
 
-@njit(inline="always", cache=True, _nrt=False)
+@njit(cache=True, _nrt=False)
 def _move2(t, f, k, o, n):
     """Move column ``k`` of account tallies ``t`` and fund tallies ``f`` from o to n."""
     if o != n:
@@ -217,12 +217,13 @@ def _move2(t, f, k, o, n):
         _kadd(f, k, n)
 
 
-@njit(inline="always", cache=True, _nrt=False)
-def _apply_cell(st, a, old, new):
-    # Written out, not looped: indexing a tuple with a loop variable compiles to a jump
-    # table per access, which mispredicts on every iteration.
-    t = st.acc[a]
-    f = st.fund
+@njit(cache=True, _nrt=False)
+def _apply_cell(t, f, old, new):
+    """Move account tallies ``t`` and fund tallies ``f`` from contributions old to new.
+
+    Written out, not looped: indexing a tuple with a loop variable compiles to a jump
+    table per access, which mispredicts on every iteration.
+    """
     _move2(t, f, 0, old[0], new[0])
     _move2(t, f, 1, old[1], new[1])
     _move2(t, f, 2, old[2], new[2])
@@ -233,18 +234,19 @@ def _apply_cell(st, a, old, new):
     _move2(t, f, 7, old[7], new[7])
 
 
-@njit(inline="always", cache=True, _nrt=False)
-def _apply_inst(st, s_old, old, s_new, new):
-    _move(st.fund, K_NET_LONG, old[0], new[0])
-    _move(st.fund, K_NET_SHORT, old[1], new[1])
+@njit(cache=True, _nrt=False)
+def _apply_inst(fund, sec, s_old, old, s_new, new):
+    """Move the fund's net long/short and the sector sums of one instrument."""
+    _move(fund, K_NET_LONG, old[0], new[0])
+    _move(fund, K_NET_SHORT, old[1], new[1])
     if s_old == s_new:
-        _move(st.sec[s_new], K_SEC_NET, old[2], new[2])
-        _move(st.sec[s_new], K_SEC_GROSS, old[3], new[3])
+        _move(sec[s_new], K_SEC_NET, old[2], new[2])
+        _move(sec[s_new], K_SEC_GROSS, old[3], new[3])
     else:
-        _kadd(st.sec[s_old], K_SEC_NET, -old[2])
-        _kadd(st.sec[s_old], K_SEC_GROSS, -old[3])
-        _kadd(st.sec[s_new], K_SEC_NET, new[2])
-        _kadd(st.sec[s_new], K_SEC_GROSS, new[3])
+        _kadd(sec[s_old], K_SEC_NET, -old[2])
+        _kadd(sec[s_old], K_SEC_GROSS, -old[3])
+        _kadd(sec[s_new], K_SEC_NET, new[2])
+        _kadd(sec[s_new], K_SEC_GROSS, new[3])
 
 
 @njit(inline="always", cache=True, _nrt=False)
@@ -272,7 +274,7 @@ def _revalue(st, i, ref, mult, mr, beta, sector, gseq):
         old = _cell_contrib(st.cells, c, o_ref, o_mult, o_mr, o_beta)
         new = _cell_contrib(st.cells, c, ref, mult, mr, beta)
         a = st.cells[c].account
-        _apply_cell(st, a, old, new)
+        _apply_cell(st.acc[a], st.fund, old, new)
         _touch(st, a, gseq)
         c = st.cells[c].next
     ins.ref_price = ref
@@ -280,11 +282,11 @@ def _revalue(st, i, ref, mult, mr, beta, sector, gseq):
     ins.margin_rate = mr
     ins.beta = beta
     ins.sector = sector
-    _apply_inst(st, s_old, old_i, sector, _inst_now(st, i))
+    _apply_inst(st.fund, st.sec, s_old, old_i, sector, _inst_now(st, i))
 
 
 # ----------------------------------------------------------------------------- tables
-@njit(inline="always", cache=True, _nrt=False)
+@njit(cache=True, _nrt=False)
 def _order_find(orders, source, order_id):
     """Slot of (source, order_id) if live (>= 0), else -(free slot + 1)."""
     mask = orders.shape[0] - 1
@@ -297,7 +299,7 @@ def _order_find(orders, source, order_id):
         h = (h + 1) & mask
 
 
-@njit(inline="always", cache=True, _nrt=False)
+@njit(cache=True, _nrt=False)
 def _order_delete(orders, i):
     """Remove slot ``i`` by backward shift (Knuth 6.4 Algorithm R): no tombstones."""
     mask = orders.shape[0] - 1
@@ -323,18 +325,18 @@ def _order_delete(orders, i):
     orders[i].cell = -1
 
 
-@njit(inline="always", cache=True, _nrt=False)
+@njit(cache=True, _nrt=False)
 def _cell_home(cidx, key):
     return np.int64(_mix(_U64(key)) & _U64(cidx.shape[0] - 1))
 
 
-@njit(inline="always", cache=True, _nrt=False)
-def _cell_slot(st, key):
+@njit(cache=True, _nrt=False)
+def _cell_slot(cidx, key):
     """Slot of ``key`` in the cell index, or -(free slot + 1)."""
-    mask = st.cidx.shape[0] - 1
-    h = _cell_home(st.cidx, key)
+    mask = cidx.shape[0] - 1
+    h = _cell_home(cidx, key)
     while True:
-        k = st.cidx[h].key
+        k = cidx[h].key
         if k == key:
             return h
         if k < 0:
@@ -346,7 +348,7 @@ def _cell_slot(st, key):
 def _cell_get(st, a, i):
     """Cell id of (a, i), creating it; -1 when the cell table is full."""
     key = np.int64(a) * st.inst.shape[0] + i
-    h = _cell_slot(st, key)
+    h = _cell_slot(st.cidx, key)
     if h >= 0:
         return np.int64(st.cidx[h].id)
     n = st.ctr[C_CELLS]
@@ -382,7 +384,7 @@ def _open_add(st, c, side, q):
         st.inst[i].open_sell += q
 
 
-@njit(inline="always", cache=True, _nrt=False)
+@njit(cache=True, _nrt=False)
 def _finite(x):
     return np.isfinite(x)
 
@@ -397,10 +399,10 @@ def _finite(x):
 @njit(inline="always", cache=True, _nrt=False)
 def _validate(st, r, t):
     """Reasons 1-3 of the SPEC (bad_type, bad_field, out_of_range) for record ``r``."""
-    if r.reject == R_BAD_TYPE or t < 1 or t > T_MAX:
+    if r.reject != 0:  # decided before the kernel (the JSON form): only these two exist
+        return R_BAD_TYPE if r.reject == R_BAD_TYPE else R_BAD_FIELD
+    if t < 1 or t > T_MAX:
         return R_BAD_TYPE
-    if r.reject != 0:
-        return R_BAD_FIELD
     price = r.price
     if t == T_NEW or t == T_FILL:
         if (r.side < SIDE_BUY or r.side > SIDE_SHORT or r.qty < 1 or r.qty > MAX_QTY
@@ -554,9 +556,9 @@ def _step(st, r):
         _open_add(st, c, o.side, new_open - o.open)
         o.open = new_open
         finish = new_open == 0
-    _apply_cell(st, a, old, _cell_now(st, c))
+    _apply_cell(st.acc[a], st.fund, old, _cell_now(st, c))
     if t == T_FILL or t == T_POSITION:
-        _apply_inst(st, sector, old_i, sector, _inst_now(st, i))
+        _apply_inst(st.fund, st.sec, sector, old_i, sector, _inst_now(st, i))
     if finish:
         _order_delete(st.orders, slot)
         st.acc_live[a] -= 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from itertools import repeat
 from pathlib import Path
 
@@ -93,28 +94,55 @@ _FIELDS = {
 
 
 # ----------------------------------------------------------------------------- decoding
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def _exact_int(token: str) -> int:
+    """An integer token; beyond Python's 4,300-digit conversion limit it is clamped to a
+    value that is beyond every capacity and domain anyway (the reject is the same)."""
+    if len(token) <= 4000:
+        return int(token)
+    return -(2**70) if token.startswith("-") else 2**70
+
+
+def _json_loads(line: bytes):
+    return json.loads(line, parse_int=_exact_int)
+
+
+def _decode_one(line: bytes):
+    # orjson is strict; Python's decoder also takes NaN/Infinity and integers beyond 64
+    # bits, which then fail the field checks with the right reason.
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        try:
+            return _json_loads(line)
+        except (ValueError, RecursionError):
+            return _NOT_OBJECT
+
+
 def _decode_lines(lines: list[bytes]) -> list:
     """Decode each line; a line that is not valid JSON becomes ``_NOT_OBJECT``."""
     if not lines:
         return []
+    joined = b"[" + b",".join(lines) + b"]"
     try:
-        objs = orjson.loads(b"[" + b",".join(lines) + b"]")
-        if len(objs) == len(lines):
-            return objs
-    except orjson.JSONDecodeError:
-        pass
-    out = []
-    for line in lines:
-        try:
-            out.append(orjson.loads(line))
-        except orjson.JSONDecodeError:
-            # orjson is strict; Python's decoder also takes NaN/Infinity and integers
-            # beyond 64 bits, which then fail the field checks with the right reason.
-            try:
-                out.append(json.loads(line))
-            except (ValueError, RecursionError):
-                out.append(_NOT_OBJECT)
-    return out
+        objs = orjson.loads(joined)
+        if len(objs) != len(lines):
+            raise ValueError("a line held more than one value")
+    except (orjson.JSONDecodeError, ValueError):
+        objs = [_decode_one(line) for line in lines]
+    if _LONG_DIGITS.search(joined):
+        # orjson turns an integer beyond 64 bits into a float, losing the fact that the
+        # token was an integer (an id beyond capacity, not a wrong kind). Only a line with
+        # a run of 19+ digits can hold one; those are decoded exactly.
+        for k, line in enumerate(lines):
+            if _LONG_DIGITS.search(line):
+                try:
+                    objs[k] = _json_loads(line)
+                except (ValueError, RecursionError):
+                    objs[k] = _NOT_OBJECT
+    return objs
 
 
 def _kinds(vals: list) -> np.ndarray:
@@ -230,7 +258,7 @@ def records_from_objects(objs: list) -> np.ndarray:
 
 def parse_events(data: bytes) -> np.ndarray:
     """Records for a JSON-lines document; blank lines are skipped."""
-    lines = [ln for ln in data.split(b"\n") if ln.strip()]
+    lines = [ln for ln in data.split(b"\n") if ln.strip(b" \t\r")]  # JSON whitespace
     return records_from_objects(_decode_lines(lines))
 
 

@@ -1,0 +1,97 @@
+"""Hypothesis strategies: event streams over a small universe, so that orders collide.
+
+Lifecycles across several sources, accounts and instruments, overfills, fills after
+cancels, replaces below the filled quantity, marks, reference-data changes, limits,
+start-of-day positions and malformed lines (wrong kinds, missing fields, unknown types,
+non-objects, non-finite numbers).
+"""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import strategies as st
+
+SOURCES = st.integers(0, 2)
+ACCOUNTS = st.integers(0, 3)
+INSTRUMENTS = st.integers(0, 3)
+ORDER_IDS = st.integers(0, 5)
+SIDES = st.sampled_from(["buy", "sell", "short"])
+QTY = st.one_of(st.integers(1, 500), st.integers(10**11, 10**12))
+PRICES = st.one_of(st.sampled_from([0.0, 0.01, 1.0, 99.5, 100.0, 101.25]),
+                   st.floats(0.01, 1e4, allow_nan=False, allow_infinity=False))
+POS_PRICES = st.floats(0.01, 1e4, allow_nan=False, allow_infinity=False)
+LIMITS = st.one_of(st.just(0), st.floats(0, 1e7, allow_nan=False, allow_infinity=False))
+
+
+@st.composite
+def order_event(draw):
+    kind = draw(st.sampled_from(["new", "new", "fill", "fill", "fill", "cancel", "done",
+                                 "replace", "replace"]))
+    e = {"type": kind, "source": draw(SOURCES), "order_id": draw(ORDER_IDS)}
+    if kind in ("new", "fill"):
+        e.update(account=draw(ACCOUNTS), instrument=draw(INSTRUMENTS), side=draw(SIDES),
+                 qty=draw(QTY), price=draw(PRICES if kind == "new" else POS_PRICES))
+    elif kind == "replace":
+        e.update(qty=draw(QTY), price=draw(PRICES))
+    if draw(st.booleans()) and e["source"] == 0:
+        del e["source"]  # defaults to 0
+    return e
+
+
+@st.composite
+def reference_event(draw):
+    kind = draw(st.sampled_from(["mark", "mark", "instrument", "limit", "position"]))
+    if kind == "mark":
+        return {"type": "mark", "instrument": draw(INSTRUMENTS), "price": draw(POS_PRICES)}
+    if kind == "instrument":
+        return {"type": "instrument", "instrument": draw(INSTRUMENTS),
+                "multiplier": draw(st.sampled_from([0.01, 1.0, 50.0, 100.0])),
+                "margin_rate": draw(st.sampled_from([0.0, 0.1, 0.25, 1.0])),
+                "beta": draw(st.sampled_from([-0.5, 0.0, 0.8, 1.2])),
+                "sector": draw(st.integers(0, 3))}
+    if kind == "limit":
+        e = {"type": "limit", "account": draw(ACCOUNTS)}
+        for k in ("gross", "net", "margin", "loss"):
+            if draw(st.booleans()):
+                e[k] = draw(LIMITS)
+        return e
+    e = {"type": "position", "account": draw(ACCOUNTS), "instrument": draw(INSTRUMENTS),
+         "qty": draw(st.integers(-(10**6), 10**6))}
+    if draw(st.booleans()):
+        e["price"] = draw(POS_PRICES)
+    return e
+
+
+_BAD_VALUES = st.sampled_from(["10", 10.0, True, None, [], {}, -1, 2**64, 4096, 70000,
+                               float("nan"), float("inf"), -0.0, 0, 10**12 + 1, 2**63])
+
+
+@st.composite
+def malformed_event(draw):
+    base = draw(st.one_of(order_event(), reference_event()))
+    how = draw(st.sampled_from(["field", "drop", "type", "garbage"]))
+    if how == "field":
+        key = draw(st.sampled_from(sorted(base)))
+        if key != "type":
+            base[key] = draw(_BAD_VALUES)
+    elif how == "drop":
+        key = draw(st.sampled_from(sorted(base)))
+        if key != "type":
+            del base[key]
+    elif how == "type":
+        base["type"] = draw(st.sampled_from(["transfer", "NEW", "", 5, None]))
+    else:
+        return draw(st.sampled_from(["not json", "[1, 2]", '"new"', "17", "{", "null"]))
+    return base
+
+
+def line(e) -> str:
+    return e if isinstance(e, str) else json.dumps(e)
+
+
+EVENTS = st.lists(
+    st.one_of(order_event(), order_event(), order_event(), reference_event(),
+              malformed_event()),
+    min_size=1, max_size=120,
+).map(lambda es: [line(e) for e in es])

@@ -1,0 +1,58 @@
+"""Test helpers: run JSON lines through the real parser and kernel; scenario data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import orjson
+
+from exposure.capacity import Capacities
+from exposure.document import document, document_from_cells
+from exposure.parse import parse_events
+from exposure.replay import Engine
+from exposure.types import REASONS, S_LATE_FILL
+
+DATA = Path(__file__).resolve().parent / "data"
+SCENARIOS = sorted(p.name[: -len(".jsonl")] for p in DATA.glob("*.jsonl"))
+
+
+def status_name(s: int) -> str | None:
+    """Kernel status code -> the reference model's vocabulary."""
+    if s == 0:
+        return None
+    if s == S_LATE_FILL:
+        return "late_fill"
+    return REASONS[s]
+
+
+class Run:
+    """The state and per-event outcomes of a stream applied by the real kernel."""
+
+    def __init__(self, lines, caps: Capacities | None = None):
+        data = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines).encode()
+        self.engine = Engine(caps)
+        self.status = self.engine.apply(parse_events(data))
+        self.state = self.engine.state
+
+    @property
+    def doc(self) -> dict:
+        return document(self.state)
+
+    @property
+    def scratch(self) -> dict:
+        return document_from_cells(self.state)
+
+    def statuses(self) -> list:
+        return [status_name(int(s)) for s in self.status]
+
+    def account(self, a: int) -> dict:
+        return next((r for r in self.doc["accounts"] if r["account"] == a), {})
+
+    def position(self, a: int, i: int) -> dict:
+        return next((r for r in self.doc["positions"]
+                     if r["account"] == a and r["instrument"] == i), {})
+
+
+def load_expected(name: str) -> dict:
+    return orjson.loads((DATA / f"{name}.expected.json").read_bytes())

@@ -1,0 +1,224 @@
+"""Lock-free single-producer single-consumer ring of fixed-size records in POSIX shared memory.
+
+The hot paths are the ``@njit`` functions :func:`ring_push` and :func:`ring_pop`, which move
+a whole batch per call (one release store per batch). :class:`Ring` owns the segment: it
+creates it (mode 0600, exclusive), attaches to it (checking the header), maps it, and
+unlinks it. See :mod:`exposure.shm.ring_layout` for the layout and
+:mod:`exposure.shm.intrinsics` for the ordering argument.
+
+A process uses one end only: exactly one producer and one consumer per ring.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import numpy as np
+import posix_ipc
+from numba import njit
+
+from .. import _jit  # noqa: F401  (numba cache location)
+from . import ring_layout as L
+from .intrinsics import fence_seq_cst, load_acquire, store_release
+
+__all__ = ["Ring", "ring_push", "ring_pop", "ring_size", "RingError"]
+
+
+class RingError(L.RingLayoutError):
+    """A ring segment that is missing, foreign or of another shape."""
+
+
+@njit(cache=True, _nrt=False)
+def ring_push(ctrl, slots, src, n):
+    """Copy up to ``n`` records from ``src`` (uint8 [>=n, record size]) into the ring.
+
+    Returns how many were written (fewer when the ring is full: back-pressure). The records
+    become visible to the consumer all at once, with one release store of the tail.
+    """
+    cap = slots.shape[0]
+    mask = cap - 1
+    # Positions as int64 (u64 - i64 would be float64 in numba; 2**63 records is forever).
+    tail = np.int64(ctrl[L.W_TAIL])  # only this process writes it
+    head = np.int64(ctrl[L.W_HEAD_CACHE])
+    if cap - (tail - head) < n:
+        head = np.int64(load_acquire(ctrl, L.W_HEAD))
+        ctrl[L.W_HEAD_CACHE] = head
+    m = min(n, cap - (tail - head))
+    rs = slots.shape[1]
+    for k in range(m):
+        j = (tail + k) & mask
+        for b in range(rs):
+            slots[j, b] = src[k, b]
+    if m > 0:
+        store_release(ctrl, L.W_TAIL, tail + m)  # publish: payload writes happen-before
+    return m
+
+
+@njit(cache=True, _nrt=False)
+def ring_pop(ctrl, slots, dst, max_n):
+    """Copy up to ``max_n`` available records into ``dst``; return how many."""
+    cap = slots.shape[0]
+    mask = cap - 1
+    head = np.int64(ctrl[L.W_HEAD])  # only this process writes it
+    tail = np.int64(load_acquire(ctrl, L.W_TAIL))  # payload reads below happen-after
+    m = min(max_n, tail - head)
+    rs = slots.shape[1]
+    for k in range(m):
+        j = (head + k) & mask
+        for b in range(rs):
+            dst[k, b] = slots[j, b]
+    if m > 0:
+        store_release(ctrl, L.W_HEAD, head + m)  # frees the slots for the producer
+    return m
+
+
+@njit(cache=True, _nrt=False)
+def ring_size(ctrl):
+    """Records published and not yet consumed (a consistent lower bound from either side)."""
+    return np.int64(load_acquire(ctrl, L.W_TAIL)) - np.int64(load_acquire(ctrl, L.W_HEAD))
+
+
+@njit(cache=True, _nrt=False)
+def announce_sleep(ctrl, word):
+    """Set a sleeping flag, then a full fence: a following emptiness check cannot be
+    reordered before the flag store, so a producer that publishes after the check sees the
+    flag and wakes the sleeper (no lost wake-up)."""
+    store_release(ctrl, word, np.uint64(1))
+    fence_seq_cst()
+
+
+@njit(cache=True, _nrt=False)
+def clear_sleep(ctrl, word):
+    store_release(ctrl, word, np.uint64(0))
+
+
+@njit(cache=True, _nrt=False)
+def sleeping(ctrl, word):
+    """After a publish: is the other side asleep? (The fence orders the tail store before
+    this load.)"""
+    fence_seq_cst()
+    return load_acquire(ctrl, word) != 0
+
+
+def _shm_name(name: str) -> str:
+    if not name or "/" in name.lstrip("/") or len(name) > 200:
+        raise RingError(f"ring name {name!r} must be a non-empty path component")
+    return name if name.startswith("/") else "/" + name
+
+
+class Ring:
+    """One SPSC ring segment, mapped into this process."""
+
+    def __init__(self, name: str, shm: posix_ipc.SharedMemory, owner: bool):
+        self.name = name
+        self._owner = owner
+        size = shm.size
+        self._map = mmap.mmap(shm.fd, size)
+        shm.close_fd()
+        buf = np.frombuffer(self._map, dtype=np.uint8)
+        self.ctrl = buf[: L.HEADER_BYTES].view(np.uint64)
+        cap, rs = int(self.ctrl[L.W_CAPACITY]), int(self.ctrl[L.W_RECORD_SIZE])
+        self.capacity, self.record_size = cap, rs
+        self.slots = buf[L.HEADER_BYTES: L.HEADER_BYTES + cap * rs].reshape(cap, rs)
+        self._sem: posix_ipc.Semaphore | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def create(cls, name: str, capacity: int, record_size: int) -> Ring:
+        """Create (exclusively, mode 0600) and initialise a ring segment."""
+        size = L.segment_size(capacity, record_size)
+        nm = _shm_name(name)
+        try:
+            shm = posix_ipc.SharedMemory(nm, posix_ipc.O_CREX, mode=0o600, size=size)
+        except posix_ipc.ExistentialError as e:
+            raise RingError(f"ring segment {nm} already exists") from e
+        ctrl = np.frombuffer(mmap.mmap(shm.fd, L.HEADER_BYTES), dtype=np.uint64)
+        ctrl[L.W_RECORD_SIZE] = record_size
+        ctrl[L.W_CAPACITY] = capacity
+        ctrl[L.W_CREATOR] = os.getpid()
+        ctrl[L.W_VERSION] = L.VERSION
+        ctrl[L.W_MAGIC] = L.MAGIC  # last: an attacher that sees the magic sees the rest
+        del ctrl
+        return cls(nm, shm, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, record_size: int | None = None,
+               capacity: int | None = None) -> Ring:
+        """Map an existing ring, checking magic, version and (if given) the shape."""
+        nm = _shm_name(name)
+        try:
+            shm = posix_ipc.SharedMemory(nm)
+        except posix_ipc.ExistentialError as e:
+            raise RingError(f"ring segment {nm} does not exist") from e
+        if shm.size < L.HEADER_BYTES:
+            shm.close_fd()
+            raise RingError(f"ring segment {nm} is {shm.size} bytes: too small for a header")
+        hdr = np.frombuffer(mmap.mmap(shm.fd, L.HEADER_BYTES), dtype=np.uint64).copy()
+        problem = None
+        if int(hdr[L.W_MAGIC]) != L.MAGIC:
+            problem = f"bad magic {int(hdr[L.W_MAGIC]):#x} (expected {L.MAGIC:#x})"
+        elif int(hdr[L.W_VERSION]) != L.VERSION:
+            problem = f"layout version {int(hdr[L.W_VERSION])}, expected {L.VERSION}"
+        elif record_size is not None and int(hdr[L.W_RECORD_SIZE]) != record_size:
+            problem = f"record size {int(hdr[L.W_RECORD_SIZE])}, expected {record_size}"
+        elif capacity is not None and int(hdr[L.W_CAPACITY]) != capacity:
+            problem = f"capacity {int(hdr[L.W_CAPACITY])}, expected {capacity}"
+        elif shm.size < L.segment_size(int(hdr[L.W_CAPACITY]), int(hdr[L.W_RECORD_SIZE])):
+            problem = f"segment of {shm.size} bytes is smaller than its header says"
+        if problem:
+            shm.close_fd()
+            raise RingError(f"ring segment {nm}: {problem}")
+        return cls(nm, shm, owner=False)
+
+    def close(self) -> None:
+        """Unmap (and unlink, if this process created the segment)."""
+        if self._sem is not None:
+            self._sem.close()
+            self._sem = None
+        self.ctrl = self.slots = None  # type: ignore[assignment]
+        try:
+            self._map.close()
+        except BufferError:  # a caller still holds a view; the OS unmaps at exit
+            pass
+        if self._owner:
+            self.unlink(self.name)
+            self._owner = False
+
+    @staticmethod
+    def unlink(name: str) -> None:
+        """Remove a ring segment (and its wake-up semaphore) by name; missing is fine."""
+        nm = _shm_name(name)
+        for remove in (posix_ipc.unlink_shared_memory, posix_ipc.unlink_semaphore):
+            try:
+                remove(nm)
+            except posix_ipc.ExistentialError:
+                pass
+
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ convenience
+    def push(self, recs: np.ndarray) -> int:
+        """Push a record array (itemsize = record size); returns how many fit."""
+        src = recs.view(np.uint8).reshape(len(recs), self.record_size)
+        return int(ring_push(self.ctrl, self.slots, src, len(recs)))
+
+    def pop(self, out: np.ndarray) -> int:
+        """Pop into a record array; returns how many records were written to ``out``."""
+        dst = out.view(np.uint8).reshape(len(out), self.record_size)
+        return int(ring_pop(self.ctrl, self.slots, dst, len(out)))
+
+    def __len__(self) -> int:
+        return int(ring_size(self.ctrl))
+
+    @property
+    def semaphore(self) -> posix_ipc.Semaphore:
+        """The ring's wake-up semaphore (created on first use, removed with the ring)."""
+        if self._sem is None:
+            self._sem = posix_ipc.Semaphore(self.name, posix_ipc.O_CREAT, mode=0o600,
+                                            initial_value=0)
+        return self._sem

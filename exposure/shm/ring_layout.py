@@ -1,0 +1,77 @@
+"""Layout of a single-producer single-consumer ring in shared memory (like Agrona's
+``RingBufferDescriptor``): the one place that knows the offsets.
+
+::
+
+    byte 0     +----------------------------------------------+
+               | header: magic, version, record size,         |  written once by the creator
+               |         capacity (records), creator pid      |
+    byte 128   +----------------------------------------------+
+               | tail        producer position (records)      |  producer: store_release
+    byte 256   +----------------------------------------------+  consumer: load_acquire
+               | head cache  producer's last read of head     |  producer only
+    byte 384   +----------------------------------------------+
+               | head        consumer position (records)      |  consumer: store_release
+    byte 512   +----------------------------------------------+  producer: load_acquire
+               | consumer sleeping flag                       |  spin-then-block wake-ups
+    byte 640   +----------------------------------------------+
+               | producer sleeping flag                       |
+    byte 4096  +----------------------------------------------+
+               | slots: capacity x record size                |  slot = position & (capacity-1)
+               +----------------------------------------------+
+
+Positions only grow (u64 counters of records; they do not wrap in any realistic lifetime).
+The producer owns ``tail`` and ``head cache``, the consumer owns ``head``; each word sits on
+its own 128-byte block so that neither the words nor the adjacent-line prefetcher make the
+two cores share a line (Agrona keeps the same 128-byte distance).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MAGIC", "VERSION", "HEADER_BYTES", "W_MAGIC", "W_VERSION", "W_RECORD_SIZE", "W_CAPACITY",
+    "W_CREATOR", "W_TAIL", "W_HEAD_CACHE", "W_HEAD", "W_CONSUMER_SLEEPING",
+    "W_PRODUCER_SLEEPING", "RingLayoutError", "segment_size", "check_capacity",
+]
+
+MAGIC = 0x474E_4952_5058_45  # "EXPRING"
+VERSION = 1
+HEADER_BYTES = 4096
+
+# Offsets of the control words, in 8-byte words from the segment start.
+W_MAGIC = 0
+W_VERSION = 1
+W_RECORD_SIZE = 2
+W_CAPACITY = 3
+W_CREATOR = 4
+W_TAIL = 128 // 8
+W_HEAD_CACHE = 256 // 8
+W_HEAD = 384 // 8
+W_CONSUMER_SLEEPING = 512 // 8
+W_PRODUCER_SLEEPING = 640 // 8
+N_WORDS = HEADER_BYTES // 8
+
+MAX_CAPACITY = 2**30
+MAX_RECORD_SIZE = 2**16
+
+
+class RingLayoutError(ValueError):
+    """A capacity or record size the layout cannot hold, or a header that does not match."""
+
+
+def check_capacity(capacity: int, record_size: int) -> None:
+    """Raise with the bad value in the message unless both are valid."""
+    if not isinstance(capacity, int) or capacity < 2 or capacity > MAX_CAPACITY or (
+            capacity & (capacity - 1)):
+        raise RingLayoutError(f"ring capacity {capacity!r} must be a power of two in "
+                              f"2..{MAX_CAPACITY}")
+    if not isinstance(record_size, int) or record_size < 8 or record_size > MAX_RECORD_SIZE or (
+            record_size % 8):
+        raise RingLayoutError(f"ring record size {record_size!r} must be a multiple of 8 in "
+                              f"8..{MAX_RECORD_SIZE}")
+
+
+def segment_size(capacity: int, record_size: int) -> int:
+    """Bytes of a ring segment (header + slots)."""
+    check_capacity(capacity, record_size)
+    return HEADER_BYTES + capacity * record_size

@@ -1,0 +1,73 @@
+"""Wait strategies: what a stage does when its input ring is empty.
+
+=================  =====================================  ==================================
+strategy           latency after work arrives             cost while idle
+=================  =====================================  ==================================
+``spin``           the hand-off itself (~100 ns)           a whole core, always
+``spin-then-block``the hand-off while spinning; a wake-up  a core for ``spins`` polls, then
+                   (~22 us cross-core, NOTES.md) after     nothing
+``block``          a wake-up every time (~22 us)           nothing
+=================  =====================================  ==================================
+
+Never run more spinners than cores (NOTES.md: two spinners on one core turn p99 into
+milliseconds). Blocking uses the ring's POSIX semaphore and the sleeping flag protocol of
+:func:`exposure.shm.ring.announce_sleep`: announce, fence, re-check, then sleep; the producer
+wakes a sleeper after publishing (:meth:`WaitStrategy.wake`), so no wake-up is lost.
+"""
+
+from __future__ import annotations
+
+import posix_ipc
+
+from . import ring_layout as L
+from .ring import Ring, announce_sleep, clear_sleep, ring_size, sleeping
+
+__all__ = ["WaitStrategy", "make_wait", "WAIT_STRATEGIES"]
+
+WAIT_STRATEGIES = ("spin", "spin-then-block", "block")
+
+
+class WaitStrategy:
+    """Consumer side: call :meth:`idle` after a poll found nothing, :meth:`reset` after
+    work. Producer side: call :meth:`wake` after publishing."""
+
+    def __init__(self, kind: str = "spin-then-block", spins: int = 20_000,
+                 timeout_s: float = 0.05):
+        if kind not in WAIT_STRATEGIES:
+            raise ValueError(f"wait strategy {kind!r} is not one of {', '.join(WAIT_STRATEGIES)}")
+        if spins < 0 or timeout_s <= 0:
+            raise ValueError(f"spins={spins} must be >= 0 and timeout_s={timeout_s} > 0")
+        self.kind = kind
+        self.spins = 0 if kind == "block" else spins
+        self.timeout_s = timeout_s
+        self._idle = 0
+
+    def reset(self) -> None:
+        self._idle = 0
+
+    def idle(self, ring: Ring) -> None:
+        """Nothing to do on ``ring``: spin, or sleep until the producer wakes us (or the
+        timeout passes, so the caller can check for shutdown)."""
+        self._idle += 1
+        if self.kind == "spin" or self._idle <= self.spins:
+            return
+        ctrl = ring.ctrl
+        announce_sleep(ctrl, L.W_CONSUMER_SLEEPING)
+        try:
+            if ring_size(ctrl) == 0:
+                try:
+                    ring.semaphore.acquire(self.timeout_s)
+                except posix_ipc.BusyError:
+                    pass
+        finally:
+            clear_sleep(ctrl, L.W_CONSUMER_SLEEPING)
+
+    @staticmethod
+    def wake(ring: Ring) -> None:
+        """After publishing to ``ring``: wake its consumer if it announced sleep."""
+        if sleeping(ring.ctrl, L.W_CONSUMER_SLEEPING):
+            ring.semaphore.release()
+
+
+def make_wait(kind: str, spins: int = 20_000) -> WaitStrategy:
+    return WaitStrategy(kind, spins)

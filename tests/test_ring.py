@@ -84,10 +84,12 @@ def _soak(ring_name, records, capacity, record_size, wait):
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
         procs.append(subprocess.Popen(cmd + ["produce", ring_name, str(records), "--wait", wait],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-        outs = [p.communicate(timeout=240) for p in procs]
-        for p, (_out, e) in zip(procs, outs, strict=True):
-            assert p.returncode == 0, e.decode()[-2000:]
-        return orjson.loads(outs[0][0]), orjson.loads(outs[1][0])
+        # The consumer first: if it fails, the producer would wait on a full ring forever.
+        c_out, c_err = procs[0].communicate(timeout=240)
+        assert procs[0].returncode == 0, (c_out + c_err).decode()[-2000:]
+        p_out, p_err = procs[1].communicate(timeout=60)
+        assert procs[1].returncode == 0, p_err.decode()[-2000:]
+        return orjson.loads(c_out), orjson.loads(p_out)
     finally:
         for p in procs:
             if p.poll() is None:

@@ -31,7 +31,7 @@ class RingError(L.RingLayoutError):
 
 @njit(cache=True, _nrt=False)
 def ring_push(ctrl, slots, src, n):
-    """Copy up to ``n`` records from ``src`` (uint8 [>=n, record size]) into the ring.
+    """Copy up to ``n`` records from ``src`` (uint64 [>=n, record size / 8]) into the ring.
 
     Returns how many were written (fewer when the ring is full: back-pressure). The records
     become visible to the consumer all at once, with one release store of the tail.
@@ -57,7 +57,8 @@ def ring_push(ctrl, slots, src, n):
 
 @njit(cache=True, _nrt=False)
 def ring_pop(ctrl, slots, dst, max_n):
-    """Copy up to ``max_n`` available records into ``dst``; return how many."""
+    """Copy up to ``max_n`` available records into ``dst`` (uint64 [>=max_n, record size /
+    8]); return how many."""
     cap = slots.shape[0]
     mask = cap - 1
     head = np.int64(ctrl[L.W_HEAD])  # only this process writes it
@@ -120,7 +121,10 @@ class Ring:
         self.ctrl = buf[: L.HEADER_BYTES].view(np.uint64)
         cap, rs = int(self.ctrl[L.W_CAPACITY]), int(self.ctrl[L.W_RECORD_SIZE])
         self.capacity, self.record_size = cap, rs
-        self.slots = buf[L.HEADER_BYTES: L.HEADER_BYTES + cap * rs].reshape(cap, rs)
+        # Slots as 8-byte words: records are multiples of 8 bytes, and word copies are what
+        # the copy loops vectorise well.
+        self.slots = buf[L.HEADER_BYTES: L.HEADER_BYTES + cap * rs].view(np.uint64).reshape(
+            cap, rs // 8)
         self._sem: posix_ipc.Semaphore | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -204,12 +208,12 @@ class Ring:
     # ------------------------------------------------------------------ convenience
     def push(self, recs: np.ndarray) -> int:
         """Push a record array (itemsize = record size); returns how many fit."""
-        src = recs.view(np.uint8).reshape(len(recs), self.record_size)
+        src = recs.view(np.uint64).reshape(len(recs), self.record_size // 8)
         return int(ring_push(self.ctrl, self.slots, src, len(recs)))
 
     def pop(self, out: np.ndarray) -> int:
         """Pop into a record array; returns how many records were written to ``out``."""
-        dst = out.view(np.uint8).reshape(len(out), self.record_size)
+        dst = out.view(np.uint64).reshape(len(out), self.record_size // 8)
         return int(ring_pop(self.ctrl, self.slots, dst, len(out)))
 
     def __len__(self) -> int:

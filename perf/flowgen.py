@@ -34,7 +34,10 @@ from exposure.types import (
     T_REPLACE,
 )
 
-__all__ = ["generate"]
+__all__ = ["generate", "to_jsonl"]
+
+# Columns of the generator's live-order pool.
+_SRC, _OID, _ACC, _INS, _SIDE, _QTY, _FILLED = range(7)
 
 
 @njit(cache=True)
@@ -54,13 +57,9 @@ def _gen(out, n_accounts, n_instruments, n_sources, universe, live_target, seed)
             uni[a, u] = int(n_instruments * np.random.random() ** 2)
     next_oid = np.ones(n_sources, np.uint64)
     cap = 4 * live_target
-    live_src = np.zeros(cap, np.int64)
-    live_oid = np.zeros(cap, np.uint64)
-    live_acc = np.zeros(cap, np.int64)
-    live_ins = np.zeros(cap, np.int64)
-    live_side = np.zeros(cap, np.int64)
-    live_qty = np.zeros(cap, np.int64)
-    live_filled = np.zeros(cap, np.int64)
+    # The live pool: one row per live order (columns _SRC.._FILLED); removal moves the last
+    # row into the hole.
+    live = np.zeros((cap, 7), np.int64)
     nlive = 0
     dead = 4096  # recently finished orders, for late fills
     d_src = np.zeros(dead, np.int64)
@@ -136,13 +135,13 @@ def _gen(out, n_accounts, n_instruments, n_sources, universe, live_target, seed)
             r.qty = q
             r.price = 0.0 if np.random.random() < 0.1 else round(price[j] * (
                 1.0 + 0.002 * (np.random.random() - 0.5)), 2)
-            live_src[nlive] = s
-            live_oid[nlive] = next_oid[s]
-            live_acc[nlive] = a
-            live_ins[nlive] = j
-            live_side[nlive] = side
-            live_qty[nlive] = q
-            live_filled[nlive] = 0
+            live[nlive, _SRC] = s
+            live[nlive, _OID] = np.int64(next_oid[s])
+            live[nlive, _ACC] = a
+            live[nlive, _INS] = j
+            live[nlive, _SIDE] = side
+            live[nlive, _QTY] = q
+            live[nlive, _FILLED] = 0
             nlive += 1
             next_oid[s] += np.uint64(1 + np.random.randint(0, 3))
         elif u < 0.70:  # fill
@@ -158,71 +157,54 @@ def _gen(out, n_accounts, n_instruments, n_sources, universe, live_target, seed)
                 r.price = round(price[d_ins[x]], 2)
             else:
                 x = np.random.randint(0, nlive)
-                open_ = live_qty[x] - live_filled[x]
+                open_ = live[x, _QTY] - live[x, _FILLED]
                 p_full = 0.5 + 0.5 * min(nlive / live_target, 1.0)
                 q = open_ if (np.random.random() < p_full or open_ <= 100) else (
                     max(100, (open_ * np.random.randint(1, 10)) // 1000 * 100))
                 if np.random.random() < 0.01:
                     q = open_ + 100  # overfill
                 r.type = T_FILL
-                r.source = live_src[x]
-                r.order_id = live_oid[x]
-                r.account = acc_ids[live_acc[x]]
-                r.instrument = inst_ids[live_ins[x]]
-                r.side = live_side[x]
+                r.source = live[x, _SRC]
+                r.order_id = np.uint64(live[x, _OID])
+                r.account = acc_ids[live[x, _ACC]]
+                r.instrument = inst_ids[live[x, _INS]]
+                r.side = live[x, _SIDE]
                 r.qty = q
-                r.price = round(price[live_ins[x]] * (1.0 + 0.001 * (np.random.random() - 0.5)), 2)
-                live_filled[x] += q
-                if live_filled[x] >= live_qty[x]:
+                r.price = round(price[live[x, _INS]]
+                                * (1.0 + 0.001 * (np.random.random() - 0.5)), 2)
+                live[x, _FILLED] += q
+                if live[x, _FILLED] >= live[x, _QTY]:
                     nlive -= 1
-                    live_src[x] = live_src[nlive]
-                    live_oid[x] = live_oid[nlive]
-                    live_acc[x] = live_acc[nlive]
-                    live_ins[x] = live_ins[nlive]
-                    live_side[x] = live_side[nlive]
-                    live_qty[x] = live_qty[nlive]
-                    live_filled[x] = live_filled[nlive]
+                    live[x] = live[nlive]
         elif u < 0.80:  # cancel / done
             x = np.random.randint(0, nlive)
             r.type = T_CANCEL if np.random.random() < 0.9 else T_DONE
-            r.source = live_src[x]
-            r.order_id = live_oid[x]
+            r.source = live[x, _SRC]
+            r.order_id = np.uint64(live[x, _OID])
             y = ndead % dead
-            d_src[y] = live_src[x]
-            d_oid[y] = live_oid[x]
-            d_acc[y] = live_acc[x]
-            d_ins[y] = live_ins[x]
-            d_side[y] = live_side[x]
+            d_src[y] = live[x, _SRC]
+            d_oid[y] = np.uint64(live[x, _OID])
+            d_acc[y] = live[x, _ACC]
+            d_ins[y] = live[x, _INS]
+            d_side[y] = live[x, _SIDE]
             ndead += 1
             nlive -= 1
-            live_src[x] = live_src[nlive]
-            live_oid[x] = live_oid[nlive]
-            live_acc[x] = live_acc[nlive]
-            live_ins[x] = live_ins[nlive]
-            live_side[x] = live_side[nlive]
-            live_qty[x] = live_qty[nlive]
-            live_filled[x] = live_filled[nlive]
+            live[x] = live[nlive]
         elif u < 0.90:  # replace
             x = np.random.randint(0, nlive)
             if np.random.random() < 0.1:
-                q = max(1, live_filled[x] - 100)  # below the filled quantity: finishes
+                q = max(1, live[x, _FILLED] - 100)  # below the filled quantity: finishes
             else:
-                q = live_filled[x] + np.random.randint(1, 100) * 100
+                q = live[x, _FILLED] + np.random.randint(1, 100) * 100
             r.type = T_REPLACE
-            r.source = live_src[x]
-            r.order_id = live_oid[x]
+            r.source = live[x, _SRC]
+            r.order_id = np.uint64(live[x, _OID])
             r.qty = q
-            r.price = round(price[live_ins[x]] * (1.0 + 0.002 * (np.random.random() - 0.5)), 2)
-            live_qty[x] = q
-            if q <= live_filled[x]:
+            r.price = round(price[live[x, _INS]] * (1.0 + 0.002 * (np.random.random() - 0.5)), 2)
+            live[x, _QTY] = q
+            if q <= live[x, _FILLED]:
                 nlive -= 1
-                live_src[x] = live_src[nlive]
-                live_oid[x] = live_oid[nlive]
-                live_acc[x] = live_acc[nlive]
-                live_ins[x] = live_ins[nlive]
-                live_side[x] = live_side[nlive]
-                live_qty[x] = live_qty[nlive]
-                live_filled[x] = live_filled[nlive]
+                live[x] = live[nlive]
         else:  # mark: a random walk
             j = np.random.randint(0, n_instruments)
             price[j] = round(price[j] * (1.0 + 0.005 * (np.random.random() - 0.5)), 2)

@@ -1,0 +1,258 @@
+"""Node configuration: a TOML file, validated completely before anything starts.
+
+The process map is configuration, not code: each ``[[process]]`` lists the stages it runs
+(stages in one process still hand over through rings), the CPU it is pinned to and its
+wait strategy. :data:`DEFAULT_TOML` is the complete, commented built-in default; it fits a
+2-core machine with one spinning process.
+
+Every error names the offending key and value (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .capacity import Capacities, CapacityError
+from .shm.ring_layout import RingLayoutError, check_capacity
+from .shm.wait import WAIT_STRATEGIES
+from .types import EVENT_SIZE
+
+__all__ = ["NodeConfig", "ProcessSpec", "ConfigError", "load_config", "DEFAULT_TOML", "STAGES"]
+
+# The stages of a live node, in pipeline order. Every one must run in exactly one process.
+STAGES = ("ingest", "compute", "fanout")
+
+DEFAULT_TOML = """\
+# exposure node configuration (the built-in default; `exposure run --config FILE` replaces it)
+
+[node]
+name = "exposure"            # shared-memory segments are /exposure.<name>.<ring|tally>
+
+[capacities]                 # SPEC section 1 defaults; raise them here
+accounts = 4096
+instruments = 65536
+sectors = 256
+sources = 1024
+orders = 1048576             # live orders
+cells = 1048576              # (account, instrument) cells
+
+[rings]                      # slots of each ring (powers of two), records of 128 bytes
+compute = 65536              # ingest -> compute
+tap = 65536                  # ingest -> journal / mirror
+fanout = 16384               # compute -> fan-out (changed rows)
+
+[ingest]                     # TCP sessions from upstream systems
+host = "127.0.0.1"
+port = 7700
+max_sessions = 256
+
+[fanout]                     # UDP multicast of tally updates
+group = "239.255.77.1"
+port = 7701
+interface = "127.0.0.1"      # IP_MULTICAST_IF; loopback works on this machine
+ttl = 1
+max_datagram = 1400          # bytes of one datagram (updates are packed up to this)
+
+# The process map. On 2 cores: one process runs the whole hot path, spinning on the last
+# CPU; the other stays for the clients, the OS and (later) the journal, which spins briefly
+# and then blocks. On one core nothing may spin. On a bigger host give every stage its own
+# [[process]] and CPU.
+[[process]]
+name = "hot"
+stages = ["ingest", "compute", "fanout"]
+cpu = -1                     # a CPU id; negative counts from the last CPU of this machine
+wait = "spin"                # spin | spin-then-block | block
+"""
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the value."""
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    name: str
+    stages: tuple[str, ...]
+    cpu: int | None
+    wait: str
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    caps: Capacities
+    rings: dict[str, int]
+    ingest_host: str
+    ingest_port: int
+    max_sessions: int
+    group: str
+    fanout_port: int
+    interface: str
+    ttl: int
+    max_datagram: int
+    processes: tuple[ProcessSpec, ...]
+    source: str = field(default="<built-in default>")
+
+    def segment(self, what: str) -> str:
+        """Shared-memory name of one of this node's segments."""
+        return f"/exposure.{self.name}.{what}"
+
+
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "node": {"name": str},
+    "capacities": {k: int for k in Capacities().as_dict()},
+    "rings": {"compute": int, "tap": int, "fanout": int},
+    "ingest": {"host": str, "port": int, "max_sessions": int},
+    "fanout": {"group": str, "port": int, "interface": str, "ttl": int, "max_datagram": int},
+}
+_PROCESS_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "stages": list, "cpu": int,
+                                                     "wait": str}
+
+
+def _check_keys(table: dict, allowed: dict, where: str) -> None:
+    for k, v in table.items():
+        if k not in allowed:
+            raise ConfigError(f"unknown key {where}{k} (allowed: {', '.join(allowed)})")
+        want = allowed[k]
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise ConfigError(f"{where}{k} = {v!r}: expected {getattr(want, '__name__', want)}")
+
+
+def _port(v: int, key: str) -> int:
+    if not 1 <= v <= 65535:
+        raise ConfigError(f"{key} = {v}: a port is 1..65535")
+    return v
+
+
+def _parse(doc: dict, source: str) -> NodeConfig:
+    base = tomllib.loads(DEFAULT_TOML)
+    unknown = set(doc) - set(_SCHEMA) - {"process"}
+    if unknown:
+        raise ConfigError(f"unknown section [{sorted(unknown)[0]}] (allowed: "
+                          f"{', '.join([*_SCHEMA, 'process'])})")
+    merged: dict = {}
+    for sec, allowed in _SCHEMA.items():
+        t = doc.get(sec, {})
+        if not isinstance(t, dict):
+            raise ConfigError(f"[{sec}] must be a table")
+        _check_keys(t, allowed, f"{sec}.")
+        merged[sec] = {**base[sec], **t}
+
+    name = merged["node"]["name"]
+    if not name or not all(c.isalnum() or c in "-_" for c in name) or len(name) > 64:
+        raise ConfigError(f"node.name = {name!r}: letters, digits, '-' and '_' only (1..64)")
+    try:
+        caps = Capacities.from_dict(merged["capacities"])
+    except CapacityError as e:
+        raise ConfigError(f"capacities: {e}") from e
+    for ring, slots in merged["rings"].items():
+        try:
+            check_capacity(slots, EVENT_SIZE)
+        except RingLayoutError as e:
+            raise ConfigError(f"rings.{ring}: {e}") from e
+
+    ing, fo = merged["ingest"], merged["fanout"]
+    _port(ing["port"], "ingest.port")
+    _port(fo["port"], "fanout.port")
+    if ing["max_sessions"] < 1:
+        raise ConfigError(f"ingest.max_sessions = {ing['max_sessions']}: at least 1")
+    try:
+        grp = ipaddress.ip_address(fo["group"])
+        ipaddress.ip_address(fo["interface"])
+        ipaddress.ip_address(ing["host"])
+    except ValueError as e:
+        raise ConfigError(f"an address in [ingest]/[fanout] is not an IP address: {e}") from e
+    if not grp.is_multicast:
+        raise ConfigError(f"fanout.group = {fo['group']!r} is not a multicast address")
+    if not 0 <= fo["ttl"] <= 255:
+        raise ConfigError(f"fanout.ttl = {fo['ttl']}: 0..255")
+    if not 256 <= fo["max_datagram"] <= 65000:
+        raise ConfigError(f"fanout.max_datagram = {fo['max_datagram']}: 256..65000")
+
+    procs_raw = doc["process"] if "process" in doc else base["process"]
+    if not isinstance(procs_raw, list) or not procs_raw:
+        raise ConfigError("[[process]]: at least one process is needed")
+    cpus = sorted(os.sched_getaffinity(0))
+    procs, seen_stage, seen_name, spinners = [], {}, set(), {}
+    for k, p in enumerate(procs_raw):
+        where = f"process[{k}]."
+        if not isinstance(p, dict):
+            raise ConfigError(f"process[{k}] must be a table")
+        _check_keys(p, _PROCESS_KEYS, where)
+        pname = p.get("name", f"p{k}")
+        if pname in seen_name:
+            raise ConfigError(f"{where}name = {pname!r} is used twice")
+        seen_name.add(pname)
+        stages = p.get("stages")
+        if not stages:
+            raise ConfigError(f"{where}stages: a process runs at least one stage")
+        for s in stages:
+            if s not in STAGES:
+                raise ConfigError(f"{where}stages: unknown stage {s!r} (stages: "
+                                  f"{', '.join(STAGES)})")
+            if s in seen_stage:
+                raise ConfigError(f"stage {s!r} is in both process {seen_stage[s]!r} and "
+                                  f"{pname!r}")
+            seen_stage[s] = pname
+        cpu = p.get("cpu")
+        if cpu is not None and -len(cpus) <= cpu < 0:
+            cpu = cpus[cpu]
+        if cpu is not None and cpu not in cpus:
+            raise ConfigError(f"{where}cpu = {cpu}: this machine has CPUs "
+                              f"{', '.join(map(str, cpus))}")
+        wait = p.get("wait", "spin-then-block")
+        if wait not in WAIT_STRATEGIES:
+            raise ConfigError(f"{where}wait = {wait!r}: one of {', '.join(WAIT_STRATEGIES)}")
+        if wait == "spin":
+            if cpu is None:
+                raise ConfigError(f"{where}wait = 'spin' needs a pinned cpu")
+            if cpu in spinners:
+                raise ConfigError(f"processes {spinners[cpu]!r} and {pname!r} both spin on "
+                                  f"cpu {cpu}: spinners must not share a core")
+            spinners[cpu] = pname
+        procs.append(ProcessSpec(pname, tuple(stages), cpu, wait))
+    missing = [s for s in STAGES if s not in seen_stage]
+    if missing:
+        raise ConfigError(f"stage(s) {', '.join(missing)} run in no process")
+    if spinners and len(spinners) >= len(cpus):
+        raise ConfigError(f"{len(spinners)} spinning process(es) on {len(cpus)} CPU(s): leave "
+                          "one core for everything else (use wait = 'spin-then-block')")
+
+    return NodeConfig(
+        name=name, caps=caps, rings=dict(merged["rings"]), ingest_host=ing["host"],
+        ingest_port=ing["port"], max_sessions=ing["max_sessions"], group=fo["group"],
+        fanout_port=fo["port"], interface=fo["interface"], ttl=fo["ttl"],
+        max_datagram=fo["max_datagram"], processes=tuple(procs), source=source)
+
+
+def load_config(path: str | Path | None = None) -> NodeConfig:
+    """The built-in default, or ``path`` (its sections override the default's keys)."""
+    if path is None:
+        return _parse(tomllib.loads(DEFAULT_TOML), "<built-in default>")
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config {str(path)!r}: "
+                          f"{getattr(e, 'strerror', None) or e}") from e
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {str(path)!r} is not valid TOML: {e}") from e
+    return _parse(doc, str(path))
+
+
+def check_ports_free(cfg: NodeConfig) -> None:
+    """Raise :class:`ConfigError` if the ingest port is already bound on its host."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind((cfg.ingest_host, cfg.ingest_port))
+    except OSError as e:
+        raise ConfigError(f"ingest.port = {cfg.ingest_port} on {cfg.ingest_host}: "
+                          f"{e.strerror or e} (port in use?)") from e
+    finally:
+        s.close()

@@ -1,0 +1,101 @@
+"""The node configuration: the built-in default, and every way a config can be wrong."""
+
+import os
+import socket
+
+import pytest
+
+from exposure.config import DEFAULT_TOML, ConfigError, check_ports_free, load_config
+
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+def _cfg(tmp_path, text):
+    p = tmp_path / "node.toml"
+    p.write_text(text)
+    return load_config(p)
+
+
+def test_the_built_in_default_fits_this_machine():
+    cfg = load_config()
+    assert [p.stages for p in cfg.processes] == [("ingest", "compute", "fanout")]
+    spin = [p for p in cfg.processes if p.wait == "spin"]
+    if len(CPUS) > 1:
+        assert len(spin) == 1 and spin[0].cpu == CPUS[-1]
+    assert cfg.segment("tally") == "/exposure.exposure.tally"
+    assert cfg.caps.orders == 1_048_576 and cfg.rings["compute"] == 65536
+
+
+def test_the_default_text_is_commented_and_complete():
+    for key in ("[node]", "[capacities]", "[rings]", "[ingest]", "[fanout]", "[[process]]"):
+        assert key in DEFAULT_TOML
+    assert DEFAULT_TOML.count("#") > 10
+
+
+def test_a_file_overrides_only_what_it_names(tmp_path):
+    cfg = _cfg(tmp_path, '[node]\nname = "pm-a"\n[ingest]\nport = 7800\n')
+    assert cfg.name == "pm-a" and cfg.ingest_port == 7800 and cfg.fanout_port == 7701
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[node]\nnmae = 'x'\n", "unknown key node.nmae"),
+    ("[nodes]\nname = 'x'\n", "unknown section [nodes]"),
+    ("[ingest]\nport = 'x'\n", "ingest.port = 'x': expected int"),
+    ("[ingest]\nport = 70000\n", "ingest.port = 70000"),
+    ("[rings]\ncompute = 1000\n", "rings.compute: ring capacity 1000"),
+    ("[capacities]\nsources = 70000\n", "sources=70000"),
+    ("[fanout]\ngroup = '10.0.0.1'\n", "not a multicast address"),
+    ("[node]\nname = 'a/b'\n", "node.name = 'a/b'"),
+    ("[[process]]\nname='a'\nstages=['ingest','compute']\ncpu=0\nwait='block'\n",
+     "stage(s) fanout run in no process"),
+    ("[[process]]\nname='a'\nstages=['ingest','compute','fanout']\ncpu=999\n", "cpu = 999"),
+    ("[[process]]\nname='a'\nstages=['ingest','compute','fanout','bogus']\n",
+     "unknown stage 'bogus'"),
+    ("[[process]]\nname='a'\nstages=['ingest','compute']\n[[process]]\nname='b'\n"
+     "stages=['compute','fanout']\n", "stage 'compute' is in both process 'a' and 'b'"),
+    ("[[process]]\nname='a'\nstages=['ingest','compute','fanout']\nwait='nap'\n",
+     "wait = 'nap'"),
+    ("[[process]]\nname='a'\nstages=['ingest','compute','fanout']\nwait='spin'\n",
+     "needs a pinned cpu"),
+    ("[[process]]\nname='a'\nstages=['ingest','compute','fanout']\ncolour=1\n",
+     "unknown key process[0].colour"),
+    ("not toml [", "not valid TOML"),
+])
+def test_a_bad_config_is_a_clear_error_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp_path, text)
+    assert message in str(e.value)
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs two CPUs")
+def test_two_spinners_on_one_core_are_refused(tmp_path):
+    c = CPUS[0]
+    text = (f"[[process]]\nname='a'\nstages=['ingest']\ncpu={c}\nwait='spin'\n"
+            f"[[process]]\nname='b'\nstages=['compute','fanout']\ncpu={c}\nwait='spin'\n")
+    with pytest.raises(ConfigError, match="both spin on cpu"):
+        _cfg(tmp_path, text)
+    text = "".join(f"[[process]]\nname='p{k}'\nstages=['{s}']\ncpu={k}\nwait='spin'\n"
+                   for k, s in zip(CPUS, ["ingest", "compute", "fanout"], strict=False))
+    if len(CPUS) == 2:
+        text += "[[process]]\nname='x'\nstages=['fanout']\nwait='block'\n"
+    with pytest.raises(ConfigError, match="leave one core"):
+        _cfg(tmp_path, text)
+
+
+def test_an_unreadable_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_a_port_in_use_is_refused(tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    try:
+        port = s.getsockname()[1]
+        cfg = _cfg(tmp_path, f"[ingest]\nport = {port}\n")
+        with pytest.raises(ConfigError, match=f"ingest.port = {port}"):
+            check_ports_free(cfg)
+    finally:
+        s.close()
+    check_ports_free(cfg)

@@ -65,6 +65,7 @@ __all__ = [
     "CELLIDX_DTYPE",
     "ORDER_DTYPE",
     "INSTRUMENT_DTYPE",
+    "PUBROW_DTYPE",
     "ACCOUNT_TALLIES",
     "FUND_TALLIES",
 ]
@@ -191,6 +192,21 @@ INSTRUMENT_DTYPE = np.dtype(
                     "<i4", "<i4", "<i4", "<i4"],
         "offsets": [0, 8, 16, 24, 32, 40, 48, 56, 64, 68, 72, 76],
         "itemsize": 80,
+    },
+    align=True,
+)
+
+# A published row (one per account, plus the fund's at index ``accounts``): what desks
+# and the fan-out read. Written by the compute stage after each batch under the row's own
+# version (odd while it is written). Two cache lines.
+PUBROW_DTYPE = np.dtype(
+    {
+        "names": ["ver", "gseq", "long_mv", "short_mv", "gross", "net", "open_buy_mv",
+                  "open_sell_mv", "worst_gross", "margin", "beta_net", "pnl", "live_orders",
+                  "breach", "net_long_mv", "net_short_mv"],
+        "formats": ["<u8", "<u8"] + ["<f8"] * 10 + ["<i8", "<i8", "<f8", "<f8"],
+        "offsets": [0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120],
+        "itemsize": 128,
     },
     align=True,
 )

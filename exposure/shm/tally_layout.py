@@ -23,6 +23,7 @@ that knows where each table sits.
     | cells    CELL[C]          |  position cells
     | cidx     CELLIDX[CS]      |  cell index: (key = account * I + instrument, cell id)
     | orders   ORDER[OS]        |  live-order open-addressing table
+    | pub      PUBROW[A + 1]    |  published account rows + the fund row (row seqlocks)
     +---------------------------+ size
 
 A = accounts, I = instruments, S = sectors, C = cells, CS = cell slots (pow2 >= 2C),
@@ -41,7 +42,7 @@ from ..capacity import Capacities
 __all__ = ["TallyLayout", "State", "LayoutError", "MAGIC", "VERSION", "HEADER_SIZE"]
 
 MAGIC = 0x5941_4C4C_4154_5845  # "EXPTALLY" little-endian
-VERSION = 1
+VERSION = 2
 HEADER_SIZE = 256
 _ALIGN = 4096
 
@@ -60,7 +61,7 @@ HEADER_DTYPE = np.dtype(
 State = namedtuple(
     "State",
     ["ctr", "fund", "acc", "acc_lim", "acc_live", "acc_gseq", "acc_stamp", "changed",
-     "sec", "inst", "cells", "cidx", "orders"],
+     "sec", "inst", "cells", "cidx", "orders", "pub"],
 )
 State.__doc__ = "Numpy views of every table of the tally state (see the module diagram)."
 
@@ -85,6 +86,7 @@ def _tables(c: Capacities) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         ("cells", T.CELL_DTYPE, (c.cells,)),
         ("cidx", T.CELLIDX_DTYPE, (c.cell_slots,)),
         ("orders", T.ORDER_DTYPE, (c.order_slots,)),
+        ("pub", T.PUBROW_DTYPE, (A + 1,)),
     ]
 
 

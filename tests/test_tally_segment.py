@@ -1,0 +1,156 @@
+"""The tally segment and the desk reader: real shared memory, a real second process."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import numpy as np
+import pytest
+from support import DATA, load_expected
+
+from exposure.capacity import Capacities
+from exposure.desk import Desk
+from exposure.document import compare_documents, document
+from exposure.kernel import apply_batch
+from exposure.parse import read_events
+from exposure.replay import replay_records
+from exposure.shm.tally_segment import (
+    SegmentBusy,
+    TallySegment,
+    publish,
+    write_begin,
+    write_end,
+)
+
+# The SPEC's id ranges (the scenarios use them), small order and cell tables.
+SMALL = Capacities(orders=4096, cells=8192)
+
+
+@pytest.fixture
+def node_name():
+    name = f"test{os.getpid()}{uuid.uuid4().hex[:6]}"
+    yield name
+    path = f"/dev/shm/exposure.{name}.tally"
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def _apply(seg, recs, batch=64):
+    status = np.zeros(len(recs), np.uint8)
+    recs = recs.copy()
+    recs["gseq"] = np.arange(1, len(recs) + 1)
+    for lo in range(0, len(recs), batch):
+        write_begin(seg.words)
+        apply_batch(seg.state, recs[lo:lo + batch], status[lo:lo + batch])
+        write_end(seg.words)
+        publish(seg.state, seg.state.pub["ver"], recs["gseq"][min(lo + batch, len(recs)) - 1])
+
+
+def test_a_desk_reads_the_same_document_as_replay_and_cannot_write(node_name):
+    recs = read_events(DATA / "mixed-1000.jsonl")
+    with TallySegment.create(f"/exposure.{node_name}.tally", SMALL) as seg:
+        assert oct(os.stat(f"/dev/shm/exposure.{node_name}.tally").st_mode & 0o777) == "0o600"
+        _apply(seg, recs)
+        with Desk(node_name) as desk:
+            doc = desk.document()
+            assert compare_documents(doc, load_expected("mixed-1000")) == []
+            assert compare_documents(doc, document(replay_records(recs, SMALL))) == []
+            f = desk.fund()
+            assert f["gseq"] == len(recs)
+            assert f["gross"] == pytest.approx(doc["fund"]["gross"])
+            rows = desk.accounts()
+            assert sorted(rows["account"].tolist()) == [a["account"] for a in doc["accounts"]]
+            by_id = {a["account"]: a for a in doc["accounts"]}
+            for r in rows:
+                for k in ("gross", "net", "worst_gross", "pnl", "live_orders", "breach"):
+                    assert r[k] == pytest.approx(by_id[int(r["account"])][k]), k
+            with pytest.raises(ValueError, match="read-only"):
+                desk.segment.state.acc[0, 0, 0] = 1.0
+    assert not os.path.exists(f"/dev/shm/exposure.{node_name}.tally")
+
+
+def test_a_live_writer_keeps_its_segment_and_a_dead_ones_is_reclaimed(node_name):
+    name = f"/exposure.{node_name}.tally"
+    with TallySegment.create(name, SMALL):
+        code = f"from exposure.shm.tally_segment import TallySegment as T; T.create({name!r})"
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+        assert p.returncode != 0 and b"another node of this name is running" in p.stderr
+    # A writer that died without unlinking: the next node reclaims the segment.
+    code = (f"import os; from exposure.shm.tally_segment import TallySegment as T; "
+            f"T.create({name!r}); os._exit(0)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert os.path.exists(f"/dev/shm/exposure.{node_name}.tally")
+    with TallySegment.create(name, SMALL) as seg:
+        assert seg.state.ctr[0] == 0
+
+
+def test_missing_segment_is_a_clear_error(node_name):
+    with pytest.raises(FileNotFoundError, match="is the node running"):
+        Desk(node_name)
+    with pytest.raises(SegmentBusy):
+        with TallySegment.create(f"/exposure.{node_name}.tally", SMALL):
+            code = ("from exposure.shm.tally_segment import TallySegment as T, SegmentBusy\n"
+                    "raise SegmentBusy('x')")
+            raise SegmentBusy(code)
+
+
+@pytest.mark.timeout(300)
+def test_a_reader_hammering_snapshots_never_sees_a_torn_batch(node_name):
+    """A writer process applies and publishes batches as fast as it can for 3 seconds; the
+    reader keeps reading every published row and checks gross = long_mv + short_mv and
+    net = long_mv - short_mv in each (a row read half before and half after a batch breaks
+    them), and that it kept up with the writer (it saw many different versions)."""
+    name = f"/exposure.{node_name}.tally"
+    writer = textwrap.dedent(f"""
+        import sys, time, numpy as np
+        from exposure.capacity import Capacities
+        from exposure.kernel import apply_batch
+        from exposure.shm.tally_segment import TallySegment, publish, write_begin, write_end
+        from perf.flowgen import generate
+        recs = generate(300_000, accounts=200, instruments=3000, universe=50,
+                        live_target=3000, seed=9)
+        seg = TallySegment.create({name!r}, Capacities(**{SMALL.as_dict()!r}))
+        status = np.zeros(len(recs), np.uint8)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        t_end = time.perf_counter() + 3.0
+        while time.perf_counter() < t_end:  # the day again and again, for 3 seconds
+            for lo in range(0, len(recs), 256):
+                write_begin(seg.words)
+                apply_batch(seg.state, recs[lo:lo + 256], status[lo:lo + 256])
+                write_end(seg.words)
+                publish(seg.state, seg.state.pub["ver"], lo)
+        print("done", flush=True)
+        sys.stdin.readline()
+        seg.close()
+    """)
+    p = subprocess.Popen([sys.executable, "-c", writer], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        desk = Desk(node_name)
+        desk.accounts()  # compile the reader's side before the writer starts
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        checked, seen = 0, set()
+        t_end = time.perf_counter() + 2.5
+        while time.perf_counter() < t_end:
+            rows = desk.accounts()
+            assert np.array_equal(rows["gross"], rows["long_mv"] + rows["short_mv"])
+            assert np.array_equal(rows["net"], rows["long_mv"] - rows["short_mv"])
+            seen.add(desk.fund()["gseq"])
+            checked += 1
+        print(f"{checked} snapshots, {len(seen)} distinct fund versions")
+        assert checked > 100 and len(seen) > 50
+        desk.close()
+    finally:
+        if p.poll() is None:
+            p.stdin.write("bye\n")
+            p.stdin.flush()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()

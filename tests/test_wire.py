@@ -1,0 +1,64 @@
+"""The wire protocol's framing: round trips, partial reads, and every kind of bad frame."""
+
+import struct
+
+import numpy as np
+import pytest
+
+from exposure import wire as W
+from exposure.types import EVENT_DTYPE
+
+
+def _recs(n):
+    r = np.zeros(n, EVENT_DTYPE)
+    r["sseq"] = np.arange(1, n + 1)
+    r["type"] = 5
+    return r
+
+
+def test_frames_round_trip_even_one_byte_at_a_time():
+    stream = (W.encode_login(7) + W.encode_events(_recs(3)) + W.encode_heartbeat()
+              + W.encode_ack(3, [0, 1, 2]) + W.encode_login_ok(41)
+              + W.encode_reject(W.E_SESSION, "no"))
+    for chunk in (len(stream), 1, 5):
+        rd = W.FrameReader()
+        frames = []
+        for k in range(0, len(stream), chunk):
+            frames += rd.feed(stream[k:k + chunk])
+        kinds = [k for k, _ in frames]
+        assert kinds == [W.K_LOGIN, W.K_EVENTS, W.K_HEARTBEAT, W.K_ACK, W.K_LOGIN_OK,
+                         W.K_REJECT]
+        assert struct.unpack("<II", frames[0][1]) == (7, 0)
+        assert frames[1][1]["sseq"].tolist() == [1, 2, 3]
+        assert W.decode_ack(frames[3][1]) == (3, [0, 1, 2, 0, 0, 0, 0, 0])
+        assert rd.pending == 0
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"\x00" * 8, "bad frame magic"),
+    (b"GET / HTTP/1.1\r\n\r\n", "bad frame magic"),
+    (W.HEADER.pack(W.MAGIC, 9, W.K_LOGIN, 8), "protocol version 9"),
+    (W.HEADER.pack(W.MAGIC, 1, 77, 0), "unknown frame kind 77"),
+    (W.HEADER.pack(W.MAGIC, 1, W.K_LOGIN, 9), "expected 8"),
+    (W.HEADER.pack(W.MAGIC, 1, W.K_EVENTS, 2**31), "EVENTS frame of 2147483648 bytes"),
+    (W.HEADER.pack(W.MAGIC, 1, W.K_EVENTS, 100), "EVENTS frame of 100 bytes"),
+    (W.HEADER.pack(W.MAGIC, 1, W.K_EVENTS, 0), "EVENTS frame of 0 bytes"),
+])
+def test_a_bad_frame_is_refused_before_its_payload_is_buffered(data, message):
+    with pytest.raises(W.ProtocolError, match=message):
+        W.FrameReader().feed(data)
+
+
+def test_a_truncated_frame_waits_and_is_reported_as_pending():
+    f = W.encode_events(_recs(2))
+    rd = W.FrameReader()
+    assert rd.feed(f[:-1]) == []
+    assert rd.pending == len(f) - 1
+    assert [k for k, _ in rd.feed(f[-1:])] == [W.K_EVENTS]
+
+
+def test_encoders_refuse_what_no_node_would_take():
+    with pytest.raises(ValueError, match="1..8192"):
+        W.encode_events(_recs(0))
+    with pytest.raises(ValueError, match="1..8192"):
+        W.encode_events(_recs(W.MAX_RECORDS + 1))

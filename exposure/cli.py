@@ -35,6 +35,72 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_cfg(path):
+    from .config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise SystemExit(_fail(str(e))) from None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
+    from .config import ConfigError
+    from .node import Node
+    from .shm.tally_segment import SegmentBusy
+
+    cfg = _load_cfg(args.config)
+    node = Node(cfg, args.config)
+    stop: list = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    try:
+        node.start()
+    except (SegmentBusy, ConfigError) as e:
+        return _fail(str(e))
+    try:
+        print(node.describe(), flush=True)
+        why = node.wait(stop)
+        print(f"exposure: {why}", file=sys.stderr, flush=True)
+        return 0 if stop else 1
+    finally:
+        node.stop()
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    from .client import SendError, send_records
+    from .parse import EventFileError, read_events
+
+    cfg = _load_cfg(args.config)
+    try:
+        recs = read_events(args.events)
+    except EventFileError as e:
+        return _fail(str(e))
+    try:
+        res = send_records(cfg.ingest_host, cfg.ingest_port, recs, args.session,
+                           timeout=args.timeout)
+    except SendError as e:
+        return _fail(str(e))
+    sys.stdout.buffer.write(orjson.dumps(res) + b"\n")
+    return 0
+
+
+def _cmd_dump(args: argparse.Namespace) -> int:
+    from .desk import Desk
+
+    cfg = _load_cfg(args.config)
+    try:
+        with Desk(cfg.name) as desk:
+            doc = desk.document()
+    except (FileNotFoundError, TimeoutError) as e:
+        return _fail(str(e))
+    opt = 0 if args.compact else orjson.OPT_INDENT_2
+    sys.stdout.buffer.write(orjson.dumps(doc, option=opt) + b"\n")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exposure", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -45,6 +111,23 @@ def _parser() -> argparse.ArgumentParser:
                         "applied before the events")
     r.add_argument("--compact", action="store_true", help="one-line JSON")
     r.set_defaults(func=_cmd_replay)
+
+    r = sub.add_parser("run", help="start a node (the built-in default config, or --config)")
+    r.add_argument("--config", metavar="FILE", help="node config (TOML)")
+    r.set_defaults(func=_cmd_run)
+
+    r = sub.add_parser("send", help="send a JSON-lines event file to a node as one session")
+    r.add_argument("events")
+    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--session", type=int, default=1, help="session id (default 1)")
+    r.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for acknowledgements (default 60)")
+    r.set_defaults(func=_cmd_send)
+
+    r = sub.add_parser("dump", help="print a running node's tallies (the SPEC document)")
+    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--compact", action="store_true", help="one-line JSON")
+    r.set_defaults(func=_cmd_dump)
     return p
 
 

@@ -1,0 +1,74 @@
+"""A session client: send records to a node, resend what it does not hold, wait for acks."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import numpy as np
+
+from . import wire as W
+from .types import REASONS
+
+__all__ = ["send_records", "SendError"]
+
+
+class SendError(RuntimeError):
+    """The node is unreachable, refused the session, or did not acknowledge in time."""
+
+
+def _frames(sock: socket.socket, reader: W.FrameReader, deadline: list[float]):
+    """Every frame the node sends, in order (one iterator per session: frames that arrive
+    together are never dropped); ``deadline[0]`` may be moved between frames."""
+    while True:
+        sock.settimeout(max(0.01, deadline[0] - time.monotonic()))
+        try:
+            data = sock.recv(1 << 16)
+        except TimeoutError:
+            raise SendError("timed out waiting for the node") from None
+        if not data:
+            raise SendError("the node closed the session")
+        yield from reader.feed(data)
+
+
+def send_records(host: str, port: int, recs: np.ndarray, session: int = 1,
+                 timeout: float = 60.0, frame: int = 1024) -> dict:
+    """Send ``recs`` in order as session ``session`` (seq 1..n); return the counts."""
+    recs = recs.copy()
+    n = len(recs)
+    recs["sseq"] = np.arange(1, n + 1, dtype=np.uint64)
+    try:
+        sock = socket.create_connection((host, port), timeout=5)
+    except OSError as e:
+        raise SendError(f"cannot reach the node at {host}:{port}: {e.strerror or e}") from None
+    with sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        deadline = [time.monotonic() + timeout]
+        frames = _frames(sock, W.FrameReader(), deadline)
+        sock.sendall(W.encode_login(session))
+        held = None
+        for kind, payload in frames:
+            if kind == W.K_REJECT:
+                raise SendError(f"login refused: {payload[2:].decode(errors='replace')}")
+            if kind == W.K_LOGIN_OK:
+                (held,) = struct.unpack("<Q", payload)
+                break
+        todo = recs[recs["sseq"] > held]
+        for lo in range(0, len(todo), frame):
+            part = todo[lo:lo + frame]
+            part["send_ns"] = time.time_ns()
+            sock.sendall(W.encode_events(part))
+        # The node acknowledges after login and whenever compute moves on; wait for all.
+        acked, rejects = -1, [0] * 8
+        deadline[0] = time.monotonic() + timeout
+        for kind, payload in frames:
+            if kind == W.K_ACK:
+                acked, rejects = W.decode_ack(payload)
+                if acked >= n:
+                    break
+            elif kind == W.K_REJECT:
+                raise SendError(f"the node refused: {payload[2:].decode(errors='replace')}")
+    return {"session": session, "sent": int(len(todo)), "resent_skipped": int(n - len(todo)),
+            "acknowledged": int(acked), "rejected": int(sum(rejects)),
+            "rejects": {REASONS[k]: int(v) for k, v in enumerate(rejects) if k and v}}

@@ -1,0 +1,133 @@
+"""Compute stage: the kernel over batches from the compute ring.
+
+Per batch: apply under the state seqlock, publish the changed rows (row seqlocks), update
+the session table (highest seq processed, rejects per reason) and emit one tally update per
+changed account plus one for the fund onto the fan-out ring (conflated: the batch's latest
+state of each, tagged with the event that last moved it).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from numba import njit
+
+from .. import _jit  # noqa: F401
+from ..kernel import account_values, apply_batch
+from ..shm.intrinsics import store_release
+from ..shm.ring import ring_pop, ring_push
+from ..shm.tally_segment import publish, write_begin, write_end
+from ..shm.wait import WaitStrategy
+from ..types import (
+    C_LIVE,
+    C_NCHANGED,
+    EVENT_DTYPE,
+    S_LATE_FILL,
+    UPDATE_DTYPE,
+)
+
+__all__ = ["ComputeStage", "SESSION_COLS", "S_HELD", "S_DONE", "S_REJ"]
+
+# Session table columns (u8 [max_sessions + 1, SESSION_COLS]).
+S_HELD = 0     # highest session seq accepted into the compute ring (ingest writes)
+S_DONE = 1     # highest session seq processed by compute (compute writes, release)
+S_REJ = 2      # S_REJ + reason: rejects per reason (compute writes)
+SESSION_COLS = 12
+
+
+@njit(cache=True)
+def _after_batch(st, recs, status, n, sess_flat, ncols, upd, now_ns):
+    """Session counters, then the batch's updates into ``upd``; returns how many."""
+    nsess = sess_flat.shape[0] // ncols
+    for k in range(n):
+        s = np.int64(recs[k].session)
+        if s < nsess:
+            code = status[k]
+            if code != 0 and code != S_LATE_FILL:
+                sess_flat[s * ncols + S_REJ + code] += np.uint64(1)
+    for k in range(n):  # then the processed marks, each after its counters (release)
+        s = np.int64(recs[k].session)
+        if s < nsess and recs[k].sseq > sess_flat[s * ncols + S_DONE]:
+            store_release(sess_flat, s * ncols + S_DONE, recs[k].sseq)
+    g0 = np.int64(recs[0].gseq)
+    vals = np.empty(8)
+    m = 0
+    for j in range(st.ctr[C_NCHANGED] + 1):
+        u = upd[m]
+        if j < st.ctr[C_NCHANGED]:
+            a = np.int64(st.changed[j])
+            u.breach = account_values(st.acc, st.acc_lim, a, vals)
+            u.live_orders = st.acc_live[a]
+            u.account = a
+            k = np.int64(st.acc_gseq[a]) - g0
+        else:  # the fund row, triggered by the batch's last event
+            for t in range(8):
+                vals[t] = st.fund[t, 0] + st.fund[t, 1]
+            u.breach = 0
+            u.live_orders = st.ctr[C_LIVE]
+            u.account = -1
+            k = n - 1
+        if k < 0 or k >= n:
+            k = n - 1
+        r = recs[k]
+        u.session = r.session
+        u.gseq = r.gseq
+        u.sseq = r.sseq
+        u.send_ns = r.send_ns
+        u.long_mv = vals[0]
+        u.short_mv = vals[1]
+        u.gross = vals[0] + vals[1]
+        u.net = vals[0] - vals[1]
+        u.open_buy_mv = vals[2]
+        u.open_sell_mv = vals[3]
+        u.worst_gross = vals[4]
+        u.margin = vals[5]
+        u.beta_net = vals[6]
+        u.pnl = vals[7]
+        u.compute_ns = now_ns
+        m += 1
+    return m
+
+
+class ComputeStage:
+    """Pops the compute ring, applies, publishes, pushes updates to the fan-out ring."""
+
+    def __init__(self, segment, sessions: np.ndarray, in_ring, out_ring, batch: int = 4096):
+        self.seg = segment
+        self.st = segment.state
+        self.ver = self.st.pub["ver"]
+        self.sess_flat = sessions.reshape(-1)
+        self.ncols = sessions.shape[1]
+        self.inp, self.out = in_ring, out_ring
+        self.recs = np.zeros(batch, EVENT_DTYPE)
+        self.words = self.recs.view(np.uint64).reshape(batch, -1)
+        self.status = np.zeros(batch, np.uint8)
+        self.upd = np.zeros(self.st.acc.shape[0] + 1, UPDATE_DTYPE)
+        self.upd_words = self.upd.view(np.uint64).reshape(len(self.upd), -1)
+        self.pending = 0  # updates not yet on the fan-out ring (it was full)
+        self.pending_from = 0
+
+    def poll(self) -> int:
+        """One step; returns the work done (0 = idle)."""
+        if self.pending:
+            m = ring_push(self.out.ctrl, self.out.slots, self.upd_words[self.pending_from:],
+                          self.pending)
+            self.pending -= m
+            self.pending_from += m
+            if self.pending:
+                return m
+        n = ring_pop(self.inp.ctrl, self.inp.slots, self.words, len(self.recs))
+        if n == 0:
+            return 0
+        recs, status = self.recs[:n], self.status[:n]
+        write_begin(self.seg.words)
+        apply_batch(self.st, recs, status)
+        write_end(self.seg.words)
+        publish(self.st, self.ver, recs[n - 1]["gseq"])
+        m = _after_batch(self.st, recs, status, n, self.sess_flat, self.ncols, self.upd,
+                         time.time_ns())
+        pushed = ring_push(self.out.ctrl, self.out.slots, self.upd_words, m)
+        self.pending, self.pending_from = m - pushed, pushed
+        WaitStrategy.wake(self.out)  # a fan-out process that sleeps on the ring
+        return n

@@ -128,7 +128,8 @@ def run_process(cfg: NodeConfig, name: str) -> int:
         opened.append(sessions)
         rings = {r: Ring.attach(names[r]) for r in ("compute", "fanout")}
         opened += rings.values()
-        for st in spec.stages:
+        # Ingest last: the kernels compile (or load) before the node accepts a session.
+        for st in sorted(spec.stages, key=lambda s: s == "ingest"):
             if st == "ingest":
                 tally = TallySegment.attach(names["tally"])
                 next_gseq = int(tally.state.ctr[C_LAST_GSEQ]) + 1

@@ -94,6 +94,15 @@ EVENT_DTYPE = np.dtype(
     align=True,
 )
 EVENT_SIZE = EVENT_DTYPE.itemsize
+EVENT_WORDS = EVENT_SIZE // 8
+# Word indices of the record seen as EVENT_WORDS little-endian u64 words: the hot paths that
+# only stamp or route records (ingest) work on words, never on the 23-field structured
+# dtype (numpy copies and indexes structured arrays field by field: microseconds each).
+W_GSEQ = EVENT_DTYPE.fields["gseq"][1] // 8
+W_SSEQ = EVENT_DTYPE.fields["sseq"][1] // 8
+W_RECV_NS = EVENT_DTYPE.fields["recv_ns"][1] // 8
+W_SESSION = EVENT_DTYPE.fields["session"][1] // 8   # low half; source is the high half
+W_EPOCH = EVENT_DTYPE.fields["epoch"][1] // 8       # low half; crc is the high half
 
 # Event type codes (record field ``type``). 0 is never a valid event.
 T_INSTRUMENT = 1

@@ -109,7 +109,8 @@ def encode_heartbeat() -> bytes:
 class FrameReader:
     """Incremental decoder: ``feed(bytes)`` returns the complete frames as (kind, payload).
 
-    EVENTS payloads come back as record arrays (a copy: the buffer is reused).
+    EVENTS payloads come back as read-only record arrays viewing the frame's bytes (no
+per-field work; ``.view(np.uint64)`` gives the words).
     """
 
     def __init__(self) -> None:
@@ -149,7 +150,7 @@ class FrameReader:
                 break
             body = bytes(buf[pos + HEADER.size:end])
             if kind == K_EVENTS:
-                out.append((kind, np.frombuffer(body, EVENT_DTYPE).copy()))
+                out.append((kind, np.frombuffer(body, EVENT_DTYPE)))
             else:
                 out.append((kind, body))
             pos = end

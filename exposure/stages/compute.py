@@ -20,6 +20,7 @@ from ..shm.ring import ring_pop, ring_push
 from ..shm.tally_segment import publish, write_begin, write_end
 from ..shm.wait import WaitStrategy
 from ..types import (
+    C_LAST_GSEQ,
     C_LIVE,
     C_NCHANGED,
     EVENT_DTYPE,
@@ -39,6 +40,8 @@ SESSION_COLS = 12
 @njit(cache=True)
 def _after_batch(st, recs, status, n, sess_flat, ncols, upd, now_ns):
     """Session counters, then the batch's updates into ``upd``; returns how many."""
+    if n == 0:
+        return 0
     nsess = sess_flat.shape[0] // ncols
     for k in range(n):
         s = np.int64(recs[k].session)
@@ -107,6 +110,17 @@ class ComputeStage:
         self.upd_words = self.upd.view(np.uint64).reshape(len(self.upd), -1)
         self.pending = 0  # updates not yet on the fan-out ring (it was full)
         self.pending_from = 0
+        self._warm()
+
+    def _warm(self) -> None:
+        """Compile (or load) every kernel now, before the node accepts sessions."""
+        recs, status = self.recs[:0], self.status[:0]
+        write_begin(self.seg.words)
+        apply_batch(self.st, recs, status)
+        write_end(self.seg.words)
+        publish(self.st, self.ver, np.uint64(self.st.ctr[C_LAST_GSEQ]))
+        _after_batch(self.st, self.recs[:1], self.status[:1], 0, self.sess_flat, self.ncols,
+                     self.upd, 0)
 
     def poll(self) -> int:
         """One step; returns the work done (0 = idle)."""

@@ -74,13 +74,13 @@ class FanoutStage:
         n = ring_pop(self.inp.ctrl, self.inp.slots, self.words, len(self.buf))
         if n == 0:
             return 0
-        upd = self.buf[:n]
-        # Conflate: the last update of each account in this batch, in arrival order.
-        _, last = np.unique(upd["account"][::-1], return_index=True)
-        keep = np.sort(n - 1 - last)
-        upd = upd[keep]
-        for lo in range(0, len(upd), self.per):
-            part = upd[lo:lo + self.per]
+        if n > 1:  # conflate: the last update of each account, in arrival order
+            _, last = np.unique(self.buf["account"][:n][::-1], return_index=True)
+            rows = self.words[np.sort(n - 1 - last)]
+        else:
+            rows = self.words[:1]
+        for lo in range(0, len(rows), self.per):
+            part = rows[lo:lo + self.per]
             self.seq += 1
             hdr = DGRAM_HEADER.pack(DGRAM_MAGIC, self.epoch, self.seq, len(part), 0)
             try:

@@ -21,24 +21,51 @@ import struct
 import time
 
 import numpy as np
+from numba import njit
 
+from .. import _jit  # noqa: F401
 from .. import wire as W
 from ..shm.ring import ring_push
 from ..shm.wait import WaitStrategy
-from ..types import EVENT_DTYPE
+from ..types import EVENT_WORDS, W_EPOCH, W_GSEQ, W_RECV_NS, W_SESSION, W_SSEQ
 from .compute import S_DONE, S_HELD, S_REJ
 
 __all__ = ["IngestStage"]
 
+_HIGH = np.uint64(0xFFFF_FFFF_0000_0000)  # keeps the high half of a shared word
+
+
+@njit(cache=True, _nrt=False)
+def _stamp_and_push(w, held, session, now, gseq, ctrl, slots, out):
+    """Keep the records with new, increasing session seqs; stamp session, receive time,
+    epoch 0 and global seqs; push them to the ring. Returns (kept, pushed, new held seq);
+    kept records are in ``out[:kept]`` (those past ``pushed`` did not fit in the ring)."""
+    kept = 0
+    for k in range(w.shape[0]):
+        s = w[k, W_SSEQ]
+        if s <= held:
+            continue  # already held: a resend
+        held = s
+        for j in range(EVENT_WORDS):
+            out[kept, j] = w[k, j]
+        out[kept, W_SESSION] = (out[kept, W_SESSION] & _HIGH) | session
+        out[kept, W_EPOCH] &= _HIGH
+        out[kept, W_RECV_NS] = now
+        out[kept, W_GSEQ] = gseq + np.uint64(kept)
+        kept += 1
+    pushed = ring_push(ctrl, slots, out, kept)
+    return kept, pushed, held
+
 
 class _Conn:
-    __slots__ = ("sock", "reader", "session", "pending", "acked", "out")
+    __slots__ = ("sock", "reader", "session", "pending", "pending_stamped", "acked", "out")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.reader = W.FrameReader()
         self.session = 0
-        self.pending = np.zeros(0, EVENT_DTYPE)
+        self.pending = np.zeros((0, EVENT_WORDS), np.uint64)  # records as u8 words
+        self.pending_stamped = False  # True: deduplicated and stamped, only gseq to set
         self.acked = -1
         self.out = bytearray()
 
@@ -58,6 +85,7 @@ class IngestStage:
         self.lsock.setblocking(False)
         self.sel.register(self.lsock, selectors.EVENT_READ, None)
         self.conns: dict[int, _Conn] = {}
+        self.scratch = np.zeros((W.MAX_RECORDS, EVENT_WORDS), np.uint64)
         self.by_session: dict[int, _Conn] = {}
 
     # ------------------------------------------------------------------ loop
@@ -155,28 +183,42 @@ class IngestStage:
             c.out += W.encode_login_ok(int(self.sessions[sid, S_HELD]))
 
     def _events(self, c: _Conn, recs: np.ndarray) -> None:
-        held = int(self.sessions[c.session, S_HELD])
-        seq = recs["sseq"]
-        prev = np.maximum.accumulate(np.concatenate([[np.uint64(held)], seq[:-1]]))
-        keep = recs[seq > prev]  # new, strictly increasing seqs only
-        if not len(keep):
+        w = recs.view(np.uint64).reshape(len(recs), EVENT_WORDS)
+        if len(c.pending):  # still backed up: queue behind (stamped when pushed)
+            c.pending = np.concatenate([c.pending, w])
             return
-        keep["session"] = c.session
-        keep["recv_ns"] = time.time_ns()
-        keep["epoch"] = 0
-        self.sessions[c.session, S_HELD] = int(keep["sseq"][-1])
-        c.pending = np.concatenate([c.pending, keep]) if len(c.pending) else keep
-        self._push(c)
+        self._stamp_push(c, w)
+
+    def _stamp_push(self, c: _Conn, w: np.ndarray) -> int:
+        # One call does the dedup, stamping, global seqs and the ring push (numpy calls on a
+        # one-record frame would cost microseconds each).
+        held = np.uint64(self.sessions[c.session, S_HELD])
+        kept, pushed, new_held = _stamp_and_push(
+            w, held, np.uint64(c.session), np.uint64(time.time_ns()),
+            np.uint64(self.next_gseq), self.out.ctrl, self.out.slots, self.scratch)
+        self.next_gseq += pushed
+        self.sessions[c.session, S_HELD] = new_held
+        if pushed < kept:  # ring full: keep the stamped-but-unpushed rest, in order
+            c.pending = self.scratch[pushed:kept].copy()
+            c.pending_stamped = True
+        if pushed:
+            WaitStrategy.wake(self.out)  # a compute process that sleeps on the ring
+        return pushed
 
     def _push(self, c: _Conn) -> int:
         p = c.pending
+        if not c.pending_stamped:
+            c.pending = np.zeros((0, EVENT_WORDS), np.uint64)
+            return self._stamp_push(c, p)
         n = len(p)
-        p["gseq"] = np.arange(self.next_gseq, self.next_gseq + n, dtype=np.uint64)
-        m = ring_push(self.out.ctrl, self.out.slots, p.view(np.uint64).reshape(n, -1), n)
+        p[:, W_GSEQ] = np.arange(self.next_gseq, self.next_gseq + n, dtype=np.uint64)
+        m = ring_push(self.out.ctrl, self.out.slots, p, n)
         self.next_gseq += m
         c.pending = p[m:]
+        if not len(c.pending):
+            c.pending_stamped = False
         if m:
-            WaitStrategy.wake(self.out)  # a compute process that sleeps on the ring
+            WaitStrategy.wake(self.out)
         return m
 
     def _ack(self, c: _Conn) -> None:

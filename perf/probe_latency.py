@@ -20,6 +20,7 @@ HdrHistogram (1 ns .. 1 s, 3 significant digits).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import statistics
@@ -88,6 +89,8 @@ def run_once(rate: int, events: int, warmup: int, session: int, port: int, group
     period = 1e9 / rate
     frames = [W.encode_events(recs[k:k + 1]) for k in range(n)]  # prebuilt: no Python work
     hdr_off = 16  # send_ns offset inside the record, after the 8-byte frame header
+    gc.collect()
+    gc.disable()  # the client's own collector would stall its receive loop
     t0 = time.perf_counter_ns() + 50_000_000
     late = 0
     k = 0
@@ -115,6 +118,7 @@ def run_once(rate: int, events: int, warmup: int, session: int, port: int, group
                 pass
             continue
         got.append((time.time_ns(), bytes(buf[:m])))  # matched after the run
+    gc.enable()
     sock.close()
     rx.close()
     # An update carries the state after the last event that moved its row, so its arrival

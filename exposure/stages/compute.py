@@ -93,6 +93,27 @@ def _after_batch(st, recs, status, n, sess_flat, ncols, upd, now_ns):
     return m
 
 
+@njit(cache=True)
+def _step(ictrl, islots, words, recs, status, st, ver, seg_words, sess_flat, ncols, upd,
+          upd_words, octrl, oslots, now_ns):
+    """Pop, apply under the state seqlock, publish, count, emit updates, push them: one
+    entry from Python per batch (each entry unboxes the 14-array state once).
+
+    Returns (records applied, updates made, updates pushed)."""
+    n = ring_pop(ictrl, islots, words, words.shape[0])
+    if n == 0:
+        return 0, 0, 0
+    r = recs[:n]
+    s = status[:n]
+    write_begin(seg_words)
+    apply_batch(st, r, s)
+    write_end(seg_words)
+    publish(st, ver, r[n - 1].gseq)
+    m = _after_batch(st, r, s, n, sess_flat, ncols, upd, now_ns)
+    pushed = ring_push(octrl, oslots, upd_words, m)
+    return n, m, pushed
+
+
 class ComputeStage:
     """Pops the compute ring, applies, publishes, pushes updates to the fan-out ring."""
 
@@ -121,6 +142,9 @@ class ComputeStage:
         publish(self.st, self.ver, np.uint64(self.st.ctr[C_LAST_GSEQ]))
         _after_batch(self.st, self.recs[:1], self.status[:1], 0, self.sess_flat, self.ncols,
                      self.upd, 0)
+        _step(self.inp.ctrl, self.inp.slots, self.words[:0], self.recs, self.status, self.st,
+              self.ver, self.seg.words, self.sess_flat, self.ncols, self.upd, self.upd_words,
+              self.out.ctrl, self.out.slots, 0)
 
     def poll(self) -> int:
         """One step; returns the work done (0 = idle)."""
@@ -131,17 +155,12 @@ class ComputeStage:
             self.pending_from += m
             if self.pending:
                 return m
-        n = ring_pop(self.inp.ctrl, self.inp.slots, self.words, len(self.recs))
+        n, m, pushed = _step(self.inp.ctrl, self.inp.slots, self.words, self.recs,
+                             self.status, self.st, self.ver, self.seg.words, self.sess_flat,
+                             self.ncols, self.upd, self.upd_words, self.out.ctrl,
+                             self.out.slots, time.time_ns())
         if n == 0:
             return 0
-        recs, status = self.recs[:n], self.status[:n]
-        write_begin(self.seg.words)
-        apply_batch(self.st, recs, status)
-        write_end(self.seg.words)
-        publish(self.st, self.ver, recs[n - 1]["gseq"])
-        m = _after_batch(self.st, recs, status, n, self.sess_flat, self.ncols, self.upd,
-                         time.time_ns())
-        pushed = ring_push(self.out.ctrl, self.out.slots, self.upd_words, m)
         self.pending, self.pending_from = m - pushed, pushed
         WaitStrategy.wake(self.out)  # a fan-out process that sleeps on the ring
         return n

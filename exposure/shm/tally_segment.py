@@ -191,12 +191,9 @@ class TallySegment:
 
 # ----------------------------------------------------------------------------- row seqlocks
 @njit(cache=True, _nrt=False)
-def _put_row(pub, ver, r, vals, live, breach, gseq, nl, ns):
-    v = np.uint64(ver[r] + np.uint64(1))
-    store_release(ver, r, v)  # odd: being written
-    fence_seq_cst()
-    row = pub[r]
-    row.gseq = gseq
+def set_values(row, vals):
+    """The SPEC's ten account values of a row (published row or fan-out update) from the
+    eight kept tallies ``vals`` (types.K_* order)."""
     row.long_mv = vals[0]
     row.short_mv = vals[1]
     row.gross = vals[0] + vals[1]
@@ -207,6 +204,16 @@ def _put_row(pub, ver, r, vals, live, breach, gseq, nl, ns):
     row.margin = vals[5]
     row.beta_net = vals[6]
     row.pnl = vals[7]
+
+
+@njit(cache=True, _nrt=False)
+def _put_row(pub, ver, r, vals, live, breach, gseq, nl, ns):
+    v = np.uint64(ver[r] + np.uint64(1))
+    store_release(ver, r, v)  # odd: being written
+    fence_seq_cst()
+    row = pub[r]
+    row.gseq = gseq
+    set_values(row, vals)
     row.live_orders = live
     row.breach = breach
     row.net_long_mv = nl

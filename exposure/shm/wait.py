@@ -22,7 +22,7 @@ import posix_ipc
 from . import ring_layout as L
 from .ring import Ring, announce_sleep, clear_sleep, ring_size, sleeping
 
-__all__ = ["WaitStrategy", "make_wait", "WAIT_STRATEGIES"]
+__all__ = ["WaitStrategy", "WAIT_STRATEGIES"]
 
 WAIT_STRATEGIES = ("spin", "spin-then-block", "block")
 
@@ -68,6 +68,3 @@ class WaitStrategy:
         if sleeping(ring.ctrl, L.W_CONSUMER_SLEEPING):
             ring.semaphore.release()
 
-
-def make_wait(kind: str, spins: int = 20_000) -> WaitStrategy:
-    return WaitStrategy(kind, spins)

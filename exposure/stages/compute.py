@@ -17,7 +17,7 @@ from .. import _jit  # noqa: F401
 from ..kernel import account_values, apply_batch
 from ..shm.intrinsics import store_release
 from ..shm.ring import ring_pop, ring_push
-from ..shm.tally_segment import publish, write_begin, write_end
+from ..shm.tally_segment import publish, set_values, write_begin, write_end
 from ..shm.wait import WaitStrategy
 from ..types import (
     C_LAST_GSEQ,
@@ -78,16 +78,7 @@ def _after_batch(st, recs, status, n, sess_flat, ncols, upd, now_ns):
         u.gseq = r.gseq
         u.sseq = r.sseq
         u.send_ns = r.send_ns
-        u.long_mv = vals[0]
-        u.short_mv = vals[1]
-        u.gross = vals[0] + vals[1]
-        u.net = vals[0] - vals[1]
-        u.open_buy_mv = vals[2]
-        u.open_sell_mv = vals[3]
-        u.worst_gross = vals[4]
-        u.margin = vals[5]
-        u.beta_net = vals[6]
-        u.pnl = vals[7]
+        set_values(u, vals)
         u.compute_ns = now_ns
         m += 1
     return m

@@ -117,6 +117,10 @@ class IngestStage:
         return 1
 
     def _close(self, c: _Conn) -> None:
+        if c.session and c.pending_stamped and len(c.pending):
+            # Records accepted but never pushed (the ring was full) die with the connection:
+            # the node must not claim to hold them, or the client would never resend them.
+            self.sessions[c.session, S_HELD] = c.pending[0, W_SSEQ] - np.uint64(1)
         try:
             self.sel.unregister(c.sock)
         except (KeyError, ValueError):

@@ -1,0 +1,105 @@
+"""Ingest in-process: back-pressure from a full ring, and what a session holds after it."""
+
+import os
+import socket
+import struct
+import time
+import uuid
+
+import numpy as np
+import pytest
+from nodes import free_port
+
+from exposure import wire as W
+from exposure.shm.ring import Ring
+from exposure.stages.compute import S_HELD, SESSION_COLS
+from exposure.stages.ingest import IngestStage
+from exposure.types import EVENT_DTYPE, EVENT_SIZE
+
+
+@pytest.fixture
+def stage():
+    name = f"exposure-test-ingest-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    ring = Ring.create(name, 8, EVENT_SIZE)  # no consumer: it fills after 8 records
+    sessions = np.zeros((5, SESSION_COLS), np.uint64)
+    port = free_port()
+    st = IngestStage("127.0.0.1", port, sessions, ring, next_gseq=1, max_sessions=4)
+    try:
+        yield st, ring, sessions, port
+    finally:
+        st.close()
+        ring.close()
+
+
+def _poll_until(st, cond, seconds=5.0):
+    end = time.time() + seconds
+    while not cond() and time.time() < end:
+        st.poll(0.01)
+
+
+def _send20(port, session):
+    c = socket.create_connection(("127.0.0.1", port))
+    recs = np.zeros(20, EVENT_DTYPE)
+    recs["sseq"] = np.arange(1, 21)
+    recs["type"] = 4
+    c.sendall(W.encode_login(session) + W.encode_events(recs))
+    return c
+
+
+def test_a_backed_up_session_loses_nothing_even_if_the_client_leaves(stage):
+    st, ring, sessions, port = stage
+    c = _send20(port, 3)
+    _poll_until(st, lambda: len(ring) == 8)
+    assert len(ring) == 8  # 12 wait in ingest: the ring is full
+    c.close()  # not read while records wait (back-pressure), so they are still pushed
+    got = []
+    out = np.zeros(8, EVENT_DTYPE)
+    for _ in range(4):
+        n = ring.pop(out)
+        got += out["sseq"][:n].tolist()
+        st.poll(0.01)
+    _poll_until(st, lambda: not st.conns)
+    got += out["sseq"][:ring.pop(out)].tolist()
+    assert got == list(range(1, 21)) and not st.conns
+    assert int(sessions[3, S_HELD]) == 20
+
+
+def test_a_session_dropped_while_records_wait_does_not_claim_them(stage):
+    """A failed send to a vanished client closes the session with records still waiting:
+    the node must then not claim to hold them, so the client resends them."""
+    st, ring, sessions, port = stage
+    c = _send20(port, 2)
+    _poll_until(st, lambda: len(ring) == 8)
+    (conn,) = st.conns.values()
+    st._close(conn)  # the path a failed send() takes
+    assert int(sessions[2, S_HELD]) == 8
+    c.close()
+    c = socket.create_connection(("127.0.0.1", port))
+    c.sendall(W.encode_login(2))
+    c.setblocking(False)
+    rd, frames = W.FrameReader(), []
+
+    def answered():
+        try:
+            frames.extend(rd.feed(c.recv(4096)))
+        except BlockingIOError:
+            pass
+        return bool(frames)
+
+    _poll_until(st, answered)
+    assert frames[0][0] == W.K_LOGIN_OK and struct.unpack("<Q", frames[0][1])[0] == 8
+    c.close()
+
+
+def test_resent_records_are_dropped_and_seqs_must_increase(stage):
+    st, ring, sessions, port = stage
+    c = socket.create_connection(("127.0.0.1", port))
+    recs = np.zeros(6, EVENT_DTYPE)
+    recs["sseq"] = [1, 2, 2, 5, 3, 6]  # a duplicate and a step back
+    c.sendall(W.encode_login(1) + W.encode_events(recs))
+    _poll_until(st, lambda: len(ring) == 4)
+    out = np.zeros(8, EVENT_DTYPE)
+    n = ring.pop(out)
+    assert out["sseq"][:n].tolist() == [1, 2, 5, 6]
+    assert out["gseq"][:n].tolist() == [1, 2, 3, 4]
+    c.close()

@@ -24,11 +24,9 @@ import gc
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -38,35 +36,7 @@ from hdrh.histogram import HdrHistogram
 from exposure import wire as W
 from exposure.stages.fanout import open_receiver, parse_datagram
 from perf.flowgen import generate
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def _start_node(tmp: Path):
-    name = f"probe{os.getpid()}{uuid.uuid4().hex[:4]}"
-    port, mport = _free_port(), _free_port()
-    cfg = tmp / "probe.toml"
-    cfg.write_text(f'[node]\nname = "{name}"\n[ingest]\nport = {port}\n'
-                   f'[fanout]\nport = {mport}\ngroup = "239.255.99.{os.getpid() % 250 + 1}"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "exposure", "run", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("the node did not start") from None
-            time.sleep(0.1)
-    group = f"239.255.99.{os.getpid() % 250 + 1}"
-    return proc, port, group, mport
+from perf.localnode import LocalNode
 
 
 def run_once(rate: int, events: int, warmup: int, session: int, port: int, group: str,
@@ -155,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        proc, port, group, mport = _start_node(Path(tmp))
+        node = LocalNode(Path(tmp), orders=1_048_576, cells=1_048_576, prefix="probe")
+        port, group, mport = node.port, node.group, node.mport
         try:
             cpus = sorted(os.sched_getaffinity(0))
             if len(cpus) > 1:
@@ -163,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = [run_once(a.rate, a.events, a.warmup, 1 + r, port, group, mport)
                     for r in range(a.runs)]
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            node.stop()
     med = {k: statistics.median(r[k] for r in runs)
            for k in ("p50_us", "p90_us", "p99_us", "p999_us", "max_us")}
     out = {"runs": runs, "median": med}

@@ -1,65 +1,6 @@
-"""A real node for tests: unique name and ports, started with `exposure run`, always stopped."""
+"""The real local node the end-to-end tests start (perf.localnode, shared with the probe)."""
 
-from __future__ import annotations
+from perf.localnode import LocalNode as LiveNode
+from perf.localnode import free_port
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import uuid
-from pathlib import Path
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class LiveNode:
-    def __init__(self, tmp: Path, orders: int = 65536, cells: int = 65536):
-        self.name = f"t{os.getpid()}{uuid.uuid4().hex[:6]}"
-        self.port, self.mport = free_port(), free_port()
-        self.group = f"239.255.{os.getpid() % 250}.{1 + int(uuid.uuid4().hex[:2], 16) % 250}"
-        self.config = tmp / f"{self.name}.toml"
-        self.config.write_text(
-            f'[node]\nname = "{self.name}"\n[capacities]\norders = {orders}\ncells = {cells}\n'
-            f"[ingest]\nport = {self.port}\n[fanout]\nport = {self.mport}\n"
-            f'group = "{self.group}"\n')
-        self.proc = subprocess.Popen([sys.executable, "-m", "exposure", "run", "--config",
-                                      str(self.config)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"node exited: {self.proc.stderr.read()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError("node did not start listening") from None
-                time.sleep(0.1)
-
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "exposure", *args, "--config",
-                               str(self.config)], capture_output=True, timeout=timeout)
-
-    def segments(self) -> list[str]:
-        return [n for n in os.listdir("/dev/shm") if n.startswith(f"exposure.{self.name}.")]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for n in self.segments():  # only if the node failed to clean up (the test checks)
-            os.unlink(f"/dev/shm/{n}")
+__all__ = ["LiveNode", "free_port"]

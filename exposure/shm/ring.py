@@ -21,6 +21,7 @@ from numba import njit
 from .. import _jit  # noqa: F401  (numba cache location)
 from . import ring_layout as L
 from .intrinsics import fence_seq_cst, load_acquire, store_release
+from .segment import release
 
 __all__ = ["Ring", "ring_push", "ring_pop", "ring_size", "RingError"]
 
@@ -181,12 +182,9 @@ class Ring:
             self._sem.close()
             self._sem = None
         self.ctrl = self.slots = None  # type: ignore[assignment]
-        try:
-            self._map.close()
-        except BufferError:  # a caller still holds a view; the OS unmaps at exit
-            pass
+        release(self._map, None)
         if self._owner:
-            self.unlink(self.name)
+            self.unlink(self.name)  # the segment and its wake-up semaphore
             self._owner = False
 
     @staticmethod

@@ -7,7 +7,20 @@ import mmap
 import numpy as np
 import posix_ipc
 
-__all__ = ["SharedArray"]
+__all__ = ["SharedArray", "release"]
+
+
+def release(mm: mmap.mmap, name: str | None) -> None:
+    """Unmap ``mm``, then unlink the segment ``name`` (None: keep it; missing is fine)."""
+    try:
+        mm.close()
+    except BufferError:  # a caller still holds a view; the OS unmaps at exit
+        pass
+    if name is not None:
+        try:
+            posix_ipc.unlink_shared_memory(name)
+        except posix_ipc.ExistentialError:
+            pass
 
 
 class SharedArray:
@@ -51,13 +64,5 @@ class SharedArray:
 
     def close(self) -> None:
         self.array = None  # type: ignore[assignment]
-        try:
-            self._map.close()
-        except BufferError:
-            pass
-        if self._owner:
-            try:
-                posix_ipc.unlink_shared_memory(self.name)
-            except posix_ipc.ExistentialError:
-                pass
-            self._owner = False
+        release(self._map, self.name if self._owner else None)
+        self._owner = False

@@ -33,6 +33,7 @@ from ..capacity import Capacities
 from ..kernel import account_values
 from ..types import C_LIVE, C_NCHANGED, K_NET_LONG, K_NET_SHORT
 from .intrinsics import fence_seq_cst, load_acquire, store_release
+from .segment import release
 from .tally_layout import HEADER_DTYPE, State, TallyLayout, prefault
 
 __all__ = ["TallySegment", "SegmentBusy", "write_begin", "write_end", "read_begin", "read_end",
@@ -156,16 +157,8 @@ class TallySegment:
     def close(self) -> None:
         """Unmap (and unlink, if this process created the segment)."""
         self.state = self.words = self.buf = None  # type: ignore[assignment]
-        try:
-            self._map.close()
-        except BufferError:  # a caller still holds a view; the OS unmaps at exit
-            pass
-        if self._owner:
-            try:
-                posix_ipc.unlink_shared_memory(self.name)
-            except posix_ipc.ExistentialError:
-                pass
-            self._owner = False
+        release(self._map, self.name if self._owner else None)
+        self._owner = False
 
     def __enter__(self) -> TallySegment:
         return self

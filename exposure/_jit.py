@@ -41,3 +41,20 @@ try:
     _nb_config.CACHE_DIR = CACHE_DIR
 except OSError:  # unwritable home: numba falls back to its own locations
     pass
+
+
+def entry(dispatcher, *args):
+    """The compiled machine-code entry of ``dispatcher`` for the types of ``args``.
+
+    A numba dispatcher works out the types of every argument on every call; for a call
+    with a 14-array named tuple that is about 3 us of the 4.5 us a call costs. A stage's hot
+    call always passes the same preallocated arrays (and Python ints), so it resolves the
+    types once, here, and then calls the compiled entry directly. The caller must keep
+    passing arguments of exactly these types: the entry converts them without checking.
+    """
+    sig = tuple(numba.typeof(a) for a in args)
+    dispatcher.compile(sig)
+    for s, cres in dispatcher.overloads.items():
+        if tuple(s) == sig:
+            return cres.entry_point
+    return dispatcher  # (not reached with numba 0.68: the compiled overload is keyed by sig)

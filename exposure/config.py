@@ -50,6 +50,8 @@ fanout = 16384               # compute -> fan-out (changed rows)
 host = "127.0.0.1"
 port = 7700
 max_sessions = 256
+ack_interval_us = 200        # at most one ACK per session per interval while events stream
+                             # (each ACK is a send syscall on the hot path); 0 = every poll
 
 [fanout]                     # UDP multicast of tally updates
 group = "239.255.77.1"
@@ -90,6 +92,7 @@ class NodeConfig:
     ingest_host: str
     ingest_port: int
     max_sessions: int
+    ack_interval_us: int
     group: str
     fanout_port: int
     interface: str
@@ -107,7 +110,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "node": {"name": str},
     "capacities": {k: int for k in Capacities().as_dict()},
     "rings": {"compute": int, "tap": int, "fanout": int},
-    "ingest": {"host": str, "port": int, "max_sessions": int},
+    "ingest": {"host": str, "port": int, "max_sessions": int, "ack_interval_us": int},
     "fanout": {"group": str, "port": int, "interface": str, "ttl": int, "max_datagram": int},
 }
 _PROCESS_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "stages": list, "cpu": int,
@@ -161,6 +164,8 @@ def _parse(doc: dict, source: str) -> NodeConfig:
     _port(fo["port"], "fanout.port")
     if ing["max_sessions"] < 1:
         raise ConfigError(f"ingest.max_sessions = {ing['max_sessions']}: at least 1")
+    if not 0 <= ing["ack_interval_us"] <= 1_000_000:
+        raise ConfigError(f"ingest.ack_interval_us = {ing['ack_interval_us']}: 0..1000000")
     try:
         grp = ipaddress.ip_address(fo["group"])
         ipaddress.ip_address(fo["interface"])
@@ -225,7 +230,8 @@ def _parse(doc: dict, source: str) -> NodeConfig:
 
     return NodeConfig(
         name=name, caps=caps, rings=dict(merged["rings"]), ingest_host=ing["host"],
-        ingest_port=ing["port"], max_sessions=ing["max_sessions"], group=fo["group"],
+        ingest_port=ing["port"], max_sessions=ing["max_sessions"],
+        ack_interval_us=ing["ack_interval_us"], group=fo["group"],
         fanout_port=fo["port"], interface=fo["interface"], ttl=fo["ttl"],
         max_datagram=fo["max_datagram"], processes=tuple(procs), source=source)
 

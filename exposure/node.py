@@ -136,7 +136,8 @@ def run_process(cfg: NodeConfig, name: str) -> int:
                 next_gseq = int(tally.state.ctr[C_LAST_GSEQ]) + 1
                 tally.close()
                 stages.append(IngestStage(cfg.ingest_host, cfg.ingest_port, sessions.array,
-                                          rings["compute"], next_gseq, cfg.max_sessions))
+                                          rings["compute"], next_gseq, cfg.max_sessions,
+                                          cfg.ack_interval_us))
             elif st == "compute":
                 tally = TallySegment.attach(names["tally"], writable=True)
                 opened.append(tally)
@@ -144,7 +145,8 @@ def run_process(cfg: NodeConfig, name: str) -> int:
                                            rings["fanout"]))
             elif st == "fanout":
                 stages.append(FanoutStage(rings["fanout"], cfg.group, cfg.fanout_port,
-                                          cfg.interface, cfg.ttl, cfg.max_datagram))
+                                          cfg.interface, cfg.ttl, cfg.max_datagram,
+                                          cfg.caps.accounts))
         wait = WaitStrategy(spec.wait, spins=20_000, timeout_s=0.002)
         # No cyclic-GC pauses in the loop: everything long-lived exists now (frozen out of
         # the collector's sight); what the loop allocates per frame is acyclic and freed by

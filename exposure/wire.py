@@ -40,7 +40,7 @@ __all__ = [
     "MAGIC", "VERSION", "HEADER", "MAX_RECORDS", "MAX_PAYLOAD", "K_LOGIN", "K_LOGIN_OK",
     "K_EVENTS", "K_ACK", "K_REJECT", "K_HEARTBEAT", "ProtocolError", "FrameReader",
     "encode_login", "encode_login_ok", "encode_events", "encode_ack", "encode_reject",
-    "encode_heartbeat", "decode_ack",
+    "encode_heartbeat", "decode_ack", "check_header",
 ]
 
 MAGIC = 0x5845
@@ -106,6 +106,29 @@ def encode_heartbeat() -> bytes:
     return _frame(K_HEARTBEAT)
 
 
+def check_header(magic: int, version: int, kind: int, length: int, pos: int = 0) -> None:
+    """Raise :class:`ProtocolError` unless these header fields can start a frame (``pos``:
+    where in the stream, for the message). The one statement of the framing rules; the
+    ingest stage's jitted scanner hands every header it does not take to this function."""
+    if magic != MAGIC:
+        raise ProtocolError(f"bad frame magic {magic:#06x} at byte {pos}")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version}, this node speaks {VERSION}")
+    if kind in _FIXED:
+        if length != _FIXED[kind]:
+            raise ProtocolError(f"frame kind {kind} with length {length}, "
+                                f"expected {_FIXED[kind]}")
+    elif kind == K_EVENTS:
+        if length == 0 or length > MAX_PAYLOAD or length % EVENT_SIZE:
+            raise ProtocolError(f"EVENTS frame of {length} bytes: must be 1..{MAX_RECORDS}"
+                                f" records of {EVENT_SIZE} bytes")
+    elif kind == K_REJECT:
+        if not 2 <= length <= 502:
+            raise ProtocolError(f"REJECT frame of {length} bytes")
+    else:
+        raise ProtocolError(f"unknown frame kind {kind}")
+
+
 class FrameReader:
     """Incremental decoder: ``feed(bytes)`` returns the complete frames as (kind, payload).
 
@@ -128,23 +151,7 @@ per-field work; ``.view(np.uint64)`` gives the words).
         pos = 0
         while len(buf) - pos >= HEADER.size:
             magic, version, kind, length = HEADER.unpack_from(buf, pos)
-            if magic != MAGIC:
-                raise ProtocolError(f"bad frame magic {magic:#06x} at byte {pos}")
-            if version != VERSION:
-                raise ProtocolError(f"protocol version {version}, this node speaks {VERSION}")
-            if kind in _FIXED:
-                if length != _FIXED[kind]:
-                    raise ProtocolError(f"frame kind {kind} with length {length}, "
-                                        f"expected {_FIXED[kind]}")
-            elif kind == K_EVENTS:
-                if length == 0 or length > MAX_PAYLOAD or length % EVENT_SIZE:
-                    raise ProtocolError(f"EVENTS frame of {length} bytes: must be 1..{MAX_RECORDS}"
-                                        f" records of {EVENT_SIZE} bytes")
-            elif kind == K_REJECT:
-                if not 2 <= length <= 502:
-                    raise ProtocolError(f"REJECT frame of {length} bytes")
-            else:
-                raise ProtocolError(f"unknown frame kind {kind}")
+            check_header(magic, version, kind, length, pos)
             end = pos + HEADER.size + length
             if len(buf) < end:
                 break

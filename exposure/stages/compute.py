@@ -13,12 +13,12 @@ import time
 import numpy as np
 from numba import njit
 
-from .. import _jit  # noqa: F401
+from .. import _jit
 from ..kernel import account_values, apply_batch
+from ..shm import ring_layout as RL
 from ..shm.intrinsics import store_release
-from ..shm.ring import ring_pop, ring_push
+from ..shm.ring import ring_pop, ring_push, sleeping
 from ..shm.tally_segment import publish, set_values, write_begin, write_end
-from ..shm.wait import WaitStrategy
 from ..types import (
     C_LAST_GSEQ,
     C_LIVE,
@@ -90,10 +90,10 @@ def _step(ictrl, islots, words, recs, status, st, ver, seg_words, sess_flat, nco
     """Pop, apply under the state seqlock, publish, count, emit updates, push them: one
     entry from Python per batch (each entry unboxes the 14-array state once).
 
-    Returns (records applied, updates made, updates pushed)."""
+    Returns (records applied, updates made, updates pushed, fan-out consumer asleep)."""
     n = ring_pop(ictrl, islots, words, words.shape[0])
     if n == 0:
-        return 0, 0, 0
+        return 0, 0, 0, 0
     r = recs[:n]
     s = status[:n]
     write_begin(seg_words)
@@ -102,7 +102,8 @@ def _step(ictrl, islots, words, recs, status, st, ver, seg_words, sess_flat, nco
     publish(st, ver, r[n - 1].gseq)
     m = _after_batch(st, r, s, n, sess_flat, ncols, upd, now_ns)
     pushed = ring_push(octrl, oslots, upd_words, m)
-    return n, m, pushed
+    asleep = 1 if pushed > 0 and sleeping(octrl, RL.W_CONSUMER_SLEEPING) else 0
+    return n, m, pushed, asleep
 
 
 class ComputeStage:
@@ -123,6 +124,11 @@ class ComputeStage:
         self.pending = 0  # updates not yet on the fan-out ring (it was full)
         self.pending_from = 0
         self._warm()
+        self._args = (self.inp.ctrl, self.inp.slots, self.words, self.recs, self.status,
+                      self.st, self.ver, self.seg.words, self.sess_flat, self.ncols,
+                      self.upd, self.upd_words, self.out.ctrl, self.out.slots)
+        self._step = _jit.entry(_step, *self._args, 0)
+        self._tail, self._head = self.inp.ctrl[RL.W_TAIL:], self.inp.ctrl[RL.W_HEAD:]
 
     def _warm(self) -> None:
         """Compile (or load) every kernel now, before the node accepts sessions."""
@@ -146,12 +152,12 @@ class ComputeStage:
             self.pending_from += m
             if self.pending:
                 return m
-        n, m, pushed = _step(self.inp.ctrl, self.inp.slots, self.words, self.recs,
-                             self.status, self.st, self.ver, self.seg.words, self.sess_flat,
-                             self.ncols, self.upd, self.upd_words, self.out.ctrl,
-                             self.out.slots, time.time_ns())
+        if self._tail[0] == self._head[0]:
+            return 0  # nothing on the ring (a plain read: the jitted pop re-reads, acquire)
+        n, m, pushed, asleep = self._step(*self._args, time.time_ns())
         if n == 0:
             return 0
         self.pending, self.pending_from = m - pushed, pushed
-        WaitStrategy.wake(self.out)  # a fan-out process that sleeps on the ring
+        if asleep:
+            self.out.semaphore.release()  # a fan-out process that sleeps on the ring
         return n

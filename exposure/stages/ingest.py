@@ -7,7 +7,11 @@ reconnect). Ingest stamps each kept record with the session id, the receive time
 next global seq, and pushes it to the compute ring; when the ring is full the session's
 records wait (and its socket is not read) until there is room. The node acknowledges to
 each session the highest seq that compute has processed, with the session's rejects per
-reason.
+reason; while events stream, ACKs are coalesced to one per session per ``ack_interval_us``
+(each is a send on the hot path), and the last one follows within that interval.
+
+Complete EVENTS frames go from the receive buffer to the ring in one jitted scan per read
+(:func:`_scan`); login, heartbeat and anything malformed are handled here in Python.
 
 A client's bytes never harm the node: a malformed frame gets a REJECT and the session is
 closed; other sessions and the tallies are untouched.
@@ -15,7 +19,7 @@ closed; other sessions and the tallies are untouched.
 
 from __future__ import annotations
 
-import selectors
+import select
 import socket
 import struct
 import time
@@ -23,84 +27,167 @@ import time
 import numpy as np
 from numba import njit
 
-from .. import _jit  # noqa: F401
+from .. import _jit
 from .. import wire as W
-from ..shm.ring import ring_push
-from ..shm.wait import WaitStrategy
+from ..shm import ring_layout as RL
+from ..shm.intrinsics import load_acquire, store_release
+from ..shm.ring import sleeping
 from ..types import EVENT_WORDS, W_EPOCH, W_GSEQ, W_RECV_NS, W_SESSION, W_SSEQ
 from .compute import S_DONE, S_HELD, S_REJ
 
 __all__ = ["IngestStage"]
 
 _HIGH = np.uint64(0xFFFF_FFFF_0000_0000)  # keeps the high half of a shared word
+_HDR = W.HEADER.size
+_REC = EVENT_WORDS * 8
+# Why the scanner stopped.
+_NEED_MORE = 0   # no complete frame left at pos
+_CONTROL = 1     # a frame at pos that Python handles (login, heartbeat, anything invalid)
+_RING_FULL = 2   # the compute ring has no room for the rest of the frame at pos
+_BUF = 2 * (_HDR + W.MAX_PAYLOAD)  # per-connection receive buffer (virtual until touched)
 
 
 @njit(cache=True, _nrt=False)
-def _stamp_and_push(w, held, session, now, gseq, ctrl, slots, out):
-    """Keep the records with new, increasing session seqs; stamp session, receive time,
-    epoch 0 and global seqs; push them to the ring. Returns (kept, pushed, new held seq);
-    kept records are in ``out[:kept]`` (those past ``pushed`` did not fit in the ring)."""
-    kept = 0
-    for k in range(w.shape[0]):
-        s = w[k, W_SSEQ]
-        if s <= held:
-            continue  # already held: a resend
-        held = s
-        for j in range(EVENT_WORDS):
-            out[kept, j] = w[k, j]
-        out[kept, W_SESSION] = (out[kept, W_SESSION] & _HIGH) | session
-        out[kept, W_EPOCH] &= _HIGH
-        out[kept, W_RECV_NS] = now
-        out[kept, W_GSEQ] = gseq + np.uint64(kept)
-        kept += 1
-    pushed = ring_push(ctrl, slots, out, kept)
-    return kept, pushed, held
+def _scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, res):
+    """Take the complete EVENTS frames of ``buf[pos:fill]`` straight into the ring.
+
+    Each record whose session seq is above ``held`` (and increasing) is stamped with the
+    session id, the receive time, epoch 0 and the next global seq, and written to the ring.
+    A record's seq counts as held only once it is in the ring, so a frame cut short by a
+    full ring is simply scanned again later: what it already delivered is skipped as a
+    resend. The scanner stops at the first frame that is incomplete, is not an EVENTS frame
+    of a logged-in session, or has a header that is not exactly right; Python deals with
+    those (its :func:`wire.check_header` is the statement of the rules and says what is
+    wrong). ``wbuf`` is ``buf`` as u8 words: valid frames are multiples of 8 bytes long,
+    so records start on word boundaries.
+
+    Writes (why, pos, held, pushed, consumer asleep) to ``res``.
+    """
+    session = np.uint64(session)
+    held = np.uint64(held)
+    now = np.uint64(now)
+    gseq = np.uint64(gseq)
+    cap = slots.shape[0]
+    mask = cap - 1
+    tail = np.int64(ctrl[RL.W_TAIL])  # only this process writes it
+    head = np.int64(ctrl[RL.W_HEAD_CACHE])
+    t0 = tail
+    why = _NEED_MORE
+    while fill - pos >= _HDR:
+        kind = buf[pos + 3]
+        length = (np.int64(buf[pos + 4]) | (np.int64(buf[pos + 5]) << 8)
+                  | (np.int64(buf[pos + 6]) << 16) | (np.int64(buf[pos + 7]) << 24))
+        if (buf[pos] != 0x45 or buf[pos + 1] != 0x58 or buf[pos + 2] != W.VERSION
+                or kind != W.K_EVENTS or session == 0 or length == 0
+                or length > W.MAX_PAYLOAD or length % _REC != 0 or pos % 8 != 0):
+            why = _CONTROL
+            break
+        if fill - pos - _HDR < length:
+            break  # incomplete
+        w0 = (pos + _HDR) // 8
+        full = False
+        for k in range(length // _REC):
+            r = w0 + k * EVENT_WORDS
+            s = wbuf[r + W_SSEQ]
+            if s <= held:
+                continue  # already held: a resend
+            if tail - head >= cap:
+                head = np.int64(load_acquire(ctrl, RL.W_HEAD))
+                ctrl[RL.W_HEAD_CACHE] = head
+                if tail - head >= cap:
+                    full = True
+                    break
+            j = tail & mask
+            for b in range(EVENT_WORDS):
+                slots[j, b] = wbuf[r + b]
+            slots[j, W_SESSION] = (slots[j, W_SESSION] & _HIGH) | session
+            slots[j, W_EPOCH] &= _HIGH
+            slots[j, W_RECV_NS] = now
+            slots[j, W_GSEQ] = gseq + np.uint64(tail - t0)
+            tail += 1
+            held = s
+        if full:
+            why = _RING_FULL
+            break
+        pos += _HDR + length
+    pushed = tail - t0
+    asleep = 0
+    if pushed > 0:
+        store_release(ctrl, RL.W_TAIL, tail)  # publish: the slot writes happen-before
+        asleep = 1 if sleeping(ctrl, RL.W_CONSUMER_SLEEPING) else 0
+    res[0] = why
+    res[1] = pos
+    res[2] = np.int64(held)
+    res[3] = pushed
+    res[4] = asleep
 
 
 class _Conn:
-    __slots__ = ("sock", "reader", "session", "pending", "pending_stamped", "acked", "out")
+    __slots__ = ("sock", "fd", "buf", "wbuf", "mv", "pos", "fill", "stalled", "session",
+                 "held", "acked", "ack_due", "out")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.reader = W.FrameReader()
+        self.fd = sock.fileno()
+        self.buf = np.zeros(_BUF, np.uint8)  # pages are touched only as far as frames go
+        self.wbuf = self.buf.view(np.uint64)
+        self.mv = memoryview(self.buf)
+        self.pos = 0       # next unconsumed byte of buf
+        self.fill = 0      # bytes received into buf
+        self.stalled = False  # the ring was full: frames wait in buf, the socket is not read
         self.session = 0
-        self.pending = np.zeros((0, EVENT_WORDS), np.uint64)  # records as u8 words
-        self.pending_stamped = False  # True: deduplicated and stamped, only gseq to set
+        self.held = 0
         self.acked = -1
+        self.ack_due = 0   # monotonic ns before which no further ACK is sent (coalescing)
         self.out = bytearray()
 
 
 class IngestStage:
     def __init__(self, host: str, port: int, sessions: np.ndarray, out_ring, next_gseq: int,
-                 max_sessions: int):
+                 max_sessions: int, ack_interval_us: int = 0):
         self.sessions = sessions
         self.out = out_ring
         self.max_sessions = max_sessions
         self.next_gseq = next_gseq
-        self.sel = selectors.DefaultSelector()
+        self.ack_interval_ns = ack_interval_us * 1000
+        self.ep = select.epoll()
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.lsock.bind((host, port))
         self.lsock.listen(128)
         self.lsock.setblocking(False)
-        self.sel.register(self.lsock, selectors.EVENT_READ, None)
+        self.lfd = self.lsock.fileno()
+        self.ep.register(self.lfd, select.EPOLLIN)
         self.conns: dict[int, _Conn] = {}
-        self.scratch = np.zeros((W.MAX_RECORDS, EVENT_WORDS), np.uint64)
         self.by_session: dict[int, _Conn] = {}
+        self.stalled: set[_Conn] = set()   # sessions whose frames wait for ring space
+        self.unacked: set[_Conn] = set()   # sessions with records not yet acknowledged
+        self.backlog: set[_Conn] = set()   # sessions with answers the socket did not take
+        self.res = np.zeros(5, np.int64)
+        self._scan = _jit.entry(_scan, self.res.view(np.uint8), self.res.view(np.uint64),
+                                0, 0, 0, 0, 0, 0, self.out.ctrl, self.out.slots,
+                                self.res)  # compiled (or loaded) now
 
     # ------------------------------------------------------------------ loop
     def poll(self, timeout: float | None = 0) -> int:
         work = 0
-        for key, _ in self.sel.select(timeout):
-            if key.data is None:
+        for fd, _ in self.ep.poll(timeout if timeout is not None else -1):
+            if fd == self.lfd:
                 work += self._accept()
             else:
-                work += self._read(key.data)
-        for c in list(self.conns.values()):
-            if len(c.pending):
-                work += self._push(c)
-            self._ack(c)
-            if c.out:
+                c = self.conns.get(fd)
+                if c is not None and not c.stalled:
+                    work += self._read(c)
+        if self.stalled:
+            for c in list(self.stalled):
+                work += self._consume(c)
+        if self.unacked:
+            now = time.monotonic_ns()
+            for c in list(self.unacked):
+                if now >= c.ack_due:
+                    self._ack(c, now)
+        if self.backlog:
+            for c in list(self.backlog):
                 self._flush(c)
         return work
 
@@ -112,20 +199,19 @@ class IngestStage:
         s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         c = _Conn(s)
-        self.conns[s.fileno()] = c
-        self.sel.register(s, selectors.EVENT_READ, c)
+        self.conns[c.fd] = c
+        self.ep.register(c.fd, select.EPOLLIN)
         return 1
 
     def _close(self, c: _Conn) -> None:
-        if c.session and c.pending_stamped and len(c.pending):
-            # Records accepted but never pushed (the ring was full) die with the connection:
-            # the node must not claim to hold them, or the client would never resend them.
-            self.sessions[c.session, S_HELD] = c.pending[0, W_SSEQ] - np.uint64(1)
         try:
-            self.sel.unregister(c.sock)
-        except (KeyError, ValueError):
+            self.ep.unregister(c.fd)
+        except (KeyError, ValueError, OSError):
             pass
-        self.conns.pop(c.sock.fileno(), None)
+        self.conns.pop(c.fd, None)
+        self.stalled.discard(c)
+        self.unacked.discard(c)
+        self.backlog.discard(c)
         if c.session and self.by_session.get(c.session) is c:
             del self.by_session[c.session]
         c.sock.close()
@@ -140,38 +226,81 @@ class IngestStage:
         self._close(c)
 
     def _read(self, c: _Conn) -> int:
-        if len(c.pending):
-            return 0  # back-pressure: do not read while this session's records wait
+        if c.pos == c.fill:
+            c.pos = c.fill = 0
+        elif c.pos and c.fill > _BUF // 2:
+            # An incomplete frame (at most one maximal frame, half the buffer) in the upper
+            # half: move it to the front, so the buffer always has room for the rest.
+            n = c.fill - c.pos
+            c.buf[:n] = c.buf[c.pos:c.fill]
+            c.pos, c.fill = 0, n
         try:
-            data = c.sock.recv(1 << 20)
+            got = c.sock.recv_into(c.mv[c.fill:])
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
-            data = b""
-        if not data:
+            got = 0
+        if not got:
             self._close(c)  # the client went away (possibly mid-frame: nothing applied)
             return 1
+        c.fill += got
+        self._consume(c)
+        return 1
+
+    def _consume(self, c: _Conn) -> int:
+        """Take the complete frames received so far: EVENTS into the ring (jitted), the
+        rest here. Returns the records pushed."""
+        pushed = 0
+        res = self.res
+        while True:
+            self._scan(c.buf, c.wbuf, c.pos, c.fill, c.session, c.held, time.time_ns(),
+                  self.next_gseq, self.out.ctrl, self.out.slots, res)
+            why, c.pos, held, n = int(res[0]), int(res[1]), int(res[2]), int(res[3])
+            if n:
+                pushed += n
+                self.next_gseq += n
+                c.held = held
+                self.sessions[c.session, S_HELD] = held
+                self.unacked.add(c)
+                if res[4]:
+                    self.out.semaphore.release()  # a compute process asleep on the ring
+            if why == _RING_FULL:
+                if not c.stalled:
+                    c.stalled = True
+                    self.stalled.add(c)
+                return pushed
+            if c.stalled:
+                c.stalled = False
+                self.stalled.discard(c)
+            if why == _NEED_MORE or not self._control(c):
+                return pushed
+
+    def _control(self, c: _Conn) -> bool:
+        """The frame at ``c.pos`` that the scanner left: check it, handle it if complete.
+        Returns False when the scan cannot go on (incomplete frame, session closed)."""
+        pos = c.pos
+        magic, version, kind, length = W.HEADER.unpack_from(c.buf, pos)
         try:
-            frames = c.reader.feed(data)
+            W.check_header(magic, version, kind, length, pos)
         except W.ProtocolError as e:
             self._reject(c, e.code, str(e))
-            return 1
-        for kind, payload in frames:
-            if kind == W.K_LOGIN:
-                self._login(c, payload)
-            elif kind == W.K_EVENTS:
-                if not c.session:
-                    self._reject(c, W.E_NOT_LOGGED_IN, "EVENTS before LOGIN")
-                    return 1
-                self._events(c, payload)
-            elif kind == W.K_HEARTBEAT:
-                c.out += W.encode_heartbeat()
-            else:
-                self._reject(c, W.E_PROTOCOL, f"a client may not send frame kind {kind}")
-                return 1
-            if c.sock.fileno() < 0:
-                return 1
-        return 1
+            return False
+        end = pos + _HDR + length
+        if end > c.fill:
+            return False
+        payload = c.buf[pos + _HDR:end].tobytes()
+        c.pos = end
+        if kind == W.K_LOGIN:
+            self._login(c, payload)
+        elif kind == W.K_EVENTS and not c.session:
+            self._reject(c, W.E_NOT_LOGGED_IN, "EVENTS before LOGIN")
+        elif kind == W.K_EVENTS:  # (unreachable: the scanner takes aligned EVENTS frames)
+            self._reject(c, W.E_PROTOCOL, f"EVENTS frame at unaligned byte {pos}")
+        elif kind == W.K_HEARTBEAT:
+            self._send(c, W.encode_heartbeat())
+        else:
+            self._reject(c, W.E_PROTOCOL, f"a client may not send frame kind {kind}")
+        return c.fd in self.conns and self.conns[c.fd] is c
 
     def _login(self, c: _Conn, payload: bytes) -> None:
         sid, _ = struct.unpack("<II", payload)
@@ -183,55 +312,37 @@ class IngestStage:
             self._reject(c, W.E_SESSION, f"session {sid} is already connected")
         else:
             c.session = sid
+            c.held = int(self.sessions[sid, S_HELD])
             self.by_session[sid] = c
-            c.out += W.encode_login_ok(int(self.sessions[sid, S_HELD]))
+            self._send(c, W.encode_login_ok(c.held))
+            self.unacked.add(c)  # a first ACK tells the client what compute has processed
 
-    def _events(self, c: _Conn, recs: np.ndarray) -> None:
-        w = recs.view(np.uint64).reshape(len(recs), EVENT_WORDS)
-        if len(c.pending):  # still backed up: queue behind (stamped when pushed)
-            c.pending = np.concatenate([c.pending, w])
-            return
-        self._stamp_push(c, w)
-
-    def _stamp_push(self, c: _Conn, w: np.ndarray) -> int:
-        # One call does the dedup, stamping, global seqs and the ring push (numpy calls on a
-        # one-record frame would cost microseconds each).
-        held = np.uint64(self.sessions[c.session, S_HELD])
-        kept, pushed, new_held = _stamp_and_push(
-            w, held, np.uint64(c.session), np.uint64(time.time_ns()),
-            np.uint64(self.next_gseq), self.out.ctrl, self.out.slots, self.scratch)
-        self.next_gseq += pushed
-        self.sessions[c.session, S_HELD] = new_held
-        if pushed < kept:  # ring full: keep the stamped-but-unpushed rest, in order
-            c.pending = self.scratch[pushed:kept].copy()
-            c.pending_stamped = True
-        if pushed:
-            WaitStrategy.wake(self.out)  # a compute process that sleeps on the ring
-        return pushed
-
-    def _push(self, c: _Conn) -> int:
-        p = c.pending
-        if not c.pending_stamped:
-            c.pending = np.zeros((0, EVENT_WORDS), np.uint64)
-            return self._stamp_push(c, p)
-        n = len(p)
-        p[:, W_GSEQ] = np.arange(self.next_gseq, self.next_gseq + n, dtype=np.uint64)
-        m = ring_push(self.out.ctrl, self.out.slots, p, n)
-        self.next_gseq += m
-        c.pending = p[m:]
-        if not len(c.pending):
-            c.pending_stamped = False
-        if m:
-            WaitStrategy.wake(self.out)
-        return m
-
-    def _ack(self, c: _Conn) -> None:
-        if not c.session:
-            return
+    def _ack(self, c: _Conn, now: int) -> None:
+        # Compute writes a session's reject counters, then (release) its S_DONE; reading
+        # S_DONE first and the counters after is ordered on x86 (loads are not reordered
+        # with loads) and Python does not reorder its own loads.
         done = int(self.sessions[c.session, S_DONE])
         if done > c.acked:
             c.acked = done
-            c.out += W.encode_ack(done, self.sessions[c.session, S_REJ:S_REJ + 8])
+            c.ack_due = now + self.ack_interval_ns
+            self._send(c, W.encode_ack(done, self.sessions[c.session, S_REJ:S_REJ + 8]))
+        if c.acked >= c.held:
+            self.unacked.discard(c)
+
+    def _send(self, c: _Conn, data: bytes) -> None:
+        if c.out:
+            c.out += data
+        else:
+            try:
+                n = c.sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._close(c)
+                return
+            if n < len(data):
+                c.out += data[n:]
+                self.backlog.add(c)
 
     def _flush(self, c: _Conn) -> None:
         try:
@@ -241,10 +352,13 @@ class IngestStage:
             pass
         except OSError:
             self._close(c)
+            return
+        if not c.out:
+            self.backlog.discard(c)
 
     def close(self) -> None:
         for c in list(self.conns.values()):
             self._close(c)
-        self.sel.unregister(self.lsock)
+        self.ep.unregister(self.lfd)
         self.lsock.close()
-        self.sel.close()
+        self.ep.close()

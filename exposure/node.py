@@ -161,6 +161,8 @@ def run_process(cfg: NodeConfig, name: str) -> int:
             work = 0
             for s in stages:
                 work += s.poll()
+            if ingest is not None:
+                ingest.after()
             if work:
                 wait.reset()
             elif spec.wait != "spin" and ingest is not None:

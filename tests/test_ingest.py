@@ -35,6 +35,7 @@ def _poll_until(st, cond, seconds=5.0):
     end = time.time() + seconds
     while not cond() and time.time() < end:
         st.poll(0.01)
+        st.after()
 
 
 def _send20(port, session):
@@ -58,6 +59,7 @@ def test_a_backed_up_session_loses_nothing_even_if_the_client_leaves(stage):
         n = ring.pop(out)
         got += out["sseq"][:n].tolist()
         st.poll(0.01)
+        st.after()
     _poll_until(st, lambda: not st.conns)
     got += out["sseq"][:ring.pop(out)].tolist()
     assert got == list(range(1, 21)) and not st.conns

@@ -130,7 +130,9 @@ class TallySegment:
         except posix_ipc.ExistentialError:
             raise FileNotFoundError(f"no tally segment {name}: is the node running?") from None
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        mm = mmap.mmap(shm.fd, shm.size, prot=prot)
+        # The writer maps every page up front (MAP_POPULATE): no page fault on the hot path.
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if writable else 0)
+        mm = mmap.mmap(shm.fd, shm.size, flags=flags, prot=prot)
         size = shm.size
         shm.close_fd()
         return cls(name, size, mm, writable=writable, owner=False)

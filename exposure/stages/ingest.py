@@ -181,6 +181,12 @@ class IngestStage:
         if self.stalled:
             for c in list(self.stalled):
                 work += self._consume(c)
+        return work
+
+    def after(self) -> None:
+        """Answers: ACKs due and unsent bytes. The process loop calls this after the whole
+        pipeline pass (compute and fan-out included), so an ACK never delays the
+        processing of an event that arrived with it."""
         if self.unacked:
             now = time.monotonic_ns()
             for c in list(self.unacked):
@@ -189,7 +195,6 @@ class IngestStage:
         if self.backlog:
             for c in list(self.backlog):
                 self._flush(c)
-        return work
 
     def _accept(self) -> int:
         try:

@@ -41,7 +41,8 @@ from perf.localnode import LocalNode
 
 
 def steal_ms() -> float:
-    """Time the hypervisor has taken from this VM's vCPUs so far (``/proc/stat``), in ms.
+    """Time the hypervisor has taken from this VM's vCPUs so far (``/proc/stat``, all CPUs
+    together), in ms.
 
     On this kind of machine the host sometimes stops a vCPU for ~100 ms (a plain spinning
     loop with nothing else running sees it too); a run that overlaps such a theft has its

@@ -223,15 +223,19 @@ PUBROW_DTYPE = np.dtype(
 
 # A tally update on the fan-out ring and in multicast datagrams: the state of one account
 # (or of the fund: account = -1) after the batch that last moved it, tagged with the event
-# that triggered it (so a receiver can measure wire to wire).
+# that triggered it (so a receiver can measure wire to wire): the client's send time
+# (``send_ns``), ingest's receive time (``recv_ns``) and compute's time (``compute_ns``),
+# all CLOCK_REALTIME ns; the datagram header adds the fan-out's send time.
 UPDATE_DTYPE = np.dtype(
     {
         "names": ["account", "session", "gseq", "sseq", "send_ns", "long_mv", "short_mv",
                   "gross", "net", "open_buy_mv", "open_sell_mv", "worst_gross", "margin",
-                  "beta_net", "pnl", "live_orders", "breach", "compute_ns"],
-        "formats": ["<i4", "<u4", "<u8", "<u8", "<i8"] + ["<f8"] * 10 + ["<i4", "<i4", "<i8"],
-        "offsets": [0, 4, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 116, 120],
-        "itemsize": 128,
+                  "beta_net", "pnl", "live_orders", "breach", "compute_ns", "recv_ns"],
+        "formats": ["<i4", "<u4", "<u8", "<u8", "<i8"] + ["<f8"] * 10
+        + ["<i4", "<i4", "<i8", "<i8"],
+        "offsets": [0, 4, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 116, 120,
+                    128],
+        "itemsize": 136,
     },
     align=True,
 )

@@ -124,7 +124,7 @@ def run_once(rate: int, events: int, warmup: int, session: int, port: int, group
     # first update of its session with a session seq at or beyond its own.
     reach = 0
     for t, data in got:
-        _, _, upd = parse_datagram(data)
+        upd = parse_datagram(data).updates
         mine = upd["sseq"][upd["session"] == session]
         if len(mine):
             top = min(int(mine.max()), n)

@@ -100,7 +100,7 @@ def test_multicast_updates_are_contiguous_and_rebuild_every_account(node):
                 data = rx.recv(65536)
             except TimeoutError:
                 break
-            epoch, seq, upd = parse_datagram(data)
+            epoch, seq, _, upd = parse_datagram(data)
             seqs.append(seq)
             for u in upd:
                 prev = latest.get(int(u["account"]))

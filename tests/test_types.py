@@ -75,3 +75,14 @@ def test_capacity_limits_name_the_bad_value():
         Capacities.from_dict({"acounts": 5})
     c = Capacities(orders=1000)
     assert c.order_slots == 2048 and c.cell_slots == 2**21
+
+
+def test_update_record_and_datagram_header_layout():
+    from exposure.stages.fanout import DGRAM_HEADER
+    assert T.UPDATE_DTYPE.itemsize == 136 and T.UPDATE_DTYPE.itemsize % 8 == 0
+    want = {"account": 0, "session": 4, "gseq": 8, "sseq": 16, "send_ns": 24,
+            "long_mv": 32, "pnl": 104, "live_orders": 112, "breach": 116, "compute_ns": 120,
+            "recv_ns": 128}
+    for name, off in want.items():
+        assert T.UPDATE_DTYPE.fields[name][1] == off, name
+    assert DGRAM_HEADER.size == 32  # magic, epoch, stream seq, count, reserved, sent_ns

@@ -78,6 +78,7 @@ def _after_batch(st, recs, status, n, sess_flat, ncols, upd, now_ns):
         u.gseq = r.gseq
         u.sseq = r.sseq
         u.send_ns = r.send_ns
+        u.recv_ns = r.recv_ns
         set_values(u, vals)
         u.compute_ns = now_ns
         m += 1

@@ -8,7 +8,8 @@ Datagram::
       8    8 stream seq   1, 2, 3, ... per datagram: a receiver detects gaps
      16    4 count        updates that follow
      20    4 reserved
-     24  128 x count      types.UPDATE_DTYPE records
+     24    8 sent_ns      when the fan-out sent it (CLOCK_REALTIME ns; per-stage timing)
+     32  136 x count      types.UPDATE_DTYPE records
 
 Conflation: each poll takes everything on the ring and keeps only the latest update of each
 account (and of the fund), so under load a receiver gets fewer, fresher updates; every
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -29,20 +32,29 @@ from ..shm import ring_layout as RL
 from ..shm.ring import ring_pop
 from ..types import UPDATE_DTYPE
 
-__all__ = ["FanoutStage", "DGRAM_HEADER", "DGRAM_MAGIC", "parse_datagram", "open_receiver"]
+__all__ = ["FanoutStage", "DGRAM_HEADER", "DGRAM_MAGIC", "Datagram", "parse_datagram",
+           "open_receiver"]
 
 DGRAM_MAGIC = 0x58505544
-DGRAM_HEADER = struct.Struct("<IIQII")
+DGRAM_HEADER = struct.Struct("<IIQIIq")
 
 
-def parse_datagram(data: bytes) -> tuple[int, int, np.ndarray]:
-    """(epoch, stream seq, updates) of one datagram; ValueError if it is not one."""
+class Datagram(NamedTuple):
+    epoch: int
+    seq: int
+    sent_ns: int
+    updates: np.ndarray  # UPDATE_DTYPE records, viewing the datagram's bytes
+
+
+def parse_datagram(data: bytes) -> Datagram:
+    """(epoch, stream seq, sent_ns, updates) of one datagram; ValueError if it is not one."""
     if len(data) < DGRAM_HEADER.size:
         raise ValueError(f"datagram of {len(data)} bytes is shorter than its header")
-    magic, epoch, seq, count, _ = DGRAM_HEADER.unpack_from(data)
+    magic, epoch, seq, count, _, sent = DGRAM_HEADER.unpack_from(data)
     if magic != DGRAM_MAGIC or len(data) != DGRAM_HEADER.size + count * UPDATE_DTYPE.itemsize:
         raise ValueError("not an exposure tally datagram")
-    return epoch, seq, np.frombuffer(data, UPDATE_DTYPE, count, DGRAM_HEADER.size)
+    return Datagram(epoch, seq, sent, np.frombuffer(data, UPDATE_DTYPE, count,
+                                                    DGRAM_HEADER.size))
 
 
 def open_receiver(group: str, port: int, interface: str = "127.0.0.1") -> socket.socket:
@@ -57,11 +69,11 @@ def open_receiver(group: str, port: int, interface: str = "127.0.0.1") -> socket
 
 
 _UPD_WORDS = UPDATE_DTYPE.itemsize // 8
-_HDR_WORDS = 3  # the 24-byte header as u8 words
+_HDR_WORDS = DGRAM_HEADER.size // 8  # the header as u8 words
 
 
 @njit(cache=True, _nrt=False)
-def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends):
+def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now):
     """Pop every update on the ring, keep the last of each account (the fund is account
     -1), in the order of those last updates, and pack them into datagrams in ``out`` (u8
     words, header included). Returns (updates popped, datagrams); datagram d is bytes
@@ -101,6 +113,7 @@ def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends):
             out[hdr] = np.uint64(0x58505544) | (np.uint64(epoch) << np.uint64(32))
             out[hdr + 1] = np.uint64(seq)
             out[hdr + 2] = np.uint64(count)
+            out[hdr + 3] = np.uint64(now)
             ends[d] = w * 8
             d += 1
             count = 0
@@ -109,6 +122,7 @@ def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends):
         out[hdr] = np.uint64(0x58505544) | (np.uint64(epoch) << np.uint64(32))
         out[hdr + 1] = np.uint64(seq)
         out[hdr + 2] = np.uint64(count)
+        out[hdr + 3] = np.uint64(now)
         ends[d] = w * 8
         d += 1
     for k in range(n):  # back to all -1
@@ -141,14 +155,14 @@ class FanoutStage:
         self.mv = memoryview(self.out.view(np.uint8))
         self.ends = np.zeros(cap // self.per + 2, np.int64)
         self._pack = _jit.entry(_pack, in_ring.ctrl, in_ring.slots, self.upd, self.last, 0, 0,
-                                self.per, self.out, self.ends)  # compiled (or loaded) now
+                                self.per, self.out, self.ends, 0)  # compiled (or loaded) now
         self._tail, self._head = in_ring.ctrl[RL.W_TAIL:], in_ring.ctrl[RL.W_HEAD:]
 
     def poll(self) -> int:
         if self._tail[0] == self._head[0]:
             return 0  # nothing on the ring (a plain read: the jitted pop re-reads, acquire)
         n, d = self._pack(self.inp.ctrl, self.inp.slots, self.upd, self.last, self.epoch,
-                          self.seq, self.per, self.out, self.ends)
+                          self.seq, self.per, self.out, self.ends, time.time_ns())
         if n == 0:
             return 0
         self.seq += d

@@ -124,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds to wait for acknowledgements (default 60)")
     r.set_defaults(func=_cmd_send)
 
+    sub.add_parser("perf", help="measure latency/throughput, and compare with the floor and "
+                   "the two-tier baseline (exposure perf --help)", add_help=False)
+
     r = sub.add_parser("dump", help="print a running node's tallies (the SPEC document)")
     r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
     r.add_argument("--compact", action="store_true", help="one-line JSON")
@@ -132,6 +135,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["perf"]:  # its own parser (perf/tool.py): modes and many options
+        from perf.tool import main as perf_main
+
+        try:
+            return perf_main(argv[1:])
+        except KeyboardInterrupt:
+            return 130
     args = _parser().parse_args(argv)
     try:
         return args.func(args)

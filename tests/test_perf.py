@@ -1,0 +1,141 @@
+"""The perf tool: its arithmetic exactly, and small real runs against a real node (no
+timing asserts: only that what it counts adds up)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from nodes import LiveNode
+
+from exposure import wire as W
+from exposure.stages.fanout import DGRAM_HEADER, DGRAM_MAGIC
+from exposure.types import EVENT_DTYPE, T_CANCEL, T_MARK, T_NEW, UPDATE_DTYPE
+from perf.loadgen import RunRaw, build_frames
+from perf.measure import collect_arrivals, seen_times, summarize
+from perf.tool import summarize_run
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _dgram(seq: int, sent_ns: int, rows: list[dict]) -> bytes:
+    u = np.zeros(len(rows), UPDATE_DTYPE)
+    for k, r in enumerate(rows):
+        for f, v in r.items():
+            u[k][f] = v
+    return DGRAM_HEADER.pack(DGRAM_MAGIC, 0, seq, len(u), 0, sent_ns) + u.tobytes()
+
+
+def test_percentiles_come_from_an_hdr_histogram_in_microseconds():
+    lat = np.arange(1, 100_001, dtype=np.int64) * 1000  # 1 us .. 100 ms, uniform
+    s = summarize(lat)
+    assert s["p50_us"] == pytest.approx(50_000, rel=1e-3)
+    assert s["p90_us"] == pytest.approx(90_000, rel=1e-3)
+    assert s["p99_us"] == pytest.approx(99_000, rel=1e-3)
+    assert s["p999_us"] == pytest.approx(99_900, rel=1e-3)
+    assert s["max_us"] == pytest.approx(100_000, rel=1e-3)
+    assert summarize(np.zeros(0, np.int64))["p99_us"] == 0.0
+
+
+def test_an_update_covers_every_earlier_event_of_its_session_and_later_ones_are_lost():
+    grams = [(1_000, _dgram(1, 900, [{"session": 5, "sseq": 3}, {"session": 6, "sseq": 99}])),
+             (2_000, _dgram(2, 1900, [{"session": 5, "sseq": 2}])),   # conflated, older
+             (3_000, _dgram(4, 2900, [{"session": 5, "sseq": 7}]))]
+    arr = collect_arrivals(grams + [(4_000, b"not a datagram")], session=5)
+    seen = seen_times(arr, np.arange(1, 10))
+    assert seen.tolist() == [1_000] * 3 + [3_000] * 4 + [0, 0]
+    assert arr.stream_gaps == 1  # datagram 3 never came
+
+
+def _raw(n: int, period: int, stall_from: int, stall_ns: int) -> RunRaw:
+    """A run whose sender stalled: events from ``stall_from`` went out ``stall_ns`` late;
+    each is seen 10 us after it was actually sent."""
+    intended = np.arange(n, dtype=np.int64) * period + 1_000_000_000
+    send = intended.copy()
+    send[stall_from:] += stall_ns
+    raw = RunRaw(session=1, first_sseq=1, rate=1e9 / period, frame=1, intended_ns=intended,
+                 send_ns=send)
+    raw.datagrams = [(int(t) + 10_000, _dgram(k + 1, int(t), [{"session": 1, "sseq": k + 1,
+                                                                "send_ns": int(t)}]))
+                     for k, t in enumerate(send)]
+    raw.wall_s = n * period / 1e9
+    raw.ack_log = [(int(send[-1]) + 20_000, n)]
+    return raw
+
+
+def test_latency_counts_from_the_intended_send_time_so_a_stall_is_not_omitted():
+    raw = _raw(1000, 50_000, 500, 2_000_000)  # the last half went out 2 ms late
+    r = summarize_run(raw, warmup=0.0)
+    assert r["uncorrected"]["p99_us"] == pytest.approx(10, rel=1e-2)
+    assert r["p50_us"] == pytest.approx(10, rel=1e-2)
+    assert r["p90_us"] == pytest.approx(2010, rel=1e-2)  # the stall is in the figures
+    assert r["sent"] == r["seen"] == r["acknowledged"] == 1000 and r["lost"] == 0
+
+
+def test_warm_up_is_excluded_and_unseen_events_are_lost():
+    raw = _raw(1000, 50_000, 1000, 0)
+    raw.datagrams = raw.datagrams[:990]  # the last 10 events never show on multicast
+    r = summarize_run(raw, warmup=0.025)  # the first 500 events are warm-up
+    assert r["measured"] == 490 and r["lost"] == 10 and r["seen"] == 990
+
+
+def test_frames_carry_the_flow_and_mark_its_order_events():
+    block = np.zeros(10, EVENT_DTYPE)
+    block["type"] = [T_NEW, T_MARK, T_CANCEL, T_NEW, T_MARK, T_NEW, T_NEW, T_NEW, T_MARK,
+                     T_NEW]
+    buf, fsz, is_order = build_frames(block, 3)
+    assert fsz == W.HEADER.size + 3 * 128 and len(buf) == 3 * fsz  # the 10th is trimmed
+    frames = W.FrameReader().feed(buf.tobytes())
+    assert [len(p) for _, p in frames] == [3, 3, 3]
+    assert is_order.tolist() == [[True, False, True], [True, False, True], [True, True, False]]
+
+
+def _perf(node: LiveNode, *args: str) -> dict:
+    r = subprocess.run([sys.executable, "-m", "exposure", "perf", *args, "--config",
+                        str(node.config), "--json"], capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture
+def node(tmp_path):
+    n = LiveNode(tmp_path)
+    try:
+        yield n
+    finally:
+        n.stop()
+
+
+def test_a_latency_run_against_a_real_node_sees_and_acknowledges_everything(node):
+    out = _perf(node, "latency", "--rate", "2000", "--duration", "1", "--warmup", "0.2")
+    r = out["node"]
+    for k in ("p50_us", "p90_us", "p99_us", "p999_us", "max_us", "rate", "sent", "lost"):
+        assert k in r
+    assert r["sent"] == r["seen"] == r["acknowledged"] == 2400 and r["lost"] == 0
+    assert 0 < r["p50_us"] <= r["p99_us"] <= r["max_us"]
+    assert set(r["stages"]) == {"client_to_ingest", "ingest_to_compute", "compute_to_fanout",
+                                "fanout_to_client"}
+    assert r["cpu_percent"]  # the node's process was found and measured
+    # A second run against the same node continues the session and the order ids.
+    again = _perf(node, "latency", "--rate", "2000", "--duration", "0.5", "--warmup", "0")
+    assert again["node"]["lost"] == 0 and again["node"]["acknowledged"] == 1000
+
+
+def test_compare_measures_the_floor_beside_the_node_and_projects_a_link_delay(node):
+    out = _perf(node, "compare", "--systems", "node,floor", "--rate", "2000", "--duration",
+                "0.5", "--warmup", "0.1", "--link-delay-us", "25")
+    assert set(out) == {"node", "floor", "projection"}
+    assert out["floor"]["lost"] == 0 and out["floor"]["sent"] == 1200
+    proj = out["projection"]
+    assert proj["node"]["p50_us"] == pytest.approx(out["node"]["p50_us"] + 2 * 25)
+    assert proj["floor"]["crossings"] == 2
+
+
+def test_throughput_mode_reports_the_highest_rate_it_sustained(node):
+    out = _perf(node, "throughput", "--rate", "20000", "--max-rate", "30000", "--duration",
+                "0.5", "--frame", "100", "--bisect", "0")
+    r = out["node"]
+    assert r["sustained_rate"] in (20000, 40000) and r["lost"] == 0
+    assert r["acknowledged"] == r["sent"] > 0

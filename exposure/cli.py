@@ -45,21 +45,28 @@ def _load_cfg(path):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import dataclasses
     import signal
+    from pathlib import Path
 
     from .config import ConfigError
+    from .journal import JournalError
     from .node import Node
     from .shm.tally_segment import SegmentBusy
 
     cfg = _load_cfg(args.config)
+    if args.data_dir:
+        cfg = dataclasses.replace(cfg, data_dir=Path(args.data_dir))
     node = Node(cfg, args.config)
     stop: list = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     try:
         node.start()
-    except (SegmentBusy, ConfigError) as e:
+    except (SegmentBusy, ConfigError, JournalError) as e:
         return _fail(str(e))
+    except OSError as e:
+        return _fail(f"cannot use the data directory {cfg.data_dir}: {e}")
     try:
         print(node.describe(), flush=True)
         why = node.wait(stop)
@@ -114,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="start a node (the built-in default config, or --config)")
     r.add_argument("--config", metavar="FILE", help="node config (TOML)")
+    r.add_argument("--data-dir", metavar="DIR", help="journal and snapshots (overrides "
+                   "[journal] dir)")
     r.set_defaults(func=_cmd_run)
 
     r = sub.add_parser("send", help="send a JSON-lines event file to a node as one session")

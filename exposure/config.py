@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .capacity import Capacities, CapacityError
+from .journal import FSYNC_POLICIES
 from .shm.ring_layout import RingLayoutError, check_capacity
 from .shm.wait import WAIT_STRATEGIES
 from .types import EVENT_SIZE
@@ -25,7 +26,7 @@ from .types import EVENT_SIZE
 __all__ = ["NodeConfig", "ProcessSpec", "ConfigError", "load_config", "DEFAULT_TOML", "STAGES"]
 
 # The stages of a live node, in pipeline order. Every one must run in exactly one process.
-STAGES = ("ingest", "compute", "fanout")
+STAGES = ("ingest", "compute", "fanout", "journal")
 
 DEFAULT_TOML = """\
 # exposure node configuration (the built-in default; `exposure run --config FILE` replaces it)
@@ -60,15 +61,30 @@ interface = "127.0.0.1"      # IP_MULTICAST_IF; loopback works on this machine
 ttl = 1
 max_datagram = 1400          # bytes of one datagram (updates are packed up to this)
 
+[journal]                    # every sequenced record, on disk, before it is acknowledged
+dir = ""                     # data directory; "" = ~/.local/share/exposure/<node name>
+                             # (exposure run --data-dir DIR overrides)
+fsync = "interval"           # batch: fsync before acknowledging | interval: every
+                             # interval_ms, acknowledging after it | none: after write()
+interval_ms = 2
+segment_mb = 256             # segments roll at this size
+
 # The process map. On 2 cores: one process runs the whole hot path, spinning on the last
-# CPU; the other stays for the clients, the OS and (later) the journal, which spins briefly
-# and then blocks. On one core nothing may spin. On a bigger host give every stage its own
-# [[process]] and CPU.
+# CPU; the journal runs on the other core with the clients and the OS, spinning briefly
+# and then blocking. On one core nothing may spin. On a bigger host give every stage its
+# own [[process]] and CPU.
 [[process]]
 name = "hot"
 stages = ["ingest", "compute", "fanout"]
 cpu = -1                     # a CPU id; negative counts from the last CPU of this machine
-wait = "spin"                # spin | spin-then-block | block
+wait = "spin"                # spin | spin-then-block | block | sleep (exposure/shm/wait.py)
+
+[[process]]
+name = "durable"
+stages = ["journal"]
+cpu = -2                     # the other core (on 2 cores: CPU 0)
+wait = "sleep"               # wakes every tick_us by itself: ingest never pays a wake-up
+tick_us = 500
 """
 
 
@@ -82,6 +98,7 @@ class ProcessSpec:
     stages: tuple[str, ...]
     cpu: int | None
     wait: str
+    tick_us: int = 500
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,10 @@ class NodeConfig:
     ttl: int
     max_datagram: int
     processes: tuple[ProcessSpec, ...]
+    data_dir: Path
+    fsync: str
+    fsync_interval_ms: int
+    segment_bytes: int
     source: str = field(default="<built-in default>")
 
     def segment(self, what: str) -> str:
@@ -112,8 +133,10 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "rings": {"compute": int, "tap": int, "fanout": int},
     "ingest": {"host": str, "port": int, "max_sessions": int, "ack_interval_us": int},
     "fanout": {"group": str, "port": int, "interface": str, "ttl": int, "max_datagram": int},
+    "journal": {"dir": str, "fsync": str, "interval_ms": int, "segment_mb": int},
 }
 _PROCESS_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "stages": list, "cpu": int,
+                                                     "tick_us": int,
                                                      "wait": str}
 
 
@@ -179,6 +202,17 @@ def _parse(doc: dict, source: str) -> NodeConfig:
     if not 256 <= fo["max_datagram"] <= 65000:
         raise ConfigError(f"fanout.max_datagram = {fo['max_datagram']}: 256..65000")
 
+    jn = merged["journal"]
+    if jn["fsync"] not in FSYNC_POLICIES:
+        raise ConfigError(f"journal.fsync = {jn['fsync']!r}: one of {', '.join(FSYNC_POLICIES)}")
+    if not 1 <= jn["interval_ms"] <= 10_000:
+        raise ConfigError(f"journal.interval_ms = {jn['interval_ms']}: 1..10000")
+    if not 1 <= jn["segment_mb"] <= 65536:
+        raise ConfigError(f"journal.segment_mb = {jn['segment_mb']}: 1..65536")
+    data_dir = Path(os.path.expanduser(jn["dir"])) if jn["dir"] else Path(
+        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")) / \
+        "exposure" / name
+
     procs_raw = doc["process"] if "process" in doc else base["process"]
     if not isinstance(procs_raw, list) or not procs_raw:
         raise ConfigError("[[process]]: at least one process is needed")
@@ -220,7 +254,10 @@ def _parse(doc: dict, source: str) -> NodeConfig:
                 raise ConfigError(f"processes {spinners[cpu]!r} and {pname!r} both spin on "
                                   f"cpu {cpu}: spinners must not share a core")
             spinners[cpu] = pname
-        procs.append(ProcessSpec(pname, tuple(stages), cpu, wait))
+        tick = p.get("tick_us", 500)
+        if not 10 <= tick <= 1_000_000:
+            raise ConfigError(f"{where}tick_us = {tick}: 10..1000000")
+        procs.append(ProcessSpec(pname, tuple(stages), cpu, wait, tick))
     missing = [s for s in STAGES if s not in seen_stage]
     if missing:
         raise ConfigError(f"stage(s) {', '.join(missing)} run in no process")
@@ -233,7 +270,9 @@ def _parse(doc: dict, source: str) -> NodeConfig:
         ingest_port=ing["port"], max_sessions=ing["max_sessions"],
         ack_interval_us=ing["ack_interval_us"], group=fo["group"],
         fanout_port=fo["port"], interface=fo["interface"], ttl=fo["ttl"],
-        max_datagram=fo["max_datagram"], processes=tuple(procs), source=source)
+        max_datagram=fo["max_datagram"], processes=tuple(procs), data_dir=data_dir,
+        fsync=jn["fsync"], fsync_interval_ms=jn["interval_ms"],
+        segment_bytes=jn["segment_mb"] << 20, source=source)
 
 
 def load_config(path: str | Path | None = None) -> NodeConfig:

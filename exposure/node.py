@@ -11,16 +11,20 @@ work, issue 5).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from .config import NodeConfig, check_ports_free, load_config
+from .journal import JournalWriter
+from .recovery import recover
 from .shm.ring import Ring
 from .shm.segment import SharedArray
 from .shm.tally_segment import TallySegment
@@ -28,14 +32,22 @@ from .shm.wait import WaitStrategy
 from .stages.compute import SESSION_COLS, ComputeStage
 from .stages.fanout import FanoutStage
 from .stages.ingest import IngestStage
+from .stages.journal import JournalStage
 from .types import C_LAST_GSEQ, EVENT_SIZE, UPDATE_DTYPE
 
 __all__ = ["Node", "run_process", "main"]
 
 
+RINGS = ("compute", "tap", "fanout")
+
+
 def _names(cfg: NodeConfig) -> dict[str, str]:
     return {"tally": cfg.segment("tally"), "sessions": cfg.segment("sessions"),
-            "compute": cfg.segment("ring.compute"), "fanout": cfg.segment("ring.fanout")}
+            **{r: cfg.segment(f"ring.{r}") for r in RINGS}}
+
+
+def _log(msg: str) -> None:
+    print(f"exposure: {msg}", file=sys.stderr, flush=True)
 
 
 def _session_shape(cfg: NodeConfig) -> tuple[int, int]:
@@ -57,19 +69,28 @@ class Node:
         self.owned.append(self.tally)
         try:
             check_ports_free(cfg)
-            self.owned.append(SharedArray.create(names["sessions"], _session_shape(cfg),
-                                                 np.uint64))
-            for ring, size in (("compute", EVENT_SIZE), ("fanout", UPDATE_DTYPE.itemsize)):
+            sessions = SharedArray.create(names["sessions"], _session_shape(cfg), np.uint64)
+            self.owned.append(sessions)
+            cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            st = self.tally.state
+            self.recovered = recover(st, st.pub["ver"], sessions.array, cfg.data_dir,
+                                     cfg.segment_bytes, _log)
+            for ring, size in (("compute", EVENT_SIZE), ("tap", EVENT_SIZE),
+                               ("fanout", UPDATE_DTYPE.itemsize)):
                 Ring.unlink(names[ring])  # a dead node's leftovers (the tally check passed)
                 self.owned.append(Ring.create(names[ring], cfg.rings[ring], size))
             for p in cfg.processes:
-                cmd = [sys.executable, "-m", "exposure.node", "--process", p.name]
-                if self.config_path:
-                    cmd += ["--config", self.config_path]
-                self.procs[p.name] = subprocess.Popen(cmd)
+                self.procs[p.name] = self._spawn(p.name)
         except BaseException:
             self.stop()
             raise
+
+    def _spawn(self, name: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "exposure.node", "--process", name, "--data-dir",
+               str(self.cfg.data_dir)]
+        if self.config_path:
+            cmd += ["--config", self.config_path]
+        return subprocess.Popen(cmd)
 
     def describe(self) -> str:
         cfg, names = self.cfg, _names(self.cfg)
@@ -78,7 +99,11 @@ class Node:
                  f"(ids 1..{cfg.max_sessions})",
                  f"  updates   udp multicast {cfg.group}:{cfg.fanout_port} "
                  f"via {cfg.interface}",
-                 f"  segments  {', '.join(names.values())}"]
+                 f"  segments  {', '.join(names.values())}",
+                 f"  journal   {cfg.data_dir} (fsync {cfg.fsync}"
+                 + (f", every {cfg.fsync_interval_ms} ms" if cfg.fsync == "interval" else "")
+                 + f"); recovered {self.recovered.records:,} events up to gseq "
+                 f"{self.recovered.last_gseq} in {self.recovered.seconds:.2f} s"]
         for p in cfg.processes:
             pid = self.procs[p.name].pid if p.name in self.procs else "-"
             lines.append(f"  process   {p.name} pid {pid}: {', '.join(p.stages)} "
@@ -127,7 +152,7 @@ def run_process(cfg: NodeConfig, name: str) -> int:
     try:
         sessions = SharedArray.attach(names["sessions"], _session_shape(cfg), np.uint64)
         opened.append(sessions)
-        rings = {r: Ring.attach(names[r]) for r in ("compute", "fanout")}
+        rings = {r: Ring.attach(names[r]) for r in RINGS}
         opened += rings.values()
         # Ingest last: the kernels compile (or load) before the node accepts a session.
         for st in sorted(spec.stages, key=lambda s: s == "ingest"):
@@ -137,17 +162,22 @@ def run_process(cfg: NodeConfig, name: str) -> int:
                 tally.close()
                 stages.append(IngestStage(cfg.ingest_host, cfg.ingest_port, sessions.array,
                                           rings["compute"], next_gseq, cfg.max_sessions,
-                                          cfg.ack_interval_us))
+                                          cfg.ack_interval_us, tap_ring=rings["tap"]))
             elif st == "compute":
                 tally = TallySegment.attach(names["tally"], writable=True)
                 opened.append(tally)
                 stages.append(ComputeStage(tally, sessions.array, rings["compute"],
                                            rings["fanout"]))
+            elif st == "journal":
+                stages.append(JournalStage(rings["tap"], sessions.array,
+                                           JournalWriter(cfg.data_dir, cfg.segment_bytes),
+                                           cfg.fsync, cfg.fsync_interval_ms))
             elif st == "fanout":
                 stages.append(FanoutStage(rings["fanout"], cfg.group, cfg.fanout_port,
                                           cfg.interface, cfg.ttl, cfg.max_datagram,
                                           cfg.caps.accounts))
-        wait = WaitStrategy(spec.wait, spins=20_000, timeout_s=0.002)
+        wait = WaitStrategy(spec.wait, spins=20_000, timeout_s=0.002,
+                            tick_s=spec.tick_us / 1e6)
         # No cyclic-GC pauses in the loop: everything long-lived exists now (frozen out of
         # the collector's sight); what the loop allocates per frame is acyclic and freed by
         # reference counting.
@@ -156,7 +186,8 @@ def run_process(cfg: NodeConfig, name: str) -> int:
         gc.disable()
         ingest = next((s for s in stages if isinstance(s, IngestStage)), None)
         # The ring whose producer is outside this process: where a blocked process sleeps.
-        wake_ring = rings["fanout"] if "compute" not in spec.stages else rings["compute"]
+        wake_ring = rings["compute"] if "compute" in spec.stages else (
+            rings["fanout"] if "fanout" in spec.stages else rings["tap"])
         while not stop:
             work = 0
             for s in stages:
@@ -165,7 +196,7 @@ def run_process(cfg: NodeConfig, name: str) -> int:
                 ingest.after()
             if work:
                 wait.reset()
-            elif spec.wait != "spin" and ingest is not None:
+            elif spec.wait in ("spin-then-block", "block") and ingest is not None:
                 ingest.poll(0.001)  # sleep in the selector: sockets wake it
             else:
                 wait.idle(wake_ring)
@@ -182,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m exposure.node")
     p.add_argument("--process", required=True)
     p.add_argument("--config")
+    p.add_argument("--data-dir")
     a = p.parse_args(argv)
-    return run_process(load_config(a.config), a.process)
+    cfg = load_config(a.config)
+    if a.data_dir:
+        cfg = dataclasses.replace(cfg, data_dir=Path(a.data_dir))
+    return run_process(cfg, a.process)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ class LocalNode:
         self.config.write_text(
             f'[node]\nname = "{self.name}"\n[capacities]\norders = {orders}\ncells = {cells}\n'
             f"[ingest]\nport = {self.port}\n[fanout]\nport = {self.mport}\n"
-            f'group = "{self.group}"\n')
+            f'group = "{self.group}"\n[journal]\ndir = "{tmp / (self.name + ".data")}"\n')
         self.proc = subprocess.Popen([sys.executable, "-m", "exposure", "run", "--config",
                                       str(self.config)], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)

@@ -18,16 +18,20 @@ def _cfg(tmp_path, text):
 
 def test_the_built_in_default_fits_this_machine():
     cfg = load_config()
-    assert [p.stages for p in cfg.processes] == [("ingest", "compute", "fanout")]
+    assert [p.stages for p in cfg.processes] == [("ingest", "compute", "fanout"),
+                                                  ("journal",)]
     spin = [p for p in cfg.processes if p.wait == "spin"]
     if len(CPUS) > 1:
         assert len(spin) == 1 and spin[0].cpu == CPUS[-1]
+        journal = cfg.processes[1]
+        assert journal.wait == "sleep" and journal.cpu == CPUS[-2]  # the other core
     assert cfg.segment("tally") == "/exposure.exposure.tally"
     assert cfg.caps.orders == 1_048_576 and cfg.rings["compute"] == 65536
 
 
 def test_the_default_text_is_commented_and_complete():
-    for key in ("[node]", "[capacities]", "[rings]", "[ingest]", "[fanout]", "[[process]]"):
+    for key in ("[node]", "[capacities]", "[rings]", "[ingest]", "[fanout]", "[journal]",
+                "[[process]]"):
         assert key in DEFAULT_TOML
     assert DEFAULT_TOML.count("#") > 10
 
@@ -47,7 +51,7 @@ def test_a_file_overrides_only_what_it_names(tmp_path):
     ("[fanout]\ngroup = '10.0.0.1'\n", "not a multicast address"),
     ("[node]\nname = 'a/b'\n", "node.name = 'a/b'"),
     ("[[process]]\nname='a'\nstages=['ingest','compute']\ncpu=0\nwait='block'\n",
-     "stage(s) fanout run in no process"),
+     "stage(s) fanout, journal run in no process"),
     ("[[process]]\nname='a'\nstages=['ingest','compute','fanout']\ncpu=999\n", "cpu = 999"),
     ("[[process]]\nname='a'\nstages=['ingest','compute','fanout','bogus']\n",
      "unknown stage 'bogus'"),
@@ -77,7 +81,9 @@ def test_two_spinners_on_one_core_are_refused(tmp_path):
     text = "".join(f"[[process]]\nname='p{k}'\nstages=['{s}']\ncpu={k}\nwait='spin'\n"
                    for k, s in zip(CPUS, ["ingest", "compute", "fanout"], strict=False))
     if len(CPUS) == 2:
-        text += "[[process]]\nname='x'\nstages=['fanout']\nwait='block'\n"
+        text += "[[process]]\nname='x'\nstages=['fanout','journal']\nwait='block'\n"
+    else:
+        text += "[[process]]\nname='x'\nstages=['journal']\nwait='block'\n"
     with pytest.raises(ConfigError, match="leave one core"):
         _cfg(tmp_path, text)
 

@@ -7,7 +7,12 @@ strategy           latency after work arrives             cost while idle
 ``spin-then-block``the hand-off while spinning; a wake-up  a core for ``spins`` polls, then
                    (~22 us cross-core, NOTES.md) after     nothing
 ``block``          a wake-up every time (~22 us)           nothing
+``sleep``          up to one tick (``tick_us``)            a wake-up per tick; the producer
+                                                          never pays a wake-up (no flag)
 =================  =====================================  ==================================
+
+``sleep`` suits a stage whose latency does not matter at the microsecond scale and whose
+producer is on the hot path: the journal, which fsyncs every couple of milliseconds anyway.
 
 Never run more spinners than cores (NOTES.md: two spinners on one core turn p99 into
 milliseconds). Blocking uses the ring's POSIX semaphore and the sleeping flag protocol of
@@ -17,6 +22,8 @@ wakes a sleeper after publishing (:meth:`WaitStrategy.wake`), so no wake-up is l
 
 from __future__ import annotations
 
+import time
+
 import posix_ipc
 
 from . import ring_layout as L
@@ -24,7 +31,7 @@ from .ring import Ring, announce_sleep, clear_sleep, ring_size, sleeping
 
 __all__ = ["WaitStrategy", "WAIT_STRATEGIES"]
 
-WAIT_STRATEGIES = ("spin", "spin-then-block", "block")
+WAIT_STRATEGIES = ("spin", "spin-then-block", "block", "sleep")
 
 
 class WaitStrategy:
@@ -32,7 +39,7 @@ class WaitStrategy:
     work. Producer side: call :meth:`wake` after publishing."""
 
     def __init__(self, kind: str = "spin-then-block", spins: int = 20_000,
-                 timeout_s: float = 0.05):
+                 timeout_s: float = 0.05, tick_s: float = 0.0005):
         if kind not in WAIT_STRATEGIES:
             raise ValueError(f"wait strategy {kind!r} is not one of {', '.join(WAIT_STRATEGIES)}")
         if spins < 0 or timeout_s <= 0:
@@ -40,6 +47,7 @@ class WaitStrategy:
         self.kind = kind
         self.spins = 0 if kind == "block" else spins
         self.timeout_s = timeout_s
+        self.tick_s = tick_s
         self._idle = 0
 
     def reset(self) -> None:
@@ -49,6 +57,9 @@ class WaitStrategy:
         """Nothing to do on ``ring``: spin, or sleep until the producer wakes us (or the
         timeout passes, so the caller can check for shutdown)."""
         self._idle += 1
+        if self.kind == "sleep":
+            time.sleep(self.tick_s)
+            return
         if self.kind == "spin" or self._idle <= self.spins:
             return
         ctrl = ring.ctrl

@@ -28,12 +28,13 @@ from ..types import (
     UPDATE_DTYPE,
 )
 
-__all__ = ["ComputeStage", "SESSION_COLS", "S_HELD", "S_DONE", "S_REJ"]
+__all__ = ["ComputeStage", "SESSION_COLS", "S_HELD", "S_DONE", "S_REJ", "S_DURABLE"]
 
 # Session table columns (u8 [max_sessions + 1, SESSION_COLS]).
 S_HELD = 0     # highest session seq accepted into the compute ring (ingest writes)
 S_DONE = 1     # highest session seq processed by compute (compute writes, release)
 S_REJ = 2      # S_REJ + reason: rejects per reason (compute writes)
+S_DURABLE = 10  # highest session seq on disk (the journal writes; row 0: its global seq)
 SESSION_COLS = 12
 
 

@@ -33,7 +33,7 @@ from ..shm import ring_layout as RL
 from ..shm.intrinsics import load_acquire, store_release
 from ..shm.ring import sleeping
 from ..types import EVENT_WORDS, W_EPOCH, W_GSEQ, W_RECV_NS, W_SESSION, W_SSEQ
-from .compute import S_DONE, S_HELD, S_REJ
+from .compute import S_DONE, S_DURABLE, S_HELD, S_REJ
 
 __all__ = ["IngestStage"]
 
@@ -48,7 +48,8 @@ _BUF = 2 * (_HDR + W.MAX_PAYLOAD)  # per-connection receive buffer (virtual unti
 
 
 @njit(cache=True, _nrt=False)
-def _scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, res):
+def _scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, tctrl, tslots, tap,
+          res):
     """Take the complete EVENTS frames of ``buf[pos:fill]`` straight into the ring.
 
     Each record whose session seq is above ``held`` (and increasing) is stamped with the
@@ -59,9 +60,12 @@ def _scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, res):
     of a logged-in session, or has a header that is not exactly right; Python deals with
     those (its :func:`wire.check_header` is the statement of the rules and says what is
     wrong). ``wbuf`` is ``buf`` as u8 words: valid frames are multiples of 8 bytes long,
-    so records start on word boundaries.
+    so records start on word boundaries. With ``tap`` set, every record also goes to the
+    tap ring (``tctrl``/``tslots``: the journal's input), and a record is taken only when
+    both rings have room.
 
-    Writes (why, pos, held, pushed, consumer asleep) to ``res``.
+    Writes (why, pos, held, pushed, compute consumer asleep, tap consumer asleep) to
+    ``res``.
     """
     session = np.uint64(session)
     held = np.uint64(held)
@@ -72,6 +76,10 @@ def _scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, res):
     tail = np.int64(ctrl[RL.W_TAIL])  # only this process writes it
     head = np.int64(ctrl[RL.W_HEAD_CACHE])
     t0 = tail
+    tcap = tslots.shape[0]
+    tmask = tcap - 1
+    ttail = np.int64(tctrl[RL.W_TAIL])
+    thead = np.int64(tctrl[RL.W_HEAD_CACHE])
     why = _NEED_MORE
     while fill - pos >= _HDR:
         kind = buf[pos + 3]
@@ -97,6 +105,12 @@ def _scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, res):
                 if tail - head >= cap:
                     full = True
                     break
+            if tap and ttail - thead >= tcap:
+                thead = np.int64(load_acquire(tctrl, RL.W_HEAD))
+                tctrl[RL.W_HEAD_CACHE] = thead
+                if ttail - thead >= tcap:
+                    full = True
+                    break
             j = tail & mask
             for b in range(EVENT_WORDS):
                 slots[j, b] = wbuf[r + b]
@@ -104,6 +118,11 @@ def _scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, res):
             slots[j, W_EPOCH] &= _HIGH
             slots[j, W_RECV_NS] = now
             slots[j, W_GSEQ] = gseq + np.uint64(tail - t0)
+            if tap:
+                jt = ttail & tmask
+                for b in range(EVENT_WORDS):
+                    tslots[jt, b] = slots[j, b]
+                ttail += 1
             tail += 1
             held = s
         if full:
@@ -112,7 +131,11 @@ def _scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, res):
         pos += _HDR + length
     pushed = tail - t0
     asleep = 0
+    tasleep = 0
     if pushed > 0:
+        if tap:  # the journal first: it may take longer, and nothing waits on it here
+            store_release(tctrl, RL.W_TAIL, ttail)
+            tasleep = 1 if sleeping(tctrl, RL.W_CONSUMER_SLEEPING) else 0
         store_release(ctrl, RL.W_TAIL, tail)  # publish: the slot writes happen-before
         asleep = 1 if sleeping(ctrl, RL.W_CONSUMER_SLEEPING) else 0
     res[0] = why
@@ -120,6 +143,7 @@ def _scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, res):
     res[2] = np.int64(held)
     res[3] = pushed
     res[4] = asleep
+    res[5] = tasleep
 
 
 class _Conn:
@@ -144,7 +168,7 @@ class _Conn:
 
 class IngestStage:
     def __init__(self, host: str, port: int, sessions: np.ndarray, out_ring, next_gseq: int,
-                 max_sessions: int, ack_interval_us: int = 0):
+                 max_sessions: int, ack_interval_us: int = 0, tap_ring=None):
         self.sessions = sessions
         self.out = out_ring
         self.max_sessions = max_sessions
@@ -163,10 +187,14 @@ class IngestStage:
         self.stalled: set[_Conn] = set()   # sessions whose frames wait for ring space
         self.unacked: set[_Conn] = set()   # sessions with records not yet acknowledged
         self.backlog: set[_Conn] = set()   # sessions with answers the socket did not take
-        self.res = np.zeros(5, np.int64)
+        self.tap = tap_ring
+        # Without a journal the tap arguments are the compute ring's (never written).
+        t = tap_ring if tap_ring is not None else out_ring
+        self._tap_args = (t.ctrl, t.slots, tap_ring is not None)
+        self.res = np.zeros(6, np.int64)
         self._scan = _jit.entry(_scan, self.res.view(np.uint8), self.res.view(np.uint64),
                                 0, 0, 0, 0, 0, 0, self.out.ctrl, self.out.slots,
-                                self.res)  # compiled (or loaded) now
+                                *self._tap_args, self.res)  # compiled (or loaded) now
 
     # ------------------------------------------------------------------ loop
     def poll(self, timeout: float | None = 0) -> int:
@@ -259,7 +287,7 @@ class IngestStage:
         res = self.res
         while True:
             self._scan(c.buf, c.wbuf, c.pos, c.fill, c.session, c.held, time.time_ns(),
-                  self.next_gseq, self.out.ctrl, self.out.slots, res)
+                  self.next_gseq, self.out.ctrl, self.out.slots, *self._tap_args, res)
             why, c.pos, held, n = int(res[0]), int(res[1]), int(res[2]), int(res[3])
             if n:
                 pushed += n
@@ -269,6 +297,8 @@ class IngestStage:
                 self.unacked.add(c)
                 if res[4]:
                     self.out.semaphore.release()  # a compute process asleep on the ring
+                if res[5]:
+                    self.tap.semaphore.release()  # a journal asleep on the tap ring
             if why == _RING_FULL:
                 if not c.stalled:
                     c.stalled = True
@@ -327,6 +357,8 @@ class IngestStage:
         # S_DONE first and the counters after is ordered on x86 (loads are not reordered
         # with loads) and Python does not reorder its own loads.
         done = int(self.sessions[c.session, S_DONE])
+        if self.tap is not None:  # acknowledged only once durable as well
+            done = min(done, int(self.sessions[c.session, S_DURABLE]))
         if done > c.acked:
             c.acked = done
             c.ack_due = now + self.ack_interval_ns

@@ -1,0 +1,129 @@
+"""Journal stage: the tap ring to disk, then what is durable to the session table.
+
+Each poll takes everything on the tap ring (ingest writes every sequenced record to it,
+beside the compute ring) and appends it as one block: one ``writev`` per group commit
+(:class:`exposure.journal.JournalWriter`). When the records become durable depends on the
+``fsync`` policy:
+
+* ``batch``: fsync after every block, before anything of it is acknowledged;
+* ``interval``: fsync at most every ``interval_ms`` (and once the ring is quiet), so many
+  blocks share one fsync;
+* ``none``: after ``write()`` (the page cache: survives a process crash, not a power cut).
+
+Then the stage publishes, per session, the highest session seq that is durable
+(``S_DURABLE`` of the session table, a release store after the data is on disk) and the
+journal's durable global seq (row 0 of the table, ``S_DURABLE``). Ingest acknowledges a
+session's seq only when compute has processed it *and* it is durable.
+
+A write or fsync that fails (disk full, unwritable directory) stops nothing else: the
+stage keeps the records it could not write, reports the error once on stderr, stops
+advancing the durable marks (so ingest stops acknowledging), and retries every poll; the
+rings fill and ingest stops reading its sessions; nothing acknowledged is lost.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+from numba import njit
+
+from .. import _jit
+from ..journal import JournalWriter
+from ..shm import ring_layout as RL
+from ..shm.intrinsics import store_release
+from ..shm.ring import ring_pop
+from ..types import EVENT_WORDS, W_GSEQ, W_SESSION, W_SSEQ
+from .compute import S_DURABLE
+
+__all__ = ["JournalStage"]
+
+
+@njit(cache=True, _nrt=False)
+def _note_sessions(words, n, pending):
+    """The highest session seq per session among ``words[:n]`` into ``pending``."""
+    for k in range(n):
+        s = np.int64(words[k, W_SESSION] & np.uint64(0xFFFFFFFF))
+        if s < pending.shape[0] and words[k, W_SSEQ] > pending[s]:
+            pending[s] = words[k, W_SSEQ]
+
+
+@njit(cache=True, _nrt=False)
+def _publish(pending, sess_flat, ncols, gseq):
+    """Durable marks: per session, then the journal's global seq (row 0)."""
+    for s in range(1, pending.shape[0]):
+        if pending[s] > sess_flat[s * ncols + S_DURABLE]:
+            store_release(sess_flat, s * ncols + S_DURABLE, pending[s])
+    store_release(sess_flat, S_DURABLE, gseq)
+
+
+class JournalStage:
+    def __init__(self, tap_ring, sessions: np.ndarray, writer: JournalWriter, fsync: str,
+                 interval_ms: int, batch: int = 65536):
+        self.inp = tap_ring
+        self.sess_flat = sessions.reshape(-1)
+        self.ncols = sessions.shape[1]
+        self.w = writer
+        self.fsync = fsync
+        self.interval_ns = interval_ms * 1_000_000
+        self.buf = np.zeros((batch, EVENT_WORDS), np.uint64)
+        self.held = 0           # records in buf not yet written (a failed write)
+        self.pending = np.zeros(sessions.shape[0], np.uint64)  # written, not yet durable
+        self.written_gseq = 0   # last gseq written
+        self.durable_gseq = 0
+        self.last_sync = time.monotonic_ns()
+        self.error: str | None = None
+        self._tail, self._head = tap_ring.ctrl[RL.W_TAIL:], tap_ring.ctrl[RL.W_HEAD:]
+        _note_sessions(self.buf, 0, self.pending)
+        _publish(self.pending, self.sess_flat, self.ncols, np.uint64(0))
+
+    def _fail(self, what: str, e: OSError) -> None:
+        msg = f"exposure journal: {what} failed: {e}; not acknowledging until it succeeds"
+        if msg != self.error:
+            print(msg, file=sys.stderr, flush=True)
+            self.error = msg
+
+    def poll(self) -> int:
+        work = 0
+        if not self.held and self._tail[0] != self._head[0]:
+            self.held = ring_pop(self.inp.ctrl, self.inp.slots, self.buf, len(self.buf))
+        if self.held:
+            try:
+                self.w.append(self.buf[:self.held])
+            except OSError as e:
+                self._fail("write", e)
+                return 0
+            _note_sessions(self.buf, self.held, self.pending)
+            self.written_gseq = int(self.buf[self.held - 1, W_GSEQ])
+            work, self.held = self.held, 0
+        if self.written_gseq > self.durable_gseq:
+            now = time.monotonic_ns()
+            if self.fsync == "none" or self.fsync == "batch" or not work \
+                    or now - self.last_sync >= self.interval_ns:
+                if self.fsync != "none":
+                    try:
+                        self.w.sync()
+                    except OSError as e:
+                        self._fail("fsync", e)
+                        return work
+                self.last_sync = now
+                self.durable_gseq = self.written_gseq
+                _publish(self.pending, self.sess_flat, self.ncols,
+                         np.uint64(self.durable_gseq))
+                if self.error:
+                    print("exposure journal: writing again", file=sys.stderr, flush=True)
+                    self.error = None
+        return work
+
+    def close(self) -> None:
+        try:
+            if self.held:
+                self.w.append(self.buf[:self.held])
+            self.w.sync()
+        except OSError:
+            pass
+        self.w.close()
+
+
+assert _jit is not None

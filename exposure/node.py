@@ -73,8 +73,8 @@ class Node:
             self.owned.append(sessions)
             cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             st = self.tally.state
-            self.recovered = recover(st, st.pub["ver"], sessions.array, cfg.data_dir,
-                                     cfg.segment_bytes, _log)
+            self.recovered = recover(st, st.pub["ver"], self.tally.words, sessions.array,
+                                     cfg.data_dir, cfg.segment_bytes, _log)
             for ring, size in (("compute", EVENT_SIZE), ("tap", EVENT_SIZE),
                                ("fanout", UPDATE_DTYPE.itemsize)):
                 Ring.unlink(names[ring])  # a dead node's leftovers (the tally check passed)

@@ -25,7 +25,7 @@ from . import _jit  # noqa: F401
 from .journal import JournalWriter, read_blocks
 from .kernel import apply_batch
 from .shm.tally_layout import State
-from .shm.tally_segment import publish
+from .shm.tally_segment import publish, write_begin, write_end
 from .stages.compute import S_DONE, S_DURABLE, S_HELD, _after_batch
 from .types import C_LAST_GSEQ, C_NCHANGED, EVENT_DTYPE, UPDATE_DTYPE
 
@@ -68,7 +68,7 @@ def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None
         if upto and blk.last > upto:
             recs = recs[:upto - blk.first + 1]
         for lo in range(0, len(recs), batch):
-            part = np.ascontiguousarray(recs[lo:lo + batch])  # the file's bytes: read-only
+            part = recs[lo:lo + batch].copy()  # writable: the types compute compiles for
             n = len(part)
             apply_batch(st, part, status[:n])
             if sessions is not None:
@@ -77,9 +77,11 @@ def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None
     return done
 
 
-def recover(st: State, ver: np.ndarray, sessions: np.ndarray, directory: str | Path,
-            segment_bytes: int, log: Callable[[str], None]) -> Recovered:
-    """Rebuild ``st`` (fresh) and ``sessions`` (zeroed) from ``directory``."""
+def recover(st: State, ver: np.ndarray, seg_words: np.ndarray, sessions: np.ndarray,
+            directory: str | Path, segment_bytes: int,
+            log: Callable[[str], None]) -> Recovered:
+    """Rebuild ``st`` (fresh) and ``sessions`` (zeroed) from ``directory``; the replay runs
+    under the segment's state seqlock (``seg_words``)."""
     t0 = time.perf_counter()
     w = JournalWriter(directory, segment_bytes)  # truncates a torn tail
     torn = w.torn
@@ -87,7 +89,11 @@ def recover(st: State, ver: np.ndarray, sessions: np.ndarray, directory: str | P
     if torn.torn_path is not None:
         log(f"journal: dropped a torn tail of {torn.torn_bytes} bytes at offset "
             f"{torn.torn_offset} of {torn.torn_path} (a write cut short by a crash)")
-    n = replay_journal(st, directory, sessions)
+    write_begin(seg_words)  # desks that attach meanwhile wait instead of reading zeros
+    try:
+        n = replay_journal(st, directory, sessions)
+    finally:
+        write_end(seg_words)
     # Everything replayed came from disk: held = processed = durable.
     sessions[:, S_HELD] = sessions[:, S_DONE]
     sessions[:, S_DURABLE] = sessions[:, S_DONE]

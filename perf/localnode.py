@@ -25,15 +25,17 @@ def free_port() -> int:
 
 class LocalNode:
     def __init__(self, tmp: Path, orders: int = 65536, cells: int = 65536,
-                 prefix: str = "t"):
+                 prefix: str = "t", data_dir: Path | None = None, fsync: str = "interval"):
         self.name = f"{prefix}{os.getpid()}{uuid.uuid4().hex[:6]}"
         self.port, self.mport = free_port(), free_port()
         self.group = f"239.255.{os.getpid() % 250}.{1 + int(uuid.uuid4().hex[:2], 16) % 250}"
         self.config = tmp / f"{self.name}.toml"
+        self.data_dir = data_dir or tmp / f"{self.name}.data"
         self.config.write_text(
             f'[node]\nname = "{self.name}"\n[capacities]\norders = {orders}\ncells = {cells}\n'
             f"[ingest]\nport = {self.port}\n[fanout]\nport = {self.mport}\n"
-            f'group = "{self.group}"\n[journal]\ndir = "{tmp / (self.name + ".data")}"\n')
+            f'group = "{self.group}"\n[journal]\ndir = "{self.data_dir}"\n'
+            f'fsync = "{fsync}"\n')
         self.proc = subprocess.Popen([sys.executable, "-m", "exposure", "run", "--config",
                                       str(self.config)], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)

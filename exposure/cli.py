@@ -21,6 +21,24 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from .parse import EventFileError, read_events, read_instruments_csv
     from .replay import replay_records
 
+    if args.journal:
+        from .journal import JournalError
+        from .recovery import replay_journal
+        from .shm.tally_layout import allocate
+
+        if args.events or args.instruments:
+            return _fail("replay takes an events file or --journal DIR, not both")
+        cfg = _load_cfg(args.config)
+        _, st = allocate(cfg.caps)
+        try:
+            replay_journal(st, args.journal, upto=args.upto or 0)
+        except (JournalError, OSError) as e:
+            return _fail(str(e))
+        opt = 0 if args.compact else orjson.OPT_INDENT_2
+        sys.stdout.buffer.write(orjson.dumps(document(st), option=opt) + b"\n")
+        return 0
+    if not args.events:
+        return _fail("replay needs an events file (or --journal DIR)")
     try:
         parts = []
         if args.instruments:
@@ -33,6 +51,44 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     opt = 0 if args.compact else orjson.OPT_INDENT_2
     sys.stdout.buffer.write(orjson.dumps(document(st), option=opt) + b"\n")
     return 0
+
+
+def _cmd_journal(args: argparse.Namespace) -> int:
+    from .journal import JournalError, ScanResult, read_blocks
+    from .parse import record_objects
+
+    res = ScanResult()
+    try:
+        if args.action == "verify":
+            for _ in read_blocks(args.dir, res):
+                pass
+            print(orjson.dumps({
+                "segments": res.segments, "blocks": res.blocks, "records": res.records,
+                "first_gseq": res.first, "last_gseq": res.last, "bytes": res.bytes,
+                "torn_tail_bytes": res.torn_bytes,
+                "torn_tail_at": f"{res.torn_path}:{res.torn_offset}" if res.torn_path else None,
+            }, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        out = sys.stdout.buffer
+        for blk in read_blocks(args.dir, res, from_gseq=args.from_seq or 1):
+            r = blk.records
+            keep = np.ones(len(r), bool)
+            if args.from_seq:
+                keep &= r["gseq"] >= args.from_seq
+            if args.to_seq:
+                keep &= r["gseq"] <= args.to_seq
+            if args.source is not None:
+                keep &= r["source"] == args.source
+            if args.account is not None:
+                keep &= r["account"] == args.account
+            if keep.any():
+                out.write(b"".join(orjson.dumps(d) + b"\n"
+                                   for d in record_objects(r[keep], stamps=True)))
+            if args.to_seq and blk.last >= args.to_seq:
+                break
+        return 0
+    except (JournalError, OSError) as e:
+        return _fail(str(e))
 
 
 def _load_cfg(path):
@@ -112,7 +168,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exposure", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("replay", help="apply a JSON-lines event file, print the tally document")
-    r.add_argument("events", help="events, one JSON object per line (SPEC section 2)")
+    r.add_argument("events", nargs="?",
+                   help="events, one JSON object per line (SPEC section 2)")
+    r.add_argument("--journal", metavar="DIR", help="replay a node's journal instead")
+    r.add_argument("--upto", type=int, metavar="SEQ",
+                   help="with --journal: the document as of this global seq")
+    r.add_argument("--config", metavar="FILE",
+                   help="with --journal: the node's config (capacities)")
     r.add_argument("--instruments", metavar="REF.csv",
                    help="reference data (instrument,multiplier,margin_rate,beta,sector), "
                         "applied before the events")
@@ -132,6 +194,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for acknowledgements (default 60)")
     r.set_defaults(func=_cmd_send)
+
+    r = sub.add_parser("journal", help="check or print a node's journal")
+    r.add_argument("action", choices=("verify", "inspect"),
+                   help="verify: checksums, sequence, counts; inspect: records as JSON lines")
+    r.add_argument("dir", help="the node's data directory")
+    r.add_argument("--from", dest="from_seq", type=int, metavar="SEQ")
+    r.add_argument("--to", dest="to_seq", type=int, metavar="SEQ")
+    r.add_argument("--source", type=int)
+    r.add_argument("--account", type=int)
+    r.set_defaults(func=_cmd_journal)
 
     sub.add_parser("perf", help="measure latency/throughput, and compare with the floor and "
                    "the two-tier baseline (exposure perf --help)", add_help=False)

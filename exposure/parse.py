@@ -28,6 +28,7 @@ from .types import (
     R_BAD_FIELD,
     R_BAD_TYPE,
     SIDE_CODES,
+    SIDE_NAMES,
     T_CANCEL,
     T_DONE,
     T_FILL,
@@ -38,10 +39,11 @@ from .types import (
     T_POSITION,
     T_REPLACE,
     TYPE_CODES,
+    TYPE_NAMES,
 )
 
 __all__ = ["parse_events", "records_from_objects", "read_events", "read_instruments_csv",
-           "EventFileError"]
+           "EventFileError", "record_objects", "to_jsonl"]
 
 
 class EventFileError(Exception):
@@ -302,3 +304,46 @@ def read_instruments_csv(path: str | Path) -> np.ndarray:
             d[k] = _csv_value(v.strip(), k in ("instrument", "sector"))
         objs.append(d)
     return records_from_objects(objs)
+
+
+def record_objects(recs: np.ndarray, stamps: bool = False) -> list[dict]:
+    """Event records back as SPEC objects (the inverse of :func:`records_from_objects` for
+    valid records; a record of an unknown type comes back with its numeric type). With
+    ``stamps``: the node's gseq, session, session seq and receive time in front."""
+    out = []
+    for r, t in zip(recs.tolist(), recs["type"].tolist(), strict=True):
+        (gseq, sseq, _, recv_ns, sess, source, account, instrument, order_id, qty, price,
+         x0, x1, x2, x3, sector, _, side, _, flags, *_) = r
+        name = TYPE_NAMES.get(t, t)
+        if t in (T_NEW, T_FILL):
+            d = {"type": name, "source": source, "order_id": order_id, "account": account,
+                 "instrument": instrument, "side": SIDE_NAMES.get(side, side), "qty": qty,
+                 "price": price}
+        elif t == T_REPLACE:
+            d = {"type": name, "source": source, "order_id": order_id, "qty": qty,
+                 "price": price}
+        elif t in (T_CANCEL, T_DONE):
+            d = {"type": name, "source": source, "order_id": order_id}
+        elif t == T_MARK:
+            d = {"type": name, "instrument": instrument, "price": price}
+        elif t == T_POSITION:
+            d = {"type": name, "account": account, "instrument": instrument, "qty": qty}
+            if flags & F_HAS_PRICE:
+                d["price"] = price
+        elif t == T_INSTRUMENT:
+            d = {"type": name, "instrument": instrument, "multiplier": x0, "margin_rate": x1,
+                 "beta": x2, "sector": sector}
+        elif t == T_LIMIT:
+            d = {"type": name, "account": account, "gross": x0, "net": x1, "margin": x2,
+                 "loss": x3}
+        else:
+            d = {"type": name}
+        if stamps:
+            d = {"gseq": gseq, "session": sess, "sseq": sseq, "recv_ns": recv_ns, **d}
+        out.append(d)
+    return out
+
+
+def to_jsonl(recs: np.ndarray) -> bytes:
+    """The records as SPEC JSON lines (for files fed to ``exposure replay``/``send``)."""
+    return b"".join(orjson.dumps(d) + b"\n" for d in record_objects(recs))

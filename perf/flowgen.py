@@ -36,6 +36,8 @@ from exposure.types import (
 
 __all__ = ["generate", "to_jsonl"]
 
+from exposure.parse import to_jsonl  # noqa: E402  (re-exported: the benches' writer)
+
 # Columns of the generator's live-order pool.
 _SRC, _OID, _ACC, _INS, _SIDE, _QTY, _FILLED = range(7)
 
@@ -226,38 +228,3 @@ def generate(n_events: int, accounts: int = 500, instruments: int = 20_000, sour
     out = out[:k]
     out["gseq"] = np.arange(1, k + 1, dtype=np.uint64)
     return out
-
-
-def to_jsonl(recs: np.ndarray) -> bytes:
-    """The records as SPEC JSON lines (for files fed to ``exposure replay``/``send``)."""
-    from exposure.types import SIDE_NAMES, TYPE_NAMES
-
-    lines = []
-    for r in recs.tolist():
-        (_, _, _, _, _, source, account, instrument, order_id, qty, price, x0, x1, x2, x3,
-         sector, t, side, _, flags, _, _, _) = r
-        name = TYPE_NAMES[t]
-        if t in (T_NEW, T_FILL):
-            d = {"type": name, "source": source, "order_id": order_id, "account": account,
-                 "instrument": instrument, "side": SIDE_NAMES[side], "qty": qty, "price": price}
-        elif t == T_REPLACE:
-            d = {"type": name, "source": source, "order_id": order_id, "qty": qty,
-                 "price": price}
-        elif t in (T_CANCEL, T_DONE):
-            d = {"type": name, "source": source, "order_id": order_id}
-        elif t == T_MARK:
-            d = {"type": name, "instrument": instrument, "price": price}
-        elif t == T_POSITION:
-            d = {"type": name, "account": account, "instrument": instrument, "qty": qty}
-            if flags & F_HAS_PRICE:
-                d["price"] = price
-        elif t == T_INSTRUMENT:
-            d = {"type": name, "instrument": instrument, "multiplier": x0, "margin_rate": x1,
-                 "beta": x2, "sector": sector}
-        else:
-            d = {"type": name, "account": account, "gross": x0, "net": x1, "margin": x2,
-                 "loss": x3}
-        lines.append(d)
-    import orjson
-
-    return b"".join(orjson.dumps(d) + b"\n" for d in lines)

@@ -143,7 +143,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
         return _fail(str(e))
     try:
         res = send_records(cfg.ingest_host, cfg.ingest_port, recs, args.session,
-                           timeout=args.timeout)
+                           timeout=args.timeout, retry_s=args.retry, rate=args.rate)
     except SendError as e:
         return _fail(str(e))
     sys.stdout.buffer.write(orjson.dumps(res) + b"\n")
@@ -193,6 +193,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--session", type=int, default=1, help="session id (default 1)")
     r.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for acknowledgements (default 60)")
+    r.add_argument("--retry", type=float, default=0.0, metavar="SECONDS",
+                   help="keep reconnecting and resending for this long when the node goes "
+                   "away (a restart): resumes from what the node holds (default 0: fail)")
+    r.add_argument("--rate", type=float, default=0.0, metavar="EVENTS/S",
+                   help="pace the sending (default: as fast as the node takes it)")
     r.set_defaults(func=_cmd_send)
 
     r = sub.add_parser("journal", help="check or print a node's journal")

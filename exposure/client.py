@@ -32,12 +32,10 @@ def _frames(sock: socket.socket, reader: W.FrameReader, deadline: list[float]):
         yield from reader.feed(data)
 
 
-def send_records(host: str, port: int, recs: np.ndarray, session: int = 1,
-                 timeout: float = 60.0, frame: int = 1024) -> dict:
-    """Send ``recs`` in order as session ``session`` (seq 1..n); return the counts."""
-    recs = recs.copy()
+def _session_once(host: str, port: int, recs: np.ndarray, session: int, timeout: float,
+                  frame: int, rate: float = 0.0) -> dict:
+    """One connection: login, send what the node does not hold, wait for every ACK."""
     n = len(recs)
-    recs["sseq"] = np.arange(1, n + 1, dtype=np.uint64)
     try:
         sock = socket.create_connection((host, port), timeout=5)
     except OSError as e:
@@ -55,10 +53,18 @@ def send_records(host: str, port: int, recs: np.ndarray, session: int = 1,
                 (held,) = struct.unpack("<Q", payload)
                 break
         todo = recs[recs["sseq"] > held]
-        for lo in range(0, len(todo), frame):
-            part = todo[lo:lo + frame]
-            part["send_ns"] = time.time_ns()
-            sock.sendall(W.encode_events(part))
+        try:
+            t0 = time.monotonic()
+            for lo in range(0, len(todo), frame):
+                if rate > 0:  # paced: frame k leaves at t0 + k * frame / rate
+                    wait = t0 + lo / rate - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                part = todo[lo:lo + frame]
+                part["send_ns"] = time.time_ns()
+                sock.sendall(W.encode_events(part))
+        except OSError as e:
+            raise SendError(f"the node went away while sending: {e}") from None
         # The node acknowledges after login and whenever compute moves on; wait for all.
         acked, rejects = -1, [0] * 8
         deadline[0] = time.monotonic() + timeout
@@ -72,3 +78,29 @@ def send_records(host: str, port: int, recs: np.ndarray, session: int = 1,
     return {"session": session, "sent": int(len(todo)), "resent_skipped": int(n - len(todo)),
             "acknowledged": int(acked), "rejected": int(sum(rejects)),
             "rejects": {REASONS[k]: int(v) for k, v in enumerate(rejects) if k and v}}
+
+
+def send_records(host: str, port: int, recs: np.ndarray, session: int = 1,
+                 timeout: float = 60.0, frame: int = 1024, retry_s: float = 0.0,
+                 rate: float = 0.0) -> dict:
+    """Send ``recs`` in order as session ``session`` (seq 1..n); return the counts.
+
+    With ``retry_s`` > 0 a lost connection (a node that restarts, or fails over) is not an
+    error for that long: the client reconnects, the login answer says what the node holds,
+    and it resends the rest, so nothing is lost and nothing counts twice. ``sent`` counts
+    the records sent on the last connection; ``reconnects`` how often it reconnected.
+    ``rate`` > 0 paces the sending at that many events per second."""
+    recs = recs.copy()
+    recs["sseq"] = np.arange(1, len(recs) + 1, dtype=np.uint64)
+    end = time.monotonic() + retry_s
+    reconnects = 0
+    while True:
+        try:
+            res = _session_once(host, port, recs, session, timeout, frame, rate)
+            res["reconnects"] = reconnects
+            return res
+        except (SendError, OSError):
+            if time.monotonic() >= end:
+                raise
+            reconnects += 1
+            time.sleep(0.1)

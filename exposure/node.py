@@ -24,7 +24,7 @@ import numpy as np
 
 from .config import NodeConfig, check_ports_free, load_config
 from .journal import JournalWriter
-from .recovery import recover
+from .recovery import next_epoch, recover
 from .shm.ring import Ring
 from .shm.segment import SharedArray
 from .shm.tally_segment import TallySegment
@@ -62,6 +62,8 @@ class Node:
         self.config_path = config_path
         self.procs: dict[str, subprocess.Popen] = {}
         self.owned: list = []
+        self.rings: dict[str, Ring] = {}
+        self.restarts: list[float] = []
 
     def start(self) -> None:
         cfg, names = self.cfg, _names(self.cfg)
@@ -71,23 +73,52 @@ class Node:
             check_ports_free(cfg)
             sessions = SharedArray.create(names["sessions"], _session_shape(cfg), np.uint64)
             self.owned.append(sessions)
+            self.sessions = sessions
             cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             st = self.tally.state
             self.recovered = recover(st, st.pub["ver"], self.tally.words, sessions.array,
                                      cfg.data_dir, cfg.segment_bytes, _log)
-            for ring, size in (("compute", EVENT_SIZE), ("tap", EVENT_SIZE),
-                               ("fanout", UPDATE_DTYPE.itemsize)):
-                Ring.unlink(names[ring])  # a dead node's leftovers (the tally check passed)
-                self.owned.append(Ring.create(names[ring], cfg.rings[ring], size))
+            self._make_rings()
+            self.epoch = next_epoch(cfg.data_dir)
             for p in cfg.processes:
                 self.procs[p.name] = self._spawn(p.name)
         except BaseException:
             self.stop()
             raise
 
+    def _make_rings(self) -> None:
+        names = _names(self.cfg)
+        for ring, size in (("compute", EVENT_SIZE), ("tap", EVENT_SIZE),
+                           ("fanout", UPDATE_DTYPE.itemsize)):
+            old = self.rings.pop(ring, None)
+            if old is not None:
+                old.close()
+            Ring.unlink(names[ring])  # a dead node's leftovers (the tally check passed)
+            self.rings[ring] = Ring.create(names[ring], self.cfg.rings[ring], size)
+
+    def restart(self, why: str) -> None:
+        """A process died: stop the others, rebuild tallies and sessions from the journal
+        (in place: desks stay attached), fresh rings, start every process again. Whatever
+        was in flight and not durable was never acknowledged; clients resend it."""
+        t0 = time.perf_counter()
+        _log(f"{why}; restarting the node's processes from the journal")
+        self._stop_processes()
+        self.procs.clear()
+        st = self.tally.state
+        self.recovered = recover(st, st.pub["ver"], self.tally.words, self.sessions.array,
+                                 self.cfg.data_dir, self.cfg.segment_bytes, _log,
+                                 reset_first=True)
+        self._make_rings()
+        self.epoch = next_epoch(self.cfg.data_dir)
+        for p in self.cfg.processes:
+            self.procs[p.name] = self._spawn(p.name)
+        _log(f"restarted as epoch {self.epoch}: recovered {self.recovered.records:,} events "
+             f"up to gseq {self.recovered.last_gseq}; {time.perf_counter() - t0:.2f} s until the "
+             "processes were started")
+
     def _spawn(self, name: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "exposure.node", "--process", name, "--data-dir",
-               str(self.cfg.data_dir)]
+               str(self.cfg.data_dir), "--epoch", str(self.epoch)]
         if self.config_path:
             cmd += ["--config", self.config_path]
         return subprocess.Popen(cmd)
@@ -100,6 +131,7 @@ class Node:
                  f"  updates   udp multicast {cfg.group}:{cfg.fanout_port} "
                  f"via {cfg.interface}",
                  f"  segments  {', '.join(names.values())}",
+                 f"  epoch     {self.epoch} (in every multicast datagram's header)",
                  f"  journal   {cfg.data_dir} (fsync {cfg.fsync}"
                  + (f", every {cfg.fsync_interval_ms} ms" if cfg.fsync == "interval" else "")
                  + f"); recovered {self.recovered.records:,} events up to gseq "
@@ -110,16 +142,28 @@ class Node:
                          f"on cpu {p.cpu if p.cpu is not None else 'any'}, wait {p.wait}")
         return "\n".join(lines)
 
-    def wait(self, stop_flag: list) -> str:
-        """Until a signal or a process exits; returns why."""
+    def wait(self, stop_flag: list, max_restarts: int = 5, window_s: float = 60.0) -> str:
+        """Until a signal; a process that dies is restarted with the whole node (see
+        :meth:`restart`), unless that happened ``max_restarts`` times within ``window_s``
+        (then the node stops: something is wrong that restarting does not fix). Returns
+        why it stopped."""
         while not stop_flag:
-            for name, p in self.procs.items():
-                if p.poll() is not None:
-                    return f"process {name} exited with status {p.returncode}"
-            time.sleep(0.05)
+            for name, p in list(self.procs.items()):
+                if p.poll() is not None and not stop_flag:
+                    why = f"process {name} exited with status {p.returncode}"
+                    now = time.monotonic()
+                    self.restarts = [t for t in self.restarts if now - t < window_s] + [now]
+                    if len(self.restarts) > max_restarts:
+                        return f"{why}, the {len(self.restarts)}th time in {window_s:.0f} s"
+                    try:
+                        self.restart(why)
+                    except Exception as e:  # a journal it cannot trust, a full disk...
+                        return f"{why}; restart failed: {e}"
+                    break
+            time.sleep(0.02)
         return "stopping on signal"
 
-    def stop(self) -> None:
+    def _stop_processes(self) -> None:
         for p in self.procs.values():
             if p.poll() is None:
                 p.terminate()
@@ -130,17 +174,37 @@ class Node:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+    def stop(self) -> None:
+        self._stop_processes()
+        for r in self.rings.values():
+            r.close()
+        self.rings.clear()
         for seg in reversed(self.owned):
             seg.close()
         self.owned.clear()
 
 
-def run_process(cfg: NodeConfig, name: str) -> int:
+def _die_with_parent() -> None:
+    """A stage process must not outlive its supervisor (kill -9 included): a new
+    supervisor would find it still spinning on the old rings."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the supervisor died before prctl
+        raise SystemExit(1)
+
+
+def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
     """The body of one process of the map: attach, pin, run the stages until SIGTERM."""
     spec = next((p for p in cfg.processes if p.name == name), None)
     if spec is None:
         print(f"exposure: no process {name!r} in the config", file=sys.stderr)
         return 2
+    _die_with_parent()
     if spec.cpu is not None:
         os.sched_setaffinity(0, {spec.cpu})
     stop: list = []
@@ -175,7 +239,7 @@ def run_process(cfg: NodeConfig, name: str) -> int:
             elif st == "fanout":
                 stages.append(FanoutStage(rings["fanout"], cfg.group, cfg.fanout_port,
                                           cfg.interface, cfg.ttl, cfg.max_datagram,
-                                          cfg.caps.accounts))
+                                          cfg.caps.accounts, epoch=epoch))
         wait = WaitStrategy(spec.wait, spins=20_000, timeout_s=0.002,
                             tick_s=spec.tick_us / 1e6)
         # No cyclic-GC pauses in the loop: everything long-lived exists now (frozen out of
@@ -214,11 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--process", required=True)
     p.add_argument("--config")
     p.add_argument("--data-dir")
+    p.add_argument("--epoch", type=int, default=0)
     a = p.parse_args(argv)
     cfg = load_config(a.config)
     if a.data_dir:
         cfg = dataclasses.replace(cfg, data_dir=Path(a.data_dir))
-    return run_process(cfg, a.process)
+    return run_process(cfg, a.process, a.epoch)
 
 
 if __name__ == "__main__":

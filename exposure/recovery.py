@@ -13,6 +13,7 @@ file and offset; the node does not start on a journal it cannot trust.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,12 +25,39 @@ from numba import njit
 from . import _jit  # noqa: F401
 from .journal import JournalWriter, read_blocks
 from .kernel import apply_batch
-from .shm.tally_layout import State
+from .shm.tally_layout import State, reset
 from .shm.tally_segment import publish, write_begin, write_end
 from .stages.compute import S_DONE, S_DURABLE, S_HELD, _after_batch
 from .types import C_LAST_GSEQ, C_NCHANGED, EVENT_DTYPE, UPDATE_DTYPE
 
-__all__ = ["recover", "Recovered", "replay_journal"]
+__all__ = ["recover", "Recovered", "replay_journal", "next_epoch"]
+
+
+def next_epoch(directory: str | Path) -> int:
+    """Bump and return the node's incarnation number, stored durably in ``directory``.
+
+    Every start and every restart of the node's processes is a new epoch; the multicast
+    header carries it, so a receiver knows that the stream (whose seqs restart at 1) and
+    the global seqs after the journal's last one come from a new incarnation."""
+    path = Path(directory) / "epoch"
+    try:
+        epoch = int(path.read_text().strip() or 0) + 1
+    except FileNotFoundError:
+        epoch = 1
+    except ValueError:
+        raise ValueError(f"{path}: not an epoch number") from None
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{epoch}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return epoch
 
 
 @dataclass
@@ -78,10 +106,11 @@ def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None
 
 
 def recover(st: State, ver: np.ndarray, seg_words: np.ndarray, sessions: np.ndarray,
-            directory: str | Path, segment_bytes: int,
-            log: Callable[[str], None]) -> Recovered:
-    """Rebuild ``st`` (fresh) and ``sessions`` (zeroed) from ``directory``; the replay runs
-    under the segment's state seqlock (``seg_words``)."""
+            directory: str | Path, segment_bytes: int, log: Callable[[str], None],
+            reset_first: bool = False) -> Recovered:
+    """Rebuild ``st`` and ``sessions`` from ``directory``; the replay runs under the
+    segment's state seqlock (``seg_words``). ``reset_first``: empty them first (a node that
+    restarts its processes; its published rows stay until recovery replaces them)."""
     t0 = time.perf_counter()
     w = JournalWriter(directory, segment_bytes)  # truncates a torn tail
     torn = w.torn
@@ -91,6 +120,9 @@ def recover(st: State, ver: np.ndarray, seg_words: np.ndarray, sessions: np.ndar
             f"{torn.torn_offset} of {torn.torn_path} (a write cut short by a crash)")
     write_begin(seg_words)  # desks that attach meanwhile wait instead of reading zeros
     try:
+        if reset_first:
+            reset(st, keep=("pub",))
+            sessions[...] = 0
         n = replay_journal(st, directory, sessions)
     finally:
         write_end(seg_words)

@@ -36,13 +36,20 @@ class LocalNode:
             f"[ingest]\nport = {self.port}\n[fanout]\nport = {self.mport}\n"
             f'group = "{self.group}"\n[journal]\ndir = "{self.data_dir}"\n'
             f'fsync = "{fsync}"\n')
-        self.proc = subprocess.Popen([sys.executable, "-m", "exposure", "run", "--config",
-                                      str(self.config)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
+        self.log = tmp / f"{self.name}.log"
+        self.start()
+
+    def start(self, timeout: float = 120) -> None:
+        """Start ``exposure run`` on this node's config (again, after a crash: as systemd
+        would) and wait until it listens; its output goes to ``self.log``."""
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "exposure", "run", "--config",
+                                          str(self.config)], stdout=log, stderr=log,
+                                         text=True)
+        deadline = time.time() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"node exited: {self.proc.stderr.read()}")
+                raise RuntimeError(f"node exited: {self.log.read_text()[-3000:]}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 break
@@ -51,6 +58,20 @@ class LocalNode:
                     self.stop()
                     raise RuntimeError("node did not start listening") from None
                 time.sleep(0.1)
+
+    def pids(self) -> dict[str, int]:
+        """The supervisor and each stage process (by its [[process]] name)."""
+        import psutil
+
+        out = {"supervisor": self.proc.pid}
+        try:
+            for c in psutil.Process(self.proc.pid).children():
+                cl = c.cmdline()
+                if "--process" in cl:
+                    out[cl[cl.index("--process") + 1]] = c.pid
+        except psutil.Error:
+            pass
+        return out
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "exposure", *args, "--config",

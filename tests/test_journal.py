@@ -138,3 +138,20 @@ def test_journal_tools_verify_inspect_and_replay_as_of_any_seq(tmp_path):
     upto = len(recs) // 2
     half = orjson.loads(cli("replay", "--journal", str(n.data_dir), "--upto", str(upto)))
     assert compare_documents(half, document(replay_records(recs[:upto]))) == []
+
+
+def test_resetting_a_used_state_keeps_its_capacities_and_equals_a_fresh_one():
+    from exposure.capacity import Capacities
+    from exposure.document import document
+    from exposure.kernel import apply_batch
+    from exposure.replay import replay_records
+    from exposure.shm.tally_layout import allocate, reset
+
+    caps = Capacities(orders=4096, cells=4096)
+    recs = read_events(DATA / f"{SCENARIOS[0]}.jsonl")
+    _, st = allocate(caps)
+    status = np.zeros(len(recs), np.uint8)
+    apply_batch(st, recs.copy(), status)
+    reset(st, keep=("pub",))
+    apply_batch(st, recs.copy(), status)
+    assert document(st) == document(replay_records(recs, caps))

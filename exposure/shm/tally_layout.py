@@ -163,16 +163,19 @@ class TallyLayout:
         return Capacities(**{k: int(h[k]) for k in Capacities().as_dict()})
 
 
-def reset(st: State, zero: bool = True) -> None:
+def reset(st: State, zero: bool = True, keep: tuple[str, ...] = ()) -> None:
     """Put the empty-state values into every table (markers, reference-data defaults).
 
     ``zero=False`` skips clearing a buffer that is known to be zero-filled (fresh shared
-    memory or ``np.zeros``), which keeps that step from touching every page twice.
+    memory or ``np.zeros``), which keeps that step from touching every page twice. Tables
+    named in ``keep`` are left alone (a restarting node keeps its published rows, which
+    desks may be reading, until recovery publishes new ones).
     """
-    if zero:
-        for a in st:
-            a[...] = 0
     caps_orders, caps_sources = int(st.ctr[T.C_MAX_ORDERS]), int(st.ctr[T.C_MAX_SOURCES])
+    if zero:
+        for name, a in zip(st._fields, st, strict=True):
+            if name not in keep:
+                a[...] = 0
     st.changed[:] = -1
     st.cidx["key"] = -1
     st.cidx["id"] = -1

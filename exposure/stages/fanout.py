@@ -4,7 +4,7 @@ Datagram::
 
     off size field
       0    4 magic        0x58505544 ("DUPX")
-      4    4 epoch        the primary's epoch (0 until failover exists)
+      4    4 epoch        the node's incarnation (bumped at every start or restart)
       8    8 stream seq   1, 2, 3, ... per datagram: a receiver detects gaps
      16    4 count        updates that follow
      20    4 reserved

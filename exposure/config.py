@@ -69,6 +69,14 @@ fsync = "interval"           # batch: fsync before acknowledging | interval: eve
 interval_ms = 2
 segment_mb = 256             # segments roll at this size
 
+[snapshot]                   # taken by a nice-19 process replaying the journal: compute
+                             # never pauses for it (exposure/snapshot.py)
+every_events = 1000000       # after this many journaled events (0: never by count)
+every_s = 600                # or after this many seconds with new events (0: never by time)
+keep = 2                     # snapshots kept (a corrupt newest falls back to the previous)
+journal = "delete"           # segments covered by the oldest kept snapshot: delete |
+                             # archive (moved to DIR/archive) | keep
+
 # The process map. On 2 cores: one process runs the whole hot path, spinning on the last
 # CPU; the journal runs on the other core with the clients and the OS, spinning briefly
 # and then blocking. On one core nothing may spin. On a bigger host give every stage its
@@ -120,6 +128,10 @@ class NodeConfig:
     fsync: str
     fsync_interval_ms: int
     segment_bytes: int
+    snapshot_every_events: int
+    snapshot_every_s: int
+    snapshot_keep: int
+    snapshot_journal: str
     source: str = field(default="<built-in default>")
 
     def segment(self, what: str) -> str:
@@ -134,6 +146,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "ingest": {"host": str, "port": int, "max_sessions": int, "ack_interval_us": int},
     "fanout": {"group": str, "port": int, "interface": str, "ttl": int, "max_datagram": int},
     "journal": {"dir": str, "fsync": str, "interval_ms": int, "segment_mb": int},
+    "snapshot": {"every_events": int, "every_s": int, "keep": int, "journal": str},
 }
 _PROCESS_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "stages": list, "cpu": int,
                                                      "tick_us": int,
@@ -213,6 +226,15 @@ def _parse(doc: dict, source: str) -> NodeConfig:
         os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")) / \
         "exposure" / name
 
+    sn = merged["snapshot"]
+    if sn["every_events"] < 0 or sn["every_s"] < 0:
+        raise ConfigError(f"snapshot.every_events = {sn['every_events']}, every_s = "
+                          f"{sn['every_s']}: not negative")
+    if not 1 <= sn["keep"] <= 100:
+        raise ConfigError(f"snapshot.keep = {sn['keep']}: 1..100")
+    if sn["journal"] not in ("delete", "archive", "keep"):
+        raise ConfigError(f"snapshot.journal = {sn['journal']!r}: delete, archive or keep")
+
     procs_raw = doc["process"] if "process" in doc else base["process"]
     if not isinstance(procs_raw, list) or not procs_raw:
         raise ConfigError("[[process]]: at least one process is needed")
@@ -272,7 +294,9 @@ def _parse(doc: dict, source: str) -> NodeConfig:
         fanout_port=fo["port"], interface=fo["interface"], ttl=fo["ttl"],
         max_datagram=fo["max_datagram"], processes=tuple(procs), data_dir=data_dir,
         fsync=jn["fsync"], fsync_interval_ms=jn["interval_ms"],
-        segment_bytes=jn["segment_mb"] << 20, source=source)
+        segment_bytes=jn["segment_mb"] << 20, snapshot_every_events=sn["every_events"],
+        snapshot_every_s=sn["every_s"], snapshot_keep=sn["keep"],
+        snapshot_journal=sn["journal"], source=source)
 
 
 def load_config(path: str | Path | None = None) -> NodeConfig:

@@ -113,14 +113,18 @@ def _read_file_header(path: Path, data: bytes) -> int:
 
 
 def read_blocks(directory: str | Path, result: ScanResult | None = None,
-                from_gseq: int = 1) -> Iterator[Block]:
-    """Every block of the journal in order (those ending before ``from_gseq`` are skipped
-    unread, by segment name). Raises :class:`JournalError` on anything but a torn tail,
-    which ends the iteration and is described in ``result``."""
+                from_gseq: int | None = None) -> Iterator[Block]:
+    """Every block of the journal in order. With ``from_gseq``, blocks ending before it are
+    skipped (whole segments unread) and the journal must reach back to it; without, it
+    starts wherever its oldest segment does (older ones may have been removed after a
+    snapshot). Raises :class:`JournalError` on anything but a torn tail, which ends the
+    iteration and is described in ``result``."""
     directory = Path(directory)
     res = result if result is not None else ScanResult()
     segs = _segments(directory)
     expect = None
+    if from_gseq is None:
+        from_gseq = segs[0][0] if segs else 1
     for k, (first_named, path) in enumerate(segs):
         last_seg = k == len(segs) - 1
         if k + 1 < len(segs) and segs[k + 1][0] <= from_gseq:
@@ -136,6 +140,10 @@ def read_blocks(directory: str | Path, result: ScanResult | None = None,
         if expect is not None and first != expect:
             raise JournalError(f"{path}: offset 0: starts at gseq {first}, expected {expect} "
                                f"(a segment is missing)")
+        if expect is None and first > from_gseq:
+            raise JournalError(f"{path}: offset 0: the journal starts at gseq {first}, but "
+                               f"gseq {from_gseq} is needed (its beginning was removed and "
+                               "no snapshot covers it)")
         expect = first
         pos = FILE_HEADER.size
         while pos < len(data):

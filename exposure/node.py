@@ -29,7 +29,7 @@ from .shm.ring import Ring
 from .shm.segment import SharedArray
 from .shm.tally_segment import TallySegment
 from .shm.wait import WaitStrategy
-from .stages.compute import SESSION_COLS, ComputeStage
+from .stages.compute import S_DURABLE, SESSION_COLS, ComputeStage
 from .stages.fanout import FanoutStage
 from .stages.ingest import IngestStage
 from .stages.journal import JournalStage
@@ -64,6 +64,9 @@ class Node:
         self.owned: list = []
         self.rings: dict[str, Ring] = {}
         self.restarts: list[float] = []
+        self.snapshotter: subprocess.Popen | None = None
+        self.snap_gseq = 0          # journaled gseq when the last snapshot was started
+        self.snap_time = time.monotonic()
 
     def start(self) -> None:
         cfg, names = self.cfg, _names(self.cfg)
@@ -77,7 +80,9 @@ class Node:
             cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             st = self.tally.state
             self.recovered = recover(st, st.pub["ver"], self.tally.words, sessions.array,
-                                     cfg.data_dir, cfg.segment_bytes, _log)
+                                     cfg.data_dir, cfg.segment_bytes, _log,
+                                     state_buf=self.tally.buf)
+            self.snap_gseq = self.recovered.snapshot_gseq
             self._make_rings()
             self.epoch = next_epoch(cfg.data_dir)
             for p in cfg.processes:
@@ -107,7 +112,7 @@ class Node:
         st = self.tally.state
         self.recovered = recover(st, st.pub["ver"], self.tally.words, self.sessions.array,
                                  self.cfg.data_dir, self.cfg.segment_bytes, _log,
-                                 reset_first=True)
+                                 reset_first=True, state_buf=self.tally.buf)
         self._make_rings()
         self.epoch = next_epoch(self.cfg.data_dir)
         for p in self.cfg.processes:
@@ -160,8 +165,36 @@ class Node:
                     except Exception as e:  # a journal it cannot trust, a full disk...
                         return f"{why}; restart failed: {e}"
                     break
+            self._maybe_snapshot()
             time.sleep(0.02)
         return "stopping on signal"
+
+    def _maybe_snapshot(self) -> None:
+        """Start the snapshot process when enough has been journaled or enough time has
+        passed (one at a time; it runs at nice 19 on the CPUs nothing spins on)."""
+        cfg = self.cfg
+        if self.snapshotter is not None:
+            if self.snapshotter.poll() is None:
+                return
+            if self.snapshotter.returncode != 0:
+                _log(f"snapshot process exited with status {self.snapshotter.returncode}")
+            self.snapshotter = None
+        durable = int(self.sessions.array[0, S_DURABLE])
+        new = durable - self.snap_gseq
+        due = (cfg.snapshot_every_events and new >= cfg.snapshot_every_events) or (
+            cfg.snapshot_every_s and new > 0
+            and time.monotonic() - self.snap_time >= cfg.snapshot_every_s)
+        if not due:
+            return
+        self.snap_gseq, self.snap_time = durable, time.monotonic()
+        cmd = [sys.executable, "-m", "exposure.snapshot", "--data-dir", str(cfg.data_dir)]
+        if self.config_path:
+            cmd += ["--config", self.config_path]
+        spin = {p.cpu for p in cfg.processes if p.wait == "spin"}
+        cpus = set(os.sched_getaffinity(0)) - spin
+        if cpus:  # it pins itself once it has read the config (which checks every CPU)
+            cmd += ["--cpus", ",".join(map(str, sorted(cpus)))]
+        self.snapshotter = subprocess.Popen(cmd)
 
     def _stop_processes(self) -> None:
         for p in self.procs.values():
@@ -176,6 +209,9 @@ class Node:
                 p.wait()
 
     def stop(self) -> None:
+        if self.snapshotter is not None:
+            self.snapshotter.terminate()
+            self.snapshotter.wait()
         self._stop_processes()
         for r in self.rings.values():
             r.close()

@@ -23,10 +23,11 @@ import numpy as np
 from numba import njit
 
 from . import _jit  # noqa: F401
-from .journal import JournalWriter, read_blocks
+from .journal import JournalWriter, ScanResult, read_blocks
 from .kernel import apply_batch
 from .shm.tally_layout import State, reset
 from .shm.tally_segment import publish, write_begin, write_end
+from .snapshot import load_newest
 from .stages.compute import S_DONE, S_DURABLE, S_HELD, _after_batch
 from .types import C_LAST_GSEQ, C_NCHANGED, EVENT_DTYPE, UPDATE_DTYPE
 
@@ -66,6 +67,7 @@ class Recovered:
     last_gseq: int = 0
     torn_bytes: int = 0
     seconds: float = 0.0
+    snapshot_gseq: int = 0  # the snapshot recovery started from (0: none)
 
 
 @njit(cache=True)
@@ -80,21 +82,24 @@ def _all_accounts_changed(st):
 
 
 def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None = None,
-                   upto: int = 0, batch: int = 65536) -> int:
-    """Apply the journal's records (up to gseq ``upto`` when given) to ``st``; with
-    ``sessions``, count each session's processed seq and rejects as compute does. Returns
-    the records applied."""
+                   upto: int = 0, batch: int = 65536, from_gseq: int = 1,
+                   result: ScanResult | None = None) -> int:
+    """Apply the journal's records from gseq ``from_gseq`` (up to ``upto`` when given) to
+    ``st``; with ``sessions``, count each session's processed seq and rejects as compute
+    does. Returns the records applied."""
     status = np.zeros(batch, np.uint8)
     upd = np.zeros(st.acc.shape[0] + 1, UPDATE_DTYPE)
     flat = sessions.reshape(-1) if sessions is not None else np.zeros(12, np.uint64)
     ncols = sessions.shape[1] if sessions is not None else 12
     done = 0
-    for blk in read_blocks(directory):
+    for blk in read_blocks(directory, result, from_gseq=from_gseq):
         recs = blk.records
         if upto and blk.first > upto:
             break
         if upto and blk.last > upto:
             recs = recs[:upto - blk.first + 1]
+        if blk.first < from_gseq:
+            recs = recs[from_gseq - blk.first:]
         for lo in range(0, len(recs), batch):
             part = recs[lo:lo + batch].copy()  # writable: the types compute compiles for
             n = len(part)
@@ -107,10 +112,12 @@ def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None
 
 def recover(st: State, ver: np.ndarray, seg_words: np.ndarray, sessions: np.ndarray,
             directory: str | Path, segment_bytes: int, log: Callable[[str], None],
-            reset_first: bool = False) -> Recovered:
+            reset_first: bool = False, state_buf: np.ndarray | None = None) -> Recovered:
     """Rebuild ``st`` and ``sessions`` from ``directory``; the replay runs under the
     segment's state seqlock (``seg_words``). ``reset_first``: empty them first (a node that
-    restarts its processes; its published rows stay until recovery replaces them)."""
+    restarts its processes; its published rows stay until recovery replaces them).
+    ``state_buf`` (the whole state buffer ``st`` views): start from the newest valid
+    snapshot in ``directory`` and replay only the journal after it."""
     t0 = time.perf_counter()
     w = JournalWriter(directory, segment_bytes)  # truncates a torn tail
     torn = w.torn
@@ -123,7 +130,16 @@ def recover(st: State, ver: np.ndarray, seg_words: np.ndarray, sessions: np.ndar
         if reset_first:
             reset(st, keep=("pub",))
             sessions[...] = 0
-        n = replay_journal(st, directory, sessions)
+        base = 0
+        if state_buf is not None:
+            def fresh() -> None:
+                reset(st, keep=("pub",))
+                sessions[...] = 0
+
+            base = load_newest(directory, state_buf, sessions, log, fresh)
+            if base:
+                log(f"loaded snapshot at gseq {base}")
+        n = replay_journal(st, directory, sessions, from_gseq=base + 1)
     finally:
         write_end(seg_words)
     # Everything replayed came from disk: held = processed = durable.
@@ -134,7 +150,7 @@ def recover(st: State, ver: np.ndarray, seg_words: np.ndarray, sessions: np.ndar
     publish(st, ver, np.uint64(st.ctr[C_LAST_GSEQ]))
     st.ctr[C_NCHANGED] = 0
     return Recovered(n, int(st.ctr[C_LAST_GSEQ]), torn.torn_bytes,
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, base)
 
 
 assert EVENT_DTYPE.itemsize == 128

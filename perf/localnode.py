@@ -25,7 +25,8 @@ def free_port() -> int:
 
 class LocalNode:
     def __init__(self, tmp: Path, orders: int = 65536, cells: int = 65536,
-                 prefix: str = "t", data_dir: Path | None = None, fsync: str = "interval"):
+                 prefix: str = "t", data_dir: Path | None = None, fsync: str = "interval",
+                 extra: str = ""):
         self.name = f"{prefix}{os.getpid()}{uuid.uuid4().hex[:6]}"
         self.port, self.mport = free_port(), free_port()
         self.group = f"239.255.{os.getpid() % 250}.{1 + int(uuid.uuid4().hex[:2], 16) % 250}"
@@ -35,7 +36,7 @@ class LocalNode:
             f'[node]\nname = "{self.name}"\n[capacities]\norders = {orders}\ncells = {cells}\n'
             f"[ingest]\nport = {self.port}\n[fanout]\nport = {self.mport}\n"
             f'group = "{self.group}"\n[journal]\ndir = "{self.data_dir}"\n'
-            f'fsync = "{fsync}"\n')
+            f'fsync = "{fsync}"\n{extra}')
         self.log = tmp / f"{self.name}.log"
         self.start()
 

@@ -1,0 +1,237 @@
+"""Snapshots: the kernel state and the session table as of one global seq, on disk.
+
+A snapshot ``snapshot-<gseq, 20 digits>.snap`` is::
+
+    +--------------------------------------------------------------+ 0
+    | header (64 B): magic "EXSNAP\\0\\1", version, gseq, state bytes, |
+    |   session rows, session columns, body crc32c, header crc32c   |
+    +--------------------------------------------------------------+ 64
+    | the tally state buffer (its own header carries the capacities) |
+    | the session table (u8 [rows, cols])                            |
+    +--------------------------------------------------------------+
+
+It is written atomically: to a temporary file, fsync, rename, fsync of the directory; a
+reader never sees half a snapshot under the final name.
+
+**How a snapshot is taken without stalling compute**: it is not taken from the live
+state at all. A separate low-priority process (``python -m exposure.snapshot``, started by
+the supervisor every ``every_events`` journaled events or ``every_s`` seconds) loads the
+newest valid snapshot into a private state, replays the journal after it through the same
+kernel (the journal is the truth; replay is deterministic), and writes the result. Compute
+never pauses, never copies, never knows; the price is the replay's CPU on the core the node
+does not spin on, at nice 19. Then journal segments wholly covered by the oldest snapshot
+kept are deleted or archived (``[snapshot] journal``), and older snapshots beyond ``keep``
+are removed. Keeping two means a snapshot that fails its checksum falls back to the one
+before it, with the journal still there to replay from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import struct
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import crc32c
+import numpy as np
+
+from .journal import JournalError, ScanResult, _segments, read_blocks
+from .shm.tally_layout import HEADER_SIZE, TallyLayout
+
+__all__ = ["SnapshotError", "write_snapshot", "load_snapshot", "snapshots", "take_snapshot",
+           "SNAP_HEADER"]
+
+MAGIC = b"EXSNAP\x00\x01"
+VERSION = 1
+# magic, version, reserved, gseq, state bytes, session rows, session cols, body crc, hdr crc
+SNAP_HEADER = struct.Struct("<8sIIQQQQII")
+_PAD = 64 - SNAP_HEADER.size
+_CHUNK = 8 << 20
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot that cannot be used (checksum, truncation, another layout)."""
+
+
+def _name(gseq: int) -> str:
+    return f"snapshot-{gseq:020d}.snap"
+
+
+def snapshots(directory: str | Path) -> list[tuple[int, Path]]:
+    """(gseq, path) of every snapshot, oldest first."""
+    out = []
+    for p in Path(directory).glob("snapshot-*.snap"):
+        try:
+            out.append((int(p.name[9:29]), p))
+        except ValueError:
+            continue
+    return sorted(out)
+
+
+def write_snapshot(directory: str | Path, gseq: int, state_buf: np.ndarray,
+                   sessions: np.ndarray) -> Path:
+    directory = Path(directory)
+    body = [memoryview(np.ascontiguousarray(state_buf)).cast("B"),
+            memoryview(np.ascontiguousarray(sessions)).cast("B")]
+    crc = 0
+    for b in body:
+        for lo in range(0, len(b), _CHUNK):
+            crc = crc32c.crc32c(b[lo:lo + _CHUNK], crc)
+    head = SNAP_HEADER.pack(MAGIC, VERSION, 0, gseq, len(body[0]), sessions.shape[0],
+                            sessions.shape[1], crc, 0)
+    head = head[:-4] + struct.pack("<I", crc32c.crc32c(head[:-4])) + b"\0" * _PAD
+    final = directory / _name(gseq)
+    tmp = final.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(head)
+        for b in body:
+            for lo in range(0, len(b), _CHUNK):
+                f.write(b[lo:lo + _CHUNK])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return final
+
+
+def load_snapshot(path: Path, state_buf: np.ndarray, sessions: np.ndarray) -> int:
+    """Read ``path`` into the state's tables and the session table; returns its gseq.
+    The state's own header (capacities, seqlock, writer) is checked, not overwritten."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < SNAP_HEADER.size:
+            raise SnapshotError(f"{path}: header cut short")
+        magic, ver, _, gseq, size, rows, cols, crc, hcrc = SNAP_HEADER.unpack_from(head)
+        if magic != MAGIC or hcrc != crc32c.crc32c(head[:SNAP_HEADER.size - 4]):
+            raise SnapshotError(f"{path}: not a snapshot, or its header checksum fails")
+        if ver != VERSION or size != state_buf.nbytes or (rows, cols) != sessions.shape:
+            raise SnapshotError(f"{path}: version {ver}, {size} state bytes, sessions "
+                                f"{rows}x{cols}; this node has {state_buf.nbytes} bytes, "
+                                f"sessions {sessions.shape[0]}x{sessions.shape[1]}")
+        hdr = np.frombuffer(f.read(HEADER_SIZE), np.uint8)
+        if len(hdr) < HEADER_SIZE or TallyLayout.caps_of(hdr) != TallyLayout.caps_of(
+                state_buf):
+            raise SnapshotError(f"{path}: taken with other capacities")
+        got = crc32c.crc32c(hdr)
+        tables = memoryview(state_buf[HEADER_SIZE:]).cast("B")
+        scratch = bytearray(_CHUNK)
+        for lo in range(0, len(tables), _CHUNK):
+            n = f.readinto(memoryview(scratch)[:min(_CHUNK, len(tables) - lo)])
+            if n < min(_CHUNK, len(tables) - lo):
+                raise SnapshotError(f"{path}: cut short")
+            got = crc32c.crc32c(memoryview(scratch)[:n], got)
+            tables[lo:lo + n] = memoryview(scratch)[:n]
+        rest = f.read(sessions.nbytes + 1)
+        if len(rest) != sessions.nbytes:
+            raise SnapshotError(f"{path}: session table cut short or trailing bytes")
+        got = crc32c.crc32c(rest, got)
+        if got != crc:
+            raise SnapshotError(f"{path}: body checksum fails")
+        sessions[...] = np.frombuffer(rest, sessions.dtype).reshape(sessions.shape)
+    return gseq
+
+
+def load_newest(directory: str | Path, state_buf: np.ndarray, sessions: np.ndarray,
+                log: Callable[[str], None], reset: Callable[[], None]) -> int:
+    """The newest snapshot that loads; 0 (and a reset state) when none does."""
+    for _, path in reversed(snapshots(directory)):
+        try:
+            return load_snapshot(path, state_buf, sessions)
+        except (SnapshotError, OSError) as e:
+            log(f"snapshot {path.name} unusable ({e}); falling back to the one before")
+            reset()
+    return 0
+
+
+def _retain(directory: Path, keep: int, journal: str, log: Callable[[str], None]) -> None:
+    snaps = snapshots(directory)
+    for _, p in snaps[:-keep]:
+        p.unlink()
+        log(f"removed old snapshot {p.name}")
+    snaps = snapshots(directory)
+    if journal == "keep" or len(snaps) < keep:
+        return
+    covered = snaps[0][0]  # the oldest snapshot kept: a fallback must still replay from it
+    segs = _segments(directory)
+    for (_, path), (nxt, _) in zip(segs, segs[1:], strict=False):
+        if nxt - 1 <= covered:  # every record of this segment is in the snapshot
+            if journal == "archive":
+                (directory / "archive").mkdir(exist_ok=True)
+                shutil.move(str(path), directory / "archive" / path.name)
+            else:
+                path.unlink()
+            log(f"{journal}d journal segment {path.name} (covered by snapshot {covered})")
+
+
+def take_snapshot(cfg, log: Callable[[str], None], nice: bool = True) -> int:
+    """Newest snapshot + journal replay -> a new snapshot; returns its gseq (0: nothing new).
+    """
+    from .recovery import replay_journal
+    from .shm.tally_layout import allocate, reset
+    from .stages.compute import SESSION_COLS
+
+    if nice:
+        try:
+            os.nice(19)
+        except OSError:
+            pass
+    buf, st = allocate(cfg.caps)
+    sessions = np.zeros((cfg.max_sessions + 1, SESSION_COLS), np.uint64)
+    base = load_newest(cfg.data_dir, buf, sessions, log, lambda: reset(st))
+    res = ScanResult()
+    n = replay_journal(st, cfg.data_dir, sessions, from_gseq=base + 1, result=res)
+    last = base + n
+    if n == 0:
+        return 0
+    t0 = time.perf_counter()
+    path = write_snapshot(cfg.data_dir, last, buf, sessions)
+    log(f"snapshot {path.name}: {n:,} events replayed onto gseq {base}, written in "
+        f"{time.perf_counter() - t0:.2f} s ({path.stat().st_size / 2**20:.0f} MiB)")
+    _retain(cfg.data_dir, cfg.snapshot_keep, cfg.snapshot_journal, log)
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError, load_config
+
+    p = argparse.ArgumentParser(prog="python -m exposure.snapshot",
+                                description="take one snapshot of a node's data directory")
+    p.add_argument("--config")
+    p.add_argument("--data-dir")
+    p.add_argument("--cpus", help="comma-separated CPUs to run on (after reading the config)")
+    a = p.parse_args(argv)
+    try:
+        cfg = load_config(a.config)
+    except ConfigError as e:
+        print(f"exposure snapshot: {e}", file=sys.stderr)
+        return 2
+    if a.data_dir:
+        cfg = dataclasses.replace(cfg, data_dir=Path(a.data_dir))
+    if a.cpus:
+        os.sched_setaffinity(0, {int(c) for c in a.cpus.split(",")})
+
+    def log(msg: str) -> None:
+        print(f"exposure: {msg}", file=sys.stderr, flush=True)
+
+    try:
+        take_snapshot(cfg, log)
+    except (JournalError, OSError) as e:
+        log(f"snapshot failed: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+assert read_blocks is not None

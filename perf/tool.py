@@ -211,7 +211,7 @@ class TwoTierTarget(Target):
         except BaseException:
             self.stop()
             raise
-        self.pids = {"service": self.proc.pid, "redis-server": self.redis.pid}
+        self.pids = {"service": self.proc.pid, "redis-server": self.redis.proc.pid}
 
     def crossings(self) -> int:
         rt = int(self._stats.get("round_trips_per_batch", 2))

@@ -280,6 +280,17 @@ def summarize_run(raw: RunRaw, warmup: float, cpu: dict | None = None) -> dict:
     ok = measured & (seen > 0) & (raw.send_ns > 0)
     out = summarize(seen[ok] - raw.intended_ns[ok])
     raw_lat = summarize(seen[ok] - raw.send_ns[ok])
+    # Acknowledgement latency (after durability, on a node with a journal): each event is
+    # acknowledged by the first ACK at or beyond its seq.
+    acked_at = np.zeros(n, np.int64)
+    if raw.ack_log:
+        t_ack = np.array([t for t, _ in raw.ack_log], np.int64)
+        reach = np.maximum.accumulate(np.array([q for _, q in raw.ack_log], np.int64))
+        idx = np.searchsorted(reach, sseqs, side="left")
+        has = idx < len(reach)
+        acked_at[has] = t_ack[idx[has]]
+    ack_ok = ok & (acked_at > 0)
+    ack = summarize(acked_at[ack_ok] - raw.intended_ns[ack_ok])
     out.update({
         "rate": round(raw.sent / raw.wall_s, 1) if raw.wall_s > 0 else 0.0,
         "target_rate": raw.rate,
@@ -293,6 +304,7 @@ def summarize_run(raw: RunRaw, warmup: float, cpu: dict | None = None) -> dict:
         "catch_up_ms": raw.catch_up_ms,
         "steal_ms": raw.steal_ms,
         "uncorrected": {k: raw_lat[k] for k in ("p50_us", "p99_us", "max_us")},
+        "ack": {k: ack[k] for k in ("p50_us", "p99_us", "max_us")},
         "stages": stage_breakdown(arr, sseqs[ok]),
         "cpu_percent": cpu or {},
         "hist": percentile_curve(seen[ok] - raw.intended_ns[ok]),
@@ -390,6 +402,9 @@ def _print_table(res: dict, mode: str, delay_us: float, proj: dict | None) -> No
         if r.get("cpu_percent"):
             extra.append("cpu: " + ", ".join(f"{k} {v:.0f}%"
                                             for k, v in r["cpu_percent"].items()))
+        if r.get("ack"):
+            extra.append(f"acknowledged p50 {r['ack']['p50_us']:.0f}us p99 "
+                         f"{r['ack']['p99_us']:.0f}us")
         extra.append(f"late sends {r.get('late_sends', 0)}, steal {r.get('steal_ms', 0):.0f}"
                      f" ms, stream gaps {r.get('stream_gaps', 0)}")
         if "sustained_rate" in r:

@@ -38,6 +38,7 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
+from ._fs import fsync_dir
 from .types import EVENT_DTYPE, EVENT_SIZE, EVENT_WORDS, W_GSEQ
 
 __all__ = ["JournalError", "JournalWriter", "Block", "ScanResult", "scan", "read_blocks",
@@ -260,11 +261,7 @@ class JournalWriter:
         if self.fd >= 0:
             os.fsync(self.fd)
         if self._dir_dirty:
-            dfd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.dir)
             self._dir_dirty = False
 
     def close(self) -> None:

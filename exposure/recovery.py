@@ -13,7 +13,6 @@ file and offset; the node does not start on a journal it cannot trust.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 from numba import njit
 
 from . import _jit  # noqa: F401
+from ._fs import publish_file
 from .journal import JournalWriter, ScanResult, read_blocks
 from .kernel import apply_batch
 from .shm.tally_layout import State, reset
@@ -48,16 +48,9 @@ def next_epoch(directory: str | Path) -> int:
     except ValueError:
         raise ValueError(f"{path}: not an epoch number") from None
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{epoch}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    f = open(tmp, "w")  # noqa: SIM115  (publish_file closes it)
+    f.write(f"{epoch}\n")
+    publish_file(tmp, path, f)
     return epoch
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
+from ._fs import publish_file
 from .journal import JournalError, ScanResult, _segments, read_blocks
 from .shm.tally_layout import HEADER_SIZE, TallyLayout
 
@@ -87,19 +88,17 @@ def write_snapshot(directory: str | Path, gseq: int, state_buf: np.ndarray,
     head = head[:-4] + struct.pack("<I", crc32c.crc32c(head[:-4])) + b"\0" * _PAD
     final = directory / _name(gseq)
     tmp = final.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
+    f = open(tmp, "wb")  # noqa: SIM115  (publish_file closes it)
+    try:
         f.write(head)
         for b in body:
             for lo in range(0, len(b), _CHUNK):
                 f.write(b[lo:lo + _CHUNK])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    except BaseException:
+        f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    publish_file(tmp, final, f)
     return final
 
 

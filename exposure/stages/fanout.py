@@ -72,6 +72,15 @@ _UPD_WORDS = UPDATE_DTYPE.itemsize // 8
 _HDR_WORDS = DGRAM_HEADER.size // 8  # the header as u8 words
 
 
+@njit(cache=True, _nrt=False, inline="always")
+def _close_datagram(out, hdr, epoch, seq, count, now):
+    """The header words of the datagram starting at word ``hdr`` (DGRAM_HEADER)."""
+    out[hdr] = np.uint64(DGRAM_MAGIC) | (np.uint64(epoch) << np.uint64(32))
+    out[hdr + 1] = np.uint64(seq)
+    out[hdr + 2] = np.uint64(count)
+    out[hdr + 3] = np.uint64(now)
+
+
 @njit(cache=True, _nrt=False)
 def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now):
     """Pop every update on the ring, keep the last of each account (the fund is account
@@ -110,19 +119,13 @@ def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now):
         count += 1
         if count == per:
             seq += 1
-            out[hdr] = np.uint64(0x58505544) | (np.uint64(epoch) << np.uint64(32))
-            out[hdr + 1] = np.uint64(seq)
-            out[hdr + 2] = np.uint64(count)
-            out[hdr + 3] = np.uint64(now)
+            _close_datagram(out, hdr, epoch, seq, count, now)
             ends[d] = w * 8
             d += 1
             count = 0
     if count:
         seq += 1
-        out[hdr] = np.uint64(0x58505544) | (np.uint64(epoch) << np.uint64(32))
-        out[hdr + 1] = np.uint64(seq)
-        out[hdr + 2] = np.uint64(count)
-        out[hdr + 3] = np.uint64(now)
+        _close_datagram(out, hdr, epoch, seq, count, now)
         ends[d] = w * 8
         d += 1
     for k in range(n):  # back to all -1

@@ -28,6 +28,7 @@ What a reader accepts (:func:`scan`):
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import time
@@ -226,12 +227,21 @@ class JournalWriter:
         if self.fd >= 0:
             os.fsync(self.fd)
             os.close(self.fd)
+            self.fd = -1
         path = self.dir / segment_name(first)
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         head = FILE_HEADER.pack(FILE_MAGIC, FILE_VERSION, EVENT_SIZE, first, time.time_ns(),
                                 b"", 0)
         head = head[:-4] + struct.pack("<I", crc32c.crc32c(head[:-4]))
-        os.write(self.fd, head)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            if os.write(fd, head) != len(head):
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short write of a "
+                              "segment header)")
+        except OSError:  # (disk full) no half-made segment is left behind: retried later
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self.fd = fd
         self.size = len(head)
         self._dir_dirty = True
 
@@ -253,7 +263,8 @@ class JournalWriter:
         done = os.writev(self.fd, [head, payload])
         if done != total:  # a short write (disk full): never leave half a block behind
             os.ftruncate(self.fd, self.size)
-            raise OSError(28, f"short write to the journal ({done} of {total} bytes)")
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short write to the "
+                          f"journal: {done} of {total} bytes)")
         self.size += total
         self.next_gseq = first + n
 

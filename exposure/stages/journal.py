@@ -1,8 +1,9 @@
 """Journal stage: the tap ring to disk, then what is durable to the session table.
 
-Each poll takes everything on the tap ring (ingest writes every sequenced record to it,
-beside the compute ring) and appends it as one block: one ``writev`` per group commit
-(:class:`exposure.journal.JournalWriter`). When the records become durable depends on the
+Each poll takes up to 4,096 records from the tap ring (ingest writes every sequenced
+record to it, beside the compute ring) and appends them as one block: one ``writev`` per
+group commit (:class:`exposure.journal.JournalWriter`); bounded blocks keep a full disk from
+holding back records that would still fit. When the records become durable depends on the
 ``fsync`` policy:
 
 * ``batch``: fsync after every block, before anything of it is acknowledged;
@@ -60,7 +61,7 @@ def _publish(pending, sess_flat, ncols, gseq):
 
 class JournalStage:
     def __init__(self, tap_ring, sessions: np.ndarray, writer: JournalWriter, fsync: str,
-                 interval_ms: int, batch: int = 65536):
+                 interval_ms: int, batch: int = 4096):
         self.inp = tap_ring
         self.sess_flat = sessions.reshape(-1)
         self.ncols = sessions.shape[1]

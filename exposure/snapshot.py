@@ -171,9 +171,10 @@ def _retain(directory: Path, keep: int, journal: str, log: Callable[[str], None]
             log(f"{journal}d journal segment {path.name} (covered by snapshot {covered})")
 
 
-def take_snapshot(cfg, log: Callable[[str], None], nice: bool = True) -> int:
-    """Newest snapshot + journal replay -> a new snapshot; returns its gseq (0: nothing new).
-    """
+def take_snapshot(cfg, log: Callable[[str], None], nice: bool = True, upto: int = 0) -> int:
+    """Newest snapshot + journal replay (up to gseq ``upto``: the supervisor passes the
+    journal's *durable* seq, so a snapshot never holds what a power cut could still take
+    from the journal) -> a new snapshot; returns its gseq (0: nothing new)."""
     from .recovery import replay_journal
     from .shm.tally_layout import allocate, reset
     from .stages.compute import SESSION_COLS
@@ -187,7 +188,9 @@ def take_snapshot(cfg, log: Callable[[str], None], nice: bool = True) -> int:
     sessions = np.zeros((cfg.max_sessions + 1, SESSION_COLS), np.uint64)
     base = load_newest(cfg.data_dir, buf, sessions, log, lambda: reset(st))
     res = ScanResult()
-    n = replay_journal(st, cfg.data_dir, sessions, from_gseq=base + 1, result=res)
+    if upto and upto <= base:
+        return 0
+    n = replay_journal(st, cfg.data_dir, sessions, from_gseq=base + 1, result=res, upto=upto)
     last = base + n
     if n == 0:
         return 0
@@ -207,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config")
     p.add_argument("--data-dir")
     p.add_argument("--cpus", help="comma-separated CPUs to run on (after reading the config)")
+    p.add_argument("--upto", type=int, default=0, help="the journal's durable gseq")
     a = p.parse_args(argv)
     try:
         cfg = load_config(a.config)
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exposure: {msg}", file=sys.stderr, flush=True)
 
     try:
-        take_snapshot(cfg, log)
+        take_snapshot(cfg, log, upto=a.upto)
     except (JournalError, OSError) as e:
         log(f"snapshot failed: {e}")
         return 1

@@ -287,7 +287,7 @@ class IngestStage:
         res = self.res
         while True:
             self._scan(c.buf, c.wbuf, c.pos, c.fill, c.session, c.held, time.time_ns(),
-                  self.next_gseq, self.out.ctrl, self.out.slots, *self._tap_args, res)
+                       self.next_gseq, self.out.ctrl, self.out.slots, *self._tap_args, res)
             why, c.pos, held, n = int(res[0]), int(res[1]), int(res[2]), int(res[3])
             if n:
                 pushed += n

@@ -7,8 +7,8 @@ holding back records that would still fit. When the records become durable depen
 ``fsync`` policy:
 
 * ``batch``: fsync after every block, before anything of it is acknowledged;
-* ``interval``: fsync at most every ``interval_ms`` (and once the ring is quiet), so many
-  blocks share one fsync;
+* ``interval``: fsync at most once every ``interval_ms``, so many blocks share one fsync
+  (when the stream stops, the next poll after the interval syncs the rest);
 * ``none``: after ``write()`` (the page cache: survives a process crash, not a power cut).
 
 Then the stage publishes, per session, the highest session seq that is durable
@@ -100,8 +100,9 @@ class JournalStage:
             work, self.held = self.held, 0
         if self.written_gseq > self.durable_gseq:
             now = time.monotonic_ns()
-            if self.fsync == "none" or self.fsync == "batch" or not work \
-                    or now - self.last_sync >= self.interval_ns:
+            # interval: at most one fsync per interval (a later poll, a tick away at most,
+            # syncs what is left when the stream stops)
+            if self.fsync != "interval" or now - self.last_sync >= self.interval_ns:
                 if self.fsync != "none":
                     try:
                         self.w.sync()

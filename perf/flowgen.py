@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit
 
 from exposure import _jit  # noqa: F401  (numba cache location)
+from exposure.parse import to_jsonl
 from exposure.types import (
     EVENT_DTYPE,
     F_HAS_PRICE,
@@ -34,9 +35,7 @@ from exposure.types import (
     T_REPLACE,
 )
 
-__all__ = ["generate", "to_jsonl"]
-
-from exposure.parse import to_jsonl  # noqa: E402  (re-exported: the benches' writer)
+__all__ = ["generate", "to_jsonl"]  # to_jsonl: exposure.parse's, re-exported for the benches
 
 # Columns of the generator's live-order pool.
 _SRC, _OID, _ACC, _INS, _SIDE, _QTY, _FILLED = range(7)

@@ -12,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-__all__ = ["LocalNode", "free_port"]
+__all__ = ["LocalNode", "free_port", "free_group"]
 
 
 def free_port() -> int:
@@ -23,13 +23,18 @@ def free_port() -> int:
     return port
 
 
+def free_group() -> str:
+    """A multicast group unlikely to be shared with another test or tool run."""
+    return f"239.255.{os.getpid() % 250}.{1 + int(uuid.uuid4().hex[:2], 16) % 250}"
+
+
 class LocalNode:
     def __init__(self, tmp: Path, orders: int = 65536, cells: int = 65536,
                  prefix: str = "t", data_dir: Path | None = None, fsync: str = "interval",
                  extra: str = ""):
         self.name = f"{prefix}{os.getpid()}{uuid.uuid4().hex[:6]}"
         self.port, self.mport = free_port(), free_port()
-        self.group = f"239.255.{os.getpid() % 250}.{1 + int(uuid.uuid4().hex[:2], 16) % 250}"
+        self.group = free_group()
         self.config = tmp / f"{self.name}.toml"
         self.data_dir = data_dir or tmp / f"{self.name}.data"
         self.config.write_text(

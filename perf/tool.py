@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,7 @@ import psutil
 from exposure.config import ConfigError, NodeConfig, load_config
 from perf.flowgen import generate
 from perf.loadgen import RunRaw, open_loop
+from perf.localnode import free_group, free_port
 from perf.measure import (
     PLOT_PERCENTILES,
     collect_arrivals,
@@ -57,14 +57,6 @@ from perf.measure import (
 __all__ = ["main", "measure_run", "Target"]
 
 KEYS = ("p50_us", "p90_us", "p99_us", "p999_us", "max_us")
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def _answers(host: str, port: int) -> bool:
@@ -165,8 +157,7 @@ class FloorTarget(Target):
     name = "floor"
 
     def __init__(self, cpu: int | None, interface: str):
-        port, mport = _free_port(), _free_port()
-        group = f"239.255.{os.getpid() % 250}.{1 + uuid.uuid4().int % 250}"
+        port, mport, group = free_port(), free_port(), free_group()
         super().__init__("127.0.0.1", port, group, mport, interface)
         cmd = [sys.executable, "-m", "perf.floor", "--port", str(port), "--group", group,
                "--mport", str(mport), "--interface", interface]
@@ -192,8 +183,7 @@ class TwoTierTarget(Target):
                  workdir: Path):
         from perf.twotier import RedisServer
 
-        port, mport = _free_port(), _free_port()
-        group = f"239.255.{os.getpid() % 250}.{1 + uuid.uuid4().int % 250}"
+        port, mport, group = free_port(), free_port(), free_group()
         super().__init__("127.0.0.1", port, group, mport, interface)
         self.proc = None
         self.redis = RedisServer(workdir, cpu=cpu)

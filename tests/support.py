@@ -56,3 +56,25 @@ class Run:
 
 def load_expected(name: str) -> dict:
     return orjson.loads((DATA / f"{name}.expected.json").read_bytes())
+
+
+def read_stream(rx, check=None) -> tuple[list[int], dict]:
+    """Every datagram on the multicast socket ``rx`` until it times out: the stream seqs in
+    arrival order and each account's latest update (by gseq). ``check(datagram)`` is called
+    on each one."""
+    from exposure.stages.fanout import parse_datagram
+
+    seqs, latest = [], {}
+    while True:
+        try:
+            data = rx.recv(65536)
+        except TimeoutError:
+            return seqs, latest
+        d = parse_datagram(data)
+        if check is not None:
+            check(d)
+        seqs.append(d.seq)
+        for u in d.updates:
+            prev = latest.get(int(u["account"]))
+            if prev is None or u["gseq"] >= prev["gseq"]:
+                latest[int(u["account"])] = u.copy()

@@ -9,13 +9,13 @@ import numpy as np
 import orjson
 import pytest
 from nodes import LiveNode
-from support import DATA, SCENARIOS, load_expected
+from support import DATA, SCENARIOS, load_expected, read_stream
 
 from exposure import wire as W
 from exposure.document import compare_documents, document
 from exposure.parse import read_events
 from exposure.replay import replay_records
-from exposure.stages.fanout import open_receiver, parse_datagram
+from exposure.stages.fanout import open_receiver
 from perf.flowgen import generate, to_jsonl
 
 pytestmark = pytest.mark.timeout(300)
@@ -94,18 +94,7 @@ def test_multicast_updates_are_contiguous_and_rebuild_every_account(node):
     try:
         p = node.cli("send", str(DATA / "clean-5000.jsonl"))
         assert p.returncode == 0, p.stderr.decode()
-        seqs, latest = [], {}
-        while True:
-            try:
-                data = rx.recv(65536)
-            except TimeoutError:
-                break
-            epoch, seq, _, upd = parse_datagram(data)
-            seqs.append(seq)
-            for u in upd:
-                prev = latest.get(int(u["account"]))
-                if prev is None or u["gseq"] >= prev["gseq"]:
-                    latest[int(u["account"])] = u.copy()
+        seqs, latest = read_stream(rx)
     finally:
         rx.close()
     assert seqs == list(range(1, len(seqs) + 1)), "a gap in the stream"

@@ -30,7 +30,7 @@ if shutil.which("redis-server") is None:
                 "baseline needs a real Redis", allow_module_level=True)
 pytest.importorskip("redis", reason="the redis package (redis-py) is not installed")
 
-from support import DATA, SCENARIOS, load_expected  # noqa: E402
+from support import DATA, SCENARIOS, load_expected, read_stream  # noqa: E402
 
 from exposure import types as T  # noqa: E402
 from exposure import wire as W  # noqa: E402
@@ -39,7 +39,7 @@ from exposure.client import send_records  # noqa: E402
 from exposure.document import compare_documents, document  # noqa: E402
 from exposure.parse import parse_events, read_events  # noqa: E402
 from exposure.replay import replay_records  # noqa: E402
-from exposure.stages.fanout import open_receiver, parse_datagram  # noqa: E402
+from exposure.stages.fanout import open_receiver  # noqa: E402
 from perf.flowgen import generate  # noqa: E402
 from perf.localnode import free_port  # noqa: E402
 from perf.twotier import RedisServer, TwoTier, load_state  # noqa: E402
@@ -312,19 +312,10 @@ def test_multicast_updates_parse_and_have_contiguous_stream_seqs(service, redis_
     try:
         recs = read_events(DATA / "clean-5000.jsonl")
         session_send(service.port, recs, [1, 64, 500])
-        seqs, latest = [], {}
-        while True:
-            try:
-                data = rx.recv(65536)
-            except TimeoutError:
-                break
-            epoch, seq, sent_ns, upd = parse_datagram(data)
-            assert epoch == 0 and sent_ns > 0 and len(upd) > 0
-            seqs.append(seq)
-            for u in upd:
-                prev = latest.get(int(u["account"]))
-                if prev is None or u["gseq"] >= prev["gseq"]:
-                    latest[int(u["account"])] = u.copy()
+        def check(d):
+            assert d.epoch == 0 and d.sent_ns > 0 and len(d.updates) > 0
+
+        seqs, latest = read_stream(rx, check)
     finally:
         rx.close()
     assert seqs == list(range(1, len(seqs) + 1)), "a gap in the stream"

@@ -17,7 +17,9 @@ producer is on the hot path: the journal, which fsyncs every couple of milliseco
 Never run more spinners than cores (NOTES.md: two spinners on one core turn p99 into
 milliseconds). Blocking uses the ring's POSIX semaphore and the sleeping flag protocol of
 :func:`exposure.shm.ring.announce_sleep`: announce, fence, re-check, then sleep; the producer
-wakes a sleeper after publishing (:meth:`WaitStrategy.wake`), so no wake-up is lost.
+wakes a sleeper after publishing (:meth:`WaitStrategy.wake` from Python; the node's jitted
+producers check :func:`exposure.shm.ring.sleeping` in the same call as the push), so no
+wake-up is lost.
 """
 
 from __future__ import annotations

@@ -81,6 +81,14 @@ def _close_datagram(out, hdr, epoch, seq, count, now):
     out[hdr + 3] = np.uint64(now)
 
 
+@njit(cache=True, _nrt=False, inline="always")
+def _slot(word0, nacc):
+    """Where an update's account (the low i4 of its first word) sits in ``last``: its id,
+    or ``nacc`` for the fund (-1) and anything out of range."""
+    a = np.int64(word0 & np.uint64(0xFFFFFFFF))
+    return nacc if a >= 0x80000000 else min(a, nacc)
+
+
 @njit(cache=True, _nrt=False)
 def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now):
     """Pop every update on the ring, keep the last of each account (the fund is account
@@ -95,20 +103,13 @@ def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now):
         return 0, 0
     nacc = last.shape[0] - 1
     for k in range(n):
-        a = np.int64(upd[k, 0] & np.uint64(0xFFFFFFFF))
-        if a >= 0x80000000:
-            a = nacc  # -1: the fund
-        last[min(a, nacc)] = k
+        last[_slot(upd[k, 0], nacc)] = k
     w = 0
     d = 0
     count = 0
     hdr = 0
     for k in range(n):
-        a = np.int64(upd[k, 0] & np.uint64(0xFFFFFFFF))
-        if a >= 0x80000000:
-            a = nacc
-        a = min(a, nacc)
-        if last[a] != k:
+        if last[_slot(upd[k, 0], nacc)] != k:
             continue  # conflated: a later update of this account follows
         if count == 0:  # open a datagram: header words filled when it closes
             hdr = w
@@ -129,10 +130,7 @@ def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now):
         ends[d] = w * 8
         d += 1
     for k in range(n):  # back to all -1
-        a = np.int64(upd[k, 0] & np.uint64(0xFFFFFFFF))
-        if a >= 0x80000000:
-            a = nacc
-        last[min(a, nacc)] = -1
+        last[_slot(upd[k, 0], nacc)] = -1
     return n, d
 
 

@@ -142,8 +142,11 @@ def _cmd_send(args: argparse.Namespace) -> int:
     except EventFileError as e:
         return _fail(str(e))
     try:
+        others = [cfg.peer_ingest] if cfg.peer_ingest else []
+        retry = args.retry if args.retry is not None else (60.0 if others else 0.0)
         res = send_records(cfg.ingest_host, cfg.ingest_port, recs, args.session,
-                           timeout=args.timeout, retry_s=args.retry, rate=args.rate)
+                           timeout=args.timeout, retry_s=retry, rate=args.rate,
+                           alternates=others)
     except SendError as e:
         return _fail(str(e))
     sys.stdout.buffer.write(orjson.dumps(res) + b"\n")
@@ -193,9 +196,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--session", type=int, default=1, help="session id (default 1)")
     r.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for acknowledgements (default 60)")
-    r.add_argument("--retry", type=float, default=0.0, metavar="SECONDS",
+    r.add_argument("--retry", type=float, default=None, metavar="SECONDS",
                    help="keep reconnecting and resending for this long when the node goes "
-                   "away (a restart): resumes from what the node holds (default 0: fail)")
+                   "away (a restart, a failover): resumes from what the node holds "
+                   "(default 0: fail; 60 when the config names a pair: it fails over to "
+                   "replication.peer_ingest by itself)")
     r.add_argument("--rate", type=float, default=0.0, metavar="EVENTS/S",
                    help="pace the sending (default: as fast as the node takes it)")
     r.set_defaults(func=_cmd_send)

@@ -82,25 +82,33 @@ def _session_once(host: str, port: int, recs: np.ndarray, session: int, timeout:
 
 def send_records(host: str, port: int, recs: np.ndarray, session: int = 1,
                  timeout: float = 60.0, frame: int = 1024, retry_s: float = 0.0,
-                 rate: float = 0.0) -> dict:
+                 rate: float = 0.0, alternates=()) -> dict:
     """Send ``recs`` in order as session ``session`` (seq 1..n); return the counts.
 
     With ``retry_s`` > 0 a lost connection (a node that restarts, or fails over) is not an
     error for that long: the client reconnects, the login answer says what the node holds,
-    and it resends the rest, so nothing is lost and nothing counts twice. ``sent`` counts
-    the records sent on the last connection; ``reconnects`` how often it reconnected.
-    ``rate`` > 0 paces the sending at that many events per second."""
+    and it resends the rest, so nothing is lost and nothing counts twice. ``alternates``:
+    the other node(s) of a pair, (host, port) each; after a failure the client tries the
+    next endpoint in turn (a backup does not listen for sessions, so only the primary
+    answers). ``sent`` counts the records sent on the last connection; ``reconnects`` how
+    often it reconnected; ``endpoint`` where it finished. ``rate`` > 0 paces the sending
+    at that many events per second."""
     recs = recs.copy()
     recs["sseq"] = np.arange(1, len(recs) + 1, dtype=np.uint64)
+    endpoints = [(host, port), *[tuple(a) for a in alternates]]
     end = time.monotonic() + retry_s
     reconnects = 0
+    k = 0
     while True:
+        h, p = endpoints[k % len(endpoints)]
         try:
-            res = _session_once(host, port, recs, session, timeout, frame, rate)
+            res = _session_once(h, p, recs, session, timeout, frame, rate)
             res["reconnects"] = reconnects
+            res["endpoint"] = f"{h}:{p}"
             return res
         except (SendError, OSError):
             if time.monotonic() >= end:
                 raise
             reconnects += 1
-            time.sleep(0.1)
+            k += 1
+            time.sleep(0.1 if k % len(endpoints) == 0 else 0.02)

@@ -23,10 +23,14 @@ from .shm.ring_layout import RingLayoutError, check_capacity
 from .shm.wait import WAIT_STRATEGIES
 from .types import EVENT_SIZE
 
-__all__ = ["NodeConfig", "ProcessSpec", "ConfigError", "load_config", "DEFAULT_TOML", "STAGES"]
+__all__ = ["NodeConfig", "ProcessSpec", "ConfigError", "load_config", "DEFAULT_TOML", "STAGES",
+           "RELEASE_POLICIES"]
 
 # The stages of a live node, in pipeline order. Every one must run in exactly one process.
-STAGES = ("ingest", "compute", "fanout", "journal")
+STAGES = ("ingest", "compute", "fanout", "journal", "mirror")
+# Stages a node may leave out of its process map: the mirror, unless [replication] is on.
+OPTIONAL_STAGES = ("mirror",)
+RELEASE_POLICIES = ("replicated+local", "replicated", "local")
 
 DEFAULT_TOML = """\
 # exposure node configuration (the built-in default; `exposure run --config FILE` replaces it)
@@ -46,6 +50,7 @@ cells = 1048576              # (account, instrument) cells
 compute = 65536              # ingest -> compute
 tap = 65536                  # ingest -> journal / mirror
 fanout = 16384               # compute -> fan-out (changed rows)
+mirror = 65536               # journal -> mirror (records for the backup)
 
 [ingest]                     # TCP sessions from upstream systems
 host = "127.0.0.1"
@@ -77,6 +82,18 @@ keep = 2                     # snapshots kept (a corrupt newest falls back to th
 journal = "delete"           # segments covered by the oldest kept snapshot: delete |
                              # archive (moved to DIR/archive) | keep
 
+[replication]                # a primary/backup pair (examples/pair/); off while peer = ""
+peer = ""                    # host:port of the other node's replication listener
+listen = ""                  # host:port where this node, as a backup, accepts the primary
+peer_ingest = ""             # host:port of the other node's sessions (clients fail over)
+secret_file = ""             # the shared secret (HMAC-SHA256 of the link's handshake)
+witness = ""                 # the lock file that lets at most one node be primary
+release = "replicated+local" # acknowledge an event once it is: replicated+local (in the
+                             # backup's memory and durable here) | replicated | local
+heartbeat_ms = 50            # both sides send one when there is nothing else to send
+failover_ms = 300            # the backup promotes itself after this much silence (and
+                             # only when it can take the witness's lock)
+
 # The process map. On 2 cores: one process runs the whole hot path, spinning on the last
 # CPU; the journal runs on the other core with the clients and the OS, spinning briefly
 # and then blocking. On one core nothing may spin. On a bigger host give every stage its
@@ -89,7 +106,7 @@ wait = "spin"                # spin | spin-then-block | block | sleep (exposure/
 
 [[process]]
 name = "durable"
-stages = ["journal"]
+stages = ["journal", "mirror"]
 cpu = -2                     # the other core (on 2 cores: CPU 0)
 wait = "sleep"               # wakes every tick_us by itself: ingest never pays a wake-up
 tick_us = 500
@@ -132,7 +149,20 @@ class NodeConfig:
     snapshot_every_s: int
     snapshot_keep: int
     snapshot_journal: str
+    repl_peer: tuple[str, int] | None = None
+    repl_listen: tuple[str, int] | None = None
+    peer_ingest: tuple[str, int] | None = None
+    secret_file: Path | None = None
+    witness: Path | None = None
+    release: str = "local"
+    heartbeat_ms: int = 50
+    failover_ms: int = 300
     source: str = field(default="<built-in default>")
+
+    @property
+    def replicated(self) -> bool:
+        """Whether this node is one of a primary/backup pair."""
+        return self.repl_peer is not None
 
     def segment(self, what: str) -> str:
         """Shared-memory name of one of this node's segments."""
@@ -142,11 +172,13 @@ class NodeConfig:
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "node": {"name": str},
     "capacities": {k: int for k in Capacities().as_dict()},
-    "rings": {"compute": int, "tap": int, "fanout": int},
+    "rings": {"compute": int, "tap": int, "fanout": int, "mirror": int},
     "ingest": {"host": str, "port": int, "max_sessions": int, "ack_interval_us": int},
     "fanout": {"group": str, "port": int, "interface": str, "ttl": int, "max_datagram": int},
     "journal": {"dir": str, "fsync": str, "interval_ms": int, "segment_mb": int},
     "snapshot": {"every_events": int, "every_s": int, "keep": int, "journal": str},
+    "replication": {"peer": str, "listen": str, "peer_ingest": str, "secret_file": str,
+                    "witness": str, "release": str, "heartbeat_ms": int, "failover_ms": int},
 }
 _PROCESS_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "stages": list, "cpu": int,
                                                      "tick_us": int,
@@ -166,6 +198,51 @@ def _port(v: int, key: str) -> int:
     if not 1 <= v <= 65535:
         raise ConfigError(f"{key} = {v}: a port is 1..65535")
     return v
+
+
+def _address(v: str, key: str) -> tuple[str, int]:
+    host, sep, port = v.rpartition(":")
+    try:
+        ipaddress.ip_address(host)
+        if not sep:
+            raise ValueError
+        p = int(port)
+    except ValueError:
+        raise ConfigError(f"{key} = {v!r}: expected IP:PORT, e.g. 127.0.0.1:7702") from None
+    return host, _port(p, key)
+
+
+def _replication(rp: dict, base: Path) -> dict:
+    """The [replication] keys as NodeConfig fields (empty when off); relative file names
+    are relative to ``base`` (the config file's directory)."""
+    if rp["release"] not in RELEASE_POLICIES:
+        raise ConfigError(f"replication.release = {rp['release']!r}: one of "
+                          f"{', '.join(RELEASE_POLICIES)}")
+    if not rp["peer"]:
+        return {}
+    out = {"repl_peer": _address(rp["peer"], "replication.peer"), "release": rp["release"]}
+    for key in ("listen", "secret_file", "witness"):
+        if not rp[key]:
+            raise ConfigError(f"replication.{key} is required when replication.peer is set")
+    out["repl_listen"] = _address(rp["listen"], "replication.listen")
+    if rp["peer_ingest"]:
+        out["peer_ingest"] = _address(rp["peer_ingest"], "replication.peer_ingest")
+    from .repl import read_secret
+
+    secret = base / os.path.expanduser(rp["secret_file"])
+    try:
+        read_secret(secret)
+    except ValueError as e:
+        raise ConfigError(f"replication.secret_file: {e}") from None
+    out["secret_file"] = secret
+    out["witness"] = base / os.path.expanduser(rp["witness"])
+    if not 1 <= rp["heartbeat_ms"] <= 10_000:
+        raise ConfigError(f"replication.heartbeat_ms = {rp['heartbeat_ms']}: 1..10000")
+    if not 2 * rp["heartbeat_ms"] <= rp["failover_ms"] <= 600_000:
+        raise ConfigError(f"replication.failover_ms = {rp['failover_ms']}: at least two "
+                          f"heartbeats ({2 * rp['heartbeat_ms']} ms) and at most 600000")
+    out["heartbeat_ms"], out["failover_ms"] = rp["heartbeat_ms"], rp["failover_ms"]
+    return out
 
 
 def _parse(doc: dict, source: str) -> NodeConfig:
@@ -280,7 +357,10 @@ def _parse(doc: dict, source: str) -> NodeConfig:
         if not 10 <= tick <= 1_000_000:
             raise ConfigError(f"{where}tick_us = {tick}: 10..1000000")
         procs.append(ProcessSpec(pname, tuple(stages), cpu, wait, tick))
-    missing = [s for s in STAGES if s not in seen_stage]
+    base = Path(source).parent if not source.startswith("<") else Path.cwd()
+    repl = _replication(merged["replication"], base)
+    missing = [s for s in STAGES if s not in seen_stage
+               and (s not in OPTIONAL_STAGES or (s == "mirror" and repl))]
     if missing:
         raise ConfigError(f"stage(s) {', '.join(missing)} run in no process")
     if spinners and len(spinners) >= len(cpus):
@@ -296,7 +376,7 @@ def _parse(doc: dict, source: str) -> NodeConfig:
         fsync=jn["fsync"], fsync_interval_ms=jn["interval_ms"],
         segment_bytes=jn["segment_mb"] << 20, snapshot_every_events=sn["every_events"],
         snapshot_every_s=sn["every_s"], snapshot_keep=sn["keep"],
-        snapshot_journal=sn["journal"], source=source)
+        snapshot_journal=sn["journal"], source=source, **repl)
 
 
 def load_config(path: str | Path | None = None) -> NodeConfig:
@@ -316,12 +396,18 @@ def load_config(path: str | Path | None = None) -> NodeConfig:
 
 
 def check_ports_free(cfg: NodeConfig) -> None:
-    """Raise :class:`ConfigError` if the ingest port is already bound on its host."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind((cfg.ingest_host, cfg.ingest_port))
-    except OSError as e:
-        raise ConfigError(f"ingest.port = {cfg.ingest_port} on {cfg.ingest_host}: "
-                          f"{e.strerror or e} (port in use?)") from e
-    finally:
-        s.close()
+    """Raise :class:`ConfigError` if the ingest port (or, in a pair, the replication port)
+    is already bound on its host."""
+    ports = [("ingest.port", (cfg.ingest_host, cfg.ingest_port))]
+    if cfg.repl_listen is not None:
+        ports.append(("replication.listen", cfg.repl_listen))
+    for key, addr in ports:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ConfigError(f"{key} = {addr[1]} on {addr[0]}: {e.strerror or e} "
+                              "(port in use?)") from e
+        finally:
+            s.close()

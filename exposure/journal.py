@@ -42,8 +42,9 @@ import numpy as np
 from ._fs import fsync_dir
 from .types import EVENT_DTYPE, EVENT_SIZE, EVENT_WORDS, W_GSEQ
 
-__all__ = ["JournalError", "JournalWriter", "Block", "ScanResult", "scan", "read_blocks",
-           "segment_name", "FILE_HEADER", "BLOCK_HEADER", "FSYNC_POLICIES"]
+__all__ = ["JournalError", "JournalWriter", "JournalCursor", "Block", "ScanResult", "scan",
+           "read_blocks", "read_record", "segment_name", "first_gseq", "FILE_HEADER",
+           "BLOCK_HEADER", "FSYNC_POLICIES"]
 
 FILE_MAGIC = b"EXJRNL\x00\x01"
 FILE_VERSION = 1
@@ -192,6 +193,98 @@ def scan(directory: str | Path) -> ScanResult:
     for _ in read_blocks(directory, res):
         pass
     return res
+
+
+def first_gseq(directory: str | Path) -> int:
+    """The first gseq the journal holds (by its oldest segment's name; 0: no segment)."""
+    segs = _segments(Path(directory))
+    return segs[0][0] if segs else 0
+
+
+class JournalCursor:
+    """Reads the journal from gseq ``start`` on, block by block, continuing where it
+    stopped (the mirror's catch-up from disk, beside a writer that keeps appending).
+
+    :meth:`read` returns the records of the next complete, checksummed block that ends at or
+    before ``upto`` (u8 words ``[n, 16]``, starting exactly at the cursor), or ``None`` when
+    there is none yet: a block still being written looks torn and is simply not there yet.
+    A gseq before the journal's start raises :class:`JournalError`."""
+
+    def __init__(self, directory: str | Path, start: int):
+        self.dir = Path(directory)
+        self.next = start
+        self.fd = -1
+        self.path: Path | None = None
+        self.off = 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _open(self) -> bool:
+        segs = _segments(self.dir)
+        before = [s for s in segs if s[0] <= self.next]
+        if not before:
+            if segs:
+                raise JournalError(f"{self.dir}: gseq {self.next} is not in the journal (it "
+                                   f"starts at gseq {segs[0][0]})")
+            return False
+        first, path = before[-1]
+        self.close()
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.path, self.off = path, FILE_HEADER.size
+        _read_file_header(path, os.pread(self.fd, FILE_HEADER.size, 0))
+        return True
+
+    def read(self, upto: int) -> np.ndarray | None:
+        if self.next > upto:
+            return None
+        if self.fd < 0 and not self._open():
+            return None
+        while True:
+            head = os.pread(self.fd, BLOCK_HEADER.size, self.off)
+            if len(head) < BLOCK_HEADER.size:
+                # the end of this segment: on to the one holding the cursor, once it exists
+                segs = [p for first, p in _segments(self.dir) if first <= self.next]
+                if segs and segs[-1] != self.path:
+                    self._open()
+                    continue
+                return None
+            magic, count, bfirst, pcrc, _, _, hcrc = BLOCK_HEADER.unpack(head)
+            if magic != BLOCK_MAGIC or hcrc != crc32c.crc32c(head[:_BH_CRC_SPAN]):
+                return None  # being written
+            if bfirst > self.next:
+                raise JournalError(f"{self.path}: offset {self.off}: block starts at gseq "
+                                   f"{bfirst}, expected at most {self.next}")
+            end = self.off + BLOCK_HEADER.size + count * EVENT_SIZE
+            if bfirst + count <= self.next:
+                self.off = end  # wholly before the cursor
+                continue
+            if bfirst + count - 1 > upto:
+                return None  # not durable yet
+            payload = os.pread(self.fd, count * EVENT_SIZE, self.off + BLOCK_HEADER.size)
+            if len(payload) < count * EVENT_SIZE or pcrc != crc32c.crc32c(payload):
+                return None
+            self.off = end
+            words = np.frombuffer(payload, np.uint64).reshape(count, EVENT_WORDS)
+            words = words[self.next - bfirst:]
+            self.next = bfirst + count
+            return words
+
+
+
+def read_record(directory: str | Path, gseq: int) -> np.ndarray | None:
+    """The record at ``gseq`` (its u8 words), or ``None`` when the journal does not hold it
+    (before its start, after its end, or in a block not yet complete)."""
+    c = JournalCursor(directory, gseq)
+    try:
+        w = c.read(1 << 62)
+    except JournalError:
+        return None
+    finally:
+        c.close()
+    return None if w is None else w[0].copy()
 
 
 class JournalWriter:

@@ -1,11 +1,19 @@
 """A live node: its shared segments, the processes of its process map, and the supervisor.
 
-``exposure run`` creates the segments (tally, sessions, one ring per hand-off), starts one OS
-process per ``[[process]]`` of the config (``python -m exposure.node --process NAME``), each
-pinned to its CPU and running its stages in turn; stages hand over through the rings
-whether or not they share a process. The supervisor stops everything, and removes the
-segments, on SIGINT/SIGTERM or when a process dies (restart and recovery are the durability
-work, issue 5).
+``exposure run`` creates the segments (tally, sessions, control, one ring per hand-off),
+recovers the state from the data directory, starts one OS process per ``[[process]]`` of
+the config (``python -m exposure.node --process NAME``), each pinned to its CPU and running
+its stages in turn; stages hand over through the rings whether or not they share a
+process. The supervisor restarts the processes from the journal when one dies, and stops
+everything, removing the segments, on SIGINT/SIGTERM.
+
+In a primary/backup pair the supervisor also owns the node's **role** (control block,
+:mod:`exposure.shm.control`): at start it is primary if it can take the witness's lock
+(:class:`exposure.repl.Witness`) and may (it was the last primary, or in sync with it);
+otherwise backup. A backup promotes itself when the primary has been silent for
+``failover_ms``, it is in sync, and it can take the lock; the stages switch in place (no
+restart), so failover costs the silence plus a few milliseconds. Every role change to
+primary writes a new, higher epoch to the witness and to the data directory.
 """
 
 from __future__ import annotations
@@ -23,8 +31,21 @@ from pathlib import Path
 import numpy as np
 
 from .config import NodeConfig, check_ports_free, load_config
-from .journal import JournalWriter
-from .recovery import next_epoch, recover
+from .journal import JournalWriter, read_record
+from .recovery import next_epoch, read_epoch, recover, store_epoch
+from .repl import Witness, read_secret
+from .shm.control import (
+    CONTROL_WORDS,
+    CTL_EPOCH,
+    CTL_HEARD_NS,
+    CTL_IN_SYNC,
+    CTL_PEER_EPOCH,
+    CTL_RELOAD,
+    CTL_ROLE,
+    ROLE_BACKUP,
+    ROLE_NAMES,
+    ROLE_PRIMARY,
+)
 from .shm.ring import Ring
 from .shm.segment import SharedArray
 from .shm.tally_segment import TallySegment
@@ -33,17 +54,24 @@ from .stages.compute import S_DURABLE, SESSION_COLS, ComputeStage
 from .stages.fanout import FanoutStage
 from .stages.ingest import IngestStage
 from .stages.journal import JournalStage
+from .stages.mirror import MirrorStage
+from .stages.replica import ReplicaStage
 from .types import C_LAST_GSEQ, EVENT_SIZE, UPDATE_DTYPE
 
 __all__ = ["Node", "run_process", "main"]
 
 
-RINGS = ("compute", "tap", "fanout")
+RINGS = ("compute", "tap", "fanout", "mirror")
+
+
+def _rings(cfg: NodeConfig) -> tuple[str, ...]:
+    return RINGS if cfg.replicated else RINGS[:3]
 
 
 def _names(cfg: NodeConfig) -> dict[str, str]:
     return {"tally": cfg.segment("tally"), "sessions": cfg.segment("sessions"),
-            **{r: cfg.segment(f"ring.{r}") for r in RINGS}}
+            "control": cfg.segment("control"),
+            **{r: cfg.segment(f"ring.{r}") for r in _rings(cfg)}}
 
 
 def _log(msg: str) -> None:
@@ -67,6 +95,10 @@ class Node:
         self.snapshotter: subprocess.Popen | None = None
         self.snap_gseq = 0          # journaled gseq when the last snapshot was started
         self.snap_time = time.monotonic()
+        self.witness = Witness(cfg.witness) if cfg.replicated else None
+        self.role_since = time.monotonic_ns()
+        self.insync = -1            # what the in-sync file says (-1: not read yet)
+        self.said = ""              # the last role message logged (said once)
 
     def start(self) -> None:
         cfg, names = self.cfg, _names(self.cfg)
@@ -77,6 +109,9 @@ class Node:
             sessions = SharedArray.create(names["sessions"], _session_shape(cfg), np.uint64)
             self.owned.append(sessions)
             self.sessions = sessions
+            self.control = SharedArray.create(names["control"], (CONTROL_WORDS,), np.uint64)
+            self.owned.append(self.control)
+            self.ctl = self.control.array
             cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             st = self.tally.state
             self.recovered = recover(st, st.pub["ver"], self.tally.words, sessions.array,
@@ -84,7 +119,7 @@ class Node:
                                      state_buf=self.tally.buf)
             self.snap_gseq = self.recovered.snapshot_gseq
             self._make_rings()
-            self.epoch = next_epoch(cfg.data_dir)
+            self._choose_role()
             for p in cfg.processes:
                 self.procs[p.name] = self._spawn(p.name)
         except BaseException:
@@ -93,33 +128,167 @@ class Node:
 
     def _make_rings(self) -> None:
         names = _names(self.cfg)
-        for ring, size in (("compute", EVENT_SIZE), ("tap", EVENT_SIZE),
-                           ("fanout", UPDATE_DTYPE.itemsize)):
+        for ring in _rings(self.cfg):
+            size = UPDATE_DTYPE.itemsize if ring == "fanout" else EVENT_SIZE
             old = self.rings.pop(ring, None)
             if old is not None:
                 old.close()
             Ring.unlink(names[ring])  # a dead node's leftovers (the tally check passed)
             self.rings[ring] = Ring.create(names[ring], self.cfg.rings[ring], size)
 
-    def restart(self, why: str) -> None:
+    # ------------------------------------------------------------------ roles
+    @property
+    def epoch(self) -> int:
+        return int(self.ctl[CTL_EPOCH])
+
+    @property
+    def role(self) -> int:
+        return int(self.ctl[CTL_ROLE])
+
+    def _say(self, key: str, msg: str) -> None:
+        """Log ``msg`` once while the situation ``key`` lasts."""
+        if key != self.said:
+            _log(msg)
+            self.said = key
+
+    def _choose_role(self) -> None:
+        """At start and at every restart of the processes: primary or backup."""
+        cfg, ctl = self.cfg, self.ctl
+        if not cfg.replicated:
+            ctl[CTL_EPOCH] = next_epoch(cfg.data_dir)
+            ctl[CTL_ROLE] = ROLE_PRIMARY
+            return
+        known = read_epoch(cfg.data_dir)
+        ctl[CTL_PEER_EPOCH] = max(int(ctl[CTL_PEER_EPOCH]), known)
+        ctl[CTL_IN_SYNC] = 0
+        if self.role == ROLE_PRIMARY and self.witness.held:
+            self._become_primary()  # a restart of the primary's processes: a new epoch
+            return
+        if self.witness.try_acquire():
+            w_epoch, w_name = self.witness.read()
+            insync = read_epoch(cfg.data_dir, "insync")
+            if not w_name or w_name == cfg.name or insync == w_epoch:
+                self._become_primary()
+                return
+            _log(f"the witness says node {w_name!r} became primary at epoch {w_epoch}, and "
+                 f"this node was not in sync with it (in sync at epoch {insync}): starting "
+                 f"as a backup; it waits for {w_name!r} to come back")
+            self.witness.release()
+        ctl[CTL_EPOCH] = max(known, int(ctl[CTL_PEER_EPOCH]))
+        ctl[CTL_ROLE] = ROLE_BACKUP
+        self.role_since = time.monotonic_ns()
+        self._store_insync(0)
+
+    def _become_primary(self) -> None:
+        """Holding the witness's lock: a new epoch, higher than any this node or the
+        witness knows, recorded in both, then the role (the stages watch it)."""
+        cfg, ctl = self.cfg, self.ctl
+        w_epoch, _ = self.witness.read()
+        epoch = max(read_epoch(cfg.data_dir), w_epoch, int(ctl[CTL_PEER_EPOCH]),
+                    int(ctl[CTL_EPOCH])) + 1
+        self.witness.write(epoch, cfg.name)
+        store_epoch(cfg.data_dir, epoch)
+        ctl[CTL_EPOCH] = epoch
+        ctl[CTL_ROLE] = ROLE_PRIMARY
+        self.role_since = time.monotonic_ns()
+
+    def _store_insync(self, epoch: int) -> None:
+        if epoch != self.insync:
+            store_epoch(self.cfg.data_dir, epoch, "insync")
+            self.insync = epoch
+
+    def _watch_role(self) -> None:
+        """The supervisor's part of replication, every loop: persist what the peer told
+        us, rebuild when the replica asks, promote or demote."""
+        cfg, ctl = self.cfg, self.ctl
+        peer_epoch = int(ctl[CTL_PEER_EPOCH])
+        if peer_epoch > read_epoch(cfg.data_dir):
+            store_epoch(cfg.data_dir, peer_epoch)
+        if ctl[CTL_RELOAD]:
+            self.restart("the replica asked for a rebuild", reload=int(ctl[CTL_RELOAD]))
+            return
+        if self.role == ROLE_PRIMARY:
+            if peer_epoch > self.epoch:
+                _log(f"the peer knows epoch {peer_epoch}, newer than this primary's "
+                     f"{self.epoch}: demoting to backup")
+                self.witness.release()
+                ctl[CTL_ROLE] = ROLE_BACKUP
+                self.restart("demoted")
+            return
+        in_sync = bool(ctl[CTL_IN_SYNC])
+        self._store_insync(peer_epoch if in_sync else 0)
+        now = time.monotonic_ns()
+        silent = now - max(int(ctl[CTL_HEARD_NS]), self.role_since)
+        if silent < cfg.failover_ms * 1_000_000:
+            self.said = ""
+            return
+        if not in_sync:
+            self._say("unsynced", f"the primary has been silent for {silent / 1e6:.0f} ms, "
+                      "but this backup is not in sync with it: not promoting")
+            return
+        if not self.witness.try_acquire():
+            self._say("locked", f"the primary has been silent for {silent / 1e6:.0f} ms but "
+                      f"holds the witness {cfg.witness} (alive; the link is cut?): not "
+                      "promoting")
+            return
+        w_epoch, w_name = self.witness.read()
+        if w_name != cfg.name and w_epoch > peer_epoch:
+            self._say("newer", f"the witness says {w_name!r} became primary at epoch "
+                      f"{w_epoch}, newer than the {peer_epoch} this backup follows: not "
+                      "promoting")
+            self.witness.release()
+            return
+        self._become_primary()
+        _log(f"promoted to primary at epoch {self.epoch}: the primary was silent for "
+             f"{silent / 1e6:.0f} ms; continuing from gseq {int(self.tally.state.ctr[C_LAST_GSEQ])}"
+             " (compute's; ingest continues from what it received)")
+
+    def restart(self, why: str, reload: int = 0) -> None:
         """A process died: stop the others, rebuild tallies and sessions from the journal
         (in place: desks stay attached), fresh rings, start every process again. Whatever
-        was in flight and not durable was never acknowledged; clients resend it."""
+        was in flight and not durable was never acknowledged; clients resend it.
+        ``reload``: the replica asked for a rebuild (RELOAD_*): the data directory's state
+        is moved aside first (and a received snapshot put in its place)."""
         t0 = time.perf_counter()
         _log(f"{why}; restarting the node's processes from the journal")
         self._stop_processes()
         self.procs.clear()
+        if self.snapshotter is not None:
+            self.snapshotter.terminate()
+            self.snapshotter.wait()
+            self.snapshotter = None
+        if reload:
+            self._move_aside(reload)
+            self.ctl[CTL_RELOAD] = 0
         st = self.tally.state
         self.recovered = recover(st, st.pub["ver"], self.tally.words, self.sessions.array,
                                  self.cfg.data_dir, self.cfg.segment_bytes, _log,
                                  reset_first=True, state_buf=self.tally.buf)
+        self.snap_gseq = self.recovered.snapshot_gseq
         self._make_rings()
-        self.epoch = next_epoch(self.cfg.data_dir)
+        self._choose_role()
         for p in self.cfg.processes:
             self.procs[p.name] = self._spawn(p.name)
-        _log(f"restarted as epoch {self.epoch}: recovered {self.recovered.records:,} events "
-             f"up to gseq {self.recovered.last_gseq}; {time.perf_counter() - t0:.2f} s until the "
-             "processes were started")
+        _log(f"restarted as {ROLE_NAMES[self.role]}, epoch {self.epoch}: recovered "
+             f"{self.recovered.records:,} events up to gseq {self.recovered.last_gseq}; "
+             f"{time.perf_counter() - t0:.2f} s until the processes were started")
+
+    def _move_aside(self, how: int) -> None:
+        from .snapshot import snapshots
+        from .stages.replica import INCOMING, RELOAD_SNAPSHOT
+
+        d = self.cfg.data_dir
+        aside = d / f"replaced-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}"
+        aside.mkdir()
+        moved = 0
+        for p in [*d.glob("journal-*.seg"), *(p for _, p in snapshots(d))]:
+            os.replace(p, aside / p.name)
+            moved += 1
+        if how == RELOAD_SNAPSHOT:
+            for _, p in snapshots(d / INCOMING):
+                os.replace(p, d / p.name)
+        _log(f"moved this node's journal and snapshots ({moved} files) to {aside}"
+             + (" and installed the primary's snapshot" if how == RELOAD_SNAPSHOT else ""))
 
     def _spawn(self, name: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "exposure.node", "--process", name, "--data-dir",
@@ -137,6 +306,11 @@ class Node:
                  f"via {cfg.interface}",
                  f"  segments  {', '.join(names.values())}",
                  f"  epoch     {self.epoch} (in every multicast datagram's header)",
+                 f"  role      {ROLE_NAMES[self.role]}" + (
+                     f" (pair: replication {cfg.repl_listen[0]}:{cfg.repl_listen[1]}, peer "
+                     f"{cfg.repl_peer[0]}:{cfg.repl_peer[1]}, release {cfg.release}, "
+                     f"failover after {cfg.failover_ms} ms, witness {cfg.witness})"
+                     if cfg.replicated else " (standalone)"),
                  f"  journal   {cfg.data_dir} (fsync {cfg.fsync}"
                  + (f", every {cfg.fsync_interval_ms} ms" if cfg.fsync == "interval" else "")
                  + f"); recovered {self.recovered.records:,} events up to gseq "
@@ -165,8 +339,13 @@ class Node:
                     except Exception as e:  # a journal it cannot trust, a full disk...
                         return f"{why}; restart failed: {e}"
                     break
+            if self.cfg.replicated and not stop_flag:
+                try:
+                    self._watch_role()
+                except Exception as e:  # a restart that failed, a witness it cannot write
+                    return f"replication: {e}"
             self._maybe_snapshot()
-            time.sleep(0.02)
+            time.sleep(0.01 if self.cfg.replicated else 0.02)
         return "stopping on signal"
 
     def _maybe_snapshot(self) -> None:
@@ -214,12 +393,28 @@ class Node:
             self.snapshotter.terminate()
             self.snapshotter.wait()
         self._stop_processes()
+        if self.witness is not None:
+            self.witness.release()
         for r in self.rings.values():
             r.close()
         self.rings.clear()
         for seg in reversed(self.owned):
             seg.close()
         self.owned.clear()
+
+
+def _replica_factory(cfg: NodeConfig, ctl: np.ndarray, sessions: np.ndarray, rings: dict):
+    """How ingest builds the replica side of the link (a backup's), or None."""
+    if not cfg.replicated:
+        return None
+    secret = read_secret(cfg.secret_file)
+
+    def make(next_gseq: int) -> ReplicaStage:
+        last = read_record(cfg.data_dir, next_gseq - 1) if next_gseq > 1 else None
+        return ReplicaStage(cfg.repl_listen, secret, ctl, sessions, rings["compute"],
+                            rings["tap"], next_gseq, last, cfg.data_dir, cfg.heartbeat_ms,
+                            cfg.failover_ms, cfg.ack_interval_us)
+    return make
 
 
 def _die_with_parent() -> None:
@@ -253,7 +448,10 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
     try:
         sessions = SharedArray.attach(names["sessions"], _session_shape(cfg), np.uint64)
         opened.append(sessions)
-        rings = {r: Ring.attach(names[r]) for r in RINGS}
+        control = SharedArray.attach(names["control"], (CONTROL_WORDS,), np.uint64)
+        opened.append(control)
+        ctl = control.array
+        rings = {r: Ring.attach(names[r]) for r in _rings(cfg)}
         opened += rings.values()
         # Ingest last: the kernels compile (or load) before the node accepts a session.
         for st in sorted(spec.stages, key=lambda s: s == "ingest"):
@@ -263,7 +461,10 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
                 tally.close()
                 stages.append(IngestStage(cfg.ingest_host, cfg.ingest_port, sessions.array,
                                           rings["compute"], next_gseq, cfg.max_sessions,
-                                          cfg.ack_interval_us, tap_ring=rings["tap"]))
+                                          cfg.ack_interval_us, tap_ring=rings["tap"],
+                                          ctl=ctl, release=cfg.release,
+                                          replica=_replica_factory(cfg, ctl, sessions.array,
+                                                                   rings)))
             elif st == "compute":
                 tally = TallySegment.attach(names["tally"], writable=True)
                 opened.append(tally)
@@ -272,11 +473,16 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
             elif st == "journal":
                 stages.append(JournalStage(rings["tap"], sessions.array,
                                            JournalWriter(cfg.data_dir, cfg.segment_bytes),
-                                           cfg.fsync, cfg.fsync_interval_ms))
+                                           cfg.fsync, cfg.fsync_interval_ms,
+                                           mirror_ring=rings.get("mirror"), ctl=ctl))
             elif st == "fanout":
                 stages.append(FanoutStage(rings["fanout"], cfg.group, cfg.fanout_port,
                                           cfg.interface, cfg.ttl, cfg.max_datagram,
-                                          cfg.caps.accounts, epoch=epoch))
+                                          cfg.caps.accounts, epoch=epoch, ctl=ctl))
+            elif st == "mirror" and cfg.replicated:
+                stages.append(MirrorStage(rings["mirror"], ctl, sessions.array,
+                                          cfg.repl_peer, read_secret(cfg.secret_file),
+                                          cfg.data_dir, cfg.heartbeat_ms, cfg.failover_ms))
         wait = WaitStrategy(spec.wait, spins=20_000, timeout_s=0.002,
                             tick_s=spec.tick_us / 1e6)
         # No cyclic-GC pauses in the loop: everything long-lived exists now (frozen out of
@@ -288,7 +494,8 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
         ingest = next((s for s in stages if isinstance(s, IngestStage)), None)
         # The ring whose producer is outside this process: where a blocked process sleeps.
         wake_ring = rings["compute"] if "compute" in spec.stages else (
-            rings["fanout"] if "fanout" in spec.stages else rings["tap"])
+            rings["fanout"] if "fanout" in spec.stages else
+            rings["tap"] if "journal" in spec.stages else rings.get("mirror", rings["tap"]))
         while not stop:
             work = 0
             for s in stages:

@@ -31,7 +31,7 @@ from .snapshot import load_newest
 from .stages.compute import S_DONE, S_DURABLE, S_HELD, _after_batch
 from .types import C_LAST_GSEQ, C_NCHANGED, EVENT_DTYPE, UPDATE_DTYPE
 
-__all__ = ["recover", "Recovered", "replay_journal", "next_epoch"]
+__all__ = ["recover", "Recovered", "replay_journal", "next_epoch", "read_epoch", "store_epoch"]
 
 
 def next_epoch(directory: str | Path) -> int:
@@ -40,18 +40,29 @@ def next_epoch(directory: str | Path) -> int:
     Every start and every restart of the node's processes is a new epoch; the multicast
     header carries it, so a receiver knows that the stream (whose seqs restart at 1) and
     the global seqs after the journal's last one come from a new incarnation."""
-    path = Path(directory) / "epoch"
+    epoch = read_epoch(directory) + 1
+    store_epoch(directory, epoch)
+    return epoch
+
+
+def read_epoch(directory: str | Path, name: str = "epoch") -> int:
+    """The number stored in ``directory/name`` (0 when there is none)."""
+    path = Path(directory) / name
     try:
-        epoch = int(path.read_text().strip() or 0) + 1
+        return int(path.read_text().strip() or 0)
     except FileNotFoundError:
-        epoch = 1
+        return 0
     except ValueError:
         raise ValueError(f"{path}: not an epoch number") from None
+
+
+def store_epoch(directory: str | Path, epoch: int, name: str = "epoch") -> None:
+    """Write ``epoch`` to ``directory/name`` durably (atomically replaced)."""
+    path = Path(directory) / name
     tmp = path.with_suffix(".tmp")
     f = open(tmp, "w")  # noqa: SIM115  (publish_file closes it)
     f.write(f"{epoch}\n")
     publish_file(tmp, path, f)
-    return epoch
 
 
 @dataclass

@@ -29,6 +29,7 @@ from numba import njit
 
 from .. import _jit
 from ..shm import ring_layout as RL
+from ..shm.control import CTL_EPOCH, CTL_ROLE, ROLE_PRIMARY
 from ..shm.ring import ring_pop
 from ..types import UPDATE_DTYPE
 
@@ -136,8 +137,10 @@ def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now):
 
 class FanoutStage:
     def __init__(self, in_ring, group: str, port: int, interface: str, ttl: int,
-                 max_datagram: int, max_accounts: int, epoch: int = 0):
+                 max_datagram: int, max_accounts: int, epoch: int = 0,
+                 ctl: np.ndarray | None = None):
         self.inp = in_ring
+        self.ctl = ctl  # role and epoch (a backup packs, to keep up, but sends nothing)
         self.dest = (group, port)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
         self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
@@ -162,6 +165,14 @@ class FanoutStage:
     def poll(self) -> int:
         if self._tail[0] == self._head[0]:
             return 0  # nothing on the ring (a plain read: the jitted pop re-reads, acquire)
+        if self.ctl is not None:
+            epoch = int(self.ctl[CTL_EPOCH])
+            if epoch != self.epoch:  # a new incarnation or a promotion: a new stream
+                self.epoch, self.seq = epoch, 0
+            if self.ctl[CTL_ROLE] != ROLE_PRIMARY:
+                n, _ = self._pack(self.inp.ctrl, self.inp.slots, self.upd, self.last,
+                                  self.epoch, self.seq, self.per, self.out, self.ends, 0)
+                return n
         n, d = self._pack(self.inp.ctrl, self.inp.slots, self.upd, self.last, self.epoch,
                           self.seq, self.per, self.out, self.ends, time.time_ns())
         if n == 0:

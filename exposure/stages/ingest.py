@@ -15,6 +15,21 @@ Complete EVENTS frames go from the receive buffer to the ring in one jitted scan
 
 A client's bytes never harm the node: a malformed frame gets a REJECT and the session is
 closed; other sessions and the tallies are untouched.
+
+**Roles** (a node of a primary/backup pair reads its role from the control block): a
+backup does not listen for sessions at all (clients fail over to the primary); its ingest
+runs the replica side of the link instead (:mod:`exposure.stages.replica`), which puts the
+primary's records into the same rings. When the supervisor promotes the node, ingest
+closes the replica side, opens the session port and continues the global sequence from
+the last record it received.
+
+**Release policy**: a session's seq is acknowledged when compute has processed it and,
+per ``release``, it is durable here (``local``), the backup has received it
+(``replicated``), or both (``replicated+local``). For the replicated part ingest keeps,
+per session, checkpoints (last gseq, last session seq) of what it pushed; a checkpoint is
+released once the backup's received gseq (``CTL_REPL_RECV``) reaches it. What a session
+held at login counts as pushed at the gseq before the login, so after a restart or a
+failover nothing is acknowledged that the backup may not hold.
 """
 
 from __future__ import annotations
@@ -22,7 +37,9 @@ from __future__ import annotations
 import select
 import socket
 import struct
+import sys
 import time
+from collections import deque
 
 import numpy as np
 from numba import njit
@@ -30,6 +47,7 @@ from numba import njit
 from .. import _jit
 from .. import wire as W
 from ..shm import ring_layout as RL
+from ..shm.control import CTL_EPOCH, CTL_REPL_RECV, CTL_ROLE, ROLE_BACKUP, ROLE_PRIMARY
 from ..shm.intrinsics import load_acquire, store_release
 from ..shm.ring import sleeping
 from ..types import EVENT_WORDS, W_EPOCH, W_GSEQ, W_RECV_NS, W_SESSION, W_SSEQ
@@ -148,7 +166,7 @@ def _scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, tctrl, ts
 
 class _Conn:
     __slots__ = ("sock", "fd", "buf", "wbuf", "mv", "pos", "fill", "stalled", "session",
-                 "held", "acked", "ack_due", "out")
+                 "held", "acked", "ack_due", "out", "marks", "repl")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -164,24 +182,27 @@ class _Conn:
         self.acked = -1
         self.ack_due = 0   # monotonic ns before which no further ACK is sent (coalescing)
         self.out = bytearray()
+        self.marks: deque = deque()  # (last gseq, last session seq) of each push
+        self.repl = 0      # highest session seq the backup has received
 
 
 class IngestStage:
     def __init__(self, host: str, port: int, sessions: np.ndarray, out_ring, next_gseq: int,
-                 max_sessions: int, ack_interval_us: int = 0, tap_ring=None):
+                 max_sessions: int, ack_interval_us: int = 0, tap_ring=None,
+                 ctl: np.ndarray | None = None, release: str = "local", replica=None):
         self.sessions = sessions
         self.out = out_ring
         self.max_sessions = max_sessions
         self.next_gseq = next_gseq
         self.ack_interval_ns = ack_interval_us * 1000
+        self.addr = (host, port)
+        self.ctl = ctl
+        self.local = release in ("local", "replicated+local") and tap_ring is not None
+        self.replicated = release in ("replicated", "replicated+local")
+        self.replica = replica  # a ReplicaStage factory (next_gseq) -> stage, or None
         self.ep = select.epoll()
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind((host, port))
-        self.lsock.listen(128)
-        self.lsock.setblocking(False)
-        self.lfd = self.lsock.fileno()
-        self.ep.register(self.lfd, select.EPOLLIN)
+        self.lsock: socket.socket | None = None
+        self.lfd = -1
         self.conns: dict[int, _Conn] = {}
         self.by_session: dict[int, _Conn] = {}
         self.stalled: set[_Conn] = set()   # sessions whose frames wait for ring space
@@ -195,9 +216,50 @@ class IngestStage:
         self._scan = _jit.entry(_scan, self.res.view(np.uint8), self.res.view(np.uint64),
                                 0, 0, 0, 0, 0, 0, self.out.ctrl, self.out.slots,
                                 *self._tap_args, self.res)  # compiled (or loaded) now
+        self.role = ROLE_PRIMARY if ctl is None else int(ctl[CTL_ROLE])
+        self.rep = None
+        if self.role == ROLE_BACKUP:
+            self.rep = replica(next_gseq)
+        else:
+            self._listen()
+
+    def _listen(self) -> None:
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(self.addr)
+        self.lsock.listen(128)
+        self.lsock.setblocking(False)
+        self.lfd = self.lsock.fileno()
+        self.ep.register(self.lfd, select.EPOLLIN)
+
+    def _promoted(self) -> None:
+        """The supervisor made this node the primary: stop following, accept sessions."""
+        rep, self.rep = self.rep, None
+        self.next_gseq = rep.next_gseq
+        rep.close()
+        for _ in range(50):
+            try:
+                self._listen()
+                break
+            except OSError as e:
+                print(f"exposure ingest: cannot listen on {self.addr[0]}:{self.addr[1]} "
+                      f"({e.strerror}); retrying", file=sys.stderr, flush=True)
+                if self.lsock is not None:
+                    self.lsock.close()
+                    self.lsock = None
+                time.sleep(0.1)
+        self.role = ROLE_PRIMARY
+        print(f"exposure ingest: primary (epoch {int(self.ctl[CTL_EPOCH])}): accepting "
+              f"sessions on {self.addr[0]}:{self.addr[1]} from gseq {self.next_gseq}",
+              file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ loop
     def poll(self, timeout: float | None = 0) -> int:
+        if self.rep is not None:
+            if self.ctl[CTL_ROLE] == ROLE_PRIMARY:
+                self._promoted()
+            else:
+                return self.rep.poll(timeout or 0)
         work = 0
         for fd, _ in self.ep.poll(timeout if timeout is not None else -1):
             if fd == self.lfd:
@@ -215,6 +277,9 @@ class IngestStage:
         """Answers: ACKs due and unsent bytes. The process loop calls this after the whole
         pipeline pass (compute and fan-out included), so an ACK never delays the
         processing of an event that arrived with it."""
+        if self.rep is not None:
+            self.rep.after()
+            return
         if self.unacked:
             now = time.monotonic_ns()
             for c in list(self.unacked):
@@ -294,6 +359,11 @@ class IngestStage:
                 self.next_gseq += n
                 c.held = held
                 self.sessions[c.session, S_HELD] = held
+                if self.replicated:
+                    if len(c.marks) < 4096:
+                        c.marks.append((self.next_gseq - 1, held))
+                    else:  # (no backup for a while) a later mark: released later, never early
+                        c.marks[-1] = (self.next_gseq - 1, held)
                 self.unacked.add(c)
                 if res[4]:
                     self.out.semaphore.release()  # a compute process asleep on the ring
@@ -348,6 +418,7 @@ class IngestStage:
         else:
             c.session = sid
             c.held = int(self.sessions[sid, S_HELD])
+            c.marks.append((self.next_gseq - 1, c.held))  # what it holds: pushed before now
             self.by_session[sid] = c
             self._send(c, W.encode_login_ok(c.held))
             self.unacked.add(c)  # a first ACK tells the client what compute has processed
@@ -357,8 +428,13 @@ class IngestStage:
         # S_DONE first and the counters after is ordered on x86 (loads are not reordered
         # with loads) and Python does not reorder its own loads.
         done = int(self.sessions[c.session, S_DONE])
-        if self.tap is not None:  # acknowledged only once durable as well
+        if self.local:  # acknowledged only once durable as well
             done = min(done, int(self.sessions[c.session, S_DURABLE]))
+        if self.replicated:  # ... and in the backup's memory
+            recv = int(self.ctl[CTL_REPL_RECV])
+            while c.marks and c.marks[0][0] <= recv:
+                c.repl = c.marks.popleft()[1]
+            done = min(done, c.repl)
         if done > c.acked:
             c.acked = done
             c.ack_due = now + self.ack_interval_ns
@@ -394,8 +470,11 @@ class IngestStage:
             self.backlog.discard(c)
 
     def close(self) -> None:
+        if self.rep is not None:
+            self.rep.close()
         for c in list(self.conns.values()):
             self._close(c)
-        self.ep.unregister(self.lfd)
-        self.lsock.close()
+        if self.lsock is not None:
+            self.ep.unregister(self.lfd)
+            self.lsock.close()
         self.ep.close()

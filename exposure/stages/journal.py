@@ -11,6 +11,10 @@ holding back records that would still fit. When the records become durable depen
   (when the stream stops, the next poll after the interval syncs the rest);
 * ``none``: after ``write()`` (the page cache: survives a process crash, not a power cut).
 
+With a mirror ring (a node of a primary/backup pair), every block written is handed to the
+mirror stage while this node is the primary; a full mirror ring is never waited for: the
+hand-off is dropped, and the mirror reads the gap back from the journal files.
+
 Then the stage publishes, per session, the highest session seq that is durable
 (``S_DURABLE`` of the session table, a release store after the data is on disk) and the
 journal's durable global seq (row 0 of the table, ``S_DURABLE``). Ingest acknowledges a
@@ -33,8 +37,9 @@ from numba import njit
 from .. import _jit
 from ..journal import JournalWriter
 from ..shm import ring_layout as RL
+from ..shm.control import CTL_ROLE, ROLE_PRIMARY
 from ..shm.intrinsics import store_release
-from ..shm.ring import ring_pop
+from ..shm.ring import ring_pop, ring_push, sleeping
 from ..types import EVENT_WORDS, W_GSEQ, W_SESSION, W_SSEQ
 from .compute import S_DURABLE
 
@@ -61,8 +66,11 @@ def _publish(pending, sess_flat, ncols, gseq):
 
 class JournalStage:
     def __init__(self, tap_ring, sessions: np.ndarray, writer: JournalWriter, fsync: str,
-                 interval_ms: int, batch: int = 4096):
+                 interval_ms: int, batch: int = 4096, mirror_ring=None,
+                 ctl: np.ndarray | None = None):
         self.inp = tap_ring
+        self.mirror = mirror_ring
+        self.ctl = ctl
         self.sess_flat = sessions.reshape(-1)
         self.ncols = sessions.shape[1]
         self.w = writer
@@ -95,6 +103,10 @@ class JournalStage:
             except OSError as e:
                 self._fail("write", e)
                 return 0
+            if self.mirror is not None and self.ctl[CTL_ROLE] == ROLE_PRIMARY:
+                ring_push(self.mirror.ctrl, self.mirror.slots, self.buf, self.held)
+                if sleeping(self.mirror.ctrl, RL.W_CONSUMER_SLEEPING):
+                    self.mirror.semaphore.release()
             _note_sessions(self.buf, self.held, self.pending)
             self.written_gseq = int(self.buf[self.held - 1, W_GSEQ])
             work, self.held = self.held, 0

@@ -12,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-__all__ = ["LocalNode", "free_port", "free_group"]
+__all__ = ["LocalNode", "LocalPair", "free_port", "free_group", "listening"]
 
 
 def free_port() -> int:
@@ -28,13 +28,29 @@ def free_group() -> str:
     return f"239.255.{os.getpid() % 250}.{1 + int(uuid.uuid4().hex[:2], 16) % 250}"
 
 
+def listening(host: str, port: int) -> bool:
+    """Whether something listens on ``host:port`` (probed by binding, not connecting: a
+    probe must not look like a peer to the node)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+        return False
+    except OSError:
+        return True
+    finally:
+        s.close()
+
+
 class LocalNode:
     def __init__(self, tmp: Path, orders: int = 65536, cells: int = 65536,
                  prefix: str = "t", data_dir: Path | None = None, fsync: str = "interval",
-                 extra: str = ""):
+                 extra: str = "", mport: int | None = None, group: str | None = None,
+                 repl_port: int | None = None, start: bool = True):
         self.name = f"{prefix}{os.getpid()}{uuid.uuid4().hex[:6]}"
-        self.port, self.mport = free_port(), free_port()
-        self.group = free_group()
+        self.port, self.mport = free_port(), mport or free_port()
+        self.repl_port = repl_port  # a node of a pair: its replication listener
+        self.group = group or free_group()
         self.config = tmp / f"{self.name}.toml"
         self.data_dir = data_dir or tmp / f"{self.name}.data"
         self.config.write_text(
@@ -43,11 +59,14 @@ class LocalNode:
             f'group = "{self.group}"\n[journal]\ndir = "{self.data_dir}"\n'
             f'fsync = "{fsync}"\n{extra}')
         self.log = tmp / f"{self.name}.log"
-        self.start()
+        self.proc: subprocess.Popen | None = None
+        if start:
+            self.start()
 
     def start(self, timeout: float = 120) -> None:
         """Start ``exposure run`` on this node's config (again, after a crash: as systemd
-        would) and wait until it listens; its output goes to ``self.log``."""
+        would) and wait until it listens (for sessions, or as a backup for its primary);
+        its output goes to ``self.log``."""
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "exposure", "run", "--config",
                                           str(self.config)], stdout=log, stderr=log,
@@ -56,14 +75,17 @@ class LocalNode:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited: {self.log.read_text()[-3000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            if listening("127.0.0.1", self.port) or (
+                    self.repl_port and listening("127.0.0.1", self.repl_port)):
                 break
-            except OSError:
-                if time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError("node did not start listening") from None
-                time.sleep(0.1)
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError("node did not start listening")
+            time.sleep(0.05)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def pids(self) -> dict[str, int]:
         """The supervisor and each stage process (by its [[process]] name)."""
@@ -79,6 +101,24 @@ class LocalNode:
             pass
         return out
 
+    def kill9(self) -> None:
+        """kill -9 of the whole node: the supervisor (its stage processes follow it, by
+        PR_SET_PDEATHSIG) and, to be sure, each stage process."""
+        pids = self.pids()
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        import psutil
+
+        for pid in pids.values():  # gone before the test goes on (they hold the ports)
+            try:
+                psutil.Process(pid).wait(timeout=10)
+            except psutil.Error:
+                pass
+
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "exposure", *args, "--config",
                                str(self.config)], capture_output=True, timeout=timeout)
@@ -87,7 +127,7 @@ class LocalNode:
         return [n for n in os.listdir("/dev/shm") if n.startswith(f"exposure.{self.name}.")]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)
@@ -96,3 +136,56 @@ class LocalNode:
                 self.proc.wait()
         for n in self.segments():  # only if the node failed to clean up (the test checks)
             os.unlink(f"/dev/shm/{n}")
+
+
+class LocalPair:
+    """Two real nodes of a primary/backup pair on loopback, with their own secret, witness,
+    ports and data directories; ``a`` starts first (the primary), then ``b`` (its backup).
+    On 2 cores only ``a``'s hot process spins; everything else blocks or sleeps."""
+
+    def __init__(self, tmp: Path, release: str = "replicated+local", orders: int = 65536,
+                 cells: int = 65536, failover_ms: int = 300, heartbeat_ms: int = 50,
+                 fsync: str = "interval", start: bool = True, extra: str = ""):
+        self.secret = tmp / "pair.secret"
+        self.secret.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+        self.witness = tmp / "pair.witness"
+        mport, group = free_port(), free_group()
+        ra, rb = free_port(), free_port()
+        nodes = []
+        for tag, mine in (("pa", ra), ("pb", rb)):
+            nodes.append(LocalNode(tmp, orders, cells, prefix=tag, fsync=fsync, mport=mport,
+                                   group=group, repl_port=mine, start=False))
+        self.a, self.b = nodes
+        for n, other, wait, cpu in ((self.a, self.b, "spin", -1),
+                                    (self.b, self.a, "block", -2)):
+            n.config.write_text(n.config.read_text() + f"""
+[replication]
+listen = "127.0.0.1:{n.repl_port}"
+peer = "127.0.0.1:{other.repl_port}"
+peer_ingest = "127.0.0.1:{other.port}"
+secret_file = "{self.secret}"
+witness = "{self.witness}"
+release = "{release}"
+heartbeat_ms = {heartbeat_ms}
+failover_ms = {failover_ms}
+{extra}
+[[process]]
+name = "hot"
+stages = ["ingest", "compute", "fanout"]
+cpu = {cpu}
+wait = "{wait}"
+
+[[process]]
+name = "durable"
+stages = ["journal", "mirror"]
+cpu = -2
+wait = "sleep"
+tick_us = 200
+""")
+        if start:
+            self.a.start()
+            self.b.start()
+
+    def stop(self) -> None:
+        for n in (self.b, self.a):
+            n.stop()

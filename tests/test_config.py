@@ -19,7 +19,7 @@ def _cfg(tmp_path, text):
 def test_the_built_in_default_fits_this_machine():
     cfg = load_config()
     assert [p.stages for p in cfg.processes] == [("ingest", "compute", "fanout"),
-                                                  ("journal",)]
+                                                  ("journal", "mirror")]
     spin = [p for p in cfg.processes if p.wait == "spin"]
     if len(CPUS) > 1:
         assert len(spin) == 1 and spin[0].cpu == CPUS[-1]

@@ -1,0 +1,353 @@
+"""A primary/backup pair on loopback: failover, rejoin, catch-up, a cut link, a wrong secret,
+and a seeded chaos run. Real nodes (``exposure run``), a real client (``exposure send``),
+kill -9 of whole nodes, and the mirror's fault hook for a cut link."""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orjson
+import pytest
+from nodes import LocalPair
+
+from exposure import repl as R
+from exposure.document import compare_documents, document
+from exposure.journal import read_blocks
+from exposure.parse import read_events
+from exposure.replay import replay_records
+from exposure.shm.control import (
+    CONTROL_WORDS,
+    CTL_EPOCH,
+    CTL_IN_SYNC,
+    CTL_ROLE,
+    ROLE_BACKUP,
+    ROLE_PRIMARY,
+)
+from exposure.shm.segment import SharedArray
+from exposure.shm.tally_segment import TallySegment
+from exposure.stages.mirror import FAULT_CUT_LINK
+from exposure.types import C_LAST_GSEQ, C_NCHANGED, C_STAMP
+from perf.flowgen import generate, to_jsonl
+from perf.localnode import listening
+
+
+def control(node) -> np.ndarray | None:
+    """The node's control block (a copy), or None while the node is down."""
+    try:
+        seg = SharedArray.attach(f"/exposure.{node.name}.control", (CONTROL_WORDS,),
+                                 np.uint64, readonly=True)
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        return seg.array.copy()
+    finally:
+        seg.close()
+
+
+def role(node) -> int:
+    c = control(node)
+    return 0 if c is None else int(c[CTL_ROLE])
+
+
+def last_gseq(node) -> int:
+    seg = TallySegment.attach(f"/exposure.{node.name}.tally")
+    try:
+        return int(seg.state.ctr[C_LAST_GSEQ])
+    finally:
+        seg.close()
+
+
+def wait_for(pred, timeout: float, what: str, node=None) -> float:
+    """Poll ``pred`` until true; returns the seconds it took."""
+    t0 = time.time()
+    while not pred():
+        if time.time() - t0 > timeout:
+            logs = "" if node is None else node.log.read_text()[-4000:]
+            raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        time.sleep(0.01)
+    return time.time() - t0
+
+
+def in_sync(node) -> bool:
+    c = control(node)
+    return c is not None and c[CTL_ROLE] == ROLE_BACKUP and bool(c[CTL_IN_SYNC])
+
+
+def dump(node) -> dict:
+    p = node.cli("dump", "--compact")
+    assert p.returncode == 0, p.stderr.decode()
+    return orjson.loads(p.stdout)
+
+
+def flow(tmp_path, n: int, seed: int, name: str = "flow.jsonl"):
+    path = tmp_path / name
+    path.write_bytes(to_jsonl(generate(n, accounts=100, instruments=1000, universe=40,
+                                       live_target=5000, seed=seed)))
+    return path
+
+
+def send(node, events, rate: int, session: int = 1, timeout: float = 120):
+    return subprocess.Popen(
+        [sys.executable, "-m", "exposure", "send", str(events), "--config", str(node.config),
+         "--rate", str(rate), "--timeout", str(timeout), "--retry", "300",
+         "--session", str(session)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(client, n: int) -> dict:
+    out, err = client.communicate(timeout=300)
+    assert client.returncode == 0, err
+    res = json.loads(out)
+    assert res["acknowledged"] == n, res
+    return res
+
+
+def assert_equal_to_replay(pair, events) -> None:
+    """Both nodes hold the same gseq, and the tallies of each equal the offline replay of
+    everything the client sent: nothing acknowledged lost, nothing counted twice."""
+    wait_for(lambda: last_gseq(pair.a) == last_gseq(pair.b), 120, "both nodes at one gseq")
+    want = document(replay_records(read_events(events)))
+    for node in (pair.a, pair.b):
+        assert compare_documents(dump(node), want) == [], node.name
+    assert_same_state(pair.a, pair.b)
+    # every (session, seq) once in each journal
+    for node in (pair.a, pair.b):
+        keys = np.concatenate([(b.records["session"].astype(np.uint64) << np.uint64(40))
+                               | b.records["sseq"] for b in read_blocks(node.data_dir)])
+        assert len(keys) == len(np.unique(keys)) == last_gseq(node)
+
+
+def assert_same_state(a, b) -> None:
+    """The two tally segments hold the same tables, byte for byte: all but the batch
+    bookkeeping (batch stamps, the changed list: the nodes cut the same sequence into
+    different batches) and the published copies (checked through the documents)."""
+    sa = TallySegment.attach(f"/exposure.{a.name}.tally")
+    sb = TallySegment.attach(f"/exposure.{b.name}.tally")
+    try:
+        for name, x, y in zip(sa.state._fields, sa.state, sb.state, strict=True):
+            if name in ("pub", "changed", "acc_stamp"):
+                continue
+            if name == "ctr":
+                x, y = x.copy(), y.copy()
+                x[[C_STAMP, C_NCHANGED]] = y[[C_STAMP, C_NCHANGED]] = 0
+            assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), name
+    finally:
+        sa.close()
+        sb.close()
+
+
+@pytest.fixture
+def pair(tmp_path):
+    made = []
+
+    def make(**kw) -> LocalPair:
+        p = LocalPair(tmp_path, **kw)
+        made.append(p)
+        wait_for(lambda: in_sync(p.b), 60, "the backup in sync", p.b)
+        return p
+
+    yield make
+    for p in made:
+        p.stop()
+        assert p.a.segments() == [] and p.b.segments() == []
+
+
+def seeded() -> random.Random:
+    seed = random.SystemRandom().randrange(1 << 30)
+    print(f"seed {seed}")
+    return random.Random(seed)
+
+
+# ---------------------------------------------------------------------------------- tests
+@pytest.mark.timeout(300)
+def test_kill_9_of_the_primary_promotes_the_backup_and_the_client_resumes_on_it(pair,
+                                                                                tmp_path):
+    rnd = seeded()
+    p = pair()
+    n = 60_000
+    events = flow(tmp_path, n, rnd.randrange(1 << 30))
+    client = send(p.a, events, rate=30_000)
+    try:
+        time.sleep(rnd.uniform(0.8, 2.0))
+        epoch = int(control(p.a)[CTL_EPOCH])
+        t_kill = time.time()
+        p.a.kill9()
+        wait_for(lambda: role(p.b) == ROLE_PRIMARY, 10, "the promotion", p.b)
+        print(f"promoted at most {(time.time() - t_kill) * 1000:.0f} ms after the kill")
+        assert int(control(p.b)[CTL_EPOCH]) > epoch
+        assert listening("127.0.0.1", p.b.port)
+        # Under replicate-then-release the new primary acknowledges once it has a backup
+        # again: the old primary comes back (as systemd would restart it) and follows.
+        p.a.start()
+        assert role(p.a) == ROLE_BACKUP
+        finish(client, n)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert_equal_to_replay(p, events)
+    assert "promoted to primary" in p.b.log.read_text()
+
+
+@pytest.mark.timeout(300)
+def test_the_old_primary_rejoins_as_backup_never_accepts_sessions_and_catches_up(pair,
+                                                                               tmp_path):
+    rnd = seeded()
+    p = pair(release="local")  # the new primary acknowledges alone: the client finishes
+    n = 40_000
+    events = flow(tmp_path, n, rnd.randrange(1 << 30))
+    first = flow(tmp_path, 5_000, rnd.randrange(1 << 30), "first.jsonl")
+    finish(send(p.a, first, rate=0, session=2), 5_000)
+    p.a.kill9()
+    wait_for(lambda: role(p.b) == ROLE_PRIMARY, 10, "the promotion", p.b)
+    finish(send(p.b, events, rate=0), n)  # all of it while the old primary is down
+    p.a.start()
+    seen_listening = False
+    t0 = time.time()
+    while time.time() - t0 < 3 or last_gseq(p.a) != last_gseq(p.b):
+        seen_listening |= listening("127.0.0.1", p.a.port)
+        assert role(p.a) == ROLE_BACKUP
+        assert time.time() - t0 < 60, "the old primary did not catch up"
+        time.sleep(0.01)
+    assert not seen_listening, "the old primary accepted sessions"
+    both = tmp_path / "both.jsonl"
+    both.write_bytes(first.read_bytes() + events.read_bytes())
+    assert_equal_to_replay(p, both)
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_of_the_backup_the_primary_goes_on_and_the_backup_catches_up(pair, tmp_path):
+    rnd = seeded()
+    p = pair()
+    n = 60_000
+    events = flow(tmp_path, n, rnd.randrange(1 << 30))
+    client = send(p.a, events, rate=30_000)
+    try:
+        time.sleep(rnd.uniform(0.5, 1.5))
+        p.b.kill9()
+        g = last_gseq(p.a)
+        wait_for(lambda: last_gseq(p.a) > g + 5000, 30, "the primary going on", p.a)
+        assert role(p.a) == ROLE_PRIMARY
+        p.b.start()
+        finish(client, n)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert_equal_to_replay(p, events)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("release", ["replicated+local", "replicated", "local"])
+def test_a_cut_link_never_makes_two_primaries(pair, tmp_path, release):
+    rnd = seeded()
+    p = pair(release=release)
+    n = 40_000
+    events = flow(tmp_path, n, rnd.randrange(1 << 30))
+    client = send(p.a, events, rate=20_000)
+    cut = p.a.data_dir / FAULT_CUT_LINK
+    try:
+        time.sleep(rnd.uniform(0.3, 1.0))
+        cut.touch()
+        t0 = time.time()
+        while time.time() - t0 < 1.5:  # five times failover_ms
+            ra, rb = role(p.a), role(p.b)
+            assert not (ra == ROLE_PRIMARY and rb == ROLE_PRIMARY)
+            assert rb == ROLE_BACKUP and not listening("127.0.0.1", p.b.port)
+            assert listening("127.0.0.1", p.a.port)
+            time.sleep(0.005)
+        assert "holds the witness" in p.b.log.read_text()
+        cut.unlink()
+        finish(client, n)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert_equal_to_replay(p, events)
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_with_a_wrong_secret_is_refused_and_reaches_nothing(pair, tmp_path):
+    p = pair()
+    first = flow(tmp_path, 2_000, 7)
+    finish(send(p.a, first, rate=0), 2_000)
+    wait_for(lambda: last_gseq(p.b) == 2_000, 30, "replication")
+    for wrong in (b"x" * 32, None):
+        s = socket.create_connection(("127.0.0.1", p.b.repl_port), timeout=5)
+        rd = R.ReplReader()
+        (kind, nonce), = rd.feed(s.recv(4096))
+        assert kind == R.K_CHALLENGE
+        fake = np.zeros((4, 16), np.uint64)
+        fake[:, 0] = np.arange(2_001, 2_005)
+        if wrong is not None:  # a made-up proof, then records as if accepted
+            s.sendall(R.frame(R.K_AUTH, R.AUTH.pack(R.mac(wrong, "primary", nonce),
+                                                    os.urandom(32), 99, 0))
+                      + R.frame(R.K_RECORDS, fake.tobytes()))
+        else:  # no AUTH at all: records straight away
+            s.sendall(R.frame(R.K_RECORDS, fake.tobytes()))
+        frames = []
+        while not frames:
+            data = s.recv(4096)
+            assert data, "closed without a REFUSE"
+            frames = rd.feed(data)
+        kind, payload = frames[0]
+        assert kind == R.K_REFUSE
+        code = int.from_bytes(payload[:2], "little")
+        assert code == (R.E_AUTH if wrong is not None else R.E_PROTOCOL)
+        s.close()
+    time.sleep(0.3)
+    assert last_gseq(p.b) == 2_000
+    assert role(p.b) == ROLE_BACKUP and in_sync(p.b)
+    log = p.b.log.read_text()
+    assert "does not verify (a wrong secret?)" in log and "before AUTH" in log
+    # The real primary's link is untouched: replication goes on.
+    more = flow(tmp_path, 1_000, 8, "more.jsonl")
+    finish(send(p.a, more, rate=0, session=2), 1_000)
+    wait_for(lambda: last_gseq(p.b) == 3_000, 30, "replication after the refusals")
+
+
+@pytest.mark.timeout(600)
+def test_seeded_chaos_of_20_faults_ends_with_both_nodes_equal_to_the_replay(pair, tmp_path):
+    rnd = seeded()
+    p = pair()
+    n = 400_000
+    events = flow(tmp_path, n, rnd.randrange(1 << 30))
+    client = send(p.a, events, rate=4_000, timeout=300)
+    faults = []
+    try:
+        for _ in range(20):
+            time.sleep(rnd.uniform(0.2, 1.2))
+            primary = p.a if role(p.a) == ROLE_PRIMARY else p.b
+            backup = p.b if primary is p.a else p.a
+            kind = rnd.choice(["kill-primary", "kill-backup", "kill-process", "cut-link"])
+            faults.append(kind)
+            if kind == "kill-primary":
+                wait_for(lambda b=backup: in_sync(b), 60, "the backup in sync", backup)
+                primary.kill9()
+                wait_for(lambda b=backup: role(b) == ROLE_PRIMARY, 10, "the promotion",
+                         backup)
+                primary.start()
+            elif kind == "kill-backup":
+                backup.kill9()
+                time.sleep(rnd.uniform(0, 0.5))
+                backup.start()
+            elif kind == "kill-process":
+                victim = rnd.choice([primary, backup])
+                pids = victim.pids()
+                os.kill(pids[rnd.choice(["hot", "durable"])], 9)
+                time.sleep(0.5)
+            else:
+                cut = primary.data_dir / FAULT_CUT_LINK
+                cut.touch()
+                time.sleep(rnd.uniform(0.1, 0.8))
+                cut.unlink()
+            assert not (role(p.a) == ROLE_PRIMARY and role(p.b) == ROLE_PRIMARY)
+        print("faults:", faults)
+        wait_for(lambda: p.a.alive and p.b.alive, 10, "both nodes up")
+        finish(client, n)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert_equal_to_replay(p, events)

@@ -67,10 +67,17 @@ class LocalNode:
         """Start ``exposure run`` on this node's config (again, after a crash: as systemd
         would) and wait until it listens (for sessions, or as a backup for its primary);
         its output goes to ``self.log``."""
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start ``exposure run`` without waiting for it."""
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "exposure", "run", "--config",
                                           str(self.config)], stdout=log, stderr=log,
                                          text=True)
+
+    def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.time() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -118,6 +125,37 @@ class LocalNode:
                 psutil.Process(pid).wait(timeout=10)
             except psutil.Error:
                 pass
+
+    def control(self):
+        """A copy of the node's control block (exposure.shm.control), None while down."""
+        import numpy as np
+
+        from exposure.shm.control import CONTROL_WORDS
+        from exposure.shm.segment import SharedArray
+
+        try:
+            seg = SharedArray.attach(f"/exposure.{self.name}.control", (CONTROL_WORDS,),
+                                     np.uint64, readonly=True)
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            return seg.array.copy()
+        finally:
+            seg.close()
+
+    def last_gseq(self) -> int:
+        """The gseq of the last event compute applied (0 while down)."""
+        from exposure.shm.tally_segment import TallySegment
+        from exposure.types import C_LAST_GSEQ
+
+        try:
+            seg = TallySegment.attach(f"/exposure.{self.name}.tally")
+        except (FileNotFoundError, ValueError):
+            return 0
+        try:
+            return int(seg.state.ctr[C_LAST_GSEQ])
+        finally:
+            seg.close()
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "exposure", *args, "--config",
@@ -183,8 +221,20 @@ wait = "sleep"
 tick_us = 200
 """)
         if start:
-            self.a.start()
-            self.b.start()
+            self.start()
+
+    def start(self, timeout: float = 120) -> None:
+        """``a`` first: once it holds the witness (it is the primary), ``b`` starts beside
+        it while ``a`` is still loading its stages."""
+        self.a.launch()
+        deadline = time.time() + timeout
+        while not (self.witness.exists() and self.a.name in self.witness.read_text()):
+            if self.a.proc.poll() is not None or time.time() > deadline:
+                self.a.wait_ready(1)  # raises with the log
+            time.sleep(0.02)
+        self.b.launch()
+        self.a.wait_ready(timeout)
+        self.b.wait_ready(timeout)
 
     def stop(self) -> None:
         for n in (self.b, self.a):

@@ -99,6 +99,7 @@ class Node:
         self.role_since = time.monotonic_ns()
         self.insync = -1            # what the in-sync file says (-1: not read yet)
         self.said = ""              # the last role message logged (said once)
+        self.known = 0              # the highest peer epoch stored in the epoch file
 
     def start(self) -> None:
         cfg, names = self.cfg, _names(self.cfg)
@@ -201,9 +202,10 @@ class Node:
         """The supervisor's part of replication, every loop: persist what the peer told
         us, rebuild when the replica asks, promote or demote."""
         cfg, ctl = self.cfg, self.ctl
-        peer_epoch = int(ctl[CTL_PEER_EPOCH])
-        if peer_epoch > read_epoch(cfg.data_dir):
-            store_epoch(cfg.data_dir, peer_epoch)
+        peer_epoch = int(ctl[CTL_PEER_EPOCH])  # before CTL_IN_SYNC (see the replica)
+        if peer_epoch > self.known:
+            store_epoch(cfg.data_dir, max(peer_epoch, read_epoch(cfg.data_dir)))
+            self.known = peer_epoch
         if ctl[CTL_RELOAD]:
             self.restart("the replica asked for a rebuild", reload=int(ctl[CTL_RELOAD]))
             return

@@ -370,9 +370,11 @@ class ReplicaStage:
             self._close(self.link)
         ln.authed = True
         self.link = ln
+        # Not in sync *before* the new epoch is visible: the supervisor reads the epoch,
+        # then the flag, so it never takes an old "in sync" for the new epoch's.
+        self.ctl[CTL_IN_SYNC] = 0
         self.ctl[CTL_PEER_EPOCH] = epoch
         self.ctl[CTL_PRIMARY_GSEQ] = tail
-        self.ctl[CTL_IN_SYNC] = 0
         self.ctl[CTL_HEARD_NS] = time.monotonic_ns()
         self.ctl[CTL_LINK] = 1
         self.acked = (-1, -1)

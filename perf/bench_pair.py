@@ -49,7 +49,7 @@ name = "durable"
 stages = ["journal", "mirror"]
 cpu = -2
 wait = "sleep"
-tick_us = 200
+tick_us = 500
 """
 
 

@@ -4,7 +4,9 @@ Datagram::
 
     off size field
       0    4 magic        0x58505544 ("DUPX")
-      4    4 epoch        the node's incarnation (bumped at every start or restart)
+      4    4 epoch        the node's incarnation: bumped at every start, restart and promotion
+                          (in a pair the witness keeps epochs strictly increasing across
+                          both nodes); the stream seq starts again at 1 in a new epoch
       8    8 stream seq   1, 2, 3, ... per datagram: a receiver detects gaps
      16    4 count        updates that follow
      20    4 reserved

@@ -63,6 +63,8 @@ _NEED_MORE = 0   # no complete frame left at pos
 _CONTROL = 1     # a frame at pos that Python handles (login, heartbeat, anything invalid)
 _RING_FULL = 2   # the compute ring has no room for the rest of the frame at pos
 _BUF = 2 * (_HDR + W.MAX_PAYLOAD)  # per-connection receive buffer (virtual until touched)
+_MARK_NS = 100_000   # replicated-release checkpoints: at most one per session per 100 us
+_MAX_MARKS = 4096
 
 
 @njit(cache=True, _nrt=False)
@@ -166,7 +168,7 @@ def _scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, tctrl, ts
 
 class _Conn:
     __slots__ = ("sock", "fd", "buf", "wbuf", "mv", "pos", "fill", "stalled", "session",
-                 "held", "acked", "ack_due", "out", "marks", "repl")
+                 "held", "acked", "ack_due", "out", "marks", "mark_ns", "repl")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -182,7 +184,8 @@ class _Conn:
         self.acked = -1
         self.ack_due = 0   # monotonic ns before which no further ACK is sent (coalescing)
         self.out = bytearray()
-        self.marks: deque = deque()  # (last gseq, last session seq) of each push
+        self.marks: deque = deque()  # (last gseq, session seq held): see IngestStage._mark
+        self.mark_ns = 0
         self.repl = 0      # highest session seq the backup has received
 
 
@@ -351,7 +354,8 @@ class IngestStage:
         pushed = 0
         res = self.res
         while True:
-            self._scan(c.buf, c.wbuf, c.pos, c.fill, c.session, c.held, time.time_ns(),
+            now = time.time_ns()
+            self._scan(c.buf, c.wbuf, c.pos, c.fill, c.session, c.held, now,
                        self.next_gseq, self.out.ctrl, self.out.slots, *self._tap_args, res)
             why, c.pos, held, n = int(res[0]), int(res[1]), int(res[2]), int(res[3])
             if n:
@@ -360,10 +364,7 @@ class IngestStage:
                 c.held = held
                 self.sessions[c.session, S_HELD] = held
                 if self.replicated:
-                    if len(c.marks) < 4096:
-                        c.marks.append((self.next_gseq - 1, held))
-                    else:  # (no backup for a while) a later mark: released later, never early
-                        c.marks[-1] = (self.next_gseq - 1, held)
+                    self._mark(c, held, now)
                 self.unacked.add(c)
                 if res[4]:
                     self.out.semaphore.release()  # a compute process asleep on the ring
@@ -379,6 +380,24 @@ class IngestStage:
                 self.stalled.discard(c)
             if why == _NEED_MORE or not self._control(c):
                 return pushed
+
+    def _mark(self, c: _Conn, held: int, now: int) -> None:
+        """Checkpoint (last gseq pushed, session seq held) for the replicated release.
+
+        One mark per ``_MARK_NS`` window: within a window the newest mark moves forward;
+        once its window has passed it is frozen and released as soon as the backup has
+        received its gseq (a mark that kept moving would never be reached while events
+        stream). Without a backup for a long time the oldest marks are dropped: a dropped
+        mark's seq is released with the next mark, later, never early."""
+        g = self.next_gseq - 1
+        m = c.marks
+        if m and now - c.mark_ns < _MARK_NS:
+            m[-1] = (g, held)
+            return
+        if len(m) >= _MAX_MARKS:
+            m.popleft()
+        m.append((g, held))
+        c.mark_ns = now
 
     def _control(self, c: _Conn) -> bool:
         """The frame at ``c.pos`` that the scanner left: check it, handle it if complete.

@@ -184,7 +184,8 @@ class LocalPair:
 
     def __init__(self, tmp: Path, release: str = "replicated+local", orders: int = 65536,
                  cells: int = 65536, failover_ms: int = 300, heartbeat_ms: int = 50,
-                 fsync: str = "interval", start: bool = True, extra: str = ""):
+                 fsync: str = "interval", start: bool = True, extra: str = "",
+                 node_extra: str = ""):
         self.secret = tmp / "pair.secret"
         self.secret.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
         self.witness = tmp / "pair.witness"
@@ -193,7 +194,8 @@ class LocalPair:
         nodes = []
         for tag, mine in (("pa", ra), ("pb", rb)):
             nodes.append(LocalNode(tmp, orders, cells, prefix=tag, fsync=fsync, mport=mport,
-                                   group=group, repl_port=mine, start=False))
+                                   group=group, repl_port=mine, start=False,
+                                   extra=node_extra))
         self.a, self.b = nodes
         for n, other, wait, cpu in ((self.a, self.b, "spin", -1),
                                     (self.b, self.a, "sleep", -2)):

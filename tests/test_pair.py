@@ -17,7 +17,7 @@ from nodes import LocalPair
 from exposure import repl as R
 from exposure.desk import Desk
 from exposure.document import compare_documents, document
-from exposure.journal import read_blocks
+from exposure.journal import first_gseq, read_blocks
 from exposure.parse import read_events
 from exposure.replay import replay_records
 from exposure.shm.control import (
@@ -142,7 +142,8 @@ def pair(tmp_path):
     def make(**kw) -> LocalPair:
         p = LocalPair(tmp_path, **kw)
         made.append(p)
-        wait_for(lambda: in_sync(p.b), 60, "the backup in sync", p.b)
+        if kw.get("start", True):
+            wait_for(lambda: in_sync(p.b), 60, "the backup in sync", p.b)
         return p
 
     yield make
@@ -260,6 +261,60 @@ def test_a_cut_link_never_makes_two_primaries(pair, tmp_path, release):
         if client.poll() is None:
             client.kill()
     assert_equal_to_replay(p, events)
+
+
+@pytest.mark.timeout(300)
+def test_a_backup_older_than_the_primarys_journal_gets_a_snapshot_first(pair, tmp_path):
+    """The primary has taken snapshots and deleted the journal segments they cover; a
+    backup that starts empty afterwards is sent the newest snapshot, installs it, and
+    replays the rest of the journal after it."""
+    rnd = seeded()
+    p = pair(release="local", start=False,
+             node_extra="segment_mb = 1\n[snapshot]\nevery_events = 10000\nkeep = 1\n")
+    n = 60_000
+    events = flow(tmp_path, n, rnd.randrange(1 << 30))
+    p.a.start()
+    finish(send(p.a, events, rate=0), n)
+    wait_for(lambda: first_gseq(p.a.data_dir) > 1, 60, "segments deleted after a snapshot")
+    p.b.start()
+    wait_for(lambda: in_sync(p.b), 120, "the backup in sync", p.b)
+    assert "installed the primary's snapshot" in p.b.log.read_text()
+    assert "sending snapshot" in p.a.log.read_text()
+    want = document(replay_records(read_events(events)))
+    wait_for(lambda: last_gseq(p.b) == n, 60, "the backup applying everything")
+    assert compare_documents(dump(p.b), want) == []
+    assert_same_state(p.a, p.b)
+
+
+@pytest.mark.timeout(300)
+def test_an_old_primary_with_an_unreplicated_tail_is_reset_and_rejoins(pair, tmp_path):
+    """Under the local policy a primary may acknowledge what its backup never received
+    (here: while the link is cut). It dies; the backup takes over without those events
+    (the policy's documented risk); when the old primary comes back its journal has
+    diverged: it is told to RESET, moves its state aside (kept, not deleted) and rejoins
+    with the new primary's history."""
+    rnd = seeded()
+    p = pair(release="local")
+    first = flow(tmp_path, 5_000, rnd.randrange(1 << 30), "first.jsonl")
+    finish(send(p.a, first, rate=0), 5_000)
+    wait_for(lambda: last_gseq(p.b) == 5_000, 30, "replication")
+    (p.a.data_dir / FAULT_CUT_LINK).touch()
+    lost = flow(tmp_path, 3_000, rnd.randrange(1 << 30), "lost.jsonl")
+    finish(send(p.a, lost, rate=0, session=2), 3_000)  # acknowledged by a alone
+    assert last_gseq(p.b) == 5_000
+    p.a.kill9()
+    (p.a.data_dir / FAULT_CUT_LINK).unlink()
+    wait_for(lambda: role(p.b) == ROLE_PRIMARY, 10, "the promotion", p.b)
+    later = flow(tmp_path, 4_000, rnd.randrange(1 << 30), "later.jsonl")
+    finish(send(p.b, later, rate=0, session=3), 4_000)
+    p.a.start()
+    wait_for(lambda: last_gseq(p.a) == 9_000 and in_sync(p.a), 120, "the rejoin", p.a)
+    assert "RESET" in p.b.log.read_text()
+    assert "moved this node's journal and snapshots" in p.a.log.read_text()
+    assert list(p.a.data_dir.glob("replaced-*/journal-*.seg"))  # kept for the operator
+    both = tmp_path / "both.jsonl"
+    both.write_bytes(first.read_bytes() + later.read_bytes())
+    assert_equal_to_replay(p, both)
 
 
 @pytest.mark.timeout(120)

@@ -33,24 +33,11 @@ from pathlib import Path
 from exposure.journal import read_blocks
 from exposure.shm.control import CTL_IN_SYNC, CTL_LINK, CTL_PRIMARY_GSEQ, CTL_ROLE, ROLE_PRIMARY
 from perf.flowgen import generate, to_jsonl
-from perf.localnode import LocalNode, LocalPair
+from perf.localnode import LocalNode, LocalPair, process_map
 from perf.tool import Target, _flow, measure_run
 
 POLICIES = ("standalone", "local", "replicated", "replicated+local")
-_STANDALONE_MAP = """
-[[process]]
-name = "hot"
-stages = ["ingest", "compute", "fanout"]
-cpu = -1
-wait = "spin"
-
-[[process]]
-name = "durable"
-stages = ["journal", "mirror"]
-cpu = -2
-wait = "sleep"
-tick_us = 500
-"""
+_STANDALONE_MAP = process_map()  # the same map as the pair primary's
 
 
 def _wait(pred, timeout: float, what: str) -> None:

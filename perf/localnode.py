@@ -12,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-__all__ = ["LocalNode", "LocalPair", "free_port", "free_group", "listening"]
+__all__ = ["LocalNode", "LocalPair", "free_port", "free_group", "listening", "process_map"]
 
 
 def free_port() -> int:
@@ -176,6 +176,27 @@ class LocalNode:
             os.unlink(f"/dev/shm/{n}")
 
 
+def process_map(hot_wait: str = "spin", hot_cpu: int = -1, tick_us: int = 500) -> str:
+    """The [[process]] tables of a node of a pair (and of the standalone node the pair
+    benchmark compares with): ingest, compute and fan-out in one process; journal and
+    mirror in a second one, sleeping a tick between polls on CPU 0."""
+    return f"""
+[[process]]
+name = "hot"
+stages = ["ingest", "compute", "fanout"]
+cpu = {hot_cpu}
+wait = "{hot_wait}"
+tick_us = {tick_us}
+
+[[process]]
+name = "durable"
+stages = ["journal", "mirror"]
+cpu = -2
+wait = "sleep"
+tick_us = {tick_us}
+"""
+
+
 class LocalPair:
     """Two real nodes of a primary/backup pair on loopback, with their own secret, witness,
     ports and data directories; ``a`` starts first (the primary), then ``b`` (its backup).
@@ -210,20 +231,7 @@ release = "{release}"
 heartbeat_ms = {heartbeat_ms}
 failover_ms = {failover_ms}
 {extra}
-[[process]]
-name = "hot"
-stages = ["ingest", "compute", "fanout"]
-cpu = {cpu}
-wait = "{wait}"
-tick_us = 500
-
-[[process]]
-name = "durable"
-stages = ["journal", "mirror"]
-cpu = -2
-wait = "sleep"
-tick_us = 500
-""")
+{process_map(wait, cpu)}""")
         if start:
             self.start()
 

@@ -46,6 +46,7 @@ from numba import njit
 
 from .. import _jit
 from .. import wire as W
+from .._sock import flush, send_or_queue
 from ..shm import ring_layout as RL
 from ..shm.control import CTL_EPOCH, CTL_REPL_RECV, CTL_ROLE, ROLE_BACKUP, ROLE_PRIMARY
 from ..shm.intrinsics import load_acquire, store_release
@@ -462,30 +463,15 @@ class IngestStage:
             self.unacked.discard(c)
 
     def _send(self, c: _Conn, data: bytes) -> None:
-        if c.out:
-            c.out += data
-        else:
-            try:
-                n = c.sock.send(data)
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                self._close(c)
-                return
-            if n < len(data):
-                c.out += data[n:]
-                self.backlog.add(c)
+        if not send_or_queue(c.sock, c.out, data):
+            self._close(c)
+        elif c.out:
+            self.backlog.add(c)
 
     def _flush(self, c: _Conn) -> None:
-        try:
-            n = c.sock.send(c.out)
-            del c.out[:n]
-        except BlockingIOError:
-            pass
-        except OSError:
+        if not flush(c.sock, c.out):
             self._close(c)
-            return
-        if not c.out:
+        elif not c.out:
             self.backlog.discard(c)
 
     def close(self) -> None:

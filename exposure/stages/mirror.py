@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import repl as R
+from .._sock import flush, send_or_queue
 from ..journal import JournalCursor, JournalError, first_gseq, read_record
 from ..shm import ring_layout as RL
 from ..shm.control import (
@@ -207,27 +208,12 @@ class MirrorStage:
 
     def _send(self, data: bytes) -> None:
         self.last_sent = time.monotonic_ns()
-        if self.out:
-            self.out += data
-            return
-        try:
-            n = self.sock.send(data)
-        except BlockingIOError:
-            n = 0
-        except OSError as e:
-            self._down(f"the link to the backup failed: {e}")
-            return
-        if n < len(data):
-            self.out += data[n:]
+        if not send_or_queue(self.sock, self.out, data):
+            self._down("the link to the backup failed")
 
     def _flush(self) -> None:
-        try:
-            n = self.sock.send(self.out)
-            del self.out[:n]
-        except BlockingIOError:
-            pass
-        except OSError as e:
-            self._down(f"the link to the backup failed: {e}")
+        if not flush(self.sock, self.out):
+            self._down("the link to the backup failed")
 
     def _receive(self, now: int) -> int:
         try:

@@ -30,6 +30,7 @@ from numba import njit
 
 from .. import _jit
 from .. import repl as R
+from .._sock import flush, send_or_queue
 from ..shm import ring_layout as RL
 from ..shm.control import (
     CTL_HEARD_NS,
@@ -266,26 +267,11 @@ class ReplicaStage:
 
     def _send(self, ln: _Link, data: bytes, now: int = 0) -> None:
         self.last_sent = now or time.monotonic_ns()
-        if ln.out:
-            ln.out += data
-            return
-        try:
-            n = ln.sock.send(data)
-        except BlockingIOError:
-            n = 0
-        except OSError:
+        if not send_or_queue(ln.sock, ln.out, data):
             self._close(ln)
-            return
-        if n < len(data):
-            ln.out += data[n:]
 
     def _flush(self, ln: _Link) -> None:
-        try:
-            n = ln.sock.send(ln.out)
-            del ln.out[:n]
-        except BlockingIOError:
-            pass
-        except OSError:
+        if not flush(ln.sock, ln.out):
             self._close(ln)
 
     def _read(self, ln: _Link) -> int:

@@ -83,7 +83,8 @@ class MirrorStage:
         self.buf = np.zeros((batch, EVENT_WORDS), np.uint64)
         self.hold = self.buf[:0]      # popped records not sent yet (after a gap)
         self.sock: socket.socket | None = None
-        self.state = "down"           # down, connecting, hello, welcome, stream, snapshot
+        self.state = "down"  # down, connecting, hello, welcome, stream, snapshot, closing
+        self.linger_until = 0
         self.next_try = 0
         self.reader = R.ReplReader()
         self.out = bytearray()
@@ -122,6 +123,13 @@ class MirrorStage:
         if self.state == "connecting":
             self._check_connected(now)
             self._discard_ring()
+            return 0
+        if self.state == "closing":
+            self._discard_ring()
+            if self.out:
+                self._flush()
+            if self.sock is not None and (not self.out or now > self.linger_until):
+                self._down("")
             return 0
         work = self._receive(now)
         if self.sock is None:
@@ -311,11 +319,10 @@ class MirrorStage:
              f"{self.next}")
 
     def _linger(self) -> None:
-        """Let queued frames reach the backup, then close."""
-        end = time.monotonic() + 1.0
-        while self.out and self.sock is not None and time.monotonic() < end:
-            self._flush()
-        self._down("")
+        """Close once the queued frames have reached the backup (or after a second): the
+        poll loop flushes them, so the journal beside the mirror never waits for it."""
+        self.state = "closing"
+        self.linger_until = time.monotonic_ns() + 1_000_000_000
 
     # ------------------------------------------------------------------ streaming
     def _stream(self) -> int:

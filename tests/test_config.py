@@ -2,6 +2,7 @@
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,47 @@ def test_a_port_in_use_is_refused(tmp_path):
     finally:
         s.close()
     check_ports_free(cfg)
+
+
+_PAIR = ("[replication]\npeer = '127.0.0.1:7722'\nlisten = '127.0.0.1:7712'\n"
+         "secret_file = 'secret'\nwitness = 'w.lock'\n")
+
+
+def test_the_example_pair_configs_load_and_name_each_other():
+    pair = Path(__file__).resolve().parents[1] / "examples" / "pair"
+    a = load_config(pair / "primary.toml")
+    b = load_config(pair / "backup.toml")
+    assert a.replicated and b.replicated and a.release == b.release == "replicated+local"
+    assert a.repl_peer == b.repl_listen and b.repl_peer == a.repl_listen
+    assert a.peer_ingest == (b.ingest_host, b.ingest_port)
+    assert b.peer_ingest == (a.ingest_host, a.ingest_port)
+    assert a.witness == b.witness and a.secret_file == b.secret_file
+    assert a.name != b.name and a.data_dir != b.data_dir
+    assert (a.group, a.fanout_port) == (b.group, b.fanout_port)
+    assert [p.stages for p in a.processes][1] == ("journal", "mirror")
+
+
+def test_a_pair_config_resolves_its_files_next_to_it(tmp_path):
+    (tmp_path / "secret").write_text("s" * 32)
+    cfg = _cfg(tmp_path, _PAIR)
+    assert cfg.secret_file == tmp_path / "secret" and cfg.witness == tmp_path / "w.lock"
+    assert not load_config().replicated and load_config().release == "local"
+
+
+@pytest.mark.parametrize("text,message", [
+    (_PAIR.replace("'127.0.0.1:7722'", "'localhost'"), "replication.peer = 'localhost'"),
+    (_PAIR.replace("listen = '127.0.0.1:7712'\n", ""), "replication.listen is required"),
+    (_PAIR.replace("witness = 'w.lock'\n", ""), "replication.witness is required"),
+    (_PAIR + "release = 'eventually'\n", "replication.release = 'eventually'"),
+    (_PAIR + "heartbeat_ms = 200\nfailover_ms = 300\n", "failover_ms = 300: at least two"),
+    (_PAIR.replace("'secret'", "'missing'"), "cannot read the replication secret"),
+    (_PAIR.replace("'secret'", "'short'"), "use at least 16"),
+    (_PAIR + "[[process]]\nname='a'\nstages=['ingest','compute','fanout','journal']\n",
+     "stage(s) mirror run in no process"),
+])
+def test_a_bad_pair_config_is_a_clear_error_naming_the_key(tmp_path, text, message):
+    (tmp_path / "secret").write_text("s" * 32)
+    (tmp_path / "short").write_text("tiny\n")
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp_path, text)
+    assert message in str(e.value)

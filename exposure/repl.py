@@ -20,7 +20,9 @@ AUTH            primary    HMAC-SHA256(secret, "exposure-repl/1 primary" + backu
 WELCOME         backup     HMAC-SHA256(secret, "exposure-repl/1 backup" + primary nonce),
                            u8 last gseq held, u8 highest epoch known, the 128-byte record
                            at that gseq (zeros at gseq 0)
-REFUSE          either     u2 code, UTF-8 text; the sender closes the link
+REFUSE          either     u2 code, UTF-8 text; the sender closes the link (a backup that
+                           knows a newer epoch than the primary's sends its WELCOME first,
+                           so the primary learns it from an authenticated frame)
 RECORDS         primary    n x 128-byte sequenced records (gseq consecutive), 1..8,192
 ACK             backup     u8 highest gseq received, u8 highest gseq durable
 HEARTBEAT       both       u8 gseq (primary: journal tail; backup: received), u8 epoch

@@ -140,7 +140,7 @@ class MirrorStage:
             work += self._send_snapshot()
         else:
             self._discard_ring()
-        if self.out:
+        if self.out and self.sock is not None:
             self._flush()
         if self.sock is not None and self.state in ("stream", "snapshot"):
             if now - self.last_sent >= self.heartbeat_ns and not self.out:
@@ -210,11 +210,14 @@ class MirrorStage:
             self.snap_file.close()
             self.snap_file = None
         self.state = "down"
+        self.out = bytearray()
         self.ctl[CTL_LINK] = 0
         self.next_try = time.monotonic_ns() + _RETRY_NS
         self.hold = self.buf[:0]
 
     def _send(self, data: bytes) -> None:
+        if self.sock is None:  # the link went down earlier in this poll
+            return
         self.last_sent = time.monotonic_ns()
         if not send_or_queue(self.sock, self.out, data):
             self._down("the link to the backup failed")
@@ -247,13 +250,8 @@ class MirrorStage:
         return 1
 
     def _frame(self, kind: int, payload) -> None:
-        if kind == R.K_REFUSE:
-            code = int.from_bytes(payload[:2], "little")
-            text = payload[2:].decode(errors="replace")
-            if code == R.E_EPOCH:
-                known = int(text.split(":")[0])
-                self.ctl[CTL_PEER_EPOCH] = max(int(self.ctl[CTL_PEER_EPOCH]), known)
-            self._down(f"the backup refused the link: {text}")
+        if kind == R.K_REFUSE:  # (a newer epoch comes in an authenticated WELCOME)
+            self._down(f"the backup refused the link: {payload[2:].decode(errors='replace')}")
         elif self.state == "hello" and kind == R.K_CHALLENGE:
             self.nonce = os.urandom(R.NONCE)
             self._send(R.frame(R.K_AUTH, R.AUTH.pack(

@@ -347,9 +347,16 @@ class ReplicaStage:
             self._refuse(ln, R.E_AUTH, "its AUTH does not verify (a wrong secret?)")
             return
         known = int(self.ctl[CTL_PEER_EPOCH])
+        last = self.next_gseq - 1
+        rec = self.last_record if last else np.zeros(EVENT_WORDS, np.uint64)
+        welcome = R.frame(R.K_WELCOME, R.WELCOME.pack(R.mac(self.secret, "backup", nonce),
+                                                      last, known, rec.tobytes()))
         if epoch < known:
-            self._refuse(ln, R.E_EPOCH, f"{known}: it is at epoch {epoch}, this node knows "
-                         f"epoch {known}")
+            # A stale primary: it is told the newer epoch in an authenticated WELCOME (an
+            # unauthenticated refusal must not be able to demote a primary), then dropped.
+            self._send(ln, welcome)
+            self._refuse(ln, R.E_EPOCH, f"it is at epoch {epoch}, this node knows epoch "
+                         f"{known}")
             return
         if self.link is not None:  # a primary that reconnects: the new link wins
             _log("a new authenticated link replaces the old one")
@@ -364,10 +371,7 @@ class ReplicaStage:
         self.ctl[CTL_HEARD_NS] = time.monotonic_ns()
         self.ctl[CTL_LINK] = 1
         self.acked = (-1, -1)
-        last = self.next_gseq - 1
-        rec = self.last_record if last else np.zeros(EVENT_WORDS, np.uint64)
-        self._send(ln, R.frame(R.K_WELCOME, R.WELCOME.pack(
-            R.mac(self.secret, "backup", nonce), last, known, rec.tobytes())))
+        self._send(ln, welcome)
         _log(f"following the primary at {ln.addr[0]}:{ln.addr[1]} (epoch {epoch}); "
              f"holding gseq {last}, its journal is at {tail}")
         self._check_sync()

@@ -242,11 +242,13 @@ class ReplicaStage:
         return 1
 
     def _close(self, ln: _Link) -> None:
+        if self.links.get(ln.fd) is not ln:
+            return  # closed already (its descriptor number may belong to a newer link)
         try:
             self.ep.unregister(ln.fd)
         except (KeyError, ValueError, OSError):
             pass
-        self.links.pop(ln.fd, None)
+        del self.links[ln.fd]
         if ln.snap is not None:
             ln.snap.close()
             if ln.snap_path is not None:

@@ -125,6 +125,12 @@ class LocalNode:
                 psutil.Process(pid).wait(timeout=10)
             except psutil.Error:
                 pass
+        # The dead incarnation's control block would still say "primary" until a restarted
+        # supervisor makes its own; nothing must read a dead node's role meanwhile.
+        try:
+            os.unlink(f"/dev/shm/exposure.{self.name}.control")
+        except FileNotFoundError:
+            pass
 
     def control(self):
         """A copy of the node's control block (exposure.shm.control), None while down."""

@@ -367,6 +367,10 @@ def test_seeded_chaos_of_20_faults_ends_with_both_nodes_equal_to_the_replay(pair
     try:
         for _ in range(20):
             time.sleep(rnd.uniform(0.1, 0.6))
+            # a restarted node has been launched, not waited for: once it has chosen its
+            # role (before its stages are up) the next fault may strike
+            wait_for(lambda: {role(p.a), role(p.b)} == {ROLE_PRIMARY, ROLE_BACKUP}, 60,
+                     "one primary and one backup")
             primary = p.a if role(p.a) == ROLE_PRIMARY else p.b
             backup = p.b if primary is p.a else p.a
             kind = rnd.choice(["kill-primary", "kill-backup", "kill-process", "cut-link"])
@@ -378,15 +382,16 @@ def test_seeded_chaos_of_20_faults_ends_with_both_nodes_equal_to_the_replay(pair
                 primary.kill9()
                 wait_for(lambda b=backup: role(b) == ROLE_PRIMARY, 10, "the promotion",
                          backup)
-                primary.start()
+                primary.launch()
             elif kind == "kill-backup":
                 backup.kill9()
                 time.sleep(rnd.uniform(0, 0.5))
-                backup.start()
+                backup.launch()
             elif kind == "kill-process":
                 victim = rnd.choice([primary, backup])
-                pids = victim.pids()
-                os.kill(pids[rnd.choice(["hot", "durable"])], 9)
+                stages = [pid for name, pid in victim.pids().items() if name != "supervisor"]
+                if stages:  # (none while its supervisor is still starting them)
+                    os.kill(rnd.choice(stages), 9)
                 time.sleep(0.5)
             else:
                 cut = primary.data_dir / FAULT_CUT_LINK
@@ -395,7 +400,8 @@ def test_seeded_chaos_of_20_faults_ends_with_both_nodes_equal_to_the_replay(pair
                 cut.unlink()
             assert not (role(p.a) == ROLE_PRIMARY and role(p.b) == ROLE_PRIMARY)
         print("faults:", faults)
-        wait_for(lambda: p.a.alive and p.b.alive, 10, "both nodes up")
+        for node in (p.a, p.b):
+            node.wait_ready()
         finish(client, n)
     finally:
         if client.poll() is None:

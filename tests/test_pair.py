@@ -17,7 +17,7 @@ from nodes import LocalPair
 from exposure import repl as R
 from exposure.desk import Desk
 from exposure.document import compare_documents, document
-from exposure.journal import first_gseq, read_blocks
+from exposure.journal import first_gseq, read_blocks, scan
 from exposure.parse import read_events
 from exposure.replay import replay_records
 from exposure.shm.control import (
@@ -112,8 +112,11 @@ def assert_equal_to_replay(pair, *files) -> None:
     for node in (pair.a, pair.b):
         assert compare_documents(dump(node), want) == [], node.name
     assert_same_state(pair.a, pair.b)
-    # every (session, seq) once in each journal
+    # every (session, seq) once in each journal (once the journal has caught up with
+    # compute: a restarted node's hot process may be up before its durable one)
     for node in (pair.a, pair.b):
+        wait_for(lambda nd=node: scan(nd.data_dir).last == last_gseq(nd), 60,
+                 "the journal", node)
         keys = np.concatenate([(b.records["session"].astype(np.uint64) << np.uint64(40))
                                | b.records["sseq"] for b in read_blocks(node.data_dir)])
         assert len(keys) == len(np.unique(keys)) == last_gseq(node)

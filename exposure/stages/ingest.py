@@ -252,6 +252,8 @@ class IngestStage:
                     self.lsock.close()
                     self.lsock = None
                 time.sleep(0.1)
+        else:  # the process dies; the supervisor restarts the node's processes (as primary)
+            raise RuntimeError(f"cannot listen for sessions on {self.addr[0]}:{self.addr[1]}")
         self.role = ROLE_PRIMARY
         print(f"exposure ingest: primary (epoch {int(self.ctl[CTL_EPOCH])}): accepting "
               f"sessions on {self.addr[0]}:{self.addr[1]} from gseq {self.next_gseq}",

@@ -2,6 +2,7 @@
 and a seeded chaos run. Real nodes (``exposure run``), a real client (``exposure send``),
 kill -9 of whole nodes, and the mirror's fault hook for a cut link."""
 
+import contextlib
 import json
 import os
 import random
@@ -35,17 +36,9 @@ from perf.flowgen import generate, to_jsonl
 from perf.localnode import listening
 
 
-def control(node) -> np.ndarray | None:
-    return node.control()
-
-
 def role(node) -> int:
     c = node.control()
     return 0 if c is None else int(c[CTL_ROLE])
-
-
-def last_gseq(node) -> int:
-    return node.last_gseq()
 
 
 def wait_for(pred, timeout: float, what: str, node=None) -> float:
@@ -63,12 +56,12 @@ def in_sync(node, primary=None) -> bool:
     """``node`` is a backup in sync with its primary (with ``primary``: with that node's
     current epoch; a primary that restarted its processes is a new epoch, followed once its
     mirror has reconnected)."""
-    c = control(node)
+    c = node.control()
     if c is None or c[CTL_ROLE] != ROLE_BACKUP or not c[CTL_IN_SYNC]:
         return False
     if primary is None:
         return True
-    cp = control(primary)
+    cp = primary.control()
     return cp is not None and cp[CTL_EPOCH] == c[CTL_PEER_EPOCH]
 
 
@@ -105,7 +98,7 @@ def assert_equal_to_replay(pair, *files) -> None:
     """Both nodes hold the same gseq, and the tallies of each equal the offline replay of
     everything the clients sent (``files``, in the order the node took them): nothing
     acknowledged lost, nothing counted twice."""
-    wait_for(lambda: last_gseq(pair.a) == last_gseq(pair.b), 120, "both nodes at one gseq")
+    wait_for(lambda: pair.a.last_gseq() == pair.b.last_gseq(), 120, "both nodes at one gseq")
     recs = np.concatenate([read_events(f) for f in files])
     recs["gseq"] = np.arange(1, len(recs) + 1, dtype=np.uint64)  # one stream, as the node
     want = document(replay_records(recs))
@@ -115,11 +108,11 @@ def assert_equal_to_replay(pair, *files) -> None:
     # every (session, seq) once in each journal (once the journal has caught up with
     # compute: a restarted node's hot process may be up before its durable one)
     for node in (pair.a, pair.b):
-        wait_for(lambda nd=node: scan(nd.data_dir).last == last_gseq(nd), 60,
+        wait_for(lambda nd=node: scan(nd.data_dir).last == nd.last_gseq(), 60,
                  "the journal", node)
         keys = np.concatenate([(b.records["session"].astype(np.uint64) << np.uint64(40))
                                | b.records["sseq"] for b in read_blocks(node.data_dir)])
-        assert len(keys) == len(np.unique(keys)) == last_gseq(node)
+        assert len(keys) == len(np.unique(keys)) == node.last_gseq()
 
 
 def assert_same_state(a, b) -> None:
@@ -158,6 +151,16 @@ def pair(tmp_path):
         assert p.a.segments() == [] and p.b.segments() == []
 
 
+@contextlib.contextmanager
+def streaming(client):
+    """A running client, killed if the test ends (or fails) before it has finished."""
+    try:
+        yield client
+    finally:
+        if client.poll() is None:
+            client.kill()
+
+
 def seeded() -> random.Random:
     seed = random.SystemRandom().randrange(1 << 30)
     print(f"seed {seed}")
@@ -173,23 +176,20 @@ def test_kill_9_of_the_primary_promotes_the_backup_and_the_client_resumes_on_it(
     n = 60_000
     events = flow(tmp_path, n, rnd.randrange(1 << 30))
     client = send(p.a, events, rate=30_000)
-    try:
+    with streaming(client):
         time.sleep(rnd.uniform(0.8, 2.0))
-        epoch = int(control(p.a)[CTL_EPOCH])
+        epoch = int(p.a.control()[CTL_EPOCH])
         t_kill = time.time()
         p.a.kill9()
         wait_for(lambda: role(p.b) == ROLE_PRIMARY, 10, "the promotion", p.b)
         print(f"promoted at most {(time.time() - t_kill) * 1000:.0f} ms after the kill")
-        assert int(control(p.b)[CTL_EPOCH]) > epoch
+        assert int(p.b.control()[CTL_EPOCH]) > epoch
         assert listening("127.0.0.1", p.b.port)
         # Under replicate-then-release the new primary acknowledges once it has a backup
         # again: the old primary comes back (as systemd would restart it) and follows.
         p.a.start()
         assert role(p.a) == ROLE_BACKUP
         finish(client, n)
-    finally:
-        if client.poll() is None:
-            client.kill()
     assert_equal_to_replay(p, events)
     assert "promoted to primary" in p.b.log.read_text()
 
@@ -209,7 +209,7 @@ def test_the_old_primary_rejoins_as_backup_never_accepts_sessions_and_catches_up
     p.a.start()
     seen_listening = False
     t0 = time.time()
-    while time.time() - t0 < 3 or last_gseq(p.a) != last_gseq(p.b):
+    while time.time() - t0 < 3 or p.a.last_gseq() != p.b.last_gseq():
         seen_listening |= listening("127.0.0.1", p.a.port)
         assert role(p.a) == ROLE_BACKUP
         assert time.time() - t0 < 60, "the old primary did not catch up"
@@ -225,17 +225,14 @@ def test_kill_9_of_the_backup_the_primary_goes_on_and_the_backup_catches_up(pair
     n = 60_000
     events = flow(tmp_path, n, rnd.randrange(1 << 30))
     client = send(p.a, events, rate=30_000)
-    try:
+    with streaming(client):
         time.sleep(rnd.uniform(0.5, 1.5))
         p.b.kill9()
-        g = last_gseq(p.a)
-        wait_for(lambda: last_gseq(p.a) > g + 5000, 30, "the primary going on", p.a)
+        g = p.a.last_gseq()
+        wait_for(lambda: p.a.last_gseq() > g + 5000, 30, "the primary going on", p.a)
         assert role(p.a) == ROLE_PRIMARY
         p.b.start()
         finish(client, n)
-    finally:
-        if client.poll() is None:
-            client.kill()
     assert_equal_to_replay(p, events)
 
 
@@ -248,7 +245,7 @@ def test_a_cut_link_never_makes_two_primaries(pair, tmp_path, release):
     events = flow(tmp_path, n, rnd.randrange(1 << 30))
     client = send(p.a, events, rate=20_000)
     cut = p.a.data_dir / FAULT_CUT_LINK
-    try:
+    with streaming(client):
         time.sleep(rnd.uniform(0.3, 1.0))
         cut.touch()
         t0 = time.time()
@@ -261,9 +258,6 @@ def test_a_cut_link_never_makes_two_primaries(pair, tmp_path, release):
         assert "holds the witness" in p.b.log.read_text()
         cut.unlink()
         finish(client, n)
-    finally:
-        if client.poll() is None:
-            client.kill()
     assert_equal_to_replay(p, events)
 
 
@@ -285,7 +279,7 @@ def test_a_backup_older_than_the_primarys_journal_gets_a_snapshot_first(pair, tm
     assert "installed the primary's snapshot" in p.b.log.read_text()
     assert "sending snapshot" in p.a.log.read_text()
     want = document(replay_records(read_events(events)))
-    wait_for(lambda: last_gseq(p.b) == n, 60, "the backup applying everything")
+    wait_for(lambda: p.b.last_gseq() == n, 60, "the backup applying everything")
     assert compare_documents(dump(p.b), want) == []
     assert_same_state(p.a, p.b)
 
@@ -301,18 +295,18 @@ def test_an_old_primary_with_an_unreplicated_tail_is_reset_and_rejoins(pair, tmp
     p = pair(release="local")
     first = flow(tmp_path, 5_000, rnd.randrange(1 << 30), "first.jsonl")
     finish(send(p.a, first, rate=0), 5_000)
-    wait_for(lambda: last_gseq(p.b) == 5_000, 30, "replication")
+    wait_for(lambda: p.b.last_gseq() == 5_000, 30, "replication")
     (p.a.data_dir / FAULT_CUT_LINK).touch()
     lost = flow(tmp_path, 3_000, rnd.randrange(1 << 30), "lost.jsonl")
     finish(send(p.a, lost, rate=0, session=2), 3_000)  # acknowledged by a alone
-    assert last_gseq(p.b) == 5_000
+    assert p.b.last_gseq() == 5_000
     p.a.kill9()
     (p.a.data_dir / FAULT_CUT_LINK).unlink()
     wait_for(lambda: role(p.b) == ROLE_PRIMARY, 10, "the promotion", p.b)
     later = flow(tmp_path, 4_000, rnd.randrange(1 << 30), "later.jsonl")
     finish(send(p.b, later, rate=0, session=3), 4_000)
     p.a.start()
-    wait_for(lambda: last_gseq(p.a) == 9_000 and in_sync(p.a), 120, "the rejoin", p.a)
+    wait_for(lambda: p.a.last_gseq() == 9_000 and in_sync(p.a), 120, "the rejoin", p.a)
     assert "RESET" in p.b.log.read_text()
     assert "moved this node's journal and snapshots" in p.a.log.read_text()
     assert list(p.a.data_dir.glob("replaced-*/journal-*.seg"))  # kept for the operator
@@ -324,7 +318,7 @@ def test_a_peer_with_a_wrong_secret_is_refused_and_reaches_nothing(pair, tmp_pat
     p = pair()
     first = flow(tmp_path, 2_000, 7)
     finish(send(p.a, first, rate=0), 2_000)
-    wait_for(lambda: last_gseq(p.b) == 2_000, 30, "replication")
+    wait_for(lambda: p.b.last_gseq() == 2_000, 30, "replication")
     for wrong in (b"x" * 32, None):
         s = socket.create_connection(("127.0.0.1", p.b.repl_port), timeout=5)
         rd = R.ReplReader()
@@ -349,14 +343,14 @@ def test_a_peer_with_a_wrong_secret_is_refused_and_reaches_nothing(pair, tmp_pat
         assert code == (R.E_AUTH if wrong is not None else R.E_PROTOCOL)
         s.close()
     time.sleep(0.3)
-    assert last_gseq(p.b) == 2_000
+    assert p.b.last_gseq() == 2_000
     assert role(p.b) == ROLE_BACKUP and in_sync(p.b)
     log = p.b.log.read_text()
     assert "does not verify (a wrong secret?)" in log and "before AUTH" in log
     # The real primary's link is untouched: replication goes on.
     more = flow(tmp_path, 1_000, 8, "more.jsonl")
     finish(send(p.a, more, rate=0, session=2), 1_000)
-    wait_for(lambda: last_gseq(p.b) == 3_000, 30, "replication after the refusals")
+    wait_for(lambda: p.b.last_gseq() == 3_000, 30, "replication after the refusals")
 
 
 @pytest.mark.timeout(600)
@@ -367,7 +361,7 @@ def test_seeded_chaos_of_20_faults_ends_with_both_nodes_equal_to_the_replay(pair
     events = flow(tmp_path, n, rnd.randrange(1 << 30))
     client = send(p.a, events, rate=4_000, timeout=300)
     faults = []
-    try:
+    with streaming(client):
         for _ in range(20):
             time.sleep(rnd.uniform(0.1, 0.6))
             # a restarted node has been launched, not waited for: once it has chosen its
@@ -406,7 +400,4 @@ def test_seeded_chaos_of_20_faults_ends_with_both_nodes_equal_to_the_replay(pair
         for node in (p.a, p.b):
             node.wait_ready()
         finish(client, n)
-    finally:
-        if client.poll() is None:
-            client.kill()
     assert_equal_to_replay(p, events)

@@ -203,7 +203,6 @@ class IngestStage:
         self.ctl = ctl
         self.local = release in ("local", "replicated+local") and tap_ring is not None
         self.replicated = release in ("replicated", "replicated+local")
-        self.replica = replica  # a ReplicaStage factory (next_gseq) -> stage, or None
         self.ep = select.epoll()
         self.lsock: socket.socket | None = None
         self.lfd = -1
@@ -220,9 +219,10 @@ class IngestStage:
         self._scan = _jit.entry(_scan, self.res.view(np.uint8), self.res.view(np.uint64),
                                 0, 0, 0, 0, 0, 0, self.out.ctrl, self.out.slots,
                                 *self._tap_args, self.res)  # compiled (or loaded) now
-        self.role = ROLE_PRIMARY if ctl is None else int(ctl[CTL_ROLE])
+        # A backup runs the replica side (``replica``: a factory next_gseq -> ReplicaStage)
+        # until the supervisor promotes the node; ``self.rep`` is None once primary.
         self.rep = None
-        if self.role == ROLE_BACKUP:
+        if ctl is not None and ctl[CTL_ROLE] == ROLE_BACKUP:
             self.rep = replica(next_gseq)
         else:
             self._listen()
@@ -254,7 +254,6 @@ class IngestStage:
                 time.sleep(0.1)
         else:  # the process dies; the supervisor restarts the node's processes (as primary)
             raise RuntimeError(f"cannot listen for sessions on {self.addr[0]}:{self.addr[1]}")
-        self.role = ROLE_PRIMARY
         print(f"exposure ingest: primary (epoch {int(self.ctl[CTL_EPOCH])}): accepting "
               f"sessions on {self.addr[0]}:{self.addr[1]} from gseq {self.next_gseq}",
               file=sys.stderr, flush=True)

@@ -112,8 +112,7 @@ class MirrorStage:
                 if cut:
                     self._down("")
         if self.ctl[CTL_ROLE] != ROLE_PRIMARY or self.cut:
-            if self._tail[0] != self._head[0]:
-                ring_pop(self.ring.ctrl, self.ring.slots, self.buf, len(self.buf))
+            self._discard_ring()
             return 0
         if self.state == "down":
             if now >= self.next_try:
@@ -398,5 +397,3 @@ class MirrorStage:
     def close(self) -> None:
         self._down("")
 
-
-assert Path is not None

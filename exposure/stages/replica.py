@@ -319,7 +319,6 @@ class ReplicaStage:
             ln.pending_at = 0
             self._drain(ln)
         elif kind == R.K_HEARTBEAT:
-            tail, _ = R.BEAT.unpack(payload)
             self._check_sync()
         elif kind == R.K_RESET:
             _log(f"the primary says this node's state cannot continue its own: "

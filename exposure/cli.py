@@ -106,6 +106,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .config import ConfigError
+    from .election import Stopped
     from .journal import JournalError
     from .node import Node
     from .shm.tally_segment import SegmentBusy
@@ -118,7 +119,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     try:
-        node.start()
+        node.start(stop)
+    except Stopped:
+        node.stop()
+        return 0
     except (SegmentBusy, ConfigError, JournalError) as e:
         return _fail(str(e))
     except OSError as e:

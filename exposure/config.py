@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .capacity import Capacities, CapacityError
 from .journal import FSYNC_POLICIES
+from .shm.control import MAX_PROCESSES
 from .shm.ring_layout import RingLayoutError, check_capacity
 from .shm.wait import WAIT_STRATEGIES
 from .types import EVENT_SIZE
@@ -37,6 +38,8 @@ DEFAULT_TOML = """\
 
 [node]
 name = "exposure"            # shared-memory segments are /exposure.<name>.<ring|tally>
+stall_ms = 5000              # a process whose loop makes no progress this long counts as
+                             # dead: it is killed and the node's processes restart
 
 [capacities]                 # SPEC section 1 defaults; raise them here
 accounts = 4096
@@ -87,12 +90,18 @@ peer = ""                    # host:port of the other node's replication listene
 listen = ""                  # host:port where this node, as a backup, accepts the primary
 peer_ingest = ""             # host:port of the other node's sessions (clients fail over)
 secret_file = ""             # the shared secret (HMAC-SHA256 of the link's handshake)
-witness = ""                 # the lock file that lets at most one node be primary
+etcd = "http://127.0.0.1:2379"  # the arbiter: etcd endpoint(s), a string or a list
+etcd_prefix = "/exposure/pair"  # the pair's keys in etcd (one prefix per pair)
 release = "replicated+local" # acknowledge an event once it is: replicated+local (in the
                              # backup's memory and durable here) | replicated | local
-heartbeat_ms = 50            # both sides send one when there is nothing else to send
+heartbeat_ms = 50            # the primary sends one every heartbeat_ms (its echo renews
+                             # the fence); the backup when it has nothing else to send
 failover_ms = 300            # the backup promotes itself after this much silence (and
-                             # only when it can take the witness's lock)
+                             # only when etcd records it as the synchronous member)
+alone_after_ms = 200         # the primary records "running alone" in etcd after its
+                             # backup has been silent this long, then acknowledges on its
+                             # own durability
+strict = false               # true: never run alone (stop acknowledging without a backup)
 
 # The process map. On 2 cores: one process runs the whole hot path, spinning on the last
 # CPU; the journal runs on the other core with the clients and the OS, spinning briefly
@@ -153,10 +162,14 @@ class NodeConfig:
     repl_listen: tuple[str, int] | None = None
     peer_ingest: tuple[str, int] | None = None
     secret_file: Path | None = None
-    witness: Path | None = None
+    etcd: tuple[str, ...] = ()
+    etcd_prefix: str = "/exposure/pair"
     release: str = "local"
     heartbeat_ms: int = 50
     failover_ms: int = 300
+    alone_after_ms: int = 200
+    strict: bool = False
+    stall_ms: int = 5000
     source: str = field(default="<built-in default>")
 
     @property
@@ -170,7 +183,7 @@ class NodeConfig:
 
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "node": {"name": str},
+    "node": {"name": str, "stall_ms": int},
     "capacities": {k: int for k in Capacities().as_dict()},
     "rings": {"compute": int, "tap": int, "fanout": int, "mirror": int},
     "ingest": {"host": str, "port": int, "max_sessions": int, "ack_interval_us": int},
@@ -178,15 +191,23 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "journal": {"dir": str, "fsync": str, "interval_ms": int, "segment_mb": int},
     "snapshot": {"every_events": int, "every_s": int, "keep": int, "journal": str},
     "replication": {"peer": str, "listen": str, "peer_ingest": str, "secret_file": str,
-                    "witness": str, "release": str, "heartbeat_ms": int, "failover_ms": int},
+                    "etcd": (str, list), "etcd_prefix": str, "release": str,
+                    "heartbeat_ms": int, "failover_ms": int, "alone_after_ms": int,
+                    "strict": bool},
 }
 _PROCESS_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "stages": list, "cpu": int,
                                                      "tick_us": int,
                                                      "wait": str}
 
 
+_RETIRED = {"replication.witness": "etcd is the pair's arbiter now (replication.etcd, "
+                                   "replication.etcd_prefix)"}
+
+
 def _check_keys(table: dict, allowed: dict, where: str) -> None:
     for k, v in table.items():
+        if f"{where}{k}" in _RETIRED:
+            raise ConfigError(f"{where}{k} is no longer a setting: {_RETIRED[where + k]}")
         if k not in allowed:
             raise ConfigError(f"unknown key {where}{k} (allowed: {', '.join(allowed)})")
         want = allowed[k]
@@ -221,7 +242,7 @@ def _replication(rp: dict, base: Path) -> dict:
     if not rp["peer"]:
         return {}
     out = {"repl_peer": _address(rp["peer"], "replication.peer"), "release": rp["release"]}
-    for key in ("listen", "secret_file", "witness"):
+    for key in ("listen", "secret_file", "etcd"):
         if not rp[key]:
             raise ConfigError(f"replication.{key} is required when replication.peer is set")
     out["repl_listen"] = _address(rp["listen"], "replication.listen")
@@ -235,7 +256,26 @@ def _replication(rp: dict, base: Path) -> dict:
     except ValueError as e:
         raise ConfigError(f"replication.secret_file: {e}") from None
     out["secret_file"] = secret
-    out["witness"] = base / os.path.expanduser(rp["witness"])
+    urls = [rp["etcd"]] if isinstance(rp["etcd"], str) else rp["etcd"]
+    from .coord import parse_endpoint
+
+    for u in urls:
+        if not isinstance(u, str):
+            raise ConfigError(f"replication.etcd = {rp['etcd']!r}: URLs as strings")
+        try:
+            parse_endpoint(u)
+        except ValueError as e:
+            raise ConfigError(f"replication.etcd: {e}") from None
+    out["etcd"] = tuple(urls)
+    prefix = rp["etcd_prefix"]
+    if not prefix.startswith("/") or len(prefix) > 200 or not all(
+            c.isalnum() or c in "/-_." for c in prefix) or prefix.rstrip("/") == "":
+        raise ConfigError(f"replication.etcd_prefix = {prefix!r}: a key path such as "
+                          "/exposure/pair (letters, digits, / - _ .)")
+    out["etcd_prefix"] = prefix.rstrip("/")
+    if not 1 <= rp["alone_after_ms"] <= 600_000:
+        raise ConfigError(f"replication.alone_after_ms = {rp['alone_after_ms']}: 1..600000")
+    out["alone_after_ms"], out["strict"] = rp["alone_after_ms"], rp["strict"]
     if not 1 <= rp["heartbeat_ms"] <= 10_000:
         raise ConfigError(f"replication.heartbeat_ms = {rp['heartbeat_ms']}: 1..10000")
     if not 2 * rp["heartbeat_ms"] <= rp["failover_ms"] <= 600_000:
@@ -297,6 +337,8 @@ def _parse(doc: dict, source: str) -> NodeConfig:
         raise ConfigError(f"journal.fsync = {jn['fsync']!r}: one of {', '.join(FSYNC_POLICIES)}")
     if not 1 <= jn["interval_ms"] <= 10_000:
         raise ConfigError(f"journal.interval_ms = {jn['interval_ms']}: 1..10000")
+    if not 100 <= merged["node"]["stall_ms"] <= 3_600_000:
+        raise ConfigError(f"node.stall_ms = {merged['node']['stall_ms']}: 100..3600000")
     if not 1 <= jn["segment_mb"] <= 65536:
         raise ConfigError(f"journal.segment_mb = {jn['segment_mb']}: 1..65536")
     data_dir = Path(os.path.expanduser(jn["dir"])) if jn["dir"] else Path(
@@ -363,6 +405,8 @@ def _parse(doc: dict, source: str) -> NodeConfig:
                and (s not in OPTIONAL_STAGES or (s == "mirror" and repl))]
     if missing:
         raise ConfigError(f"stage(s) {', '.join(missing)} run in no process")
+    if len(procs) > MAX_PROCESSES:
+        raise ConfigError(f"{len(procs)} [[process]] tables: at most {MAX_PROCESSES}")
     if spinners and len(spinners) >= len(cpus):
         raise ConfigError(f"{len(spinners)} spinning process(es) on {len(cpus)} CPU(s): leave "
                           "one core for everything else (use wait = 'spin-then-block')")
@@ -376,7 +420,8 @@ def _parse(doc: dict, source: str) -> NodeConfig:
         fsync=jn["fsync"], fsync_interval_ms=jn["interval_ms"],
         segment_bytes=jn["segment_mb"] << 20, snapshot_every_events=sn["every_events"],
         snapshot_every_s=sn["every_s"], snapshot_keep=sn["keep"],
-        snapshot_journal=sn["journal"], source=source, **repl)
+        snapshot_journal=sn["journal"], stall_ms=merged["node"]["stall_ms"], source=source,
+        **repl)
 
 
 def load_config(path: str | Path | None = None) -> NodeConfig:

@@ -7,13 +7,17 @@ its stages in turn; stages hand over through the rings whether or not they share
 process. The supervisor restarts the processes from the journal when one dies, and stops
 everything, removing the segments, on SIGINT/SIGTERM.
 
-In a primary/backup pair the supervisor also owns the node's **role** (control block,
-:mod:`exposure.shm.control`): at start it is primary if it can take the witness's lock
-(:class:`exposure.repl.Witness`) and may (it was the last primary, or in sync with it);
-otherwise backup. A backup promotes itself when the primary has been silent for
-``failover_ms``, it is in sync, and it can take the lock; the stages switch in place (no
-restart), so failover costs the silence plus a few milliseconds. Every role change to
-primary writes a new, higher epoch to the witness and to the data directory.
+In a primary/backup pair the supervisor also runs the node's part of the **roles**
+(:class:`exposure.election.Election`, against etcd's pair record): it chooses the role at
+every start, promotes a backup in place (no restart: failover costs the silence plus a
+few milliseconds), records when the primary runs alone, and restarts a demoted primary's
+processes as a backup.
+
+The supervisor also watches every process's **progress counter** (control block): a
+process whose loop has not advanced for ``stall_ms`` (hung, stopped, spinning inside one
+call) counts as dead, is killed, and the node's processes restart. Under systemd
+(``Type=notify``, ``WatchdogSec``) it sends READY=1 once started and WATCHDOG=1 while
+every process makes progress (:mod:`exposure.sdnotify`).
 """
 
 from __future__ import annotations
@@ -31,18 +35,19 @@ from pathlib import Path
 import numpy as np
 
 from .config import NodeConfig, check_ports_free, load_config
-from .journal import JournalWriter, read_record
-from .recovery import next_epoch, read_epoch, recover, store_epoch
-from .repl import Witness, read_secret
+from .coord import PairStore
+from .election import Election, Stopped
+from .journal import JournalWriter, first_gseq, read_record
+from .recovery import next_epoch, recover
+from .repl import read_secret
+from .sdnotify import Notifier
 from .shm.control import (
     CONTROL_WORDS,
     CTL_EPOCH,
-    CTL_HEARD_NS,
-    CTL_IN_SYNC,
-    CTL_PEER_EPOCH,
+    CTL_PROGRESS,
     CTL_RELOAD,
     CTL_ROLE,
-    ROLE_BACKUP,
+    CTL_SEQUENCED,
     ROLE_NAMES,
     ROLE_PRIMARY,
 )
@@ -62,6 +67,7 @@ __all__ = ["Node", "run_process", "main"]
 
 
 RINGS = ("compute", "tap", "fanout", "mirror")
+_START_NS = 120 * 1_000_000_000  # a process that never reaches its loop (compiling, loading)
 
 
 def _rings(cfg: NodeConfig) -> tuple[str, ...]:
@@ -95,13 +101,18 @@ class Node:
         self.snapshotter: subprocess.Popen | None = None
         self.snap_gseq = 0          # journaled gseq when the last snapshot was started
         self.snap_time = time.monotonic()
-        self.witness = Witness(cfg.witness) if cfg.replicated else None
-        self.role_since = time.monotonic_ns()
-        self.insync = -1            # what the in-sync file says (-1: not read yet)
-        self.said = ""              # the last role message logged (said once)
-        self.known = 0              # the highest peer epoch stored in the epoch file
+        self.election: Election | None = None
+        self.stop_flag: list = []
+        self.progress: dict[str, tuple[int, int]] = {}  # process -> (counter, seen at ns)
+        self.last_loop = time.monotonic_ns()
+        self.notify = Notifier()
 
-    def start(self) -> None:
+    def start(self, stop_flag: list | None = None) -> None:
+        """Create the segments, recover, choose the role (in a pair: waits for etcd;
+        raises :class:`exposure.election.Stopped` if ``stop_flag`` fills meanwhile),
+        start the processes."""
+        if stop_flag is not None:
+            self.stop_flag = stop_flag
         cfg, names = self.cfg, _names(self.cfg)
         self.tally = TallySegment.create(names["tally"], cfg.caps)  # refuses a live node
         self.owned.append(self.tally)
@@ -120,9 +131,15 @@ class Node:
                                      state_buf=self.tally.buf)
             self.snap_gseq = self.recovered.snapshot_gseq
             self._make_rings()
+            if cfg.replicated:
+                self.election = Election(
+                    cfg.name, self.ctl, PairStore(cfg.etcd, cfg.etcd_prefix), cfg.data_dir,
+                    release=cfg.release, failover_ms=cfg.failover_ms,
+                    alone_after_ms=cfg.alone_after_ms, strict=cfg.strict, tail=self._tail,
+                    log=_log)
             self._choose_role()
-            for p in cfg.processes:
-                self.procs[p.name] = self._spawn(p.name)
+            self._spawn_all()
+            self.notify.ready(f"{ROLE_NAMES[self.role]}, epoch {self.epoch}")
         except BaseException:
             self.stop()
             raise
@@ -146,104 +163,20 @@ class Node:
     def role(self) -> int:
         return int(self.ctl[CTL_ROLE])
 
-    def _say(self, key: str, msg: str) -> None:
-        """Log ``msg`` once while the situation ``key`` lasts."""
-        if key != self.said:
-            _log(msg)
-            self.said = key
+    def _tail(self) -> int:
+        """The highest gseq this node holds: sequenced or received, at least durable."""
+        return max(int(self.sessions.array[0, S_DURABLE]), int(self.ctl[CTL_SEQUENCED]),
+                   int(self.recovered.last_gseq))
 
     def _choose_role(self) -> None:
         """At start and at every restart of the processes: primary or backup."""
-        cfg, ctl = self.cfg, self.ctl
-        if not cfg.replicated:
-            ctl[CTL_EPOCH] = next_epoch(cfg.data_dir)
+        ctl = self.ctl
+        ctl[CTL_SEQUENCED] = self.recovered.last_gseq
+        if self.election is None:
+            ctl[CTL_EPOCH] = next_epoch(self.cfg.data_dir)
             ctl[CTL_ROLE] = ROLE_PRIMARY
             return
-        known = read_epoch(cfg.data_dir)
-        ctl[CTL_PEER_EPOCH] = max(int(ctl[CTL_PEER_EPOCH]), known)
-        ctl[CTL_IN_SYNC] = 0
-        if self.role == ROLE_PRIMARY and self.witness.held:
-            self._become_primary()  # a restart of the primary's processes: a new epoch
-            return
-        if self.witness.try_acquire():
-            w_epoch, w_name = self.witness.read()
-            insync = read_epoch(cfg.data_dir, "insync")
-            if not w_name or w_name == cfg.name or insync == w_epoch:
-                self._become_primary()
-                return
-            _log(f"the witness says node {w_name!r} became primary at epoch {w_epoch}, and "
-                 f"this node was not in sync with it (in sync at epoch {insync}): starting "
-                 f"as a backup; it waits for {w_name!r} to come back")
-            self.witness.release()
-        ctl[CTL_EPOCH] = max(known, int(ctl[CTL_PEER_EPOCH]))
-        ctl[CTL_ROLE] = ROLE_BACKUP
-        self.role_since = time.monotonic_ns()
-        self._store_insync(0)
-
-    def _become_primary(self) -> None:
-        """Holding the witness's lock: a new epoch, higher than any this node or the
-        witness knows, recorded in both, then the role (the stages watch it)."""
-        cfg, ctl = self.cfg, self.ctl
-        w_epoch, _ = self.witness.read()
-        epoch = max(read_epoch(cfg.data_dir), w_epoch, int(ctl[CTL_PEER_EPOCH]),
-                    int(ctl[CTL_EPOCH])) + 1
-        self.witness.write(epoch, cfg.name)
-        store_epoch(cfg.data_dir, epoch)
-        ctl[CTL_EPOCH] = epoch
-        ctl[CTL_ROLE] = ROLE_PRIMARY
-        self.role_since = time.monotonic_ns()
-
-    def _store_insync(self, epoch: int) -> None:
-        if epoch != self.insync:
-            store_epoch(self.cfg.data_dir, epoch, "insync")
-            self.insync = epoch
-
-    def _watch_role(self) -> None:
-        """The supervisor's part of replication, every loop: persist what the peer told
-        us, rebuild when the replica asks, promote or demote."""
-        cfg, ctl = self.cfg, self.ctl
-        peer_epoch = int(ctl[CTL_PEER_EPOCH])  # before CTL_IN_SYNC (see the replica)
-        if peer_epoch > self.known:
-            store_epoch(cfg.data_dir, max(peer_epoch, read_epoch(cfg.data_dir)))
-            self.known = peer_epoch
-        if ctl[CTL_RELOAD]:
-            self.restart("the replica asked for a rebuild", reload=int(ctl[CTL_RELOAD]))
-            return
-        if self.role == ROLE_PRIMARY:
-            if peer_epoch > self.epoch:
-                _log(f"the peer knows epoch {peer_epoch}, newer than this primary's "
-                     f"{self.epoch}: demoting to backup")
-                self.witness.release()
-                ctl[CTL_ROLE] = ROLE_BACKUP
-                self.restart("demoted")
-            return
-        in_sync = bool(ctl[CTL_IN_SYNC])
-        self._store_insync(peer_epoch if in_sync else 0)
-        now = time.monotonic_ns()
-        silent = now - max(int(ctl[CTL_HEARD_NS]), self.role_since)
-        if silent < cfg.failover_ms * 1_000_000:
-            self.said = ""
-            return
-        if not in_sync:
-            self._say("unsynced", f"the primary has been silent for {silent / 1e6:.0f} ms, "
-                      "but this backup is not in sync with it: not promoting")
-            return
-        if not self.witness.try_acquire():
-            self._say("locked", f"the primary has been silent for {silent / 1e6:.0f} ms but "
-                      f"holds the witness {cfg.witness} (alive; the link is cut?): not "
-                      "promoting")
-            return
-        w_epoch, w_name = self.witness.read()
-        if w_name != cfg.name and w_epoch > peer_epoch:
-            self._say("newer", f"the witness says {w_name!r} became primary at epoch "
-                      f"{w_epoch}, newer than the {peer_epoch} this backup follows: not "
-                      "promoting")
-            self.witness.release()
-            return
-        self._become_primary()
-        _log(f"promoted to primary at epoch {self.epoch}: the primary was silent for "
-             f"{silent / 1e6:.0f} ms; continuing from gseq {int(self.tally.state.ctr[C_LAST_GSEQ])}"
-             " (compute's; ingest continues from what it received)")
+        self.election.start(self.stop_flag)
 
     def restart(self, why: str, reload: int = 0) -> None:
         """A process died: stop the others, rebuild tallies and sessions from the journal
@@ -269,17 +202,26 @@ class Node:
         self.snap_gseq = self.recovered.snapshot_gseq
         self._make_rings()
         self._choose_role()
-        for p in self.cfg.processes:
-            self.procs[p.name] = self._spawn(p.name)
+        self._spawn_all()
+        self.notify.status(f"{ROLE_NAMES[self.role]}, epoch {self.epoch}")
         _log(f"restarted as {ROLE_NAMES[self.role]}, epoch {self.epoch}: recovered "
              f"{self.recovered.records:,} events up to gseq {self.recovered.last_gseq}; "
              f"{time.perf_counter() - t0:.2f} s until the processes were started")
 
     def _move_aside(self, how: int) -> None:
         from .snapshot import snapshots
-        from .stages.replica import INCOMING, RELOAD_SNAPSHOT
+        from .stages.replica import INCOMING, RELOAD_RESET, RELOAD_SNAPSHOT
 
         d = self.cfg.data_dir
+        first, last = first_gseq(d), self._tail()
+        if how == RELOAD_RESET and last:
+            # Under a replicated policy none of these was acknowledged beyond what the
+            # primary holds (a primary acknowledges only what its synchronous backup
+            # received, or alone once etcd records it; either way this node's divergent
+            # part was never released); the files are kept for the operator.
+            _log(f"the primary's history differs from this node's: moving aside gseq "
+                 f"{first or 1}..{last} (the journal and snapshots of this node's "
+                 f"epoch {self.epoch}); the new primary's history replaces them")
         aside = d / f"replaced-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}"
         aside.mkdir()
         moved = 0
@@ -291,6 +233,40 @@ class Node:
                 os.replace(p, d / p.name)
         _log(f"moved this node's journal and snapshots ({moved} files) to {aside}"
              + (" and installed the primary's snapshot" if how == RELOAD_SNAPSHOT else ""))
+
+    def _spawn_all(self) -> None:
+        self.progress.clear()
+        for i, p in enumerate(self.cfg.processes):
+            self.ctl[CTL_PROGRESS + i] = 0
+            self.procs[p.name] = self._spawn(p.name)
+
+    def _stalled(self) -> str:
+        """A process whose progress counter has not moved for ``stall_ms`` (or that never
+        started its loop within ``start_s``): killed, and named (the caller restarts the
+        node's processes). Blind after a pause of the supervisor itself (SIGSTOP, steal):
+        the counters get a fresh start then."""
+        now = time.monotonic_ns()
+        stall_ns = self.cfg.stall_ms * 1_000_000
+        if now - self.last_loop > stall_ns // 2:
+            self.progress.clear()
+        self.last_loop = now
+        for i, spec in enumerate(self.cfg.processes):
+            proc = self.procs.get(spec.name)
+            if proc is None or proc.poll() is not None:
+                continue
+            v = int(self.ctl[CTL_PROGRESS + i])
+            seen = self.progress.get(spec.name)
+            if seen is None or seen[0] != v:
+                self.progress[spec.name] = (v, now)
+                continue
+            limit = stall_ns if v else _START_NS
+            if now - seen[1] > limit:
+                proc.kill()
+                proc.wait()
+                return (f"process {spec.name} (pid {proc.pid}) made no progress for "
+                        f"{(now - seen[1]) / 1e6:.0f} ms" + ("" if v else " since it started")
+                        + ": killed")
+        return ""
 
     def _spawn(self, name: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "exposure.node", "--process", name, "--data-dir",
@@ -311,7 +287,9 @@ class Node:
                  f"  role      {ROLE_NAMES[self.role]}" + (
                      f" (pair: replication {cfg.repl_listen[0]}:{cfg.repl_listen[1]}, peer "
                      f"{cfg.repl_peer[0]}:{cfg.repl_peer[1]}, release {cfg.release}, "
-                     f"failover after {cfg.failover_ms} ms, witness {cfg.witness})"
+                     f"failover after {cfg.failover_ms} ms, alone after "
+                     f"{'never (strict)' if cfg.strict else f'{cfg.alone_after_ms} ms'}, "
+                     f"etcd {','.join(cfg.etcd)} {cfg.etcd_prefix})"
                      if cfg.replicated else " (standalone)"),
                  f"  journal   {cfg.data_dir} (fsync {cfg.fsync}"
                  + (f", every {cfg.fsync_interval_ms} ms" if cfg.fsync == "interval" else "")
@@ -338,14 +316,38 @@ class Node:
                         return f"{why}, the {len(self.restarts)}th time in {window_s:.0f} s"
                     try:
                         self.restart(why)
+                    except Stopped:
+                        break
                     except Exception as e:  # a journal it cannot trust, a full disk...
                         return f"{why}; restart failed: {e}"
                     break
-            if self.cfg.replicated and not stop_flag:
+            if self.election is not None and not stop_flag:
                 try:
-                    self._watch_role()
-                except Exception as e:  # a restart that failed, a witness it cannot write
+                    if self.ctl[CTL_RELOAD]:
+                        self.restart("the replica asked for a rebuild",
+                                     reload=int(self.ctl[CTL_RELOAD]))
+                    else:
+                        why = self.election.tick()
+                        if why:
+                            self.restart(why)
+                except Stopped:
+                    break
+                except Exception as e:  # a restart that failed, a data dir it cannot write
                     return f"replication: {e}"
+            stalled = self._stalled()
+            if stalled:
+                now = time.monotonic()
+                self.restarts = [t for t in self.restarts if now - t < window_s] + [now]
+                if len(self.restarts) > max_restarts:
+                    return f"{stalled}, the {len(self.restarts)}th restart in {window_s:.0f} s"
+                try:
+                    self.restart(stalled)
+                except Stopped:
+                    break
+                except Exception as e:
+                    return f"{stalled}; restart failed: {e}"
+                continue
+            self.notify.watchdog()
             self._maybe_snapshot()
             time.sleep(0.01 if self.cfg.replicated else 0.02)
         return "stopping on signal"
@@ -394,9 +396,11 @@ class Node:
         if self.snapshotter is not None:
             self.snapshotter.terminate()
             self.snapshotter.wait()
+        self.notify.stopping()
         self._stop_processes()
-        if self.witness is not None:
-            self.witness.release()
+        if self.election is not None:
+            self.election.close(withdraw=True)
+            self.election = None
         for r in self.rings.values():
             r.close()
         self.rings.clear()
@@ -480,7 +484,8 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
             elif st == "fanout":
                 stages.append(FanoutStage(rings["fanout"], cfg.group, cfg.fanout_port,
                                           cfg.interface, cfg.ttl, cfg.max_datagram,
-                                          cfg.caps.accounts, epoch=epoch, ctl=ctl))
+                                          cfg.caps.accounts, epoch=epoch, ctl=ctl,
+                                          pair=cfg.replicated))
             elif st == "mirror" and cfg.replicated:
                 stages.append(MirrorStage(rings["mirror"], ctl, sessions.array,
                                           cfg.repl_peer, read_secret(cfg.secret_file),
@@ -498,7 +503,15 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
         wake_ring = rings["compute"] if "compute" in spec.stages else (
             rings["fanout"] if "fanout" in spec.stages else
             rings["tap"] if "journal" in spec.stages else rings.get("mirror", rings["tap"]))
+        # The progress counter the supervisor watches: written every 64 passes (a pass is
+        # at most a tick or a blocking wait of a few ms long).
+        slot = CTL_PROGRESS + cfg.processes.index(spec)
+        beat = 1
+        ctl[slot] = beat
         while not stop:
+            beat += 1
+            if not beat & 63:
+                ctl[slot] = beat
             work = 0
             for s in stages:
                 work += s.poll()

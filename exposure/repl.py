@@ -1,5 +1,6 @@
 """Replication between a primary and its backup: the link's frames, its authentication,
-and the witness that decides which node may be primary.
+and the echo that fences the primary (which node is primary is etcd's record:
+:mod:`exposure.election`).
 
 **The link.** The primary's mirror stage connects over TCP to the backup's replication
 address (``[replication] listen`` of the backup). Frames have the session protocol's 8-byte
@@ -16,7 +17,8 @@ kind            from       payload
 =============== ========== ==============================================================
 CHALLENGE       backup     32-byte random nonce (the first frame on every connection)
 AUTH            primary    HMAC-SHA256(secret, "exposure-repl/1 primary" + backup nonce),
-                           its own 32-byte nonce, u8 epoch, u8 journal tail gseq
+                           its own 32-byte nonce, u8 epoch, u8 tail: the highest gseq it
+                           has sequenced (what the backup must hold to be in sync)
 WELCOME         backup     HMAC-SHA256(secret, "exposure-repl/1 backup" + primary nonce),
                            u8 last gseq held, u8 highest epoch known, the 128-byte record
                            at that gseq (zeros at gseq 0)
@@ -24,8 +26,11 @@ REFUSE          either     u2 code, UTF-8 text; the sender closes the link (a ba
                            knows a newer epoch than the primary's sends its WELCOME first,
                            so the primary learns it from an authenticated frame)
 RECORDS         primary    n x 128-byte sequenced records (gseq consecutive), 1..8,192
-ACK             backup     u8 highest gseq received, u8 highest gseq durable
+ACK             backup     u8 highest gseq received, u8 highest gseq durable, u8 echo (as
+                           in HEARTBEAT)
 HEARTBEAT       both       u8 gseq (primary: journal tail; backup: received), u8 epoch
+                           (the primary's; 0 from the backup), u8 ns: the primary's send
+                           time / the backup's echo of the newest primary HEARTBEAT heard
 RESET           primary    UTF-8 reason: the backup's state cannot continue the primary's
                            (it diverged, or it is older than the primary's journal); the
                            backup moves its data aside and rebuilds from what follows
@@ -39,36 +44,36 @@ backup's CHALLENGE must come back as a valid AUTH), and the backup proves it in 
 (WELCOME), so a primary never streams to an impostor. Nonces are fresh per connection, so a
 recorded handshake cannot be replayed.
 
-**The witness** (:class:`Witness`): a lock file both nodes can reach. The primary holds an
-exclusive ``flock`` on it for as long as it lives; the kernel drops the lock when the
-process dies (kill -9 included). A backup promotes itself only when the primary has been
-silent for ``failover_ms`` *and* it can take the lock. The file holds the epoch and name of
-the last node that became primary; every new primary writes a higher epoch into it while
-holding the lock, so epochs increase strictly across both nodes.
+**Fencing by echo.** The primary's HEARTBEAT carries its CLOCK_MONOTONIC send time, at
+least every ``heartbeat_ms`` whatever else it sends; the backup echoes the newest one it has
+heard in every ACK and HEARTBEAT. A backup promotes itself only after ``failover_ms`` of
+silence from the primary, so once the echo of a heartbeat sent at ``t`` is back, the
+primary knows the backup cannot have promoted itself before ``t + failover_ms``; it may act
+(acknowledge, publish) until then, less a margin (:mod:`exposure.election`).
+
+Which node may be primary is not decided here: it is etcd's pair record
+(:mod:`exposure.coord`, :mod:`exposure.election`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hmac
-import os
 import struct
 from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
 
-from ._fs import fsync_dir
 from .types import EVENT_DTYPE, EVENT_SIZE
 
 __all__ = ["MAGIC", "VERSION", "HEADER", "ReplReader", "ReplError", "frame", "mac",
            "K_CHALLENGE", "K_AUTH", "K_WELCOME", "K_REFUSE", "K_RECORDS", "K_ACK",
            "K_HEARTBEAT", "K_RESET", "K_SNAP_BEGIN", "K_SNAP_DATA", "K_SNAP_END",
            "AUTH", "WELCOME", "ACK", "BEAT", "SNAP_BEGIN", "MAX_RECORDS", "SNAP_CHUNK",
-           "NONCE", "Witness", "read_secret", "E_AUTH", "E_EPOCH", "E_PROTOCOL", "E_BUSY"]
+           "NONCE", "read_secret", "E_AUTH", "E_EPOCH", "E_PROTOCOL", "E_BUSY"]
 
 MAGIC = 0x5245
-VERSION = 1
+VERSION = 2  # 2: the echo in HEARTBEAT and ACK
 HEADER = struct.Struct("<HBBI")
 MAX_RECORDS = 8192
 SNAP_CHUNK = 1 << 20
@@ -79,8 +84,8 @@ NONCE = 32
 
 AUTH = struct.Struct("<32s32sQQ")        # mac, nonce, epoch, tail
 WELCOME = struct.Struct(f"<32sQQ{EVENT_SIZE}s")  # mac, last gseq, known epoch, record
-ACK = struct.Struct("<QQ")               # received, durable
-BEAT = struct.Struct("<QQ")              # gseq, epoch
+ACK = struct.Struct("<QQQ")              # received, durable, echo ns
+BEAT = struct.Struct("<QQQ")             # gseq, epoch, ns (sent / echoed)
 SNAP_BEGIN = struct.Struct("<QQ")        # gseq, bytes
 
 _FIXED = {K_CHALLENGE: NONCE, K_AUTH: AUTH.size, K_WELCOME: WELCOME.size, K_ACK: ACK.size,
@@ -168,58 +173,6 @@ class ReplReader:
         if pos:
             del buf[:pos]
         return out
-
-
-class Witness:
-    """The lock file that makes at most one node primary (see the module docstring).
-
-    ``try_acquire()`` takes the exclusive lock without waiting; ``read()`` gives the
-    (epoch, node name) of the last primary; ``write(epoch, name)`` records a new primary
-    durably (only while holding the lock). The descriptor is close-on-exec, so the
-    node's stage processes never hold the lock: it goes with the supervisor."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.fd = -1
-
-    @property
-    def held(self) -> bool:
-        return self.fd >= 0
-
-    def try_acquire(self) -> bool:
-        if self.fd >= 0:
-            return True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self.fd = fd
-        return True
-
-    def read(self) -> tuple[int, str]:
-        try:
-            text = self.path.read_text().split()
-        except FileNotFoundError:
-            return 0, ""
-        if len(text) >= 2 and text[0].isdigit():
-            return int(text[0]), text[1]
-        return 0, ""
-
-    def write(self, epoch: int, name: str) -> None:
-        assert self.fd >= 0, "write the witness only while holding its lock"
-        data = f"{epoch} {name}\n".encode()
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, data, 0)
-        os.fsync(self.fd)
-        fsync_dir(self.path.parent)
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)  # closing the last descriptor drops the flock
-            self.fd = -1
 
 
 def record_bytes(words: np.ndarray | None) -> bytes:

@@ -12,7 +12,8 @@ import time
 import uuid
 from pathlib import Path
 
-__all__ = ["LocalNode", "LocalPair", "free_port", "free_group", "listening", "process_map"]
+__all__ = ["LocalNode", "LocalPair", "LocalEtcd", "free_port", "free_group", "listening",
+           "process_map"]
 
 
 def free_port() -> int:
@@ -59,6 +60,8 @@ class LocalNode:
             f'group = "{self.group}"\n[journal]\ndir = "{self.data_dir}"\n'
             f'fsync = "{fsync}"\n{extra}')
         self.log = tmp / f"{self.name}.log"
+        self.env: dict[str, str] = {}  # added to the node's environment (NOTIFY_SOCKET...)
+        self.wrap: list[str] = []  # a command prefix, e.g. ip netns exec NS (another host)
         self.proc: subprocess.Popen | None = None
         if start:
             self.start()
@@ -73,9 +76,9 @@ class LocalNode:
     def launch(self) -> None:
         """Start ``exposure run`` without waiting for it."""
         with open(self.log, "a") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "exposure", "run", "--config",
-                                          str(self.config)], stdout=log, stderr=log,
-                                         text=True)
+            self.proc = subprocess.Popen([*self.wrap, sys.executable, "-m", "exposure",
+                                          "run", "--config", str(self.config)], stdout=log, stderr=log,
+                                         text=True, env={**os.environ, **self.env})
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.time() + timeout
@@ -107,6 +110,17 @@ class LocalNode:
         except psutil.Error:
             pass
         return out
+
+    def signal_all(self, sig: int) -> list[int]:
+        """Send ``sig`` to the supervisor and every stage process (the supervisor first:
+        SIGSTOP of everything, as a hung machine); returns the pids."""
+        pids = list(self.pids().values())
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        return pids
 
     def kill9(self) -> None:
         """kill -9 of the whole node: the supervisor (its stage processes follow it, by
@@ -204,18 +218,21 @@ tick_us = {tick_us}
 
 
 class LocalPair:
-    """Two real nodes of a primary/backup pair on loopback, with their own secret, witness,
-    ports and data directories; ``a`` starts first (the primary), then ``b`` (its backup).
-    On 2 cores only ``a``'s hot process spins (CPU 1); everything else sleeps a tick
-    (500 us) between polls on CPU 0, where the clients run too."""
+    """Two real nodes of a primary/backup pair on loopback, with their own secret, ports,
+    data directories and etcd prefix; ``etcd`` is a running :class:`LocalEtcd` (or its
+    URL). ``a`` starts first (the primary), then ``b`` (its backup). On 2 cores only
+    ``a``'s hot process spins (CPU 1); everything else sleeps a tick (500 us) between polls
+    on CPU 0, where the clients run too."""
 
-    def __init__(self, tmp: Path, release: str = "replicated+local", orders: int = 65536,
-                 cells: int = 65536, failover_ms: int = 300, heartbeat_ms: int = 50,
-                 fsync: str = "interval", start: bool = True, extra: str = "",
-                 node_extra: str = ""):
+    def __init__(self, tmp: Path, etcd, release: str = "replicated+local",
+                 orders: int = 65536, cells: int = 65536, failover_ms: int = 300,
+                 heartbeat_ms: int = 50, fsync: str = "interval", start: bool = True,
+                 extra: str = "", node_extra: str = "", alone_after_ms: int = 200,
+                 strict: bool = False):
         self.secret = tmp / "pair.secret"
         self.secret.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
-        self.witness = tmp / "pair.witness"
+        self.etcd_url = etcd if isinstance(etcd, str) else etcd.url
+        self.prefix = f"/exposure-test/{os.getpid()}{uuid.uuid4().hex[:8]}"
         mport, group = free_port(), free_group()
         ra, rb = free_port(), free_port()
         nodes = []
@@ -232,21 +249,44 @@ listen = "127.0.0.1:{n.repl_port}"
 peer = "127.0.0.1:{other.repl_port}"
 peer_ingest = "127.0.0.1:{other.port}"
 secret_file = "{self.secret}"
-witness = "{self.witness}"
+etcd = "{self.etcd_url}"
+etcd_prefix = "{self.prefix}"
 release = "{release}"
 heartbeat_ms = {heartbeat_ms}
 failover_ms = {failover_ms}
+alone_after_ms = {alone_after_ms}
+strict = {str(strict).lower()}
 {extra}
 {process_map(wait, cpu)}""")
         if start:
             self.start()
 
+    def store(self):
+        """A client of the pair's record in etcd (exposure.coord.PairStore)."""
+        from exposure.coord import PairStore
+
+        return PairStore([self.etcd_url], self.prefix, timeout=2)
+
+    def record(self):
+        """etcd's pair record now (exposure.coord.PairState, or None)."""
+        st = self.store()
+        try:
+            return st.read()[0]
+        finally:
+            st.close()
+
     def start(self, timeout: float = 120) -> None:
-        """``a`` first: once it holds the witness (it is the primary), ``b`` starts beside
-        it while ``a`` is still loading its stages."""
+        """``a`` first: once etcd names it primary, ``b`` starts beside it while ``a`` is
+        still loading its stages."""
         self.a.launch()
         deadline = time.time() + timeout
-        while not (self.witness.exists() and self.a.name in self.witness.read_text()):
+        while True:
+            try:
+                rec = self.record()
+            except Exception:
+                rec = None
+            if rec is not None and rec.primary == self.a.name:
+                break
             if self.a.proc.poll() is not None or time.time() > deadline:
                 self.a.wait_ready(1)  # raises with the log
             time.sleep(0.02)
@@ -257,3 +297,65 @@ failover_ms = {failover_ms}
     def stop(self) -> None:
         for n in (self.b, self.a):
             n.stop()
+
+
+class LocalEtcd:
+    """A real single-member etcd (Debian's ``etcd-server``, ``tools/install-etcd``) on free
+    loopback ports (or ``host``) with its own data directory; ``stop()`` kills it and
+    removes the directory. ``pause()``/``resume()`` stop and start the same member (its
+    data kept), as an outage would."""
+
+    def __init__(self, tmp: Path, host: str = "127.0.0.1", start: bool = True):
+        import shutil
+
+        self.bin = shutil.which("etcd") or "/usr/bin/etcd"
+        if not os.path.exists(self.bin):
+            raise FileNotFoundError("etcd is not installed (run tools/install-etcd)")
+        self.host = host
+        self.port, self.peer_port = free_port(), free_port()
+        self.name = f"e{os.getpid()}{uuid.uuid4().hex[:6]}"
+        self.data_dir = tmp / f"{self.name}.etcd"
+        self.log = tmp / f"{self.name}.etcd.log"
+        self.url = f"http://{host}:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        if start:
+            self.start()
+
+    def start(self, timeout: float = 30) -> None:
+        peer = f"http://{self.host}:{self.peer_port}"
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                [self.bin, "--name", self.name, "--data-dir", str(self.data_dir),
+                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                 "--initial-cluster", f"{self.name}={peer}",
+                 "--heartbeat-interval", "50", "--election-timeout", "500"],
+                stdout=log, stderr=log)
+        deadline = time.time() + timeout
+        import urllib.request
+
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    if b"true" in r.read():
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"etcd did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def pause(self) -> None:
+        """Stop the member (kill -9), keeping its data."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    resume = start
+
+    def stop(self) -> None:
+        import shutil
+
+        self.pause()
+        shutil.rmtree(self.data_dir, ignore_errors=True)

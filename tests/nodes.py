@@ -1,7 +1,19 @@
 """The real local nodes the end-to-end tests start (perf.localnode, shared with the perf
 tool): one node, or a primary/backup pair."""
 
-from perf.localnode import LocalNode as LiveNode
-from perf.localnode import LocalPair, free_port
+import shutil
 
-__all__ = ["LiveNode", "LocalPair", "free_port"]
+import pytest
+
+from perf.localnode import LocalEtcd, LocalPair, free_port
+from perf.localnode import LocalNode as LiveNode
+
+__all__ = ["LiveNode", "LocalPair", "LocalEtcd", "free_port", "etcd_or_skip"]
+
+
+def etcd_or_skip(tmp_path) -> LocalEtcd:
+    """A real etcd member on free ports (stop it when done), or skip the test when etcd is
+    not installed (tools/install-etcd)."""
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd is not installed (tools/install-etcd)")
+    return LocalEtcd(tmp_path)

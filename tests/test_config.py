@@ -109,7 +109,7 @@ def test_a_port_in_use_is_refused(tmp_path):
 
 
 _PAIR = ("[replication]\npeer = '127.0.0.1:7722'\nlisten = '127.0.0.1:7712'\n"
-         "secret_file = 'secret'\nwitness = 'w.lock'\n")
+         "secret_file = 'secret'\n")
 
 
 def test_the_example_pair_configs_load_and_name_each_other():
@@ -120,7 +120,8 @@ def test_the_example_pair_configs_load_and_name_each_other():
     assert a.repl_peer == b.repl_listen and b.repl_peer == a.repl_listen
     assert a.peer_ingest == (b.ingest_host, b.ingest_port)
     assert b.peer_ingest == (a.ingest_host, a.ingest_port)
-    assert a.witness == b.witness and a.secret_file == b.secret_file
+    assert a.etcd == b.etcd and a.etcd_prefix == b.etcd_prefix  # one pair, one record
+    assert a.secret_file == b.secret_file and not a.strict and a.alone_after_ms > 0
     assert a.name != b.name and a.data_dir != b.data_dir
     assert (a.group, a.fanout_port) == (b.group, b.fanout_port)
     assert [p.stages for p in a.processes][1] == ("journal", "mirror")
@@ -129,14 +130,34 @@ def test_the_example_pair_configs_load_and_name_each_other():
 def test_a_pair_config_resolves_its_files_next_to_it(tmp_path):
     (tmp_path / "secret").write_text("s" * 32)
     cfg = _cfg(tmp_path, _PAIR)
-    assert cfg.secret_file == tmp_path / "secret" and cfg.witness == tmp_path / "w.lock"
+    assert cfg.secret_file == tmp_path / "secret"
+    assert cfg.etcd == ("http://127.0.0.1:2379",) and cfg.etcd_prefix == "/exposure/pair"
+
+
+def test_a_pair_config_takes_a_list_of_etcd_endpoints_and_its_settings(tmp_path):
+    (tmp_path / "secret").write_text("s" * 32)
+    cfg = _cfg(tmp_path, _PAIR + "etcd = ['http://10.0.0.1:2379', 'https://e2:2380']\n"
+               "etcd_prefix = '/fund/a/'\nalone_after_ms = 150\nstrict = true\n"
+               "[node]\nstall_ms = 900\n")
+    assert cfg.etcd == ("http://10.0.0.1:2379", "https://e2:2380")
+    assert cfg.etcd_prefix == "/fund/a" and cfg.alone_after_ms == 150 and cfg.strict
+    assert cfg.stall_ms == 900
     assert not load_config().replicated and load_config().release == "local"
 
 
 @pytest.mark.parametrize("text,message", [
     (_PAIR.replace("'127.0.0.1:7722'", "'localhost'"), "replication.peer = 'localhost'"),
     (_PAIR.replace("listen = '127.0.0.1:7712'\n", ""), "replication.listen is required"),
-    (_PAIR.replace("witness = 'w.lock'\n", ""), "replication.witness is required"),
+    (_PAIR + "etcd = ''\n", "replication.etcd is required"),
+    (_PAIR + "etcd = 'localhost:2379'\n", "replication.etcd: 'localhost:2379': expected"),
+    (_PAIR + "etcd = ['http://e:2379', 7]\n", "URLs as strings"),
+    (_PAIR + "etcd = 'http://e:99999'\n", "the port is not a number"),
+    (_PAIR + "etcd_prefix = 'pair'\n", "replication.etcd_prefix = 'pair'"),
+    (_PAIR + "etcd_prefix = '/'\n", "replication.etcd_prefix = '/'"),
+    (_PAIR + "alone_after_ms = 0\n", "replication.alone_after_ms = 0"),
+    (_PAIR + "strict = 1\n", "replication.strict = 1: expected bool"),
+    (_PAIR + "witness = 'w.lock'\n", "replication.witness is no longer a setting"),
+    (_PAIR + "[node]\nstall_ms = 5\n", "node.stall_ms = 5"),
     (_PAIR + "release = 'eventually'\n", "replication.release = 'eventually'"),
     (_PAIR + "heartbeat_ms = 200\nfailover_ms = 300\n", "failover_ms = 300: at least two"),
     (_PAIR.replace("'secret'", "'missing'"), "cannot read the replication secret"),

@@ -5,8 +5,9 @@ Datagram::
     off size field
       0    4 magic        0x58505544 ("DUPX")
       4    4 epoch        the node's incarnation: bumped at every start, restart and promotion
-                          (in a pair the witness keeps epochs strictly increasing across
-                          both nodes); the stream seq starts again at 1 in a new epoch
+                          (in a pair etcd's record keeps epochs strictly increasing across
+                          both nodes: a receiver drops a datagram of an epoch lower than
+                          one it has seen); the stream seq starts again at 1 in a new epoch
       8    8 stream seq   1, 2, 3, ... per datagram: a receiver detects gaps
      16    4 count        updates that follow
      20    4 reserved
@@ -17,6 +18,10 @@ Conflation: each poll takes everything on the ring and keeps only the latest upd
 account (and of the fund), so under load a receiver gets fewer, fresher updates; every
 update carries the global seq, session, session seq and client send time of the event that
 last moved the row.
+
+In a pair, a backup packs (to keep up) but sends nothing, and a primary sends only while
+it may act (:func:`exposure.shm.control.may_act`): a primary cut off from its backup and
+from etcd holds its updates once its fence has expired.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from numba import njit
 
 from .. import _jit
 from ..shm import ring_layout as RL
-from ..shm.control import CTL_EPOCH, CTL_ROLE, ROLE_PRIMARY
+from ..shm.control import CTL_EPOCH, CTL_ROLE, ROLE_PRIMARY, may_act
 from ..shm.ring import ring_pop
 from ..types import UPDATE_DTYPE
 
@@ -140,9 +145,10 @@ def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now):
 class FanoutStage:
     def __init__(self, in_ring, group: str, port: int, interface: str, ttl: int,
                  max_datagram: int, max_accounts: int, epoch: int = 0,
-                 ctl: np.ndarray | None = None):
+                 ctl: np.ndarray | None = None, pair: bool = False):
         self.inp = in_ring
         self.ctl = ctl  # role and epoch (a backup packs, to keep up, but sends nothing)
+        self.pair = pair and ctl is not None  # a fenced primary holds its updates
         self.dest = (group, port)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
         self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
@@ -175,6 +181,8 @@ class FanoutStage:
                 n, _ = self._pack(self.inp.ctrl, self.inp.slots, self.upd, self.last,
                                   self.epoch, self.seq, self.per, self.out, self.ends, 0)
                 return n
+            if self.pair and not may_act(self.ctl, time.monotonic_ns()):
+                return 0  # fenced: nothing goes out (the ring fills; compute waits)
         n, d = self._pack(self.inp.ctrl, self.inp.slots, self.upd, self.last, self.epoch,
                           self.seq, self.per, self.out, self.ends, time.time_ns())
         if n == 0:

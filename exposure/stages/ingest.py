@@ -30,6 +30,11 @@ per session, checkpoints (last gseq, last session seq) of what it pushed; a chec
 released once the backup's received gseq (``CTL_REPL_RECV``) reaches it. What a session
 held at login counts as pushed at the gseq before the login, so after a restart or a
 failover nothing is acknowledged that the backup may not hold.
+
+In a pair, two more rules (:mod:`exposure.election`): a primary recorded in etcd as
+**running alone** (``CTL_ALONE``) releases on its own durability whatever the policy; and a
+primary that is not alone acknowledges nothing once its **fence** has expired (no echo of
+its heartbeats from the backup for about ``failover_ms``): the backup may be promoting.
 """
 
 from __future__ import annotations
@@ -48,7 +53,18 @@ from .. import _jit
 from .. import wire as W
 from .._sock import flush, send_or_queue
 from ..shm import ring_layout as RL
-from ..shm.control import CTL_EPOCH, CTL_REPL_RECV, CTL_ROLE, ROLE_BACKUP, ROLE_PRIMARY
+from ..shm.control import (
+    CTL_ALONE,
+    CTL_ALONE_SEEN,
+    CTL_EPOCH,
+    CTL_FENCED,
+    CTL_REPL_RECV,
+    CTL_ROLE,
+    CTL_SEQUENCED,
+    ROLE_BACKUP,
+    ROLE_PRIMARY,
+    may_act,
+)
 from ..shm.intrinsics import load_acquire, store_release
 from ..shm.ring import sleeping
 from ..types import EVENT_WORDS, W_EPOCH, W_GSEQ, W_RECV_NS, W_SESSION, W_SSEQ
@@ -203,6 +219,12 @@ class IngestStage:
         self.ctl = ctl
         self.local = release in ("local", "replicated+local") and tap_ring is not None
         self.replicated = release in ("replicated", "replicated+local")
+        # A node of a pair acknowledges only while it may act (the fence, or running alone:
+        # exposure.shm.control.may_act); alone, it releases on its own durability.
+        self.pair = replica is not None and ctl is not None
+        self.alone = 0
+        self.fenced = False
+        self.seq_shown = -1
         self.ep = select.epoll()
         self.lsock: socket.socket | None = None
         self.lfd = -1
@@ -284,8 +306,11 @@ class IngestStage:
         processing of an event that arrived with it."""
         if self.rep is not None:
             self.rep.after()
+            self._show_seq(self.rep.next_gseq - 1)
             return
-        if self.unacked:
+        if self.pair:
+            self._pair_state()
+        if self.unacked and not self.fenced:
             now = time.monotonic_ns()
             for c in list(self.unacked):
                 if now >= c.ack_due:
@@ -293,6 +318,31 @@ class IngestStage:
         if self.backlog:
             for c in list(self.backlog):
                 self._flush(c)
+
+    def _show_seq(self, gseq: int) -> None:
+        if gseq != self.seq_shown:
+            self.seq_shown = gseq
+            self.ctl[CTL_SEQUENCED] = gseq
+
+    def _pair_state(self) -> None:
+        """Once per pass: what the supervisor decided (alone or not: acknowledged back in
+        CTL_ALONE_SEEN, after which every ACK follows it), what was sequenced, and the
+        fence."""
+        ctl = self.ctl
+        alone = int(ctl[CTL_ALONE])
+        if alone != self.alone or not ctl[CTL_ALONE_SEEN]:
+            self.alone = alone
+            ctl[CTL_ALONE_SEEN] = alone + 1
+        self._show_seq(self.next_gseq - 1)  # (after SEEN: see exposure.election)
+        fenced = not may_act(ctl, time.monotonic_ns())
+        if fenced != self.fenced:
+            self.fenced = fenced
+            ctl[CTL_FENCED] = int(fenced)
+            print(f"exposure ingest: {'fenced' if fenced else 'no longer fenced'} (epoch "
+                  f"{int(ctl[CTL_EPOCH])}): "
+                  + ("no valid echo from the backup and not recorded as running alone: "
+                     "acknowledging and publishing nothing" if fenced else
+                     "acknowledging again"), file=sys.stderr, flush=True)
 
     def _accept(self) -> int:
         try:
@@ -449,13 +499,14 @@ class IngestStage:
         # S_DONE first and the counters after is ordered on x86 (loads are not reordered
         # with loads) and Python does not reorder its own loads.
         done = int(self.sessions[c.session, S_DONE])
-        if self.local:  # acknowledged only once durable as well
+        if self.local or self.alone:  # acknowledged only once durable as well
             done = min(done, int(self.sessions[c.session, S_DURABLE]))
-        if self.replicated:  # ... and in the backup's memory
+        if self.replicated:  # ... and in the backup's memory (unless running alone)
             recv = int(self.ctl[CTL_REPL_RECV])
             while c.marks and c.marks[0][0] <= recv:
                 c.repl = c.marks.popleft()[1]
-            done = min(done, c.repl)
+            if not self.alone:
+                done = min(done, c.repl)
         if done > c.acked:
             c.acked = done
             c.ack_due = now + self.ack_interval_ns

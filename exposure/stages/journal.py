@@ -79,13 +79,15 @@ class JournalStage:
         self.buf = np.zeros((batch, EVENT_WORDS), np.uint64)
         self.held = 0           # records in buf not yet written (a failed write)
         self.pending = np.zeros(sessions.shape[0], np.uint64)  # written, not yet durable
-        self.written_gseq = 0   # last gseq written
-        self.durable_gseq = 0
+        # What recovery found durable (row 0 of the session table) is where this journal
+        # stands: never published lower (a lower mark would tell a backup that it is in
+        # sync, and ingest that less is durable, than is true).
+        self.written_gseq = self.durable_gseq = int(self.sess_flat[S_DURABLE])
         self.last_sync = time.monotonic_ns()
         self.error: str | None = None
         self._tail, self._head = tap_ring.ctrl[RL.W_TAIL:], tap_ring.ctrl[RL.W_HEAD:]
-        _note_sessions(self.buf, 0, self.pending)
-        _publish(self.pending, self.sess_flat, self.ncols, np.uint64(0))
+        _note_sessions(self.buf, 0, self.pending)  # compiled (or loaded) now, not later
+        _publish(self.pending, self.sess_flat, self.ncols, np.uint64(self.durable_gseq))
 
     def _fail(self, what: str, e: OSError) -> None:
         msg = f"exposure journal: {what} failed: {e}; not acknowledging until it succeeds"

@@ -20,7 +20,8 @@ never stalls the hot path; it costs this process's reads of its own journal.
 
 The backup's ACKs (highest gseq received, highest durable) go to the control block
 (``CTL_REPL_RECV`` / ``CTL_REPL_DUR``), where ingest's release policy reads them. A
-HEARTBEAT goes out when nothing has been sent for ``heartbeat_ms``; a backup silent for
+HEARTBEAT with this node's clock goes out every ``heartbeat_ms``; the backup's echo of it
+renews the fence (``CTL_VALID_NS``, :mod:`exposure.repl`); a backup silent for
 ``failover_ms`` is taken for dead and the link is re-established.
 
 The fault hook for tests and drills: while ``<data dir>/fault-cut-link`` exists, the mirror
@@ -51,6 +52,8 @@ from ..shm.control import (
     CTL_REPL_DUR,
     CTL_REPL_RECV,
     CTL_ROLE,
+    CTL_SEQUENCED,
+    CTL_VALID_NS,
     ROLE_PRIMARY,
 )
 from ..shm.ring import ring_pop
@@ -93,6 +96,10 @@ class MirrorStage:
         self.cursor: JournalCursor | None = None
         self.snap_file = None
         self.last_sent = 0
+        self.last_beat = 0
+        # the fence ends this much before the backup may promote: room for the clocks'
+        # rates, a check made just before a pause, and the send it guarded
+        self.margin_ns = self.failover_ns // 4
         self.heard = 0
         self.fault_check = 0
         self.cut = False
@@ -142,13 +149,26 @@ class MirrorStage:
         if self.out and self.sock is not None:
             self._flush()
         if self.sock is not None and self.state in ("stream", "snapshot"):
-            if now - self.last_sent >= self.heartbeat_ns and not self.out:
-                tail = int(self.sessions[0, S_DURABLE])
-                self._send(R.frame(R.K_HEARTBEAT, R.BEAT.pack(tail,
-                                                              int(self.ctl[CTL_EPOCH]))))
+            if now - self.last_beat >= self.heartbeat_ns:
+                self._beat(now)
             if now - self.heard > self.failover_ns:
                 self._down(f"the backup has been silent for {(now - self.heard) / 1e6:.0f} ms")
         return work
+
+    def _beat(self, now: int) -> None:
+        """A HEARTBEAT with this node's clock: its echo renews the fence (CTL_VALID_NS).
+        Sent every heartbeat_ms while linked, whatever else is sent."""
+        self.last_beat = now
+        tail = int(self.sessions[0, S_DURABLE])
+        self._send(R.frame(R.K_HEARTBEAT, R.BEAT.pack(tail, int(self.ctl[CTL_EPOCH]), now)))
+
+    def _echo(self, echo: int, now: int) -> None:
+        """The backup heard our HEARTBEAT of time ``echo``: it cannot promote itself before
+        echo + failover_ms (it waits that long after the last thing it heard)."""
+        if 0 < echo <= now:
+            valid = echo + self.failover_ns - self.margin_ns
+            if valid > self.ctl[CTL_VALID_NS]:
+                self.ctl[CTL_VALID_NS] = valid
 
     def _discard_ring(self) -> None:
         """Not streaming: the ring's records will be read from the journal when needed."""
@@ -255,20 +275,26 @@ class MirrorStage:
             self.nonce = os.urandom(R.NONCE)
             self._send(R.frame(R.K_AUTH, R.AUTH.pack(
                 R.mac(self.secret, "primary", payload), self.nonce,
-                int(self.ctl[CTL_EPOCH]), int(self.sessions[0, S_DURABLE]))))
+                int(self.ctl[CTL_EPOCH]), self._tail_gseq())))
             self.state = "welcome"
         elif self.state == "welcome" and kind == R.K_WELCOME:
             self._welcome(payload)
         elif self.state in ("stream", "snapshot") and kind == R.K_ACK:
-            recv, dur = R.ACK.unpack(payload)
+            recv, dur, echo = R.ACK.unpack(payload)
+            self._echo(echo, time.monotonic_ns())
             if recv > self.ctl[CTL_REPL_RECV]:
                 self.ctl[CTL_REPL_RECV] = recv
             if dur > self.ctl[CTL_REPL_DUR]:
                 self.ctl[CTL_REPL_DUR] = dur
         elif self.state in ("stream", "snapshot") and kind == R.K_HEARTBEAT:
-            pass
+            self._echo(R.BEAT.unpack(payload)[2], time.monotonic_ns())
         else:
             self._down(f"unexpected frame kind {kind} from the backup in state {self.state}")
+
+    def _tail_gseq(self) -> int:
+        """What a backup must hold to be in sync: everything this node sequenced (what
+        it may have acknowledged is a part of it), at least its journal's durable tail."""
+        return max(int(self.sessions[0, S_DURABLE]), int(self.ctl[CTL_SEQUENCED]))
 
     def _welcome(self, payload: bytes) -> None:
         proof, last, known, rec = R.WELCOME.unpack(payload)
@@ -308,10 +334,14 @@ class MirrorStage:
         if last + 1 < first:
             self._start_snapshot(last)
             return
-        self.ctl[CTL_REPL_RECV] = max(int(self.ctl[CTL_REPL_RECV]), last)
+        # What this backup holds now (lower than an earlier link's if it was RESET): the
+        # release and the supervisor's "synchronous again" wait for what it really holds.
+        self.ctl[CTL_REPL_RECV] = last
+        self.ctl[CTL_REPL_DUR] = min(int(self.ctl[CTL_REPL_DUR]), last)
         self.next = last + 1
         self.cursor = JournalCursor(self.data_dir, self.next)
         self.state = "stream"
+        self._beat(time.monotonic_ns())
         _log(f"streaming to the backup at {self.peer[0]}:{self.peer[1]} from gseq "
              f"{self.next}")
 

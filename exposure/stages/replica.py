@@ -10,10 +10,12 @@ follow, so a promoted backup answers logins with what it holds.
 
 This side acknowledges the highest gseq received (in its rings) and the highest durable (its
 journal's), coalesced to one ACK per ``ack_interval_us``, and sends a HEARTBEAT when it has
-had nothing to say for ``heartbeat_ms``. It marks the node *in sync* once it holds the
-primary's journal tail as of the handshake (the catch-up target); only an in-sync backup
-may promote itself. A RESET (this node's state cannot continue the primary's) or a complete
-snapshot asks the supervisor to rebuild the node (``CTL_RELOAD``).
+had nothing to say for ``heartbeat_ms``. Both carry the echo of the newest primary
+HEARTBEAT heard, at once when it is new: the primary's fence (:mod:`exposure.repl`). It
+marks the node *in sync* once it holds what the primary had sequenced at the handshake (the
+catch-up target); only an in-sync backup that etcd records as the synchronous member may
+promote itself (:mod:`exposure.election`). A RESET (this node's state cannot continue the
+primary's) or a complete snapshot asks the supervisor to rebuild the node (``CTL_RELOAD``).
 """
 
 from __future__ import annotations
@@ -177,7 +179,8 @@ class ReplicaStage:
         self.ep.register(self.lsock.fileno(), select.EPOLLIN)
         self.links: dict[int, _Link] = {}
         self.link: _Link | None = None  # the authenticated one
-        self.acked = (-1, -1)
+        self.acked = (-1, -1, -1)
+        self.echo = 0               # the newest primary HEARTBEAT time heard (its clock)
         self.last_sent = 0
         self.reloading = False
         self.res = np.zeros(6, np.int64)
@@ -216,11 +219,13 @@ class ReplicaStage:
             return
         received = self.next_gseq - 1
         durable = int(self.sessions[0, S_DURABLE])
-        if (received, durable) != self.acked and now - self.last_sent >= self.ack_interval_ns:
-            self.acked = (received, durable)
-            self._send(ln, R.frame(R.K_ACK, R.ACK.pack(received, durable)), now)
+        # a new echo goes out at once: the primary's fence waits for it
+        if (self.echo != self.acked[2] or (received, durable) != self.acked[:2]
+                and now - self.last_sent >= self.ack_interval_ns):
+            self.acked = (received, durable, self.echo)
+            self._send(ln, R.frame(R.K_ACK, R.ACK.pack(received, durable, self.echo)), now)
         elif now - self.last_sent >= self.heartbeat_ns:
-            self._send(ln, R.frame(R.K_HEARTBEAT, R.BEAT.pack(received, 0)), now)
+            self._send(ln, R.frame(R.K_HEARTBEAT, R.BEAT.pack(received, 0, self.echo)), now)
         if ln.out and ln.fd in self.links:
             self._flush(ln)
 
@@ -319,6 +324,7 @@ class ReplicaStage:
             ln.pending_at = 0
             self._drain(ln)
         elif kind == R.K_HEARTBEAT:
+            self.echo = max(self.echo, R.BEAT.unpack(payload)[2])
             self._check_sync()
         elif kind == R.K_RESET:
             _log(f"the primary says this node's state cannot continue its own: "
@@ -371,7 +377,8 @@ class ReplicaStage:
         self.ctl[CTL_PRIMARY_GSEQ] = tail
         self.ctl[CTL_HEARD_NS] = time.monotonic_ns()
         self.ctl[CTL_LINK] = 1
-        self.acked = (-1, -1)
+        self.acked = (-1, -1, -1)
+        self.echo = 0
         self._send(ln, welcome)
         _log(f"following the primary at {ln.addr[0]}:{ln.addr[1]} (epoch {epoch}); "
              f"holding gseq {last}, its journal is at {tail}")

@@ -5,9 +5,12 @@
   node without a backup (``standalone``, the same process map) and for a pair under each
   release policy; the policies are interleaved run by run, and the median of ``--runs``
   is reported;
-* **failover**: a client streams at ``--failover-rate``; the primary's whole node is killed
-  with SIGKILL; the time from the kill to the first event the new primary accepted (that
-  event's receive stamp, from the new primary's journal), ``--failovers`` times;
+* **failover**, per release policy: a client (:class:`perf.ackclock.AckClock`) streams at
+  ``--failover-rate``; the primary's whole node is killed with SIGKILL; the time from the
+  kill to the promotion, and to the first ACK of a record sent after the kill (only the
+  new primary can acknowledge it), ``--failovers`` times;
+* **alone**: the same with the backup killed: the time until the primary acknowledges a
+  record sent after the kill (only a primary running alone can);
 * **catch-up**: ``--catchup`` events reach the primary while its backup is down; the backup
   is started; records per second from the link coming up to the backup holding the
   primary's tail (received), and to compute having applied it.
@@ -21,19 +24,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from exposure.journal import read_blocks
-from exposure.shm.control import CTL_IN_SYNC, CTL_LINK, CTL_PRIMARY_GSEQ, CTL_ROLE, ROLE_PRIMARY
+from exposure.shm.control import (
+    CTL_ALONE,
+    CTL_IN_SYNC,
+    CTL_LINK,
+    CTL_PRIMARY_GSEQ,
+    CTL_ROLE,
+    ROLE_PRIMARY,
+)
+from perf.ackclock import AckClock
 from perf.flowgen import generate, to_jsonl
-from perf.localnode import LocalNode, LocalPair, process_map
+from perf.localnode import LocalEtcd, LocalNode, LocalPair, process_map
 from perf.tool import Target, _flow, measure_run
 
 POLICIES = ("standalone", "local", "replicated", "replicated+local")
@@ -54,7 +62,7 @@ def _target(node: LocalNode) -> Target:
     return t
 
 
-def latency(tmp: Path, policies, rate: float, duration: float, warmup: float,
+def latency(tmp: Path, etcd, policies, rate: float, duration: float, warmup: float,
             runs: int, log) -> dict:
     block = _flow(200_000, 7)
     results: dict[str, list[dict]] = {p: [] for p in policies}
@@ -65,10 +73,9 @@ def latency(tmp: Path, policies, rate: float, duration: float, warmup: float,
                 node, stop = LocalNode(d, extra=_STANDALONE_MAP), None
                 stop = node.stop
             else:
-                pair = LocalPair(d, release=pol)
+                pair = LocalPair(d, etcd, release=pol)
                 node, stop = pair.a, pair.stop
-                _wait(lambda p=pair: (c := p.b.control()) is not None and c[CTL_IN_SYNC],
-                      60, "the backup in sync")
+                _wait(lambda p=pair: _synchronous(p), 60, "the backup synchronous")
             try:  # the client on the core the primary's hot process does not spin on
                 r = measure_run(_target(node), block, rate, duration, warmup, 250,
                                 client_cpu=sorted(os.sched_getaffinity(0))[0])
@@ -89,69 +96,119 @@ def latency(tmp: Path, policies, rate: float, duration: float, warmup: float,
     return out
 
 
-def failover(tmp: Path, times: int, rate: float, log) -> dict:
-    """Kill -9 of the primary mid-stream; from the kill to the first event accepted by
-    the new primary (its receive stamp in the new primary's journal)."""
-    events = tmp / "failover.jsonl"
-    events.write_bytes(to_jsonl(generate(int(rate * 30), accounts=100, instruments=1000,
-                                         universe=40, live_target=5000, seed=3)))
-    out = []
+def _synchronous(pair: LocalPair) -> bool:
+    """The backup in sync and recorded by etcd as the synchronous member."""
+    c = pair.b.control()
+    if c is None or not c[CTL_IN_SYNC]:
+        return False
+    rec = pair.record()
+    return rec is not None and rec.sync == pair.b.name
+
+
+def _flow_recs(n: int, seed: int):
+    from exposure.parse import read_events
+
+    path = Path(tempfile.mkstemp(suffix=".jsonl")[1])
+    try:
+        path.write_bytes(to_jsonl(generate(n, accounts=100, instruments=1000, universe=40,
+                                           live_target=5000, seed=seed)))
+        return read_events(path)
+    finally:
+        path.unlink()
+
+
+def _kill(node: LocalNode) -> int:
+    pids = node.pids()
+    t = time.time_ns()
+    for pid in pids.values():
+        os.kill(pid, signal.SIGKILL)
+    return t
+
+
+def failover(tmp: Path, etcd, policies, times: int, rate: float, log) -> dict:
+    """Per release policy: kill -9 of the primary mid-stream; from the kill to the
+    promotion, and to the first ACK of a record sent after the kill (only the new primary
+    can acknowledge it)."""
+    recs = _flow_recs(int(rate * 30), 3)
+    out: dict[str, dict] = {}
+    for pol in policies:
+        runs = []
+        for k in range(times):
+            d = Path(tempfile.mkdtemp(dir=tmp))
+            pair = LocalPair(d, etcd, release=pol)
+            clock = None
+            try:
+                _wait(lambda p=pair: _synchronous(p), 60, "the backup synchronous")
+                clock = AckClock([("127.0.0.1", pair.a.port), ("127.0.0.1", pair.b.port)],
+                                 recs, rate)
+                clock.start()
+                _wait(lambda c=clock: c.acked() > rate, 30, "the stream acknowledged")
+                time.sleep(0.3)
+                t_kill = _kill(pair.a)
+                _wait(lambda p=pair: (c := p.b.control()) is not None
+                      and c[CTL_ROLE] == ROLE_PRIMARY, 10, "the promotion")
+                t_role = time.time_ns()
+                _wait(lambda c=clock, t=t_kill: c.first_ack_of_records_sent_after(t), 30,
+                      "an ACK from the new primary")
+                t_ack = clock.first_ack_of_records_sent_after(t_kill)
+                r = {"promoted_ms": (t_role - t_kill) / 1e6,
+                     "first_ack_ms": (t_ack - t_kill) / 1e6}
+                runs.append(r)
+                log(f"failover {pol:17s} {k + 1}: promoted after at most "
+                    f"{r['promoted_ms']:.0f} ms; first ACK of a record sent after the kill "
+                    f"{r['first_ack_ms']:.0f} ms after it")
+            finally:
+                if clock is not None:
+                    clock.stop.set()
+                    clock.join(5)
+                pair.a.proc.wait()
+                pair.stop()
+        acks = [r["first_ack_ms"] for r in runs]
+        out[pol] = {"runs": runs, "first_ack_ms_median": statistics.median(acks),
+                    "first_ack_ms_max": max(acks)}
+    return out
+
+
+def alone(tmp: Path, etcd, times: int, rate: float, log) -> dict:
+    """kill -9 of the backup mid-stream (default policy); from the kill to the first ACK of
+    a record sent after it (only a primary running alone can acknowledge it)."""
+    recs = _flow_recs(int(rate * 30), 4)
+    runs = []
     for k in range(times):
         d = Path(tempfile.mkdtemp(dir=tmp))
-        pair = LocalPair(d)
-        client = None
+        pair = LocalPair(d, etcd)
+        clock = None
         try:
-            _wait(lambda p=pair: (c := p.b.control()) is not None and c[CTL_IN_SYNC], 60,
-                  "the backup in sync")
-            client = subprocess.Popen(
-                [sys.executable, "-m", "exposure", "send", str(events), "--config",
-                 str(pair.a.config), "--rate", str(rate), "--retry", "60"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            _wait(lambda p=pair: p.a.last_gseq() > rate, 30, "the stream")
-            time.sleep(0.5)
-            pids = pair.a.pids()
-            t_kill = time.time_ns()
-            for pid in pids.values():
-                os.kill(pid, signal.SIGKILL)
-            _wait(lambda p=pair: (c := p.b.control()) is not None
-                  and c[CTL_ROLE] == ROLE_PRIMARY, 10, "the promotion")
-            t_role = time.time_ns()
-            m = None
-            end = time.time() + 20
-            while m is None and time.time() < end:
-                m = re.search(r"accepting sessions on \S+ from gseq (\d+)",
-                              pair.b.log.read_text())
-                time.sleep(0.01)
-            first = int(m.group(1))
-            _wait(lambda p=pair, f=first: p.b.last_gseq() >= f, 20,
-                  "the first event on the new primary")
-            time.sleep(0.3)  # the journal
-            recv = None
-            for blk in read_blocks(pair.b.data_dir, from_gseq=first):
-                recs = blk.records[blk.records["gseq"] >= first]
-                if len(recs):
-                    recv = int(recs["recv_ns"][0])
-                    break
-            r = {"promoted_ms": (t_role - t_kill) / 1e6,
-                 "first_event_ms": (recv - t_kill) / 1e6 if recv else None}
-            out.append(r)
-            log(f"failover {k + 1}: promoted after at most {r['promoted_ms']:.0f} ms; first "
-                f"event accepted by the new primary {r['first_event_ms']:.0f} ms after the "
-                "kill")
+            _wait(lambda p=pair: _synchronous(p), 60, "the backup synchronous")
+            clock = AckClock([("127.0.0.1", pair.a.port)], recs, rate)
+            clock.start()
+            _wait(lambda c=clock: c.acked() > rate, 30, "the stream acknowledged")
+            time.sleep(0.3)
+            t_kill = _kill(pair.b)
+            _wait(lambda p=pair: p.a.control()[CTL_ALONE] == 1, 10, "running alone")
+            t_alone = time.time_ns()
+            _wait(lambda c=clock, t=t_kill: c.first_ack_of_records_sent_after(t), 30,
+                  "an ACK from the primary alone")
+            t_ack = clock.first_ack_of_records_sent_after(t_kill)
+            r = {"alone_ms": (t_alone - t_kill) / 1e6, "first_ack_ms": (t_ack - t_kill) / 1e6}
+            runs.append(r)
+            log(f"backup killed {k + 1}: running alone after at most {r['alone_ms']:.0f} ms; "
+                f"first ACK of a record sent after the kill {r['first_ack_ms']:.0f} ms "
+                "after it")
         finally:
-            if client is not None:
-                client.kill()
-                client.wait()
-            pair.a.proc.wait()
+            if clock is not None:
+                clock.stop.set()
+                clock.join(5)
+            pair.b.proc.wait()
             pair.stop()
-    good = [r["first_event_ms"] for r in out if r["first_event_ms"] is not None]
-    return {"runs": out, "first_event_ms_median": statistics.median(good) if good else None,
-            "first_event_ms_max": max(good) if good else None}
+    acks = [r["first_ack_ms"] for r in runs]
+    return {"runs": runs, "first_ack_ms_median": statistics.median(acks),
+            "first_ack_ms_max": max(acks)}
 
 
-def catchup(tmp: Path, n: int, log) -> dict:
+def catchup(tmp: Path, etcd, n: int, log) -> dict:
     d = Path(tempfile.mkdtemp(dir=tmp))
-    pair = LocalPair(d, release="local", start=False)
+    pair = LocalPair(d, etcd, release="local", start=False)
     events = d / "catchup.jsonl"
     events.write_bytes(to_jsonl(generate(n, accounts=200, instruments=2000, universe=50,
                                          live_target=5000, seed=5)))
@@ -192,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--failovers", type=int, default=5)
     p.add_argument("--failover-rate", type=float, default=5_000)
     p.add_argument("--catchup", type=int, default=1_000_000, help="events (0: skip)")
-    p.add_argument("--skip", default="", help="comma list: latency,failover,catchup")
+    p.add_argument("--skip", default="",
+                   help="comma list: latency,failover,alone,catchup")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
@@ -203,13 +261,21 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench_pair.") as tmp:
         tmp = Path(tmp)
-        if "latency" not in skip:
-            res["latency"] = latency(tmp, a.policies.split(","), a.rate, a.duration,
-                                     a.warmup, a.runs, log)
-        if "failover" not in skip and a.failovers:
-            res["failover"] = failover(tmp, a.failovers, a.failover_rate, log)
-        if "catchup" not in skip and a.catchup:
-            res["catchup"] = catchup(tmp, a.catchup, log)
+        etcd = LocalEtcd(tmp)
+        try:
+            if "latency" not in skip:
+                res["latency"] = latency(tmp, etcd, a.policies.split(","), a.rate,
+                                         a.duration, a.warmup, a.runs, log)
+            if "failover" not in skip and a.failovers:
+                res["failover"] = failover(tmp, etcd, [p for p in a.policies.split(",")
+                                                      if p != "standalone"],
+                                           a.failovers, a.failover_rate, log)
+            if "alone" not in skip and a.failovers:
+                res["alone"] = alone(tmp, etcd, a.failovers, a.failover_rate, log)
+            if "catchup" not in skip and a.catchup:
+                res["catchup"] = catchup(tmp, etcd, a.catchup, log)
+        finally:
+            etcd.stop()
     if a.json:
         print(json.dumps(res, indent=1))
         return 0
@@ -223,10 +289,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {pol:17s} {r['p50_us']:8.1f} / {r['p99_us']:9.1f}   ack "
                   f"{r['ack_p50_us']:9.1f} / {r['ack_p99_us']:10.1f}{extra}")
     if "failover" in res:
-        f = res["failover"]
-        print(f"failover (kill -9 of the primary to the first event accepted by the new "
-              f"one): median {f['first_event_ms_median']:.0f} ms, max "
-              f"{f['first_event_ms_max']:.0f} ms over {len(f['runs'])}")
+        print("failover: kill -9 of the primary to the first ACK of a record sent after "
+              "the kill (ms)")
+        for pol, f in res["failover"].items():
+            print(f"  {pol:17s} median {f['first_ack_ms_median']:.0f}, max "
+                  f"{f['first_ack_ms_max']:.0f} over {len(f['runs'])} (promoted after "
+                  f"{statistics.median(r['promoted_ms'] for r in f['runs']):.0f})")
+    if "alone" in res:
+        f = res["alone"]
+        print(f"backup killed: the primary acknowledges alone after median "
+              f"{f['first_ack_ms_median']:.0f} ms, max {f['first_ack_ms_max']:.0f} ms over "
+              f"{len(f['runs'])}")
     if "catchup" in res:
         c = res["catchup"]
         print(f"catch-up of {c['events']:,} events: received at "

@@ -76,9 +76,10 @@ class LocalNode:
     def launch(self) -> None:
         """Start ``exposure run`` without waiting for it."""
         with open(self.log, "a") as log:
-            self.proc = subprocess.Popen([*self.wrap, sys.executable, "-m", "exposure",
-                                          "run", "--config", str(self.config)], stdout=log, stderr=log,
-                                         text=True, env={**os.environ, **self.env})
+            self.proc = subprocess.Popen(
+                [*self.wrap, sys.executable, "-m", "exposure", "run", "--config",
+                 str(self.config)], stdout=log, stderr=log, text=True,
+                env={**os.environ, **self.env})
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.time() + timeout

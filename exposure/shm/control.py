@@ -31,7 +31,8 @@ One small shared segment (``/exposure.<name>.control``), u8 words::
                                                  before it records a backup as synchronous
       13  CTL_SEQUENCED   ingest                 the last gseq ingest sequenced (or received)
       14  CTL_FENCED      ingest                 1 while this primary may not acknowledge nor
-                                                 publish (no valid echo and not alone)
+                                                 publish (no valid echo and not alone), as
+                                                 of the last time it had ACKs to send
   16..31  CTL_PROGRESS+i  process i of the map   a counter its loop advances (the supervisor
                                                  takes a process whose counter stops for
                                                  stall_ms for dead)

@@ -329,11 +329,13 @@ class IngestStage:
         CTL_ALONE_SEEN, after which every ACK follows it), what was sequenced, and the
         fence."""
         ctl = self.ctl
-        alone = int(ctl[CTL_ALONE])
-        if alone != self.alone or not ctl[CTL_ALONE_SEEN]:
-            self.alone = alone
-            ctl[CTL_ALONE_SEEN] = alone + 1
-        self._show_seq(self.next_gseq - 1)  # (after SEEN: see exposure.election)
+        if ctl[CTL_ALONE] != self.alone or not ctl[CTL_ALONE_SEEN]:
+            self.alone = int(ctl[CTL_ALONE])
+            ctl[CTL_ALONE_SEEN] = self.alone + 1
+        if self.next_gseq - 1 != self.seq_shown:  # (after SEEN: see exposure.election)
+            self._show_seq(self.next_gseq - 1)
+        if not self.unacked:
+            return  # (the fence matters only to what is about to be acknowledged)
         fenced = not may_act(ctl, time.monotonic_ns())
         if fenced != self.fenced:
             self.fenced = fenced

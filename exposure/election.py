@@ -119,6 +119,7 @@ class Election:
         self.known = 0              # the highest epoch stored in the data directory
         self.join: tuple[str, int] | None = None  # recording the backup as sync: (phase, target)
         self.said = ""              # the last situation logged (each said once)
+        self.fenced = False         # (logged when it starts)
         self.etcd_said = ""
 
     # ------------------------------------------------------------------ plumbing
@@ -269,9 +270,12 @@ class Election:
     def _publish(self, force: bool = False) -> None:
         ctl = self.ctl
         backup = self.role == ROLE_BACKUP
+        # "following" before "in_sync": the replica clears IN_SYNC before it publishes a
+        # new epoch, so an in_sync read after a new "following" is never the old link's.
+        # IN_SYNC outlives the link (a restarting primary reads it to hand over).
         info = {"role": ROLE_NAMES.get(self.role, "?"), "epoch": self.epoch,
                 "following": int(ctl[CTL_PEER_EPOCH]) if backup else self.epoch,
-                "in_sync": bool(backup and ctl[CTL_IN_SYNC] and ctl[CTL_LINK])}
+                "in_sync": bool(backup and ctl[CTL_IN_SYNC])}
         now = time.monotonic_ns()
         if not force and info == self.published and now < self.next_publish:
             return
@@ -313,6 +317,12 @@ class Election:
         silent = now - max(int(ctl[CTL_HEARD_NS]), self.role_since)
         if st.sync:
             ctl[CTL_ALONE] = 0
+            fenced = now >= int(ctl[CTL_VALID_NS])
+            if fenced and not self.fenced:
+                self.log(f"fenced at epoch {self.epoch}: no echo from the backup {st.sync!r} "
+                         f"for {silent / _MS:.0f} ms (it may be promoting); acknowledging and "
+                         "publishing nothing")
+            self.fenced = fenced
             if silent < self.alone_after_ns:
                 self.said = ""
                 return None

@@ -3,8 +3,9 @@ primary runs alone, and the fence that keeps two nodes from acknowledging at onc
 
 The truth is etcd's pair record (:mod:`exposure.coord`): ``{epoch, primary, sync}``, changed
 only by compare-and-swap. The supervisor of each node runs one :class:`Election`: it reads
-the record (and the members' keys) every ``poll_ms``, publishes its own member key, and
-makes the transitions below; the stages see the outcome in the control block
+the record (and the members' keys) every ``poll_ms`` (200), publishes its own member key,
+and makes the transitions below (a backup about to promote itself reads it afresh); the
+stages see the outcome in the control block
 (:mod:`exposure.shm.control`).
 
 **Start** (and every restart of the node's processes), :meth:`Election.start`:
@@ -96,7 +97,7 @@ class Election:
 
     def __init__(self, name: str, ctl: np.ndarray, store: PairStore, data_dir, *,
                  release: str, failover_ms: int, alone_after_ms: int, strict: bool,
-                 tail: Callable[[], int], log: Callable[[str], None], poll_ms: int = 100):
+                 tail: Callable[[], int], log: Callable[[str], None], poll_ms: int = 200):
         self.name = name
         self.ctl = ctl
         self.store = store
@@ -112,6 +113,7 @@ class Election:
         self.rev = 0
         self.members: dict[str, dict] = {}
         self.fresh = False          # the last read succeeded
+        self.read_at = 0            # when (monotonic ns)
         self.next_read = 0
         self.next_publish = 0
         self.published: dict = {}
@@ -147,6 +149,7 @@ class Election:
             self.log("etcd answers again")
             self.etcd_said = ""
         self.fresh = True
+        self.read_at = time.monotonic_ns()
         return True
 
     def _swap(self, new: PairState, why: str) -> bool | None:
@@ -377,6 +380,9 @@ class Election:
             return
         following = int(ctl[CTL_PEER_EPOCH])
         quiet = f"the primary has been silent for {silent / _MS:.0f} ms"
+        if self.fresh and now - self.read_at > 50 * _MS:
+            self._read()  # decide on a record at most 50 ms old (the swap checks it too)
+            st = self.state
         if not ctl[CTL_IN_SYNC]:
             self._say("unsynced", f"{quiet}, but this backup is not in sync with it: not "
                       "promoting")

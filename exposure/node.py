@@ -106,6 +106,7 @@ class Node:
         self.progress: dict[str, tuple[int, int]] = {}  # process -> (counter, seen at ns)
         self.last_loop = time.monotonic_ns()
         self.notify = Notifier()
+        self.all_cpus = set(os.sched_getaffinity(0))
 
     def start(self, stop_flag: list | None = None) -> None:
         """Create the segments, recover, choose the role (in a pair: waits for etcd;
@@ -113,6 +114,7 @@ class Node:
         start the processes."""
         if stop_flag is not None:
             self.stop_flag = stop_flag
+        self._off_the_spinners()
         cfg, names = self.cfg, _names(self.cfg)
         self.tally = TallySegment.create(names["tally"], cfg.caps)  # refuses a live node
         self.owned.append(self.tally)
@@ -143,6 +145,21 @@ class Node:
         except BaseException:
             self.stop()
             raise
+
+    def _off_the_spinners(self) -> None:
+        """The supervisor (its etcd requests, its loop) runs on the CPUs no stage spins on:
+        a wake-up on a spinning core preempts the hot path for milliseconds. Stage
+        processes pin themselves; the snapshot process inherits this set."""
+        spin = {p.cpu for p in self.cfg.processes if p.wait == "spin"}
+        cpus = self.all_cpus - spin
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    def _popen(self, cmd: list[str]) -> subprocess.Popen:
+        """A child with this machine's whole CPU set (it checks the config against it, then
+        pins itself), not the supervisor's."""
+        cpus = self.all_cpus
+        return subprocess.Popen(cmd, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
 
     def _make_rings(self) -> None:
         names = _names(self.cfg)
@@ -181,7 +198,9 @@ class Node:
     def restart(self, why: str, reload: int = 0) -> None:
         """A process died: stop the others, rebuild tallies and sessions from the journal
         (in place: desks stay attached), fresh rings, start every process again. Whatever
-        was in flight and not durable was never acknowledged; clients resend it.
+        was in flight and not durable was never acknowledged (or, under a pair's
+        'replicated' policy, is in the synchronous backup, which then takes over:
+        :meth:`exposure.election.Election.start`); clients resend it.
         ``reload``: the replica asked for a rebuild (RELOAD_*): the data directory's state
         is moved aside first (and a received snapshot put in its place)."""
         t0 = time.perf_counter()
@@ -273,7 +292,7 @@ class Node:
                str(self.cfg.data_dir), "--epoch", str(self.epoch)]
         if self.config_path:
             cmd += ["--config", self.config_path]
-        return subprocess.Popen(cmd)
+        return self._popen(cmd)
 
     def describe(self) -> str:
         cfg, names = self.cfg, _names(self.cfg)
@@ -375,10 +394,10 @@ class Node:
         if self.config_path:
             cmd += ["--config", self.config_path]
         spin = {p.cpu for p in cfg.processes if p.wait == "spin"}
-        cpus = set(os.sched_getaffinity(0)) - spin
+        cpus = self.all_cpus - spin
         if cpus:  # it pins itself once it has read the config (which checks every CPU)
             cmd += ["--cpus", ",".join(map(str, sorted(cpus)))]
-        self.snapshotter = subprocess.Popen(cmd)
+        self.snapshotter = self._popen(cmd)
 
     def _stop_processes(self) -> None:
         for p in self.procs.values():

@@ -392,6 +392,10 @@ class Election:
                       "waiting for it")
             return
         if st.primary == self.name:
+            if st.epoch > max(following, self.epoch):  # our own swap, its answer lost
+                self._become_primary()
+                self.log(f"promoted to primary at epoch {st.epoch}: etcd recorded this "
+                         "node's promotion (the answer to it had been lost)")
             return
         if st.sync != self.name:
             self._say("not-sync", f"{quiet}, but etcd records {st.describe()}: this backup "

@@ -325,3 +325,16 @@ def test_start_waits_for_etcd_and_can_be_stopped(etcd, prefix, tmp_path):
         assert "cannot read the pair's record" in a.log()
     finally:
         etcd.resume()
+
+
+@pytest.mark.timeout(60)
+def test_a_promotion_whose_answer_was_lost_is_taken_from_the_record(etcd, prefix, tmp_path):
+    """The swap went through but its answer never arrived (a timeout): the record names
+    this backup primary at a new epoch, so it is."""
+    a, b = make_pair(etcd, prefix, tmp_path)
+    epoch = int(a.ctl[CTL_EPOCH])
+    force(etcd, prefix, PairState(epoch + 1, "b", ""))  # as b's own swap would have
+    b.silent(400)
+    b.tick()
+    assert b.role == ROLE_PRIMARY and int(b.ctl[CTL_EPOCH]) == epoch + 1
+    assert "answer to it had been lost" in b.log()

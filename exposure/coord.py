@@ -33,7 +33,6 @@ each endpoint in turn; when none answers, :class:`CoordError` says so and the ca
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
@@ -105,7 +104,7 @@ class PairStore:
         self.endpoints = list(endpoints)
         self.current = 0
         self.lease = None
-        self.lease_at = 0.0
+        self.member_info = ("", "")
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, fn):
@@ -175,22 +174,25 @@ class PairStore:
         return bool(res.get("succeeded", False))
 
     # ------------------------------------------------------------------ members
-    def publish_member(self, name: str, info: dict) -> None:
-        """Put this member's key under its lease (granted on first use, refreshed here,
-        granted again if it expired)."""
-        def put(c):
-            now = time.monotonic()
-            if self.lease is None or self.lease[0] is not c:
+    def publish_member(self, name: str, info: dict | None) -> None:
+        """Keep this member's key under its lease: ``info`` given, put it (granting the
+        lease on first use); None, only keep the lease alive (one request; the key is put
+        again with the last info if the lease had expired). Call at least every
+        ``member_ttl / 3`` seconds."""
+        if info is not None:
+            self.member_info = (name, json.dumps(info, sort_keys=True))
+
+        def keep(c):
+            fresh = self.lease is None or self.lease[0] is not c
+            if not fresh and self.lease[1].refresh() <= 0:
+                fresh = True  # it expired: the key went with it
+            if fresh:
                 self.lease = (c, c.lease(self.member_ttl))
-                self.lease_at = now
-            elif now - self.lease_at >= self.member_ttl / 3:
-                if self.lease[1].refresh() <= 0:
-                    self.lease = (c, c.lease(self.member_ttl))
-                self.lease_at = now
-            c.put(self.member_prefix + name, json.dumps(info, sort_keys=True),
-                  lease=self.lease[1])
+            if fresh or info is not None:
+                c.put(self.member_prefix + self.member_info[0], self.member_info[1],
+                      lease=self.lease[1])
         try:
-            self._call(put)
+            self._call(keep)
         except CoordError:
             self.lease = None
             raise

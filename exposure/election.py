@@ -3,7 +3,7 @@ primary runs alone, and the fence that keeps two nodes from acknowledging at onc
 
 The truth is etcd's pair record (:mod:`exposure.coord`): ``{epoch, primary, sync}``, changed
 only by compare-and-swap. The supervisor of each node runs one :class:`Election`: it reads
-the record (and the members' keys) every ``poll_ms`` (200), publishes its own member key,
+the record (and the members' keys) every ``poll_ms`` (250), publishes its own member key,
 and makes the transitions below (a backup about to promote itself reads it afresh); the
 stages see the outcome in the control block
 (:mod:`exposure.shm.control`).
@@ -97,7 +97,7 @@ class Election:
 
     def __init__(self, name: str, ctl: np.ndarray, store: PairStore, data_dir, *,
                  release: str, failover_ms: int, alone_after_ms: int, strict: bool,
-                 tail: Callable[[], int], log: Callable[[str], None], poll_ms: int = 200):
+                 tail: Callable[[], int], log: Callable[[str], None], poll_ms: int = 250):
         self.name = name
         self.ctl = ctl
         self.store = store
@@ -116,7 +116,7 @@ class Election:
         self.read_at = 0            # when (monotonic ns)
         self.next_read = 0
         self.next_publish = 0
-        self.published: dict = {}
+        self.published: tuple = ()
         self.role_since = time.monotonic_ns()
         self.known = 0              # the highest epoch stored in the data directory
         self.join: tuple[str, int] | None = None  # recording the backup as sync: (phase, target)
@@ -271,26 +271,32 @@ class Election:
 
     # ------------------------------------------------------------------ every loop
     def _publish(self, force: bool = False) -> None:
+        """This node's member key: put when what it says changes, its lease kept alive
+        every second otherwise (the tail it carries is as of the last put: it matters to
+        nodes that start, whose tails do not move)."""
         ctl = self.ctl
         backup = self.role == ROLE_BACKUP
         # "following" before "in_sync": the replica clears IN_SYNC before it publishes a
         # new epoch, so an in_sync read after a new "following" is never the old link's.
         # IN_SYNC outlives the link (a restarting primary reads it to hand over).
-        info = {"role": ROLE_NAMES.get(self.role, "?"), "epoch": self.epoch,
-                "following": int(ctl[CTL_PEER_EPOCH]) if backup else self.epoch,
-                "in_sync": bool(backup and ctl[CTL_IN_SYNC])}
+        key = (self.role, self.epoch,
+               int(ctl[CTL_PEER_EPOCH]) if backup else self.epoch,
+               bool(backup and ctl[CTL_IN_SYNC]))
         now = time.monotonic_ns()
-        if not force and info == self.published and now < self.next_publish:
+        changed = force or key != self.published
+        if not changed and now < self.next_publish:
             return
-        info["tail"] = self.tail()
+        info = None
+        if changed:
+            info = {"role": ROLE_NAMES.get(key[0], "?"), "epoch": key[1],
+                    "following": key[2], "in_sync": key[3], "tail": self.tail()}
         try:
             self.store.publish_member(self.name, info)
         except CoordError:
-            self.next_publish = now + 10 * self.poll_ns
+            self.next_publish = now + 5 * self.poll_ns
             return  # said by the reads
-        del info["tail"]
-        self.published = info
-        self.next_publish = now + 5 * self.poll_ns
+        self.published = key
+        self.next_publish = now + _MS * 1000 * self.store.member_ttl // 3
 
     def tick(self) -> str | None:
         """One step, every supervisor loop. Returns why the node must restart as a backup

@@ -261,7 +261,7 @@ class Node:
 
     def _stalled(self) -> str:
         """A process whose progress counter has not moved for ``stall_ms`` (or that never
-        started its loop within ``start_s``): killed, and named (the caller restarts the
+        reached its loop within two minutes): killed, and named (the caller restarts the
         node's processes). Blind after a pause of the supervisor itself (SIGSTOP, steal):
         the counters get a fresh start then."""
         now = time.monotonic_ns()

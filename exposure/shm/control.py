@@ -45,7 +45,8 @@ become a backup is restarted by its supervisor.
 Who may acknowledge (ingest) and publish (fan-out) in a pair: the primary, while
 ``CTL_ALONE`` is 1 or ``now < CTL_VALID_NS``. Between a check and the send it guards there
 is a window of microseconds (a process stopped inside it sends one batch late); the epoch in
-every datagram and ACK is the fencing token that lets a receiver drop such a straggler.
+every datagram is the fencing token that lets a receiver drop such a straggler (a session's
+ACK carries no epoch yet: the same window could let one late ACK out).
 """
 
 from __future__ import annotations

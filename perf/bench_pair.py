@@ -125,6 +125,34 @@ def _kill(node: LocalNode) -> int:
     return t
 
 
+def _kill_under_stream(pair: LocalPair, victim: LocalNode, endpoints, recs, rate: float,
+                       until, what: str) -> tuple[float, float]:
+    """An AckClock streams to ``endpoints``; once acknowledged for a second, ``victim`` is
+    killed (-9, whole node). Returns the ms from the kill to ``until()`` being true, and to
+    the first ACK of a record sent after the kill."""
+    clock = AckClock(endpoints, recs, rate)
+    killed = False
+    try:
+        _wait(lambda: _synchronous(pair), 60, "the backup synchronous")
+        clock.start()
+        _wait(lambda: clock.acked() > rate, 30, "the stream acknowledged")
+        time.sleep(0.3)
+        t_kill = _kill(victim)
+        killed = True
+        _wait(until, 10, what)
+        t_until = time.time_ns()
+        _wait(lambda: clock.first_ack_of_records_sent_after(t_kill), 30,
+              "an ACK of a record sent after the kill")
+        t_ack = clock.first_ack_of_records_sent_after(t_kill)
+        return (t_until - t_kill) / 1e6, (t_ack - t_kill) / 1e6
+    finally:
+        clock.stop.set()
+        if clock.is_alive():
+            clock.join(5)
+        if killed:
+            victim.proc.wait()  # (reaped: pair.stop() then leaves it alone)
+
+
 def failover(tmp: Path, etcd, policies, times: int, rate: float, log) -> dict:
     """Per release policy: kill -9 of the primary mid-stream; from the kill to the
     promotion, and to the first ACK of a record sent after the kill (only the new primary
@@ -134,35 +162,17 @@ def failover(tmp: Path, etcd, policies, times: int, rate: float, log) -> dict:
     for pol in policies:
         runs = []
         for k in range(times):
-            d = Path(tempfile.mkdtemp(dir=tmp))
-            pair = LocalPair(d, etcd, release=pol)
-            clock = None
+            pair = LocalPair(Path(tempfile.mkdtemp(dir=tmp)), etcd, release=pol)
             try:
-                _wait(lambda p=pair: _synchronous(p), 60, "the backup synchronous")
-                clock = AckClock([("127.0.0.1", pair.a.port), ("127.0.0.1", pair.b.port)],
-                                 recs, rate)
-                clock.start()
-                _wait(lambda c=clock: c.acked() > rate, 30, "the stream acknowledged")
-                time.sleep(0.3)
-                t_kill = _kill(pair.a)
-                _wait(lambda p=pair: (c := p.b.control()) is not None
-                      and c[CTL_ROLE] == ROLE_PRIMARY, 10, "the promotion")
-                t_role = time.time_ns()
-                _wait(lambda c=clock, t=t_kill: c.first_ack_of_records_sent_after(t), 30,
-                      "an ACK from the new primary")
-                t_ack = clock.first_ack_of_records_sent_after(t_kill)
-                r = {"promoted_ms": (t_role - t_kill) / 1e6,
-                     "first_ack_ms": (t_ack - t_kill) / 1e6}
-                runs.append(r)
-                log(f"failover {pol:17s} {k + 1}: promoted after at most "
-                    f"{r['promoted_ms']:.0f} ms; first ACK of a record sent after the kill "
-                    f"{r['first_ack_ms']:.0f} ms after it")
+                promoted, ack = _kill_under_stream(
+                    pair, pair.a, [("127.0.0.1", pair.a.port), ("127.0.0.1", pair.b.port)],
+                    recs, rate, lambda p=pair: (c := p.b.control()) is not None
+                    and c[CTL_ROLE] == ROLE_PRIMARY, "the promotion")
             finally:
-                if clock is not None:
-                    clock.stop.set()
-                    clock.join(5)
-                pair.a.proc.wait()
                 pair.stop()
+            runs.append({"promoted_ms": promoted, "first_ack_ms": ack})
+            log(f"failover {pol:17s} {k + 1}: promoted after at most {promoted:.0f} ms; "
+                f"first ACK of a record sent after the kill {ack:.0f} ms after it")
         acks = [r["first_ack_ms"] for r in runs]
         out[pol] = {"runs": runs, "first_ack_ms_median": statistics.median(acks),
                     "first_ack_ms_max": max(acks)}
@@ -175,32 +185,16 @@ def alone(tmp: Path, etcd, times: int, rate: float, log) -> dict:
     recs = _flow_recs(int(rate * 30), 4)
     runs = []
     for k in range(times):
-        d = Path(tempfile.mkdtemp(dir=tmp))
-        pair = LocalPair(d, etcd)
-        clock = None
+        pair = LocalPair(Path(tempfile.mkdtemp(dir=tmp)), etcd)
         try:
-            _wait(lambda p=pair: _synchronous(p), 60, "the backup synchronous")
-            clock = AckClock([("127.0.0.1", pair.a.port)], recs, rate)
-            clock.start()
-            _wait(lambda c=clock: c.acked() > rate, 30, "the stream acknowledged")
-            time.sleep(0.3)
-            t_kill = _kill(pair.b)
-            _wait(lambda p=pair: p.a.control()[CTL_ALONE] == 1, 10, "running alone")
-            t_alone = time.time_ns()
-            _wait(lambda c=clock, t=t_kill: c.first_ack_of_records_sent_after(t), 30,
-                  "an ACK from the primary alone")
-            t_ack = clock.first_ack_of_records_sent_after(t_kill)
-            r = {"alone_ms": (t_alone - t_kill) / 1e6, "first_ack_ms": (t_ack - t_kill) / 1e6}
-            runs.append(r)
-            log(f"backup killed {k + 1}: running alone after at most {r['alone_ms']:.0f} ms; "
-                f"first ACK of a record sent after the kill {r['first_ack_ms']:.0f} ms "
-                "after it")
+            alone_ms, ack = _kill_under_stream(
+                pair, pair.b, [("127.0.0.1", pair.a.port)], recs, rate,
+                lambda p=pair: p.a.control()[CTL_ALONE] == 1, "running alone")
         finally:
-            if clock is not None:
-                clock.stop.set()
-                clock.join(5)
-            pair.b.proc.wait()
             pair.stop()
+        runs.append({"alone_ms": alone_ms, "first_ack_ms": ack})
+        log(f"backup killed {k + 1}: running alone after at most {alone_ms:.0f} ms; first "
+            f"ACK of a record sent after the kill {ack:.0f} ms after it")
     acks = [r["first_ack_ms"] for r in runs]
     return {"runs": runs, "first_ack_ms_median": statistics.median(acks),
             "first_ack_ms_max": max(acks)}

@@ -163,10 +163,8 @@ class Election:
             self.fresh = False
             return None
         if ok:
-            self.state = new
-            self._read()
-        else:
-            self._read()
+            self.state = new  # (kept if the read below fails)
+        self._read()
         return ok
 
     @property

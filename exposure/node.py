@@ -181,9 +181,9 @@ class Node:
         return int(self.ctl[CTL_ROLE])
 
     def _tail(self) -> int:
-        """The highest gseq this node holds: sequenced or received, at least durable."""
-        return max(int(self.sessions.array[0, S_DURABLE]), int(self.ctl[CTL_SEQUENCED]),
-                   int(self.recovered.last_gseq))
+        """The highest gseq this node holds: sequenced or received, at least durable (both
+        start at what recovery found)."""
+        return max(int(self.sessions.array[0, S_DURABLE]), int(self.ctl[CTL_SEQUENCED]))
 
     def _choose_role(self) -> None:
         """At start and at every restart of the processes: primary or backup."""
@@ -326,50 +326,55 @@ class Node:
         (then the node stops: something is wrong that restarting does not fix). Returns
         why it stopped."""
         while not stop_flag:
-            for name, p in list(self.procs.items()):
-                if p.poll() is not None and not stop_flag:
-                    why = f"process {name} exited with status {p.returncode}"
-                    now = time.monotonic()
-                    self.restarts = [t for t in self.restarts if now - t < window_s] + [now]
-                    if len(self.restarts) > max_restarts:
-                        return f"{why}, the {len(self.restarts)}th time in {window_s:.0f} s"
-                    try:
-                        self.restart(why)
-                    except Stopped:
-                        break
-                    except Exception as e:  # a journal it cannot trust, a full disk...
-                        return f"{why}; restart failed: {e}"
-                    break
-            if self.election is not None and not stop_flag:
-                try:
-                    if self.ctl[CTL_RELOAD]:
-                        self.restart("the replica asked for a rebuild",
-                                     reload=int(self.ctl[CTL_RELOAD]))
-                    else:
-                        why = self.election.tick()
+            try:
+                for name, p in list(self.procs.items()):
+                    if p.poll() is not None and not stop_flag:
+                        why = self._counted_restart(f"process {name} exited with status "
+                                                    f"{p.returncode}", max_restarts, window_s)
                         if why:
-                            self.restart(why)
-                except Stopped:
-                    break
-                except Exception as e:  # a restart that failed, a data dir it cannot write
-                    return f"replication: {e}"
-            stalled = self._stalled()
-            if stalled:
-                now = time.monotonic()
-                self.restarts = [t for t in self.restarts if now - t < window_s] + [now]
-                if len(self.restarts) > max_restarts:
-                    return f"{stalled}, the {len(self.restarts)}th restart in {window_s:.0f} s"
-                try:
-                    self.restart(stalled)
-                except Stopped:
-                    break
-                except Exception as e:
-                    return f"{stalled}; restart failed: {e}"
-                continue
+                            return why
+                        break
+                if self.election is not None and not stop_flag:
+                    try:
+                        if self.ctl[CTL_RELOAD]:
+                            self.restart("the replica asked for a rebuild",
+                                         reload=int(self.ctl[CTL_RELOAD]))
+                        else:
+                            why = self.election.tick()
+                            if why:
+                                self.restart(why)
+                    except Stopped:
+                        raise
+                    except Exception as e:  # a restart that failed, a data dir it cannot write
+                        return f"replication: {e}"
+                stalled = self._stalled()
+                if stalled:
+                    why = self._counted_restart(stalled, max_restarts, window_s)
+                    if why:
+                        return why
+                    continue
+            except Stopped:
+                break
             self.notify.watchdog()
             self._maybe_snapshot()
             time.sleep(0.01 if self.cfg.replicated else 0.02)
         return "stopping on signal"
+
+    def _counted_restart(self, why: str, max_restarts: int, window_s: float) -> str:
+        """Restart the node's processes for ``why`` unless that is the ``max_restarts``+1th
+        time within ``window_s``; returns why the node must stop instead ("" to go on).
+        :class:`exposure.election.Stopped` passes through."""
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < window_s] + [now]
+        if len(self.restarts) > max_restarts:
+            return f"{why}, the {len(self.restarts)}th time in {window_s:.0f} s"
+        try:
+            self.restart(why)
+        except Stopped:
+            raise
+        except Exception as e:  # a journal it cannot trust, a full disk...
+            return f"{why}; restart failed: {e}"
+        return ""
 
     def _maybe_snapshot(self) -> None:
         """Start the snapshot process when enough has been journaled or enough time has

@@ -173,9 +173,7 @@ def failover(tmp: Path, etcd, policies, times: int, rate: float, log) -> dict:
             runs.append({"promoted_ms": promoted, "first_ack_ms": ack})
             log(f"failover {pol:17s} {k + 1}: promoted after at most {promoted:.0f} ms; "
                 f"first ACK of a record sent after the kill {ack:.0f} ms after it")
-        acks = [r["first_ack_ms"] for r in runs]
-        out[pol] = {"runs": runs, "first_ack_ms_median": statistics.median(acks),
-                    "first_ack_ms_max": max(acks)}
+        out[pol] = _summary(runs)
     return out
 
 
@@ -195,6 +193,10 @@ def alone(tmp: Path, etcd, times: int, rate: float, log) -> dict:
         runs.append({"alone_ms": alone_ms, "first_ack_ms": ack})
         log(f"backup killed {k + 1}: running alone after at most {alone_ms:.0f} ms; first "
             f"ACK of a record sent after the kill {ack:.0f} ms after it")
+    return _summary(runs)
+
+
+def _summary(runs: list[dict]) -> dict:
     acks = [r["first_ack_ms"] for r in runs]
     return {"runs": runs, "first_ack_ms_median": statistics.median(acks),
             "first_ack_ms_max": max(acks)}

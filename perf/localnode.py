@@ -234,6 +234,7 @@ class LocalPair:
         self.secret.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
         self.etcd_url = etcd if isinstance(etcd, str) else etcd.url
         self.prefix = f"/exposure-test/{os.getpid()}{uuid.uuid4().hex[:8]}"
+        self._store = None
         mport, group = free_port(), free_group()
         ra, rb = free_port(), free_port()
         nodes = []
@@ -269,12 +270,11 @@ strict = {str(strict).lower()}
         return PairStore([self.etcd_url], self.prefix, timeout=2)
 
     def record(self):
-        """etcd's pair record now (exposure.coord.PairState, or None)."""
-        st = self.store()
-        try:
-            return st.read()[0]
-        finally:
-            st.close()
+        """etcd's pair record now (exposure.coord.PairState, or None); tests poll it, so
+        one client (one HTTP session) serves every call."""
+        if self._store is None:
+            self._store = self.store()
+        return self._store.read()[0]
 
     def start(self, timeout: float = 120) -> None:
         """``a`` first: once etcd names it primary, ``b`` starts beside it while ``a`` is
@@ -298,6 +298,9 @@ strict = {str(strict).lower()}
     def stop(self) -> None:
         for n in (self.b, self.a):
             n.stop()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
 
 class LocalEtcd:

@@ -222,7 +222,7 @@ class IngestStage:
         # A node of a pair acknowledges only while it may act (the fence, or running alone:
         # exposure.shm.control.may_act); alone, it releases on its own durability.
         self.pair = replica is not None and ctl is not None
-        self.alone = 0
+        self.alone = -1 if self.pair else 0  # CTL_ALONE as last acted on (-1: not yet)
         self.fenced = False
         self.seq_shown = -1
         self.ep = select.epoll()
@@ -329,11 +329,10 @@ class IngestStage:
         CTL_ALONE_SEEN, after which every ACK follows it), what was sequenced, and the
         fence."""
         ctl = self.ctl
-        if ctl[CTL_ALONE] != self.alone or not ctl[CTL_ALONE_SEEN]:
+        if ctl[CTL_ALONE] != self.alone:  # (-1 at first: every ingest says what it saw)
             self.alone = int(ctl[CTL_ALONE])
             ctl[CTL_ALONE_SEEN] = self.alone + 1
-        if self.next_gseq - 1 != self.seq_shown:  # (after SEEN: see exposure.election)
-            self._show_seq(self.next_gseq - 1)
+        self._show_seq(self.next_gseq - 1)  # (after SEEN: see exposure.election)
         if not self.unacked:
             return  # (the fence matters only to what is about to be acknowledged)
         fenced = not may_act(ctl, time.monotonic_ns())

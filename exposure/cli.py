@@ -109,7 +109,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .election import Stopped
     from .journal import JournalError
     from .node import Node
-    from .shm.tally_segment import SegmentBusy
+    from .shm.tally_segment import SegmentBusy, SegmentModeError
 
     cfg = _load_cfg(args.config)
     if args.data_dir:
@@ -123,7 +123,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except Stopped:
         node.stop()
         return 0
-    except (SegmentBusy, ConfigError, JournalError) as e:
+    except (SegmentBusy, SegmentModeError, ConfigError, JournalError) as e:
         return _fail(str(e))
     except OSError as e:
         return _fail(f"cannot use the data directory {cfg.data_dir}: {e}")
@@ -137,10 +137,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .client import SendError, send_records
     from .parse import EventFileError, read_events
+    from .sessions import MIN_SECRET, SessionsError, secret_for
 
     cfg = _load_cfg(args.config)
+    if not 1 <= args.session <= min(cfg.max_sessions, 2**32 - 1):
+        return _fail(f"--session {args.session}: a session id is 1..{cfg.max_sessions}")
+    secret = None
+    try:
+        if args.secret_file:
+            secret = Path(args.secret_file).read_bytes().strip()
+            if len(secret) < MIN_SECRET:
+                return _fail(f"--secret-file {args.secret_file}: {len(secret)} bytes; a "
+                             f"secret has at least {MIN_SECRET}")
+        elif cfg.sessions_file is not None:
+            secret = secret_for(cfg.sessions_file, args.session)
+    except OSError as e:
+        return _fail(f"cannot read the secret {args.secret_file!r}: {e.strerror or e}")
+    except SessionsError as e:
+        return _fail(f"no secret for session {args.session}: {e} (use --secret-file)")
     try:
         recs = read_events(args.events)
     except EventFileError as e:
@@ -150,7 +168,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
         retry = args.retry if args.retry is not None else (60.0 if others else 0.0)
         res = send_records(cfg.ingest_host, cfg.ingest_port, recs, args.session,
                            timeout=args.timeout, retry_s=retry, rate=args.rate,
-                           alternates=others)
+                           alternates=others, secret=secret)
     except SendError as e:
         return _fail(str(e))
     sys.stdout.buffer.write(orjson.dumps(res) + b"\n")
@@ -168,6 +186,19 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         return _fail(str(e))
     opt = 0 if args.compact else orjson.OPT_INDENT_2
     sys.stdout.buffer.write(orjson.dumps(doc, option=opt) + b"\n")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .status import node_status
+
+    cfg = _load_cfg(args.config)
+    try:
+        st = node_status(cfg)
+    except (FileNotFoundError, TimeoutError) as e:
+        return _fail(str(e))
+    opt = 0 if args.compact else orjson.OPT_INDENT_2
+    sys.stdout.buffer.write(orjson.dumps(st, option=opt) + b"\n")
     return 0
 
 
@@ -207,7 +238,16 @@ def _parser() -> argparse.ArgumentParser:
                    "replication.peer_ingest by itself)")
     r.add_argument("--rate", type=float, default=0.0, metavar="EVENTS/S",
                    help="pace the sending (default: as fast as the node takes it)")
+    r.add_argument("--secret-file", metavar="FILE",
+                   help="the session's secret (default: from the [ingest] sessions file of "
+                        "--config, when this machine can read it)")
     r.set_defaults(func=_cmd_send)
+
+    r = sub.add_parser("status", help="a running node's session port and sessions: "
+                       "connections, refusals, logins, rejects (unauthorized too)")
+    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--compact", action="store_true", help="one-line JSON")
+    r.set_defaults(func=_cmd_status)
 
     r = sub.add_parser("journal", help="check or print a node's journal")
     r.add_argument("action", choices=("verify", "inspect"),

@@ -1,4 +1,5 @@
-"""A session client: send records to a node, resend what it does not hold, wait for acks."""
+"""A session client: log in, send records to a node, resend what it does not hold, wait for
+acks (the protocol: :mod:`exposure.wire`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import time
 import numpy as np
 
 from . import wire as W
-from .types import REASONS
+from .types import NODE_REASONS
 
-__all__ = ["send_records", "SendError"]
+__all__ = ["send_records", "SendError", "login", "HEARTBEAT_S"]
+
+HEARTBEAT_S = 5.0  # a client that has sent nothing this long sends a HEARTBEAT (the node
+                   # closes a session idle for [ingest] idle_timeout_ms, 30 s by default)
 
 
 class SendError(RuntimeError):
@@ -20,20 +24,55 @@ class SendError(RuntimeError):
 
 def _frames(sock: socket.socket, reader: W.FrameReader, deadline: list[float]):
     """Every frame the node sends, in order (one iterator per session: frames that arrive
-    together are never dropped); ``deadline[0]`` may be moved between frames."""
+    together are never dropped); ``deadline[0]`` may be moved between frames. Once logged
+    in (a LOGIN_OK seen) it sends a HEARTBEAT every ``HEARTBEAT_S`` while it waits, so a
+    long wait is not idleness (before login nothing but a LOGIN may be sent)."""
+    live = False
     while True:
-        sock.settimeout(max(0.01, deadline[0] - time.monotonic()))
+        left = deadline[0] - time.monotonic()
+        if left <= 0:
+            raise SendError("timed out waiting for the node")
+        sock.settimeout(max(0.01, min(left, HEARTBEAT_S)))
         try:
             data = sock.recv(1 << 16)
         except TimeoutError:
-            raise SendError("timed out waiting for the node") from None
+            if not live:
+                continue
+            try:
+                sock.sendall(W.encode_heartbeat())
+            except OSError as e:
+                raise SendError(f"the node went away: {e}") from None
+            continue
         if not data:
             raise SendError("the node closed the session")
-        yield from reader.feed(data)
+        for kind, payload in reader.feed(data):
+            live = live or kind == W.K_LOGIN_OK
+            yield kind, payload
+
+
+def _reject_text(payload) -> str:
+    code, detail, text = W.decode_reject(payload)
+    return f"{text} ({W.REJECT_NAMES.get(code, code)})"
+
+
+def login(sock: socket.socket, frames, session: int, secret: bytes | None) -> int:
+    """Log in on a fresh connection (``frames``: :func:`_frames` of it): answer the
+    node's CHALLENGE with the proof of ``secret`` (None: a node without a sessions file)
+    and return the last seq the node holds for ``session``."""
+    for kind, payload in frames:
+        if kind == W.K_CHALLENGE:
+            proof = W.login_mac(secret, session, payload) if secret else bytes(32)
+            sock.sendall(W.encode_login(session, proof))
+        elif kind == W.K_REJECT:
+            raise SendError(f"login refused: {_reject_text(payload)}")
+        elif kind == W.K_LOGIN_OK:
+            (held,) = struct.unpack("<Q", payload)
+            return held
+    raise SendError("the node closed the session")  # (not reached: frames raises)
 
 
 def _session_once(host: str, port: int, recs: np.ndarray, session: int, timeout: float,
-                  frame: int, rate: float = 0.0) -> dict:
+                  frame: int, rate: float = 0.0, secret: bytes | None = None) -> dict:
     """One connection: login, send what the node does not hold, wait for every ACK."""
     n = len(recs)
     try:
@@ -44,14 +83,7 @@ def _session_once(host: str, port: int, recs: np.ndarray, session: int, timeout:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         deadline = [time.monotonic() + timeout]
         frames = _frames(sock, W.FrameReader(), deadline)
-        sock.sendall(W.encode_login(session))
-        held = None
-        for kind, payload in frames:
-            if kind == W.K_REJECT:
-                raise SendError(f"login refused: {payload[2:].decode(errors='replace')}")
-            if kind == W.K_LOGIN_OK:
-                (held,) = struct.unpack("<Q", payload)
-                break
+        held = login(sock, frames, session, secret)
         todo = recs[recs["sseq"] > held]
         try:
             t0 = time.monotonic()
@@ -74,15 +106,16 @@ def _session_once(host: str, port: int, recs: np.ndarray, session: int, timeout:
                 if acked >= n:
                     break
             elif kind == W.K_REJECT:
-                raise SendError(f"the node refused: {payload[2:].decode(errors='replace')}")
+                raise SendError(f"the node refused: {_reject_text(payload)}")
     return {"session": session, "sent": int(len(todo)), "resent_skipped": int(n - len(todo)),
             "acknowledged": int(acked), "rejected": int(sum(rejects)),
-            "rejects": {REASONS[k]: int(v) for k, v in enumerate(rejects) if k and v}}
+            "rejects": {NODE_REASONS.get(k, str(k)): int(v) for k, v in enumerate(rejects)
+                        if k and v}}
 
 
 def send_records(host: str, port: int, recs: np.ndarray, session: int = 1,
                  timeout: float = 60.0, frame: int = 1024, retry_s: float = 0.0,
-                 rate: float = 0.0, alternates=()) -> dict:
+                 rate: float = 0.0, alternates=(), secret: bytes | None = None) -> dict:
     """Send ``recs`` in order as session ``session`` (seq 1..n); return the counts.
 
     With ``retry_s`` > 0 a lost connection (a node that restarts, or fails over) is not an
@@ -92,7 +125,8 @@ def send_records(host: str, port: int, recs: np.ndarray, session: int = 1,
     next endpoint in turn (a backup does not listen for sessions, so only the primary
     answers). ``sent`` counts the records sent on the last connection; ``reconnects`` how
     often it reconnected; ``endpoint`` where it finished. ``rate`` > 0 paces the sending
-    at that many events per second."""
+    at that many events per second. ``secret``: the session's secret (None for a node
+    without a sessions file)."""
     recs = recs.copy()
     recs["sseq"] = np.arange(1, len(recs) + 1, dtype=np.uint64)
     endpoints = [(host, port), *[tuple(a) for a in alternates]]
@@ -102,7 +136,7 @@ def send_records(host: str, port: int, recs: np.ndarray, session: int = 1,
     while True:
         h, p = endpoints[k % len(endpoints)]
         try:
-            res = _session_once(h, p, recs, session, timeout, frame, rate)
+            res = _session_once(h, p, recs, session, timeout, frame, rate, secret)
             res["reconnects"] = reconnects
             res["endpoint"] = f"{h}:{p}"
             return res

@@ -61,6 +61,20 @@ port = 7700
 max_sessions = 256
 ack_interval_us = 200        # at most one ACK per session per interval while events stream
                              # (each ACK is a send syscall on the hot path); 0 = every poll
+sessions = ""                # the sessions file: each session's secret and entitlements
+                             # (exposure/sessions.py). "" = every session open and
+                             # entitled to everything, which only a loopback host allows
+max_connections = 320        # open connections; at the cap the oldest one that has not
+                             # logged in makes room
+login_timeout_ms = 5000      # from connect to a valid LOGIN
+idle_timeout_ms = 30000      # a session that sends nothing this long is closed (clients
+                             # send HEARTBEATs every 5 s when they have nothing to send)
+max_output_kb = 64           # answers queued for a client; one that does not read them
+                             # is disconnected
+
+[desks]                      # who may read the tally segment (/dev/shm/exposure.<name>.tally)
+mode = "0640"                # its permission bits: desks read it, nobody else writes it
+group = ""                   # its group (desk users are its members); "" = the node's own
 
 [fanout]                     # UDP multicast of tally updates
 group = "239.255.77.1"
@@ -170,6 +184,13 @@ class NodeConfig:
     alone_after_ms: int = 200
     strict: bool = False
     stall_ms: int = 5000
+    sessions_file: Path | None = None
+    max_connections: int = 320
+    login_timeout_ms: int = 5000
+    idle_timeout_ms: int = 30000
+    max_output_kb: int = 64
+    desk_mode: int = 0o640
+    desk_group: str = ""
     source: str = field(default="<built-in default>")
 
     @property
@@ -186,7 +207,10 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "node": {"name": str, "stall_ms": int},
     "capacities": {k: int for k in Capacities().as_dict()},
     "rings": {"compute": int, "tap": int, "fanout": int, "mirror": int},
-    "ingest": {"host": str, "port": int, "max_sessions": int, "ack_interval_us": int},
+    "ingest": {"host": str, "port": int, "max_sessions": int, "ack_interval_us": int,
+               "sessions": str, "max_connections": int, "login_timeout_ms": int,
+               "idle_timeout_ms": int, "max_output_kb": int},
+    "desks": {"mode": str, "group": str},
     "fanout": {"group": str, "port": int, "interface": str, "ttl": int, "max_datagram": int},
     "journal": {"dir": str, "fsync": str, "interval_ms": int, "segment_mb": int},
     "snapshot": {"every_events": int, "every_s": int, "keep": int, "journal": str},
@@ -231,6 +255,55 @@ def _address(v: str, key: str) -> tuple[str, int]:
     except ValueError:
         raise ConfigError(f"{key} = {v!r}: expected IP:PORT, e.g. 127.0.0.1:7702") from None
     return host, _port(p, key)
+
+
+def _is_loopback(host: str) -> bool:
+    return ipaddress.ip_address(host).is_loopback
+
+
+def _ingest(ing: dict, base: Path, caps: Capacities) -> dict:
+    """The [ingest] keys that bound the session port and authenticate its sessions."""
+    for key, lo, hi in (("max_connections", 1, 100_000), ("login_timeout_ms", 100, 600_000),
+                        ("idle_timeout_ms", 1000, 86_400_000), ("max_output_kb", 4, 65536)):
+        if not lo <= ing[key] <= hi:
+            raise ConfigError(f"ingest.{key} = {ing[key]}: {lo}..{hi}")
+    out = {k: ing[k] for k in ("max_connections", "login_timeout_ms", "idle_timeout_ms",
+                               "max_output_kb")}
+    if not ing["sessions"]:
+        if not _is_loopback(ing["host"]):
+            raise ConfigError(f"ingest.host = {ing['host']!r} is not a loopback address: a "
+                              "node that others can reach needs ingest.sessions (a sessions "
+                              "file with each session's secret and entitlements)")
+        return out
+    from .sessions import SessionsError, load_sessions
+
+    path = base / os.path.expanduser(ing["sessions"])
+    try:
+        load_sessions(path, ing["max_sessions"], caps.accounts, caps.sources)
+    except SessionsError as e:
+        raise ConfigError(f"ingest.sessions: {e}") from None
+    out["sessions_file"] = path
+    return out
+
+
+def _desks(dk: dict) -> dict:
+    """[desks]: the tally segment's permission bits and group."""
+    try:
+        mode = int(dk["mode"], 8)
+    except ValueError:
+        raise ConfigError(f"desks.mode = {dk['mode']!r}: octal permission bits such as "
+                          "\"0640\"") from None
+    if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600 or mode & 0o022:
+        raise ConfigError(f"desks.mode = {dk['mode']!r}: the owner (the node) reads and "
+                          "writes; group and others at most read (e.g. \"0640\")")
+    if dk["group"]:
+        import grp
+
+        try:
+            grp.getgrnam(dk["group"])
+        except KeyError:
+            raise ConfigError(f"desks.group = {dk['group']!r}: no such group") from None
+    return {"desk_mode": mode, "desk_group": dk["group"]}
 
 
 def _replication(rp: dict, base: Path) -> dict:
@@ -325,6 +398,8 @@ def _parse(doc: dict, source: str) -> NodeConfig:
         ipaddress.ip_address(ing["host"])
     except ValueError as e:
         raise ConfigError(f"an address in [ingest]/[fanout] is not an IP address: {e}") from e
+    here = Path(source).parent if not source.startswith("<") else Path.cwd()
+    ingest_extra = _ingest(ing, here, caps)
     if not grp.is_multicast:
         raise ConfigError(f"fanout.group = {fo['group']!r} is not a multicast address")
     if not 0 <= fo["ttl"] <= 255:
@@ -399,8 +474,7 @@ def _parse(doc: dict, source: str) -> NodeConfig:
         if not 10 <= tick <= 1_000_000:
             raise ConfigError(f"{where}tick_us = {tick}: 10..1000000")
         procs.append(ProcessSpec(pname, tuple(stages), cpu, wait, tick))
-    base = Path(source).parent if not source.startswith("<") else Path.cwd()
-    repl = _replication(merged["replication"], base)
+    repl = _replication(merged["replication"], here)
     missing = [s for s in STAGES if s not in seen_stage
                and (s not in OPTIONAL_STAGES or (s == "mirror" and repl))]
     if missing:
@@ -421,7 +495,7 @@ def _parse(doc: dict, source: str) -> NodeConfig:
         segment_bytes=jn["segment_mb"] << 20, snapshot_every_events=sn["every_events"],
         snapshot_every_s=sn["every_s"], snapshot_keep=sn["keep"],
         snapshot_journal=sn["journal"], stall_ms=merged["node"]["stall_ms"], source=source,
-        **repl)
+        **ingest_extra, **_desks(merged["desks"]), **repl)
 
 
 def load_config(path: str | Path | None = None) -> NodeConfig:

@@ -68,6 +68,7 @@ from .types import (
     C_REJECTED,
     C_REJECTS,
     C_STAMP,
+    C_UNAUTHORIZED,
     F_HAS_PRICE,
     K_LONG,
     K_MARGIN,
@@ -91,6 +92,7 @@ from .types import (
     R_DUPLICATE_ORDER,
     R_FILL_MISMATCH,
     R_OUT_OF_RANGE,
+    R_UNAUTHORIZED,
     R_UNKNOWN_ORDER,
     S_ACCEPTED,
     S_LATE_FILL,
@@ -641,6 +643,11 @@ def apply_batch(st, recs, status):
         if k + _LOOKAHEAD2 < n:
             _prefetch_cell_for(st, recs[k + _LOOKAHEAD2])
         r = recs[k]
+        if r.reject == R_UNAUTHORIZED:  # outside its session's entitlements: not an event
+            status[k] = R_UNAUTHORIZED
+            ctr[C_UNAUTHORIZED] += 1
+            ctr[C_LAST_GSEQ] = r.gseq
+            continue
         s = _step(st, r)
         status[k] = s
         if s == S_ACCEPTED:

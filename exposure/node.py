@@ -41,6 +41,7 @@ from .journal import JournalWriter, first_gseq, read_record
 from .recovery import next_epoch, recover
 from .repl import read_secret
 from .sdnotify import Notifier
+from .sessions import Entitlements, load_sessions
 from .shm.control import (
     CONTROL_WORDS,
     CTL_EPOCH,
@@ -53,11 +54,12 @@ from .shm.control import (
 )
 from .shm.ring import Ring
 from .shm.segment import SharedArray
+from .shm.session_layout import S_DURABLE, SESSION_COLS
 from .shm.tally_segment import TallySegment
 from .shm.wait import WaitStrategy
-from .stages.compute import S_DURABLE, SESSION_COLS, ComputeStage
+from .stages.compute import ComputeStage
 from .stages.fanout import FanoutStage
-from .stages.ingest import IngestStage
+from .stages.ingest import IngestStage, PortLimits
 from .stages.journal import JournalStage
 from .stages.mirror import MirrorStage
 from .stages.replica import ReplicaStage
@@ -116,7 +118,8 @@ class Node:
             self.stop_flag = stop_flag
         self._off_the_spinners()
         cfg, names = self.cfg, _names(self.cfg)
-        self.tally = TallySegment.create(names["tally"], cfg.caps)  # refuses a live node
+        self.tally = TallySegment.create(names["tally"], cfg.caps, mode=cfg.desk_mode,
+                                         group=cfg.desk_group)  # refuses a live node
         self.owned.append(self.tally)
         try:
             check_ports_free(cfg)
@@ -298,7 +301,10 @@ class Node:
         cfg, names = self.cfg, _names(self.cfg)
         lines = [f"exposure node {cfg.name!r} ({cfg.source})",
                  f"  sessions  tcp://{cfg.ingest_host}:{cfg.ingest_port} "
-                 f"(ids 1..{cfg.max_sessions})",
+                 f"(ids 1..{cfg.max_sessions}; " + (
+                     f"authenticated: {cfg.sessions_file})" if cfg.sessions_file else
+                     "UNAUTHENTICATED: no [ingest] sessions file, every session open and "
+                     "entitled to everything; loopback only)"),
                  f"  updates   udp multicast {cfg.group}:{cfg.fanout_port} "
                  f"via {cfg.interface}",
                  f"  segments  {', '.join(names.values())}",
@@ -433,6 +439,24 @@ class Node:
         self.owned.clear()
 
 
+def _session_auth(cfg: NodeConfig) -> tuple[dict[int, bytes] | None, Entitlements]:
+    """The sessions' secrets and entitlements, read in the ingest process only (secrets
+    live nowhere else); without a sessions file: none, and everything open."""
+    if cfg.sessions_file is None:
+        return None, Entitlements.everything(cfg.max_sessions)
+    specs = load_sessions(cfg.sessions_file, cfg.max_sessions, cfg.caps.accounts,
+                          cfg.caps.sources)
+    return ({sid: s.secret for sid, s in specs.items()},
+            Entitlements.of(specs, cfg.max_sessions, cfg.caps.accounts, cfg.caps.sources))
+
+
+def _port_limits(cfg: NodeConfig) -> PortLimits:
+    return PortLimits(max_connections=cfg.max_connections,
+                      login_timeout_ms=cfg.login_timeout_ms,
+                      idle_timeout_ms=cfg.idle_timeout_ms,
+                      max_output=cfg.max_output_kb * 1024)
+
+
 def _replica_factory(cfg: NodeConfig, ctl: np.ndarray, sessions: np.ndarray, rings: dict):
     """How ingest builds the replica side of the link (a backup's), or None."""
     if not cfg.replicated:
@@ -489,12 +513,15 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
                 tally = TallySegment.attach(names["tally"])
                 next_gseq = int(tally.state.ctr[C_LAST_GSEQ]) + 1
                 tally.close()
+                secrets, ents = _session_auth(cfg)
                 stages.append(IngestStage(cfg.ingest_host, cfg.ingest_port, sessions.array,
                                           rings["compute"], next_gseq, cfg.max_sessions,
                                           cfg.ack_interval_us, tap_ring=rings["tap"],
                                           ctl=ctl, release=cfg.release,
                                           replica=_replica_factory(cfg, ctl, sessions.array,
-                                                                   rings)))
+                                                                   rings),
+                                          secrets=secrets, entitlements=ents,
+                                          limits=_port_limits(cfg)))
             elif st == "compute":
                 tally = TallySegment.attach(names["tally"], writable=True)
                 opened.append(tally)

@@ -25,10 +25,11 @@ from . import _jit  # noqa: F401
 from ._fs import publish_file
 from .journal import JournalWriter, ScanResult, read_blocks
 from .kernel import apply_batch
+from .shm.session_layout import S_DONE, S_DURABLE, S_HELD
 from .shm.tally_layout import State, reset
 from .shm.tally_segment import publish, write_begin, write_end
 from .snapshot import load_newest
-from .stages.compute import S_DONE, S_DURABLE, S_HELD, _after_batch
+from .stages.compute import _after_batch
 from .types import C_LAST_GSEQ, C_NCHANGED, EVENT_DTYPE, UPDATE_DTYPE
 
 __all__ = ["recover", "Recovered", "replay_journal", "next_epoch", "read_epoch", "store_epoch"]

@@ -176,8 +176,8 @@ def take_snapshot(cfg, log: Callable[[str], None], nice: bool = True, upto: int 
     journal's *durable* seq, so a snapshot never holds what a power cut could still take
     from the journal) -> a new snapshot; returns its gseq (0: nothing new)."""
     from .recovery import replay_journal
+    from .shm.session_layout import SESSION_COLS
     from .shm.tally_layout import allocate, reset
-    from .stages.compute import SESSION_COLS
 
     if nice:
         try:

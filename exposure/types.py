@@ -61,6 +61,7 @@ __all__ = [
     "SIDE_CODES",
     "REASONS",
     "REASON_CODES",
+    "NODE_REASONS",
     "CELL_DTYPE",
     "CELLIDX_DTYPE",
     "ORDER_DTYPE",
@@ -103,6 +104,12 @@ W_SSEQ = EVENT_DTYPE.fields["sseq"][1] // 8
 W_RECV_NS = EVENT_DTYPE.fields["recv_ns"][1] // 8
 W_SESSION = EVENT_DTYPE.fields["session"][1] // 8   # low half; source is the high half
 W_EPOCH = EVENT_DTYPE.fields["epoch"][1] // 8       # low half; crc is the high half
+W_ACCOUNT = EVENT_DTYPE.fields["account"][1] // 8   # low half; instrument is the high half
+W_TYPE = EVENT_DTYPE.fields["type"][1] // 8         # the word of sector, type, side, reject
+TYPE_SHIFT = 8 * (EVENT_DTYPE.fields["type"][1] % 8)      # bit offsets in that word
+REJECT_SHIFT = 8 * (EVENT_DTYPE.fields["reject"][1] % 8)
+assert EVENT_DTYPE.fields["source"][1] == 8 * W_SESSION + 4
+assert W_TYPE == EVENT_DTYPE.fields["reject"][1] // 8
 
 # Event type codes (record field ``type``). 0 is never a valid event.
 T_INSTRUMENT = 1
@@ -147,6 +154,13 @@ REASONS = {
     R_FILL_MISMATCH: "fill_mismatch", R_CAPACITY: "capacity",
 }
 REASON_CODES = {v: k for k, v in REASONS.items()}
+# A node's own reason, outside the SPEC (replay has no sessions): a record of a known type
+# that its session is not entitled to send (exposure.sessions). Ingest marks it in the
+# record's ``reject`` byte; the kernel applies nothing and counts it only in
+# ``C_UNAUTHORIZED`` and the session's counters, never in the document's counts. (Code 8
+# is left for the cluster's ``wrong_partition``.)
+R_UNAUTHORIZED = 9
+NODE_REASONS = {**REASONS, R_UNAUTHORIZED: "unauthorized"}
 
 # Per-event status written by the kernel: 0 accepted, 1..7 a reject reason, or the
 # accepted-late-fill bit.
@@ -280,10 +294,11 @@ C_LATE_FILLS = 2
 C_LIVE = 3            # live orders, fund-wide
 C_CELLS = 4           # position cells in use
 C_LAST_GSEQ = 5       # gseq of the last event applied
-C_EVENTS = 6          # events applied (accepted + rejected)
+C_EVENTS = 6          # records applied (accepted, rejected and unauthorized)
 C_STAMP = 7           # batch stamp (incremented per batch; marks changed accounts)
 C_NCHANGED = 8        # accounts in ``changed`` after the last batch
 C_MAX_ORDERS = 9      # capacity: live orders (set by the layout)
 C_MAX_SOURCES = 10    # capacity: sources (set by the layout)
+C_UNAUTHORIZED = 11   # records a session was not entitled to send (types.R_UNAUTHORIZED)
 C_REJECTS = 16        # C_REJECTS + reason code: per-reason reject counts
 N_COUNTERS = 32

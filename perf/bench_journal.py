@@ -28,8 +28,8 @@ import orjson
 from exposure.capacity import Capacities
 from exposure.journal import JournalWriter
 from exposure.recovery import replay_journal
+from exposure.shm.session_layout import SESSION_COLS
 from exposure.shm.tally_layout import allocate
-from exposure.stages.compute import SESSION_COLS
 from exposure.types import EVENT_SIZE, EVENT_WORDS
 from perf.flowgen import generate
 

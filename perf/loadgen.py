@@ -96,8 +96,12 @@ class RunRaw:
         return int(min(max(0, top - self.first_sseq + 1), len(self.send_ns)))
 
 
-def _login(sock: socket.socket, session: int, timeout: float = 10.0) -> int:
-    sock.sendall(W.encode_login(session))
+def _login(sock: socket.socket, session: int, timeout: float = 10.0,
+           secret: bytes | None = None) -> int:
+    """Log in (answering the node's CHALLENGE with ``secret``'s proof when given; a node
+    without a sessions file takes the LOGIN at once); the seq the node holds."""
+    if secret is None:
+        sock.sendall(W.encode_login(session))
     rd = W.FrameReader()
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -105,10 +109,12 @@ def _login(sock: socket.socket, session: int, timeout: float = 10.0) -> int:
         if not data:
             raise ConnectionError("the node closed the session at login")
         for kind, payload in rd.feed(data):
+            if kind == W.K_CHALLENGE and secret is not None:
+                sock.sendall(W.encode_login(session, W.login_mac(secret, session, payload)))
             if kind == W.K_LOGIN_OK:
                 return struct.unpack("<Q", payload)[0]
             if kind == W.K_REJECT:
-                raise ConnectionError(f"login refused: {payload[2:].decode(errors='replace')}")
+                raise ConnectionError(f"login refused: {W.decode_reject(payload)[2]}")
     raise TimeoutError("no answer to the login")
 
 

@@ -131,8 +131,9 @@ from exposure.config import ConfigError, load_config
 from exposure.kernel import _cell_home, _order_home, apply_batch
 from exposure.shm import ring_layout as RL
 from exposure.shm.ring import Ring, ring_pop
+from exposure.shm.session_layout import SESSION_COLS
 from exposure.shm.tally_layout import State, TallyLayout, allocate
-from exposure.stages.compute import SESSION_COLS, _after_batch
+from exposure.stages.compute import _after_batch
 from exposure.stages.fanout import DGRAM_HEADER, DGRAM_MAGIC
 from exposure.stages.ingest import IngestStage
 from exposure.types import (

@@ -12,7 +12,8 @@ from nodes import free_port
 
 from exposure import wire as W
 from exposure.shm.ring import Ring
-from exposure.stages.compute import S_HELD, SESSION_COLS
+from exposure.shm import session_layout as SL
+from exposure.shm.session_layout import S_HELD, SESSION_COLS
 from exposure.stages.ingest import IngestStage
 from exposure.types import EVENT_DTYPE, EVENT_SIZE
 
@@ -88,20 +89,29 @@ def test_a_session_dropped_while_records_wait_does_not_claim_them(stage):
             pass
         return bool(frames)
 
-    _poll_until(st, answered)
-    assert frames[0][0] == W.K_LOGIN_OK and struct.unpack("<Q", frames[0][1])[0] == 8
+    _poll_until(st, lambda: answered() and any(k == W.K_LOGIN_OK for k, _ in frames))
+    assert [k for k, _ in frames][:2] == [W.K_CHALLENGE, W.K_LOGIN_OK]
+    assert struct.unpack("<Q", frames[1][1])[0] == 8
     c.close()
 
 
-def test_resent_records_are_dropped_and_seqs_must_increase(stage):
+def test_resends_are_dropped_and_a_gap_closes_the_session_with_the_expected_seq(stage):
     st, ring, sessions, port = stage
     c = socket.create_connection(("127.0.0.1", port))
     recs = np.zeros(6, EVENT_DTYPE)
-    recs["sseq"] = [1, 2, 2, 5, 3, 6]  # a duplicate and a step back
+    recs["sseq"] = [1, 2, 2, 5, 3, 6]  # a resend, then a gap
     c.sendall(W.encode_login(1) + W.encode_events(recs))
-    _poll_until(st, lambda: len(ring) == 4)
+    c.settimeout(5)
+    rd, frames = W.FrameReader(), []
+    _poll_until(st, lambda: sessions[0, SL.N_SEQ_REJECTS] == 1 and not st.conns)
+    while data := c.recv(4096):
+        frames += rd.feed(data)
     out = np.zeros(8, EVENT_DTYPE)
     n = ring.pop(out)
-    assert out["sseq"][:n].tolist() == [1, 2, 5, 6]
-    assert out["gseq"][:n].tolist() == [1, 2, 3, 4]
+    assert out["sseq"][:n].tolist() == [1, 2]  # nothing from the gap on
+    assert out["gseq"][:n].tolist() == [1, 2]
+    (rej,) = [p for k, p in frames if k == W.K_REJECT]
+    code, expected, text = W.decode_reject(rej)
+    assert (code, expected) == (W.E_SEQ, 3) and "3" in text
+    assert int(sessions[1, S_HELD]) == 2
     c.close()

@@ -131,20 +131,30 @@ def _reject_text(data: bytes) -> str:
     frames = W.FrameReader().feed(data)
     rej = [p for k, p in frames if k == W.K_REJECT]
     assert rej, f"no REJECT in {data!r}"
-    return rej[0][2:].decode()
+    return W.decode_reject(rej[0])[2]
+
+
+def _unanswered(data: bytes) -> bool:
+    """Only the CHALLENGE every connection gets, then the node closed it."""
+    return [k for k, _ in W.FrameReader().feed(data)] == [W.K_CHALLENGE]
 
 
 def test_bad_input_gets_a_clear_reject_and_harms_nothing(node):
     p = node.cli("send", str(DATA / "basic.jsonl"), "--session", "1")
     assert p.returncode == 0
     before = _dump(node)
-    assert "bad frame magic" in _reject_text(_raw(node, b"\x17\x03garbage" * 10))
-    big = W.HEADER.pack(W.MAGIC, W.VERSION, W.K_EVENTS, 2**31)
-    assert "EVENTS frame of" in _reject_text(_raw(node, big))
+    # before login nothing is answered: the connection is closed
+    assert _unanswered(_raw(node, b"\x17\x03garbage" * 10))
+    assert _unanswered(_raw(node, W.HEADER.pack(W.MAGIC, W.VERSION, W.K_EVENTS, 2**31)))
+    assert _unanswered(_raw(node, W.encode_events(read_events(DATA / "basic.jsonl")[:1])))
+    assert _unanswered(_raw(node, W.encode_heartbeat()))
+    # a login with a bad session id is refused; after login a bad frame gets its reason
     assert "outside" in _reject_text(_raw(node, W.encode_login(0)))
-    assert "outside" in _reject_text(_raw(node, W.encode_login(10**6)))
-    assert "before LOGIN" in _reject_text(_raw(node, W.encode_events(
-        read_events(DATA / "basic.jsonl")[:1])))
+    assert "outside" in _reject_text(_raw(node, W.encode_login(2**32 - 1)))
+    assert "bad frame magic" in _reject_text(_raw(node, W.encode_login(4)
+                                                  + b"\x17\x03garbage" * 10))
+    big = W.HEADER.pack(W.MAGIC, W.VERSION, W.K_EVENTS, 2**31)
+    assert "EVENTS frame of" in _reject_text(_raw(node, W.encode_login(4) + big))
     # a client killed mid-frame: half a frame, then the connection drops
     frame = W.encode_login(2) + W.encode_events(read_events(DATA / "basic.jsonl")[:3])
     _raw(node, frame[:-50], read=False)

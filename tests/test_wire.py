@@ -17,20 +17,23 @@ def _recs(n):
 
 
 def test_frames_round_trip_even_one_byte_at_a_time():
-    stream = (W.encode_login(7) + W.encode_events(_recs(3)) + W.encode_heartbeat()
+    stream = (W.encode_challenge(b"n" * 32) + W.encode_login(7, b"p" * 32)
+              + W.encode_events(_recs(3)) + W.encode_heartbeat()
               + W.encode_ack(3, [0, 1, 2]) + W.encode_login_ok(41)
-              + W.encode_reject(W.E_SESSION, "no"))
+              + W.encode_reject(W.E_SEQ, "no", 12))
     for chunk in (len(stream), 1, 5):
         rd = W.FrameReader()
         frames = []
         for k in range(0, len(stream), chunk):
             frames += rd.feed(stream[k:k + chunk])
         kinds = [k for k, _ in frames]
-        assert kinds == [W.K_LOGIN, W.K_EVENTS, W.K_HEARTBEAT, W.K_ACK, W.K_LOGIN_OK,
-                         W.K_REJECT]
-        assert struct.unpack("<II", frames[0][1]) == (7, 0)
-        assert frames[1][1]["sseq"].tolist() == [1, 2, 3]
-        assert W.decode_ack(frames[3][1]) == (3, [0, 1, 2, 0, 0, 0, 0, 0])
+        assert kinds == [W.K_CHALLENGE, W.K_LOGIN, W.K_EVENTS, W.K_HEARTBEAT, W.K_ACK,
+                         W.K_LOGIN_OK, W.K_REJECT]
+        assert frames[0][1] == b"n" * 32
+        assert W.decode_login(frames[1][1]) == (7, b"p" * 32)
+        assert frames[2][1]["sseq"].tolist() == [1, 2, 3]
+        assert W.decode_ack(frames[4][1]) == (3, [0, 1, 2] + [0] * 13)
+        assert W.decode_reject(frames[6][1]) == (W.E_SEQ, 12, "no")
         assert rd.pending == 0
 
 
@@ -38,11 +41,11 @@ def test_frames_round_trip_even_one_byte_at_a_time():
     (b"\x00" * 8, "bad frame magic"),
     (b"GET / HTTP/1.1\r\n\r\n", "bad frame magic"),
     (W.HEADER.pack(W.MAGIC, 9, W.K_LOGIN, 8), "protocol version 9"),
-    (W.HEADER.pack(W.MAGIC, 1, 77, 0), "unknown frame kind 77"),
-    (W.HEADER.pack(W.MAGIC, 1, W.K_LOGIN, 9), "expected 8"),
-    (W.HEADER.pack(W.MAGIC, 1, W.K_EVENTS, 2**31), "EVENTS frame of 2147483648 bytes"),
-    (W.HEADER.pack(W.MAGIC, 1, W.K_EVENTS, 100), "EVENTS frame of 100 bytes"),
-    (W.HEADER.pack(W.MAGIC, 1, W.K_EVENTS, 0), "EVENTS frame of 0 bytes"),
+    (W.HEADER.pack(W.MAGIC, W.VERSION, 77, 0), "unknown frame kind 77"),
+    (W.HEADER.pack(W.MAGIC, W.VERSION, W.K_LOGIN, 9), "expected 40"),
+    (W.HEADER.pack(W.MAGIC, W.VERSION, W.K_EVENTS, 2**31), "EVENTS frame of 2147483648 bytes"),
+    (W.HEADER.pack(W.MAGIC, W.VERSION, W.K_EVENTS, 100), "EVENTS frame of 100 bytes"),
+    (W.HEADER.pack(W.MAGIC, W.VERSION, W.K_EVENTS, 0), "EVENTS frame of 0 bytes"),
 ])
 def test_a_bad_frame_is_refused_before_its_payload_is_buffered(data, message):
     with pytest.raises(W.ProtocolError, match=message):

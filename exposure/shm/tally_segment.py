@@ -36,10 +36,14 @@ from .intrinsics import fence_seq_cst, load_acquire, store_release
 from .segment import release
 from .tally_layout import HEADER_DTYPE, State, TallyLayout, prefault
 
-__all__ = ["TallySegment", "SegmentBusy", "write_begin", "write_end", "read_begin", "read_end",
-           "publish", "read_row"]
+__all__ = ["TallySegment", "SegmentBusy", "SegmentModeError", "write_begin", "write_end",
+           "read_begin", "read_end", "publish", "read_row"]
 
 _SEQ_WORD = HEADER_DTYPE.fields["seqlock"][1] // 8
+
+
+class SegmentModeError(ValueError):
+    """The segment cannot get the configured group or mode ([desks])."""
 
 
 class SegmentBusy(RuntimeError):
@@ -99,8 +103,23 @@ class TallySegment:
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def create(cls, name: str, caps: Capacities | None = None) -> TallySegment:
-        """Create the segment (mode 0600), reclaiming one left by a dead writer."""
+    def create(cls, name: str, caps: Capacities | None = None, mode: int = 0o600,
+               group: str = "") -> TallySegment:
+        """Create the segment, reclaiming one left by a dead writer. ``mode`` (permission
+        bits, not subject to the umask) and ``group`` (a group name; "" keeps the
+        creator's) decide who may map it: desks map it read-only, so with group read and
+        no group write the OS enforces "read-only" for the group's members."""
+        if mode & 0o022 or mode & 0o600 != 0o600:
+            raise ValueError(f"tally segment mode {mode:#o}: the owner reads and writes, "
+                             "group and others at most read")
+        gid = -1
+        if group:
+            import grp
+
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise ValueError(f"tally segment group {group!r}: no such group") from None
         lay = TallyLayout(caps)
         try:
             shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=lay.size)
@@ -111,6 +130,16 @@ class TallySegment:
                                   "another node of this name is running") from None
             posix_ipc.unlink_shared_memory(name)  # a dead node's leftovers
             shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=lay.size)
+        try:
+            if gid >= 0:
+                os.fchown(shm.fd, -1, gid)
+            os.fchmod(shm.fd, mode)
+        except OSError as e:
+            shm.close_fd()
+            posix_ipc.unlink_shared_memory(name)
+            raise SegmentModeError(f"tally segment {name}: cannot give it group {group!r} and "
+                             f"mode {mode:#o}: {e.strerror} (the node's user must be a "
+                             "member of the group)") from None
         mm = mmap.mmap(shm.fd, lay.size)
         shm.close_fd()
         buf = np.frombuffer(mm, dtype=np.uint8)

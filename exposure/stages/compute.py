@@ -18,24 +18,23 @@ from ..kernel import account_values, apply_batch
 from ..shm import ring_layout as RL
 from ..shm.intrinsics import store_release
 from ..shm.ring import ring_pop, ring_push, sleeping
+from ..shm.session_layout import (  # noqa: F401 (S_HELD, S_DURABLE: replica, mirror)
+    N_REJ,
+    S_DONE,
+    S_DURABLE,
+    S_HELD,
+    S_REJ,
+)
 from ..shm.tally_segment import publish, set_values, write_begin, write_end
 from ..types import (
     C_LAST_GSEQ,
     C_LIVE,
     C_NCHANGED,
     EVENT_DTYPE,
-    S_LATE_FILL,
     UPDATE_DTYPE,
 )
 
-__all__ = ["ComputeStage", "SESSION_COLS", "S_HELD", "S_DONE", "S_REJ", "S_DURABLE"]
-
-# Session table columns (u8 [max_sessions + 1, SESSION_COLS]).
-S_HELD = 0     # highest session seq accepted into the compute ring (ingest writes)
-S_DONE = 1     # highest session seq processed by compute (compute writes, release)
-S_REJ = 2      # S_REJ + reason: rejects per reason (compute writes)
-S_DURABLE = 10  # highest session seq on disk (the journal writes; row 0: its global seq)
-SESSION_COLS = 12
+__all__ = ["ComputeStage"]
 
 
 @njit(cache=True)
@@ -48,7 +47,7 @@ def _after_batch(st, recs, status, n, sess_flat, ncols, upd, now_ns):
         s = np.int64(recs[k].session)
         if s < nsess:
             code = status[k]
-            if code != 0 and code != S_LATE_FILL:
+            if code != 0 and code < N_REJ:
                 sess_flat[s * ncols + S_REJ + code] += np.uint64(1)
     for k in range(n):  # then the processed marks, each after its counters (release)
         s = np.int64(recs[k].session)

@@ -1,20 +1,35 @@
 """Ingest stage: TCP sessions from upstream systems into the compute ring.
 
-A session logs in with its id (1..max_sessions; one connection per id at a time) and is told
-the last session seq the node holds. Its EVENTS frames carry records numbered by session
-seq; records at or below what the node holds are dropped (a client may resend after a
-reconnect). Ingest stamps each kept record with the session id, the receive time and the
-next global seq, and pushes it to the compute ring; when the ring is full the session's
+**Sessions** (:mod:`exposure.wire`). On every connection the node first sends a CHALLENGE
+(a fresh nonce); the client logs in with its session id and an HMAC of the nonce under the
+session's secret (:mod:`exposure.sessions`; a node without a sessions file serves loopback
+clients without one). It is told the last session seq the node holds. Its EVENTS frames
+carry records numbered by session seq: a record at or below what the node holds is a
+resend and is dropped; the next one is taken; any other seq closes the session with a
+REJECT naming the expected seq. Ingest stamps each taken record with the session id, the
+receive time and the next global seq, marks it unauthorized when the session is not
+entitled to it, and pushes it to the compute ring; when the ring is full the session's
 records wait (and its socket is not read) until there is room. The node acknowledges to
 each session the highest seq that compute has processed, with the session's rejects per
 reason; while events stream, ACKs are coalesced to one per session per ``ack_interval_us``
 (each is a send on the hot path), and the last one follows within that interval.
 
 Complete EVENTS frames go from the receive buffer to the ring in one jitted scan per read
-(:func:`_scan`); login, heartbeat and anything malformed are handled here in Python.
+(:mod:`exposure.stages.ingest_scan`); login, heartbeat and anything malformed are handled
+here in Python.
 
-A client's bytes never harm the node: a malformed frame gets a REJECT and the session is
-closed; other sessions and the tallies are untouched.
+**Hostile input is normal input.** No byte a client sends can harm the node or another
+session: a malformed frame after login gets a REJECT and the session is closed; before
+login nothing is answered but the login itself, and anything else closes the connection.
+Every resource is bounded (:class:`PortLimits`): the number of connections (at the cap
+the oldest connection that has not logged in makes room, so a flood cannot lock real
+sessions out; the descriptor limit is survived: :class:`exposure._netguard.Listener`), a
+login deadline, an idle timeout plus TCP keepalive, the bytes read and control frames
+handled per connection per pass, and the answers queued for a client (one that does not
+read them is disconnected, never waited for). Nothing here blocks: a REJECT is queued
+like any answer, the write side is shut once it is out, and the connection is closed when
+the client has gone or after a second. Counters of all of it are in the session table
+(:mod:`exposure.shm.session_layout`, ``exposure status``).
 
 **Roles** (a node of a primary/backup pair reads its role from the control block): a
 backup does not listen for sessions at all (clients fail over to the primary); its ingest
@@ -39,20 +54,23 @@ its heartbeats from the backup for about ``failover_ms``): the backup may be pro
 
 from __future__ import annotations
 
+import hmac
+import os
 import select
 import socket
-import struct
 import sys
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
 from .. import _jit
 from .. import wire as W
+from .._netguard import Listener, RateLog, keepalive
 from .._sock import flush, send_or_queue
-from ..shm import ring_layout as RL
+from ..sessions import Entitlements
+from ..shm import session_layout as SL
 from ..shm.control import (
     CTL_ALONE,
     CTL_ALONE_SEEN,
@@ -65,134 +83,47 @@ from ..shm.control import (
     ROLE_PRIMARY,
     may_act,
 )
-from ..shm.intrinsics import load_acquire, store_release
-from ..shm.ring import sleeping
-from ..types import EVENT_WORDS, W_EPOCH, W_GSEQ, W_RECV_NS, W_SESSION, W_SSEQ
-from .compute import S_DONE, S_DURABLE, S_HELD, S_REJ
+from ..shm.session_layout import N_REJ, S_DONE, S_DURABLE, S_HELD, S_REJ
+from .ingest_scan import NEED_MORE, RES_WORDS, RING_FULL, SEQ_GAP, scan
 
-__all__ = ["IngestStage"]
+__all__ = ["IngestStage", "PortLimits"]
 
-_HIGH = np.uint64(0xFFFF_FFFF_0000_0000)  # keeps the high half of a shared word
 _HDR = W.HEADER.size
-_REC = EVENT_WORDS * 8
-# Why the scanner stopped.
-_NEED_MORE = 0   # no complete frame left at pos
-_CONTROL = 1     # a frame at pos that Python handles (login, heartbeat, anything invalid)
-_RING_FULL = 2   # the compute ring has no room for the rest of the frame at pos
-_BUF = 2 * (_HDR + W.MAX_PAYLOAD)  # per-connection receive buffer (virtual until touched)
 _MARK_NS = 100_000   # replicated-release checkpoints: at most one per session per 100 us
 _MAX_MARKS = 4096
+_PRE, _LIVE, _CLOSING = 0, 1, 2
+_PRE_BUF = 4096      # a connection's buffer until it has logged in (a LOGIN is 48 bytes)
+_LINGER_NS = 1_000_000_000  # a closing connection gets this long to take its REJECT
+_SWEEP_NS = 50_000_000      # deadlines are checked this often
+_ACCEPTS_PER_PASS = 32
 
 
-@njit(cache=True, _nrt=False)
-def _scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, tctrl, tslots, tap,
-          res):
-    """Take the complete EVENTS frames of ``buf[pos:fill]`` straight into the ring.
+@dataclass(frozen=True)
+class PortLimits:
+    """The bounds of a session port (``[ingest]`` keys of the same names)."""
 
-    Each record whose session seq is above ``held`` (and increasing) is stamped with the
-    session id, the receive time, epoch 0 and the next global seq, and written to the ring.
-    A record's seq counts as held only once it is in the ring, so a frame cut short by a
-    full ring is simply scanned again later: what it already delivered is skipped as a
-    resend. The scanner stops at the first frame that is incomplete, is not an EVENTS frame
-    of a logged-in session, or has a header that is not exactly right; Python deals with
-    those (its :func:`wire.check_header` is the statement of the rules and says what is
-    wrong). ``wbuf`` is ``buf`` as u8 words: valid frames are multiples of 8 bytes long,
-    so records start on word boundaries. With ``tap`` set, every record also goes to the
-    tap ring (``tctrl``/``tslots``: the journal's input), and a record is taken only when
-    both rings have room.
+    max_connections: int = 320     # open connections, logged in or not
+    login_timeout_ms: int = 5000   # from accept to a valid LOGIN
+    idle_timeout_ms: int = 30000   # nothing received (clients send HEARTBEATs when idle)
+    read_budget: int = 256 * 1024  # bytes read per connection per pass
+    control_budget: int = 64       # frames other than EVENTS handled per connection per pass
+    max_output: int = 64 * 1024    # answers queued for a client that does not read them
 
-    Writes (why, pos, held, pushed, compute consumer asleep, tap consumer asleep) to
-    ``res``.
-    """
-    session = np.uint64(session)
-    held = np.uint64(held)
-    now = np.uint64(now)
-    gseq = np.uint64(gseq)
-    cap = slots.shape[0]
-    mask = cap - 1
-    tail = np.int64(ctrl[RL.W_TAIL])  # only this process writes it
-    head = np.int64(ctrl[RL.W_HEAD_CACHE])
-    t0 = tail
-    tcap = tslots.shape[0]
-    tmask = tcap - 1
-    ttail = np.int64(tctrl[RL.W_TAIL])
-    thead = np.int64(tctrl[RL.W_HEAD_CACHE])
-    why = _NEED_MORE
-    while fill - pos >= _HDR:
-        kind = buf[pos + 3]
-        length = (np.int64(buf[pos + 4]) | (np.int64(buf[pos + 5]) << 8)
-                  | (np.int64(buf[pos + 6]) << 16) | (np.int64(buf[pos + 7]) << 24))
-        if (buf[pos] != 0x45 or buf[pos + 1] != 0x58 or buf[pos + 2] != W.VERSION
-                or kind != W.K_EVENTS or session == 0 or length == 0
-                or length > W.MAX_PAYLOAD or length % _REC != 0 or pos % 8 != 0):
-            why = _CONTROL
-            break
-        if fill - pos - _HDR < length:
-            break  # incomplete
-        w0 = (pos + _HDR) // 8
-        full = False
-        for k in range(length // _REC):
-            r = w0 + k * EVENT_WORDS
-            s = wbuf[r + W_SSEQ]
-            if s <= held:
-                continue  # already held: a resend
-            if tail - head >= cap:
-                head = np.int64(load_acquire(ctrl, RL.W_HEAD))
-                ctrl[RL.W_HEAD_CACHE] = head
-                if tail - head >= cap:
-                    full = True
-                    break
-            if tap and ttail - thead >= tcap:
-                thead = np.int64(load_acquire(tctrl, RL.W_HEAD))
-                tctrl[RL.W_HEAD_CACHE] = thead
-                if ttail - thead >= tcap:
-                    full = True
-                    break
-            j = tail & mask
-            for b in range(EVENT_WORDS):
-                slots[j, b] = wbuf[r + b]
-            slots[j, W_SESSION] = (slots[j, W_SESSION] & _HIGH) | session
-            slots[j, W_EPOCH] &= _HIGH
-            slots[j, W_RECV_NS] = now
-            slots[j, W_GSEQ] = gseq + np.uint64(tail - t0)
-            if tap:
-                jt = ttail & tmask
-                for b in range(EVENT_WORDS):
-                    tslots[jt, b] = slots[j, b]
-                ttail += 1
-            tail += 1
-            held = s
-        if full:
-            why = _RING_FULL
-            break
-        pos += _HDR + length
-    pushed = tail - t0
-    asleep = 0
-    tasleep = 0
-    if pushed > 0:
-        if tap:  # the journal first: it may take longer, and nothing waits on it here
-            store_release(tctrl, RL.W_TAIL, ttail)
-            tasleep = 1 if sleeping(tctrl, RL.W_CONSUMER_SLEEPING) else 0
-        store_release(ctrl, RL.W_TAIL, tail)  # publish: the slot writes happen-before
-        asleep = 1 if sleeping(ctrl, RL.W_CONSUMER_SLEEPING) else 0
-    res[0] = why
-    res[1] = pos
-    res[2] = np.int64(held)
-    res[3] = pushed
-    res[4] = asleep
-    res[5] = tasleep
+    @property
+    def buffer(self) -> int:
+        """A logged-in connection's receive buffer: a maximal frame plus one read."""
+        return -(-(_HDR + W.MAX_PAYLOAD + self.read_budget) // 8) * 8
 
 
 class _Conn:
     __slots__ = ("sock", "fd", "buf", "wbuf", "mv", "pos", "fill", "stalled", "session",
-                 "held", "acked", "ack_due", "out", "marks", "mark_ns", "repl")
+                 "held", "acked", "ack_due", "out", "marks", "mark_ns", "repl", "state",
+                 "nonce", "born", "last_rx", "close_at")
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, now: int):
         self.sock = sock
         self.fd = sock.fileno()
-        self.buf = np.zeros(_BUF, np.uint8)  # pages are touched only as far as frames go
-        self.wbuf = self.buf.view(np.uint64)
-        self.mv = memoryview(self.buf)
+        self._buffer(_PRE_BUF)
         self.pos = 0       # next unconsumed byte of buf
         self.fill = 0      # bytes received into buf
         self.stalled = False  # the ring was full: frames wait in buf, the socket is not read
@@ -204,12 +135,29 @@ class _Conn:
         self.marks: deque = deque()  # (last gseq, session seq held): see IngestStage._mark
         self.mark_ns = 0
         self.repl = 0      # highest session seq the backup has received
+        self.state = _PRE
+        self.nonce = os.urandom(W.NONCE)
+        self.born = self.last_rx = now  # monotonic ns
+        self.close_at = 0
+
+    def _buffer(self, size: int) -> None:
+        old = getattr(self, "buf", None)
+        self.buf = np.zeros(size, np.uint8)  # pages are touched only as far as frames go
+        if old is not None:
+            n = self.fill - self.pos
+            self.buf[:n] = old[self.pos:self.fill]
+            self.pos, self.fill = 0, n
+        self.wbuf = self.buf.view(np.uint64)
+        self.mv = memoryview(self.buf)
 
 
 class IngestStage:
     def __init__(self, host: str, port: int, sessions: np.ndarray, out_ring, next_gseq: int,
                  max_sessions: int, ack_interval_us: int = 0, tap_ring=None,
-                 ctl: np.ndarray | None = None, release: str = "local", replica=None):
+                 ctl: np.ndarray | None = None, release: str = "local", replica=None,
+                 secrets: dict[int, bytes] | None = None,
+                 entitlements: Entitlements | None = None,
+                 limits: PortLimits = PortLimits()):
         self.sessions = sessions
         self.out = out_ring
         self.max_sessions = max_sessions
@@ -219,6 +167,16 @@ class IngestStage:
         self.ctl = ctl
         self.local = release in ("local", "replicated+local") and tap_ring is not None
         self.replicated = release in ("replicated", "replicated+local")
+        # Sessions: ``secrets`` None serves every session id without a proof (loopback
+        # only: exposure.config); else only the ids it has, each proving its secret.
+        self.secrets = secrets
+        self.ents = entitlements or Entitlements.everything(max_sessions)
+        if self.ents.flags.shape[0] != max_sessions + 1:
+            raise ValueError(f"entitlements for {self.ents.flags.shape[0] - 1} sessions, "
+                             f"max_sessions is {max_sessions}")
+        self.lim = limits
+        self.node = sessions[0]  # row 0: the port's counters
+        self.log = RateLog("exposure ingest")
         # A node of a pair acknowledges only while it may act (the fence, or running alone:
         # exposure.shm.control.may_act); alone, it releases on its own durability.
         self.pair = replica is not None and ctl is not None
@@ -226,21 +184,28 @@ class IngestStage:
         self.fenced = False
         self.seq_shown = -1
         self.ep = select.epoll()
-        self.lsock: socket.socket | None = None
+        self.listener: Listener | None = None
         self.lfd = -1
         self.conns: dict[int, _Conn] = {}
+        self.pre: OrderedDict[int, _Conn] = OrderedDict()  # not logged in, oldest first
         self.by_session: dict[int, _Conn] = {}
+        self.closing: set[_Conn] = set()   # REJECTed: the answer drains, then close
         self.stalled: set[_Conn] = set()   # sessions whose frames wait for ring space
+        self.ready: set[_Conn] = set()     # complete frames left over by a pass's budget
         self.unacked: set[_Conn] = set()   # sessions with records not yet acknowledged
         self.backlog: set[_Conn] = set()   # sessions with answers the socket did not take
+        self.sweep_at = 0
+        self.scratch = bytearray(self.lim.read_budget)  # what closing connections send
         self.tap = tap_ring
         # Without a journal the tap arguments are the compute ring's (never written).
         t = tap_ring if tap_ring is not None else out_ring
         self._tap_args = (t.ctrl, t.slots, tap_ring is not None)
-        self.res = np.zeros(6, np.int64)
-        self._scan = _jit.entry(_scan, self.res.view(np.uint8), self.res.view(np.uint64),
-                                0, 0, 0, 0, 0, 0, self.out.ctrl, self.out.slots,
-                                *self._tap_args, self.res)  # compiled (or loaded) now
+        self._ent_args = (self.ents.flags, self.ents.src, self.ents.acct)
+        self.res = np.zeros(RES_WORDS, np.uint64)
+        buf = np.zeros(8, np.uint8)
+        self._scan = _jit.entry(scan, buf, buf.view(np.uint64), 0, 0, 0, 0, 0, 0,
+                                self.out.ctrl, self.out.slots, *self._tap_args,
+                                *self._ent_args, self.res)  # compiled (or loaded) now
         # A backup runs the replica side (``replica``: a factory next_gseq -> ReplicaStage)
         # until the supervisor promotes the node; ``self.rep`` is None once primary.
         self.rep = None
@@ -249,13 +214,14 @@ class IngestStage:
         else:
             self._listen()
 
+    def _count(self, col: int, session: int = 0, scol: int = -1) -> None:
+        self.node[col] += 1
+        if session and scol >= 0:
+            self.sessions[session, scol] += 1
+
     def _listen(self) -> None:
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(self.addr)
-        self.lsock.listen(128)
-        self.lsock.setblocking(False)
-        self.lfd = self.lsock.fileno()
+        self.listener = Listener(self.addr)
+        self.lfd = self.listener.fd
         self.ep.register(self.lfd, select.EPOLLIN)
 
     def _promoted(self) -> None:
@@ -270,15 +236,13 @@ class IngestStage:
             except OSError as e:
                 print(f"exposure ingest: cannot listen on {self.addr[0]}:{self.addr[1]} "
                       f"({e.strerror}); retrying", file=sys.stderr, flush=True)
-                if self.lsock is not None:
-                    self.lsock.close()
-                    self.lsock = None
                 time.sleep(0.1)
         else:  # the process dies; the supervisor restarts the node's processes (as primary)
             raise RuntimeError(f"cannot listen for sessions on {self.addr[0]}:{self.addr[1]}")
         print(f"exposure ingest: primary (epoch {int(self.ctl[CTL_EPOCH])}): accepting "
               f"sessions on {self.addr[0]}:{self.addr[1]} from gseq {self.next_gseq}",
               file=sys.stderr, flush=True)
+
 
     # ------------------------------------------------------------------ loop
     def poll(self, timeout: float | None = 0) -> int:
@@ -291,18 +255,27 @@ class IngestStage:
         for fd, _ in self.ep.poll(timeout if timeout is not None else -1):
             if fd == self.lfd:
                 work += self._accept()
+                continue
+            c = self.conns.get(fd)
+            if c is None or c.stalled:
+                continue
+            if c.state == _CLOSING:
+                self._drain(c)
             else:
-                c = self.conns.get(fd)
-                if c is not None and not c.stalled:
-                    work += self._read(c)
+                work += self._read(c)
         if self.stalled:
             for c in list(self.stalled):
                 work += self._consume(c)
+        if self.ready:
+            for c in list(self.ready):
+                self.ready.discard(c)
+                if c.state != _CLOSING:
+                    work += self._consume(c)
         return work
 
     def after(self) -> None:
-        """Answers: ACKs due and unsent bytes. The process loop calls this after the whole
-        pipeline pass (compute and fan-out included), so an ACK never delays the
+        """Answers: ACKs due and unsent bytes; deadlines. The process loop calls this after
+        the whole pipeline pass (compute and fan-out included), so an ACK never delays the
         processing of an event that arrived with it."""
         if self.rep is not None:
             self.rep.after()
@@ -318,6 +291,11 @@ class IngestStage:
         if self.backlog:
             for c in list(self.backlog):
                 self._flush(c)
+        if self.conns:
+            now = time.monotonic_ns()
+            if now >= self.sweep_at:
+                self.sweep_at = now + _SWEEP_NS
+                self._sweep(now)
 
     def _show_seq(self, gseq: int) -> None:
         if gseq != self.seq_shown:
@@ -345,51 +323,134 @@ class IngestStage:
                      "acknowledging and publishing nothing" if fenced else
                      "acknowledging again"), file=sys.stderr, flush=True)
 
+    # ------------------------------------------------------------------ connections
     def _accept(self) -> int:
-        try:
-            s, _ = self.lsock.accept()
-        except BlockingIOError:
-            return 0
-        s.setblocking(False)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        c = _Conn(s)
-        self.conns[c.fd] = c
-        self.ep.register(c.fd, select.EPOLLIN)
-        return 1
+        n = 0
+        for _ in range(_ACCEPTS_PER_PASS):
+            s = self.listener.accept(self.log)
+            if s is None:
+                break
+            n += 1
+            self.node[SL.N_ACCEPTED] += 1
+            if len(self.conns) >= self.lim.max_connections:
+                if self.pre:  # make room: the oldest connection that has not logged in
+                    self._count(SL.N_EVICTED)
+                    self._close(next(iter(self.pre.values())))
+                else:
+                    self._count(SL.N_REFUSED)
+                    self.log("cap", f"{len(self.conns)} connections open (the cap, "
+                                    "[ingest] max_connections): refusing new ones")
+                    try:
+                        s.send(W.encode_reject(W.E_BUSY, "too many connections"))
+                    except OSError:
+                        pass
+                    s.close()
+                    continue
+            try:
+                keepalive(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.lim.max_output)
+            except OSError:
+                s.close()
+                continue
+            c = _Conn(s, time.monotonic_ns())
+            self.conns[c.fd] = c
+            self.pre[c.fd] = c
+            self.ep.register(c.fd, select.EPOLLIN)
+            self._send(c, W.encode_challenge(c.nonce))
+        if self.listener.fd_limit:
+            self.node[SL.N_EMFILE] += self.listener.fd_limit
+            self.listener.fd_limit = 0
+        self.node[SL.N_OPEN] = len(self.conns)
+        return n
 
     def _close(self, c: _Conn) -> None:
+        if self.conns.get(c.fd) is not c:
+            return
         try:
             self.ep.unregister(c.fd)
         except (KeyError, ValueError, OSError):
             pass
-        self.conns.pop(c.fd, None)
-        self.stalled.discard(c)
-        self.unacked.discard(c)
-        self.backlog.discard(c)
+        del self.conns[c.fd]
+        self.pre.pop(c.fd, None)
+        for group in (self.closing, self.stalled, self.ready, self.unacked, self.backlog):
+            group.discard(c)
         if c.session and self.by_session.get(c.session) is c:
             del self.by_session[c.session]
+            self.sessions[c.session, SL.S_CONNECTED] = 0
         c.sock.close()
+        self.node[SL.N_OPEN] = len(self.conns)
 
-    def _reject(self, c: _Conn, code: int, text: str) -> None:
+    def _reject(self, c: _Conn, code: int, text: str, detail: int = 0) -> None:
+        """Answer REJECT, then close without waiting for anything: the connection leaves
+        every group but ``closing``; its write side is shut once the answer is out."""
+        if c.state == _CLOSING:
+            return
+        if c.session and self.by_session.get(c.session) is c:
+            del self.by_session[c.session]
+            self.sessions[c.session, SL.S_CONNECTED] = 0
+        self.pre.pop(c.fd, None)
+        for group in (self.stalled, self.ready, self.unacked):
+            group.discard(c)
+        c.stalled = False
+        c.state = _CLOSING
+        c.close_at = time.monotonic_ns() + _LINGER_NS
+        self.closing.add(c)
+        self._send(c, W.encode_reject(code, text, detail))
+        if c.fd in self.conns and not c.out:
+            self._shut(c)
+
+    def _shut(self, c: _Conn) -> None:
         try:
-            c.sock.setblocking(True)
-            c.sock.settimeout(0.2)
-            c.sock.sendall(bytes(c.out) + W.encode_reject(code, text))
+            c.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
-        self._close(c)
+            self._close(c)
+
+    def _drain(self, c: _Conn) -> None:
+        """A closing connection: what it sends is read and dropped until it goes."""
+        try:
+            got = c.sock.recv_into(self.scratch)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            got = 0
+        if not got:
+            self._close(c)
+
+    def _sweep(self, now: int) -> None:
+        """Deadlines: logins, idle sessions, closing connections."""
+        login = self.lim.login_timeout_ms * 1_000_000
+        while self.pre:
+            c = next(iter(self.pre.values()))
+            if now - c.born < login:
+                break
+            self._count(SL.N_LOGIN_TIMEOUT)
+            self._close(c)
+        idle = self.lim.idle_timeout_ms * 1_000_000
+        for c in list(self.by_session.values()):
+            if now - c.last_rx >= idle and not c.stalled:
+                self._count(SL.N_IDLE, c.session, SL.S_IDLE)
+                self._reject(c, W.E_IDLE, f"nothing received for "
+                             f"{self.lim.idle_timeout_ms} ms (send HEARTBEATs when idle)")
+        for c in list(self.closing):
+            if now >= c.close_at:
+                self._close(c)
 
     def _read(self, c: _Conn) -> int:
         if c.pos == c.fill:
             c.pos = c.fill = 0
-        elif c.pos and c.fill > _BUF // 2:
-            # An incomplete frame (at most one maximal frame, half the buffer) in the upper
-            # half: move it to the front, so the buffer always has room for the rest.
+        elif c.pos and len(c.buf) - c.fill < self.lim.read_budget:
+            # An incomplete frame (at most one maximal frame) near the end: move it to the
+            # front, so the buffer always has room for a whole read.
             n = c.fill - c.pos
             c.buf[:n] = c.buf[c.pos:c.fill]
             c.pos, c.fill = 0, n
+        room = min(len(c.buf) - c.fill, self.lim.read_budget)
+        if room <= 0:  # (a pre-login buffer full of a frame that is not a LOGIN)
+            self._count(SL.N_PRELOGIN)
+            self._close(c)
+            return 1
         try:
-            got = c.sock.recv_into(c.mv[c.fill:])
+            got = c.sock.recv_into(c.mv[c.fill:c.fill + room])
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
@@ -398,20 +459,25 @@ class IngestStage:
             self._close(c)  # the client went away (possibly mid-frame: nothing applied)
             return 1
         c.fill += got
+        c.last_rx = time.monotonic_ns()
         self._consume(c)
         return 1
 
     def _consume(self, c: _Conn) -> int:
         """Take the complete frames received so far: EVENTS into the ring (jitted), the
-        rest here. Returns the records pushed."""
+        rest here (at most ``control_budget`` of them per pass). Returns the records
+        pushed."""
         pushed = 0
         res = self.res
+        budget = self.lim.control_budget
         while True:
             now = time.time_ns()
             self._scan(c.buf, c.wbuf, c.pos, c.fill, c.session, c.held, now,
-                       self.next_gseq, self.out.ctrl, self.out.slots, *self._tap_args, res)
-            why, c.pos, held, n = int(res[0]), int(res[1]), int(res[2]), int(res[3])
+                       self.next_gseq, self.out.ctrl, self.out.slots, *self._tap_args,
+                       *self._ent_args, res)
+            why, c.pos, n = int(res[0]), int(res[1]), int(res[3])
             if n:
+                held = int(res[2])
                 pushed += n
                 self.next_gseq += n
                 c.held = held
@@ -423,7 +489,7 @@ class IngestStage:
                     self.out.semaphore.release()  # a compute process asleep on the ring
                 if res[5]:
                     self.tap.semaphore.release()  # a journal asleep on the tap ring
-            if why == _RING_FULL:
+            if why == RING_FULL:
                 if not c.stalled:
                     c.stalled = True
                     self.stalled.add(c)
@@ -431,7 +497,19 @@ class IngestStage:
             if c.stalled:
                 c.stalled = False
                 self.stalled.discard(c)
-            if why == _NEED_MORE or not self._control(c):
+            if why == SEQ_GAP:
+                self._count(SL.N_SEQ_REJECTS, c.session, SL.S_SEQ_REJECTS)
+                expected = int(res[6])
+                self._reject(c, W.E_SEQ, f"a record's session seq is not {expected}, the "
+                             "next one: nothing from it on was applied", expected)
+                return pushed
+            if why == NEED_MORE:
+                return pushed
+            if budget == 0:  # the rest on a later pass (the socket may have nothing new)
+                self.ready.add(c)
+                return pushed
+            budget -= 1
+            if not self._control(c):
                 return pushed
 
     def _mark(self, c: _Conn, held: int, now: int) -> None:
@@ -452,15 +530,27 @@ class IngestStage:
         m.append((g, held))
         c.mark_ns = now
 
+
     def _control(self, c: _Conn) -> bool:
         """The frame at ``c.pos`` that the scanner left: check it, handle it if complete.
-        Returns False when the scan cannot go on (incomplete frame, session closed)."""
+        Returns False when the scan cannot go on (incomplete frame, session closed).
+        Before login only a LOGIN is looked at: anything else closes the connection
+        unanswered, as soon as its header shows what it is."""
         pos = c.pos
         magic, version, kind, length = W.HEADER.unpack_from(c.buf, pos)
+        if c.state == _PRE and kind != W.K_LOGIN:
+            self._count(SL.N_PRELOGIN)
+            self._close(c)
+            return False
         try:
             W.check_header(magic, version, kind, length, pos)
         except W.ProtocolError as e:
-            self._reject(c, e.code, str(e))
+            if c.state == _PRE:
+                self._count(SL.N_PRELOGIN)
+                self._close(c)
+            else:
+                self._count(SL.N_PROTOCOL, c.session, SL.S_PROTOCOL)
+                self._reject(c, e.code, str(e))
             return False
         end = pos + _HDR + length
         if end > c.fill:
@@ -469,31 +559,52 @@ class IngestStage:
         c.pos = end
         if kind == W.K_LOGIN:
             self._login(c, payload)
-        elif kind == W.K_EVENTS and not c.session:
-            self._reject(c, W.E_NOT_LOGGED_IN, "EVENTS before LOGIN")
-        elif kind == W.K_EVENTS:  # (unreachable: the scanner takes aligned EVENTS frames)
-            self._reject(c, W.E_PROTOCOL, f"EVENTS frame at unaligned byte {pos}")
         elif kind == W.K_HEARTBEAT:
             self._send(c, W.encode_heartbeat())
+        elif kind == W.K_EVENTS:  # (unreachable: the scanner takes aligned EVENTS frames)
+            self._count(SL.N_PROTOCOL, c.session, SL.S_PROTOCOL)
+            self._reject(c, W.E_PROTOCOL, f"EVENTS frame at unaligned byte {pos}")
         else:
+            self._count(SL.N_PROTOCOL, c.session, SL.S_PROTOCOL)
             self._reject(c, W.E_PROTOCOL, f"a client may not send frame kind {kind}")
-        return c.fd in self.conns and self.conns[c.fd] is c
+        return self.conns.get(c.fd) is c and c.state != _CLOSING
 
     def _login(self, c: _Conn, payload: bytes) -> None:
-        sid, _ = struct.unpack("<II", payload)
-        if c.session:
+        sid, proof = W.decode_login(payload)
+        if c.state != _PRE:
+            self._count(SL.N_PROTOCOL, c.session, SL.S_PROTOCOL)
             self._reject(c, W.E_SESSION, "already logged in")
-        elif not 1 <= sid <= self.max_sessions:
+            return
+        if not 1 <= sid <= self.max_sessions:
+            self._count(SL.N_BAD_SESSION)
             self._reject(c, W.E_SESSION, f"session id {sid} outside 1..{self.max_sessions}")
-        elif sid in self.by_session:
-            self._reject(c, W.E_SESSION, f"session {sid} is already connected")
-        else:
-            c.session = sid
-            c.held = int(self.sessions[sid, S_HELD])
-            c.marks.append((self.next_gseq - 1, c.held))  # what it holds: pushed before now
-            self.by_session[sid] = c
-            self._send(c, W.encode_login_ok(c.held))
-            self.unacked.add(c)  # a first ACK tells the client what compute has processed
+            return
+        if self.secrets is not None:
+            secret = self.secrets.get(sid)
+            good = W.login_mac(secret, sid, c.nonce) if secret else bytes(32)
+            if secret is None or not hmac.compare_digest(proof, good):
+                self._count(SL.N_AUTH_FAILS, sid, SL.S_AUTH_FAILS)
+                self.log("auth", f"login as session {sid} refused: the proof does not "
+                                 "verify (wrong secret, or a session not configured)")
+                self._reject(c, W.E_AUTH, "authentication failed")
+                return
+        old = self.by_session.get(sid)
+        if old is not None:  # a stale connection (half-open, or a client that restarted)
+            self._count(SL.N_REPLACED, sid, SL.S_REPLACED)
+            self.log("replaced", f"session {sid} logged in again: its older connection is "
+                                 "closed")
+            self._reject(old, W.E_REPLACED, "the session logged in on another connection")
+        del self.pre[c.fd]
+        c.state = _LIVE
+        c._buffer(self.lim.buffer)
+        c.session = sid
+        c.held = int(self.sessions[sid, S_HELD])
+        c.marks.append((self.next_gseq - 1, c.held))  # what it holds: pushed before now
+        self.by_session[sid] = c
+        self.sessions[sid, SL.S_CONNECTED] = 1
+        self._count(SL.N_LOGINS, sid, SL.S_LOGINS)
+        self._send(c, W.encode_login_ok(c.held))
+        self.unacked.add(c)  # a first ACK tells the client what compute has processed
 
     def _ack(self, c: _Conn, now: int) -> None:
         # Compute writes a session's reject counters, then (release) its S_DONE; reading
@@ -511,12 +622,21 @@ class IngestStage:
         if done > c.acked:
             c.acked = done
             c.ack_due = now + self.ack_interval_ns
-            self._send(c, W.encode_ack(done, self.sessions[c.session, S_REJ:S_REJ + 8]))
+            self._send(c, W.encode_ack(done, self.sessions[c.session, S_REJ:S_REJ + N_REJ]))
         if c.acked >= c.held:
             self.unacked.discard(c)
 
     def _send(self, c: _Conn, data: bytes) -> None:
-        if not send_or_queue(c.sock, c.out, data):
+        """Queue ``data`` behind what waits (sent now if nothing does). A client whose
+        queue would pass ``max_output`` does not read its answers: it is closed."""
+        if len(c.out) + len(data) > self.lim.max_output:
+            if c.session:
+                self.sessions[c.session, SL.S_SLOW] += 1
+            self._count(SL.N_SLOW)
+            who = f"session {c.session}" if c.session else "a client not logged in"
+            self.log("slow", f"{who} does not read its answers: disconnected")
+            self._close(c)
+        elif not send_or_queue(c.sock, c.out, data):
             self._close(c)
         elif c.out:
             self.backlog.add(c)
@@ -526,13 +646,15 @@ class IngestStage:
             self._close(c)
         elif not c.out:
             self.backlog.discard(c)
+            if c.state == _CLOSING:
+                self._shut(c)
 
     def close(self) -> None:
         if self.rep is not None:
             self.rep.close()
         for c in list(self.conns.values()):
             self._close(c)
-        if self.lsock is not None:
+        if self.listener is not None:
             self.ep.unregister(self.lfd)
-            self.lsock.close()
+            self.listener.close()
         self.ep.close()

@@ -40,8 +40,8 @@ from ..shm import ring_layout as RL
 from ..shm.control import CTL_ROLE, ROLE_PRIMARY
 from ..shm.intrinsics import store_release
 from ..shm.ring import ring_pop, ring_push, sleeping
+from ..shm.session_layout import S_DURABLE
 from ..types import EVENT_WORDS, W_GSEQ, W_SESSION, W_SSEQ
-from .compute import S_DURABLE
 
 __all__ = ["JournalStage"]
 

@@ -1,0 +1,120 @@
+"""Guards for a listening TCP port that anyone on the network may reach: accepting without
+ever dying of the file-descriptor limit, TCP keepalive, and logs that a flood cannot turn
+into a flood of lines. Used by the session port (ingest) and the replication port."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+import time
+
+__all__ = ["Listener", "keepalive", "RateLog"]
+
+_RETRY = (errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EPERM)
+_FD_LIMIT = (errno.EMFILE, errno.ENFILE)
+
+
+def keepalive(sock: socket.socket, idle_s: int = 10, interval_s: int = 5,
+              count: int = 3) -> None:
+    """Detect a dead peer (a half-open connection) after about idle + interval x count."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+
+
+class RateLog:
+    """At most one line per ``key`` per ``every_s``; the lines it held back are counted in
+    the next one."""
+
+    def __init__(self, prefix: str, every_s: float = 5.0) -> None:
+        self.prefix = prefix
+        self.every_ns = int(every_s * 1e9)
+        self._last: dict[str, int] = {}
+        self._held: dict[str, int] = {}
+
+    def __call__(self, key: str, msg: str) -> None:
+        now = time.monotonic_ns()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every_ns:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        more = f" (and {held} more like it)" if held else ""
+        print(f"{self.prefix}: {msg}{more}", file=sys.stderr, flush=True)
+
+
+class Listener:
+    """A non-blocking listening socket whose :meth:`accept` never raises.
+
+    When the process is out of file descriptors (EMFILE, ENFILE) a pending connection would
+    stay in the backlog and wake every poll; so one descriptor is kept in reserve: it is
+    closed, the connection accepted and closed at once (the peer sees it refused), and the
+    reserve reopened. ``fd_limit`` counts those."""
+
+    def __init__(self, addr: tuple[str, int], backlog: int = 128) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(addr)
+            self.sock.listen(backlog)
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+        self.fd = self.sock.fileno()
+        self._spare = os.open(os.devnull, os.O_RDONLY)
+        self.fd_limit = 0
+
+    def accept(self, log: RateLog | None = None) -> socket.socket | None:
+        """One pending connection (non-blocking, TCP_NODELAY), or None when there is none
+        now (or it could not be kept)."""
+        for _ in range(8):
+            try:
+                s, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as e:
+                if e.errno in _RETRY:
+                    continue
+                if e.errno in _FD_LIMIT:
+                    self._shed()
+                    if log:
+                        log("fd", f"out of file descriptors ({e.strerror}): refusing "
+                                  "connections until some close")
+                    return None
+                if log:  # ENOBUFS, ENOMEM: try again on a later pass
+                    log("accept", f"accept failed: {e.strerror or e}")
+                return None
+            try:
+                s.setblocking(False)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                s.close()
+                continue
+            return s
+        return None
+
+    def _shed(self) -> None:
+        self.fd_limit += 1
+        if self._spare >= 0:
+            os.close(self._spare)
+            self._spare = -1
+        try:
+            s, _ = self.sock.accept()
+            s.close()
+        except OSError:
+            pass
+        try:
+            self._spare = os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            self._spare = -1
+
+    def close(self) -> None:
+        self.sock.close()
+        if self._spare >= 0:
+            os.close(self._spare)
+            self._spare = -1

@@ -64,6 +64,8 @@ __all__ = ["MirrorStage", "FAULT_CUT_LINK"]
 
 FAULT_CUT_LINK = "fault-cut-link"
 _MAX_OUT = 4 << 20     # bytes queued on the socket before the mirror stops reading more
+_MAX_QUEUE = 4 * _MAX_OUT  # ... and before it takes the backup for one that does not read
+_HANDSHAKE_NS = 2_000_000_000  # (at least failover_ms) for the CHALLENGE, then the WELCOME
 _RETRY_NS = 100_000_000
 
 
@@ -121,6 +123,8 @@ class MirrorStage:
         if self.ctl[CTL_ROLE] != ROLE_PRIMARY or self.cut:
             self._discard_ring()
             return 0
+        if self.sock is None:  # (a send that failed inside a handshake step went down)
+            self.state = "down"
         if self.state == "down":
             if now >= self.next_try:
                 self._connect(now)
@@ -153,6 +157,11 @@ class MirrorStage:
                 self._beat(now)
             if now - self.heard > self.failover_ns:
                 self._down(f"the backup has been silent for {(now - self.heard) / 1e6:.0f} ms")
+        elif self.sock is not None and self.state in ("hello", "welcome"):
+            # (a peer that accepts but never answers, or a host gone mid-handshake)
+            if now - self.heard > max(self.failover_ns, _HANDSHAKE_NS):
+                self._down(f"the backup at {self.peer[0]}:{self.peer[1]} did not complete "
+                           "the handshake in time", quiet=True)
         return work
 
     def _beat(self, now: int) -> None:
@@ -240,6 +249,8 @@ class MirrorStage:
         self.last_sent = time.monotonic_ns()
         if not send_or_queue(self.sock, self.out, data):
             self._down("the link to the backup failed")
+        elif len(self.out) > _MAX_QUEUE:
+            self._down(f"the backup does not read ({len(self.out) >> 20} MiB queued)")
 
     def _flush(self) -> None:
         if not flush(self.sock, self.out):

@@ -16,15 +16,33 @@ marks the node *in sync* once it holds what the primary had sequenced at the han
 catch-up target); only an in-sync backup that etcd records as the synchronous member may
 promote itself (:mod:`exposure.election`). A RESET (this node's state cannot continue the
 primary's) or a complete snapshot asks the supervisor to rebuild the node (``CTL_RELOAD``).
+
+**The port is bounded** (it runs on the ingest stage's hot thread, and anyone who can reach
+it may connect): at most ``_MAX_LINKS`` connections, the oldest unauthenticated one evicted
+for a new one at the cap (a flood never locks the real primary out); running out of
+descriptors (EMFILE, ENFILE) is met with a spare descriptor, so the pending connection is
+accepted and closed rather than left to spin the loop. A peer must send a valid AUTH within
+``_HANDSHAKE_NS``; before it, nothing is read beyond the AUTH frame's bytes, anything else is
+a violation (REFUSE, close), and nothing is answered but the CHALLENGE (and the REFUSE). An
+unauthenticated peer never touches the link's state: the control-block words, the timers,
+the current link. Each pass reads at most ``_READ_BYTES`` and handles at most
+``_FRAMES_PER_PASS`` frames per connection (the rest waits in ``pending`` and is handled on
+the following passes whether or not more bytes arrive). Sends never block: what the socket
+does not take is queued up to ``_MAX_OUT`` bytes; a peer that lets more pile up is
+disconnected. Accepted sockets use TCP keepalive. Every such event is counted in
+``ReplicaStage.counters`` and logged at most once per ``_LOG_EVERY_NS`` per kind.
 """
 
 from __future__ import annotations
 
+import errno
+import hmac
 import os
 import select
 import socket
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -44,16 +62,38 @@ from ..shm.control import (
 )
 from ..shm.intrinsics import load_acquire, store_release
 from ..shm.ring import sleeping
+from ..shm.session_layout import S_DURABLE, S_HELD
 from ..types import EVENT_WORDS, W_GSEQ, W_SESSION, W_SSEQ
-from .compute import S_DURABLE, S_HELD
 
-__all__ = ["ReplicaStage", "RELOAD_RESET", "RELOAD_SNAPSHOT", "INCOMING"]
+__all__ = ["ReplicaStage", "RELOAD_RESET", "RELOAD_SNAPSHOT", "INCOMING", "COUNTERS"]
 
 RELOAD_RESET = 1      # move the data directory's state aside and start empty
 RELOAD_SNAPSHOT = 2   # ... and install the snapshot in INCOMING
 INCOMING = "incoming"  # data_dir subdirectory for a snapshot being received
 
 _OK, _FULL, _GAP = 0, 1, 2
+
+# Bounds of the replication port (see the module docstring).
+_MAX_LINKS = 8                  # connections: the primary and a few pending handshakes
+_LISTEN_BACKLOG = 64
+_ACCEPTS_PER_PASS = 16          # accept() calls per pass (a flood is evicted at this pace)
+_HANDSHAKE_NS = 2_000_000_000   # a valid AUTH within this of the accept, or closed
+_HELLO = R.HEADER.size + R.AUTH.size  # all an unauthenticated peer may send: one AUTH
+_READ_BYTES = 256 << 10         # per connection and pass
+_FRAMES_PER_PASS = 256          # per connection and pass
+_MAX_OUT = 64 << 10             # bytes queued for a peer that does not read, then closed
+_SNDBUF = 64 << 10              # the backup sends only small frames (ACK, HEARTBEAT, ...)
+_KEEPIDLE_S, _KEEPINTVL_S, _KEEPCNT = 5, 2, 3
+_LOG_EVERY_NS = 5_000_000_000   # one log line per kind of event per this, with a count
+_DISCARD = 64 << 10             # read (and dropped) before closing a misbehaving peer
+
+# ReplicaStage.counters: connections accepted; unauthenticated ones evicted at the cap;
+# connections refused (at the cap with none to evict, or while the node reloads); connections
+# closed at EMFILE/ENFILE; other accept() failures; peers closed at the handshake deadline;
+# AUTHs that did not verify; anything but an AUTH before authentication; peers that did not
+# read what was queued for them.
+COUNTERS = ("accepted", "evicted", "refused", "emfile", "accept_errors",
+            "handshake_timeouts", "auth_failures", "preauth_violations", "slow_readers")
 
 
 @njit(cache=True, _nrt=False)
@@ -130,28 +170,36 @@ def _log(msg: str) -> None:
 
 class _Link:
     __slots__ = ("sock", "fd", "addr", "reader", "nonce", "authed", "out", "since",
-                 "pending", "pending_at", "snap", "snap_path", "snap_left")
+                 "hello", "pending", "pending_at", "snap", "snap_path", "snap_left")
 
     def __init__(self, sock: socket.socket, addr):
         self.sock = sock
         self.fd = sock.fileno()
         self.addr = addr
-        self.reader = R.ReplReader()
+        self.reader = R.ReplReader()  # used once authenticated
         self.nonce = os.urandom(R.NONCE)
         self.authed = False
         self.out = bytearray()
         self.since = time.monotonic_ns()
-        self.pending: list = []   # RECORDS frames not yet (wholly) in the rings
-        self.pending_at = 0       # index into pending[0]
+        self.hello = bytearray()  # the AUTH frame's bytes so far (before authentication)
+        self.pending: deque = deque()  # frames received, not handled yet (RECORDS: not
+        self.pending_at = 0            # wholly in the rings); index into pending[0]
         self.snap = None          # an open snapshot file being received
         self.snap_path: Path | None = None
         self.snap_left = 0
 
 
+def _peer(ln: _Link) -> str:
+    try:
+        return f"{ln.addr[0]}:{ln.addr[1]}"
+    except (IndexError, TypeError):
+        return str(ln.addr)
+
+
 class ReplicaStage:
     """Accepts the primary's mirror, puts what it sends into the rings (see the module
     docstring). ``next_gseq`` is the next gseq this node expects (the ingest stage takes it
-    over on promotion)."""
+    over on promotion). ``counters``: events on the port (:data:`COUNTERS`)."""
 
     def __init__(self, listen: tuple[str, int], secret: bytes, ctl: np.ndarray,
                  sessions: np.ndarray, out_ring, tap_ring, next_gseq: int,
@@ -170,50 +218,73 @@ class ReplicaStage:
         self.heartbeat_ns = heartbeat_ms * 1_000_000
         self.failover_ns = failover_ms * 1_000_000
         self.ack_interval_ns = ack_interval_us * 1000
-        self.ep = select.epoll()
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(listen)
-        self.lsock.listen(8)
-        self.lsock.setblocking(False)
-        self.ep.register(self.lsock.fileno(), select.EPOLLIN)
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self._logged: dict[str, tuple[int, int]] = {}  # kind -> (last logged, not logged)
         self.links: dict[int, _Link] = {}
+        self.hellos: dict[int, _Link] = {}   # the unauthenticated ones, oldest first
+        self.backlog: set[_Link] = set()     # links with bytes the socket did not take
         self.link: _Link | None = None  # the authenticated one
         self.acked = (-1, -1, -1)
         self.echo = 0               # the newest primary HEARTBEAT time heard (its clock)
-        self.last_sent = 0
+        self.last_sent = 0          # the authenticated link's last send
         self.reloading = False
         self.res = np.zeros(6, np.int64)
-        w = np.zeros((1, EVENT_WORDS), np.uint64)
-        self._push = _jit.entry(_push, w, 0, 0, np.uint64(0), out_ring.ctrl, out_ring.slots,
-                                tap_ring.ctrl, tap_ring.slots, self.sess_flat, self.ncols,
-                                self.res)
+        self.spare = -1  # a descriptor kept for accepting (and closing) at EMFILE
+        self.ep = select.epoll()
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.lsock.bind(listen)
+            self.lsock.listen(_LISTEN_BACKLOG)
+            self.lsock.setblocking(False)
+            self.lfd = self.lsock.fileno()
+            self.ep.register(self.lfd, select.EPOLLIN)
+            self._spare()
+            w = np.zeros((1, EVENT_WORDS), np.uint64)
+            self._push = _jit.entry(_push, w, 0, 0, np.uint64(0), out_ring.ctrl,
+                                    out_ring.slots, tap_ring.ctrl, tap_ring.slots,
+                                    self.sess_flat, self.ncols, self.res)
+        except BaseException:
+            self.close()
+            raise
         ctl[CTL_LINK] = 0
 
     # ------------------------------------------------------------------ loop
     def poll(self, timeout: float = 0) -> int:
         work = 0
+        drained = self.link
+        if drained is not None and drained.pending:  # what an earlier pass's budget left
+            work += self._drain(drained)
+            timeout = 0  # (level-triggered epoll: unread bytes would not wait anyway)
+        else:
+            drained = None
         for fd, _ in self.ep.poll(timeout):
-            if fd == self.lsock.fileno():
+            if fd == self.lfd:
                 work += self._accept()
-            else:
-                ln = self.links.get(fd)
-                if ln is not None and not ln.pending:
-                    work += self._read(ln)
-        if self.link is not None and self.link.pending:
-            work += self._drain(self.link)
+                continue
+            ln = self.links.get(fd)
+            if ln is None or ln.pending or ln is drained:  # (its frames come first; one
+                continue                                   # budget per pass)
+            work += self._read(ln) if ln.authed else self._read_hello(ln)
         return work
 
     def after(self) -> None:
         now = time.monotonic_ns()
-        for ln in list(self.links.values()):
-            if not ln.authed and now - ln.since > 2_000_000_000:
-                self._refuse(ln, R.E_PROTOCOL, "no valid AUTH within 2 s")
+        while self.hellos:  # the oldest first: stop at the first one still in time
+            old = next(iter(self.hellos.values()))
+            if now - old.since <= _HANDSHAKE_NS:
+                break
+            self._event("handshake_timeouts", f"closed replication peer {_peer(old)}: "
+                        f"no valid AUTH within {_HANDSHAKE_NS / 1e9:g} s")
+            self._close(old)
+        if self.backlog:
+            for b in list(self.backlog):
+                self._flush(b)
         ln = self.link
         if ln is None:
             return
         if now - int(self.ctl[CTL_HEARD_NS]) > self.failover_ns:
-            _log(f"the primary at {ln.addr[0]}:{ln.addr[1]} has been silent for "
+            _log(f"the primary at {_peer(ln)} has been silent for "
                  f"{(now - int(self.ctl[CTL_HEARD_NS])) / 1e6:.0f} ms; closing the link")
             self._close(ln)
             return
@@ -226,25 +297,103 @@ class ReplicaStage:
             self._send(ln, R.frame(R.K_ACK, R.ACK.pack(received, durable, self.echo)), now)
         elif now - self.last_sent >= self.heartbeat_ns:
             self._send(ln, R.frame(R.K_HEARTBEAT, R.BEAT.pack(received, 0, self.echo)), now)
-        if ln.out and ln.fd in self.links:
-            self._flush(ln)
+
+    # ------------------------------------------------------------------ events
+    def _event(self, kind: str, msg: str) -> None:
+        """Count an event of ``kind``; log it unless one of its kind was logged within
+        _LOG_EVERY_NS (then the next line says how many were not)."""
+        self.counters[kind] += 1
+        now = time.monotonic_ns()
+        last = self._logged.get(kind)
+        if last is None or now - last[0] >= _LOG_EVERY_NS:
+            more = f" (and {last[1]} more such since the last report)" if last and last[1] \
+                else ""
+            _log(msg + more)
+            self._logged[kind] = (now, 0)
+        else:
+            self._logged[kind] = (last[0], last[1] + 1)
 
     # ------------------------------------------------------------------ connections
+    def _spare(self) -> None:
+        if self.spare < 0:
+            try:
+                self.spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self.spare = -1  # tried again at the next EMFILE
+
     def _accept(self) -> int:
+        work = 0
+        for _ in range(_ACCEPTS_PER_PASS):
+            try:
+                s, addr = self.lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    if not self._at_emfile(e):
+                        break  # (accept() fails so before it looks at the queue)
+                    work += 1
+                    continue
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # that connection is gone; the next one may be fine
+                self._event("accept_errors", f"accept() on the replication port failed: "
+                            f"{e.strerror or e}")
+                break  # (ENOBUFS, ENOMEM, ...): try again on a later pass
+            work += 1
+            if self.reloading:
+                s.close()
+                self.counters["refused"] += 1
+                continue
+            self._admit(s, addr)
+        return work
+
+    def _at_emfile(self, e: OSError) -> bool:
+        """Out of descriptors: free the spare one, take the connection and close it (a
+        connection left pending would keep the listening socket readable: a busy loop).
+        False when none was pending (or none could be taken)."""
+        if self.spare >= 0:
+            os.close(self.spare)
+            self.spare = -1
         try:
-            s, addr = self.lsock.accept()
-        except BlockingIOError:
-            return 0
-        if self.reloading:
+            s, _ = self.lsock.accept()
+        except OSError:
+            s = None
+        if s is not None:
             s.close()
-            return 1
-        s.setblocking(False)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ln = _Link(s, addr)
+            self._event("emfile", f"out of file descriptors on the replication port "
+                        f"({e.strerror}): closing new connections")
+        self._spare()
+        return s is not None
+
+    def _admit(self, s: socket.socket, addr) -> None:
+        if len(self.links) >= _MAX_LINKS:
+            if self.hellos:
+                old = next(iter(self.hellos.values()))
+                self._event("evicted", f"{_MAX_LINKS} connections on the replication port: "
+                            f"closed the oldest unauthenticated one ({_peer(old)})")
+                self._close(old)
+            else:  # (only one link is ever authenticated: not reached with _MAX_LINKS > 1)
+                self._event("refused", f"{_MAX_LINKS} connections on the replication port: "
+                            "refused a new one")
+                s.close()
+                return
+        try:
+            s.setblocking(False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, _KEEPIDLE_S)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _KEEPINTVL_S)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, _KEEPCNT)
+            ln = _Link(s, addr)
+            self.ep.register(ln.fd, select.EPOLLIN)
+        except OSError:
+            s.close()
+            return
+        self.counters["accepted"] += 1
         self.links[ln.fd] = ln
-        self.ep.register(ln.fd, select.EPOLLIN)
+        self.hellos[ln.fd] = ln
         self._send(ln, R.frame(R.K_CHALLENGE, ln.nonce))
-        return 1
 
     def _close(self, ln: _Link) -> None:
         if self.links.get(ln.fd) is not ln:
@@ -254,6 +403,9 @@ class ReplicaStage:
         except (KeyError, ValueError, OSError):
             pass
         del self.links[ln.fd]
+        self.hellos.pop(ln.fd, None)
+        self.backlog.discard(ln)
+        ln.pending.clear()
         if ln.snap is not None:
             ln.snap.close()
             if ln.snap_path is not None:
@@ -263,83 +415,115 @@ class ReplicaStage:
             self.ctl[CTL_LINK] = 0
         ln.sock.close()
 
-    def _refuse(self, ln: _Link, code: int, text: str) -> None:
-        _log(f"refused replication peer {ln.addr[0]}:{ln.addr[1]}: {text}")
+    def _refuse(self, ln: _Link, code: int, text: str, kind: str = "") -> None:
+        """A REFUSE, sent as far as the socket takes it now (never waited for), then close.
+        ``kind``: the event counted and logged (rate-limited); none: logged as is."""
+        msg = f"refused replication peer {_peer(ln)}: {text}"
+        if kind:
+            self._event(kind, msg)
+        else:
+            _log(msg)
+        if not ln.authed:  # what it sent beyond its frame: read, so the close is a FIN
+            try:
+                ln.sock.recv(_DISCARD)
+            except OSError:
+                pass
         try:
             ln.sock.send(bytes(ln.out) + R.frame(R.K_REFUSE, code.to_bytes(2, "little")
-                                                   + text.encode()[:500]))
+                                                 + text.encode()[:500]))
         except OSError:
             pass
         self._close(ln)
 
     def _send(self, ln: _Link, data: bytes, now: int = 0) -> None:
-        self.last_sent = now or time.monotonic_ns()
+        if ln is self.link:  # (the link's timer: no other connection may move it)
+            self.last_sent = now or time.monotonic_ns()
         if not send_or_queue(ln.sock, ln.out, data):
             self._close(ln)
+        elif ln.out:
+            self._queued(ln)
 
     def _flush(self, ln: _Link) -> None:
         if not flush(ln.sock, ln.out):
             self._close(ln)
+        elif ln.out:
+            self._queued(ln)
+        else:
+            self.backlog.discard(ln)
 
-    def _read(self, ln: _Link) -> int:
+    def _queued(self, ln: _Link) -> None:
+        if len(ln.out) > _MAX_OUT:
+            self._event("slow_readers", f"closed replication peer {_peer(ln)}: it does not "
+                        f"read ({len(ln.out)} bytes queued)")
+            self._close(ln)
+        else:
+            self.backlog.add(ln)
+
+    def _read_hello(self, ln: _Link) -> int:
+        """Before authentication: the bytes of one AUTH frame, no more."""
         try:
-            data = ln.sock.recv(1 << 20)
+            data = ln.sock.recv(_HELLO - len(ln.hello))
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
             data = b""
         if not data:
-            if ln.authed:
-                _log(f"the primary at {ln.addr[0]}:{ln.addr[1]} closed the link")
             self._close(ln)
             return 1
-        if ln.authed:
-            self.ctl[CTL_HEARD_NS] = time.monotonic_ns()
+        h = ln.hello
+        h += data
+        if len(h) >= R.HEADER.size:
+            magic, version, kind, length = R.HEADER.unpack_from(h)
+            if magic != R.MAGIC or version != R.VERSION:
+                self._refuse(ln, R.E_PROTOCOL, "not a replication frame before AUTH",
+                             "preauth_violations")
+                return 1
+            if kind != R.K_AUTH or length != R.AUTH.size:
+                self._refuse(ln, R.E_PROTOCOL, f"frame kind {kind} ({length} bytes) before "
+                             "AUTH", "preauth_violations")
+                return 1
+        if len(h) == _HELLO:
+            self._auth(ln, bytes(h[R.HEADER.size:]))
+        return 1
+
+    def _read(self, ln: _Link) -> int:
+        try:
+            data = ln.sock.recv(_READ_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            data = b""
+        if not data:
+            _log(f"the primary at {_peer(ln)} closed the link")
+            self._close(ln)
+            return 1
+        self.ctl[CTL_HEARD_NS] = time.monotonic_ns()
         try:
             frames = ln.reader.feed(data)
         except R.ReplError as e:
             self._refuse(ln, e.code, str(e))
             return 1
-        for kind, payload in frames:
-            if ln.fd not in self.links:
-                break
-            if ln.pending:  # records wait for ring space: everything after them waits too
-                ln.pending.append((kind, payload))
-                continue
-            self._frame(ln, kind, payload)
-        if ln.pending:
+        if frames:
+            ln.pending.extend(frames)
             self._drain(ln)
         return 1
 
     # ------------------------------------------------------------------ frames
     def _frame(self, ln: _Link, kind: int, payload) -> None:
-        if not ln.authed:
-            if kind != R.K_AUTH:
-                self._refuse(ln, R.E_PROTOCOL, f"frame kind {kind} before AUTH")
-            else:
-                self._auth(ln, payload)
-            return
-        if kind == R.K_RECORDS:
-            ln.pending.append((kind, payload))
-            ln.pending_at = 0
-            self._drain(ln)
-        elif kind == R.K_HEARTBEAT:
+        """A frame of the authenticated link other than RECORDS (see _drain)."""
+        if kind == R.K_HEARTBEAT:
             self.echo = max(self.echo, R.BEAT.unpack(payload)[2])
             self._check_sync()
         elif kind == R.K_RESET:
             _log(f"the primary says this node's state cannot continue its own: "
                  f"{payload.decode(errors='replace')}; moving it aside and rebuilding")
             self._reload(ln, RELOAD_RESET)
-        elif kind == R.K_SNAP_BEGIN:
-            self._snap_begin(ln, payload)
-        elif kind == R.K_SNAP_DATA:
-            if ln.snap is None or len(payload) > ln.snap_left:
-                self._refuse(ln, R.E_PROTOCOL, "SNAP_DATA outside a snapshot")
-                return
-            ln.snap.write(payload)
-            ln.snap_left -= len(payload)
-        elif kind == R.K_SNAP_END:
-            self._snap_end(ln)
+        elif kind in (R.K_SNAP_BEGIN, R.K_SNAP_DATA, R.K_SNAP_END):
+            try:
+                self._snap(ln, kind, payload)
+            except OSError as e:  # (a full disk: the primary retries the link)
+                self._refuse(ln, R.E_PROTOCOL, f"cannot store the snapshot: "
+                             f"{e.strerror or e}")
         elif kind == R.K_REFUSE:
             _log(f"the primary refused: {payload[2:].decode(errors='replace')}")
             self._close(ln)
@@ -348,11 +532,11 @@ class ReplicaStage:
 
     def _auth(self, ln: _Link, payload: bytes) -> None:
         proof, nonce, epoch, tail = R.AUTH.unpack(payload)
-        import hmac
-
         if not hmac.compare_digest(proof, R.mac(self.secret, "primary", ln.nonce)):
-            self._refuse(ln, R.E_AUTH, "its AUTH does not verify (a wrong secret?)")
+            self._refuse(ln, R.E_AUTH, "its AUTH does not verify (a wrong secret?)",
+                         "auth_failures")
             return
+        del self.hellos[ln.fd]  # authenticated: no handshake deadline, never evicted
         known = int(self.ctl[CTL_PEER_EPOCH])
         last = self.next_gseq - 1
         rec = self.last_record if last else np.zeros(EVENT_WORDS, np.uint64)
@@ -380,7 +564,7 @@ class ReplicaStage:
         self.acked = (-1, -1, -1)
         self.echo = 0
         self._send(ln, welcome)
-        _log(f"following the primary at {ln.addr[0]}:{ln.addr[1]} (epoch {epoch}); "
+        _log(f"following the primary at {_peer(ln)} (epoch {epoch}); "
              f"holding gseq {last}, its journal is at {tail}")
         self._check_sync()
 
@@ -390,13 +574,18 @@ class ReplicaStage:
             _log(f"in sync with the primary at gseq {self.next_gseq - 1}")
 
     def _drain(self, ln: _Link) -> int:
-        """Push pending RECORDS frames (then handle the frames that queued behind them)."""
+        """Handle the link's pending frames in order, at most _FRAMES_PER_PASS of them: push
+        RECORDS into the rings (stopping at a full ring), the others by _frame. Returns the
+        work done (records pushed, frames handled)."""
         res = self.res
-        pushed = 0
-        while ln.pending and ln.fd in self.links:
+        work = 0
+        budget = _FRAMES_PER_PASS
+        while ln.pending and budget > 0 and self.links.get(ln.fd) is ln:
+            budget -= 1
             kind, payload = ln.pending[0]
             if kind != R.K_RECORDS:
-                ln.pending.pop(0)
+                ln.pending.popleft()
+                work += 1
                 self._frame(ln, kind, payload)
                 continue
             self._push(payload, ln.pending_at, len(payload), np.uint64(self.next_gseq),
@@ -404,7 +593,7 @@ class ReplicaStage:
                        self.sess_flat, self.ncols, res)
             why, k, n = int(res[0]), int(res[1]), int(res[3])
             if n:
-                pushed += n
+                work += n
                 self.next_gseq = int(res[2])
                 self.last_record = payload[k - 1].copy()
                 if res[4]:
@@ -414,14 +603,29 @@ class ReplicaStage:
             if why == _GAP:
                 self._refuse(ln, R.E_PROTOCOL, f"gseq {int(payload[k, W_GSEQ])} after "
                              f"{self.next_gseq - 1}: a gap")
-                return pushed
+                return work
             if why == _FULL:
                 ln.pending_at = k
-                return pushed
-            ln.pending.pop(0)
+                return work
+            ln.pending.popleft()
             ln.pending_at = 0
         self._check_sync()
-        return pushed
+        return work
+
+    def _snap(self, ln: _Link, kind: int, payload: bytes) -> None:
+        if kind == R.K_SNAP_BEGIN:
+            if ln.snap is not None:
+                self._refuse(ln, R.E_PROTOCOL, "SNAP_BEGIN inside a snapshot")
+                return
+            self._snap_begin(ln, payload)
+        elif kind == R.K_SNAP_DATA:
+            if ln.snap is None or len(payload) > ln.snap_left:
+                self._refuse(ln, R.E_PROTOCOL, "SNAP_DATA outside a snapshot")
+                return
+            ln.snap.write(payload)
+            ln.snap_left -= len(payload)
+        else:
+            self._snap_end(ln)
 
     def _snap_begin(self, ln: _Link, payload: bytes) -> None:
         gseq, size = R.SNAP_BEGIN.unpack(payload)
@@ -460,6 +664,9 @@ class ReplicaStage:
             self._close(ln)
         self.ep.close()
         self.lsock.close()
+        if self.spare >= 0:
+            os.close(self.spare)
+            self.spare = -1
 
 
 assert _jit is not None

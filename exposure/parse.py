@@ -1,8 +1,16 @@
 """JSON lines (SPEC section 2) to event records, column by column.
 
-The file is decoded in one ``orjson`` call where every line is valid JSON (lines that are
-not fall back to a per-line decode, so one bad line costs nothing to the others). The
-objects are then grouped by event type and each field is converted as a whole column:
+Every non-blank line is decoded on its own, so each line yields exactly one record and a
+line is an event only if the whole line is one JSON value (surrounding JSON whitespace
+allowed) that is an object: two objects on one line, an array split over lines, a scalar
+or trailing garbage all get ``reject = bad_field``. Lines go through ``orjson`` (strict), in
+chunks; where a line fails there, the lines of its chunk are decoded one by one, and a line
+orjson refuses is tried with Python's ``json`` on its UTF-8 text, which also reads
+NaN/Infinity. A line with a run of 19+ digits is also decoded by ``json``, so that an
+integer beyond 64 bits stays an integer. Such values then fail the field checks with the
+right reason.
+
+The objects are then grouped by event type and each field is converted as a whole column:
 kind checks (a JSON integer, any JSON number, a side name) and conversion to the record's
 binary types. Only what the binary record cannot carry is decided here (a wrong JSON kind, a
 missing field, a negative id): such records get ``reject`` set and the kernel counts them.
@@ -97,6 +105,9 @@ _FIELDS = {
 
 # ----------------------------------------------------------------------------- decoding
 _LONG_DIGITS = re.compile(rb"\d{19}")
+# A quick test for any 19-digit run: every ASCII digit becomes b"0", then a plain search.
+_ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")
+_ZEROS_19 = b"0" * 19
 
 
 def _exact_int(token: str) -> int:
@@ -108,7 +119,9 @@ def _exact_int(token: str) -> int:
 
 
 def _json_loads(line: bytes):
-    return json.loads(line, parse_int=_exact_int)
+    # Decoded as UTF-8 text first: given bytes, ``json`` would also guess UTF-16/32 and
+    # skip a byte-order mark, so a line that is not UTF-8 JSON could become an object.
+    return json.loads(line.decode("utf-8"), parse_int=_exact_int)
 
 
 def _decode_one(line: bytes):
@@ -119,22 +132,29 @@ def _decode_one(line: bytes):
     except orjson.JSONDecodeError:
         try:
             return _json_loads(line)
-        except (ValueError, RecursionError):
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             return _NOT_OBJECT
 
 
+# Lines decoded per orjson pass: a line orjson refuses sends only its chunk to the slower
+# per-line fallback.
+_CHUNK = 8192
+
+
 def _decode_lines(lines: list[bytes]) -> list:
-    """Decode each line; a line that is not valid JSON becomes ``_NOT_OBJECT``."""
-    if not lines:
-        return []
-    joined = b"[" + b",".join(lines) + b"]"
-    try:
-        objs = orjson.loads(joined)
-        if len(objs) != len(lines):
-            raise ValueError("a line held more than one value")
-    except (orjson.JSONDecodeError, ValueError):
-        objs = [_decode_one(line) for line in lines]
-    if _LONG_DIGITS.search(joined):
+    """One decoded value per line, in order. Each line is decoded on its own and must be
+    exactly one JSON value (surrounding JSON whitespace allowed), else it becomes
+    ``_NOT_OBJECT``; nothing is ever decoded across lines. A value that is not an object
+    is rejected as ``bad_field`` by :func:`records_from_objects`."""
+    loads = orjson.loads
+    objs: list = []
+    for lo in range(0, len(lines), _CHUNK):
+        chunk = lines[lo:lo + _CHUNK]
+        try:
+            objs += [loads(line) for line in chunk]
+        except orjson.JSONDecodeError:  # orjson's depth limit raises this too
+            objs += [_decode_one(line) for line in chunk]
+    if _ZEROS_19 in b"\n".join(lines).translate(_ZERO_DIGITS):
         # orjson turns an integer beyond 64 bits into a float, losing the fact that the
         # token was an integer (an id beyond capacity, not a wrong kind). Only a line with
         # a run of 19+ digits can hold one; those are decoded exactly.

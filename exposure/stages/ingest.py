@@ -243,7 +243,6 @@ class IngestStage:
               f"sessions on {self.addr[0]}:{self.addr[1]} from gseq {self.next_gseq}",
               file=sys.stderr, flush=True)
 
-
     # ------------------------------------------------------------------ loop
     def poll(self, timeout: float | None = 0) -> int:
         if self.rep is not None:

@@ -53,7 +53,8 @@ class Listener:
     When the process is out of file descriptors (EMFILE, ENFILE) a pending connection would
     stay in the backlog and wake every poll; so one descriptor is kept in reserve: it is
     closed, the connection accepted and closed at once (the peer sees it refused), and the
-    reserve reopened. ``fd_limit`` counts those."""
+    reserve reopened. ``fd_limit`` counts those; ``accept_errors`` counts the other failures
+    of accept() that are not retried (ENOBUFS, ENOMEM). The caller may read and reset both."""
 
     def __init__(self, addr: tuple[str, int], backlog: int = 128) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -68,13 +69,19 @@ class Listener:
         self.fd = self.sock.fileno()
         self._spare = os.open(os.devnull, os.O_RDONLY)
         self.fd_limit = 0
+        self.accept_errors = 0
 
     def accept(self, log: RateLog | None = None) -> socket.socket | None:
         """One pending connection (non-blocking, TCP_NODELAY), or None when there is none
         now (or it could not be kept)."""
+        got = self.accept_addr(log)
+        return None if got is None else got[0]
+
+    def accept_addr(self, log: RateLog | None = None) -> tuple[socket.socket, object] | None:
+        """As :meth:`accept`, with the peer's address as accept() gave it."""
         for _ in range(8):
             try:
-                s, _ = self.sock.accept()
+                s, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as e:
@@ -86,7 +93,8 @@ class Listener:
                         log("fd", f"out of file descriptors ({e.strerror}): refusing "
                                   "connections until some close")
                     return None
-                if log:  # ENOBUFS, ENOMEM: try again on a later pass
+                self.accept_errors += 1  # ENOBUFS, ENOMEM: try again on a later pass
+                if log:
                     log("accept", f"accept failed: {e.strerror or e}")
                 return None
             try:
@@ -95,7 +103,7 @@ class Listener:
             except OSError:
                 s.close()
                 continue
-            return s
+            return s, addr
         return None
 
     def _shed(self) -> None:

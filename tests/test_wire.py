@@ -1,6 +1,5 @@
 """The wire protocol's framing: round trips, partial reads, and every kind of bad frame."""
 
-import struct
 
 import numpy as np
 import pytest

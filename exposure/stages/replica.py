@@ -20,22 +20,22 @@ primary's) or a complete snapshot asks the supervisor to rebuild the node (``CTL
 **The port is bounded** (it runs on the ingest stage's hot thread, and anyone who can reach
 it may connect): at most ``_MAX_LINKS`` connections, the oldest unauthenticated one evicted
 for a new one at the cap (a flood never locks the real primary out); running out of
-descriptors (EMFILE, ENFILE) is met with a spare descriptor, so the pending connection is
-accepted and closed rather than left to spin the loop. A peer must send a valid AUTH within
-``_HANDSHAKE_NS``; before it, nothing is read beyond the AUTH frame's bytes, anything else is
-a violation (REFUSE, close), and nothing is answered but the CHALLENGE (and the REFUSE). An
-unauthenticated peer never touches the link's state: the control-block words, the timers,
-the current link. Each pass reads at most ``_READ_BYTES`` and handles at most
-``_FRAMES_PER_PASS`` frames per connection (the rest waits in ``pending`` and is handled on
-the following passes whether or not more bytes arrive). Sends never block: what the socket
-does not take is queued up to ``_MAX_OUT`` bytes; a peer that lets more pile up is
-disconnected. Accepted sockets use TCP keepalive. Every such event is counted in
-``ReplicaStage.counters`` and logged at most once per ``_LOG_EVERY_NS`` per kind.
+descriptors (EMFILE, ENFILE) is survived by :class:`exposure._netguard.Listener` (a spare
+descriptor: the pending connection is accepted and closed rather than left to spin the loop).
+A peer must send a valid AUTH within ``_HANDSHAKE_NS``; before it, nothing is read beyond the
+AUTH frame's bytes, anything else is a violation (REFUSE, close), and nothing is answered but
+the CHALLENGE (and the REFUSE). An unauthenticated peer never touches the link's state: the
+control-block words, the timers, the current link. Each pass reads at most ``_READ_BYTES``
+and handles at most ``_FRAMES_PER_PASS`` frames per connection (the rest waits in ``pending``
+and is handled on the following passes whether or not more bytes arrive). Sends never block:
+what the socket does not take is queued up to ``_MAX_OUT`` bytes; a peer that lets more pile
+up is disconnected. Accepted sockets use TCP keepalive (:func:`exposure._netguard.keepalive`).
+Every such event is counted in ``ReplicaStage.counters`` and logged at most once per
+``_LOG_EVERY_S`` per kind (:class:`exposure._netguard.RateLog`).
 """
 
 from __future__ import annotations
 
-import errno
 import hmac
 import os
 import select
@@ -50,6 +50,7 @@ from numba import njit
 
 from .. import _jit
 from .. import repl as R
+from .._netguard import Listener, RateLog, keepalive
 from .._sock import flush, send_or_queue
 from ..shm import ring_layout as RL
 from ..shm.control import (
@@ -84,7 +85,7 @@ _FRAMES_PER_PASS = 256          # per connection and pass
 _MAX_OUT = 64 << 10             # bytes queued for a peer that does not read, then closed
 _SNDBUF = 64 << 10              # the backup sends only small frames (ACK, HEARTBEAT, ...)
 _KEEPIDLE_S, _KEEPINTVL_S, _KEEPCNT = 5, 2, 3
-_LOG_EVERY_NS = 5_000_000_000   # one log line per kind of event per this, with a count
+_LOG_EVERY_S = 5.0              # one log line per kind of event per this, with a count
 _DISCARD = 64 << 10             # read (and dropped) before closing a misbehaving peer
 
 # ReplicaStage.counters: connections accepted; unauthenticated ones evicted at the cap;
@@ -219,7 +220,7 @@ class ReplicaStage:
         self.failover_ns = failover_ms * 1_000_000
         self.ack_interval_ns = ack_interval_us * 1000
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self._logged: dict[str, tuple[int, int]] = {}  # kind -> (last logged, not logged)
+        self.log = RateLog("exposure replica", _LOG_EVERY_S)
         self.links: dict[int, _Link] = {}
         self.hellos: dict[int, _Link] = {}   # the unauthenticated ones, oldest first
         self.backlog: set[_Link] = set()     # links with bytes the socket did not take
@@ -229,17 +230,12 @@ class ReplicaStage:
         self.last_sent = 0          # the authenticated link's last send
         self.reloading = False
         self.res = np.zeros(6, np.int64)
-        self.spare = -1  # a descriptor kept for accepting (and closing) at EMFILE
+        self.listener: Listener | None = None
         self.ep = select.epoll()
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.lsock.bind(listen)
-            self.lsock.listen(_LISTEN_BACKLOG)
-            self.lsock.setblocking(False)
-            self.lfd = self.lsock.fileno()
+            self.listener = Listener(listen, _LISTEN_BACKLOG)
+            self.lfd = self.listener.fd
             self.ep.register(self.lfd, select.EPOLLIN)
-            self._spare()
             w = np.zeros((1, EVENT_WORDS), np.uint64)
             self._push = _jit.entry(_push, w, 0, 0, np.uint64(0), out_ring.ctrl,
                                     out_ring.slots, tap_ring.ctrl, tap_ring.slots,
@@ -300,70 +296,31 @@ class ReplicaStage:
 
     # ------------------------------------------------------------------ events
     def _event(self, kind: str, msg: str) -> None:
-        """Count an event of ``kind``; log it unless one of its kind was logged within
-        _LOG_EVERY_NS (then the next line says how many were not)."""
+        """Count an event of ``kind`` and log it, rate-limited per kind."""
         self.counters[kind] += 1
-        now = time.monotonic_ns()
-        last = self._logged.get(kind)
-        if last is None or now - last[0] >= _LOG_EVERY_NS:
-            more = f" (and {last[1]} more such since the last report)" if last and last[1] \
-                else ""
-            _log(msg + more)
-            self._logged[kind] = (now, 0)
-        else:
-            self._logged[kind] = (last[0], last[1] + 1)
+        self.log(kind, msg)
 
     # ------------------------------------------------------------------ connections
-    def _spare(self) -> None:
-        if self.spare < 0:
-            try:
-                self.spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                self.spare = -1  # tried again at the next EMFILE
-
     def _accept(self) -> int:
         work = 0
+        lis = self.listener
         for _ in range(_ACCEPTS_PER_PASS):
-            try:
-                s, addr = self.lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE):
-                    if not self._at_emfile(e):
-                        break  # (accept() fails so before it looks at the queue)
-                    work += 1
-                    continue
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue  # that connection is gone; the next one may be fine
-                self._event("accept_errors", f"accept() on the replication port failed: "
-                            f"{e.strerror or e}")
-                break  # (ENOBUFS, ENOMEM, ...): try again on a later pass
+            got = lis.accept_addr(self.log)
+            if got is None:  # none pending, or one closed at EMFILE (counted below), or an
+                break        # accept() failure (ENOBUFS, ...): tried again on a later pass
             work += 1
+            s, addr = got
             if self.reloading:
                 s.close()
                 self.counters["refused"] += 1
                 continue
             self._admit(s, addr)
+        if lis.fd_limit or lis.accept_errors:
+            work += lis.fd_limit
+            self.counters["emfile"] += lis.fd_limit
+            self.counters["accept_errors"] += lis.accept_errors
+            lis.fd_limit = lis.accept_errors = 0
         return work
-
-    def _at_emfile(self, e: OSError) -> bool:
-        """Out of descriptors: free the spare one, take the connection and close it (a
-        connection left pending would keep the listening socket readable: a busy loop).
-        False when none was pending (or none could be taken)."""
-        if self.spare >= 0:
-            os.close(self.spare)
-            self.spare = -1
-        try:
-            s, _ = self.lsock.accept()
-        except OSError:
-            s = None
-        if s is not None:
-            s.close()
-            self._event("emfile", f"out of file descriptors on the replication port "
-                        f"({e.strerror}): closing new connections")
-        self._spare()
-        return s is not None
 
     def _admit(self, s: socket.socket, addr) -> None:
         if len(self.links) >= _MAX_LINKS:
@@ -377,14 +334,9 @@ class ReplicaStage:
                             "refused a new one")
                 s.close()
                 return
-        try:
-            s.setblocking(False)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:  # (non-blocking and TCP_NODELAY already: Listener)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, _KEEPIDLE_S)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _KEEPINTVL_S)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, _KEEPCNT)
+            keepalive(s, _KEEPIDLE_S, _KEEPINTVL_S, _KEEPCNT)
             ln = _Link(s, addr)
             self.ep.register(ln.fd, select.EPOLLIN)
         except OSError:
@@ -663,10 +615,9 @@ class ReplicaStage:
         for ln in list(self.links.values()):
             self._close(ln)
         self.ep.close()
-        self.lsock.close()
-        if self.spare >= 0:
-            os.close(self.spare)
-            self.spare = -1
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
 
 
 assert _jit is not None

@@ -47,7 +47,7 @@ class LocalNode:
     def __init__(self, tmp: Path, orders: int = 65536, cells: int = 65536,
                  prefix: str = "t", data_dir: Path | None = None, fsync: str = "interval",
                  extra: str = "", mport: int | None = None, group: str | None = None,
-                 repl_port: int | None = None, start: bool = True):
+                 repl_port: int | None = None, start: bool = True, ingest: str = ""):
         self.name = f"{prefix}{os.getpid()}{uuid.uuid4().hex[:6]}"
         self.port, self.mport = free_port(), mport or free_port()
         self.repl_port = repl_port  # a node of a pair: its replication listener
@@ -56,7 +56,7 @@ class LocalNode:
         self.data_dir = data_dir or tmp / f"{self.name}.data"
         self.config.write_text(
             f'[node]\nname = "{self.name}"\n[capacities]\norders = {orders}\ncells = {cells}\n'
-            f"[ingest]\nport = {self.port}\n[fanout]\nport = {self.mport}\n"
+            f"[ingest]\nport = {self.port}\n{ingest}\n[fanout]\nport = {self.mport}\n"
             f'group = "{self.group}"\n[journal]\ndir = "{self.data_dir}"\n'
             f'fsync = "{fsync}"\n{extra}')
         self.log = tmp / f"{self.name}.log"
@@ -184,6 +184,53 @@ class LocalNode:
 
     def segments(self) -> list[str]:
         return [n for n in os.listdir("/dev/shm") if n.startswith(f"exposure.{self.name}.")]
+
+    def add_keys(self, table: str, keys: str) -> None:
+        """Add TOML ``keys`` (lines) to one of the tables the config already has
+        (``node``, ``ingest``, ``fanout``, ``journal``: ``extra`` lands after
+        ``[journal]``); for a node made with ``start=False``, before it starts."""
+        text = self.config.read_text()
+        head = f"[{table}]\n"
+        if head not in text:
+            raise ValueError(f"the config has no [{table}] table")
+        self.config.write_text(text.replace(head, f"{head}{keys.strip()}\n", 1))
+
+    def session_row(self, row: int = 0) -> list[int] | None:
+        """A copy of row ``row`` of the node's session table (exposure.shm.session_layout:
+        row 0 holds the session port's counters, row s session s's); None while down."""
+        import numpy as np
+
+        from exposure.shm.segment import SharedArray
+        from exposure.shm.session_layout import SESSION_COLS
+
+        try:
+            seg = SharedArray.attach(f"/exposure.{self.name}.sessions",
+                                     (row + 1, SESSION_COLS), np.uint64, readonly=True)
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            return [int(x) for x in seg.array[row]]
+        finally:
+            seg.close()
+
+    def port_counters(self) -> dict[str, int]:
+        """The session port's counters by name (session_layout.NODE_COUNTERS); {} while
+        down."""
+        from exposure.shm.session_layout import NODE_COUNTERS
+
+        r = self.session_row(0)
+        return {} if r is None else {k: r[c] for k, c in NODE_COUNTERS.items()}
+
+    def session_counters(self, sid: int) -> dict[str, int]:
+        """Session ``sid``'s counters (session_layout.SESSION_COUNTERS, plus held, done,
+        connected); {} while down."""
+        from exposure.shm import session_layout as SL
+
+        r = self.session_row(sid)
+        if r is None:
+            return {}
+        return {"held": r[SL.S_HELD], "done": r[SL.S_DONE], "connected": r[SL.S_CONNECTED],
+                **{k: r[c] for k, c in SL.SESSION_COUNTERS.items()}}
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

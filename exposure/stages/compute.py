@@ -18,13 +18,7 @@ from ..kernel import account_values, apply_batch
 from ..shm import ring_layout as RL
 from ..shm.intrinsics import store_release
 from ..shm.ring import ring_pop, ring_push, sleeping
-from ..shm.session_layout import (  # noqa: F401 (S_HELD, S_DURABLE: replica, mirror)
-    N_REJ,
-    S_DONE,
-    S_DURABLE,
-    S_HELD,
-    S_REJ,
-)
+from ..shm.session_layout import N_REJ, S_DONE, S_REJ
 from ..shm.tally_segment import publish, set_values, write_begin, write_end
 from ..types import (
     C_LAST_GSEQ,

@@ -57,8 +57,8 @@ from ..shm.control import (
     ROLE_PRIMARY,
 )
 from ..shm.ring import ring_pop
+from ..shm.session_layout import S_DURABLE
 from ..types import EVENT_WORDS, W_GSEQ
-from .compute import S_DURABLE
 
 __all__ = ["MirrorStage", "FAULT_CUT_LINK"]
 

@@ -25,23 +25,26 @@ class SendError(RuntimeError):
 def _frames(sock: socket.socket, reader: W.FrameReader, deadline: list[float]):
     """Every frame the node sends, in order (one iterator per session: frames that arrive
     together are never dropped); ``deadline[0]`` may be moved between frames. Once logged
-    in (a LOGIN_OK seen) it sends a HEARTBEAT every ``HEARTBEAT_S`` while it waits, so a
-    long wait is not idleness (before login nothing but a LOGIN may be sent)."""
+    in (a LOGIN_OK seen) it sends a HEARTBEAT every ``HEARTBEAT_S`` while it waits, however
+    many answers arrive, so a long wait is not idleness (before login nothing but a LOGIN
+    may be sent)."""
     live = False
-    while True:
-        left = deadline[0] - time.monotonic()
+    beat = time.monotonic() + HEARTBEAT_S  # (answers arriving are not sending: the node's
+    while True:                            # idle timeout counts what it receives)
+        now = time.monotonic()
+        left = deadline[0] - now
         if left <= 0:
             raise SendError("timed out waiting for the node")
-        sock.settimeout(max(0.01, min(left, HEARTBEAT_S)))
-        try:
-            data = sock.recv(1 << 16)
-        except TimeoutError:
-            if not live:
-                continue
+        if live and now >= beat:
+            beat = now + HEARTBEAT_S
             try:
                 sock.sendall(W.encode_heartbeat())
             except OSError as e:
                 raise SendError(f"the node went away: {e}") from None
+        sock.settimeout(max(0.01, min(left, beat - now if live else HEARTBEAT_S)))
+        try:
+            data = sock.recv(1 << 16)
+        except TimeoutError:
             continue
         if not data:
             raise SendError("the node closed the session")

@@ -61,7 +61,7 @@ def test_a_backed_up_session_loses_nothing_even_if_the_client_leaves(stage):
         got += out["sseq"][:n].tolist()
         st.poll(0.01)
         st.after()
-    _poll_until(st, lambda: not st.conns)
+    _poll_until(st, lambda: not st.conns, seconds=10)  # (unacknowledged: at most 5 s)
     got += out["sseq"][:ring.pop(out)].tolist()
     assert got == list(range(1, 21)) and not st.conns
     assert int(sessions[3, S_HELD]) == 20
@@ -114,4 +114,31 @@ def test_resends_are_dropped_and_a_gap_closes_the_session_with_the_expected_seq(
     code, expected, text = W.decode_reject(rej)
     assert (code, expected) == (W.E_SEQ, 3) and "3" in text
     assert int(sessions[1, S_HELD]) == 2
+    c.close()
+
+
+def test_frames_sent_before_a_half_close_are_all_taken_even_past_the_pass_budget(stage):
+    """More control frames than one pass handles, then EVENTS, then the client shuts its
+    write side: the EVENTS are still taken (found by the fuzzer: they were dropped)."""
+    st, ring, sessions, port = stage
+    c = socket.create_connection(("127.0.0.1", port))
+    rec = np.zeros(1, EVENT_DTYPE)
+    rec["sseq"] = 1
+    rec["type"] = 4
+    c.sendall(W.encode_login(1) + W.encode_heartbeat() * 1000 + W.encode_events(rec))
+    c.shutdown(socket.SHUT_WR)
+    _poll_until(st, lambda: len(ring) == 1)
+    assert len(ring) == 1 and int(sessions[1, S_HELD]) == 1
+    c.setblocking(False)
+    frames, rd = [], W.FrameReader()
+
+    def beats() -> int:
+        try:
+            frames.extend(rd.feed(c.recv(1 << 20)))
+        except BlockingIOError:
+            pass
+        return sum(k == W.K_HEARTBEAT for k, _ in frames)
+
+    _poll_until(st, lambda: beats() == 1000)
+    assert beats() == 1000  # every one answered, over several passes
     c.close()

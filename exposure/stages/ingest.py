@@ -94,6 +94,7 @@ _MAX_MARKS = 4096
 _PRE, _LIVE, _CLOSING = 0, 1, 2
 _PRE_BUF = 4096      # a connection's buffer until it has logged in (a LOGIN is 48 bytes)
 _LINGER_NS = 1_000_000_000  # a closing connection gets this long to take its REJECT
+_END_NS = 5_000_000_000     # a session whose input ended: at most this long to finish
 _SWEEP_NS = 50_000_000      # deadlines are checked this often
 _ACCEPTS_PER_PASS = 32
 
@@ -190,6 +191,7 @@ class IngestStage:
         self.pre: OrderedDict[int, _Conn] = OrderedDict()  # not logged in, oldest first
         self.by_session: dict[int, _Conn] = {}
         self.closing: set[_Conn] = set()   # REJECTed: the answer drains, then close
+        self.ending: set[_Conn] = set()    # input ended: what it sent is taken, then close
         self.stalled: set[_Conn] = set()   # sessions whose frames wait for ring space
         self.ready: set[_Conn] = set()     # complete frames left over by a pass's budget
         self.unacked: set[_Conn] = set()   # sessions with records not yet acknowledged
@@ -256,8 +258,8 @@ class IngestStage:
                 work += self._accept()
                 continue
             c = self.conns.get(fd)
-            if c is None or c.stalled:
-                continue
+            if c is None or c.stalled or c in self.ready:
+                continue  # (frames wait in its buffer: they go first)
             if c.state == _CLOSING:
                 self._drain(c)
             else:
@@ -371,7 +373,8 @@ class IngestStage:
             pass
         del self.conns[c.fd]
         self.pre.pop(c.fd, None)
-        for group in (self.closing, self.stalled, self.ready, self.unacked, self.backlog):
+        for group in (self.closing, self.ending, self.stalled, self.ready, self.unacked,
+                      self.backlog):
             group.discard(c)
         if c.session and self.by_session.get(c.session) is c:
             del self.by_session[c.session]
@@ -388,7 +391,7 @@ class IngestStage:
             del self.by_session[c.session]
             self.sessions[c.session, SL.S_CONNECTED] = 0
         self.pre.pop(c.fd, None)
-        for group in (self.stalled, self.ready, self.unacked):
+        for group in (self.stalled, self.ready, self.unacked, self.ending):
             group.discard(c)
         c.stalled = False
         c.state = _CLOSING
@@ -415,8 +418,21 @@ class IngestStage:
         if not got:
             self._close(c)
 
+    def _end(self, c: _Conn) -> None:
+        """End of input from a session: its complete frames are still taken (a client may
+        send events and then shut its write side), its ACK still sent; then it is closed
+        (:meth:`_sweep`), within ``_END_NS`` at most. A frame it left incomplete is not
+        applied."""
+        try:
+            self.ep.unregister(c.fd)  # (level-triggered: the end would be reported forever)
+        except (KeyError, ValueError, OSError):
+            pass
+        c.close_at = time.monotonic_ns() + _END_NS
+        self.ending.add(c)
+        self._consume(c)
+
     def _sweep(self, now: int) -> None:
-        """Deadlines: logins, idle sessions, closing connections."""
+        """Deadlines: logins, idle sessions, closing and ending connections."""
         login = self.lim.login_timeout_ms * 1_000_000
         while self.pre:
             c = next(iter(self.pre.values()))
@@ -426,12 +442,17 @@ class IngestStage:
             self._close(c)
         idle = self.lim.idle_timeout_ms * 1_000_000
         for c in list(self.by_session.values()):
-            if now - c.last_rx >= idle and not c.stalled:
+            if (now - c.last_rx >= idle and not c.stalled and c not in self.unacked
+                    and c not in self.ending):
                 self._count(SL.N_IDLE, c.session, SL.S_IDLE)
                 self._reject(c, W.E_IDLE, f"nothing received for "
                              f"{self.lim.idle_timeout_ms} ms (send HEARTBEATs when idle)")
         for c in list(self.closing):
             if now >= c.close_at:
+                self._close(c)
+        for c in list(self.ending):
+            if now >= c.close_at or not (c.stalled or c in self.ready or c in self.unacked
+                                         or c.out):
                 self._close(c)
 
     def _read(self, c: _Conn) -> int:
@@ -444,7 +465,7 @@ class IngestStage:
             c.buf[:n] = c.buf[c.pos:c.fill]
             c.pos, c.fill = 0, n
         room = min(len(c.buf) - c.fill, self.lim.read_budget)
-        if room <= 0:  # (a pre-login buffer full of a frame that is not a LOGIN)
+        if room <= 0:  # (only a pre-login buffer full of a frame that is not a LOGIN)
             self._count(SL.N_PRELOGIN)
             self._close(c)
             return 1
@@ -454,8 +475,11 @@ class IngestStage:
             return 0
         except OSError:
             got = 0
-        if not got:
-            self._close(c)  # the client went away (possibly mid-frame: nothing applied)
+        if not got:  # the client went away, or shut its write side (it may still read)
+            if c.state == _LIVE and (c.pos < c.fill or c in self.unacked):
+                self._end(c)  # what it sent first is taken and acknowledged, then closed
+            else:
+                self._close(c)
             return 1
         c.fill += got
         c.last_rx = time.monotonic_ns()

@@ -53,6 +53,15 @@ def _frames(sock: socket.socket, reader: W.FrameReader, deadline: list[float]):
             yield kind, payload
 
 
+def _sleep_beating(sock: socket.socket, until: float) -> None:
+    """Sleep until monotonic ``until``, with a HEARTBEAT every ``HEARTBEAT_S`` meanwhile
+    (a slowly paced sender is not idle)."""
+    while (wait := until - time.monotonic()) > 0:
+        time.sleep(min(wait, HEARTBEAT_S))
+        if until - time.monotonic() > 0:
+            sock.sendall(W.encode_heartbeat())
+
+
 def _reject_text(payload) -> str:
     code, detail, text = W.decode_reject(payload)
     return f"{text} ({W.REJECT_NAMES.get(code, code)})"
@@ -92,9 +101,7 @@ def _session_once(host: str, port: int, recs: np.ndarray, session: int, timeout:
             t0 = time.monotonic()
             for lo in range(0, len(todo), frame):
                 if rate > 0:  # paced: frame k leaves at t0 + k * frame / rate
-                    wait = t0 + lo / rate - time.monotonic()
-                    if wait > 0:
-                        time.sleep(wait)
+                    _sleep_beating(sock, t0 + lo / rate)
                 part = todo[lo:lo + frame]
                 part["send_ns"] = time.time_ns()
                 sock.sendall(W.encode_events(part))

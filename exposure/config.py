@@ -68,7 +68,8 @@ max_connections = 320        # open connections; at the cap the oldest one that 
                              # logged in makes room
 login_timeout_ms = 5000      # from connect to a valid LOGIN
 idle_timeout_ms = 30000      # a session that sends nothing this long is closed (clients
-                             # send HEARTBEATs every 5 s when they have nothing to send)
+                             # send HEARTBEATs every 5 s when they have nothing to send;
+                             # at least 6000)
 max_output_kb = 64           # answers queued for a client; one that does not read them
                              # is disconnected
 
@@ -264,7 +265,7 @@ def _is_loopback(host: str) -> bool:
 def _ingest(ing: dict, base: Path, caps: Capacities) -> dict:
     """The [ingest] keys that bound the session port and authenticate its sessions."""
     for key, lo, hi in (("max_connections", 1, 100_000), ("login_timeout_ms", 100, 600_000),
-                        ("idle_timeout_ms", 1000, 86_400_000), ("max_output_kb", 4, 65536)):
+                        ("idle_timeout_ms", 6000, 86_400_000), ("max_output_kb", 4, 65536)):
         if not lo <= ing[key] <= hi:
             raise ConfigError(f"ingest.{key} = {ing[key]}: {lo}..{hi}")
     out = {k: ing[k] for k in ("max_connections", "login_timeout_ms", "idle_timeout_ms",

@@ -1,0 +1,588 @@
+"""What an attack on the session port costs a well-behaved session:
+``python -m perf.bench_abuse [--seconds S] [--rate R] [--runs K]``.
+
+One real node (``exposure run``, the default process map: the hot process spins on the
+last CPU) with small port limits. In every run, against the same node:
+
+* phase **A**: one session sends a realistic flow open-loop at ``--rate`` events/s, one
+  event per frame, and its wire-to-wire latency is measured with the perf tool's
+  machinery (:func:`perf.tool.measure_run`: from each event's intended send time to the
+  multicast update that reflects it, coordinated-omission corrected, HdrHistogram);
+* phase **B**: the same while an attacker process (:class:`Attack`, one process, one
+  thread, non-blocking sockets on one epoll) floods the port: connections past the cap
+  that send nothing, half a LOGIN, garbage or only HEARTBEATs (``--conn-rate`` per
+  second, ``--hold`` held open at a time), plus ``--slow`` logged-in clients that stream
+  events, each with ``--slow-heartbeats`` HEARTBEATs, and never read the answers (each
+  logs in again when the node drops it).
+
+The report (JSON on stdout): p50/p99/p99.9/max of A and B side by side (per run, and
+the medians), the attack's volume (connections/s, frames/s, bytes/s and what the
+attacker saw), the node's port counters over each phase (``exposure.shm.session_layout``),
+the hypervisor steal time and load average of each phase (``/proc/stat``), the CPU the
+node's and the attacker's processes used, and the latency of each leg of the path.
+
+On 2 cores there is no spare CPU for an attacker: the node's hot process spins on one and
+the measuring client busy-polls on the other. The attacker runs on the client's CPU,
+niced (``--nice``, default 10: CFS gives it about a tenth of that CPU while the client
+spins), so what it achieves is less than asked and is reported as achieved. The legs
+separate where a slowdown comes from: ``client_to_ingest``, ``ingest_to_compute`` and
+``compute_to_fanout`` are the node's (its loop busy with the attack), ``fanout_to_client``
+is the client's (its CPU shared with the attacker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from exposure import wire as W
+from exposure.types import EVENT_DTYPE, W_SSEQ
+
+__all__ = ["Attack", "KINDS", "main"]
+
+# What one attack connection does. Before login: ``silent`` (connects, sends nothing,
+# holds), ``partial`` (the first 20 bytes of a LOGIN, never the rest), ``garbage`` (bytes
+# that are no frame), ``heartbeat`` (only HEARTBEAT frames), ``badlogin`` (a LOGIN of an
+# out-of-range session id, then holds the connection until its lifetime ends);
+# ``slowreader``: logs in, then streams events and never reads again.
+KINDS = ("silent", "partial", "garbage", "heartbeat", "badlogin", "slowreader")
+_PRE_KINDS = ("silent", "partial", "garbage", "heartbeat")
+_GARBAGE = b"\x17\x03\x01\x00GET / HTTP/1.1\r\n\r\n" + bytes(range(40))
+_BAD_TYPE = 200  # an event type the kernel does not know: processed, rejected, acknowledged
+
+
+class _Conn:
+    __slots__ = ("sock", "kind", "born", "live", "reader", "frames", "pending", "session",
+                 "seq", "next_ns", "eof")
+
+    def __init__(self, sock: socket.socket, kind: str, born: float, session: int = 0):
+        self.sock, self.kind, self.born, self.session = sock, kind, born, session
+        self.live = False          # slowreader: logged in (reads nothing any more)
+        self.reader = W.FrameReader()
+        self.frames: list[int] = []  # kinds of the frames the node sent
+        self.pending = b""
+        self.seq = 0
+        self.next_ns = 0
+        self.eof = False
+
+
+class Attack:
+    """Hostile clients of a session port, multiplexed on one selector in one thread.
+
+    ``rates``: new connections per second of each pre-login kind (``_PRE_KINDS`` and
+    ``badlogin``), opened on a fixed schedule while fewer than ``hold`` are open;
+    ``lifetime_s``: an attack connection the node has not closed is closed by the client
+    after this long. ``slow``: how many ``slowreader`` clients to keep (session ids
+    ``slow_sessions``, secrets ``secrets`` by id when the node has a sessions file), each
+    sending one event per frame at ``slow_rate`` events/s, each followed by
+    ``slow_heartbeats`` HEARTBEATs (each answered: the answers pile up faster). :meth:`run`
+    until ``stop()``
+    (or a deadline); :attr:`stats` counts everything. Tests drive it in a thread; the
+    benchmark in its own process."""
+
+    def __init__(self, host: str, port: int, rates: dict[str, float] | None = None,
+                 hold: int = 100, lifetime_s: float = 5.0, slow: int = 0,
+                 slow_rate: float = 500.0, slow_sessions=(), secrets: dict | None = None,
+                 slow_heartbeats: int = 0):
+        self.addr = (host, port)
+        self.rates = {k: float(v) for k, v in (rates or {}).items() if v > 0}
+        bad = set(self.rates) - set(_PRE_KINDS) - {"badlogin"}
+        if bad:
+            raise ValueError(f"unknown attack kinds {sorted(bad)}")
+        self.hold = hold
+        self.lifetime_s = lifetime_s
+        self.slow = slow
+        self.slow_period_ns = int(1e9 / slow_rate) if slow_rate > 0 else 0
+        self.slow_heartbeats = slow_heartbeats
+        self.slow_sessions = list(slow_sessions)[:slow] if slow else []
+        if len(self.slow_sessions) < slow:
+            raise ValueError(f"{slow} slow readers need {slow} session ids")
+        self.secrets = secrets or {}
+        self.sel = selectors.DefaultSelector()
+        self.conns: set[_Conn] = set()
+        self.slow_conns: dict[int, _Conn] = {}   # session -> its connection
+        self.slow_retry: dict[int, float] = {}   # session -> when it may reconnect
+        self.started: dict[str, float] = {}
+        self.opened_by: dict[str, int] = collections.Counter()
+        self.stats: dict = {
+            "opened": collections.Counter(),        # connections opened, by kind
+            "connect_failed": 0,                    # connect() refused or reset
+            "closed_by_node": collections.Counter(),  # EOF or reset seen, by kind
+            "closed_by_client": collections.Counter(),  # lifetime over, or stop
+            "frames_received": collections.Counter(),  # by frame kind name
+            "rejects": collections.Counter(),       # REJECT codes received, by name
+            "other_than_challenge": 0,  # pre-login connections sent anything else
+            "frames_sent": 0,           # frames (or garbage writes) sent
+            "bytes_sent": 0,
+            "slow_logins": 0,
+            "slow_events": 0,
+            "slow_dropped": 0,          # slowreader connections the node closed
+        }
+        self._stop = False
+        self._t0 = 0.0
+        self._slow_event = self._event_template()
+        self._slow_beats = W.encode_heartbeat() * slow_heartbeats
+
+    # ------------------------------------------------------------------ control
+    def stop(self) -> None:
+        self._stop = True
+
+    def run(self, seconds: float | None = None) -> dict:
+        """The attack until :meth:`stop` (from another thread or a signal handler) or for
+        ``seconds``; then every connection is closed. Returns :meth:`summary`."""
+        self._t0 = time.monotonic()
+        end = self._t0 + seconds if seconds is not None else None
+        try:
+            while not self._stop and (end is None or time.monotonic() < end):
+                self.step()
+        finally:
+            self.close()
+        return self.summary()
+
+    def step(self, timeout: float = 0.002) -> None:
+        now = time.monotonic()
+        if not self._t0:
+            self._t0 = now
+        self._open_due(now)
+        for key, ev in self.sel.select(timeout):
+            c = key.data
+            if ev & selectors.EVENT_WRITE:
+                self._connected(c)
+            elif ev & selectors.EVENT_READ:
+                self._readable(c)
+        self._slow_send(time.monotonic_ns())
+        self._expire(time.monotonic())
+
+    def close(self) -> None:
+        for c in list(self.conns):
+            self._drop(c, by_node=False)
+        self.sel.close()
+
+    def summary(self) -> dict:
+        s = dict(self.stats)
+        for k in ("opened", "closed_by_node", "closed_by_client", "frames_received",
+                  "rejects"):
+            s[k] = dict(s[k])
+        wall = max(1e-9, time.monotonic() - self._t0) if self._t0 else 0.0
+        s["seconds"] = round(wall, 3)
+        if wall:
+            s["connections_per_s"] = round(sum(s["opened"].values()) / wall, 1)
+            s["frames_per_s"] = round((s["frames_sent"]) / wall, 1)
+            s["bytes_per_s"] = round(s["bytes_sent"] / wall, 1)
+        return s
+
+    # ------------------------------------------------------------------ connections
+    def _open_due(self, now: float) -> None:
+        el = now - self._t0
+        due = {k: int(el * r) - self.opened_by[k] for k, r in self.rates.items()}
+        budget = 64  # at most 64 a step (the rest on the next one)
+        while budget > 0 and any(d > 0 for d in due.values()):
+            for kind in self.rates:  # in turn, so that ``hold`` favours no kind
+                if due[kind] <= 0:
+                    continue
+                due[kind] -= 1
+                self.opened_by[kind] += 1
+                if len(self.conns) - len(self.slow_conns) < self.hold:
+                    self._open(kind)  # (else skipped: never more than ``hold`` open)
+                budget -= 1
+        for sid in self.slow_sessions:
+            if sid not in self.slow_conns and now >= self.slow_retry.get(sid, 0.0):
+                self._open("slowreader", sid)
+
+    def _open(self, kind: str, session: int = 0) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        if kind == "slowreader":  # a small receive buffer: the node's queue fills sooner
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        err = s.connect_ex(self.addr)
+        if err not in (0, errno.EINPROGRESS):
+            self.stats["connect_failed"] += 1
+            s.close()
+            if kind == "slowreader":
+                self.slow_retry[session] = time.monotonic() + 0.01
+            return
+        c = _Conn(s, kind, time.monotonic(), session)
+        self.conns.add(c)
+        if kind == "slowreader":
+            self.slow_conns[session] = c
+        self.stats["opened"][kind] += 1
+        self.sel.register(s, selectors.EVENT_WRITE, c)
+
+    def _connected(self, c: _Conn) -> None:
+        err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.stats["connect_failed"] += 1
+            self._drop(c, by_node=False, failed=True)
+            return
+        self.sel.modify(c.sock, selectors.EVENT_READ, c)
+        first = {"partial": (W.encode_login(1)[:20], 0), "garbage": (_GARBAGE, 1),
+                 "heartbeat": (W.encode_heartbeat() * 3, 3),
+                 "badlogin": (W.encode_login(0), 1)}
+        if c.kind in first:
+            self._write(c, *first[c.kind])
+
+    def _write(self, c: _Conn, data: bytes, frames: int = 1) -> bool:
+        """Send what the socket takes now (the rest waits in ``c.pending``); ``frames``:
+        how many frames (or garbage writes) ``data`` counts as."""
+        try:
+            n = c.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self._drop(c, by_node=True)
+            return False
+        self.stats["frames_sent"] += frames
+        self.stats["bytes_sent"] += n
+        c.pending = data[n:]
+        return True
+
+    def _readable(self, c: _Conn) -> None:
+        try:
+            data = c.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if c.kind == "badlogin" and not c.eof and W.K_CHALLENGE in c.frames:
+                c.eof = True  # the node shut its side after the REJECT: hold ours
+                self.stats["closed_by_node"][c.kind] += 1
+                self.sel.unregister(c.sock)
+                return
+            self._drop(c, by_node=True)
+            return
+        try:
+            frames = c.reader.feed(data)
+        except W.ProtocolError:
+            frames = []
+        for kind, payload in frames:
+            name = _KIND_NAMES.get(kind, str(kind))
+            self.stats["frames_received"][name] += 1
+            c.frames.append(kind)
+            if kind == W.K_REJECT:
+                code = W.decode_reject(payload)[0]
+                self.stats["rejects"][W.REJECT_NAMES.get(code, str(code))] += 1
+            if not c.live and kind not in (W.K_CHALLENGE, W.K_REJECT) \
+                    and c.kind != "slowreader":
+                self.stats["other_than_challenge"] += 1
+            if c.kind == "slowreader" and not c.live:
+                if kind == W.K_CHALLENGE:
+                    secret = self.secrets.get(c.session)
+                    proof = W.login_mac(secret, c.session, payload) if secret else bytes(32)
+                    self._write(c, W.encode_login(c.session, proof))
+                elif kind == W.K_LOGIN_OK:
+                    (held,) = struct.unpack("<Q", payload)
+                    c.seq = held
+                    c.live = True
+                    c.next_ns = time.monotonic_ns()
+                    self.stats["slow_logins"] += 1
+                    self.sel.unregister(c.sock)  # it never reads again
+                    return
+
+    def _drop(self, c: _Conn, by_node: bool, failed: bool = False) -> None:
+        if c not in self.conns:
+            return
+        self.conns.discard(c)
+        if self.slow_conns.get(c.session) is c:
+            del self.slow_conns[c.session]
+            self.slow_retry[c.session] = time.monotonic() + 0.01
+            if by_node and c.live:
+                self.stats["slow_dropped"] += 1
+        try:
+            self.sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        c.sock.close()
+        if failed:
+            return
+        if by_node:
+            if not (c.kind == "badlogin" and c.eof):
+                self.stats["closed_by_node"][c.kind] += 1
+        else:
+            self.stats["closed_by_client"][c.kind] += 1
+
+    def _expire(self, now: float) -> None:
+        old = now - self.lifetime_s
+        for c in [c for c in self.conns if c.born < old and c.kind != "slowreader"]:
+            self._drop(c, by_node=False)
+
+    # ------------------------------------------------------------------ slow readers
+    @staticmethod
+    def _event_template() -> bytearray:
+        rec = np.zeros(1, EVENT_DTYPE)
+        rec["type"] = _BAD_TYPE
+        return bytearray(W.encode_events(rec))
+
+    def _slow_send(self, now_ns: int) -> None:
+        if not self.slow_conns or not self.slow_period_ns:
+            return
+        off = W.HEADER.size + 8 * W_SSEQ
+        for c in list(self.slow_conns.values()):
+            if not c.live or now_ns < c.next_ns:
+                continue
+            if c.pending:  # the node pushes back: finish the frame first
+                if not self._write(c, c.pending, 0):
+                    continue
+                if c.pending:
+                    continue
+            c.seq += 1
+            struct.pack_into("<Q", self._slow_event, off, c.seq)
+            if self._write(c, bytes(self._slow_event) + self._slow_beats,
+                           1 + self.slow_heartbeats):
+                self.stats["slow_events"] += 1
+            c.next_ns = max(c.next_ns + self.slow_period_ns, now_ns - 10 * self.slow_period_ns)
+
+
+_KIND_NAMES = {W.K_CHALLENGE: "challenge", W.K_LOGIN_OK: "login_ok", W.K_ACK: "ack",
+               W.K_REJECT: "reject", W.K_HEARTBEAT: "heartbeat", W.K_EVENTS: "events"}
+
+
+# ---------------------------------------------------------------------- the attacker process
+def _attacker_main(a: argparse.Namespace) -> int:
+    """``--attacker``: run an Attack until SIGTERM, then print its summary as JSON."""
+    try:
+        os.nice(a.nice)
+    except OSError:
+        pass
+    if a.cpu is not None:
+        os.sched_setaffinity(0, {a.cpu})
+    per = a.conn_rate / len(_PRE_KINDS)
+    att = Attack("127.0.0.1", a.port, {k: per for k in _PRE_KINDS}, hold=a.hold,
+                 lifetime_s=a.lifetime, slow=a.slow, slow_rate=a.slow_rate,
+                 slow_sessions=range(a.slow_first, a.slow_first + a.slow),
+                 slow_heartbeats=a.slow_heartbeats)
+    signal.signal(signal.SIGTERM, lambda *_: att.stop())
+    print("attacking", flush=True)
+    out = att.run()
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+class _Attacker:
+    """The attacker process of one phase B."""
+
+    def __init__(self, port: int, a: argparse.Namespace, cpu: int | None):
+        cmd = [sys.executable, "-m", "perf.bench_abuse", "--attacker", "--port", str(port),
+               "--conn-rate", str(a.conn_rate), "--hold", str(a.hold), "--slow",
+               str(a.slow), "--slow-rate", str(a.slow_rate), "--slow-first",
+               str(a.slow_first), "--lifetime", str(a.lifetime), "--slow-heartbeats",
+               str(a.slow_heartbeats)]
+        if cpu is not None:
+            cmd += ["--cpu", str(cpu)]
+        cmd += ["--nice", str(a.nice)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if "attacking" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"the attacker did not start: {line!r}")
+
+    def cpu_s(self) -> float:
+        import psutil
+
+        try:
+            t = psutil.Process(self.proc.pid).cpu_times()
+            return t.user + t.system
+        except psutil.Error:
+            return 0.0
+
+    def stop(self) -> dict:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        for line in reversed((out or "").splitlines()):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+        return {}
+
+
+def _steal_ms() -> float:
+    from perf.loadgen import steal_ms
+
+    return steal_ms()
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after if k != "open"}
+
+
+def _phase(node, target, block, a, session: int, client_cpu: int, attack: bool) -> dict:
+    from perf.tool import measure_run
+
+    pids0 = node.pids()
+    c0, s0, t0 = node.port_counters(), _steal_ms(), time.monotonic()
+    load0 = os.getloadavg()[0]
+    att = _Attacker(node.port, a, client_cpu) if attack else None
+    try:
+        if att is not None:  # the flood is at the cap before the measurement starts
+            _wait(lambda: node.port_counters().get("evicted_before_login", 0)
+                  > c0.get("evicted_before_login", 0), 30, "the flood to reach the cap")
+        a_cpu0 = att.cpu_s() if att else 0.0
+        r = measure_run(target, block, a.rate, a.seconds, a.warmup, session,
+                        client_cpu=client_cpu)
+        a_cpu = att.cpu_s() - a_cpu0 if att else 0.0
+    finally:
+        stats = att.stop() if att is not None else {}
+    wall = time.monotonic() - t0
+    c1 = node.port_counters()
+    out = {"loadavg_1m_before": round(load0, 2)}
+    out.update({k: r[k] for k in ("p50_us", "p90_us", "p99_us", "p999_us", "max_us", "rate",
+                             "sent", "acknowledged", "lost", "late_sends", "steal_ms")})
+    out["ack"] = r["ack"]
+    # Where the time goes (medians and p99 of each leg, us): client_to_ingest grows when
+    # the node's loop is busy with the attack; fanout_to_client when the client's CPU is.
+    out["stages"] = r["stages"]
+    out["cpu_percent"] = r["cpu_percent"]
+    out["phase_steal_ms"] = round(_steal_ms() - s0, 1)
+    out["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
+    out["phase_s"] = round(wall, 2)
+    out["node_counters"] = _delta(c1, c0)
+    out["open_connections_after"] = c1.get("open", 0)
+    out["node_restarted"] = node.pids() != pids0
+    if att is not None:
+        stats["cpu_percent"] = round(100 * a_cpu / max(a.seconds + a.warmup, 1e-9), 1)
+        out["attack"] = stats
+    return out
+
+
+def _wait(pred, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return round(statistics.median(r[key] for r in runs), 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m perf.bench_abuse", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per phase")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds excluded per phase")
+    p.add_argument("--rate", type=float, default=5000.0, help="the session's events/s")
+    p.add_argument("--runs", type=int, default=3, help="A/B pairs (medians reported)")
+    p.add_argument("--conn-rate", type=float, default=2000.0,
+                   help="attack connections/s before login (all four kinds together)")
+    p.add_argument("--hold", type=int, default=200, help="attack connections held open")
+    p.add_argument("--lifetime", type=float, default=5.0,
+                   help="seconds an attack connection is held if the node does not close it")
+    p.add_argument("--slow", type=int, default=4, help="never-reading logged-in clients")
+    p.add_argument("--slow-rate", type=float, default=500.0,
+                   help="events/s each never-reading client sends")
+    p.add_argument("--slow-first", type=int, default=200, help="their first session id")
+    p.add_argument("--slow-heartbeats", type=int, default=32,
+                   help="HEARTBEATs each never-reading client sends with each event")
+    p.add_argument("--max-connections", type=int, default=64)
+    p.add_argument("--login-timeout-ms", type=int, default=1000)
+    p.add_argument("--idle-timeout-ms", type=int, default=10000)
+    p.add_argument("--max-output-kb", type=int, default=16)
+    p.add_argument("--session", type=int, default=250, help="the measured session's id")
+    p.add_argument("--attacker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--nice", type=int, default=10,
+                   help="the attacker's niceness (it shares the measuring client's CPU)")
+    a = p.parse_args(argv)
+    if a.attacker:
+        return _attacker_main(a)
+    if a.seconds <= 0 or a.rate <= 0 or a.runs < 1 or a.warmup < 0:
+        p.error("--seconds, --rate and --runs must be positive, --warmup not negative")
+
+    from perf.localnode import LocalNode
+    from perf.tool import Target, _flow
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    block = _flow(min(1_000_000, int(a.rate * (a.seconds + a.warmup)) + 1), 7)
+    cpus = sorted(os.sched_getaffinity(0))
+    client_cpu = cpus[0]  # the hot process spins on the last CPU
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench_abuse.") as tmp:
+        node = LocalNode(Path(tmp), start=False)
+        node.add_keys("ingest", f"max_connections = {a.max_connections}\n"
+                                f"login_timeout_ms = {a.login_timeout_ms}\n"
+                                f"idle_timeout_ms = {a.idle_timeout_ms}\n"
+                                f"max_output_kb = {a.max_output_kb}\n")
+        try:
+            node.start()
+            target = Target("127.0.0.1", node.port, node.group, node.mport, "127.0.0.1")
+            target.pids = {k: v for k, v in node.pids().items() if k != "supervisor"}
+            pids0 = node.pids()
+            for k in range(a.runs):
+                r = {}
+                for phase, attack in (("A", False), ("B", True)):
+                    r[phase] = _phase(node, target, block, a, a.session, client_cpu, attack)
+                    x = r[phase]
+                    log(f"run {k + 1} {phase}: p50 {x['p50_us']:.1f} us, p99 "
+                        f"{x['p99_us']:.1f} us, p99.9 {x['p999_us']:.1f} us, max "
+                        f"{x['max_us']:.0f} us, lost {x['lost']}, steal "
+                        f"{x['phase_steal_ms']:.0f} ms"
+                        + (f"; attack {x['attack'].get('connections_per_s', 0):.0f} conn/s, "
+                           f"{x['attack'].get('frames_per_s', 0):.0f} frames/s"
+                           if attack else ""))
+                runs.append(r)
+            restarted = node.pids() != pids0
+            log_text = node.log.read_text(errors="replace")
+        finally:
+            node.stop()
+    keys = ("p50_us", "p99_us", "p999_us", "max_us")
+    summary = {ph: {k: _median([r[ph] for r in runs], k) for k in keys + ("lost",)}
+               for ph in ("A", "B")}
+    for ph in ("A", "B"):
+        summary[ph]["late_sends"] = _median([r[ph] for r in runs], "late_sends")
+        summary[ph]["stages_p99_us"] = {
+            leg: round(statistics.median(r[ph]["stages"][leg]["p99_us"] for r in runs), 1)
+            for leg in runs[0][ph]["stages"]}
+        summary[ph]["phase_steal_ms"] = [r[ph]["phase_steal_ms"] for r in runs]
+        summary[ph]["loadavg_1m"] = [r[ph]["loadavg_1m_before"] for r in runs]
+    atk = [r["B"]["attack"] for r in runs]
+    summary["attack"] = {
+        "connections_per_s": _median(atk, "connections_per_s"),
+        "frames_per_s": _median(atk, "frames_per_s"),
+        "bytes_per_s": _median(atk, "bytes_per_s"),
+        "cpu_percent": _median(atk, "cpu_percent"),
+        "slow_readers_dropped": _median(atk, "slow_dropped"),
+    }
+    summary["node_counters_B"] = {k: int(statistics.median(r["B"]["node_counters"][k]
+                                                           for r in runs))
+                                  for k in runs[0]["B"]["node_counters"]}
+    out = {"command": "python -m perf.bench_abuse " + " ".join(argv or sys.argv[1:]),
+           "rate": a.rate, "seconds": a.seconds, "warmup": a.warmup, "runs_n": a.runs,
+           "limits": {"max_connections": a.max_connections,
+                      "login_timeout_ms": a.login_timeout_ms,
+                      "idle_timeout_ms": a.idle_timeout_ms, "max_output_kb": a.max_output_kb},
+           "attack_config": {"conn_rate": a.conn_rate, "hold": a.hold, "slow": a.slow,
+                             "slow_rate": a.slow_rate, "slow_heartbeats": a.slow_heartbeats,
+                             "lifetime_s": a.lifetime, "nice": a.nice},
+           "median": summary, "node_restarted": restarted,
+           "node_log_restarts": log_text.count("restarting"), "runs": runs}
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,13 +33,29 @@ def hosts():
     th.close()
 
 
+# Nodes that others can reach authenticate their sessions (issue 12): the same sessions
+# file on both hosts; `exposure send --config` takes session 1's secret from it.
+SESSIONS = """[[session]]
+id = 1
+secret = "partition-test-secret-0123456789"
+sources = "all"
+accounts = "all"
+instrument = true
+mark = true
+limit = true
+"""
+
+
 def place(p: LocalPair, th) -> None:
     """Put a on host a and b on host b: every address in the configs becomes the host's
-    own (the multicast stays on each host's loopback)."""
+    own (the multicast stays on each host's loopback), with a sessions file."""
+    sessions = p.a.config.parent / "sessions.toml"
+    sessions.write_text(SESSIONS)
     for node, host, other, other_host in ((p.a, th.a, p.b, th.b), (p.b, th.b, p.a, th.a)):
         text = node.config.read_text()
         text = text.replace(f"[ingest]\nport = {node.port}\n",
-                            f'[ingest]\nhost = "{host.addr}"\nport = {node.port}\n')
+                            f'[ingest]\nhost = "{host.addr}"\nport = {node.port}\n'
+                            f'sessions = "{sessions}"\n')
         text = text.replace(f'listen = "127.0.0.1:{node.repl_port}"',
                             f'listen = "{host.addr}:{node.repl_port}"')
         text = text.replace(f'peer = "127.0.0.1:{other.repl_port}"',

@@ -1,6 +1,7 @@
 """Hostile and broken input against a real node's session port (issue 12): the fuzzer of
-``perf/fuzz/`` at a small size, once with a fixed seed and once with a seed from
-``EXPOSURE_FUZZ_SEED`` (or a random one, printed: rerun a failure with that variable)."""
+``perf/fuzz/`` at a small size, with the seed from ``EXPOSURE_FUZZ_SEED`` or a random one,
+printed: rerun a failure with that variable (``python -m perf.fuzz --seed S`` for the
+large run)."""
 
 import json
 import os
@@ -10,21 +11,20 @@ import pytest
 
 from perf.fuzz import run_fuzz
 
-FIXED_SEED = 20261212
 FRAMES = 20_000
 CHECKS = ("alive", "memory", "journal", "reject_byte", "document", "unauthorized",
           "protocol")
 
 
-def _other_seed() -> int:
+def _seed() -> int:
     env = os.environ.get("EXPOSURE_FUZZ_SEED")
     return int(env) if env else random.SystemRandom().randrange(2**32)
 
 
 # (the first node start compiles the kernels: minutes; a run takes well under a minute)
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("seed", [FIXED_SEED, _other_seed()], ids=["fixed", "env-or-random"])
-def test_a_fuzzed_node_survives_and_equals_the_replay_of_what_it_took(tmp_path, seed):
+def test_a_fuzzed_node_survives_and_equals_the_replay_of_what_it_took(tmp_path):
+    seed = _seed()
     print(f"perf.fuzz seed {seed} (rerun with EXPOSURE_FUZZ_SEED={seed})")
     rep = run_fuzz(frames=FRAMES, connections=16, workers=2, seed=seed, tmp=tmp_path,
                    login_timeout_ms=1500, rss_limit_mb=128, log=print)

@@ -154,3 +154,45 @@ def test_a_reader_hammering_snapshots_never_sees_a_torn_batch(node_name):
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+_PROBE = """
+import mmap, os, sys
+path = sys.argv[1]
+for flags, prot, what in ((os.O_RDONLY, mmap.PROT_READ, "read"),
+                          (os.O_RDWR, mmap.PROT_READ | mmap.PROT_WRITE, "write")):
+    try:
+        fd = os.open(path, flags)
+        mmap.mmap(fd, 4096, mmap.MAP_SHARED, prot).close()
+        os.close(fd)
+        print(what, "yes")
+    except PermissionError:
+        print(what, "no")
+"""
+
+
+def _as(uid: int, gid: int, path: str) -> list[str]:
+    """What a process of ``uid``/``gid`` (no other groups) may do with ``path``: the OS's
+    answer (shm_open is open(2) under /dev/shm)."""
+    p = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+                        "/usr/bin/python3", "-c", _PROBE, path],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.split("\n")[:2]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv")
+                    or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root, setpriv and /usr/bin/python3 to act as other users")
+def test_the_os_lets_the_desks_group_read_the_segment_and_nobody_else_write_it(node_name):
+    import grp
+
+    gid = grp.getgrnam("nogroup").gr_gid
+    seg = TallySegment.create(f"/exposure.{node_name}.tally", SMALL, mode=0o640,
+                              group="nogroup")
+    try:
+        path = f"/dev/shm/exposure.{node_name}.tally"
+        assert _as(65534, gid, path) == ["read yes", "write no"]     # a desk (the group)
+        assert _as(65534, gid - 1, path) == ["read no", "write no"]  # anyone else
+    finally:
+        seg.close()

@@ -2,7 +2,8 @@
 
 Read-only and lock-free (each counter is one aligned word with one writer: see
 :mod:`exposure.shm.session_layout`). What it reports is outside the SPEC document: the
-port's counters (connections, refusals, timeouts, failed logins, ...), and per session
+port's counters (connections, refusals, timeouts, failed logins, ...), the datagrams the
+fan-out could not send, and per session
 whether it is connected, what the node holds, has processed and has on disk, its rejects
 per reason (``unauthorized`` included: records outside its entitlements) and its own
 counters.
@@ -16,6 +17,7 @@ import numpy as np
 
 from .config import NodeConfig
 from .shm import session_layout as SL
+from .shm.control import CONTROL_WORDS, CTL_FANOUT_ERRORS
 from .shm.segment import SharedArray
 from .shm.tally_segment import TallySegment
 from .types import C_LAST_GSEQ, C_UNAUTHORIZED, NODE_REASONS
@@ -49,6 +51,13 @@ def node_status(cfg: NodeConfig) -> dict:
         seg.close()
     with TallySegment.attach(cfg.segment("tally")) as tally:
         ctr = np.array(tally.state.ctr)
+    try:
+        ctl_seg = SharedArray.attach(cfg.segment("control"), (CONTROL_WORDS,), np.uint64,
+                                     readonly=True)
+        ctl = np.array(ctl_seg.array)
+        ctl_seg.close()
+    except Exception:  # (posix_ipc.ExistentialError: the node stopped meanwhile)
+        ctl = np.zeros(CONTROL_WORDS, np.uint64)
     names = _names(cfg)
     sessions = []
     for sid in range(1, t.shape[0]):
@@ -68,4 +77,5 @@ def node_status(cfg: NodeConfig) -> dict:
             "sequenced": int(ctr[C_LAST_GSEQ]), "durable": int(t[0, SL.S_DURABLE]),
             "unauthorized": int(ctr[C_UNAUTHORIZED]),
             "port": {k: int(t[0, c]) for k, c in SL.NODE_COUNTERS.items()},
+            "fanout": {"send_errors": int(ctl[CTL_FANOUT_ERRORS])},
             "sessions": sessions}

@@ -242,6 +242,7 @@ def test_records_outside_the_entitlements_are_unauthorized_and_never_applied(nod
     alpha = next(s for s in st["sessions"] if s["session"] == 1)
     assert alpha["rejects"]["unauthorized"] == len(theirs) and alpha["name"] == "alpha"
     assert "unauthorized" not in got["counts"]["rejects"]  # not a SPEC reason
+    assert st["fanout"] == {"send_errors": 0}
     assert R_UNAUTHORIZED not in (1, 2, 3, 4, 5, 6, 7)
 
 

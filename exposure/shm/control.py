@@ -33,6 +33,9 @@ One small shared segment (``/exposure.<name>.control``), u8 words::
       14  CTL_FENCED      ingest                 1 while this primary may not acknowledge nor
                                                  publish (no valid echo and not alone), as
                                                  of the last time it had ACKs to send
+      15  CTL_FANOUT_ERRORS fan-out              datagrams the multicast socket refused
+                                                 (a full buffer, no route): each one is a
+                                                 gap that receivers see
   16..31  CTL_PROGRESS+i  process i of the map   a counter its loop advances (the supervisor
                                                  takes a process whose counter stops for
                                                  stall_ms for dead)
@@ -54,8 +57,8 @@ from __future__ import annotations
 __all__ = ["CONTROL_WORDS", "ROLE_PRIMARY", "ROLE_BACKUP", "ROLE_NAMES", "CTL_ROLE",
            "CTL_EPOCH", "CTL_REPL_RECV", "CTL_REPL_DUR", "CTL_HEARD_NS", "CTL_PEER_EPOCH",
            "CTL_LINK", "CTL_IN_SYNC", "CTL_RELOAD", "CTL_PRIMARY_GSEQ", "CTL_VALID_NS",
-           "CTL_ALONE", "CTL_ALONE_SEEN", "CTL_SEQUENCED", "CTL_FENCED", "CTL_PROGRESS",
-           "MAX_PROCESSES", "may_act"]
+           "CTL_ALONE", "CTL_ALONE_SEEN", "CTL_SEQUENCED", "CTL_FENCED", "CTL_FANOUT_ERRORS",
+           "CTL_PROGRESS", "MAX_PROCESSES", "may_act"]
 
 CONTROL_WORDS = 32
 
@@ -74,6 +77,7 @@ CTL_ALONE = 11
 CTL_ALONE_SEEN = 12
 CTL_SEQUENCED = 13
 CTL_FENCED = 14
+CTL_FANOUT_ERRORS = 15
 CTL_PROGRESS = 16
 MAX_PROCESSES = CONTROL_WORDS - CTL_PROGRESS
 

@@ -35,8 +35,9 @@ import numpy as np
 from numba import njit
 
 from .. import _jit
+from .._netguard import RateLog
 from ..shm import ring_layout as RL
-from ..shm.control import CTL_EPOCH, CTL_ROLE, ROLE_PRIMARY, may_act
+from ..shm.control import CTL_EPOCH, CTL_FANOUT_ERRORS, CTL_ROLE, ROLE_PRIMARY, may_act
 from ..shm.ring import ring_pop
 from ..types import UPDATE_DTYPE
 
@@ -160,6 +161,8 @@ class FanoutStage:
         self.per = max(1, (max_datagram - DGRAM_HEADER.size) // UPDATE_DTYPE.itemsize)
         self.epoch = epoch
         self.seq = 0
+        self.send_errors = 0
+        self.log = RateLog("exposure fanout")
         cap = in_ring.capacity
         self.upd = np.zeros((cap, _UPD_WORDS), np.uint64)
         self.last = np.full(max_accounts + 1, -1, np.int64)
@@ -193,8 +196,12 @@ class FanoutStage:
             hi = int(self.ends[k])
             try:
                 self.sock.send(self.mv[lo:hi])
-            except OSError:
-                pass  # a full socket buffer loses this datagram; receivers see the gap
+            except OSError as e:  # this datagram is lost: receivers see the gap
+                self.send_errors += 1
+                if self.ctl is not None:
+                    self.ctl[CTL_FANOUT_ERRORS] += 1
+                self.log("send", f"multicast send failed ({e.strerror or e}): "
+                                 f"{self.send_errors} datagrams lost so far")
             lo = hi
         return n
 

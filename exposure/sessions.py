@@ -42,7 +42,6 @@ everything: allowed only on a loopback address, and the node says so when it sta
 from __future__ import annotations
 
 import os
-import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +49,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["SessionSpec", "SessionsError", "Entitlements", "load_sessions",
-           "secret_for", "ENT_INSTRUMENT", "ENT_MARK", "ENT_LIMIT", "ENT_ALL_SOURCES",
-           "ENT_ALL_ACCOUNTS", "ENT_KNOWN"]
+           "secret_for", "session_names", "ENT_INSTRUMENT", "ENT_MARK", "ENT_LIMIT",
+           "ENT_ALL_SOURCES", "ENT_ALL_ACCOUNTS"]
 
 # Entitlement flag bits (Entitlements.flags[session]).
 ENT_INSTRUMENT = 1
@@ -59,7 +58,6 @@ ENT_MARK = 2
 ENT_LIMIT = 4
 ENT_ALL_SOURCES = 8
 ENT_ALL_ACCOUNTS = 16
-ENT_KNOWN = 128     # the session is configured (ingest refuses a login of any other id)
 ENT_EVERYTHING = ENT_INSTRUMENT | ENT_MARK | ENT_LIMIT | ENT_ALL_SOURCES | ENT_ALL_ACCOUNTS
 
 _KEYS = {"id", "name", "secret", "secret_file", "sources", "accounts", "instrument", "mark",
@@ -84,7 +82,7 @@ class SessionSpec:
 
     @property
     def flags(self) -> int:
-        return (ENT_KNOWN | (ENT_INSTRUMENT if self.instrument else 0)
+        return ((ENT_INSTRUMENT if self.instrument else 0)
                 | (ENT_MARK if self.mark else 0) | (ENT_LIMIT if self.limit else 0)
                 | (ENT_ALL_SOURCES if self.sources is None else 0)
                 | (ENT_ALL_ACCOUNTS if self.accounts is None else 0))
@@ -184,12 +182,15 @@ def load_sessions(path: str | Path, max_sessions: int, accounts: int,
     return out
 
 
-def world_readable(path: str | Path) -> bool:
-    """Whether others than the owner and group may read ``path`` (a warning at start)."""
+def session_names(path: str | Path) -> dict[int, str]:
+    """Each session's name by id, read without its secret ({} when the file cannot be
+    read or parsed: names are for display)."""
     try:
-        return bool(os.stat(path).st_mode & stat.S_IROTH)
-    except OSError:
-        return False
+        doc = tomllib.loads(Path(path).read_text())
+        return {t["id"]: str(t.get("name", f"session-{t['id']}"))
+                for t in doc.get("session", []) if isinstance(t.get("id"), int)}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
 
 
 def secret_for(path: str | Path, session: int) -> bytes:
@@ -215,7 +216,7 @@ class Entitlements:
     def everything(cls, max_sessions: int) -> Entitlements:
         """Every session open and entitled to everything (no sessions file)."""
         e = cls(max_sessions, 64, 64)
-        e.flags[1:] = ENT_EVERYTHING | ENT_KNOWN
+        e.flags[1:] = ENT_EVERYTHING
         return e
 
     @classmethod

@@ -11,11 +11,10 @@ counters.
 
 from __future__ import annotations
 
-import tomllib
-
 import numpy as np
 
 from .config import NodeConfig
+from .sessions import session_names
 from .shm import session_layout as SL
 from .shm.control import CONTROL_WORDS, CTL_FANOUT_ERRORS
 from .shm.segment import SharedArray
@@ -23,18 +22,6 @@ from .shm.tally_segment import TallySegment
 from .types import C_LAST_GSEQ, C_UNAUTHORIZED, NODE_REASONS
 
 __all__ = ["node_status"]
-
-
-def _names(cfg: NodeConfig) -> dict[int, str]:
-    """Session names from the sessions file, when this user can read it (names only)."""
-    if cfg.sessions_file is None:
-        return {}
-    try:
-        doc = tomllib.loads(cfg.sessions_file.read_text())
-        return {int(t["id"]): str(t.get("name", f"session-{t['id']}"))
-                for t in doc.get("session", []) if isinstance(t.get("id"), int)}
-    except (OSError, ValueError, TypeError, KeyError):
-        return {}
 
 
 def node_status(cfg: NodeConfig) -> dict:
@@ -58,7 +45,7 @@ def node_status(cfg: NodeConfig) -> dict:
         ctl_seg.close()
     except Exception:  # (posix_ipc.ExistentialError: the node stopped meanwhile)
         ctl = np.zeros(CONTROL_WORDS, np.uint64)
-    names = _names(cfg)
+    names = session_names(cfg.sessions_file) if cfg.sessions_file else {}
     sessions = []
     for sid in range(1, t.shape[0]):
         row = t[sid]

@@ -52,6 +52,7 @@ import numpy as np
 
 from exposure import wire as W
 from exposure.types import EVENT_DTYPE, W_SSEQ
+from perf.localnode import wait_until
 
 __all__ = ["Attack", "KINDS", "main"]
 
@@ -435,8 +436,8 @@ def _phase(node, target, block, a, session: int, client_cpu: int, attack: bool) 
     att = _Attacker(node.port, a, client_cpu) if attack else None
     try:
         if att is not None:  # the flood is at the cap before the measurement starts
-            _wait(lambda: node.port_counters().get("evicted_before_login", 0)
-                  > c0.get("evicted_before_login", 0), 30, "the flood to reach the cap")
+            wait_until(lambda: node.port_counters().get("evicted_before_login", 0)
+                       > c0.get("evicted_before_login", 0), 30, "the flood to reach the cap")
         a_cpu0 = att.cpu_s() if att else 0.0
         r = measure_run(target, block, a.rate, a.seconds, a.warmup, session,
                         client_cpu=client_cpu)
@@ -463,14 +464,6 @@ def _phase(node, target, block, a, session: int, client_cpu: int, attack: bool) 
         stats["cpu_percent"] = round(100 * a_cpu / max(a.seconds + a.warmup, 1e-9), 1)
         out["attack"] = stats
     return out
-
-
-def _wait(pred, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def _median(runs: list[dict], key: str) -> float:

@@ -41,19 +41,17 @@ from exposure.shm.control import (
 )
 from perf.ackclock import AckClock
 from perf.flowgen import generate, to_jsonl
-from perf.localnode import LocalEtcd, LocalNode, LocalPair, process_map
+from perf.localnode import (
+    LocalEtcd,
+    LocalNode,
+    LocalPair,
+    process_map,
+    wait_until,
+)
 from perf.tool import Target, _flow, measure_run
 
 POLICIES = ("standalone", "local", "replicated", "replicated+local")
 _STANDALONE_MAP = process_map()  # the same map as the pair primary's
-
-
-def _wait(pred, timeout: float, what: str) -> None:
-    end = time.time() + timeout
-    while not pred():
-        if time.time() > end:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def _target(node: LocalNode) -> Target:
@@ -75,7 +73,7 @@ def latency(tmp: Path, etcd, policies, rate: float, duration: float, warmup: flo
             else:
                 pair = LocalPair(d, etcd, release=pol)
                 node, stop = pair.a, pair.stop
-                _wait(lambda p=pair: _synchronous(p), 60, "the backup synchronous")
+                wait_until(lambda p=pair: _synchronous(p), 60, "the backup synchronous")
             try:  # the client on the core the primary's hot process does not spin on
                 r = measure_run(_target(node), block, rate, duration, warmup, 250,
                                 client_cpu=sorted(os.sched_getaffinity(0))[0])
@@ -133,15 +131,15 @@ def _kill_under_stream(pair: LocalPair, victim: LocalNode, endpoints, recs, rate
     clock = AckClock(endpoints, recs, rate)
     killed = False
     try:
-        _wait(lambda: _synchronous(pair), 60, "the backup synchronous")
+        wait_until(lambda: _synchronous(pair), 60, "the backup synchronous")
         clock.start()
-        _wait(lambda: clock.acked() > rate, 30, "the stream acknowledged")
+        wait_until(lambda: clock.acked() > rate, 30, "the stream acknowledged")
         time.sleep(0.3)
         t_kill = _kill(victim)
         killed = True
-        _wait(until, 10, what)
+        wait_until(until, 10, what)
         t_until = time.time_ns()
-        _wait(lambda: clock.first_ack_of_records_sent_after(t_kill), 30,
+        wait_until(lambda: clock.first_ack_of_records_sent_after(t_kill), 30,
               "an ACK of a record sent after the kill")
         t_ack = clock.first_ack_of_records_sent_after(t_kill)
         return (t_until - t_kill) / 1e6, (t_ack - t_kill) / 1e6
@@ -215,13 +213,13 @@ def catchup(tmp: Path, etcd, n: int, log) -> dict:
         assert p.returncode == 0, p.stderr.decode()
         log(f"catch-up: {n:,} events sent to the primary alone in {time.time() - t0:.1f} s")
         pair.b.start()
-        _wait(lambda: (c := pair.b.control()) is not None and c[CTL_LINK], 60, "the link")
+        wait_until(lambda: (c := pair.b.control()) is not None and c[CTL_LINK], 60, "the link")
         t_link = time.perf_counter()
         c = pair.b.control()
         target = int(c[CTL_PRIMARY_GSEQ])
-        _wait(lambda: pair.b.control()[CTL_IN_SYNC], 600, "in sync")
+        wait_until(lambda: pair.b.control()[CTL_IN_SYNC], 600, "in sync")
         t_sync = time.perf_counter()
-        _wait(lambda: pair.b.last_gseq() >= target, 600, "applied")
+        wait_until(lambda: pair.b.last_gseq() >= target, 600, "applied")
         t_applied = time.perf_counter()
     finally:
         pair.stop()

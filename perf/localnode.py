@@ -13,7 +13,17 @@ import uuid
 from pathlib import Path
 
 __all__ = ["LocalNode", "LocalPair", "LocalEtcd", "free_port", "free_group", "listening",
-           "process_map"]
+           "process_map", "wait_until"]
+
+
+def wait_until(pred, timeout: float, what: str, step: float = 0.005) -> None:
+    """Poll ``pred`` every ``step`` s until it holds; RuntimeError naming ``what`` after
+    ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(step)
 
 
 def free_port() -> int:

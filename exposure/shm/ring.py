@@ -23,11 +23,24 @@ from . import ring_layout as L
 from .intrinsics import fence_seq_cst, load_acquire, store_release
 from .segment import release
 
-__all__ = ["Ring", "ring_push", "ring_pop", "ring_size", "RingError"]
+__all__ = ["Ring", "ring_push", "ring_pop", "ring_size", "producer_head", "RingError"]
 
 
 class RingError(L.RingLayoutError):
     """A ring segment that is missing, foreign or of another shape."""
+
+
+@njit(inline="always", cache=True, _nrt=False)
+def producer_head(ctrl, tail, head, cap):
+    """For a producer that writes one record at a time into its own view of the ring:
+    the consumer's position as far as slot ``tail`` needs it. ``head`` is the position
+    last seen; only while it says the ring is full is the real one loaded (acquire: the
+    consumer's reads of those slots happened before) and cached in ``W_HEAD_CACHE``. The
+    slot is free when ``tail - result < cap``."""
+    if tail - head >= cap:
+        head = np.int64(load_acquire(ctrl, L.W_HEAD))
+        ctrl[L.W_HEAD_CACHE] = head
+    return head
 
 
 @njit(cache=True, _nrt=False)

@@ -332,7 +332,7 @@ class IngestStage:
             if s is None:
                 break
             n += 1
-            self.node[SL.N_ACCEPTED] += 1
+            self._count(SL.N_ACCEPTED)
             if len(self.conns) >= self.lim.max_connections:
                 if self.closing:  # make room: one already refused, then the oldest
                     self._close(next(iter(self.closing)))  # that has not logged in
@@ -374,25 +374,26 @@ class IngestStage:
         except (KeyError, ValueError, OSError):
             pass
         del self.conns[c.fd]
-        self.pre.pop(c.fd, None)
+        self._detach(c)
         for group in (self.closing, self.ending, self.stalled, self.ready, self.unacked,
                       self.backlog):
             group.discard(c)
+        c.sock.close()
+        self.node[SL.N_OPEN] = len(self.conns)
+
+    def _detach(self, c: _Conn) -> None:
+        """``c`` is no longer its session's connection, nor one waiting to log in."""
         if c.session and self.by_session.get(c.session) is c:
             del self.by_session[c.session]
             self.sessions[c.session, SL.S_CONNECTED] = 0
-        c.sock.close()
-        self.node[SL.N_OPEN] = len(self.conns)
+        self.pre.pop(c.fd, None)
 
     def _reject(self, c: _Conn, code: int, text: str, detail: int = 0) -> None:
         """Answer REJECT, then close without waiting for anything: the connection leaves
         every group but ``closing``; its write side is shut once the answer is out."""
         if c.state == _CLOSING:
             return
-        if c.session and self.by_session.get(c.session) is c:
-            del self.by_session[c.session]
-            self.sessions[c.session, SL.S_CONNECTED] = 0
-        self.pre.pop(c.fd, None)
+        self._detach(c)
         for group in (self.stalled, self.ready, self.unacked, self.ending):
             group.discard(c)
         c.stalled = False
@@ -655,9 +656,7 @@ class IngestStage:
         """Queue ``data`` behind what waits (sent now if nothing does). A client whose
         queue would pass ``max_output`` does not read its answers: it is closed."""
         if len(c.out) + len(data) > self.lim.max_output:
-            if c.session:
-                self.sessions[c.session, SL.S_SLOW] += 1
-            self._count(SL.N_SLOW)
+            self._count(SL.N_SLOW, c.session, SL.S_SLOW)
             who = f"session {c.session}" if c.session else "a client not logged in"
             self.log("slow", f"{who} does not read its answers: disconnected")
             self._close(c)

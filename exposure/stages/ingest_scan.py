@@ -20,8 +20,8 @@ from ..sessions import (
     ENT_MARK,
 )
 from ..shm import ring_layout as RL
-from ..shm.intrinsics import load_acquire, store_release
-from ..shm.ring import sleeping
+from ..shm.intrinsics import store_release
+from ..shm.ring import producer_head, sleeping
 from ..types import (
     EVENT_WORDS,
     R_BAD_FIELD,
@@ -158,18 +158,12 @@ def scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, tctrl, tsl
             if sq != held + np.uint64(1):
                 stop = SEQ_GAP
                 break
-            if tail - head >= cap:
-                head = np.int64(load_acquire(ctrl, RL.W_HEAD))
-                ctrl[RL.W_HEAD_CACHE] = head
-                if tail - head >= cap:
-                    stop = RING_FULL
-                    break
-            if tap and ttail - thead >= tcap:
-                thead = np.int64(load_acquire(tctrl, RL.W_HEAD))
-                tctrl[RL.W_HEAD_CACHE] = thead
-                if ttail - thead >= tcap:
-                    stop = RING_FULL
-                    break
+            head = producer_head(ctrl, tail, head, cap)
+            if tap:
+                thead = producer_head(tctrl, ttail, thead, tcap)
+            if tail - head >= cap or (tap and ttail - thead >= tcap):
+                stop = RING_FULL
+                break
             wt = wbuf[r + W_TYPE]
             if not _entitled(wt, wbuf[r + W_SESSION], wbuf[r + W_ACCOUNT], ef, esrc, eacct,
                              s_idx):

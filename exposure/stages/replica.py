@@ -61,8 +61,8 @@ from ..shm.control import (
     CTL_PRIMARY_GSEQ,
     CTL_RELOAD,
 )
-from ..shm.intrinsics import load_acquire, store_release
-from ..shm.ring import sleeping
+from ..shm.intrinsics import store_release
+from ..shm.ring import producer_head, sleeping
 from ..shm.session_layout import S_DURABLE, S_HELD
 from ..types import EVENT_WORDS, W_GSEQ, W_SESSION, W_SSEQ
 
@@ -125,18 +125,11 @@ def _push(words, lo, n, expect, ctrl, slots, tctrl, tslots, sess_flat, ncols, re
         if g != expect:
             why = _GAP
             break
-        if tail - head >= cap:
-            head = np.int64(load_acquire(ctrl, RL.W_HEAD))
-            ctrl[RL.W_HEAD_CACHE] = head
-            if tail - head >= cap:
-                why = _FULL
-                break
-        if ttail - thead >= tcap:
-            thead = np.int64(load_acquire(tctrl, RL.W_HEAD))
-            tctrl[RL.W_HEAD_CACHE] = thead
-            if ttail - thead >= tcap:
-                why = _FULL
-                break
+        head = producer_head(ctrl, tail, head, cap)
+        thead = producer_head(tctrl, ttail, thead, tcap)
+        if tail - head >= cap or ttail - thead >= tcap:
+            why = _FULL
+            break
         j = tail & mask
         jt = ttail & tmask
         for b in range(EVENT_WORDS):

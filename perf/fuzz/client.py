@@ -212,6 +212,18 @@ class Lane:
             c.on_bad = lambda what: self.anomaly("malformed", what)
         return c
 
+    async def open_challenged(self, rcvbuf: int = 0) -> tuple[Conn, bytes] | None:
+        """A new connection and the nonce of its CHALLENGE; None (the connection closed)
+        when either fails."""
+        c = await self.open(rcvbuf)
+        if c is None:
+            return None
+        nonce = await self.challenge(c)
+        if nonce is None:
+            c.close()
+            return None
+        return c, nonce
+
     async def challenge(self, c: Conn) -> bytes | None:
         """The CHALLENGE every connection gets first (None: the node closed it first, at
         the connection cap)."""

@@ -61,13 +61,10 @@ class SessionLane(Lane):
         return self.session
 
     async def login(self) -> tuple[Conn, int] | None:
-        c = await self.open()
-        if c is None:
+        opened = await self.open_challenged()
+        if opened is None:
             return None
-        nonce = await self.challenge(c)
-        if nonce is None:
-            c.close()
-            return None
+        c, nonce = opened
         login = W.encode_login(self.sid, W.login_mac(self.secret, self.sid, nonce))
         self.w.captured.append(login)
         await c.send(login)
@@ -335,13 +332,10 @@ class SessionLane(Lane):
 
     async def cross_login(self) -> None:
         """A proof made with this session's secret for the nonce, claiming another id."""
-        c = await self.open()
-        if c is None:
+        opened = await self.open_challenged()
+        if opened is None:
             return
-        nonce = await self.challenge(c)
-        if nonce is None:
-            c.close()
-            return
+        c, nonce = opened
         other = self.rnd.choice([s.id for s in SPECS if s.id != self.sid]
                                 + list(UNCONFIGURED[:3]))
         await c.send(W.encode_login(other, W.login_mac(self.secret, self.sid, nonce)))
@@ -353,13 +347,10 @@ class SessionLane(Lane):
         than queue its answers without bound (once per lane; its heartbeats do not count
         against the lane's budget)."""
         self.slow_done = True
-        c = await self.open(rcvbuf=4096)
-        if c is None:
+        opened = await self.open_challenged(rcvbuf=4096)
+        if opened is None:
             return
-        nonce = await self.challenge(c)
-        if nonce is None:
-            c.close()
-            return
+        c, nonce = opened
         await c.send(W.encode_login(self.sid, W.login_mac(self.secret, self.sid, nonce)))
         self.count("login")
         if not await c.wait(lambda: c.held is not None or c.closed) or c.held is None:
@@ -466,13 +457,10 @@ class ChaosLane(Lane):
 
     async def bad_login(self) -> None:
         rnd, nrng = self.rnd, self.nrng
-        c = await self.open()
-        if c is None:
+        opened = await self.open_challenged()
+        if opened is None:
             return
-        nonce = await self.challenge(c)
-        if nonce is None:
-            c.close()
-            return
+        c, nonce = opened
         u = rnd.random()
         if u < 0.35:
             sid = rnd.choice(SPECS).id

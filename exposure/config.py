@@ -14,7 +14,7 @@ import ipaddress
 import os
 import socket
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .capacity import Capacities, CapacityError
@@ -28,9 +28,9 @@ __all__ = ["NodeConfig", "ProcessSpec", "ConfigError", "load_config", "DEFAULT_T
            "RELEASE_POLICIES"]
 
 # The stages of a live node, in pipeline order. Every one must run in exactly one process.
-STAGES = ("ingest", "compute", "fanout", "journal", "mirror")
+STAGES = ("ingest", "compute", "fanout", "journal", "mirror", "snapshot")
 # Stages a node may leave out of its process map: the mirror, unless [replication] is on.
-OPTIONAL_STAGES = ("mirror",)
+OPTIONAL_STAGES = ("mirror", "snapshot")
 RELEASE_POLICIES = ("replicated+local", "replicated", "local")
 
 DEFAULT_TOML = """\
@@ -82,7 +82,12 @@ group = "239.255.77.1"
 port = 7701
 interface = "127.0.0.1"      # IP_MULTICAST_IF; loopback works on this machine
 ttl = 1
-max_datagram = 1400          # bytes of one datagram (updates are packed up to this)
+max_datagram = 1400          # bytes of one datagram (rows are packed up to this)
+heartbeat_ms = 100           # an idle feed sends a heartbeat (the last seq) this often
+refresh_rows_per_s = 2000    # published rows re-sent per second in a slow cycle, while the
+                             # hot path is idle, so silent rows converge (0 = off)
+snapshot_host = "127.0.0.1"  # the recovery server: every row as of a gseq, over TCP
+snapshot_port = 7702         # (stage "snapshot"; 0 = off). docs/feed.md
 
 [journal]                    # every sequenced record, on disk, before it is acknowledged
 dir = ""                     # data directory; "" = ~/.local/share/exposure/<node name>
@@ -104,6 +109,7 @@ journal = "delete"           # segments covered by the oldest kept snapshot: del
 peer = ""                    # host:port of the other node's replication listener
 listen = ""                  # host:port where this node, as a backup, accepts the primary
 peer_ingest = ""             # host:port of the other node's sessions (clients fail over)
+peer_snapshot = ""           # host:port of the other node's recovery server (subscribers)
 secret_file = ""             # the shared secret (HMAC-SHA256 of the link's handshake)
 etcd = "http://127.0.0.1:2379"  # the arbiter: etcd endpoint(s), a string or a list
 etcd_prefix = "/exposure/pair"  # the pair's keys in etcd (one prefix per pair)
@@ -176,6 +182,7 @@ class NodeConfig:
     repl_peer: tuple[str, int] | None = None
     repl_listen: tuple[str, int] | None = None
     peer_ingest: tuple[str, int] | None = None
+    peer_snapshot: tuple[str, int] | None = None
     secret_file: Path | None = None
     etcd: tuple[str, ...] = ()
     etcd_prefix: str = "/exposure/pair"
@@ -192,6 +199,10 @@ class NodeConfig:
     max_output_kb: int = 64
     desk_mode: int = 0o640
     desk_group: str = ""
+    feed_heartbeat_ms: int = 100
+    refresh_rows_per_s: int = 2000
+    snapshot_host: str = "127.0.0.1"
+    snapshot_port: int = 7702
     source: str = field(default="<built-in default>")
 
     @property
@@ -212,10 +223,13 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
                "sessions": str, "max_connections": int, "login_timeout_ms": int,
                "idle_timeout_ms": int, "max_output_kb": int},
     "desks": {"mode": str, "group": str},
-    "fanout": {"group": str, "port": int, "interface": str, "ttl": int, "max_datagram": int},
+    "fanout": {"group": str, "port": int, "interface": str, "ttl": int, "max_datagram": int,
+               "heartbeat_ms": int, "refresh_rows_per_s": int, "snapshot_host": str,
+               "snapshot_port": int},
     "journal": {"dir": str, "fsync": str, "interval_ms": int, "segment_mb": int},
     "snapshot": {"every_events": int, "every_s": int, "keep": int, "journal": str},
-    "replication": {"peer": str, "listen": str, "peer_ingest": str, "secret_file": str,
+    "replication": {"peer": str, "listen": str, "peer_ingest": str, "peer_snapshot": str,
+                    "secret_file": str,
                     "etcd": (str, list), "etcd_prefix": str, "release": str,
                     "heartbeat_ms": int, "failover_ms": int, "alone_after_ms": int,
                     "strict": bool},
@@ -322,6 +336,8 @@ def _replication(rp: dict, base: Path) -> dict:
     out["repl_listen"] = _address(rp["listen"], "replication.listen")
     if rp["peer_ingest"]:
         out["peer_ingest"] = _address(rp["peer_ingest"], "replication.peer_ingest")
+    if rp["peer_snapshot"]:
+        out["peer_snapshot"] = _address(rp["peer_snapshot"], "replication.peer_snapshot")
     from .repl import read_secret
 
     secret = base / os.path.expanduser(rp["secret_file"])
@@ -407,6 +423,17 @@ def _parse(doc: dict, source: str) -> NodeConfig:
         raise ConfigError(f"fanout.ttl = {fo['ttl']}: 0..255")
     if not 256 <= fo["max_datagram"] <= 65000:
         raise ConfigError(f"fanout.max_datagram = {fo['max_datagram']}: 256..65000")
+    if not 10 <= fo["heartbeat_ms"] <= 60_000:
+        raise ConfigError(f"fanout.heartbeat_ms = {fo['heartbeat_ms']}: 10..60000")
+    if not 0 <= fo["refresh_rows_per_s"] <= 1_000_000:
+        raise ConfigError(f"fanout.refresh_rows_per_s = {fo['refresh_rows_per_s']}: "
+                          "0..1000000")
+    if fo["snapshot_port"]:
+        _port(fo["snapshot_port"], "fanout.snapshot_port")
+    try:
+        ipaddress.ip_address(fo["snapshot_host"])
+    except ValueError as e:
+        raise ConfigError(f"fanout.snapshot_host = {fo['snapshot_host']!r}: {e}") from e
 
     jn = merged["journal"]
     if jn["fsync"] not in FSYNC_POLICIES:
@@ -476,6 +503,13 @@ def _parse(doc: dict, source: str) -> NodeConfig:
             raise ConfigError(f"{where}tick_us = {tick}: 10..1000000")
         procs.append(ProcessSpec(pname, tuple(stages), cpu, wait, tick))
     repl = _replication(merged["replication"], here)
+    if "snapshot" not in seen_stage and fo["snapshot_port"]:
+        # The recovery server goes where the journal runs (never on a spinning hot path)
+        # unless the map places it.
+        k = next(k for k, p in enumerate(procs) if "journal" in p.stages) \
+            if "journal" in seen_stage else len(procs) - 1
+        procs[k] = replace(procs[k], stages=procs[k].stages + ("snapshot",))
+        seen_stage["snapshot"] = procs[k].name
     missing = [s for s in STAGES if s not in seen_stage
                and (s not in OPTIONAL_STAGES or (s == "mirror" and repl))]
     if missing:
@@ -491,7 +525,9 @@ def _parse(doc: dict, source: str) -> NodeConfig:
         ingest_port=ing["port"], max_sessions=ing["max_sessions"],
         ack_interval_us=ing["ack_interval_us"], group=fo["group"],
         fanout_port=fo["port"], interface=fo["interface"], ttl=fo["ttl"],
-        max_datagram=fo["max_datagram"], processes=tuple(procs), data_dir=data_dir,
+        max_datagram=fo["max_datagram"], feed_heartbeat_ms=fo["heartbeat_ms"],
+        refresh_rows_per_s=fo["refresh_rows_per_s"], snapshot_host=fo["snapshot_host"],
+        snapshot_port=fo["snapshot_port"], processes=tuple(procs), data_dir=data_dir,
         fsync=jn["fsync"], fsync_interval_ms=jn["interval_ms"],
         segment_bytes=jn["segment_mb"] << 20, snapshot_every_events=sn["every_events"],
         snapshot_every_s=sn["every_s"], snapshot_keep=sn["keep"],

@@ -39,8 +39,11 @@ Changed accounts
 ----------------
 Each batch bumps a stamp; an account moved by an accepted event is appended once per batch
 to ``st.changed`` (``ctr[C_NCHANGED]`` entries) and its ``acc_gseq`` is set to the event's
-global sequence number. The fan-out publishes exactly those rows (conflated: the latest
-state of each, tagged with the last event that moved it).
+global sequence number. Instruments (``inst.gseq``), sectors (``sec_gseq``) and cells are
+listed the same way in ``ichanged``, ``schanged`` and ``cchanged``, deduplicated by a dirty
+flag that the next batch clears. :mod:`exposure.publish` publishes exactly those rows, and
+the fan-out sends them (conflated: the latest state of each, tagged with the last event
+that moved it).
 """
 
 from __future__ import annotations
@@ -64,7 +67,10 @@ from .types import (
     C_LIVE,
     C_MAX_ORDERS,
     C_MAX_SOURCES,
+    C_NCCHANGED,
     C_NCHANGED,
+    C_NICHANGED,
+    C_NSCHANGED,
     C_REJECTED,
     C_REJECTS,
     C_STAMP,
@@ -271,6 +277,55 @@ def _touch(st, a, gseq):
     st.acc_gseq[a] = gseq
 
 
+@njit(inline="always", cache=True, _nrt=False)
+def _touch_inst(st, i, gseq):
+    """Record that instrument ``i``'s row moved (once per batch in ``ichanged``)."""
+    ins = st.inst[i]
+    if ins.dirty == 0:
+        ins.dirty = 1
+        n = st.ctr[C_NICHANGED]
+        st.ichanged[n] = i
+        st.ctr[C_NICHANGED] = n + 1
+    ins.gseq = gseq
+
+
+@njit(inline="always", cache=True, _nrt=False)
+def _touch_sec(st, s, gseq):
+    """Record that sector ``s`` moved (once per batch in ``schanged``)."""
+    if st.sec_dirty[s] == 0:
+        st.sec_dirty[s] = 1
+        n = st.ctr[C_NSCHANGED]
+        st.schanged[n] = s
+        st.ctr[C_NSCHANGED] = n + 1
+    st.sec_gseq[s] = gseq
+
+
+@njit(inline="always", cache=True, _nrt=False)
+def _touch_cell(st, c):
+    """Record that cell ``c`` moved (once per batch in ``cchanged``: its position row)."""
+    cell = st.cells[c]
+    if cell.dirty == 0:
+        cell.dirty = 1
+        n = st.ctr[C_NCCHANGED]
+        st.cchanged[n] = c
+        st.ctr[C_NCCHANGED] = n + 1
+
+
+@njit(cache=True, _nrt=False)
+def _clear_changed(st):
+    """Empty the instrument, sector and cell lists of the previous batch (their flags)."""
+    ctr = st.ctr
+    for k in range(ctr[C_NICHANGED]):
+        st.inst[st.ichanged[k]].dirty = 0
+    for k in range(ctr[C_NSCHANGED]):
+        st.sec_dirty[st.schanged[k]] = 0
+    for k in range(ctr[C_NCCHANGED]):
+        st.cells[st.cchanged[k]].dirty = 0
+    ctr[C_NICHANGED] = 0
+    ctr[C_NSCHANGED] = 0
+    ctr[C_NCCHANGED] = 0
+
+
 # ----------------------------------------------------------------------------- revaluation
 @njit(inline="always", cache=True, _nrt=False)
 def _revalue(st, i, ref, mult, mr, beta, sector, gseq):
@@ -286,6 +341,7 @@ def _revalue(st, i, ref, mult, mr, beta, sector, gseq):
         a = st.cells[c].account
         _apply_cell(st.acc[a], st.fund, old, new)
         _touch(st, a, gseq)
+        _touch_cell(st, c)
         c = st.cells[c].next
     ins.ref_price = ref
     ins.multiplier = mult
@@ -293,6 +349,9 @@ def _revalue(st, i, ref, mult, mr, beta, sector, gseq):
     ins.beta = beta
     ins.sector = sector
     _apply_inst(st.fund, st.sec, s_old, old_i, sector, _inst_now(st, i))
+    _touch_inst(st, i, gseq)
+    _touch_sec(st, s_old, gseq)
+    _touch_sec(st, sector, gseq)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -572,6 +631,9 @@ def _step(st, r):
     _apply_cell(st.acc[a], st.fund, old, _cell_now(st, c))
     if t == T_FILL or t == T_POSITION:
         _apply_inst(st.fund, st.sec, sector, old_i, sector, _inst_now(st, i))
+        _touch_sec(st, sector, gseq)
+    _touch_inst(st, i, gseq)
+    _touch_cell(st, c)
     if finish:
         _order_delete(st.orders, slot)
         st.acc_live[a] -= 1
@@ -627,11 +689,14 @@ def apply_batch(st, recs, status):
     ``status[k]`` is 0 (accepted), ``S_LATE_FILL`` (accepted late fill) or a reject reason
     (types.R_*). After the call ``st.changed[:st.ctr[C_NCHANGED]]`` lists the accounts the
     batch moved, each once, and ``st.acc_gseq[a]`` is the gseq of the last event that moved
-    account ``a``. The whole batch is always processed: the return value is ``len(recs)``.
+    account ``a``; ``ichanged``, ``schanged`` and ``cchanged`` (C_NICHANGED, C_NSCHANGED,
+    C_NCCHANGED) do the same for instruments (``inst.gseq``), sectors (``sec_gseq``) and
+    cells. The whole batch is always processed: the return value is ``len(recs)``.
     """
     ctr = st.ctr
     ctr[C_STAMP] += 1
     ctr[C_NCHANGED] = 0
+    _clear_changed(st)
     n = recs.shape[0]
     for k in range(min(n, _LOOKAHEAD)):
         _prefetch_for(st, recs[k])

@@ -38,6 +38,7 @@ from .config import NodeConfig, check_ports_free, load_config
 from .coord import PairStore
 from .election import Election, Stopped
 from .journal import JournalWriter, first_gseq, read_record
+from .publish import versions
 from .recovery import next_epoch, recover
 from .repl import read_secret
 from .sdnotify import Notifier
@@ -63,6 +64,7 @@ from .stages.ingest import IngestStage, PortLimits
 from .stages.journal import JournalStage
 from .stages.mirror import MirrorStage
 from .stages.replica import ReplicaStage
+from .stages.snapshot_server import SnapshotServer
 from .types import C_LAST_GSEQ, EVENT_SIZE, UPDATE_DTYPE
 
 __all__ = ["Node", "run_process", "main"]
@@ -131,7 +133,7 @@ class Node:
             self.ctl = self.control.array
             cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             st = self.tally.state
-            self.recovered = recover(st, st.pub["ver"], self.tally.words, sessions.array,
+            self.recovered = recover(st, versions(st), self.tally.words, sessions.array,
                                      cfg.data_dir, cfg.segment_bytes, _log,
                                      state_buf=self.tally.buf)
             self.snap_gseq = self.recovered.snapshot_gseq
@@ -218,7 +220,7 @@ class Node:
             self._move_aside(reload)
             self.ctl[CTL_RELOAD] = 0
         st = self.tally.state
-        self.recovered = recover(st, st.pub["ver"], self.tally.words, self.sessions.array,
+        self.recovered = recover(st, versions(st), self.tally.words, self.sessions.array,
                                  self.cfg.data_dir, self.cfg.segment_bytes, _log,
                                  reset_first=True, state_buf=self.tally.buf)
         self.snap_gseq = self.recovered.snapshot_gseq
@@ -533,10 +535,19 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
                                            cfg.fsync, cfg.fsync_interval_ms,
                                            mirror_ring=rings.get("mirror"), ctl=ctl))
             elif st == "fanout":
+                tally = TallySegment.attach(names["tally"])  # read-only: the refresh cycle
+                opened.append(tally)
                 stages.append(FanoutStage(rings["fanout"], cfg.group, cfg.fanout_port,
                                           cfg.interface, cfg.ttl, cfg.max_datagram,
-                                          cfg.caps.accounts, epoch=epoch, ctl=ctl,
-                                          pair=cfg.replicated))
+                                          tally.state, epoch=epoch, ctl=ctl,
+                                          pair=cfg.replicated,
+                                          heartbeat_ms=cfg.feed_heartbeat_ms,
+                                          refresh_rows_per_s=cfg.refresh_rows_per_s))
+            elif st == "snapshot" and cfg.snapshot_port:  # 0: off
+                tally = TallySegment.attach(names["tally"])
+                opened.append(tally)
+                stages.append(SnapshotServer(cfg.snapshot_host, cfg.snapshot_port,
+                                             tally.state, ctl, pair=cfg.replicated))
             elif st == "mirror" and cfg.replicated:
                 stages.append(MirrorStage(rings["mirror"], ctl, sessions.array,
                                           cfg.repl_peer, read_secret(cfg.secret_file),

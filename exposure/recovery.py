@@ -19,18 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from numba import njit
 
 from . import _jit  # noqa: F401
 from ._fs import publish_file
 from .journal import JournalWriter, ScanResult, read_blocks
 from .kernel import apply_batch
+from .publish import Versions, count_sessions, publish_all
 from .shm.session_layout import S_DONE, S_DURABLE, S_HELD
 from .shm.tally_layout import State, reset
-from .shm.tally_segment import publish, write_begin, write_end
+from .shm.tally_segment import write_begin, write_end
 from .snapshot import load_newest
-from .stages.compute import _after_batch
-from .types import C_LAST_GSEQ, C_NCHANGED, EVENT_DTYPE, UPDATE_DTYPE
+from .types import C_LAST_GSEQ, EVENT_DTYPE
+
+# The tables desks read: kept while a restarting node recovers (publish_all rewrites them).
+PUBLISHED = ("pub", "ipub", "spub", "cpub", "ctrpub")
 
 __all__ = ["recover", "Recovered", "replay_journal", "next_epoch", "read_epoch", "store_epoch"]
 
@@ -75,17 +77,6 @@ class Recovered:
     snapshot_gseq: int = 0  # the snapshot recovery started from (0: none)
 
 
-@njit(cache=True)
-def _all_accounts_changed(st):
-    """Mark every account that ever moved as changed (so :func:`publish` writes it)."""
-    n = 0
-    for a in range(st.acc_gseq.shape[0]):
-        if st.acc_gseq[a] != 0:
-            st.changed[n] = a
-            n += 1
-    st.ctr[C_NCHANGED] = n
-
-
 def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None = None,
                    upto: int = 0, batch: int = 65536, from_gseq: int = 1,
                    result: ScanResult | None = None) -> int:
@@ -93,7 +84,6 @@ def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None
     ``st``; with ``sessions``, count each session's processed seq and rejects as compute
     does. Returns the records applied."""
     status = np.zeros(batch, np.uint8)
-    upd = np.zeros(st.acc.shape[0] + 1, UPDATE_DTYPE)
     flat = sessions.reshape(-1) if sessions is not None else np.zeros(12, np.uint64)
     ncols = sessions.shape[1] if sessions is not None else 12
     done = 0
@@ -110,12 +100,12 @@ def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None
             n = len(part)
             apply_batch(st, part, status[:n])
             if sessions is not None:
-                _after_batch(st, part, status[:n], n, flat, ncols, upd, 0)
+                count_sessions(part, status[:n], n, flat, ncols)
             done += n
     return done
 
 
-def recover(st: State, ver: np.ndarray, seg_words: np.ndarray, sessions: np.ndarray,
+def recover(st: State, vers: Versions, seg_words: np.ndarray, sessions: np.ndarray,
             directory: str | Path, segment_bytes: int, log: Callable[[str], None],
             reset_first: bool = False, state_buf: np.ndarray | None = None) -> Recovered:
     """Rebuild ``st`` and ``sessions`` from ``directory``; the replay runs under the
@@ -133,12 +123,12 @@ def recover(st: State, ver: np.ndarray, seg_words: np.ndarray, sessions: np.ndar
     write_begin(seg_words)  # desks that attach meanwhile wait instead of reading zeros
     try:
         if reset_first:
-            reset(st, keep=("pub",))
+            reset(st, keep=PUBLISHED)
             sessions[...] = 0
         base = 0
         if state_buf is not None:
             def fresh() -> None:
-                reset(st, keep=("pub",))
+                reset(st, keep=PUBLISHED)
                 sessions[...] = 0
 
             base = load_newest(directory, state_buf, sessions, log, fresh)
@@ -151,9 +141,7 @@ def recover(st: State, ver: np.ndarray, seg_words: np.ndarray, sessions: np.ndar
     sessions[:, S_HELD] = sessions[:, S_DONE]
     sessions[:, S_DURABLE] = sessions[:, S_DONE]
     sessions[0, S_DURABLE] = st.ctr[C_LAST_GSEQ]
-    _all_accounts_changed(st)
-    publish(st, ver, np.uint64(st.ctr[C_LAST_GSEQ]))
-    st.ctr[C_NCHANGED] = 0
+    publish_all(st, vers, int(st.ctr[C_LAST_GSEQ]))
     return Recovered(n, int(st.ctr[C_LAST_GSEQ]), torn.torn_bytes,
                      time.perf_counter() - t0, base)
 

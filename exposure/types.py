@@ -68,6 +68,15 @@ __all__ = [
     "INSTRUMENT_DTYPE",
     "PUBROW_DTYPE",
     "UPDATE_DTYPE",
+    "INSTPUB_DTYPE",
+    "SECPUB_DTYPE",
+    "POSPUB_DTYPE",
+    "CTRPUB_DTYPE",
+    "ACCOUNT_ROW_DTYPE",
+    "INSTRUMENT_ROW_DTYPE",
+    "SECTOR_ROW_DTYPE",
+    "ROW_DTYPES",
+    "ROW_KINDS",
     "ACCOUNT_TALLIES",
     "FUND_TALLIES",
 ]
@@ -172,11 +181,12 @@ MAX_QTY = 10**12
 MAX_ORDER_ID = 2**63  # exclusive
 
 # --------------------------------------------------------------------------- tally state
-# A position cell: one (account, instrument) pair, one cache line.
+# A position cell: one (account, instrument) pair, one cache line. ``dirty`` is 1 while the
+# cell is listed in the batch's ``cchanged`` (published to desks after the batch).
 CELL_DTYPE = np.dtype(
     {
         "names": ["pos", "open_buy", "open_sell", "sod_qty", "sod_price", "flow",
-                  "account", "instrument", "next", "_pad"],
+                  "account", "instrument", "next", "dirty"],
         "formats": ["<i8", "<i8", "<i8", "<i8", "<f8", "<f8", "<i4", "<i4", "<i4", "<i4"],
         "offsets": [0, 8, 16, 24, 32, 40, 48, 52, 56, 60],
         "itemsize": 64,
@@ -207,15 +217,18 @@ CELLIDX_DTYPE = np.dtype(
     align=True,
 )
 
-# Reference data and fund aggregates of one instrument.
+# Reference data and fund aggregates of one instrument. ``dirty`` is 1 while the instrument
+# is listed in the batch's ``ichanged`` (the kernel clears it at the next batch); ``gseq`` is
+# the event that last moved the instrument's row (a feed row's tag).
 INSTRUMENT_DTYPE = np.dtype(
     {
         "names": ["ref_price", "multiplier", "margin_rate", "beta", "fund_pos", "abs_pos",
-                  "open_buy", "open_sell", "head", "sector", "marked", "_pad"],
+                  "open_buy", "open_sell", "head", "sector", "marked", "dirty", "gseq",
+                  "_pad"],
         "formats": ["<f8", "<f8", "<f8", "<f8", "<i8", "<i8", "<i8", "<i8",
-                    "<i4", "<i4", "<i4", "<i4"],
-        "offsets": [0, 8, 16, 24, 32, 40, 48, 56, 64, 68, 72, 76],
-        "itemsize": 80,
+                    "<i4", "<i4", "<i4", "<i4", "<u8", "<u8"],
+        "offsets": [0, 8, 16, 24, 32, 40, 48, 56, 64, 68, 72, 76, 80, 88],
+        "itemsize": 96,
     },
     align=True,
 )
@@ -235,24 +248,96 @@ PUBROW_DTYPE = np.dtype(
     align=True,
 )
 
-# A tally update on the fan-out ring and in multicast datagrams: the state of one account
-# (or of the fund: account = -1) after the batch that last moved it, tagged with the event
-# that triggered it (so a receiver can measure wire to wire): the client's send time
-# (``send_ns``), ingest's receive time (``recv_ns``) and compute's time (``compute_ns``),
-# all CLOCK_REALTIME ns; the datagram header adds the fan-out's send time.
-UPDATE_DTYPE = np.dtype(
+# ----------------------------------------------------------------------------- published rows
+# What desks read without waiting (row seqlocks: ``ver`` odd while the row is written).
+# Instrument rows: reference data and the fund's aggregates of one instrument.
+INSTPUB_DTYPE = np.dtype(
     {
-        "names": ["account", "session", "gseq", "sseq", "send_ns", "long_mv", "short_mv",
-                  "gross", "net", "open_buy_mv", "open_sell_mv", "worst_gross", "margin",
-                  "beta_net", "pnl", "live_orders", "breach", "compute_ns", "recv_ns"],
-        "formats": ["<i4", "<u4", "<u8", "<u8", "<i8"] + ["<f8"] * 10
-        + ["<i4", "<i4", "<i8", "<i8"],
-        "offsets": [0, 4, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 116, 120,
-                    128],
-        "itemsize": 136,
+        "names": ["ver", "gseq", "fund_pos", "ref_price", "open_buy", "open_sell", "net_mv",
+                  "gross_mv", "multiplier", "margin_rate", "beta", "sector", "marked"],
+        "formats": ["<u8", "<u8", "<i8", "<f8", "<i8", "<i8", "<f8", "<f8", "<f8", "<f8",
+                    "<f8", "<i4", "<i4"],
+        "offsets": [0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 92],
+        "itemsize": 96,
     },
     align=True,
 )
+# Sector rows.
+SECPUB_DTYPE = np.dtype(
+    {"names": ["ver", "gseq", "net_mv", "gross_mv"],
+     "formats": ["<u8", "<u8", "<f8", "<f8"], "offsets": [0, 8, 16, 24], "itemsize": 32},
+    align=True,
+)
+# Position rows, one per cell (same index as the cell table); ``gseq`` is the last event of
+# the batch that published the row.
+POSPUB_DTYPE = np.dtype(
+    {
+        "names": ["ver", "gseq", "account", "instrument", "pos", "open_buy", "open_sell",
+                  "pnl", "_pad"],
+        "formats": ["<u8", "<u8", "<i4", "<i4", "<i8", "<i8", "<i8", "<f8", "<i8"],
+        "offsets": [0, 8, 16, 20, 24, 32, 40, 48, 56],
+        "itemsize": 64,
+    },
+    align=True,
+)
+# The counters row: a copy of ``ctr`` as of the end of a batch (the document's counts).
+CTRPUB_DTYPE = np.dtype(
+    {"names": ["ver", "gseq", "ctr"], "formats": ["<u8", "<u8", ("<i8", 32)],
+     "offsets": [0, 8, 16], "itemsize": 272},
+    align=True,
+)
+
+# ----------------------------------------------------------------------------- feed rows
+# A row of the multicast feed (and of the fan-out ring and of a recovery snapshot): 160
+# bytes, a 56-byte head common to every kind, then the kind's body. docs/feed.md is the
+# normative table (a test decodes datagrams from it). Every row is the state of one account,
+# the fund, one instrument or one sector after the batch that last moved it, tagged with
+# that event (gseq, session, sseq and its client send time ``send_ns``), ingest's receive
+# time (``recv_ns``) and compute's time (``compute_ns``), all CLOCK_REALTIME ns. Rows of a
+# refresh or a snapshot carry no event tag (session 0xFFFFFFFF, sseq and times 0).
+ROW_ACCOUNT = 1
+ROW_FUND = 2
+ROW_INSTRUMENT = 3
+ROW_SECTOR = 4
+ROW_KINDS = {ROW_ACCOUNT: "account", ROW_FUND: "fund", ROW_INSTRUMENT: "instrument",
+             ROW_SECTOR: "sector"}
+ROW_SIZE = 160
+NO_SESSION = 0xFFFFFFFF
+_HEAD_NAMES = ["kind", "breach", "breach_prev", "flags", "id", "epoch", "session", "gseq",
+               "sseq", "send_ns", "recv_ns", "compute_ns"]
+_HEAD_FORMATS = ["u1", "u1", "u1", "u1", "<i4", "<u4", "<u4", "<u8", "<u8", "<i8", "<i8",
+                 "<i8"]
+_HEAD_OFFSETS = [0, 1, 2, 3, 4, 8, 12, 16, 24, 32, 40, 48]
+
+
+def _row(idname: str, body: list[tuple[str, str, int]]) -> np.dtype:
+    names = [idname if n == "id" else n for n in _HEAD_NAMES] + [b[0] for b in body]
+    return np.dtype({"names": names, "formats": _HEAD_FORMATS + [b[1] for b in body],
+                     "offsets": _HEAD_OFFSETS + [b[2] for b in body], "itemsize": ROW_SIZE},
+                    align=True)
+
+
+# Account rows (kind 1) and the fund row (kind 2, account -1; the only one with net_long_mv
+# and net_short_mv). ``breach`` is the SPEC's bits now, ``breach_prev`` those of the
+# account's previous published state: a breach that starts or ends shows as a difference.
+UPDATE_DTYPE = _row("account", [
+    ("live_orders", "<i8", 56), ("long_mv", "<f8", 64), ("short_mv", "<f8", 72),
+    ("gross", "<f8", 80), ("net", "<f8", 88), ("open_buy_mv", "<f8", 96),
+    ("open_sell_mv", "<f8", 104), ("worst_gross", "<f8", 112), ("margin", "<f8", 120),
+    ("beta_net", "<f8", 128), ("pnl", "<f8", 136), ("net_long_mv", "<f8", 144),
+    ("net_short_mv", "<f8", 152)])
+ACCOUNT_ROW_DTYPE = UPDATE_DTYPE
+# Instrument rows (kind 3): net_mv = fund_pos x ref_price x multiplier; gross_mv = the sum
+# over accounts of abs(pos) x ref_price x multiplier.
+INSTRUMENT_ROW_DTYPE = _row("instrument", [
+    ("fund_pos", "<i8", 56), ("ref_price", "<f8", 64), ("open_buy", "<i8", 72),
+    ("open_sell", "<i8", 80), ("net_mv", "<f8", 88), ("gross_mv", "<f8", 96),
+    ("multiplier", "<f8", 104), ("margin_rate", "<f8", 112), ("beta", "<f8", 120),
+    ("sector", "<i4", 128), ("marked", "<i4", 132)])
+# Sector rows (kind 4).
+SECTOR_ROW_DTYPE = _row("sector", [("net_mv", "<f8", 64), ("gross_mv", "<f8", 72)])
+ROW_DTYPES = {ROW_ACCOUNT: UPDATE_DTYPE, ROW_FUND: UPDATE_DTYPE,
+              ROW_INSTRUMENT: INSTRUMENT_ROW_DTYPE, ROW_SECTOR: SECTOR_ROW_DTYPE}
 
 # Columns of the per-account tally array (each kept as a compensated sum: value + error).
 K_LONG = 0
@@ -300,5 +385,8 @@ C_NCHANGED = 8        # accounts in ``changed`` after the last batch
 C_MAX_ORDERS = 9      # capacity: live orders (set by the layout)
 C_MAX_SOURCES = 10    # capacity: sources (set by the layout)
 C_UNAUTHORIZED = 11   # records a session was not entitled to send (types.R_UNAUTHORIZED)
+C_NICHANGED = 12      # instruments in ``ichanged`` after the last batch
+C_NSCHANGED = 13      # sectors in ``schanged`` after the last batch
+C_NCCHANGED = 14      # cells in ``cchanged`` after the last batch
 C_REJECTS = 16        # C_REJECTS + reason code: per-reason reject counts
 N_COUNTERS = 32

@@ -24,8 +24,8 @@ import sys
 import time
 
 from exposure import wire as W
-from exposure.stages.fanout import DGRAM_HEADER, DGRAM_MAGIC
-from exposure.types import EVENT_DTYPE, UPDATE_DTYPE
+from exposure.feedwire import DG_INCREMENTAL, DGRAM_HEADER, DGRAM_MAGIC, dgram_word
+from exposure.types import EVENT_DTYPE, ROW_FUND, UPDATE_DTYPE
 
 __all__ = ["serve", "main"]
 
@@ -94,8 +94,11 @@ def serve(port: int, group: str, mport: int, interface: str, stop: list) -> None
             if last >= 0:
                 now = time.time_ns()
                 sseq = struct.unpack_from("<Q", b, last + _SSEQ)[0]
-                struct.pack_into("<IIQIIq", dgram, 0, DGRAM_MAGIC, 0, stream + 1, 1, 0, now)
-                struct.pack_into("<iI", dgram, _U["account"], -1, c[2])
+                struct.pack_into("<IIQIIq", dgram, 0, DGRAM_MAGIC, 0, stream + 1,
+                                 *dgram_word(1, DG_INCREMENTAL), now)
+                dgram[DGRAM_HEADER.size] = ROW_FUND
+                struct.pack_into("<i", dgram, _U["account"], -1)
+                struct.pack_into("<I", dgram, _U["session"], c[2])
                 struct.pack_into("<Q", dgram, _U["sseq"], sseq)
                 dgram[_U["send_ns"]:_U["send_ns"] + 8] = b[last + _SEND:last + _SEND + 8]
                 struct.pack_into("<q", dgram, _U["compute_ns"], now)

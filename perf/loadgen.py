@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from exposure import wire as W
-from exposure.stages.fanout import open_receiver
+from exposure.feedwire import open_receiver
 from exposure.types import EVENT_WORDS, T_CANCEL, T_DONE, T_FILL, T_NEW, T_REPLACE, W_SSEQ
 
 __all__ = ["RunRaw", "open_loop", "build_frames", "steal_ms"]

@@ -60,6 +60,7 @@ class LocalNode:
                  repl_port: int | None = None, start: bool = True, ingest: str = ""):
         self.name = f"{prefix}{os.getpid()}{uuid.uuid4().hex[:6]}"
         self.port, self.mport = free_port(), mport or free_port()
+        self.sport = free_port()  # the recovery server (snapshots of the feed)
         self.repl_port = repl_port  # a node of a pair: its replication listener
         self.group = group or free_group()
         self.config = tmp / f"{self.name}.toml"
@@ -67,7 +68,8 @@ class LocalNode:
         self.config.write_text(
             f'[node]\nname = "{self.name}"\n[capacities]\norders = {orders}\ncells = {cells}\n'
             f"[ingest]\nport = {self.port}\n{ingest}\n[fanout]\nport = {self.mport}\n"
-            f'group = "{self.group}"\n[journal]\ndir = "{self.data_dir}"\n'
+            f'group = "{self.group}"\nsnapshot_port = {self.sport}\n'
+            f'[journal]\ndir = "{self.data_dir}"\n'
             f'fsync = "{fsync}"\n{extra}')
         self.log = tmp / f"{self.name}.log"
         self.env: dict[str, str] = {}  # added to the node's environment (NOTIFY_SOCKET...)
@@ -307,6 +309,7 @@ class LocalPair:
 listen = "127.0.0.1:{n.repl_port}"
 peer = "127.0.0.1:{other.repl_port}"
 peer_ingest = "127.0.0.1:{other.port}"
+peer_snapshot = "127.0.0.1:{other.sport}"
 secret_file = "{self.secret}"
 etcd = "{self.etcd_url}"
 etcd_prefix = "{self.prefix}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
-from exposure.stages.fanout import parse_datagram
+from exposure.feedwire import DG_INCREMENTAL, parse_datagram
 
 __all__ = ["Arrivals", "collect_arrivals", "seen_times", "histogram", "summarize",
            "stage_breakdown", "percentile_curve", "PERCENTILES", "PLOT_PERCENTILES"]
@@ -52,6 +52,8 @@ def collect_arrivals(datagrams: list[tuple[int, bytes]], session: int) -> Arriva
             d = parse_datagram(data)
         except ValueError:
             continue
+        if d.type != DG_INCREMENTAL:
+            continue  # heartbeats and refreshes carry no event (nor a new seq)
         seqs.append(d.seq)
         u = d.updates[d.updates["session"] == session]
         if not len(u):

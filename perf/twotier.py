@@ -16,7 +16,7 @@ row of the kernel's flat state (raw little-endian bytes, exactly the row's layou
     fund         the fund's compensated sums            f8[10, 2]  160 B
     a:{a}        acc[a] + acc_lim[a] + acc_live[a] + acc_gseq[a]   176 B
     s:{s}        sec[s]                                 f8[2, 2]    32 B
-    i:{i}        inst[i]                                INSTRUMENT  80 B
+    i:{i}        inst[i]                                INSTRUMENT  96 B
     c:{c}        cells[c]                               CELL        64 B
     x:{slot}     cidx[slot], absent = empty             CELLIDX     16 B
     o:{slot}     orders[slot], absent = empty           ORDER       32 B
@@ -128,21 +128,28 @@ from numba import njit
 from exposure import _jit
 from exposure.capacity import Capacities
 from exposure.config import ConfigError, load_config
-from exposure.kernel import _cell_home, _order_home, apply_batch
+from exposure.feedwire import DG_INCREMENTAL, DGRAM_HEADER, DGRAM_MAGIC, dgram_word
+from exposure.kernel import _cell_home, _order_home, account_values, apply_batch
+from exposure.publish import count_sessions
 from exposure.shm import ring_layout as RL
 from exposure.shm.ring import Ring, ring_pop
 from exposure.shm.session_layout import SESSION_COLS
 from exposure.shm.tally_layout import State, TallyLayout, allocate
-from exposure.stages.compute import _after_batch
-from exposure.stages.fanout import DGRAM_HEADER, DGRAM_MAGIC
+from exposure.shm.tally_segment import set_values
 from exposure.stages.ingest import IngestStage
 from exposure.types import (
     C_CELLS,
     C_LAST_GSEQ,
+    C_LIVE,
+    C_NCCHANGED,
     C_NCHANGED,
+    C_NICHANGED,
+    C_NSCHANGED,
     EVENT_DTYPE,
     EVENT_SIZE,
     MAX_ORDER_ID,
+    ROW_ACCOUNT,
+    ROW_FUND,
     T_CANCEL,
     T_DONE,
     T_FILL,
@@ -170,7 +177,7 @@ _TABLE_ARRAYS = (("ctr",), ("fund",), ("acc", "acc_lim", "acc_live", "acc_gseq")
                  ("inst",), ("cells",), ("cidx",), ("orders",))
 
 
-ROW_SIZES = np.array([256, 160, 176, 32, 80, 64, 16, 32], np.int64)
+ROW_SIZES = np.array([256, 160, 176, 32, 96, 64, 16, 32], np.int64)
 
 
 class _Geometry:
@@ -457,6 +464,65 @@ _LOW = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
 
 
+@njit(cache=True, _nrt=False)
+def _scrub(st):
+    """Put the batch's instrument, sector and cell change lists (and their dirty flags and
+    the sectors' gseqs, which this baseline does not keep) back to their initial values."""
+    for j in range(st.ctr[C_NSCHANGED]):
+        st.sec_gseq[st.schanged[j]] = 0
+        st.schanged[j] = 0
+    for j in range(st.ctr[C_NICHANGED]):
+        st.inst[st.ichanged[j]].dirty = 0
+        st.ichanged[j] = 0
+    for j in range(st.ctr[C_NCCHANGED]):
+        st.cells[st.cchanged[j]].dirty = 0
+        st.cchanged[j] = 0
+    st.sec_dirty[:] = 0
+    st.ctr[C_NICHANGED] = 0
+    st.ctr[C_NSCHANGED] = 0
+    st.ctr[C_NCCHANGED] = 0
+
+
+@njit(cache=True)
+def _updates(st, recs, n, upd, now_ns):
+    """The batch's account and fund rows of the feed (the node's format; this baseline
+    sends no instrument or sector rows), each tagged with the event that last moved it."""
+    g0 = np.int64(recs[0].gseq)
+    vals = np.empty(8)
+    m = 0
+    for j in range(st.ctr[C_NCHANGED] + 1):
+        u = upd[m]
+        if j < st.ctr[C_NCHANGED]:
+            a = np.int64(st.changed[j])
+            u.breach = account_values(st.acc, st.acc_lim, a, vals)
+            u.breach_prev = u.breach
+            u.live_orders = st.acc_live[a]
+            u.account = a
+            u.kind = ROW_ACCOUNT
+            k = np.int64(st.acc_gseq[a]) - g0
+        else:  # the fund row, triggered by the batch's last event
+            for t in range(8):
+                vals[t] = st.fund[t, 0] + st.fund[t, 1]
+            u.breach = 0
+            u.breach_prev = 0
+            u.live_orders = st.ctr[C_LIVE]
+            u.account = -1
+            u.kind = ROW_FUND
+            k = n - 1
+        if k < 0 or k >= n:
+            k = n - 1
+        r = recs[k]
+        u.session = r.session
+        u.gseq = r.gseq
+        u.sseq = r.sseq
+        u.send_ns = r.send_ns
+        u.recv_ns = r.recv_ns
+        set_values(u, vals)
+        u.compute_ns = now_ns
+        m += 1
+    return m
+
+
 @njit(cache=True)
 def _batch(buf, st, recs, status, n, inw, nin, parts, rowsz, pristine, cand, outw,
            sess_flat, ncols, upd, now_ns):
@@ -504,7 +570,9 @@ def _batch(buf, st, recs, status, n, inw, nin, parts, rowsz, pristine, cand, out
         cand[nc, 2] = -1
         nc += 1
     # ---- 3. the batch's updates (and the session table, for ingest's ACKs)
-    m = _after_batch(st, r, s, n, sess_flat, ncols, upd, now_ns)
+    count_sessions(r, s, n, sess_flat, ncols)
+    m = _updates(st, r, n, upd, now_ns) if n else 0
+    _scrub(st)  # the instruments', sectors' and cells' change lists: not state
     for j in range(st.ctr[C_NCHANGED]):  # batch scratch back to its initial values
         a = st.changed[j]
         st.acc_stamp[a] = 0
@@ -754,7 +822,8 @@ class Publisher:
         for lo in range(0, len(upd), self.per):
             cnt = min(self.per, len(upd) - lo)
             self.seq += 1
-            hdr = DGRAM_HEADER.pack(DGRAM_MAGIC, 0, self.seq, cnt, 0, time.time_ns())
+            hdr = DGRAM_HEADER.pack(DGRAM_MAGIC, 0, self.seq, *dgram_word(cnt, DG_INCREMENTAL),
+                                    time.time_ns())
             try:
                 self.sock.send(hdr + mv[lo * sz:(lo + cnt) * sz])
             except OSError:

@@ -59,22 +59,34 @@ def load_expected(name: str) -> dict:
 
 
 def read_stream(rx, check=None) -> tuple[list[int], dict]:
-    """Every datagram on the multicast socket ``rx`` until it times out: the stream seqs in
-    arrival order and each account's latest update (by gseq). ``check(datagram)`` is called
-    on each one."""
-    from exposure.stages.fanout import parse_datagram
+    """Every INCREMENTAL datagram on the multicast socket ``rx`` until none has come for
+    its timeout (heartbeats and refreshes, which keep coming, are skipped): the stream seqs
+    in arrival order and each account's latest update (by gseq). ``check(datagram)`` is
+    called on each one."""
+    import time
+
+    from exposure.feedwire import DG_INCREMENTAL, parse_datagram
+    from exposure.types import ROW_ACCOUNT, ROW_FUND
 
     seqs, latest = [], {}
+    quiet = rx.gettimeout() or 1.0
+    last = time.monotonic()
     while True:
+        if time.monotonic() - last > quiet:
+            return seqs, latest
         try:
             data = rx.recv(65536)
         except TimeoutError:
             return seqs, latest
         d = parse_datagram(data)
+        if d.type != DG_INCREMENTAL:
+            continue  # heartbeats and refreshes repeat the last seq and carry no event
+        last = time.monotonic()
         if check is not None:
             check(d)
         seqs.append(d.seq)
-        for u in d.updates:
+        kinds = d.updates["kind"]
+        for u in d.updates[(kinds == ROW_ACCOUNT) | (kinds == ROW_FUND)]:
             prev = latest.get(int(u["account"]))
             if prev is None or u["gseq"] >= prev["gseq"]:
                 latest[int(u["account"])] = u.copy()

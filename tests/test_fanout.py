@@ -1,18 +1,42 @@
-"""The fan-out stage in-process: a datagram the socket refuses is counted, never fatal."""
+"""The fan-out stage in-process: conflation per row kind, the epoch in every row, heartbeats
+that repeat the last seq, a refresh cycle of published rows, and send errors counted."""
 
 import os
 import socket
+import time
 import uuid
 
 import numpy as np
 import pytest
 
+from exposure.capacity import Capacities
+from exposure.feedwire import (
+    DG_HEARTBEAT,
+    DG_INCREMENTAL,
+    DG_REFRESH,
+    open_receiver,
+    parse_datagram,
+    rows_of,
+)
+from exposure.publish import publish_all, versions
 from exposure.shm.control import CONTROL_WORDS, CTL_EPOCH, CTL_FANOUT_ERRORS, CTL_ROLE, ROLE_PRIMARY
 from exposure.shm.ring import Ring
+from exposure.shm.tally_layout import allocate
 from exposure.stages.fanout import FanoutStage
-from exposure.types import UPDATE_DTYPE
+from exposure.types import (
+    INSTRUMENT_ROW_DTYPE,
+    ROW_ACCOUNT,
+    ROW_FUND,
+    ROW_INSTRUMENT,
+    ROW_SECTOR,
+    SECTOR_ROW_DTYPE,
+    UPDATE_DTYPE,
+)
+from perf.localnode import free_group, free_port
 
 pytestmark = pytest.mark.timeout(120)
+
+CAPS = Capacities(accounts=16, instruments=64, sectors=8, orders=64, cells=64)
 
 
 def _closed_udp_port() -> int:
@@ -23,23 +47,154 @@ def _closed_udp_port() -> int:
     return port
 
 
-def test_datagrams_the_socket_refuses_are_counted_and_the_stage_goes_on():
-    ring = Ring.create(f"exposure-test-fanout-{os.getpid()}-{uuid.uuid4().hex[:6]}", 64,
+def _ring(cap: int = 64) -> Ring:
+    return Ring.create(f"exposure-test-fanout-{os.getpid()}-{uuid.uuid4().hex[:6]}", cap,
                        UPDATE_DTYPE.itemsize)
+
+
+def _ctl(epoch: int = 1) -> np.ndarray:
     ctl = np.zeros(CONTROL_WORDS, np.uint64)
-    ctl[CTL_ROLE], ctl[CTL_EPOCH] = ROLE_PRIMARY, 1
+    ctl[CTL_ROLE], ctl[CTL_EPOCH] = ROLE_PRIMARY, epoch
+    return ctl
+
+
+def _row(kind: int, rid: int, gseq: int) -> np.ndarray:
+    dt = {ROW_INSTRUMENT: INSTRUMENT_ROW_DTYPE, ROW_SECTOR: SECTOR_ROW_DTYPE}.get(kind,
+                                                                              UPDATE_DTYPE)
+    r = np.zeros(1, dt)
+    r["kind"], r[dt.names[4]], r["gseq"], r["session"] = kind, rid, gseq, 7
+    return r.view(np.uint64).reshape(1, -1)
+
+
+def _drain(rx) -> list:
+    out = []
+    while True:
+        try:
+            out.append(parse_datagram(rx.recv(65536)))
+        except (BlockingIOError, TimeoutError):
+            return out
+
+
+def test_datagrams_the_socket_refuses_are_counted_and_the_stage_goes_on():
+    ring = _ring()
+    ctl = _ctl()
+    _, st = allocate(CAPS)
     # A destination that refuses: the connected UDP socket reports the ICMP error on the
     # next send (ECONNREFUSED), a real send error like a full buffer's ENOBUFS.
-    st = FanoutStage(ring, "127.0.0.1", _closed_udp_port(), "127.0.0.1", 1, 1400, 16,
+    fo = FanoutStage(ring, "127.0.0.1", _closed_udp_port(), "127.0.0.1", 1, 1400, st,
                      epoch=1, ctl=ctl)
     try:
-        upd = np.zeros(1, UPDATE_DTYPE)
         for k in range(20):
-            upd["account"], upd["gseq"] = k % 4, k + 1
-            assert ring.push(upd.view(np.uint64).reshape(1, -1)) == 1
-            assert st.poll() == 1  # taken and sent (or lost), never raised
-        assert st.seq == 20  # every datagram had its stream seq: receivers see the gaps
-        assert st.send_errors >= 1 and int(ctl[CTL_FANOUT_ERRORS]) == st.send_errors
+            assert ring.push(_row(ROW_ACCOUNT, k % 4, k + 1)) == 1
+            assert fo.poll() == 1  # taken and sent (or lost), never raised
+        assert fo.seq == 20  # every datagram had its stream seq: receivers see the gaps
+        assert fo.send_errors >= 1 and int(ctl[CTL_FANOUT_ERRORS]) == fo.send_errors
     finally:
-        st.close()
+        fo.close()
+        ring.close()
+
+
+def test_rows_conflate_per_kind_and_id_and_carry_the_epoch():
+    ring = _ring()
+    group, port = free_group(), free_port()
+    rx = open_receiver(group, port)
+    rx.settimeout(2)
+    _, st = allocate(CAPS)
+    fo = FanoutStage(ring, group, port, "127.0.0.1", 1, 1400, st, epoch=5, ctl=_ctl(5),
+                     refresh_rows_per_s=0)
+    try:
+        rows = [_row(ROW_ACCOUNT, 3, 1), _row(ROW_INSTRUMENT, 3, 2), _row(ROW_SECTOR, 3, 3),
+                _row(ROW_ACCOUNT, 3, 4), _row(ROW_FUND, -1, 5), _row(ROW_INSTRUMENT, 3, 6),
+                _row(ROW_INSTRUMENT, 9, 7), _row(ROW_FUND, -1, 8)]
+        assert ring.push(np.concatenate(rows)) == len(rows)
+        assert fo.poll() == len(rows)
+        got = []
+        while len(got) < 5:  # the 8 rows conflate to 5 (account 3, sector 3, instrument
+            d = parse_datagram(rx.recv(65536))  # 3 and 9, the fund)
+            assert d.type == DG_INCREMENTAL and d.epoch == 5
+            got += list(zip(d.updates["kind"].tolist(), d.updates["account"].tolist(),
+                            d.updates["gseq"].tolist(), d.updates["epoch"].tolist(),
+                            strict=True))
+        assert got == [(ROW_SECTOR, 3, 3, 5), (ROW_ACCOUNT, 3, 4, 5),
+                       (ROW_INSTRUMENT, 3, 6, 5), (ROW_INSTRUMENT, 9, 7, 5),
+                       (ROW_FUND, -1, 8, 5)]
+    finally:
+        fo.close()
+        rx.close()
+        ring.close()
+
+
+def test_an_idle_feed_sends_heartbeats_with_the_last_seq():
+    ring = _ring()
+    group, port = free_group(), free_port()
+    rx = open_receiver(group, port)
+    rx.settimeout(2)
+    _, st = allocate(CAPS)
+    fo = FanoutStage(ring, group, port, "127.0.0.1", 1, 1400, st, epoch=2, ctl=_ctl(2),
+                     heartbeat_ms=20, refresh_rows_per_s=0)
+    try:
+        for k in range(3):
+            ring.push(_row(ROW_ACCOUNT, k, k + 1))
+            fo.poll()
+        beats = []
+        deadline = time.monotonic() + 10
+        while len(beats) < 3 and time.monotonic() < deadline:
+            fo.poll()
+            rx.setblocking(False)
+            beats += [d for d in _drain(rx) if d.type == DG_HEARTBEAT]
+        assert len(beats) >= 3
+        assert {(d.seq, d.epoch, len(d.updates)) for d in beats} == {(3, 2, 0)}
+        assert fo.seq == 3  # heartbeats do not advance the stream
+    finally:
+        fo.close()
+        rx.close()
+        ring.close()
+
+
+def test_the_refresh_cycle_resends_every_published_row_that_ever_moved():
+    from exposure.kernel import apply_batch
+    from exposure.parse import records_from_objects
+
+    ring = _ring()
+    group, port = free_group(), free_port()
+    rx = open_receiver(group, port)
+    rx.setblocking(False)
+    _, st = allocate(CAPS)
+    evs = [{"type": "instrument", "instrument": 5, "multiplier": 2.0, "margin_rate": 0.1,
+            "beta": 1.0, "sector": 3},
+           {"type": "mark", "instrument": 5, "price": 10.0},
+           {"type": "fill", "source": 0, "order_id": 1, "account": 2, "instrument": 5,
+            "side": "buy", "qty": 7, "price": 10.0},
+           {"type": "fill", "source": 0, "order_id": 2, "account": 4, "instrument": 5,
+            "side": "sell", "qty": 3, "price": 10.0}]
+    recs = records_from_objects(evs)
+    recs["gseq"] = np.arange(1, len(recs) + 1)
+    apply_batch(st, recs, np.zeros(len(recs), np.uint8))
+    publish_all(st, versions(st), int(recs["gseq"][-1]))
+    fo = FanoutStage(ring, group, port, "127.0.0.1", 1, 400, st, epoch=3, ctl=_ctl(3),
+                     refresh_rows_per_s=100_000)
+    try:
+        seen: dict = {}
+        deadline = time.monotonic() + 20
+        while fo.cycles < 2 and time.monotonic() < deadline:
+            fo.poll()
+            for d in _drain(rx):
+                assert d.type == DG_REFRESH and d.seq == 0 and d.epoch == 3
+                for kind in (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR):
+                    for r in rows_of(d.updates, kind):
+                        seen[(kind, int(r[4]))] = r
+        assert fo.cycles >= 2
+        # Sector 0 moved too: the instrument event took instrument 5 out of it.
+        assert set(seen) == {(ROW_ACCOUNT, 2), (ROW_ACCOUNT, 4), (ROW_FUND, -1),
+                             (ROW_INSTRUMENT, 5), (ROW_SECTOR, 0), (ROW_SECTOR, 3)}
+        assert seen[(ROW_ACCOUNT, 2)]["long_mv"] == 140.0
+        assert seen[(ROW_FUND, -1)]["net_long_mv"] == 80.0
+        ins = seen[(ROW_INSTRUMENT, 5)]
+        assert (ins["fund_pos"], ins["ref_price"], ins["net_mv"], ins["sector"]) == (
+            4, 10.0, 80.0, 3)
+        assert seen[(ROW_SECTOR, 3)]["gross_mv"] == 200.0
+        assert seen[(ROW_ACCOUNT, 2)]["session"] == 0xFFFFFFFF  # no event tags a refresh
+    finally:
+        fo.close()
+        rx.close()
         ring.close()

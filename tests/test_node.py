@@ -13,9 +13,9 @@ from support import DATA, SCENARIOS, load_expected, read_stream
 
 from exposure import wire as W
 from exposure.document import compare_documents, document
+from exposure.feedwire import open_receiver
 from exposure.parse import read_events
 from exposure.replay import replay_records
-from exposure.stages.fanout import open_receiver
 from perf.flowgen import generate, to_jsonl
 
 pytestmark = pytest.mark.timeout(300)

@@ -330,7 +330,7 @@ def test_sigstop_of_the_whole_primary_fails_over_and_the_old_primary_acts_no_mor
     """A hung primary (every process stopped) is failed over; after SIGCONT it publishes
     and acknowledges nothing at its old epoch (its fence has expired and it is not
     alone), learns the new epoch, and rejoins as a backup."""
-    from exposure.stages.fanout import open_receiver, parse_datagram
+    from exposure.feedwire import open_receiver, parse_datagram
 
     rnd = seeded()
     p = pair()

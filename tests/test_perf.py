@@ -10,8 +10,8 @@ import pytest
 from nodes import LiveNode
 
 from exposure import wire as W
-from exposure.stages.fanout import DGRAM_HEADER, DGRAM_MAGIC
-from exposure.types import EVENT_DTYPE, T_CANCEL, T_MARK, T_NEW, UPDATE_DTYPE
+from exposure.feedwire import DG_INCREMENTAL, DGRAM_HEADER, DGRAM_MAGIC, dgram_word
+from exposure.types import EVENT_DTYPE, ROW_ACCOUNT, T_CANCEL, T_MARK, T_NEW, UPDATE_DTYPE
 from perf.loadgen import RunRaw, build_frames
 from perf.measure import collect_arrivals, seen_times, summarize
 from perf.tool import summarize_run
@@ -24,7 +24,9 @@ def _dgram(seq: int, sent_ns: int, rows: list[dict]) -> bytes:
     for k, r in enumerate(rows):
         for f, v in r.items():
             u[k][f] = v
-    return DGRAM_HEADER.pack(DGRAM_MAGIC, 0, seq, len(u), 0, sent_ns) + u.tobytes()
+    u["kind"] = ROW_ACCOUNT
+    return (DGRAM_HEADER.pack(DGRAM_MAGIC, 0, seq, *dgram_word(len(u), DG_INCREMENTAL),
+                              sent_ns) + u.tobytes())
 
 
 def test_percentiles_come_from_an_hdr_histogram_in_microseconds():

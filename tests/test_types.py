@@ -31,7 +31,7 @@ def test_state_rows_fit_cache_lines():
     assert T.CELL_DTYPE.itemsize == 64
     assert T.ORDER_DTYPE.itemsize == 32
     assert T.CELLIDX_DTYPE.itemsize == 16
-    assert T.INSTRUMENT_DTYPE.itemsize == 80
+    assert T.INSTRUMENT_DTYPE.itemsize == 96
     assert _offsets(T.ORDER_DTYPE)["cell"] == 24
 
 
@@ -77,12 +77,20 @@ def test_capacity_limits_name_the_bad_value():
     assert c.order_slots == 2048 and c.cell_slots == 2**21
 
 
-def test_update_record_and_datagram_header_layout():
-    from exposure.stages.fanout import DGRAM_HEADER
-    assert T.UPDATE_DTYPE.itemsize == 136 and T.UPDATE_DTYPE.itemsize % 8 == 0
-    want = {"account": 0, "session": 4, "gseq": 8, "sseq": 16, "send_ns": 24,
-            "long_mv": 32, "pnl": 104, "live_orders": 112, "breach": 116, "compute_ns": 120,
-            "recv_ns": 128}
+def test_feed_rows_and_datagram_header_layout():
+    from exposure.feedwire import DGRAM_HEADER, SNAP_HEADER, SNAP_REQUEST
+    head = {"kind": 0, "breach": 1, "breach_prev": 2, "flags": 3, "epoch": 8, "session": 12,
+            "gseq": 16, "sseq": 24, "send_ns": 32, "recv_ns": 40, "compute_ns": 48}
+    for dt, idname in ((T.UPDATE_DTYPE, "account"), (T.INSTRUMENT_ROW_DTYPE, "instrument"),
+                       (T.SECTOR_ROW_DTYPE, "sector")):
+        assert dt.itemsize == T.ROW_SIZE == 160
+        assert dt.fields[idname][1] == 4
+        for name, off in head.items():
+            assert dt.fields[name][1] == off, name
+    want = {"live_orders": 56, "long_mv": 64, "pnl": 136, "net_long_mv": 144,
+            "net_short_mv": 152}
     for name, off in want.items():
         assert T.UPDATE_DTYPE.fields[name][1] == off, name
-    assert DGRAM_HEADER.size == 32  # magic, epoch, stream seq, count, reserved, sent_ns
+    assert T.INSTRUMENT_ROW_DTYPE.fields["fund_pos"][1] == 56
+    assert T.SECTOR_ROW_DTYPE.fields["net_mv"][1] == 64
+    assert DGRAM_HEADER.size == 32 and SNAP_HEADER.size == 32 and SNAP_REQUEST.size == 16

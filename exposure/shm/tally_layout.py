@@ -18,13 +18,26 @@ that knows where each table sits.
     | acc_gseq u8[A]            |  gseq of the last event that moved the account
     | acc_stamp i8[A]           |  batch stamp (changed-account dedup)
     | changed  i4[A]            |  accounts moved by the last batch
+    | ichanged i4[I]            |  instruments moved by the last batch (inst.dirty = 1)
     | sec      f8[S, 2, 2]      |  sector net_mv / gross_mv pairs
+    | sec_gseq u8[S]            |  gseq of the last event that moved the sector
+    | sec_dirty i4[S]           |  1 while the sector is listed in schanged
+    | schanged i4[S]            |  sectors moved by the last batch
     | inst     INSTRUMENT[I]    |  reference data + fund aggregates per instrument
     | cells    CELL[C]          |  position cells
+    | cchanged i4[C]            |  cells moved by the last batch (cell.dirty = 1)
     | cidx     CELLIDX[CS]      |  cell index: (key = account * I + instrument, cell id)
     | orders   ORDER[OS]        |  live-order open-addressing table
     | pub      PUBROW[A + 1]    |  published account rows + the fund row (row seqlocks)
+    | ipub     INSTPUB[I]       |  published instrument rows
+    | spub     SECPUB[S]        |  published sector rows
+    | cpub     POSPUB[C]        |  published position rows (one per cell)
+    | ctrpub   CTRPUB[1]        |  published counters
     +---------------------------+ size
+
+The ``pub`` tables are what desks read without waiting (exposure.publish writes them
+after every batch, each row under its own version); everything above them is the kernel's
+working state, consistent only between batches (the header's seqlock).
 
 A = accounts, I = instruments, S = sectors, C = cells, CS = cell slots (pow2 >= 2C),
 OS = order slots (pow2 >= 2 x live orders).
@@ -42,7 +55,7 @@ from ..capacity import Capacities
 __all__ = ["TallyLayout", "State", "LayoutError", "MAGIC", "VERSION", "HEADER_SIZE"]
 
 MAGIC = 0x5941_4C4C_4154_5845  # "EXPTALLY" little-endian
-VERSION = 2
+VERSION = 3
 HEADER_SIZE = 256
 _ALIGN = 4096
 
@@ -61,7 +74,8 @@ HEADER_DTYPE = np.dtype(
 State = namedtuple(
     "State",
     ["ctr", "fund", "acc", "acc_lim", "acc_live", "acc_gseq", "acc_stamp", "changed",
-     "sec", "inst", "cells", "cidx", "orders", "pub"],
+     "ichanged", "sec", "sec_gseq", "sec_dirty", "schanged", "inst", "cells", "cchanged",
+     "cidx", "orders", "pub", "ipub", "spub", "cpub", "ctrpub"],
 )
 State.__doc__ = "Numpy views of every table of the tally state (see the module diagram)."
 
@@ -81,12 +95,21 @@ def _tables(c: Capacities) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         ("acc_gseq", np.dtype("<u8"), (A,)),
         ("acc_stamp", np.dtype("<i8"), (A,)),
         ("changed", np.dtype("<i4"), (A,)),
+        ("ichanged", np.dtype("<i4"), (I,)),
         ("sec", np.dtype("<f8"), (S, 2, 2)),
+        ("sec_gseq", np.dtype("<u8"), (S,)),
+        ("sec_dirty", np.dtype("<i4"), (S,)),
+        ("schanged", np.dtype("<i4"), (S,)),
         ("inst", T.INSTRUMENT_DTYPE, (I,)),
         ("cells", T.CELL_DTYPE, (c.cells,)),
+        ("cchanged", np.dtype("<i4"), (c.cells,)),
         ("cidx", T.CELLIDX_DTYPE, (c.cell_slots,)),
         ("orders", T.ORDER_DTYPE, (c.order_slots,)),
         ("pub", T.PUBROW_DTYPE, (A + 1,)),
+        ("ipub", T.INSTPUB_DTYPE, (I,)),
+        ("spub", T.SECPUB_DTYPE, (S,)),
+        ("cpub", T.POSPUB_DTYPE, (c.cells,)),
+        ("ctrpub", T.CTRPUB_DTYPE, (1,)),
     ]
 
 

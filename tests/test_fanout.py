@@ -198,3 +198,27 @@ def test_the_refresh_cycle_resends_every_published_row_that_ever_moved():
         fo.close()
         rx.close()
         ring.close()
+
+
+def test_batch_sender_sends_every_slice_in_order_in_calls_of_at_most_max_msgs():
+    from exposure._mmsg import BatchSender
+
+    group, port = free_group(), free_port()
+    rx = open_receiver(group, port)
+    rx.settimeout(5)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+    s.connect((group, port))
+    buf = np.arange(4000, dtype=np.uint64).view(np.uint8)[:10_000].copy()
+    ends = np.cumsum([100 * (k + 1) for k in range(10)]).astype(np.int64)  # 100..1000 bytes
+    try:
+        bs = BatchSender(s, buf, max_msgs=3)
+        assert bs.send(ends, 10) == 0
+        lo = 0
+        for k in range(10):
+            assert rx.recv(65536) == buf[lo:ends[k]].tobytes(), k
+            lo = int(ends[k])
+    finally:
+        s.close()
+        rx.close()

@@ -27,6 +27,7 @@ import numpy as np
 from numba import njit
 
 from .. import _jit
+from .._mmsg import BatchSender
 from .._netguard import RateLog
 from ..feedwire import (
     DG_HEARTBEAT,
@@ -185,8 +186,8 @@ class FanoutStage:
         self.upd = np.zeros((cap, _ROW_WORDS), np.uint64)
         self.last = np.full(self.nacc + 1 + self.ninst + self.nsec + 1, -1, np.int64)
         self.out = np.zeros(cap * _ROW_WORDS + (cap // self.per + 1) * _HDR_WORDS, np.uint64)
-        self.mv = memoryview(self.out.view(np.uint8))
         self.ends = np.zeros(cap // self.per + 2, np.int64)
+        self.sender = BatchSender(self.sock, self.out)  # one sendmmsg per poll
         self._pack = _jit.entry(_pack, in_ring.ctrl, in_ring.slots, self.upd, self.last, 0, 0,
                                 self.per, self.out, self.ends, 0, self.nacc, self.ninst,
                                 self.nsec)  # compiled (or loaded) now
@@ -224,15 +225,19 @@ class FanoutStage:
             return False
         return not (self.pair and not may_act(self.ctl, time.monotonic_ns()))
 
+    def _lost(self, n: int, why: str) -> None:
+        """``n`` datagrams the socket refused: receivers see the gap."""
+        self.send_errors += n
+        if self.ctl is not None:
+            self.ctl[CTL_FANOUT_ERRORS] += n
+        self.log("send", f"multicast send failed ({why}): {self.send_errors} datagrams lost "
+                         "so far")
+
     def _send(self, view) -> None:
         try:
             self.sock.send(view)
-        except OSError as e:  # this datagram is lost: receivers see the gap
-            self.send_errors += 1
-            if self.ctl is not None:
-                self.ctl[CTL_FANOUT_ERRORS] += 1
-            self.log("send", f"multicast send failed ({e.strerror or e}): "
-                             f"{self.send_errors} datagrams lost so far")
+        except OSError as e:
+            self._lost(1, e.strerror or str(e))
 
     def poll(self) -> int:
         if self._tail[0] == self._head[0]:
@@ -257,11 +262,9 @@ class FanoutStage:
         if n == 0:
             return 0
         self.seq += d
-        lo = 0
-        for k in range(d):
-            hi = int(self.ends[k])
-            self._send(self.mv[lo:hi])
-            lo = hi
+        refused = self.sender.send(self.ends, d)
+        if refused:
+            self._lost(refused, self.sender.last_error)
         self.sent[DG_INCREMENTAL] += d
         self.last_send = time.monotonic_ns()
         return n

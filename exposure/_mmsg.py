@@ -1,0 +1,103 @@
+"""Many datagrams in one system call: ``sendmmsg(2)`` over slices of one numpy buffer.
+
+The fan-out packs a poll's datagrams back to back into one buffer; sending them one
+``send`` each costs a system call per datagram (about 7 us here with a receiver on
+loopback, 4 us of it the call itself and Python around it). ``sendmmsg`` hands the kernel
+all of them at once. The ``struct iovec`` and ``struct mmsghdr`` arrays are built once, as
+numpy arrays (x86-64 / aarch64 Linux layouts: iovec = {void *base, size_t len}, 16 bytes;
+mmsghdr = {msghdr (56 bytes: name, namelen, iov, iovlen, control, controllen, flags),
+unsigned msg_len}, 64 bytes); each call only writes the bases and lengths.
+
+Where libc has no ``sendmmsg`` (not Linux), :class:`BatchSender` falls back to one
+``send`` per datagram.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import struct
+
+import numpy as np
+
+__all__ = ["BatchSender"]
+
+_IOV_WORDS = 2    # struct iovec: base, len
+_MMSG_WORDS = 8   # struct mmsghdr: 64 bytes
+_MSG_IOV = 2      # word of msghdr.msg_iov
+_MSG_IOVLEN = 3   # word of msghdr.msg_iovlen
+
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _sendmmsg = _libc.sendmmsg
+    _sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    _sendmmsg.restype = ctypes.c_int
+except (OSError, AttributeError):  # pragma: no cover (not Linux)
+    _sendmmsg = None
+
+_OK = struct.calcsize("P") == 8 and _sendmmsg is not None
+
+
+class BatchSender:
+    """Sends datagrams that are slices of ``buf`` (a numpy array) on a connected UDP
+    socket, at most ``max_msgs`` per system call. ``send(ends, d)``: datagram k is bytes
+    ``ends[k - 1]:ends[k]`` of ``buf`` (``ends[-1]`` read as 0). Returns the datagrams the
+    socket refused; ``errors`` holds the last error's text."""
+
+    def __init__(self, sock: socket.socket, buf: np.ndarray, max_msgs: int = 1024):
+        self.sock = sock
+        self.buf = buf
+        self.mv = memoryview(buf.view(np.uint8))
+        self.max = max(1, max_msgs)
+        self.batched = _OK
+        self.last_error = ""
+        if self.batched:
+            self.iov = np.zeros((self.max, _IOV_WORDS), np.uint64)
+            self.msgs = np.zeros((self.max, _MMSG_WORDS), np.uint64)
+            self.msgs[:, _MSG_IOV] = self.iov.ctypes.data + 16 * np.arange(self.max,
+                                                                          dtype=np.uint64)
+            self.msgs[:, _MSG_IOVLEN] = 1
+            self._base = np.uint64(buf.ctypes.data)
+            self._msgs_at = self.msgs.ctypes.data
+
+    def send(self, ends: np.ndarray, d: int) -> int:
+        if d <= 0:
+            return 0
+        if not self.batched:
+            return self._one_by_one(ends, d)
+        refused = 0
+        fd = self.sock.fileno()
+        lo = 0
+        while lo < d:
+            n = min(d - lo, self.max)
+            hi_ends = ends[lo:lo + n].astype(np.uint64)
+            starts = np.empty(n, np.uint64)
+            starts[0] = 0 if lo == 0 else np.uint64(ends[lo - 1])
+            starts[1:] = hi_ends[:-1]
+            self.iov[:n, 0] = self._base + starts
+            self.iov[:n, 1] = hi_ends - starts
+            k = 0
+            while k < n:
+                sent = _sendmmsg(fd, self._msgs_at + 64 * k, n - k, 0)
+                if sent > 0:
+                    k += sent
+                else:  # datagram k was refused: count it, go on with the next
+                    self.last_error = os.strerror(ctypes.get_errno())
+                    refused += 1
+                    k += 1
+            lo += n
+        return refused
+
+    def _one_by_one(self, ends: np.ndarray, d: int) -> int:
+        refused = 0
+        lo = 0
+        for k in range(d):
+            hi = int(ends[k])
+            try:
+                self.sock.send(self.mv[lo:hi])
+            except OSError as e:
+                self.last_error = e.strerror or str(e)
+                refused += 1
+            lo = hi
+        return refused

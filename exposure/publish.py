@@ -171,6 +171,25 @@ def _untag(u, kind, gseq):
 
 
 @njit(cache=True, _nrt=False, inline="always")
+def _clear_body(u):
+    """Zero bytes 56..160 of a row (through its account view, whose body covers them all):
+    an instrument or sector row leaves some of them reserved, and the buffer is reused."""
+    u.live_orders = 0
+    u.long_mv = 0.0
+    u.short_mv = 0.0
+    u.gross = 0.0
+    u.net = 0.0
+    u.open_buy_mv = 0.0
+    u.open_sell_mv = 0.0
+    u.worst_gross = 0.0
+    u.margin = 0.0
+    u.beta_net = 0.0
+    u.pnl = 0.0
+    u.net_long_mv = 0.0
+    u.net_short_mv = 0.0
+
+
+@njit(cache=True, _nrt=False, inline="always")
 def _inst_body(u, p):
     """An instrument feed row's body from its published row ``p``."""
     u.fund_pos = p.fund_pos
@@ -253,6 +272,7 @@ def publish_batch(st, pver, iver, sver, cver, ctrver, recs, n, arows, irows, sro
     for j in range(st.ctr[C_NICHANGED]):
         i = np.int64(st.ichanged[j])
         _put_inst(st, iver, i)
+        _clear_body(arows[m])
         u = irows[m]
         _tag(u, ROW_INSTRUMENT, _at(recs, g0, n, st.inst[i].gseq), now_ns)
         u.instrument = i
@@ -263,6 +283,7 @@ def publish_batch(st, pver, iver, sver, cver, ctrver, recs, n, arows, irows, sro
     for j in range(st.ctr[C_NSCHANGED]):
         s = np.int64(st.schanged[j])
         _put_sec(st, sver, s)
+        _clear_body(arows[m])
         u = srows[m]
         _tag(u, ROW_SECTOR, _at(recs, g0, n, st.sec_gseq[s]), now_ns)
         u.sector = s
@@ -376,6 +397,7 @@ def gather_rows(st, pver, iver, sver, cursor, limit, scan, arows, irows, srows, 
                     break
             p = tmp_i[0]
             if p.gseq != 0:
+                _clear_body(arows[m])
                 u = irows[m]
                 _untag(u, ROW_INSTRUMENT, p.gseq)
                 u.instrument = i
@@ -393,6 +415,7 @@ def gather_rows(st, pver, iver, sver, cursor, limit, scan, arows, irows, srows, 
                     break
             p = tmp_s[0]
             if p.gseq != 0:
+                _clear_body(arows[m])
                 u = srows[m]
                 _untag(u, ROW_SECTOR, p.gseq)
                 u.sector = s

@@ -194,6 +194,9 @@ def test_the_refresh_cycle_resends_every_published_row_that_ever_moved():
             4, 10.0, 80.0, 3)
         assert seen[(ROW_SECTOR, 3)]["gross_mv"] == 200.0
         assert seen[(ROW_ACCOUNT, 2)]["session"] == 0xFFFFFFFF  # no event tags a refresh
+        # reserved bytes are zero, whatever row the buffer held before
+        assert not seen[(ROW_SECTOR, 3)].tobytes()[80:].strip(b"\0")
+        assert not seen[(ROW_INSTRUMENT, 5)].tobytes()[136:].strip(b"\0")
     finally:
         fo.close()
         rx.close()

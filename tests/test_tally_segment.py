@@ -16,14 +16,15 @@ from exposure.desk import Desk
 from exposure.document import compare_documents, document
 from exposure.kernel import apply_batch
 from exposure.parse import read_events
+from exposure.publish import publish_batch, versions
 from exposure.replay import replay_records
 from exposure.shm.tally_segment import (
     SegmentBusy,
     TallySegment,
-    publish,
     write_begin,
     write_end,
 )
+from exposure.types import INSTRUMENT_ROW_DTYPE, ROW_SIZE, SECTOR_ROW_DTYPE, UPDATE_DTYPE
 
 # The SPEC's id ranges (the scenarios use them), small order and cell tables.
 SMALL = Capacities(orders=4096, cells=8192)
@@ -39,14 +40,21 @@ def node_name():
 
 
 def _apply(seg, recs, batch=64):
+    """Apply and publish as the compute stage does (exposure.publish.publish_batch)."""
+    st = seg.state
     status = np.zeros(len(recs), np.uint8)
     recs = recs.copy()
     recs["gseq"] = np.arange(1, len(recs) + 1)
+    nrows = st.acc.shape[0] + 1 + st.inst.shape[0] + st.sec.shape[0]
+    flat = np.zeros(nrows * ROW_SIZE // 8, np.uint64)
+    views = (flat.view(UPDATE_DTYPE), flat.view(INSTRUMENT_ROW_DTYPE),
+             flat.view(SECTOR_ROW_DTYPE))
     for lo in range(0, len(recs), batch):
+        r = recs[lo:lo + batch]
         write_begin(seg.words)
-        apply_batch(seg.state, recs[lo:lo + batch], status[lo:lo + batch])
+        apply_batch(st, r, status[lo:lo + batch])
         write_end(seg.words)
-        publish(seg.state, seg.state.pub["ver"], recs["gseq"][min(lo + batch, len(recs)) - 1])
+        publish_batch(st, *versions(st).args(), r, len(r), *views, 0)
 
 
 def test_a_desk_reads_the_same_document_as_replay_and_cannot_write(node_name):

@@ -202,6 +202,53 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_watch(args: argparse.Namespace) -> int:
+    import time
+
+    from .feed import Subscriber
+
+    cfg = _load_cfg(args.config)
+    if args.drop_every < 0:
+        return _fail(f"--drop-every {args.drop_every}: 0 (off) or N >= 1")
+    if args.seconds is not None and args.seconds < 0:
+        return _fail(f"--seconds {args.seconds}: a number of seconds >= 0")
+    # With --json, stdout carries only the final view: the per-second lines go to stderr.
+    out = sys.stderr if args.json else sys.stdout
+    try:
+        sub = Subscriber.from_config(cfg, drop_every=args.drop_every)
+    except OSError as e:
+        return _fail(f"cannot join {cfg.group}:{cfg.fanout_port} on {cfg.interface}: "
+                     f"{e.strerror or e}")
+    interrupted = False
+    with sub:
+        start = time.monotonic()
+        end = None if args.seconds is None else start + args.seconds
+        tick = start + 1.0
+        try:
+            while True:
+                now = time.monotonic()
+                if end is not None and now >= end:
+                    break
+                sub.poll((tick if end is None else min(tick, end)) - now)
+                if time.monotonic() >= tick:
+                    print(f"{time.monotonic() - start:6.1f}s {sub.describe()}", file=out,
+                          flush=True)
+                    while tick <= time.monotonic():
+                        tick += 1.0
+        except KeyboardInterrupt:
+            interrupted = True
+        if args.json:
+            sys.stdout.buffer.write(orjson.dumps(sub.document()) + b"\n")
+            sys.stdout.flush()
+        state, why = sub.state, sub.last_snapshot_error
+        print(f"{time.monotonic() - start:6.1f}s final {sub.describe()}", file=out, flush=True)
+    if interrupted:
+        return 130
+    if state != "live":
+        return _fail(f"the view is not live ({state}" + (f"; {why}" if why else "") + ")", 1)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exposure", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -266,6 +313,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
     r.add_argument("--compact", action="store_true", help="one-line JSON")
     r.set_defaults(func=_cmd_dump)
+
+    r = sub.add_parser("watch", help="subscribe to a node's multicast feed (a pair's, when "
+                       "--config names one of its nodes) and show its tallies live")
+    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--seconds", type=float, default=None, metavar="S",
+                   help="exit after S seconds (default: until Ctrl-C)")
+    r.add_argument("--drop-every", type=int, default=0, metavar="N",
+                   help="discard every Nth datagram on receipt, to show recovery at work")
+    r.add_argument("--json", action="store_true",
+                   help="at the end print the view as JSON (accounts, fund, instruments, "
+                        "sectors, as `exposure dump`); the per-second lines go to stderr")
+    r.set_defaults(func=_cmd_watch)
     return p
 
 

@@ -20,6 +20,9 @@ import socket
 import struct
 
 import numpy as np
+from numba import njit
+
+from . import _jit  # noqa: F401  (sets the numba cache directory)
 
 __all__ = ["BatchSender"]
 
@@ -37,6 +40,19 @@ except (OSError, AttributeError):  # pragma: no cover (not Linux)
     _sendmmsg = None
 
 _OK = struct.calcsize("P") == 8 and _sendmmsg is not None
+
+
+@njit(cache=True, _nrt=False)
+def _fill_iov(iov, ends, lo, n, base):
+    """iovecs of datagrams ``lo .. lo + n`` (bytes ``ends[k - 1]:ends[k]`` of the buffer at
+    address ``base``); returns n."""
+    start = np.uint64(0) if lo == 0 else np.uint64(ends[lo - 1])
+    for k in range(n):
+        end = np.uint64(ends[lo + k])
+        iov[k, 0] = base + start
+        iov[k, 1] = end - start
+        start = end
+    return n
 
 
 class BatchSender:
@@ -59,24 +75,19 @@ class BatchSender:
                                                                           dtype=np.uint64)
             self.msgs[:, _MSG_IOVLEN] = 1
             self._base = np.uint64(buf.ctypes.data)
+            _fill_iov(self.iov, np.zeros(1, np.int64), 0, 1, self._base)  # compiled now
             self._msgs_at = self.msgs.ctypes.data
 
     def send(self, ends: np.ndarray, d: int) -> int:
         if d <= 0:
             return 0
-        if not self.batched:
+        if d == 1 or not self.batched:  # one datagram: a plain send is as cheap
             return self._one_by_one(ends, d)
         refused = 0
         fd = self.sock.fileno()
         lo = 0
         while lo < d:
-            n = min(d - lo, self.max)
-            hi_ends = ends[lo:lo + n].astype(np.uint64)
-            starts = np.empty(n, np.uint64)
-            starts[0] = 0 if lo == 0 else np.uint64(ends[lo - 1])
-            starts[1:] = hi_ends[:-1]
-            self.iov[:n, 0] = self._base + starts
-            self.iov[:n, 1] = hi_ends - starts
+            n = _fill_iov(self.iov, ends, lo, min(d - lo, self.max), self._base)
             k = 0
             while k < n:
                 sent = _sendmmsg(fd, self._msgs_at + 64 * k, n - k, 0)

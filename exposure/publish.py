@@ -24,9 +24,9 @@ from numba import njit
 
 from . import _jit  # noqa: F401  (sets the numba cache directory)
 from .kernel import account_values
-from .shm.intrinsics import fence_seq_cst, load_acquire, store_release
+from .shm.intrinsics import fence_seq_cst, store_release
 from .shm.session_layout import N_REJ, S_DONE, S_REJ
-from .shm.tally_segment import _put_row, publish
+from .shm.tally_segment import _put_row, publish, read_row
 from .types import (
     C_CELLS,
     C_LIVE,
@@ -340,15 +340,6 @@ def count_sessions(recs, status, n, sess_flat, ncols):
 
 
 # ----------------------------------------------------------------------------- reading back
-@njit(cache=True, _nrt=False, inline="always")
-def _stable(ver, r):
-    """Wait out a writer of row ``r``; returns the (even) version seen."""
-    while True:
-        v = load_acquire(ver, r)
-        if v & np.uint64(1) == 0:
-            return v
-
-
 @njit(cache=True)
 def gather_rows(st, pver, iver, sver, cursor, limit, scan, arows, irows, srows, tmp_a,
                 tmp_i, tmp_s):
@@ -371,12 +362,7 @@ def gather_rows(st, pver, iver, sver, cursor, limit, scan, arows, irows, srows, 
             break
         if pos < A1:
             r = pos
-            while True:
-                v = _stable(pver, r)
-                tmp_a[0] = st.pub[r]
-                fence_seq_cst()
-                if load_acquire(pver, r) == v:
-                    break
+            read_row(st.pub, pver, r, tmp_a)
             p = tmp_a[0]
             if p.gseq != 0:
                 u = arows[m]
@@ -389,12 +375,7 @@ def gather_rows(st, pver, iver, sver, cursor, limit, scan, arows, irows, srows, 
                 m += 1
         elif pos < A1 + I:
             i = pos - A1
-            while True:
-                v = _stable(iver, i)
-                tmp_i[0] = st.ipub[i]
-                fence_seq_cst()
-                if load_acquire(iver, i) == v:
-                    break
+            read_row(st.ipub, iver, i, tmp_i)
             p = tmp_i[0]
             if p.gseq != 0:
                 _clear_body(arows[m])
@@ -407,12 +388,7 @@ def gather_rows(st, pver, iver, sver, cursor, limit, scan, arows, irows, srows, 
                 m += 1
         else:
             s = pos - A1 - I
-            while True:
-                v = _stable(sver, s)
-                tmp_s[0] = st.spub[s]
-                fence_seq_cst()
-                if load_acquire(sver, s) == v:
-                    break
+            read_row(st.spub, sver, s, tmp_s)
             p = tmp_s[0]
             if p.gseq != 0:
                 _clear_body(arows[m])

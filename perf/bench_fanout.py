@@ -1,6 +1,7 @@
 """The feed's cost: what publishing and sending the rows of a realistic flow costs per event.
 
-    python -m perf.bench_fanout [--events 1000000] [--batches 64,256,1024] [--runs 3] [--json]
+    python -m perf.bench_fanout [--events 1000000] [--batches 64,256,1024] [--runs 3]
+                                [--max-datagram 1400] [--json]
 
 A generated day (perf/flowgen.py, as perf.bench_kernel uses) runs through the node's own
 code in one process: the kernel (``apply_batch``), then what compute does after it
@@ -52,7 +53,8 @@ def _pin() -> None:
         pass
 
 
-def run_once(recs: np.ndarray, batch: int, group: str, port: int) -> dict:
+def run_once(recs: np.ndarray, batch: int, group: str, port: int,
+             max_datagram: int = 1400) -> dict:
     caps = Capacities()
     buf, st = allocate(caps)
     vers = versions(st)
@@ -65,7 +67,7 @@ def run_once(recs: np.ndarray, batch: int, group: str, port: int) -> dict:
                        ROW_SIZE)
     ctl = np.zeros(CONTROL_WORDS, np.uint64)
     ctl[CTL_ROLE], ctl[CTL_EPOCH] = ROLE_PRIMARY, 1
-    fo = FanoutStage(ring, group, port, "127.0.0.1", 1, 1400, st, epoch=1, ctl=ctl,
+    fo = FanoutStage(ring, group, port, "127.0.0.1", 1, max_datagram, st, epoch=1, ctl=ctl,
                      refresh_rows_per_s=0)
     rx = open_receiver(group, port)
     rx.setblocking(False)
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--batches", default="64,256,1024")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--max-datagram", type=int, default=1400,
+                   help="bytes per datagram ([fanout] max_datagram; 8972 = a 9000 MTU)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
@@ -121,17 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     recs = generate(a.events, seed=a.seed)
     group, port = free_group(), free_port()
     run_once(recs[:20_000], 256, group, port)  # JIT warm-up (compile or cache load)
-    out: dict = {"events": len(recs), "runs": a.runs, "by_batch": {}}
+    out: dict = {"events": len(recs), "runs": a.runs, "max_datagram": a.max_datagram,
+                 "by_batch": {}}
     for b in (int(x) for x in a.batches.split(",")):
-        runs = [run_once(recs, b, group, port) for _ in range(a.runs)]
+        runs = [run_once(recs, b, group, port, a.max_datagram) for _ in range(a.runs)]
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         out["by_batch"][b] = med
     if a.json:
         sys.stdout.buffer.write(orjson.dumps(out, option=orjson.OPT_INDENT_2
                                              | orjson.OPT_NON_STR_KEYS) + b"\n")
         return 0
-    print(f"{len(recs):,} events, median of {a.runs} runs; seconds per million events "
-          "(= share of one core at 1 M events/s)")
+    print(f"{len(recs):,} events, {a.max_datagram}-byte datagrams, median of {a.runs} runs; "
+          "seconds per million events (= share of one core at 1 M events/s)")
     print(f"{'batch':>6} {'kernel':>8} {'publish':>8} {'fan-out':>8} {'rows/ev':>8} "
           f"{'dgrams/ev':>9}")
     for b, r in out["by_batch"].items():

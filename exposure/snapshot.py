@@ -42,7 +42,8 @@ import numpy as np
 
 from ._fs import publish_file
 from .journal import JournalError, ScanResult, _segments, read_blocks
-from .shm.tally_layout import HEADER_SIZE, TallyLayout
+from .shm.tally_layout import HEADER_SIZE, LayoutError, TallyLayout
+from .shm.tally_migrate import migrate
 
 __all__ = ["SnapshotError", "write_snapshot", "load_snapshot", "snapshots", "take_snapshot",
            "SNAP_HEADER"]
@@ -104,7 +105,9 @@ def write_snapshot(directory: str | Path, gseq: int, state_buf: np.ndarray,
 
 def load_snapshot(path: Path, state_buf: np.ndarray, sessions: np.ndarray) -> int:
     """Read ``path`` into the state's tables and the session table; returns its gseq.
-    The state's own header (capacities, seqlock, writer) is checked, not overwritten."""
+    The state's own header (capacities, seqlock, writer) is checked, not overwritten. A
+    snapshot of an older tally layout (taken before an upgrade) is read into a buffer of
+    its own and migrated table by table (:mod:`exposure.shm.tally_migrate`)."""
     with open(path, "rb") as f:
         head = f.read(64)
         if len(head) < SNAP_HEADER.size:
@@ -112,7 +115,8 @@ def load_snapshot(path: Path, state_buf: np.ndarray, sessions: np.ndarray) -> in
         magic, ver, _, gseq, size, rows, cols, crc, hcrc = SNAP_HEADER.unpack_from(head)
         if magic != MAGIC or hcrc != crc32c.crc32c(head[:SNAP_HEADER.size - 4]):
             raise SnapshotError(f"{path}: not a snapshot, or its header checksum fails")
-        if ver != VERSION or size != state_buf.nbytes or (rows, cols) != sessions.shape:
+        if ver != VERSION or (rows, cols) != sessions.shape or size < HEADER_SIZE or (
+                size != state_buf.nbytes and size > 4 * state_buf.nbytes):
             raise SnapshotError(f"{path}: version {ver}, {size} state bytes, sessions "
                                 f"{rows}x{cols}; this node has {state_buf.nbytes} bytes, "
                                 f"sessions {sessions.shape[0]}x{sessions.shape[1]}")
@@ -120,8 +124,13 @@ def load_snapshot(path: Path, state_buf: np.ndarray, sessions: np.ndarray) -> in
         if len(hdr) < HEADER_SIZE or TallyLayout.caps_of(hdr) != TallyLayout.caps_of(
                 state_buf):
             raise SnapshotError(f"{path}: taken with other capacities")
+        old = None
+        if size != state_buf.nbytes:  # another layout version: read, then migrate
+            old = np.zeros(size, np.uint8)
+            old[:HEADER_SIZE] = hdr
         got = crc32c.crc32c(hdr)
-        tables = memoryview(state_buf[HEADER_SIZE:]).cast("B")
+        target = state_buf if old is None else old
+        tables = memoryview(target[HEADER_SIZE:]).cast("B")
         scratch = bytearray(_CHUNK)
         for lo in range(0, len(tables), _CHUNK):
             n = f.readinto(memoryview(scratch)[:min(_CHUNK, len(tables) - lo)])
@@ -135,6 +144,12 @@ def load_snapshot(path: Path, state_buf: np.ndarray, sessions: np.ndarray) -> in
         got = crc32c.crc32c(rest, got)
         if got != crc:
             raise SnapshotError(f"{path}: body checksum fails")
+        if old is not None:
+            try:
+                migrate(old, TallyLayout(TallyLayout.caps_of(state_buf)).views(state_buf),
+                        gseq)
+            except LayoutError as e:
+                raise SnapshotError(f"{path}: {e}") from None
         sessions[...] = np.frombuffer(rest, sessions.dtype).reshape(sessions.shape)
     return gseq
 

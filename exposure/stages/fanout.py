@@ -199,6 +199,7 @@ class FanoutStage:
                                  if refresh_rows_per_s > 0 else 0)
         self.next_refresh = time.monotonic_ns() + self.refresh_every_ns
         self.cursor = 0
+        self._idle = 0
         self.cycles = 0  # refresh cycles completed
         self.hb = np.zeros(_HDR_WORDS, np.uint64)
         self.hb_mv = memoryview(self.hb.view(np.uint8))
@@ -241,7 +242,12 @@ class FanoutStage:
 
     def poll(self) -> int:
         if self._tail[0] == self._head[0]:
-            # Nothing on the ring (a plain read: the jitted pop re-reads, acquire): idle work.
+            # Nothing on the ring (a plain read: the jitted pop re-reads, acquire): idle
+            # work, with the clock read on every 32nd idle poll only (a spinning loop polls
+            # millions of times a second; heartbeats and refreshes need milliseconds).
+            self._idle += 1
+            if self._idle & 31:
+                return 0
             now = time.monotonic_ns()
             if self.refresh_every_ns and now >= self.next_refresh:
                 self.next_refresh = now + self.refresh_every_ns

@@ -136,7 +136,8 @@ wait = "spin"                # spin | spin-then-block | block | sleep (exposure/
 
 [[process]]
 name = "durable"
-stages = ["journal", "mirror"]
+stages = ["journal", "mirror", "snapshot"]  # the feed's recovery server (when
+                             # [fanout] snapshot_port is set) sleeps here too
 cpu = -2                     # the other core (on 2 cores: CPU 0)
 wait = "sleep"               # wakes every tick_us by itself: ingest never pays a wake-up
 tick_us = 500
@@ -552,9 +553,11 @@ def load_config(path: str | Path | None = None) -> NodeConfig:
 
 
 def check_ports_free(cfg: NodeConfig) -> None:
-    """Raise :class:`ConfigError` if the ingest port (or, in a pair, the replication port)
-    is already bound on its host."""
+    """Raise :class:`ConfigError` if the ingest port, the recovery server's or (in a pair)
+    the replication port is already bound on its host."""
     ports = [("ingest.port", (cfg.ingest_host, cfg.ingest_port))]
+    if cfg.snapshot_port and any("snapshot" in p.stages for p in cfg.processes):
+        ports.append(("fanout.snapshot_port", (cfg.snapshot_host, cfg.snapshot_port)))
     if cfg.repl_listen is not None:
         ports.append(("replication.listen", cfg.repl_listen))
     for key, addr in ports:

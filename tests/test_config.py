@@ -20,7 +20,7 @@ def _cfg(tmp_path, text):
 def test_the_built_in_default_fits_this_machine():
     cfg = load_config()
     assert [p.stages for p in cfg.processes] == [("ingest", "compute", "fanout"),
-                                                  ("journal", "mirror")]
+                                                  ("journal", "mirror", "snapshot")]
     spin = [p for p in cfg.processes if p.wait == "spin"]
     if len(CPUS) > 1:
         assert len(spin) == 1 and spin[0].cpu == CPUS[-1]
@@ -124,7 +124,29 @@ def test_the_example_pair_configs_load_and_name_each_other():
     assert a.secret_file == b.secret_file and not a.strict and a.alone_after_ms > 0
     assert a.name != b.name and a.data_dir != b.data_dir
     assert (a.group, a.fanout_port) == (b.group, b.fanout_port)
-    assert [p.stages for p in a.processes][1] == ("journal", "mirror")
+    # the feed's recovery server runs with the journal, one port per node, each naming
+    # the other's (a subscriber asks both)
+    assert [p.stages for p in a.processes][1] == ("journal", "mirror", "snapshot")
+    assert a.peer_snapshot == (b.snapshot_host, b.snapshot_port)
+    assert b.peer_snapshot == (a.snapshot_host, a.snapshot_port)
+    assert a.snapshot_port != b.snapshot_port
+
+
+def test_the_recovery_server_goes_with_the_journal_unless_placed_or_off(tmp_path):
+    base = "[[process]]\nname = \"hot\"\nstages = [\"ingest\", \"compute\", \"fanout\"]\n" \
+        "wait = \"block\"\n[[process]]\nname = \"d\"\nstages = [\"journal\"]\n" \
+        "wait = \"sleep\"\n"
+    placed = _cfg(tmp_path, base)
+    assert placed.processes[1].stages == ("journal", "snapshot")
+    off = _cfg(tmp_path, "[fanout]\nsnapshot_port = 0\n" + base)
+    assert all("snapshot" not in p.stages for p in off.processes)
+    own = _cfg(tmp_path, base + "[[process]]\nname = \"s\"\nstages = [\"snapshot\"]\n"
+               "wait = \"sleep\"\n")
+    assert [p.stages for p in own.processes][1:] == [("journal",), ("snapshot",)]
+    for bad in ("snapshot_port = 70000", "snapshot_host = \"nowhere\"",
+                "heartbeat_ms = 5", "refresh_rows_per_s = -1"):
+        with pytest.raises(ConfigError, match="fanout"):
+            _cfg(tmp_path, f"[fanout]\n{bad}\n")
 
 
 def test_a_pair_config_resolves_its_files_next_to_it(tmp_path):

@@ -537,3 +537,20 @@ def test_connect_close_cycles_leave_no_descriptors_behind(serve, tally):
     assert run.server.timeouts == 0 and run.server.bad_requests == 0
     assert run.server.served >= 40
     assert snapshot(run.addr)[0][3] == SNAP_OK
+
+
+@pytest.mark.timeout(60)
+def test_a_port_taken_by_someone_else_leaves_the_server_off_not_the_process_dead():
+    from exposure.stages.snapshot_server import SnapshotServer
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    _, st = allocate(Capacities(accounts=16, instruments=64, sectors=8, orders=64, cells=64))
+    ctl = np.zeros(CONTROL_WORDS, np.uint64)
+    try:
+        srv = SnapshotServer("127.0.0.1", taken.getsockname()[1], st, ctl)
+        assert srv.listener is None and srv.poll() == 0
+        srv.close()
+    finally:
+        taken.close()

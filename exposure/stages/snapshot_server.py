@@ -149,9 +149,17 @@ class SnapshotServer:
         self.clients: dict[int, _Client] = {}
         self._idle = 0  # passes since the listener was last looked at (while no client)
         self._turn = 0  # round-robin start among the clients being answered
-        self.listener: Listener | None = Listener((host, port), _LISTEN_BACKLOG)
-        self.port = self.listener.sock.getsockname()[1]
         self.ep = select.epoll()
+        try:
+            self.listener: Listener | None = Listener((host, port), _LISTEN_BACKLOG)
+        except OSError as e:  # never take the process (the journal's) down for it: the
+            self.listener = None  # feed goes on without recovery, and the log says so
+            self.port = 0
+            self.log("bind", f"recovery server: cannot listen on {host}:{port} "
+                             f"({e.strerror or e}); subscribers cannot recover from this "
+                             "node")
+            return
+        self.port = self.listener.sock.getsockname()[1]
         try:
             self.ep.register(self.listener.fd, select.EPOLLIN)
         except OSError:
@@ -396,10 +404,10 @@ class SnapshotServer:
         for c in list(self.clients.values()):
             self._close(c)
         self._cache = None
-        if self.listener is not None:
-            try:
-                self.ep.close()
-            finally:
+        try:
+            self.ep.close()
+        finally:
+            if self.listener is not None:
                 self.listener.close()
                 self.listener = None
 

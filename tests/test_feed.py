@@ -716,7 +716,7 @@ def test_a_real_node_s_feed_rebuilds_what_dump_prints_through_loss_late_join_and
     try:
         early = Subscriber.from_config(n.config)
         subs.append(early)
-        lossy = Subscriber.from_config(n.config, drop_every=3)
+        lossy = Subscriber.from_config(n.config, drop_every=10)
         subs.append(lossy)
         # The subscribers take the stream while it flows, in many small batches (frames of
         # 8 events at 2,000 events/s), the lossy one recovering under way.
@@ -741,6 +741,10 @@ def test_a_real_node_s_feed_rebuilds_what_dump_prints_through_loss_late_join_and
         assert early.counters["incrementals"] > 20 and early.counters["gaps"] == 0
         assert lossy.counters["dropped"] > 0 and lossy.counters["gaps"] > 0
         assert lossy.counters["recoveries"] >= 2 and late.counters["recoveries"] >= 1
+        # exposure watch, joining now (after the stream), losing every 10th datagram too
+        p = n.cli("watch", "--seconds", "3", "--drop-every", "10", "--json", timeout=60)
+        assert p.returncode == 0, p.stderr.decode()
+        assert compare_documents(orjson.loads(p.stdout.splitlines()[-1]), want) == []
         # A restart (kill -9): a new epoch; every subscriber drops its view and rebuilds it
         # from the new incarnation's snapshot and incrementals.
         epoch = early.epoch

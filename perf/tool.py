@@ -26,6 +26,7 @@ this process, pinned to a CPU the node does not spin on.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import signal
@@ -53,6 +54,13 @@ from perf.measure import (
     stage_breakdown,
     summarize,
 )
+
+# redis, hiredis (the two-tier baseline) and matplotlib (--plot) are the [perf] extra, not
+# the node's dependencies: without them, say so before anything runs.
+_MISSING = [m for m in ("redis", "hiredis", "matplotlib") if importlib.util.find_spec(m) is None]
+if _MISSING:
+    raise SystemExit(f"exposure perf needs {', '.join(_MISSING)}, the [perf] extra: "
+                     "pip install 'exposure[perf]' (from a checkout: pip install -e '.[perf]')")
 
 __all__ = ["main", "measure_run", "Target"]
 
@@ -315,9 +323,15 @@ def _median(runs: list[dict]) -> dict:
     return out
 
 
-def _latency(target: Target, a, block: np.ndarray, session: int) -> dict:
-    runs = [measure_run(target, block, a.rate, a.duration, a.warmup, session,
-                        client_cpu=a.client_cpu) for _ in range(a.runs)]
+def _latency(target: Target, a, block: np.ndarray, session: int, log=None) -> dict:
+    runs = []
+    for k in range(a.runs):
+        r = measure_run(target, block, a.rate, a.duration, a.warmup, session,
+                        client_cpu=a.client_cpu)
+        runs.append(r)
+        if log is not None:
+            log(f"  run {k + 1}/{a.runs}: p50 {r['p50_us']:,.1f} us, p99 {r['p99_us']:,.0f} "
+                f"us, lost {r['lost']}, steal {r.get('steal_ms', 0):,.0f} ms")
     res = _median(runs)
     res["crossings"] = target.crossings()
     if target.stats():
@@ -489,9 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet = a.json
     session = min(a.session, cfg.max_sessions)
 
-    def log(msg: str) -> None:
-        if not quiet:
-            print(msg, flush=True)
+    def log(msg: str) -> None:  # progress: on stderr when stdout carries the JSON
+        print(msg, file=sys.stderr if quiet else sys.stdout, flush=True)
 
     block_n = 1_000_000 if a.mode == "throughput" else min(
         1_000_000, max(1, int(a.rate * (a.duration + a.warmup))))
@@ -515,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                 if a.mode == "throughput":
                     r = _throughput(target, a, block, session, log)
                 else:
-                    r = _latency(target, a, block, session)
+                    r = _latency(target, a, block, session, log)
             finally:
                 if target is not None:
                     target.stop()

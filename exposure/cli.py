@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -116,8 +117,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, data_dir=Path(args.data_dir))
     node = Node(cfg, args.config)
     stop: list = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # (SIGHUP: its terminal
+        signal.signal(sig, lambda *_: stop.append(1))          # closed) a clean stop
     try:
         node.start(stop)
     except Stopped:
@@ -127,9 +128,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _fail(str(e))
     except OSError as e:
         return _fail(f"cannot use the data directory {cfg.data_dir}: {e}")
-    try:
+    def ready() -> None:  # the banner only once the node does what it says
         print(node.describe(), flush=True)
-        why = node.wait(stop)
+        print(f"exposure: {node.ready_line()}", flush=True)
+
+    try:
+        why = node.wait(stop, on_ready=ready,
+                        say=lambda m: print(f"exposure: {m}", file=sys.stderr, flush=True))
         print(f"exposure: {why}", file=sys.stderr, flush=True)
         return 0 if stop else 1
     finally:
@@ -163,6 +168,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
         recs = read_events(args.events)
     except EventFileError as e:
         return _fail(str(e))
+    _wait_if_starting(cfg, args.timeout)
     try:
         others = [cfg.peer_ingest] if cfg.peer_ingest else []
         retry = args.retry if args.retry is not None else (60.0 if others else 0.0)
@@ -173,6 +179,150 @@ def _cmd_send(args: argparse.Namespace) -> int:
         return _fail(str(e))
     sys.stdout.buffer.write(orjson.dumps(res) + b"\n")
     return 0
+
+
+def _wait_if_starting(cfg, timeout: float) -> None:
+    """A node of this config that runs on this host but does not accept sessions yet (it
+    is loading or compiling its kernels, or recovering): wait for it, within ``timeout``.
+    Anything else (no such node here, a backup, a remote node) is left to the connection."""
+    import time
+
+    from .shm.control import CTL_ROLE, ROLE_BACKUP
+    from .shm.tally_segment import TallySegment
+    from .status import read_control, read_counters
+
+    deadline = time.monotonic() + timeout
+    said = False
+    while time.monotonic() < deadline:
+        try:
+            if read_counters(cfg)["ingest_listening"] or int(
+                    read_control(cfg)[CTL_ROLE]) == ROLE_BACKUP:
+                return
+        except (FileNotFoundError, ValueError):
+            # No counters yet: a supervisor that has made its tally segment is still
+            # making the rest; no live writer of that segment: no node here.
+            pid = TallySegment.writer_of(cfg.segment("tally"))
+            try:
+                if pid <= 0 or os.kill(pid, 0) is not None:
+                    return
+            except ProcessLookupError:
+                return
+            except PermissionError:
+                pass
+        if not said:
+            said = True
+            print(f"exposure: node {cfg.name!r} is starting; waiting for it to accept "
+                  "sessions", file=sys.stderr, flush=True)
+        time.sleep(0.05)
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    import signal
+
+    from .metrics import serve
+
+    cfg = _load_cfg(args.config)
+    stop: list = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    try:
+        serve(cfg, args.port, args.host, stop, ready=lambda a: print(
+            f"exposure: serving metrics of node {cfg.name!r} on http://{a[0]}:{a[1]}/metrics",
+            flush=True))
+    except OSError as e:
+        return _fail(f"cannot serve metrics on {args.host}:{args.port}: {e.strerror or e}")
+    return 0
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    from .top import run
+
+    cfg = _load_cfg(args.config)
+    try:
+        return run(cfg, args.seconds, args.rows)
+    except FileNotFoundError as e:
+        return _fail(f"no node {cfg.name!r} is running on this host ({e})")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """A node on the default config (or --config), a realistic generated flow streamed to
+    it at --rate, and the dashboard: the system at work within a minute."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import threading
+    import time
+    from pathlib import Path
+
+    from .client import send_records
+    from .status import read_counters
+    from .top import run
+
+    def interrupted(*_) -> None:  # SIGTERM, SIGHUP (its terminal closed): clean up as
+        raise KeyboardInterrupt   # for Ctrl-C
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+    cfg = _load_cfg(args.config)
+    try:
+        read_counters(cfg)
+        return _fail(f"a node {cfg.name!r} already runs on this host: stop it, or give the "
+                     "demo another config (--config)")
+    except FileNotFoundError:
+        pass
+    data = Path(tempfile.mkdtemp(prefix="exposure-demo-"))
+    cmd = [sys.executable, "-m", "exposure", "run", "--data-dir", str(data)]
+    if args.config:
+        cmd += ["--config", args.config]
+    log = open(data / "node.log", "w")  # noqa: SIM115  (closed below)
+    node = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    print(f"exposure demo: starting node {cfg.name!r} (its log: {data / 'node.log'}; a first "
+          "run compiles the kernels: about a minute)", flush=True)
+    try:
+        t0 = time.monotonic()
+        while True:
+            if node.poll() is not None:
+                return _fail(f"the node exited: {(data / 'node.log').read_text()[-2000:]}")
+            try:
+                if read_counters(cfg)["ingest_listening"]:
+                    break
+            except (FileNotFoundError, ValueError):
+                pass
+            if time.monotonic() - t0 > 600:
+                return _fail("the node did not become ready within 10 minutes")
+            time.sleep(0.1)
+        from perf.flowgen import generate
+
+        n = max(1, int(args.rate * args.seconds))
+        recs = generate(n, accounts=200, instruments=2000, universe=40, live_target=20_000,
+                        seed=int(time.time()) & 0xFFFF)
+        def stream() -> None:
+            try:
+                send_records(cfg.ingest_host, cfg.ingest_port, recs, session=1, timeout=60,
+                             rate=args.rate, frame=max(1, min(1024, int(args.rate // 100))))
+            except Exception:  # the demo ended (the node stops) before the flow did
+                pass
+
+        sender = threading.Thread(target=stream, daemon=True)
+        sender.start()
+        print(f"exposure demo: streaming {n:,} generated events at {args.rate:,.0f}/s",
+              flush=True)
+        run(cfg, args.seconds)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up is not interrupted
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(30)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
+        log.close()
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
@@ -190,15 +340,18 @@ def _cmd_dump(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .status import node_status
+    from .status import node_status, render
 
     cfg = _load_cfg(args.config)
     try:
         st = node_status(cfg)
     except (FileNotFoundError, TimeoutError) as e:
-        return _fail(str(e))
-    opt = 0 if args.compact else orjson.OPT_INDENT_2
-    sys.stdout.buffer.write(orjson.dumps(st, option=opt) + b"\n")
+        return _fail(f"no node {cfg.name!r} is running on this host ({e})")
+    if args.json or args.compact:
+        opt = 0 if args.compact else orjson.OPT_INDENT_2
+        sys.stdout.buffer.write(orjson.dumps(st, option=opt) + b"\n")
+    else:
+        print(render(st))
     return 0
 
 
@@ -290,11 +443,33 @@ def _parser() -> argparse.ArgumentParser:
                         "--config, when this machine can read it)")
     r.set_defaults(func=_cmd_send)
 
-    r = sub.add_parser("status", help="a running node's session port and sessions: "
-                       "connections, refusals, logins, rejects (unauthorized too)")
+    r = sub.add_parser("status", help="what a running node is doing: role, epoch, seqs, "
+                       "lags, processes, rates, counters, sessions")
     r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--json", action="store_true", help="JSON instead of text")
     r.add_argument("--compact", action="store_true", help="one-line JSON")
     r.set_defaults(func=_cmd_status)
+
+    r = sub.add_parser("metrics", help="serve a node's counters to Prometheus (/metrics), "
+                       "read-only")
+    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--port", type=int, default=9477, help="HTTP port (default 9477)")
+    r.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    r.set_defaults(func=_cmd_metrics)
+
+    r = sub.add_parser("top", help="a live dashboard of a node: fund, accounts, "
+                       "instruments, sectors, events/s, wire-to-wire latency, lags")
+    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--seconds", type=float, help="exit after this many seconds")
+    r.add_argument("--rows", type=int, default=10, help="rows per table (default 10)")
+    r.set_defaults(func=_cmd_top)
+
+    r = sub.add_parser("demo", help="start a node, stream a generated flow to it and "
+                       "watch it on the dashboard")
+    r.add_argument("--rate", type=float, default=5000.0, help="events/s (default 5000)")
+    r.add_argument("--seconds", type=float, default=60.0, help="how long (default 60)")
+    r.add_argument("--config", metavar="FILE", help="the node (default: the built-in)")
+    r.set_defaults(func=_cmd_demo)
 
     r = sub.add_parser("journal", help="check or print a node's journal")
     r.add_argument("action", choices=("verify", "inspect"),

@@ -43,13 +43,16 @@ from .recovery import next_epoch, recover
 from .repl import read_secret
 from .sdnotify import Notifier
 from .sessions import Entitlements, load_sessions
+from .shm import counters_layout as CN
 from .shm.control import (
     CONTROL_WORDS,
     CTL_EPOCH,
+    CTL_IN_SYNC,
     CTL_PROGRESS,
     CTL_RELOAD,
     CTL_ROLE,
     CTL_SEQUENCED,
+    ROLE_BACKUP,
     ROLE_NAMES,
     ROLE_PRIMARY,
 )
@@ -80,7 +83,7 @@ def _rings(cfg: NodeConfig) -> tuple[str, ...]:
 
 def _names(cfg: NodeConfig) -> dict[str, str]:
     return {"tally": cfg.segment("tally"), "sessions": cfg.segment("sessions"),
-            "control": cfg.segment("control"),
+            "control": cfg.segment("control"), "counters": cfg.segment("counters"),
             **{r: cfg.segment(f"ring.{r}") for r in _rings(cfg)}}
 
 
@@ -131,6 +134,12 @@ class Node:
             self.control = SharedArray.create(names["control"], (CONTROL_WORDS,), np.uint64)
             self.owned.append(self.control)
             self.ctl = self.control.array
+            self.counters = SharedArray.create(names["counters"], (CN.COUNTER_WORDS,),
+                                               np.uint64)
+            self.owned.append(self.counters)
+            cnt = self.counters.array
+            cnt[:3] = (CN.MAGIC, CN.VERSION, CN.COUNTER_WORDS)
+            cnt[CN.INDEX["started_ns"]] = time.time_ns()
             cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             st = self.tally.state
             self.recovered = recover(st, versions(st), self.tally.words, sessions.array,
@@ -146,10 +155,37 @@ class Node:
                     log=_log)
             self._choose_role()
             self._spawn_all()
-            self.notify.ready(f"{ROLE_NAMES[self.role]}, epoch {self.epoch}")
         except BaseException:
             self.stop()
             raise
+
+    def ready(self) -> bool:
+        """Whether the node does what it is for: a primary accepts sessions (its ingest
+        listens), a backup follows its primary (in sync with it)."""
+        if self.role == ROLE_BACKUP:
+            return bool(self.ctl[CTL_IN_SYNC])
+        return bool(self.counters.array[CN.INDEX["ingest_listening"]])
+
+    def _starting(self, say, since: float) -> None:
+        """Tell ``say`` what a node that is not ready yet waits for: on a first run the
+        stage processes compile their kernels (about a minute here); a backup catches up
+        with its primary."""
+        waiting = [p.name for i, p in enumerate(self.cfg.processes)
+                   if not self.ctl[CTL_PROGRESS + i]]
+        say(f"starting ({time.monotonic() - since:.0f} s): " + (
+            f"process(es) {', '.join(waiting)} loading or compiling their kernels (a first "
+            "run compiles them: about a minute)" if waiting else
+            "following the primary (catching up)" if self.role == ROLE_BACKUP else
+            "opening the session port"))
+
+    def ready_line(self) -> str:
+        cfg = self.cfg
+        if self.role == ROLE_BACKUP:
+            return (f"ready: backup, epoch {self.epoch}, following its primary "
+                    f"(sessions go to {cfg.peer_ingest[0]}:{cfg.peer_ingest[1]})"
+                    if cfg.peer_ingest else f"ready: backup, epoch {self.epoch}")
+        return (f"ready: {ROLE_NAMES[self.role]}, epoch {self.epoch}, accepting sessions on "
+                f"{cfg.ingest_host}:{cfg.ingest_port}")
 
     def _off_the_spinners(self) -> None:
         """The supervisor (its etcd requests, its loop) runs on the CPUs no stage spins on:
@@ -210,6 +246,7 @@ class Node:
         is moved aside first (and a received snapshot put in its place)."""
         t0 = time.perf_counter()
         _log(f"{why}; restarting the node's processes from the journal")
+        self.counters.array[CN.INDEX["restarts_total"]] += 1
         self._stop_processes()
         self.procs.clear()
         if self.snapshotter is not None:
@@ -260,6 +297,7 @@ class Node:
 
     def _spawn_all(self) -> None:
         self.progress.clear()
+        self.counters.array[CN.INDEX["ingest_listening"]] = 0  # the new ingest says when
         for i, p in enumerate(self.cfg.processes):
             self.ctl[CTL_PROGRESS + i] = 0
             self.procs[p.name] = self._spawn(p.name)
@@ -328,12 +366,26 @@ class Node:
                          f"on cpu {p.cpu if p.cpu is not None else 'any'}, wait {p.wait}")
         return "\n".join(lines)
 
-    def wait(self, stop_flag: list, max_restarts: int = 5, window_s: float = 60.0) -> str:
+    def wait(self, stop_flag: list, max_restarts: int = 5, window_s: float = 60.0,
+             on_ready=None, say=None) -> str:
         """Until a signal; a process that dies is restarted with the whole node (see
         :meth:`restart`), unless that happened ``max_restarts`` times within ``window_s``
         (then the node stops: something is wrong that restarting does not fix). Returns
-        why it stopped."""
+        why it stopped. Once the node is first :meth:`ready`, systemd hears READY=1 and
+        ``on_ready()`` is called; until then ``say(text)`` hears every 5 s what it waits
+        for."""
+        announced = False
+        since = last_say = time.monotonic()
         while not stop_flag:
+            if not announced:
+                if self.ready():
+                    announced = True
+                    self.notify.ready(f"{ROLE_NAMES[self.role]}, epoch {self.epoch}")
+                    if on_ready is not None:
+                        on_ready()
+                elif say is not None and time.monotonic() - last_say >= 5.0:
+                    last_say = time.monotonic()
+                    self._starting(say, since)
             try:
                 for name, p in list(self.procs.items()):
                     if p.poll() is not None and not stop_flag:
@@ -507,6 +559,9 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
         control = SharedArray.attach(names["control"], (CONTROL_WORDS,), np.uint64)
         opened.append(control)
         ctl = control.array
+        counters = SharedArray.attach(names["counters"], (CN.COUNTER_WORDS,), np.uint64)
+        opened.append(counters)
+        cnt = counters.array
         rings = {r: Ring.attach(names[r]) for r in _rings(cfg)}
         opened += rings.values()
         # Ingest last: the kernels compile (or load) before the node accepts a session.
@@ -523,17 +578,18 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
                                           replica=_replica_factory(cfg, ctl, sessions.array,
                                                                    rings),
                                           secrets=secrets, entitlements=ents,
-                                          limits=_port_limits(cfg)))
+                                          limits=_port_limits(cfg), counters=cnt))
             elif st == "compute":
                 tally = TallySegment.attach(names["tally"], writable=True)
                 opened.append(tally)
                 stages.append(ComputeStage(tally, sessions.array, rings["compute"],
-                                           rings["fanout"]))
+                                           rings["fanout"], counters=cnt))
             elif st == "journal":
                 stages.append(JournalStage(rings["tap"], sessions.array,
                                            JournalWriter(cfg.data_dir, cfg.segment_bytes),
                                            cfg.fsync, cfg.fsync_interval_ms,
-                                           mirror_ring=rings.get("mirror"), ctl=ctl))
+                                           mirror_ring=rings.get("mirror"), ctl=ctl,
+                                           counters=cnt))
             elif st == "fanout":
                 tally = TallySegment.attach(names["tally"])  # read-only: the refresh cycle
                 opened.append(tally)
@@ -542,12 +598,14 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
                                           tally.state, epoch=epoch, ctl=ctl,
                                           pair=cfg.replicated,
                                           heartbeat_ms=cfg.feed_heartbeat_ms,
-                                          refresh_rows_per_s=cfg.refresh_rows_per_s))
+                                          refresh_rows_per_s=cfg.refresh_rows_per_s,
+                                          counters=cnt))
             elif st == "snapshot" and cfg.snapshot_port:  # 0: off
                 tally = TallySegment.attach(names["tally"])
                 opened.append(tally)
                 stages.append(SnapshotServer(cfg.snapshot_host, cfg.snapshot_port,
-                                             tally.state, ctl, pair=cfg.replicated))
+                                             tally.state, ctl, pair=cfg.replicated,
+                                             counters=cnt))
             elif st == "mirror" and cfg.replicated:
                 stages.append(MirrorStage(rings["mirror"], ctl, sessions.array,
                                           cfg.repl_peer, read_secret(cfg.secret_file),

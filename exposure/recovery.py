@@ -79,14 +79,17 @@ class Recovered:
 
 def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None = None,
                    upto: int = 0, batch: int = 65536, from_gseq: int = 1,
-                   result: ScanResult | None = None) -> int:
+                   result: ScanResult | None = None,
+                   progress: Callable[[str], None] | None = None) -> int:
     """Apply the journal's records from gseq ``from_gseq`` (up to ``upto`` when given) to
     ``st``; with ``sessions``, count each session's processed seq and rejects as compute
-    does. Returns the records applied."""
+    does. ``progress`` hears every 5 s how far a long replay is. Returns the records
+    applied."""
     status = np.zeros(batch, np.uint8)
     flat = sessions.reshape(-1) if sessions is not None else np.zeros(12, np.uint64)
     ncols = sessions.shape[1] if sessions is not None else 12
     done = 0
+    t0 = said = time.monotonic()
     for blk in read_blocks(directory, result, from_gseq=from_gseq):
         recs = blk.records
         if upto and blk.first > upto:
@@ -102,6 +105,10 @@ def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None
             if sessions is not None:
                 count_sessions(part, status[:n], n, flat, ncols)
             done += n
+            if progress is not None and time.monotonic() - said >= 5.0:
+                said = time.monotonic()
+                progress(f"recovering: {done:,} events replayed up to gseq "
+                         f"{int(part['gseq'][-1]):,} ({done / (said - t0):,.0f} events/s)")
     return done
 
 
@@ -134,7 +141,7 @@ def recover(st: State, vers: Versions, seg_words: np.ndarray, sessions: np.ndarr
             base = load_newest(directory, state_buf, sessions, log, fresh)
             if base:
                 log(f"loaded snapshot at gseq {base}")
-        n = replay_journal(st, directory, sessions, from_gseq=base + 1)
+        n = replay_journal(st, directory, sessions, from_gseq=base + 1, progress=log)
     finally:
         write_end(seg_words)
     # Everything replayed came from disk: held = processed = durable.

@@ -1,31 +1,108 @@
-"""``exposure status``: a running node's session port and sessions, from its shared memory.
+"""``exposure status``: what a running node is doing, from its shared memory.
 
 Read-only and lock-free (each counter is one aligned word with one writer: see
-:mod:`exposure.shm.session_layout`). What it reports is outside the SPEC document: the
-port's counters (connections, refusals, timeouts, failed logins, ...), the datagrams the
-fan-out could not send, and per session
-whether it is connected, what the node holds, has processed and has on disk, its rejects
-per reason (``unauthorized`` included: records outside its entitlements) and its own
-counters.
+:mod:`exposure.shm.counters_layout`, :mod:`exposure.shm.session_layout` and
+:mod:`exposure.shm.control`). It reports the role and epoch; the global seqs received,
+computed, durable and replicated, and the lags between them in events and microseconds;
+the processes (pid, CPU share, wait strategy); every stage's counters and their rates
+(sampled over ``interval`` seconds); the session port's counters; and per session whether
+it is connected, what the node holds, has processed and has on disk, its rejects per
+reason (``unauthorized`` included: records outside its entitlements) and its own
+counters. In a pair it adds the coordinator's record from etcd when it can reach it.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
 from .config import NodeConfig
 from .sessions import session_names
+from .shm import counters_layout as CN
 from .shm import session_layout as SL
-from .shm.control import CONTROL_WORDS, CTL_FANOUT_ERRORS
+from .shm.control import (
+    CONTROL_WORDS,
+    CTL_EPOCH,
+    CTL_FANOUT_ERRORS,
+    CTL_REPL_DUR,
+    CTL_ROLE,
+    CTL_SEQUENCED,
+    ROLE_NAMES,
+)
 from .shm.segment import SharedArray
 from .shm.tally_segment import TallySegment
 from .types import C_LAST_GSEQ, C_UNAUTHORIZED, NODE_REASONS
 
-__all__ = ["node_status"]
+__all__ = ["node_status", "read_counters", "read_control", "render"]
 
 
-def node_status(cfg: NodeConfig) -> dict:
-    """The status of the node ``cfg`` names; FileNotFoundError when it is not running."""
+def read_control(cfg: NodeConfig) -> np.ndarray:
+    """A copy of the node's control block (exposure.shm.control); FileNotFoundError when
+    the node is not running."""
+    try:
+        seg = SharedArray.attach(cfg.segment("control"), (CONTROL_WORDS,), np.uint64,
+                                 readonly=True)
+    except Exception as e:  # posix_ipc.ExistentialError
+        raise FileNotFoundError(f"no control block {cfg.segment('control')}: is the node "
+                                f"running? ({e})") from None
+    try:
+        return np.array(seg.array)
+    finally:
+        seg.close()
+
+
+def read_counters(cfg: NodeConfig) -> dict[str, int]:
+    """Every counter of the node's counters segment by name (exposure.shm.counters_layout);
+    FileNotFoundError when the node is not running."""
+    try:
+        seg = SharedArray.attach(cfg.segment("counters"), (CN.COUNTER_WORDS,), np.uint64,
+                                 readonly=True)
+    except Exception as e:  # posix_ipc.ExistentialError, or a shape that does not fit
+        raise FileNotFoundError(f"no counters segment {cfg.segment('counters')}: is the node "
+                                f"running (with this config)? ({e})") from None
+    try:
+        words = np.array(seg.array)
+    finally:
+        seg.close()
+    CN.check(words)
+    return {c.name: int(words[CN.INDEX[c.name]]) for c in CN.COUNTERS}
+
+
+def _processes(cfg: NodeConfig, writer_pid: int, interval: float) -> list[dict]:
+    """The supervisor and each process of the map: pid, CPU share over ``interval``."""
+    import psutil
+
+    procs = []
+    try:
+        sup = psutil.Process(writer_pid)
+        procs.append(("supervisor", sup, "block"))
+        waits = {p.name: p.wait for p in cfg.processes}
+        for c in sup.children():
+            cl = c.cmdline()
+            if "--process" in cl:
+                name = cl[cl.index("--process") + 1]
+                procs.append((name, c, waits.get(name, "")))
+        for _, p, _ in procs:
+            p.cpu_percent(None)
+    except psutil.Error:
+        return []
+    time.sleep(interval)
+    out = []
+    for name, p, wait in procs:
+        try:
+            cpu = p.cpu_percent(None)
+            aff = p.cpu_affinity()
+        except psutil.Error:
+            continue
+        out.append({"name": name, "pid": p.pid, "cpu": round(cpu, 1), "wait": wait,
+                    "cpus": aff})
+    return out
+
+
+def node_status(cfg: NodeConfig, interval: float = 0.25) -> dict:
+    """The status of the node ``cfg`` names; FileNotFoundError when it is not running.
+    Rates and CPU shares are measured over ``interval`` seconds."""
     try:
         seg = SharedArray.attach(cfg.segment("sessions"), SL.session_shape(cfg.max_sessions),
                                  np.uint64, readonly=True)
@@ -45,6 +122,19 @@ def node_status(cfg: NodeConfig) -> dict:
         ctl_seg.close()
     except Exception:  # (posix_ipc.ExistentialError: the node stopped meanwhile)
         ctl = np.zeros(CONTROL_WORDS, np.uint64)
+    before = read_counters(cfg)
+    t0 = time.monotonic()
+    with TallySegment.attach(cfg.segment("tally")) as tally:
+        writer = int(tally.layout.header(tally.buf)["writer_pid"])
+    processes = _processes(cfg, writer, interval)
+    if time.monotonic() - t0 < interval:
+        time.sleep(max(0.0, interval - (time.monotonic() - t0)))
+    after = read_counters(cfg)
+    dt = max(time.monotonic() - t0, 1e-6)
+    rates = {k.removesuffix("_total"): round((after[k] - before[k]) / dt, 1)
+             for k in ("ingest_events_total", "compute_events_total", "compute_batches_total",
+                       "fanout_datagrams_total", "journal_records_total",
+                       "journal_fsyncs_total")}
     names = session_names(cfg.sessions_file) if cfg.sessions_file else {}
     sessions = []
     for sid in range(1, t.shape[0]):
@@ -54,15 +144,81 @@ def node_status(cfg: NodeConfig) -> dict:
         rej = {NODE_REASONS.get(k, str(k)): int(row[SL.S_REJ + k])
                for k in range(1, SL.N_REJ) if row[SL.S_REJ + k]}
         sessions.append({
-            "session": sid, **({"name": names[sid]} if sid in names else {}),
+            "id": sid, "session": sid, **({"name": names[sid]} if sid in names else {}),
             "connected": bool(row[SL.S_CONNECTED]), "held": int(row[SL.S_HELD]),
             "processed": int(row[SL.S_DONE]), "durable": int(row[SL.S_DURABLE]),
             "rejects": rej,
             **{k: int(row[c]) for k, c in SL.SESSION_COUNTERS.items()}})
-    return {"node": cfg.name,
-            "authenticated": cfg.sessions_file is not None,
-            "sequenced": int(ctr[C_LAST_GSEQ]), "durable": int(t[0, SL.S_DURABLE]),
-            "unauthorized": int(ctr[C_UNAUTHORIZED]),
-            "port": {k: int(t[0, c]) for k, c in SL.NODE_COUNTERS.items()},
-            "fanout": {"send_errors": int(ctl[CTL_FANOUT_ERRORS])},
-            "sessions": sessions}
+    received = max(after["ingest_received_gseq"], int(ctl[CTL_SEQUENCED]))
+    computed = after["compute_gseq"] or int(ctr[C_LAST_GSEQ])
+    durable = int(t[0, SL.S_DURABLE])
+    replicated = int(ctl[CTL_REPL_DUR]) if cfg.replicated else None
+    lag_us = (after["compute_recv_ns"] - after["journal_durable_recv_ns"]) / 1e3 \
+        if after["journal_durable_recv_ns"] and computed > durable else 0.0
+    out = {"node": cfg.name,
+           "role": ROLE_NAMES.get(int(ctl[CTL_ROLE]), str(int(ctl[CTL_ROLE]))),
+           "epoch": int(ctl[CTL_EPOCH]),
+           "gseq": {"received": received, "computed": computed, "durable": durable,
+                    **({"replicated": replicated} if replicated is not None else {})},
+           "lag": {"journal_events": max(computed - durable, 0),
+                   "journal_us": round(max(lag_us, 0.0), 1),
+                   **({"replication_events": max(computed - replicated, 0)}
+                      if replicated is not None else {})},
+           "rates": rates,
+           "processes": processes,
+           "counters": after,
+           "authenticated": cfg.sessions_file is not None,
+           "sequenced": int(ctr[C_LAST_GSEQ]), "durable": durable,
+           "unauthorized": int(ctr[C_UNAUTHORIZED]),
+           "port": {k: int(t[0, c]) for k, c in SL.NODE_COUNTERS.items()},
+           "fanout": {"send_errors": int(ctl[CTL_FANOUT_ERRORS])},
+           "sessions": sessions}
+    if cfg.replicated:
+        out["coordinator"] = _coordinator(cfg)
+    return out
+
+
+def _coordinator(cfg: NodeConfig) -> dict | None:
+    """The pair's record in etcd (None when etcd cannot be reached within a second)."""
+    try:
+        from .coord import PairStore
+
+        rec, rev, members = PairStore(cfg.etcd, cfg.etcd_prefix, timeout=1.0).read()
+    except Exception as e:  # etcd down, or not installed: status still answers
+        return {"error": str(e)[:200]}
+    return {"record": None if rec is None else {"epoch": rec.epoch, "primary": rec.primary,
+                                                 "sync": rec.sync},
+            "revision": rev, "members": sorted(members)}
+
+
+def render(st: dict) -> str:
+    """The status as a few lines of text for a terminal."""
+    g = st["gseq"]
+    lines = [f"node {st['node']}: {st['role']}, epoch {st['epoch']}",
+             "gseq  received {received:,}  computed {computed:,}  durable {durable:,}".format(
+                 **g) + (f"  replicated {g['replicated']:,}" if "replicated" in g else ""),
+             f"lag   journal {st['lag']['journal_events']:,} events "
+             f"({st['lag']['journal_us']:,.0f} us)"
+             + (f", replication {st['lag']['replication_events']:,} events"
+                if "replication_events" in st["lag"] else ""),
+             "rates " + ", ".join(f"{k} {v:,.0f}/s" for k, v in st["rates"].items())]
+    for p in st["processes"]:
+        lines.append(f"proc  {p['name']:<10} pid {p['pid']:<8} cpu {p['cpu']:5.1f}%  "
+                     f"wait {p['wait'] or '-'}  cpus {p['cpus']}")
+    c = st["counters"]
+    lines.append(f"feed  {c['fanout_datagrams_total']:,} datagrams, "
+                 f"{c['fanout_dropped_total']:,} dropped, {c['fanout_heartbeats_total']:,} "
+                 f"heartbeats, {c['fanout_refresh_datagrams_total']:,} refresh; snapshots "
+                 f"{c['snapshot_served_total']:,} served")
+    lines.append(f"disk  {c['journal_fsyncs_total']:,} fsyncs "
+                 f"(max {c['journal_fsync_ns_max'] / 1e3:,.0f} us); restarts "
+                 f"{c['restarts_total']}")
+    port = st["port"]
+    lines.append("port  " + ", ".join(f"{k} {v:,}" for k, v in port.items() if v))
+    for s in st["sessions"]:
+        lines.append(f"sess  {s['id']:<5} {'up  ' if s['connected'] else 'down'} held "
+                     f"{s['held']:,} processed {s['processed']:,} durable {s['durable']:,}"
+                     + (f" rejects {s['rejects']}" if s["rejects"] else ""))
+    if "coordinator" in st:
+        lines.append(f"etcd  {st['coordinator']}")
+    return "\n".join(lines)

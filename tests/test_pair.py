@@ -542,13 +542,13 @@ FAULTS = ["kill-primary", "kill-backup", "kill-process", "cut-link", "sigstop-pr
           "etcd-restart"]
 
 
-CHAOS_FAULTS = int(os.environ.get("EXPOSURE_CHAOS_FAULTS", "20"))  # (30+ for a longer run)
+CHAOS_FAULTS = int(os.environ.get("EXPOSURE_CHAOS_FAULTS", "12"))  # (30+ for a longer run)
 
 
 @pytest.mark.timeout(900)
 def test_seeded_chaos_of_faults_ends_with_both_nodes_equal_to_the_replay(pair, tmp_path, etcd):
     """kill -9 of either node or of one process, a cut link, a hung (SIGSTOP) primary, an
-    etcd outage; one at a time (``EXPOSURE_CHAOS_FAULTS``, 20 by default), at random
+    etcd outage; one at a time (``EXPOSURE_CHAOS_FAULTS``, 12 by default), at random
     moments, while a client streams. Never two nodes acting at once; at the end both equal
     the replay of what was sent."""
     rnd = seeded()

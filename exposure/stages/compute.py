@@ -17,6 +17,7 @@ from numba import njit
 from .. import _jit
 from ..kernel import apply_batch
 from ..publish import count_sessions, publish_batch, versions
+from ..shm import counters_layout as CN
 from ..shm import ring_layout as RL
 from ..shm.ring import ring_pop, ring_push, sleeping
 from ..shm.tally_segment import write_begin, write_end
@@ -26,6 +27,8 @@ from ..types import (
     ROW_SIZE,
     SECTOR_ROW_DTYPE,
     UPDATE_DTYPE,
+    W_GSEQ,
+    W_RECV_NS,
 )
 
 __all__ = ["ComputeStage"]
@@ -53,10 +56,20 @@ def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, c
     return n, m, pushed, asleep
 
 
+_EVENTS = CN.INDEX["compute_events_total"]
+_BATCHES = CN.INDEX["compute_batches_total"]
+_ROWS = CN.INDEX["compute_rows_total"]
+_RING_FULL = CN.INDEX["compute_ring_full_total"]
+_GSEQ = CN.INDEX["compute_gseq"]
+_RECV = CN.INDEX["compute_recv_ns"]
+
+
 class ComputeStage:
     """Pops the compute ring, applies, publishes, pushes updates to the fan-out ring."""
 
-    def __init__(self, segment, sessions: np.ndarray, in_ring, out_ring, batch: int = 4096):
+    def __init__(self, segment, sessions: np.ndarray, in_ring, out_ring, batch: int = 4096,
+                 counters: np.ndarray | None = None):
+        self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
         self.seg = segment
         self.st = segment.state
         self.vers = versions(self.st)
@@ -108,6 +121,14 @@ class ComputeStage:
         if n == 0:
             return 0
         self.pending, self.pending_from = m - pushed, pushed
+        cnt = self.cnt
+        cnt[_EVENTS] += n
+        cnt[_BATCHES] += 1
+        cnt[_ROWS] += m
+        cnt[_GSEQ] = self.words[n - 1, W_GSEQ]
+        cnt[_RECV] = self.words[n - 1, W_RECV_NS]
+        if pushed < m:
+            cnt[_RING_FULL] += 1
         if asleep:
             self.out.semaphore.release()  # a fan-out process that sleeps on the ring
         return n

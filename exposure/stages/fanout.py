@@ -38,6 +38,7 @@ from ..feedwire import (
     FEED_VERSION,
 )
 from ..publish import gather_rows, versions
+from ..shm import counters_layout as CN
 from ..shm import ring_layout as RL
 from ..shm.control import CTL_EPOCH, CTL_FANOUT_ERRORS, CTL_ROLE, ROLE_PRIMARY, may_act
 from ..shm.ring import ring_pop
@@ -58,6 +59,12 @@ from ..types import (
 __all__ = ["FanoutStage"]
 
 _ROW_WORDS = ROW_SIZE // 8
+_DATAGRAMS = CN.INDEX["fanout_datagrams_total"]
+_REFRESHES = CN.INDEX["fanout_refresh_datagrams_total"]
+_HEARTBEATS = CN.INDEX["fanout_heartbeats_total"]
+_ROWS = CN.INDEX["fanout_rows_total"]
+_DROPPED = CN.INDEX["fanout_dropped_total"]
+_CYCLES = CN.INDEX["fanout_refresh_cycles_total"]
 _HDR_WORDS = DGRAM_HEADER.size // 8  # the header as u8 words
 _LOW32 = np.uint64(0xFFFFFFFF)
 _HIGH32 = np.uint64(0xFFFFFFFF00000000)
@@ -161,8 +168,10 @@ class FanoutStage:
 
     def __init__(self, in_ring, group: str, port: int, interface: str, ttl: int,
                  max_datagram: int, state, epoch: int = 0, ctl: np.ndarray | None = None,
-                 pair: bool = False, heartbeat_ms: int = 100, refresh_rows_per_s: int = 2000):
+                 pair: bool = False, heartbeat_ms: int = 100, refresh_rows_per_s: int = 2000,
+                 counters: np.ndarray | None = None):
         self.inp = in_ring
+        self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
         self.ctl = ctl  # role and epoch (a backup packs, to keep up, but sends nothing)
         self.pair = pair and ctl is not None  # a fenced primary holds its rows
         self.dest = (group, port)
@@ -229,6 +238,7 @@ class FanoutStage:
     def _lost(self, n: int, why: str) -> None:
         """``n`` datagrams the socket refused: receivers see the gap."""
         self.send_errors += n
+        self.cnt[_DROPPED] += n
         if self.ctl is not None:
             self.ctl[CTL_FANOUT_ERRORS] += n
         self.log("send", f"multicast send failed ({why}): {self.send_errors} datagrams lost "
@@ -272,6 +282,8 @@ class FanoutStage:
         if refused:
             self._lost(refused, self.sender.last_error)
         self.sent[DG_INCREMENTAL] += d
+        self.cnt[_DATAGRAMS] += d
+        self.cnt[_ROWS] += int(self.ends[d - 1] // 8 - d * _HDR_WORDS) // _ROW_WORDS
         self.last_send = time.monotonic_ns()
         return n
 
@@ -282,6 +294,7 @@ class FanoutStage:
         _seal(self.hb, 0, self.epoch, self.seq, DG_HEARTBEAT, time.time_ns())
         self._send(self.hb_mv)
         self.sent[DG_HEARTBEAT] += 1
+        self.cnt[_HEARTBEATS] += 1
 
     def _refresh(self) -> None:
         """One REFRESH datagram: the next published rows of the cycle (at most one
@@ -292,12 +305,14 @@ class FanoutStage:
                                  *self._gather_bufs)
         if cursor < self.cursor or (cursor == 0 and self.cursor == 0 and m == 0):
             self.cycles += 1
+            self.cnt[_CYCLES] += 1
         self.cursor = cursor
         if m == 0:
             return
         size = _seal(self.rbuf, m, self.epoch, self.seq, DG_REFRESH, time.time_ns())
         self._send(self.rbuf_mv[:size])
         self.sent[DG_REFRESH] += 1
+        self.cnt[_REFRESHES] += 1
         self.last_send = time.monotonic_ns()
 
     def close(self) -> None:

@@ -70,6 +70,7 @@ from .. import wire as W
 from .._netguard import Listener, RateLog, keepalive
 from .._sock import flush, send_or_queue
 from ..sessions import Entitlements
+from ..shm import counters_layout as CN
 from ..shm import session_layout as SL
 from ..shm.control import (
     CTL_ALONE,
@@ -152,13 +153,20 @@ class _Conn:
         self.mv = memoryview(self.buf)
 
 
+_EVENTS = CN.INDEX["ingest_events_total"]
+_RECEIVED = CN.INDEX["ingest_received_gseq"]
+_RING_FULL = CN.INDEX["ingest_ring_full_total"]
+_LISTENING = CN.INDEX["ingest_listening"]
+
+
 class IngestStage:
     def __init__(self, host: str, port: int, sessions: np.ndarray, out_ring, next_gseq: int,
                  max_sessions: int, ack_interval_us: int = 0, tap_ring=None,
                  ctl: np.ndarray | None = None, release: str = "local", replica=None,
                  secrets: dict[int, bytes] | None = None,
                  entitlements: Entitlements | None = None,
-                 limits: PortLimits = PortLimits()):
+                 limits: PortLimits = PortLimits(), counters: np.ndarray | None = None):
+        self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
         self.sessions = sessions
         self.out = out_ring
         self.max_sessions = max_sessions
@@ -225,6 +233,7 @@ class IngestStage:
         self.listener = Listener(self.addr)
         self.lfd = self.listener.fd
         self.ep.register(self.lfd, select.EPOLLIN)
+        self.cnt[_LISTENING] = 1  # bound and listening: what the supervisor calls ready
 
     def _promoted(self) -> None:
         """The supervisor made this node the primary: stop following, accept sessions."""
@@ -506,6 +515,8 @@ class IngestStage:
                 held = int(res[2])
                 pushed += n
                 self.next_gseq += n
+                self.cnt[_EVENTS] += n
+                self.cnt[_RECEIVED] = self.next_gseq - 1
                 c.held = held
                 self.sessions[c.session, S_HELD] = held
                 if self.replicated:
@@ -516,6 +527,7 @@ class IngestStage:
                 if res[5]:
                     self.tap.semaphore.release()  # a journal asleep on the tap ring
             if why == RING_FULL:
+                self.cnt[_RING_FULL] += 1
                 if not c.stalled:
                     c.stalled = True
                     self.stalled.add(c)

@@ -36,12 +36,13 @@ from numba import njit
 
 from .. import _jit
 from ..journal import JournalWriter
+from ..shm import counters_layout as CN
 from ..shm import ring_layout as RL
 from ..shm.control import CTL_ROLE, ROLE_PRIMARY
 from ..shm.intrinsics import store_release
 from ..shm.ring import ring_pop, ring_push, sleeping
 from ..shm.session_layout import S_DURABLE
-from ..types import EVENT_WORDS, W_GSEQ, W_SESSION, W_SSEQ
+from ..types import EVENT_WORDS, W_GSEQ, W_RECV_NS, W_SESSION, W_SSEQ
 
 __all__ = ["JournalStage"]
 
@@ -64,11 +65,22 @@ def _publish(pending, sess_flat, ncols, gseq):
     store_release(sess_flat, S_DURABLE, gseq)
 
 
+_RECORDS = CN.INDEX["journal_records_total"]
+_WRITES = CN.INDEX["journal_writes_total"]
+_FSYNCS = CN.INDEX["journal_fsyncs_total"]
+_FSYNC_NS = CN.INDEX["journal_fsync_ns_total"]
+_FSYNC_MAX = CN.INDEX["journal_fsync_ns_max"]
+_DURABLE_GSEQ = CN.INDEX["journal_durable_gseq"]
+_DURABLE_RECV = CN.INDEX["journal_durable_recv_ns"]
+_MIRROR_DROPPED = CN.INDEX["journal_mirror_dropped_total"]
+
+
 class JournalStage:
     def __init__(self, tap_ring, sessions: np.ndarray, writer: JournalWriter, fsync: str,
                  interval_ms: int, batch: int = 4096, mirror_ring=None,
-                 ctl: np.ndarray | None = None):
+                 ctl: np.ndarray | None = None, counters: np.ndarray | None = None):
         self.inp = tap_ring
+        self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
         self.mirror = mirror_ring
         self.ctl = ctl
         self.sess_flat = sessions.reshape(-1)
@@ -83,6 +95,8 @@ class JournalStage:
         # stands: never published lower (a lower mark would tell a backup that it is in
         # sync, and ingest that less is durable, than is true).
         self.written_gseq = self.durable_gseq = int(self.sess_flat[S_DURABLE])
+        self.written_recv = 0
+        self.cnt[_DURABLE_GSEQ] = self.durable_gseq
         self.last_sync = time.monotonic_ns()
         self.error: str | None = None
         self._tail, self._head = tap_ring.ctrl[RL.W_TAIL:], tap_ring.ctrl[RL.W_HEAD:]
@@ -105,12 +119,18 @@ class JournalStage:
             except OSError as e:
                 self._fail("write", e)
                 return 0
+            cnt = self.cnt
+            cnt[_RECORDS] += self.held
+            cnt[_WRITES] += 1
             if self.mirror is not None and self.ctl[CTL_ROLE] == ROLE_PRIMARY:
-                ring_push(self.mirror.ctrl, self.mirror.slots, self.buf, self.held)
+                handed = ring_push(self.mirror.ctrl, self.mirror.slots, self.buf, self.held)
+                if handed < self.held:
+                    cnt[_MIRROR_DROPPED] += self.held - handed
                 if sleeping(self.mirror.ctrl, RL.W_CONSUMER_SLEEPING):
                     self.mirror.semaphore.release()
             _note_sessions(self.buf, self.held, self.pending)
             self.written_gseq = int(self.buf[self.held - 1, W_GSEQ])
+            self.written_recv = int(self.buf[self.held - 1, W_RECV_NS])
             work, self.held = self.held, 0
         if self.written_gseq > self.durable_gseq:
             now = time.monotonic_ns()
@@ -118,13 +138,22 @@ class JournalStage:
             # syncs what is left when the stream stops)
             if self.fsync != "interval" or now - self.last_sync >= self.interval_ns:
                 if self.fsync != "none":
+                    t0 = time.perf_counter_ns()
                     try:
                         self.w.sync()
                     except OSError as e:
                         self._fail("fsync", e)
                         return work
+                    took = time.perf_counter_ns() - t0
+                    cnt = self.cnt
+                    cnt[_FSYNCS] += 1
+                    cnt[_FSYNC_NS] += took
+                    if took > cnt[_FSYNC_MAX]:
+                        cnt[_FSYNC_MAX] = took
                 self.last_sync = now
                 self.durable_gseq = self.written_gseq
+                self.cnt[_DURABLE_GSEQ] = self.durable_gseq
+                self.cnt[_DURABLE_RECV] = self.written_recv
                 _publish(self.pending, self.sess_flat, self.ncols,
                          np.uint64(self.durable_gseq))
                 if self.error:

@@ -63,6 +63,7 @@ from ..feedwire import (
     SNAP_REQUEST_MAGIC,
 )
 from ..publish import gather_rows, versions
+from ..shm import counters_layout as CN
 from ..shm.control import CTL_EPOCH, CTL_ROLE, ROLE_PRIMARY, may_act
 from ..types import (
     INSTPUB_DTYPE,
@@ -87,6 +88,8 @@ _LOG_EVERY_S = 5.0
 _EPOCH_MASK = 0xFFFFFFFF        # the header's epoch is a u4
 _STATUS_AT = 20                 # the header's status byte
 
+_SERVED = CN.INDEX["snapshot_served_total"]
+_REFUSED = CN.INDEX["snapshot_refused_total"]
 COUNTERS = ("accepted", "served", "refused_busy", "refused_not_primary", "not_ready",
             "bad_requests", "timeouts", "emfile", "accept_errors")
 
@@ -117,7 +120,9 @@ class SnapshotServer:
     node, whose primary answers only while it may act."""
 
     def __init__(self, host: str, port: int, state, ctl: np.ndarray, pair: bool = False,
-                 max_clients: int = 8, deadline_s: float = 10.0):
+                 max_clients: int = 8, deadline_s: float = 10.0,
+                 counters: np.ndarray | None = None):
+        self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
         if max_clients < 1:
             raise ValueError(f"max_clients = {max_clients}: at least 1")
         self.st = state
@@ -201,6 +206,10 @@ class SnapshotServer:
             work += self._expire(now)
         else:
             self._cache = None  # nobody holds it any more: free the memory
+        if work:  # the shared counters (exposure status, metrics)
+            self.cnt[_SERVED] = self.served
+            self.cnt[_REFUSED] = (self.refused_busy + self.refused_not_primary
+                                  + self.not_ready + self.bad_requests)
         return work
 
     def _event(self, kind: str, msg: str) -> None:

@@ -1,0 +1,176 @@
+"""The operator's tools against a live node: `exposure send` issued before the node is
+ready waits and succeeds; `exposure status`, `exposure metrics` (scraped over HTTP) and
+`exposure top` (driven in a real terminal through tmux) show what was sent (events,
+sessions, seqs); no node is a clear line and exit status 2."""
+
+import time
+
+import orjson
+import pytest
+from nodes import LiveNode
+from support import DATA
+
+from exposure.parse import read_events
+
+pytestmark = pytest.mark.timeout(300)
+
+
+N = len(read_events(DATA / "clean-5000.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    """A node that was sent clean-5000.jsonl as session 7 by an `exposure send` issued
+    while it was still starting (its segments exist, its session port does not listen
+    yet): the send waits for it and succeeds."""
+    import subprocess
+    import sys
+
+    n = LiveNode(tmp_path_factory.mktemp("status"), start=False)
+    try:
+        n.launch()
+        deadline = time.monotonic() + 120
+        while not n.segments():
+            assert n.proc.poll() is None and time.monotonic() < deadline, n.log.read_text()
+            time.sleep(0.01)
+        early = subprocess.run(
+            [sys.executable, "-m", "exposure", "send", str(DATA / "clean-5000.jsonl"),
+             "--session", "7", "--config", str(n.config), "--timeout", "120"],
+            capture_output=True, timeout=240)
+        assert early.returncode == 0, early.stderr.decode()
+        assert orjson.loads(early.stdout)["acknowledged"] == N
+        n.wait_ready()
+        yield n
+    finally:
+        n.stop()
+    assert n.segments() == [], "the node left shared memory behind"
+
+
+def status(node) -> dict:
+    p = node.cli("status", "--json")
+    assert p.returncode == 0, p.stderr.decode()
+    return orjson.loads(p.stdout)
+
+
+def test_status_reports_what_was_sent(node):
+    n = N
+    deadline = time.monotonic() + 30
+    while (st := status(node))["gseq"]["durable"] < n:  # the journal's fsync interval
+        assert time.monotonic() < deadline, st["gseq"]
+    assert st["role"] == "primary" and st["epoch"] >= 1
+    assert st["gseq"] == {"received": n, "computed": n, "durable": n}
+    assert st["lag"]["journal_events"] == 0
+    assert {"id": 7, "held": n} == {k: v for k, v in next(
+        s for s in st["sessions"] if s["id"] == 7).items() if k in ("id", "held")}
+    c = st["counters"]
+    assert c["ingest_events_total"] == c["compute_events_total"] == n
+    assert c["journal_records_total"] == n and c["journal_durable_gseq"] == n
+    assert c["compute_batches_total"] >= 1 and c["fanout_datagrams_total"] >= 1
+    assert c["fanout_dropped_total"] == 0 and c["restarts_total"] == 0
+    names = {p["name"]: p for p in st["processes"]}
+    assert {"supervisor", "hot", "durable"} <= set(names)
+    assert all(p["pid"] > 0 and p["cpu"] >= 0 for p in names.values())
+    assert names["hot"]["wait"] == "spin"
+    text = node.cli("status").stdout.decode()
+    assert f"node {node.name}: primary" in text and f"computed {n:,}" in text
+
+
+def test_status_of_no_node_is_one_clear_line_and_status_2(tmp_path):
+    cfg = tmp_path / "none.toml"
+    cfg.write_text('[node]\nname = "nobody-here"\n')
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "exposure", "status", "--config", str(cfg)],
+                       capture_output=True, timeout=60)
+    assert p.returncode == 2
+    err = p.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "no node 'nobody-here' is running" in err
+
+
+def _scrape(url: str) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_are_scraped_over_http_and_match_what_was_sent(node):
+    import subprocess
+    import sys
+
+    from nodes import free_port
+
+    n = N
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "exposure", "metrics", "--config",
+                             str(node.config), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert b"serving metrics" in proc.stdout.readline()
+        deadline = time.monotonic() + 30
+        while True:
+            m = _scrape(f"http://127.0.0.1:{port}/metrics")
+            if m.get(f'exposure_gseq{{node="{node.name}",stage="durable"}}') == n:
+                break
+            assert time.monotonic() < deadline, m
+            time.sleep(0.1)
+        lab = f'node="{node.name}"'
+        assert m[f"exposure_up{{{lab}}}"] == 1
+        assert m[f"exposure_events_total{{{lab}}}"] == n
+        assert m[f"exposure_ingest_events_total{{{lab}}}"] == n
+        assert m[f"exposure_journal_records_total{{{lab}}}"] == n
+        assert m[f'exposure_session_held{{{lab},session="7"}}'] == n
+        assert m[f'exposure_gseq{{{lab},stage="computed"}}'] == n
+        assert m[f"exposure_role{{{lab}}}"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_top_runs_in_a_real_terminal_driven_through_tmux(node):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import uuid
+
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    n = N
+    name = f"exposure-top-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    cmd = f"{sys.executable} -m exposure top --config {node.config} --seconds 120 --rows 5"
+
+    def pane() -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", name],
+                              capture_output=True, timeout=10).stdout.decode()
+
+    subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "150", "-y", "70", cmd],
+                   check=True, timeout=10, env={**os.environ, "TERM": "xterm-256color"})
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            out = pane()
+            if f"gseq {n:,}" in out and "accounts by gross" in out and "sectors" in out:
+                break
+            assert time.monotonic() < deadline, out
+            time.sleep(0.2)
+        assert f"node {node.name}" in out and "primary" in out and "events/s" in out
+        assert "fund" in out and "instruments by crossing" in out
+        assert "wire to wire p50" in out
+        subprocess.run(["tmux", "send-keys", "-t", name, "C-c"], timeout=10)
+        deadline = time.monotonic() + 20
+        while subprocess.run(["tmux", "has-session", "-t", name],
+                             capture_output=True).returncode == 0:
+            assert time.monotonic() < deadline, "top did not exit on Ctrl-C"
+            time.sleep(0.1)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+

@@ -174,7 +174,9 @@ def _cmd_send(args: argparse.Namespace) -> int:
         retry = args.retry if args.retry is not None else (60.0 if others else 0.0)
         res = send_records(cfg.ingest_host, cfg.ingest_port, recs, args.session,
                            timeout=args.timeout, retry_s=retry, rate=args.rate,
-                           alternates=others, secret=secret)
+                           alternates=others, secret=secret,
+                           progress=lambda m: print(f"exposure send: {m}", file=sys.stderr,
+                                                    flush=True))
     except SendError as e:
         return _fail(str(e))
     sys.stdout.buffer.write(orjson.dumps(res) + b"\n")

@@ -84,7 +84,8 @@ def login(sock: socket.socket, frames, session: int, secret: bytes | None) -> in
 
 
 def _session_once(host: str, port: int, recs: np.ndarray, session: int, timeout: float,
-                  frame: int, rate: float = 0.0, secret: bytes | None = None) -> dict:
+                  frame: int, rate: float = 0.0, secret: bytes | None = None,
+                  progress=None) -> dict:
     """One connection: login, send what the node does not hold, wait for every ACK."""
     n = len(recs)
     try:
@@ -98,13 +99,17 @@ def _session_once(host: str, port: int, recs: np.ndarray, session: int, timeout:
         held = login(sock, frames, session, secret)
         todo = recs[recs["sseq"] > held]
         try:
-            t0 = time.monotonic()
+            t0 = said = time.monotonic()
             for lo in range(0, len(todo), frame):
                 if rate > 0:  # paced: frame k leaves at t0 + k * frame / rate
                     _sleep_beating(sock, t0 + lo / rate)
                 part = todo[lo:lo + frame]
                 part["send_ns"] = time.time_ns()
                 sock.sendall(W.encode_events(part))
+                if progress is not None and time.monotonic() - said >= 2.0:
+                    said = time.monotonic()
+                    progress(f"sent {lo + len(part):,} of {len(todo):,} events "
+                             f"({(lo + len(part)) / (said - t0):,.0f}/s)")
         except OSError as e:
             raise SendError(f"the node went away while sending: {e}") from None
         # The node acknowledges after login and whenever compute moves on; wait for all.
@@ -125,7 +130,8 @@ def _session_once(host: str, port: int, recs: np.ndarray, session: int, timeout:
 
 def send_records(host: str, port: int, recs: np.ndarray, session: int = 1,
                  timeout: float = 60.0, frame: int = 1024, retry_s: float = 0.0,
-                 rate: float = 0.0, alternates=(), secret: bytes | None = None) -> dict:
+                 rate: float = 0.0, alternates=(), secret: bytes | None = None,
+                 progress=None) -> dict:
     """Send ``recs`` in order as session ``session`` (seq 1..n); return the counts.
 
     With ``retry_s`` > 0 a lost connection (a node that restarts, or fails over) is not an
@@ -136,7 +142,7 @@ def send_records(host: str, port: int, recs: np.ndarray, session: int = 1,
     answers). ``sent`` counts the records sent on the last connection; ``reconnects`` how
     often it reconnected; ``endpoint`` where it finished. ``rate`` > 0 paces the sending
     at that many events per second. ``secret``: the session's secret (None for a node
-    without a sessions file)."""
+    without a sessions file). ``progress(text)`` hears every 2 s how far a long send is."""
     recs = recs.copy()
     recs["sseq"] = np.arange(1, len(recs) + 1, dtype=np.uint64)
     endpoints = [(host, port), *[tuple(a) for a in alternates]]
@@ -146,7 +152,7 @@ def send_records(host: str, port: int, recs: np.ndarray, session: int = 1,
     while True:
         h, p = endpoints[k % len(endpoints)]
         try:
-            res = _session_once(h, p, recs, session, timeout, frame, rate, secret)
+            res = _session_once(h, p, recs, session, timeout, frame, rate, secret, progress)
             res["reconnects"] = reconnects
             res["endpoint"] = f"{h}:{p}"
             return res

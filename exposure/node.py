@@ -77,14 +77,16 @@ RINGS = ("compute", "tap", "fanout", "mirror")
 _START_NS = 120 * 1_000_000_000  # a process that never reaches its loop (compiling, loading)
 
 
-def _rings(cfg: NodeConfig) -> tuple[str, ...]:
+def ring_names(cfg: NodeConfig) -> tuple[str, ...]:
+    """The rings a node of ``cfg`` has (a pair's also the mirror's), each in shared memory
+    as ``cfg.segment("ring." + name)``."""
     return RINGS if cfg.replicated else RINGS[:3]
 
 
 def _names(cfg: NodeConfig) -> dict[str, str]:
     return {"tally": cfg.segment("tally"), "sessions": cfg.segment("sessions"),
             "control": cfg.segment("control"), "counters": cfg.segment("counters"),
-            **{r: cfg.segment(f"ring.{r}") for r in _rings(cfg)}}
+            **{r: cfg.segment(f"ring.{r}") for r in ring_names(cfg)}}
 
 
 def _log(msg: str) -> None:
@@ -204,7 +206,7 @@ class Node:
 
     def _make_rings(self) -> None:
         names = _names(self.cfg)
-        for ring in _rings(self.cfg):
+        for ring in ring_names(self.cfg):
             size = UPDATE_DTYPE.itemsize if ring == "fanout" else EVENT_SIZE
             old = self.rings.pop(ring, None)
             if old is not None:
@@ -562,7 +564,7 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
         counters = SharedArray.attach(names["counters"], (CN.COUNTER_WORDS,), np.uint64)
         opened.append(counters)
         cnt = counters.array
-        rings = {r: Ring.attach(names[r]) for r in _rings(cfg)}
+        rings = {r: Ring.attach(names[r]) for r in ring_names(cfg)}
         opened += rings.values()
         # Ingest last: the kernels compile (or load) before the node accepts a session.
         for st in sorted(spec.stages, key=lambda s: s == "ingest"):

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from .config import NodeConfig
+from .node import ring_names
 from .sessions import session_names
 from .shm import counters_layout as CN
 from .shm import session_layout as SL
@@ -30,6 +31,7 @@ from .shm.control import (
     CTL_SEQUENCED,
     ROLE_NAMES,
 )
+from .shm.ring import Ring
 from .shm.segment import SharedArray
 from .shm.tally_segment import TallySegment
 from .types import C_LAST_GSEQ, C_UNAUTHORIZED, NODE_REASONS
@@ -135,6 +137,16 @@ def node_status(cfg: NodeConfig, interval: float = 0.25) -> dict:
              for k in ("ingest_events_total", "compute_events_total", "compute_batches_total",
                        "fanout_datagrams_total", "journal_records_total",
                        "journal_fsyncs_total")}
+    rings = {}
+    for r in ring_names(cfg):
+        try:
+            ring = Ring.attach(cfg.segment(f"ring.{r}"))
+        except Exception:  # (the node restarts its processes: its rings are remade)
+            continue
+        try:
+            rings[r] = {"fill": len(ring), "capacity": ring.capacity}
+        finally:
+            ring.close()
     names = session_names(cfg.sessions_file) if cfg.sessions_file else {}
     sessions = []
     for sid in range(1, t.shape[0]):
@@ -165,6 +177,7 @@ def node_status(cfg: NodeConfig, interval: float = 0.25) -> dict:
                    **({"replication_events": max(computed - replicated, 0)}
                       if replicated is not None else {})},
            "rates": rates,
+           "rings": rings,
            "processes": processes,
            "counters": after,
            "authenticated": cfg.sessions_file is not None,
@@ -202,6 +215,8 @@ def render(st: dict) -> str:
              + (f", replication {st['lag']['replication_events']:,} events"
                 if "replication_events" in st["lag"] else ""),
              "rates " + ", ".join(f"{k} {v:,.0f}/s" for k, v in st["rates"].items())]
+    lines.append("rings " + ", ".join(f"{k} {v['fill']:,}/{v['capacity']:,}"
+                                      for k, v in st["rings"].items()))
     for p in st["processes"]:
         lines.append(f"proc  {p['name']:<10} pid {p['pid']:<8} cpu {p['cpu']:5.1f}%  "
                      f"wait {p['wait'] or '-'}  cpus {p['cpus']}")

@@ -146,6 +146,8 @@ def _put_counters(st, ctrver, gseq):
 @njit(cache=True, _nrt=False, inline="always")
 def _tag(u, kind, r, now_ns):
     u.kind = kind
+    u.breach = 0  # (an account row sets its own)
+    u.breach_prev = 0
     u.flags = 0
     u.epoch = 0  # the fan-out writes the epoch it sends under
     u.session = r.session
@@ -160,6 +162,8 @@ def _tag(u, kind, r, now_ns):
 def _untag(u, kind, gseq):
     """The head of a row that no event tags (a refresh or snapshot row)."""
     u.kind = kind
+    u.breach = 0  # (an account row sets its own)
+    u.breach_prev = 0
     u.flags = 0
     u.epoch = 0
     u.session = NO_SESSION
@@ -265,8 +269,6 @@ def publish_batch(st, pver, iver, sver, cver, ctrver, recs, n, arows, irows, sro
     u = arows[m]
     _tag(u, ROW_FUND, recs[n - 1], now_ns)
     u.account = -1
-    u.breach = 0
-    u.breach_prev = 0
     _acc_body(u, st.pub[fa])
     m += 1
     for j in range(st.ctr[C_NICHANGED]):
@@ -276,8 +278,6 @@ def publish_batch(st, pver, iver, sver, cver, ctrver, recs, n, arows, irows, sro
         u = irows[m]
         _tag(u, ROW_INSTRUMENT, _at(recs, g0, n, st.inst[i].gseq), now_ns)
         u.instrument = i
-        u.breach = 0
-        u.breach_prev = 0
         _inst_body(u, st.ipub[i])
         m += 1
     for j in range(st.ctr[C_NSCHANGED]):
@@ -287,8 +287,6 @@ def publish_batch(st, pver, iver, sver, cver, ctrver, recs, n, arows, irows, sro
         u = srows[m]
         _tag(u, ROW_SECTOR, _at(recs, g0, n, st.sec_gseq[s]), now_ns)
         u.sector = s
-        u.breach = 0
-        u.breach_prev = 0
         u.net_mv = st.spub[s].net_mv
         u.gross_mv = st.spub[s].gross_mv
         m += 1
@@ -382,8 +380,6 @@ def gather_rows(st, pver, iver, sver, cursor, limit, scan, arows, irows, srows, 
                 u = irows[m]
                 _untag(u, ROW_INSTRUMENT, p.gseq)
                 u.instrument = i
-                u.breach = 0
-                u.breach_prev = 0
                 _inst_body(u, p)
                 m += 1
         else:
@@ -395,8 +391,6 @@ def gather_rows(st, pver, iver, sver, cursor, limit, scan, arows, irows, srows, 
                 u = srows[m]
                 _untag(u, ROW_SECTOR, p.gseq)
                 u.sector = s
-                u.breach = 0
-                u.breach_prev = 0
                 u.net_mv = p.net_mv
                 u.gross_mv = p.gross_mv
                 m += 1

@@ -199,22 +199,45 @@ def test_kill_9_of_the_primary_promotes_the_backup_and_the_client_finishes_on_it
     """The backup (recorded synchronous) takes over within failover_ms; as the new primary
     it runs alone, so acknowledgements resume without a backup. The old primary comes back
     as a backup and catches up; nothing acknowledged is lost or counted twice."""
+    from exposure.feed import Subscriber
+
     rnd = seeded()
     p = pair(release=release)
     n = 60_000
     events = flow(tmp_path, n, rnd.randrange(1 << 30))
+    # A feed subscriber configured with the primary's config alone (it learns the backup's
+    # recovery server from peer_snapshot) follows the failover.
+    sub = Subscriber.from_config(p.a.config)
     client = send(p.a, events, rate=30_000)
-    with streaming(client):
-        time.sleep(rnd.uniform(0.8, 2.0))
-        epoch = int(p.a.control()[CTL_EPOCH])
-        t_kill = time.time()
-        p.a.kill9()
-        wait_for(lambda: role(p.b) == ROLE_PRIMARY, 10, "the promotion", p.b)
-        print(f"promoted at most {(time.time() - t_kill) * 1000:.0f} ms after the kill")
-        assert int(p.b.control()[CTL_EPOCH]) > epoch
-        assert p.record() == PairState(int(p.b.control()[CTL_EPOCH]), p.b.name, "")
-        assert listening("127.0.0.1", p.b.port)
-        finish(client, n)  # on b alone: the old primary is still down
+    try:
+        with streaming(client):
+            t_kill = time.monotonic() + rnd.uniform(0.8, 2.0)
+            while time.monotonic() < t_kill:
+                sub.poll(0.02)
+            epoch = int(p.a.control()[CTL_EPOCH])
+            t_kill = time.time()
+            p.a.kill9()
+            wait_for(lambda: role(p.b) == ROLE_PRIMARY, 10, "the promotion", p.b)
+            print(f"promoted at most {(time.time() - t_kill) * 1000:.0f} ms after the kill")
+            assert int(p.b.control()[CTL_EPOCH]) > epoch
+            assert p.record() == PairState(int(p.b.control()[CTL_EPOCH]), p.b.name, "")
+            assert listening("127.0.0.1", p.b.port)
+            while client.poll() is None:
+                sub.poll(0.02)
+            finish(client, n)  # on b alone: the old primary is still down
+        # It dropped the old epoch's view (phantoms of events never made durable
+        # included) and ends equal to the new primary's document.
+        want = {k: v for k, v in dump(p.b).items()
+                if k in ("accounts", "fund", "instruments", "sectors")}
+        deadline = time.monotonic() + 60
+        while compare_documents(sub.document(), want):
+            assert time.monotonic() < deadline, (sub.describe(),
+                                                 compare_documents(sub.document(), want)[:5])
+            sub.poll(0.05)
+        assert sub.epoch == int(p.b.control()[CTL_EPOCH]) > epoch
+        assert sub.counters["epoch_changes"] >= 1
+    finally:
+        sub.close()
     p.a.start()
     assert role(p.a) == ROLE_BACKUP
     wait_for(lambda: synchronous(p, p.a), 60, "the old primary synchronous again", p.a)
@@ -542,13 +565,13 @@ FAULTS = ["kill-primary", "kill-backup", "kill-process", "cut-link", "sigstop-pr
           "etcd-restart"]
 
 
-CHAOS_FAULTS = int(os.environ.get("EXPOSURE_CHAOS_FAULTS", "12"))  # (30+ for a longer run)
+CHAOS_FAULTS = int(os.environ.get("EXPOSURE_CHAOS_FAULTS", "8"))  # (30+ for a longer run)
 
 
 @pytest.mark.timeout(900)
 def test_seeded_chaos_of_faults_ends_with_both_nodes_equal_to_the_replay(pair, tmp_path, etcd):
     """kill -9 of either node or of one process, a cut link, a hung (SIGSTOP) primary, an
-    etcd outage; one at a time (``EXPOSURE_CHAOS_FAULTS``, 12 by default), at random
+    etcd outage; one at a time (``EXPOSURE_CHAOS_FAULTS``, 8 by default), at random
     moments, while a client streams. Never two nodes acting at once; at the end both equal
     the replay of what was sent."""
     rnd = seeded()
@@ -618,39 +641,3 @@ def test_seeded_chaos_of_faults_ends_with_both_nodes_equal_to_the_replay(pair, t
         finish(client, n)
     assert_equal_to_replay(p, events)
 
-
-@pytest.mark.timeout(300)
-def test_a_feed_subscriber_follows_the_failover_and_ends_equal_to_the_new_primary(
-        pair, tmp_path):
-    """A subscriber of the pair's feed (configured with one node: it learns the other's
-    recovery server from peer_snapshot) follows the backup's new epoch after a kill -9 of
-    the primary mid-stream, drops the old epoch's view (phantoms of events never made
-    durable included) and ends equal to the new primary's dump."""
-    from exposure.feed import Subscriber
-
-    rnd = seeded()
-    p = pair()
-    n = 30_000
-    events = flow(tmp_path, n, rnd.randrange(1 << 30))
-    with Subscriber.from_config(p.a.config) as sub:
-        client = send(p.a, events, rate=20_000)
-        with streaming(client):
-            t_kill = time.monotonic() + rnd.uniform(0.5, 1.2)
-            while time.monotonic() < t_kill:
-                sub.poll(0.02)
-            epoch = int(p.a.control()[CTL_EPOCH])
-            assert sub.epoch == epoch
-            p.a.kill9()
-            wait_for(lambda: role(p.b) == ROLE_PRIMARY, 10, "the promotion", p.b)
-            while client.poll() is None:
-                sub.poll(0.02)
-            finish(client, n)
-        want = {k: v for k, v in dump(p.b).items() if k in ("accounts", "fund", "instruments",
-                                                             "sectors")}
-        deadline = time.monotonic() + 60
-        while compare_documents(sub.document(), want):
-            assert time.monotonic() < deadline, (sub.describe(),
-                                                 compare_documents(sub.document(), want)[:5])
-            sub.poll(0.05)
-        assert sub.epoch == int(p.b.control()[CTL_EPOCH]) > epoch
-        assert sub.counters["epoch_changes"] >= 1

@@ -26,8 +26,42 @@ def wait_until(pred, timeout: float, what: str, step: float = 0.005) -> None:
         time.sleep(step)
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _below_ephemeral() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first = 32768
+    return 10000, max(10001, first - 1)
+
+
 def free_port() -> int:
-    s = socket.socket()
+    """A TCP port nothing listens on, for a test's or tool's server. Taken at random from
+    below the kernel's ephemeral range: a port the kernel hands out (bind to port 0) can be
+    taken, before the server binds it, as the source port of any outgoing connection (an
+    etcd that failed with "address already in use" that way). Never the same port twice in
+    one process."""
+    import random
+
+    rnd = random.SystemRandom()
+    lo, hi = _below_ephemeral()
+    for _ in range(500):
+        port = rnd.randint(lo, hi)
+        if port in _HANDED_OUT:
+            continue
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        _HANDED_OUT.add(port)
+        return port
+    s = socket.socket()  # (a crowded host: the kernel's choice)
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()

@@ -16,7 +16,8 @@ Metric names (all prefixed ``exposure_``; ``node`` is the config's ``[node] name
   ``exposure_late_fills_total``, ``exposure_unauthorized_total``;
 * ``exposure_role`` (1 primary, 2 backup), ``exposure_epoch``;
 * ``exposure_gseq{stage="received|computed|durable|replicated"}``;
-* ``exposure_journal_lag_events``, ``exposure_replication_lag_events``;
+* ``exposure_journal_lag_events``, ``exposure_replication_lag_events`` and the same lags
+  in ``_seconds`` (ingest receive times: see :func:`exposure.status.lags`);
 * ``exposure_session_held{session}``, ``exposure_session_connected{session}``;
 * ``exposure_port_{name}_total``: the session port's counters (connections, refusals,
   timeouts, failed logins, ...);
@@ -36,13 +37,13 @@ from .shm import session_layout as SL
 from .shm.control import CTL_EPOCH, CTL_REPL_DUR, CTL_ROLE, CTL_SEQUENCED
 from .shm.segment import SharedArray
 from .shm.tally_segment import TallySegment
+from .status import lags, read_control, read_counters
 from .types import C_ACCEPTED, C_EVENTS, C_LATE_FILLS, C_REJECTS, C_UNAUTHORIZED, REASONS
 
 __all__ = ["NodeCollector", "serve"]
 
 
 def _read(cfg: NodeConfig) -> tuple[dict[str, int], np.ndarray, np.ndarray, np.ndarray]:
-    from .status import read_control, read_counters
 
     counters = read_counters(cfg)
     ctl = read_control(cfg)
@@ -118,14 +119,19 @@ class NodeCollector:
         if cfg.replicated:
             g.add_metric([node, "replicated"], int(ctl[CTL_REPL_DUR]))
         yield g
-        g = GaugeMetricFamily("exposure_journal_lag_events", "events computed, not yet "
-                              "durable", labels=["node"])
-        g.add_metric([node], max(computed - durable, 0))
-        yield g
-        if cfg.replicated:
-            g = GaugeMetricFamily("exposure_replication_lag_events", "events computed, not "
-                                  "yet durable on the backup", labels=["node"])
-            g.add_metric([node], max(computed - int(ctl[CTL_REPL_DUR]), 0))
+        lag = lags(counters, computed, durable,
+                   int(ctl[CTL_REPL_DUR]) if cfg.replicated else None)
+        for what, where in (("journal", "durable"), ("replication", "durable on the backup")):
+            if f"{what}_events" not in lag:
+                continue
+            g = GaugeMetricFamily(f"exposure_{what}_lag_events", "events computed, not yet "
+                                  f"{where}", labels=["node"])
+            g.add_metric([node], lag[f"{what}_events"])
+            yield g
+            g = GaugeMetricFamily(f"exposure_{what}_lag_seconds", "receive time of the last "
+                                  f"event computed minus that of the last {where}",
+                                  labels=["node"])
+            g.add_metric([node], lag[f"{what}_us"] / 1e6)
             yield g
         held = GaugeMetricFamily("exposure_session_held", "the last seq held per session",
                                  labels=["node", "session"])

@@ -611,7 +611,8 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
             elif st == "mirror" and cfg.replicated:
                 stages.append(MirrorStage(rings["mirror"], ctl, sessions.array,
                                           cfg.repl_peer, read_secret(cfg.secret_file),
-                                          cfg.data_dir, cfg.heartbeat_ms, cfg.failover_ms))
+                                          cfg.data_dir, cfg.heartbeat_ms, cfg.failover_ms,
+                                          counters=cnt))
         wait = WaitStrategy(spec.wait, spins=20_000, timeout_s=0.002,
                             tick_s=spec.tick_us / 1e6)
         # No cyclic-GC pauses in the loop: everything long-lived exists now (frozen out of

@@ -36,7 +36,7 @@ from .shm.segment import SharedArray
 from .shm.tally_segment import TallySegment
 from .types import C_LAST_GSEQ, C_UNAUTHORIZED, NODE_REASONS
 
-__all__ = ["node_status", "read_counters", "read_control", "render"]
+__all__ = ["node_status", "lags", "read_counters", "read_control", "render"]
 
 
 def read_control(cfg: NodeConfig) -> np.ndarray:
@@ -69,6 +69,25 @@ def read_counters(cfg: NodeConfig) -> dict[str, int]:
         seg.close()
     CN.check(words)
     return {c.name: int(words[CN.INDEX[c.name]]) for c in CN.COUNTERS}
+
+
+def lags(counters: dict[str, int], computed: int, durable: int,
+         replicated: int | None) -> dict[str, float]:
+    """How far the journal (and, in a pair, the backup's durable mark) trail compute, in
+    events and in microseconds of ingest receive time: the last record computed against
+    the last one durable (on the backup: the last one its ACKs covered, at frame
+    granularity, so never less than the truth). 0 when nothing is behind."""
+    def us(recv_key: str, behind: bool) -> float:
+        then = counters[recv_key]
+        return round(max((counters["compute_recv_ns"] - then) / 1e3, 0.0), 1) \
+            if then and behind else 0.0
+
+    out = {"journal_events": max(computed - durable, 0),
+           "journal_us": us("journal_durable_recv_ns", computed > durable)}
+    if replicated is not None:
+        out["replication_events"] = max(computed - replicated, 0)
+        out["replication_us"] = us("mirror_replicated_recv_ns", computed > replicated)
+    return out
 
 
 def _processes(cfg: NodeConfig, writer_pid: int, interval: float) -> list[dict]:
@@ -165,17 +184,12 @@ def node_status(cfg: NodeConfig, interval: float = 0.25) -> dict:
     computed = after["compute_gseq"] or int(ctr[C_LAST_GSEQ])
     durable = int(t[0, SL.S_DURABLE])
     replicated = int(ctl[CTL_REPL_DUR]) if cfg.replicated else None
-    lag_us = (after["compute_recv_ns"] - after["journal_durable_recv_ns"]) / 1e3 \
-        if after["journal_durable_recv_ns"] and computed > durable else 0.0
     out = {"node": cfg.name,
            "role": ROLE_NAMES.get(int(ctl[CTL_ROLE]), str(int(ctl[CTL_ROLE]))),
            "epoch": int(ctl[CTL_EPOCH]),
            "gseq": {"received": received, "computed": computed, "durable": durable,
                     **({"replicated": replicated} if replicated is not None else {})},
-           "lag": {"journal_events": max(computed - durable, 0),
-                   "journal_us": round(max(lag_us, 0.0), 1),
-                   **({"replication_events": max(computed - replicated, 0)}
-                      if replicated is not None else {})},
+           "lag": lags(after, computed, durable, replicated),
            "rates": rates,
            "rings": rings,
            "processes": processes,
@@ -212,7 +226,8 @@ def render(st: dict) -> str:
                  **g) + (f"  replicated {g['replicated']:,}" if "replicated" in g else ""),
              f"lag   journal {st['lag']['journal_events']:,} events "
              f"({st['lag']['journal_us']:,.0f} us)"
-             + (f", replication {st['lag']['replication_events']:,} events"
+             + (f", replication {st['lag']['replication_events']:,} events "
+                f"({st['lag']['replication_us']:,.0f} us)"
                 if "replication_events" in st["lag"] else ""),
              "rates " + ", ".join(f"{k} {v:,.0f}/s" for k, v in st["rates"].items())]
     lines.append("rings " + ", ".join(f"{k} {v['fill']:,}/{v['capacity']:,}"

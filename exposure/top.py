@@ -80,7 +80,7 @@ class Top:
         from rich.text import Text
 
         from .shm.control import CTL_EPOCH, CTL_REPL_DUR, CTL_ROLE, ROLE_NAMES
-        from .status import read_control, read_counters
+        from .status import lags, read_control, read_counters
 
         c = read_counters(self.cfg)
         ctl = read_control(self.cfg)
@@ -95,9 +95,13 @@ class Top:
         head.append(f"exposure top  node {self.cfg.name}  ", style="bold")
         head.append(f"{ROLE_NAMES.get(int(ctl[CTL_ROLE]), '?')}  epoch {int(ctl[CTL_EPOCH])}  ")
         head.append(f"events/s {self.rate:,.0f}  ", style="bold cyan")
-        head.append(f"gseq {computed:,}  journal lag {max(computed - durable, 0):,}")
+        lag = lags(c, computed, durable,
+                   int(ctl[CTL_REPL_DUR]) if self.cfg.replicated else None)
+        head.append(f"gseq {computed:,}  journal lag {lag['journal_events']:,} "
+                    f"({lag['journal_us']:,.0f} us)")
         if self.cfg.replicated:
-            head.append(f"  backup lag {max(computed - int(ctl[CTL_REPL_DUR]), 0):,}")
+            head.append(f"  backup lag {lag['replication_events']:,} "
+                        f"({lag['replication_us']:,.0f} us)")
         head.append(f"\nwire to wire p50 {p50:,.0f} us  p99 {p99:,.0f} us  ({n:,} updates, "
                     f"10 s)  feed {self.sub.state}, gaps {self.sub.counters['gaps']}  "
                     f"restarts {c['restarts_total']}")

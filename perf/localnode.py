@@ -210,6 +210,17 @@ class LocalNode:
         finally:
             seg.close()
 
+    def counters(self) -> dict[str, int]:
+        """The node's counters segment by name (exposure.shm.counters_layout); {} while
+        down."""
+        from exposure.config import load_config
+        from exposure.status import read_counters
+
+        try:
+            return read_counters(load_config(self.config))
+        except FileNotFoundError:
+            return {}
+
     def last_gseq(self) -> int:
         """The gseq of the last event compute applied (0 while down)."""
         from exposure.shm.tally_segment import TallySegment

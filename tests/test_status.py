@@ -3,6 +3,7 @@ ready waits and succeeds; `exposure status`, `exposure metrics` (scraped over HT
 `exposure top` (driven in a real terminal through tmux) show what was sent (events,
 sessions, seqs); no node is a clear line and exit status 2."""
 
+import os
 import time
 
 import orjson
@@ -76,6 +77,20 @@ def test_status_reports_what_was_sent(node):
     assert f"node {node.name}: primary" in text and f"computed {n:,}" in text
 
 
+def test_lags_are_events_and_microseconds_of_receive_time_behind_compute():
+    from exposure.status import lags
+
+    c = {"compute_recv_ns": 5_000_000, "journal_durable_recv_ns": 3_500_000,
+         "mirror_replicated_recv_ns": 1_000_000}
+    assert lags(c, 900, 700, None) == {"journal_events": 200, "journal_us": 1500.0}
+    assert lags(c, 900, 900, 400) == {"journal_events": 0, "journal_us": 0.0,
+                                      "replication_events": 500, "replication_us": 4000.0}
+    # nothing durable yet (no receive time) and a mark ahead of compute read as no lag
+    c["journal_durable_recv_ns"] = 0
+    assert lags(c, 900, 0, 901)["journal_us"] == 0.0
+    assert lags(c, 900, 0, 901)["replication_events"] == 0
+
+
 def test_status_of_no_node_is_one_clear_line_and_status_2(tmp_path):
     cfg = tmp_path / "none.toml"
     cfg.write_text('[node]\nname = "nobody-here"\n')
@@ -129,6 +144,8 @@ def test_metrics_are_scraped_over_http_and_match_what_was_sent(node):
         assert m[f'exposure_session_held{{{lab},session="7"}}'] == n
         assert m[f'exposure_gseq{{{lab},stage="computed"}}'] == n
         assert m[f"exposure_role{{{lab}}}"] == 1
+        assert m[f"exposure_journal_lag_events{{{lab}}}"] == 0
+        assert m[f"exposure_journal_lag_seconds{{{lab}}}"] == 0
     finally:
         proc.terminate()
         proc.wait(10)
@@ -175,3 +192,26 @@ def test_top_runs_in_a_real_terminal_driven_through_tmux(node):
     finally:
         subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
 
+
+
+def test_demo_starts_a_node_streams_a_flow_shows_it_and_cleans_up(tmp_path):
+    """`exposure demo` (here on a config of its own, so it runs beside other tests): a
+    node that becomes ready, a generated flow at --rate, the dashboard showing the events
+    arriving, and nothing left behind once it ends."""
+    import re
+    import subprocess
+    import sys
+
+    n = LiveNode(tmp_path, start=False)  # only its config: the demo starts the node
+    p = subprocess.run([sys.executable, "-m", "exposure", "demo", "--rate", "2000",
+                        "--seconds", "6", "--config", str(n.config)],
+                       capture_output=True, timeout=240,
+                       env={**os.environ, "TMPDIR": str(tmp_path)})  # its data dir here
+    out = p.stdout.decode()
+    assert p.returncode == 0, (out[-3000:], p.stderr.decode()[-3000:])
+    assert "exposure demo: streaming 12,000 generated events at 2,000/s" in out
+    seen = [int(g.replace(",", "")) for g in re.findall(r"gseq ([\d,]+)", out)]
+    assert seen and seen[-1] > 0, out[-3000:]  # the dashboard saw the flow arrive
+    assert "fund" in out and "accounts" in out
+    assert n.segments() == [], "the demo left shared memory behind"
+    assert not list(tmp_path.glob("exposure-demo-*")), "the demo left its data behind"

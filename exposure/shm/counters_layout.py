@@ -86,6 +86,14 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("restarts_total", "supervisor", "counter",
             "restarts of the node's processes (a process died, stalled or a rebuild)"),
     Counter("started_ns", "supervisor", "gauge", "when the node started (CLOCK_REALTIME ns)"),
+    # mirror (a pair's primary; appended: older readers keep their indices)
+    Counter("mirror_records_total", "mirror", "counter", "records sent to the backup"),
+    Counter("mirror_journal_records_total", "mirror", "counter",
+            "of those, records read back from the journal files (a catch-up, or hand-offs "
+            "the journal dropped on a full mirror ring)"),
+    Counter("mirror_replicated_recv_ns", "mirror", "gauge",
+            "ingest's receive time (CLOCK_REALTIME ns) of the last record the backup "
+            "acknowledged durable (at frame granularity: at most that record's)"),
 )
 INDEX = {c.name: HEADER_WORDS + k for k, c in enumerate(COUNTERS)}
 assert HEADER_WORDS + len(COUNTERS) <= COUNTER_WORDS

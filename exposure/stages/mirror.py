@@ -30,6 +30,7 @@ closes the link and does not reconnect (a cut replication link, seen from both s
 
 from __future__ import annotations
 
+import collections
 import errno
 import hmac
 import os
@@ -43,6 +44,7 @@ import numpy as np
 from .. import repl as R
 from .._sock import flush, send_or_queue
 from ..journal import JournalCursor, JournalError, first_gseq, read_record
+from ..shm import counters_layout as CN
 from ..shm import ring_layout as RL
 from ..shm.control import (
     CTL_EPOCH,
@@ -58,7 +60,7 @@ from ..shm.control import (
 )
 from ..shm.ring import ring_pop
 from ..shm.session_layout import S_DURABLE
-from ..types import EVENT_WORDS, W_GSEQ
+from ..types import EVENT_WORDS, W_GSEQ, W_RECV_NS
 
 __all__ = ["MirrorStage", "FAULT_CUT_LINK"]
 
@@ -67,6 +69,10 @@ _MAX_OUT = 4 << 20     # bytes queued on the socket before the mirror stops read
 _MAX_QUEUE = 4 * _MAX_OUT  # ... and before it takes the backup for one that does not read
 _HANDSHAKE_NS = 2_000_000_000  # (at least failover_ms) for the CHALLENGE, then the WELCOME
 _RETRY_NS = 100_000_000
+_MARKS = 4096          # frames whose (last gseq, receive time) wait for the backup's ACK
+_SENT = CN.INDEX["mirror_records_total"]
+_FROM_JOURNAL = CN.INDEX["mirror_journal_records_total"]
+_REPL_RECV_NS = CN.INDEX["mirror_replicated_recv_ns"]
 
 
 def _log(msg: str) -> None:
@@ -76,8 +82,13 @@ def _log(msg: str) -> None:
 class MirrorStage:
     def __init__(self, ring, ctl: np.ndarray, sessions: np.ndarray, peer: tuple[str, int],
                  secret: bytes, data_dir: Path, heartbeat_ms: int, failover_ms: int,
-                 batch: int = 4096):
+                 batch: int = 4096, counters: np.ndarray | None = None):
         self.ring = ring
+        self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
+        # (last gseq, its receive time) of each frame sent, oldest first, until the
+        # backup's durable ACK covers it: the replication lag in time (bounded: when
+        # full, the oldest marks go and the lag reads high, never low)
+        self.marks: collections.deque[tuple[int, int]] = collections.deque(maxlen=_MARKS)
         self.ctl = ctl
         self.sessions = sessions
         self.peer = peer
@@ -297,6 +308,11 @@ class MirrorStage:
                 self.ctl[CTL_REPL_RECV] = recv
             if dur > self.ctl[CTL_REPL_DUR]:
                 self.ctl[CTL_REPL_DUR] = dur
+            marks = self.marks
+            if marks and marks[0][0] <= dur:
+                while marks and marks[0][0] <= dur:
+                    recv_ns = marks.popleft()[1]
+                self.cnt[_REPL_RECV_NS] = recv_ns
         elif self.state in ("stream", "snapshot") and kind == R.K_HEARTBEAT:
             self._echo(R.BEAT.unpack(payload)[2], time.monotonic_ns())
         else:
@@ -350,6 +366,7 @@ class MirrorStage:
         self.ctl[CTL_REPL_RECV] = last
         self.ctl[CTL_REPL_DUR] = min(int(self.ctl[CTL_REPL_DUR]), last)
         self.next = last + 1
+        self.marks.clear()
         self.cursor = JournalCursor(self.data_dir, self.next)
         self.state = "stream"
         self._beat(time.monotonic_ns())
@@ -394,12 +411,15 @@ class MirrorStage:
         if words is None:
             return 0
         self._send_records(words)
+        self.cnt[_FROM_JOURNAL] += len(words)
         return len(words)
 
     def _send_records(self, words: np.ndarray) -> None:
         for lo in range(0, len(words), R.MAX_RECORDS):
             part = words[lo:lo + R.MAX_RECORDS]
             self._send(R.frame(R.K_RECORDS, part.tobytes()))
+            self.marks.append((int(part[-1, W_GSEQ]), int(part[-1, W_RECV_NS])))
+        self.cnt[_SENT] += len(words)
         self.next = int(words[-1, W_GSEQ]) + 1
         if self.cursor is not None and self.cursor.next < self.next:
             self.cursor.next = self.next  # it skips forward from where it is

@@ -32,7 +32,7 @@ import errno
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from ._fs import fsync_dir
 from .types import EVENT_DTYPE, EVENT_SIZE, EVENT_WORDS, W_GSEQ
 
 __all__ = ["JournalError", "JournalWriter", "JournalCursor", "Block", "ScanResult", "scan",
-           "read_blocks", "read_record", "segment_name", "first_gseq", "FILE_HEADER",
+           "read_blocks", "read_record", "segment_name", "segments", "first_gseq", "FILE_HEADER",
            "BLOCK_HEADER", "FSYNC_POLICIES"]
 
 FILE_MAGIC = b"EXJRNL\x00\x01"
@@ -66,7 +66,7 @@ def segment_name(first_gseq: int) -> str:
     return f"journal-{first_gseq:020d}.seg"
 
 
-def _segments(directory: Path) -> list[tuple[int, Path]]:
+def segments(directory: Path) -> list[tuple[int, Path]]:
     out = []
     for p in directory.glob("journal-*.seg"):
         try:
@@ -124,7 +124,7 @@ def read_blocks(directory: str | Path, result: ScanResult | None = None,
     iteration and is described in ``result``."""
     directory = Path(directory)
     res = result if result is not None else ScanResult()
-    segs = _segments(directory)
+    segs = segments(directory)
     expect = None
     if from_gseq is None:
         from_gseq = segs[0][0] if segs else 1
@@ -133,58 +133,90 @@ def read_blocks(directory: str | Path, result: ScanResult | None = None,
         if k + 1 < len(segs) and segs[k + 1][0] <= from_gseq:
             expect = segs[k + 1][0]
             continue  # wholly before from_gseq: its successor says where it ends
-        data = path.read_bytes()
-        res.segments += 1
-        res.bytes += len(data)
-        first = _read_file_header(path, data)
-        if first != first_named:
-            raise JournalError(f"{path}: offset 0: header says first gseq {first}, the name "
-                               f"{first_named}")
-        if expect is not None and first != expect:
-            raise JournalError(f"{path}: offset 0: starts at gseq {first}, expected {expect} "
-                               f"(a segment is missing)")
-        if expect is None and first > from_gseq:
-            raise JournalError(f"{path}: offset 0: the journal starts at gseq {first}, but "
-                               f"gseq {from_gseq} is needed (its beginning was removed and "
-                               "no snapshot covers it)")
-        expect = first
-        pos = FILE_HEADER.size
-        while pos < len(data):
-            torn = None
-            if len(data) - pos < BLOCK_HEADER.size:
-                torn = "block header cut short"
-            else:
-                magic, count, bfirst, pcrc, _, _, hcrc = BLOCK_HEADER.unpack_from(data, pos)
-                end = pos + BLOCK_HEADER.size + count * EVENT_SIZE
-                if magic != BLOCK_MAGIC or hcrc != crc32c.crc32c(
-                        data[pos:pos + _BH_CRC_SPAN]):
-                    torn = "block header checksum fails"
-                elif end > len(data):
-                    torn = "block payload cut short"
-                elif pcrc != crc32c.crc32c(data[pos + BLOCK_HEADER.size:end]):
-                    torn = "block payload checksum fails"
-                    if end < len(data) or not last_seg:
-                        raise JournalError(f"{path}: offset {pos}: {torn} (valid data "
-                                           "follows: corruption, not a torn write)")
-            if torn is not None:
-                if not last_seg:
-                    raise JournalError(f"{path}: offset {pos}: {torn} in a segment that is "
-                                       "not the last")
-                res.torn_path, res.torn_offset = path, pos
-                res.torn_bytes = len(data) - pos
-                return
-            if bfirst != expect:
-                raise JournalError(f"{path}: offset {pos}: block starts at gseq {bfirst}, "
-                                   f"expected {expect}")
-            recs = np.frombuffer(data, EVENT_DTYPE, count, pos + BLOCK_HEADER.size)
-            res.blocks += 1
-            res.records += count
-            res.first = res.first or bfirst
-            res.last = bfirst + count - 1
-            expect = bfirst + count
-            if res.last >= from_gseq:
-                yield Block(path, pos, bfirst, recs)
-            pos = end
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            expect = yield from _segment_blocks(fd, path, last_seg, from_gseq, expect,
+                                                first_named, res)
+        finally:
+            os.close(fd)
+
+
+_CHUNK = 8 << 20  # bytes read at a time (a block is read whole; chunks restart at one)
+
+
+def _segment_blocks(fd: int, path: Path, last_seg: bool, from_gseq: int,
+                    expect: int | None, first_named: int,
+                    res: ScanResult) -> Generator[Block, None, int]:
+    """The blocks of one segment, read ``_CHUNK`` bytes at a time (``pread``: a block's
+    records are a view of an immutable chunk, valid as long as they are held); the rules of
+    :func:`read_blocks`. A block is judged torn only against the file's end. Returns the
+    gseq the next segment must start at."""
+    size = os.fstat(fd).st_size
+    res.segments += 1
+    res.bytes += size
+    data = os.pread(fd, min(size, _CHUNK), 0)
+    first = _read_file_header(path, data)
+    if first != first_named:
+        raise JournalError(f"{path}: offset 0: header says first gseq {first}, the name "
+                           f"{first_named}")
+    if expect is not None and first != expect:
+        raise JournalError(f"{path}: offset 0: starts at gseq {first}, expected {expect} "
+                           f"(a segment is missing)")
+    if expect is None and first > from_gseq:
+        raise JournalError(f"{path}: offset 0: the journal starts at gseq {first}, but "
+                           f"gseq {from_gseq} is needed (its beginning was removed and "
+                           "no snapshot covers it)")
+    expect = first
+    base, pos = 0, FILE_HEADER.size   # data = the file's bytes [base, base + len(data))
+    while base + pos < size:
+        # What the next block needs: its header, then its payload; read on from the
+        # block's start when the chunk ends before (only the file's end can tear it).
+        need = BLOCK_HEADER.size
+        if len(data) - pos >= BLOCK_HEADER.size:
+            count = BLOCK_HEADER.unpack_from(data, pos)[1]
+            need += count * EVENT_SIZE
+        if len(data) - pos < need and base + len(data) < size:
+            base += pos
+            data = os.pread(fd, min(size - base, max(_CHUNK, need)), base)
+            pos = 0
+            continue
+        off = base + pos  # in the file
+        torn = None
+        if len(data) - pos < BLOCK_HEADER.size:
+            torn = "block header cut short"
+        else:
+            magic, count, bfirst, pcrc, _, _, hcrc = BLOCK_HEADER.unpack_from(data, pos)
+            end = pos + BLOCK_HEADER.size + count * EVENT_SIZE
+            if magic != BLOCK_MAGIC or hcrc != crc32c.crc32c(
+                    data[pos:pos + _BH_CRC_SPAN]):
+                torn = "block header checksum fails"
+            elif end > len(data):
+                torn = "block payload cut short"
+            elif pcrc != crc32c.crc32c(memoryview(data)[pos + BLOCK_HEADER.size:end]):
+                torn = "block payload checksum fails"
+                if base + end < size or not last_seg:
+                    raise JournalError(f"{path}: offset {off}: {torn} (valid data "
+                                       "follows: corruption, not a torn write)")
+        if torn is not None:
+            if not last_seg:
+                raise JournalError(f"{path}: offset {off}: {torn} in a segment that is "
+                                   "not the last")
+            res.torn_path, res.torn_offset = path, off
+            res.torn_bytes = size - off
+            return expect
+        if bfirst != expect:
+            raise JournalError(f"{path}: offset {off}: block starts at gseq {bfirst}, "
+                               f"expected {expect}")
+        recs = np.frombuffer(data, EVENT_DTYPE, count, pos + BLOCK_HEADER.size)
+        res.blocks += 1
+        res.records += count
+        res.first = res.first or bfirst
+        res.last = bfirst + count - 1
+        expect = bfirst + count
+        if res.last >= from_gseq:
+            yield Block(path, off, bfirst, recs)
+        pos = end
+    return expect
 
 
 def scan(directory: str | Path) -> ScanResult:
@@ -197,7 +229,7 @@ def scan(directory: str | Path) -> ScanResult:
 
 def first_gseq(directory: str | Path) -> int:
     """The first gseq the journal holds (by its oldest segment's name; 0: no segment)."""
-    segs = _segments(Path(directory))
+    segs = segments(Path(directory))
     return segs[0][0] if segs else 0
 
 
@@ -223,7 +255,7 @@ class JournalCursor:
             self.fd = -1
 
     def _open(self) -> bool:
-        segs = _segments(self.dir)
+        segs = segments(self.dir)
         before = [s for s in segs if s[0] <= self.next]
         if not before:
             if segs:
@@ -246,7 +278,7 @@ class JournalCursor:
             head = os.pread(self.fd, BLOCK_HEADER.size, self.off)
             if len(head) < BLOCK_HEADER.size:
                 # the end of this segment: on to the one holding the cursor, once it exists
-                segs = [p for first, p in _segments(self.dir) if first <= self.next]
+                segs = [p for first, p in segments(self.dir) if first <= self.next]
                 if segs and segs[-1] != self.path:
                     self._open()
                     continue
@@ -305,7 +337,7 @@ class JournalWriter:
                 f.truncate(res.torn_offset)
                 os.fsync(f.fileno())
         self.next_gseq = res.last + 1 if res.last else 0
-        segs = _segments(self.dir)
+        segs = segments(self.dir)
         self.fd = -1
         self.size = 0
         self._dir_dirty = False

@@ -682,7 +682,7 @@ def _prefetch_cell_for(st, r):
         prefetch(st.cells, np.int64(c))
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, nogil=True)
 def apply_batch(st, recs, status):
     """Apply ``recs`` in order; write each event's outcome to ``status``; return the count.
 

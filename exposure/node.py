@@ -456,7 +456,7 @@ class Node:
         if not due:
             return
         self.snap_gseq, self.snap_time = durable, time.monotonic()
-        cmd = [sys.executable, "-m", "exposure.snapshot", "--data-dir", str(cfg.data_dir),
+        cmd = [sys.executable, "-m", "exposure.snapshotter", "--data-dir", str(cfg.data_dir),
                "--upto", str(durable)]
         if self.config_path:
             cmd += ["--config", self.config_path]

@@ -321,7 +321,7 @@ def publish_all(st, vers: Versions, last_gseq: int) -> None:
 
 
 # ----------------------------------------------------------------------------- sessions
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, nogil=True)
 def count_sessions(recs, status, n, sess_flat, ncols):
     """Each session's rejects per reason, then its processed seq (after its counters)."""
     nsess = sess_flat.shape[0] // ncols

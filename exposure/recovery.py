@@ -13,8 +13,10 @@ file and offset; the node does not start on a journal it cannot trust.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +79,66 @@ class Recovered:
     snapshot_gseq: int = 0  # the snapshot recovery started from (0: none)
 
 
+def _batches(directory: str | Path, result: ScanResult | None, from_gseq: int, upto: int,
+             batch: int, depth: int = 3) -> Iterator[np.ndarray]:
+    """The journal's records from ``from_gseq`` (to ``upto``), gathered into batches of
+    ``batch`` by a reader thread while the caller applies the previous ones.
+
+    Blocks are a group commit's size (often a few records): gathering them makes the
+    kernel, not Python per block, set the pace, and the thread overlaps the reads, the
+    checksums and the copies with the kernel (which runs without the GIL) on another core.
+    The tallies do not depend on where batches are cut (a pair's two nodes cut one stream
+    differently and hold the same state: tests/test_pair.py). ``depth`` buffers bound the
+    memory; an error of the reader (JournalError) is raised here, after the batches before
+    it."""
+    free: queue.Queue = queue.Queue()
+    full: queue.Queue = queue.Queue()
+    for _ in range(depth):
+        free.put(np.empty(batch, EVENT_DTYPE))
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            buf, fill = free.get(), 0
+            for blk in read_blocks(directory, result, from_gseq=from_gseq):
+                recs = blk.records
+                if upto and blk.first > upto:
+                    break
+                if upto and blk.last > upto:
+                    recs = recs[:upto - blk.first + 1]
+                if blk.first < from_gseq:
+                    recs = recs[from_gseq - blk.first:]
+                while len(recs):
+                    take = min(batch - fill, len(recs))
+                    buf[fill:fill + take] = recs[:take]
+                    fill += take
+                    recs = recs[take:]
+                    if fill == batch:
+                        full.put((buf, fill))
+                        buf, fill = free.get(), 0
+                        if stop.is_set():
+                            return
+            if fill:
+                full.put((buf, fill))
+            full.put(None)
+        except BaseException as e:  # (to the caller's thread)
+            full.put(e)
+
+    reader = threading.Thread(target=read, name="exposure-recovery-reader", daemon=True)
+    reader.start()
+    try:
+        while (item := full.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            buf, n = item
+            yield buf[:n]
+            free.put(buf)  # the caller is done with it: it asked for the next one
+    finally:
+        stop.set()
+        free.put(np.empty(0, EVENT_DTYPE))  # (a reader waiting for a buffer sees stop)
+        reader.join(10)
+
+
 def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None = None,
                    upto: int = 0, batch: int = 65536, from_gseq: int = 1,
                    result: ScanResult | None = None,
@@ -90,25 +152,16 @@ def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None
     ncols = sessions.shape[1] if sessions is not None else 12
     done = 0
     t0 = said = time.monotonic()
-    for blk in read_blocks(directory, result, from_gseq=from_gseq):
-        recs = blk.records
-        if upto and blk.first > upto:
-            break
-        if upto and blk.last > upto:
-            recs = recs[:upto - blk.first + 1]
-        if blk.first < from_gseq:
-            recs = recs[from_gseq - blk.first:]
-        for lo in range(0, len(recs), batch):
-            part = recs[lo:lo + batch].copy()  # writable: the types compute compiles for
-            n = len(part)
-            apply_batch(st, part, status[:n])
-            if sessions is not None:
-                count_sessions(part, status[:n], n, flat, ncols)
-            done += n
-            if progress is not None and time.monotonic() - said >= 5.0:
-                said = time.monotonic()
-                progress(f"recovering: {done:,} events replayed up to gseq "
-                         f"{int(part['gseq'][-1]):,} ({done / (said - t0):,.0f} events/s)")
+    for part in _batches(directory, result, from_gseq, upto, batch):
+        n = len(part)
+        apply_batch(st, part, status[:n])
+        if sessions is not None:
+            count_sessions(part, status[:n], n, flat, ncols)
+        done += n
+        if progress is not None and time.monotonic() - said >= 5.0:
+            said = time.monotonic()
+            progress(f"recovering: {done:,} events replayed up to gseq "
+                     f"{int(part['gseq'][-1]):,} ({done / (said - t0):,.0f} events/s)")
     return done
 
 

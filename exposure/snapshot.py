@@ -13,8 +13,9 @@ A snapshot ``snapshot-<gseq, 20 digits>.snap`` is::
 It is written atomically: to a temporary file, fsync, rename, fsync of the directory; a
 reader never sees half a snapshot under the final name.
 
-**How a snapshot is taken without stalling compute**: it is not taken from the live
-state at all. A separate low-priority process (``python -m exposure.snapshot``, started by
+**How a snapshot is taken without stalling compute** (:mod:`exposure.snapshotter`): it is
+not taken from the live state at all. A separate low-priority process (``python -m
+exposure.snapshotter``, started by
 the supervisor every ``every_events`` journaled events or ``every_s`` seconds) loads the
 newest valid snapshot into a private state, replays the journal after it through the same
 kernel (the journal is the truth; replay is deterministic), and writes the result. Compute
@@ -27,13 +28,8 @@ before it, with the journal still there to replay from it.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import os
 import shutil
 import struct
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,12 +37,12 @@ import crc32c
 import numpy as np
 
 from ._fs import publish_file
-from .journal import JournalError, ScanResult, _segments, read_blocks
+from .journal import read_blocks, segments
 from .shm.tally_layout import HEADER_SIZE, LayoutError, TallyLayout
 from .shm.tally_migrate import migrate
 
-__all__ = ["SnapshotError", "write_snapshot", "load_snapshot", "snapshots", "take_snapshot",
-           "SNAP_HEADER"]
+__all__ = ["SnapshotError", "write_snapshot", "load_snapshot", "load_newest", "snapshots",
+           "snapshot_name", "retain", "SNAP_HEADER"]
 
 MAGIC = b"EXSNAP\x00\x01"
 VERSION = 1
@@ -60,7 +56,7 @@ class SnapshotError(RuntimeError):
     """A snapshot that cannot be used (checksum, truncation, another layout)."""
 
 
-def _name(gseq: int) -> str:
+def snapshot_name(gseq: int) -> str:
     return f"snapshot-{gseq:020d}.snap"
 
 
@@ -87,7 +83,7 @@ def write_snapshot(directory: str | Path, gseq: int, state_buf: np.ndarray,
     head = SNAP_HEADER.pack(MAGIC, VERSION, 0, gseq, len(body[0]), sessions.shape[0],
                             sessions.shape[1], crc, 0)
     head = head[:-4] + struct.pack("<I", crc32c.crc32c(head[:-4])) + b"\0" * _PAD
-    final = directory / _name(gseq)
+    final = directory / snapshot_name(gseq)
     tmp = final.with_suffix(".tmp")
     f = open(tmp, "wb")  # noqa: SIM115  (publish_file closes it)
     try:
@@ -166,7 +162,7 @@ def load_newest(directory: str | Path, state_buf: np.ndarray, sessions: np.ndarr
     return 0
 
 
-def _retain(directory: Path, keep: int, journal: str, log: Callable[[str], None]) -> None:
+def retain(directory: Path, keep: int, journal: str, log: Callable[[str], None]) -> None:
     snaps = snapshots(directory)
     for _, p in snaps[:-keep]:
         p.unlink()
@@ -175,7 +171,7 @@ def _retain(directory: Path, keep: int, journal: str, log: Callable[[str], None]
     if journal == "keep" or len(snaps) < keep:
         return
     covered = snaps[0][0]  # the oldest snapshot kept: a fallback must still replay from it
-    segs = _segments(directory)
+    segs = segments(directory)
     for (_, path), (nxt, _) in zip(segs, segs[1:], strict=False):
         if nxt - 1 <= covered:  # every record of this segment is in the snapshot
             if journal == "archive":
@@ -184,72 +180,6 @@ def _retain(directory: Path, keep: int, journal: str, log: Callable[[str], None]
             else:
                 path.unlink()
             log(f"{journal}d journal segment {path.name} (covered by snapshot {covered})")
-
-
-def take_snapshot(cfg, log: Callable[[str], None], nice: bool = True, upto: int = 0) -> int:
-    """Newest snapshot + journal replay (up to gseq ``upto``: the supervisor passes the
-    journal's *durable* seq, so a snapshot never holds what a power cut could still take
-    from the journal) -> a new snapshot; returns its gseq (0: nothing new)."""
-    from .recovery import replay_journal
-    from .shm.session_layout import SESSION_COLS
-    from .shm.tally_layout import allocate, reset
-
-    if nice:
-        try:
-            os.nice(19)
-        except OSError:
-            pass
-    buf, st = allocate(cfg.caps)
-    sessions = np.zeros((cfg.max_sessions + 1, SESSION_COLS), np.uint64)
-    base = load_newest(cfg.data_dir, buf, sessions, log, lambda: reset(st))
-    res = ScanResult()
-    if upto and upto <= base:
-        return 0
-    n = replay_journal(st, cfg.data_dir, sessions, from_gseq=base + 1, result=res, upto=upto)
-    last = base + n
-    if n == 0:
-        return 0
-    t0 = time.perf_counter()
-    path = write_snapshot(cfg.data_dir, last, buf, sessions)
-    log(f"snapshot {path.name}: {n:,} events replayed onto gseq {base}, written in "
-        f"{time.perf_counter() - t0:.2f} s ({path.stat().st_size / 2**20:.0f} MiB)")
-    _retain(cfg.data_dir, cfg.snapshot_keep, cfg.snapshot_journal, log)
-    return last
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError, load_config
-
-    p = argparse.ArgumentParser(prog="python -m exposure.snapshot",
-                                description="take one snapshot of a node's data directory")
-    p.add_argument("--config")
-    p.add_argument("--data-dir")
-    p.add_argument("--cpus", help="comma-separated CPUs to run on (after reading the config)")
-    p.add_argument("--upto", type=int, default=0, help="the journal's durable gseq")
-    a = p.parse_args(argv)
-    try:
-        cfg = load_config(a.config)
-    except ConfigError as e:
-        print(f"exposure snapshot: {e}", file=sys.stderr)
-        return 2
-    if a.data_dir:
-        cfg = dataclasses.replace(cfg, data_dir=Path(a.data_dir))
-    if a.cpus:
-        os.sched_setaffinity(0, {int(c) for c in a.cpus.split(",")})
-
-    def log(msg: str) -> None:
-        print(f"exposure: {msg}", file=sys.stderr, flush=True)
-
-    try:
-        take_snapshot(cfg, log, upto=a.upto)
-    except (JournalError, OSError) as e:
-        log(f"snapshot failed: {e}")
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 assert read_blocks is not None

@@ -16,6 +16,17 @@ from exposure.types import EVENT_DTYPE, EVENT_WORDS
 pytestmark = pytest.mark.timeout(300)
 
 
+@pytest.fixture(params=[None, 100, 1000], ids=["chunk-8MiB", "chunk-100B", "chunk-1000B"])
+def chunk(request, monkeypatch):
+    """The reader's chunk size: its default, and chunks smaller than a block (every block
+    read across chunk ends: the reader restarts a chunk at the block's start)."""
+    import exposure.journal as J
+
+    if request.param is not None:
+        monkeypatch.setattr(J, "_CHUNK", request.param)
+    return request.param
+
+
 def _write(d, blocks=40, per=7, segment_bytes=8_000):
     w = JournalWriter(d, segment_bytes=segment_bytes)
     g = 1
@@ -30,6 +41,7 @@ def _write(d, blocks=40, per=7, segment_bytes=8_000):
     return g - 1
 
 
+@pytest.mark.usefixtures("chunk")
 def test_blocks_read_back_in_order_across_segments(tmp_path):
     last = _write(tmp_path)
     res = scan(tmp_path)
@@ -39,6 +51,7 @@ def test_blocks_read_back_in_order_across_segments(tmp_path):
     assert res.torn_path is None
 
 
+@pytest.mark.usefixtures("chunk")
 def test_a_torn_tail_is_truncated_and_the_journal_goes_on_after_it(tmp_path):
     _write(tmp_path)
     last = sorted(tmp_path.glob("*.seg"))[-1]
@@ -53,6 +66,7 @@ def test_a_torn_tail_is_truncated_and_the_journal_goes_on_after_it(tmp_path):
     assert scan(tmp_path).last == 276
 
 
+@pytest.mark.usefixtures("chunk")
 def test_a_flipped_byte_before_the_tail_names_the_file_and_offset(tmp_path):
     _write(tmp_path)
     seg = sorted(tmp_path.glob("*.seg"))[1]
@@ -63,6 +77,7 @@ def test_a_flipped_byte_before_the_tail_names_the_file_and_offset(tmp_path):
         scan(tmp_path)
 
 
+@pytest.mark.usefixtures("chunk")
 def test_a_missing_segment_is_an_error_not_a_gap(tmp_path):
     _write(tmp_path)
     sorted(tmp_path.glob("*.seg"))[2].unlink()
@@ -70,6 +85,7 @@ def test_a_missing_segment_is_an_error_not_a_gap(tmp_path):
         scan(tmp_path)
 
 
+@pytest.mark.usefixtures("chunk")
 def test_an_empty_data_directory_is_an_empty_journal(tmp_path):
     res = scan(tmp_path)
     assert (res.records, res.last, res.torn_path) == (0, 0, None)
@@ -200,3 +216,78 @@ def test_snapshots_bound_recovery_and_a_corrupt_one_falls_back_to_the_previous(t
     log = n.log.read_text()
     assert f"{newest.name} unusable" in log and "body checksum fails" in log
     assert f"loaded snapshot at gseq {snaps[0][0]}" in log
+
+
+def test_replay_gathers_blocks_into_batches_and_any_cut_gives_the_same_state(tmp_path):
+    """Recovery's reader thread gathers the journal's blocks into batches; the tallies do
+    not depend on where the batches are cut, from any gseq, up to any gseq."""
+    from exposure.recovery import replay_journal
+    from exposure.shm.session_layout import SESSION_COLS
+    from exposure.shm.tally_layout import allocate
+    from perf.flowgen import generate
+
+    recs = generate(3000, accounts=20, instruments=50, live_target=200, seed=5)
+    recs["session"] = 1 + np.arange(len(recs)) % 3  # three sessions, seqs 1, 2, ... each
+    recs["sseq"] = 1 + np.arange(len(recs)) // 3
+    w = JournalWriter(tmp_path, segment_bytes=64 << 10)  # several segments
+    words = recs.view(np.uint64).reshape(len(recs), -1)
+    for lo in range(0, len(recs), 37):
+        w.append(words[lo:lo + 37])
+    w.sync()
+    w.close()
+
+    from exposure.shm.session_layout import S_DONE
+    from exposure.types import (
+        C_LAST_GSEQ,
+        C_NCCHANGED,
+        C_NCHANGED,
+        C_NICHANGED,
+        C_NSCHANGED,
+        C_STAMP,
+    )
+
+    batch_books = ("changed", "ichanged", "schanged", "cchanged", "acc_stamp", "sec_dirty")
+
+    def replayed(batch, upto=0):
+        _, st = allocate()
+        sessions = np.zeros((9, SESSION_COLS), np.uint64)
+        n = replay_journal(st, tmp_path, sessions, upto=upto, batch=batch)
+        tables = {}
+        for name, x in zip(st._fields, st, strict=True):
+            if name in batch_books:
+                continue
+            x = x.copy()
+            if name == "ctr":
+                x[[C_STAMP, C_NCHANGED, C_NICHANGED, C_NSCHANGED, C_NCCHANGED]] = 0
+            if name in ("inst", "cells"):
+                x["dirty"] = 0
+            tables[name] = x.view(np.uint8)
+        return n, tables, sessions
+
+    n, want, want_s = replayed(65536)
+    assert n == len(recs) and int(want["ctr"].view(np.uint64)[C_LAST_GSEQ]) == n
+    for batch in (1, 7, 64, 4096):
+        k, got, got_s = replayed(batch)
+        assert k == n and np.array_equal(got_s, want_s)
+        for name in want:
+            assert np.array_equal(got[name], want[name]), (batch, name)
+    k, _, s = replayed(100, upto=1234)
+    assert k == 1234 and s[1:4, S_DONE].tolist() == [412, 411, 411]
+    assert want_s[1:4, S_DONE].tolist() == [1000, 1000, 1000]
+
+
+def test_a_replay_raises_the_readers_error_and_leaves_no_thread(tmp_path):
+    import threading
+
+    from exposure.recovery import replay_journal
+    from exposure.shm.tally_layout import allocate
+
+    _write(tmp_path)
+    seg = sorted(tmp_path.glob("*.seg"))[1]
+    b = bytearray(seg.read_bytes())
+    b[64 + 32 + 5] ^= 0x40
+    seg.write_bytes(bytes(b))
+    _, st = allocate()
+    with pytest.raises(JournalError, match="checksum"):
+        replay_journal(st, tmp_path, batch=3)
+    assert not [t for t in threading.enumerate() if t.name == "exposure-recovery-reader"]

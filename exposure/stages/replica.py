@@ -574,7 +574,7 @@ class ReplicaStage:
 
     def _snap_begin(self, ln: _Link, payload: bytes) -> None:
         gseq, size = R.SNAP_BEGIN.unpack(payload)
-        from ..snapshot import _name
+        from ..snapshot import snapshot_name as _name
 
         inc = self.data_dir / INCOMING
         inc.mkdir(parents=True, exist_ok=True)

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -37,12 +35,12 @@ import numpy as np
 from .config import NodeConfig, check_ports_free, load_config
 from .coord import PairStore
 from .election import Election, Stopped
-from .journal import JournalWriter, first_gseq, read_record
+from .journal import first_gseq
+from .process import run_process
 from .publish import versions
 from .recovery import next_epoch, recover
-from .repl import read_secret
 from .sdnotify import Notifier
-from .sessions import Entitlements, load_sessions
+from .segments import ring_consumers, ring_names, segment_names, session_shape
 from .shm import counters_layout as CN
 from .shm.control import (
     CONTROL_WORDS,
@@ -58,43 +56,18 @@ from .shm.control import (
 )
 from .shm.ring import Ring
 from .shm.segment import SharedArray
-from .shm.session_layout import S_DURABLE, SESSION_COLS
+from .shm.session_layout import S_DURABLE
 from .shm.tally_segment import TallySegment
-from .shm.wait import WaitStrategy
-from .stages.compute import ComputeStage
-from .stages.fanout import FanoutStage
-from .stages.ingest import IngestStage, PortLimits
-from .stages.journal import JournalStage
-from .stages.mirror import MirrorStage
-from .stages.replica import ReplicaStage
-from .stages.snapshot_server import SnapshotServer
-from .types import C_LAST_GSEQ, EVENT_SIZE, UPDATE_DTYPE
+from .types import EVENT_SIZE, UPDATE_DTYPE
 
-__all__ = ["Node", "run_process", "main"]
+__all__ = ["Node", "main"]
 
 
-RINGS = ("compute", "tap", "fanout", "mirror")
 _START_NS = 120 * 1_000_000_000  # a process that never reaches its loop (compiling, loading)
-
-
-def ring_names(cfg: NodeConfig) -> tuple[str, ...]:
-    """The rings a node of ``cfg`` has (a pair's also the mirror's), each in shared memory
-    as ``cfg.segment("ring." + name)``."""
-    return RINGS if cfg.replicated else RINGS[:3]
-
-
-def _names(cfg: NodeConfig) -> dict[str, str]:
-    return {"tally": cfg.segment("tally"), "sessions": cfg.segment("sessions"),
-            "control": cfg.segment("control"), "counters": cfg.segment("counters"),
-            **{r: cfg.segment(f"ring.{r}") for r in ring_names(cfg)}}
 
 
 def _log(msg: str) -> None:
     print(f"exposure: {msg}", file=sys.stderr, flush=True)
-
-
-def _session_shape(cfg: NodeConfig) -> tuple[int, int]:
-    return (cfg.max_sessions + 1, SESSION_COLS)
 
 
 class Node:
@@ -124,13 +97,13 @@ class Node:
         if stop_flag is not None:
             self.stop_flag = stop_flag
         self._off_the_spinners()
-        cfg, names = self.cfg, _names(self.cfg)
+        cfg, names = self.cfg, segment_names(self.cfg)
         self.tally = TallySegment.create(names["tally"], cfg.caps, mode=cfg.desk_mode,
                                          group=cfg.desk_group)  # refuses a live node
         self.owned.append(self.tally)
         try:
             check_ports_free(cfg)
-            sessions = SharedArray.create(names["sessions"], _session_shape(cfg), np.uint64)
+            sessions = SharedArray.create(names["sessions"], session_shape(cfg), np.uint64)
             self.owned.append(sessions)
             self.sessions = sessions
             self.control = SharedArray.create(names["control"], (CONTROL_WORDS,), np.uint64)
@@ -205,14 +178,15 @@ class Node:
         return subprocess.Popen(cmd, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
 
     def _make_rings(self) -> None:
-        names = _names(self.cfg)
+        names = segment_names(self.cfg)
         for ring in ring_names(self.cfg):
             size = UPDATE_DTYPE.itemsize if ring == "fanout" else EVENT_SIZE
             old = self.rings.pop(ring, None)
             if old is not None:
                 old.close()
             Ring.unlink(names[ring])  # a dead node's leftovers (the tally check passed)
-            self.rings[ring] = Ring.create(names[ring], self.cfg.rings[ring], size)
+            self.rings[ring] = Ring.create(names[ring], self.cfg.rings[ring], size,
+                                           consumers=ring_consumers(ring))
 
     # ------------------------------------------------------------------ roles
     @property
@@ -340,7 +314,7 @@ class Node:
         return self._popen(cmd)
 
     def describe(self) -> str:
-        cfg, names = self.cfg, _names(self.cfg)
+        cfg, names = self.cfg, segment_names(self.cfg)
         lines = [f"exposure node {cfg.name!r} ({cfg.source})",
                  f"  sessions  tcp://{cfg.ingest_host}:{cfg.ingest_port} "
                  f"(ids 1..{cfg.max_sessions}; " + (
@@ -495,167 +469,9 @@ class Node:
         self.owned.clear()
 
 
-def _session_auth(cfg: NodeConfig) -> tuple[dict[int, bytes] | None, Entitlements]:
-    """The sessions' secrets and entitlements, read in the ingest process only (secrets
-    live nowhere else); without a sessions file: none, and everything open."""
-    if cfg.sessions_file is None:
-        return None, Entitlements.everything(cfg.max_sessions)
-    specs = load_sessions(cfg.sessions_file, cfg.max_sessions, cfg.caps.accounts,
-                          cfg.caps.sources)
-    return ({sid: s.secret for sid, s in specs.items()},
-            Entitlements.of(specs, cfg.max_sessions, cfg.caps.accounts, cfg.caps.sources))
-
-
-def _port_limits(cfg: NodeConfig) -> PortLimits:
-    return PortLimits(max_connections=cfg.max_connections,
-                      login_timeout_ms=cfg.login_timeout_ms,
-                      idle_timeout_ms=cfg.idle_timeout_ms,
-                      max_output=cfg.max_output_kb * 1024)
-
-
-def _replica_factory(cfg: NodeConfig, ctl: np.ndarray, sessions: np.ndarray, rings: dict):
-    """How ingest builds the replica side of the link (a backup's), or None."""
-    if not cfg.replicated:
-        return None
-    secret = read_secret(cfg.secret_file)
-
-    def make(next_gseq: int) -> ReplicaStage:
-        last = read_record(cfg.data_dir, next_gseq - 1) if next_gseq > 1 else None
-        return ReplicaStage(cfg.repl_listen, secret, ctl, sessions, rings["compute"],
-                            rings["tap"], next_gseq, last, cfg.data_dir, cfg.heartbeat_ms,
-                            cfg.failover_ms, cfg.ack_interval_us)
-    return make
-
-
-def _die_with_parent() -> None:
-    """A stage process must not outlive its supervisor (kill -9 included): a new
-    supervisor would find it still spinning on the old rings."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # the supervisor died before prctl
-        raise SystemExit(1)
-
-
-def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
-    """The body of one process of the map: attach, pin, run the stages until SIGTERM."""
-    spec = next((p for p in cfg.processes if p.name == name), None)
-    if spec is None:
-        print(f"exposure: no process {name!r} in the config", file=sys.stderr)
-        return 2
-    _die_with_parent()
-    if spec.cpu is not None:
-        os.sched_setaffinity(0, {spec.cpu})
-    stop: list = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
-    names = _names(cfg)
-    opened: list = []
-    stages = []
-    try:
-        sessions = SharedArray.attach(names["sessions"], _session_shape(cfg), np.uint64)
-        opened.append(sessions)
-        control = SharedArray.attach(names["control"], (CONTROL_WORDS,), np.uint64)
-        opened.append(control)
-        ctl = control.array
-        counters = SharedArray.attach(names["counters"], (CN.COUNTER_WORDS,), np.uint64)
-        opened.append(counters)
-        cnt = counters.array
-        rings = {r: Ring.attach(names[r]) for r in ring_names(cfg)}
-        opened += rings.values()
-        # Ingest last: the kernels compile (or load) before the node accepts a session.
-        for st in sorted(spec.stages, key=lambda s: s == "ingest"):
-            if st == "ingest":
-                tally = TallySegment.attach(names["tally"])
-                next_gseq = int(tally.state.ctr[C_LAST_GSEQ]) + 1
-                tally.close()
-                secrets, ents = _session_auth(cfg)
-                stages.append(IngestStage(cfg.ingest_host, cfg.ingest_port, sessions.array,
-                                          rings["compute"], next_gseq, cfg.max_sessions,
-                                          cfg.ack_interval_us, tap_ring=rings["tap"],
-                                          ctl=ctl, release=cfg.release,
-                                          replica=_replica_factory(cfg, ctl, sessions.array,
-                                                                   rings),
-                                          secrets=secrets, entitlements=ents,
-                                          limits=_port_limits(cfg), counters=cnt))
-            elif st == "compute":
-                tally = TallySegment.attach(names["tally"], writable=True)
-                opened.append(tally)
-                stages.append(ComputeStage(tally, sessions.array, rings["compute"],
-                                           rings["fanout"], counters=cnt))
-            elif st == "journal":
-                stages.append(JournalStage(rings["tap"], sessions.array,
-                                           JournalWriter(cfg.data_dir, cfg.segment_bytes),
-                                           cfg.fsync, cfg.fsync_interval_ms,
-                                           mirror_ring=rings.get("mirror"), ctl=ctl,
-                                           counters=cnt))
-            elif st == "fanout":
-                tally = TallySegment.attach(names["tally"])  # read-only: the refresh cycle
-                opened.append(tally)
-                stages.append(FanoutStage(rings["fanout"], cfg.group, cfg.fanout_port,
-                                          cfg.interface, cfg.ttl, cfg.max_datagram,
-                                          tally.state, epoch=epoch, ctl=ctl,
-                                          pair=cfg.replicated,
-                                          heartbeat_ms=cfg.feed_heartbeat_ms,
-                                          refresh_rows_per_s=cfg.refresh_rows_per_s,
-                                          counters=cnt))
-            elif st == "snapshot" and cfg.snapshot_port:  # 0: off
-                tally = TallySegment.attach(names["tally"])
-                opened.append(tally)
-                stages.append(SnapshotServer(cfg.snapshot_host, cfg.snapshot_port,
-                                             tally.state, ctl, pair=cfg.replicated,
-                                             counters=cnt))
-            elif st == "mirror" and cfg.replicated:
-                stages.append(MirrorStage(rings["mirror"], ctl, sessions.array,
-                                          cfg.repl_peer, read_secret(cfg.secret_file),
-                                          cfg.data_dir, cfg.heartbeat_ms, cfg.failover_ms,
-                                          counters=cnt))
-        wait = WaitStrategy(spec.wait, spins=20_000, timeout_s=0.002,
-                            tick_s=spec.tick_us / 1e6)
-        # No cyclic-GC pauses in the loop: everything long-lived exists now (frozen out of
-        # the collector's sight); what the loop allocates per frame is acyclic and freed by
-        # reference counting.
-        gc.collect()
-        gc.freeze()
-        gc.disable()
-        ingest = next((s for s in stages if isinstance(s, IngestStage)), None)
-        # The ring whose producer is outside this process: where a blocked process sleeps.
-        wake_ring = rings["compute"] if "compute" in spec.stages else (
-            rings["fanout"] if "fanout" in spec.stages else
-            rings["tap"] if "journal" in spec.stages else rings.get("mirror", rings["tap"]))
-        # The progress counter the supervisor watches: written every 64 passes (a pass is
-        # at most a tick or a blocking wait of a few ms long).
-        slot = CTL_PROGRESS + cfg.processes.index(spec)
-        beat = 1
-        ctl[slot] = beat
-        while not stop:
-            beat += 1
-            if not beat & 63:
-                ctl[slot] = beat
-            work = 0
-            for s in stages:
-                work += s.poll()
-            if ingest is not None:
-                ingest.after()
-            if work:
-                wait.reset()
-            elif spec.wait in ("spin-then-block", "block") and ingest is not None:
-                ingest.poll(0.001)  # sleep in the selector: sockets wake it
-            else:
-                wait.idle(wake_ring)
-        return 0
-    finally:
-        for s in stages:
-            if hasattr(s, "close"):
-                s.close()
-        for o in opened:
-            o.close()
-
-
 def main(argv: list[str] | None = None) -> int:
+    """``python -m exposure.node --process NAME``: one process of the map
+    (:func:`exposure.process.run_process`)."""
     p = argparse.ArgumentParser(prog="python -m exposure.node")
     p.add_argument("--process", required=True)
     p.add_argument("--config")

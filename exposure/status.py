@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from .config import NodeConfig
-from .node import ring_names
+from .segments import ring_names
 from .sessions import session_names
 from .shm import counters_layout as CN
 from .shm import session_layout as SL
@@ -164,6 +164,9 @@ def node_status(cfg: NodeConfig, interval: float = 0.25) -> dict:
             continue
         try:
             rings[r] = {"fill": len(ring), "capacity": ring.capacity}
+            if ring.consumers > 1:  # the journal's backlog on the compute ring
+                rings[f"{r}>journal"] = {"fill": len(ring.reader(1)),
+                                         "capacity": ring.capacity}
         finally:
             ring.close()
     names = session_names(cfg.sessions_file) if cfg.sessions_file else {}

@@ -27,7 +27,17 @@ def test_the_built_in_default_fits_this_machine():
         journal = cfg.processes[1]
         assert journal.wait == "sleep" and journal.cpu == CPUS[-2]  # the other core
     assert cfg.segment("tally") == "/exposure.exposure.tally"
-    assert cfg.caps.orders == 1_048_576 and cfg.rings["compute"] == 65536
+    assert cfg.caps.orders == 1_048_576 and cfg.rings["compute"] == 131072
+    assert "tap" not in cfg.rings  # the journal reads the compute ring
+
+
+def test_an_older_config_s_tap_ring_is_checked_then_dropped(tmp_path):
+    p = tmp_path / "old.toml"
+    p.write_text("[rings]\ntap = 4096\n")
+    assert "tap" not in load_config(p).rings
+    p.write_text("[rings]\ntap = 1000\n")
+    with pytest.raises(ConfigError, match="rings.tap"):
+        load_config(p)
 
 
 def test_the_default_text_is_commented_and_complete():

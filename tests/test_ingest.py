@@ -35,7 +35,7 @@ def stage():
 def _poll_until(st, cond, seconds=5.0):
     end = time.time() + seconds
     while not cond() and time.time() < end:
-        st.poll(0.01)
+        st.wait_io(0.01)
         st.after()
 
 
@@ -59,7 +59,7 @@ def test_a_backed_up_session_loses_nothing_even_if_the_client_leaves(stage):
     for _ in range(4):
         n = ring.pop(out)
         got += out["sseq"][:n].tolist()
-        st.poll(0.01)
+        st.wait_io(0.01)
         st.after()
     _poll_until(st, lambda: not st.conns, seconds=10)  # (unacknowledged: at most 5 s)
     got += out["sseq"][:ring.pop(out)].tolist()

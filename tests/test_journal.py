@@ -248,8 +248,13 @@ def test_replay_gathers_blocks_into_batches_and_any_cut_gives_the_same_state(tmp
 
     batch_books = ("changed", "ichanged", "schanged", "cchanged", "acc_stamp", "sec_dirty")
 
+    from exposure.capacity import Capacities
+
+    caps = Capacities(accounts=64, instruments=64, sectors=16, sources=16, orders=4096,
+                      cells=4096)
+
     def replayed(batch, upto=0):
-        _, st = allocate()
+        _, st = allocate(caps)
         sessions = np.zeros((9, SESSION_COLS), np.uint64)
         n = replay_journal(st, tmp_path, sessions, upto=upto, batch=batch)
         tables = {}
@@ -279,6 +284,7 @@ def test_replay_gathers_blocks_into_batches_and_any_cut_gives_the_same_state(tmp
 def test_a_replay_raises_the_readers_error_and_leaves_no_thread(tmp_path):
     import threading
 
+    from exposure.capacity import Capacities
     from exposure.recovery import replay_journal
     from exposure.shm.tally_layout import allocate
 
@@ -287,7 +293,7 @@ def test_a_replay_raises_the_readers_error_and_leaves_no_thread(tmp_path):
     b = bytearray(seg.read_bytes())
     b[64 + 32 + 5] ^= 0x40
     seg.write_bytes(bytes(b))
-    _, st = allocate()
+    _, st = allocate(Capacities(orders=1024, cells=1024))
     with pytest.raises(JournalError, match="checksum"):
         replay_journal(st, tmp_path, batch=3)
     assert not [t for t in threading.enumerate() if t.name == "exposure-recovery-reader"]

@@ -445,8 +445,8 @@ def assert_one_acts(p, seconds: float, every: float = 0.005) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("release", ["replicated+local", "replicated", "local"])
-def test_a_cut_link_never_makes_two_acting_primaries(pair, tmp_path, release):
+@pytest.mark.parametrize("release", ["replicated", "local"])  # (the default, both, is the
+def test_a_cut_link_never_makes_two_acting_primaries(pair, tmp_path, release):  # chaos's)
     """Both nodes reach etcd but not each other: the primary records that it runs alone
     (alone_after_ms) before the backup could promote (failover_ms), or, if it is too slow,
     the backup's promotion wins and the primary demotes; never both. When the link is back
@@ -573,13 +573,13 @@ FAULTS = ["kill-primary", "kill-backup", "kill-process", "cut-link", "sigstop-pr
           "etcd-restart"]
 
 
-CHAOS_FAULTS = int(os.environ.get("EXPOSURE_CHAOS_FAULTS", "8"))  # (30+ for a longer run)
+CHAOS_FAULTS = int(os.environ.get("EXPOSURE_CHAOS_FAULTS", "6"))  # (30+ for a longer run)
 
 
 @pytest.mark.timeout(900)
 def test_seeded_chaos_of_faults_ends_with_both_nodes_equal_to_the_replay(pair, tmp_path, etcd):
     """kill -9 of either node or of one process, a cut link, a hung (SIGSTOP) primary, an
-    etcd outage; one at a time (``EXPOSURE_CHAOS_FAULTS``, 8 by default), at random
+    etcd outage; one at a time (``EXPOSURE_CHAOS_FAULTS``, 6 by default), at random
     moments, while a client streams. Never two nodes acting at once; at the end both equal
     the replay of what was sent."""
     rnd = seeded()

@@ -33,6 +33,7 @@ from exposure.shm.ring import Ring
 from exposure.shm.session_layout import SESSION_COLS
 from exposure.stages import replica as RP
 from exposure.stages.replica import INCOMING, ReplicaStage
+from exposure.stages.sequencer import Sequencer
 from exposure.types import EVENT_SIZE, EVENT_WORDS, W_GSEQ, W_SESSION, W_SSEQ
 
 SECRET = b"the-replication-secret-0123456789"
@@ -99,7 +100,7 @@ class Peer:
 
 
 class Harness:
-    def __init__(self, st: ReplicaStage, out: Ring, tap: Ring, ctl: np.ndarray, port: int,
+    def __init__(self, st: ReplicaStage, out: Ring, tap, ctl: np.ndarray, port: int,
                  data_dir):
         self.st, self.out, self.tap, self.ctl, self.port = st, out, tap, ctl, port
         self.data_dir = data_dir
@@ -174,14 +175,13 @@ def rep(tmp_path):
     tag = f"exposure-test-replica-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     rings, st, h = [], None, None
     try:
-        out = Ring.create(tag + "-c", 1024, EVENT_SIZE)
+        out = Ring.create(tag + "-c", 1024, EVENT_SIZE, consumers=2)  # compute, journal
         rings.append(out)
-        tap = Ring.create(tag + "-t", 1024, EVENT_SIZE)
-        rings.append(tap)
+        tap = out.reader(1)  # the journal's end
         ctl = np.zeros(CONTROL_WORDS, np.uint64)
         sessions = np.zeros((5, SESSION_COLS), np.uint64)
         port = free_port()
-        st = ReplicaStage(("127.0.0.1", port), SECRET, ctl, sessions, out, tap, 1, None,
+        st = ReplicaStage(("127.0.0.1", port), SECRET, ctl, sessions, Sequencer(out, 1), None,
                           tmp_path, heartbeat_ms=50, failover_ms=10_000, ack_interval_us=0)
         h = Harness(st, out, tap, ctl, port, tmp_path)
         yield h

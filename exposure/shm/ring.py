@@ -1,4 +1,5 @@
-"""Lock-free single-producer single-consumer ring of fixed-size records in POSIX shared memory.
+"""Lock-free single-producer ring of fixed-size records in POSIX shared memory, with one
+consumer or two (each record written once, read by both: a Disruptor gating sequence).
 
 The hot paths are the ``@njit`` functions :func:`ring_push` and :func:`ring_pop`, which move
 a whole batch per call (one release store per batch). :class:`Ring` owns the segment: it
@@ -6,7 +7,10 @@ creates it (mode 0600, exclusive), attaches to it (checking the header), maps it
 unlinks it. See :mod:`exposure.shm.ring_layout` for the layout and
 :mod:`exposure.shm.intrinsics` for the ordering argument.
 
-A process uses one end only: exactly one producer and one consumer per ring.
+A process uses one end only: exactly one producer, and one process per consumer. Consumer
+0 is the ring itself (:func:`ring_pop`, ``len(ring)``, ``ring.semaphore``); consumer 1 of a
+two-consumer ring is :meth:`Ring.reader` ``(1)``, a :class:`RingReader` with the same
+surface, whose jitted pop is :func:`ring_pop_at` with its own head word.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from . import ring_layout as L
 from .intrinsics import fence_seq_cst, load_acquire, store_release
 from .segment import release
 
-__all__ = ["Ring", "ring_push", "ring_pop", "ring_size", "producer_head", "RingError"]
+__all__ = ["Ring", "RingReader", "ring_push", "ring_pop", "ring_pop_at", "ring_size",
+           "ring_size_at", "producer_head", "RingError"]
 
 
 class RingError(L.RingLayoutError):
@@ -31,14 +36,27 @@ class RingError(L.RingLayoutError):
 
 
 @njit(inline="always", cache=True, _nrt=False)
+def _slowest_head(ctrl):
+    """The head the producer may fill up to: consumer 0's, or the smaller of the two
+    (load_acquire: each consumer's reads of the slots it passed happened before). The
+    consumer count is written once, before the ring is published (the magic)."""
+    head = np.int64(load_acquire(ctrl, L.W_HEAD))
+    if ctrl[L.W_CONSUMERS] > 1:
+        head2 = np.int64(load_acquire(ctrl, L.W_HEAD2))
+        if head2 < head:
+            head = head2
+    return head
+
+
+@njit(inline="always", cache=True, _nrt=False)
 def producer_head(ctrl, tail, head, cap):
     """For a producer that writes one record at a time into its own view of the ring:
-    the consumer's position as far as slot ``tail`` needs it. ``head`` is the position
-    last seen; only while it says the ring is full is the real one loaded (acquire: the
-    consumer's reads of those slots happened before) and cached in ``W_HEAD_CACHE``. The
-    slot is free when ``tail - result < cap``."""
+    the consumers' position as far as slot ``tail`` needs it. ``head`` is the position
+    last seen; only while it says the ring is full is the real one loaded (the slowest
+    consumer's) and cached in ``W_HEAD_CACHE``. The slot is free when
+    ``tail - result < cap``."""
     if tail - head >= cap:
-        head = np.int64(load_acquire(ctrl, L.W_HEAD))
+        head = _slowest_head(ctrl)
         ctrl[L.W_HEAD_CACHE] = head
     return head
 
@@ -48,7 +66,7 @@ def ring_push(ctrl, slots, src, n):
     """Copy up to ``n`` records from ``src`` (uint64 [>=n, record size / 8]) into the ring.
 
     Returns how many were written (fewer when the ring is full: back-pressure). The records
-    become visible to the consumer all at once, with one release store of the tail.
+    become visible to the consumers all at once, with one release store of the tail.
     """
     cap = slots.shape[0]
     mask = cap - 1
@@ -56,7 +74,7 @@ def ring_push(ctrl, slots, src, n):
     tail = np.int64(ctrl[L.W_TAIL])  # only this process writes it
     head = np.int64(ctrl[L.W_HEAD_CACHE])
     if cap - (tail - head) < n:
-        head = np.int64(load_acquire(ctrl, L.W_HEAD))
+        head = _slowest_head(ctrl)
         ctrl[L.W_HEAD_CACHE] = head
     m = min(n, cap - (tail - head))
     rs = slots.shape[1]
@@ -70,12 +88,12 @@ def ring_push(ctrl, slots, src, n):
 
 
 @njit(cache=True, _nrt=False)
-def ring_pop(ctrl, slots, dst, max_n):
-    """Copy up to ``max_n`` available records into ``dst`` (uint64 [>=max_n, record size /
-    8]); return how many."""
+def ring_pop_at(ctrl, slots, dst, max_n, head_word):
+    """Consumer whose head is ``head_word``: copy up to ``max_n`` available records into
+    ``dst`` (uint64 [>=max_n, record size / 8]); return how many."""
     cap = slots.shape[0]
     mask = cap - 1
-    head = np.int64(ctrl[L.W_HEAD])  # only this process writes it
+    head = np.int64(ctrl[head_word])  # only this consumer writes it
     tail = np.int64(load_acquire(ctrl, L.W_TAIL))  # payload reads below happen-after
     m = min(max_n, tail - head)
     rs = slots.shape[1]
@@ -84,14 +102,27 @@ def ring_pop(ctrl, slots, dst, max_n):
         for b in range(rs):
             dst[k, b] = slots[j, b]
     if m > 0:
-        store_release(ctrl, L.W_HEAD, head + m)  # frees the slots for the producer
+        store_release(ctrl, head_word, head + m)  # frees the slots (once both passed them)
     return m
 
 
 @njit(cache=True, _nrt=False)
+def ring_pop(ctrl, slots, dst, max_n):
+    """Consumer 0: :func:`ring_pop_at` with ``W_HEAD``."""
+    return ring_pop_at(ctrl, slots, dst, max_n, L.W_HEAD)
+
+
+@njit(cache=True, _nrt=False)
+def ring_size_at(ctrl, head_word):
+    """Records published and not yet taken by the consumer whose head is ``head_word`` (a
+    consistent lower bound from either side)."""
+    return np.int64(load_acquire(ctrl, L.W_TAIL)) - np.int64(load_acquire(ctrl, head_word))
+
+
+@njit(cache=True, _nrt=False)
 def ring_size(ctrl):
-    """Records published and not yet consumed (a consistent lower bound from either side)."""
-    return np.int64(load_acquire(ctrl, L.W_TAIL)) - np.int64(load_acquire(ctrl, L.W_HEAD))
+    """Consumer 0's backlog: :func:`ring_size_at` with ``W_HEAD``."""
+    return ring_size_at(ctrl, L.W_HEAD)
 
 
 @njit(cache=True, _nrt=False)
@@ -135,17 +166,25 @@ class Ring:
         self.ctrl = buf[: L.HEADER_BYTES].view(np.uint64)
         cap, rs = int(self.ctrl[L.W_CAPACITY]), int(self.ctrl[L.W_RECORD_SIZE])
         self.capacity, self.record_size = cap, rs
+        self.consumers = int(self.ctrl[L.W_CONSUMERS])
         # Slots as 8-byte words: records are multiples of 8 bytes, and word copies are what
         # the copy loops vectorise well.
         self.slots = buf[L.HEADER_BYTES: L.HEADER_BYTES + cap * rs].view(np.uint64).reshape(
             cap, rs // 8)
         self._sem: posix_ipc.Semaphore | None = None
+        self._reader: RingReader | None = None
+
+    # consumer 0's words (a RingReader has the same three names for its consumer)
+    head_word = L.W_HEAD
+    sleep_word = L.W_CONSUMER_SLEEPING
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def create(cls, name: str, capacity: int, record_size: int) -> Ring:
-        """Create (exclusively, mode 0600) and initialise a ring segment."""
+    def create(cls, name: str, capacity: int, record_size: int, consumers: int = 1) -> Ring:
+        """Create (exclusively, mode 0600) and initialise a ring segment read by
+        ``consumers`` consumers (1 or 2)."""
         size = L.segment_size(capacity, record_size)
+        L.check_consumers(consumers)
         nm = _shm_name(name)
         try:
             shm = posix_ipc.SharedMemory(nm, posix_ipc.O_CREX, mode=0o600, size=size)
@@ -155,6 +194,7 @@ class Ring:
         ctrl[L.W_RECORD_SIZE] = record_size
         ctrl[L.W_CAPACITY] = capacity
         ctrl[L.W_CREATOR] = os.getpid()
+        ctrl[L.W_CONSUMERS] = consumers
         ctrl[L.W_VERSION] = L.VERSION
         ctrl[L.W_MAGIC] = L.MAGIC  # last: an attacher that sees the magic sees the rest
         del ctrl
@@ -180,6 +220,8 @@ class Ring:
             problem = f"layout version {int(hdr[L.W_VERSION])}, expected {L.VERSION}"
         elif record_size is not None and int(hdr[L.W_RECORD_SIZE]) != record_size:
             problem = f"record size {int(hdr[L.W_RECORD_SIZE])}, expected {record_size}"
+        elif not 1 <= int(hdr[L.W_CONSUMERS]) <= L.MAX_CONSUMERS:
+            problem = f"{int(hdr[L.W_CONSUMERS])} consumers, expected 1..{L.MAX_CONSUMERS}"
         elif capacity is not None and int(hdr[L.W_CAPACITY]) != capacity:
             problem = f"capacity {int(hdr[L.W_CAPACITY])}, expected {capacity}"
         elif shm.size < L.segment_size(int(hdr[L.W_CAPACITY]), int(hdr[L.W_RECORD_SIZE])):
@@ -194,6 +236,9 @@ class Ring:
         if self._sem is not None:
             self._sem.close()
             self._sem = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         self.ctrl = self.slots = None  # type: ignore[assignment]
         release(self._map, None)
         if self._owner:
@@ -204,9 +249,11 @@ class Ring:
     def unlink(name: str) -> None:
         """Remove a ring segment (and its wake-up semaphore) by name; missing is fine."""
         nm = _shm_name(name)
-        for remove in (posix_ipc.unlink_shared_memory, posix_ipc.unlink_semaphore):
+        for remove, what in ((posix_ipc.unlink_shared_memory, nm),
+                             (posix_ipc.unlink_semaphore, nm),
+                             (posix_ipc.unlink_semaphore, RingReader.semaphore_name(nm, 1))):
             try:
-                remove(nm)
+                remove(what)
             except posix_ipc.ExistentialError:
                 pass
 
@@ -232,8 +279,58 @@ class Ring:
 
     @property
     def semaphore(self) -> posix_ipc.Semaphore:
-        """The ring's wake-up semaphore (created on first use, removed with the ring)."""
+        """Consumer 0's wake-up semaphore (created on first use, removed with the ring)."""
         if self._sem is None:
             self._sem = posix_ipc.Semaphore(self.name, posix_ipc.O_CREAT, mode=0o600,
                                             initial_value=0)
         return self._sem
+
+    def reader(self, k: int) -> Ring | RingReader:
+        """Consumer ``k``'s end: the ring itself for 0, a :class:`RingReader` for 1."""
+        if not 0 <= k < self.consumers:
+            raise RingError(f"ring {self.name} has {self.consumers} consumer(s): no "
+                            f"consumer {k}")
+        if k == 0:
+            return self
+        if self._reader is None:
+            self._reader = RingReader(self, k)
+        return self._reader
+
+
+class RingReader:
+    """Consumer ``k`` (> 0) of a ring: its slots and control words, its head and sleeping
+    words, its own wake-up semaphore and backlog; what :class:`exposure.shm.wait.WaitStrategy`
+    and a consumer stage need, as for consumer 0 on the :class:`Ring` itself."""
+
+    def __init__(self, ring: Ring, k: int):
+        self.ring = ring
+        self.name = ring.name
+        self.ctrl, self.slots = ring.ctrl, ring.slots
+        self.capacity, self.record_size = ring.capacity, ring.record_size
+        self.head_word = L.HEAD_WORDS[k]
+        self.sleep_word = L.SLEEP_WORDS[k]
+        self._semname = self.semaphore_name(ring.name, k)
+        self._sem: posix_ipc.Semaphore | None = None
+
+    @staticmethod
+    def semaphore_name(ring_name: str, k: int) -> str:
+        return f"{ring_name}.c{k}"
+
+    @property
+    def semaphore(self) -> posix_ipc.Semaphore:
+        if self._sem is None:
+            self._sem = posix_ipc.Semaphore(self._semname, posix_ipc.O_CREAT, mode=0o600,
+                                            initial_value=0)
+        return self._sem
+
+    def pop(self, out: np.ndarray) -> int:
+        dst = out.view(np.uint64).reshape(len(out), self.record_size // 8)
+        return int(ring_pop_at(self.ctrl, self.slots, dst, len(out), self.head_word))
+
+    def __len__(self) -> int:
+        return int(ring_size_at(self.ctrl, self.head_word))
+
+    def close(self) -> None:
+        if self._sem is not None:
+            self._sem.close()
+            self._sem = None

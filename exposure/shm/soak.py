@@ -4,9 +4,13 @@ memory and the ring's ordering under wrap-around and back-pressure.
 
     python -m exposure.shm.soak produce RING N [--seed S]
     python -m exposure.shm.soak consume RING N [--wait spin|spin-then-block|block]
-                                             [--check full|seq]
+                                             [--check full|seq] [--consumer K]
+                                             [--pause-every M]
 
-The ring must exist (``Ring.create``); both sides attach. The consumer prints one JSON line
+The ring must exist (``Ring.create``); both sides attach. A two-consumer ring gets one
+consumer process per ``--consumer`` (0 and 1), each of which must see every record;
+``--pause-every M`` makes a consumer sleep a millisecond every M pops (a slow consumer: the
+producer must wait for it, never overwrite what it has not read). The consumer prints one JSON line
 ``{"records": N, "ok": true, ...}`` and exits 0 when every record checked out.
 """
 
@@ -21,7 +25,7 @@ import orjson
 from numba import njit
 
 from .. import _jit  # noqa: F401
-from .ring import Ring, ring_pop, ring_push
+from .ring import Ring, RingReader, ring_pop_at, ring_push
 from .wait import WAIT_STRATEGIES, WaitStrategy
 
 
@@ -77,17 +81,22 @@ def produce(ring: Ring, total: int, seed: int = 1, wait: WaitStrategy | None = N
     return retries
 
 
-def consume(ring: Ring, total: int, wait: WaitStrategy, full: bool = True) -> dict:
+def consume(ring: Ring | RingReader, total: int, wait: WaitStrategy, full: bool = True,
+            pause_every: int = 0) -> dict:
+    """``ring``: a consumer's end (the ring for consumer 0, ``ring.reader(1)``)."""
     out = np.zeros((4096, ring.record_size), np.uint8)
     words = out.view(np.uint64)
-    got = empty = 0
+    got = empty = pops = 0
     t0 = time.perf_counter()
     while got < total:
-        m = ring_pop(ring.ctrl, ring.slots, words, min(4096, total - got))
+        m = ring_pop_at(ring.ctrl, ring.slots, words, min(4096, total - got), ring.head_word)
         if m == 0:
             empty += 1
             wait.idle(ring)
             continue
+        pops += 1
+        if pause_every and pops % pause_every == 0:
+            time.sleep(0.001)
         wait.reset()
         bad = _check(out, got, m, full)
         if bad >= 0:
@@ -106,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("records", type=int)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--wait", choices=WAIT_STRATEGIES, default="spin")
+    p.add_argument("--consumer", type=int, default=0, help="which consumer (0 or 1)")
+    p.add_argument("--pause-every", type=int, default=0,
+                   help="sleep 1 ms every this many pops (a slow consumer)")
     p.add_argument("--check", choices=["full", "seq"], default="full",
                    help="verify every byte (default) or only each record's sequence word")
     a = p.parse_args(argv)
@@ -117,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                               a.check == "full")
             print(orjson.dumps({"records": a.records, "full_ring_retries": retries}).decode())
             return 0
-        res = consume(ring, a.records, wait, a.check == "full")
+        res = consume(ring.reader(a.consumer), a.records, wait, a.check == "full",
+                      a.pause_every)
         print(orjson.dumps(res).decode())
         return 0 if res["ok"] else 1
     finally:

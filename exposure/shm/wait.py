@@ -28,8 +28,7 @@ import time
 
 import posix_ipc
 
-from . import ring_layout as L
-from .ring import Ring, announce_sleep, clear_sleep, ring_size, sleeping
+from .ring import Ring, RingReader, announce_sleep, clear_sleep, ring_size_at, sleeping
 
 __all__ = ["WaitStrategy", "WAIT_STRATEGIES"]
 
@@ -55,29 +54,32 @@ class WaitStrategy:
     def reset(self) -> None:
         self._idle = 0
 
-    def idle(self, ring: Ring) -> None:
-        """Nothing to do on ``ring``: spin, or sleep until the producer wakes us (or the
-        timeout passes, so the caller can check for shutdown)."""
+    def idle(self, ring: Ring | RingReader) -> None:
+        """Nothing to do on ``ring`` (a consumer's end: the ring for consumer 0, or its
+        :meth:`Ring.reader`): spin, or sleep until the producer wakes us (or the timeout
+        passes, so the caller can check for shutdown)."""
         self._idle += 1
         if self.kind == "sleep":
             time.sleep(self.tick_s)
             return
         if self.kind == "spin" or self._idle <= self.spins:
             return
-        ctrl = ring.ctrl
-        announce_sleep(ctrl, L.W_CONSUMER_SLEEPING)
+        ctrl, word = ring.ctrl, ring.sleep_word
+        announce_sleep(ctrl, word)
         try:
-            if ring_size(ctrl) == 0:
+            if ring_size_at(ctrl, ring.head_word) == 0:
                 try:
                     ring.semaphore.acquire(self.timeout_s)
                 except posix_ipc.BusyError:
                     pass
         finally:
-            clear_sleep(ctrl, L.W_CONSUMER_SLEEPING)
+            clear_sleep(ctrl, word)
 
     @staticmethod
     def wake(ring: Ring) -> None:
-        """After publishing to ``ring``: wake its consumer if it announced sleep."""
-        if sleeping(ring.ctrl, L.W_CONSUMER_SLEEPING):
-            ring.semaphore.release()
+        """After publishing to ``ring``: wake each consumer that announced sleep."""
+        for k in range(ring.consumers):
+            end = ring.reader(k)
+            if sleeping(ring.ctrl, end.sleep_word):
+                end.semaphore.release()
 

@@ -30,6 +30,7 @@ from ..types import (
     W_GSEQ,
     W_RECV_NS,
 )
+from .agent import Stage
 
 __all__ = ["ComputeStage"]
 
@@ -64,8 +65,11 @@ _GSEQ = CN.INDEX["compute_gseq"]
 _RECV = CN.INDEX["compute_recv_ns"]
 
 
-class ComputeStage:
+class ComputeStage(Stage):
     """Pops the compute ring, applies, publishes, pushes updates to the fan-out ring."""
+
+    name = "compute"
+    fed_by = "ingest"
 
     def __init__(self, segment, sessions: np.ndarray, in_ring, out_ring, batch: int = 4096,
                  counters: np.ndarray | None = None):
@@ -76,6 +80,7 @@ class ComputeStage:
         self.sess_flat = sessions.reshape(-1)
         self.ncols = sessions.shape[1]
         self.inp, self.out = in_ring, out_ring
+        self.wake_source = in_ring
         self.recs = np.zeros(batch, EVENT_DTYPE)
         self.words = self.recs.view(np.uint64).reshape(batch, -1)
         self.status = np.zeros(batch, np.uint8)

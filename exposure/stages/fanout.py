@@ -55,6 +55,7 @@ from ..types import (
     SECTOR_ROW_DTYPE,
     UPDATE_DTYPE,
 )
+from .agent import Stage
 
 __all__ = ["FanoutStage"]
 
@@ -161,16 +162,20 @@ def _seal(out, m, epoch, seq, dtype, now):
     return (_HDR_WORDS + m * _ROW_WORDS) * 8
 
 
-class FanoutStage:
+class FanoutStage(Stage):
     """Sends the fan-out ring's rows as INCREMENTAL datagrams; HEARTBEAT and REFRESH ones
     while idle. ``state``: the tally state (a read-only mapping is enough), for the
     refresh cycle and the table sizes."""
+
+    name = "fanout"
+    fed_by = "compute"
 
     def __init__(self, in_ring, group: str, port: int, interface: str, ttl: int,
                  max_datagram: int, state, epoch: int = 0, ctl: np.ndarray | None = None,
                  pair: bool = False, heartbeat_ms: int = 100, refresh_rows_per_s: int = 2000,
                  counters: np.ndarray | None = None):
         self.inp = in_ring
+        self.wake_source = in_ring
         self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
         self.ctl = ctl  # role and epoch (a backup packs, to keep up, but sends nothing)
         self.pair = pair and ctl is not None  # a fenced primary holds its rows

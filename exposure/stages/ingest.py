@@ -85,7 +85,9 @@ from ..shm.control import (
     may_act,
 )
 from ..shm.session_layout import N_REJ, S_DONE, S_DURABLE, S_HELD, S_REJ
+from .agent import Stage
 from .ingest_scan import NEED_MORE, RES_WORDS, RING_FULL, SEQ_GAP, scan
+from .sequencer import Sequencer
 
 __all__ = ["IngestStage", "PortLimits"]
 
@@ -153,15 +155,15 @@ class _Conn:
         self.mv = memoryview(self.buf)
 
 
-_EVENTS = CN.INDEX["ingest_events_total"]
-_RECEIVED = CN.INDEX["ingest_received_gseq"]
 _RING_FULL = CN.INDEX["ingest_ring_full_total"]
 _LISTENING = CN.INDEX["ingest_listening"]
 
 
-class IngestStage:
+class IngestStage(Stage):
+    name = "ingest"
+
     def __init__(self, host: str, port: int, sessions: np.ndarray, out_ring, next_gseq: int,
-                 max_sessions: int, ack_interval_us: int = 0, tap_ring=None,
+                 max_sessions: int, ack_interval_us: int = 0,
                  ctl: np.ndarray | None = None, release: str = "local", replica=None,
                  secrets: dict[int, bytes] | None = None,
                  entitlements: Entitlements | None = None,
@@ -169,12 +171,13 @@ class IngestStage:
         self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
         self.sessions = sessions
         self.out = out_ring
+        self.seq = Sequencer(out_ring, next_gseq, self.cnt)  # the gseq and the ring's producer
         self.max_sessions = max_sessions
-        self.next_gseq = next_gseq
         self.ack_interval_ns = ack_interval_us * 1000
         self.addr = (host, port)
         self.ctl = ctl
-        self.local = release in ("local", "replicated+local") and tap_ring is not None
+        # The journal reads the compute ring as its second consumer (none: no journal).
+        self.local = release in ("local", "replicated+local") and out_ring.consumers > 1
         self.replicated = release in ("replicated", "replicated+local")
         # Sessions: ``secrets`` None serves every session id without a proof (loopback
         # only: exposure.config); else only the ids it has, each proving its secret.
@@ -206,21 +209,17 @@ class IngestStage:
         self.backlog: set[_Conn] = set()   # sessions with answers the socket did not take
         self.sweep_at = 0
         self.scratch = bytearray(self.lim.read_budget)  # what closing connections send
-        self.tap = tap_ring
-        # Without a journal the tap arguments are the compute ring's (never written).
-        t = tap_ring if tap_ring is not None else out_ring
-        self._tap_args = (t.ctrl, t.slots, tap_ring is not None)
         self._ent_args = (self.ents.flags, self.ents.src, self.ents.acct)
         self.res = np.zeros(RES_WORDS, np.uint64)
         buf = np.zeros(8, np.uint8)
         self._scan = _jit.entry(scan, buf, buf.view(np.uint64), 0, 0, 0, 0, 0, 0,
-                                self.out.ctrl, self.out.slots, *self._tap_args,
+                                self.out.ctrl, self.out.slots,
                                 *self._ent_args, self.res)  # compiled (or loaded) now
-        # A backup runs the replica side (``replica``: a factory next_gseq -> ReplicaStage)
+        # A backup runs the replica side (``replica``: a factory Sequencer -> ReplicaStage)
         # until the supervisor promotes the node; ``self.rep`` is None once primary.
         self.rep = None
         if ctl is not None and ctl[CTL_ROLE] == ROLE_BACKUP:
-            self.rep = replica(next_gseq)
+            self.rep = replica(self.seq)
         else:
             self._listen()
 
@@ -238,8 +237,7 @@ class IngestStage:
     def _promoted(self) -> None:
         """The supervisor made this node the primary: stop following, accept sessions."""
         rep, self.rep = self.rep, None
-        self.next_gseq = rep.next_gseq
-        rep.close()
+        rep.close()  # (the sequence goes on in self.seq, which the replica shared)
         for _ in range(50):
             try:
                 self._listen()
@@ -251,11 +249,19 @@ class IngestStage:
         else:  # the process dies; the supervisor restarts the node's processes (as primary)
             raise RuntimeError(f"cannot listen for sessions on {self.addr[0]}:{self.addr[1]}")
         print(f"exposure ingest: primary (epoch {int(self.ctl[CTL_EPOCH])}): accepting "
-              f"sessions on {self.addr[0]}:{self.addr[1]} from gseq {self.next_gseq}",
+              f"sessions on {self.addr[0]}:{self.addr[1]} from gseq {self.seq.next_gseq}",
               file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ loop
-    def poll(self, timeout: float | None = 0) -> int:
+    def poll(self) -> int:
+        return self._poll(0)
+
+    def wait_io(self, timeout: float) -> bool:
+        """Sleep in the selector (a blocking process's idle): a client's bytes wake it."""
+        self._poll(timeout)
+        return True
+
+    def _poll(self, timeout: float | None) -> int:
         if self.rep is not None:
             if self.ctl[CTL_ROLE] == ROLE_PRIMARY:
                 self._promoted()
@@ -289,7 +295,7 @@ class IngestStage:
         processing of an event that arrived with it."""
         if self.rep is not None:
             self.rep.after()
-            self._show_seq(self.rep.next_gseq - 1)
+            self._show_seq(self.seq.last)
             return
         if self.pair:
             self._pair_state()
@@ -320,7 +326,7 @@ class IngestStage:
         if ctl[CTL_ALONE] != self.alone:  # (-1 at first: every ingest says what it saw)
             self.alone = int(ctl[CTL_ALONE])
             ctl[CTL_ALONE_SEEN] = self.alone + 1
-        self._show_seq(self.next_gseq - 1)  # (after SEEN: see exposure.election)
+        self._show_seq(self.seq.last)  # (after SEEN: see exposure.election)
         if not self.unacked:
             return  # (the fence matters only to what is about to be acknowledged)
         fenced = not may_act(ctl, time.monotonic_ns())
@@ -508,24 +514,18 @@ class IngestStage:
         while True:
             now = time.time_ns()
             self._scan(c.buf, c.wbuf, c.pos, c.fill, c.session, c.held, now,
-                       self.next_gseq, self.out.ctrl, self.out.slots, *self._tap_args,
+                       self.seq.next_gseq, self.out.ctrl, self.out.slots,
                        *self._ent_args, res)
             why, c.pos, n = int(res[0]), int(res[1]), int(res[3])
             if n:
                 held = int(res[2])
                 pushed += n
-                self.next_gseq += n
-                self.cnt[_EVENTS] += n
-                self.cnt[_RECEIVED] = self.next_gseq - 1
+                self.seq.commit(n, int(res[4]), int(res[5]))
                 c.held = held
                 self.sessions[c.session, S_HELD] = held
                 if self.replicated:
                     self._mark(c, held, now)
                 self.unacked.add(c)
-                if res[4]:
-                    self.out.semaphore.release()  # a compute process asleep on the ring
-                if res[5]:
-                    self.tap.semaphore.release()  # a journal asleep on the tap ring
             if why == RING_FULL:
                 self.cnt[_RING_FULL] += 1
                 if not c.stalled:
@@ -558,7 +558,7 @@ class IngestStage:
         received its gseq (a mark that kept moving would never be reached while events
         stream). Without a backup for a long time the oldest marks are dropped: a dropped
         mark's seq is released with the next mark, later, never early."""
-        g = self.next_gseq - 1
+        g = self.seq.last
         m = c.marks
         if m and now - c.mark_ns < _MARK_NS:
             m[-1] = (g, held)
@@ -637,7 +637,7 @@ class IngestStage:
         c._buffer(self.lim.buffer)
         c.session = sid
         c.held = int(self.sessions[sid, S_HELD])
-        c.marks.append((self.next_gseq - 1, c.held))  # what it holds: pushed before now
+        c.marks.append((self.seq.last, c.held))  # what it holds: pushed before now
         self.by_session[sid] = c
         self.sessions[sid, SL.S_CONNECTED] = 1
         self._count(SL.N_LOGINS, sid, SL.S_LOGINS)

@@ -1,6 +1,6 @@
 """Ingest's jitted hot path: complete EVENTS frames of one connection's receive buffer
-straight into the compute ring (and the journal's tap ring), with the session's sequence
-rule and entitlements checked per record (:func:`scan`).
+straight into the compute ring (read by compute and by the journal: each record is written
+once), with the session's sequence rule and entitlements checked per record (:func:`scan`).
 
 Python (:mod:`exposure.stages.ingest`) handles everything the scanner stops at: logins,
 heartbeats, malformed headers, a sequence gap.
@@ -20,7 +20,7 @@ from ..sessions import (
     ENT_MARK,
 )
 from ..shm import ring_layout as RL
-from ..shm.intrinsics import store_release
+from ..shm.intrinsics import load_acquire, store_release
 from ..shm.ring import producer_head, sleeping
 from ..types import (
     EVENT_WORDS,
@@ -97,8 +97,8 @@ def _entitled(w_type, w_src, w_acct, ef, esrc, eacct, s):
 
 
 @njit(cache=True, _nrt=False)
-def scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, tctrl, tslots, tap,
-         eflags, esrc, eacct, res):
+def scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, eflags, esrc, eacct,
+         res):
     """Take the complete EVENTS frames of ``buf[pos:fill]`` straight into the ring.
 
     Each record whose session seq is ``held + 1`` is stamped with the session id, the
@@ -114,12 +114,11 @@ def scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, tctrl, tsl
     logged-in session, or has a header that is not exactly right; Python deals with those
     (its :func:`wire.check_header` is the statement of the rules and says what is wrong).
     ``wbuf`` is ``buf`` as u8 words: valid frames are multiples of 8 bytes long, so
-    records start on word boundaries. With ``tap`` set, every record also goes to the tap
-    ring (``tctrl``/``tslots``: the journal's input), and a record is taken only when both
-    rings have room.
+    records start on word boundaries. A record is taken only when the ring has room past
+    both its consumers (compute and the journal).
 
-    Writes (why, pos, held, pushed, compute consumer asleep, tap consumer asleep, expected
-    seq) to ``res`` (u8 words: a seq is a u8 whatever a client sends).
+    Writes (why, pos, held, pushed, compute asleep, journal asleep, expected seq) to ``res``
+    (u8 words: a seq is a u8 whatever a client sends).
     """
     s_idx = np.int64(session)
     session = np.uint64(session)
@@ -132,10 +131,6 @@ def scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, tctrl, tsl
     tail = np.int64(ctrl[RL.W_TAIL])  # only this process writes it
     head = np.int64(ctrl[RL.W_HEAD_CACHE])
     t0 = tail
-    tcap = tslots.shape[0]
-    tmask = tcap - 1
-    ttail = np.int64(tctrl[RL.W_TAIL])
-    thead = np.int64(tctrl[RL.W_HEAD_CACHE])
     why = NEED_MORE
     while fill - pos >= _HDR:
         kind = buf[pos + 3]
@@ -159,9 +154,7 @@ def scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, tctrl, tsl
                 stop = SEQ_GAP
                 break
             head = producer_head(ctrl, tail, head, cap)
-            if tap:
-                thead = producer_head(tctrl, ttail, thead, tcap)
-            if tail - head >= cap or (tap and ttail - thead >= tcap):
+            if tail - head >= cap:
                 stop = RING_FULL
                 break
             wt = wbuf[r + W_TYPE]
@@ -178,11 +171,6 @@ def scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, tctrl, tsl
             slots[j, W_EPOCH] &= _HIGH
             slots[j, W_RECV_NS] = now
             slots[j, W_GSEQ] = gseq + np.uint64(tail - t0)
-            if tap:
-                jt = ttail & tmask
-                for b in range(EVENT_WORDS):
-                    tslots[jt, b] = slots[j, b]
-                ttail += 1
             tail += 1
             held = sq
         if stop != NEED_MORE:
@@ -193,11 +181,10 @@ def scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, tctrl, tsl
     asleep = 0
     tasleep = 0
     if pushed > 0:
-        if tap:  # the journal first: it may take longer, and nothing waits on it here
-            store_release(tctrl, RL.W_TAIL, ttail)
-            tasleep = 1 if sleeping(tctrl, RL.W_CONSUMER_SLEEPING) else 0
         store_release(ctrl, RL.W_TAIL, tail)  # publish: the slot writes happen-before
         asleep = 1 if sleeping(ctrl, RL.W_CONSUMER_SLEEPING) else 0
+        if ctrl[RL.W_CONSUMERS] > 1:  # (the fence in sleeping() covers this load too)
+            tasleep = 1 if load_acquire(ctrl, RL.W_CONSUMER2_SLEEPING) != 0 else 0
     res[0] = why
     res[1] = pos
     res[2] = held

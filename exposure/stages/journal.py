@@ -1,7 +1,8 @@
-"""Journal stage: the tap ring to disk, then what is durable to the session table.
+"""Journal stage: the compute ring to disk, then what is durable to the session table.
 
-Each poll takes up to 4,096 records from the tap ring (ingest writes every sequenced
-record to it, beside the compute ring) and appends them as one block: one ``writev`` per
+The journal is the compute ring's second consumer (ingest writes every sequenced record
+once; compute and the journal each read it, and a slot is free once both have passed it).
+Each poll takes up to 4,096 records and appends them as one block: one ``writev`` per
 group commit (:class:`exposure.journal.JournalWriter`); bounded blocks keep a full disk from
 holding back records that would still fit. When the records become durable depends on the
 ``fsync`` policy:
@@ -40,9 +41,10 @@ from ..shm import counters_layout as CN
 from ..shm import ring_layout as RL
 from ..shm.control import CTL_ROLE, ROLE_PRIMARY
 from ..shm.intrinsics import store_release
-from ..shm.ring import ring_pop, ring_push, sleeping
+from ..shm.ring import ring_pop_at, ring_push, sleeping
 from ..shm.session_layout import S_DURABLE
 from ..types import EVENT_WORDS, W_GSEQ, W_RECV_NS, W_SESSION, W_SSEQ
+from .agent import Stage
 
 __all__ = ["JournalStage"]
 
@@ -75,11 +77,17 @@ _DURABLE_RECV = CN.INDEX["journal_durable_recv_ns"]
 _MIRROR_DROPPED = CN.INDEX["journal_mirror_dropped_total"]
 
 
-class JournalStage:
-    def __init__(self, tap_ring, sessions: np.ndarray, writer: JournalWriter, fsync: str,
+class JournalStage(Stage):
+    name = "journal"
+    fed_by = "ingest"
+
+    def __init__(self, reader, sessions: np.ndarray, writer: JournalWriter, fsync: str,
                  interval_ms: int, batch: int = 4096, mirror_ring=None,
                  ctl: np.ndarray | None = None, counters: np.ndarray | None = None):
-        self.inp = tap_ring
+        # ``reader``: the journal's end of the compute ring (its second consumer,
+        # exposure.shm.ring.RingReader), or any ring's consumer end
+        self.inp = reader
+        self.wake_source = reader
         self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
         self.mirror = mirror_ring
         self.ctl = ctl
@@ -99,7 +107,7 @@ class JournalStage:
         self.cnt[_DURABLE_GSEQ] = self.durable_gseq
         self.last_sync = time.monotonic_ns()
         self.error: str | None = None
-        self._tail, self._head = tap_ring.ctrl[RL.W_TAIL:], tap_ring.ctrl[RL.W_HEAD:]
+        self._tail, self._head = reader.ctrl[RL.W_TAIL:], reader.ctrl[reader.head_word:]
         _note_sessions(self.buf, 0, self.pending)  # compiled (or loaded) now, not later
         _publish(self.pending, self.sess_flat, self.ncols, np.uint64(self.durable_gseq))
 
@@ -112,7 +120,8 @@ class JournalStage:
     def poll(self) -> int:
         work = 0
         if not self.held and self._tail[0] != self._head[0]:
-            self.held = ring_pop(self.inp.ctrl, self.inp.slots, self.buf, len(self.buf))
+            self.held = ring_pop_at(self.inp.ctrl, self.inp.slots, self.buf, len(self.buf),
+                                    self.inp.head_word)
         if self.held:
             try:
                 self.w.append(self.buf[:self.held])

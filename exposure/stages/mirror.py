@@ -61,6 +61,7 @@ from ..shm.control import (
 from ..shm.ring import ring_pop
 from ..shm.session_layout import S_DURABLE
 from ..types import EVENT_WORDS, W_GSEQ, W_RECV_NS
+from .agent import Stage
 
 __all__ = ["MirrorStage", "FAULT_CUT_LINK"]
 
@@ -79,11 +80,15 @@ def _log(msg: str) -> None:
     print(f"exposure mirror: {msg}", file=sys.stderr, flush=True)
 
 
-class MirrorStage:
+class MirrorStage(Stage):
+    name = "mirror"
+    fed_by = "journal"
+
     def __init__(self, ring, ctl: np.ndarray, sessions: np.ndarray, peer: tuple[str, int],
                  secret: bytes, data_dir: Path, heartbeat_ms: int, failover_ms: int,
                  batch: int = 4096, counters: np.ndarray | None = None):
         self.ring = ring
+        self.wake_source = ring
         self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
         # (last gseq, its receive time) of each frame sent, oldest first, until the
         # backup's durable ACK covers it: the replication lag in time (bounded: when

@@ -3,7 +3,8 @@
 The primary's mirror connects to ``[replication] listen``. The link is authenticated first
 (:mod:`exposure.repl`: CHALLENGE, AUTH, WELCOME); nothing an unauthenticated peer sends is
 looked at beyond its handshake frame, and a peer that fails it is refused and logged. Then
-RECORDS frames (already sequenced by the primary) go into this node's compute and tap rings
+RECORDS frames (already sequenced by the primary) go into this node's compute ring (read by
+compute and the journal)
 exactly as the primary's ingest put them into its own (:func:`_push`), so compute and the
 journal here produce the same tallies and the same journal. The session table's held marks
 follow, so a promoted backup answers logins with what it holds.
@@ -61,10 +62,11 @@ from ..shm.control import (
     CTL_PRIMARY_GSEQ,
     CTL_RELOAD,
 )
-from ..shm.intrinsics import store_release
+from ..shm.intrinsics import load_acquire, store_release
 from ..shm.ring import producer_head, sleeping
 from ..shm.session_layout import S_DURABLE, S_HELD
 from ..types import EVENT_WORDS, W_GSEQ, W_SESSION, W_SSEQ
+from .sequencer import Sequencer
 
 __all__ = ["ReplicaStage", "RELOAD_RESET", "RELOAD_SNAPSHOT", "INCOMING", "COUNTERS"]
 
@@ -98,21 +100,18 @@ COUNTERS = ("accepted", "evicted", "refused", "emfile", "accept_errors",
 
 
 @njit(cache=True, _nrt=False)
-def _push(words, lo, n, expect, ctrl, slots, tctrl, tslots, sess_flat, ncols, res):
-    """Records ``words[lo:n]`` into the compute and tap rings, verbatim, from gseq
+def _push(words, lo, n, expect, ctrl, slots, sess_flat, ncols, res):
+    """Records ``words[lo:n]`` into the compute ring (read by compute and the journal),
+    verbatim, from gseq
     ``expect`` on (earlier ones are already held: skipped). Stops at a full ring (the rest
     is pushed later) or a gap in the sequence. Sets each session's held mark.
 
-    Writes (why, next index, next expected gseq, pushed, compute asleep, tap asleep) to
-    ``res``."""
+    Writes (why, next index, next expected gseq, pushed, compute asleep, journal asleep)
+    to ``res``."""
     cap = slots.shape[0]
     mask = cap - 1
     tail = np.int64(ctrl[RL.W_TAIL])
     head = np.int64(ctrl[RL.W_HEAD_CACHE])
-    tcap = tslots.shape[0]
-    tmask = tcap - 1
-    ttail = np.int64(tctrl[RL.W_TAIL])
-    thead = np.int64(tctrl[RL.W_HEAD_CACHE])
     t0 = tail
     why = _OK
     nsess = sess_flat.shape[0] // ncols
@@ -126,30 +125,26 @@ def _push(words, lo, n, expect, ctrl, slots, tctrl, tslots, sess_flat, ncols, re
             why = _GAP
             break
         head = producer_head(ctrl, tail, head, cap)
-        thead = producer_head(tctrl, ttail, thead, tcap)
-        if tail - head >= cap or ttail - thead >= tcap:
+        if tail - head >= cap:
             why = _FULL
             break
         j = tail & mask
-        jt = ttail & tmask
         for b in range(EVENT_WORDS):
             slots[j, b] = words[k, b]
-            tslots[jt, b] = words[k, b]
         s = np.int64(words[k, W_SESSION] & np.uint64(0xFFFFFFFF))
         if 0 < s < nsess:
             sess_flat[s * ncols + S_HELD] = words[k, W_SSEQ]
         tail += 1
-        ttail += 1
         expect += np.uint64(1)
         k += 1
     pushed = tail - t0
     asleep = 0
     tasleep = 0
     if pushed > 0:
-        store_release(tctrl, RL.W_TAIL, ttail)
-        tasleep = 1 if sleeping(tctrl, RL.W_CONSUMER_SLEEPING) else 0
         store_release(ctrl, RL.W_TAIL, tail)
         asleep = 1 if sleeping(ctrl, RL.W_CONSUMER_SLEEPING) else 0
+        if ctrl[RL.W_CONSUMERS] > 1:  # (the fence in sleeping() covers this load too)
+            tasleep = 1 if load_acquire(ctrl, RL.W_CONSUMER2_SLEEPING) != 0 else 0
     res[0] = why
     res[1] = k
     res[2] = np.int64(expect)
@@ -192,11 +187,12 @@ def _peer(ln: _Link) -> str:
 
 class ReplicaStage:
     """Accepts the primary's mirror, puts what it sends into the rings (see the module
-    docstring). ``next_gseq`` is the next gseq this node expects (the ingest stage takes it
-    over on promotion). ``counters``: events on the port (:data:`COUNTERS`)."""
+    docstring). ``seq`` (:class:`exposure.stages.sequencer.Sequencer`, ingest's) holds the
+    next gseq this node expects and the compute ring; ingest goes on with it on promotion.
+    ``counters``: events on the port (:data:`COUNTERS`)."""
 
     def __init__(self, listen: tuple[str, int], secret: bytes, ctl: np.ndarray,
-                 sessions: np.ndarray, out_ring, tap_ring, next_gseq: int,
+                 sessions: np.ndarray, seq: Sequencer,
                  last_record: np.ndarray | None, data_dir: Path, heartbeat_ms: int,
                  failover_ms: int, ack_interval_us: int):
         self.secret = secret
@@ -204,8 +200,7 @@ class ReplicaStage:
         self.sessions = sessions
         self.sess_flat = sessions.reshape(-1)
         self.ncols = sessions.shape[1]
-        self.out, self.tap = out_ring, tap_ring
-        self.next_gseq = next_gseq
+        self.seq = seq
         self.last_record = (last_record.copy() if last_record is not None
                             else np.zeros(EVENT_WORDS, np.uint64))
         self.data_dir = Path(data_dir)
@@ -230,8 +225,7 @@ class ReplicaStage:
             self.lfd = self.listener.fd
             self.ep.register(self.lfd, select.EPOLLIN)
             w = np.zeros((1, EVENT_WORDS), np.uint64)
-            self._push = _jit.entry(_push, w, 0, 0, np.uint64(0), out_ring.ctrl,
-                                    out_ring.slots, tap_ring.ctrl, tap_ring.slots,
+            self._push = _jit.entry(_push, w, 0, 0, np.uint64(0), seq.ctrl, seq.slots,
                                     self.sess_flat, self.ncols, self.res)
         except BaseException:
             self.close()
@@ -277,7 +271,7 @@ class ReplicaStage:
                  f"{(now - int(self.ctl[CTL_HEARD_NS])) / 1e6:.0f} ms; closing the link")
             self._close(ln)
             return
-        received = self.next_gseq - 1
+        received = self.seq.last
         durable = int(self.sessions[0, S_DURABLE])
         # a new echo goes out at once: the primary's fence waits for it
         if (self.echo != self.acked[2] or (received, durable) != self.acked[:2]
@@ -483,7 +477,7 @@ class ReplicaStage:
             return
         del self.hellos[ln.fd]  # authenticated: no handshake deadline, never evicted
         known = int(self.ctl[CTL_PEER_EPOCH])
-        last = self.next_gseq - 1
+        last = self.seq.last
         rec = self.last_record if last else np.zeros(EVENT_WORDS, np.uint64)
         welcome = R.frame(R.K_WELCOME, R.WELCOME.pack(R.mac(self.secret, "backup", nonce),
                                                       last, known, rec.tobytes()))
@@ -514,9 +508,9 @@ class ReplicaStage:
         self._check_sync()
 
     def _check_sync(self) -> None:
-        if not self.ctl[CTL_IN_SYNC] and self.next_gseq - 1 >= int(self.ctl[CTL_PRIMARY_GSEQ]):
+        if not self.ctl[CTL_IN_SYNC] and self.seq.last >= int(self.ctl[CTL_PRIMARY_GSEQ]):
             self.ctl[CTL_IN_SYNC] = 1
-            _log(f"in sync with the primary at gseq {self.next_gseq - 1}")
+            _log(f"in sync with the primary at gseq {self.seq.last}")
 
     def _drain(self, ln: _Link) -> int:
         """Handle the link's pending frames in order, at most _FRAMES_PER_PASS of them: push
@@ -533,21 +527,16 @@ class ReplicaStage:
                 work += 1
                 self._frame(ln, kind, payload)
                 continue
-            self._push(payload, ln.pending_at, len(payload), np.uint64(self.next_gseq),
-                       self.out.ctrl, self.out.slots, self.tap.ctrl, self.tap.slots,
-                       self.sess_flat, self.ncols, res)
+            self._push(payload, ln.pending_at, len(payload), np.uint64(self.seq.next_gseq),
+                       self.seq.ctrl, self.seq.slots, self.sess_flat, self.ncols, res)
             why, k, n = int(res[0]), int(res[1]), int(res[3])
             if n:
                 work += n
-                self.next_gseq = int(res[2])
+                self.seq.commit(n, int(res[4]), int(res[5]))  # (next: res[2])
                 self.last_record = payload[k - 1].copy()
-                if res[4]:
-                    self.out.semaphore.release()
-                if res[5]:
-                    self.tap.semaphore.release()
             if why == _GAP:
                 self._refuse(ln, R.E_PROTOCOL, f"gseq {int(payload[k, W_GSEQ])} after "
-                             f"{self.next_gseq - 1}: a gap")
+                             f"{self.seq.last}: a gap")
                 return work
             if why == _FULL:
                 ln.pending_at = k

@@ -74,6 +74,7 @@ from ..types import (
     SECTOR_ROW_DTYPE,
     UPDATE_DTYPE,
 )
+from .agent import Stage
 
 __all__ = ["SnapshotServer", "COUNTERS"]
 
@@ -114,10 +115,12 @@ def _peer(c: _Client) -> str:
         return str(c.addr)
 
 
-class SnapshotServer:
+class SnapshotServer(Stage):
     """The recovery server (see the module docstring). ``state``: the tally state (a
     read-only mapping is enough); ``ctl``: the node's control words; ``pair``: a replicated
     node, whose primary answers only while it may act."""
+
+    name = "snapshot"
 
     def __init__(self, host: str, port: int, state, ctl: np.ndarray, pair: bool = False,
                  max_clients: int = 8, deadline_s: float = 10.0,

@@ -988,7 +988,7 @@ def main(argv: list[str] | None = None) -> int:
         tail, head = ring.ctrl[RL.W_TAIL:], ring.ctrl[RL.W_HEAD:]
         block = a.wait == "block"
         while not stop:
-            work = ingest.poll(0)
+            work = ingest.poll()
             if tail[0] != head[0]:
                 n = pop(ring.ctrl, ring.slots, svc.words, a.max_batch)
                 if n:
@@ -998,7 +998,7 @@ def main(argv: list[str] | None = None) -> int:
                     work += n
             ingest.after()
             if not work and block:
-                ingest.poll(0.001)
+                ingest.wait_io(0.001)
     except (redis.exceptions.ConnectionError, ConfigError, OSError) as e:
         print(f"twotier: {e}", file=sys.stderr)
         rc = 2

@@ -147,7 +147,7 @@ class Harness:
         return p
 
     def link_state(self) -> tuple:
-        return (self.st.link, self.st.next_gseq, self.st.reloading,
+        return (self.st.link, self.st.seq.next_gseq, self.st.reloading,
                 *(int(self.ctl[w]) for w in LINK_WORDS))
 
     def close(self) -> None:
@@ -421,11 +421,11 @@ def test_a_pass_handles_a_bounded_number_of_frames_and_the_rest_later(rep):
     n = 1500
     p.send(b"".join(records(i, 1) + beat(i) for i in range(1, n + 1)))
     passes, queue_only = 0, 0
-    while h.st.next_gseq <= n or h.st.echo < n:
-        before = h.st.next_gseq + h.st.echo
+    while h.st.seq.next_gseq <= n or h.st.echo < n:
+        before = h.st.seq.next_gseq + h.st.echo
         h.step(0)
         passes += 1
-        handled = h.st.next_gseq + h.st.echo - before  # (one record a frame; echo = i)
+        handled = h.st.seq.next_gseq + h.st.echo - before  # (one record a frame; echo = i)
         assert handled <= RP._FRAMES_PER_PASS
         ln = h.st.link
         if ln is not None and ln.pending:

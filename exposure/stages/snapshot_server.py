@@ -280,15 +280,15 @@ class SnapshotServer(Stage):
         for c in list(self.clients.values()):
             age = now - c.since
             if c.out is None and age > _REQUEST_NS:
-                self._event("timeouts", f"closed snapshot client {_peer(c)}: no request "
-                            f"within {_REQUEST_NS / 1e9:g} s")
+                why = f"no request within {_REQUEST_NS / 1e9:g} s"
             elif age > self.deadline_ns:
-                self._event("timeouts", f"closed snapshot client {_peer(c)}: "
-                            f"{c.sent} of {len(c.out or b'')} bytes sent in "
-                            f"{self.deadline_ns / 1e9:g} s")
+                why = (f"{c.sent} of {len(c.out or b'')} bytes sent in "
+                       f"{self.deadline_ns / 1e9:g} s")
             else:
                 continue
-            self._close(c)
+            peer = _peer(c)
+            self._close(c)  # closed first: a reader that sees the count sees it gone
+            self._event("timeouts", f"closed snapshot client {peer}: {why}")
             work += 1
         return work
 
@@ -330,8 +330,9 @@ class SnapshotServer(Stage):
         return 1
 
     def _bad(self, c: _Client, why: str) -> int:
-        self._event("bad_requests", f"closed snapshot client {_peer(c)}: {why}")
-        self._close(c)
+        peer = _peer(c)
+        self._close(c)  # closed first: a reader that sees the count sees it gone
+        self._event("bad_requests", f"closed snapshot client {peer}: {why}")
         return 1
 
     # ------------------------------------------------------------------ answers

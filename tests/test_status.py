@@ -62,6 +62,8 @@ def test_status_reports_what_was_sent(node):
     assert st["gseq"] == {"received": n, "computed": n, "durable": n}
     assert st["lag"]["journal_events"] == 0
     assert st["rings"]["compute"]["capacity"] > 0 and st["rings"]["fanout"]["fill"] >= 0
+    assert st["rings"]["compute>journal"] == {"fill": 0,  # the journal has read it all
+                                              "capacity": st["rings"]["compute"]["capacity"]}
     assert {"id": 7, "held": n} == {k: v for k, v in next(
         s for s in st["sessions"] if s["id"] == 7).items() if k in ("id", "held")}
     c = st["counters"]

@@ -331,6 +331,9 @@ class RingReader:
         return int(ring_size_at(self.ctrl, self.head_word))
 
     def close(self) -> None:
+        """Drop the views (the ring unmaps) and close the semaphore (the ring's creator
+        removes it)."""
         if self._sem is not None:
             self._sem.close()
             self._sem = None
+        self.ctrl = self.slots = None  # type: ignore[assignment]

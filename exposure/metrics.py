@@ -44,7 +44,6 @@ __all__ = ["NodeCollector", "serve"]
 
 
 def _read(cfg: NodeConfig) -> tuple[dict[str, int], np.ndarray, np.ndarray, np.ndarray]:
-
     counters = read_counters(cfg)
     ctl = read_control(cfg)
     seg = SharedArray.attach(cfg.segment("sessions"), SL.session_shape(cfg.max_sessions),

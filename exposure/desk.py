@@ -42,9 +42,8 @@ import numpy as np
 from numba import njit
 
 from . import _jit  # noqa: F401  (sets the numba cache directory)
-from .shm.intrinsics import fence_seq_cst, load_acquire
 from .shm.tally_layout import State
-from .shm.tally_segment import TallySegment, read_rows
+from .shm.tally_segment import TallySegment, read_row, read_rows
 from .types import (
     C_ACCEPTED,
     C_CELLS,
@@ -92,15 +91,7 @@ def _copy_rows(table, ver, idx, out):
     written is waited out without holding up the process's other threads)."""
     tries = 0
     for k in range(idx.shape[0]):
-        r = idx[k]
-        while True:
-            tries += 1
-            v1 = load_acquire(ver, r)
-            if v1 & np.uint64(1) == 0:
-                out[k] = table[r]
-                fence_seq_cst()
-                if load_acquire(ver, r) == v1:
-                    break
+        tries += read_row(table, ver, idx[k], out[k:k + 1])
     return tries
 
 

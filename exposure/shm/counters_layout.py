@@ -24,8 +24,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 __all__ = ["MAGIC", "VERSION", "COUNTER_WORDS", "Counter", "COUNTERS", "INDEX",
-           "HEADER_WORDS", "check"]
+           "HEADER_WORDS", "check", "or_private"]
 
 MAGIC = 0x5352_544E_4355_5058  # "EXPCNTRS" little-endian
 VERSION = 1
@@ -108,3 +110,9 @@ def check(words) -> None:
         raise ValueError(f"bad magic {int(words[0]):#x}: not a counters segment")
     if int(words[1]) != VERSION:
         raise ValueError(f"counters layout version {int(words[1])}, expected {VERSION}")
+
+
+def or_private(words: np.ndarray | None) -> np.ndarray:
+    """A stage's counter words: the node's segment, or (a stage built alone, in a test or
+    a benchmark) private words of the same layout that nobody reads."""
+    return words if words is not None else np.zeros(COUNTER_WORDS, np.uint64)

@@ -28,7 +28,7 @@ from .intrinsics import fence_seq_cst, load_acquire, store_release
 from .segment import release
 
 __all__ = ["Ring", "RingReader", "ring_push", "ring_pop", "ring_pop_at", "ring_size",
-           "ring_size_at", "producer_head", "RingError"]
+           "ring_size_at", "producer_head", "journal_asleep", "RingError"]
 
 
 class RingError(L.RingLayoutError):
@@ -147,13 +147,53 @@ def sleeping(ctrl, word):
     return load_acquire(ctrl, word) != 0
 
 
+@njit(cache=True, _nrt=False)
+def journal_asleep(ctrl):
+    """After a publish and :func:`sleeping` of consumer 0 (whose fence orders the tail
+    store before this load): is consumer 1 of a two-consumer ring asleep? 0 or 1."""
+    if ctrl[L.W_CONSUMERS] > 1 and load_acquire(ctrl, L.W_CONSUMER2_SLEEPING) != 0:
+        return 1
+    return 0
+
+
 def _shm_name(name: str) -> str:
     if not name or "/" in name.lstrip("/") or len(name) > 200:
         raise RingError(f"ring name {name!r} must be a non-empty path component")
     return name if name.startswith("/") else "/" + name
 
 
-class Ring:
+class _ConsumerEnd:
+    """What one consumer of a ring uses: its pop, its backlog and its wake-up semaphore,
+    by its head word, sleeping word and semaphore name (:class:`Ring` is consumer 0's end,
+    :class:`RingReader` consumer 1's)."""
+
+    ctrl: np.ndarray
+    slots: np.ndarray
+    record_size: int
+    head_word: int
+    sleep_word: int
+    _semname: str
+    _sem: posix_ipc.Semaphore | None
+
+    def pop(self, out: np.ndarray) -> int:
+        """Pop into a record array; returns how many records were written to ``out``."""
+        dst = out.view(np.uint64).reshape(len(out), self.record_size // 8)
+        return int(ring_pop_at(self.ctrl, self.slots, dst, len(out), self.head_word))
+
+    def __len__(self) -> int:
+        return int(ring_size_at(self.ctrl, self.head_word))
+
+    @property
+    def semaphore(self) -> posix_ipc.Semaphore:
+        """This consumer's wake-up semaphore (created on first use, removed with the
+        ring)."""
+        if self._sem is None:
+            self._sem = posix_ipc.Semaphore(self._semname, posix_ipc.O_CREAT, mode=0o600,
+                                            initial_value=0)
+        return self._sem
+
+
+class Ring(_ConsumerEnd):
     """One SPSC ring segment, mapped into this process."""
 
     def __init__(self, name: str, shm: posix_ipc.SharedMemory, owner: bool):
@@ -171,10 +211,11 @@ class Ring:
         # the copy loops vectorise well.
         self.slots = buf[L.HEADER_BYTES: L.HEADER_BYTES + cap * rs].view(np.uint64).reshape(
             cap, rs // 8)
-        self._sem: posix_ipc.Semaphore | None = None
+        self._semname = name
+        self._sem = None
         self._reader: RingReader | None = None
 
-    # consumer 0's words (a RingReader has the same three names for its consumer)
+    # consumer 0's words (a RingReader has its own)
     head_word = L.W_HEAD
     sleep_word = L.W_CONSUMER_SLEEPING
 
@@ -269,22 +310,6 @@ class Ring:
         src = recs.view(np.uint64).reshape(len(recs), self.record_size // 8)
         return int(ring_push(self.ctrl, self.slots, src, len(recs)))
 
-    def pop(self, out: np.ndarray) -> int:
-        """Pop into a record array; returns how many records were written to ``out``."""
-        dst = out.view(np.uint64).reshape(len(out), self.record_size // 8)
-        return int(ring_pop(self.ctrl, self.slots, dst, len(out)))
-
-    def __len__(self) -> int:
-        return int(ring_size(self.ctrl))
-
-    @property
-    def semaphore(self) -> posix_ipc.Semaphore:
-        """Consumer 0's wake-up semaphore (created on first use, removed with the ring)."""
-        if self._sem is None:
-            self._sem = posix_ipc.Semaphore(self.name, posix_ipc.O_CREAT, mode=0o600,
-                                            initial_value=0)
-        return self._sem
-
     def reader(self, k: int) -> Ring | RingReader:
         """Consumer ``k``'s end: the ring itself for 0, a :class:`RingReader` for 1."""
         if not 0 <= k < self.consumers:
@@ -297,7 +322,7 @@ class Ring:
         return self._reader
 
 
-class RingReader:
+class RingReader(_ConsumerEnd):
     """Consumer ``k`` (> 0) of a ring: its slots and control words, its head and sleeping
     words, its own wake-up semaphore and backlog; what :class:`exposure.shm.wait.WaitStrategy`
     and a consumer stage need, as for consumer 0 on the :class:`Ring` itself."""
@@ -315,20 +340,6 @@ class RingReader:
     @staticmethod
     def semaphore_name(ring_name: str, k: int) -> str:
         return f"{ring_name}.c{k}"
-
-    @property
-    def semaphore(self) -> posix_ipc.Semaphore:
-        if self._sem is None:
-            self._sem = posix_ipc.Semaphore(self._semname, posix_ipc.O_CREAT, mode=0o600,
-                                            initial_value=0)
-        return self._sem
-
-    def pop(self, out: np.ndarray) -> int:
-        dst = out.view(np.uint64).reshape(len(out), self.record_size // 8)
-        return int(ring_pop_at(self.ctrl, self.slots, dst, len(out), self.head_word))
-
-    def __len__(self) -> int:
-        return int(ring_size_at(self.ctrl, self.head_word))
 
     def close(self) -> None:
         """Drop the views (the ring unmaps) and close the semaphore (the ring's creator

@@ -73,7 +73,7 @@ class ComputeStage(Stage):
 
     def __init__(self, segment, sessions: np.ndarray, in_ring, out_ring, batch: int = 4096,
                  counters: np.ndarray | None = None):
-        self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
+        self.cnt = CN.or_private(counters)
         self.seg = segment
         self.st = segment.state
         self.vers = versions(self.st)

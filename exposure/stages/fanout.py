@@ -176,7 +176,7 @@ class FanoutStage(Stage):
                  counters: np.ndarray | None = None):
         self.inp = in_ring
         self.wake_source = in_ring
-        self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
+        self.cnt = CN.or_private(counters)
         self.ctl = ctl  # role and epoch (a backup packs, to keep up, but sends nothing)
         self.pair = pair and ctl is not None  # a fenced primary holds its rows
         self.dest = (group, port)

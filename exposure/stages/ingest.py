@@ -168,7 +168,7 @@ class IngestStage(Stage):
                  secrets: dict[int, bytes] | None = None,
                  entitlements: Entitlements | None = None,
                  limits: PortLimits = PortLimits(), counters: np.ndarray | None = None):
-        self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
+        self.cnt = CN.or_private(counters)
         self.sessions = sessions
         self.out = out_ring
         self.seq = Sequencer(out_ring, next_gseq, self.cnt)  # the gseq and the ring's producer

@@ -20,8 +20,8 @@ from ..sessions import (
     ENT_MARK,
 )
 from ..shm import ring_layout as RL
-from ..shm.intrinsics import load_acquire, store_release
-from ..shm.ring import producer_head, sleeping
+from ..shm.intrinsics import store_release
+from ..shm.ring import journal_asleep, producer_head, sleeping
 from ..types import (
     EVENT_WORDS,
     R_BAD_FIELD,
@@ -183,8 +183,7 @@ def scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, eflags, es
     if pushed > 0:
         store_release(ctrl, RL.W_TAIL, tail)  # publish: the slot writes happen-before
         asleep = 1 if sleeping(ctrl, RL.W_CONSUMER_SLEEPING) else 0
-        if ctrl[RL.W_CONSUMERS] > 1:  # (the fence in sleeping() covers this load too)
-            tasleep = 1 if load_acquire(ctrl, RL.W_CONSUMER2_SLEEPING) != 0 else 0
+        tasleep = journal_asleep(ctrl)
     res[0] = why
     res[1] = pos
     res[2] = held

@@ -88,7 +88,7 @@ class JournalStage(Stage):
         # exposure.shm.ring.RingReader), or any ring's consumer end
         self.inp = reader
         self.wake_source = reader
-        self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
+        self.cnt = CN.or_private(counters)
         self.mirror = mirror_ring
         self.ctl = ctl
         self.sess_flat = sessions.reshape(-1)

@@ -89,7 +89,7 @@ class MirrorStage(Stage):
                  batch: int = 4096, counters: np.ndarray | None = None):
         self.ring = ring
         self.wake_source = ring
-        self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
+        self.cnt = CN.or_private(counters)
         # (last gseq, its receive time) of each frame sent, oldest first, until the
         # backup's durable ACK covers it: the replication lag in time (bounded: when
         # full, the oldest marks go and the lag reads high, never low)

@@ -62,8 +62,8 @@ from ..shm.control import (
     CTL_PRIMARY_GSEQ,
     CTL_RELOAD,
 )
-from ..shm.intrinsics import load_acquire, store_release
-from ..shm.ring import producer_head, sleeping
+from ..shm.intrinsics import store_release
+from ..shm.ring import journal_asleep, producer_head, sleeping
 from ..shm.session_layout import S_DURABLE, S_HELD
 from ..types import EVENT_WORDS, W_GSEQ, W_SESSION, W_SSEQ
 from .sequencer import Sequencer
@@ -143,8 +143,7 @@ def _push(words, lo, n, expect, ctrl, slots, sess_flat, ncols, res):
     if pushed > 0:
         store_release(ctrl, RL.W_TAIL, tail)
         asleep = 1 if sleeping(ctrl, RL.W_CONSUMER_SLEEPING) else 0
-        if ctrl[RL.W_CONSUMERS] > 1:  # (the fence in sleeping() covers this load too)
-            tasleep = 1 if load_acquire(ctrl, RL.W_CONSUMER2_SLEEPING) != 0 else 0
+        tasleep = journal_asleep(ctrl)
     res[0] = why
     res[1] = k
     res[2] = np.int64(expect)

@@ -36,7 +36,7 @@ class Sequencer:
         self.ctrl, self.slots = ring.ctrl, ring.slots
         self.next_gseq = next_gseq
         self.journal_end = ring.reader(1) if ring.consumers > 1 else None
-        self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
+        self.cnt = CN.or_private(counters)
 
     @property
     def last(self) -> int:

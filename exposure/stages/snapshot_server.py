@@ -125,7 +125,7 @@ class SnapshotServer(Stage):
     def __init__(self, host: str, port: int, state, ctl: np.ndarray, pair: bool = False,
                  max_clients: int = 8, deadline_s: float = 10.0,
                  counters: np.ndarray | None = None):
-        self.cnt = counters if counters is not None else np.zeros(CN.COUNTER_WORDS, np.uint64)
+        self.cnt = CN.or_private(counters)
         if max_clients < 1:
             raise ValueError(f"max_clients = {max_clients}: at least 1")
         self.st = state

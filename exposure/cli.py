@@ -48,10 +48,41 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     except EventFileError as e:
         return _fail(str(e))
     recs = np.concatenate(parts)
-    st = replay_records(recs)
+    if args.cluster:
+        doc = _replay_cluster(args, recs)
+        if isinstance(doc, int):
+            return doc
+    elif args.partition:
+        return _fail("--partition needs --cluster FILE")
+    else:
+        doc = document(replay_records(recs))
     opt = 0 if args.compact else orjson.OPT_INDENT_2
-    sys.stdout.buffer.write(orjson.dumps(document(st), option=opt) + b"\n")
+    sys.stdout.buffer.write(orjson.dumps(doc, option=opt) + b"\n")
     return 0
+
+
+def _replay_cluster(args: argparse.Namespace, recs: np.ndarray) -> dict | int:
+    """The cluster's document for ``recs`` (or one partition's, with --partition)."""
+    from .cluster import replay_cluster, replay_partition
+    from .document import document
+    from .partition import MapError, PartitionMap
+
+    try:
+        pmap = PartitionMap.load(args.cluster)
+        if args.partition:
+            return document(replay_partition(recs, pmap, pmap.index(args.partition)))
+    except MapError as e:
+        return _fail(str(e))
+    return replay_cluster(recs, pmap)
+
+
+def _load_cluster(path):
+    from .cluster import ClusterError, load_cluster
+
+    try:
+        return load_cluster(path)
+    except ClusterError as e:
+        raise SystemExit(_fail(str(e))) from None
 
 
 def _cmd_journal(args: argparse.Namespace) -> int:
@@ -148,6 +179,8 @@ def _cmd_send(args: argparse.Namespace) -> int:
     from .parse import EventFileError, read_events
     from .sessions import MIN_SECRET, SessionsError, secret_for
 
+    if args.cluster:
+        return _send_cluster(args)
     cfg = _load_cfg(args.config)
     if not 1 <= args.session <= min(cfg.max_sessions, 2**32 - 1):
         return _fail(f"--session {args.session}: a session id is 1..{cfg.max_sessions}")
@@ -175,6 +208,44 @@ def _cmd_send(args: argparse.Namespace) -> int:
         res = send_records(cfg.ingest_host, cfg.ingest_port, recs, args.session,
                            timeout=args.timeout, retry_s=retry, rate=args.rate,
                            alternates=others, secret=secret,
+                           progress=lambda m: print(f"exposure send: {m}", file=sys.stderr,
+                                                    flush=True))
+    except SendError as e:
+        return _fail(str(e))
+    sys.stdout.buffer.write(orjson.dumps(res) + b"\n")
+    return 0
+
+
+def _send_cluster(args: argparse.Namespace) -> int:
+    """``send --cluster``: each record to its partition, one session per partition."""
+    from .client import SendError
+    from .cluster import send_cluster
+    from .parse import EventFileError, read_events
+    from .sessions import SessionsError, secret_for
+
+    if args.config or args.secret_file:
+        return _fail("--cluster takes each partition's config and secret from the cluster "
+                     "file; leave out --config and --secret-file")
+    cl = _load_cluster(args.cluster)
+    secrets = []
+    for name, cfg in zip(cl.names, cl.configs, strict=True):
+        if not 1 <= args.session <= min(cfg.max_sessions, 2**32 - 1):
+            return _fail(f"--session {args.session}: partition {name!r} takes session ids "
+                         f"1..{cfg.max_sessions}")
+        try:
+            secrets.append(secret_for(cfg.sessions_file, args.session)
+                           if cfg.sessions_file is not None else None)
+        except (SessionsError, OSError) as e:
+            return _fail(f"partition {name!r}: no secret for session {args.session}: {e}")
+    try:
+        recs = read_events(args.events)
+    except EventFileError as e:
+        return _fail(str(e))
+    for cfg in cl.configs:
+        _wait_if_starting(cfg, args.timeout)
+    try:
+        res = send_cluster(cl, recs, args.session, timeout=args.timeout, retry_s=args.retry,
+                           rate=args.rate, secrets=secrets,
                            progress=lambda m: print(f"exposure send: {m}", file=sys.stderr,
                                                     flush=True))
     except SendError as e:
@@ -330,6 +401,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_dump(args: argparse.Namespace) -> int:
     from .desk import Desk
 
+    if args.cluster:
+        from .cluster import ClusterError, compose, partition_views
+
+        cl = _load_cluster(args.cluster)
+        try:
+            doc = compose(partition_views(cl), cl.pmap)
+        except ClusterError as e:
+            return _fail(str(e))
+        opt = 0 if args.compact else orjson.OPT_INDENT_2
+        sys.stdout.buffer.write(orjson.dumps(doc, option=opt) + b"\n")
+        return 0
     cfg = _load_cfg(args.config)
     try:
         with Desk(cfg.name) as desk:
@@ -339,6 +421,15 @@ def _cmd_dump(args: argparse.Namespace) -> int:
     opt = 0 if args.compact else orjson.OPT_INDENT_2
     sys.stdout.buffer.write(orjson.dumps(doc, option=opt) + b"\n")
     return 0
+
+
+def _cmd_consolidate(args: argparse.Namespace) -> int:
+    from .consolidator import main
+
+    cl = _load_cluster(args.cluster)
+    if cl.consolidator is None:
+        return _fail(f"{args.cluster}: no [consolidator] config = \"FILE\"")
+    return main(cl)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -418,6 +509,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--instruments", metavar="REF.csv",
                    help="reference data (instrument,multiplier,margin_rate,beta,sector), "
                         "applied before the events")
+    r.add_argument("--cluster", metavar="FILE",
+                   help="as a cluster of this file's partition map would (SPEC section 5): "
+                        "each partition replays its events, then the documents compose")
+    r.add_argument("--partition", metavar="NAME",
+                   help="with --cluster: only this partition's document")
     r.add_argument("--compact", action="store_true", help="one-line JSON")
     r.set_defaults(func=_cmd_replay)
 
@@ -430,6 +526,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("send", help="send a JSON-lines event file to a node as one session")
     r.add_argument("events")
     r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--cluster", metavar="FILE",
+                   help="send through a cluster: each event to its partition by the map "
+                        "(marks and instruments to all), one session per partition")
     r.add_argument("--session", type=int, default=1, help="session id (default 1)")
     r.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for acknowledgements (default 60)")
@@ -444,6 +543,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="the session's secret (default: from the [ingest] sessions file of "
                         "--config, when this machine can read it)")
     r.set_defaults(func=_cmd_send)
+
+    r = sub.add_parser("consolidate", help="compose a cluster's rows from its partitions' "
+                       "feeds; publish them as a node does (segment, multicast, snapshots)")
+    r.add_argument("--cluster", metavar="FILE", required=True, help="the cluster file")
+    r.set_defaults(func=_cmd_consolidate)
 
     r = sub.add_parser("status", help="what a running node is doing: role, epoch, seqs, "
                        "lags, processes, rates, counters, sessions")
@@ -488,6 +592,8 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("dump", help="print a running node's tallies (the SPEC document)")
     r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--cluster", metavar="FILE", help="the cluster's document, composed from "
+                   "its partitions' tallies on this host (SPEC section 5)")
     r.add_argument("--compact", action="store_true", help="one-line JSON")
     r.set_defaults(func=_cmd_dump)
 

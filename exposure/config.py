@@ -17,15 +17,18 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from .capacity import Capacities, CapacityError
 from .journal import FSYNC_POLICIES
+from .partition import MapError, PartitionMap
 from .shm.control import MAX_PROCESSES
 from .shm.ring_layout import RingLayoutError, check_capacity
 from .shm.wait import WAIT_STRATEGIES
 from .types import EVENT_SIZE
 
-__all__ = ["NodeConfig", "ProcessSpec", "ConfigError", "load_config", "DEFAULT_TOML", "STAGES",
-           "RELEASE_POLICIES"]
+__all__ = ["NodeConfig", "Partition", "ProcessSpec", "ConfigError", "load_config",
+           "DEFAULT_TOML", "STAGES", "RELEASE_POLICIES"]
 
 # The stages of a live node, in pipeline order. Every one must run in exactly one process.
 STAGES = ("ingest", "compute", "fanout", "journal", "mirror", "snapshot")
@@ -124,6 +127,11 @@ alone_after_ms = 200         # the primary records "running alone" in etcd after
                              # own durability
 strict = false               # true: never run alone (stop acknowledging without a backup)
 
+[partition]                  # one partition of a cluster (examples/cluster/, SPEC section 5)
+cluster = ""                 # the cluster file with the partition map; "" = the whole fund
+name = ""                    # this node's partition in it: events of accounts and sources
+                             # it does not own are rejected as wrong_partition
+
 # The process map. On 2 cores: one process runs the whole hot path, spinning on the last
 # CPU; the journal runs on the other core with the clients and the OS, spinning briefly
 # and then blocking. On one core nothing may spin. On a bigger host give every stage its
@@ -157,6 +165,19 @@ class ProcessSpec:
     cpu: int | None
     wait: str
     tick_us: int = 500
+
+
+@dataclass(frozen=True)
+class Partition:
+    """This node's place in a cluster: partition ``index`` (``name``) of ``pmap``."""
+
+    cluster: Path
+    name: str
+    index: int
+    pmap: PartitionMap
+
+    def ingest_args(self) -> tuple[int, np.ndarray, np.ndarray]:
+        return self.index, self.pmap.acc_owner, self.pmap.src_owner
 
 
 @dataclass(frozen=True)
@@ -206,6 +227,7 @@ class NodeConfig:
     refresh_rows_per_s: int = 2000
     snapshot_host: str = "127.0.0.1"
     snapshot_port: int = 7702
+    partition: Partition | None = None
     source: str = field(default="<built-in default>")
 
     @property
@@ -231,6 +253,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
                "snapshot_port": int},
     "journal": {"dir": str, "fsync": str, "interval_ms": int, "segment_mb": int},
     "snapshot": {"every_events": int, "every_s": int, "keep": int, "journal": str},
+    "partition": {"cluster": str, "name": str},
     "replication": {"peer": str, "listen": str, "peer_ingest": str, "peer_snapshot": str,
                     "secret_file": str,
                     "etcd": (str, list), "etcd_prefix": str, "release": str,
@@ -376,6 +399,21 @@ def _replication(rp: dict, base: Path) -> dict:
                           f"heartbeats ({2 * rp['heartbeat_ms']} ms) and at most 600000")
     out["heartbeat_ms"], out["failover_ms"] = rp["heartbeat_ms"], rp["failover_ms"]
     return out
+
+
+def _partition(pt: dict, base: Path) -> dict:
+    """[partition]: the cluster file's map and this node's index in it."""
+    if not pt["cluster"]:
+        if pt["name"]:
+            raise ConfigError(f"partition.name = {pt['name']!r} needs partition.cluster")
+        return {}
+    path = base / os.path.expanduser(pt["cluster"])
+    try:
+        pmap = PartitionMap.load(path)
+        index = pmap.index(pt["name"])
+    except MapError as e:
+        raise ConfigError(f"partition: {e}") from None
+    return {"partition": Partition(path, pt["name"], index, pmap)}
 
 
 def _parse(doc: dict, source: str) -> NodeConfig:
@@ -537,7 +575,8 @@ def _parse(doc: dict, source: str) -> NodeConfig:
         segment_bytes=jn["segment_mb"] << 20, snapshot_every_events=sn["every_events"],
         snapshot_every_s=sn["every_s"], snapshot_keep=sn["keep"],
         snapshot_journal=sn["journal"], stall_ms=merged["node"]["stall_ms"], source=source,
-        **ingest_extra, **_desks(merged["desks"]), **repl)
+        **ingest_extra, **_desks(merged["desks"]), **repl,
+        **_partition(merged["partition"], here))
 
 
 def load_config(path: str | Path | None = None) -> NodeConfig:

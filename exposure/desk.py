@@ -209,6 +209,10 @@ class Desk:
         """The published counters row (types.CTRPUB_DTYPE)."""
         return _copy(self.state.ctrpub, np.zeros(1, np.int64))[0]
 
+    def counters(self) -> np.ndarray:
+        """The node's counters (``types.C_*``) as of the end of the last published batch."""
+        return self._counters()["ctr"].copy()
+
     def _cells(self, ncells: int) -> np.ndarray:
         """Consistent copies of the position rows of cells ``0..ncells-1`` that moved."""
         rows = _copy(self.state.cpub, np.arange(ncells, dtype=np.int64))

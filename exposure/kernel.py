@@ -60,6 +60,9 @@ from .types import (
     B_NET,
     B_WORST,
     C_ACCEPTED,
+    C_BCAST_ACCEPTED,
+    C_BCAST_BAD_FIELD,
+    C_BCAST_OUT_OF_RANGE,
     C_CELLS,
     C_EVENTS,
     C_LAST_GSEQ,
@@ -100,6 +103,7 @@ from .types import (
     R_OUT_OF_RANGE,
     R_UNAUTHORIZED,
     R_UNKNOWN_ORDER,
+    R_WRONG_PARTITION,
     S_ACCEPTED,
     S_LATE_FILL,
     SIDE_BUY,
@@ -470,8 +474,10 @@ def _finite(x):
 
 @njit(inline="always", cache=True, _nrt=False)
 def _validate(st, r, t):
-    """Reasons 1-3 of the SPEC (bad_type, bad_field, out_of_range) for record ``r``."""
-    if r.reject != 0:  # decided before the kernel (the JSON form): only these two exist
+    """Reasons 1-3 of the SPEC (bad_type, bad_field, out_of_range) for record ``r``, then
+    a cluster's wrong_partition (SPEC section 5), which ingest marked."""
+    wrong_partition = r.reject == R_WRONG_PARTITION
+    if r.reject != 0 and not wrong_partition:  # decided before the kernel (the JSON form)
         return R_BAD_TYPE if r.reject == R_BAD_TYPE else R_BAD_FIELD
     if t < 1 or t > T_MAX:
         return R_BAD_TYPE
@@ -515,7 +521,7 @@ def _validate(st, r, t):
             return R_BAD_FIELD
         if r.account >= st.acc.shape[0]:
             return R_OUT_OF_RANGE
-    return 0
+    return R_WRONG_PARTITION if wrong_partition else 0
 
 
 @njit(inline="always", cache=True, _nrt=False)
@@ -715,6 +721,13 @@ def apply_batch(st, recs, status):
             continue
         s = _step(st, r)
         status[k] = s
+        if r.type == T_MARK or r.type == T_INSTRUMENT:  # a cluster counts these once
+            if s == S_ACCEPTED:
+                ctr[C_BCAST_ACCEPTED] += 1
+            elif s == R_BAD_FIELD:
+                ctr[C_BCAST_BAD_FIELD] += 1
+            elif s == R_OUT_OF_RANGE:
+                ctr[C_BCAST_OUT_OF_RANGE] += 1
         if s == S_ACCEPTED:
             ctr[C_ACCEPTED] += 1
         elif s == S_LATE_FILL:

@@ -104,7 +104,8 @@ def _ingest(cx: Context) -> Stage:
     return IngestStage(cfg.ingest_host, cfg.ingest_port, cx.sessions, cx.rings["compute"],
                        next_gseq, cfg.max_sessions, cfg.ack_interval_us, ctl=cx.ctl,
                        release=cfg.release, replica=_replica_factory(cx), secrets=secrets,
-                       entitlements=ents, limits=_port_limits(cfg), counters=cx.cnt)
+                       entitlements=ents, limits=_port_limits(cfg), counters=cx.cnt,
+                       partition=cfg.partition.ingest_args() if cfg.partition else None)
 
 
 def _compute(cx: Context) -> Stage:

@@ -45,8 +45,8 @@ from .types import (
     ROW_SECTOR,
 )
 
-__all__ = ["publish_batch", "publish_all", "count_sessions", "gather_rows", "Versions",
-           "versions"]
+__all__ = ["publish_batch", "publish_all", "count_sessions", "gather_rows", "store_rows",
+           "Versions", "versions"]
 
 
 class Versions:
@@ -140,6 +140,20 @@ def _put_counters(st, ctrver, gseq):
     for k in range(st.ctr.shape[0]):
         p.ctr[k] = st.ctr[k]
     _end(ctrver, 0, v)
+
+
+@njit(cache=True, _nrt=False)
+def store_rows(words, ver, idx, src):
+    """Write whole rows ``src[j]`` (u8 words, word 0 the version, not copied) to rows
+    ``idx[j]`` of a published table (``words``: the table as u8 words, one row per line)
+    under each row's version, as the compute stage writes its own rows: a writer other than
+    the kernel (the consolidator) publishes in the same format."""
+    for j in range(idx.shape[0]):
+        r = idx[j]
+        v = _begin(ver, r)
+        for w in range(1, words.shape[1]):
+            words[r, w] = src[j, w]
+        _end(ver, r, v)
 
 
 # ----------------------------------------------------------------------------- feed rows

@@ -156,18 +156,22 @@ R_DUPLICATE_ORDER = 4
 R_UNKNOWN_ORDER = 5
 R_FILL_MISMATCH = 6
 R_CAPACITY = 7
-N_REASONS = 8  # array size for per-reason counters (index 0 unused)
+# A cluster's reason (SPEC section 5): an event that its partition does not own. Ingest
+# marks it in the record's ``reject`` byte (exposure.partition); the kernel reports it
+# after rules 1-3 (out_of_range) and before rule 4, so its code is not its precedence.
+R_WRONG_PARTITION = 8
+N_REASONS = 9  # array size for per-reason counters (index 0 unused)
 REASONS = {
     R_BAD_TYPE: "bad_type", R_BAD_FIELD: "bad_field", R_OUT_OF_RANGE: "out_of_range",
     R_DUPLICATE_ORDER: "duplicate_order", R_UNKNOWN_ORDER: "unknown_order",
     R_FILL_MISMATCH: "fill_mismatch", R_CAPACITY: "capacity",
+    R_WRONG_PARTITION: "wrong_partition",
 }
 REASON_CODES = {v: k for k, v in REASONS.items()}
 # A node's own reason, outside the SPEC (replay has no sessions): a record of a known type
 # that its session is not entitled to send (exposure.sessions). Ingest marks it in the
 # record's ``reject`` byte; the kernel applies nothing and counts it only in
-# ``C_UNAUTHORIZED`` and the session's counters, never in the document's counts. (Code 8
-# is left for the cluster's ``wrong_partition``.)
+# ``C_UNAUTHORIZED`` and the session's counters, never in the document's counts.
 R_UNAUTHORIZED = 9
 NODE_REASONS = {**REASONS, R_UNAUTHORIZED: "unauthorized"}
 
@@ -388,5 +392,11 @@ C_UNAUTHORIZED = 11   # records a session was not entitled to send (types.R_UNAU
 C_NICHANGED = 12      # instruments in ``ichanged`` after the last batch
 C_NSCHANGED = 13      # sectors in ``schanged`` after the last batch
 C_NCCHANGED = 14      # cells in ``cchanged`` after the last batch
-C_REJECTS = 16        # C_REJECTS + reason code: per-reason reject counts
+C_REJECTS = 16        # C_REJECTS + reason code: per-reason reject counts (16..24)
+# Events every partition of a cluster sees (mark, instrument), which the cluster counts
+# once (SPEC section 5): accepted, and rejected as bad_field or out_of_range (the only
+# reasons such an event can have). They are also in the counts above.
+C_BCAST_ACCEPTED = 25
+C_BCAST_BAD_FIELD = 26
+C_BCAST_OUT_OF_RANGE = 27
 N_COUNTERS = 32

@@ -41,7 +41,9 @@ def test_type_side_and_reason_codes_round_trip():
     assert list(T.REASONS) == sorted(T.REASONS)  # codes follow the SPEC's precedence
     assert list(T.REASONS.values()) == ["bad_type", "bad_field", "out_of_range",
                                          "duplicate_order", "unknown_order", "fill_mismatch",
-                                         "capacity"]
+                                         "capacity", "wrong_partition"]  # (a cluster's:
+    # its code is last, its place in the precedence is after out_of_range)
+    assert T.C_REJECTS + max(T.REASONS) < T.C_BCAST_ACCEPTED < T.N_COUNTERS
 
 
 def test_layout_tables_are_page_aligned_and_disjoint():

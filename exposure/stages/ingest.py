@@ -8,7 +8,8 @@ carry records numbered by session seq: a record at or below what the node holds 
 resend and is dropped; the next one is taken; any other seq closes the session with a
 REJECT naming the expected seq. Ingest stamps each taken record with the session id, the
 receive time and the next global seq, marks it unauthorized when the session is not
-entitled to it, and pushes it to the compute ring; when the ring is full the session's
+entitled to it (or wrong_partition when the node is a cluster's partition that does not
+own it: exposure.partition), and pushes it to the compute ring; when the ring is full the session's
 records wait (and its socket is not read) until there is room. The node acknowledges to
 each session the highest seq that compute has processed, with the session's rejects per
 reason; while events stream, ACKs are coalesced to one per session per ``ack_interval_us``
@@ -167,7 +168,8 @@ class IngestStage(Stage):
                  ctl: np.ndarray | None = None, release: str = "local", replica=None,
                  secrets: dict[int, bytes] | None = None,
                  entitlements: Entitlements | None = None,
-                 limits: PortLimits = PortLimits(), counters: np.ndarray | None = None):
+                 limits: PortLimits = PortLimits(), counters: np.ndarray | None = None,
+                 partition: tuple[int, np.ndarray, np.ndarray] | None = None):
         self.cnt = CN.or_private(counters)
         self.sessions = sessions
         self.out = out_ring
@@ -209,7 +211,12 @@ class IngestStage(Stage):
         self.backlog: set[_Conn] = set()   # sessions with answers the socket did not take
         self.sweep_at = 0
         self.scratch = bytearray(self.lim.read_budget)  # what closing connections send
-        self._ent_args = (self.ents.flags, self.ents.src, self.ents.acct)
+        # A cluster's partition (index, account and source owner tables: exposure.partition)
+        # marks what it does not own as wrong_partition; (-1, ...) is a whole-fund node.
+        none = np.full(1, -1, np.int16)
+        me, acc_owner, src_owner = partition or (-1, none, none)
+        self._ent_args = (self.ents.flags, self.ents.src, self.ents.acct, np.int64(me),
+                          acc_owner, src_owner)
         self.res = np.zeros(RES_WORDS, np.uint64)
         buf = np.zeros(8, np.uint8)
         self._scan = _jit.entry(scan, buf, buf.view(np.uint64), 0, 0, 0, 0, 0, 0,

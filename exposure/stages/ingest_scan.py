@@ -12,6 +12,7 @@ import numpy as np
 from numba import njit
 
 from .. import wire as W
+from ..partition import owns
 from ..sessions import (
     ENT_ALL_ACCOUNTS,
     ENT_ALL_SOURCES,
@@ -26,6 +27,7 @@ from ..types import (
     EVENT_WORDS,
     R_BAD_FIELD,
     R_UNAUTHORIZED,
+    R_WRONG_PARTITION,
     REJECT_SHIFT,
     T_CANCEL,
     T_DONE,
@@ -63,6 +65,7 @@ _BYTE = np.uint64(0xFF)
 _REJ_MASK = ~(_BYTE << np.uint64(REJECT_SHIFT))
 _UNAUTH = np.uint64(R_UNAUTHORIZED) << np.uint64(REJECT_SHIFT)
 _BAD_FIELD = np.uint64(R_BAD_FIELD) << np.uint64(REJECT_SHIFT)
+_WRONG = np.uint64(R_WRONG_PARTITION) << np.uint64(REJECT_SHIFT)
 
 
 @njit(inline="always", cache=True, _nrt=False)
@@ -98,16 +101,19 @@ def _entitled(w_type, w_src, w_acct, ef, esrc, eacct, s):
 
 @njit(cache=True, _nrt=False)
 def scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, eflags, esrc, eacct,
-         res):
+         me, acc_owner, src_owner, res):
     """Take the complete EVENTS frames of ``buf[pos:fill]`` straight into the ring.
 
     Each record whose session seq is ``held + 1`` is stamped with the session id, the
     receive time, epoch 0 and the next global seq; its ``reject`` byte says
     ``R_UNAUTHORIZED`` when the session is not entitled to it (``eflags``/``esrc``/
-    ``eacct``: :class:`exposure.sessions.Entitlements`), and a client's own
-    ``R_UNAUTHORIZED`` becomes ``R_BAD_FIELD`` (only ingest decides that one). It is then
-    written to the ring. A record at or below ``held`` is a resend and is skipped; any
-    other seq stops the scan (``SEQ_GAP``) with nothing of that record applied. A record's
+    ``eacct``: :class:`exposure.sessions.Entitlements`), else ``R_WRONG_PARTITION`` when
+    this node is partition ``me`` of a cluster and does not own it (``acc_owner``,
+    ``src_owner``: :mod:`exposure.partition`; ``me`` < 0: not a cluster); a client's own
+    ``R_UNAUTHORIZED`` or ``R_WRONG_PARTITION`` becomes ``R_BAD_FIELD`` (only ingest
+    decides those). It is then written to the ring. A record at or below ``held`` is a
+    resend and is skipped; any other seq stops the scan (``SEQ_GAP``) with nothing of that
+    record applied. A record's
     seq counts as held only once it is in the ring, so a frame cut short by a full ring is
     simply scanned again later: what it already delivered is skipped as a resend. The
     scanner stops at the first frame that is incomplete, is not an EVENTS frame of a
@@ -161,8 +167,13 @@ def scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, eflags, es
             if not _entitled(wt, wbuf[r + W_SESSION], wbuf[r + W_ACCOUNT], ef, esrc, eacct,
                              s_idx):
                 wt = (wt & _REJ_MASK) | _UNAUTH
-            elif (wt & ~_REJ_MASK) == _UNAUTH:
+            elif (wt & ~_REJ_MASK) == _UNAUTH or (wt & ~_REJ_MASK) == _WRONG:
                 wt = (wt & _REJ_MASK) | _BAD_FIELD
+            elif me >= 0 and (wt & ~_REJ_MASK) == 0 and not owns(
+                    np.int64((wt >> np.uint64(TYPE_SHIFT)) & _BYTE),
+                    np.int64(wbuf[r + W_SESSION] >> np.uint64(32)),
+                    np.int64(wbuf[r + W_ACCOUNT] & _LOW), me, acc_owner, src_owner):
+                wt = (wt & _REJ_MASK) | _WRONG
             j = tail & mask
             for b in range(EVENT_WORDS):
                 slots[j, b] = wbuf[r + b]

@@ -1,0 +1,102 @@
+"""The consolidator process: ``exposure consolidate --cluster FILE``.
+
+One process, one loop (:class:`exposure.stages.agent.Runner`) over three stages: the
+:class:`~exposure.consolidate.ConsolidateStage` (every partition's feed in, the cluster's
+rows out), a :class:`~exposure.stages.fanout.FanoutStage` (the cluster's multicast feed)
+and a :class:`~exposure.stages.snapshot_server.SnapshotServer` (its recovery server). It
+sleeps in ``select`` on the partitions' feed sockets when there is nothing to do.
+
+Its settings are the node config named by the cluster file's ``[consolidator] config``:
+``[node] name`` (the segment ``/exposure.<name>.tally`` that desks read), ``[desks]``,
+``[capacities]`` (accounts, instruments and sectors: the partitions' own, at least),
+``[fanout]`` (its own group, port and recovery server) and ``[rings] fanout``. So
+``Desk(name)``, ``exposure dump --config``, ``exposure watch --config`` and
+:meth:`exposure.feed.Subscriber.from_config` take the consolidator as they take a node.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+import numpy as np
+
+from .capacity import Capacities
+from .cluster import Cluster
+from .consolidate import ConsolidateStage
+from .feed import Subscriber
+from .shm.control import CONTROL_WORDS, CTL_EPOCH, CTL_ROLE, ROLE_PRIMARY
+from .shm.ring import Ring
+from .shm.tally_segment import TallySegment
+from .shm.wait import WaitStrategy
+from .stages.agent import Runner
+from .stages.fanout import FanoutStage
+from .stages.snapshot_server import SnapshotServer
+from .types import UPDATE_DTYPE
+
+__all__ = ["run_consolidator", "epoch_now"]
+
+
+def epoch_now() -> int:
+    """A new incarnation's epoch: the time in seconds (a restart is a higher epoch)."""
+    return int(time.time()) & 0xFFFFFFFF
+
+
+def run_consolidator(cluster: Cluster, stop: list, on_ready=None) -> dict:
+    """Run until ``stop`` is non-empty; return the counts. ``on_ready(text)`` is called
+    once every partition's view has joined and the cluster's rows are published."""
+    cfg = cluster.consolidator
+    if cfg is None:
+        raise ValueError(f"{cluster.path}: no [consolidator] config")
+    caps = Capacities(accounts=cfg.caps.accounts, instruments=cfg.caps.instruments,
+                      sectors=cfg.caps.sectors, sources=1, orders=1, cells=1)
+    ring_name = cfg.segment("ring.fanout")
+    Ring.unlink(ring_name)  # a dead consolidator's leftovers
+    seg = TallySegment.create(cfg.segment("tally"), caps, mode=cfg.desk_mode,
+                              group=cfg.desk_group)
+    ring = Ring.create(ring_name, cfg.rings["fanout"], UPDATE_DTYPE.itemsize)
+    epoch = epoch_now()
+    ctl = np.zeros(CONTROL_WORDS, np.int64)
+    ctl[CTL_ROLE], ctl[CTL_EPOCH] = ROLE_PRIMARY, epoch
+    subs: list[Subscriber] = []
+    stages = []
+    try:
+        for pcfg in cluster.configs:
+            subs.append(Subscriber.from_config(pcfg))
+        cons = ConsolidateStage(cluster.pmap, subs, seg.state, ring, on_ready=lambda: (
+            on_ready(f"consolidator {cfg.name!r} ready: {len(subs)} partitions, feed "
+                     f"{cfg.group}:{cfg.fanout_port}, epoch {epoch}") if on_ready else None))
+        stages.append(cons)
+        stages.append(FanoutStage(ring, cfg.group, cfg.fanout_port, cfg.interface, cfg.ttl,
+                                  cfg.max_datagram, seg.state, epoch=epoch,
+                                  heartbeat_ms=cfg.feed_heartbeat_ms,
+                                  refresh_rows_per_s=cfg.refresh_rows_per_s))
+        if cfg.snapshot_port:
+            stages.append(SnapshotServer(cfg.snapshot_host, cfg.snapshot_port, seg.state, ctl))
+        Runner(stages, WaitStrategy("block")).run(stop)
+        return {"batches": cons.batches, "rows": cons.rows_total, "epoch": epoch}
+    finally:
+        for s in stages:
+            s.close()
+        for s in subs:
+            if not s.closed:
+                s.close()
+        ring.close()
+        Ring.unlink(ring_name)
+        seg.close()
+
+
+def main(cluster: Cluster) -> int:
+    stop: list = []
+
+    def _stop(*_):
+        stop.append(1)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    res = run_consolidator(cluster, stop, on_ready=lambda m: print(
+        f"exposure consolidate: {m}", file=sys.stderr, flush=True))
+    print(f"exposure consolidate: stopped after {res['batches']:,} batches, "
+          f"{res['rows']:,} rows", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,161 @@
+"""A cluster (SPEC section 5): the partition map, routing, wrong_partition, composition.
+
+Offline here (each partition replays what the router gives it, marked as its ingest marks
+it); with live partition nodes in tests/test_cluster_live.py.
+"""
+
+import numpy as np
+import pytest
+
+from exposure.cluster import compose, replay_cluster, replay_partition, state_view
+from exposure.config import ConfigError, load_config
+from exposure.document import compare_documents, document
+from exposure.partition import ALL, MapError, PartitionMap, mark, route, split
+from exposure.replay import replay_records
+from exposure.types import (
+    EVENT_DTYPE,
+    R_BAD_FIELD,
+    R_WRONG_PARTITION,
+    T_CANCEL,
+    T_FILL,
+    T_INSTRUMENT,
+    T_LIMIT,
+    T_MARK,
+    T_NEW,
+    T_POSITION,
+    T_REPLACE,
+)
+from tests.clusterflow import cluster_stream, three_partitions, two_partitions
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _rec(**kw) -> np.ndarray:
+    r = np.zeros(1, EVENT_DTYPE)
+    for k, v in kw.items():
+        r[k] = v
+    return r
+
+
+def test_each_event_goes_where_the_map_says():
+    pm = two_partitions()
+    recs = np.concatenate([
+        _rec(type=T_NEW, source=9, account=5),        # orders: by source
+        _rec(type=T_CANCEL, source=3),
+        _rec(type=T_FILL, source=8, account=2048),
+        _rec(type=T_POSITION, account=3000, source=1),  # position, limit: by account
+        _rec(type=T_LIMIT, account=12),
+        _rec(type=T_MARK, instrument=7),              # mark, instrument: everyone
+        _rec(type=T_INSTRUMENT, instrument=7),
+        _rec(type=0),                                  # no valid type: the first partition
+        _rec(type=99, source=9),
+        _rec(type=T_NEW, source=500, account=3000),    # an id the map leaves out: the first
+        _rec(type=T_REPLACE, source=5000),             # beyond the map: the first
+    ])
+    assert route(recs, pm).tolist() == [1, 0, 1, 1, 0, ALL, ALL, 0, 0, 0, 0]
+    parts = split(recs, pm)
+    assert [len(p) for p in parts] == [8, 5]
+    assert parts[1]["type"].tolist() == [T_NEW, T_FILL, T_POSITION, T_MARK, T_INSTRUMENT]
+
+
+def test_a_partition_marks_what_it_does_not_own():
+    pm = two_partitions()
+    recs = np.concatenate([
+        _rec(type=T_NEW, source=1, account=5),         # owned
+        _rec(type=T_NEW, source=1, account=3000),      # account elsewhere
+        _rec(type=T_FILL, source=9, account=5),        # source elsewhere
+        _rec(type=T_CANCEL, source=9),
+        _rec(type=T_LIMIT, account=2048),
+        _rec(type=T_MARK, instrument=3),               # everyone's
+        _rec(type=T_NEW, source=1, account=3000, reject=R_BAD_FIELD),  # decided already
+        _rec(type=T_CANCEL, source=1, reject=R_WRONG_PARTITION),  # a client's claim
+    ])
+    assert mark(recs, pm, 0) == 4
+    assert recs["reject"].tolist() == [0, 8, 8, 8, 8, 0, R_BAD_FIELD, R_BAD_FIELD]
+
+
+def test_wrong_partition_comes_after_out_of_range_and_before_the_order_rules():
+    pm = two_partitions()
+    recs = np.concatenate([
+        _rec(type=T_NEW, source=1, account=3000, instrument=70000, side=1, qty=1),
+        _rec(type=T_NEW, source=1, account=3000, instrument=1, side=1, qty=0),
+        _rec(type=T_CANCEL, source=9, order_id=77),    # unknown there too: wrong_partition
+        _rec(type=T_NEW, source=1, account=3000, instrument=1, side=1, qty=5, price=2.0),
+    ])
+    mark(recs, pm, 0)  # as partition 0's ingest would, whatever the router did
+    doc = document(replay_records(recs))
+    assert doc["counts"]["rejects"] == {"out_of_range": 1, "bad_field": 1,
+                                        "wrong_partition": 2}
+    assert doc["accounts"] == [] and doc["instruments"] == [] and doc["positions"] == []
+
+
+def test_a_map_gives_each_id_at_most_one_partition():
+    with pytest.raises(MapError, match="account 100 is already in partition 'a'"):
+        PartitionMap.from_ranges([("a", [[0, 100]], []), ("b", [[100, 200]], [])], 4096, 1024)
+    with pytest.raises(MapError, match=r"\[0, 5000\] is not within 0..4095"):
+        PartitionMap.from_ranges([("a", [[0, 5000]], [])], 4096, 1024)
+    with pytest.raises(MapError, match="used twice"):
+        PartitionMap.from_ranges([("a", [1], []), ("a", [2], [])], 4096, 1024)
+    assert two_partitions().describe(1) == "accounts 2048-4095, sources 8-15"
+    assert three_partitions().describe(1) == "accounts 1000-2999, 4095, sources 4-9, 1000"
+
+
+@pytest.mark.parametrize("pmap,seed", [(two_partitions, 11), (two_partitions, 12),
+                                       (three_partitions, 13)])
+def test_the_cluster_equals_replay_of_the_whole_stream(pmap, seed):
+    print(f"seed {seed}")
+    pm = pmap()
+    recs, _ = cluster_stream(seed, pm)
+    want = document(replay_records(recs))
+    got = replay_cluster(recs, pm)
+    assert compare_documents(got, want) == []
+    assert got["fund"]["crossing"] > 0  # PMs hold exposure against each other
+    assert len({r["account"] for r in got["accounts"]}) == 40 * pm.partitions
+    # and each partition equals replay of the events routed to it
+    for k, sub in enumerate(split(recs, pm)):
+        assert compare_documents(document(replay_partition(recs, pm, k)),
+                                 document(replay_records(sub))) == []
+
+
+def test_misrouted_events_are_rejected_and_change_nothing_else():
+    seed = 21
+    print(f"seed {seed}")
+    pm = three_partitions()
+    recs, bad = cluster_stream(seed, pm, n=10_000, misroute=0.05)
+    assert bad.sum() > 100
+    got = replay_cluster(recs, pm)
+    want = document(replay_records(recs[~bad]))
+    want["counts"]["rejected"] += int(bad.sum())
+    want["counts"]["rejects"]["wrong_partition"] = int(bad.sum())
+    assert compare_documents(got, want) == []
+
+
+def test_marks_and_instruments_count_once():
+    pm = three_partitions()
+    recs = np.concatenate([_rec(type=T_MARK, instrument=1, price=2.0),
+                           _rec(type=T_MARK, instrument=1, price=-1.0),       # bad_field
+                           _rec(type=T_MARK, instrument=70000, price=1.0),   # out_of_range
+                           _rec(type=T_INSTRUMENT, instrument=1, x0=2.0, x1=0.1, x2=1.0,
+                                sector=3)])
+    views = [state_view(replay_partition(recs, pm, k)) for k in range(3)]
+    assert all(v.document["counts"]["accepted"] == 2 for v in views)
+    assert compose(views, pm)["counts"] == document(replay_records(recs))["counts"] == {
+        "accepted": 2, "rejected": 2, "late_fills": 0,
+        "rejects": {"bad_field": 1, "out_of_range": 1}}
+
+
+def test_a_node_config_names_its_partition(tmp_path):
+    cl = tmp_path / "cluster.toml"
+    cl.write_text('[[partition]]\nname = "p0"\nconfig = "p0.toml"\naccounts = [[0, 9]]\n'
+                  'sources = [0]\n')
+    p0 = tmp_path / "p0.toml"
+    p0.write_text('[partition]\ncluster = "cluster.toml"\nname = "p0"\n')
+    part = load_config(p0).partition
+    assert (part.name, part.index, part.cluster) == ("p0", 0, cl)
+    assert part.pmap.describe(0) == "accounts 0-9, sources 0"
+    p0.write_text('[partition]\ncluster = "cluster.toml"\nname = "p9"\n')
+    with pytest.raises(ConfigError, match="no partition 'p9'"):
+        load_config(p0)
+    p0.write_text('[partition]\nname = "p0"\n')
+    with pytest.raises(ConfigError, match="needs partition.cluster"):
+        load_config(p0)

@@ -1,0 +1,225 @@
+"""A cluster of live partition nodes (SPEC section 5): `exposure send --cluster` routes a
+seeded stream, each partition's ingest rejects what it does not own, and the composed
+document (`exposure dump --cluster`) equals replay of the whole stream."""
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import orjson
+import pytest
+
+from exposure.cluster import load_cluster, replay_cluster, replay_partition
+from exposure.desk import Desk
+from exposure.document import compare_documents, document
+from exposure.feed import Subscriber
+from exposure.parse import to_jsonl
+from exposure.partition import split
+from exposure.replay import replay_records
+from perf.localnode import free_group, wait_until
+from tests.clusterflow import cluster_stream
+from tests.nodes import LiveNode, free_port
+
+pytestmark = pytest.mark.timeout(400)
+
+HOT = """
+[[process]]
+name = "hot"
+stages = ["ingest", "compute", "fanout"]
+cpu = {cpu}
+wait = "spin-then-block"
+
+[[process]]
+name = "durable"
+stages = ["journal", "snapshot"]
+cpu = -2
+wait = "sleep"
+tick_us = 2000
+"""
+
+
+class LiveCluster:
+    """Partition nodes on free ports, with the cluster file that maps them."""
+
+    def __init__(self, tmp, pmap_ranges: list[tuple[str, list, list]]):
+        self.file = tmp / "cluster.toml"
+        self.nodes = []
+        self.tmp = tmp
+        self.cons_name = f"cons{os.getpid()}{uuid.uuid4().hex[:6]}"
+        self.cons_config = tmp / "consolidator.toml"
+        self.cons_config.write_text(
+            f'[node]\nname = "{self.cons_name}"\n[fanout]\ngroup = "{free_group()}"\n'
+            f"port = {free_port()}\nsnapshot_port = {free_port()}\n")
+        self.cons: subprocess.Popen | None = None
+        text = (f'[cluster]\nname = "t"\n[consolidator]\nconfig = "{self.cons_config}"\n')
+        for k, (name, accs, srcs) in enumerate(pmap_ranges):
+            n = LiveNode(tmp, prefix=f"c{name}", start=False, extra=(
+                f'[partition]\ncluster = "{self.file}"\nname = "{name}"\n'
+                + HOT.format(cpu=-1 if k % 2 == 0 else -2)))
+            self.nodes.append(n)
+            text += (f'[[partition]]\nname = "{name}"\nconfig = "{n.config}"\n'
+                     f"accounts = {accs}\nsources = {srcs}\n")
+        self.file.write_text(text)
+        self.cluster = load_cluster(self.file)
+
+    def start(self):
+        for n in self.nodes:
+            n.launch()
+        for n in self.nodes:
+            n.wait_ready()
+
+    def start_consolidator(self):
+        log = open(self.tmp / "consolidator.log", "a")
+        self.cons = subprocess.Popen([sys.executable, "-m", "exposure", "consolidate",
+                                      "--cluster", str(self.file)], stdout=log, stderr=log)
+        log.close()
+        wait_until(lambda: "ready" in (self.tmp / "consolidator.log").read_text()
+                   or self.cons.poll() is not None, 120, "the consolidator is ready")
+        assert self.cons.poll() is None, (self.tmp / "consolidator.log").read_text()
+
+    def stop_consolidator(self, sig=signal.SIGTERM):
+        if self.cons is not None and self.cons.poll() is None:
+            self.cons.send_signal(sig)
+            self.cons.wait(30)
+        self.cons = None
+
+    def stop(self):
+        self.stop_consolidator()
+        for n in self.nodes:
+            n.stop()
+
+
+@pytest.fixture
+def two(tmp_path):
+    c = LiveCluster(tmp_path, [("p0", [[0, 2047]], [[0, 7]]),
+                               ("p1", [[2048, 4095]], [[8, 15]])])
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+    for n in c.nodes:
+        assert n.segments() == [], f"{n.name} left segments behind"
+
+
+def _send(c: LiveCluster, tmp, recs, *extra) -> dict:
+    f = tmp / "events.jsonl"
+    f.write_bytes(to_jsonl(recs))
+    out = subprocess.run([sys.executable, "-m", "exposure", "send", "--cluster", str(c.file),
+                          str(f), *extra], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return orjson.loads(out.stdout)
+
+
+def _dump(c: LiveCluster) -> dict:
+    out = subprocess.run([sys.executable, "-m", "exposure", "dump", "--cluster", str(c.file),
+                          "--compact"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return orjson.loads(out.stdout)
+
+
+def _applied(c: LiveCluster, recs) -> None:
+    """Wait until each partition has applied (and published) everything routed to it."""
+    for n, sub in zip(c.nodes, split(recs, c.cluster.pmap), strict=True):
+        want = len(sub)
+        wait_until(lambda n=n, want=want: n.last_gseq() == want, 60,
+                   f"{n.name} applies {want} events")
+
+
+def test_two_partitions_equal_replay_of_the_whole_stream(two, tmp_path):
+    seed = 31
+    print(f"seed {seed}")
+    pm = two.cluster.pmap
+    recs, bad = cluster_stream(seed, pm, n=20_000, misroute=0.01)
+    res = _send(two, tmp_path, recs)
+    subs = split(recs, pm)
+    assert res["events"] == len(recs)
+    assert res["delivered"] == sum(len(s) for s in subs)
+    assert res["rejects"] == {"wrong_partition": int(bad.sum())}
+    assert set(res["partitions"]) == {"p0", "p1"}
+    _applied(two, recs)
+
+    got = _dump(two)
+    assert compare_documents(got, replay_cluster(recs, pm)) == []
+    want = document(replay_records(recs[~bad]))  # misrouted: rejected, nothing else moves
+    want["counts"]["rejected"] += int(bad.sum())
+    want["counts"]["rejects"]["wrong_partition"] = int(bad.sum())
+    assert compare_documents(got, want) == []
+    # and each partition equals replay of what was routed to it, marked as its ingest does
+    for k, n in enumerate(two.nodes):
+        with Desk(n.name) as desk:
+            mine = desk.document()
+        assert compare_documents(mine, document(replay_partition(recs, pm, k))) == []
+
+
+def test_a_partition_restarted_mid_stream(two, tmp_path):
+    """One partition is killed (kill -9) and restarted halfway; the client resends what it
+    does not hold; the composed document is exact."""
+    seed = 32
+    print(f"seed {seed}")
+    pm = two.cluster.pmap
+    recs, _ = cluster_stream(seed, pm, n=10_000)
+    half = len(recs) // 2
+    _send(two, tmp_path, recs[:half])
+    _applied(two, recs[:half])
+    two.nodes[1].kill9()
+    two.nodes[1].start()
+    res = _send(two, tmp_path, recs, "--retry", "60")
+    assert res["partitions"]["p1"]["resent_skipped"] > 0  # it held the first half
+    _applied(two, recs)
+    assert compare_documents(_dump(two), document(replay_records(recs))) == []
+
+
+def _cluster_rows(doc: dict) -> dict:
+    """What the consolidator publishes: accounts, fund, instruments, sectors."""
+    return {k: doc[k] for k in ("accounts", "fund", "instruments", "sectors")}
+
+
+def _converged(c: LiveCluster, want: dict):
+    """Wait until the consolidator's segment (a Desk) and its feed (a Subscriber) both
+    show ``want``'s rows; returns the subscriber's counters."""
+    want = _cluster_rows(want)
+    with Subscriber.from_config(c.cons_config) as sub:
+        def same() -> bool:
+            sub.poll(0.05)
+            try:
+                with Desk(c.cons_name) as desk:
+                    seg = _cluster_rows(desk.document())
+            except (FileNotFoundError, TimeoutError):
+                return False
+            return (compare_documents(seg, want) == []
+                    and compare_documents(sub.document(), want) == [])
+        try:
+            wait_until(same, 60, "the consolidator shows the cluster's rows", step=0.05)
+        except RuntimeError:
+            with Desk(c.cons_name) as desk:
+                print(compare_documents(_cluster_rows(desk.document()), want))
+            print(compare_documents(sub.document(), want))
+            raise
+        return sub.counters
+
+
+def test_the_consolidator_publishes_the_cluster_and_survives_a_restart(two, tmp_path):
+    """The consolidator's segment and feed equal the composed document; killed (-9) and
+    restarted mid-stream, it rebuilds from the partitions' snapshots, and its subscribers
+    from its own."""
+    seed = 33
+    print(f"seed {seed}")
+    pm = two.cluster.pmap
+    recs, _ = cluster_stream(seed, pm, n=10_000)
+    half = len(recs) // 2
+    two.start_consolidator()
+    _send(two, tmp_path, recs[:half])
+    _applied(two, recs[:half])
+    _converged(two, document(replay_records(recs[:half])))
+    two.stop_consolidator(signal.SIGKILL)
+    _send(two, tmp_path, recs, "--retry", "60")  # the rest, while it is down
+    two.start_consolidator()
+    _applied(two, recs)
+    want = document(replay_records(recs))
+    assert compare_documents(_dump(two), want) == []
+    _converged(two, want)
+    two.stop_consolidator()
+    assert not os.path.exists(f"/dev/shm/exposure.{two.cons_name}.tally")

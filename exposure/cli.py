@@ -433,8 +433,16 @@ def _cmd_consolidate(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .status import node_status, render
+    from .status import cluster_status, node_status, render, render_cluster
 
+    if args.cluster:
+        st = cluster_status(_load_cluster(args.cluster))
+        if args.json or args.compact:
+            opt = 0 if args.compact else orjson.OPT_INDENT_2
+            sys.stdout.buffer.write(orjson.dumps(st, option=opt) + b"\n")
+        else:
+            print(render_cluster(st))
+        return 0
     cfg = _load_cfg(args.config)
     try:
         st = node_status(cfg)
@@ -552,6 +560,8 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("status", help="what a running node is doing: role, epoch, seqs, "
                        "lags, processes, rates, counters, sessions")
     r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--cluster", metavar="FILE", help="every partition of a cluster and its "
+                   "consolidator, in brief")
     r.add_argument("--json", action="store_true", help="JSON instead of text")
     r.add_argument("--compact", action="store_true", help="one-line JSON")
     r.set_defaults(func=_cmd_status)

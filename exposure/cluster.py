@@ -13,7 +13,7 @@ The cluster file (``examples/cluster/cluster.toml``)::
 
     [[partition]]
     name = "p0"
-    config = "p0.toml"         # the partition's node config (of a pair: either node's)
+    config = "p0.toml"         # the partition's node config (a pair: ["a.toml", "b.toml"])
     accounts = [[0, 2047]]     # ids and [lo, hi] ranges, inclusive
     sources = [[0, 7]]
 
@@ -58,7 +58,7 @@ from .types import (
 )
 
 __all__ = ["Cluster", "ClusterError", "PartView", "load_cluster", "compose", "send_cluster",
-           "partition_views", "replay_partition", "replay_cluster"]
+           "partition_views", "replay_partition", "replay_cluster", "primary_of"]
 
 _ACC_SUMS = ("long_mv", "short_mv", "gross", "net", "open_buy_mv", "open_sell_mv",
              "worst_gross", "margin", "beta_net", "pnl", "live_orders")
@@ -73,8 +73,9 @@ class Cluster:
     path: Path
     name: str
     pmap: PartitionMap
-    configs: tuple[NodeConfig, ...]  # per partition, in map order
+    configs: tuple[NodeConfig, ...]  # per partition, in map order (a pair's first node)
     consolidator: NodeConfig | None = None
+    members: tuple[tuple[NodeConfig, ...], ...] = ()  # per partition: its node(s)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -105,30 +106,37 @@ def load_cluster(path: str | Path) -> Cluster:
     if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_"
                                                         for c in name):
         raise ClusterError(f"{path}: cluster.name = {name!r}: letters, digits, '-', '_'")
-    configs, seen = [], {}
+    members, seen = [], {}
     for k, p in enumerate(doc["partition"]):
         extra = set(p) - _KEYS["partition"]
         if extra:
             raise ClusterError(f"{path}: unknown key partition[{k}].{sorted(extra)[0]}")
-        if not isinstance(p.get("config"), str) or not p["config"]:
-            raise ClusterError(f"{path}: partition {p['name']!r} needs config = \"FILE\"")
-        try:
-            cfg = load_config(path.parent / p["config"])
-        except ConfigError as e:
-            raise ClusterError(f"partition {p['name']!r}: {e}") from None
-        part = cfg.partition
-        if part is None or part.name != p["name"] or part.cluster.resolve() != path.resolve():
-            raise ClusterError(
-                f"partition {p['name']!r}: its config {cfg.source} must say [partition] "
-                f"cluster = {str(path.name)!r} (this file) and name = {p['name']!r}, so "
-                "that it rejects what it does not own")
-        for what in ("name", "ingest_port"):
-            v = getattr(cfg, what)
-            if v in seen.get(what, {}):
-                raise ClusterError(f"partitions {seen[what][v]!r} and {p['name']!r} have "
-                                   f"the same {what.replace('_', ' ')} {v!r}")
-            seen.setdefault(what, {})[v] = p["name"]
-        configs.append(cfg)
+        files = [p["config"]] if isinstance(p.get("config"), str) else p.get("config")
+        if not files or not all(isinstance(f, str) and f for f in files) or len(files) > 2:
+            raise ClusterError(f"{path}: partition {p['name']!r} needs config = \"FILE\" "
+                               "(a node) or [\"A\", \"B\"] (the two nodes of a pair)")
+        cfgs = []
+        for f in files:
+            try:
+                cfg = load_config(path.parent / f)
+            except ConfigError as e:
+                raise ClusterError(f"partition {p['name']!r}: {e}") from None
+            part = cfg.partition
+            if part is None or part.name != p["name"] or (
+                    part.cluster.resolve() != path.resolve()):
+                raise ClusterError(
+                    f"partition {p['name']!r}: its config {cfg.source} must say [partition] "
+                    f"cluster = {str(path.name)!r} (this file) and name = {p['name']!r}, so "
+                    "that it rejects what it does not own")
+            for what in ("name", "ingest_port"):
+                v = getattr(cfg, what)
+                if v in seen.get(what, {}):
+                    raise ClusterError(f"partitions {seen[what][v]!r} and {p['name']!r} "
+                                       f"have the same {what.replace('_', ' ')} {v!r}")
+                seen.setdefault(what, {})[v] = p["name"]
+            cfgs.append(cfg)
+        members.append(tuple(cfgs))
+    configs = [m[0] for m in members]
     cons = None
     ct = doc.get("consolidator", {})
     if set(ct) - _KEYS["consolidator"]:
@@ -149,7 +157,7 @@ def load_cluster(path: str | Path) -> Cluster:
             if have < bound:
                 raise ClusterError(f"consolidator: capacities.{what} = {have}: at least "
                                    f"{bound} (the partitions')")
-    return Cluster(path, name, pmap, tuple(configs), cons)
+    return Cluster(path, name, pmap, tuple(configs), cons, tuple(members))
 
 
 # ----------------------------------------------------------------------------- composition
@@ -239,11 +247,13 @@ def compose_counts(views: list[PartView]) -> dict:
 
 def partition_views(cluster: Cluster) -> list[PartView]:
     """Each partition's tallies, read from its tally segment on this host (:class:`Desk`;
-    the counters are read first, so the rows are at least as new as the counts)."""
+    the counters are read first, so the rows are at least as new as the counts); of a
+    pair, from the node that is primary."""
     from .desk import Desk
 
     views = []
-    for name, cfg in zip(cluster.names, cluster.configs, strict=True):
+    for name, members in zip(cluster.names, cluster.members, strict=True):
+        cfg = primary_of(members)
         try:
             with Desk(cfg.name) as desk:
                 views.append(desk_view(desk))
@@ -251,6 +261,20 @@ def partition_views(cluster: Cluster) -> list[PartView]:
             raise ClusterError(f"partition {name!r} (node {cfg.name!r}) cannot be read on "
                                f"this host: {e}") from None
     return views
+
+
+def primary_of(members: tuple[NodeConfig, ...]) -> NodeConfig:
+    """The member that runs here as primary (else the first: its error says why)."""
+    from .shm.control import CTL_ROLE, ROLE_PRIMARY
+    from .status import read_control
+
+    for cfg in members:
+        try:
+            if int(read_control(cfg)[CTL_ROLE]) == ROLE_PRIMARY:
+                return cfg
+        except FileNotFoundError:
+            continue
+    return members[0]
 
 
 def desk_view(desk) -> PartView:

@@ -9,6 +9,10 @@ the processes (pid, CPU share, wait strategy); every stage's counters and their 
 it is connected, what the node holds, has processed and has on disk, its rejects per
 reason (``unauthorized`` included: records outside its entitlements) and its own
 counters. In a pair it adds the coordinator's record from etcd when it can reach it.
+
+``exposure status --cluster FILE`` (:func:`cluster_status`) shows each partition's node
+(its map, role, seqs, lags, rates and wrong_partition rejects) and the consolidator (its
+process, batches and the cluster's fund).
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from .shm.control import (
 from .shm.ring import Ring
 from .shm.segment import SharedArray
 from .shm.tally_segment import TallySegment
-from .types import C_LAST_GSEQ, C_UNAUTHORIZED, NODE_REASONS
+from .types import C_LAST_GSEQ, C_REJECTS, C_UNAUTHORIZED, NODE_REASONS, R_WRONG_PARTITION
 
-__all__ = ["node_status", "lags", "read_counters", "read_control", "render"]
+__all__ = ["node_status", "lags", "read_counters", "read_control", "render", "cluster_status",
+           "render_cluster"]
 
 
 def read_control(cfg: NodeConfig) -> np.ndarray:
@@ -254,4 +259,76 @@ def render(st: dict) -> str:
                      + (f" rejects {s['rejects']}" if s["rejects"] else ""))
     if "coordinator" in st:
         lines.append(f"etcd  {st['coordinator']}")
+    return "\n".join(lines)
+
+
+def cluster_status(cluster, interval: float = 0.25) -> dict:
+    """Every partition's status (as :func:`node_status`, in brief; ``"down"`` with the
+    reason when its node does not run on this host) and the consolidator's."""
+    from .cluster import primary_of
+
+    parts = []
+    for k, (name, members) in enumerate(zip(cluster.names, cluster.members, strict=True)):
+        cfg = primary_of(members)
+        row = {"partition": name, "node": cfg.name, "owns": cluster.pmap.describe(k)}
+        try:
+            st = node_status(cfg, interval)
+        except (FileNotFoundError, TimeoutError) as e:
+            parts.append({**row, "state": "down", "error": str(e)[:200]})
+            continue
+        with TallySegment.attach(cfg.segment("tally")) as tally:
+            wrong = int(tally.state.ctr[C_REJECTS + R_WRONG_PARTITION])
+        parts.append({**row, "state": st["role"], "epoch": st["epoch"], "gseq": st["gseq"],
+                      "lag": st["lag"], "rates": st["rates"], "wrong_partition": wrong,
+                      "sessions": sum(s["connected"] for s in st["sessions"])})
+    return {"cluster": cluster.name, "partitions": parts,
+            "consolidator": _consolidator_status(cluster)}
+
+
+def _consolidator_status(cluster) -> dict | None:
+    cfg = cluster.consolidator
+    if cfg is None:
+        return None
+    from .desk import Desk
+
+    pid = TallySegment.writer_of(cfg.segment("tally"))
+    out: dict = {"name": cfg.name, "feed": f"{cfg.group}:{cfg.fanout_port}", "pid": pid}
+    try:
+        import psutil
+
+        alive = pid > 0 and psutil.pid_exists(pid)
+        with Desk(cfg.name) as desk:
+            fund = desk.fund()
+            batches = int(desk.state.ctrpub[0]["gseq"])
+    except (FileNotFoundError, TimeoutError) as e:
+        return {**out, "state": "down", "error": str(e)[:200]}
+    out["state"] = "running" if alive else "down (its segment is left from a dead process)"
+    out["batches"] = batches
+    out["fund"] = {k: fund[k] for k in ("gross", "net", "crossing", "live_orders")}
+    return out
+
+
+def render_cluster(st: dict) -> str:
+    """The cluster's status as a few lines of text."""
+    lines = [f"cluster {st['cluster']}: {len(st['partitions'])} partitions"]
+    for p in st["partitions"]:
+        if p["state"] == "down":
+            lines.append(f"part  {p['partition']:<6} {p['node']}: down ({p['error']})")
+            continue
+        g = p["gseq"]
+        lines.append(f"part  {p['partition']:<6} {p['node']}: {p['state']}, epoch "
+                     f"{p['epoch']}, computed {g['computed']:,}, durable {g['durable']:,}, "
+                     f"{p['rates']['compute_events']:,.0f} events/s, journal lag "
+                     f"{p['lag']['journal_events']:,}, wrong_partition "
+                     f"{p['wrong_partition']:,}, {p['sessions']} sessions up; {p['owns']}")
+    c = st["consolidator"]
+    if c is None:
+        lines.append("cons  none configured ([consolidator] config)")
+    elif "fund" not in c:
+        lines.append(f"cons  {c['name']}: down ({c.get('error', '')})")
+    else:
+        f = c["fund"]
+        lines.append(f"cons  {c['name']}: {c['state']} (pid {c['pid']}), feed {c['feed']}, "
+                     f"{c['batches']:,} batches; fund gross {f['gross']:,.2f}, net "
+                     f"{f['net']:,.2f}, crossing {f['crossing']:,.2f}")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from exposure.partition import split
 from exposure.replay import replay_records
 from perf.localnode import free_group, wait_until
 from tests.clusterflow import cluster_stream
-from tests.nodes import LiveNode, free_port
+from tests.nodes import LiveNode, LocalPair, etcd_or_skip, free_port
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -43,7 +43,7 @@ tick_us = 2000
 class LiveCluster:
     """Partition nodes on free ports, with the cluster file that maps them."""
 
-    def __init__(self, tmp, pmap_ranges: list[tuple[str, list, list]]):
+    def __init__(self, tmp, pmap_ranges: list[tuple[str, list, list]], pairs=None):
         self.file = tmp / "cluster.toml"
         self.nodes = []
         self.tmp = tmp
@@ -54,19 +54,30 @@ class LiveCluster:
             f"port = {free_port()}\nsnapshot_port = {free_port()}\n")
         self.cons: subprocess.Popen | None = None
         text = (f'[cluster]\nname = "t"\n[consolidator]\nconfig = "{self.cons_config}"\n')
+        self.pairs = {}
         for k, (name, accs, srcs) in enumerate(pmap_ranges):
-            n = LiveNode(tmp, prefix=f"c{name}", start=False, extra=(
-                f'[partition]\ncluster = "{self.file}"\nname = "{name}"\n'
-                + HOT.format(cpu=-1 if k % 2 == 0 else -2)))
-            self.nodes.append(n)
-            text += (f'[[partition]]\nname = "{name}"\nconfig = "{n.config}"\n'
+            part = f'[partition]\ncluster = "{self.file}"\nname = "{name}"\n'
+            if pairs and name in pairs:  # a pair (its a spins on CPU 1)
+                pair = LocalPair(tmp, pairs[name], start=False, node_extra=part)
+                self.pairs[name] = pair
+                self.nodes.append(pair.a)
+                files = f'["{pair.a.config}", "{pair.b.config}"]'
+            else:
+                n = LiveNode(tmp, prefix=f"c{name}", start=False,
+                             extra=part + HOT.format(cpu=-2 if pairs or k % 2 else -1))
+                self.nodes.append(n)
+                files = f'"{n.config}"'
+            text += (f'[[partition]]\nname = "{name}"\nconfig = {files}\n'
                      f"accounts = {accs}\nsources = {srcs}\n")
         self.file.write_text(text)
         self.cluster = load_cluster(self.file)
 
     def start(self):
+        for p in self.pairs.values():
+            p.start()
         for n in self.nodes:
-            n.launch()
+            if n.proc is None:
+                n.launch()
         for n in self.nodes:
             n.wait_ready()
 
@@ -87,6 +98,8 @@ class LiveCluster:
 
     def stop(self):
         self.stop_consolidator()
+        for p in self.pairs.values():
+            p.stop()
         for n in self.nodes:
             n.stop()
 
@@ -113,6 +126,13 @@ def _send(c: LiveCluster, tmp, recs, *extra) -> dict:
     return orjson.loads(out.stdout)
 
 
+def _cli(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "exposure", *args], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def _dump(c: LiveCluster) -> dict:
     out = subprocess.run([sys.executable, "-m", "exposure", "dump", "--cluster", str(c.file),
                           "--compact"], capture_output=True, text=True, timeout=120)
@@ -120,25 +140,37 @@ def _dump(c: LiveCluster) -> dict:
     return orjson.loads(out.stdout)
 
 
-def _applied(c: LiveCluster, recs) -> None:
+def _applied(c: LiveCluster, recs, nodes=None) -> None:
     """Wait until each partition has applied (and published) everything routed to it."""
-    for n, sub in zip(c.nodes, split(recs, c.cluster.pmap), strict=True):
+    for n, sub in zip(nodes or c.nodes, split(recs, c.cluster.pmap), strict=True):
         want = len(sub)
         wait_until(lambda n=n, want=want: n.last_gseq() == want, 60,
                    f"{n.name} applies {want} events")
 
 
-def test_two_partitions_equal_replay_of_the_whole_stream(two, tmp_path):
+def test_two_partitions_equal_replay_and_reject_what_is_misrouted_through_a_restart(
+        two, tmp_path):
+    """A seeded stream with 1% misrouted orders through two partitions; partition p1 is
+    killed (-9) and restarted halfway, and the client resends what it does not hold. Each
+    misrouted event is rejected as wrong_partition and changes nothing else; the composed
+    document (`exposure dump --cluster`) equals replay of the whole stream, and each
+    partition equals replay of what was routed to it."""
     seed = 31
     print(f"seed {seed}")
     pm = two.cluster.pmap
-    recs, bad = cluster_stream(seed, pm, n=20_000, misroute=0.01)
-    res = _send(two, tmp_path, recs)
+    recs, bad = cluster_stream(seed, pm, n=16_000, misroute=0.01)
+    half = len(recs) // 2
+    _send(two, tmp_path, recs[:half])
+    _applied(two, recs[:half])
+    assert compare_documents(_dump(two), replay_cluster(recs[:half], pm)) == []
+    two.nodes[1].kill9()
+    two.nodes[1].start()
+    res = _send(two, tmp_path, recs, "--retry", "60")
     subs = split(recs, pm)
     assert res["events"] == len(recs)
     assert res["delivered"] == sum(len(s) for s in subs)
-    assert res["rejects"] == {"wrong_partition": int(bad.sum())}
-    assert set(res["partitions"]) == {"p0", "p1"}
+    assert res["partitions"]["p1"]["resent_skipped"] > 0  # it held the first half
+    assert set(res["rejects"]) <= {"wrong_partition"}
     _applied(two, recs)
 
     got = _dump(two)
@@ -147,29 +179,10 @@ def test_two_partitions_equal_replay_of_the_whole_stream(two, tmp_path):
     want["counts"]["rejected"] += int(bad.sum())
     want["counts"]["rejects"]["wrong_partition"] = int(bad.sum())
     assert compare_documents(got, want) == []
-    # and each partition equals replay of what was routed to it, marked as its ingest does
     for k, n in enumerate(two.nodes):
         with Desk(n.name) as desk:
             mine = desk.document()
         assert compare_documents(mine, document(replay_partition(recs, pm, k))) == []
-
-
-def test_a_partition_restarted_mid_stream(two, tmp_path):
-    """One partition is killed (kill -9) and restarted halfway; the client resends what it
-    does not hold; the composed document is exact."""
-    seed = 32
-    print(f"seed {seed}")
-    pm = two.cluster.pmap
-    recs, _ = cluster_stream(seed, pm, n=10_000)
-    half = len(recs) // 2
-    _send(two, tmp_path, recs[:half])
-    _applied(two, recs[:half])
-    two.nodes[1].kill9()
-    two.nodes[1].start()
-    res = _send(two, tmp_path, recs, "--retry", "60")
-    assert res["partitions"]["p1"]["resent_skipped"] > 0  # it held the first half
-    _applied(two, recs)
-    assert compare_documents(_dump(two), document(replay_records(recs))) == []
 
 
 def _cluster_rows(doc: dict) -> dict:
@@ -201,12 +214,26 @@ def _converged(c: LiveCluster, want: dict):
         return sub.counters
 
 
-def test_the_consolidator_publishes_the_cluster_and_survives_a_restart(two, tmp_path):
-    """The consolidator's segment and feed equal the composed document; killed (-9) and
-    restarted mid-stream, it rebuilds from the partitions' snapshots, and its subscribers
-    from its own."""
+def test_three_partitions_and_the_consolidator_through_its_restart(tmp_path):
+    """Three partitions. The consolidator's segment and feed equal the composed document,
+    which equals replay of the whole stream; killed (-9) and restarted mid-stream, it
+    rebuilds from the partitions' snapshots, and its subscribers from its own.
+    `exposure status --cluster` shows every partition and the consolidator."""
     seed = 33
     print(f"seed {seed}")
+    two = LiveCluster(tmp_path, [("p0", [[0, 999]], [[0, 3]]),
+                                 ("p1", [[1000, 2999]], [[4, 9]]),
+                                 ("p2", [[3000, 4095]], [[10, 15]])])
+    try:
+        two.start()
+        _consolidator_through_a_restart(two, tmp_path, seed)
+    finally:
+        two.stop()
+    for n in two.nodes:
+        assert n.segments() == [], f"{n.name} left segments behind"
+
+
+def _consolidator_through_a_restart(two: LiveCluster, tmp_path, seed: int) -> None:
     pm = two.cluster.pmap
     recs, _ = cluster_stream(seed, pm, n=10_000)
     half = len(recs) // 2
@@ -221,5 +248,42 @@ def test_the_consolidator_publishes_the_cluster_and_survives_a_restart(two, tmp_
     want = document(replay_records(recs))
     assert compare_documents(_dump(two), want) == []
     _converged(two, want)
+    st = orjson.loads(_cli("status", "--cluster", str(two.file), "--json"))
+    assert [p["state"] for p in st["partitions"]] == ["primary"] * 3
+    assert [p["wrong_partition"] for p in st["partitions"]] == [0] * 3
+    assert st["consolidator"]["state"] == "running"
+    assert abs(st["consolidator"]["fund"]["crossing"] - want["fund"]["crossing"]) < 1e-3
+    text = _cli("status", "--cluster", str(two.file))
+    assert text.startswith("cluster t: 3 partitions") and "cons " in text, text
     two.stop_consolidator()
     assert not os.path.exists(f"/dev/shm/exposure.{two.cons_name}.tally")
+
+
+def test_a_partition_that_is_a_pair_fails_over_mid_stream(tmp_path):
+    """p1 is a primary/backup pair (its own etcd prefix). Its primary is killed (-9) mid
+    stream; the backup takes over, the client fails over to it and resends, the
+    consolidator's subscriber follows the pair; the cluster's document stays exact."""
+    seed = 35
+    print(f"seed {seed}")
+    etcd = etcd_or_skip(tmp_path)
+    c = LiveCluster(tmp_path, [("p0", [[0, 2047]], [[0, 7]]),
+                               ("p1", [[2048, 4095]], [[8, 15]])], pairs={"p1": etcd})
+    try:
+        c.start()
+        c.start_consolidator()
+        pm = c.cluster.pmap
+        recs, _ = cluster_stream(seed, pm, n=10_000)
+        half = len(recs) // 2
+        _send(c, tmp_path, recs[:half])
+        _applied(c, recs[:half])
+        pair = c.pairs["p1"]
+        pair.a.kill9()
+        res = _send(c, tmp_path, recs, "--retry", "60")
+        assert res["partitions"]["p1"]["endpoint"].endswith(f":{pair.b.port}")
+        _applied(c, recs, nodes=[c.nodes[0], pair.b])
+        want = document(replay_records(recs))
+        assert compare_documents(_dump(c), want) == []  # read from the new primary
+        _converged(c, want)
+    finally:
+        c.stop()
+        etcd.stop()

@@ -193,7 +193,8 @@ def seeded() -> random.Random:
 
 # ---------------------------------------------------------------------------------- tests
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("release", ["replicated+local", "replicated", "local"])
+# (release = "replicated" fails over in the cut-link test; the suite's 15 minutes)
+@pytest.mark.parametrize("release", ["replicated+local", "local"])
 def test_kill_9_of_the_primary_promotes_the_backup_and_the_client_finishes_on_it(
         pair, tmp_path, release):
     """The backup (recorded synchronous) takes over within failover_ms; as the new primary

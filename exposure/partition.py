@@ -42,7 +42,6 @@ from .types import (
     T_INSTRUMENT,
     T_LIMIT,
     T_MARK,
-    T_MAX,
     T_NEW,
     T_POSITION,
     T_REPLACE,
@@ -196,9 +195,7 @@ def owns(t, src, acct, me, acc_owner, src_owner):
 
 
 @njit(cache=True, _nrt=False)
-def _dest(t, reject, src, acct, acc_owner, src_owner):
-    if reject != 0 and reject != R_WRONG_PARTITION and (t < 1 or t > T_MAX):
-        return np.int64(0)
+def _dest(t, src, acct, acc_owner, src_owner):
     if t == T_MARK or t == T_INSTRUMENT:
         return np.int64(ALL)
     if t == T_NEW or t == T_FILL or t == T_REPLACE or t == T_CANCEL or t == T_DONE:
@@ -206,7 +203,7 @@ def _dest(t, reject, src, acct, acc_owner, src_owner):
     elif t == T_POSITION or t == T_LIMIT:
         k = _owner(acc_owner, acct)
     else:
-        k = np.int64(0)
+        k = np.int64(0)  # no valid type: the first partition rejects it as bad_type
     return k if k >= 0 else np.int64(0)
 
 
@@ -214,7 +211,7 @@ def _dest(t, reject, src, acct, acc_owner, src_owner):
 def _route(recs, acc_owner, src_owner, out):
     for k in range(recs.shape[0]):
         r = recs[k]
-        out[k] = _dest(np.int64(r.type), r.reject, np.int64(r.source), np.int64(r.account),
+        out[k] = _dest(np.int64(r.type), np.int64(r.source), np.int64(r.account),
                        acc_owner, src_owner)
 
 

@@ -248,6 +248,9 @@ def _consolidator_through_a_restart(two: LiveCluster, tmp_path, seed: int) -> No
     want = document(replay_records(recs))
     assert compare_documents(_dump(two), want) == []
     _converged(two, want)
+    watched = orjson.loads(_cli("watch", "--config", str(two.cons_config), "--seconds",
+                                "1.5", "--json"))  # as one node's feed
+    assert compare_documents(watched, _cluster_rows(want)) == []
     st = orjson.loads(_cli("status", "--cluster", str(two.file), "--json"))
     assert [p["state"] for p in st["partitions"]] == ["primary"] * 3
     assert [p["wrong_partition"] for p in st["partitions"]] == [0] * 3

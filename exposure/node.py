@@ -336,6 +336,10 @@ class Node:
                  + (f", every {cfg.fsync_interval_ms} ms" if cfg.fsync == "interval" else "")
                  + f"); recovered {self.recovered.records:,} events up to gseq "
                  f"{self.recovered.last_gseq} in {self.recovered.seconds:.2f} s"]
+        if cfg.partition is not None:
+            pt = cfg.partition
+            lines.append(f"  partition {pt.name} of {pt.cluster}: owns "
+                         f"{pt.pmap.describe(pt.index)}; rejects the rest as wrong_partition")
         for p in cfg.processes:
             pid = self.procs[p.name].pid if p.name in self.procs else "-"
             lines.append(f"  process   {p.name} pid {pid}: {', '.join(p.stages)} "

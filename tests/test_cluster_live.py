@@ -183,6 +183,7 @@ def test_two_partitions_equal_replay_and_reject_what_is_misrouted_through_a_rest
         with Desk(n.name) as desk:
             mine = desk.document()
         assert compare_documents(mine, document(replay_partition(recs, pm, k))) == []
+    assert "partition p1 of" in two.nodes[1].log.read_text()  # its banner says what it owns
 
 
 def _cluster_rows(doc: dict) -> dict:

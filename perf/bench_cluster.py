@@ -1,0 +1,862 @@
+"""A partitioned cluster against one node, measured in one run on this machine (issue 16).
+
+    python -m perf.bench_cluster [--partitions 1,2,4] [--events N] [--runs R]
+                                 [--latency-rate 10000] [--latency-seconds 15]
+                                 [--cons-rate 0] [--quick] [--json]
+
+One invocation measures, back to back, on one generated stream (perf/flowgen.py's realistic
+day, the perf tool's size: 200 accounts, 2,000 instruments; each order's source rewritten
+into its account's partition, so the stream respects every map and nothing is rejected as
+wrong_partition):
+
+1. **the router**: :func:`exposure.partition.route` and ``split`` (what ``exposure send
+   --cluster`` does to every record) over the whole stream, for 1, 2, 4 and 8 partitions:
+   ns per event, median of several repeats;
+2. **one node's sustained rate**: a real node (``exposure run``, its own name, ports and
+   data directory, the journal fsyncing every 2 ms) with the process map a partition has on
+   2 cores (hot process ``spin-then-block`` on the last CPU, journal and recovery server
+   sleeping 2 ms ticks on the first); the stream sent closed-loop with
+   :func:`exposure.client.send_records` (frames of 1,024), timed until every event is
+   acknowledged (median of ``--runs``; each run a new session with fresh order ids);
+3. **each cluster's sustained rate**, for every ``--partitions`` count: that many partition
+   nodes (the same process map, hot processes alternating between the last and the first
+   CPU), the same stream sent through :func:`exposure.cluster.send_cluster`, timed the same
+   way; events/s of the stream (and of what the partitions took: marks and instruments go
+   to every one), each partition's own rate (its events until its last one was applied,
+   read from its tally segment) and the ratio to the one node's;
+4. **the consolidator's cost per composed row**: ``exposure consolidate`` as a child
+   process (the real :func:`exposure.consolidator.run_consolidator`, with
+   ``ConsolidateStage._publish`` and ``poll`` wrapped in timers), while the stream is sent
+   through the cluster once more (``--cons-rate``: 0 = as fast as it goes): the process's
+   CPU time, and the time in ``_publish``, per row it published;
+5. **the consolidator's added latency**: at ``--latency-rate`` events/s (one event per
+   frame, each partition's share paced by ``send_records``), a receiver process subscribes
+   (:class:`exposure.feed.Subscriber`) to every partition's feed and to the consolidator's
+   and takes, for every account, fund and instrument row that changes,
+   ``time.time_ns() - row['send_ns']`` (the client's send time; the consolidator copies the
+   partition rows' into its own). Percentiles through the partitions and through the
+   consolidator, and per event the consolidator's row against the partition row of the
+   same event (the latency the consolidator adds).
+
+Hypervisor steal (``/proc/stat``) over the whole run and per phase is reported with the
+figures. This VM has 2 cores: every node, the client, the consolidator and the receiver
+share them, so a cluster cannot be faster here than one node; the figures say what the
+partitioning costs, not what it gains on a host with a core per partition. Everything the
+bench starts (nodes, processes, segments, temporary directories) is stopped and removed
+also when it fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import orjson
+import psutil
+
+from exposure.client import send_records
+from exposure.cluster import Cluster, load_cluster, send_cluster
+from exposure.partition import PartitionMap, route, split
+from exposure.types import C_LAST_GSEQ, T_CANCEL, T_DONE, T_FILL, T_NEW, T_REPLACE
+from perf.flowgen import generate
+from perf.localnode import LocalNode, free_group, free_port, wait_until
+from perf.measure import summarize
+
+__all__ = ["main", "bench_map", "respect_map", "router_cost", "BenchCluster"]
+
+ACCOUNTS, SOURCES = 4096, 1024   # the ids the maps cover (SPEC section 1's capacities)
+SOURCES_PER_PART = 8             # flowgen's sources, moved to sources 8k..8k+7 in partition k
+_ORDER_TYPES = (T_NEW, T_FILL, T_REPLACE, T_CANCEL, T_DONE)
+_ROOT = Path(__file__).resolve().parents[1]
+
+# 2 cores: the hot path spins briefly, then blocks (several hot processes share the CPUs);
+# journal and recovery server sleep 2 ms ticks on the first CPU (examples/cluster/p0.toml).
+_PROCESS_MAP = """
+[[process]]
+name = "hot"
+stages = ["ingest", "compute", "fanout"]
+cpu = {cpu}
+wait = "spin-then-block"
+
+[[process]]
+name = "durable"
+stages = ["journal", "snapshot"]
+cpu = -2
+wait = "sleep"
+tick_us = 2000
+"""
+
+# The consolidator child's counters (a memory-mapped int64 file the bench reads).
+(_S_READY, _S_ROWS, _S_BATCHES, _S_PUB_NS, _S_POLL_NS, _S_IN, _S_CPU_NOW, _S_CPU_PUB,
+ _S_LAST_PUB, _S_GAPS, _S_RECOVERIES, _S_DONE) = range(12)
+_N_STATS = 16
+
+
+def steal_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs so far (/proc/stat), as perf.bench_pipeline."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[7] if len(v) > 7 else 0, sum(v)
+
+
+def _steal_since(s0: tuple[int, int]) -> dict:
+    s1 = steal_ticks()
+    st, tot = s1[0] - s0[0], max(s1[1] - s0[1], 1)
+    return {"steal_percent": round(100 * st / tot, 2),
+            "steal_s": round(st / os.sysconf("SC_CLK_TCK"), 2)}
+
+
+# ----------------------------------------------------------------------------- the stream
+def flow(n: int, seed: int) -> np.ndarray:
+    """The perf tool's flow (perf.tool._flow): ``n`` events of a realistic day."""
+    return generate(n, accounts=200, instruments=2000, universe=50, live_target=5000,
+                    seed=seed)
+
+
+def bench_map(partitions: int) -> PartitionMap:
+    """Accounts in ``partitions`` contiguous ranges of 0..4095; sources 8k..8k+7 in
+    partition k."""
+    step = ACCOUNTS // partitions
+    parts = [(f"p{k}", [[k * step, ACCOUNTS - 1 if k == partitions - 1 else (k + 1) * step - 1]],
+              [[SOURCES_PER_PART * k, SOURCES_PER_PART * (k + 1) - 1]])
+             for k in range(partitions)]
+    return PartitionMap.from_ranges(parts, ACCOUNTS, SOURCES)
+
+
+def respect_map(recs: np.ndarray, pmap: PartitionMap) -> np.ndarray:
+    """A copy of ``recs`` whose orders respect ``pmap``: each order's source ``s``
+    (0..7) becomes ``s + 8 k``, ``k`` its account's partition (replaces, cancels and dones
+    carry no account: theirs is their order's, found by (source, order id))."""
+    out = recs.copy()
+    t = out["type"]
+    acc = out["account"].astype(np.int64)
+    part = pmap.acc_owner[np.minimum(acc, len(pmap.acc_owner) - 1)].astype(np.int64)
+    part[part < 0] = 0
+    key = (out["source"].astype(np.uint64) << np.uint64(48)) | out["order_id"]
+    new = t == T_NEW
+    order = np.argsort(key[new], kind="stable")
+    nkeys, nparts = key[new][order], part[new][order]
+    ref = np.isin(t, (T_REPLACE, T_CANCEL, T_DONE))
+    dest = part.copy()
+    if len(nkeys) and ref.any():
+        i = np.minimum(np.searchsorted(nkeys, key[ref]), len(nkeys) - 1)
+        dest[ref] = np.where(nkeys[i] == key[ref], nparts[i], 0)
+    orders = np.isin(t, _ORDER_TYPES)
+    if (out["source"][orders] >= SOURCES_PER_PART).any():
+        raise ValueError(f"the flow has sources beyond 0..{SOURCES_PER_PART - 1}")
+    out["source"][orders] += (SOURCES_PER_PART * dest[orders]).astype(np.uint32)
+    return out
+
+
+def fresh_orders(recs: np.ndarray, run: int) -> np.ndarray:
+    """``recs`` with every order id moved to range ``run`` (a later run against the same
+    nodes sends new orders, not duplicates)."""
+    if run == 0:
+        return recs
+    out = recs.copy()
+    orders = np.isin(out["type"], _ORDER_TYPES)
+    out["order_id"][orders] += np.uint64(run) << np.uint64(40)
+    return out
+
+
+# ----------------------------------------------------------------------------- 1. router
+def router_cost(recs: np.ndarray, counts: list[int], repeats: int) -> dict:
+    """ns per event of route() and of split() (route, then each partition's records)."""
+    out = {}
+    for p in counts:
+        pmap = bench_map(p)
+        r = respect_map(recs, pmap)
+        route(r[:1000], pmap)  # JIT (compile or cache load)
+        t_route, t_split = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter_ns()
+            route(r, pmap)
+            t1 = time.perf_counter_ns()
+            split(r, pmap)
+            t2 = time.perf_counter_ns()
+            t_route.append((t1 - t0) / len(r))
+            t_split.append((t2 - t1) / len(r))
+        out[p] = {"route_ns": round(statistics.median(t_route), 2),
+                  "split_ns": round(statistics.median(t_split), 2),
+                  "events": len(r), "repeats": repeats}
+    return out
+
+
+# ----------------------------------------------------------------------------- nodes
+class Progress:
+    """Each node's last applied gseq, read from its tally segment (mapped once)."""
+
+    def __init__(self, names: list[str]):
+        from exposure.shm.tally_segment import TallySegment
+
+        self.segs = []
+        try:
+            for n in names:
+                self.segs.append(TallySegment.attach(f"/exposure.{n}.tally"))
+        except BaseException:
+            self.close()
+            raise
+
+    def gseqs(self) -> list[int]:
+        return [int(s.state.ctr[C_LAST_GSEQ]) for s in self.segs]
+
+    def close(self) -> None:
+        for s in self.segs:
+            s.close()
+        self.segs = []
+
+
+def timed_send(send, progress: Progress, counts: list[int]) -> dict:
+    """Run ``send()`` (it returns once every event is acknowledged) and time it; a watcher
+    thread notes when each node applied the last of its ``counts`` new events."""
+    base = progress.gseqs()
+    want = [b + c for b, c in zip(base, counts, strict=True)]
+    applied: list[float | None] = [None] * len(want)
+    stop = threading.Event()
+    t0 = time.perf_counter()
+
+    def watch() -> None:
+        while not stop.is_set():
+            g = progress.gseqs()
+            now = time.perf_counter()
+            for k, w in enumerate(want):
+                if applied[k] is None and g[k] >= w:
+                    applied[k] = now - t0
+            if all(a is not None for a in applied):
+                return
+            time.sleep(0.001)
+
+    th = threading.Thread(target=watch, daemon=True)
+    cpu0, steal0 = time.process_time(), steal_ticks()
+    th.start()
+    try:
+        res = send()
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        th.join(timeout=30)
+    finally:
+        stop.set()
+    return {"seconds": wall, "result": res, "applied_s": applied,
+            "client_cpu_percent": round(100 * cpu / wall, 1), **_steal_since(steal0)}
+
+
+def _stop_child(proc: subprocess.Popen | None, timeout: float = 20) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _child_cmd(*args: str) -> tuple[list[str], dict]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return ([sys.executable, "-c", "import sys\nfrom perf.bench_cluster import _child\n"
+             "sys.exit(_child(sys.argv[1:]))", *args], env)
+
+
+class BenchCluster:
+    """``pmap``'s partitions as real local nodes (perf.localnode.LocalNode with a
+    ``[partition]`` section), the cluster file and the consolidator's config, all with
+    unique names, ports and groups under ``base``; the consolidator (an instrumented
+    ``exposure consolidate``) runs as a child process on demand. ``stop()`` stops
+    everything and removes what it left in /dev/shm."""
+
+    def __init__(self, base: Path, pmap: PartitionMap):
+        self.dir = base / f"cluster{pmap.partitions}-{uuid.uuid4().hex[:6]}"
+        self.dir.mkdir()
+        self.pmap = pmap
+        self.file = self.dir / "cluster.toml"
+        self.cons_name = f"bcc{os.getpid()}{uuid.uuid4().hex[:6]}"
+        self.cons_config = self.dir / "consolidator.toml"
+        self.cons_config.write_text(
+            f'[node]\nname = "{self.cons_name}"\n[fanout]\ngroup = "{free_group()}"\n'
+            f"port = {free_port()}\nsnapshot_port = {free_port()}\n")
+        self.nodes: list[LocalNode] = []
+        text = f'[cluster]\nname = "bench"\n[consolidator]\nconfig = "{self.cons_config}"\n'
+        for k, name in enumerate(pmap.names):
+            n = LocalNode(self.dir, prefix=f"bc{name}", start=False, extra=(
+                f'[partition]\ncluster = "{self.file}"\nname = "{name}"\n'
+                + _PROCESS_MAP.format(cpu=-1 if k % 2 == 0 else -2)))
+            self.nodes.append(n)
+            k_acc = np.flatnonzero(pmap.acc_owner == k)
+            k_src = np.flatnonzero(pmap.src_owner == k)
+            text += (f'[[partition]]\nname = "{name}"\nconfig = "{n.config}"\n'
+                     f"accounts = [[{k_acc[0]}, {k_acc[-1]}]]\n"
+                     f"sources = [[{k_src[0]}, {k_src[-1]}]]\n")
+        self.file.write_text(text)
+        self.cluster: Cluster = load_cluster(self.file)
+        self.cons: subprocess.Popen | None = None
+        self.stats_file = self.dir / "consolidator.stats"
+        self.stats: np.ndarray | None = None
+        self.progress: Progress | None = None
+
+    def start(self, timeout: float = 180) -> None:
+        for n in self.nodes:
+            n.launch()
+        for n in self.nodes:
+            n.wait_ready(timeout)
+        self.progress = Progress([n.name for n in self.nodes])
+
+    def start_consolidator(self, timeout: float = 120) -> None:
+        np.zeros(_N_STATS, np.int64).tofile(self.stats_file)
+        self.stats = np.memmap(self.stats_file, np.int64, mode="r", shape=(_N_STATS,))
+        cmd, env = _child_cmd("consolidator", str(self.file), str(self.stats_file))
+        log = self.dir / "consolidator.log"
+        with open(log, "a") as f:
+            self.cons = subprocess.Popen(cmd, stdout=f, stderr=f, env=env, cwd=_ROOT)
+        wait_until(lambda: self.stats[_S_READY] == 1 or self.cons.poll() is not None,
+                   timeout, "the consolidator is ready", step=0.05)
+        if self.cons.poll() is not None:
+            raise RuntimeError(f"the consolidator exited: {log.read_text()[-3000:]}")
+
+    def cons_cpu_s(self) -> float:
+        t = psutil.Process(self.cons.pid).cpu_times()
+        return t.user + t.system
+
+    def stop(self) -> None:
+        try:
+            _stop_child(self.cons)
+        finally:
+            self.cons = None
+            if self.progress is not None:
+                self.progress.close()
+                self.progress = None
+            for n in self.nodes:
+                n.stop()
+            for seg in os.listdir("/dev/shm"):
+                if seg.startswith(f"exposure.{self.cons_name}."):
+                    try:
+                        os.unlink(f"/dev/shm/{seg}")
+                    except FileNotFoundError:
+                        pass
+
+
+# ----------------------------------------------------------------------------- 2, 3. rates
+def _rate_summary(runs: list[dict], n: int, parts: list[int] | None,
+                  names: tuple[str, ...] | None) -> dict:
+    walls = [r["seconds"] for r in runs]
+    med = statistics.median(walls)
+    out = {"events": n, "runs_s": [round(w, 3) for w in walls],
+           "events_per_s": round(n / med),
+           "client_cpu_percent": statistics.median(r["client_cpu_percent"] for r in runs),
+           "steal_s": round(sum(r["steal_s"] for r in runs), 2),
+           "rejected": runs[-1]["result"]["rejected"],
+           "rejects": runs[-1]["result"]["rejects"]}
+    if parts is not None and names is not None:
+        out["delivered"] = sum(parts)
+        out["delivered_per_s"] = round(sum(parts) / med)
+        out["partitions"] = {}
+        for k, name in enumerate(names):
+            ts = [r["applied_s"][k] for r in runs if r["applied_s"][k]]
+            t = statistics.median(ts) if ts else med
+            out["partitions"][name] = {"events": parts[k], "applied_s": round(t, 3),
+                                       "events_per_s": round(parts[k] / t)}
+    return out
+
+
+def single_node(base: Path, recs: np.ndarray, runs: int, say) -> dict:
+    """One node (no [partition]), the partitions' process map; the stream sent closed-loop
+    ``runs`` times (new session, fresh order ids each), timed until all acknowledged."""
+    node = LocalNode(base, prefix="bcs", start=False, extra=_PROCESS_MAP.format(cpu=-1))
+    progress = None
+    try:
+        node.start(180)
+        progress = Progress([node.name])
+        out = []
+        for r in range(runs):
+            rr = fresh_orders(recs, r)
+            res = timed_send(lambda rr=rr, r=r: send_records(
+                "127.0.0.1", node.port, rr, session=r + 1, timeout=120), progress, [len(rr)])
+            say(f"  one node, run {r + 1}: {len(rr) / res['seconds']:,.0f} events/s "
+                f"(client cpu {res['client_cpu_percent']:.0f}%, steal {res['steal_s']} s)")
+            out.append(res)
+        return _rate_summary(out, len(recs), None, None)
+    finally:
+        if progress is not None:
+            progress.close()
+        node.stop()
+
+
+def cluster_rate(bc: BenchCluster, recs: np.ndarray, runs: int, first_session: int,
+                 say) -> dict:
+    """The stream through ``send_cluster``, ``runs`` times (each a new session)."""
+    parts = [len(p) for p in split(recs, bc.pmap)]
+    out = []
+    for r in range(runs):
+        rr = fresh_orders(recs, first_session - 1 + r)
+        res = timed_send(lambda rr=rr, r=r: send_cluster(
+            bc.cluster, rr, session=first_session + r, timeout=120), bc.progress, parts)
+        say(f"  {bc.pmap.partitions} partitions, run {r + 1}: "
+            f"{len(rr) / res['seconds']:,.0f} events/s (client cpu "
+            f"{res['client_cpu_percent']:.0f}%, steal {res['steal_s']} s)")
+        out.append(res)
+    return _rate_summary(out, len(recs), parts, bc.pmap.names)
+
+
+# ----------------------------------------------------------------------------- 4. consolidator
+def consolidator_cost(bc: BenchCluster, recs: np.ndarray, session: int, rate: float,
+                      say) -> dict:
+    """The stream through the cluster while the consolidator runs; its CPU time and its
+    ``_publish`` time per row it published, from its first poll after the send started to
+    its last publish (the composition of the partitions' last rows)."""
+    st = bc.stats
+    parts = [len(p) for p in split(recs, bc.pmap)]
+    rr = fresh_orders(recs, session - 1)
+    s0 = np.array(st)
+    mono0 = time.monotonic_ns()
+    cpu_ps0 = bc.cons_cpu_s()
+    res = timed_send(lambda: send_cluster(bc.cluster, rr, session=session, timeout=120,
+                                          rate=rate), bc.progress, parts)
+    # The consolidator has composed everything once it has been quiet for a while after
+    # every partition applied its last event.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        quiet_ns = time.monotonic_ns() - int(st[_S_LAST_PUB])
+        if quiet_ns > 500_000_000 and st[_S_ROWS] > s0[_S_ROWS]:
+            break
+        time.sleep(0.05)
+    s1 = np.array(st)
+    cpu_ps = bc.cons_cpu_s() - cpu_ps0
+    rows = int(s1[_S_ROWS] - s0[_S_ROWS])
+    batches = int(s1[_S_BATCHES] - s0[_S_BATCHES])
+    # from the consolidator's first poll after the send began (fresh: it polls on every
+    # partition heartbeat, 100 ms) to its last publish
+    cpu_ns = int(s1[_S_CPU_PUB] - s0[_S_CPU_NOW])
+    busy_s = (int(s1[_S_LAST_PUB]) - mono0) / 1e9
+    last_applied = max(a for a in res["applied_s"] if a is not None) if all(
+        a is not None for a in res["applied_s"]) else res["seconds"]
+    out = {"events": len(recs), "rate": rate, "send_s": round(res["seconds"], 3),
+           "rows": rows, "batches": batches,
+           "rows_per_batch": round(rows / max(batches, 1), 2),
+           "input_changes": int(s1[_S_IN] - s0[_S_IN]),
+           "cpu_ns_per_row": round(cpu_ns / max(rows, 1)),
+           "publish_ns_per_row": round(int(s1[_S_PUB_NS] - s0[_S_PUB_NS]) / max(rows, 1)),
+           "poll_ns_per_row": round(int(s1[_S_POLL_NS] - s0[_S_POLL_NS]) / max(rows, 1)),
+           "cpu_s": round(cpu_ns / 1e9, 3), "cpu_s_psutil": round(cpu_ps, 2),
+           "cpu_percent": round(100 * cpu_ns / 1e9 / max(busy_s, 1e-9), 1),
+           "lag_after_last_apply_ms": round(1000 * (busy_s - last_applied), 1),
+           "gaps": int(s1[_S_GAPS]), "recoveries": int(s1[_S_RECOVERIES]),
+           "steal_s": res["steal_s"]}
+    say(f"  consolidator, {bc.pmap.partitions} partitions: {rows:,} rows in {batches:,} "
+        f"batches, {out['cpu_ns_per_row']:,} ns CPU per row ({out['publish_ns_per_row']:,} "
+        f"in _publish), gaps {out['gaps']}, steal {res['steal_s']} s")
+    return out
+
+
+# ----------------------------------------------------------------------------- 5. latency
+def paced_send(cluster: Cluster, recs: np.ndarray, session: int, rate: float,
+               frame: int) -> dict:
+    """``send_cluster``'s routing and pacing (each partition's session paced at its share
+    of ``rate``), but with frames of ``frame`` events: send_cluster's frames of 1,024 would
+    leave in bursts at a paced rate."""
+    parts = split(recs, cluster.pmap)
+    results: list = [None] * len(parts)
+
+    def one(k: int) -> None:
+        cfg = cluster.configs[k]
+        try:
+            results[k] = send_records(cfg.ingest_host, cfg.ingest_port, parts[k], session,
+                                      timeout=60, rate=rate * len(parts[k]) / len(recs),
+                                      frame=frame)
+        except Exception as e:  # reported below
+            results[k] = e
+
+    threads = [threading.Thread(target=one, args=(k,), daemon=True) for k in range(len(parts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bad = [r for r in results if isinstance(r, Exception)]
+    if bad:
+        raise RuntimeError(f"paced send failed: {bad[0]}")
+    return {"sent": sum(r["sent"] for r in results),
+            "rejected": sum(r["rejected"] for r in results)}
+
+
+def consolidator_latency(bc: BenchCluster, recs: np.ndarray, session: int, rate: float,
+                         seconds: float, warmup: float, frame: int, say) -> dict:
+    n = int(rate * (seconds + warmup))
+    rr = fresh_orders(recs[:n], session - 1)
+    spec = {"partitions": [str(x.config) for x in bc.nodes],
+            "consolidator": str(bc.cons_config), "ready": str(bc.dir / "rx.ready"),
+            "stop": str(bc.dir / "rx.stop"), "out": str(bc.dir / "rx.npz")}
+    spec_file = bc.dir / "rx.json"
+    spec_file.write_bytes(orjson.dumps(spec))
+    cmd, env = _child_cmd("receiver", str(spec_file))
+    log = bc.dir / "receiver.log"
+    with open(log, "a") as f:
+        rx = subprocess.Popen(cmd, stdout=f, stderr=f, env=env, cwd=_ROOT)
+    try:
+        wait_until(lambda: Path(spec["ready"]).exists() or rx.poll() is not None, 120,
+                   "the receiver joined every feed", step=0.05)
+        if rx.poll() is not None:
+            raise RuntimeError(f"the receiver exited: {log.read_text()[-3000:]}")
+        st = bc.stats
+        s0 = np.array(st)
+        steal0 = steal_ticks()
+        t_start = time.time_ns()
+        mono0 = time.monotonic_ns()
+        res = paced_send(bc.cluster, rr, session, rate, frame)
+        wall = (time.monotonic_ns() - mono0) / 1e9
+        time.sleep(0.5)  # the last rows through the consolidator
+        s1 = np.array(st)
+        Path(spec["stop"]).touch()
+        rx.wait(timeout=60)
+        if rx.returncode != 0:
+            raise RuntimeError(f"the receiver failed: {log.read_text()[-3000:]}")
+    finally:
+        _stop_child(rx)
+    steal = _steal_since(steal0)
+    data = np.load(spec["out"])
+    t_from = t_start + int(warmup * 1e9)
+    ps, pr = data["part_send"], data["part_recv"]
+    cs, cr = data["cons_send"], data["cons_recv"]
+    pm, cm = ps >= t_from, cs >= t_from
+    direct = summarize(pr[pm] - ps[pm])
+    through = summarize(cr[cm] - cs[cm])
+    # Per event: the consolidator's row against the first partition row of the same event
+    # (the same send_ns: one event per frame, so a send time names one event).
+    order = np.lexsort((pr, ps))
+    us, first = np.unique(ps[order], return_index=True)
+    first_recv = pr[order][first]
+    added = np.zeros(0, np.int64)
+    if len(us) and cm.any():
+        c_s, c_r = cs[cm], cr[cm]
+        i = np.minimum(np.searchsorted(us, c_s), len(us) - 1)
+        hit = us[i] == c_s
+        added = c_r[hit] - first_recv[i[hit]]
+    rows = int(s1[_S_ROWS] - s0[_S_ROWS])
+    cpu_ns = int(s1[_S_CPU_PUB] - s0[_S_CPU_NOW])
+    out = {"rate": rate, "seconds": seconds, "warmup_s": warmup, "frame": frame,
+           "events": len(rr), "achieved_rate": round(len(rr) / wall),
+           "rejected": res["rejected"],
+           "partition": {**direct, "rows": int(pm.sum())},
+           "consolidator": {**through, "rows": int(cm.sum())},
+           "added": {**summarize(added), "rows": len(added)},
+           "added_p50_us_difference": round(through["p50_us"] - direct["p50_us"], 1),
+           "added_p99_us_difference": round(through["p99_us"] - direct["p99_us"], 1),
+           "consolidator_rows": rows,
+           "consolidator_rows_per_batch": round(rows / max(
+               int(s1[_S_BATCHES] - s0[_S_BATCHES]), 1), 2),
+           "consolidator_cpu_ns_per_row": round(cpu_ns / max(rows, 1)),
+           "consolidator_publish_ns_per_row": round(
+               int(s1[_S_PUB_NS] - s0[_S_PUB_NS]) / max(rows, 1)),
+           "consolidator_cpu_percent": round(100 * cpu_ns / 1e9 / max(wall, 1e-9), 1),
+           "receiver_gaps": {"partitions": int(data["gaps"][:-1].sum()),
+                             "consolidator": int(data["gaps"][-1])},
+           **steal}
+    say(f"  latency at {rate:,.0f}/s: partition p50 {direct['p50_us']:,.1f} us p99 "
+        f"{direct['p99_us']:,.0f} us; consolidator p50 {through['p50_us']:,.1f} us p99 "
+        f"{through['p99_us']:,.0f} us; steal {steal['steal_s']} s")
+    return out
+
+
+# ----------------------------------------------------------------------------- children
+def _consolidator_child(cluster_file: str, stats_file: str) -> int:
+    """``exposure consolidate``'s run_consolidator, its stage's poll and _publish timed
+    into the stats file."""
+    from exposure.consolidate import ConsolidateStage
+    from exposure.consolidator import run_consolidator
+    from exposure.feed import Subscriber
+
+    st = np.memmap(stats_file, np.int64, mode="r+", shape=(_N_STATS,))
+    publish, poll, close = ConsolidateStage._publish, ConsolidateStage.poll, \
+        ConsolidateStage.close
+    sub_poll = Subscriber.poll
+    clock, cpu = time.perf_counter_ns, time.process_time_ns
+
+    def feed_counters(stage) -> None:
+        c = [s.counters for s in stage.subs]
+        st[_S_GAPS] = sum(x["gaps"] for x in c)
+        st[_S_RECOVERIES] = sum(x["recoveries"] for x in c)
+
+    def timed_publish(self) -> None:
+        t0 = clock()
+        publish(self)
+        st[_S_PUB_NS] += clock() - t0
+        st[_S_ROWS] = self.rows_total
+        st[_S_BATCHES] = self.batches
+        if self.batches & 63 == 0:
+            feed_counters(self)
+        st[_S_CPU_PUB] = cpu()
+        st[_S_LAST_PUB] = time.monotonic_ns()
+
+    def timed_poll(self) -> int:
+        st[_S_CPU_NOW] = cpu()
+        t0 = clock()
+        w = poll(self)
+        st[_S_POLL_NS] += clock() - t0
+        return w
+
+    def counted_sub_poll(self, timeout=0.0):
+        ch = sub_poll(self, timeout)
+        st[_S_IN] += len(ch)
+        return ch
+
+    def counted_close(self) -> None:
+        feed_counters(self)
+        close(self)
+
+    ConsolidateStage._publish = timed_publish
+    ConsolidateStage.poll = timed_poll
+    ConsolidateStage.close = counted_close
+    Subscriber.poll = counted_sub_poll
+    stop: list = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+
+    def ready(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+        st[_S_READY] = 1
+
+    res = run_consolidator(load_cluster(cluster_file), stop, on_ready=ready)
+    st[_S_DONE] = 1
+    st.flush()
+    print(f"stopped: {res}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _receiver_child(spec_file: str) -> int:
+    """Subscribe to every partition's feed and the consolidator's; record (receipt time,
+    send_ns) of every account, fund and instrument row that changes, until told to stop."""
+    from exposure.feed import Subscriber
+    from exposure.types import ROW_SECTOR
+
+    spec = orjson.loads(Path(spec_file).read_bytes())
+    subs = []
+    try:
+        for c in [*spec["partitions"], spec["consolidator"]]:
+            subs.append(Subscriber.from_config(c))
+        end = time.monotonic() + 60
+        while any(s.state == "joining" for s in subs):
+            for s in subs:
+                s.poll(0.01)
+            if time.monotonic() > end:
+                raise TimeoutError("the feeds did not join in 60 s")
+        Path(spec["ready"]).touch()
+        got: list[tuple[list[int], list[int]]] = [([], []) for _ in subs]
+        socks = [s.sock for s in subs]
+        stop = Path(spec["stop"])
+        check = time.monotonic()
+        while True:
+            select.select(socks, [], [], 0.02)
+            for k, s in enumerate(subs):
+                ch = s.poll(0)
+                if not ch:
+                    continue
+                now = time.time_ns()
+                rec, snd = got[k]
+                for c in ch:
+                    if c.row is None or c.kind == ROW_SECTOR:
+                        continue
+                    sn = int(c.row["send_ns"])
+                    if sn > 0:
+                        rec.append(now)
+                        snd.append(sn)
+            if time.monotonic() - check > 0.1:
+                check = time.monotonic()
+                if stop.exists():
+                    break
+
+        def cat(j: int, which: int) -> np.ndarray:
+            return np.concatenate([np.asarray(got[k][which], np.int64) for k in j]) \
+                if j else np.zeros(0, np.int64)
+
+        parts = list(range(len(subs) - 1))
+        np.savez(spec["out"], part_recv=cat(parts, 0), part_send=cat(parts, 1),
+                 cons_recv=np.asarray(got[-1][0], np.int64),
+                 cons_send=np.asarray(got[-1][1], np.int64),
+                 gaps=np.array([s.counters["gaps"] for s in subs], np.int64))
+        return 0
+    finally:
+        for s in subs:
+            s.close()
+
+
+def _child(argv: list[str]) -> int:
+    if argv[0] == "consolidator":
+        return _consolidator_child(argv[1], argv[2])
+    if argv[0] == "receiver":
+        return _receiver_child(argv[1])
+    raise SystemExit(f"unknown child {argv[0]!r}")
+
+
+# ----------------------------------------------------------------------------- the run
+def _print_report(out: dict) -> None:
+    print(f"exposure cluster bench, {out['started']} ({out['seconds']} s): {out['command']}")
+    print(f"stream: {out['events']:,} events (perf/flowgen.py, 200 accounts, 2,000 "
+          "instruments; sources moved into their accounts' partitions)")
+    print("\n1. router: exposure.partition.route / split (what send --cluster does), ns per "
+          f"event, median of {next(iter(out['router'].values()))['repeats']}")
+    print(f"  {'partitions':>10} {'route':>8} {'split':>8}")
+    for p, r in out["router"].items():
+        print(f"  {p:>10} {r['route_ns']:>8.1f} {r['split_ns']:>8.1f}")
+    single = out.get("single")
+    print("\n2-3. sustained rate, closed loop, until every event acknowledged (journal "
+          "fsync every 2 ms)")
+    print(f"  {'system':<14} {'events/s':>10} {'ratio':>6} {'delivered/s':>12} "
+          f"{'client cpu':>10}  per partition (its events / until its last was applied)")
+    if single:
+        print(f"  {'one node':<14} {single['events_per_s']:>10,} {1:>6.2f} {'':>12} "
+              f"{single['client_cpu_percent']:>9.0f}%")
+    for p, c in out["clusters"].items():
+        r = c.get("rate")
+        if not r:
+            continue
+        ratio = r["events_per_s"] / single["events_per_s"] if single else float("nan")
+        per = ", ".join(f"{n} {v['events_per_s']:,}/s ({v['events']:,})"
+                        for n, v in r["partitions"].items())
+        print(f"  {f'{p} partitions':<14} {r['events_per_s']:>10,} {ratio:>6.2f} "
+              f"{r['delivered_per_s']:>12,} {r['client_cpu_percent']:>9.0f}%  {per}")
+    print("\n4. consolidator, cost per row it published (its process's CPU time; the time "
+          "in _publish)")
+    print(f"  {'partitions':>10} {'rate':>9} {'rows':>9} {'batches':>8} {'rows/b':>7} "
+          f"{'cpu ns/row':>10} {'publish':>8} {'cpu %':>6} {'lag ms':>7} {'gaps':>5}")
+    for p, c in out["clusters"].items():
+        k = c.get("consolidator")
+        if not k:
+            continue
+        rate = f"{k['rate']:,.0f}" if k["rate"] else "max"
+        print(f"  {p:>10} {rate:>9} {k['rows']:>9,} {k['batches']:>8,} "
+              f"{k['rows_per_batch']:>7.1f} {k['cpu_ns_per_row']:>10,} "
+              f"{k['publish_ns_per_row']:>8,} {k['cpu_percent']:>6.1f} "
+              f"{k['lag_after_last_apply_ms']:>7.0f} {k['gaps']:>5}")
+    for p, c in out["clusters"].items():
+        lat = c.get("latency")
+        if not lat:
+            continue
+        print(f"\n5. wire to wire at {lat['rate']:,.0f} events/s ({lat['achieved_rate']:,} "
+              f"achieved), {p} partitions, frames of {lat['frame']}, {lat['seconds']:g} s "
+              f"after {lat['warmup_s']:g} s; now - row send_ns, us")
+        print(f"  {'through':<24} {'p50':>8} {'p90':>8} {'p99':>9} {'p99.9':>9} "
+              f"{'max':>9} {'rows':>8}")
+        for name, key in (("the partitions", "partition"), ("the consolidator",
+                                                            "consolidator"),
+                          ("added (same event)", "added")):
+            s = lat[key]
+            print(f"  {name:<24} {s['p50_us']:>8.1f} {s['p90_us']:>8.1f} {s['p99_us']:>9.1f}"
+                  f" {s['p999_us']:>9.1f} {s['max_us']:>9.0f} {s['rows']:>8,}")
+        print(f"  p50 difference {lat['added_p50_us_difference']:+.1f} us, p99 difference "
+              f"{lat['added_p99_us_difference']:+.1f} us; consolidator "
+              f"{lat['consolidator_cpu_ns_per_row']:,} ns CPU per row, "
+              f"{lat['consolidator_rows_per_batch']:.1f} rows per batch, "
+              f"{lat['consolidator_cpu_percent']:.0f}% of a core; receiver gaps "
+              f"{lat['receiver_gaps']}; steal {lat['steal_s']} s")
+    print(f"\nsteal: {out['steal_percent']}% of CPU time ({out['steal_s']} s) over the run; "
+          f"{os.cpu_count()} CPUs")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--partitions", help="cluster sizes to start (default 1,2,4; --quick: 2)")
+    p.add_argument("--events", type=int, help="events in the stream (default 1,000,000; "
+                   "--quick: 200,000)")
+    p.add_argument("--runs", type=int, help="throughput runs per system, median "
+                   "(default 2; --quick: 1)")
+    p.add_argument("--router-repeats", type=int, default=5)
+    p.add_argument("--cons-rate", type=float, default=0.0,
+                   help="events/s of the consolidator's cost run (0: as fast as it goes)")
+    p.add_argument("--latency-rate", type=float, default=10_000.0)
+    p.add_argument("--latency-seconds", type=float, help="measured seconds (default 15; "
+                   "--quick: 5)")
+    p.add_argument("--latency-frame", type=int, default=1, help="events per frame")
+    p.add_argument("--latency-partitions", type=int, default=2,
+                   help="the cluster size whose consolidator's latency is measured (0: none)")
+    p.add_argument("--skip", default="", help="comma-separated: single, rate, cost, latency")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--quick", action="store_true", help="a smoke run (about a minute)")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    a.partitions = a.partitions or ("2" if a.quick else "1,2,4")
+    a.events = a.events or (200_000 if a.quick else 1_000_000)
+    a.runs = a.runs or (1 if a.quick else 2)
+    a.latency_seconds = a.latency_seconds or (5.0 if a.quick else 15.0)
+    counts = sorted({int(x) for x in a.partitions.split(",") if x.strip()})
+    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    if not counts or min(counts) < 1 or max(counts) > 64 or a.events < 10_000 or a.runs < 1:
+        p.error("--partitions within 1..64, --events at least 10,000, --runs at least 1")
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    # SIGTERM (a timeout's kill) unwinds through the finally blocks: nodes stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = datetime.now(UTC)
+    steal0, t0 = steal_ticks(), time.monotonic()
+    out: dict = {"started": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
+                 "command": " ".join(["python -m perf.bench_cluster", *(
+                     sys.argv[1:] if argv is None else argv)]),
+                 "events": a.events, "partitions": counts, "clusters": {}}
+    base = Path(tempfile.mkdtemp(prefix="exposure-bench-cluster-"))
+    try:
+        say(f"generating {a.events:,} events ...")
+        recs = flow(a.events, a.seed)
+        say("router ...")
+        out["router"] = router_cost(recs, sorted({1, 2, 4, 8} | set(counts)), a.router_repeats)
+        # The one node takes the stream as the 2-partition cluster has it (any map's
+        # stream is the same work for a node that owns everything).
+        if "single" not in skip:
+            say("one node ...")
+            out["single"] = single_node(base, respect_map(recs, bench_map(2)), a.runs, say)
+        for n in counts:
+            pmap = bench_map(n)
+            stream = respect_map(recs, pmap)
+            say(f"{n} partitions: starting ...")
+            bc = BenchCluster(base, pmap)
+            res: dict = {}
+            out["clusters"][n] = res
+            try:
+                bc.start()
+                session = 1
+                if "rate" not in skip:
+                    res["rate"] = cluster_rate(bc, stream, a.runs, session, say)
+                    session += a.runs
+                if not ({"cost", "latency"} <= skip):
+                    bc.start_consolidator()
+                if "cost" not in skip:
+                    res["consolidator"] = consolidator_cost(bc, stream, session, a.cons_rate,
+                                                            say)
+                    session += 1
+                if "latency" not in skip and n == a.latency_partitions:
+                    res["latency"] = consolidator_latency(
+                        bc, stream, session, a.latency_rate, a.latency_seconds, 1.0,
+                        a.latency_frame, say)
+            finally:
+                bc.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    out.update(_steal_since(steal0))
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    if out.get("single"):
+        for r in out["clusters"].values():
+            if r.get("rate"):
+                r["rate"]["ratio_to_one_node"] = round(
+                    r["rate"]["events_per_s"] / out["single"]["events_per_s"], 3)
+    if a.json:
+        sys.stdout.buffer.write(orjson.dumps(out, option=orjson.OPT_INDENT_2
+                                             | orjson.OPT_NON_STR_KEYS) + b"\n")
+    else:
+        _print_report(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

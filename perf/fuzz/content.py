@@ -17,6 +17,7 @@ from exposure.types import (
     EVENT_SIZE,
     R_BAD_FIELD,
     R_UNAUTHORIZED,
+    R_WRONG_PARTITION,
     T_CANCEL,
     T_DONE,
     T_FILL,
@@ -142,10 +143,11 @@ def model_authorized(recs: np.ndarray, spec: Spec) -> np.ndarray:
 
 def model_reject_byte(recs: np.ndarray, ok: np.ndarray) -> np.ndarray:
     """The reject byte a node stamps: 9 (unauthorized) where not ``ok``; else the client's
-    own, except that a client's own 9 becomes bad_field (only ingest decides that one)."""
+    own, except that a client's own 9 or 8 (wrong_partition) becomes bad_field (only
+    ingest decides those)."""
     own = recs["reject"]
-    return np.where(ok, np.where(own == R_UNAUTHORIZED, R_BAD_FIELD, own),
-                    R_UNAUTHORIZED).astype(np.uint8)
+    mine = np.isin(own, [R_UNAUTHORIZED, R_WRONG_PARTITION])
+    return np.where(ok, np.where(mine, R_BAD_FIELD, own), R_UNAUTHORIZED).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- content

@@ -208,12 +208,15 @@ def _cmd_send(args: argparse.Namespace) -> int:
         res = send_records(cfg.ingest_host, cfg.ingest_port, recs, args.session,
                            timeout=args.timeout, retry_s=retry, rate=args.rate,
                            alternates=others, secret=secret,
-                           progress=lambda m: print(f"exposure send: {m}", file=sys.stderr,
-                                                    flush=True))
+                           progress=_send_progress)
     except SendError as e:
         return _fail(str(e))
     sys.stdout.buffer.write(orjson.dumps(res) + b"\n")
     return 0
+
+
+def _send_progress(msg: str) -> None:
+    print(f"exposure send: {msg}", file=sys.stderr, flush=True)
 
 
 def _send_cluster(args: argparse.Namespace) -> int:
@@ -246,8 +249,7 @@ def _send_cluster(args: argparse.Namespace) -> int:
     try:
         res = send_cluster(cl, recs, args.session, timeout=args.timeout, retry_s=args.retry,
                            rate=args.rate, secrets=secrets,
-                           progress=lambda m: print(f"exposure send: {m}", file=sys.stderr,
-                                                    flush=True))
+                           progress=_send_progress)
     except SendError as e:
         return _fail(str(e))
     sys.stdout.buffer.write(orjson.dumps(res) + b"\n")

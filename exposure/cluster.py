@@ -339,7 +339,7 @@ def send_cluster(cluster: Cluster, recs: np.ndarray, session: int = 1, timeout: 
                 alternates=others, secret=secrets[k] if secrets else None,
                 progress=(lambda m, n=cluster.names[k]: progress(f"{n}: {m}"))
                 if progress else None)
-        except (SendError, OSError) as e:
+        except Exception as e:  # noqa: BLE001  (reported as this partition's failure)
             results[k] = e
 
     threads = [threading.Thread(target=one, args=(k,), daemon=True) for k in range(len(parts))]
@@ -347,7 +347,8 @@ def send_cluster(cluster: Cluster, recs: np.ndarray, session: int = 1, timeout: 
         t.start()
     for t in threads:
         t.join()
-    failed = [(cluster.names[k], r) for k, r in enumerate(results) if isinstance(r, Exception)]
+    failed = [(cluster.names[k], r) for k, r in enumerate(results)
+              if not isinstance(r, dict)]
     if failed:
         raise SendError("; ".join(f"partition {n!r}: {e}" for n, e in failed))
     total = {"events": len(recs), "delivered": 0, "sent": 0, "acknowledged": 0,

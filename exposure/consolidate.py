@@ -26,8 +26,10 @@ lose: it rebuilds from the partitions' snapshots. Positions and counts are not o
 partitions' feeds, so its segment has none: ``exposure dump --cluster`` composes the whole
 document (counts and positions too) from the partitions' own segments.
 
-Nothing is published until every partition's subscriber has joined (applied a first
-snapshot): a view of some partitions only would be a wrong fund.
+Nothing is published while a partition's subscriber is not live: joining (before its first
+snapshot), or recovering from a loss or from the partition's new epoch (a restart, a
+pair's failover: its view was dropped). The rows that moved meanwhile are held and
+composed once its snapshot is in: a view of some partitions only would be a wrong fund.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class ConsolidateStage(Stage):
         self.rows_total = 0
         self.batches = 0
         self.joined = False
+        self.held = 0  # passes that held the rows back while a partition was not live
         self.on_ready = on_ready  # called once, after the first rows are published
         self._pub = _words(state.pub)
         self._ipub = _words(state.ipub)
@@ -118,10 +121,14 @@ class ConsolidateStage(Stage):
             for ch in sub.poll(0):
                 self.dirty[ch.kind].add(ch.id)
                 work += 1
+        if not all(s.state == "live" for s in self.subs):
+            # A partition joining, or recovering (a loss, or a new epoch whose view was
+            # dropped): its rows are incomplete, so the cluster's would be wrong. Hold
+            # what moved until its snapshot is in.
+            self.held += 1
+            return work
         if not self.joined:
-            self.joined = all(s.state != "joining" for s in self.subs)
-            if not self.joined:
-                return work
+            self.joined = True
             self.dirty[ROW_FUND].add(-1)  # the first batch: at least the fund's row
             work += 1
         if not any(self.dirty.values()):
@@ -132,9 +139,10 @@ class ConsolidateStage(Stage):
         return work + 1
 
     def wait_io(self, timeout: float) -> bool:
-        """Sleep until a partition's datagram arrives (or ``timeout``)."""
+        """Sleep until a partition's datagram arrives, or for 10 ms at most (the fan-out's
+        heartbeats and the recovery server's clients wait that long when idle)."""
         try:
-            select.select(self._socks, [], [], timeout)
+            select.select(self._socks, [], [], max(timeout, 0.01))
         except (OSError, ValueError):
             time.sleep(timeout)
         return True

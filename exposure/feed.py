@@ -126,8 +126,11 @@ _IDS = {ROW_ACCOUNT: "account", ROW_FUND: "account", ROW_INSTRUMENT: "instrument
         ROW_SECTOR: "sector"}
 _KINDS = (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR)
 # Bytes of a row compared to tell a change from a re-send of the same state: the breach
-# byte and the body (the head's tags differ between an event's row and a refresh's).
-_BODY = slice(56, ROW_SIZE)
+# byte and the body up to the kind's last field (the head's tags differ between an event's
+# row and a refresh's; the padding after the last field is not state, and numpy's copies
+# of a dtype with gaps leave it undefined).
+_BODY = {k: slice(56, max(o + dt.itemsize for dt, o in (v[:2] for v in d.fields.values())))
+         for k, d in _DTYPES.items()}
 _HDR = DGRAM_HEADER.size
 
 
@@ -703,8 +706,9 @@ class Subscriber:
             if replace_equal:
                 same_g = gnew == gcur
                 if same_g.any():  # equal gseq: written only when the state differs
+                    body = _BODY[kind]
                     newer |= same_g & ((rb[:, 1] != cb[:, 1])
-                                       | (rb[:, _BODY] != cb[:, _BODY]).any(axis=1))
+                                       | (rb[:, body] != cb[:, body]).any(axis=1))
             sel = np.flatnonzero(~had | newer)
             if not len(sel):
                 continue

@@ -312,6 +312,28 @@ def test_late_join_takes_a_snapshot_then_merges_incrementals_by_gseq(node):
 
 
 @pytest.mark.timeout(60)
+def test_rows_re_sent_with_the_same_state_are_no_change(node):
+    """Refresh rows of unchanged state (several in one batch, of every kind, instrument
+    and sector rows with padding after their last field) report no change and leave the
+    event's tags in the view."""
+    sub = node.subscriber(snapshot=[])
+    try:
+        node.send(acc(4, 0, 10.0, 1.0), inst(9, 0, 3.5, 12, 2), sec(5, 0, 42.0, 42.0))
+        pump(sub, settled(sub, node), "the event")
+        sent_ns = int(sub.table(ROW_INSTRUMENT)[9]["send_ns"])
+        for _ in range(3):
+            rows = [r.copy() for r in node.rows.values()]
+            for r in rows:  # as a refresh sends them: no event tag
+                r["session"], r["sseq"], r["send_ns"] = NO_SESSION, 0, 0
+            node.raw(datagram(node.epoch, node.seq, rows + rows, DG_REFRESH))
+            assert pump(sub, settled(sub, node), "the refresh") == []
+        assert int(sub.table(ROW_INSTRUMENT)[9]["send_ns"]) == sent_ns
+        same(sub, node)
+    finally:
+        sub.close()
+
+
+@pytest.mark.timeout(60)
 def test_a_slow_snapshot_never_holds_up_datagrams(node):
     _base(node)
     node.server.gate.clear()  # the recovery server takes its time

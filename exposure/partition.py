@@ -57,7 +57,7 @@ class MapError(ValueError):
     """A partition map that does not give every id at most one partition."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # (numpy tables: compared by identity)
 class PartitionMap:
     """Owner tables of a cluster: ``names[k]`` owns the accounts ``a`` with
     ``acc_owner[a] == k`` and the sources ``s`` with ``src_owner[s] == k``."""

@@ -20,11 +20,12 @@ with a recovery server (:class:`~exposure.stages.snapshot_server.SnapshotServer`
 subscribers: the formats are a node's, so engines subscribe to the cluster as to one node.
 
 The consolidator's rows carry its own sequence (one gseq per composed batch) and its own
-epoch (the start time, in seconds): a restarted consolidator is a new incarnation whose
-subscribers drop their view and fetch its snapshot. It keeps no state that a restart can
-lose: it rebuilds from the partitions' snapshots. Positions and counts are not on the
-partitions' feeds, so its segment has none: ``exposure dump --cluster`` composes the whole
-document (counts and positions too) from the partitions' own segments.
+epoch (the start time, in seconds; a consolidator waits for the next second before it
+exits or picks one, so every restart is a higher epoch): a restarted consolidator is a new
+incarnation whose subscribers drop their view and fetch its snapshot. It keeps no state
+that a restart can lose: it rebuilds from the partitions' snapshots. Positions and counts
+are not on the partitions' feeds, so its segment has none: ``exposure dump --cluster``
+composes the whole document (counts and positions too) from the partitions' own segments.
 
 Nothing is published while a partition's subscriber is not live: joining (before its first
 snapshot), or recovering from a loss or from the partition's new epoch (a restart, a

@@ -38,9 +38,25 @@ from .types import UPDATE_DTYPE
 __all__ = ["run_consolidator", "epoch_now"]
 
 
-def epoch_now() -> int:
-    """A new incarnation's epoch: the time in seconds (a restart is a higher epoch)."""
+def epoch_now(after: int = 0) -> int:
+    """A new incarnation's epoch: the time in whole seconds, once it is past ``after``
+    (waits for that: a restart must be a higher epoch, or its subscribers would take its
+    datagrams for the old incarnation's)."""
+    while int(time.time()) <= after:
+        time.sleep(0.02)
     return int(time.time()) & 0xFFFFFFFF
+
+
+def _previous_epoch_bound(name: str) -> int:
+    """The highest epoch a dead consolidator whose segment is left could have had: it took
+    its epoch within a second of creating the segment (0: no segment left)."""
+    import posix_ipc
+
+    try:
+        with TallySegment.attach(name) as old:
+            return int(old.layout.header(old.buf)["writer_start"]) + 1
+    except (FileNotFoundError, ValueError, posix_ipc.Error):
+        return 0
 
 
 def run_consolidator(cluster: Cluster, stop: list, on_ready=None) -> dict:
@@ -53,10 +69,11 @@ def run_consolidator(cluster: Cluster, stop: list, on_ready=None) -> dict:
                       sectors=cfg.caps.sectors, sources=1, orders=1, cells=1)
     ring_name = cfg.segment("ring.fanout")
     Ring.unlink(ring_name)  # a dead consolidator's leftovers
+    after = _previous_epoch_bound(cfg.segment("tally"))
     seg = TallySegment.create(cfg.segment("tally"), caps, mode=cfg.desk_mode,
                               group=cfg.desk_group)
     ring = Ring.create(ring_name, cfg.rings["fanout"], UPDATE_DTYPE.itemsize)
-    epoch = epoch_now()
+    epoch = epoch_now(after)
     ctl = np.zeros(CONTROL_WORDS, np.int64)
     ctl[CTL_ROLE], ctl[CTL_EPOCH] = ROLE_PRIMARY, epoch
     subs: list[Subscriber] = []
@@ -77,6 +94,7 @@ def run_consolidator(cluster: Cluster, stop: list, on_ready=None) -> dict:
         Runner(stages, WaitStrategy("block")).run(stop)
         return {"batches": cons.batches, "rows": cons.rows_total, "epoch": epoch}
     finally:
+        epoch_now(epoch)  # a successor started after this returns has a higher epoch
         for s in stages:
             s.close()
         for s in subs:

@@ -104,19 +104,6 @@ class LiveCluster:
             n.stop()
 
 
-@pytest.fixture
-def two(tmp_path):
-    c = LiveCluster(tmp_path, [("p0", [[0, 2047]], [[0, 7]]),
-                               ("p1", [[2048, 4095]], [[8, 15]])])
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
-    for n in c.nodes:
-        assert n.segments() == [], f"{n.name} left segments behind"
-
-
 def _send(c: LiveCluster, tmp, recs, *extra) -> dict:
     f = tmp / "events.jsonl"
     f.write_bytes(to_jsonl(recs))
@@ -146,44 +133,6 @@ def _applied(c: LiveCluster, recs, nodes=None) -> None:
         want = len(sub)
         wait_until(lambda n=n, want=want: n.last_gseq() == want, 60,
                    f"{n.name} applies {want} events")
-
-
-def test_two_partitions_equal_replay_and_reject_what_is_misrouted_through_a_restart(
-        two, tmp_path):
-    """A seeded stream with 1% misrouted orders through two partitions; partition p1 is
-    killed (-9) and restarted halfway, and the client resends what it does not hold. Each
-    misrouted event is rejected as wrong_partition and changes nothing else; the composed
-    document (`exposure dump --cluster`) equals replay of the whole stream, and each
-    partition equals replay of what was routed to it."""
-    seed = 31
-    print(f"seed {seed}")
-    pm = two.cluster.pmap
-    recs, bad = cluster_stream(seed, pm, n=16_000, misroute=0.01)
-    half = len(recs) // 2
-    _send(two, tmp_path, recs[:half])
-    _applied(two, recs[:half])
-    assert compare_documents(_dump(two), replay_cluster(recs[:half], pm)) == []
-    two.nodes[1].kill9()
-    two.nodes[1].start()
-    res = _send(two, tmp_path, recs, "--retry", "60")
-    subs = split(recs, pm)
-    assert res["events"] == len(recs)
-    assert res["delivered"] == sum(len(s) for s in subs)
-    assert res["partitions"]["p1"]["resent_skipped"] > 0  # it held the first half
-    assert set(res["rejects"]) <= {"wrong_partition"}
-    _applied(two, recs)
-
-    got = _dump(two)
-    assert compare_documents(got, replay_cluster(recs, pm)) == []
-    want = document(replay_records(recs[~bad]))  # misrouted: rejected, nothing else moves
-    want["counts"]["rejected"] += int(bad.sum())
-    want["counts"]["rejects"]["wrong_partition"] = int(bad.sum())
-    assert compare_documents(got, want) == []
-    for k, n in enumerate(two.nodes):
-        with Desk(n.name) as desk:
-            mine = desk.document()
-        assert compare_documents(mine, document(replay_partition(recs, pm, k))) == []
-    assert "partition p1 of" in two.nodes[1].log.read_text()  # its banner says what it owns
 
 
 def _cluster_rows(doc: dict) -> dict:
@@ -236,7 +185,7 @@ def test_three_partitions_and_the_consolidator_through_its_restart(tmp_path):
 
 def _consolidator_through_a_restart(two: LiveCluster, tmp_path, seed: int) -> None:
     pm = two.cluster.pmap
-    recs, _ = cluster_stream(seed, pm, n=10_000)
+    recs, _ = cluster_stream(seed, pm, n=6_000)
     half = len(recs) // 2
     two.start_consolidator()
     _send(two, tmp_path, recs[:half])
@@ -263,10 +212,14 @@ def _consolidator_through_a_restart(two: LiveCluster, tmp_path, seed: int) -> No
     assert not os.path.exists(f"/dev/shm/exposure.{two.cons_name}.tally")
 
 
-def test_a_partition_that_is_a_pair_fails_over_mid_stream(tmp_path):
-    """p1 is a primary/backup pair (its own etcd prefix). Its primary is killed (-9) mid
-    stream; the backup takes over, the client fails over to it and resends, the
-    consolidator's subscriber follows the pair; the cluster's document stays exact."""
+def test_misrouted_events_a_restart_and_a_pair_failover_leave_the_cluster_exact(tmp_path):
+    """p0 is a node, p1 a primary/backup pair (its own etcd prefix), with the consolidator.
+    A seeded stream with 1% misrouted orders; halfway p0 is killed (-9) and restarted and
+    p1's primary is killed (-9): the backup takes over, the client resends what each
+    partition does not hold (failing over to p1's backup), the consolidator follows the
+    pair. Each misrouted event is rejected as wrong_partition and changes nothing else; the
+    composed document equals replay of the whole stream, each partition equals replay of
+    what was routed to it, and the consolidator's segment and feed show the cluster."""
     seed = 35
     print(f"seed {seed}")
     etcd = etcd_or_skip(tmp_path)
@@ -276,17 +229,34 @@ def test_a_partition_that_is_a_pair_fails_over_mid_stream(tmp_path):
         c.start()
         c.start_consolidator()
         pm = c.cluster.pmap
-        recs, _ = cluster_stream(seed, pm, n=10_000)
+        recs, bad = cluster_stream(seed, pm, n=12_000, misroute=0.01)
         half = len(recs) // 2
         _send(c, tmp_path, recs[:half])
         _applied(c, recs[:half])
+        assert compare_documents(_dump(c), replay_cluster(recs[:half], pm)) == []
         pair = c.pairs["p1"]
+        c.nodes[0].kill9()
+        c.nodes[0].start()
         pair.a.kill9()
         res = _send(c, tmp_path, recs, "--retry", "60")
+        assert res["events"] == len(recs)
+        assert res["delivered"] == sum(len(s) for s in split(recs, pm))
+        assert res["partitions"]["p0"]["resent_skipped"] > 0  # it held the first half
         assert res["partitions"]["p1"]["endpoint"].endswith(f":{pair.b.port}")
-        _applied(c, recs, nodes=[c.nodes[0], pair.b])
-        want = document(replay_records(recs))
-        assert compare_documents(_dump(c), want) == []  # read from the new primary
+        assert set(res["rejects"]) <= {"wrong_partition"}
+        nodes = [c.nodes[0], pair.b]
+        _applied(c, recs, nodes=nodes)
+        got = _dump(c)  # p1 read from its new primary
+        assert compare_documents(got, replay_cluster(recs, pm)) == []
+        want = document(replay_records(recs[~bad]))  # misrouted: rejected, nothing moves
+        want["counts"]["rejected"] += int(bad.sum())
+        want["counts"]["rejects"]["wrong_partition"] = int(bad.sum())
+        assert compare_documents(got, want) == []
+        for k, n in enumerate(nodes):
+            with Desk(n.name) as desk:
+                mine = desk.document()
+            assert compare_documents(mine, document(replay_partition(recs, pm, k))) == []
+        assert "partition p0 of" in c.nodes[0].log.read_text()  # its banner: what it owns
         _converged(c, want)
     finally:
         c.stop()

@@ -23,9 +23,10 @@ from perf.flowgen import generate, to_jsonl
 
 N_EVENTS = 200_000
 RATE = 40_000  # events/s: the stream lasts about 5 s, so the kills land inside it
-# Kills per stream, each followed by a restart: the hot process twice (the second kill hits
-# a recovered node), the others once (the suite's 15 minutes).
-KILLS = {"hot": 2, "durable": 1, "supervisor": 1}
+# One stream, three kills, each followed by a restart, in a seeded order: the hot process,
+# the durable one and the supervisor (systemd restarts the node); the second and third
+# kills hit a recovered node. (The suite's 15 minutes: one stream, not one per victim.)
+VICTIMS = ("hot", "durable", "supervisor")
 
 
 def _wait_restarted(node: LiveNode, old: dict[str, int], timeout: float = 60) -> None:
@@ -38,13 +39,23 @@ def _wait_restarted(node: LiveNode, old: dict[str, int], timeout: float = 60) ->
     raise AssertionError(f"the node did not restart its processes: {node.log.read_text()}")
 
 
+def _all_up(node: LiveNode, timeout: float = 60) -> dict[str, int]:
+    """The node's pids once the supervisor and every stage process run."""
+    end = time.time() + timeout
+    while time.time() < end:
+        pids = node.pids()
+        if all(v in pids for v in VICTIMS):
+            return pids
+        time.sleep(0.05)
+    raise AssertionError(f"the node's processes did not all start: {node.log.read_text()}")
+
+
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("victim", ["hot", "durable", "supervisor"])
-def test_kill_9_mid_stream_loses_nothing_acknowledged_and_counts_nothing_twice(tmp_path,
-                                                                            victim):
+def test_kill_9_mid_stream_loses_nothing_acknowledged_and_counts_nothing_twice(tmp_path):
     seed = random.SystemRandom().randrange(1 << 30)
-    print(f"seed {seed} victim {victim}")
     rnd = random.Random(seed)
+    victims = rnd.sample(VICTIMS, len(VICTIMS))
+    print(f"seed {seed} victims {victims}")
     events = tmp_path / "flow.jsonl"
     events.write_bytes(to_jsonl(generate(N_EVENTS, accounts=100, instruments=1000,
                                          universe=40, live_target=5000, seed=seed)))
@@ -55,11 +66,11 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged_and_counts_nothing_twice(t
             [sys.executable, "-m", "exposure", "send", str(events), "--config",
              str(node.config), "--retry", "180", "--rate", str(RATE), "--timeout", "60"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        points = sorted(rnd.uniform(1.0, N_EVENTS / RATE) for _ in range(KILLS[victim]))
+        points = sorted(rnd.uniform(1.0, N_EVENTS / RATE) for _ in victims)
         t0 = time.time()
-        for at in points:
+        for at, victim in zip(points, victims, strict=True):
             time.sleep(max(0.0, t0 + at - time.time()))
-            pids = node.pids()
+            pids = _all_up(node)  # (a restart may still be starting the processes)
             os.kill(pids[victim], signal.SIGKILL)
             if victim == "supervisor":
                 node.proc.wait()
@@ -84,5 +95,6 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged_and_counts_nothing_twice(t
     # Each event is in the journal exactly once: what was lost in flight had never been
     # held, so the client resent it; what was durable the client skipped on resuming.
     assert scan(node.data_dir).records == N_EVENTS
-    if victim != "supervisor":
-        assert node.log.read_text().count("restarting the node's processes") == KILLS[victim]
+    # the supervisor restarts the node's processes after each stage process's death (a
+    # killed supervisor is restarted by systemd, here the test: a new log line of its own)
+    assert node.log.read_text().count("restarting the node's processes") == 2

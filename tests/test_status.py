@@ -206,12 +206,12 @@ def test_demo_starts_a_node_streams_a_flow_shows_it_and_cleans_up(tmp_path):
 
     n = LiveNode(tmp_path, start=False)  # only its config: the demo starts the node
     p = subprocess.run([sys.executable, "-m", "exposure", "demo", "--rate", "2000",
-                        "--seconds", "6", "--config", str(n.config)],
+                        "--seconds", "3", "--config", str(n.config)],
                        capture_output=True, timeout=240,
                        env={**os.environ, "TMPDIR": str(tmp_path)})  # its data dir here
     out = p.stdout.decode()
     assert p.returncode == 0, (out[-3000:], p.stderr.decode()[-3000:])
-    assert "exposure demo: streaming 12,000 generated events at 2,000/s" in out
+    assert "exposure demo: streaming 6,000 generated events at 2,000/s" in out
     seen = [int(g.replace(",", "")) for g in re.findall(r"gseq ([\d,]+)", out)]
     assert seen and seen[-1] > 0, out[-3000:]  # the dashboard saw the flow arrive
     assert "fund" in out and "accounts" in out

@@ -438,23 +438,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from .status import cluster_status, node_status, render, render_cluster
 
     if args.cluster:
-        st = cluster_status(_load_cluster(args.cluster))
-        if args.json or args.compact:
-            opt = 0 if args.compact else orjson.OPT_INDENT_2
-            sys.stdout.buffer.write(orjson.dumps(st, option=opt) + b"\n")
-        else:
-            print(render_cluster(st))
-        return 0
-    cfg = _load_cfg(args.config)
-    try:
-        st = node_status(cfg)
-    except (FileNotFoundError, TimeoutError) as e:
-        return _fail(f"no node {cfg.name!r} is running on this host ({e})")
+        st, text = cluster_status(_load_cluster(args.cluster)), render_cluster
+    else:
+        cfg = _load_cfg(args.config)
+        try:
+            st, text = node_status(cfg), render
+        except (FileNotFoundError, TimeoutError) as e:
+            return _fail(f"no node {cfg.name!r} is running on this host ({e})")
     if args.json or args.compact:
         opt = 0 if args.compact else orjson.OPT_INDENT_2
         sys.stdout.buffer.write(orjson.dumps(st, option=opt) + b"\n")
     else:
-        print(render(st))
+        print(text(st))
     return 0
 
 

@@ -85,7 +85,14 @@ from exposure.cluster import Cluster, load_cluster, send_cluster
 from exposure.partition import PartitionMap, route, split
 from exposure.types import C_LAST_GSEQ, T_CANCEL, T_DONE, T_FILL, T_NEW, T_REPLACE
 from perf.flowgen import generate
-from perf.localnode import LocalNode, free_group, free_port, wait_until
+from perf.localnode import (
+    LocalNode,
+    cpu_times,
+    free_group,
+    free_port,
+    process_map,
+    wait_until,
+)
 from perf.measure import summarize
 
 Say = Callable[[str], None]  # where progress goes (stderr)
@@ -103,20 +110,8 @@ RETRY_S = 30.0
 
 # 2 cores: the hot path spins briefly, then blocks (several hot processes share the CPUs);
 # journal and recovery server sleep 2 ms ticks on the first CPU (examples/cluster/p0.toml).
-_PROCESS_MAP = """
-[[process]]
-name = "hot"
-stages = ["ingest", "compute", "fanout"]
-cpu = {cpu}
-wait = "spin-then-block"
-
-[[process]]
-name = "durable"
-stages = ["journal", "snapshot"]
-cpu = -2
-wait = "sleep"
-tick_us = 2000
-"""
+def _process_map(cpu: int) -> str:
+    return process_map("spin-then-block", cpu, 2000, ("journal", "snapshot"))
 
 # The consolidator child's counters (a memory-mapped int64 file the bench reads).
 (_S_READY, _S_ROWS, _S_BATCHES, _S_PUB_NS, _S_POLL_NS, _S_IN, _S_CPU_NOW, _S_CPU_PUB,
@@ -299,18 +294,6 @@ def timed_send(send: Callable[[], dict], progress: Progress, counts: list[int]) 
             **_steal_since(steal0)}
 
 
-def _cpu_s(pids: dict[str, int]) -> dict[str, float]:
-    """CPU seconds (user + system) so far of each process."""
-    out = {}
-    for name, pid in pids.items():
-        try:
-            t = psutil.Process(pid).cpu_times()
-            out[name] = t.user + t.system
-        except psutil.Error:
-            pass
-    return out
-
-
 def _others() -> int:
     """Processes of exposure nodes, consolidators or tests that this run did not start
     (others measuring or testing on the same machine meanwhile)."""
@@ -342,9 +325,9 @@ def settle(pids: list[int], say: Say, timeout: float = 30.0, busy: float = 0.25)
     waited."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        c0 = sum(_cpu_s({str(p): p for p in pids}).values())
+        c0 = sum(cpu_times({str(p): p for p in pids}).values())
         time.sleep(0.5)
-        if sum(_cpu_s({str(p): p for p in pids}).values()) - c0 < 0.5 * busy:
+        if sum(cpu_times({str(p): p for p in pids}).values()) - c0 < 0.5 * busy:
             return time.monotonic() - t0
     say(f"  (still busy after {timeout:.0f} s; measuring anyway)")
     return time.monotonic() - t0
@@ -390,7 +373,7 @@ class BenchCluster:
         for k, name in enumerate(pmap.names):
             n = LocalNode(self.dir, prefix=f"bc{name}", start=False, extra=(
                 f'[partition]\ncluster = "{self.file}"\nname = "{name}"\n'
-                + _PROCESS_MAP.format(cpu=-1 if k % 2 == 0 else -2)))
+                + _process_map(-1 if k % 2 == 0 else -2)))
             self.nodes.append(n)
             k_acc = np.flatnonzero(pmap.acc_owner == k)
             k_src = np.flatnonzero(pmap.src_owner == k)
@@ -435,7 +418,7 @@ class BenchCluster:
         for f in sorted(self.dir.glob("*.log")):
             say(f"--- {f.name}:\n{f.read_text(errors='replace')[-chars:]}")
 
-    def cons_cpu_s(self) -> float:
+    def conscpu_times(self) -> float:
         t = psutil.Process(self.cons.pid).cpu_times()
         return t.user + t.system
 
@@ -497,7 +480,7 @@ class SingleNode:
 
     def __init__(self, base: Path, recs: np.ndarray):
         self.node = LocalNode(base, prefix="bcs", start=False,
-                              extra=_PROCESS_MAP.format(cpu=-1))
+                              extra=_process_map(-1))
         self.recs = recs
         self.runs: list[dict] = []
         self.progress: Progress | None = None
@@ -613,9 +596,9 @@ def consolidator_cost(bc: BenchCluster, recs: np.ndarray, session: int, rate: fl
     # Idle: no event for idle_s seconds (the partitions' feeds send heartbeats and their
     # slow refresh cycle of unchanged rows).
     time.sleep(0.2)
-    i0, c0, t0 = np.array(st), bc.cons_cpu_s(), time.monotonic()
+    i0, c0, t0 = np.array(st), bc.conscpu_times(), time.monotonic()
     time.sleep(idle_s)
-    i1, c1, dt = np.array(st), bc.cons_cpu_s(), time.monotonic() - t0
+    i1, c1, dt = np.array(st), bc.conscpu_times(), time.monotonic() - t0
     out["idle"] = {"seconds": round(dt, 2),
                    "input_changes_per_s": round(int(i1[_S_IN] - i0[_S_IN]) / dt, 1),
                    "rows_per_s": round(int(i1[_S_ROWS] - i0[_S_ROWS]) / dt, 1),
@@ -699,12 +682,12 @@ def consolidator_latency(bc: BenchCluster, recs: np.ndarray, session: int, rate:
         pids.update(consolidator=bc.cons.pid, receiver=rx.pid, client=os.getpid())
         s0 = np.array(st)
         steal0, psi0 = steal_ticks(), cpu_pressure_us()
-        cpu0 = _cpu_s(pids)
+        cpu0 = cpu_times(pids)
         t_start = time.time_ns()
         mono0 = time.monotonic_ns()
         res = paced_send(bc.cluster, rr, session, rate, frame)
         wall = (time.monotonic_ns() - mono0) / 1e9
-        cpu1 = _cpu_s(pids)
+        cpu1 = cpu_times(pids)
         psi = round((cpu_pressure_us() - psi0) / 1e4 / wall, 1)
         time.sleep(0.5)  # the last rows through the consolidator
         s1 = np.array(st)

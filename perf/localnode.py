@@ -301,10 +301,13 @@ class LocalNode:
             os.unlink(f"/dev/shm/{n}")
 
 
-def process_map(hot_wait: str = "spin", hot_cpu: int = -1, tick_us: int = 500) -> str:
+def process_map(hot_wait: str = "spin", hot_cpu: int = -1, tick_us: int = 500,
+                durable: tuple[str, ...] = ("journal", "mirror")) -> str:
     """The [[process]] tables of a node of a pair (and of the standalone node the pair
     benchmark compares with): ingest, compute and fan-out in one process; journal and
-    mirror in a second one, sleeping a tick between polls on CPU 0."""
+    mirror (``durable``) in a second one, sleeping a tick between polls on CPU 0. (A
+    cluster's partitions on 2 cores: ``hot_wait="spin-then-block"``, ``durable=("journal",
+    "snapshot")``, ``tick_us=2000``.)"""
     return f"""
 [[process]]
 name = "hot"
@@ -315,11 +318,25 @@ tick_us = {tick_us}
 
 [[process]]
 name = "durable"
-stages = ["journal", "mirror"]
+stages = [{", ".join(f'"{s}"' for s in durable)}]
 cpu = -2
 wait = "sleep"
 tick_us = {tick_us}
 """
+
+
+def cpu_times(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each process still running."""
+    import psutil
+
+    out = {}
+    for name, pid in pids.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+            out[name] = t.user + t.system
+        except psutil.Error:
+            pass
+    return out
 
 
 class LocalPair:

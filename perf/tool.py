@@ -45,7 +45,7 @@ import psutil
 from exposure.config import ConfigError, NodeConfig, load_config
 from perf.flowgen import generate
 from perf.loadgen import RunRaw, open_loop
-from perf.localnode import free_group, free_port
+from perf.localnode import cpu_times, free_group, free_port
 from perf.measure import (
     PLOT_PERCENTILES,
     collect_arrivals,
@@ -235,17 +235,6 @@ def _flow(n: int, seed: int) -> np.ndarray:
                     seed=seed)
 
 
-def _cpu_times(pids: dict[str, int]) -> dict[str, float]:
-    out = {}
-    for name, pid in pids.items():
-        try:
-            t = psutil.Process(pid).cpu_times()
-            out[name] = t.user + t.system
-        except psutil.Error:
-            pass
-    return out
-
-
 def measure_run(target: Target, block: np.ndarray, rate: float, duration: float,
                 warmup: float, session: int, frame: int = 1,
                 client_cpu: int | None = None) -> dict:
@@ -255,14 +244,14 @@ def measure_run(target: Target, block: np.ndarray, rate: float, duration: float,
     mask = os.sched_getaffinity(0)
     if client_cpu is not None:
         os.sched_setaffinity(0, {client_cpu})
-    cpu0, t0 = _cpu_times(target.pids), time.monotonic()
+    cpu0, t0 = cpu_times(target.pids), time.monotonic()
     try:
         raw = open_loop(target.host, target.port, target.group, target.mport,
                         target.interface, block, n, rate, session, frame=frame)
     finally:
         os.sched_setaffinity(0, mask)  # processes started later get every CPU
     wall = time.monotonic() - t0
-    cpu1 = _cpu_times(target.pids)
+    cpu1 = cpu_times(target.pids)
     return summarize_run(raw, warmup, {k: round(100 * (cpu1[k] - cpu0[k]) / wall, 1)
                                        for k in cpu1 if k in cpu0})
 

@@ -18,26 +18,15 @@ from exposure.feed import Subscriber
 from exposure.parse import to_jsonl
 from exposure.partition import split
 from exposure.replay import replay_records
-from perf.localnode import free_group, wait_until
+from perf.localnode import free_group, process_map, wait_until
 from tests.clusterflow import cluster_stream
 from tests.nodes import LiveNode, LocalPair, etcd_or_skip, free_port
 
 pytestmark = pytest.mark.timeout(400)
 
-HOT = """
-[[process]]
-name = "hot"
-stages = ["ingest", "compute", "fanout"]
-cpu = {cpu}
-wait = "spin-then-block"
-
-[[process]]
-name = "durable"
-stages = ["journal", "snapshot"]
-cpu = -2
-wait = "sleep"
-tick_us = 2000
-"""
+def _hot(cpu: int) -> str:
+    """A partition's process map on 2 cores (examples/cluster/p0.toml)."""
+    return process_map("spin-then-block", cpu, 2000, ("journal", "snapshot"))
 
 
 class LiveCluster:
@@ -64,7 +53,7 @@ class LiveCluster:
                 files = f'["{pair.a.config}", "{pair.b.config}"]'
             else:
                 n = LiveNode(tmp, prefix=f"c{name}", start=False,
-                             extra=part + HOT.format(cpu=-2 if pairs or k % 2 else -1))
+                             extra=part + _hot(-2 if pairs or k % 2 else -1))
                 self.nodes.append(n)
                 files = f'"{n.config}"'
             text += (f'[[partition]]\nname = "{name}"\nconfig = {files}\n'

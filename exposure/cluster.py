@@ -315,14 +315,16 @@ def replay_cluster(recs: np.ndarray, pmap: PartitionMap, caps=None) -> dict:
 # ----------------------------------------------------------------------------- routing
 def send_cluster(cluster: Cluster, recs: np.ndarray, session: int = 1, timeout: float = 60.0,
                  retry_s: float | None = None, rate: float = 0.0,
-                 secrets: list[bytes | None] | None = None, progress=None) -> dict:
+                 secrets: list[bytes | None] | None = None, progress=None,
+                 frame: int = 1024) -> dict:
     """Send ``recs`` through the cluster: each record to its partition by the map (marks
     and instruments to all), one session per partition with its own seqs, resends and
     failover (:func:`exposure.client.send_records`), all partitions at once. Returns the
     counts of each partition and their sums (``events``: the file's records;
     ``delivered``: what the partitions were sent, a mark or instrument once to each, and
     so also counted in each partition's ``rejected`` when it is rejected; the cluster's
-    document counts it once)."""
+    document counts it once). ``frame``: events per frame (each partition's share of a
+    paced ``rate`` leaves a frame at a time)."""
     from .client import SendError, send_records
 
     parts = split(recs, cluster.pmap)
@@ -335,7 +337,7 @@ def send_cluster(cluster: Cluster, recs: np.ndarray, session: int = 1, timeout: 
         try:
             results[k] = send_records(
                 cfg.ingest_host, cfg.ingest_port, parts[k], session, timeout=timeout,
-                retry_s=retry, rate=rate * len(parts[k]) / max(len(recs), 1),
+                frame=frame, retry_s=retry, rate=rate * len(parts[k]) / max(len(recs), 1),
                 alternates=others, secret=secrets[k] if secrets else None,
                 progress=(lambda m, n=cluster.names[k]: progress(f"{n}: {m}"))
                 if progress else None)

@@ -80,7 +80,7 @@ import numpy as np
 import orjson
 import psutil
 
-from exposure.client import send_records
+from exposure.client import SendError, send_records
 from exposure.cluster import Cluster, load_cluster, send_cluster
 from exposure.partition import PartitionMap, route, split
 from exposure.types import C_LAST_GSEQ, T_CANCEL, T_DONE, T_FILL, T_NEW, T_REPLACE
@@ -615,32 +615,13 @@ def consolidator_cost(bc: BenchCluster, recs: np.ndarray, session: int, rate: fl
 # ----------------------------------------------------------------------------- 5. latency
 def paced_send(cluster: Cluster, recs: np.ndarray, session: int, rate: float,
                frame: int) -> dict:
-    """``send_cluster``'s routing and pacing (each partition's session paced at its share
-    of ``rate``), but with frames of ``frame`` events: send_cluster's frames of 1,024 would
-    leave in bursts at a paced rate."""
-    parts = split(recs, cluster.pmap)
-    results: list = [None] * len(parts)
-
-    def one(k: int) -> None:
-        cfg = cluster.configs[k]
-        try:
-            results[k] = send_records(cfg.ingest_host, cfg.ingest_port, parts[k], session,
-                                      timeout=60, rate=rate * len(parts[k]) / len(recs),
-                                      frame=frame, retry_s=RETRY_S)
-        except Exception as e:  # reported below
-            results[k] = e
-
-    threads = [threading.Thread(target=one, args=(k,), daemon=True) for k in range(len(parts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    bad = [r for r in results if isinstance(r, Exception)]
-    if bad:
-        raise RuntimeError(f"paced send failed: {bad[0]}")
-    return {"sent": sum(r["sent"] for r in results),
-            "rejected": sum(r["rejected"] for r in results),
-            "reconnects": sum(r["reconnects"] for r in results)}
+    """``send_cluster`` (each partition's session paced at its share of ``rate``) with
+    frames of ``frame`` events: frames of 1,024 would leave in bursts at a paced rate."""
+    try:
+        return send_cluster(cluster, recs, session, timeout=60, retry_s=RETRY_S, rate=rate,
+                            frame=frame)
+    except SendError as e:
+        raise RuntimeError(f"paced send failed: {e}") from None
 
 
 def _first_receipts(send: np.ndarray, recv: np.ndarray, key: np.ndarray, t_from: int

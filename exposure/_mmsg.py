@@ -1,4 +1,5 @@
-"""Many datagrams in one system call: ``sendmmsg(2)`` over slices of one numpy buffer.
+"""Many datagrams in one system call: ``sendmmsg(2)`` over slices of one numpy buffer,
+``recvmmsg(2)`` into the slots of one.
 
 The fan-out packs a poll's datagrams back to back into one buffer; sending them one
 ``send`` each costs a system call per datagram (about 7 us here with a receiver on
@@ -9,7 +10,11 @@ mmsghdr = {msghdr (56 bytes: name, namelen, iov, iovlen, control, controllen, fl
 unsigned msg_len}, 64 bytes); each call only writes the bases and lengths.
 
 Where libc has no ``sendmmsg`` (not Linux), :class:`BatchSender` falls back to one
-``send`` per datagram.
+``send`` per datagram, and :class:`BatchReceiver` to one ``recv_into`` per datagram.
+
+A received datagram longer than its slot is truncated by the kernel (``MSG_TRUNC`` in
+``msg_flags``); :class:`BatchReceiver` reports its length as the slot's plus one, which no
+reader takes for a whole datagram.
 """
 
 from __future__ import annotations
@@ -24,22 +29,32 @@ from numba import njit
 
 from . import _jit  # noqa: F401  (sets the numba cache directory)
 
-__all__ = ["BatchSender"]
+__all__ = ["BatchSender", "BatchReceiver"]
 
 _IOV_WORDS = 2    # struct iovec: base, len
 _MMSG_WORDS = 8   # struct mmsghdr: 64 bytes
 _MSG_IOV = 2      # word of msghdr.msg_iov
 _MSG_IOVLEN = 3   # word of msghdr.msg_iovlen
 
+_MSG_FLAGS = 6    # word of msghdr.msg_flags (int, low half)
+_MSG_LEN = 7      # word of mmsghdr.msg_len (unsigned int, low half)
+_MSG_TRUNC = 0x20
+_MSG_DONTWAIT = 0x40
+
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
     _sendmmsg = _libc.sendmmsg
     _sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
     _sendmmsg.restype = ctypes.c_int
+    _recvmmsg = _libc.recvmmsg
+    _recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int,
+                          ctypes.c_void_p]
+    _recvmmsg.restype = ctypes.c_int
 except (OSError, AttributeError):  # pragma: no cover (not Linux)
-    _sendmmsg = None
+    _sendmmsg = _recvmmsg = None
 
 _OK = struct.calcsize("P") == 8 and _sendmmsg is not None
+_OK_RECV = struct.calcsize("P") == 8 and _recvmmsg is not None
 
 
 @njit(cache=True, _nrt=False)
@@ -112,3 +127,66 @@ class BatchSender:
                 refused += 1
             lo = hi
         return refused
+
+
+@njit(cache=True, _nrt=False)
+def _lengths(msgs, n, slot, lens):
+    """Each received datagram's length (a truncated one: ``slot + 1``)."""
+    for k in range(n):
+        w = msgs[k, _MSG_LEN] & np.uint64(0xFFFFFFFF)
+        if (msgs[k, _MSG_FLAGS] & np.uint64(_MSG_TRUNC)) != 0:
+            w = np.uint64(slot + 1)
+        lens[k] = np.int64(w)
+
+
+class BatchReceiver:
+    """Takes up to ``slots`` datagrams waiting on a non-blocking UDP socket in one system
+    call: datagram k lands at the start of row k of :attr:`buf` (``[slots, slot]`` bytes,
+    ``slot`` a multiple of 8; :attr:`words` is the same as uint64), its length in
+    :attr:`lens`. ``recv(most)`` returns how many arrived (0: none waiting)."""
+
+    def __init__(self, sock: socket.socket, slots: int = 32, slot: int = 65536):
+        if slots < 1 or slot < 8 or slot % 8:
+            raise ValueError(f"slots = {slots}, slot = {slot}: slots >= 1, slot a multiple "
+                             "of 8")
+        self.sock = sock
+        self.slots, self.slot = slots, slot
+        self.buf = np.zeros((slots, slot), np.uint8)
+        self.words = self.buf.view(np.uint64)
+        self.lens = np.zeros(slots, np.int64)
+        self.batched = _OK_RECV
+        if self.batched:
+            self.iov = np.zeros((slots, _IOV_WORDS), np.uint64)
+            self.iov[:, 0] = self.buf.ctypes.data + slot * np.arange(slots, dtype=np.uint64)
+            self.iov[:, 1] = slot
+            self.msgs = np.zeros((slots, _MMSG_WORDS), np.uint64)
+            self.msgs[:, _MSG_IOV] = self.iov.ctypes.data + 16 * np.arange(slots,
+                                                                          dtype=np.uint64)
+            self.msgs[:, _MSG_IOVLEN] = 1
+            self._msgs_at = self.msgs.ctypes.data
+            _lengths(self.msgs, 0, slot, self.lens)  # compiled now
+        else:  # pragma: no cover (not Linux)
+            self._mv = [memoryview(self.buf[k]) for k in range(slots)]
+
+    def recv(self, most: int | None = None) -> int:
+        most = self.slots if most is None else max(0, min(most, self.slots))
+        if not most:
+            return 0
+        if not self.batched:  # pragma: no cover (not Linux)
+            return self._one_by_one(most)
+        n = _recvmmsg(self.sock.fileno(), self._msgs_at, most, _MSG_DONTWAIT, None)
+        if n <= 0:  # EAGAIN (none waiting), or an error reported on the socket
+            return 0
+        _lengths(self.msgs, n, self.slot, self.lens)
+        return n
+
+    def _one_by_one(self, most: int) -> int:  # pragma: no cover (not Linux)
+        n = 0
+        while n < most:
+            try:
+                got, _, flags, _ = self.sock.recvmsg_into([self._mv[n]])
+            except (BlockingIOError, InterruptedError, OSError):
+                break
+            self.lens[n] = self.slot + 1 if flags & socket.MSG_TRUNC else got
+            n += 1
+        return n

@@ -65,14 +65,25 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._jit import entry
+from ._mmsg import BatchReceiver
+from .feedmerge import (
+    BODY,
+    ROW_WORDS,
+    S_EPOCH,
+    S_INC,
+    S_JOINED,
+    S_NEXT_EPOCH,
+    S_REF,
+    S_SEQ,
+    S_WANT,
+    SCAN_COUNTERS,
+    SCAN_STATE,
+    merge_rows,
+    scan_datagrams,
+    words,
+)
 from .feedwire import (
-    DG_HEARTBEAT,
-    DG_INCREMENTAL,
-    DG_REFRESH,
-    DG_TYPES,
-    DGRAM_HEADER,
-    DGRAM_MAGIC,
-    FEED_VERSION,
     SNAP_BUSY,
     SNAP_HEADER,
     SNAP_NOT_PRIMARY,
@@ -94,7 +105,8 @@ from .types import (
     UPDATE_DTYPE,
 )
 
-__all__ = ["Subscriber", "Change", "SnapshotError", "fetch_snapshot", "COUNTERS", "STATES"]
+__all__ = ["Subscriber", "Change", "Rows", "SnapshotError", "fetch_snapshot", "COUNTERS",
+           "STATES"]
 
 STATES = ("joining", "recovering", "live")
 # What :attr:`Subscriber.counters` holds.
@@ -122,16 +134,9 @@ _ACC_FLOATS = ("long_mv", "short_mv", "gross", "net", "open_buy_mv", "open_sell_
                "worst_gross", "margin", "beta_net", "pnl")
 _DTYPES = {ROW_ACCOUNT: UPDATE_DTYPE, ROW_FUND: UPDATE_DTYPE,
            ROW_INSTRUMENT: INSTRUMENT_ROW_DTYPE, ROW_SECTOR: SECTOR_ROW_DTYPE}
-_IDS = {ROW_ACCOUNT: "account", ROW_FUND: "account", ROW_INSTRUMENT: "instrument",
-        ROW_SECTOR: "sector"}
 _KINDS = (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR)
-# Bytes of a row compared to tell a change from a re-send of the same state: the breach
-# byte and the body up to the kind's last field (the head's tags differ between an event's
-# row and a refresh's; the padding after the last field is not state, and numpy's copies
-# of a dtype with gaps leave it undefined).
-_BODY = {k: slice(56, max(o + dt.itemsize for dt, o in (v[:2] for v in d.fields.values())))
-         for k, d in _DTYPES.items()}
-_HDR = DGRAM_HEADER.size
+_SLOTS = 32          # datagrams taken per receive call
+_SLOT = 65536        # bytes a datagram may have
 
 
 class Change(NamedTuple):
@@ -153,6 +158,28 @@ class Change(NamedTuple):
         previous bits of an incremental row."""
         now = 0 if self.row is None else int(self.row["breach"])
         return now != self.prev_breach
+
+
+class Rows(NamedTuple):
+    """The view's changed rows of one kind, as arrays (what :meth:`Subscriber.poll_rows`
+    returns; :meth:`Subscriber.poll` makes a :class:`Change` of each): ``kind``
+    (types.ROW_*), ``ids`` (int64, ascending; the fund: -1), ``rows`` (their new rows, a
+    copy in the kind's dtype; None when an epoch change dropped them) and ``prev`` (int64:
+    each row's breach bits in the view before, 0 when it was absent)."""
+
+    kind: int
+    ids: np.ndarray
+    rows: np.ndarray | None
+    prev: np.ndarray
+
+
+def _changes(batches: list[Rows]) -> list[Change]:
+    out: list[Change] = []
+    for b in batches:
+        n = len(b.ids)
+        rows = [None] * n if b.rows is None else b.rows
+        out.extend(map(Change, [b.kind] * n, b.ids.tolist(), rows, b.prev.tolist()))
+    return out
 
 
 class SnapshotError(Exception):
@@ -326,6 +353,14 @@ class Subscriber:
                         ROW_FUND: np.zeros(1, UPDATE_DTYPE),
                         ROW_INSTRUMENT: np.zeros(min(instruments, 4096), INSTRUMENT_ROW_DTYPE),
                         ROW_SECTOR: np.zeros(min(sectors, 256), SECTOR_ROW_DTYPE)}
+        # The merge's operands: the tables as words (in kind order), the id bounds by
+        # kind, and its outputs (grown with the batches).
+        self._words = [words(self._tables[k]) for k in _KINDS]
+        self._bound_arr = np.array([0, accounts, 1, instruments, sectors], np.int64)
+        self._new = np.empty((256, ROW_WORDS), np.uint64)
+        self._out = np.empty((3, 256), np.int64)
+        self._info = np.zeros(10, np.int64)
+        self._merge_entry: dict[bool, Callable] = {}  # by whether the batch is writeable
         self._ctr: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.epoch = 0              # the view's epoch (0: none seen yet)
         self.seq: int | None = None  # the last incremental seq of this epoch (None: none yet)
@@ -345,8 +380,6 @@ class Subscriber:
         self._stale_backoff = 0.0
         self._join_at = time.monotonic() + join_wait
         self._closed = False
-        self._buf = bytearray(65536)
-        self._pend: dict[bool, list[bytes]] = {False: [], True: []}
         self._wr, self._ww = socket.socketpair()
         self._wr.setblocking(False)
         self._ww.setblocking(False)
@@ -363,6 +396,13 @@ class Subscriber:
             except OSError:
                 pass
         self.sock.setblocking(False)
+        # The receive batch (datagrams in slots of 64 KiB: any UDP datagram fits), the
+        # scan's state and counters, and the rows it gathers (a batch's, at most).
+        self._rx = BatchReceiver(self.sock, _SLOTS, _SLOT)
+        self._scan_st = np.zeros(SCAN_STATE, np.int64)
+        self._scan_ctr = np.zeros(len(SCAN_COUNTERS), np.int64)
+        self._inc = np.zeros((_SLOTS * _SLOT // ROW_SIZE, ROW_WORDS), np.uint64)
+        self._ref = np.zeros_like(self._inc)
 
     @classmethod
     def from_config(cls, config=None, **kw) -> Subscriber:
@@ -400,6 +440,12 @@ class Subscriber:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def selectables(self) -> list[socket.socket]:
+        """What to wait on (``select``) for this subscriber's next :meth:`poll` to have
+        work: its feed socket and the wake-up of a completed snapshot fetch."""
+        return [self.sock, self._wr]
 
     def table(self, kind: int) -> np.ndarray:
         """The view's whole table of one kind (types.ROW_*), indexed by id (the fund: one
@@ -486,9 +532,15 @@ class Subscriber:
         """Take what has arrived: up to ``max_batch`` datagrams and any completed
         snapshot; if nothing had, wait up to ``timeout`` seconds (None: until something
         arrives) and take what came. Returns the view's changes, in order."""
+        return _changes(self.poll_rows(timeout))
+
+    def poll_rows(self, timeout: float | None = 0.0) -> list[Rows]:
+        """:meth:`poll`, with the changes as arrays: a :class:`Rows` per kind and merge, in
+        order (no Python object per row: what a consumer of many rows, such as the
+        cluster's consolidator, takes)."""
         if self._closed:
             raise ValueError("poll on a closed Subscriber")
-        changes: list[Change] = []
+        changes: list[Rows] = []
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._service(changes):
@@ -505,7 +557,7 @@ class Subscriber:
             except InterruptedError:
                 pass
         if self.on_change is not None:
-            for c in changes:
+            for c in _changes(changes):
                 self.on_change(c.kind, c.id, c.row)
         return changes
 
@@ -523,7 +575,7 @@ class Subscriber:
         for _ in self.updates(seconds):
             pass
 
-    def _service(self, changes: list[Change]) -> int:
+    def _service(self, changes: list[Rows]) -> int:
         """One round: completed snapshots, datagrams, then a fetch if one is due. Returns
         how many datagrams and snapshots it took."""
         did = 0
@@ -564,90 +616,73 @@ class Subscriber:
         self._fetcher.start()
 
     # ------------------------------------------------------------------------ datagrams
-    def _receive(self, changes: list[Change]) -> int:
+    def _receive(self, changes: list[Rows]) -> int:
+        """Up to ``max_batch`` datagrams, a receive batch (one system call) at a time:
+        checked and sequenced in one jitted pass (:func:`~exposure.feedmerge.scan_datagrams`),
+        their rows merged."""
         ctr = self._ctr
-        buf = self._buf
-        mv = memoryview(buf)
-        n_taken = 0
-        while n_taken < self.max_batch:
-            try:
-                n = self.sock.recv_into(buf)
-            except (BlockingIOError, InterruptedError):
+        rx = self._rx
+        st = self._scan_st
+        sc = self._scan_ctr
+        taken = 0
+        while taken < self.max_batch:
+            n = rx.recv(self.max_batch - taken)
+            if not n:
                 break
-            except OSError:  # an ICMP error reported on the socket: not a datagram
-                break
-            n_taken += 1
-            ctr["datagrams"] += 1
+            taken += n
+            d0 = ctr["datagrams"]
+            ctr["datagrams"] += n
             self.last_datagram = time.monotonic()
-            if self.drop_every and ctr["datagrams"] % self.drop_every == 0:
-                ctr["dropped"] += 1
-                continue
-            hdr = _check_datagram(mv, n)
-            if hdr is None:
-                ctr["bad_datagrams"] += 1
-                continue
-            self._datagram(*hdr, mv, n, changes)
-        for replace_equal in (False, True):  # the batch's rows, merged in one pass each
-            pend = self._pend[replace_equal]
-            if pend:
-                rows = np.frombuffer(b"".join(pend), UPDATE_DTYPE)
-                pend.clear()
-                self._merge(rows, replace_equal, changes)
-        return n_taken
+            self._scan_in()
+            k = 0
+            while True:
+                k = scan_datagrams(rx.words, rx.lens, k, n, d0, self.drop_every,
+                                   bool(self.servers), st, sc, self._inc, self._ref)
+                if k >= n:
+                    break
+                self._scan_out()  # a datagram of a higher epoch at k: follow it
+                self._new_epoch(int(st[S_NEXT_EPOCH]), changes)
+                self._scan_in()   # (the rows gathered before it are of the older epoch)
+            self._scan_out()
+            # The batch's rows, merged in one pass each (the rule is order-free).
+            if st[S_INC]:
+                self._merge_words(self._inc[:st[S_INC]], False, changes)
+            if st[S_REF]:
+                self._merge_words(self._ref[:st[S_REF]], True, changes)
+            if n < rx.slots:
+                break
+        if taken:
+            for name, v in zip(SCAN_COUNTERS, sc.tolist(), strict=True):
+                ctr[name] += v
+            sc[:] = 0
+        return taken
 
-    def _datagram(self, epoch: int, seq: int, dtype: int, count: int, mv: memoryview, n: int,
-                  changes: list[Change]) -> None:
-        ctr = self._ctr
-        if epoch < self.epoch:
-            ctr["stale_epoch"] += 1
-            return
-        if epoch > self.epoch:
-            self._new_epoch(epoch, changes)
-        if dtype == DG_INCREMENTAL:
-            ctr["incrementals"] += 1
-        elif dtype == DG_REFRESH:
-            ctr["refreshes"] += 1
-        else:
-            ctr["heartbeats"] += 1
-        if self.seq is None:
-            # The first datagram of this epoch: whatever was lost before it is invisible
-            # to seq checks, so the view needs a snapshot fetched after it.
-            self.seq = seq
-            self._want += 1
-        elif dtype == DG_INCREMENTAL:
-            if seq > self.seq + 1:
-                ctr["gaps"] += 1
-                ctr["missed"] += seq - self.seq - 1
-                self._want += 1
-            self.seq = max(self.seq, seq)
-        elif seq > self.seq:  # a heartbeat or refresh naming incrementals never seen
-            ctr["gaps"] += 1
-            ctr["missed"] += seq - self.seq
-            self._want += 1
-            self.seq = seq
-        if not self.servers:
-            self._joined = True
-        if dtype != DG_HEARTBEAT and count:
-            # Merged at the end of the batch (the rule is order-free); a copy: the receive
-            # buffer is reused.
-            self._pend[dtype == DG_REFRESH].append(bytes(mv[_HDR:n]))
+    def _scan_in(self) -> None:
+        st = self._scan_st
+        st[S_EPOCH] = self.epoch
+        st[S_SEQ] = -1 if self.seq is None else self.seq
+        st[S_WANT] = self._want
+        st[S_JOINED] = self._joined
+        st[S_INC] = st[S_REF] = 0
 
-    def _new_epoch(self, epoch: int, changes: list[Change]) -> None:
+    def _scan_out(self) -> None:
+        st = self._scan_st
+        self.seq = None if st[S_SEQ] < 0 else int(st[S_SEQ])
+        self._want = int(st[S_WANT])
+        self._joined = bool(st[S_JOINED])
+
+    def _new_epoch(self, epoch: int, changes: list[Rows]) -> None:
         """Follow ``epoch`` (higher than the view's): drop the whole view."""
         if self.epoch:
             self._ctr["epoch_changes"] += 1
             for kind in _KINDS:
                 t = self._tables[kind]
                 ids = np.flatnonzero(t["kind"] != 0)
-                if kind == ROW_FUND:
-                    changes.extend(Change(kind, -1, None, int(t["breach"][0])) for _ in ids)
-                else:
-                    br = t["breach"][ids].tolist()
-                    changes.extend(Change(kind, i, None, b)
-                                   for i, b in zip(ids.tolist(), br, strict=True))
+                if len(ids):
+                    prev = t["breach"][ids].astype(np.int64)
+                    changes.append(Rows(kind, ids - 1 if kind == ROW_FUND else ids, None,
+                                        prev))
                 t.view(np.uint8)[:] = 0
-        for pend in self._pend.values():  # rows of the older epoch not merged yet
-            pend.clear()
         self.epoch = epoch
         self.seq = None
         self.gseq = 0
@@ -664,62 +699,51 @@ class Subscriber:
         bigger = np.zeros(min(size, self._bounds[kind]), t.dtype)
         bigger[:len(t)] = t
         self._tables[kind] = bigger
+        self._words[kind - 1] = words(bigger)
 
-    def _merge(self, rows: np.ndarray, replace_equal: bool, changes: list[Change]) -> None:
-        """Apply ``rows`` (UPDATE_DTYPE, any kinds, any order) by the per-row gseq rule:
-        a row replaces the view's when its gseq is higher (``replace_equal``: or equal).
-        A row that would replace one of the same gseq and the same state is not written,
-        so the view keeps the event's tags (session, times) rather than a refresh's."""
-        kinds = rows["kind"]
-        for kind in _KINDS:
-            m = kinds == kind
-            if not m.any():
-                continue
-            r = rows[m].view(_DTYPES[kind])
-            ids = r[_IDS[kind]].astype(np.int64)
-            if kind == ROW_FUND:
-                ok = ids == -1
-                idx = np.zeros(len(ids), np.int64)
-            else:
-                ok = (ids >= 0) & (ids < self._bounds[kind])
-                idx = ids
-            if not ok.all():
-                self._ctr["bad_rows"] += int((~ok).sum())
-                r, idx = r[ok], idx[ok]
-                if not len(r):
-                    continue
-            if len(r) > 1:  # one row per id: the highest gseq (the last of equals)
-                order = np.lexsort((r["gseq"], idx))
-                si = idx[order]
-                last = np.ones(len(si), bool)
-                last[:-1] = si[1:] != si[:-1]
-                keep = order[last]
-                r, idx = r[keep], idx[keep]
-            self._grow(kind, int(idx.max()))
-            t = self._tables[kind]
-            cur = t[idx]
-            had = cur["kind"] != 0
-            gnew, gcur = r["gseq"], cur["gseq"]
-            rb = r.view(np.uint8).reshape(-1, ROW_SIZE)
-            cb = cur.view(np.uint8).reshape(-1, ROW_SIZE)
-            newer = gnew > gcur
-            if replace_equal:
-                same_g = gnew == gcur
-                if same_g.any():  # equal gseq: written only when the state differs
-                    body = _BODY[kind]
-                    newer |= same_g & ((rb[:, 1] != cb[:, 1])
-                                       | (rb[:, body] != cb[:, body]).any(axis=1))
-            sel = np.flatnonzero(~had | newer)
-            if not len(sel):
-                continue
-            new = r[sel]  # its own array: the Change rows never move after this
-            t[idx[sel]] = new
-            self.gseq = max(self.gseq, int(new["gseq"].max()))
-            prev = np.where(had[sel], cur["breach"][sel], 0).tolist()
-            out_ids = [-1] * len(sel) if kind == ROW_FUND else idx[sel].tolist()
-            changes.extend(map(Change, [kind] * len(sel), out_ids, new, prev))
+    def _merge(self, rows: np.ndarray, replace_equal: bool, changes: list[Rows]) -> None:
+        """Apply ``rows`` (UPDATE_DTYPE, any kinds, any order) by the per-row gseq rule."""
+        if len(rows):
+            self._merge_words(words(np.ascontiguousarray(rows)), replace_equal, changes)
 
-    def _apply_snapshot(self, f: _Fetched, changes: list[Change]) -> None:
+    def _merge_words(self, rw: np.ndarray, replace_equal: bool, changes: list[Rows]) -> None:
+        """:meth:`_merge` of rows as words (:func:`exposure.feedmerge.merge_rows`: one
+        jitted pass)."""
+        n = len(rw)
+        if len(self._new) < n:
+            self._new = np.empty((max(n, 2 * len(self._new)), ROW_WORDS), np.uint64)
+            self._out = np.empty((3, len(self._new)), np.int64)
+        o = self._out
+        info = self._info
+        while True:
+            args = (rw, *self._words, self._bound_arr, replace_equal, BODY, self._new, o[0],
+                    o[1], o[2], info)
+            call = self._merge_entry.get(rw.flags.writeable)
+            if call is None:  # the compiled entry, once per kind of batch (_jit.entry)
+                call = self._merge_entry[rw.flags.writeable] = entry(merge_rows, *args)
+            count = call(*args)
+            if count >= 0:
+                break
+            for kind in _KINDS:  # an id beyond its table (within bounds): grow, again
+                if info[kind]:
+                    self._grow(kind, int(info[kind]) - 1)
+        if info[0]:
+            self._ctr["bad_rows"] += int(info[0])
+        if not count:
+            return
+        self.gseq = max(self.gseq, int(info[5]))
+        # Copies: the rows, ids and bits handed out never move after this.
+        new = self._new[:count].copy().view(UPDATE_DTYPE).reshape(count)
+        ids = o[1, :count].copy()
+        prev = o[2, :count].copy()
+        cuts = [*info[6:10].tolist(), count]
+        for k, kind in enumerate(_KINDS):
+            a, b = cuts[k], cuts[k + 1]
+            if a < b:
+                r = new[a:b] if _DTYPES[kind] is UPDATE_DTYPE else new[a:b].view(_DTYPES[kind])
+                changes.append(Rows(kind, ids[a:b], r, prev[a:b]))
+
+    def _apply_snapshot(self, f: _Fetched, changes: list[Rows]) -> None:
         snap = f.snap
         if self.epoch and snap.epoch < self.epoch:
             # An older incarnation's server (a deposed primary, a stale node): the other.
@@ -781,24 +805,6 @@ class Subscriber:
                 f"hb {c['heartbeats']} gaps {c['gaps']} rec {c['recoveries']} "
                 f"epochs {c['epoch_changes']} stale {c['stale_epoch']} "
                 f"bad {c['bad_datagrams']} dropped {c['dropped']}")
-
-
-def _check_datagram(mv: memoryview, n: int) -> tuple[int, int, int, int] | None:
-    """(epoch, seq, type, count) of a valid datagram (what feedwire.parse_datagram
-    accepts), else None. Rows are checked by their kind byte alone: parse_datagram's
-    ``np.isin`` costs some 70 us a datagram, this about 1."""
-    if n < _HDR:
-        return None
-    magic, epoch, seq, w16, w20, _ = DGRAM_HEADER.unpack_from(mv)
-    count, dtype, version, row_size = w16 & 0xFFFF, (w16 >> 16) & 0xFF, w16 >> 24, w20 & 0xFFFF
-    if (magic != DGRAM_MAGIC or version != FEED_VERSION or dtype not in DG_TYPES
-            or row_size != ROW_SIZE or n != _HDR + count * ROW_SIZE):
-        return None
-    if count:
-        kinds = bytes(mv[_HDR:n:ROW_SIZE])
-        if min(kinds) < ROW_ACCOUNT or max(kinds) > ROW_SECTOR:
-            return None
-    return epoch, seq, dtype, count
 
 
 def _records(rows: np.ndarray, idname: str, cols: dict[str, np.ndarray]) -> list[dict]:

@@ -40,16 +40,15 @@ import time
 
 import numpy as np
 
+from .compose import compose_accounts, compose_fund, compose_instruments, compose_sectors, resum
 from .feed import Subscriber
 from .partition import PartitionMap
 from .publish import store_rows, versions
-from .shm import counters_layout as CN
 from .shm.ring import ring_push
 from .stages.agent import Stage
 from .types import (
     INSTPUB_DTYPE,
     INSTRUMENT_ROW_DTYPE,
-    NO_SESSION,
     PUBROW_DTYPE,
     ROW_ACCOUNT,
     ROW_FUND,
@@ -63,22 +62,19 @@ from .types import (
 __all__ = ["ConsolidateStage"]
 
 _KINDS = (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR)
-_ACC_COLS = ("long_mv", "short_mv", "gross", "net", "open_buy_mv", "open_sell_mv",
-             "worst_gross", "margin", "beta_net", "pnl", "live_orders", "breach")
-_FUND_SUMS = _ACC_COLS[:-1]
+_NONE = np.zeros(0, np.int64)
 
 
 def _words(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint64).reshape(len(a), -1)
 
 
-def _rows_at(sub: Subscriber, kind: int, ids: np.ndarray) -> np.ndarray:
-    """The subscriber's rows of ``kind`` at ``ids`` (zero rows where it has none)."""
-    t = sub.table(kind)
-    out = np.zeros(len(ids), t.dtype)
-    inside = ids < len(t)
-    out[inside] = t[ids[inside]]
-    return out
+class _Scratch:
+    """A published dtype's scratch rows (and the same as words), one per id at most."""
+
+    def __init__(self, dtype: np.dtype, n: int):
+        self.rows = np.zeros(max(n, 1), dtype)
+        self.words = _words(self.rows)
 
 
 class ConsolidateStage(Stage):
@@ -87,7 +83,7 @@ class ConsolidateStage(Stage):
     name = "consolidate"
 
     def __init__(self, pmap: PartitionMap, subscribers: list[Subscriber], state, out_ring,
-                 counters: np.ndarray | None = None, on_ready=None):
+                 on_ready=None):
         if len(subscribers) != pmap.partitions:
             raise ValueError(f"{len(subscribers)} subscribers for {pmap.partitions} "
                              "partitions")
@@ -96,41 +92,50 @@ class ConsolidateStage(Stage):
         self.st = state
         self.vers = versions(state)
         self.out = out_ring
-        self.cnt = CN.or_private(counters)
         self.nacc, self.ninst, self.nsec = (state.acc.shape[0], state.inst.shape[0],
                                             state.sec.shape[0])
         self.gseq = 0
-        self.dirty = {k: set() for k in _KINDS}
+        self.dirty: dict[int, list[np.ndarray]] = {k: [] for k in _KINDS}
         # The composed instruments, for the fund's net long/short over all of them.
         self.fpos = np.zeros(self.ninst, np.int64)
         self.val = np.zeros(self.ninst)  # ref_price x multiplier
+        self.acc = np.zeros(4)  # net long, its error, net short, its error (compose.py)
         self.rows_total = 0
         self.batches = 0
+        self.ring_full = 0  # batches the fan-out ring could not take whole
         self.joined = False
         self.held = 0  # passes that held the rows back while a partition was not live
+        self._was_held = False
         self.on_ready = on_ready  # called once, after the first rows are published
         self._pub = _words(state.pub)
         self._ipub = _words(state.ipub)
         self._spub = _words(state.spub)
         self._ctr = _words(state.ctrpub)
-        self._socks = [s.sock for s in subscribers]
+        self._acc_pub = _Scratch(PUBROW_DTYPE, self.nacc)
+        self._fund_pub = _Scratch(PUBROW_DTYPE, 1)
+        self._inst_pub = _Scratch(INSTPUB_DTYPE, self.ninst)
+        self._sec_pub = _Scratch(SECPUB_DTYPE, self.nsec)
+        self._ctr_row = np.zeros(1, state.ctrpub.dtype)
+        self._feed = np.zeros(self.nacc + self.ninst + self.nsec + 1, UPDATE_DTYPE)
+        self._wait = [x for s in subscribers for x in s.selectables]
 
     # ------------------------------------------------------------------ the duty cycle
     def poll(self) -> int:
         work = 0
         for sub in self.subs:
-            for ch in sub.poll(0):
-                self.dirty[ch.kind].add(ch.id)
-                work += 1
+            for b in sub.poll_rows(0):
+                self.dirty[b.kind].append(b.ids)
+                work += len(b.ids)
         if not all(s.state == "live" for s in self.subs):
             # A partition joining, or recovering (a loss, or a new epoch whose view was
             # dropped): its rows are incomplete, so the cluster's would be wrong. Hold
             # what moved until its snapshot is in.
             self.held += 1
+            self._was_held = True
             return work
         if not self.joined:
             self.joined = True
-            self.dirty[ROW_FUND].add(-1)  # the first batch: at least the fund's row
+            self.dirty[ROW_FUND].append(_NONE)  # the first batch: at least the fund's row
             work += 1
         if not any(self.dirty.values()):
             return work
@@ -140,10 +145,11 @@ class ConsolidateStage(Stage):
         return work + 1
 
     def wait_io(self, timeout: float) -> bool:
-        """Sleep until a partition's datagram arrives, or for 10 ms at most (the fan-out's
-        heartbeats and the recovery server's clients wait that long when idle)."""
+        """Sleep until a partition's datagram arrives or a snapshot fetch completes, or
+        for 10 ms at most (the fan-out's heartbeats and the recovery server's clients
+        wait that long when idle)."""
         try:
-            select.select(self._socks, [], [], max(timeout, 0.01))
+            select.select(self._wait, [], [], max(timeout, 0.01))
         except (OSError, ValueError):
             time.sleep(timeout)
         return True
@@ -155,135 +161,60 @@ class ConsolidateStage(Stage):
 
     # ------------------------------------------------------------------ composition
     def _ids(self, kind: int, bound: int) -> np.ndarray:
-        ids = np.fromiter(self.dirty[kind], np.int64, len(self.dirty[kind]))
-        self.dirty[kind].clear()
-        ids.sort()
+        got = self.dirty[kind]
+        if not got:
+            return _NONE
+        ids = np.unique(np.concatenate(got) if len(got) > 1 else got[0])
+        got.clear()
         return ids[(ids >= 0) & (ids < bound)]
+
+    def _tables(self, kind: int) -> tuple:
+        return tuple(s.table(kind) for s in self.subs)
 
     def _publish(self) -> None:
         self.gseq += 1
+        g = self.gseq
         now = time.time_ns()
-        feed = []
-        acc = self._accounts(self._ids(ROW_ACCOUNT, self.nacc), now)
-        ins = self._instruments(self._ids(ROW_INSTRUMENT, self.ninst), now)
-        sec = self._sectors(self._ids(ROW_SECTOR, self.nsec), now)
-        feed += [acc, ins, sec]
-        if self.dirty[ROW_FUND] or len(ins):
-            self.dirty[ROW_FUND].clear()
-            feed.append(self._fund(now))
+        acc = self._ids(ROW_ACCOUNT, self.nacc)
+        ins = self._ids(ROW_INSTRUMENT, self.ninst)
+        sec = self._ids(ROW_SECTOR, self.nsec)
+        fund = bool(self.dirty[ROW_FUND]) or len(ins) > 0
+        self.dirty[ROW_FUND].clear()
+        na, ni, ns = len(acc), len(ins), len(sec)
+        n = na + ni + ns + fund
+        feed = self._feed[:n]
+        feed.view(np.uint64)[:] = 0
+        if na:
+            p = self._acc_pub
+            compose_accounts(acc, self.pmap.acc_owner, self._tables(ROW_ACCOUNT), g, now,
+                             feed[:na], p.rows, p.words, self._pub, self.vers.pub)
+        if ni:
+            p = self._inst_pub
+            compose_instruments(ins, self._tables(ROW_INSTRUMENT), g, now,
+                                feed[na:na + ni].view(INSTRUMENT_ROW_DTYPE), self.fpos,
+                                self.val, self.acc, p.rows, p.words, self._ipub,
+                                self.vers.ipub)
+        if ns:
+            p = self._sec_pub
+            compose_sectors(sec, self._tables(ROW_SECTOR), g, now,
+                            feed[na + ni:na + ni + ns].view(SECTOR_ROW_DTYPE), p.rows,
+                            p.words, self._spub, self.vers.spub)
+        if fund:
+            if self._was_held:  # after a hold (a partition rebuilt): exact sums again
+                resum(self.fpos, self.val, self.acc)
+                self._was_held = False
+            p = self._fund_pub
+            compose_fund(self._tables(ROW_FUND), self.nacc, g, now, feed[n - 1:], self.acc,
+                         p.rows, p.words, self._pub, self.vers.pub)
         self._counters()
-        rows = np.concatenate([f.view(np.uint8).reshape(len(f), -1) for f in feed if len(f)])
-        if len(rows):
-            pushed = ring_push(self.out.ctrl, self.out.slots, rows.view(np.uint64), len(rows))
-            if pushed < len(rows):
-                self.cnt[CN.INDEX["compute_ring_full_total"]] += 1
-        self.rows_total += len(rows)
+        if n:
+            pushed = ring_push(self.out.ctrl, self.out.slots, _words(feed), n)
+            if pushed < n:
+                self.ring_full += 1
+        self.rows_total += n
         self.batches += 1
-        self.cnt[CN.INDEX["compute_rows_total"]] += len(rows)
-        self.cnt[CN.INDEX["compute_batches_total"]] += 1
-        self.cnt[CN.INDEX["compute_gseq"]] = self.gseq
-
-    def _tag(self, rows: np.ndarray, kind: int, ids: np.ndarray, src, now: int) -> None:
-        rows["kind"] = kind
-        rows[rows.dtype.names[4]] = ids
-        rows["session"] = NO_SESSION
-        rows["gseq"] = self.gseq
-        rows["compute_ns"] = now
-        if src is not None:  # the partition event's times: wire to wire through here
-            rows["send_ns"] = src["send_ns"]
-            rows["recv_ns"] = src["recv_ns"]
-
-    def _accounts(self, ids: np.ndarray, now: int) -> np.ndarray:
-        out = np.zeros(len(ids), UPDATE_DTYPE)
-        if not len(ids):
-            return out
-        owner = self.pmap.acc_owner
-        own = np.where(ids < len(owner), owner[np.minimum(ids, len(owner) - 1)], -1)
-        for k, sub in enumerate(self.subs):
-            sel = np.flatnonzero((own == k) | (own < 0) & (k == 0))
-            if len(sel):
-                out[sel] = _rows_at(sub, ROW_ACCOUNT, ids[sel])
-        src = out.copy()
-        self._tag(out, ROW_ACCOUNT, ids, src, now)
-        pub = np.zeros(len(ids), PUBROW_DTYPE)
-        pub["gseq"] = self.gseq
-        for c in _ACC_COLS:
-            pub[c] = out[c]
-        store_rows(self._pub, self.vers.pub, ids, _words(pub))
-        return out
-
-    def _instruments(self, ids: np.ndarray, now: int) -> np.ndarray:
-        out = np.zeros(len(ids), INSTRUMENT_ROW_DTYPE)
-        if not len(ids):
-            return out
-        have = np.zeros(len(ids), bool)
-        latest = np.zeros(len(ids), INSTRUMENT_ROW_DTYPE)
-        for sub in self.subs:
-            r = _rows_at(sub, ROW_INSTRUMENT, ids)
-            present = r["kind"] != 0
-            for f in ("fund_pos", "open_buy", "open_sell"):
-                out[f] += np.where(present, r[f], 0)
-            out["gross_mv"] += np.where(present, r["gross_mv"], 0.0)
-            unpriced = (out["ref_price"] == 0.0) & present
-            out["ref_price"] = np.where(unpriced, r["ref_price"], out["ref_price"])
-            first = present & ~have
-            for f in ("multiplier", "margin_rate", "beta", "sector", "marked"):
-                out[f] = np.where(first, r[f], out[f])
-            later = present & (r["send_ns"] > latest["send_ns"])
-            latest[later] = r[later]
-            have |= present
-        val = out["ref_price"] * out["multiplier"]
-        out["net_mv"] = out["fund_pos"] * val
-        self.fpos[ids] = out["fund_pos"]
-        self.val[ids] = val
-        self._tag(out, ROW_INSTRUMENT, ids, latest, now)
-        pub = np.zeros(len(ids), INSTPUB_DTYPE)
-        pub["gseq"] = self.gseq
-        for f in INSTPUB_DTYPE.names[2:]:
-            pub[f] = out[f]
-        store_rows(self._ipub, self.vers.ipub, ids, _words(pub))
-        return out
-
-    def _sectors(self, ids: np.ndarray, now: int) -> np.ndarray:
-        out = np.zeros(len(ids), SECTOR_ROW_DTYPE)
-        if not len(ids):
-            return out
-        for sub in self.subs:
-            r = _rows_at(sub, ROW_SECTOR, ids)
-            present = r["kind"] != 0
-            out["net_mv"] += np.where(present, r["net_mv"], 0.0)
-            out["gross_mv"] += np.where(present, r["gross_mv"], 0.0)
-        self._tag(out, ROW_SECTOR, ids, None, now)
-        pub = np.zeros(len(ids), SECPUB_DTYPE)
-        pub["gseq"] = self.gseq
-        pub["net_mv"], pub["gross_mv"] = out["net_mv"], out["gross_mv"]
-        store_rows(self._spub, self.vers.spub, ids, _words(pub))
-        return out
-
-    def _fund(self, now: int) -> np.ndarray:
-        out = np.zeros(1, UPDATE_DTYPE)
-        latest = np.zeros(1, UPDATE_DTYPE)
-        for sub in self.subs:
-            r = sub.table(ROW_FUND)[:1]
-            if r["kind"][0] == 0:
-                continue
-            for c in _FUND_SUMS:
-                out[c] += r[c]
-            if r["send_ns"][0] > latest["send_ns"][0]:
-                latest[:] = r
-        mv = self.fpos * self.val
-        out["net_long_mv"] = mv[self.fpos > 0].sum()
-        out["net_short_mv"] = -mv[self.fpos < 0].sum()
-        self._tag(out, ROW_FUND, np.array([-1]), latest, now)
-        pub = np.zeros(1, PUBROW_DTYPE)
-        pub["gseq"] = self.gseq
-        for c in (*_FUND_SUMS, "net_long_mv", "net_short_mv"):
-            pub[c] = out[c]
-        store_rows(self._pub, self.vers.pub, np.array([self.nacc]), _words(pub))
-        return out
 
     def _counters(self) -> None:
         """The counters row last: its gseq is what a snapshot of the rows includes."""
-        row = np.zeros(1, self.st.ctrpub.dtype)
-        row["gseq"] = self.gseq
-        store_rows(self._ctr, self.vers.ctrpub, np.zeros(1, np.int64), _words(row))
+        self._ctr_row["gseq"] = self.gseq
+        store_rows(self._ctr, self.vers.ctrpub, np.zeros(1, np.int64), _words(self._ctr_row))

@@ -44,7 +44,9 @@ map and nothing is rejected as wrong_partition):
    republished without a new event is counted apart, as "repeated"). Percentiles through
    the partitions, through the consolidator, and per event the consolidator's row against
    the first partition row of the same event: the latency the consolidator adds. The CPU
-   share of every process while it runs is reported too.
+   share of every process while it runs is reported too. This runs a fresh consolidator
+   without the timers of 4 (they read clocks on every poll): only its rows and batches
+   are counted, and its CPU per row is its process's CPU time over its rows.
 
 Steal time (``/proc/stat``), CPU pressure (``/proc/pressure/cpu``: the share of time some
 task waited for a CPU), the load average and how many other exposure or pytest processes
@@ -397,10 +399,16 @@ class BenchCluster:
     def node_pids(self) -> list[int]:
         return [p for n in self.nodes for p in n.pids().values()]
 
-    def start_consolidator(self, timeout: float = 120) -> None:
+    def start_consolidator(self, timeout: float = 120, timed: bool = True) -> None:
+        """The consolidator child; ``timed``: its poll and _publish wrapped in timers,
+        else only its rows and batches counted (the latency run: the timers' own clock
+        reads would be part of what it measures)."""
+        _stop_child(self.cons)
+        self.cons = None
         np.zeros(_N_STATS, np.int64).tofile(self.stats_file)
         self.stats = np.memmap(self.stats_file, np.int64, mode="r", shape=(_N_STATS,))
-        cmd, env = _child_cmd("consolidator", str(self.file), str(self.stats_file))
+        cmd, env = _child_cmd("consolidator" if timed else "consolidator-plain",
+                              str(self.file), str(self.stats_file))
         log = self.dir / "consolidator.log"
         with open(log, "a") as f:
             self.cons = subprocess.Popen(cmd, stdout=f, stderr=f, env=env, cwd=_ROOT)
@@ -698,7 +706,7 @@ def consolidator_latency(bc: BenchCluster, recs: np.ndarray, session: int, rate:
         hit = us[i] == cs
         added = cr[hit] - first_recv[i[hit]]
     rows = int(s1[_S_ROWS] - s0[_S_ROWS])
-    cpu_ns = int(s1[_S_CPU_PUB] - s0[_S_CPU_NOW])
+    cpu_ns = int(1e9 * (cpu1["consolidator"] - cpu0["consolidator"]))
     out = {"rate": rate, "seconds": seconds, "warmup_s": warmup, "frame": frame,
            "events": len(rr), "achieved_rate": round(len(rr) / wall),
            "rejected": res["rejected"], "reconnects": res["reconnects"],
@@ -711,8 +719,6 @@ def consolidator_latency(bc: BenchCluster, recs: np.ndarray, session: int, rate:
            "consolidator_rows_per_batch": round(rows / max(
                int(s1[_S_BATCHES] - s0[_S_BATCHES]), 1), 2),
            "consolidator_cpu_ns_per_row": round(cpu_ns / max(rows, 1)),
-           "consolidator_publish_ns_per_row": round(
-               int(s1[_S_PUB_NS] - s0[_S_PUB_NS]) / max(rows, 1)),
            "consolidator_cpu_percent": round(100 * cpu_ns / 1e9 / max(wall, 1e-9), 1),
            "cpu_pressure_percent": psi,
            "cpu_percent": {k: round(100 * (cpu1[k] - cpu0[k]) / wall, 1)
@@ -727,7 +733,7 @@ def consolidator_latency(bc: BenchCluster, recs: np.ndarray, session: int, rate:
 
 
 # ----------------------------------------------------------------------------- children
-def _consolidator_child(cluster_file: str, stats_file: str) -> int:
+def _consolidator_child(cluster_file: str, stats_file: str, timed: bool = True) -> int:
     """``exposure consolidate``'s run_consolidator, its stage's poll and _publish timed
     into the stats file."""
     from exposure.consolidate import ConsolidateStage
@@ -739,7 +745,7 @@ def _consolidator_child(cluster_file: str, stats_file: str) -> int:
     st = np.frombuffer(mm, np.int64, _N_STATS)
     publish, poll, close = ConsolidateStage._publish, ConsolidateStage.poll, \
         ConsolidateStage.close
-    sub_poll = Subscriber.poll
+    sub_poll = Subscriber.poll_rows
     # CPU time of the stage's own thread (this VM's 2 cores are shared: wall time would
     # count the waits for a core too); the process's CPU time for the whole.
     clock, cpu = time.thread_time_ns, time.process_time_ns
@@ -773,17 +779,25 @@ def _consolidator_child(cluster_file: str, stats_file: str) -> int:
 
     def counted_sub_poll(self, timeout=0.0):
         ch = sub_poll(self, timeout)
-        st[_S_IN] += len(ch)
+        st[_S_IN] += sum(len(b.ids) for b in ch)
         return ch
 
     def counted_close(self) -> None:
         feed_counters(self)
         close(self)
 
-    ConsolidateStage._publish = timed_publish
-    ConsolidateStage.poll = timed_poll
-    ConsolidateStage.close = counted_close
-    Subscriber.poll = counted_sub_poll
+    def counted_publish(self) -> None:
+        publish(self)
+        st[_S_ROWS] = self.rows_total
+        st[_S_BATCHES] = self.batches
+
+    if timed:
+        ConsolidateStage._publish = timed_publish
+        ConsolidateStage.poll = timed_poll
+        ConsolidateStage.close = counted_close
+        Subscriber.poll_rows = counted_sub_poll
+    else:
+        ConsolidateStage._publish = counted_publish
     stop: list = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
@@ -879,8 +893,8 @@ def _receiver_child(spec_file: str) -> int:
 
 
 def _child(argv: list[str]) -> int:
-    if argv[0] == "consolidator":
-        return _consolidator_child(argv[1], argv[2])
+    if argv[0] in ("consolidator", "consolidator-plain"):
+        return _consolidator_child(argv[1], argv[2], argv[0] == "consolidator")
     if argv[0] == "receiver":
         return _receiver_child(argv[1])
     raise SystemExit(f"unknown child {argv[0]!r}")
@@ -1088,6 +1102,8 @@ def main(argv: list[str] | None = None) -> int:
                     session += 1
                 if "latency" not in skip and n == a.latency_partitions:
                     phase = "latency"
+                    bc.start_consolidator(timed=False)  # a fresh one, without timers
+                    settle(bc.node_pids(), say)
                     res["latency"] = consolidator_latency(
                         bc, stream, session, a.latency_rate, a.latency_seconds, 1.0,
                         a.latency_frame, say)

@@ -10,6 +10,8 @@ The cluster file (``examples/cluster/cluster.toml``)::
 
     [consolidator]
     config = "consolidator.toml"  # its name, [fanout] and capacities (exposure.consolidator)
+    cpu = 1                    # optional: the CPU it is pinned to (negative: from the last)
+    wait = "block"             # sleep in select when idle; "spin" (needs cpu) polls on
 
     [[partition]]
     name = "p0"
@@ -36,6 +38,7 @@ Composition (:func:`compose`), from each partition's tallies as read here:
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +79,8 @@ class Cluster:
     configs: tuple[NodeConfig, ...]  # per partition, in map order (a pair's first node)
     consolidator: NodeConfig | None = None
     members: tuple[tuple[NodeConfig, ...], ...] = ()  # per partition: its node(s)
+    consolidator_cpu: int | None = None  # the CPU it is pinned to (None: not pinned)
+    consolidator_wait: str = "block"     # "block" (sleeps in select) or "spin"
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -84,7 +89,8 @@ class Cluster:
 
 _KEYS = {"cluster": {"name", "accounts", "sources"},
          "partition": {"name", "config", "accounts", "sources"},
-         "consolidator": {"config"}}
+         "consolidator": {"config", "cpu", "wait"}}
+_CONSOLIDATOR_WAITS = ("block", "spin")
 
 
 def load_cluster(path: str | Path) -> Cluster:
@@ -140,7 +146,8 @@ def load_cluster(path: str | Path) -> Cluster:
     cons = None
     ct = doc.get("consolidator", {})
     if set(ct) - _KEYS["consolidator"]:
-        raise ClusterError(f"{path}: unknown key consolidator.{sorted(set(ct))[0]}")
+        raise ClusterError(f"{path}: unknown key consolidator."
+                           f"{sorted(set(ct) - _KEYS['consolidator'])[0]}")
     if ct.get("config"):
         try:
             cons = load_config(path.parent / ct["config"])
@@ -157,7 +164,30 @@ def load_cluster(path: str | Path) -> Cluster:
             if have < bound:
                 raise ClusterError(f"consolidator: capacities.{what} = {have}: at least "
                                    f"{bound} (the partitions')")
-    return Cluster(path, name, pmap, tuple(configs), cons, tuple(members))
+    cpu, wait = _consolidator_process(path, ct)
+    return Cluster(path, name, pmap, tuple(configs), cons, tuple(members), cpu, wait)
+
+
+def _consolidator_process(path: Path, ct: dict) -> tuple[int | None, str]:
+    """``[consolidator] cpu`` (an index into this machine's CPUs, negative from the last)
+    and ``wait`` (``"spin"`` needs a CPU of its own)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = ct.get("cpu")
+    if cpu is not None:
+        if isinstance(cpu, bool) or not isinstance(cpu, int):
+            raise ClusterError(f"{path}: consolidator.cpu = {cpu!r}: a CPU number")
+        if -len(cpus) <= cpu < 0:
+            cpu = cpus[cpu]
+        if cpu not in cpus:
+            raise ClusterError(f"{path}: consolidator.cpu = {cpu}: this machine has CPUs "
+                               f"{', '.join(map(str, cpus))}")
+    wait = ct.get("wait", "block")
+    if wait not in _CONSOLIDATOR_WAITS:
+        raise ClusterError(f"{path}: consolidator.wait = {wait!r}: one of "
+                           f"{', '.join(_CONSOLIDATOR_WAITS)}")
+    if wait == "spin" and cpu is None:
+        raise ClusterError(f"{path}: consolidator.wait = 'spin' needs a cpu of its own")
+    return cpu, wait
 
 
 # ----------------------------------------------------------------------------- composition

@@ -3,8 +3,11 @@
 One process, one loop (:class:`exposure.stages.agent.Runner`) over three stages: the
 :class:`~exposure.consolidate.ConsolidateStage` (every partition's feed in, the cluster's
 rows out), a :class:`~exposure.stages.fanout.FanoutStage` (the cluster's multicast feed)
-and a :class:`~exposure.stages.snapshot_server.SnapshotServer` (its recovery server). It
-sleeps in ``select`` on the partitions' feed sockets when there is nothing to do.
+and a :class:`~exposure.stages.snapshot_server.SnapshotServer` (its recovery server). With
+the cluster file's ``[consolidator] wait = "block"`` (the default) it sleeps in ``select``
+on the partitions' feed sockets when there is nothing to do; with ``"spin"`` it polls
+without sleeping, on the CPU ``[consolidator] cpu`` gives it (each wake-up from ``select``
+costs tens of microseconds of a cold Python loop; a host with a spare core spins).
 
 Its settings are the node config named by the cluster file's ``[consolidator] config``:
 ``[node] name`` (the segment ``/exposure.<name>.tally`` that desks read), ``[desks]``,
@@ -17,6 +20,7 @@ Its settings are the node config named by the cluster file's ``[consolidator] co
 from __future__ import annotations
 
 import gc
+import os
 import signal
 import sys
 import time
@@ -98,7 +102,9 @@ def run_consolidator(cluster: Cluster, stop: list, on_ready=None) -> dict:
         # events/s). The collector stays on for what the run makes later.
         gc.collect()
         gc.freeze()
-        Runner(stages, WaitStrategy("block")).run(stop)
+        if cluster.consolidator_cpu is not None:
+            os.sched_setaffinity(0, {cluster.consolidator_cpu})
+        Runner(stages, WaitStrategy(cluster.consolidator_wait)).run(stop)
         return {"batches": cons.batches, "rows": cons.rows_total, "epoch": epoch}
     finally:
         epoch_now(epoch)  # a successor started after this returns has a higher epoch

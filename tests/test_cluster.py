@@ -159,3 +159,31 @@ def test_a_node_config_names_its_partition(tmp_path):
     p0.write_text('[partition]\nname = "p0"\n')
     with pytest.raises(ConfigError, match="needs partition.cluster"):
         load_config(p0)
+
+
+def test_the_consolidator_s_cpu_and_wait_are_checked(tmp_path):
+    import os
+
+    from exposure.cluster import ClusterError, load_cluster
+
+    (tmp_path / "p0.toml").write_text('[partition]\ncluster = "cluster.toml"\nname = "p0"\n')
+    (tmp_path / "cons.toml").write_text('[node]\nname = "cons-x"\n')
+    base = ('[[partition]]\nname = "p0"\nconfig = "p0.toml"\naccounts = [[0, 9]]\n'
+            'sources = [0]\n[consolidator]\nconfig = "cons.toml"\n')
+    cl = tmp_path / "cluster.toml"
+    cl.write_text(base)
+    c = load_cluster(cl)
+    assert (c.consolidator_cpu, c.consolidator_wait) == (None, "block")
+    last = sorted(os.sched_getaffinity(0))[-1]
+    cl.write_text(base + 'cpu = -1\nwait = "spin"\n')
+    c = load_cluster(cl)
+    assert (c.consolidator_cpu, c.consolidator_wait) == (last, "spin")
+    for extra, msg in (('wait = "spin"\n', "needs a cpu of its own"),
+                       ('wait = "nap"\n', "one of block, spin"),
+                       ("cpu = 4096\n", "this machine has CPUs"),
+                       ('cpu = "1"\n', "a CPU number"),
+                       ("cpu = true\n", "a CPU number"),
+                       ("cores = 2\n", "unknown key consolidator.cores")):
+        cl.write_text(base + extra)
+        with pytest.raises(ClusterError, match=msg):
+            load_cluster(cl)

@@ -70,12 +70,23 @@ class LiveCluster:
         for n in self.nodes:
             n.wait_ready()
 
+    def consolidator_process(self, lines: str) -> None:
+        """Rewrite the cluster file's [consolidator] keys after ``config`` (cpu, wait)."""
+        head = f'[consolidator]\nconfig = "{self.cons_config}"\n'
+        text = self.file.read_text()
+        start = text.index(head) + len(head)
+        end = text.index("[[partition]]", start)
+        self.file.write_text(text[:start] + lines + text[end:])
+        self.cluster = load_cluster(self.file)
+
     def start_consolidator(self):
-        log = open(self.tmp / "consolidator.log", "a")
+        path = self.tmp / "consolidator.log"
+        before = path.read_text().count("ready") if path.exists() else 0
+        log = open(path, "a")
         self.cons = subprocess.Popen([sys.executable, "-m", "exposure", "consolidate",
                                       "--cluster", str(self.file)], stdout=log, stderr=log)
         log.close()
-        wait_until(lambda: "ready" in (self.tmp / "consolidator.log").read_text()
+        wait_until(lambda: path.read_text().count("ready") > before
                    or self.cons.poll() is not None, 120, "the consolidator is ready")
         assert self.cons.poll() is None, (self.tmp / "consolidator.log").read_text()
 
@@ -155,8 +166,9 @@ def _converged(c: LiveCluster, want: dict):
 
 def test_three_partitions_and_the_consolidator_through_its_restart(tmp_path):
     """Three partitions. The consolidator's segment and feed equal the composed document,
-    which equals replay of the whole stream; killed (-9) and restarted mid-stream, it
-    rebuilds from the partitions' snapshots, and its subscribers from its own.
+    which equals replay of the whole stream; killed (-9) and restarted mid-stream (then
+    spinning on a pinned CPU: [consolidator] wait = "spin"), it rebuilds from the
+    partitions' snapshots, and its subscribers from its own.
     `exposure status --cluster` shows every partition and the consolidator."""
     seed = 33
     print(f"seed {seed}")
@@ -182,7 +194,9 @@ def _consolidator_through_a_restart(two: LiveCluster, tmp_path, seed: int) -> No
     _converged(two, document(replay_records(recs[:half])))
     two.stop_consolidator(signal.SIGKILL)
     _send(two, tmp_path, recs, "--retry", "60")  # the rest, while it is down
+    two.consolidator_process('cpu = -1\nwait = "spin"\n')  # restarted polling, pinned
     two.start_consolidator()
+    assert os.sched_getaffinity(two.cons.pid) == {two.cluster.consolidator_cpu}
     _applied(two, recs)
     want = document(replay_records(recs))
     assert compare_documents(_dump(two), want) == []

@@ -2,6 +2,7 @@
 seeded stream, each partition's ingest rejects what it does not own, and the composed
 document (`exposure dump --cluster`) equals replay of the whole stream."""
 
+import glob
 import os
 import signal
 import subprocess
@@ -97,11 +98,19 @@ class LiveCluster:
         self.cons = None
 
     def stop(self):
-        self.stop_consolidator()
-        for p in self.pairs.values():
-            p.stop()
-        for n in self.nodes:
-            n.stop()
+        try:
+            self.stop_consolidator()
+        finally:
+            if self.cons is not None:  # it did not stop: no leftovers from it either
+                self.cons.kill()
+                self.cons.wait(30)
+                self.cons = None
+            for seg in glob.glob(f"/dev/shm/exposure.{self.cons_name}.*"):
+                os.unlink(seg)  # a consolidator killed before its clean-up ran
+            for p in self.pairs.values():
+                p.stop()
+            for n in self.nodes:
+                n.stop()
 
 
 def _send(c: LiveCluster, tmp, recs, *extra) -> dict:

@@ -47,6 +47,26 @@ def _add(acc, k, x):
     acc[k] = t
 
 
+@njit(cache=True, inline="always")
+def _published(p, o, gseq):
+    """An account's or the fund's published row (PUBROW_DTYPE) from its feed row."""
+    p.gseq = gseq
+    p.long_mv = o.long_mv
+    p.short_mv = o.short_mv
+    p.gross = o.gross
+    p.net = o.net
+    p.open_buy_mv = o.open_buy_mv
+    p.open_sell_mv = o.open_sell_mv
+    p.worst_gross = o.worst_gross
+    p.margin = o.margin
+    p.beta_net = o.beta_net
+    p.pnl = o.pnl
+    p.live_orders = o.live_orders
+    p.breach = o.breach
+    p.net_long_mv = o.net_long_mv
+    p.net_short_mv = o.net_short_mv
+
+
 @njit(cache=True)
 def compose_accounts(ids, owner, tabs, gseq, now, out, pub, pubsrc, pubw, pubver):
     """An account's row is its owner's (``owner``: the map's account owners; an account it
@@ -65,22 +85,9 @@ def compose_accounts(ids, owner, tabs, gseq, now, out, pub, pubsrc, pubw, pubver
         o.session = NO_SESSION
         o.gseq = gseq
         o.compute_ns = now
-        p = pub[j]
-        p.gseq = gseq
-        p.long_mv = o.long_mv
-        p.short_mv = o.short_mv
-        p.gross = o.gross
-        p.net = o.net
-        p.open_buy_mv = o.open_buy_mv
-        p.open_sell_mv = o.open_sell_mv
-        p.worst_gross = o.worst_gross
-        p.margin = o.margin
-        p.beta_net = o.beta_net
-        p.pnl = o.pnl
-        p.live_orders = o.live_orders
-        p.breach = o.breach
-        p.net_long_mv = 0.0
-        p.net_short_mv = 0.0
+        o.net_long_mv = 0.0  # the fund's alone
+        o.net_short_mv = 0.0
+        _published(pub[j], o, gseq)
     store_rows(pubw, pubver, ids, pubsrc)
 
 
@@ -208,22 +215,7 @@ def compose_fund(tabs, row, gseq, now, out, acc, pub, pubsrc, pubw, pubver):
     o.session = NO_SESSION
     o.gseq = gseq
     o.compute_ns = now
-    p = pub[0]
-    p.gseq = gseq
-    p.long_mv = o.long_mv
-    p.short_mv = o.short_mv
-    p.gross = o.gross
-    p.net = o.net
-    p.open_buy_mv = o.open_buy_mv
-    p.open_sell_mv = o.open_sell_mv
-    p.worst_gross = o.worst_gross
-    p.margin = o.margin
-    p.beta_net = o.beta_net
-    p.pnl = o.pnl
-    p.live_orders = o.live_orders
-    p.breach = 0
-    p.net_long_mv = o.net_long_mv
-    p.net_short_mv = o.net_short_mv
+    _published(pub[0], o, gseq)
     idx = np.empty(1, np.int64)
     idx[0] = row
     store_rows(pubw, pubver, idx, pubsrc)

@@ -53,9 +53,7 @@ def _datagrams(kind: int, n: int, rows: int) -> list[bytes]:
 
 
 def _sender(group: str, port: int, kind: int, rate: float, n: int, rows: int) -> int:
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
-    tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+    tx = _tx()
     dgs = _datagrams(kind, n, rows)
     t0 = time.monotonic()
     for i, d in enumerate(dgs):
@@ -71,21 +69,41 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _warm_up(sub: Subscriber, group: str, port: int, rows: int) -> None:
+    """One datagram of each type through ``sub`` before measuring: the first loads (or,
+    after a change of the sources, compiles) the jitted passes, which takes seconds."""
+    tx = _tx()
+    try:
+        for kind in _TYPES.values():
+            seen = sub.counters["datagrams"]
+            tx.sendto(_datagrams(kind, 1, rows)[0], (group, port))
+            end = time.monotonic() + 120
+            while sub.counters["datagrams"] == seen and time.monotonic() < end:
+                select.select(sub.selectables, [], [], 0.05)
+                sub.poll_rows(0)
+    finally:
+        tx.close()
+
+
+def _tx() -> socket.socket:
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+    tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+    return tx
+
+
 def woken(kind: str, rate: float, seconds: float, rows: int) -> dict:
     group, port = free_group(), free_port()
     with Subscriber(group, port) as sub:
+        _warm_up(sub, group, port, rows)
+        d0 = sub.counters["datagrams"]
         n = int(rate * seconds)
         snd = subprocess.Popen([sys.executable, "-m", "perf.bench_subscriber", "--send",
                                 group, str(port), str(_TYPES[kind]), str(rate), str(n),
                                 str(rows)])
         try:
-            # The first datagram compiles nothing (the kernels are cached) but loads them.
-            end = time.monotonic() + 30
-            while sub.counters["datagrams"] == 0 and time.monotonic() < end:
-                select.select(sub.selectables, [], [], 0.05)
-                sub.poll_rows(0)
             c0, polls, changed = _cpu(), 0, 0
-            while snd.poll() is None or sub.counters["datagrams"] < n:
+            while snd.poll() is None or sub.counters["datagrams"] - d0 < n:
                 if not select.select(sub.selectables, [], [], 0.2)[0] and snd.poll() is not None:
                     break
                 changed += sum(len(b.ids) for b in sub.poll_rows(0))
@@ -95,29 +113,31 @@ def woken(kind: str, rate: float, seconds: float, rows: int) -> dict:
             snd.kill()
             snd.wait()
         return {"type": kind, "rate": rate, "rows_per_datagram": rows, "polls": polls,
-                "datagrams": sub.counters["datagrams"], "changed": changed,
+                "datagrams": sub.counters["datagrams"] - d0, "changed": changed,
                 "us_cpu_per_poll": round(1e6 * cpu / max(polls, 1), 1)}
 
 
 def warm(rows: int, burst: int, bursts: int) -> dict:
     group, port = free_group(), free_port()
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
-    tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+    tx = _tx()
     dgs = _datagrams(DG_INCREMENTAL, burst * (bursts + 1), rows)
-    with Subscriber(group, port) as sub:
-        spent, taken = 0.0, 0
-        for b in range(bursts + 1):
-            for d in dgs[b * burst:(b + 1) * burst]:
-                tx.sendto(d, (group, port))
-            t0 = time.perf_counter()
-            end = time.monotonic() + 10
-            while sub.counters["datagrams"] < (b + 1) * burst and time.monotonic() < end:
-                sub.poll_rows(0)
-            if b:  # the first burst loads the kernels
+    try:
+        with Subscriber(group, port) as sub:
+            _warm_up(sub, group, port, rows)
+            d0 = sub.counters["datagrams"]
+            spent, taken = 0.0, 0
+            for b in range(1, bursts + 1):
+                for d in dgs[b * burst:(b + 1) * burst]:
+                    tx.sendto(d, (group, port))
+                t0 = time.perf_counter()
+                end = time.monotonic() + 10
+                while (sub.counters["datagrams"] - d0 < b * burst
+                       and time.monotonic() < end):
+                    sub.poll_rows(0)
                 spent += time.perf_counter() - t0
                 taken += burst
-    tx.close()
+    finally:
+        tx.close()
     return {"burst": burst, "rows_per_datagram": rows,
             "us_per_datagram": round(1e6 * spent / max(taken, 1), 2)}
 

@@ -735,7 +735,7 @@ def consolidator_latency(bc: BenchCluster, recs: np.ndarray, session: int, rate:
 # ----------------------------------------------------------------------------- children
 def _consolidator_child(cluster_file: str, stats_file: str, timed: bool = True) -> int:
     """``exposure consolidate``'s run_consolidator, its stage's poll and _publish timed
-    into the stats file."""
+    into the stats file (``timed``), or only its rows and batches counted there."""
     from exposure.consolidate import ConsolidateStage
     from exposure.consolidator import run_consolidator
     from exposure.feed import Subscriber

@@ -28,7 +28,7 @@ head's layout is types.UPDATE_DTYPE's)::
 
 The state compared is the kind's fields after the 56-byte head, from its first field to
 its last: padding is not state (numpy's copies of a dtype with gaps leave it undefined).
-What changed comes back as four arrays, sorted by (kind, id): the row in the batch, the
+What changed comes back as four arrays, sorted by (kind, id): the new row (words), the
 kind, the id (the fund's: -1) and the breach bits the view held before (0 when it had no
 row).
 """

@@ -38,14 +38,13 @@ Composition (:func:`compose`), from each partition's tallies as read here:
 from __future__ import annotations
 
 import math
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, NodeConfig, load_config
+from .config import ConfigError, NodeConfig, load_config, resolve_cpu
 from .partition import MapError, PartitionMap, read_toml, split
 from .types import (
     C_ACCEPTED,
@@ -171,16 +170,10 @@ def load_cluster(path: str | Path) -> Cluster:
 def _consolidator_process(path: Path, ct: dict) -> tuple[int | None, str]:
     """``[consolidator] cpu`` (an index into this machine's CPUs, negative from the last)
     and ``wait`` (``"spin"`` needs a CPU of its own)."""
-    cpus = sorted(os.sched_getaffinity(0))
-    cpu = ct.get("cpu")
-    if cpu is not None:
-        if isinstance(cpu, bool) or not isinstance(cpu, int):
-            raise ClusterError(f"{path}: consolidator.cpu = {cpu!r}: a CPU number")
-        if -len(cpus) <= cpu < 0:
-            cpu = cpus[cpu]
-        if cpu not in cpus:
-            raise ClusterError(f"{path}: consolidator.cpu = {cpu}: this machine has CPUs "
-                               f"{', '.join(map(str, cpus))}")
+    try:
+        cpu = resolve_cpu(ct.get("cpu"), f"{path}: consolidator.")
+    except ConfigError as e:
+        raise ClusterError(str(e)) from None
     wait = ct.get("wait", "block")
     if wait not in _CONSOLIDATOR_WAITS:
         raise ClusterError(f"{path}: consolidator.wait = {wait!r}: one of "

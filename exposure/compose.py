@@ -48,6 +48,16 @@ def _add(acc, k, x):
 
 
 @njit(cache=True, inline="always")
+def _tag(o, kind, gseq, now):
+    """The head of a row the consolidator composed: its kind, its own gseq and time, no
+    session (the caller sets the id, whose field is named by the kind)."""
+    o.kind = kind
+    o.session = NO_SESSION
+    o.gseq = gseq
+    o.compute_ns = now
+
+
+@njit(cache=True, inline="always")
 def _published(p, o, gseq):
     """An account's or the fund's published row (PUBROW_DTYPE) from its feed row."""
     p.gseq = gseq
@@ -80,11 +90,8 @@ def compose_accounts(ids, owner, tabs, gseq, now, out, pub, pubsrc, pubw, pubver
         if a < t.shape[0]:
             out[j] = t[a]
         o = out[j]
-        o.kind = ROW_ACCOUNT
+        _tag(o, ROW_ACCOUNT, gseq, now)
         o.account = a
-        o.session = NO_SESSION
-        o.gseq = gseq
-        o.compute_ns = now
         o.net_long_mv = 0.0  # the fund's alone
         o.net_short_mv = 0.0
         _published(pub[j], o, gseq)
@@ -139,11 +146,8 @@ def compose_instruments(ids, tabs, gseq, now, out, fpos, val, acc, pub, pubsrc, 
             _add(acc, 2, -new)
         fpos[i] = o.fund_pos
         val[i] = v
-        o.kind = ROW_INSTRUMENT
+        _tag(o, ROW_INSTRUMENT, gseq, now)
         o.instrument = i
-        o.session = NO_SESSION
-        o.gseq = gseq
-        o.compute_ns = now
         p = pub[j]
         p.gseq = gseq
         p.fund_pos = o.fund_pos
@@ -171,11 +175,8 @@ def compose_sectors(ids, tabs, gseq, now, out, pub, pubsrc, pubw, pubver):
             if s < t.shape[0] and t[s].kind != 0:
                 o.net_mv += t[s].net_mv
                 o.gross_mv += t[s].gross_mv
-        o.kind = ROW_SECTOR
+        _tag(o, ROW_SECTOR, gseq, now)
         o.sector = s
-        o.session = NO_SESSION
-        o.gseq = gseq
-        o.compute_ns = now
         p = pub[j]
         p.gseq = gseq
         p.net_mv = o.net_mv
@@ -210,11 +211,8 @@ def compose_fund(tabs, row, gseq, now, out, acc, pub, pubsrc, pubw, pubver):
             o.recv_ns = r.recv_ns
     o.net_long_mv = acc[0] + acc[1]
     o.net_short_mv = acc[2] + acc[3]
-    o.kind = ROW_FUND
+    _tag(o, ROW_FUND, gseq, now)
     o.account = -1
-    o.session = NO_SESSION
-    o.gseq = gseq
-    o.compute_ns = now
     _published(pub[0], o, gseq)
     idx = np.empty(1, np.int64)
     idx[0] = row

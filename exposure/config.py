@@ -28,7 +28,7 @@ from .shm.wait import WAIT_STRATEGIES
 from .types import EVENT_SIZE
 
 __all__ = ["NodeConfig", "Partition", "ProcessSpec", "ConfigError", "load_config",
-           "DEFAULT_TOML", "STAGES", "RELEASE_POLICIES"]
+           "resolve_cpu", "DEFAULT_TOML", "STAGES", "RELEASE_POLICIES"]
 
 # The stages of a live node, in pipeline order. Every one must run in exactly one process.
 STAGES = ("ingest", "compute", "fanout", "journal", "mirror", "snapshot")
@@ -525,12 +525,7 @@ def _parse(doc: dict, source: str) -> NodeConfig:
                 raise ConfigError(f"stage {s!r} is in both process {seen_stage[s]!r} and "
                                   f"{pname!r}")
             seen_stage[s] = pname
-        cpu = p.get("cpu")
-        if cpu is not None and -len(cpus) <= cpu < 0:
-            cpu = cpus[cpu]
-        if cpu is not None and cpu not in cpus:
-            raise ConfigError(f"{where}cpu = {cpu}: this machine has CPUs "
-                              f"{', '.join(map(str, cpus))}")
+        cpu = resolve_cpu(p.get("cpu"), where)
         wait = p.get("wait", "spin-then-block")
         if wait not in WAIT_STRATEGIES:
             raise ConfigError(f"{where}wait = {wait!r}: one of {', '.join(WAIT_STRATEGIES)}")
@@ -577,6 +572,22 @@ def _parse(doc: dict, source: str) -> NodeConfig:
         snapshot_journal=sn["journal"], stall_ms=merged["node"]["stall_ms"], source=source,
         **ingest_extra, **_desks(merged["desks"]), **repl,
         **_partition(merged["partition"], here))
+
+
+def resolve_cpu(cpu, where: str = "") -> int | None:
+    """A ``cpu`` setting: None (not pinned), or a CPU of this machine (a negative number
+    counts from the last); ConfigError naming ``where`` + ``cpu`` otherwise."""
+    if cpu is None:
+        return None
+    if isinstance(cpu, bool) or not isinstance(cpu, int):
+        raise ConfigError(f"{where}cpu = {cpu!r}: a CPU number")
+    cpus = sorted(os.sched_getaffinity(0))
+    if -len(cpus) <= cpu < 0:
+        cpu = cpus[cpu]
+    if cpu not in cpus:
+        raise ConfigError(f"{where}cpu = {cpu}: this machine has CPUs "
+                          f"{', '.join(map(str, cpus))}")
+    return cpu
 
 
 def load_config(path: str | Path | None = None) -> NodeConfig:

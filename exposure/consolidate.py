@@ -111,11 +111,11 @@ class ConsolidateStage(Stage):
         self._ipub = _words(state.ipub)
         self._spub = _words(state.spub)
         self._ctr = _words(state.ctrpub)
-        self._acc_pub = _Scratch(PUBROW_DTYPE, self.nacc)
-        self._fund_pub = _Scratch(PUBROW_DTYPE, 1)
+        self._acc_pub = _Scratch(PUBROW_DTYPE, self.nacc)  # (the fund's row too)
         self._inst_pub = _Scratch(INSTPUB_DTYPE, self.ninst)
         self._sec_pub = _Scratch(SECPUB_DTYPE, self.nsec)
         self._ctr_row = np.zeros(1, state.ctrpub.dtype)
+        self._ctr_at = np.zeros(1, np.int64)  # the counters row's index
         self._feed = np.zeros(self.nacc + self.ninst + self.nsec + 1, UPDATE_DTYPE)
         self._wait = [x for s in subscribers for x in s.selectables]
 
@@ -203,7 +203,7 @@ class ConsolidateStage(Stage):
             if self._was_held:  # after a hold (a partition rebuilt): exact sums again
                 resum(self.fpos, self.val, self.acc)
                 self._was_held = False
-            p = self._fund_pub
+            p = self._acc_pub  # (the accounts' rows are stored by now)
             compose_fund(self._tables(ROW_FUND), self.nacc, g, now, feed[n - 1:], self.acc,
                          p.rows, p.words, self._pub, self.vers.pub)
         self._counters()
@@ -217,4 +217,4 @@ class ConsolidateStage(Stage):
     def _counters(self) -> None:
         """The counters row last: its gseq is what a snapshot of the rows includes."""
         self._ctr_row["gseq"] = self.gseq
-        store_rows(self._ctr, self.vers.ctrpub, np.zeros(1, np.int64), _words(self._ctr_row))
+        store_rows(self._ctr, self.vers.ctrpub, self._ctr_at, _words(self._ctr_row))

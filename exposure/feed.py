@@ -532,12 +532,25 @@ class Subscriber:
         """Take what has arrived: up to ``max_batch`` datagrams and any completed
         snapshot; if nothing had, wait up to ``timeout`` seconds (None: until something
         arrives) and take what came. Returns the view's changes, in order."""
-        return _changes(self.poll_rows(timeout))
+        changes = _changes(self._poll(timeout))
+        self._notify(changes)
+        return changes
 
     def poll_rows(self, timeout: float | None = 0.0) -> list[Rows]:
         """:meth:`poll`, with the changes as arrays: a :class:`Rows` per kind and merge, in
         order (no Python object per row: what a consumer of many rows, such as the
         cluster's consolidator, takes)."""
+        batches = self._poll(timeout)
+        if self.on_change is not None:
+            self._notify(_changes(batches))
+        return batches
+
+    def _notify(self, changes: list[Change]) -> None:
+        if self.on_change is not None:
+            for c in changes:
+                self.on_change(c.kind, c.id, c.row)
+
+    def _poll(self, timeout: float | None) -> list[Rows]:
         if self._closed:
             raise ValueError("poll on a closed Subscriber")
         changes: list[Rows] = []
@@ -553,12 +566,9 @@ class Subscriber:
                 w = max(0.0, self._join_at - now)  # the join snapshot's deadline
                 wait = w if wait is None else min(wait, w)
             try:
-                select.select([self.sock, self._wr], [], [], wait)
+                select.select(self.selectables, [], [], wait)
             except InterruptedError:
                 pass
-        if self.on_change is not None:
-            for c in _changes(changes):
-                self.on_change(c.kind, c.id, c.row)
         return changes
 
     def updates(self, seconds: float | None = None, timeout: float = 0.1) -> Iterator[Change]:

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from exposure import wire as W
+from exposure.net import wire as W
 
 __all__ = ["AckClock"]
 

@@ -6,7 +6,7 @@ last CPU) with small port limits. In every run, against the same node:
 
 * phase **A**: one session sends a realistic flow open-loop at ``--rate`` events/s, one
   event per frame, and its wire-to-wire latency is measured with the perf tool's
-  machinery (:func:`perf.tool.measure_run`: from each event's intended send time to the
+  machinery (:func:`exposure.bench.tool.measure_run`: from each event's intended send time to the
   multicast update that reflects it, coordinated-omission corrected, HdrHistogram);
 * phase **B**: the same while an attacker process (:class:`Attack`, one process, one
   thread, non-blocking sockets on one epoll) floods the port: connections past the cap
@@ -50,9 +50,9 @@ from pathlib import Path
 
 import numpy as np
 
-from exposure import wire as W
-from exposure.types import EVENT_DTYPE, W_SSEQ
-from perf.localnode import wait_until
+from exposure.core.types import EVENT_DTYPE, W_SSEQ
+from exposure.harness.localnode import wait_until
+from exposure.net import wire as W
 
 __all__ = ["Attack", "KINDS", "main"]
 
@@ -418,7 +418,7 @@ class _Attacker:
 
 
 def _steal_ms() -> float:
-    from perf.loadgen import steal_ms
+    from exposure.bench.loadgen import steal_ms
 
     return steal_ms()
 
@@ -428,7 +428,7 @@ def _delta(after: dict, before: dict) -> dict:
 
 
 def _phase(node, target, block, a, session: int, client_cpu: int, attack: bool) -> dict:
-    from perf.tool import measure_run
+    from exposure.bench.tool import measure_run
 
     pids0 = node.pids()
     c0, s0, t0 = node.port_counters(), _steal_ms(), time.monotonic()
@@ -504,8 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.seconds <= 0 or a.rate <= 0 or a.runs < 1 or a.warmup < 0:
         p.error("--seconds, --rate and --runs must be positive, --warmup not negative")
 
-    from perf.localnode import LocalNode
-    from perf.tool import Target, _flow
+    from exposure.bench.tool import Target, _flow
+    from exposure.harness.localnode import LocalNode
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

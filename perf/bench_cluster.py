@@ -11,24 +11,24 @@ A full run takes 2-4 minutes; ``--quick`` (400,000 events, 2 partitions only, on
 each order's source moved into its account's partition, so that the stream respects every
 map and nothing is rejected as wrong_partition):
 
-1. **the router**: :func:`exposure.partition.route` and ``split`` (what ``send_cluster``,
+1. **the router**: :func:`exposure.core.partition.route` and ``split`` (what ``send_cluster``,
    so ``exposure send --cluster``, does to the records) over the whole stream, for 1, 2,
    4 and 8 partitions: ns per event, median of ``--router-repeats``;
 2. **one node's sustained rate**: a real node (``exposure run``, its own name, ports and
    data directory, the journal fsyncing every 2 ms) with the process map a partition has
    on 2 cores (hot process ``spin-then-block`` on the last CPU, journal and recovery server
    sleeping 2 ms ticks on the first); the stream sent closed loop with
-   :func:`exposure.client.send_records` (frames of 1,024), timed until every event is
+   :func:`exposure.net.client.send_records` (frames of 1,024), timed until every event is
    acknowledged. The node runs for the whole invocation: each cluster run below follows a
    run of it, and the ratio is the median of those pairs (this VM's speed drifts);
 3. **each cluster's sustained rate**, for every ``--partitions`` count: that many partition
    nodes (the same process map, hot processes alternating between the last and the first
-   CPU), the same stream through :func:`exposure.cluster.send_cluster`, timed the same
+   CPU), the same stream through :func:`exposure.cluster.topology.send_cluster`, timed the same
    way: events/s of the stream, of what the partitions took (marks and instruments go to
    each), each partition's own rate (its events until its last one was applied, read from
    its tally segment), the client's CPU share (is the client the limit?);
 4. **the consolidator's cost per row it publishes**: ``exposure consolidate``'s
-   :func:`exposure.consolidator.run_consolidator` in a child process, its stage's ``poll``
+   :func:`exposure.cluster.consolidator.run_consolidator` in a child process, its stage's ``poll``
    and ``_publish`` wrapped in timers, while the stream goes through the cluster once more
    (``--cons-rate``, 0: as fast as it goes): its process CPU time and its time in
    ``_publish`` per row, from its first poll after the send began to its first publish
@@ -82,12 +82,12 @@ import numpy as np
 import orjson
 import psutil
 
-from exposure.client import SendError, send_records
-from exposure.cluster import Cluster, load_cluster, send_cluster
-from exposure.partition import PartitionMap, route, split
-from exposure.types import C_LAST_GSEQ, T_CANCEL, T_DONE, T_FILL, T_NEW, T_REPLACE
-from perf.flowgen import generate
-from perf.localnode import (
+from exposure.bench.flowgen import generate
+from exposure.bench.measure import summarize
+from exposure.cluster.topology import Cluster, load_cluster, send_cluster
+from exposure.core.partition import PartitionMap, route, split
+from exposure.core.types import C_LAST_GSEQ, T_CANCEL, T_DONE, T_FILL, T_NEW, T_REPLACE
+from exposure.harness.localnode import (
     LocalNode,
     cpu_times,
     free_group,
@@ -95,7 +95,7 @@ from perf.localnode import (
     process_map,
     wait_until,
 )
-from perf.measure import summarize
+from exposure.net.client import SendError, send_records
 
 Say = Callable[[str], None]  # where progress goes (stderr)
 
@@ -149,7 +149,7 @@ def _steal_since(s0: tuple[int, int]) -> dict:
 
 # ----------------------------------------------------------------------------- the stream
 def flow(n: int, seed: int) -> np.ndarray:
-    """The perf tool's flow (perf.tool._flow): ``n`` events of a realistic day."""
+    """The perf tool's flow (exposure.bench.tool._flow): ``n`` events of a realistic day."""
     return generate(n, accounts=200, instruments=2000, universe=50, live_target=5000,
                     seed=seed)
 
@@ -354,7 +354,7 @@ def _child_cmd(*args: str) -> tuple[list[str], dict]:
 
 
 class BenchCluster:
-    """``pmap``'s partitions as real local nodes (perf.localnode.LocalNode with a
+    """``pmap``'s partitions as real local nodes (exposure.harness.localnode.LocalNode with a
     ``[partition]`` section), the cluster file and the consolidator's config, all with
     unique names, ports and groups under ``base``; the consolidator (an instrumented
     ``exposure consolidate``) runs as a child process on demand. ``stop()`` stops
@@ -736,9 +736,9 @@ def consolidator_latency(bc: BenchCluster, recs: np.ndarray, session: int, rate:
 def _consolidator_child(cluster_file: str, stats_file: str, timed: bool = True) -> int:
     """``exposure consolidate``'s run_consolidator, its stage's poll and _publish timed
     into the stats file (``timed``), or only its rows and batches counted there."""
-    from exposure.consolidate import ConsolidateStage
-    from exposure.consolidator import run_consolidator
-    from exposure.feed import Subscriber
+    from exposure.cluster.consolidate import ConsolidateStage
+    from exposure.cluster.consolidator import run_consolidator
+    from exposure.feed.subscriber import Subscriber
 
     with open(stats_file, "r+b") as f:  # a plain array on the mapping (np.memmap's
         mm = mmap.mmap(f.fileno(), _N_STATS * 8)  # item access costs microseconds)
@@ -818,9 +818,9 @@ def _receiver_child(spec_file: str) -> int:
     perf tool's client: receive and stamp now, parse after the run), until told to stop;
     then write (receipt time, send_ns, row) of every account, fund and instrument row of
     the incremental datagrams."""
-    from exposure.config import load_config
-    from exposure.feedwire import DG_INCREMENTAL, open_receiver, parse_datagram
-    from exposure.types import ROW_SECTOR
+    from exposure.config.node import load_config
+    from exposure.core.types import ROW_SECTOR
+    from exposure.feed.wire import DG_INCREMENTAL, open_receiver, parse_datagram
 
     spec = orjson.loads(Path(spec_file).read_bytes())
     socks: list = []
@@ -915,7 +915,7 @@ def _print_report(out: dict) -> None:
     print(f"exposure cluster bench, {out['started']} ({out['seconds']} s): {out['command']}")
     print(f"stream: {out['events']:,} events (perf/flowgen.py, 200 accounts, 2,000 "
           "instruments; sources moved into their accounts' partitions)")
-    print("\n1. router: exposure.partition.route / split (what send --cluster does), ns per "
+    print("\n1. router: exposure.core.partition.route / split (what send --cluster does), ns per "
           f"event, median of {next(iter(out['router'].values()))['repeats']}")
     print(f"  {'partitions':>10} {'route':>8} {'split':>8}")
     for p, r in out["router"].items():

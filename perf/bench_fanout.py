@@ -5,7 +5,7 @@
 
 A generated day (perf/flowgen.py, as perf.bench_kernel uses) runs through the node's own
 code in one process: the kernel (``apply_batch``), then what compute does after it
-(``exposure.publish.publish_batch``: the published tables and the feed rows, and the push
+(``exposure.engine.publish.publish_batch``: the published tables and the feed rows, and the push
 onto a real fan-out ring), then the fan-out stage's poll (conflation, packing, one
 ``send`` per datagram to a multicast group that a receiver socket has joined on loopback,
 drained between batches outside the timed part). Each part is timed on its own.
@@ -28,22 +28,22 @@ import uuid
 import numpy as np
 import orjson
 
-from exposure.capacity import Capacities
-from exposure.feedwire import open_receiver
-from exposure.kernel import apply_batch
-from exposure.publish import publish_batch, versions
-from exposure.shm.control import CONTROL_WORDS, CTL_EPOCH, CTL_ROLE, ROLE_PRIMARY
-from exposure.shm.ring import Ring, ring_push
-from exposure.shm.tally_layout import allocate
-from exposure.stages.fanout import FanoutStage
-from exposure.types import (
+from exposure.bench.flowgen import generate
+from exposure.core.capacity import Capacities
+from exposure.core.types import (
     INSTRUMENT_ROW_DTYPE,
     ROW_SIZE,
     SECTOR_ROW_DTYPE,
     UPDATE_DTYPE,
 )
-from perf.flowgen import generate
-from perf.localnode import free_group, free_port
+from exposure.engine.kernel import apply_batch
+from exposure.engine.publish import publish_batch, versions
+from exposure.feed.wire import open_receiver
+from exposure.harness.localnode import free_group, free_port
+from exposure.node.stages.fanout import FanoutStage
+from exposure.shm.control import CONTROL_WORDS, CTL_EPOCH, CTL_ROLE, ROLE_PRIMARY
+from exposure.shm.ring import Ring, ring_push
+from exposure.shm.tally_layout import allocate
 
 
 def _pin() -> None:

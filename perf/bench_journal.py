@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from exposure.capacity import Capacities
-from exposure.journal import JournalWriter
-from exposure.recovery import replay_journal
+from exposure.bench.flowgen import generate
+from exposure.core.capacity import Capacities
+from exposure.core.types import EVENT_SIZE, EVENT_WORDS
 from exposure.shm.session_layout import SESSION_COLS
 from exposure.shm.tally_layout import allocate
-from exposure.types import EVENT_SIZE, EVENT_WORDS
-from perf.flowgen import generate
+from exposure.store.journal import JournalWriter
+from exposure.store.recovery import replay_journal
 
 __all__ = ["main"]
 

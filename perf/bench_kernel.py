@@ -20,11 +20,20 @@ import numpy as np
 import orjson
 import psutil
 
-from exposure.capacity import Capacities
-from exposure.kernel import apply_batch
+from exposure.bench.flowgen import generate
+from exposure.core.capacity import Capacities
+from exposure.core.types import (
+    C_CELLS,
+    C_LIVE,
+    C_REJECTED,
+    T_CANCEL,
+    T_FILL,
+    T_MARK,
+    T_NEW,
+    T_REPLACE,
+)
+from exposure.engine.kernel import apply_batch
 from exposure.shm.tally_layout import TallyLayout, allocate
-from exposure.types import C_CELLS, C_LIVE, C_REJECTED, T_CANCEL, T_FILL, T_MARK, T_NEW, T_REPLACE
-from perf.flowgen import generate
 
 
 def _pin() -> None:

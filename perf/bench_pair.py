@@ -16,7 +16,7 @@
   primary's tail (received), and to compute having applied it.
 
 Every node is real (``exposure run``), on loopback, with the process map of
-``perf.localnode.LocalPair`` (on 2 cores only the primary's hot process spins).
+``exposure.harness.localnode.LocalPair`` (on 2 cores only the primary's hot process spins).
 """
 
 from __future__ import annotations
@@ -31,6 +31,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from exposure.bench.flowgen import generate, to_jsonl
+from exposure.bench.tool import Target, _flow, measure_run
+from exposure.harness.localnode import (
+    LocalEtcd,
+    LocalNode,
+    LocalPair,
+    process_map,
+    wait_until,
+)
 from exposure.shm.control import (
     CTL_ALONE,
     CTL_IN_SYNC,
@@ -40,15 +49,6 @@ from exposure.shm.control import (
     ROLE_PRIMARY,
 )
 from perf.ackclock import AckClock
-from perf.flowgen import generate, to_jsonl
-from perf.localnode import (
-    LocalEtcd,
-    LocalNode,
-    LocalPair,
-    process_map,
-    wait_until,
-)
-from perf.tool import Target, _flow, measure_run
 
 POLICIES = ("standalone", "local", "replicated", "replicated+local")
 _STANDALONE_MAP = process_map()  # the same map as the pair primary's
@@ -104,7 +104,7 @@ def _synchronous(pair: LocalPair) -> bool:
 
 
 def _flow_recs(n: int, seed: int):
-    from exposure.parse import read_events
+    from exposure.engine.parse import read_events
 
     path = Path(tempfile.mkstemp(suffix=".jsonl")[1])
     try:

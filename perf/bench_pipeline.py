@@ -11,7 +11,7 @@ one invocation and reported against the one it is judged by:
   realistic flow into a fresh state), median events/s of ``--runs``;
 * ``recovery``: the same flow written to a journal in blocks of ``--block`` records (a group
   commit's size at a few hundred thousand events/s) and replayed as ``exposure run`` does
-  on start (:func:`exposure.recovery.replay_journal`, with the session table: the kernel
+  on start (:func:`exposure.store.recovery.replay_journal`, with the session table: the kernel
   on one core, its reader thread on another; the files in the page cache), median of
   ``--runs``; target: at least 80% of the kernel's rate;
 * ``node``: ``exposure perf throughput`` against a node of the default process map (its own
@@ -41,14 +41,14 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from exposure.capacity import Capacities
-from exposure.journal import JournalWriter
-from exposure.recovery import replay_journal
+from exposure.bench.flowgen import generate
+from exposure.core.capacity import Capacities
+from exposure.harness.localnode import LocalNode
 from exposure.shm.session_layout import SESSION_COLS
 from exposure.shm.tally_layout import allocate
+from exposure.store.journal import JournalWriter
+from exposure.store.recovery import replay_journal
 from perf.bench_kernel import _pin, run_once
-from perf.flowgen import generate
-from perf.localnode import LocalNode
 
 __all__ = ["main", "steal_ticks"]
 

@@ -3,7 +3,7 @@
     python -m perf.bench_ring [--records 5000000] [--capacity 4096] [--record-size 128]
                               [--runs 3] [--check seq|full]
 
-Producer and consumer are separate processes (``python -m exposure.shm.soak``), pinned to
+Producer and consumer are separate processes (``python -m exposure.harness.ringsoak``), pinned to
 the last two CPUs, both spinning, batches of up to 4,096 records; the consumer checks every
 record's sequence word (``--check full``: every byte). Reports the consumer's records/s,
 median of the runs.
@@ -31,7 +31,7 @@ def run_once(records: int, capacity: int, record_size: int, check: str = "seq") 
     try:
         for side, cpu in (("consume", cpus[-1]), ("produce", cpus[0])):
             procs.append(subprocess.Popen(
-                ["taskset", "-c", str(cpu), sys.executable, "-m", "exposure.shm.soak", side,
+                ["taskset", "-c", str(cpu), sys.executable, "-m", "exposure.harness.ringsoak", side,
                  name, str(records), "--check", check], stdout=subprocess.PIPE))
         outs = [p.communicate(timeout=600)[0] for p in procs]
         if any(p.returncode for p in procs):

@@ -1,4 +1,4 @@
-"""What a feed subscriber (exposure.feed.Subscriber) costs per datagram, woken and warm.
+"""What a feed subscriber (exposure.feed.subscriber.Subscriber) costs per datagram, woken and warm.
 
     python -m perf.bench_subscriber [--rate 2000] [--seconds 4] [--rows 8] [--json]
 
@@ -31,11 +31,11 @@ import time
 import numpy as np
 import orjson
 
-from exposure.feed import Subscriber
-from exposure.feedwire import DG_INCREMENTAL, DG_REFRESH, DGRAM_HEADER, DGRAM_MAGIC, dgram_word
-from exposure.types import ROW_ACCOUNT, UPDATE_DTYPE
+from exposure.core.types import ROW_ACCOUNT, UPDATE_DTYPE
+from exposure.feed.subscriber import Subscriber
+from exposure.feed.wire import DG_INCREMENTAL, DG_REFRESH, DGRAM_HEADER, DGRAM_MAGIC, dgram_word
+from exposure.harness.localnode import free_group, free_port
 from perf.bench_cluster import steal_ticks
-from perf.localnode import free_group, free_port
 
 _TYPES = {"incremental": DG_INCREMENTAL, "refresh": DG_REFRESH}
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from exposure.partition import PartitionMap
-from exposure.types import (
+from exposure.core.partition import PartitionMap
+from exposure.core.types import (
     EVENT_DTYPE,
     F_HAS_PRICE,
     T_CANCEL,

@@ -1,12 +1,12 @@
-"""The real local nodes the end-to-end tests start (perf.localnode, shared with the perf
+"""The real local nodes the end-to-end tests start (exposure.harness.localnode, shared with the perf
 tool): one node, or a primary/backup pair."""
 
 import shutil
 
 import pytest
 
-from perf.localnode import LocalEtcd, LocalPair, free_port
-from perf.localnode import LocalNode as LiveNode
+from exposure.harness.localnode import LocalEtcd, LocalPair, free_port
+from exposure.harness.localnode import LocalNode as LiveNode
 
 __all__ = ["LiveNode", "LocalPair", "LocalEtcd", "free_port", "etcd_or_skip"]
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import orjson
 
-from exposure.capacity import Capacities
-from exposure.document import document, document_from_cells
-from exposure.parse import parse_events
-from exposure.replay import Engine
-from exposure.types import REASONS, S_LATE_FILL
+from exposure.core.capacity import Capacities
+from exposure.core.types import REASONS, S_LATE_FILL
+from exposure.engine.document import document, document_from_cells
+from exposure.engine.parse import parse_events
+from exposure.engine.replay import Engine
 
 DATA = Path(__file__).resolve().parent / "data"
 SCENARIOS = sorted(p.name[: -len(".jsonl")] for p in DATA.glob("*.jsonl"))
@@ -65,8 +65,8 @@ def read_stream(rx, check=None) -> tuple[list[int], dict]:
     called on each one."""
     import time
 
-    from exposure.feedwire import DG_INCREMENTAL, parse_datagram
-    from exposure.types import ROW_ACCOUNT, ROW_FUND
+    from exposure.core.types import ROW_ACCOUNT, ROW_FUND
+    from exposure.feed.wire import DG_INCREMENTAL, parse_datagram
 
     seqs, latest = [], {}
     quiet = rx.gettimeout() or 1.0

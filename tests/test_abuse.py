@@ -33,13 +33,13 @@ import pytest
 from nodes import LiveNode
 from support import DATA
 
-from exposure import wire as W
-from exposure.parse import read_events
+from exposure.engine.parse import read_events
+from exposure.net import wire as W
 from perf.bench_abuse import Attack
 
 CAP = 40            # [ingest] max_connections
 LOGIN_MS = 500      # login_timeout_ms
-IDLE_MS = 6000      # idle_timeout_ms: above exposure.client.HEARTBEAT_S (5 s), so that a
+IDLE_MS = 6000      # idle_timeout_ms: above exposure.net.client.HEARTBEAT_S (5 s), so that a
                     # waiting `exposure send` is kept alive by its heartbeats
 OUTPUT_KB = 16      # max_output_kb
 N_SESSIONS = 160    # ids in the sessions file

@@ -1,4 +1,4 @@
-"""The process loop (exposure.stages.agent.Runner) knows no particular stage: it polls a
+"""The process loop (exposure.node.stages.agent.Runner) knows no particular stage: it polls a
 process's stages in order, runs their `after`, idles on the input of the first stage fed
 from another process, and closes them."""
 
@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
+from exposure.node.stages.agent import Runner, Stage
 from exposure.shm.ring import Ring
 from exposure.shm.wait import WaitStrategy
-from exposure.stages.agent import Runner, Stage
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,8 +94,8 @@ def test_a_blocking_process_with_a_selector_sleeps_in_it(ring):
 def test_the_sequencer_advances_the_gseq_counts_and_wakes_the_sleeping_consumers(ring):
     import numpy as np
 
+    from exposure.node.stages.sequencer import Sequencer
     from exposure.shm import counters_layout as CN
-    from exposure.stages.sequencer import Sequencer
 
     cnt = np.zeros(CN.COUNTER_WORDS, np.uint64)
     seq = Sequencer(ring, 41, cnt)

@@ -7,12 +7,10 @@ it); with live partition nodes in tests/test_cluster_live.py.
 import numpy as np
 import pytest
 
-from exposure.cluster import compose, replay_cluster, replay_partition, state_view
-from exposure.config import ConfigError, load_config
-from exposure.document import compare_documents, document
-from exposure.partition import ALL, MapError, PartitionMap, mark, route, split
-from exposure.replay import replay_records
-from exposure.types import (
+from exposure.cluster.topology import compose, replay_cluster, replay_partition, state_view
+from exposure.config.node import ConfigError, load_config
+from exposure.core.partition import ALL, MapError, PartitionMap, mark, route, split
+from exposure.core.types import (
     EVENT_DTYPE,
     R_BAD_FIELD,
     R_WRONG_PARTITION,
@@ -25,6 +23,8 @@ from exposure.types import (
     T_POSITION,
     T_REPLACE,
 )
+from exposure.engine.document import compare_documents, document
+from exposure.engine.replay import replay_records
 from tests.clusterflow import cluster_stream, three_partitions, two_partitions
 
 pytestmark = pytest.mark.timeout(300)
@@ -164,7 +164,7 @@ def test_a_node_config_names_its_partition(tmp_path):
 def test_the_consolidator_s_cpu_and_wait_are_checked(tmp_path):
     import os
 
-    from exposure.cluster import ClusterError, load_cluster
+    from exposure.cluster.topology import ClusterError, load_cluster
 
     (tmp_path / "p0.toml").write_text('[partition]\ncluster = "cluster.toml"\nname = "p0"\n')
     (tmp_path / "cons.toml").write_text('[node]\nname = "cons-x"\n')

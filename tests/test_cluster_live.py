@@ -12,14 +12,14 @@ import uuid
 import orjson
 import pytest
 
-from exposure.cluster import load_cluster, replay_cluster, replay_partition
-from exposure.desk import Desk
-from exposure.document import compare_documents, document
-from exposure.feed import Subscriber
-from exposure.parse import to_jsonl
-from exposure.partition import split
-from exposure.replay import replay_records
-from perf.localnode import free_group, process_map, wait_until
+from exposure.cluster.topology import load_cluster, replay_cluster, replay_partition
+from exposure.core.partition import split
+from exposure.engine.desk import Desk
+from exposure.engine.document import compare_documents, document
+from exposure.engine.parse import to_jsonl
+from exposure.engine.replay import replay_records
+from exposure.feed.subscriber import Subscriber
+from exposure.harness.localnode import free_group, process_map, wait_until
 from tests.clusterflow import cluster_stream
 from tests.nodes import LiveNode, LocalPair, etcd_or_skip, free_port
 

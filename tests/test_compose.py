@@ -1,4 +1,4 @@
-"""The consolidator's jitted composition (exposure.compose) against a plain model of SPEC
+"""The consolidator's jitted composition (exposure.cluster.compose) against a plain model of SPEC
 section 5's rules, on seeded random partition views: instruments summed, priced and
 described by the lowest-numbered partition that has them, sectors summed, accounts from
 their owner, and the fund's net long/short as running sums that stay exact (within the
@@ -10,14 +10,14 @@ import os
 import numpy as np
 import pytest
 
-from exposure.compose import (
+from exposure.cluster.compose import (
     compose_accounts,
     compose_fund,
     compose_instruments,
     compose_sectors,
     resum,
 )
-from exposure.types import (
+from exposure.core.types import (
     INSTPUB_DTYPE,
     INSTRUMENT_ROW_DTYPE,
     PUBROW_DTYPE,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from exposure.config import DEFAULT_TOML, ConfigError, check_ports_free, load_config
+from exposure.config.node import DEFAULT_TOML, ConfigError, check_ports_free, load_config
 
 CPUS = sorted(os.sched_getaffinity(0))
 

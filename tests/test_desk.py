@@ -9,21 +9,21 @@ import uuid
 import numpy as np
 import pytest
 
-from exposure.capacity import Capacities
-from exposure.desk import Desk
-from exposure.document import compare_documents, document
-from exposure.kernel import apply_batch
-from exposure.parse import parse_events
-from exposure.publish import publish_batch, versions
-from exposure.shm.tally_layout import allocate
-from exposure.shm.tally_segment import TallySegment, write_begin, write_end
-from exposure.types import (
+from exposure.core.capacity import Capacities
+from exposure.core.types import (
     C_CELLS,
     INSTRUMENT_ROW_DTYPE,
     ROW_SIZE,
     SECTOR_ROW_DTYPE,
     UPDATE_DTYPE,
 )
+from exposure.engine.desk import Desk
+from exposure.engine.document import compare_documents, document
+from exposure.engine.kernel import apply_batch
+from exposure.engine.parse import parse_events
+from exposure.engine.publish import publish_batch, versions
+from exposure.shm.tally_layout import allocate
+from exposure.shm.tally_segment import TallySegment, write_begin, write_end
 
 # Small tables, so that cells and live orders run out (capacity rejects) and ids collide.
 CAPS = Capacities(accounts=6, instruments=12, sectors=4, sources=3, orders=24, cells=40)
@@ -170,7 +170,7 @@ def test_a_desk_over_a_private_state_reads_what_the_kernel_holds_after_every_bat
     doc = desk.document()
     assert doc["positions"] and doc["instruments"] and doc["sectors"] and doc["accounts"]
     assert doc["counts"]["rejected"] > 0 and doc["counts"]["rejects"].get("capacity", 0) > 0
-    # Exactly the keys, and the order of the lists, of exposure.document.
+    # Exactly the keys, and the order of the lists, of exposure.engine.document.
     want = document(st)
     assert list(doc) == list(want) and list(doc["fund"]) == list(want["fund"])
     for k in ("accounts", "instruments", "sectors", "positions"):

@@ -8,11 +8,11 @@ import orjson
 import pytest
 from nodes import LiveNode
 
-from exposure.document import compare_documents, document
-from exposure.journal import scan
-from exposure.parse import read_events
-from exposure.replay import replay_records
-from perf.flowgen import generate, to_jsonl
+from exposure.bench.flowgen import generate, to_jsonl
+from exposure.engine.document import compare_documents, document
+from exposure.engine.parse import read_events
+from exposure.engine.replay import replay_records
+from exposure.store.journal import scan
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,4 +1,4 @@
-"""The pair's roles (exposure.election) against a real single-member etcd: who starts the
+"""The pair's roles (exposure.pair.election) against a real single-member etcd: who starts the
 pair, who follows, when a backup may promote itself, when a primary runs alone and when it
 records its backup as synchronous again, demotion, strict mode, and etcd outages. The
 control block is a plain array here (the stages' side is the pair tests')."""
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from nodes import etcd_or_skip
 
-from exposure.coord import CoordError, PairState, PairStore
-from exposure.election import Election, Stopped
+from exposure.pair.coord import CoordError, PairState, PairStore
+from exposure.pair.election import Election, Stopped
 from exposure.shm.control import (
     CONTROL_WORDS,
     CTL_ALONE,

@@ -9,21 +9,8 @@ import uuid
 import numpy as np
 import pytest
 
-from exposure.capacity import Capacities
-from exposure.feedwire import (
-    DG_HEARTBEAT,
-    DG_INCREMENTAL,
-    DG_REFRESH,
-    open_receiver,
-    parse_datagram,
-    rows_of,
-)
-from exposure.publish import publish_all, versions
-from exposure.shm.control import CONTROL_WORDS, CTL_EPOCH, CTL_FANOUT_ERRORS, CTL_ROLE, ROLE_PRIMARY
-from exposure.shm.ring import Ring
-from exposure.shm.tally_layout import allocate
-from exposure.stages.fanout import FanoutStage
-from exposure.types import (
+from exposure.core.capacity import Capacities
+from exposure.core.types import (
     INSTRUMENT_ROW_DTYPE,
     ROW_ACCOUNT,
     ROW_FUND,
@@ -32,7 +19,20 @@ from exposure.types import (
     SECTOR_ROW_DTYPE,
     UPDATE_DTYPE,
 )
-from perf.localnode import free_group, free_port
+from exposure.engine.publish import publish_all, versions
+from exposure.feed.wire import (
+    DG_HEARTBEAT,
+    DG_INCREMENTAL,
+    DG_REFRESH,
+    open_receiver,
+    parse_datagram,
+    rows_of,
+)
+from exposure.harness.localnode import free_group, free_port
+from exposure.node.stages.fanout import FanoutStage
+from exposure.shm.control import CONTROL_WORDS, CTL_EPOCH, CTL_FANOUT_ERRORS, CTL_ROLE, ROLE_PRIMARY
+from exposure.shm.ring import Ring
+from exposure.shm.tally_layout import allocate
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -152,8 +152,8 @@ def test_an_idle_feed_sends_heartbeats_with_the_last_seq():
 
 
 def test_the_refresh_cycle_resends_every_published_row_that_ever_moved():
-    from exposure.kernel import apply_batch
-    from exposure.parse import records_from_objects
+    from exposure.engine.kernel import apply_batch
+    from exposure.engine.parse import records_from_objects
 
     ring = _ring()
     group, port = free_group(), free_port()
@@ -204,7 +204,7 @@ def test_the_refresh_cycle_resends_every_published_row_that_ever_moved():
 
 
 def test_batch_sender_sends_every_slice_in_order_in_calls_of_at_most_max_msgs():
-    from exposure._mmsg import BatchSender
+    from exposure.net.mmsg import BatchSender
 
     group, port = free_group(), free_port()
     rx = open_receiver(group, port)

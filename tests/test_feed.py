@@ -1,5 +1,5 @@
-"""The feed subscriber (exposure.feed) against a synthetic node: a multicast sender and a
-recovery server speaking exposure.feedwire, both driven by the test."""
+"""The feed subscriber (exposure.feed.subscriber) against a synthetic node: a multicast sender and a
+recovery server speaking exposure.feed.wire, both driven by the test."""
 
 import socket
 import subprocess
@@ -11,9 +11,20 @@ import numpy as np
 import orjson
 import pytest
 
-from exposure.document import compare_documents
-from exposure.feed import Subscriber
-from exposure.feedwire import (
+from exposure.core.types import (
+    INSTRUMENT_ROW_DTYPE,
+    NO_SESSION,
+    ROW_ACCOUNT,
+    ROW_FUND,
+    ROW_INSTRUMENT,
+    ROW_SECTOR,
+    ROW_SIZE,
+    SECTOR_ROW_DTYPE,
+    UPDATE_DTYPE,
+)
+from exposure.engine.document import compare_documents
+from exposure.feed.subscriber import Subscriber
+from exposure.feed.wire import (
     DG_HEARTBEAT,
     DG_INCREMENTAL,
     DG_REFRESH,
@@ -29,18 +40,7 @@ from exposure.feedwire import (
     dgram_word,
     parse_datagram,
 )
-from exposure.types import (
-    INSTRUMENT_ROW_DTYPE,
-    NO_SESSION,
-    ROW_ACCOUNT,
-    ROW_FUND,
-    ROW_INSTRUMENT,
-    ROW_SECTOR,
-    ROW_SIZE,
-    SECTOR_ROW_DTYPE,
-    UPDATE_DTYPE,
-)
-from perf.localnode import free_group, free_port
+from exposure.harness.localnode import free_group, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -718,8 +718,8 @@ def test_a_real_node_s_feed_rebuilds_what_dump_prints_through_loss_late_join_and
     from nodes import LiveNode
     from support import DATA
 
-    from exposure.client import send_records
-    from exposure.parse import read_events
+    from exposure.engine.parse import read_events
+    from exposure.net.client import send_records
 
     def dump(n) -> dict:
         p = n.cli("dump", "--compact")

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exposure.feedwire import (
+from exposure.core.types import NO_SESSION, ROW_DTYPES, ROW_KINDS, ROW_SIZE
+from exposure.feed.wire import (
     DG_TYPES,
     DGRAM_HEADER,
     DGRAM_MAGIC,
@@ -24,7 +25,6 @@ from exposure.feedwire import (
     rows_of,
     snapshot_request,
 )
-from exposure.types import NO_SESSION, ROW_DTYPES, ROW_KINDS, ROW_SIZE
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "feed.md"
 TEXT = DOC.read_text()

@@ -1,4 +1,4 @@
-"""The subscriber's jitted hot path (exposure.feedmerge) against plain models of its rules,
+"""The subscriber's jitted hot path (exposure.feed.merge) against plain models of its rules,
 on seeded random input: the merge (duplicate ids, equal gseqs, re-sent states with
 different tags and padding, bad ids, tables that must grow) and the datagram scan (losses,
 duplicates, epochs, malformed and hostile datagrams, through a real socket)."""
@@ -10,17 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from exposure.feed import Subscriber
-from exposure.feedmerge import ROW_WORDS
-from exposure.feedwire import (
-    DG_HEARTBEAT,
-    DG_INCREMENTAL,
-    DG_REFRESH,
-    DGRAM_HEADER,
-    DGRAM_MAGIC,
-    dgram_word,
-)
-from exposure.types import (
+from exposure.core.types import (
     INSTRUMENT_ROW_DTYPE,
     ROW_ACCOUNT,
     ROW_FUND,
@@ -29,7 +19,17 @@ from exposure.types import (
     SECTOR_ROW_DTYPE,
     UPDATE_DTYPE,
 )
-from perf.localnode import free_group, free_port
+from exposure.feed.merge import ROW_WORDS
+from exposure.feed.subscriber import Subscriber
+from exposure.feed.wire import (
+    DG_HEARTBEAT,
+    DG_INCREMENTAL,
+    DG_REFRESH,
+    DGRAM_HEADER,
+    DGRAM_MAGIC,
+    dgram_word,
+)
+from exposure.harness.localnode import free_group, free_port
 
 KINDS = (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR)
 DTYPES = {ROW_ACCOUNT: UPDATE_DTYPE, ROW_FUND: UPDATE_DTYPE,
@@ -45,7 +45,7 @@ def _state(kind: int, row) -> tuple:
 
 
 class Model:
-    """The rule, row by row, from the module docstring of exposure.feed."""
+    """The rule, row by row, from the module docstring of exposure.feed.subscriber."""
 
     def __init__(self):
         self.view: dict[tuple[int, int], tuple[int, tuple, bytes]] = {}
@@ -146,9 +146,9 @@ def test_merge_rows_equals_the_per_row_model(seed):
 
 # ----------------------------------------------------------------------------- datagrams
 def _model_scan(dgrams, epoch0, servers: bool, drop_every: int):
-    """The subscriber's datagram rules, datagram by datagram (what exposure.feed did in
+    """The subscriber's datagram rules, datagram by datagram (what exposure.feed.subscriber did in
     Python before the scan was jitted): counters, epoch, last seq, loss generations."""
-    from exposure.feedwire import parse_datagram
+    from exposure.feed.wire import parse_datagram
 
     ctr = dict.fromkeys(("datagrams", "incrementals", "refreshes", "heartbeats", "gaps",
                          "missed", "stale_epoch", "bad_datagrams", "dropped",

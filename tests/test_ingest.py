@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from nodes import free_port
 
-from exposure import wire as W
+from exposure.core.types import EVENT_DTYPE, EVENT_SIZE
+from exposure.net import wire as W
+from exposure.node.stages.ingest import IngestStage
 from exposure.shm import session_layout as SL
 from exposure.shm.ring import Ring
 from exposure.shm.session_layout import S_HELD, SESSION_COLS
-from exposure.stages.ingest import IngestStage
-from exposure.types import EVENT_DTYPE, EVENT_SIZE
 
 
 @pytest.fixture

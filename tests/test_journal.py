@@ -8,10 +8,10 @@ import pytest
 from nodes import LiveNode
 from support import DATA, SCENARIOS
 
-from exposure.document import compare_documents
-from exposure.journal import JournalError, JournalWriter, read_blocks, scan
-from exposure.parse import read_events
-from exposure.types import EVENT_DTYPE, EVENT_WORDS
+from exposure.core.types import EVENT_DTYPE, EVENT_WORDS
+from exposure.engine.document import compare_documents
+from exposure.engine.parse import read_events
+from exposure.store.journal import JournalError, JournalWriter, read_blocks, scan
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(300)
 def chunk(request, monkeypatch):
     """The reader's chunk size: its default, and chunks smaller than a block (every block
     read across chunk ends: the reader restarts a chunk at the block's start)."""
-    import exposure.journal as J
+    import exposure.store.journal as J
 
     if request.param is not None:
         monkeypatch.setattr(J, "_CHUNK", request.param)
@@ -126,8 +126,8 @@ def test_journal_tools_verify_inspect_and_replay_as_of_any_seq(tmp_path):
     import subprocess
     import sys
 
-    from exposure.document import document
-    from exposure.replay import replay_records
+    from exposure.engine.document import document
+    from exposure.engine.replay import replay_records
 
     name = SCENARIOS[0]
     n = LiveNode(tmp_path)
@@ -157,10 +157,10 @@ def test_journal_tools_verify_inspect_and_replay_as_of_any_seq(tmp_path):
 
 
 def test_resetting_a_used_state_keeps_its_capacities_and_equals_a_fresh_one():
-    from exposure.capacity import Capacities
-    from exposure.document import document
-    from exposure.kernel import apply_batch
-    from exposure.replay import replay_records
+    from exposure.core.capacity import Capacities
+    from exposure.engine.document import document
+    from exposure.engine.kernel import apply_batch
+    from exposure.engine.replay import replay_records
     from exposure.shm.tally_layout import allocate, reset
 
     caps = Capacities(orders=4096, cells=4096)
@@ -176,8 +176,8 @@ def test_resetting_a_used_state_keeps_its_capacities_and_equals_a_fresh_one():
 def test_snapshots_bound_recovery_and_a_corrupt_one_falls_back_to_the_previous(tmp_path):
     import time
 
-    from exposure.snapshot import snapshots
-    from perf.flowgen import generate, to_jsonl
+    from exposure.bench.flowgen import generate, to_jsonl
+    from exposure.store.snapshot import snapshots
 
     flow = tmp_path / "flow.jsonl"
     flow.write_bytes(to_jsonl(generate(40_000, accounts=50, instruments=500, universe=30,
@@ -221,10 +221,10 @@ def test_snapshots_bound_recovery_and_a_corrupt_one_falls_back_to_the_previous(t
 def test_replay_gathers_blocks_into_batches_and_any_cut_gives_the_same_state(tmp_path):
     """Recovery's reader thread gathers the journal's blocks into batches; the tallies do
     not depend on where the batches are cut, from any gseq, up to any gseq."""
-    from exposure.recovery import replay_journal
+    from exposure.bench.flowgen import generate
     from exposure.shm.session_layout import SESSION_COLS
     from exposure.shm.tally_layout import allocate
-    from perf.flowgen import generate
+    from exposure.store.recovery import replay_journal
 
     recs = generate(3000, accounts=20, instruments=50, live_target=200, seed=5)
     recs["session"] = 1 + np.arange(len(recs)) % 3  # three sessions, seqs 1, 2, ... each
@@ -236,8 +236,7 @@ def test_replay_gathers_blocks_into_batches_and_any_cut_gives_the_same_state(tmp
     w.sync()
     w.close()
 
-    from exposure.shm.session_layout import S_DONE
-    from exposure.types import (
+    from exposure.core.types import (
         C_LAST_GSEQ,
         C_NCCHANGED,
         C_NCHANGED,
@@ -245,10 +244,11 @@ def test_replay_gathers_blocks_into_batches_and_any_cut_gives_the_same_state(tmp
         C_NSCHANGED,
         C_STAMP,
     )
+    from exposure.shm.session_layout import S_DONE
 
     batch_books = ("changed", "ichanged", "schanged", "cchanged", "acc_stamp", "sec_dirty")
 
-    from exposure.capacity import Capacities
+    from exposure.core.capacity import Capacities
 
     caps = Capacities(accounts=64, instruments=64, sectors=16, sources=16, orders=4096,
                       cells=4096)
@@ -284,9 +284,9 @@ def test_replay_gathers_blocks_into_batches_and_any_cut_gives_the_same_state(tmp
 def test_a_replay_raises_the_readers_error_and_leaves_no_thread(tmp_path):
     import threading
 
-    from exposure.capacity import Capacities
-    from exposure.recovery import replay_journal
+    from exposure.core.capacity import Capacities
     from exposure.shm.tally_layout import allocate
+    from exposure.store.recovery import replay_journal
 
     _write(tmp_path)
     seg = sorted(tmp_path.glob("*.seg"))[1]

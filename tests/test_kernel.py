@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from exposure.capacity import Capacities
-from exposure.document import compare_documents
-from exposure.kernel import apply_batch
+from exposure.core.capacity import Capacities
+from exposure.core.types import C_NCHANGED, EVENT_DTYPE
+from exposure.engine.document import compare_documents
+from exposure.engine.kernel import apply_batch
 from exposure.shm.tally_layout import allocate
-from exposure.types import C_NCHANGED, EVENT_DTYPE
 
 INST = {"type": "instrument", "instrument": 1, "multiplier": 10.0, "margin_rate": 0.5,
         "beta": 2.0, "sector": 4}
@@ -291,11 +291,11 @@ def test_random_bytes_as_records_never_break_the_kernel(run):
     recs["price"][::3] = rng.random(len(recs[::3])) * 100
     recs["order_id"][::3] %= 50
     recs["gseq"] = 0
-    from exposure.replay import Engine
+    from exposure.engine.replay import Engine
     eng = Engine(Capacities(orders=1000, cells=5000))
     status = eng.apply(recs)
     assert set(np.unique(status).tolist()) <= {0, 1, 2, 3, 4, 5, 6, 7, 0x80}
-    from exposure.document import document, document_from_cells
+    from exposure.engine.document import document, document_from_cells
     assert compare_documents(document(eng.state), document_from_cells(eng.state)) == []
 
 

@@ -11,12 +11,12 @@ import pytest
 from nodes import LiveNode
 from support import DATA, SCENARIOS, load_expected, read_stream
 
-from exposure import wire as W
-from exposure.document import compare_documents, document
-from exposure.feedwire import open_receiver
-from exposure.parse import read_events
-from exposure.replay import replay_records
-from perf.flowgen import generate, to_jsonl
+from exposure.bench.flowgen import generate, to_jsonl
+from exposure.engine.document import compare_documents, document
+from exposure.engine.parse import read_events
+from exposure.engine.replay import replay_records
+from exposure.feed.wire import open_receiver
+from exposure.net import wire as W
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -16,13 +16,16 @@ import numpy as np
 import pytest
 from nodes import LocalPair, etcd_or_skip
 
-from exposure import repl as R
-from exposure.coord import PairState
-from exposure.desk import Desk
-from exposure.document import compare_documents, document
-from exposure.journal import first_gseq, read_blocks, scan
-from exposure.parse import read_events
-from exposure.replay import replay_records
+from exposure.bench.flowgen import generate, to_jsonl
+from exposure.core.types import C_NCCHANGED, C_NCHANGED, C_NICHANGED, C_NSCHANGED, C_STAMP
+from exposure.engine.desk import Desk
+from exposure.engine.document import compare_documents, document
+from exposure.engine.parse import read_events
+from exposure.engine.replay import replay_records
+from exposure.harness.localnode import listening
+from exposure.net import repl as R
+from exposure.node.stages.mirror import FAULT_CUT_LINK
+from exposure.pair.coord import PairState
 from exposure.shm.control import (
     CTL_ALONE,
     CTL_EPOCH,
@@ -35,10 +38,7 @@ from exposure.shm.control import (
     may_act,
 )
 from exposure.shm.tally_segment import TallySegment
-from exposure.stages.mirror import FAULT_CUT_LINK
-from exposure.types import C_NCCHANGED, C_NCHANGED, C_NICHANGED, C_NSCHANGED, C_STAMP
-from perf.flowgen import generate, to_jsonl
-from perf.localnode import listening
+from exposure.store.journal import first_gseq, read_blocks, scan
 
 
 def role(node) -> int:
@@ -201,7 +201,7 @@ def test_kill_9_of_the_primary_promotes_the_backup_and_the_client_finishes_on_it
     """The backup (recorded synchronous) takes over within failover_ms; as the new primary
     it runs alone, so acknowledgements resume without a backup. The old primary comes back
     as a backup and catches up; nothing acknowledged is lost or counted twice."""
-    from exposure.feed import Subscriber
+    from exposure.feed.subscriber import Subscriber
 
     rnd = seeded()
     p = pair(release=release)
@@ -368,7 +368,7 @@ def test_sigstop_of_the_whole_primary_fails_over_and_the_old_primary_acts_no_mor
     """A hung primary (every process stopped) is failed over; after SIGCONT it publishes
     and acknowledges nothing at its old epoch (its fence has expired and it is not
     alone), learns the new epoch, and rejoins as a backup."""
-    from exposure.feedwire import open_receiver, parse_datagram
+    from exposure.feed.wire import open_receiver, parse_datagram
 
     rnd = seeded()
     p = pair()

@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import order_event, reference_event
 
-from exposure.capacity import Capacities
-from exposure.document import document
-from exposure.parse import parse_events, record_objects
-from exposure.replay import Engine, replay_records
-from exposure.types import R_BAD_FIELD, R_OUT_OF_RANGE, TYPE_CODES
+from exposure.core.capacity import Capacities
+from exposure.core.types import R_BAD_FIELD, R_OUT_OF_RANGE, TYPE_CODES
+from exposure.engine.document import document
+from exposure.engine.parse import parse_events, record_objects
+from exposure.engine.replay import Engine, replay_records
 
 # No timeout mark of its own: the pyproject default (120 s) applies, as in
 # test_properties.py; the first replay may compile the kernel (over 20 s when the

@@ -22,8 +22,8 @@ from test_pair import (
     wait_for,
 )
 
+from exposure.harness.localnode import LocalEtcd, LocalPair
 from exposure.shm.control import ROLE_BACKUP, ROLE_PRIMARY
-from perf.localnode import LocalEtcd, LocalPair
 
 
 @pytest.fixture

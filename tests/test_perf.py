@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from nodes import LiveNode
 
-from exposure import wire as W
-from exposure.feedwire import DG_INCREMENTAL, DGRAM_HEADER, DGRAM_MAGIC, dgram_word
-from exposure.types import EVENT_DTYPE, ROW_ACCOUNT, T_CANCEL, T_MARK, T_NEW, UPDATE_DTYPE
-from perf.loadgen import RunRaw, build_frames
-from perf.measure import collect_arrivals, seen_times, summarize
-from perf.tool import summarize_run
+from exposure.bench.loadgen import RunRaw, build_frames
+from exposure.bench.measure import collect_arrivals, seen_times, summarize
+from exposure.bench.tool import summarize_run
+from exposure.core.types import EVENT_DTYPE, ROW_ACCOUNT, T_CANCEL, T_MARK, T_NEW, UPDATE_DTYPE
+from exposure.feed.wire import DG_INCREMENTAL, DGRAM_HEADER, DGRAM_MAGIC, dgram_word
+from exposure.net import wire as W
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -8,9 +8,9 @@ from reference_model import run_lines
 from strategies import EVENTS
 from support import Run
 
-from exposure.capacity import Capacities
-from exposure.document import compare_documents
-from perf.flowgen import generate, to_jsonl
+from exposure.bench.flowgen import generate, to_jsonl
+from exposure.core.capacity import Capacities
+from exposure.engine.document import compare_documents
 
 _SETTINGS = settings(max_examples=300, deadline=None,
                      suppress_health_check=[HealthCheck.too_slow])

@@ -7,9 +7,9 @@ import orjson
 import pytest
 from support import DATA, SCENARIOS, load_expected
 
-from exposure.document import compare_documents, document
-from exposure.parse import read_events
-from exposure.replay import replay_records
+from exposure.engine.document import compare_documents, document
+from exposure.engine.parse import read_events
+from exposure.engine.replay import replay_records
 
 
 def _replay_cli(*args: str) -> subprocess.CompletedProcess:

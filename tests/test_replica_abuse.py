@@ -19,7 +19,11 @@ import numpy as np
 import pytest
 from nodes import free_port
 
-from exposure import repl as R
+from exposure.core.types import EVENT_SIZE, EVENT_WORDS, W_GSEQ, W_SESSION, W_SSEQ
+from exposure.net import repl as R
+from exposure.node.stages import replica as RP
+from exposure.node.stages.replica import INCOMING, ReplicaStage
+from exposure.node.stages.sequencer import Sequencer
 from exposure.shm.control import (
     CONTROL_WORDS,
     CTL_HEARD_NS,
@@ -31,10 +35,6 @@ from exposure.shm.control import (
 )
 from exposure.shm.ring import Ring
 from exposure.shm.session_layout import SESSION_COLS
-from exposure.stages import replica as RP
-from exposure.stages.replica import INCOMING, ReplicaStage
-from exposure.stages.sequencer import Sequencer
-from exposure.types import EVENT_SIZE, EVENT_WORDS, W_GSEQ, W_SESSION, W_SSEQ
 
 SECRET = b"the-replication-secret-0123456789"
 LINK_WORDS = (CTL_LINK, CTL_HEARD_NS, CTL_PEER_EPOCH, CTL_PRIMARY_GSEQ, CTL_IN_SYNC,

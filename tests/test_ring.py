@@ -9,9 +9,9 @@ import numpy as np
 import orjson
 import pytest
 
+from exposure.core.types import EVENT_DTYPE
 from exposure.shm import ring_layout as L
 from exposure.shm.ring import Ring, RingError
-from exposure.types import EVENT_DTYPE
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def _soak(ring_name, records, capacity, record_size, wait, consumers=1, pause_ev
     r = Ring.create(ring_name, capacity, record_size, consumers=consumers)
     procs = []
     try:
-        cmd = [sys.executable, "-m", "exposure.shm.soak"]
+        cmd = [sys.executable, "-m", "exposure.harness.ringsoak"]
         for k in range(consumers):
             extra = ["--consumer", str(k)] + (["--pause-every", str(pause_every)]
                                                 if k == 1 and pause_every else [])

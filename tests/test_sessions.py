@@ -12,14 +12,14 @@ import orjson
 import pytest
 from nodes import LiveNode
 
-from exposure import wire as W
-from exposure.client import SendError, send_records
-from exposure.config import ConfigError, load_config
-from exposure.document import compare_documents, document
-from exposure.parse import records_from_objects
-from exposure.replay import replay_records
-from exposure.sessions import Entitlements, SessionsError, load_sessions
-from exposure.types import R_UNAUTHORIZED
+from exposure.config.node import ConfigError, load_config
+from exposure.core.types import R_UNAUTHORIZED
+from exposure.engine.document import compare_documents, document
+from exposure.engine.parse import records_from_objects
+from exposure.engine.replay import replay_records
+from exposure.net import wire as W
+from exposure.net.client import SendError, send_records
+from exposure.net.sessions import Entitlements, SessionsError, load_sessions
 
 pytestmark = pytest.mark.timeout(300)
 

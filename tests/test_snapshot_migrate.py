@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from support import DATA
 
-from exposure.capacity import Capacities
-from exposure.desk import Desk
-from exposure.document import compare_documents, document
-from exposure.parse import read_events
-from exposure.publish import publish_all, versions
-from exposure.replay import replay_records
+from exposure.core.capacity import Capacities
+from exposure.engine.desk import Desk
+from exposure.engine.document import compare_documents, document
+from exposure.engine.parse import read_events
+from exposure.engine.publish import publish_all, versions
+from exposure.engine.replay import replay_records
 from exposure.shm.session_layout import SESSION_COLS
 from exposure.shm.tally_layout import HEADER_SIZE, allocate
-from exposure.snapshot import SNAP_HEADER, SnapshotError, load_snapshot, snapshots
+from exposure.store.snapshot import SNAP_HEADER, SnapshotError, load_snapshot, snapshots
 
 pytestmark = pytest.mark.timeout(120)
 

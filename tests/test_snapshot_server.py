@@ -1,4 +1,4 @@
-"""The recovery server (exposure.stages.snapshot_server): what it answers, and its bounds."""
+"""The recovery server (exposure.node.stages.snapshot_server): what it answers, and its bounds."""
 
 from __future__ import annotations
 
@@ -12,35 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from exposure.capacity import Capacities
-from exposure.feedwire import (
-    FEED_VERSION,
-    SNAP_BUSY,
-    SNAP_HEADER,
-    SNAP_NOT_PRIMARY,
-    SNAP_NOT_READY,
-    SNAP_OK,
-    SNAP_REQUEST,
-    SNAP_REQUEST_MAGIC,
-    parse_snapshot_header,
-    rows_of,
-    snapshot_request,
-)
-from exposure.kernel import apply_batch
-from exposure.parse import parse_events
-from exposure.publish import publish_batch, versions
-from exposure.shm.control import (
-    CONTROL_WORDS,
-    CTL_ALONE,
-    CTL_EPOCH,
-    CTL_ROLE,
-    CTL_VALID_NS,
-    ROLE_BACKUP,
-    ROLE_PRIMARY,
-)
-from exposure.shm.tally_layout import TallyLayout, allocate
-from exposure.stages.snapshot_server import SnapshotServer
-from exposure.types import (
+from exposure.core.capacity import Capacities
+from exposure.core.types import (
     EVENT_DTYPE,
     INSTRUMENT_ROW_DTYPE,
     NO_SESSION,
@@ -53,7 +26,34 @@ from exposure.types import (
     T_INSTRUMENT,
     UPDATE_DTYPE,
 )
-from perf.localnode import free_port
+from exposure.engine.kernel import apply_batch
+from exposure.engine.parse import parse_events
+from exposure.engine.publish import publish_batch, versions
+from exposure.feed.wire import (
+    FEED_VERSION,
+    SNAP_BUSY,
+    SNAP_HEADER,
+    SNAP_NOT_PRIMARY,
+    SNAP_NOT_READY,
+    SNAP_OK,
+    SNAP_REQUEST,
+    SNAP_REQUEST_MAGIC,
+    parse_snapshot_header,
+    rows_of,
+    snapshot_request,
+)
+from exposure.harness.localnode import free_port
+from exposure.node.stages.snapshot_server import SnapshotServer
+from exposure.shm.control import (
+    CONTROL_WORDS,
+    CTL_ALONE,
+    CTL_EPOCH,
+    CTL_ROLE,
+    CTL_VALID_NS,
+    ROLE_BACKUP,
+    ROLE_PRIMARY,
+)
+from exposure.shm.tally_layout import TallyLayout, allocate
 
 CAPS = Capacities(accounts=16, instruments=64, sectors=8, orders=64, cells=64)
 EPOCH = 7
@@ -541,7 +541,7 @@ def test_connect_close_cycles_leave_no_descriptors_behind(serve, tally):
 
 @pytest.mark.timeout(60)
 def test_a_port_taken_by_someone_else_leaves_the_server_off_not_the_process_dead():
-    from exposure.stages.snapshot_server import SnapshotServer
+    from exposure.node.stages.snapshot_server import SnapshotServer
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ import pytest
 from nodes import LiveNode
 from support import DATA
 
-from exposure.parse import read_events
+from exposure.engine.parse import read_events
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -80,7 +80,7 @@ def test_status_reports_what_was_sent(node):
 
 
 def test_lags_are_events_and_microseconds_of_receive_time_behind_compute():
-    from exposure.status import lags
+    from exposure.ops.status import lags
 
     c = {"compute_recv_ns": 5_000_000, "journal_durable_recv_ns": 3_500_000,
          "mirror_replicated_recv_ns": 1_000_000}

@@ -11,7 +11,7 @@ import uuid
 import pytest
 from nodes import LiveNode
 
-from exposure.sdnotify import Notifier
+from exposure.node.sdnotify import Notifier
 from exposure.shm.control import CTL_PROGRESS
 
 

@@ -11,20 +11,20 @@ import numpy as np
 import pytest
 from support import DATA, load_expected
 
-from exposure.capacity import Capacities
-from exposure.desk import Desk
-from exposure.document import compare_documents, document
-from exposure.kernel import apply_batch
-from exposure.parse import read_events
-from exposure.publish import publish_batch, versions
-from exposure.replay import replay_records
+from exposure.core.capacity import Capacities
+from exposure.core.types import INSTRUMENT_ROW_DTYPE, ROW_SIZE, SECTOR_ROW_DTYPE, UPDATE_DTYPE
+from exposure.engine.desk import Desk
+from exposure.engine.document import compare_documents, document
+from exposure.engine.kernel import apply_batch
+from exposure.engine.parse import read_events
+from exposure.engine.publish import publish_batch, versions
+from exposure.engine.replay import replay_records
 from exposure.shm.tally_segment import (
     SegmentBusy,
     TallySegment,
     write_begin,
     write_end,
 )
-from exposure.types import INSTRUMENT_ROW_DTYPE, ROW_SIZE, SECTOR_ROW_DTYPE, UPDATE_DTYPE
 
 # The SPEC's id ranges (the scenarios use them), small order and cell tables.
 SMALL = Capacities(orders=4096, cells=8192)
@@ -40,7 +40,7 @@ def node_name():
 
 
 def _apply(seg, recs, batch=64):
-    """Apply and publish as the compute stage does (exposure.publish.publish_batch)."""
+    """Apply and publish as the compute stage does (exposure.engine.publish.publish_batch)."""
     st = seg.state
     status = np.zeros(len(recs), np.uint8)
     recs = recs.copy()
@@ -114,10 +114,10 @@ def test_a_reader_hammering_snapshots_never_sees_a_torn_batch(node_name):
     name = f"/exposure.{node_name}.tally"
     writer = textwrap.dedent(f"""
         import sys, time, numpy as np
-        from exposure.capacity import Capacities
-        from exposure.kernel import apply_batch
+        from exposure.core.capacity import Capacities
+        from exposure.engine.kernel import apply_batch
         from exposure.shm.tally_segment import TallySegment, publish, write_begin, write_end
-        from perf.flowgen import generate
+        from exposure.bench.flowgen import generate
         recs = generate(300_000, accounts=200, instruments=3000, universe=50,
                         live_target=3000, seed=9)
         seg = TallySegment.create({name!r}, Capacities(**{SMALL.as_dict()!r}))

@@ -32,17 +32,17 @@ pytest.importorskip("redis", reason="the redis package (redis-py) is not install
 
 from support import DATA, SCENARIOS, load_expected, read_stream  # noqa: E402
 
-from exposure import types as T  # noqa: E402
-from exposure import wire as W  # noqa: E402
-from exposure.capacity import Capacities  # noqa: E402
-from exposure.client import send_records  # noqa: E402
-from exposure.document import compare_documents, document  # noqa: E402
-from exposure.feedwire import open_receiver  # noqa: E402
-from exposure.parse import parse_events, read_events  # noqa: E402
-from exposure.replay import replay_records  # noqa: E402
-from perf.flowgen import generate  # noqa: E402
-from perf.localnode import free_port  # noqa: E402
-from perf.twotier import RedisServer, TwoTier, load_state  # noqa: E402
+from exposure.bench.flowgen import generate  # noqa: E402
+from exposure.bench.twotier import RedisServer, TwoTier, load_state  # noqa: E402
+from exposure.core import types as T
+from exposure.core.capacity import Capacities  # noqa: E402
+from exposure.engine.document import compare_documents, document  # noqa: E402
+from exposure.engine.parse import parse_events, read_events  # noqa: E402
+from exposure.engine.replay import replay_records  # noqa: E402
+from exposure.feed.wire import open_receiver  # noqa: E402
+from exposure.harness.localnode import free_port  # noqa: E402
+from exposure.net import wire as W
+from exposure.net.client import send_records  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CAPS = Capacities(orders=65536, cells=65536)
@@ -183,7 +183,7 @@ def generated_day(seed: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- fixtures
 class Service:
-    """A real ``python -m perf.twotier`` with its own ports and multicast group."""
+    """A real ``python -m exposure.bench.twotier`` with its own ports and multicast group."""
 
     def __init__(self, tmp: Path, redis_port: int):
         self.tmp = tmp
@@ -198,7 +198,7 @@ class Service:
         self.out = open(tmp / f"{self.name}.out", "w+b")
         self.err = open(tmp / f"{self.name}.err", "w+b")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "perf.twotier", "--port", str(self.port), "--group",
+            [sys.executable, "-m", "exposure.bench.twotier", "--port", str(self.port), "--group",
              self.group, "--mport", str(self.mport), "--redis-port", str(redis_port),
              "--config", str(self.config), "--max-batch", "64", "--wait", "block"],
             cwd=REPO, stdout=self.out, stderr=self.err)

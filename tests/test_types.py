@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from exposure import types as T
-from exposure.capacity import Capacities, CapacityError
+from exposure.core import types as T
+from exposure.core.capacity import Capacities, CapacityError
 from exposure.shm.tally_layout import HEADER_SIZE, LayoutError, TallyLayout, allocate
 
 
@@ -80,7 +80,7 @@ def test_capacity_limits_name_the_bad_value():
 
 
 def test_feed_rows_and_datagram_header_layout():
-    from exposure.feedwire import DGRAM_HEADER, SNAP_HEADER, SNAP_REQUEST
+    from exposure.feed.wire import DGRAM_HEADER, SNAP_HEADER, SNAP_REQUEST
     head = {"kind": 0, "breach": 1, "breach_prev": 2, "flags": 3, "epoch": 8, "session": 12,
             "gseq": 16, "sseq": 24, "send_ns": 32, "recv_ns": 40, "compute_ns": 48}
     for dt, idname in ((T.UPDATE_DTYPE, "account"), (T.INSTRUMENT_ROW_DTYPE, "instrument"),

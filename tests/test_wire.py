@@ -4,8 +4,8 @@
 import numpy as np
 import pytest
 
-from exposure import wire as W
-from exposure.types import EVENT_DTYPE
+from exposure.core.types import EVENT_DTYPE
+from exposure.net import wire as W
 
 
 def _recs(n):

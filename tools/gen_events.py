@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from perf.flowgen import generate, to_jsonl
+from exposure.bench.flowgen import generate, to_jsonl
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ One small shared segment (``/exposure.<name>.control``), u8 words::
       10  CTL_VALID_NS    mirror (primary)       CLOCK_MONOTONIC ns until which the backup
                                                  cannot have promoted itself: the echo of a
                                                  heartbeat sent at t, plus failover_ms, less
-                                                 a margin (the fence; see exposure.election)
+                                                 a margin (the fence; see exposure.pair.election)
       11  CTL_ALONE       supervisor             1 while etcd records this primary as running
                                                  alone: it acknowledges on its own durability
                                                  and needs no fence

@@ -22,10 +22,9 @@ import numpy as np
 import posix_ipc
 from numba import njit
 
-from .. import _jit  # noqa: F401  (numba cache location)
-from . import ring_layout as L
-from .intrinsics import fence_seq_cst, load_acquire, store_release
-from .segment import release
+from exposure.shm import ring_layout as L
+from exposure.shm.intrinsics import fence_seq_cst, load_acquire, store_release
+from exposure.shm.segment import release
 
 __all__ = ["Ring", "RingReader", "ring_push", "ring_pop", "ring_pop_at", "ring_size",
            "ring_size_at", "producer_head", "journal_asleep", "RingError"]

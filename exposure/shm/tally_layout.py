@@ -35,7 +35,7 @@ that knows where each table sits.
     | ctrpub   CTRPUB[1]        |  published counters
     +---------------------------+ size
 
-The ``pub`` tables are what desks read without waiting (exposure.publish writes them
+The ``pub`` tables are what desks read without waiting (exposure.engine.publish writes them
 after every batch, each row under its own version); everything above them is the kernel's
 working state, consistent only between batches (the header's seqlock).
 
@@ -49,8 +49,8 @@ from collections import namedtuple
 
 import numpy as np
 
-from .. import types as T
-from ..capacity import Capacities
+from exposure.core import types as T
+from exposure.core.capacity import Capacities
 
 __all__ = ["TallyLayout", "State", "LayoutError", "MAGIC", "VERSION", "HEADER_SIZE"]
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import types as T
-from ..capacity import Capacities
-from .tally_layout import HEADER_DTYPE, HEADER_SIZE, VERSION, LayoutError, State
+from exposure.core import types as T
+from exposure.core.capacity import Capacities
+from exposure.shm.tally_layout import HEADER_DTYPE, HEADER_SIZE, VERSION, LayoutError, State
 
 __all__ = ["OLD_VERSIONS", "migrate"]
 

@@ -28,13 +28,12 @@ import numpy as np
 import posix_ipc
 from numba import njit
 
-from .. import _jit  # noqa: F401
-from ..capacity import Capacities
-from ..kernel import account_values
-from ..types import C_LIVE, C_NCHANGED, K_NET_LONG, K_NET_SHORT
-from .intrinsics import fence_seq_cst, load_acquire, store_release
-from .segment import release
-from .tally_layout import HEADER_DTYPE, State, TallyLayout, prefault
+from exposure.core.capacity import Capacities
+from exposure.core.types import C_LIVE, C_NCHANGED, K_NET_LONG, K_NET_SHORT
+from exposure.engine.kernel import account_values
+from exposure.shm.intrinsics import fence_seq_cst, load_acquire, store_release
+from exposure.shm.segment import release
+from exposure.shm.tally_layout import HEADER_DTYPE, State, TallyLayout, prefault
 
 __all__ = ["TallySegment", "SegmentBusy", "SegmentModeError", "write_begin", "write_end",
            "read_begin", "read_end", "publish", "read_row"]

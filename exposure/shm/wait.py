@@ -28,7 +28,7 @@ import time
 
 import posix_ipc
 
-from .ring import Ring, RingReader, announce_sleep, clear_sleep, ring_size_at, sleeping
+from exposure.shm.ring import Ring, RingReader, announce_sleep, clear_sleep, ring_size_at, sleeping
 
 __all__ = ["WaitStrategy", "WAIT_STRATEGIES"]
 

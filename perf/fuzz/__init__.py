@@ -4,7 +4,8 @@
                         [--out report.json] [--login-timeout-ms MS] [--rss-limit-mb MB]
                         [--keep]
 
-It starts a real node (``exposure run``, :class:`perf.localnode.LocalNode`) with a sessions
+It starts a real node (``exposure run``, :class:`exposure.harness.localnode.LocalNode`) with a
+sessions
 file it generates (six sessions with different entitlements, on 127.0.0.1) and throws at
 it, from ``--connections`` concurrent client lanes in ``--workers`` processes (each an
 asyncio loop multiplexing non-blocking sockets), ``--frames`` random and mutated frames:
@@ -25,7 +26,8 @@ asyncio loop multiplexing non-blocking sockets), ``--frames`` random and mutated
   session ids, connection floods, connections that never log in (the login deadline).
 
 A session's content is a deterministic function of (seed, session, sseq) (chunks of
-:data:`CHUNK` records, :func:`content_chunk`): its own realistic flow (perf.flowgen) on its
+:data:`CHUNK` records, :func:`content_chunk`): its own realistic flow (exposure.bench.flowgen)
+on its
 own sources, accounts and instruments; events it is not entitled to (other sources and
 accounts, instrument / mark / limit without the flag); records of random edge values; and
 records of random bytes (every field) with the correct next ``sseq``. Whatever the node
@@ -45,10 +47,10 @@ Checks (the report's ``checks``; ``pass`` is all of them):
 * ``reject_byte``: the reject byte the node stamped equals the fuzzer's own entitlement
   model (unauthorized: 9; a client's own 9 on an entitled record: bad_field);
 * ``document``: the node's ``exposure dump`` equals an offline replay
-  (:class:`exposure.replay.Engine` with the node's capacities) of the content in journal
+  (:class:`exposure.engine.replay.Engine` with the node's capacities) of the content in journal
   order minus what the fuzzer's own model (:func:`model_authorized`, independent of
-  :mod:`exposure.sessions`) finds unauthorized, full document with its counts
-  (:func:`exposure.document.compare_documents`);
+  :mod:`exposure.net.sessions`) finds unauthorized, full document with its counts
+  (:func:`exposure.engine.document.compare_documents`);
 * ``unauthorized``: the kernel's ``C_UNAUTHORIZED`` and every session's unauthorized
   counter equal the model's counts, and every session's per-reason reject counters equal
   the replay's;

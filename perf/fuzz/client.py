@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from exposure import wire as W
+from exposure.net import wire as W
 from perf.fuzz.content import _M64
 
 if TYPE_CHECKING:

@@ -1,5 +1,5 @@
 """The fuzzer's sessions and content: the configured sessions (:data:`SPECS`) and their
-sessions file, the fuzzer's own entitlement model (independent of :mod:`exposure.sessions`),
+sessions file, the fuzzer's own entitlement model (independent of :mod:`exposure.net.sessions`),
 the deterministic content of a session by (seed, session, sseq), and EVENTS frames of it."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exposure import wire as W
-from exposure.types import (
+from exposure.core.types import (
     EVENT_DTYPE,
     EVENT_SIZE,
     R_BAD_FIELD,
@@ -28,6 +27,7 @@ from exposure.types import (
     T_POSITION,
     T_REPLACE,
 )
+from exposure.net import wire as W
 
 CHUNK = 8192            # content records per deterministic chunk
 N_INST = 48             # instruments per session (1000 * id ...)
@@ -292,7 +292,7 @@ def _bit_flipped(rng, flow: np.ndarray, m: int) -> np.ndarray:
 def content_chunk(seed: int, sid: int, c: int) -> tuple[np.ndarray, np.ndarray]:
     """Records sseq ``c * CHUNK + 1 ..`` of session ``sid`` and each one's category
     (index into ``_CATS``): a pure function of its arguments."""
-    from perf.flowgen import generate
+    from exposure.bench.flowgen import generate
 
     spec = SPEC_BY_ID[sid]
     rng = np.random.default_rng([seed & _M64, sid, c])

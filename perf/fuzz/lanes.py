@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from exposure import wire as W
-from exposure.types import EVENT_SIZE
+from exposure.core.types import EVENT_SIZE
+from exposure.net import wire as W
 from perf.fuzz.client import Conn, Lane
 from perf.fuzz.content import (
     _HB,

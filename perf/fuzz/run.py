@@ -64,14 +64,14 @@ def _plan(frames: int, connections: int, workers: int, seed: int, port: int,
 
 
 def _start_node(tmp: Path, seed: int, login_timeout_ms: int | None):
-    from perf.localnode import LocalNode
+    from exposure.harness.localnode import LocalNode
 
     sessions = write_sessions(tmp, seed)
     node = LocalNode(tmp, prefix="fz", start=False,
                      extra="[snapshot]\nevery_events = 0\nevery_s = 0\n")
     text = node.config.read_text()
     head = f"[ingest]\nport = {node.port}\n"
-    assert head in text, "perf.localnode's config layout changed"
+    assert head in text, "exposure.harness.localnode's config layout changed"
     add = f'host = "127.0.0.1"\nsessions = "{sessions}"\n'
     if login_timeout_ms:
         add += f"login_timeout_ms = {login_timeout_ms}\n"
@@ -115,7 +115,7 @@ def run_fuzz(frames: int = 1_000_000, connections: int = 32, workers: int = 2,
     """Start a node, fuzz it with ``frames`` frames, check it; the report (a dict with
     ``pass``). The node is stopped and the temporary directory removed whatever
     happens (unless ``keep``)."""
-    from exposure.config import load_config
+    from exposure.config.node import load_config
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if seed is None:

@@ -9,8 +9,8 @@ import random
 import time
 from collections import Counter, defaultdict, deque
 
-from exposure import wire as W
-from exposure.types import EVENT_SIZE
+from exposure.core.types import EVENT_SIZE
+from exposure.net import wire as W
 from perf.fuzz.client import Conn, connect
 from perf.fuzz.content import CHUNK, SPEC_BY_ID, SPECS, content_chunk
 from perf.fuzz.lanes import ChaosLane, SessionLane

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from exposure.types import EVENT_DTYPE, R_UNAUTHORIZED
+from exposure.core.types import EVENT_DTYPE, R_UNAUTHORIZED
 from perf.fuzz.client import _Sync
 from perf.fuzz.content import (
     _CATS,
@@ -49,8 +49,8 @@ def _attach(node):
 
 
 def _counters(sess: np.ndarray) -> tuple[dict, dict]:
+    from exposure.core.types import NODE_REASONS
     from exposure.shm import session_layout as SL
-    from exposure.types import NODE_REASONS
 
     port = {k: int(sess[0, col]) for k, col in SL.NODE_COUNTERS.items()}
     per = {}
@@ -67,7 +67,7 @@ def _counters(sess: np.ndarray) -> tuple[dict, dict]:
 
 def _stamp_mask() -> np.ndarray:
     """u8 words of a record the node stamps, masked out of the content comparison."""
-    from exposure.types import (
+    from exposure.core.types import (
         EVENT_WORDS,
         REJECT_SHIFT,
         W_EPOCH,
@@ -88,11 +88,11 @@ def _stamp_mask() -> np.ndarray:
 
 def verify(node, seed: int, port: int, caps) -> dict:
     """The tallies, the journal and the counters against the fuzzer's own account."""
-    from exposure.document import compare_documents, document
-    from exposure.journal import read_blocks
-    from exposure.replay import Engine
+    from exposure.core.types import C_LAST_GSEQ, C_UNAUTHORIZED, NODE_REASONS
+    from exposure.engine.document import compare_documents, document
+    from exposure.engine.replay import Engine
     from exposure.shm import session_layout as SL
-    from exposure.types import C_LAST_GSEQ, C_UNAUTHORIZED, NODE_REASONS
+    from exposure.store.journal import read_blocks
 
     checks: dict[str, dict] = {}
     held = {}

@@ -1,0 +1,255 @@
+"""The perf tool's client: one session, an open-loop sender on a fixed schedule, and a
+receiver for the multicast updates and the node's ACKs, in one pinned process.
+
+The sender never waits for replies: event *k* is due at ``t0 + k / rate`` and goes out as
+soon as it is due (frames of ``frame`` events are due with their first event). Between
+sends the loop polls (epoll) the multicast socket and the session socket and only stores
+what arrives with its receipt time; matching happens after the run, so the client's own
+work never queues behind the stream. The flow is a block of records replayed cyclically;
+each cycle's order ids are moved to a fresh range, and every run numbers its session seqs
+after what the node already holds for the session, so runs can follow each other against
+one node.
+"""
+
+from __future__ import annotations
+
+import gc
+import select
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from exposure.core.types import EVENT_WORDS, T_CANCEL, T_DONE, T_FILL, T_NEW, T_REPLACE, W_SSEQ
+from exposure.feed.wire import open_receiver
+from exposure.net import wire as W
+
+__all__ = ["RunRaw", "open_loop", "build_frames", "steal_ms"]
+
+_W_SEND = 16 // 8      # send_ns word of a record
+_W_OID = 64 // 8       # order_id word of a record
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; Python does not export it
+_ORDER_TYPES = (T_NEW, T_FILL, T_REPLACE, T_CANCEL, T_DONE)
+
+
+def steal_ms() -> float:
+    """Hypervisor steal of all CPUs so far (``/proc/stat``), in ms (0 where unknown)."""
+    import os
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) * 1000 / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def build_frames(block: np.ndarray, frame: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """The flow ``block`` (trimmed to whole frames) as EVENTS frames of ``frame`` records in
+    one u8 buffer; returns (buffer, frame size in bytes, per-record order-event mask).
+    Session seqs, send times and the order-id range are patched in place at send time."""
+    nf = len(block) // frame
+    if nf < 1:
+        raise ValueError(f"a flow of {len(block)} events holds no frame of {frame}")
+    w = block[:nf * frame].view(np.uint64).reshape(nf * frame, EVENT_WORDS)
+    fbytes = W.HEADER.size + frame * EVENT_WORDS * 8
+    buf = np.zeros(nf * fbytes, np.uint8)
+    full = buf.reshape(nf, fbytes)
+    full[:, :W.HEADER.size] = np.frombuffer(
+        W.HEADER.pack(W.MAGIC, W.VERSION, W.K_EVENTS, frame * EVENT_WORDS * 8), np.uint8)
+    full[:, W.HEADER.size:] = w.view(np.uint8).reshape(nf, -1)
+    is_order = np.isin(block["type"][:nf * frame], _ORDER_TYPES).reshape(nf, frame)
+    return buf, fbytes, is_order
+
+
+@dataclass
+class RunRaw:
+    """What one open-loop run saw (times are CLOCK_REALTIME ns)."""
+    session: int
+    first_sseq: int                 # session seq of event 0
+    rate: float
+    frame: int
+    intended_ns: np.ndarray         # per event: when it was due
+    send_ns: np.ndarray             # per event: when its frame went out (0: never sent)
+    datagrams: list = field(default_factory=list)   # (receipt ns, bytes)
+    ack_log: list = field(default_factory=list)     # (receipt ns, acknowledged seq)
+    late_sends: int = 0             # frames sent more than 50 us after they were due
+    steal_ms: float = 0.0
+    wall_s: float = 0.0             # from the first due time to the last send
+
+    @property
+    def sent(self) -> int:
+        return int(np.count_nonzero(self.send_ns))
+
+    @property
+    def catch_up_ms(self) -> float:
+        """How long after the last send the last event was acknowledged (-1: never)."""
+        last = self.first_sseq + len(self.send_ns) - 1
+        t = next((t for t, s in self.ack_log if s >= last), None)
+        return -1.0 if t is None or not len(self.send_ns) else (t - int(self.send_ns.max())) / 1e6
+
+    @property
+    def acknowledged(self) -> int:
+        """Events of this run the node acknowledged (processed)."""
+        top = max((s for _, s in self.ack_log), default=0)
+        return int(min(max(0, top - self.first_sseq + 1), len(self.send_ns)))
+
+
+def _login(sock: socket.socket, session: int, timeout: float = 10.0,
+           secret: bytes | None = None) -> int:
+    """Log in (answering the node's CHALLENGE with ``secret``'s proof when given; a node
+    without a sessions file takes the LOGIN at once); the seq the node holds."""
+    if secret is None:
+        sock.sendall(W.encode_login(session))
+    rd = W.FrameReader()
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("the node closed the session at login")
+        for kind, payload in rd.feed(data):
+            if kind == W.K_CHALLENGE and secret is not None:
+                sock.sendall(W.encode_login(session, W.login_mac(secret, session, payload)))
+            if kind == W.K_LOGIN_OK:
+                return struct.unpack("<Q", payload)[0]
+            if kind == W.K_REJECT:
+                raise ConnectionError(f"login refused: {W.decode_reject(payload)[2]}")
+    raise TimeoutError("no answer to the login")
+
+
+def open_loop(host: str, port: int, group: str, mport: int, interface: str,
+              block: np.ndarray, n_events: int, rate: float, session: int, frame: int = 1,
+              drain_s: float = 0.5, ack_timeout_s: float = 10.0,
+              oid_base: int | None = None) -> RunRaw:
+    """Send ``n_events`` of the cyclic flow ``block`` at ``rate`` events/s as one session,
+    in frames of ``frame`` events; keep receiving until ``drain_s`` after the last send and
+    until the last event is acknowledged (at most ``ack_timeout_s`` more)."""
+    if rate <= 0 or n_events < 1 or frame < 1:
+        raise ValueError(f"rate={rate}, n_events={n_events}, frame={frame}: must be positive")
+    rx = open_receiver(group, mport, interface)
+    try:
+        rx.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 64 << 20)
+    except OSError:
+        pass  # not root: the 8 MiB of open_receiver
+    rx.setblocking(False)
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        held = _login(sock, session)
+        first = held + 1
+        if oid_base is None:
+            oid_base = (time.time_ns() // 1000 & 0xFFFFF) << 43  # a fresh order-id range
+        fbuf, fsz, is_order = build_frames(block, frame)
+        nblock = len(is_order)            # frames in the block
+        fmv = memoryview(fbuf)
+        sv = fbuf.view(np.int64)          # frames are multiples of 8 bytes
+        uv = fbuf.view(np.uint64)
+        cycle_of = np.zeros(nblock, np.int64)  # how often each frame's order ids moved on
+        # A fresh order-id range per run (ids are unique per source), moved on per cycle.
+        if oid_base is None:
+            oid_base = (time.time_ns() // 1000 & 0xFFFFF) << 43
+        for j in range(nblock):
+            w0 = (j * fsz + W.HEADER.size) // 8
+            uv[w0 + _W_OID:w0 + frame * EVENT_WORDS:EVENT_WORDS][is_order[j]] += \
+                np.uint64(oid_base)
+        nframes = -(-n_events // frame)
+        n_events = nframes * frame  # whole frames only
+        period = 1e9 / rate
+        due = (np.arange(nframes) * frame * period).astype(np.int64).tolist()  # ns after t0
+        pack_q = struct.Struct("<Q").pack_into
+        raw = RunRaw(session, first, rate, frame, np.zeros(n_events, np.int64),
+                     np.zeros(n_events, np.int64))
+        sock.setblocking(False)
+        ep = select.epoll()
+        sfd, rfd = sock.fileno(), rx.fileno()
+        ep.register(sfd, select.EPOLLIN)
+        ep.register(rfd, select.EPOLLIN)
+        buf = bytearray(65536)
+        got = raw.datagrams
+        send_ns = raw.send_ns
+        gc.collect()
+        gc.disable()  # the client's collector would stall its loop
+        stolen0 = steal_ms()
+        k = 0          # next frame
+        pc0 = time.perf_counter_ns() + 20_000_000
+        wall0 = time.time_ns() + (pc0 - time.perf_counter_ns())
+        raw.intended_ns[:] = wall0 + (np.arange(n_events) * period).astype(np.int64)
+        pending = b""
+        rd = W.FrameReader()
+        acked = held
+        last_sseq = first + n_events - 1
+        ack_wait_ns = int((drain_s + ack_timeout_s) * 1e9)
+        last_send = pc0
+        while True:
+            now = time.perf_counter_ns()
+            if k < nframes and now - pc0 >= due[k] and not pending:
+                ev0 = k * frame
+                j, cyc = k % nblock, k // nblock
+                off = j * fsz
+                w0 = (off + W.HEADER.size) // 8
+                if cyc != cycle_of[j]:  # a new cycle of the block: new order ids
+                    uv[w0 + _W_OID:w0 + frame * EVENT_WORDS:EVENT_WORDS][is_order[j]] += \
+                        np.uint64((cyc - cycle_of[j]) << 36)
+                    cycle_of[j] = cyc
+                cnt = frame
+                ts = time.time_ns()
+                if cnt == 1:  # the latency path: no numpy on it
+                    pack_q(fmv, off + W.HEADER.size + 8 * W_SSEQ, first + ev0)
+                    pack_q(fmv, off + W.HEADER.size + 8 * _W_SEND, ts)
+                    send_ns[ev0] = ts
+                else:
+                    uv[w0 + W_SSEQ:w0 + cnt * EVENT_WORDS:EVENT_WORDS] = np.arange(
+                        first + ev0, first + ev0 + cnt, dtype=np.uint64)
+                    sv[w0 + _W_SEND:w0 + cnt * EVENT_WORDS:EVENT_WORDS] = ts
+                    send_ns[ev0:ev0 + cnt] = ts
+                if now - pc0 - due[k] > 50_000:
+                    raw.late_sends += 1
+                data = fmv[off:off + W.HEADER.size + cnt * EVENT_WORDS * 8]
+                try:
+                    n = sock.send(data)
+                except BlockingIOError:
+                    n = 0
+                if n < len(data):
+                    pending = data[n:]
+                k += 1
+                last_send = time.perf_counter_ns()
+                continue
+            if pending:  # the node is pushing back: finish the frame first
+                try:
+                    n = sock.send(pending)
+                    pending = pending[n:]
+                except BlockingIOError:
+                    pass
+            elif k >= nframes:
+                quiet = time.perf_counter_ns() - last_send
+                if quiet > drain_s * 1e9 and (acked >= last_sseq or quiet > ack_wait_ns):
+                    break
+            for fd, _ in ep.poll(0):
+                if fd == rfd:
+                    while True:
+                        try:
+                            m = rx.recv_into(buf)
+                        except BlockingIOError:
+                            break
+                        got.append((time.time_ns(), bytes(buf[:m])))
+                else:
+                    try:
+                        data = sock.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        raise ConnectionError("the node closed the session")
+                    t = time.time_ns()
+                    for kind, payload in rd.feed(data):
+                        if kind == W.K_ACK:
+                            acked = W.decode_ack(payload)[0]
+                            raw.ack_log.append((t, acked))
+        raw.wall_s = (last_send - pc0) / 1e9
+        raw.steal_ms = steal_ms() - stolen0
+        ep.close()
+        return raw
+    finally:
+        gc.enable()
+        sock.close()
+        rx.close()

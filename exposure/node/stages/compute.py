@@ -1,0 +1,139 @@
+"""Compute stage: the kernel over batches from the compute ring.
+
+Per batch: apply under the state seqlock, publish the changed rows (row seqlocks), update
+the session table (highest seq processed, rejects per reason) and push one feed row per
+changed account, the fund, each changed instrument and sector onto the fan-out ring
+(conflated: the batch's latest state of each, tagged with the event that last moved it;
+exposure.engine.publish).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from numba import njit
+
+from exposure.core import jit as _jit
+from exposure.core.types import (
+    EVENT_DTYPE,
+    INSTRUMENT_ROW_DTYPE,
+    ROW_SIZE,
+    SECTOR_ROW_DTYPE,
+    UPDATE_DTYPE,
+    W_GSEQ,
+    W_RECV_NS,
+)
+from exposure.engine.kernel import apply_batch
+from exposure.engine.publish import count_sessions, publish_batch, versions
+from exposure.node.stages.agent import Stage
+from exposure.shm import counters_layout as CN
+from exposure.shm import ring_layout as RL
+from exposure.shm.ring import ring_pop, ring_push, sleeping
+from exposure.shm.tally_segment import write_begin, write_end
+
+__all__ = ["ComputeStage"]
+
+
+@njit(cache=True)
+def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, cver, ctrver,
+          sess_flat, ncols, arows, irows, srows, row_words, octrl, oslots, now_ns):
+    """Pop, apply under the state seqlock, publish, count, emit feed rows, push them: one
+    entry from Python per batch (each entry unboxes the state once).
+
+    Returns (records applied, rows made, rows pushed, fan-out consumer asleep)."""
+    n = ring_pop(ictrl, islots, words, words.shape[0])
+    if n == 0:
+        return 0, 0, 0, 0
+    r = recs[:n]
+    s = status[:n]
+    write_begin(seg_words)
+    apply_batch(st, r, s)
+    write_end(seg_words)
+    m = publish_batch(st, pver, iver, sver, cver, ctrver, r, n, arows, irows, srows, now_ns)
+    count_sessions(r, s, n, sess_flat, ncols)
+    pushed = ring_push(octrl, oslots, row_words, m)
+    asleep = 1 if pushed > 0 and sleeping(octrl, RL.W_CONSUMER_SLEEPING) else 0
+    return n, m, pushed, asleep
+
+
+_EVENTS = CN.INDEX["compute_events_total"]
+_BATCHES = CN.INDEX["compute_batches_total"]
+_ROWS = CN.INDEX["compute_rows_total"]
+_RING_FULL = CN.INDEX["compute_ring_full_total"]
+_GSEQ = CN.INDEX["compute_gseq"]
+_RECV = CN.INDEX["compute_recv_ns"]
+
+
+class ComputeStage(Stage):
+    """Pops the compute ring, applies, publishes, pushes updates to the fan-out ring."""
+
+    name = "compute"
+    fed_by = "ingest"
+
+    def __init__(self, segment, sessions: np.ndarray, in_ring, out_ring, batch: int = 4096,
+                 counters: np.ndarray | None = None):
+        self.cnt = CN.or_private(counters)
+        self.seg = segment
+        self.st = segment.state
+        self.vers = versions(self.st)
+        self.sess_flat = sessions.reshape(-1)
+        self.ncols = sessions.shape[1]
+        self.inp, self.out = in_ring, out_ring
+        self.wake_source = in_ring
+        self.recs = np.zeros(batch, EVENT_DTYPE)
+        self.words = self.recs.view(np.uint64).reshape(batch, -1)
+        self.status = np.zeros(batch, np.uint8)
+        st = self.st
+        nrows = st.acc.shape[0] + 1 + st.inst.shape[0] + st.sec.shape[0]
+        self.row_words = np.zeros((nrows, ROW_SIZE // 8), np.uint64)  # one batch's rows
+        flat = self.row_words.reshape(-1)
+        self.arows = flat.view(UPDATE_DTYPE)
+        self.irows = flat.view(INSTRUMENT_ROW_DTYPE)
+        self.srows = flat.view(SECTOR_ROW_DTYPE)
+        self.pending = 0  # updates not yet on the fan-out ring (it was full)
+        self.pending_from = 0
+        self._warm()
+        self._args = (self.inp.ctrl, self.inp.slots, self.words, self.recs, self.status,
+                      self.st, self.seg.words, *self.vers.args(), self.sess_flat, self.ncols,
+                      self.arows, self.irows, self.srows, self.row_words, self.out.ctrl,
+                      self.out.slots)
+        self._step = _jit.entry(_step, *self._args, 0)
+        self._tail, self._head = self.inp.ctrl[RL.W_TAIL:], self.inp.ctrl[RL.W_HEAD:]
+
+    def _warm(self) -> None:
+        """Compile (or load) every kernel now, before the node accepts sessions."""
+        _step(*self._args_empty(), 0)
+
+    def _args_empty(self) -> tuple:
+        return (self.inp.ctrl, self.inp.slots, self.words[:0], self.recs, self.status,
+                self.st, self.seg.words, *self.vers.args(), self.sess_flat, self.ncols,
+                self.arows, self.irows, self.srows, self.row_words, self.out.ctrl,
+                self.out.slots)
+
+    def poll(self) -> int:
+        """One step; returns the work done (0 = idle)."""
+        if self.pending:
+            m = ring_push(self.out.ctrl, self.out.slots, self.row_words[self.pending_from:],
+                          self.pending)
+            self.pending -= m
+            self.pending_from += m
+            if self.pending:
+                return m
+        if self._tail[0] == self._head[0]:
+            return 0  # nothing on the ring (a plain read: the jitted pop re-reads, acquire)
+        n, m, pushed, asleep = self._step(*self._args, time.time_ns())
+        if n == 0:
+            return 0
+        self.pending, self.pending_from = m - pushed, pushed
+        cnt = self.cnt
+        cnt[_EVENTS] += n
+        cnt[_BATCHES] += 1
+        cnt[_ROWS] += m
+        cnt[_GSEQ] = self.words[n - 1, W_GSEQ]
+        cnt[_RECV] = self.words[n - 1, W_RECV_NS]
+        if pushed < m:
+            cnt[_RING_FULL] += 1
+        if asleep:
+            self.out.semaphore.release()  # a fan-out process that sleeps on the ring
+        return n

@@ -1,0 +1,324 @@
+"""Fan-out stage: feed rows from the fan-out ring to UDP multicast (docs/feed.md).
+
+Datagrams (:mod:`exposure.feed.wire`): INCREMENTAL ones carry the rows compute pushed, with
+stream seqs 1, 2, 3, ... per epoch; when the ring is idle the stage also sends a HEARTBEAT
+every ``heartbeat_ms`` (the last seq, so a receiver that lost the last datagrams before a
+quiet spell sees the gap) and a REFRESH cycle: published rows re-read from the tally segment
+(:func:`exposure.engine.publish.gather_rows`) at ``refresh_rows_per_s``, so rows that stay silent
+converge in a receiver that missed them. Neither advances the seq.
+
+Conflation: each poll takes everything on the ring and keeps only the latest row of each
+account, the fund, each instrument and each sector, in the order of those last rows, so
+under load a receiver gets fewer, fresher rows; every row carries the epoch it is sent
+under and the gseq, session, session seq and client send time of the event that last
+moved it.
+
+In a pair, a backup packs (to keep up) but sends nothing, and a primary sends only while
+it may act (:func:`exposure.shm.control.may_act`): a primary cut off from its backup and
+from etcd holds its rows once its fence has expired.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+from numba import njit
+
+from exposure.core import jit as _jit
+from exposure.core.types import (
+    INSTPUB_DTYPE,
+    INSTRUMENT_ROW_DTYPE,
+    PUBROW_DTYPE,
+    ROW_ACCOUNT,
+    ROW_FUND,
+    ROW_INSTRUMENT,
+    ROW_SECTOR,
+    ROW_SIZE,
+    SECPUB_DTYPE,
+    SECTOR_ROW_DTYPE,
+    UPDATE_DTYPE,
+)
+from exposure.engine.publish import gather_rows, versions
+from exposure.feed.wire import (
+    DG_HEARTBEAT,
+    DG_INCREMENTAL,
+    DG_REFRESH,
+    DGRAM_HEADER,
+    DGRAM_MAGIC,
+    FEED_VERSION,
+)
+from exposure.net.guard import RateLog
+from exposure.net.mmsg import BatchSender
+from exposure.node.stages.agent import Stage
+from exposure.shm import counters_layout as CN
+from exposure.shm import ring_layout as RL
+from exposure.shm.control import CTL_EPOCH, CTL_FANOUT_ERRORS, CTL_ROLE, ROLE_PRIMARY, may_act
+from exposure.shm.ring import ring_pop
+
+__all__ = ["FanoutStage"]
+
+_ROW_WORDS = ROW_SIZE // 8
+_DATAGRAMS = CN.INDEX["fanout_datagrams_total"]
+_REFRESHES = CN.INDEX["fanout_refresh_datagrams_total"]
+_HEARTBEATS = CN.INDEX["fanout_heartbeats_total"]
+_ROWS = CN.INDEX["fanout_rows_total"]
+_DROPPED = CN.INDEX["fanout_dropped_total"]
+_CYCLES = CN.INDEX["fanout_refresh_cycles_total"]
+_HDR_WORDS = DGRAM_HEADER.size // 8  # the header as u8 words
+_LOW32 = np.uint64(0xFFFFFFFF)
+_HIGH32 = np.uint64(0xFFFFFFFF00000000)
+
+
+@njit(cache=True, _nrt=False, inline="always")
+def _close_datagram(out, hdr, epoch, seq, count, dtype, now):
+    """The header words of the datagram starting at word ``hdr`` (feedwire.DGRAM_HEADER)."""
+    out[hdr] = np.uint64(DGRAM_MAGIC) | (np.uint64(epoch) << np.uint64(32))
+    out[hdr + 1] = np.uint64(seq)
+    out[hdr + 2] = (np.uint64(count) | (np.uint64(dtype) << np.uint64(16))
+                    | (np.uint64(FEED_VERSION) << np.uint64(24))
+                    | (np.uint64(ROW_SIZE) << np.uint64(32)))
+    out[hdr + 3] = np.uint64(now)
+
+
+@njit(cache=True, _nrt=False, inline="always")
+def _slot(word0, nacc, ninst, nsec):
+    """Where a row (kind in the low byte of its first word, i4 id in the high half) sits in
+    ``last``: accounts, the fund, instruments, sectors; anything else in the spill slot."""
+    kind = word0 & np.uint64(0xFF)
+    rid = np.int64(word0 >> np.uint64(32))
+    if rid >= 0x80000000:
+        rid -= 0x100000000
+    spill = nacc + 1 + ninst + nsec
+    if kind == ROW_ACCOUNT:
+        return rid if 0 <= rid < nacc else spill
+    if kind == ROW_FUND:
+        return nacc
+    if kind == ROW_INSTRUMENT:
+        return nacc + 1 + rid if 0 <= rid < ninst else spill
+    if kind == ROW_SECTOR:
+        return nacc + 1 + ninst + rid if 0 <= rid < nsec else spill
+    return spill
+
+
+@njit(cache=True, _nrt=False)
+def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now, nacc, ninst, nsec):
+    """Pop every row on the ring, keep the last of each (account, fund, instrument,
+    sector), in the order of those last rows, stamp the epoch into each and pack them into
+    INCREMENTAL datagrams in ``out`` (u8 words, header included). Returns (rows popped,
+    datagrams); datagram d is bytes ``ends[d - 1]:ends[d]`` of ``out`` (``ends[-1]`` read
+    as 0).
+
+    ``last`` (i8, one slot per row plus a spill slot, all -1 between calls) maps a row to
+    the index of its latest version in this batch."""
+    n = ring_pop(ctrl, slots, upd, upd.shape[0])
+    if n == 0:
+        return 0, 0
+    for k in range(n):
+        last[_slot(upd[k, 0], nacc, ninst, nsec)] = k
+    w = 0
+    d = 0
+    count = 0
+    hdr = 0
+    ep = np.uint64(epoch)
+    for k in range(n):
+        if last[_slot(upd[k, 0], nacc, ninst, nsec)] != k:
+            continue  # conflated: a later version of this row follows
+        if count == 0:  # open a datagram: header words filled when it closes
+            hdr = w
+            w += _HDR_WORDS
+        out[w] = upd[k, 0]
+        out[w + 1] = (upd[k, 1] & _HIGH32) | ep
+        for b in range(2, _ROW_WORDS):
+            out[w + b] = upd[k, b]
+        w += _ROW_WORDS
+        count += 1
+        if count == per:
+            seq += 1
+            _close_datagram(out, hdr, epoch, seq, count, DG_INCREMENTAL, now)
+            ends[d] = w * 8
+            d += 1
+            count = 0
+    if count:
+        seq += 1
+        _close_datagram(out, hdr, epoch, seq, count, DG_INCREMENTAL, now)
+        ends[d] = w * 8
+        d += 1
+    for k in range(n):  # back to all -1
+        last[_slot(upd[k, 0], nacc, ninst, nsec)] = -1
+    return n, d
+
+
+@njit(cache=True, _nrt=False)
+def _seal(out, m, epoch, seq, dtype, now):
+    """Stamp the epoch into rows ``0..m`` that follow the header words of ``out`` and
+    write a header of type ``dtype``; returns the datagram's length in bytes."""
+    ep = np.uint64(epoch)
+    for k in range(m):
+        w = _HDR_WORDS + k * _ROW_WORDS + 1
+        out[w] = (out[w] & _HIGH32) | ep
+    _close_datagram(out, 0, epoch, seq, m, dtype, now)
+    return (_HDR_WORDS + m * _ROW_WORDS) * 8
+
+
+class FanoutStage(Stage):
+    """Sends the fan-out ring's rows as INCREMENTAL datagrams; HEARTBEAT and REFRESH ones
+    while idle. ``state``: the tally state (a read-only mapping is enough), for the
+    refresh cycle and the table sizes."""
+
+    name = "fanout"
+    fed_by = "compute"
+
+    def __init__(self, in_ring, group: str, port: int, interface: str, ttl: int,
+                 max_datagram: int, state, epoch: int = 0, ctl: np.ndarray | None = None,
+                 pair: bool = False, heartbeat_ms: int = 100, refresh_rows_per_s: int = 2000,
+                 counters: np.ndarray | None = None):
+        self.inp = in_ring
+        self.wake_source = in_ring
+        self.cnt = CN.or_private(counters)
+        self.ctl = ctl  # role and epoch (a backup packs, to keep up, but sends nothing)
+        self.pair = pair and ctl is not None  # a fenced primary holds its rows
+        self.dest = (group, port)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
+        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                             socket.inet_aton(interface))
+        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        self.sock.connect(self.dest)  # send() on a connected socket skips a route lookup
+        self.per = max(1, (max_datagram - DGRAM_HEADER.size) // ROW_SIZE)
+        self.epoch = epoch
+        self.seq = 0
+        self.send_errors = 0
+        self.sent = {DG_INCREMENTAL: 0, DG_REFRESH: 0, DG_HEARTBEAT: 0}  # datagrams
+        self.log = RateLog("exposure fanout")
+        st = state
+        self.st = st
+        self.nacc, self.ninst, self.nsec = st.acc.shape[0], st.inst.shape[0], st.sec.shape[0]
+        cap = in_ring.capacity
+        self.upd = np.zeros((cap, _ROW_WORDS), np.uint64)
+        self.last = np.full(self.nacc + 1 + self.ninst + self.nsec + 1, -1, np.int64)
+        self.out = np.zeros(cap * _ROW_WORDS + (cap // self.per + 1) * _HDR_WORDS, np.uint64)
+        self.ends = np.zeros(cap // self.per + 2, np.int64)
+        self.sender = BatchSender(self.sock, self.out)  # one sendmmsg per poll
+        self._pack = _jit.entry(_pack, in_ring.ctrl, in_ring.slots, self.upd, self.last, 0, 0,
+                                self.per, self.out, self.ends, 0, self.nacc, self.ninst,
+                                self.nsec)  # compiled (or loaded) now
+        self._tail, self._head = in_ring.ctrl[RL.W_TAIL:], in_ring.ctrl[RL.W_HEAD:]
+        # Idle work: heartbeats and the refresh cycle.
+        self.hb_ns = int(heartbeat_ms) * 1_000_000
+        self.last_send = time.monotonic_ns()
+        self.refresh_every_ns = (self.per * 1_000_000_000 // refresh_rows_per_s
+                                 if refresh_rows_per_s > 0 else 0)
+        self.next_refresh = time.monotonic_ns() + self.refresh_every_ns
+        self.cursor = 0
+        self._idle = 0
+        self.cycles = 0  # refresh cycles completed
+        self.hb = np.zeros(_HDR_WORDS, np.uint64)
+        self.hb_mv = memoryview(self.hb.view(np.uint8))
+        self.rbuf = np.zeros(_HDR_WORDS + self.per * _ROW_WORDS, np.uint64)
+        self.rbuf_mv = memoryview(self.rbuf.view(np.uint8))
+        rows = self.rbuf[_HDR_WORDS:]
+        vers = versions(st)
+        self._gather_args = (st, vers.pub, vers.ipub, vers.spub)
+        self._gather_bufs = (rows.view(UPDATE_DTYPE), rows.view(INSTRUMENT_ROW_DTYPE),
+                             rows.view(SECTOR_ROW_DTYPE), np.zeros(1, PUBROW_DTYPE),
+                             np.zeros(1, INSTPUB_DTYPE), np.zeros(1, SECPUB_DTYPE))
+        self._gather = _jit.entry(gather_rows, *self._gather_args, 0, 0, 0,
+                                  *self._gather_bufs)
+        _seal(self.rbuf, 0, 0, 0, DG_REFRESH, 0)  # compiled (or loaded) now
+
+    def _may_send(self) -> bool:
+        """Whether this node publishes now: a primary, and in a pair one that may act."""
+        if self.ctl is None:
+            return True
+        epoch = int(self.ctl[CTL_EPOCH])
+        if epoch != self.epoch:  # a new incarnation or a promotion: a new stream
+            self.epoch, self.seq = epoch, 0
+        if self.ctl[CTL_ROLE] != ROLE_PRIMARY:
+            return False
+        return not (self.pair and not may_act(self.ctl, time.monotonic_ns()))
+
+    def _lost(self, n: int, why: str) -> None:
+        """``n`` datagrams the socket refused: receivers see the gap."""
+        self.send_errors += n
+        self.cnt[_DROPPED] += n
+        if self.ctl is not None:
+            self.ctl[CTL_FANOUT_ERRORS] += n
+        self.log("send", f"multicast send failed ({why}): {self.send_errors} datagrams lost "
+                         "so far")
+
+    def _send(self, view) -> None:
+        try:
+            self.sock.send(view)
+        except OSError as e:
+            self._lost(1, e.strerror or str(e))
+
+    def poll(self) -> int:
+        if self._tail[0] == self._head[0]:
+            # Nothing on the ring (a plain read: the jitted pop re-reads, acquire): idle
+            # work, with the clock read on every 32nd idle poll only (a spinning loop polls
+            # millions of times a second; heartbeats and refreshes need milliseconds).
+            self._idle += 1
+            if self._idle & 31:
+                return 0
+            now = time.monotonic_ns()
+            if self.refresh_every_ns and now >= self.next_refresh:
+                self.next_refresh = now + self.refresh_every_ns
+                self._refresh()
+            elif now - self.last_send >= self.hb_ns:
+                self._heartbeat(now)
+            return 0
+        if not self._may_send():
+            if self.ctl is not None and self.ctl[CTL_ROLE] != ROLE_PRIMARY:
+                n, _ = self._pack(self.inp.ctrl, self.inp.slots, self.upd, self.last,
+                                  self.epoch, self.seq, self.per, self.out, self.ends, 0,
+                                  self.nacc, self.ninst, self.nsec)
+                return n
+            return 0  # fenced: nothing goes out (the ring fills; compute waits)
+        n, d = self._pack(self.inp.ctrl, self.inp.slots, self.upd, self.last, self.epoch,
+                          self.seq, self.per, self.out, self.ends, time.time_ns(),
+                          self.nacc, self.ninst, self.nsec)
+        if n == 0:
+            return 0
+        self.seq += d
+        refused = self.sender.send(self.ends, d)
+        if refused:
+            self._lost(refused, self.sender.last_error)
+        self.sent[DG_INCREMENTAL] += d
+        self.cnt[_DATAGRAMS] += d
+        self.cnt[_ROWS] += int(self.ends[d - 1] // 8 - d * _HDR_WORDS) // _ROW_WORDS
+        self.last_send = time.monotonic_ns()
+        return n
+
+    def _heartbeat(self, now: int) -> None:
+        self.last_send = now
+        if not self._may_send():
+            return
+        _seal(self.hb, 0, self.epoch, self.seq, DG_HEARTBEAT, time.time_ns())
+        self._send(self.hb_mv)
+        self.sent[DG_HEARTBEAT] += 1
+        self.cnt[_HEARTBEATS] += 1
+
+    def _refresh(self) -> None:
+        """One REFRESH datagram: the next published rows of the cycle (at most one
+        datagram's worth, looking at most at 512 positions of the tables)."""
+        if not self._may_send():
+            return
+        m, cursor = self._gather(*self._gather_args, self.cursor, self.per, 512,
+                                 *self._gather_bufs)
+        if cursor < self.cursor or (cursor == 0 and self.cursor == 0 and m == 0):
+            self.cycles += 1
+            self.cnt[_CYCLES] += 1
+        self.cursor = cursor
+        if m == 0:
+            return
+        size = _seal(self.rbuf, m, self.epoch, self.seq, DG_REFRESH, time.time_ns())
+        self._send(self.rbuf_mv[:size])
+        self.sent[DG_REFRESH] += 1
+        self.cnt[_REFRESHES] += 1
+        self.last_send = time.monotonic_ns()
+
+    def close(self) -> None:
+        self.sock.close()

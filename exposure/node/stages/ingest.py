@@ -1,0 +1,704 @@
+"""Ingest stage: TCP sessions from upstream systems into the compute ring.
+
+**Sessions** (:mod:`exposure.net.wire`). On every connection the node first sends a CHALLENGE
+(a fresh nonce); the client logs in with its session id and an HMAC of the nonce under the
+session's secret (:mod:`exposure.net.sessions`; a node without a sessions file serves loopback
+clients without one). It is told the last session seq the node holds. Its EVENTS frames
+carry records numbered by session seq: a record at or below what the node holds is a
+resend and is dropped; the next one is taken; any other seq closes the session with a
+REJECT naming the expected seq. Ingest stamps each taken record with the session id, the
+receive time and the next global seq, marks it unauthorized when the session is not
+entitled to it (or wrong_partition when the node is a cluster's partition that does not
+own it: exposure.core.partition), and pushes it to the compute ring; when the ring is full
+the session's
+records wait (and its socket is not read) until there is room. The node acknowledges to
+each session the highest seq that compute has processed, with the session's rejects per
+reason; while events stream, ACKs are coalesced to one per session per ``ack_interval_us``
+(each is a send on the hot path), and the last one follows within that interval.
+
+Complete EVENTS frames go from the receive buffer to the ring in one jitted scan per read
+(:mod:`exposure.node.stages.ingest_scan`); login, heartbeat and anything malformed are handled
+here in Python.
+
+**Hostile input is normal input.** No byte a client sends can harm the node or another
+session: a malformed frame after login gets a REJECT and the session is closed; before
+login nothing is answered but the login itself, and anything else closes the connection.
+Every resource is bounded (:class:`PortLimits`): the number of connections (at the cap
+the oldest connection that has not logged in makes room, so a flood cannot lock real
+sessions out; the descriptor limit is survived: :class:`exposure.net.guard.Listener`), a
+login deadline, an idle timeout plus TCP keepalive, the bytes read and control frames
+handled per connection per pass, and the answers queued for a client (one that does not
+read them is disconnected, never waited for). Nothing here blocks: a REJECT is queued
+like any answer, the write side is shut once it is out, and the connection is closed when
+the client has gone or after a second. Counters of all of it are in the session table
+(:mod:`exposure.shm.session_layout`, ``exposure status``).
+
+**Roles** (a node of a primary/backup pair reads its role from the control block): a
+backup does not listen for sessions at all (clients fail over to the primary); its ingest
+runs the replica side of the link instead (:mod:`exposure.node.stages.replica`), which puts the
+primary's records into the same rings. When the supervisor promotes the node, ingest
+closes the replica side, opens the session port and continues the global sequence from
+the last record it received.
+
+**Release policy**: a session's seq is acknowledged when compute has processed it and,
+per ``release``, it is durable here (``local``), the backup has received it
+(``replicated``), or both (``replicated+local``). For the replicated part ingest keeps,
+per session, checkpoints (last gseq, last session seq) of what it pushed; a checkpoint is
+released once the backup's received gseq (``CTL_REPL_RECV``) reaches it. What a session
+held at login counts as pushed at the gseq before the login, so after a restart or a
+failover nothing is acknowledged that the backup may not hold.
+
+In a pair, two more rules (:mod:`exposure.pair.election`): a primary recorded in etcd as
+**running alone** (``CTL_ALONE``) releases on its own durability whatever the policy; and a
+primary that is not alone acknowledges nothing once its **fence** has expired (no echo of
+its heartbeats from the backup for about ``failover_ms``): the backup may be promoting.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import select
+import socket
+import sys
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from exposure.core import jit as _jit
+from exposure.net import wire as W
+from exposure.net.guard import Listener, RateLog, keepalive
+from exposure.net.sessions import Entitlements
+from exposure.net.sock import flush, send_or_queue
+from exposure.node.stages.agent import Stage
+from exposure.node.stages.ingest_scan import NEED_MORE, RES_WORDS, RING_FULL, SEQ_GAP, scan
+from exposure.node.stages.sequencer import Sequencer
+from exposure.shm import counters_layout as CN
+from exposure.shm import session_layout as SL
+from exposure.shm.control import (
+    CTL_ALONE,
+    CTL_ALONE_SEEN,
+    CTL_EPOCH,
+    CTL_FENCED,
+    CTL_REPL_RECV,
+    CTL_ROLE,
+    CTL_SEQUENCED,
+    ROLE_BACKUP,
+    ROLE_PRIMARY,
+    may_act,
+)
+from exposure.shm.session_layout import N_REJ, S_DONE, S_DURABLE, S_HELD, S_REJ
+
+__all__ = ["IngestStage", "PortLimits"]
+
+_HDR = W.HEADER.size
+_MARK_NS = 100_000   # replicated-release checkpoints: at most one per session per 100 us
+_MAX_MARKS = 4096
+_PRE, _LIVE, _CLOSING = 0, 1, 2
+_PRE_BUF = 4096      # a connection's buffer until it has logged in (a LOGIN is 48 bytes)
+_LINGER_NS = 1_000_000_000  # a closing connection gets this long to take its REJECT
+_END_NS = 5_000_000_000     # a session whose input ended: at most this long to finish
+_SWEEP_NS = 50_000_000      # deadlines are checked this often
+_ACCEPTS_PER_PASS = 8  # each accept costs the hot loop ~100-200 us of syscalls on this VM
+
+
+@dataclass(frozen=True)
+class PortLimits:
+    """The bounds of a session port (``[ingest]`` keys of the same names)."""
+
+    max_connections: int = 320     # open connections, logged in or not
+    login_timeout_ms: int = 5000   # from accept to a valid LOGIN
+    idle_timeout_ms: int = 30000   # nothing received (clients send HEARTBEATs when idle)
+    read_budget: int = 256 * 1024  # bytes read per connection per pass
+    control_budget: int = 64       # frames other than EVENTS handled per connection per pass
+    max_output: int = 64 * 1024    # answers queued for a client that does not read them
+
+    @property
+    def buffer(self) -> int:
+        """A logged-in connection's receive buffer: a maximal frame plus one read."""
+        return -(-(_HDR + W.MAX_PAYLOAD + self.read_budget) // 8) * 8
+
+
+class _Conn:
+    __slots__ = ("sock", "fd", "buf", "wbuf", "mv", "pos", "fill", "stalled", "session",
+                 "held", "acked", "ack_due", "out", "marks", "mark_ns", "repl", "state",
+                 "nonce", "born", "last_rx", "close_at")
+
+    def __init__(self, sock: socket.socket, now: int):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self._buffer(_PRE_BUF)
+        self.pos = 0       # next unconsumed byte of buf
+        self.fill = 0      # bytes received into buf
+        self.stalled = False  # the ring was full: frames wait in buf, the socket is not read
+        self.session = 0
+        self.held = 0
+        self.acked = -1
+        self.ack_due = 0   # monotonic ns before which no further ACK is sent (coalescing)
+        self.out = bytearray()
+        self.marks: deque = deque()  # (last gseq, session seq held): see IngestStage._mark
+        self.mark_ns = 0
+        self.repl = 0      # highest session seq the backup has received
+        self.state = _PRE
+        self.nonce = os.urandom(W.NONCE)
+        self.born = self.last_rx = now  # monotonic ns
+        self.close_at = 0
+
+    def _buffer(self, size: int) -> None:
+        old = getattr(self, "buf", None)
+        self.buf = np.zeros(size, np.uint8)  # pages are touched only as far as frames go
+        if old is not None:
+            n = self.fill - self.pos
+            self.buf[:n] = old[self.pos:self.fill]
+            self.pos, self.fill = 0, n
+        self.wbuf = self.buf.view(np.uint64)
+        self.mv = memoryview(self.buf)
+
+
+_RING_FULL = CN.INDEX["ingest_ring_full_total"]
+_LISTENING = CN.INDEX["ingest_listening"]
+
+
+class IngestStage(Stage):
+    name = "ingest"
+
+    def __init__(self, host: str, port: int, sessions: np.ndarray, out_ring, next_gseq: int,
+                 max_sessions: int, ack_interval_us: int = 0,
+                 ctl: np.ndarray | None = None, release: str = "local", replica=None,
+                 secrets: dict[int, bytes] | None = None,
+                 entitlements: Entitlements | None = None,
+                 limits: PortLimits = PortLimits(), counters: np.ndarray | None = None,
+                 partition: tuple[int, np.ndarray, np.ndarray] | None = None):
+        self.cnt = CN.or_private(counters)
+        self.sessions = sessions
+        self.out = out_ring
+        self.seq = Sequencer(out_ring, next_gseq, self.cnt)  # the gseq and the ring's producer
+        self.max_sessions = max_sessions
+        self.ack_interval_ns = ack_interval_us * 1000
+        self.addr = (host, port)
+        self.ctl = ctl
+        # The journal reads the compute ring as its second consumer (none: no journal).
+        self.local = release in ("local", "replicated+local") and out_ring.consumers > 1
+        self.replicated = release in ("replicated", "replicated+local")
+        # Sessions: ``secrets`` None serves every session id without a proof (loopback
+        # only: exposure.config.node); else only the ids it has, each proving its secret.
+        self.secrets = secrets
+        self.ents = entitlements or Entitlements.everything(max_sessions)
+        if self.ents.flags.shape[0] != max_sessions + 1:
+            raise ValueError(f"entitlements for {self.ents.flags.shape[0] - 1} sessions, "
+                             f"max_sessions is {max_sessions}")
+        self.lim = limits
+        self.node = sessions[0]  # row 0: the port's counters
+        self.log = RateLog("exposure ingest")
+        # A node of a pair acknowledges only while it may act (the fence, or running alone:
+        # exposure.shm.control.may_act); alone, it releases on its own durability.
+        self.pair = replica is not None and ctl is not None
+        self.alone = -1 if self.pair else 0  # CTL_ALONE as last acted on (-1: not yet)
+        self.fenced = False
+        self.seq_shown = -1
+        self.ep = select.epoll()
+        self.listener: Listener | None = None
+        self.lfd = -1
+        self.conns: dict[int, _Conn] = {}
+        self.pre: OrderedDict[int, _Conn] = OrderedDict()  # not logged in, oldest first
+        self.by_session: dict[int, _Conn] = {}
+        self.closing: set[_Conn] = set()   # REJECTed: the answer drains, then close
+        self.ending: set[_Conn] = set()    # input ended: what it sent is taken, then close
+        self.stalled: set[_Conn] = set()   # sessions whose frames wait for ring space
+        self.ready: set[_Conn] = set()     # complete frames left over by a pass's budget
+        self.unacked: set[_Conn] = set()   # sessions with records not yet acknowledged
+        self.backlog: set[_Conn] = set()   # sessions with answers the socket did not take
+        self.sweep_at = 0
+        self.scratch = bytearray(self.lim.read_budget)  # what closing connections send
+        # A cluster's partition (index, account and source owner tables: exposure.core.partition)
+        # marks what it does not own as wrong_partition; (-1, ...) is a whole-fund node.
+        none = np.full(1, -1, np.int16)
+        me, acc_owner, src_owner = partition or (-1, none, none)
+        self._ent_args = (self.ents.flags, self.ents.src, self.ents.acct, np.int64(me),
+                          acc_owner, src_owner)
+        self.res = np.zeros(RES_WORDS, np.uint64)
+        buf = np.zeros(8, np.uint8)
+        self._scan = _jit.entry(scan, buf, buf.view(np.uint64), 0, 0, 0, 0, 0, 0,
+                                self.out.ctrl, self.out.slots,
+                                *self._ent_args, self.res)  # compiled (or loaded) now
+        # A backup runs the replica side (``replica``: a factory Sequencer -> ReplicaStage)
+        # until the supervisor promotes the node; ``self.rep`` is None once primary.
+        self.rep = None
+        if ctl is not None and ctl[CTL_ROLE] == ROLE_BACKUP:
+            self.rep = replica(self.seq)
+        else:
+            self._listen()
+
+    def _count(self, col: int, session: int = 0, scol: int = -1) -> None:
+        self.node[col] += 1
+        if session and scol >= 0:
+            self.sessions[session, scol] += 1
+
+    def _listen(self) -> None:
+        self.listener = Listener(self.addr)
+        self.lfd = self.listener.fd
+        self.ep.register(self.lfd, select.EPOLLIN)
+        self.cnt[_LISTENING] = 1  # bound and listening: what the supervisor calls ready
+
+    def _promoted(self) -> None:
+        """The supervisor made this node the primary: stop following, accept sessions."""
+        rep, self.rep = self.rep, None
+        rep.close()  # (the sequence goes on in self.seq, which the replica shared)
+        for _ in range(50):
+            try:
+                self._listen()
+                break
+            except OSError as e:
+                print(f"exposure ingest: cannot listen on {self.addr[0]}:{self.addr[1]} "
+                      f"({e.strerror}); retrying", file=sys.stderr, flush=True)
+                time.sleep(0.1)
+        else:  # the process dies; the supervisor restarts the node's processes (as primary)
+            raise RuntimeError(f"cannot listen for sessions on {self.addr[0]}:{self.addr[1]}")
+        print(f"exposure ingest: primary (epoch {int(self.ctl[CTL_EPOCH])}): accepting "
+              f"sessions on {self.addr[0]}:{self.addr[1]} from gseq {self.seq.next_gseq}",
+              file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ loop
+    def poll(self) -> int:
+        return self._poll(0)
+
+    def wait_io(self, timeout: float) -> bool:
+        """Sleep in the selector (a blocking process's idle): a client's bytes wake it."""
+        self._poll(timeout)
+        return True
+
+    def _poll(self, timeout: float | None) -> int:
+        if self.rep is not None:
+            if self.ctl[CTL_ROLE] == ROLE_PRIMARY:
+                self._promoted()
+            else:
+                return self.rep.poll(timeout or 0)
+        work = 0
+        for fd, _ in self.ep.poll(timeout if timeout is not None else -1):
+            if fd == self.lfd:
+                work += self._accept()
+                continue
+            c = self.conns.get(fd)
+            if c is None or c.stalled or c in self.ready:
+                continue  # (frames wait in its buffer: they go first)
+            if c.state == _CLOSING:
+                self._drain(c)
+            else:
+                work += self._read(c)
+        if self.stalled:
+            for c in list(self.stalled):
+                work += self._consume(c)
+        if self.ready:
+            for c in list(self.ready):
+                self.ready.discard(c)
+                if c.state != _CLOSING:
+                    work += self._consume(c)
+        return work
+
+    def after(self) -> None:
+        """Answers: ACKs due and unsent bytes; deadlines. The process loop calls this after
+        the whole pipeline pass (compute and fan-out included), so an ACK never delays the
+        processing of an event that arrived with it."""
+        if self.rep is not None:
+            self.rep.after()
+            self._show_seq(self.seq.last)
+            return
+        if self.pair:
+            self._pair_state()
+        if self.unacked and not self.fenced:
+            now = time.monotonic_ns()
+            for c in list(self.unacked):
+                if now >= c.ack_due:
+                    self._ack(c, now)
+        if self.backlog:
+            for c in list(self.backlog):
+                self._flush(c)
+        if self.conns:
+            now = time.monotonic_ns()
+            if now >= self.sweep_at:
+                self.sweep_at = now + _SWEEP_NS
+                self._sweep(now)
+
+    def _show_seq(self, gseq: int) -> None:
+        if gseq != self.seq_shown:
+            self.seq_shown = gseq
+            self.ctl[CTL_SEQUENCED] = gseq
+
+    def _pair_state(self) -> None:
+        """Once per pass: what the supervisor decided (alone or not: acknowledged back in
+        CTL_ALONE_SEEN, after which every ACK follows it), what was sequenced, and the
+        fence."""
+        ctl = self.ctl
+        if ctl[CTL_ALONE] != self.alone:  # (-1 at first: every ingest says what it saw)
+            self.alone = int(ctl[CTL_ALONE])
+            ctl[CTL_ALONE_SEEN] = self.alone + 1
+        self._show_seq(self.seq.last)  # (after SEEN: see exposure.pair.election)
+        if not self.unacked:
+            return  # (the fence matters only to what is about to be acknowledged)
+        fenced = not may_act(ctl, time.monotonic_ns())
+        if fenced != self.fenced:
+            self.fenced = fenced
+            ctl[CTL_FENCED] = int(fenced)
+            print(f"exposure ingest: {'fenced' if fenced else 'no longer fenced'} (epoch "
+                  f"{int(ctl[CTL_EPOCH])}): "
+                  + ("no valid echo from the backup and not recorded as running alone: "
+                     "acknowledging and publishing nothing" if fenced else
+                     "acknowledging again"), file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ connections
+    def _accept(self) -> int:
+        n = 0
+        for _ in range(_ACCEPTS_PER_PASS):
+            s = self.listener.accept(self.log)
+            if s is None:
+                break
+            n += 1
+            self._count(SL.N_ACCEPTED)
+            if len(self.conns) >= self.lim.max_connections:
+                if self.closing:  # make room: one already refused, then the oldest
+                    self._close(next(iter(self.closing)))  # that has not logged in
+                elif self.pre:
+                    self._count(SL.N_EVICTED)
+                    self._close(next(iter(self.pre.values())))
+                else:
+                    self._count(SL.N_REFUSED)
+                    self.log("cap", f"{len(self.conns)} connections open (the cap, "
+                                    "[ingest] max_connections): refusing new ones")
+                    try:
+                        s.send(W.encode_reject(W.E_BUSY, "too many connections"))
+                    except OSError:
+                        pass
+                    s.close()
+                    continue
+            try:
+                keepalive(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.lim.max_output)
+            except OSError:
+                s.close()
+                continue
+            c = _Conn(s, time.monotonic_ns())
+            self.conns[c.fd] = c
+            self.pre[c.fd] = c
+            self.ep.register(c.fd, select.EPOLLIN)
+            self._send(c, W.encode_challenge(c.nonce))
+        if self.listener.fd_limit:
+            self.node[SL.N_EMFILE] += self.listener.fd_limit
+            self.listener.fd_limit = 0
+        self.node[SL.N_OPEN] = len(self.conns)
+        return n
+
+    def _close(self, c: _Conn) -> None:
+        if self.conns.get(c.fd) is not c:
+            return
+        try:
+            self.ep.unregister(c.fd)
+        except (KeyError, ValueError, OSError):
+            pass
+        del self.conns[c.fd]
+        self._detach(c)
+        for group in (self.closing, self.ending, self.stalled, self.ready, self.unacked,
+                      self.backlog):
+            group.discard(c)
+        c.sock.close()
+        self.node[SL.N_OPEN] = len(self.conns)
+
+    def _detach(self, c: _Conn) -> None:
+        """``c`` is no longer its session's connection, nor one waiting to log in."""
+        if c.session and self.by_session.get(c.session) is c:
+            del self.by_session[c.session]
+            self.sessions[c.session, SL.S_CONNECTED] = 0
+        self.pre.pop(c.fd, None)
+
+    def _reject(self, c: _Conn, code: int, text: str, detail: int = 0) -> None:
+        """Answer REJECT, then close without waiting for anything: the connection leaves
+        every group but ``closing``; its write side is shut once the answer is out."""
+        if c.state == _CLOSING:
+            return
+        self._detach(c)
+        for group in (self.stalled, self.ready, self.unacked, self.ending):
+            group.discard(c)
+        c.stalled = False
+        c.state = _CLOSING
+        c.close_at = time.monotonic_ns() + _LINGER_NS
+        self.closing.add(c)
+        self._send(c, W.encode_reject(code, text, detail))
+        if c.fd in self.conns and not c.out:
+            self._shut(c)
+
+    def _shut(self, c: _Conn) -> None:
+        try:
+            c.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(c)
+
+    def _drain(self, c: _Conn) -> None:
+        """A closing connection: what it sends is read and dropped until it goes."""
+        try:
+            got = c.sock.recv_into(self.scratch)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            got = 0
+        if not got:
+            self._close(c)
+
+    def _end(self, c: _Conn) -> None:
+        """End of input from a session: its complete frames are still taken (a client may
+        send events and then shut its write side), its ACK still sent; then it is closed
+        (:meth:`_sweep`), within ``_END_NS`` at most. A frame it left incomplete is not
+        applied."""
+        try:
+            self.ep.unregister(c.fd)  # (level-triggered: the end would be reported forever)
+        except (KeyError, ValueError, OSError):
+            pass
+        c.close_at = time.monotonic_ns() + _END_NS
+        self.ending.add(c)
+        self._consume(c)
+
+    def _sweep(self, now: int) -> None:
+        """Deadlines: logins, idle sessions, closing and ending connections."""
+        login = self.lim.login_timeout_ms * 1_000_000
+        while self.pre:
+            c = next(iter(self.pre.values()))
+            if now - c.born < login:
+                break
+            self._count(SL.N_LOGIN_TIMEOUT)
+            self._close(c)
+        idle = self.lim.idle_timeout_ms * 1_000_000
+        for c in list(self.by_session.values()):
+            if (now - c.last_rx >= idle and not c.stalled and c not in self.unacked
+                    and c not in self.ending):
+                self._count(SL.N_IDLE, c.session, SL.S_IDLE)
+                self._reject(c, W.E_IDLE, f"nothing received for "
+                             f"{self.lim.idle_timeout_ms} ms (send HEARTBEATs when idle)")
+        for c in list(self.closing):
+            if now >= c.close_at:
+                self._close(c)
+        for c in list(self.ending):
+            if now >= c.close_at or not (c.stalled or c in self.ready or c in self.unacked
+                                         or c.out):
+                self._close(c)
+
+    def _read(self, c: _Conn) -> int:
+        if c.pos == c.fill:
+            c.pos = c.fill = 0
+        elif c.pos and len(c.buf) - c.fill < self.lim.read_budget:
+            # An incomplete frame (at most one maximal frame) near the end: move it to the
+            # front, so the buffer always has room for a whole read.
+            n = c.fill - c.pos
+            c.buf[:n] = c.buf[c.pos:c.fill]
+            c.pos, c.fill = 0, n
+        room = min(len(c.buf) - c.fill, self.lim.read_budget)
+        if room <= 0:  # (only a pre-login buffer full of a frame that is not a LOGIN)
+            self._count(SL.N_PRELOGIN)
+            self._close(c)
+            return 1
+        try:
+            got = c.sock.recv_into(c.mv[c.fill:c.fill + room])
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            got = 0
+        if not got:  # the client went away, or shut its write side (it may still read)
+            if c.state == _LIVE and (c.pos < c.fill or c in self.unacked):
+                self._end(c)  # what it sent first is taken and acknowledged, then closed
+            else:
+                self._close(c)
+            return 1
+        c.fill += got
+        c.last_rx = time.monotonic_ns()
+        self._consume(c)
+        return 1
+
+    def _consume(self, c: _Conn) -> int:
+        """Take the complete frames received so far: EVENTS into the ring (jitted), the
+        rest here (at most ``control_budget`` of them per pass). Returns the records
+        pushed."""
+        pushed = 0
+        res = self.res
+        budget = self.lim.control_budget
+        while True:
+            now = time.time_ns()
+            self._scan(c.buf, c.wbuf, c.pos, c.fill, c.session, c.held, now,
+                       self.seq.next_gseq, self.out.ctrl, self.out.slots,
+                       *self._ent_args, res)
+            why, c.pos, n = int(res[0]), int(res[1]), int(res[3])
+            if n:
+                held = int(res[2])
+                pushed += n
+                self.seq.commit(n, int(res[4]), int(res[5]))
+                c.held = held
+                self.sessions[c.session, S_HELD] = held
+                if self.replicated:
+                    self._mark(c, held, now)
+                self.unacked.add(c)
+            if why == RING_FULL:
+                self.cnt[_RING_FULL] += 1
+                if not c.stalled:
+                    c.stalled = True
+                    self.stalled.add(c)
+                return pushed
+            if c.stalled:
+                c.stalled = False
+                self.stalled.discard(c)
+            if why == SEQ_GAP:
+                self._count(SL.N_SEQ_REJECTS, c.session, SL.S_SEQ_REJECTS)
+                expected = int(res[6])
+                self._reject(c, W.E_SEQ, f"a record's session seq is not {expected}, the "
+                             "next one: nothing from it on was applied", expected)
+                return pushed
+            if why == NEED_MORE:
+                return pushed
+            if budget == 0:  # the rest on a later pass (the socket may have nothing new)
+                self.ready.add(c)
+                return pushed
+            budget -= 1
+            if not self._control(c):
+                return pushed
+
+    def _mark(self, c: _Conn, held: int, now: int) -> None:
+        """Checkpoint (last gseq pushed, session seq held) for the replicated release.
+
+        One mark per ``_MARK_NS`` window: within a window the newest mark moves forward;
+        once its window has passed it is frozen and released as soon as the backup has
+        received its gseq (a mark that kept moving would never be reached while events
+        stream). Without a backup for a long time the oldest marks are dropped: a dropped
+        mark's seq is released with the next mark, later, never early."""
+        g = self.seq.last
+        m = c.marks
+        if m and now - c.mark_ns < _MARK_NS:
+            m[-1] = (g, held)
+            return
+        if len(m) >= _MAX_MARKS:
+            m.popleft()
+        m.append((g, held))
+        c.mark_ns = now
+
+
+    def _control(self, c: _Conn) -> bool:
+        """The frame at ``c.pos`` that the scanner left: check it, handle it if complete.
+        Returns False when the scan cannot go on (incomplete frame, session closed).
+        Before login only a LOGIN is looked at: anything else closes the connection
+        unanswered, as soon as its header shows what it is."""
+        pos = c.pos
+        magic, version, kind, length = W.HEADER.unpack_from(c.buf, pos)
+        if c.state == _PRE and kind != W.K_LOGIN:
+            self._count(SL.N_PRELOGIN)
+            self._close(c)
+            return False
+        try:
+            W.check_header(magic, version, kind, length, pos)
+        except W.ProtocolError as e:
+            if c.state == _PRE:
+                self._count(SL.N_PRELOGIN)
+                self._close(c)
+            else:
+                self._count(SL.N_PROTOCOL, c.session, SL.S_PROTOCOL)
+                self._reject(c, e.code, str(e))
+            return False
+        end = pos + _HDR + length
+        if end > c.fill:
+            return False
+        payload = c.buf[pos + _HDR:end].tobytes()
+        c.pos = end
+        if kind == W.K_LOGIN:
+            self._login(c, payload)
+        elif kind == W.K_HEARTBEAT:
+            self._send(c, W.encode_heartbeat())
+        elif kind == W.K_EVENTS:  # (unreachable: the scanner takes aligned EVENTS frames)
+            self._count(SL.N_PROTOCOL, c.session, SL.S_PROTOCOL)
+            self._reject(c, W.E_PROTOCOL, f"EVENTS frame at unaligned byte {pos}")
+        else:
+            self._count(SL.N_PROTOCOL, c.session, SL.S_PROTOCOL)
+            self._reject(c, W.E_PROTOCOL, f"a client may not send frame kind {kind}")
+        return self.conns.get(c.fd) is c and c.state != _CLOSING
+
+    def _login(self, c: _Conn, payload: bytes) -> None:
+        sid, proof = W.decode_login(payload)
+        if c.state != _PRE:
+            self._count(SL.N_PROTOCOL, c.session, SL.S_PROTOCOL)
+            self._reject(c, W.E_SESSION, "already logged in")
+            return
+        if not 1 <= sid <= self.max_sessions:
+            self._count(SL.N_BAD_SESSION)
+            self._reject(c, W.E_SESSION, f"session id {sid} outside 1..{self.max_sessions}")
+            return
+        if self.secrets is not None:
+            secret = self.secrets.get(sid)
+            good = W.login_mac(secret, sid, c.nonce) if secret else bytes(32)
+            if secret is None or not hmac.compare_digest(proof, good):
+                self._count(SL.N_AUTH_FAILS, sid, SL.S_AUTH_FAILS)
+                self.log("auth", f"login as session {sid} refused: the proof does not "
+                                 "verify (wrong secret, or a session not configured)")
+                self._reject(c, W.E_AUTH, "authentication failed")
+                return
+        old = self.by_session.get(sid)
+        if old is not None:  # a stale connection (half-open, or a client that restarted)
+            self._count(SL.N_REPLACED, sid, SL.S_REPLACED)
+            self.log("replaced", f"session {sid} logged in again: its older connection is "
+                                 "closed")
+            self._reject(old, W.E_REPLACED, "the session logged in on another connection")
+        del self.pre[c.fd]
+        c.state = _LIVE
+        c._buffer(self.lim.buffer)
+        c.session = sid
+        c.held = int(self.sessions[sid, S_HELD])
+        c.marks.append((self.seq.last, c.held))  # what it holds: pushed before now
+        self.by_session[sid] = c
+        self.sessions[sid, SL.S_CONNECTED] = 1
+        self._count(SL.N_LOGINS, sid, SL.S_LOGINS)
+        self._send(c, W.encode_login_ok(c.held))
+        self.unacked.add(c)  # a first ACK tells the client what compute has processed
+
+    def _ack(self, c: _Conn, now: int) -> None:
+        # Compute writes a session's reject counters, then (release) its S_DONE; reading
+        # S_DONE first and the counters after is ordered on x86 (loads are not reordered
+        # with loads) and Python does not reorder its own loads.
+        done = int(self.sessions[c.session, S_DONE])
+        if self.local or self.alone:  # acknowledged only once durable as well
+            done = min(done, int(self.sessions[c.session, S_DURABLE]))
+        if self.replicated:  # ... and in the backup's memory (unless running alone)
+            recv = int(self.ctl[CTL_REPL_RECV])
+            while c.marks and c.marks[0][0] <= recv:
+                c.repl = c.marks.popleft()[1]
+            if not self.alone:
+                done = min(done, c.repl)
+        if done > c.acked:
+            c.acked = done
+            c.ack_due = now + self.ack_interval_ns
+            self._send(c, W.encode_ack(done, self.sessions[c.session, S_REJ:S_REJ + N_REJ]))
+        if c.acked >= c.held:
+            self.unacked.discard(c)
+
+    def _send(self, c: _Conn, data: bytes) -> None:
+        """Queue ``data`` behind what waits (sent now if nothing does). A client whose
+        queue would pass ``max_output`` does not read its answers: it is closed."""
+        if len(c.out) + len(data) > self.lim.max_output:
+            self._count(SL.N_SLOW, c.session, SL.S_SLOW)
+            who = f"session {c.session}" if c.session else "a client not logged in"
+            self.log("slow", f"{who} does not read its answers: disconnected")
+            self._close(c)
+        elif not send_or_queue(c.sock, c.out, data):
+            self._close(c)
+        elif c.out:
+            self.backlog.add(c)
+
+    def _flush(self, c: _Conn) -> None:
+        if not flush(c.sock, c.out):
+            self._close(c)
+        elif not c.out:
+            self.backlog.discard(c)
+            if c.state == _CLOSING:
+                self._shut(c)
+
+    def close(self) -> None:
+        if self.rep is not None:
+            self.rep.close()
+        for c in list(self.conns.values()):
+            self._close(c)
+        if self.listener is not None:
+            self.ep.unregister(self.lfd)
+            self.listener.close()
+        self.ep.close()

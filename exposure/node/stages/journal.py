@@ -1,0 +1,183 @@
+"""Journal stage: the compute ring to disk, then what is durable to the session table.
+
+The journal is the compute ring's second consumer (ingest writes every sequenced record
+once; compute and the journal each read it, and a slot is free once both have passed it).
+Each poll takes up to 4,096 records and appends them as one block: one ``writev`` per
+group commit (:class:`exposure.store.journal.JournalWriter`); bounded blocks keep a full disk from
+holding back records that would still fit. When the records become durable depends on the
+``fsync`` policy:
+
+* ``batch``: fsync after every block, before anything of it is acknowledged;
+* ``interval``: fsync at most once every ``interval_ms``, so many blocks share one fsync
+  (when the stream stops, the next poll after the interval syncs the rest);
+* ``none``: after ``write()`` (the page cache: survives a process crash, not a power cut).
+
+With a mirror ring (a node of a primary/backup pair), every block written is handed to the
+mirror stage while this node is the primary; a full mirror ring is never waited for: the
+hand-off is dropped, and the mirror reads the gap back from the journal files.
+
+Then the stage publishes, per session, the highest session seq that is durable
+(``S_DURABLE`` of the session table, a release store after the data is on disk) and the
+journal's durable global seq (row 0 of the table, ``S_DURABLE``). Ingest acknowledges a
+session's seq only when compute has processed it *and* it is durable.
+
+A write or fsync that fails (disk full, unwritable directory) stops nothing else: the
+stage keeps the records it could not write, reports the error once on stderr, stops
+advancing the durable marks (so ingest stops acknowledging), and retries every poll; the
+rings fill and ingest stops reading its sessions; nothing acknowledged is lost.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+from numba import njit
+
+from exposure.core import jit as _jit
+from exposure.core.types import EVENT_WORDS, W_GSEQ, W_RECV_NS, W_SESSION, W_SSEQ
+from exposure.node.stages.agent import Stage
+from exposure.shm import counters_layout as CN
+from exposure.shm import ring_layout as RL
+from exposure.shm.control import CTL_ROLE, ROLE_PRIMARY
+from exposure.shm.intrinsics import store_release
+from exposure.shm.ring import ring_pop_at, ring_push, sleeping
+from exposure.shm.session_layout import S_DURABLE
+from exposure.store.journal import JournalWriter
+
+__all__ = ["JournalStage"]
+
+
+@njit(cache=True, _nrt=False)
+def _note_sessions(words, n, pending):
+    """The highest session seq per session among ``words[:n]`` into ``pending``."""
+    for k in range(n):
+        s = np.int64(words[k, W_SESSION] & np.uint64(0xFFFFFFFF))
+        if s < pending.shape[0] and words[k, W_SSEQ] > pending[s]:
+            pending[s] = words[k, W_SSEQ]
+
+
+@njit(cache=True, _nrt=False)
+def _publish(pending, sess_flat, ncols, gseq):
+    """Durable marks: per session, then the journal's global seq (row 0)."""
+    for s in range(1, pending.shape[0]):
+        if pending[s] > sess_flat[s * ncols + S_DURABLE]:
+            store_release(sess_flat, s * ncols + S_DURABLE, pending[s])
+    store_release(sess_flat, S_DURABLE, gseq)
+
+
+_RECORDS = CN.INDEX["journal_records_total"]
+_WRITES = CN.INDEX["journal_writes_total"]
+_FSYNCS = CN.INDEX["journal_fsyncs_total"]
+_FSYNC_NS = CN.INDEX["journal_fsync_ns_total"]
+_FSYNC_MAX = CN.INDEX["journal_fsync_ns_max"]
+_DURABLE_GSEQ = CN.INDEX["journal_durable_gseq"]
+_DURABLE_RECV = CN.INDEX["journal_durable_recv_ns"]
+_MIRROR_DROPPED = CN.INDEX["journal_mirror_dropped_total"]
+
+
+class JournalStage(Stage):
+    name = "journal"
+    fed_by = "ingest"
+
+    def __init__(self, reader, sessions: np.ndarray, writer: JournalWriter, fsync: str,
+                 interval_ms: int, batch: int = 4096, mirror_ring=None,
+                 ctl: np.ndarray | None = None, counters: np.ndarray | None = None):
+        # ``reader``: the journal's end of the compute ring (its second consumer,
+        # exposure.shm.ring.RingReader), or any ring's consumer end
+        self.inp = reader
+        self.wake_source = reader
+        self.cnt = CN.or_private(counters)
+        self.mirror = mirror_ring
+        self.ctl = ctl
+        self.sess_flat = sessions.reshape(-1)
+        self.ncols = sessions.shape[1]
+        self.w = writer
+        self.fsync = fsync
+        self.interval_ns = interval_ms * 1_000_000
+        self.buf = np.zeros((batch, EVENT_WORDS), np.uint64)
+        self.held = 0           # records in buf not yet written (a failed write)
+        self.pending = np.zeros(sessions.shape[0], np.uint64)  # written, not yet durable
+        # What recovery found durable (row 0 of the session table) is where this journal
+        # stands: never published lower (a lower mark would tell a backup that it is in
+        # sync, and ingest that less is durable, than is true).
+        self.written_gseq = self.durable_gseq = int(self.sess_flat[S_DURABLE])
+        self.written_recv = 0
+        self.cnt[_DURABLE_GSEQ] = self.durable_gseq
+        self.last_sync = time.monotonic_ns()
+        self.error: str | None = None
+        self._tail, self._head = reader.ctrl[RL.W_TAIL:], reader.ctrl[reader.head_word:]
+        _note_sessions(self.buf, 0, self.pending)  # compiled (or loaded) now, not later
+        _publish(self.pending, self.sess_flat, self.ncols, np.uint64(self.durable_gseq))
+
+    def _fail(self, what: str, e: OSError) -> None:
+        msg = f"exposure journal: {what} failed: {e}; not acknowledging until it succeeds"
+        if msg != self.error:
+            print(msg, file=sys.stderr, flush=True)
+            self.error = msg
+
+    def poll(self) -> int:
+        work = 0
+        if not self.held and self._tail[0] != self._head[0]:
+            self.held = ring_pop_at(self.inp.ctrl, self.inp.slots, self.buf, len(self.buf),
+                                    self.inp.head_word)
+        if self.held:
+            try:
+                self.w.append(self.buf[:self.held])
+            except OSError as e:
+                self._fail("write", e)
+                return 0
+            cnt = self.cnt
+            cnt[_RECORDS] += self.held
+            cnt[_WRITES] += 1
+            if self.mirror is not None and self.ctl[CTL_ROLE] == ROLE_PRIMARY:
+                handed = ring_push(self.mirror.ctrl, self.mirror.slots, self.buf, self.held)
+                if handed < self.held:
+                    cnt[_MIRROR_DROPPED] += self.held - handed
+                if sleeping(self.mirror.ctrl, RL.W_CONSUMER_SLEEPING):
+                    self.mirror.semaphore.release()
+            _note_sessions(self.buf, self.held, self.pending)
+            self.written_gseq = int(self.buf[self.held - 1, W_GSEQ])
+            self.written_recv = int(self.buf[self.held - 1, W_RECV_NS])
+            work, self.held = self.held, 0
+        if self.written_gseq > self.durable_gseq:
+            now = time.monotonic_ns()
+            # interval: at most one fsync per interval (a later poll, a tick away at most,
+            # syncs what is left when the stream stops)
+            if self.fsync != "interval" or now - self.last_sync >= self.interval_ns:
+                if self.fsync != "none":
+                    t0 = time.perf_counter_ns()
+                    try:
+                        self.w.sync()
+                    except OSError as e:
+                        self._fail("fsync", e)
+                        return work
+                    took = time.perf_counter_ns() - t0
+                    cnt = self.cnt
+                    cnt[_FSYNCS] += 1
+                    cnt[_FSYNC_NS] += took
+                    if took > cnt[_FSYNC_MAX]:
+                        cnt[_FSYNC_MAX] = took
+                self.last_sync = now
+                self.durable_gseq = self.written_gseq
+                self.cnt[_DURABLE_GSEQ] = self.durable_gseq
+                self.cnt[_DURABLE_RECV] = self.written_recv
+                _publish(self.pending, self.sess_flat, self.ncols,
+                         np.uint64(self.durable_gseq))
+                if self.error:
+                    print("exposure journal: writing again", file=sys.stderr, flush=True)
+                    self.error = None
+        return work
+
+    def close(self) -> None:
+        try:
+            if self.held:
+                self.w.append(self.buf[:self.held])
+            self.w.sync()
+        except OSError:
+            pass
+        self.w.close()
+
+
+assert _jit is not None

@@ -1,0 +1,640 @@
+"""The ``exposure`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import orjson
+
+__all__ = ["main"]
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"exposure: {msg}", file=sys.stderr)
+    return code
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from exposure.engine.document import document
+    from exposure.engine.parse import EventFileError, read_events, read_instruments_csv
+    from exposure.engine.replay import replay_records
+
+    if args.journal:
+        from exposure.shm.tally_layout import allocate
+        from exposure.store.journal import JournalError
+        from exposure.store.recovery import replay_journal
+
+        if args.events or args.instruments:
+            return _fail("replay takes an events file or --journal DIR, not both")
+        cfg = _load_cfg(args.config)
+        _, st = allocate(cfg.caps)
+        try:
+            replay_journal(st, args.journal, upto=args.upto or 0)
+        except (JournalError, OSError) as e:
+            return _fail(str(e))
+        opt = 0 if args.compact else orjson.OPT_INDENT_2
+        sys.stdout.buffer.write(orjson.dumps(document(st), option=opt) + b"\n")
+        return 0
+    if not args.events:
+        return _fail("replay needs an events file (or --journal DIR)")
+    try:
+        parts = []
+        if args.instruments:
+            parts.append(read_instruments_csv(args.instruments))
+        parts.append(read_events(args.events))
+    except EventFileError as e:
+        return _fail(str(e))
+    recs = np.concatenate(parts)
+    if args.cluster:
+        doc = _replay_cluster(args, recs)
+        if isinstance(doc, int):
+            return doc
+    elif args.partition:
+        return _fail("--partition needs --cluster FILE")
+    else:
+        doc = document(replay_records(recs))
+    opt = 0 if args.compact else orjson.OPT_INDENT_2
+    sys.stdout.buffer.write(orjson.dumps(doc, option=opt) + b"\n")
+    return 0
+
+
+def _replay_cluster(args: argparse.Namespace, recs: np.ndarray) -> dict | int:
+    """The cluster's document for ``recs`` (or one partition's, with --partition)."""
+    from exposure.cluster.topology import replay_cluster, replay_partition
+    from exposure.core.partition import MapError, PartitionMap
+    from exposure.engine.document import document
+
+    try:
+        pmap = PartitionMap.load(args.cluster)
+        if args.partition:
+            return document(replay_partition(recs, pmap, pmap.index(args.partition)))
+    except MapError as e:
+        return _fail(str(e))
+    return replay_cluster(recs, pmap)
+
+
+def _load_cluster(path):
+    from exposure.cluster.topology import ClusterError, load_cluster
+
+    try:
+        return load_cluster(path)
+    except ClusterError as e:
+        raise SystemExit(_fail(str(e))) from None
+
+
+def _cmd_journal(args: argparse.Namespace) -> int:
+    from exposure.engine.parse import record_objects
+    from exposure.store.journal import JournalError, ScanResult, read_blocks
+
+    res = ScanResult()
+    try:
+        if args.action == "verify":
+            for _ in read_blocks(args.dir, res):
+                pass
+            print(orjson.dumps({
+                "segments": res.segments, "blocks": res.blocks, "records": res.records,
+                "first_gseq": res.first, "last_gseq": res.last, "bytes": res.bytes,
+                "torn_tail_bytes": res.torn_bytes,
+                "torn_tail_at": f"{res.torn_path}:{res.torn_offset}" if res.torn_path else None,
+            }, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        out = sys.stdout.buffer
+        for blk in read_blocks(args.dir, res, from_gseq=args.from_seq or 1):
+            r = blk.records
+            keep = np.ones(len(r), bool)
+            if args.from_seq:
+                keep &= r["gseq"] >= args.from_seq
+            if args.to_seq:
+                keep &= r["gseq"] <= args.to_seq
+            if args.source is not None:
+                keep &= r["source"] == args.source
+            if args.account is not None:
+                keep &= r["account"] == args.account
+            if keep.any():
+                out.write(b"".join(orjson.dumps(d) + b"\n"
+                                   for d in record_objects(r[keep], stamps=True)))
+            if args.to_seq and blk.last >= args.to_seq:
+                break
+        return 0
+    except (JournalError, OSError) as e:
+        return _fail(str(e))
+
+
+def _load_cfg(path):
+    from exposure.config.node import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise SystemExit(_fail(str(e))) from None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import signal
+    from pathlib import Path
+
+    from exposure.config.node import ConfigError
+    from exposure.node.supervisor import Node
+    from exposure.pair.election import Stopped
+    from exposure.shm.tally_segment import SegmentBusy, SegmentModeError
+    from exposure.store.journal import JournalError
+
+    cfg = _load_cfg(args.config)
+    if args.data_dir:
+        cfg = dataclasses.replace(cfg, data_dir=Path(args.data_dir))
+    node = Node(cfg, args.config)
+    stop: list = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # (SIGHUP: its terminal
+        signal.signal(sig, lambda *_: stop.append(1))          # closed) a clean stop
+    try:
+        node.start(stop)
+    except Stopped:
+        node.stop()
+        return 0
+    except (SegmentBusy, SegmentModeError, ConfigError, JournalError) as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(f"cannot use the data directory {cfg.data_dir}: {e}")
+    def ready() -> None:  # the banner only once the node does what it says
+        print(node.describe(), flush=True)
+        print(f"exposure: {node.ready_line()}", flush=True)
+
+    try:
+        why = node.wait(stop, on_ready=ready,
+                        say=lambda m: print(f"exposure: {m}", file=sys.stderr, flush=True))
+        print(f"exposure: {why}", file=sys.stderr, flush=True)
+        return 0 if stop else 1
+    finally:
+        node.stop()
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from exposure.engine.parse import EventFileError, read_events
+    from exposure.net.client import SendError, send_records
+    from exposure.net.sessions import MIN_SECRET, SessionsError, secret_for
+
+    if args.cluster:
+        return _send_cluster(args)
+    cfg = _load_cfg(args.config)
+    if not 1 <= args.session <= min(cfg.max_sessions, 2**32 - 1):
+        return _fail(f"--session {args.session}: a session id is 1..{cfg.max_sessions}")
+    secret = None
+    try:
+        if args.secret_file:
+            secret = Path(args.secret_file).read_bytes().strip()
+            if len(secret) < MIN_SECRET:
+                return _fail(f"--secret-file {args.secret_file}: {len(secret)} bytes; a "
+                             f"secret has at least {MIN_SECRET}")
+        elif cfg.sessions_file is not None:
+            secret = secret_for(cfg.sessions_file, args.session)
+    except OSError as e:
+        return _fail(f"cannot read the secret {args.secret_file!r}: {e.strerror or e}")
+    except SessionsError as e:
+        return _fail(f"no secret for session {args.session}: {e} (use --secret-file)")
+    try:
+        recs = read_events(args.events)
+    except EventFileError as e:
+        return _fail(str(e))
+    _wait_if_starting(cfg, args.timeout)
+    try:
+        others = [cfg.peer_ingest] if cfg.peer_ingest else []
+        retry = args.retry if args.retry is not None else (60.0 if others else 0.0)
+        res = send_records(cfg.ingest_host, cfg.ingest_port, recs, args.session,
+                           timeout=args.timeout, retry_s=retry, rate=args.rate,
+                           alternates=others, secret=secret,
+                           progress=_send_progress)
+    except SendError as e:
+        return _fail(str(e))
+    sys.stdout.buffer.write(orjson.dumps(res) + b"\n")
+    return 0
+
+
+def _send_progress(msg: str) -> None:
+    print(f"exposure send: {msg}", file=sys.stderr, flush=True)
+
+
+def _send_cluster(args: argparse.Namespace) -> int:
+    """``send --cluster``: each record to its partition, one session per partition."""
+    from exposure.cluster.topology import send_cluster
+    from exposure.engine.parse import EventFileError, read_events
+    from exposure.net.client import SendError
+    from exposure.net.sessions import SessionsError, secret_for
+
+    if args.config or args.secret_file:
+        return _fail("--cluster takes each partition's config and secret from the cluster "
+                     "file; leave out --config and --secret-file")
+    cl = _load_cluster(args.cluster)
+    secrets = []
+    for name, cfg in zip(cl.names, cl.configs, strict=True):
+        if not 1 <= args.session <= min(cfg.max_sessions, 2**32 - 1):
+            return _fail(f"--session {args.session}: partition {name!r} takes session ids "
+                         f"1..{cfg.max_sessions}")
+        try:
+            secrets.append(secret_for(cfg.sessions_file, args.session)
+                           if cfg.sessions_file is not None else None)
+        except (SessionsError, OSError) as e:
+            return _fail(f"partition {name!r}: no secret for session {args.session}: {e}")
+    try:
+        recs = read_events(args.events)
+    except EventFileError as e:
+        return _fail(str(e))
+    for cfg in cl.configs:
+        _wait_if_starting(cfg, args.timeout)
+    try:
+        res = send_cluster(cl, recs, args.session, timeout=args.timeout, retry_s=args.retry,
+                           rate=args.rate, secrets=secrets,
+                           progress=_send_progress)
+    except SendError as e:
+        return _fail(str(e))
+    sys.stdout.buffer.write(orjson.dumps(res) + b"\n")
+    return 0
+
+
+def _wait_if_starting(cfg, timeout: float) -> None:
+    """A node of this config that runs on this host but does not accept sessions yet (it
+    is loading or compiling its kernels, or recovering): wait for it, within ``timeout``.
+    Anything else (no such node here, a backup, a remote node) is left to the connection."""
+    import time
+
+    from exposure.ops.status import read_control, read_counters
+    from exposure.shm.control import CTL_ROLE, ROLE_BACKUP
+    from exposure.shm.tally_segment import TallySegment
+
+    deadline = time.monotonic() + timeout
+    said = False
+    while time.monotonic() < deadline:
+        try:
+            if read_counters(cfg)["ingest_listening"] or int(
+                    read_control(cfg)[CTL_ROLE]) == ROLE_BACKUP:
+                return
+        except (FileNotFoundError, ValueError):
+            # No counters yet: a supervisor that has made its tally segment is still
+            # making the rest; no live writer of that segment: no node here.
+            pid = TallySegment.writer_of(cfg.segment("tally"))
+            try:
+                if pid <= 0 or os.kill(pid, 0) is not None:
+                    return
+            except ProcessLookupError:
+                return
+            except PermissionError:
+                pass
+        if not said:
+            said = True
+            print(f"exposure: node {cfg.name!r} is starting; waiting for it to accept "
+                  "sessions", file=sys.stderr, flush=True)
+        time.sleep(0.05)
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    import signal
+
+    from exposure.ops.metrics import serve
+
+    cfg = _load_cfg(args.config)
+    stop: list = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    try:
+        serve(cfg, args.port, args.host, stop, ready=lambda a: print(
+            f"exposure: serving metrics of node {cfg.name!r} on http://{a[0]}:{a[1]}/metrics",
+            flush=True))
+    except OSError as e:
+        return _fail(f"cannot serve metrics on {args.host}:{args.port}: {e.strerror or e}")
+    return 0
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    from exposure.ops.top import run
+
+    cfg = _load_cfg(args.config)
+    try:
+        return run(cfg, args.seconds, args.rows)
+    except FileNotFoundError as e:
+        return _fail(f"no node {cfg.name!r} is running on this host ({e})")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """A node on the default config (or --config), a realistic generated flow streamed to
+    it at --rate, and the dashboard: the system at work within a minute."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import threading
+    import time
+    from pathlib import Path
+
+    from exposure.net.client import send_records
+    from exposure.ops.status import read_counters
+    from exposure.ops.top import run
+
+    def interrupted(*_) -> None:  # SIGTERM, SIGHUP (its terminal closed): clean up as
+        raise KeyboardInterrupt   # for Ctrl-C
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+    cfg = _load_cfg(args.config)
+    try:
+        read_counters(cfg)
+        return _fail(f"a node {cfg.name!r} already runs on this host: stop it, or give the "
+                     "demo another config (--config)")
+    except FileNotFoundError:
+        pass
+    data = Path(tempfile.mkdtemp(prefix="exposure-demo-"))
+    cmd = [sys.executable, "-m", "exposure", "run", "--data-dir", str(data)]
+    if args.config:
+        cmd += ["--config", args.config]
+    log = open(data / "node.log", "w")  # noqa: SIM115  (closed below)
+    node = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    print(f"exposure demo: starting node {cfg.name!r} (its log: {data / 'node.log'}; a first "
+          "run compiles the kernels: about a minute)", flush=True)
+    try:
+        t0 = time.monotonic()
+        while True:
+            if node.poll() is not None:
+                return _fail(f"the node exited: {(data / 'node.log').read_text()[-2000:]}")
+            try:
+                if read_counters(cfg)["ingest_listening"]:
+                    break
+            except (FileNotFoundError, ValueError):
+                pass
+            if time.monotonic() - t0 > 600:
+                return _fail("the node did not become ready within 10 minutes")
+            time.sleep(0.1)
+        from exposure.bench.flowgen import generate
+
+        n = max(1, int(args.rate * args.seconds))
+        recs = generate(n, accounts=200, instruments=2000, universe=40, live_target=20_000,
+                        seed=int(time.time()) & 0xFFFF)
+        def stream() -> None:
+            try:
+                send_records(cfg.ingest_host, cfg.ingest_port, recs, session=1, timeout=60,
+                             rate=args.rate, frame=max(1, min(1024, int(args.rate // 100))))
+            except Exception:  # the demo ended (the node stops) before the flow did
+                pass
+
+        sender = threading.Thread(target=stream, daemon=True)
+        sender.start()
+        print(f"exposure demo: streaming {n:,} generated events at {args.rate:,.0f}/s",
+              flush=True)
+        run(cfg, args.seconds)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up is not interrupted
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(30)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
+        log.close()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _cmd_dump(args: argparse.Namespace) -> int:
+    from exposure.engine.desk import Desk
+
+    if args.cluster:
+        from exposure.cluster.topology import ClusterError, compose, partition_views
+
+        cl = _load_cluster(args.cluster)
+        try:
+            doc = compose(partition_views(cl), cl.pmap)
+        except ClusterError as e:
+            return _fail(str(e))
+        opt = 0 if args.compact else orjson.OPT_INDENT_2
+        sys.stdout.buffer.write(orjson.dumps(doc, option=opt) + b"\n")
+        return 0
+    cfg = _load_cfg(args.config)
+    try:
+        with Desk(cfg.name) as desk:
+            doc = desk.document()
+    except (FileNotFoundError, TimeoutError) as e:
+        return _fail(str(e))
+    opt = 0 if args.compact else orjson.OPT_INDENT_2
+    sys.stdout.buffer.write(orjson.dumps(doc, option=opt) + b"\n")
+    return 0
+
+
+def _cmd_consolidate(args: argparse.Namespace) -> int:
+    from exposure.cluster.consolidator import main
+
+    cl = _load_cluster(args.cluster)
+    if cl.consolidator is None:
+        return _fail(f"{args.cluster}: no [consolidator] config = \"FILE\"")
+    return main(cl)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from exposure.ops.status import cluster_status, node_status, render, render_cluster
+
+    if args.cluster:
+        st, text = cluster_status(_load_cluster(args.cluster)), render_cluster
+    else:
+        cfg = _load_cfg(args.config)
+        try:
+            st, text = node_status(cfg), render
+        except (FileNotFoundError, TimeoutError) as e:
+            return _fail(f"no node {cfg.name!r} is running on this host ({e})")
+    if args.json or args.compact:
+        opt = 0 if args.compact else orjson.OPT_INDENT_2
+        sys.stdout.buffer.write(orjson.dumps(st, option=opt) + b"\n")
+    else:
+        print(text(st))
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    import time
+
+    from exposure.feed.subscriber import Subscriber
+
+    cfg = _load_cfg(args.config)
+    if args.drop_every < 0:
+        return _fail(f"--drop-every {args.drop_every}: 0 (off) or N >= 1")
+    if args.seconds is not None and args.seconds < 0:
+        return _fail(f"--seconds {args.seconds}: a number of seconds >= 0")
+    # With --json, stdout carries only the final view: the per-second lines go to stderr.
+    out = sys.stderr if args.json else sys.stdout
+    try:
+        sub = Subscriber.from_config(cfg, drop_every=args.drop_every)
+    except OSError as e:
+        return _fail(f"cannot join {cfg.group}:{cfg.fanout_port} on {cfg.interface}: "
+                     f"{e.strerror or e}")
+    interrupted = False
+    with sub:
+        start = time.monotonic()
+        end = None if args.seconds is None else start + args.seconds
+        tick = start + 1.0
+        try:
+            while True:
+                now = time.monotonic()
+                if end is not None and now >= end:
+                    break
+                sub.poll((tick if end is None else min(tick, end)) - now)
+                if time.monotonic() >= tick:
+                    print(f"{time.monotonic() - start:6.1f}s {sub.describe()}", file=out,
+                          flush=True)
+                    while tick <= time.monotonic():
+                        tick += 1.0
+        except KeyboardInterrupt:
+            interrupted = True
+        if args.json:
+            sys.stdout.buffer.write(orjson.dumps(sub.document()) + b"\n")
+            sys.stdout.flush()
+        state, why = sub.state, sub.last_snapshot_error
+        print(f"{time.monotonic() - start:6.1f}s final {sub.describe()}", file=out, flush=True)
+    if interrupted:
+        return 130
+    if state != "live":
+        return _fail(f"the view is not live ({state}" + (f"; {why}" if why else "") + ")", 1)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="exposure", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("replay", help="apply a JSON-lines event file, print the tally document")
+    r.add_argument("events", nargs="?",
+                   help="events, one JSON object per line (SPEC section 2)")
+    r.add_argument("--journal", metavar="DIR", help="replay a node's journal instead")
+    r.add_argument("--upto", type=int, metavar="SEQ",
+                   help="with --journal: the document as of this global seq")
+    r.add_argument("--config", metavar="FILE",
+                   help="with --journal: the node's config (capacities)")
+    r.add_argument("--instruments", metavar="REF.csv",
+                   help="reference data (instrument,multiplier,margin_rate,beta,sector), "
+                        "applied before the events")
+    r.add_argument("--cluster", metavar="FILE",
+                   help="as a cluster of this file's partition map would (SPEC section 5): "
+                        "each partition replays its events, then the documents compose")
+    r.add_argument("--partition", metavar="NAME",
+                   help="with --cluster: only this partition's document")
+    r.add_argument("--compact", action="store_true", help="one-line JSON")
+    r.set_defaults(func=_cmd_replay)
+
+    r = sub.add_parser("run", help="start a node (the built-in default config, or --config)")
+    r.add_argument("--config", metavar="FILE", help="node config (TOML)")
+    r.add_argument("--data-dir", metavar="DIR", help="journal and snapshots (overrides "
+                   "[journal] dir)")
+    r.set_defaults(func=_cmd_run)
+
+    r = sub.add_parser("send", help="send a JSON-lines event file to a node as one session")
+    r.add_argument("events")
+    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--cluster", metavar="FILE",
+                   help="send through a cluster: each event to its partition by the map "
+                        "(marks and instruments to all), one session per partition")
+    r.add_argument("--session", type=int, default=1, help="session id (default 1)")
+    r.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for acknowledgements (default 60)")
+    r.add_argument("--retry", type=float, default=None, metavar="SECONDS",
+                   help="keep reconnecting and resending for this long when the node goes "
+                   "away (a restart, a failover): resumes from what the node holds "
+                   "(default 0: fail; 60 when the config names a pair: it fails over to "
+                   "replication.peer_ingest by itself)")
+    r.add_argument("--rate", type=float, default=0.0, metavar="EVENTS/S",
+                   help="pace the sending (default: as fast as the node takes it)")
+    r.add_argument("--secret-file", metavar="FILE",
+                   help="the session's secret (default: from the [ingest] sessions file of "
+                        "--config, when this machine can read it)")
+    r.set_defaults(func=_cmd_send)
+
+    r = sub.add_parser("consolidate", help="compose a cluster's rows from its partitions' "
+                       "feeds; publish them as a node does (segment, multicast, snapshots)")
+    r.add_argument("--cluster", metavar="FILE", required=True, help="the cluster file")
+    r.set_defaults(func=_cmd_consolidate)
+
+    r = sub.add_parser("status", help="what a running node is doing: role, epoch, seqs, "
+                       "lags, processes, rates, counters, sessions")
+    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--cluster", metavar="FILE", help="every partition of a cluster and its "
+                   "consolidator, in brief")
+    r.add_argument("--json", action="store_true", help="JSON instead of text")
+    r.add_argument("--compact", action="store_true", help="one-line JSON")
+    r.set_defaults(func=_cmd_status)
+
+    r = sub.add_parser("metrics", help="serve a node's counters to Prometheus (/metrics), "
+                       "read-only")
+    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--port", type=int, default=9477, help="HTTP port (default 9477)")
+    r.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    r.set_defaults(func=_cmd_metrics)
+
+    r = sub.add_parser("top", help="a live dashboard of a node: fund, accounts, "
+                       "instruments, sectors, events/s, wire-to-wire latency, lags")
+    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--seconds", type=float, help="exit after this many seconds")
+    r.add_argument("--rows", type=int, default=10, help="rows per table (default 10)")
+    r.set_defaults(func=_cmd_top)
+
+    r = sub.add_parser("demo", help="start a node, stream a generated flow to it and "
+                       "watch it on the dashboard")
+    r.add_argument("--rate", type=float, default=5000.0, help="events/s (default 5000)")
+    r.add_argument("--seconds", type=float, default=60.0, help="how long (default 60)")
+    r.add_argument("--config", metavar="FILE", help="the node (default: the built-in)")
+    r.set_defaults(func=_cmd_demo)
+
+    r = sub.add_parser("journal", help="check or print a node's journal")
+    r.add_argument("action", choices=("verify", "inspect"),
+                   help="verify: checksums, sequence, counts; inspect: records as JSON lines")
+    r.add_argument("dir", help="the node's data directory")
+    r.add_argument("--from", dest="from_seq", type=int, metavar="SEQ")
+    r.add_argument("--to", dest="to_seq", type=int, metavar="SEQ")
+    r.add_argument("--source", type=int)
+    r.add_argument("--account", type=int)
+    r.set_defaults(func=_cmd_journal)
+
+    sub.add_parser("perf", help="measure latency/throughput, and compare with the floor and "
+                   "the two-tier baseline (exposure perf --help)", add_help=False)
+
+    r = sub.add_parser("dump", help="print a running node's tallies (the SPEC document)")
+    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--cluster", metavar="FILE", help="the cluster's document, composed from "
+                   "its partitions' tallies on this host (SPEC section 5)")
+    r.add_argument("--compact", action="store_true", help="one-line JSON")
+    r.set_defaults(func=_cmd_dump)
+
+    r = sub.add_parser("watch", help="subscribe to a node's multicast feed (a pair's, when "
+                       "--config names one of its nodes) and show its tallies live")
+    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--seconds", type=float, default=None, metavar="S",
+                   help="exit after S seconds (default: until Ctrl-C)")
+    r.add_argument("--drop-every", type=int, default=0, metavar="N",
+                   help="discard every Nth datagram on receipt, to show recovery at work")
+    r.add_argument("--json", action="store_true",
+                   help="at the end print the view as JSON (accounts, fund, instruments, "
+                        "sectors, as `exposure dump`); the per-second lines go to stderr")
+    r.set_defaults(func=_cmd_watch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["perf"]:  # its own parser (perf/tool.py): modes and many options
+        from exposure.bench.tool import main as perf_main
+
+        try:
+            return perf_main(argv[1:])
+        except KeyboardInterrupt:
+            return 130
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

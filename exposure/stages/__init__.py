@@ -1,4 +1,0 @@
-"""Pipeline stages (ingest, compute, fan-out, journal, mirror) that a node's processes run.
-
-The compute stage will run :func:`exposure.kernel.apply_batch` over ring batches.
-"""

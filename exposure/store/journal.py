@@ -1,0 +1,409 @@
+"""The journal: every sequenced input record, in global sequence order, on disk.
+
+A data directory holds segment files ``journal-<first gseq, 20 digits>.seg``; a segment is
+a file header and then blocks, one block per group commit::
+
+    segment   +--------------------------------------------------------------+ 0
+              | file header (64 B): magic "EXJRNL\\0\\1", version, record size, |
+              |   first gseq, creation time, crc32c of the bytes before it     |
+              +--------------------------------------------------------------+ 64
+              | block header (32 B): magic "EBLK", count, first gseq,          |
+              |   payload crc32c, header crc32c (of its first 28 bytes)        |
+              | payload: count x 128-byte event records (types.EVENT_DTYPE)   |
+              +--------------------------------------------------------------+
+              | block ...                                                      |
+
+Checksums are CRC32C (the ``crc32c`` package, hardware-accelerated). Sequence numbers run
+on without a gap from block to block and from segment to segment.
+
+What a reader accepts (:func:`scan`):
+
+* the end of the *last* segment may hold a torn block (a crash in the middle of a write):
+  a block header cut short, a payload cut short, or a last block whose checksum fails and
+  that reaches the end of the file. Recovery truncates it and says how many bytes went;
+* anything else that is wrong (a bad checksum with valid data after it, a gap in the
+  sequence, a segment missing from the middle, a foreign file) is a :class:`JournalError`
+  naming the file and the byte offset; nothing is ever skipped silently.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import crc32c
+import numpy as np
+
+from exposure.core.fs import fsync_dir
+from exposure.core.types import EVENT_DTYPE, EVENT_SIZE, EVENT_WORDS, W_GSEQ
+
+__all__ = ["JournalError", "JournalWriter", "JournalCursor", "Block", "ScanResult", "scan",
+           "read_blocks", "read_record", "segment_name", "segments", "first_gseq", "FILE_HEADER",
+           "BLOCK_HEADER", "FSYNC_POLICIES"]
+
+FILE_MAGIC = b"EXJRNL\x00\x01"
+FILE_VERSION = 1
+# magic, version, record size, first gseq, created ns, reserved x 3, crc32c
+FILE_HEADER = struct.Struct("<8sIIQq28sI")
+BLOCK_MAGIC = 0x4B4C4245  # "EBLK"
+# magic, count, first gseq, payload crc32c, reserved, reserved, header crc32c
+BLOCK_HEADER = struct.Struct("<IIQIIII")
+_BH_CRC_SPAN = BLOCK_HEADER.size - 4
+FSYNC_POLICIES = ("batch", "interval", "none")
+assert FILE_HEADER.size == 64 and BLOCK_HEADER.size == 32
+
+
+class JournalError(RuntimeError):
+    """Corruption or a gap that recovery must not paper over; names the file and offset."""
+
+
+def segment_name(first_gseq: int) -> str:
+    return f"journal-{first_gseq:020d}.seg"
+
+
+def segments(directory: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in directory.glob("journal-*.seg"):
+        try:
+            out.append((int(p.name[8:28]), p))
+        except ValueError:
+            raise JournalError(f"{p}: not a journal segment name") from None
+    return sorted(out)
+
+
+@dataclass
+class Block:
+    path: Path
+    offset: int            # of the block header in the file
+    first: int             # gseq of the first record
+    records: np.ndarray    # EVENT_DTYPE
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.records) - 1
+
+
+@dataclass
+class ScanResult:
+    segments: int = 0
+    blocks: int = 0
+    records: int = 0
+    first: int = 0          # first gseq in the journal (0: empty)
+    last: int = 0           # last gseq in the journal (0: empty)
+    bytes: int = 0
+    torn_path: Path | None = None
+    torn_offset: int = 0    # where the torn tail starts
+    torn_bytes: int = 0     # bytes after it (dropped by recovery)
+
+
+def _read_file_header(path: Path, data: bytes) -> int:
+    if len(data) < FILE_HEADER.size:
+        raise JournalError(f"{path}: offset 0: file header cut short ({len(data)} bytes)")
+    magic, ver, rsize, first, _, _, crc = FILE_HEADER.unpack_from(data)
+    if magic != FILE_MAGIC:
+        raise JournalError(f"{path}: offset 0: not a journal segment (magic {magic!r})")
+    if crc != crc32c.crc32c(data[:FILE_HEADER.size - 4]):
+        raise JournalError(f"{path}: offset 0: file header checksum fails")
+    if ver != FILE_VERSION or rsize != EVENT_SIZE:
+        raise JournalError(f"{path}: offset 0: version {ver} / record size {rsize}, this "
+                           f"build reads version {FILE_VERSION} / {EVENT_SIZE}")
+    return first
+
+
+def read_blocks(directory: str | Path, result: ScanResult | None = None,
+                from_gseq: int | None = None) -> Iterator[Block]:
+    """Every block of the journal in order. With ``from_gseq``, blocks ending before it are
+    skipped (whole segments unread) and the journal must reach back to it; without, it
+    starts wherever its oldest segment does (older ones may have been removed after a
+    snapshot). Raises :class:`JournalError` on anything but a torn tail, which ends the
+    iteration and is described in ``result``."""
+    directory = Path(directory)
+    res = result if result is not None else ScanResult()
+    segs = segments(directory)
+    expect = None
+    if from_gseq is None:
+        from_gseq = segs[0][0] if segs else 1
+    for k, (first_named, path) in enumerate(segs):
+        last_seg = k == len(segs) - 1
+        if k + 1 < len(segs) and segs[k + 1][0] <= from_gseq:
+            expect = segs[k + 1][0]
+            continue  # wholly before from_gseq: its successor says where it ends
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            expect = yield from _segment_blocks(fd, path, last_seg, from_gseq, expect,
+                                                first_named, res)
+        finally:
+            os.close(fd)
+
+
+_CHUNK = 8 << 20  # bytes read at a time (a block is read whole; chunks restart at one)
+
+
+def _segment_blocks(fd: int, path: Path, last_seg: bool, from_gseq: int,
+                    expect: int | None, first_named: int,
+                    res: ScanResult) -> Generator[Block, None, int]:
+    """The blocks of one segment, read ``_CHUNK`` bytes at a time (``pread``: a block's
+    records are a view of an immutable chunk, valid as long as they are held); the rules of
+    :func:`read_blocks`. A block is judged torn only against the file's end. Returns the
+    gseq the next segment must start at."""
+    size = os.fstat(fd).st_size
+    res.segments += 1
+    res.bytes += size
+    data = os.pread(fd, min(size, _CHUNK), 0)
+    first = _read_file_header(path, data)
+    if first != first_named:
+        raise JournalError(f"{path}: offset 0: header says first gseq {first}, the name "
+                           f"{first_named}")
+    if expect is not None and first != expect:
+        raise JournalError(f"{path}: offset 0: starts at gseq {first}, expected {expect} "
+                           f"(a segment is missing)")
+    if expect is None and first > from_gseq:
+        raise JournalError(f"{path}: offset 0: the journal starts at gseq {first}, but "
+                           f"gseq {from_gseq} is needed (its beginning was removed and "
+                           "no snapshot covers it)")
+    expect = first
+    base, pos = 0, FILE_HEADER.size   # data = the file's bytes [base, base + len(data))
+    while base + pos < size:
+        # What the next block needs: its header, then its payload; read on from the
+        # block's start when the chunk ends before (only the file's end can tear it).
+        need = BLOCK_HEADER.size
+        if len(data) - pos >= BLOCK_HEADER.size:
+            count = BLOCK_HEADER.unpack_from(data, pos)[1]
+            need += count * EVENT_SIZE
+        if len(data) - pos < need and base + len(data) < size:
+            base += pos
+            data = os.pread(fd, min(size - base, max(_CHUNK, need)), base)
+            pos = 0
+            continue
+        off = base + pos  # in the file
+        torn = None
+        if len(data) - pos < BLOCK_HEADER.size:
+            torn = "block header cut short"
+        else:
+            magic, count, bfirst, pcrc, _, _, hcrc = BLOCK_HEADER.unpack_from(data, pos)
+            end = pos + BLOCK_HEADER.size + count * EVENT_SIZE
+            if magic != BLOCK_MAGIC or hcrc != crc32c.crc32c(
+                    data[pos:pos + _BH_CRC_SPAN]):
+                torn = "block header checksum fails"
+            elif end > len(data):
+                torn = "block payload cut short"
+            elif pcrc != crc32c.crc32c(memoryview(data)[pos + BLOCK_HEADER.size:end]):
+                torn = "block payload checksum fails"
+                if base + end < size or not last_seg:
+                    raise JournalError(f"{path}: offset {off}: {torn} (valid data "
+                                       "follows: corruption, not a torn write)")
+        if torn is not None:
+            if not last_seg:
+                raise JournalError(f"{path}: offset {off}: {torn} in a segment that is "
+                                   "not the last")
+            res.torn_path, res.torn_offset = path, off
+            res.torn_bytes = size - off
+            return expect
+        if bfirst != expect:
+            raise JournalError(f"{path}: offset {off}: block starts at gseq {bfirst}, "
+                               f"expected {expect}")
+        recs = np.frombuffer(data, EVENT_DTYPE, count, pos + BLOCK_HEADER.size)
+        res.blocks += 1
+        res.records += count
+        res.first = res.first or bfirst
+        res.last = bfirst + count - 1
+        expect = bfirst + count
+        if res.last >= from_gseq:
+            yield Block(path, off, bfirst, recs)
+        pos = end
+    return expect
+
+
+def scan(directory: str | Path) -> ScanResult:
+    """Check every checksum and the sequence; the counts, and the torn tail if any."""
+    res = ScanResult()
+    for _ in read_blocks(directory, res):
+        pass
+    return res
+
+
+def first_gseq(directory: str | Path) -> int:
+    """The first gseq the journal holds (by its oldest segment's name; 0: no segment)."""
+    segs = segments(Path(directory))
+    return segs[0][0] if segs else 0
+
+
+class JournalCursor:
+    """Reads the journal from gseq ``start`` on, block by block, continuing where it
+    stopped (the mirror's catch-up from disk, beside a writer that keeps appending).
+
+    :meth:`read` returns the records of the next complete, checksummed block that ends at or
+    before ``upto`` (u8 words ``[n, 16]``, starting exactly at the cursor), or ``None`` when
+    there is none yet: a block still being written looks torn and is simply not there yet.
+    A gseq before the journal's start raises :class:`JournalError`."""
+
+    def __init__(self, directory: str | Path, start: int):
+        self.dir = Path(directory)
+        self.next = start
+        self.fd = -1
+        self.path: Path | None = None
+        self.off = 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _open(self) -> bool:
+        segs = segments(self.dir)
+        before = [s for s in segs if s[0] <= self.next]
+        if not before:
+            if segs:
+                raise JournalError(f"{self.dir}: gseq {self.next} is not in the journal (it "
+                                   f"starts at gseq {segs[0][0]})")
+            return False
+        first, path = before[-1]
+        self.close()
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.path, self.off = path, FILE_HEADER.size
+        _read_file_header(path, os.pread(self.fd, FILE_HEADER.size, 0))
+        return True
+
+    def read(self, upto: int) -> np.ndarray | None:
+        if self.next > upto:
+            return None
+        if self.fd < 0 and not self._open():
+            return None
+        while True:
+            head = os.pread(self.fd, BLOCK_HEADER.size, self.off)
+            if len(head) < BLOCK_HEADER.size:
+                # the end of this segment: on to the one holding the cursor, once it exists
+                segs = [p for first, p in segments(self.dir) if first <= self.next]
+                if segs and segs[-1] != self.path:
+                    self._open()
+                    continue
+                return None
+            magic, count, bfirst, pcrc, _, _, hcrc = BLOCK_HEADER.unpack(head)
+            if magic != BLOCK_MAGIC or hcrc != crc32c.crc32c(head[:_BH_CRC_SPAN]):
+                return None  # being written
+            if bfirst > self.next:
+                raise JournalError(f"{self.path}: offset {self.off}: block starts at gseq "
+                                   f"{bfirst}, expected at most {self.next}")
+            end = self.off + BLOCK_HEADER.size + count * EVENT_SIZE
+            if bfirst + count <= self.next:
+                self.off = end  # wholly before the cursor
+                continue
+            if bfirst + count - 1 > upto:
+                return None  # not durable yet
+            payload = os.pread(self.fd, count * EVENT_SIZE, self.off + BLOCK_HEADER.size)
+            if len(payload) < count * EVENT_SIZE or pcrc != crc32c.crc32c(payload):
+                return None
+            self.off = end
+            words = np.frombuffer(payload, np.uint64).reshape(count, EVENT_WORDS)
+            words = words[self.next - bfirst:]
+            self.next = bfirst + count
+            return words
+
+
+
+def read_record(directory: str | Path, gseq: int) -> np.ndarray | None:
+    """The record at ``gseq`` (its u8 words), or ``None`` when the journal does not hold it
+    (before its start, after its end, or in a block not yet complete)."""
+    c = JournalCursor(directory, gseq)
+    try:
+        w = c.read(1 << 62)
+    except JournalError:
+        return None
+    finally:
+        c.close()
+    return None if w is None else w[0].copy()
+
+
+class JournalWriter:
+    """Appends blocks to the newest segment, rolling at ``segment_bytes``.
+
+    Opening truncates a torn tail (the caller logs ``torn``). ``append`` is one
+    ``writev`` per group commit; ``sync`` makes everything appended durable (fsync of the
+    file, and of the directory after a new segment)."""
+
+    def __init__(self, directory: str | Path, segment_bytes: int = 256 << 20):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.segment_bytes = segment_bytes
+        res = scan(self.dir)
+        self.torn = res
+        if res.torn_path is not None:
+            with open(res.torn_path, "r+b") as f:
+                f.truncate(res.torn_offset)
+                os.fsync(f.fileno())
+        self.next_gseq = res.last + 1 if res.last else 0
+        segs = segments(self.dir)
+        self.fd = -1
+        self.size = 0
+        self._dir_dirty = False
+        if segs:
+            path = segs[-1][1]
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            self.size = os.fstat(self.fd).st_size
+            if self.next_gseq == 0:  # a segment with only its header
+                self.next_gseq = segs[-1][0]
+
+    def _roll(self, first: int) -> None:
+        if self.fd >= 0:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+        path = self.dir / segment_name(first)
+        head = FILE_HEADER.pack(FILE_MAGIC, FILE_VERSION, EVENT_SIZE, first, time.time_ns(),
+                                b"", 0)
+        head = head[:-4] + struct.pack("<I", crc32c.crc32c(head[:-4]))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            if os.write(fd, head) != len(head):
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short write of a "
+                              "segment header)")
+        except OSError:  # (disk full) no half-made segment is left behind: retried later
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self.fd = fd
+        self.size = len(head)
+        self._dir_dirty = True
+
+    def append(self, words: np.ndarray) -> None:
+        """Append records (u64 words ``[n, EVENT_WORDS]``, gseqs consecutive from
+        ``next_gseq`` when it is known) as one block."""
+        n = len(words)
+        if n == 0:
+            return
+        first = int(words[0, W_GSEQ])
+        if self.next_gseq and first != self.next_gseq:
+            raise JournalError(f"append of gseq {first}, the journal is at {self.next_gseq}")
+        if self.fd < 0 or self.size >= self.segment_bytes:
+            self._roll(first)
+        payload = np.ascontiguousarray(words).view(np.uint8).reshape(-1)
+        head = BLOCK_HEADER.pack(BLOCK_MAGIC, n, first, crc32c.crc32c(payload), 0, 0, 0)
+        head = head[:-4] + struct.pack("<I", crc32c.crc32c(head[:_BH_CRC_SPAN]))
+        total = len(head) + n * EVENT_SIZE
+        done = os.writev(self.fd, [head, payload])
+        if done != total:  # a short write (disk full): never leave half a block behind
+            os.ftruncate(self.fd, self.size)
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short write to the "
+                          f"journal: {done} of {total} bytes)")
+        self.size += total
+        self.next_gseq = first + n
+
+    def sync(self) -> None:
+        if self.fd >= 0:
+            os.fsync(self.fd)
+        if self._dir_dirty:
+            fsync_dir(self.dir)
+            self._dir_dirty = False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+assert EVENT_WORDS * 8 == EVENT_SIZE

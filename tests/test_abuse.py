@@ -37,6 +37,8 @@ from exposure.engine.parse import read_events
 from exposure.net import wire as W
 from perf.bench_abuse import Attack
 
+pytestmark = pytest.mark.process
+
 CAP = 40            # [ingest] max_connections
 LOGIN_MS = 500      # login_timeout_ms
 IDLE_MS = 6000      # idle_timeout_ms: above exposure.net.client.HEARTBEAT_S (5 s), so that a

@@ -23,7 +23,7 @@ from exposure.harness.localnode import free_group, process_map, wait_until
 from tests.clusterflow import cluster_stream
 from tests.nodes import LiveNode, LocalPair, etcd_or_skip, free_port
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.process]
 
 def _hot(cpu: int) -> str:
     """A partition's process map on 2 cores (examples/cluster/p0.toml)."""

@@ -104,6 +104,7 @@ def test_an_unreadable_config_is_a_clear_error(tmp_path):
         load_config(tmp_path / "missing.toml")
 
 
+@pytest.mark.process
 def test_a_port_in_use_is_refused(tmp_path):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

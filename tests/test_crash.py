@@ -21,6 +21,8 @@ from exposure.engine.parse import read_events
 from exposure.engine.replay import replay_records
 from exposure.store.journal import scan
 
+pytestmark = pytest.mark.process
+
 N_EVENTS = 200_000
 RATE = 40_000  # events/s: the stream lasts about 5 s, so the kills land inside it
 # One stream, three kills, each followed by a restart, in a seeded order: the hot process,

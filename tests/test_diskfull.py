@@ -14,7 +14,7 @@ from exposure.engine.parse import read_events
 from exposure.engine.replay import replay_records
 from exposure.store.journal import scan
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.process]
 
 
 @pytest.fixture

@@ -28,6 +28,8 @@ from exposure.shm.control import (
     ROLE_PRIMARY,
 )
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory):

@@ -34,7 +34,7 @@ from exposure.shm.control import CONTROL_WORDS, CTL_EPOCH, CTL_FANOUT_ERRORS, CT
 from exposure.shm.ring import Ring
 from exposure.shm.tally_layout import allocate
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.process]
 
 CAPS = Capacities(accounts=16, instruments=64, sectors=8, orders=64, cells=64)
 

@@ -42,7 +42,7 @@ from exposure.feed.wire import (
 )
 from exposure.harness.localnode import free_group, free_port
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.process]
 
 ACC_FLOATS = ("long_mv", "short_mv", "gross", "net", "open_buy_mv", "open_sell_mv",
               "worst_gross", "margin", "beta_net", "pnl")

@@ -31,6 +31,8 @@ from exposure.feed.wire import (
 )
 from exposure.harness.localnode import free_group, free_port
 
+pytestmark = pytest.mark.process
+
 KINDS = (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR)
 DTYPES = {ROW_ACCOUNT: UPDATE_DTYPE, ROW_FUND: UPDATE_DTYPE,
           ROW_INSTRUMENT: INSTRUMENT_ROW_DTYPE, ROW_SECTOR: SECTOR_ROW_DTYPE}

@@ -11,6 +11,8 @@ import pytest
 
 from perf.fuzz import run_fuzz
 
+pytestmark = pytest.mark.process
+
 FRAMES = 20_000
 CHECKS = ("alive", "memory", "journal", "reject_byte", "document", "unauthorized",
           "protocol")

@@ -17,6 +17,8 @@ from exposure.shm import session_layout as SL
 from exposure.shm.ring import Ring
 from exposure.shm.session_layout import S_HELD, SESSION_COLS
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture
 def stage():

@@ -97,6 +97,7 @@ def _dump(node):
     return orjson.loads(p.stdout)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("fsync", ["batch", "none"])  # (interval: every other node test)
 def test_a_restarted_node_recovers_exactly_its_tallies_and_sessions(tmp_path, fsync):
     data = tmp_path / "data"
@@ -122,6 +123,7 @@ def test_a_restarted_node_recovers_exactly_its_tallies_and_sessions(tmp_path, fs
     assert scan(data).records == sum(len(read_events(DATA / f"{s}.jsonl")) for s in SCENARIOS)
 
 
+@pytest.mark.process
 def test_journal_tools_verify_inspect_and_replay_as_of_any_seq(tmp_path):
     import subprocess
     import sys
@@ -173,6 +175,7 @@ def test_resetting_a_used_state_keeps_its_capacities_and_equals_a_fresh_one():
     assert document(st) == document(replay_records(recs, caps))
 
 
+@pytest.mark.process
 def test_snapshots_bound_recovery_and_a_corrupt_one_falls_back_to_the_previous(tmp_path):
     import time
 

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import pytest
 from netns import IP, Host, NetnsUnavailable, TwoHosts, two_hosts_or_skip
 
+pytestmark = pytest.mark.process
+
 # Accepts connections forever on (argv[1], 0); prints its port; greets each client by name.
 SERVER = r"""
 import socket, sys

@@ -18,7 +18,7 @@ from exposure.engine.replay import replay_records
 from exposure.feed.wire import open_receiver
 from exposure.net import wire as W
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.process]
 
 
 @pytest.fixture

@@ -40,6 +40,8 @@ from exposure.shm.control import (
 from exposure.shm.tally_segment import TallySegment
 from exposure.store.journal import first_gseq, read_blocks, scan
 
+pytestmark = pytest.mark.process
+
 
 def role(node) -> int:
     c = node.control()

@@ -25,6 +25,8 @@ from test_pair import (
 from exposure.harness.localnode import LocalEtcd, LocalPair
 from exposure.shm.control import ROLE_BACKUP, ROLE_PRIMARY
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture
 def hosts():

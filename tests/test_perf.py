@@ -112,6 +112,7 @@ def node(tmp_path):
         n.stop()
 
 
+@pytest.mark.process
 def test_a_latency_run_against_a_real_node_sees_and_acknowledges_everything(node):
     out = _perf(node, "latency", "--rate", "2000", "--duration", "1", "--warmup", "0.2")
     r = out["node"]
@@ -127,6 +128,7 @@ def test_a_latency_run_against_a_real_node_sees_and_acknowledges_everything(node
     assert again["node"]["lost"] == 0 and again["node"]["acknowledged"] == 1000
 
 
+@pytest.mark.process
 def test_compare_measures_the_floor_beside_the_node_and_projects_a_link_delay(node):
     out = _perf(node, "compare", "--systems", "node,floor", "--rate", "2000", "--duration",
                 "0.5", "--warmup", "0.1", "--link-delay-us", "25")
@@ -137,6 +139,7 @@ def test_compare_measures_the_floor_beside_the_node_and_projects_a_link_delay(no
     assert proj["floor"]["crossings"] == 2
 
 
+@pytest.mark.process
 def test_throughput_mode_reports_the_highest_rate_it_sustained(node):
     log: list[str] = []
     out = _perf(node, "throughput", "--rate", "20000", "--max-rate", "30000", "--duration",

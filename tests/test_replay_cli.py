@@ -23,6 +23,7 @@ def test_every_shared_scenario_replays_to_its_expected_document(name):
     assert compare_documents(doc, load_expected(name)) == []
 
 
+@pytest.mark.process
 def test_the_command_prints_the_expected_document_for_each_scenario():
     for name in SCENARIOS:
         p = _replay_cli(str(DATA / f"{name}.jsonl"))
@@ -30,6 +31,7 @@ def test_the_command_prints_the_expected_document_for_each_scenario():
         assert compare_documents(orjson.loads(p.stdout), load_expected(name)) == []
 
 
+@pytest.mark.process
 def test_an_unreadable_events_file_is_one_line_and_status_2(tmp_path):
     p = _replay_cli(str(tmp_path / "missing.jsonl"))
     assert p.returncode == 2
@@ -40,6 +42,7 @@ def test_an_unreadable_events_file_is_one_line_and_status_2(tmp_path):
     assert p.returncode == 2 and len(p.stderr.decode().strip().splitlines()) == 1
 
 
+@pytest.mark.process
 def test_reference_csv_is_applied_before_the_stream(tmp_path):
     ref = tmp_path / "ref.csv"
     ref.write_text("instrument,multiplier,margin_rate,beta,sector\n7,100,0.5,2.0,9\n"
@@ -59,6 +62,7 @@ def test_reference_csv_is_applied_before_the_stream(tmp_path):
     assert doc["counts"]["rejects"] == {"bad_field": 1}  # the row with multiplier "abc"
 
 
+@pytest.mark.process
 def test_a_reference_csv_with_a_wrong_header_is_a_clear_error(tmp_path):
     ref = tmp_path / "ref.csv"
     ref.write_text("id,mult\n1,2\n")
@@ -66,6 +70,7 @@ def test_a_reference_csv_with_a_wrong_header_is_a_clear_error(tmp_path):
     assert p.returncode == 2 and b"header must be" in p.stderr
 
 
+@pytest.mark.process
 def test_blank_lines_are_skipped_and_garbage_lines_counted(tmp_path):
     ev = tmp_path / "ev.jsonl"
     ev.write_bytes(b'\n  \n{"type":"mark","instrument":1,"price":2}\nnot json\n[1,2]\n'

@@ -36,6 +36,8 @@ from exposure.shm.control import (
 from exposure.shm.ring import Ring
 from exposure.shm.session_layout import SESSION_COLS
 
+pytestmark = pytest.mark.process
+
 SECRET = b"the-replication-secret-0123456789"
 LINK_WORDS = (CTL_LINK, CTL_HEARD_NS, CTL_PEER_EPOCH, CTL_PRIMARY_GSEQ, CTL_IN_SYNC,
               CTL_RELOAD)

@@ -136,6 +136,7 @@ def _soak(ring_name, records, capacity, record_size, wait, consumers=1, pause_ev
         r.close()
 
 
+@pytest.mark.process
 @pytest.mark.timeout(300)
 def test_ten_million_records_through_a_small_ring_between_two_processes(ring_name):
     consumer, producer = _soak(ring_name, 10_000_000, 1024, 16, "spin")
@@ -145,6 +146,7 @@ def test_ten_million_records_through_a_small_ring_between_two_processes(ring_nam
     # 10M records through 1,024 slots wrapped the ring ~10,000 times.
 
 
+@pytest.mark.process
 @pytest.mark.timeout(300)
 def test_event_sized_records_with_a_sleeping_consumer(ring_name):
     consumer, producer = _soak(ring_name, 300_000, 256, 128, "spin-then-block")
@@ -152,6 +154,7 @@ def test_event_sized_records_with_a_sleeping_consumer(ring_name):
     assert consumer["ok"] and consumer["records"] == 300_000
 
 
+@pytest.mark.process
 @pytest.mark.timeout(300)
 def test_two_consumer_processes_each_verify_every_record_behind_a_slow_one(ring_name):
     """The compute ring's shape: one producer, two consumers in their own processes, one

@@ -180,6 +180,7 @@ def _held(node, sid: int) -> int:
         c.close()
 
 
+@pytest.mark.process
 def test_a_wrong_secret_a_replayed_login_and_an_unknown_session_are_refused(node):
     before = _status(node)["port"]["auth_failures"]
     held = _held(node, 1)
@@ -204,6 +205,7 @@ def test_a_wrong_secret_a_replayed_login_and_an_unknown_session_are_refused(node
     assert _held(node, 1) == held  # no refused login took anything
 
 
+@pytest.mark.process
 def test_records_outside_the_entitlements_are_unauthorized_and_never_applied(node, tmp_path):
     ref = [{"type": "instrument", "instrument": 5, "multiplier": 1.0, "margin_rate": 0.1,
             "beta": 1.0, "sector": 1},
@@ -246,6 +248,7 @@ def test_records_outside_the_entitlements_are_unauthorized_and_never_applied(nod
     assert R_UNAUTHORIZED not in (1, 2, 3, 4, 5, 6, 7)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("poison", [2**63, 2**64 - 1, 2**63 + 1])
 def test_a_poison_seq_is_rejected_naming_the_next_one_and_the_session_goes_on(node, poison):
     held = _held(node, 2)
@@ -270,6 +273,7 @@ def test_a_poison_seq_is_rejected_naming_the_next_one_and_the_session_goes_on(no
     assert node.pids() == pids and node.alive
 
 
+@pytest.mark.process
 def test_send_takes_the_secret_from_the_config_or_a_file_and_fails_clearly(node, tmp_path):
     ev = tmp_path / "ev.jsonl"
 
@@ -296,11 +300,13 @@ def test_send_takes_the_secret_from_the_config_or_a_file_and_fails_clearly(node,
         send_records("127.0.0.1", node.port, _events([{"type": "mark"}], 1), session=3)
 
 
+@pytest.mark.process
 def test_the_tally_segment_has_the_configured_mode_and_group(node):
     st = os.stat(f"/dev/shm/exposure.{node.name}.tally")
     assert st.st_mode & 0o777 == 0o640 and st.st_gid == os.getgid()
 
 
+@pytest.mark.process
 def test_the_secret_never_reaches_the_journal_or_the_log(node):
     # (the other tests of this module have logged in, failed and sent by now)
     for s in SECRET.values():

@@ -55,6 +55,8 @@ from exposure.shm.control import (
 )
 from exposure.shm.tally_layout import TallyLayout, allocate
 
+pytestmark = pytest.mark.process
+
 CAPS = Capacities(accounts=16, instruments=64, sectors=8, orders=64, cells=64)
 EPOCH = 7
 WAIT_S = 20.0  # a condition that does not hold by then is a failure

@@ -53,6 +53,7 @@ def status(node) -> dict:
     return orjson.loads(p.stdout)
 
 
+@pytest.mark.process
 def test_status_reports_what_was_sent(node):
     n = N
     deadline = time.monotonic() + 30
@@ -93,6 +94,7 @@ def test_lags_are_events_and_microseconds_of_receive_time_behind_compute():
     assert lags(c, 900, 0, 901)["replication_events"] == 0
 
 
+@pytest.mark.process
 def test_status_of_no_node_is_one_clear_line_and_status_2(tmp_path):
     cfg = tmp_path / "none.toml"
     cfg.write_text('[node]\nname = "nobody-here"\n')
@@ -118,6 +120,7 @@ def _scrape(url: str) -> dict[str, float]:
     return out
 
 
+@pytest.mark.process
 def test_metrics_are_scraped_over_http_and_match_what_was_sent(node):
     import subprocess
     import sys
@@ -155,6 +158,7 @@ def test_metrics_are_scraped_over_http_and_match_what_was_sent(node):
         proc.stderr.close()
 
 
+@pytest.mark.process
 def test_top_runs_in_a_real_terminal_driven_through_tmux(node):
     import os
     import shutil
@@ -196,6 +200,7 @@ def test_top_runs_in_a_real_terminal_driven_through_tmux(node):
 
 
 
+@pytest.mark.process
 def test_demo_starts_a_node_streams_a_flow_shows_it_and_cleans_up(tmp_path):
     """`exposure demo` (here on a config of its own, so it runs beside other tests): a
     node that becomes ready, a generated flow at --rate, the dashboard showing the events

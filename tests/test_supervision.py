@@ -14,6 +14,8 @@ from nodes import LiveNode
 from exposure.node.sdnotify import Notifier
 from exposure.shm.control import CTL_PROGRESS
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture
 def notify_socket(tmp_path):

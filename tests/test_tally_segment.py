@@ -80,6 +80,7 @@ def test_a_desk_reads_the_same_document_as_replay_and_cannot_write(node_name):
     assert not os.path.exists(f"/dev/shm/exposure.{node_name}.tally")
 
 
+@pytest.mark.process
 def test_a_live_writer_keeps_its_segment_and_a_dead_ones_is_reclaimed(node_name):
     name = f"/exposure.{node_name}.tally"
     with TallySegment.create(name, SMALL):
@@ -105,6 +106,7 @@ def test_missing_segment_is_a_clear_error(node_name):
             raise SegmentBusy(code)
 
 
+@pytest.mark.process
 @pytest.mark.timeout(300)
 def test_a_reader_hammering_snapshots_never_sees_a_torn_batch(node_name):
     """A writer process applies and publishes batches as fast as it can for 3 seconds; the
@@ -189,6 +191,7 @@ def _as(uid: int, gid: int, path: str) -> list[str]:
     return p.stdout.split("\n")[:2]
 
 
+@pytest.mark.process
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv")
                     or not os.path.exists("/usr/bin/python3"),
                     reason="needs root, setpriv and /usr/bin/python3 to act as other users")

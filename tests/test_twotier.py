@@ -272,6 +272,7 @@ def _redis_doc(srv: RedisServer) -> tuple[dict, object]:
 
 
 # ----------------------------------------------------------------------------- tests
+@pytest.mark.process
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_every_scenario_through_redis_gives_its_expected_document(name, service,
@@ -288,6 +289,7 @@ def test_every_scenario_through_redis_gives_its_expected_document(name, service,
     assert state_diffs(st, replay) == []
 
 
+@pytest.mark.process
 @pytest.mark.timeout(400)
 def test_a_generated_day_in_frames_of_every_size_equals_the_offline_replay(service,
                                                                            redis_server):
@@ -312,6 +314,7 @@ def test_a_generated_day_in_frames_of_every_size_equals_the_offline_replay(servi
     assert 1 < stats["max_batch"] <= 64  # batches of several records happened
 
 
+@pytest.mark.process
 @pytest.mark.timeout(400)
 def test_multicast_updates_parse_and_have_contiguous_stream_seqs(service, redis_server):
     rx = open_receiver(service.group, service.mport)
@@ -336,6 +339,7 @@ def test_multicast_updates_parse_and_have_contiguous_stream_seqs(service, redis_
     assert latest[-1]["live_orders"] == doc["fund"]["live_orders"]
 
 
+@pytest.mark.process
 @pytest.mark.timeout(400)
 def test_the_statistics_line_reports_events_and_two_round_trips_per_batch(service):
     recs = read_events(DATA / "mixed-1000.jsonl")
@@ -371,6 +375,7 @@ def _tiny_streams(seed: int, caps: Capacities, marks: bool) -> np.ndarray:
     return recs
 
 
+@pytest.mark.process
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("orders,cells", [(16, 40), (64, 300)])
 def test_in_process_tiny_tables_every_batch_touches_only_fetched_rows(redis_server, orders,
@@ -413,6 +418,7 @@ def test_a_missing_redis_server_is_a_clear_error(tmp_path, monkeypatch):
         RedisServer(tmp_path)
 
 
+@pytest.mark.process
 @pytest.mark.timeout(60)
 def test_redis_server_answers_and_stops(tmp_path):
     with RedisServer(tmp_path / "r") as srv:

@@ -29,10 +29,9 @@ import time
 import posix_ipc
 
 from exposure.shm.ring import Ring, RingReader, announce_sleep, clear_sleep, ring_size_at, sleeping
+from exposure.shm.wait_names import WAIT_STRATEGIES
 
 __all__ = ["WaitStrategy", "WAIT_STRATEGIES"]
-
-WAIT_STRATEGIES = ("spin", "spin-then-block", "block", "sleep")
 
 
 class WaitStrategy:

@@ -1,0 +1,103 @@
+"""What a checked configuration is: :class:`NodeConfig` with its :class:`ProcessSpec` and
+:class:`Partition`, and :class:`ConfigError`, whose message names the key and the value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from exposure.core.capacity import Capacities
+
+if TYPE_CHECKING:
+    from exposure.core.partition import PartitionMap
+
+__all__ = ["ConfigError", "ProcessSpec", "Partition", "NodeConfig"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the value."""
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    name: str
+    stages: tuple[str, ...]
+    cpu: int | None
+    wait: str
+    tick_us: int = 500
+
+
+@dataclass(frozen=True)
+class Partition:
+    """This node's place in a cluster: partition ``index`` (``name``) of ``pmap``."""
+
+    cluster: Path
+    name: str
+    index: int
+    pmap: PartitionMap
+
+    def ingest_args(self) -> tuple[int, np.ndarray, np.ndarray]:
+        return self.index, self.pmap.acc_owner, self.pmap.src_owner
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    caps: Capacities
+    rings: dict[str, int]
+    ingest_host: str
+    ingest_port: int
+    max_sessions: int
+    ack_interval_us: int
+    group: str
+    fanout_port: int
+    interface: str
+    ttl: int
+    max_datagram: int
+    processes: tuple[ProcessSpec, ...]
+    data_dir: Path
+    fsync: str
+    fsync_interval_ms: int
+    segment_bytes: int
+    snapshot_every_events: int
+    snapshot_every_s: int
+    snapshot_keep: int
+    snapshot_journal: str
+    repl_peer: tuple[str, int] | None = None
+    repl_listen: tuple[str, int] | None = None
+    peer_ingest: tuple[str, int] | None = None
+    peer_snapshot: tuple[str, int] | None = None
+    secret_file: Path | None = None
+    etcd: tuple[str, ...] = ()
+    etcd_prefix: str = "/exposure/pair"
+    release: str = "local"
+    heartbeat_ms: int = 50
+    failover_ms: int = 300
+    alone_after_ms: int = 200
+    strict: bool = False
+    stall_ms: int = 5000
+    sessions_file: Path | None = None
+    max_connections: int = 320
+    login_timeout_ms: int = 5000
+    idle_timeout_ms: int = 30000
+    max_output_kb: int = 64
+    desk_mode: int = 0o640
+    desk_group: str = ""
+    feed_heartbeat_ms: int = 100
+    refresh_rows_per_s: int = 2000
+    snapshot_host: str = "127.0.0.1"
+    snapshot_port: int = 7702
+    partition: Partition | None = None
+    source: str = field(default="<built-in default>")
+
+    @property
+    def replicated(self) -> bool:
+        """Whether this node is one of a primary/backup pair."""
+        return self.repl_peer is not None
+
+    def segment(self, what: str) -> str:
+        """Shared-memory name of one of this node's segments."""
+        return f"/exposure.{self.name}.{what}"

@@ -138,12 +138,23 @@ def test_with_no_record_the_node_holding_more_starts_the_pair(etcd, prefix, tmp_
     small = Member(etcd, prefix, tmp_path, "small", tail=10)
     big = Member(etcd, prefix, tmp_path, "big", tail=500)
     big.e._publish(force=True)  # alive, holding gseq 500
+    reads = []  # each time "small" reads etcd's record while it starts
+    read = small.e._read
+    small.e._read = lambda: reads.append(1) or read()
     done = threading.Event()
     t = threading.Thread(target=lambda: (small.e.start(), done.set()), daemon=True)
     t.start()
-    time.sleep(0.5)
+    # It defers to "big" (it says so once), then reads etcd again and again: three reads
+    # after saying so, the moment to create the record has passed.
+    deadline = time.monotonic() + 20
+    while "'big' holds more" not in small.log():
+        assert time.monotonic() < deadline, f"'small' never deferred: {small.log()!r}"
+        time.sleep(0.005)
+    seen = len(reads)
+    while len(reads) < seen + 3:
+        assert time.monotonic() < deadline, "'small' stopped reading etcd's record"
+        time.sleep(0.005)
     assert not done.is_set() and record(etcd, prefix) is None  # it defers to "big"
-    assert "'big' holds more" in small.log()
     big.e.start()
     assert big.role == ROLE_PRIMARY
     t.join(10)

@@ -14,15 +14,15 @@ import time
 
 import numpy as np
 import pytest
-from nodes import LocalPair, etcd_or_skip
+from nodes import etcd_or_skip
 
 from exposure.bench.flowgen import generate, to_jsonl
 from exposure.core.types import C_NCCHANGED, C_NCHANGED, C_NICHANGED, C_NSCHANGED, C_STAMP
-from exposure.engine.desk import Desk
 from exposure.engine.document import compare_documents, document
 from exposure.engine.parse import read_events
 from exposure.engine.replay import replay_records
-from exposure.harness.localnode import listening
+from exposure.harness.localnode import LocalPair, listening
+from exposure.harness.wait import wait_for
 from exposure.net import repl as R
 from exposure.node.stages.mirror import FAULT_CUT_LINK
 from exposure.pair.coord import PairState
@@ -30,6 +30,7 @@ from exposure.shm.control import (
     CTL_ALONE,
     CTL_EPOCH,
     CTL_FENCED,
+    CTL_HEARD_NS,
     CTL_IN_SYNC,
     CTL_PEER_EPOCH,
     CTL_ROLE,
@@ -48,17 +49,6 @@ def role(node) -> int:
     return 0 if c is None else int(c[CTL_ROLE])
 
 
-def wait_for(pred, timeout: float, what: str, node=None) -> float:
-    """Poll ``pred`` until true; returns the seconds it took."""
-    t0 = time.time()
-    while not pred():
-        if time.time() - t0 > timeout:
-            logs = "" if node is None else node.log.read_text()[-4000:]
-            raise AssertionError(f"timed out waiting for {what}\n{logs}")
-        time.sleep(0.01)
-    return time.time() - t0
-
-
 def in_sync(node, primary=None) -> bool:
     """``node`` is a backup in sync with its primary (with ``primary``: with that node's
     current epoch; a primary that restarted its processes is a new epoch, followed once its
@@ -70,12 +60,6 @@ def in_sync(node, primary=None) -> bool:
         return True
     cp = primary.control()
     return cp is not None and cp[CTL_EPOCH] == c[CTL_PEER_EPOCH]
-
-
-def dump(node) -> dict:
-    """What a desk on the node's host reads (exposure dump, in process)."""
-    with Desk(node.name) as desk:
-        return desk.document()
 
 
 def flow(tmp_path, n: int, seed: int, name: str = "flow.jsonl"):
@@ -110,7 +94,7 @@ def assert_equal_to_replay(pair, *files) -> None:
     recs["gseq"] = np.arange(1, len(recs) + 1, dtype=np.uint64)  # one stream, as the node
     want = document(replay_records(recs))
     for node in (pair.a, pair.b):
-        assert compare_documents(dump(node), want) == [], node.name
+        assert compare_documents(node.dump(process=False), want) == [], node.name
     assert_same_state(pair.a, pair.b)
     # every (session, seq) once in each journal (once the journal has caught up with
     # compute: a restarted node's hot process may be up before its durable one)
@@ -231,7 +215,7 @@ def test_kill_9_of_the_primary_promotes_the_backup_and_the_client_finishes_on_it
             finish(client, n)  # on b alone: the old primary is still down
         # It dropped the old epoch's view (phantoms of events never made durable
         # included) and ends equal to the new primary's document.
-        want = {k: v for k, v in dump(p.b).items()
+        want = {k: v for k, v in p.b.dump(process=False).items()
                 if k in ("accounts", "fund", "instruments", "sectors")}
         deadline = time.monotonic() + 60
         while compare_documents(sub.document(), want):
@@ -351,9 +335,10 @@ def test_kill_9_of_the_primary_while_it_runs_alone_the_stale_backup_is_not_promo
     alone = flow(tmp_path, 3_000, rnd.randrange(1 << 30), "alone.jsonl")
     finish(send(p.a, alone, rate=0, session=2), 3_000)  # acknowledged by a alone
     p.a.kill9()
-    time.sleep(3)  # twice failover_ms
+    # the backup's failover timer ran out and it decided (and said) not to promote
+    wait_for(lambda: "may lack what it acknowledged; not promoting" in p.b.log.read_text(),
+             30, "the backup's decision not to promote", p.b)
     assert role(p.b) == ROLE_BACKUP and not listening("127.0.0.1", p.b.port)
-    assert "may lack what it acknowledged; not promoting" in p.b.log.read_text()
     p.a.start()
     assert role(p.a) == ROLE_PRIMARY
     later = flow(tmp_path, 2_000, rnd.randrange(1 << 30), "later.jsonl")
@@ -495,7 +480,7 @@ def test_a_backup_older_than_the_primarys_journal_gets_a_snapshot_first(pair, tm
     assert "sending snapshot" in p.a.log.read_text()
     want = document(replay_records(read_events(events)))
     wait_for(lambda: p.b.last_gseq() == n, 60, "the backup applying everything")
-    assert compare_documents(dump(p.b), want) == []
+    assert compare_documents(p.b.dump(process=False), want) == []
     assert_same_state(p.a, p.b)
 
 
@@ -564,7 +549,13 @@ def test_a_peer_with_a_wrong_secret_is_refused_and_reaches_nothing(pair, tmp_pat
         code = int.from_bytes(payload[:2], "little")
         assert code == (R.E_AUTH if wrong is not None else R.E_PROTOCOL)
         s.close()
-    time.sleep(0.3)
+    refused = time.monotonic_ns()
+    # The backup logged both refusals, then heard its primary again (the replication
+    # stage read the link after refusing): the moment a wrong record would land has passed.
+    wait_for(lambda: "does not verify (a wrong secret?)" in p.b.log.read_text()
+             and "before AUTH" in p.b.log.read_text(), 10, "both refusals logged", p.b)
+    wait_for(lambda: (c := p.b.control()) is not None and int(c[CTL_HEARD_NS]) > refused,
+             10, "the primary heard after the refusals", p.b)
     assert p.b.last_gseq() == 2_000
     assert role(p.b) == ROLE_BACKUP and in_sync(p.b)
     log = p.b.log.read_text()

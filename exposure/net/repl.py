@@ -4,7 +4,7 @@ and the echo that fences the primary (which node is primary is etcd's record:
 
 **The link.** The primary's mirror stage connects over TCP to the backup's replication
 address (``[replication] listen`` of the backup). Frames have the session protocol's 8-byte
-header with their own magic ("ER")::
+header (:mod:`exposure.net.framing`) with their own magic ("ER")::
 
     off size field
       0    2 magic    0x5245
@@ -65,6 +65,7 @@ from pathlib import Path
 import numpy as np
 
 from exposure.core.types import EVENT_DTYPE, EVENT_SIZE
+from exposure.net import framing
 
 __all__ = ["MAGIC", "VERSION", "HEADER", "ReplReader", "ReplError", "frame", "mac",
            "K_CHALLENGE", "K_AUTH", "K_WELCOME", "K_REFUSE", "K_RECORDS", "K_ACK",
@@ -74,7 +75,7 @@ __all__ = ["MAGIC", "VERSION", "HEADER", "ReplReader", "ReplError", "frame", "ma
 
 MAGIC = 0x5245
 VERSION = 2  # 2: the echo in HEARTBEAT and ACK
-HEADER = struct.Struct("<HBBI")
+HEADER = framing.HEADER
 MAX_RECORDS = 8192
 SNAP_CHUNK = 1 << 20
 NONCE = 32
@@ -90,26 +91,23 @@ SNAP_BEGIN = struct.Struct("<QQ")        # gseq, bytes
 
 _FIXED = {K_CHALLENGE: NONCE, K_AUTH: AUTH.size, K_WELCOME: WELCOME.size, K_ACK: ACK.size,
           K_HEARTBEAT: BEAT.size, K_SNAP_BEGIN: SNAP_BEGIN.size, K_SNAP_END: 0}
-_MAXLEN = {K_REFUSE: 502, K_RECORDS: MAX_RECORDS * EVENT_SIZE, K_RESET: 500,
-           K_SNAP_DATA: SNAP_CHUNK}
+_RANGED = {K_REFUSE: (0, 502, 1), K_RECORDS: (EVENT_SIZE, MAX_RECORDS * EVENT_SIZE, EVENT_SIZE),
+           K_RESET: (0, 500, 1), K_SNAP_DATA: (0, SNAP_CHUNK, 1)}
+_NAMES = {K_REFUSE: "REFUSE", K_RECORDS: "RECORDS", K_RESET: "RESET", K_SNAP_DATA: "SNAP_DATA"}
 
 # REFUSE codes
-E_PROTOCOL = 1   # a malformed or unexpected frame
+E_PROTOCOL = framing.E_PROTOCOL  # a malformed or unexpected frame (1)
 E_AUTH = 2       # the HMAC does not verify: the peer does not know the secret
 E_EPOCH = 3      # the peer's epoch is older than one this node knows: it is not the primary
 E_BUSY = 4       # a backup already follows an authenticated primary
 
 
-class ReplError(ValueError):
+class ReplError(framing.FrameError):
     """A malformed replication frame; ``code`` is the REFUSE code."""
 
-    def __init__(self, message: str, code: int = E_PROTOCOL):
-        super().__init__(message)
-        self.code = code
 
-
-def frame(kind: int, payload: bytes = b"") -> bytes:
-    return HEADER.pack(MAGIC, VERSION, kind, len(payload)) + payload
+FRAMING = framing.Framing(MAGIC, VERSION, _FIXED, _RANGED, _NAMES, ReplError)
+frame = FRAMING.frame  # frame(kind, payload=b""): one frame's bytes
 
 
 def mac(secret: bytes, role: str, nonce: bytes) -> bytes:
@@ -132,7 +130,11 @@ def read_secret(path: str | Path) -> bytes:
     return data
 
 
-class ReplReader:
+def _records(body: bytes) -> np.ndarray:
+    return np.frombuffer(body, np.uint64).reshape(-1, EVENT_SIZE // 8).copy()
+
+
+class ReplReader(framing.FrameReader):
     """Incremental decoder of one link: ``feed(bytes)`` returns complete frames as
     (kind, payload); EVENTS-like RECORDS payloads come back as u8 word arrays
     ``[n, 16]`` (a copy: the ring push reads them). Raises :class:`ReplError` on a bad
@@ -140,39 +142,7 @@ class ReplReader:
     maximal frame."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[tuple[int, object]]:
-        self._buf += data
-        buf, pos, out = self._buf, 0, []
-        while len(buf) - pos >= HEADER.size:
-            magic, version, kind, length = HEADER.unpack_from(buf, pos)
-            if magic != MAGIC or version != VERSION:
-                raise ReplError(f"not a replication frame (magic {magic:#06x}, version "
-                                f"{version}) at byte {pos}")
-            if kind in _FIXED:
-                if length != _FIXED[kind]:
-                    raise ReplError(f"frame kind {kind} of {length} bytes, expected "
-                                    f"{_FIXED[kind]}")
-            elif kind in _MAXLEN:
-                if length > _MAXLEN[kind] or (kind == K_RECORDS and (
-                        length == 0 or length % EVENT_SIZE)):
-                    raise ReplError(f"frame kind {kind} of {length} bytes")
-            else:
-                raise ReplError(f"unknown replication frame kind {kind}")
-            end = pos + HEADER.size + length
-            if len(buf) < end:
-                break
-            body = bytes(buf[pos + HEADER.size:end])
-            if kind == K_RECORDS:
-                out.append((kind, np.frombuffer(body, np.uint64).reshape(
-                    -1, EVENT_SIZE // 8).copy()))
-            else:
-                out.append((kind, body))
-            pos = end
-        if pos:
-            del buf[:pos]
-        return out
+        super().__init__(FRAMING, {K_RECORDS: _records})
 
 
 def record_bytes(words: np.ndarray | None) -> bytes:

@@ -1,6 +1,7 @@
 """The TCP wire protocol between upstream systems (sessions) and a node's ingest.
 
-Every frame is an 8-byte header and a payload, little-endian::
+Every frame is an 8-byte header and a payload, little-endian (the header's layout and rules,
+shared with the replication protocol: :mod:`exposure.net.framing`)::
 
     off size field
       0    2 magic    0x5845 ("EX")
@@ -51,6 +52,7 @@ from hashlib import sha256
 import numpy as np
 
 from exposure.core.types import EVENT_DTYPE, EVENT_SIZE
+from exposure.net import framing
 
 __all__ = [
     "MAGIC", "VERSION", "HEADER", "MAX_RECORDS", "MAX_PAYLOAD", "K_LOGIN", "K_LOGIN_OK",
@@ -65,7 +67,7 @@ __all__ = [
 
 MAGIC = 0x5845
 VERSION = 2  # 2: CHALLENGE and the login proof, 16 reject counters, REJECT's detail
-HEADER = struct.Struct("<HBBI")
+HEADER = framing.HEADER
 MAX_RECORDS = 8192
 MAX_PAYLOAD = MAX_RECORDS * EVENT_SIZE
 NONCE = 32
@@ -80,7 +82,7 @@ _FIXED = {K_LOGIN: _LOGIN.size, K_LOGIN_OK: 8, K_ACK: _ACK.size, K_HEARTBEAT: 0,
           K_CHALLENGE: NONCE}
 
 # REJECT codes
-E_PROTOCOL = 1      # malformed frame
+E_PROTOCOL = framing.E_PROTOCOL  # malformed frame (1)
 E_SESSION = 2       # invalid session id, or a second login on one connection
 E_NOT_LOGGED_IN = 3  # (not sent: a connection that sends anything before LOGIN is closed)
 E_BUSY = 4          # too many connections
@@ -94,16 +96,16 @@ REJECT_NAMES = {E_PROTOCOL: "protocol", E_SESSION: "session", E_NOT_LOGGED_IN:
                 E_SLOW: "slow", E_IDLE: "idle", E_REPLACED: "replaced"}
 
 
-class ProtocolError(ValueError):
+class ProtocolError(framing.FrameError):
     """A malformed frame; ``code`` is the REJECT code to answer with."""
 
-    def __init__(self, message: str, code: int = E_PROTOCOL):
-        super().__init__(message)
-        self.code = code
 
-
-def _frame(kind: int, payload: bytes = b"") -> bytes:
-    return HEADER.pack(MAGIC, VERSION, kind, len(payload)) + payload
+FRAMING = framing.Framing(
+    MAGIC, VERSION, _FIXED,
+    {K_EVENTS: (EVENT_SIZE, MAX_PAYLOAD, EVENT_SIZE),
+     K_REJECT: (_REJECT.size, _REJECT.size + MAX_REJECT_TEXT, 1)},
+    {K_EVENTS: "EVENTS", K_REJECT: "REJECT"}, ProtocolError)
+_frame = FRAMING.frame
 
 
 def encode_challenge(nonce: bytes) -> bytes:
@@ -165,61 +167,24 @@ def encode_heartbeat() -> bytes:
     return _frame(K_HEARTBEAT)
 
 
-def check_header(magic: int, version: int, kind: int, length: int, pos: int = 0) -> None:
-    """Raise :class:`ProtocolError` unless these header fields can start a frame (``pos``:
-    where in the stream, for the message). The one statement of the framing rules; the
-    ingest stage's jitted scanner hands every header it does not take to this function."""
-    if magic != MAGIC:
-        raise ProtocolError(f"bad frame magic {magic:#06x} at byte {pos}")
-    if version != VERSION:
-        raise ProtocolError(f"protocol version {version}, this node speaks {VERSION}")
-    if kind in _FIXED:
-        if length != _FIXED[kind]:
-            raise ProtocolError(f"frame kind {kind} with length {length}, "
-                                f"expected {_FIXED[kind]}")
-    elif kind == K_EVENTS:
-        if length == 0 or length > MAX_PAYLOAD or length % EVENT_SIZE:
-            raise ProtocolError(f"EVENTS frame of {length} bytes: must be 1..{MAX_RECORDS}"
-                                f" records of {EVENT_SIZE} bytes")
-    elif kind == K_REJECT:
-        if not _REJECT.size <= length <= _REJECT.size + MAX_REJECT_TEXT:
-            raise ProtocolError(f"REJECT frame of {length} bytes")
-    else:
-        raise ProtocolError(f"unknown frame kind {kind}")
+# check_header(magic, version, kind, length, pos=0): raise ProtocolError unless these
+# header fields can start a frame (pos: where in the stream, for the message). The one
+# statement of the framing rules; the ingest stage's jitted scanner hands every header it
+# does not take to this function.
+check_header = FRAMING.check
 
 
-class FrameReader:
+def _records(body: bytes) -> np.ndarray:
+    return np.frombuffer(body, EVENT_DTYPE)
+
+
+class FrameReader(framing.FrameReader):
     """Incremental decoder: ``feed(bytes)`` returns the complete frames as (kind, payload).
 
     EVENTS payloads come back as read-only record arrays viewing the frame's bytes (no
-per-field work; ``.view(np.uint64)`` gives the words).
+    per-field work; ``.view(np.uint64)`` gives the words). ``pending``: bytes of an
+    incomplete frame held (a client that vanished mid-frame).
     """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an incomplete frame held (a client that vanished mid-frame)."""
-        return len(self._buf)
-
-    def feed(self, data: bytes) -> list[tuple[int, object]]:
-        self._buf += data
-        out: list[tuple[int, object]] = []
-        buf = self._buf
-        pos = 0
-        while len(buf) - pos >= HEADER.size:
-            magic, version, kind, length = HEADER.unpack_from(buf, pos)
-            check_header(magic, version, kind, length, pos)
-            end = pos + HEADER.size + length
-            if len(buf) < end:
-                break
-            body = bytes(buf[pos + HEADER.size:end])
-            if kind == K_EVENTS:
-                out.append((kind, np.frombuffer(body, EVENT_DTYPE)))
-            else:
-                out.append((kind, body))
-            pos = end
-        if pos:
-            del buf[:pos]
-        return out
+        super().__init__(FRAMING, {K_EVENTS: _records})

@@ -69,9 +69,9 @@ import numpy as np
 
 from exposure.core import jit as _jit
 from exposure.net import wire as W
+from exposure.net.conn import GONE, SLOW, Conn, Conns
 from exposure.net.guard import Listener, RateLog, keepalive
 from exposure.net.sessions import Entitlements
-from exposure.net.sock import flush, send_or_queue
 from exposure.node.stages.agent import Stage
 from exposure.node.stages.ingest_scan import NEED_MORE, RES_WORDS, RING_FULL, SEQ_GAP, scan
 from exposure.node.stages.sequencer import Sequencer
@@ -121,14 +121,16 @@ class PortLimits:
         return -(-(_HDR + W.MAX_PAYLOAD + self.read_budget) // 8) * 8
 
 
-class _Conn:
-    __slots__ = ("sock", "fd", "buf", "wbuf", "mv", "pos", "fill", "stalled", "session",
-                 "held", "acked", "ack_due", "out", "marks", "mark_ns", "repl", "state",
-                 "nonce", "born", "last_rx", "close_at")
+class _Conn(Conn):
+    """A session connection (``since``: accepted; ``out``: answers queued, at most
+    ``max_output``)."""
 
-    def __init__(self, sock: socket.socket, now: int):
-        self.sock = sock
-        self.fd = sock.fileno()
+    __slots__ = ("buf", "wbuf", "mv", "pos", "fill", "stalled", "session", "held", "acked",
+                 "ack_due", "marks", "mark_ns", "repl", "state", "nonce", "last_rx",
+                 "close_at")
+
+    def __init__(self, sock: socket.socket, now: int, max_out: int):
+        super().__init__(sock, None, now, max_out)
         self._buffer(_PRE_BUF)
         self.pos = 0       # next unconsumed byte of buf
         self.fill = 0      # bytes received into buf
@@ -137,13 +139,12 @@ class _Conn:
         self.held = 0
         self.acked = -1
         self.ack_due = 0   # monotonic ns before which no further ACK is sent (coalescing)
-        self.out = bytearray()
         self.marks: deque = deque()  # (last gseq, session seq held): see IngestStage._mark
         self.mark_ns = 0
         self.repl = 0      # highest session seq the backup has received
         self.state = _PRE
         self.nonce = os.urandom(W.NONCE)
-        self.born = self.last_rx = now  # monotonic ns
+        self.last_rx = now  # monotonic ns
         self.close_at = 0
 
     def _buffer(self, size: int) -> None:
@@ -201,7 +202,7 @@ class IngestStage(Stage):
         self.ep = select.epoll()
         self.listener: Listener | None = None
         self.lfd = -1
-        self.conns: dict[int, _Conn] = {}
+        self.conns: Conns = Conns(self.ep)  # fd -> _Conn
         self.pre: OrderedDict[int, _Conn] = OrderedDict()  # not logged in, oldest first
         self.by_session: dict[int, _Conn] = {}
         self.closing: set[_Conn] = set()   # REJECTed: the answer drains, then close
@@ -378,10 +379,9 @@ class IngestStage(Stage):
             except OSError:
                 s.close()
                 continue
-            c = _Conn(s, time.monotonic_ns())
-            self.conns[c.fd] = c
+            c = _Conn(s, time.monotonic_ns(), self.lim.max_output)
+            self.conns.add(c)
             self.pre[c.fd] = c
-            self.ep.register(c.fd, select.EPOLLIN)
             self._send(c, W.encode_challenge(c.nonce))
         if self.listener.fd_limit:
             self.node[SL.N_EMFILE] += self.listener.fd_limit
@@ -390,13 +390,8 @@ class IngestStage(Stage):
         return n
 
     def _close(self, c: _Conn) -> None:
-        if self.conns.get(c.fd) is not c:
+        if not self.conns.drop(c):
             return
-        try:
-            self.ep.unregister(c.fd)
-        except (KeyError, ValueError, OSError):
-            pass
-        del self.conns[c.fd]
         self._detach(c)
         for group in (self.closing, self.ending, self.stalled, self.ready, self.unacked,
                       self.backlog):
@@ -435,13 +430,8 @@ class IngestStage(Stage):
 
     def _drain(self, c: _Conn) -> None:
         """A closing connection: what it sends is read and dropped until it goes."""
-        try:
-            got = c.sock.recv_into(self.scratch)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            got = 0
-        if not got:
+        got = c.recv_into(self.scratch)
+        if got == 0:
             self._close(c)
 
     def _end(self, c: _Conn) -> None:
@@ -462,7 +452,7 @@ class IngestStage(Stage):
         login = self.lim.login_timeout_ms * 1_000_000
         while self.pre:
             c = next(iter(self.pre.values()))
-            if now - c.born < login:
+            if now - c.since < login:
                 break
             self._count(SL.N_LOGIN_TIMEOUT)
             self._close(c)
@@ -495,12 +485,9 @@ class IngestStage(Stage):
             self._count(SL.N_PRELOGIN)
             self._close(c)
             return 1
-        try:
-            got = c.sock.recv_into(c.mv[c.fill:c.fill + room])
-        except (BlockingIOError, InterruptedError):
+        got = c.recv_into(c.mv[c.fill:c.fill + room])
+        if got is None:
             return 0
-        except OSError:
-            got = 0
         if not got:  # the client went away, or shut its write side (it may still read)
             if c.state == _LIVE and (c.pos < c.fill or c in self.unacked):
                 self._end(c)  # what it sent first is taken and acknowledged, then closed
@@ -675,18 +662,19 @@ class IngestStage(Stage):
     def _send(self, c: _Conn, data: bytes) -> None:
         """Queue ``data`` behind what waits (sent now if nothing does). A client whose
         queue would pass ``max_output`` does not read its answers: it is closed."""
-        if len(c.out) + len(data) > self.lim.max_output:
+        r = c.send(data)
+        if r == SLOW:
             self._count(SL.N_SLOW, c.session, SL.S_SLOW)
             who = f"session {c.session}" if c.session else "a client not logged in"
             self.log("slow", f"{who} does not read its answers: disconnected")
             self._close(c)
-        elif not send_or_queue(c.sock, c.out, data):
+        elif r == GONE:
             self._close(c)
         elif c.out:
             self.backlog.add(c)
 
     def _flush(self, c: _Conn) -> None:
-        if not flush(c.sock, c.out):
+        if not c.flush():
             self._close(c)
         elif not c.out:
             self.backlog.discard(c)

@@ -52,8 +52,8 @@ from numba import njit
 from exposure.core import jit as _jit
 from exposure.core.types import EVENT_WORDS, W_GSEQ, W_SESSION, W_SSEQ
 from exposure.net import repl as R
+from exposure.net.conn import GONE, SLOW, Conn, Conns, discard
 from exposure.net.guard import Listener, RateLog, keepalive
-from exposure.net.sock import flush, send_or_queue
 from exposure.node.stages.sequencer import Sequencer
 from exposure.shm import ring_layout as RL
 from exposure.shm.control import (
@@ -156,19 +156,18 @@ def _log(msg: str) -> None:
     print(f"exposure replica: {msg}", file=sys.stderr, flush=True)
 
 
-class _Link:
-    __slots__ = ("sock", "fd", "addr", "reader", "nonce", "authed", "out", "since",
-                 "hello", "pending", "pending_at", "snap", "snap_path", "snap_left")
+class _Link(Conn):
+    """A connection to the replication port (``since``: accepted; ``out``: frames queued,
+    at most ``_MAX_OUT``)."""
+
+    __slots__ = ("reader", "nonce", "authed", "hello", "pending", "pending_at", "snap",
+                 "snap_path", "snap_left")
 
     def __init__(self, sock: socket.socket, addr):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.addr = addr
+        super().__init__(sock, addr, None, _MAX_OUT)
         self.reader = R.ReplReader()  # used once authenticated
         self.nonce = os.urandom(R.NONCE)
         self.authed = False
-        self.out = bytearray()
-        self.since = time.monotonic_ns()
         self.hello = bytearray()  # the AUTH frame's bytes so far (before authentication)
         self.pending: deque = deque()  # frames received, not handled yet (RECORDS: not
         self.pending_at = 0            # wholly in the rings); index into pending[0]
@@ -177,11 +176,7 @@ class _Link:
         self.snap_left = 0
 
 
-def _peer(ln: _Link) -> str:
-    try:
-        return f"{ln.addr[0]}:{ln.addr[1]}"
-    except (IndexError, TypeError):
-        return str(ln.addr)
+_peer = Conn.peer  # _peer(ln): "host:port" of a link's peer
 
 
 class ReplicaStage:
@@ -208,7 +203,8 @@ class ReplicaStage:
         self.ack_interval_ns = ack_interval_us * 1000
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.log = RateLog("exposure replica", _LOG_EVERY_S)
-        self.links: dict[int, _Link] = {}
+        self.ep = select.epoll()
+        self.links: Conns = Conns(self.ep)   # fd -> _Link
         self.hellos: dict[int, _Link] = {}   # the unauthenticated ones, oldest first
         self.backlog: set[_Link] = set()     # links with bytes the socket did not take
         self.link: _Link | None = None  # the authenticated one
@@ -218,7 +214,6 @@ class ReplicaStage:
         self.reloading = False
         self.res = np.zeros(6, np.int64)
         self.listener: Listener | None = None
-        self.ep = select.epoll()
         try:
             self.listener = Listener(listen, _LISTEN_BACKLOG)
             self.lfd = self.listener.fd
@@ -324,23 +319,17 @@ class ReplicaStage:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
             keepalive(s, _KEEPIDLE_S, _KEEPINTVL_S, _KEEPCNT)
             ln = _Link(s, addr)
-            self.ep.register(ln.fd, select.EPOLLIN)
+            self.links.add(ln)
         except OSError:
             s.close()
             return
         self.counters["accepted"] += 1
-        self.links[ln.fd] = ln
         self.hellos[ln.fd] = ln
         self._send(ln, R.frame(R.K_CHALLENGE, ln.nonce))
 
     def _close(self, ln: _Link) -> None:
-        if self.links.get(ln.fd) is not ln:
+        if not self.links.drop(ln):
             return  # closed already (its descriptor number may belong to a newer link)
-        try:
-            self.ep.unregister(ln.fd)
-        except (KeyError, ValueError, OSError):
-            pass
-        del self.links[ln.fd]
         self.hellos.pop(ln.fd, None)
         self.backlog.discard(ln)
         ln.pending.clear()
@@ -362,49 +351,35 @@ class ReplicaStage:
         else:
             _log(msg)
         if not ln.authed:  # what it sent beyond its frame: read, so the close is a FIN
-            try:
-                ln.sock.recv(_DISCARD)
-            except OSError:
-                pass
-        try:
-            ln.sock.send(bytes(ln.out) + R.frame(R.K_REFUSE, code.to_bytes(2, "little")
-                                                 + text.encode()[:500]))
-        except OSError:
-            pass
+            discard(ln.sock, _DISCARD)
+        ln.send_now(bytes(ln.out) + R.frame(R.K_REFUSE, code.to_bytes(2, "little")
+                                            + text.encode()[:500]))  # (never waited for)
         self._close(ln)
 
     def _send(self, ln: _Link, data: bytes, now: int = 0) -> None:
         if ln is self.link:  # (the link's timer: no other connection may move it)
             self.last_sent = now or time.monotonic_ns()
-        if not send_or_queue(ln.sock, ln.out, data):
+        r = ln.send(data)
+        if r == SLOW:
+            self._event("slow_readers", f"closed replication peer {_peer(ln)}: it does not "
+                        f"read ({len(ln.out) + len(data)} bytes queued)")
+            self._close(ln)
+        elif r == GONE:
             self._close(ln)
         elif ln.out:
-            self._queued(ln)
+            self.backlog.add(ln)
 
     def _flush(self, ln: _Link) -> None:
-        if not flush(ln.sock, ln.out):
+        if not ln.flush():
             self._close(ln)
-        elif ln.out:
-            self._queued(ln)
-        else:
+        elif not ln.out:
             self.backlog.discard(ln)
-
-    def _queued(self, ln: _Link) -> None:
-        if len(ln.out) > _MAX_OUT:
-            self._event("slow_readers", f"closed replication peer {_peer(ln)}: it does not "
-                        f"read ({len(ln.out)} bytes queued)")
-            self._close(ln)
-        else:
-            self.backlog.add(ln)
 
     def _read_hello(self, ln: _Link) -> int:
         """Before authentication: the bytes of one AUTH frame, no more."""
-        try:
-            data = ln.sock.recv(_HELLO - len(ln.hello))
-        except (BlockingIOError, InterruptedError):
+        data = ln.recv(_HELLO - len(ln.hello))
+        if data is None:
             return 0
-        except OSError:
-            data = b""
         if not data:
             self._close(ln)
             return 1
@@ -425,12 +400,9 @@ class ReplicaStage:
         return 1
 
     def _read(self, ln: _Link) -> int:
-        try:
-            data = ln.sock.recv(_READ_BYTES)
-        except (BlockingIOError, InterruptedError):
+        data = ln.recv(_READ_BYTES)
+        if data is None:
             return 0
-        except OSError:
-            data = b""
         if not data:
             _log(f"the primary at {_peer(ln)} closed the link")
             self._close(ln)

@@ -71,6 +71,7 @@ from exposure.feed.wire import (
     SNAP_REQUEST,
     SNAP_REQUEST_MAGIC,
 )
+from exposure.net.conn import Conn, Conns, discard
 from exposure.net.guard import Listener, RateLog
 from exposure.node.stages.agent import Stage
 from exposure.shm import counters_layout as CN
@@ -95,24 +96,19 @@ COUNTERS = ("accepted", "served", "refused_busy", "refused_not_primary", "not_re
             "bad_requests", "timeouts", "emfile", "accept_errors")
 
 
-class _Client:
-    __slots__ = ("sock", "fd", "addr", "since", "req", "out", "sent")
+class _Client(Conn):
+    """A connection to the recovery server (``since``: accepted)."""
+
+    __slots__ = ("req", "resp", "sent")
 
     def __init__(self, sock: socket.socket, addr, now: int):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.addr = addr
-        self.since = now
+        super().__init__(sock, addr, now)
         self.req = b""       # the request's bytes so far
-        self.out = None      # the response (bytes-like), once the request is answered
-        self.sent = 0        # bytes of ``out`` handed to the kernel
+        self.resp = None     # the response (bytes-like), once the request is answered
+        self.sent = 0        # bytes of ``resp`` handed to the kernel
 
 
-def _peer(c: _Client) -> str:
-    try:
-        return f"{c.addr[0]}:{c.addr[1]}"
-    except (IndexError, TypeError):
-        return str(c.addr)
+_peer = Conn.peer  # _peer(c): "host:port" of a client
 
 
 class SnapshotServer(Stage):
@@ -154,10 +150,10 @@ class SnapshotServer(Stage):
         self._gather = _jit.entry(gather_rows, *self._gather_args, 0, 0, 0,
                                   *self._gather_bufs)
         self._cache: tuple[tuple[int, int], bytearray] | None = None  # (epoch, gseq), answer
-        self.clients: dict[int, _Client] = {}
         self._idle = 0  # passes since the listener was last looked at (while no client)
         self._turn = 0  # round-robin start among the clients being answered
         self.ep = select.epoll()
+        self.clients: Conns = Conns(self.ep)  # fd -> _Client
         try:
             self.listener: Listener | None = Listener((host, port), _LISTEN_BACKLOG)
         except OSError as e:  # never take the process (the journal's) down for it: the
@@ -199,9 +195,9 @@ class SnapshotServer(Stage):
             c = self.clients.get(fd)
             if c is None:
                 continue
-            if c.out is None:
+            if c.resp is None:
                 work += self._read(c)
-            if c.out is not None and self.clients.get(c.fd) is c:
+            if c.resp is not None and self.clients.get(c.fd) is c:
                 sending.append(c)
         if sending:
             work += self._send(sending)
@@ -242,11 +238,10 @@ class SnapshotServer(Stage):
                 continue
             c = _Client(s, addr, now)
             try:
-                self.ep.register(c.fd, select.EPOLLIN)
+                self.clients.add(c)
             except OSError:
                 s.close()
                 continue
-            self.clients[c.fd] = c
         if lis.fd_limit or lis.accept_errors:
             work += lis.fd_limit
             self.emfile += lis.fd_limit
@@ -258,31 +253,23 @@ class SnapshotServer(Stage):
     def _close_sock(s: socket.socket) -> None:
         """Close, after reading what the peer sent (unread bytes would make it a reset,
         which can destroy what is still on its way to the peer)."""
-        try:
-            s.recv(_DISCARD)
-        except OSError:
-            pass
+        discard(s, _DISCARD)
         s.close()
 
     def _close(self, c: _Client) -> None:
-        if self.clients.get(c.fd) is not c:
+        if not self.clients.drop(c):
             return  # closed already (its descriptor number may belong to a newer client)
-        del self.clients[c.fd]
-        try:
-            self.ep.unregister(c.fd)
-        except (KeyError, ValueError, OSError):
-            pass
-        c.out = None
+        c.resp = None
         self._close_sock(c.sock)
 
     def _expire(self, now: int) -> int:
         work = 0
         for c in list(self.clients.values()):
             age = now - c.since
-            if c.out is None and age > _REQUEST_NS:
+            if c.resp is None and age > _REQUEST_NS:
                 why = f"no request within {_REQUEST_NS / 1e9:g} s"
             elif age > self.deadline_ns:
-                why = (f"{c.sent} of {len(c.out or b'')} bytes sent in "
+                why = (f"{c.sent} of {len(c.resp or b'')} bytes sent in "
                        f"{self.deadline_ns / 1e9:g} s")
             else:
                 continue
@@ -294,12 +281,9 @@ class SnapshotServer(Stage):
 
     # ------------------------------------------------------------------ requests
     def _read(self, c: _Client) -> int:
-        try:
-            data = c.sock.recv(_REQ_READ - len(c.req))
-        except (BlockingIOError, InterruptedError):
+        data = c.recv(_REQ_READ - len(c.req))
+        if data is None:
             return 0
-        except OSError:
-            data = b""
         if not data:  # closed, reset or half-closed before a whole request
             self._close(c)
             return 1
@@ -317,7 +301,7 @@ class SnapshotServer(Stage):
             return self._bad(c, f"request version {version}, this node speaks "
                              f"{FEED_VERSION}")
         try:
-            c.out = self._answer()
+            c.resp = self._answer()
         except Exception as e:  # (never out of poll: this client only)
             self.log("error", f"cannot build a snapshot: {e!r}")
             self._close(c)
@@ -391,23 +375,22 @@ class SnapshotServer(Stage):
             if budget <= 0:
                 break
             c = sending[(self._turn + j) % k]
-            if self.clients.get(c.fd) is not c or c.out is None:
+            if self.clients.get(c.fd) is not c or c.resp is None:
                 continue
-            left = len(c.out) - c.sent
+            left = len(c.resp) - c.sent
             chunk = min(left, budget)
-            try:
-                n = c.sock.send(memoryview(c.out)[c.sent:c.sent + chunk])
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:  # reset, broken pipe: this client only
+            n = c.send_now(memoryview(c.resp)[c.sent:c.sent + chunk])
+            if n is None:  # reset, broken pipe: this client only
                 self._close(c)
                 work += 1
+                continue
+            if not n:  # (the socket takes nothing now)
                 continue
             work += 1
             budget -= n
             c.sent += n
-            if c.sent >= len(c.out):
-                if c.out[_STATUS_AT] == SNAP_OK:  # (NOT_PRIMARY, NOT_READY: not served)
+            if c.sent >= len(c.resp):
+                if c.resp[_STATUS_AT] == SNAP_OK:  # (NOT_PRIMARY, NOT_READY: not served)
                     self.served += 1
                 self._close(c)
         return work

@@ -159,6 +159,53 @@ def test_metrics_are_scraped_over_http_and_match_what_was_sent(node):
 
 
 @pytest.mark.process
+def test_promtool_accepts_the_metrics_of_a_live_node(node):
+    """Prometheus's own linter (`promtool check metrics`, Debian's prometheus package:
+    tools/install-prometheus) passes `exposure metrics`'s output of a live node: base units,
+    `_timestamp_seconds` for points in time, `_total` on counters only."""
+    import shutil
+    import subprocess
+    import sys
+    import urllib.request
+
+    from exposure.harness.localnode import free_port
+
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (tools/install-prometheus: Debian's "
+                    "prometheus package)")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "exposure", "metrics", "--config",
+                             str(node.config), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert b"serving metrics" in proc.stdout.readline()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+    check = subprocess.run(["promtool", "check", "metrics"], input=text,
+                           capture_output=True, timeout=60)
+    assert check.returncode == 0, (check.stdout + check.stderr).decode()
+    m = {}
+    for line in text.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            m[name] = float(value)
+    lab = f'node="{node.name}"'
+    now = time.time()
+    assert now - 600 < m[f"exposure_started_timestamp_seconds{{{lab}}}"] <= now
+    assert now - 600 < m[f"exposure_compute_recv_timestamp_seconds{{{lab}}}"] <= now
+    assert m[f"exposure_journal_durable_recv_timestamp_seconds{{{lab}}}"] == \
+        m[f"exposure_compute_recv_timestamp_seconds{{{lab}}}"]  # everything is durable
+    fsyncs = m[f"exposure_journal_fsyncs_total{{{lab}}}"]
+    spent = m[f"exposure_journal_fsync_seconds_total{{{lab}}}"]
+    longest = m[f"exposure_journal_fsync_seconds_max{{{lab}}}"]
+    assert fsyncs > 0 and 0 < longest <= spent < fsyncs * 10
+
+
+@pytest.mark.process
 def test_top_runs_in_a_real_terminal_driven_through_tmux(node):
     import os
     import shutil

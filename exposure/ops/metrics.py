@@ -8,8 +8,14 @@ them into metrics. The hot path never knows it is there.
 Metric names (all prefixed ``exposure_``; ``node`` is the config's ``[node] name``):
 
 * every entry of :data:`exposure.shm.counters_layout.COUNTERS` under its own name
-  (``exposure_ingest_events_total``, ``exposure_journal_fsync_ns_total``, ...), counters as
-  counters, gauges as gauges;
+  (``exposure_ingest_events_total``, ``exposure_compute_batches_total``, ...), counters as
+  counters, gauges as gauges; those the segment keeps in nanoseconds in Prometheus's base
+  unit instead (:data:`SECONDS`): ``exposure_journal_fsync_seconds_total``,
+  ``exposure_journal_fsync_seconds_max``, and as ``_timestamp_seconds`` the points in time
+  (CLOCK_REALTIME): ``exposure_started_timestamp_seconds``,
+  ``exposure_compute_recv_timestamp_seconds``,
+  ``exposure_journal_durable_recv_timestamp_seconds``,
+  ``exposure_mirror_replicated_recv_timestamp_seconds``;
 * ``exposure_events_total``: records the kernel applied (accepted, rejected and
   unauthorized);
 * ``exposure_accepted_total``, ``exposure_rejected_total{reason}``,
@@ -47,7 +53,24 @@ from exposure.shm.control import CTL_EPOCH, CTL_REPL_DUR, CTL_ROLE, CTL_SEQUENCE
 from exposure.shm.segment import SharedArray
 from exposure.shm.tally_segment import TallySegment
 
-__all__ = ["NodeCollector", "serve"]
+__all__ = ["NodeCollector", "SECONDS", "serve"]
+
+# The counters kept in nanoseconds, by their names in the segment: their metric names (after
+# "exposure_", before a counter's "_total") and help, in seconds (promtool check metrics
+# refuses an abbreviated unit; Prometheus wants base units, and _timestamp_seconds for a
+# point in time).
+SECONDS = {
+    "compute_recv_ns": ("compute_recv_timestamp_seconds",
+                        "ingest's receive time (Unix time) of the last record applied"),
+    "journal_fsync_ns_total": ("journal_fsync_seconds", "time spent in fsyncs"),
+    "journal_fsync_ns_max": ("journal_fsync_seconds_max", "the longest fsync so far"),
+    "journal_durable_recv_ns": ("journal_durable_recv_timestamp_seconds",
+                                "ingest's receive time (Unix time) of the last durable record"),
+    "started_ns": ("started_timestamp_seconds", "when the node started (Unix time)"),
+    "mirror_replicated_recv_ns": ("mirror_replicated_recv_timestamp_seconds",
+                                  "ingest's receive time (Unix time) of the last record the "
+                                  "backup acknowledged durable"),
+}
 
 
 def _read(cfg: NodeConfig) -> tuple[dict[str, int], np.ndarray, np.ndarray, np.ndarray]:
@@ -86,10 +109,15 @@ class NodeCollector:
         up.add_metric([node], 1)
         yield up
         for c in CN.COUNTERS:
-            name = "exposure_" + c.name.removesuffix("_total")
+            value, doc = counters[c.name], c.help
+            if c.name in SECONDS:
+                name, doc = SECONDS[c.name]
+                name, value = "exposure_" + name, value / 1e9
+            else:
+                name = "exposure_" + c.name.removesuffix("_total")
             fam = (CounterMetricFamily if c.kind == "counter" else GaugeMetricFamily)(
-                name, c.help, labels=["node"])
-            fam.add_metric([node], counters[c.name])
+                name, doc, labels=["node"])
+            fam.add_metric([node], value)
             yield fam
 
         def counter(name: str, doc: str, value: int) -> CounterMetricFamily:

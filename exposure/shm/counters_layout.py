@@ -36,7 +36,7 @@ COUNTER_WORDS = 128
 
 
 class Counter(NamedTuple):
-    name: str    # also the Prometheus name, after "exposure_"
+    name: str    # also the Prometheus name, after "exposure_" (ns ones: metrics.SECONDS)
     writer: str  # the stage (or "supervisor") that alone writes it
     kind: str    # "counter" (only grows) or "gauge"
     help: str

@@ -1,5 +1,6 @@
 """Hostile and broken input against a real node's session port (issue 12): the fuzzer of
-``perf/fuzz/`` at a small size, with the seed from ``EXPOSURE_FUZZ_SEED`` or a random one,
+``perf/fuzz/`` at a small size (``EXPOSURE_FUZZ_FRAMES``, 20,000 by default; ``.ci/run``'s
+soak stage sets 200,000), with the seed from ``EXPOSURE_FUZZ_SEED`` or a random one,
 printed: rerun a failure with that variable (``python -m perf.fuzz --seed S`` for the
 large run)."""
 
@@ -13,7 +14,7 @@ from perf.fuzz import run_fuzz
 
 pytestmark = pytest.mark.process
 
-FRAMES = 20_000
+FRAMES = int(os.environ.get("EXPOSURE_FUZZ_FRAMES", "20000"))
 CHECKS = ("alive", "memory", "journal", "reject_byte", "document", "unauthorized",
           "protocol")
 

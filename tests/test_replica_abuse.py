@@ -17,9 +17,9 @@ import uuid
 
 import numpy as np
 import pytest
-from nodes import free_port
 
 from exposure.core.types import EVENT_SIZE, EVENT_WORDS, W_GSEQ, W_SESSION, W_SSEQ
+from exposure.harness.localnode import free_port
 from exposure.net import repl as R
 from exposure.node.stages import replica as RP
 from exposure.node.stages.replica import INCOMING, ReplicaStage
@@ -529,7 +529,7 @@ def test_random_abuse_never_raises_and_never_touches_the_link(rep):
 
 
 @pytest.mark.timeout(30)
-def test_events_are_logged_at_most_once_per_interval(rep, capsys):
+def test_events_are_logged_at_most_once_per_interval(rep, caplog):
     h = rep
     peers = []
     for _ in range(5):
@@ -537,6 +537,6 @@ def test_events_are_logged_at_most_once_per_interval(rep, capsys):
         q.send(bytes(16))
         peers.append(q)
     h.until(lambda: all(_refused(q, R.E_PROTOCOL) for q in peers), what="the refusals")
-    err = capsys.readouterr().err
+    err = caplog.text  # (the stage's logger: exposure.core.log's RateLog)
     assert err.count("before AUTH") == 1, err
     assert h.st.counters["preauth_violations"] == 5

@@ -23,6 +23,7 @@ import struct
 import sys
 import time
 
+from exposure.core.log import setup
 from exposure.core.types import EVENT_DTYPE, ROW_FUND, UPDATE_DTYPE
 from exposure.feed.wire import DG_INCREMENTAL, DGRAM_HEADER, DGRAM_MAGIC, dgram_word
 from exposure.net import wire as W
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interface", default="127.0.0.1")
     p.add_argument("--cpu", type=int)
     a = p.parse_args(argv)
+    setup(label="floor")
     if a.cpu is not None:
         os.sched_setaffinity(0, {a.cpu})
     stop: list = []

@@ -53,6 +53,7 @@ from exposure.bench.measure import (
     summarize,
 )
 from exposure.config.node import ConfigError, NodeConfig, load_config
+from exposure.core.log import setup
 from exposure.harness.localnode import cpu_times, free_group, free_port
 
 # redis, hiredis (the two-tier baseline) and matplotlib (--plot) are the [perf] extra, not
@@ -465,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object, keyed by system")
     p.add_argument("--plot", metavar="FILE.png", help="latency-percentile plot")
     a = p.parse_args(argv)
+    setup(label="exposure/perf")
     if a.rate is None and a.mode != "throughput":
         a.rate = 20_000.0
     if (a.rate is not None and a.rate <= 0) or a.duration <= 0 or a.warmup < 0 \

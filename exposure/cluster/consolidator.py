@@ -20,9 +20,9 @@ Its settings are the node config named by the cluster file's ``[consolidator] co
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import signal
-import sys
 import time
 
 import numpy as np
@@ -30,6 +30,7 @@ import numpy as np
 from exposure.cluster.consolidate import ConsolidateStage
 from exposure.cluster.topology import Cluster
 from exposure.core.capacity import Capacities
+from exposure.core.log import setup
 from exposure.core.types import UPDATE_DTYPE
 from exposure.feed.subscriber import Subscriber
 from exposure.node.stages.agent import Runner
@@ -41,6 +42,8 @@ from exposure.shm.tally_segment import TallySegment
 from exposure.shm.wait import WaitStrategy
 
 __all__ = ["run_consolidator", "epoch_now"]
+
+log = logging.getLogger(__name__)
 
 
 def epoch_now(after: int = 0) -> int:
@@ -127,8 +130,7 @@ def main(cluster: Cluster) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    res = run_consolidator(cluster, stop, on_ready=lambda m: print(
-        f"exposure consolidate: {m}", file=sys.stderr, flush=True))
-    print(f"exposure consolidate: stopped after {res['batches']:,} batches, "
-          f"{res['rows']:,} rows", file=sys.stderr, flush=True)
+    setup(label="exposure/consolidate")
+    res = run_consolidator(cluster, stop, on_ready=log.info)
+    log.info(f"stopped after {res['batches']:,} batches, {res['rows']:,} rows")
     return 0

@@ -24,6 +24,7 @@ import numpy as np
 import orjson
 from numba import njit
 
+from exposure.core.log import setup
 from exposure.shm.ring import Ring, RingReader, ring_pop_at, ring_push
 from exposure.shm.wait import WAIT_STRATEGIES, WaitStrategy
 
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", choices=["full", "seq"], default="full",
                    help="verify every byte (default) or only each record's sequence word")
     a = p.parse_args(argv)
+    setup(label="ringsoak")
     ring = Ring.attach(a.ring)
     try:
         wait = WaitStrategy(a.wait)

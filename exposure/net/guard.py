@@ -1,14 +1,15 @@
 """Guards for a listening TCP port that anyone on the network may reach: accepting without
 ever dying of the file-descriptor limit, TCP keepalive, and logs that a flood cannot turn
-into a flood of lines. Used by the session port (ingest) and the replication port."""
+into a flood of lines (:class:`exposure.core.log.RateLog`, re-exported here). Used by the
+session port (ingest) and the replication port."""
 
 from __future__ import annotations
 
 import errno
 import os
 import socket
-import sys
-import time
+
+from exposure.core.log import RateLog
 
 __all__ = ["Listener", "keepalive", "RateLog"]
 
@@ -23,28 +24,6 @@ def keepalive(sock: socket.socket, idle_s: int = 10, interval_s: int = 5,
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle_s)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval_s)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
-
-
-class RateLog:
-    """At most one line per ``key`` per ``every_s``; the lines it held back are counted in
-    the next one."""
-
-    def __init__(self, prefix: str, every_s: float = 5.0) -> None:
-        self.prefix = prefix
-        self.every_ns = int(every_s * 1e9)
-        self._last: dict[str, int] = {}
-        self._held: dict[str, int] = {}
-
-    def __call__(self, key: str, msg: str) -> None:
-        now = time.monotonic_ns()
-        last = self._last.get(key)
-        if last is not None and now - last < self.every_ns:
-            self._held[key] = self._held.get(key, 0) + 1
-            return
-        self._last[key] = now
-        held = self._held.pop(key, 0)
-        more = f" (and {held} more like it)" if held else ""
-        print(f"{self.prefix}: {msg}{more}", file=sys.stderr, flush=True)
 
 
 class Listener:

@@ -12,9 +12,9 @@ is :class:`exposure.node.stages.agent.Runner`, which knows no particular stage.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import signal
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,6 +43,8 @@ from exposure.shm.wait import WaitStrategy
 from exposure.store.journal import JournalWriter, read_record
 
 __all__ = ["Context", "BUILDERS", "run_process"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -172,7 +174,7 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
     """The body of one process of the map: attach, pin, run the stages until SIGTERM."""
     spec = next((p for p in cfg.processes if p.name == name), None)
     if spec is None:
-        print(f"exposure: no process {name!r} in the config", file=sys.stderr)
+        log.error(f"no process {name!r} in the config")
         return 2
     _die_with_parent()
     if spec.cpu is not None:

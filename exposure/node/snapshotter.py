@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from exposure.config.node import ConfigError, load_config
+from exposure.core.log import setup
 from exposure.shm.session_layout import SESSION_COLS
 from exposure.shm.tally_layout import allocate, reset
 from exposure.store.journal import JournalError, ScanResult
@@ -29,6 +31,8 @@ from exposure.store.recovery import replay_journal
 from exposure.store.snapshot import load_newest, retain, write_snapshot
 
 __all__ = ["take_snapshot", "main"]
+
+log = logging.getLogger(__name__)
 
 
 def take_snapshot(cfg, log: Callable[[str], None], nice: bool = True, upto: int = 0) -> int:
@@ -66,23 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", help="comma-separated CPUs to run on (after reading the config)")
     p.add_argument("--upto", type=int, default=0, help="the journal's durable gseq")
     a = p.parse_args(argv)
+    setup(label="exposure/snapshot")
     try:
         cfg = load_config(a.config)
     except ConfigError as e:
-        print(f"exposure snapshot: {e}", file=sys.stderr)
+        log.error(str(e))
         return 2
     if a.data_dir:
         cfg = dataclasses.replace(cfg, data_dir=Path(a.data_dir))
     if a.cpus:
         os.sched_setaffinity(0, {int(c) for c in a.cpus.split(",")})
-
-    def log(msg: str) -> None:
-        print(f"exposure: {msg}", file=sys.stderr, flush=True)
-
     try:
-        take_snapshot(cfg, log, upto=a.upto)
+        take_snapshot(cfg, log.info, upto=a.upto)
     except (JournalError, OSError) as e:
-        log(f"snapshot failed: {e}")
+        log.error(f"snapshot failed: {e}")
         return 1
     return 0
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from exposure.config.node import NodeConfig, check_ports_free, load_config
+from exposure.core.log import setup
 from exposure.core.types import EVENT_SIZE, UPDATE_DTYPE
 from exposure.engine.publish import versions
 from exposure.node.process import run_process
@@ -67,8 +69,7 @@ __all__ = ["Node", "main"]
 _START_NS = 120 * 1_000_000_000  # a process that never reaches its loop (compiling, loading)
 
 
-def _log(msg: str) -> None:
-    print(f"exposure: {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 class Node:
@@ -119,7 +120,7 @@ class Node:
             cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             st = self.tally.state
             self.recovered = recover(st, versions(st), self.tally.words, sessions.array,
-                                     cfg.data_dir, cfg.segment_bytes, _log,
+                                     cfg.data_dir, cfg.segment_bytes, log.info,
                                      state_buf=self.tally.buf)
             self.snap_gseq = self.recovered.snapshot_gseq
             self._make_rings()
@@ -128,7 +129,7 @@ class Node:
                     cfg.name, self.ctl, PairStore(cfg.etcd, cfg.etcd_prefix), cfg.data_dir,
                     release=cfg.release, failover_ms=cfg.failover_ms,
                     alone_after_ms=cfg.alone_after_ms, strict=cfg.strict, tail=self._tail,
-                    log=_log)
+                    log=log.info)
             self._choose_role()
             self._spawn_all()
         except BaseException:
@@ -222,7 +223,7 @@ class Node:
         ``reload``: the replica asked for a rebuild (RELOAD_*): the data directory's state
         is moved aside first (and a received snapshot put in its place)."""
         t0 = time.perf_counter()
-        _log(f"{why}; restarting the node's processes from the journal")
+        log.warning(f"{why}; restarting the node's processes from the journal")
         self.counters.array[CN.INDEX["restarts_total"]] += 1
         self._stop_processes()
         self.procs.clear()
@@ -235,16 +236,16 @@ class Node:
             self.ctl[CTL_RELOAD] = 0
         st = self.tally.state
         self.recovered = recover(st, versions(st), self.tally.words, self.sessions.array,
-                                 self.cfg.data_dir, self.cfg.segment_bytes, _log,
+                                 self.cfg.data_dir, self.cfg.segment_bytes, log.info,
                                  reset_first=True, state_buf=self.tally.buf)
         self.snap_gseq = self.recovered.snapshot_gseq
         self._make_rings()
         self._choose_role()
         self._spawn_all()
         self.notify.status(f"{ROLE_NAMES[self.role]}, epoch {self.epoch}")
-        _log(f"restarted as {ROLE_NAMES[self.role]}, epoch {self.epoch}: recovered "
-             f"{self.recovered.records:,} events up to gseq {self.recovered.last_gseq}; "
-             f"{time.perf_counter() - t0:.2f} s until the processes were started")
+        log.info(f"restarted as {ROLE_NAMES[self.role]}, epoch {self.epoch}: recovered "
+                 f"{self.recovered.records:,} events up to gseq {self.recovered.last_gseq}; "
+                 f"{time.perf_counter() - t0:.2f} s until the processes were started")
 
     def _move_aside(self, how: int) -> None:
         from exposure.node.stages.replica import INCOMING, RELOAD_RESET, RELOAD_SNAPSHOT
@@ -257,9 +258,10 @@ class Node:
             # primary holds (a primary acknowledges only what its synchronous backup
             # received, or alone once etcd records it; either way this node's divergent
             # part was never released); the files are kept for the operator.
-            _log(f"the primary's history differs from this node's: moving aside gseq "
-                 f"{first or 1}..{last} (the journal and snapshots of this node's "
-                 f"epoch {self.epoch}); the new primary's history replaces them")
+            log.warning(f"the primary's history differs from this node's: moving aside "
+                        f"gseq {first or 1}..{last} (the journal and snapshots of this "
+                        f"node's epoch {self.epoch}); the new primary's history replaces "
+                        "them")
         aside = d / f"replaced-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}"
         aside.mkdir()
         moved = 0
@@ -269,8 +271,8 @@ class Node:
         if how == RELOAD_SNAPSHOT:
             for _, p in snapshots(d / INCOMING):
                 os.replace(p, d / p.name)
-        _log(f"moved this node's journal and snapshots ({moved} files) to {aside}"
-             + (" and installed the primary's snapshot" if how == RELOAD_SNAPSHOT else ""))
+        log.info(f"moved this node's journal and snapshots ({moved} files) to {aside}"
+                 + (" and installed the primary's snapshot" if how == RELOAD_SNAPSHOT else ""))
 
     def _spawn_all(self) -> None:
         self.progress.clear()
@@ -425,7 +427,8 @@ class Node:
             if self.snapshotter.poll() is None:
                 return
             if self.snapshotter.returncode != 0:
-                _log(f"snapshot process exited with status {self.snapshotter.returncode}")
+                log.error(f"snapshot process exited with status "
+                          f"{self.snapshotter.returncode}")
             self.snapshotter = None
         durable = int(self.sessions.array[0, S_DURABLE])
         new = durable - self.snap_gseq
@@ -483,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir")
     p.add_argument("--epoch", type=int, default=0)
     a = p.parse_args(argv)
+    setup(label=f"exposure/{a.process}")
     cfg = load_config(a.config)
     if a.data_dir:
         cfg = dataclasses.replace(cfg, data_dir=Path(a.data_dir))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -10,6 +11,8 @@ import numpy as np
 import orjson
 
 __all__ = ["main"]
+
+log = logging.getLogger(__name__)
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -164,9 +167,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"exposure: {node.ready_line()}", flush=True)
 
     try:
-        why = node.wait(stop, on_ready=ready,
-                        say=lambda m: print(f"exposure: {m}", file=sys.stderr, flush=True))
-        print(f"exposure: {why}", file=sys.stderr, flush=True)
+        why = node.wait(stop, on_ready=ready, say=log.info)
+        log.log(logging.INFO if stop else logging.ERROR, why)
         return 0 if stop else 1
     finally:
         node.stop()
@@ -619,6 +621,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from exposure.core.log import setup
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["perf"]:  # its own parser (perf/tool.py): modes and many options
         from exposure.bench.tool import main as perf_main
@@ -628,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
     args = _parser().parse_args(argv)
+    setup()
     try:
         return args.func(args)
     except BrokenPipeError:

@@ -20,6 +20,7 @@ from etcd holds its rows once its fence has expired.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 
@@ -58,6 +59,8 @@ from exposure.shm.control import CTL_EPOCH, CTL_FANOUT_ERRORS, CTL_ROLE, ROLE_PR
 from exposure.shm.ring import ring_pop
 
 __all__ = ["FanoutStage"]
+
+log = logging.getLogger(__name__)
 
 _ROW_WORDS = ROW_SIZE // 8
 _DATAGRAMS = CN.INDEX["fanout_datagrams_total"]
@@ -192,7 +195,7 @@ class FanoutStage(Stage):
         self.seq = 0
         self.send_errors = 0
         self.sent = {DG_INCREMENTAL: 0, DG_REFRESH: 0, DG_HEARTBEAT: 0}  # datagrams
-        self.log = RateLog("exposure fanout")
+        self.log = RateLog(log)
         st = state
         self.st = st
         self.nacc, self.ninst, self.nsec = st.acc.shape[0], st.inst.shape[0], st.sec.shape[0]

@@ -57,10 +57,10 @@ its heartbeats from the backup for about ``failover_ms``): the backup may be pro
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import select
 import socket
-import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -92,6 +92,8 @@ from exposure.shm.control import (
 from exposure.shm.session_layout import N_REJ, S_DONE, S_DURABLE, S_HELD, S_REJ
 
 __all__ = ["IngestStage", "PortLimits"]
+
+log = logging.getLogger(__name__)
 
 _HDR = W.HEADER.size
 _MARK_NS = 100_000   # replicated-release checkpoints: at most one per session per 100 us
@@ -192,7 +194,7 @@ class IngestStage(Stage):
                              f"max_sessions is {max_sessions}")
         self.lim = limits
         self.node = sessions[0]  # row 0: the port's counters
-        self.log = RateLog("exposure ingest")
+        self.log = RateLog(log)
         # A node of a pair acknowledges only while it may act (the fence, or running alone:
         # exposure.shm.control.may_act); alone, it releases on its own durability.
         self.pair = replica is not None and ctl is not None
@@ -252,14 +254,13 @@ class IngestStage(Stage):
                 self._listen()
                 break
             except OSError as e:
-                print(f"exposure ingest: cannot listen on {self.addr[0]}:{self.addr[1]} "
-                      f"({e.strerror}); retrying", file=sys.stderr, flush=True)
+                log.warning("cannot listen on %s:%s (%s); retrying", self.addr[0],
+                            self.addr[1], e.strerror)
                 time.sleep(0.1)
         else:  # the process dies; the supervisor restarts the node's processes (as primary)
             raise RuntimeError(f"cannot listen for sessions on {self.addr[0]}:{self.addr[1]}")
-        print(f"exposure ingest: primary (epoch {int(self.ctl[CTL_EPOCH])}): accepting "
-              f"sessions on {self.addr[0]}:{self.addr[1]} from gseq {self.seq.next_gseq}",
-              file=sys.stderr, flush=True)
+        log.info("primary (epoch %s): accepting sessions on %s:%s from gseq %s",
+                 int(self.ctl[CTL_EPOCH]), self.addr[0], self.addr[1], self.seq.next_gseq)
 
     # ------------------------------------------------------------------ loop
     def poll(self) -> int:
@@ -342,11 +343,11 @@ class IngestStage(Stage):
         if fenced != self.fenced:
             self.fenced = fenced
             ctl[CTL_FENCED] = int(fenced)
-            print(f"exposure ingest: {'fenced' if fenced else 'no longer fenced'} (epoch "
-                  f"{int(ctl[CTL_EPOCH])}): "
-                  + ("no valid echo from the backup and not recorded as running alone: "
-                     "acknowledging and publishing nothing" if fenced else
-                     "acknowledging again"), file=sys.stderr, flush=True)
+            log.log(logging.WARNING if fenced else logging.INFO, "%s (epoch %s): %s",
+                    "fenced" if fenced else "no longer fenced", int(ctl[CTL_EPOCH]),
+                    "no valid echo from the backup and not recorded as running alone: "
+                    "acknowledging and publishing nothing" if fenced else
+                    "acknowledging again")
 
     # ------------------------------------------------------------------ connections
     def _accept(self) -> int:

@@ -29,7 +29,7 @@ rings fill and ingest stops reading its sessions; nothing acknowledged is lost.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 
 import numpy as np
@@ -47,6 +47,8 @@ from exposure.shm.session_layout import S_DURABLE
 from exposure.store.journal import JournalWriter
 
 __all__ = ["JournalStage"]
+
+log = logging.getLogger(__name__)
 
 
 @njit(cache=True, _nrt=False)
@@ -112,9 +114,9 @@ class JournalStage(Stage):
         _publish(self.pending, self.sess_flat, self.ncols, np.uint64(self.durable_gseq))
 
     def _fail(self, what: str, e: OSError) -> None:
-        msg = f"exposure journal: {what} failed: {e}; not acknowledging until it succeeds"
-        if msg != self.error:
-            print(msg, file=sys.stderr, flush=True)
+        msg = f"{what} failed: {e}; not acknowledging until it succeeds"
+        if msg != self.error:  # once, not every retry
+            log.error(msg)
             self.error = msg
 
     def poll(self) -> int:
@@ -166,7 +168,7 @@ class JournalStage(Stage):
                 _publish(self.pending, self.sess_flat, self.ncols,
                          np.uint64(self.durable_gseq))
                 if self.error:
-                    print("exposure journal: writing again", file=sys.stderr, flush=True)
+                    log.info("writing again")
                     self.error = None
         return work
 

@@ -33,9 +33,9 @@ from __future__ import annotations
 import collections
 import errno
 import hmac
+import logging
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -76,8 +76,7 @@ _FROM_JOURNAL = CN.INDEX["mirror_journal_records_total"]
 _REPL_RECV_NS = CN.INDEX["mirror_replicated_recv_ns"]
 
 
-def _log(msg: str) -> None:
-    print(f"exposure mirror: {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 class MirrorStage(Stage):
@@ -131,8 +130,8 @@ class MirrorStage(Stage):
             self.fault_check = now + 20_000_000
             cut = (self.data_dir / FAULT_CUT_LINK).exists()
             if cut != self.cut:
-                _log("fault hook: cutting the replication link" if cut else
-                     "fault hook: link restored")
+                log.warning("fault hook: cutting the replication link" if cut else
+                            "fault hook: link restored")
                 self.cut = cut
                 if cut:
                     self._down("")
@@ -238,12 +237,12 @@ class MirrorStage(Stage):
     def _note(self, msg: str) -> None:
         """Log a connection problem once (not every retry)."""
         if msg != self.logged:
-            _log(msg)
+            log.warning(msg)
             self.logged = msg
 
     def _down(self, why: str, quiet: bool = False) -> None:
         if why:
-            (self._note if quiet else _log)(f"{why}; reconnecting")
+            (self._note if quiet else log.warning)(f"{why}; reconnecting")
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -357,7 +356,7 @@ class MirrorStage(Stage):
                 self._start_snapshot(0)  # older than this journal: replaced by a snapshot
                 return
         if why:
-            _log(f"the backup holds gseq {last} but {why}: RESET")
+            log.warning(f"the backup holds gseq {last} but {why}: RESET")
             self._send(R.frame(R.K_RESET, f"gseq {last}: {why}".encode()))
             self._linger()
             return
@@ -375,8 +374,8 @@ class MirrorStage(Stage):
         self.cursor = JournalCursor(self.data_dir, self.next)
         self.state = "stream"
         self._beat(time.monotonic_ns())
-        _log(f"streaming to the backup at {self.peer[0]}:{self.peer[1]} from gseq "
-             f"{self.next}")
+        log.info(f"streaming to the backup at {self.peer[0]}:{self.peer[1]} from gseq "
+                 f"{self.next}")
 
     def _linger(self) -> None:
         """Close once the queued frames have reached the backup (or after a second): the
@@ -441,8 +440,8 @@ class MirrorStage(Stage):
         gseq, path = snaps[-1]
         self.snap_file = open(path, "rb")  # noqa: SIM115  (closed by _down / at the end)
         size = os.fstat(self.snap_file.fileno()).st_size
-        _log(f"the backup needs gseq {last + 1}, before this journal's start: sending "
-             f"snapshot {path.name} ({size / 2**20:.1f} MiB)")
+        log.info(f"the backup needs gseq {last + 1}, before this journal's start: sending "
+                 f"snapshot {path.name} ({size / 2**20:.1f} MiB)")
         self._send(R.frame(R.K_SNAP_BEGIN, R.SNAP_BEGIN.pack(gseq, size)))
         self.state = "snapshot"
 

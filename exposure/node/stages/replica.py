@@ -38,10 +38,10 @@ Every such event is counted in ``ReplicaStage.counters`` and logged at most once
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import select
 import socket
-import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -152,8 +152,7 @@ def _push(words, lo, n, expect, ctrl, slots, sess_flat, ncols, res):
     res[5] = tasleep
 
 
-def _log(msg: str) -> None:
-    print(f"exposure replica: {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 class _Link(Conn):
@@ -202,7 +201,7 @@ class ReplicaStage:
         self.failover_ns = failover_ms * 1_000_000
         self.ack_interval_ns = ack_interval_us * 1000
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self.log = RateLog("exposure replica", _LOG_EVERY_S)
+        self.log = RateLog(log, _LOG_EVERY_S)
         self.ep = select.epoll()
         self.links: Conns = Conns(self.ep)   # fd -> _Link
         self.hellos: dict[int, _Link] = {}   # the unauthenticated ones, oldest first
@@ -261,8 +260,8 @@ class ReplicaStage:
         if ln is None:
             return
         if now - int(self.ctl[CTL_HEARD_NS]) > self.failover_ns:
-            _log(f"the primary at {_peer(ln)} has been silent for "
-                 f"{(now - int(self.ctl[CTL_HEARD_NS])) / 1e6:.0f} ms; closing the link")
+            log.warning(f"the primary at {_peer(ln)} has been silent for "
+                        f"{(now - int(self.ctl[CTL_HEARD_NS])) / 1e6:.0f} ms; closing the link")
             self._close(ln)
             return
         received = self.seq.last
@@ -349,7 +348,7 @@ class ReplicaStage:
         if kind:
             self._event(kind, msg)
         else:
-            _log(msg)
+            log.warning(msg)
         if not ln.authed:  # what it sent beyond its frame: read, so the close is a FIN
             discard(ln.sock, _DISCARD)
         ln.send_now(bytes(ln.out) + R.frame(R.K_REFUSE, code.to_bytes(2, "little")
@@ -404,7 +403,7 @@ class ReplicaStage:
         if data is None:
             return 0
         if not data:
-            _log(f"the primary at {_peer(ln)} closed the link")
+            log.warning(f"the primary at {_peer(ln)} closed the link")
             self._close(ln)
             return 1
         self.ctl[CTL_HEARD_NS] = time.monotonic_ns()
@@ -425,8 +424,8 @@ class ReplicaStage:
             self.echo = max(self.echo, R.BEAT.unpack(payload)[2])
             self._check_sync()
         elif kind == R.K_RESET:
-            _log(f"the primary says this node's state cannot continue its own: "
-                 f"{payload.decode(errors='replace')}; moving it aside and rebuilding")
+            log.warning(f"the primary says this node's state cannot continue its own: "
+                        f"{payload.decode(errors='replace')}; moving it aside and rebuilding")
             self._reload(ln, RELOAD_RESET)
         elif kind in (R.K_SNAP_BEGIN, R.K_SNAP_DATA, R.K_SNAP_END):
             try:
@@ -435,7 +434,7 @@ class ReplicaStage:
                 self._refuse(ln, R.E_PROTOCOL, f"cannot store the snapshot: "
                              f"{e.strerror or e}")
         elif kind == R.K_REFUSE:
-            _log(f"the primary refused: {payload[2:].decode(errors='replace')}")
+            log.warning(f"the primary refused: {payload[2:].decode(errors='replace')}")
             self._close(ln)
         else:
             self._refuse(ln, R.E_PROTOCOL, f"a primary may not send frame kind {kind}")
@@ -460,7 +459,7 @@ class ReplicaStage:
                          f"{known}")
             return
         if self.link is not None:  # a primary that reconnects: the new link wins
-            _log("a new authenticated link replaces the old one")
+            log.info("a new authenticated link replaces the old one")
             self._close(self.link)
         ln.authed = True
         self.link = ln
@@ -474,14 +473,14 @@ class ReplicaStage:
         self.acked = (-1, -1, -1)
         self.echo = 0
         self._send(ln, welcome)
-        _log(f"following the primary at {_peer(ln)} (epoch {epoch}); "
-             f"holding gseq {last}, its journal is at {tail}")
+        log.info(f"following the primary at {_peer(ln)} (epoch {epoch}); "
+                 f"holding gseq {last}, its journal is at {tail}")
         self._check_sync()
 
     def _check_sync(self) -> None:
         if not self.ctl[CTL_IN_SYNC] and self.seq.last >= int(self.ctl[CTL_PRIMARY_GSEQ]):
             self.ctl[CTL_IN_SYNC] = 1
-            _log(f"in sync with the primary at gseq {self.seq.last}")
+            log.info(f"in sync with the primary at gseq {self.seq.last}")
 
     def _drain(self, ln: _Link) -> int:
         """Handle the link's pending frames in order, at most _FRAMES_PER_PASS of them: push
@@ -541,7 +540,7 @@ class ReplicaStage:
         ln.snap_path = inc / (_name(gseq) + ".part")
         ln.snap = open(ln.snap_path, "wb")  # noqa: SIM115  (closed at SNAP_END or _close)
         ln.snap_left = size
-        _log(f"receiving the primary's snapshot at gseq {gseq} ({size / 2**20:.1f} MiB)")
+        log.info(f"receiving the primary's snapshot at gseq {gseq} ({size / 2**20:.1f} MiB)")
 
     def _snap_end(self, ln: _Link) -> None:
         if ln.snap is None or ln.snap_left:

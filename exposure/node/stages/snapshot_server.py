@@ -43,6 +43,7 @@ for tests and the status page): ``served``, ``refused_busy``, ``refused_not_prim
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import time
@@ -78,6 +79,8 @@ from exposure.shm import counters_layout as CN
 from exposure.shm.control import CTL_EPOCH, CTL_ROLE, ROLE_PRIMARY, may_act
 
 __all__ = ["SnapshotServer", "COUNTERS"]
+
+log = logging.getLogger(__name__)
 
 _ACCEPTS_PER_POLL = 4
 _SEND_PER_POLL = 1 << 20        # bytes handed to the kernel per poll, all clients together
@@ -133,7 +136,7 @@ class SnapshotServer(Stage):
         self.accepted = self.served = self.refused_busy = self.refused_not_primary = 0
         self.not_ready = self.bad_requests = self.timeouts = 0
         self.emfile = self.accept_errors = 0
-        self.log = RateLog("exposure snapshot", _LOG_EVERY_S)
+        self.log = RateLog(log, _LOG_EVERY_S)
         st = state
         self.nrows = st.pub.shape[0] + st.ipub.shape[0] + st.spub.shape[0]
         # One rows buffer, gathered into per snapshot (then copied into the response).

@@ -11,7 +11,7 @@ A full run takes 2-4 minutes; ``--quick`` (400,000 events, 2 partitions only, on
 each order's source moved into its account's partition, so that the stream respects every
 map and nothing is rejected as wrong_partition):
 
-1. **the router**: :func:`exposure.core.partition.route` and ``split`` (what ``send_cluster``,
+1. **the router**: :func:`exposure.core.routing.route` and ``split`` (what ``send_cluster``,
    so ``exposure send --cluster``, does to the records) over the whole stream, for 1, 2,
    4 and 8 partitions: ns per event, median of ``--router-repeats``;
 2. **one node's sustained rate**: a real node (``exposure run``, its own name, ports and
@@ -85,7 +85,8 @@ import psutil
 from exposure.bench.flowgen import generate
 from exposure.bench.measure import summarize
 from exposure.cluster.topology import Cluster, load_cluster, send_cluster
-from exposure.core.partition import PartitionMap, route, split
+from exposure.core.partition import PartitionMap
+from exposure.core.routing import route, split
 from exposure.core.types import C_LAST_GSEQ, T_CANCEL, T_DONE, T_FILL, T_NEW, T_REPLACE
 from exposure.harness.localnode import (
     LocalNode,
@@ -915,7 +916,7 @@ def _print_report(out: dict) -> None:
     print(f"exposure cluster bench, {out['started']} ({out['seconds']} s): {out['command']}")
     print(f"stream: {out['events']:,} events (perf/flowgen.py, 200 accounts, 2,000 "
           "instruments; sources moved into their accounts' partitions)")
-    print("\n1. router: exposure.core.partition.route / split (what send --cluster does), ns per "
+    print("\n1. router: exposure.core.routing.route / split (what send --cluster does), ns per "
           f"event, median of {next(iter(out['router'].values()))['repeats']}")
     print(f"  {'partitions':>10} {'route':>8} {'split':>8}")
     for p, r in out["router"].items():

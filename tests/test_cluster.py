@@ -9,7 +9,8 @@ import pytest
 
 from exposure.cluster.topology import compose, replay_cluster, replay_partition, state_view
 from exposure.config.node import ConfigError, load_config
-from exposure.core.partition import ALL, MapError, PartitionMap, mark, route, split
+from exposure.core.partition import ALL, MapError, PartitionMap
+from exposure.core.routing import mark, route, split
 from exposure.core.types import (
     EVENT_DTYPE,
     R_BAD_FIELD,

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from exposure.cluster.topology import load_cluster, replay_cluster, replay_partition
-from exposure.core.partition import split
+from exposure.core.routing import split
 from exposure.engine.desk import Desk
 from exposure.engine.document import compare_documents, document
 from exposure.engine.parse import to_jsonl

@@ -22,8 +22,9 @@ from exposure.engine.document import compare_documents, document
 from exposure.engine.kernel import apply_batch
 from exposure.engine.parse import parse_events
 from exposure.engine.publish import publish_batch, versions
+from exposure.shm.seqlock import write_begin, write_end
 from exposure.shm.tally_layout import allocate
-from exposure.shm.tally_segment import TallySegment, write_begin, write_end
+from exposure.shm.tally_segment import TallySegment
 
 # Small tables, so that cells and live orders run out (capacity rejects) and ids collide.
 CAPS = Capacities(accounts=6, instruments=12, sectors=4, sources=3, orders=24, cells=40)

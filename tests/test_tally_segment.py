@@ -19,12 +19,8 @@ from exposure.engine.kernel import apply_batch
 from exposure.engine.parse import read_events
 from exposure.engine.publish import publish_batch, versions
 from exposure.engine.replay import replay_records
-from exposure.shm.tally_segment import (
-    SegmentBusy,
-    TallySegment,
-    write_begin,
-    write_end,
-)
+from exposure.shm.seqlock import write_begin, write_end
+from exposure.shm.tally_segment import SegmentBusy, TallySegment
 
 # The SPEC's id ranges (the scenarios use them), small order and cell tables.
 SMALL = Capacities(orders=4096, cells=8192)
@@ -106,6 +102,35 @@ def test_missing_segment_is_a_clear_error(node_name):
             raise SegmentBusy(code)
 
 
+def test_copy_rows_copies_a_row_again_while_it_is_being_written():
+    """The numpy row copy (what desks and `exposure dump` read with, no numba) gives a row
+    only once its version is even and did not move: a row whose writer is mid-row (odd
+    version) is copied again, alone, until the writer finished it."""
+    import threading
+
+    from exposure.core.types import PUBROW_DTYPE
+    from exposure.shm.tally_segment import copy_rows
+
+    t = np.zeros(8, PUBROW_DTYPE)
+    t["gseq"] = np.arange(1, 9)
+    t["ver"] = 2
+    t["ver"][3] = 3  # being written: half its new values stored
+    t["long_mv"][3] = 5.0
+
+    def finish() -> None:
+        time.sleep(0.05)
+        t["short_mv"][3] = 2.0
+        t["ver"][3] = 4
+
+    th = threading.Thread(target=finish)
+    th.start()
+    rows = copy_rows(t, np.arange(8))
+    th.join()
+    assert rows["ver"][3] == 4 and (rows["long_mv"][3], rows["short_mv"][3]) == (5.0, 2.0)
+    assert np.array_equal(rows["gseq"], np.arange(1, 9)) and rows.dtype == PUBROW_DTYPE
+    assert np.array_equal(copy_rows(t), t) and np.array_equal(copy_rows(t, [7, 0]), t[[7, 0]])
+
+
 @pytest.mark.process
 @pytest.mark.timeout(300)
 def test_a_reader_hammering_snapshots_never_sees_a_torn_batch(node_name):
@@ -118,7 +143,9 @@ def test_a_reader_hammering_snapshots_never_sees_a_torn_batch(node_name):
         import sys, time, numpy as np
         from exposure.core.capacity import Capacities
         from exposure.engine.kernel import apply_batch
-        from exposure.shm.tally_segment import TallySegment, publish, write_begin, write_end
+        from exposure.engine.publish import publish
+        from exposure.shm.seqlock import write_begin, write_end
+        from exposure.shm.tally_segment import TallySegment
         from exposure.bench.flowgen import generate
         recs = generate(300_000, accounts=200, instruments=3000, universe=50,
                         live_target=3000, seed=9)

@@ -29,7 +29,7 @@ Per batch (up to ``--max-batch`` records from ingest's ring):
 1. **fetch, one round trip**: one ``EVALSHA`` of a Lua script (:data:`FETCH_LUA`) that gathers,
    inside Redis, every row the kernel can read or write for this batch and returns them as
    one binary string. Lua 5.1 cannot compute the kernel's 64-bit hashes, so this process
-   computes each record's home slots with the kernel's own ``_order_home`` / ``_cell_home``
+   computes each record's home slots with the kernel's own ``order_home`` / ``cell_home``
    and sends them with the record's keys as a *plan* (one 48-byte row per record). The
    script then, per record:
 
@@ -128,6 +128,7 @@ from numba import njit
 from exposure.config.node import ConfigError, load_config
 from exposure.core import jit as _jit
 from exposure.core.capacity import Capacities
+from exposure.core.log import setup
 from exposure.core.types import (
     C_CELLS,
     C_LAST_GSEQ,
@@ -152,15 +153,14 @@ from exposure.core.types import (
     T_REPLACE,
     UPDATE_DTYPE,
 )
-from exposure.engine.kernel import _cell_home, _order_home, account_values, apply_batch
-from exposure.engine.publish import count_sessions
+from exposure.engine.kernel import account_values, apply_batch, cell_home, order_home
+from exposure.engine.publish import count_sessions, set_values
 from exposure.feed.wire import DG_INCREMENTAL, DGRAM_HEADER, DGRAM_MAGIC, dgram_word
 from exposure.node.stages.ingest import IngestStage
 from exposure.shm import ring_layout as RL
 from exposure.shm.ring import Ring, ring_pop
 from exposure.shm.session_layout import SESSION_COLS
 from exposure.shm.tally_layout import State, TallyLayout, allocate
-from exposure.shm.tally_segment import set_values
 
 __all__ = ["RedisServer", "TwoTier", "load_state", "main", "FETCH_LUA", "STORE_LUA"]
 
@@ -452,11 +452,11 @@ def _plan(st, recs, n, plan, max_sources):
             elif (t == T_CANCEL or t == T_DONE) and o_ok:
                 flags = F_ORDER
         if flags & F_ORDER:
-            p.ohome = np.int32(_order_home(r.source, r.order_id, omask))
+            p.ohome = np.int32(order_home(r.source, r.order_id, omask))
         if flags & F_CELL:
             key = np.int64(r.account) * ni + np.int64(r.instrument)
             p.key = key
-            p.xhome = np.int32(_cell_home(st.cidx, key))
+            p.xhome = np.int32(cell_home(st.cidx, key))
         p.flags = np.int32(flags)
 
 
@@ -954,6 +954,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timing", action="store_true",
                    help="on exit also print per-batch time in fetch/apply/store to stderr")
     a = p.parse_args(argv)
+    setup(label="twotier")
     if a.max_batch < 1:
         p.error("--max-batch must be at least 1")
     import redis

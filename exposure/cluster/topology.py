@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from exposure.config.node import ConfigError, NodeConfig, load_config, resolve_cpu
-from exposure.core.partition import MapError, PartitionMap, read_toml, split
+from exposure.core.partition import MapError, PartitionMap, read_toml
 from exposure.core.types import (
     C_ACCEPTED,
     C_BCAST_ACCEPTED,
@@ -288,7 +288,7 @@ def partition_views(cluster: Cluster) -> list[PartView]:
 
 def primary_of(members: tuple[NodeConfig, ...]) -> NodeConfig:
     """The member that runs here as primary (else the first: its error says why)."""
-    from exposure.ops.status import read_control
+    from exposure.node.segments import read_control
     from exposure.shm.control import CTL_ROLE, ROLE_PRIMARY
 
     for cfg in members:
@@ -320,7 +320,7 @@ def state_view(st) -> PartView:
 def replay_partition(recs: np.ndarray, pmap: PartitionMap, k: int, caps=None):
     """Partition ``k``'s state after the events of ``recs`` routed to it, each marked as
     its ingest marks them (what it does not own is rejected as wrong_partition)."""
-    from exposure.core.partition import mark
+    from exposure.core.routing import mark, split
     from exposure.engine.replay import replay_records
 
     sub = split(recs, pmap)[k].copy()
@@ -348,6 +348,7 @@ def send_cluster(cluster: Cluster, recs: np.ndarray, session: int = 1, timeout: 
     so also counted in each partition's ``rejected`` when it is rejected; the cluster's
     document counts it once). ``frame``: events per frame (each partition's share of a
     paced ``rate`` leaves a frame at a time)."""
+    from exposure.core.routing import split  # (jitted: here, not for dump and status)
     from exposure.net.client import SendError, send_records
 
     parts = split(recs, cluster.pmap)

@@ -39,7 +39,6 @@ A row whose ``gseq`` is 0 never moved and is left out.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from exposure.core.types import (
     C_ACCEPTED,
@@ -54,7 +53,7 @@ from exposure.core.types import (
     SECPUB_DTYPE,
 )
 from exposure.shm.tally_layout import State
-from exposure.shm.tally_segment import TallySegment, read_row, read_rows
+from exposure.shm.tally_segment import TallySegment, copy_rows
 
 __all__ = ["Desk", "ACCOUNT_ROW", "INSTRUMENT_ROW", "SECTOR_ROW", "POSITION_ROW"]
 
@@ -82,23 +81,10 @@ _ACC_DOC = ["long_mv", "short_mv", "gross", "net", "open_buy_mv", "open_sell_mv"
 
 
 # ----------------------------------------------------------------------------- row seqlocks
-@njit(cache=True, _nrt=False, nogil=True)
-def _copy_rows(table, ver, idx, out):
-    """Copy rows ``table[idx[k]]`` into ``out[k]``, each consistently on its own (its
-    version ``ver[idx[k]]`` even and unchanged across the copy); any table with a
-    version word per row. Returns the attempts used. Releases the GIL (a row being
-    written is waited out without holding up the process's other threads)."""
-    tries = 0
-    for k in range(idx.shape[0]):
-        tries += read_row(table, ver, idx[k], out[k:k + 1])
-    return tries
-
-
 def _copy(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(idx), table.dtype)
-    if len(idx):
-        _copy_rows(table, table["ver"], idx.astype(np.int64), out)
-    return out
+    """Rows ``table[idx]``, each consistent on its own (its version even and unchanged
+    across the copy: :func:`exposure.shm.tally_segment.copy_rows`, numpy only)."""
+    return copy_rows(table, idx)
 
 
 def _moved(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,10 +144,7 @@ class Desk:
 
     # ------------------------------------------------------------------ accounts, fund
     def _rows(self) -> np.ndarray:
-        st = self.state
-        out = np.zeros(len(st.pub), PUBROW_DTYPE)
-        read_rows(st.pub, st.pub["ver"], out)
-        return out
+        return copy_rows(self.state.pub)
 
     def accounts(self) -> np.ndarray:
         """Every account the day has touched, each row consistent on its own (as of the
@@ -177,9 +160,7 @@ class Desk:
     def fund(self) -> dict:
         """The fund row (SPEC section 3) and ``gseq``, the last event it includes."""
         st = self.state
-        out = np.zeros(1, PUBROW_DTYPE)
-        read_rows(st.pub[-1:], st.pub["ver"][-1:], out)
-        r = out[0]
+        r = copy_rows(st.pub, np.array([len(st.pub) - 1]))[0]
         row = {f: float(r[f]) for f in ("long_mv", "short_mv", "gross", "net", "open_buy_mv",
                                         "open_sell_mv", "worst_gross", "margin", "beta_net",
                                         "pnl")}

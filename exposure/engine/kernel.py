@@ -119,7 +119,7 @@ from exposure.core.types import (
 )
 from exposure.shm.intrinsics import prefetch
 
-__all__ = ["apply_batch", "breach_flags", "account_values"]
+__all__ = ["apply_batch", "breach_flags", "account_values", "order_home", "cell_home"]
 
 _U64 = np.uint64
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -145,7 +145,7 @@ def _mix(x):
 
 
 @njit(cache=True, _nrt=False)
-def _order_home(source, order_id, mask):
+def order_home(source, order_id, mask):
     """Home slot of (source, order_id): blocks of 16 consecutive ids of a source share an
     aligned run of 16 slots (sequential ids from an OMS stay on adjacent cache lines);
     the blocks themselves are scattered by a full-avalanche hash."""
@@ -362,7 +362,7 @@ def _revalue(st, i, ref, mult, mr, beta, sector, gseq):
 def _order_find(orders, source, order_id):
     """Slot of (source, order_id) if live (>= 0), else -(free slot + 1)."""
     mask = orders.shape[0] - 1
-    h = _order_home(source, order_id, mask)
+    h = order_home(source, order_id, mask)
     while True:
         if orders[h].cell < 0:
             return -h - 1
@@ -380,7 +380,7 @@ def _order_delete(orders, i):
         j = (j + 1) & mask
         if orders[j].cell < 0:
             break
-        k = _order_home(orders[j].source, orders[j].order_id, mask)
+        k = order_home(orders[j].source, orders[j].order_id, mask)
         # Entry j may move to the hole i only if its home k is not cyclically in (i, j].
         if i <= j:
             if i < k <= j:
@@ -398,7 +398,9 @@ def _order_delete(orders, i):
 
 
 @njit(cache=True, _nrt=False)
-def _cell_home(cidx, key):
+def cell_home(cidx, key):
+    """Home slot of position cell ``key`` in the cell index ``cidx`` (a power-of-two
+    table; linear probing from here: :func:`_cell_slot`)."""
     return np.int64(_mix(_U64(key)) & _U64(cidx.shape[0] - 1))
 
 
@@ -406,7 +408,7 @@ def _cell_home(cidx, key):
 def _cell_slot(cidx, key):
     """Slot of ``key`` in the cell index, or -(free slot + 1)."""
     mask = cidx.shape[0] - 1
-    h = _cell_home(cidx, key)
+    h = cell_home(cidx, key)
     while True:
         k = cidx[h].key
         if k == key:
@@ -657,11 +659,11 @@ def _prefetch_for(st, r):
     """
     t = r.type
     if t >= T_NEW and t <= T_FILL:
-        prefetch(st.orders, _order_home(r.source, r.order_id, st.orders.shape[0] - 1))
+        prefetch(st.orders, order_home(r.source, r.order_id, st.orders.shape[0] - 1))
     if (t == T_NEW or t == T_FILL or t == T_POSITION) and r.account < st.acc.shape[0] and (
             r.instrument < st.inst.shape[0]):
         key = np.int64(r.account) * st.inst.shape[0] + r.instrument
-        prefetch(st.cidx, _cell_home(st.cidx, key))
+        prefetch(st.cidx, cell_home(st.cidx, key))
     if r.instrument < st.inst.shape[0]:
         prefetch(st.inst, np.int64(r.instrument))
 
@@ -676,13 +678,13 @@ def _prefetch_cell_for(st, r):
     t = r.type
     c = -1
     if t >= T_NEW and t <= T_FILL:
-        h = _order_home(r.source, r.order_id, st.orders.shape[0] - 1)
+        h = order_home(r.source, r.order_id, st.orders.shape[0] - 1)
         if st.orders[h].order_id == r.order_id:
             c = st.orders[h].cell
     if c < 0 and (t == T_NEW or t == T_FILL or t == T_POSITION) and (
             r.account < st.acc.shape[0] and r.instrument < st.inst.shape[0]):
         key = np.int64(r.account) * st.inst.shape[0] + r.instrument
-        c = st.cidx[_cell_home(st.cidx, key)].id
+        c = st.cidx[cell_home(st.cidx, key)].id
     if c >= 0:
         prefetch(st.cells, np.int64(c))
 

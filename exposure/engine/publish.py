@@ -5,8 +5,9 @@ instruments (``ichanged``), sectors (``schanged``) and cells (``cchanged``). Her
 jitted pass per batch:
 
 * the **published tables** of the tally segment (``pub``, ``ipub``, ``spub``, ``cpub``,
-  ``ctrpub``): each row is written under its own version word (odd while written; see
-  :mod:`exposure.shm.tally_segment`), so a desk reads any row without waiting for the node;
+  ``ctrpub``): each row is written under its own version word (odd while written; read
+  by :func:`exposure.shm.tally_segment.copy_rows` and :mod:`exposure.shm.seqlock`), so a
+  desk reads any row without waiting for the node;
 * the **feed rows** (types.UPDATE_DTYPE / INSTRUMENT_ROW_DTYPE / SECTOR_ROW_DTYPE, 160
   bytes each): one per moved account, the fund, one per moved instrument and sector, each
   tagged with the event that last moved it; compute pushes them to the fan-out ring;
@@ -41,11 +42,11 @@ from exposure.core.types import (
 )
 from exposure.engine.kernel import account_values
 from exposure.shm.intrinsics import fence_seq_cst, store_release
+from exposure.shm.seqlock import read_row
 from exposure.shm.session_layout import N_REJ, S_DONE, S_REJ
-from exposure.shm.tally_segment import _put_row, publish, read_row
 
-__all__ = ["publish_batch", "publish_all", "count_sessions", "gather_rows", "store_rows",
-           "Versions", "versions"]
+__all__ = ["publish_batch", "publish_all", "publish", "set_values", "count_sessions",
+           "gather_rows", "store_rows", "Versions", "versions"]
 
 
 class Versions:
@@ -81,6 +82,59 @@ def _begin(ver, r):
 @njit(cache=True, _nrt=False, inline="always")
 def _end(ver, r, v):
     store_release(ver, r, np.uint64(v + np.uint64(1)))  # even: complete
+
+
+@njit(cache=True, _nrt=False)
+def set_values(row, vals):
+    """The SPEC's ten account values of a row (published row or fan-out update) from the
+    eight kept tallies ``vals`` (types.K_* order)."""
+    row.long_mv = vals[0]
+    row.short_mv = vals[1]
+    row.gross = vals[0] + vals[1]
+    row.net = vals[0] - vals[1]
+    row.open_buy_mv = vals[2]
+    row.open_sell_mv = vals[3]
+    row.worst_gross = vals[4]
+    row.margin = vals[5]
+    row.beta_net = vals[6]
+    row.pnl = vals[7]
+
+
+@njit(cache=True, _nrt=False)
+def _put_row(pub, ver, r, vals, live, breach, gseq, nl, ns):
+    v = np.uint64(ver[r] + np.uint64(1))
+    store_release(ver, r, v)  # odd: being written
+    fence_seq_cst()
+    row = pub[r]
+    row.gseq = gseq
+    set_values(row, vals)
+    row.live_orders = live
+    row.breach = breach
+    row.net_long_mv = nl
+    row.net_short_mv = ns
+    store_release(ver, r, np.uint64(v + np.uint64(1)))  # even: complete
+
+
+@njit(cache=True)
+def publish(st, ver, last_gseq):
+    """After a batch: publish the changed accounts' rows and the fund row.
+
+    ``ver`` is ``st.pub['ver']`` (a strided u8 view). Each row is written under its own
+    version, so a reader copying one row never waits for more than one row's stores.
+    """
+    vals = np.empty(8)  # the only allocation: once per batch, not per event
+    n = st.ctr[C_NCHANGED]
+    for k in range(n):
+        a = np.int64(st.changed[k])
+        b = np.int64(account_values(st.acc, st.acc_lim, a, vals))
+        _put_row(st.pub, ver, a, vals, np.int64(st.acc_live[a]), b, np.uint64(st.acc_gseq[a]),
+                 0.0, 0.0)
+    for j in range(8):
+        vals[j] = st.fund[j, 0] + st.fund[j, 1]
+    _put_row(st.pub, ver, np.int64(st.acc.shape[0]), vals, np.int64(st.ctr[C_LIVE]),
+             np.int64(0), np.uint64(last_gseq),
+             st.fund[K_NET_LONG, 0] + st.fund[K_NET_LONG, 1],
+             st.fund[K_NET_SHORT, 0] + st.fund[K_NET_SHORT, 1])
 
 
 @njit(cache=True, _nrt=False)

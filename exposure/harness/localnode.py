@@ -214,7 +214,7 @@ class LocalNode:
         """The node's counters segment by name (exposure.shm.counters_layout); {} while
         down."""
         from exposure.config.node import load_config
-        from exposure.ops.status import read_counters
+        from exposure.node.segments import read_counters
 
         try:
             return read_counters(load_config(self.config))

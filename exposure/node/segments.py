@@ -4,15 +4,25 @@ creates them, the processes that attach to them and the tools that read them.
 A node of config name ``N`` has ``/exposure.N.tally``, ``.sessions``, ``.control``,
 ``.counters`` and one ring per hand-off: ``ring.compute`` (ingest -> compute and the
 journal, its two consumers), ``ring.fanout`` (compute -> fan-out) and, in a pair,
-``ring.mirror`` (journal -> mirror).
+``ring.mirror`` (journal -> mirror). :func:`read_control`, :func:`read_counters` and
+:func:`ring_backlog` read the control block, the counters and a ring's backlog (numpy only,
+read-only: for the operator's tools, the cluster's choice of a pair's primary and the
+harness).
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from exposure.config.node import NodeConfig
+from exposure.shm import counters_layout as CN
+from exposure.shm import ring_layout as RL
+from exposure.shm.control import CONTROL_WORDS
+from exposure.shm.segment import SharedArray
 from exposure.shm.session_layout import SESSION_COLS
 
-__all__ = ["RINGS", "ring_names", "segment_names", "session_shape", "ring_consumers"]
+__all__ = ["RINGS", "ring_names", "segment_names", "session_shape", "ring_consumers",
+           "read_control", "read_counters", "ring_backlog"]
 
 RINGS = ("compute", "fanout", "mirror")
 
@@ -40,3 +50,61 @@ def segment_names(cfg: NodeConfig) -> dict[str, str]:
 def session_shape(cfg: NodeConfig) -> tuple[int, int]:
     """The session table's shape: row 0 for the session port, one row per session id."""
     return (cfg.max_sessions + 1, SESSION_COLS)
+
+
+def read_control(cfg: NodeConfig) -> np.ndarray:
+    """A copy of the node's control block (exposure.shm.control); FileNotFoundError when
+    the node is not running."""
+    try:
+        seg = SharedArray.attach(cfg.segment("control"), (CONTROL_WORDS,), np.uint64,
+                                 readonly=True)
+    except Exception as e:  # posix_ipc.ExistentialError
+        raise FileNotFoundError(f"no control block {cfg.segment('control')}: is the node "
+                                f"running? ({e})") from None
+    try:
+        return np.array(seg.array)
+    finally:
+        seg.close()
+
+
+def read_counters(cfg: NodeConfig) -> dict[str, int]:
+    """Every counter of the node's counters segment by name (exposure.shm.counters_layout);
+    FileNotFoundError when the node is not running."""
+    try:
+        seg = SharedArray.attach(cfg.segment("counters"), (CN.COUNTER_WORDS,), np.uint64,
+                                 readonly=True)
+    except Exception as e:  # posix_ipc.ExistentialError, or a shape that does not fit
+        raise FileNotFoundError(f"no counters segment {cfg.segment('counters')}: is the node "
+                                f"running (with this config)? ({e})") from None
+    try:
+        words = np.array(seg.array)
+    finally:
+        seg.close()
+    CN.check(words)
+    return {c.name: int(words[CN.INDEX[c.name]]) for c in CN.COUNTERS}
+
+
+def ring_backlog(cfg: NodeConfig, ring: str) -> tuple[int, list[int]]:
+    """The capacity of the node's ring ``ring`` and each consumer's backlog (records
+    published and not yet taken, as ``len()`` of its end of a :class:`exposure.shm.ring.Ring`
+    counts them: the tail, then the consumer's head), read from the ring's header with
+    numpy. FileNotFoundError when the ring does not exist, ValueError when its header is
+    not a ring's."""
+    name = cfg.segment(f"ring.{ring}")
+    seg = SharedArray.attach(name, (RL.N_WORDS,), np.uint64, readonly=True)
+    try:
+        ctrl = seg.array
+        if int(ctrl[RL.W_MAGIC]) != RL.MAGIC or int(ctrl[RL.W_VERSION]) != RL.VERSION:
+            raise ValueError(f"ring segment {name}: not a ring of layout version "
+                             f"{RL.VERSION}")
+        cap, consumers = int(ctrl[RL.W_CAPACITY]), int(ctrl[RL.W_CONSUMERS])
+        if not 1 <= consumers <= RL.MAX_CONSUMERS:
+            raise ValueError(f"ring segment {name}: {consumers} consumers")
+        fill = []
+        for k in range(consumers):
+            tail = int(ctrl[RL.W_TAIL])
+            fill.append(tail - int(ctrl[RL.HEAD_WORDS[k]]))
+        return cap, fill
+    finally:
+        del ctrl
+        seg.close()

@@ -30,8 +30,7 @@ from exposure.core.types import (
     R_WRONG_PARTITION,
 )
 from exposure.net.sessions import session_names
-from exposure.node.segments import ring_names
-from exposure.shm import counters_layout as CN
+from exposure.node.segments import read_control, read_counters, ring_backlog, ring_names
 from exposure.shm import session_layout as SL
 from exposure.shm.control import (
     CONTROL_WORDS,
@@ -42,44 +41,11 @@ from exposure.shm.control import (
     CTL_SEQUENCED,
     ROLE_NAMES,
 )
-from exposure.shm.ring import Ring
 from exposure.shm.segment import SharedArray
 from exposure.shm.tally_segment import TallySegment
 
 __all__ = ["node_status", "lags", "read_counters", "read_control", "render", "cluster_status",
            "render_cluster"]
-
-
-def read_control(cfg: NodeConfig) -> np.ndarray:
-    """A copy of the node's control block (exposure.shm.control); FileNotFoundError when
-    the node is not running."""
-    try:
-        seg = SharedArray.attach(cfg.segment("control"), (CONTROL_WORDS,), np.uint64,
-                                 readonly=True)
-    except Exception as e:  # posix_ipc.ExistentialError
-        raise FileNotFoundError(f"no control block {cfg.segment('control')}: is the node "
-                                f"running? ({e})") from None
-    try:
-        return np.array(seg.array)
-    finally:
-        seg.close()
-
-
-def read_counters(cfg: NodeConfig) -> dict[str, int]:
-    """Every counter of the node's counters segment by name (exposure.shm.counters_layout);
-    FileNotFoundError when the node is not running."""
-    try:
-        seg = SharedArray.attach(cfg.segment("counters"), (CN.COUNTER_WORDS,), np.uint64,
-                                 readonly=True)
-    except Exception as e:  # posix_ipc.ExistentialError, or a shape that does not fit
-        raise FileNotFoundError(f"no counters segment {cfg.segment('counters')}: is the node "
-                                f"running (with this config)? ({e})") from None
-    try:
-        words = np.array(seg.array)
-    finally:
-        seg.close()
-    CN.check(words)
-    return {c.name: int(words[CN.INDEX[c.name]]) for c in CN.COUNTERS}
 
 
 def lags(counters: dict[str, int], computed: int, durable: int,
@@ -170,16 +136,12 @@ def node_status(cfg: NodeConfig, interval: float = 0.25) -> dict:
     rings = {}
     for r in ring_names(cfg):
         try:
-            ring = Ring.attach(cfg.segment(f"ring.{r}"))
+            cap, fill = ring_backlog(cfg, r)
         except Exception:  # (the node restarts its processes: its rings are remade)
             continue
-        try:
-            rings[r] = {"fill": len(ring), "capacity": ring.capacity}
-            if ring.consumers > 1:  # the journal's backlog on the compute ring
-                rings[f"{r}>journal"] = {"fill": len(ring.reader(1)),
-                                         "capacity": ring.capacity}
-        finally:
-            ring.close()
+        rings[r] = {"fill": fill[0], "capacity": cap}
+        if len(fill) > 1:  # the journal's backlog on the compute ring
+            rings[f"{r}>journal"] = {"fill": fill[1], "capacity": cap}
     names = session_names(cfg.sessions_file) if cfg.sessions_file else {}
     sessions = []
     for sid in range(1, t.shape[0]):

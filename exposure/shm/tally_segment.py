@@ -1,18 +1,10 @@
 """The tally state in a POSIX shared-memory segment: one writer (compute), many readers.
 
-Layout: :mod:`exposure.shm.tally_layout` (the header's ``seqlock`` word sits on its own
-cache line at byte 128). The writer brackets every batch with :func:`write_begin` /
-:func:`write_end`; readers copy what they need between :func:`read_begin` and
-:func:`read_end` and retry when the version moved or was odd, so a reader never returns a
-row, or a set of rows, that a batch was in the middle of changing.
-
-Ordering argument (seqlock):
-* writer: ``store_release(seq, odd)`` then a full fence, so no data store of the batch can
-  become visible (or be compiled) before the odd version; the batch's stores; then
-  ``store_release(seq, even)``, after all of them.
-* reader: ``load_acquire(seq)`` before the copy, so the copy cannot read older data than
-  that version; a full fence, then the second ``load_acquire(seq)``, so the copy's loads
-  complete before the version is re-read. Equal and even: nothing was written in between.
+Layout: :mod:`exposure.shm.tally_layout`. Here: the segment itself (create, attach, the
+writer's pid, close) and the numpy reads of its published rows (:func:`copy_rows`);
+nothing here loads numba, so the operator's tools (``exposure status``, ``exposure dump``)
+and desks read a node without the compiler. The seqlocks the writer and the jitted readers
+use are :mod:`exposure.shm.seqlock`; the rows are written by :mod:`exposure.engine.publish`.
 
 A node that finds a segment of its name whose writer is alive refuses to start; a segment
 whose writer is dead is reclaimed.
@@ -26,19 +18,12 @@ import time
 
 import numpy as np
 import posix_ipc
-from numba import njit
 
 from exposure.core.capacity import Capacities
-from exposure.core.types import C_LIVE, C_NCHANGED, K_NET_LONG, K_NET_SHORT
-from exposure.engine.kernel import account_values
-from exposure.shm.intrinsics import fence_seq_cst, load_acquire, store_release
 from exposure.shm.segment import release
 from exposure.shm.tally_layout import HEADER_DTYPE, State, TallyLayout, prefault
 
-__all__ = ["TallySegment", "SegmentBusy", "SegmentModeError", "write_begin", "write_end",
-           "read_begin", "read_end", "publish", "read_row"]
-
-_SEQ_WORD = HEADER_DTYPE.fields["seqlock"][1] // 8
+__all__ = ["TallySegment", "SegmentBusy", "SegmentModeError", "copy_rows"]
 
 
 class SegmentModeError(ValueError):
@@ -47,29 +32,6 @@ class SegmentModeError(ValueError):
 
 class SegmentBusy(RuntimeError):
     """A live node already owns a segment of this name."""
-
-
-@njit(cache=True, _nrt=False)
-def write_begin(words):
-    v = np.uint64(words[_SEQ_WORD] + np.uint64(1))
-    store_release(words, _SEQ_WORD, v)
-    fence_seq_cst()
-
-
-@njit(cache=True, _nrt=False)
-def write_end(words):
-    store_release(words, _SEQ_WORD, np.uint64(words[_SEQ_WORD] + np.uint64(1)))
-
-
-@njit(cache=True, _nrt=False)
-def read_begin(words):
-    return load_acquire(words, _SEQ_WORD)
-
-
-@njit(cache=True, _nrt=False)
-def read_end(words):
-    fence_seq_cst()
-    return load_acquire(words, _SEQ_WORD)
 
 
 def _alive(pid: int) -> bool:
@@ -200,6 +162,8 @@ class TallySegment:
     def consistent(self, copy, retries: int = 10_000):
         """Run ``copy(state)`` (which must copy what it returns) until it ran while no
         batch was being written; returns its result and the seqlock version it saw."""
+        from exposure.shm.seqlock import read_begin, read_end  # (jitted: loads numba)
+
         for k in range(retries):
             v1 = read_begin(self.words)
             if v1 & 1 == 0:
@@ -213,77 +177,37 @@ class TallySegment:
 
 
 # ----------------------------------------------------------------------------- row seqlocks
-@njit(cache=True, _nrt=False)
-def set_values(row, vals):
-    """The SPEC's ten account values of a row (published row or fan-out update) from the
-    eight kept tallies ``vals`` (types.K_* order)."""
-    row.long_mv = vals[0]
-    row.short_mv = vals[1]
-    row.gross = vals[0] + vals[1]
-    row.net = vals[0] - vals[1]
-    row.open_buy_mv = vals[2]
-    row.open_sell_mv = vals[3]
-    row.worst_gross = vals[4]
-    row.margin = vals[5]
-    row.beta_net = vals[6]
-    row.pnl = vals[7]
+def copy_rows(table: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+    """Copies of the published rows ``table[idx]`` (every row when ``idx`` is None), each
+    consistent on its own: its version word (``table["ver"]``) even and unchanged across
+    the copy, as :func:`exposure.shm.seqlock.read_row` reads a row, in numpy. A row caught
+    while being written is copied again, alone; the writer holds a row for the few
+    nanoseconds of its stores, so a read never waits for a batch.
 
-
-@njit(cache=True, _nrt=False)
-def _put_row(pub, ver, r, vals, live, breach, gseq, nl, ns):
-    v = np.uint64(ver[r] + np.uint64(1))
-    store_release(ver, r, v)  # odd: being written
-    fence_seq_cst()
-    row = pub[r]
-    row.gseq = gseq
-    set_values(row, vals)
-    row.live_orders = live
-    row.breach = breach
-    row.net_long_mv = nl
-    row.net_short_mv = ns
-    store_release(ver, r, np.uint64(v + np.uint64(1)))  # even: complete
-
-
-@njit(cache=True)
-def publish(st, ver, last_gseq):
-    """After a batch: publish the changed accounts' rows and the fund row.
-
-    ``ver`` is ``st.pub['ver']`` (a strided u8 view). Each row is written under its own
-    version, so a reader copying one row never waits for more than one row's stores.
+    Ordering: the versions are loaded, then the rows, then the versions again, each by
+    one numpy copy (separate calls: no compiler moves a load across them). On x86-64 loads
+    are not reordered with other loads, so a row whose version was even and the same
+    both times was not written in between (the writer stores the odd version, a full
+    fence, the row, the even version: :mod:`exposure.engine.publish`).
     """
-    vals = np.empty(8)  # the only allocation: once per batch, not per event
-    n = st.ctr[C_NCHANGED]
-    for k in range(n):
-        a = np.int64(st.changed[k])
-        b = np.int64(account_values(st.acc, st.acc_lim, a, vals))
-        _put_row(st.pub, ver, a, vals, np.int64(st.acc_live[a]), b, np.uint64(st.acc_gseq[a]),
-                 0.0, 0.0)
-    for j in range(8):
-        vals[j] = st.fund[j, 0] + st.fund[j, 1]
-    _put_row(st.pub, ver, np.int64(st.acc.shape[0]), vals, np.int64(st.ctr[C_LIVE]),
-             np.int64(0), np.uint64(last_gseq),
-             st.fund[K_NET_LONG, 0] + st.fund[K_NET_LONG, 1],
-             st.fund[K_NET_SHORT, 0] + st.fund[K_NET_SHORT, 1])
-
-
-@njit(cache=True, _nrt=False)
-def read_row(pub, ver, r, out):
-    """Copy published row ``r`` into ``out[0]`` consistently; returns the attempts used."""
-    tries = 0
-    while True:
-        tries += 1
-        v1 = load_acquire(ver, r)
-        if v1 & np.uint64(1) == 0:
-            out[0] = pub[r]
-            fence_seq_cst()
-            if load_acquire(ver, r) == v1:
-                return tries
-
-
-@njit(cache=True, _nrt=False)
-def read_rows(pub, ver, out):
-    """Copy every published row consistently (each row on its own); returns total tries."""
-    tries = 0
-    for r in range(pub.shape[0]):
-        tries += read_row(pub, ver, r, out[r:r + 1])
-    return tries
+    ver = table["ver"]
+    rows = table.view(np.dtype((np.void, table.dtype.itemsize)))  # (bytes: a fast gather)
+    todo = (np.arange(len(table), dtype=np.int64) if idx is None
+            else np.asarray(idx, dtype=np.int64))
+    v1 = ver[todo]
+    out = rows[todo]
+    v2 = ver[todo]
+    bad = np.flatnonzero((v1 != v2) | (v1 & np.uint64(1) != 0))
+    rounds = 0
+    while len(bad):  # only the rows caught being written, again
+        rounds += 1
+        if rounds > 100:  # a writer descheduled mid-row: let it run
+            time.sleep(0.0001 * min(rounds - 100, 100))
+        at = todo[bad]
+        v1 = ver[at]
+        again = rows[at]
+        v2 = ver[at]
+        ok = (v1 == v2) & (v1 & np.uint64(1) == 0)
+        out[bad[ok]] = again[ok]
+        bad = bad[~ok]
+    return out.view(table.dtype)

@@ -26,9 +26,9 @@ from exposure.core.fs import publish_file
 from exposure.core.types import C_LAST_GSEQ, EVENT_DTYPE
 from exposure.engine.kernel import apply_batch
 from exposure.engine.publish import Versions, count_sessions, publish_all
+from exposure.shm.seqlock import write_begin, write_end
 from exposure.shm.session_layout import S_DONE, S_DURABLE, S_HELD
 from exposure.shm.tally_layout import State, reset
-from exposure.shm.tally_segment import write_begin, write_end
 from exposure.store.journal import JournalWriter, ScanResult, read_blocks
 from exposure.store.snapshot import load_newest
 

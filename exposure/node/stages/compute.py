@@ -30,7 +30,7 @@ from exposure.node.stages.agent import Stage
 from exposure.shm import counters_layout as CN
 from exposure.shm import ring_layout as RL
 from exposure.shm.ring import ring_pop, ring_push, sleeping
-from exposure.shm.tally_segment import write_begin, write_end
+from exposure.shm.seqlock import write_begin, write_end
 
 __all__ = ["ComputeStage"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from exposure.core.partition import owns
+from exposure.core.routing import owns
 from exposure.core.types import (
     EVENT_WORDS,
     R_BAD_FIELD,

@@ -151,6 +151,10 @@ def test_a_reader_hammering_snapshots_never_sees_a_torn_batch(node_name):
                         live_target=3000, seed=9)
         seg = TallySegment.create({name!r}, Capacities(**{SMALL.as_dict()!r}))
         status = np.zeros(len(recs), np.uint8)
+        write_begin(seg.words)  # compile every jitted call before the reader's window
+        apply_batch(seg.state, recs[:0], status[:0])
+        write_end(seg.words)
+        publish(seg.state, seg.state.pub["ver"], 0)
         print("ready", flush=True)
         sys.stdin.readline()
         t_end = time.perf_counter() + 3.0

@@ -51,7 +51,8 @@ from pathlib import Path
 import numpy as np
 
 from exposure.core.types import EVENT_DTYPE, W_SSEQ
-from exposure.harness.localnode import wait_until
+from exposure.harness.machine import steal_ms
+from exposure.harness.wait import wait_for
 from exposure.net import wire as W
 
 __all__ = ["Attack", "KINDS", "main"]
@@ -417,12 +418,6 @@ class _Attacker:
         return {}
 
 
-def _steal_ms() -> float:
-    from exposure.bench.loadgen import steal_ms
-
-    return steal_ms()
-
-
 def _delta(after: dict, before: dict) -> dict:
     return {k: after.get(k, 0) - before.get(k, 0) for k in after if k != "open"}
 
@@ -431,12 +426,12 @@ def _phase(node, target, block, a, session: int, client_cpu: int, attack: bool) 
     from exposure.bench.tool import measure_run
 
     pids0 = node.pids()
-    c0, s0, t0 = node.port_counters(), _steal_ms(), time.monotonic()
+    c0, s0, t0 = node.port_counters(), steal_ms(), time.monotonic()
     load0 = os.getloadavg()[0]
     att = _Attacker(node.port, a, client_cpu) if attack else None
     try:
         if att is not None:  # the flood is at the cap before the measurement starts
-            wait_until(lambda: node.port_counters().get("evicted_before_login", 0)
+            wait_for(lambda: node.port_counters().get("evicted_before_login", 0)
                        > c0.get("evicted_before_login", 0), 30, "the flood to reach the cap")
         a_cpu0 = att.cpu_s() if att else 0.0
         r = measure_run(target, block, a.rate, a.seconds, a.warmup, session,
@@ -454,7 +449,7 @@ def _phase(node, target, block, a, session: int, client_cpu: int, attack: bool) 
     # the node's loop is busy with the attack; fanout_to_client when the client's CPU is.
     out["stages"] = r["stages"]
     out["cpu_percent"] = r["cpu_percent"]
-    out["phase_steal_ms"] = round(_steal_ms() - s0, 1)
+    out["phase_steal_ms"] = round(steal_ms() - s0, 1)
     out["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
     out["phase_s"] = round(wall, 2)
     out["node_counters"] = _delta(c1, c0)

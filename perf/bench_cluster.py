@@ -88,14 +88,10 @@ from exposure.cluster.topology import Cluster, load_cluster, send_cluster
 from exposure.core.partition import PartitionMap
 from exposure.core.routing import route, split
 from exposure.core.types import C_LAST_GSEQ, T_CANCEL, T_DONE, T_FILL, T_NEW, T_REPLACE
-from exposure.harness.localnode import (
-    LocalNode,
-    cpu_times,
-    free_group,
-    free_port,
-    process_map,
-    wait_until,
-)
+from exposure.harness.cluster import LocalCluster, map_ranges, partition_process_map
+from exposure.harness.localnode import LocalNode, cpu_times
+from exposure.harness.machine import cpu_pressure_us, steal_since, steal_ticks
+from exposure.harness.wait import wait_for
 from exposure.net.client import SendError, send_records
 
 Say = Callable[[str], None]  # where progress goes (stderr)
@@ -111,41 +107,12 @@ WARMUP_EVENTS = 50_000  # sent to every node (session 1) before anything is meas
 # the client reconnects and resends what it does not hold. Runs with reconnects say so.
 RETRY_S = 30.0
 
-# 2 cores: the hot path spins briefly, then blocks (several hot processes share the CPUs);
-# journal and recovery server sleep 2 ms ticks on the first CPU (examples/cluster/p0.toml).
-def _process_map(cpu: int) -> str:
-    return process_map("spin-then-block", cpu, 2000, ("journal", "snapshot"))
-
 # The consolidator child's counters (a memory-mapped int64 file the bench reads).
 (_S_READY, _S_ROWS, _S_BATCHES, _S_PUB_NS, _S_POLL_NS, _S_IN, _S_CPU_NOW, _S_CPU_PUB,
  _S_LAST_PUB, _S_GAPS, _S_RECOVERIES, _S_DONE, _S_POLLS, _S_PUB_WALL_NS) = range(14)
 _S_SUBG = 16  # + k: the gseq partition k's subscriber had reached at the last publish
 MAX_PARTITIONS = 64
 _N_STATS = _S_SUBG + MAX_PARTITIONS
-
-
-def cpu_pressure_us() -> int:
-    """Microseconds so far in which some runnable task waited for a CPU (PSI,
-    /proc/pressure/cpu "some"; 0 where the kernel has none)."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            return int(f.readline().split("total=")[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def steal_ticks() -> tuple[int, int]:
-    """(steal, total) jiffies of all CPUs so far (/proc/stat), as perf.bench_pipeline."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return v[7] if len(v) > 7 else 0, sum(v)
-
-
-def _steal_since(s0: tuple[int, int]) -> dict:
-    s1 = steal_ticks()
-    st, tot = s1[0] - s0[0], max(s1[1] - s0[1], 1)
-    return {"steal_percent": round(100 * st / tot, 2),
-            "steal_s": round(st / os.sysconf("SC_CLK_TCK"), 2)}
 
 
 # ----------------------------------------------------------------------------- the stream
@@ -294,7 +261,7 @@ def timed_send(send: Callable[[], dict], progress: Progress, counts: list[int]) 
     return {"seconds": wall, "result": res, "applied_s": applied,
             "client_cpu_percent": round(100 * cpu / wall, 1),
             "cpu_pressure_percent": round((cpu_pressure_us() - psi0) / 1e4 / wall, 1),
-            **_steal_since(steal0)}
+            **steal_since(steal0)}
 
 
 def _others() -> int:
@@ -308,18 +275,6 @@ def _others() -> int:
                 and "python" in cl:
             n += 1
     return n
-
-
-def _restarts(nodes: list[LocalNode]) -> list[str]:
-    out = []
-    for n in nodes:
-        try:
-            text = n.log.read_text(errors="replace")
-        except OSError:
-            continue
-        out += [f"{n.name}: {line.strip()}" for line in text.splitlines()
-                if "no progress" in line or "restart" in line or "exited" in line]
-    return out
 
 
 def settle(pids: list[int], say: Say, timeout: float = 30.0, busy: float = 0.25) -> float:
@@ -354,99 +309,43 @@ def _child_cmd(*args: str) -> tuple[list[str], dict]:
              "sys.exit(_child(sys.argv[1:]))", *args], env)
 
 
-class BenchCluster:
-    """``pmap``'s partitions as real local nodes (exposure.harness.localnode.LocalNode with a
-    ``[partition]`` section), the cluster file and the consolidator's config, all with
-    unique names, ports and groups under ``base``; the consolidator (an instrumented
-    ``exposure consolidate``) runs as a child process on demand. ``stop()`` stops
-    everything and removes what it left in /dev/shm."""
+class BenchCluster(LocalCluster):
+    """``pmap``'s partitions as a :class:`exposure.harness.cluster.LocalCluster` in a
+    directory of its own under ``base``, whose consolidator is an instrumented ``exposure
+    consolidate`` (a child of this script: its counters in a memory-mapped file, ``stats``),
+    and whose nodes' progress is read from their tally segments (``progress``)."""
 
     def __init__(self, base: Path, pmap: PartitionMap):
-        self.dir = base / f"cluster{pmap.partitions}-{uuid.uuid4().hex[:6]}"
-        self.dir.mkdir()
+        super().__init__(base / f"cluster{pmap.partitions}-{uuid.uuid4().hex[:6]}",
+                         map_ranges(pmap), name="bench", prefix="bc")
         self.pmap = pmap
-        self.file = self.dir / "cluster.toml"
-        self.cons_name = f"bcc{os.getpid()}{uuid.uuid4().hex[:6]}"
-        self.cons_config = self.dir / "consolidator.toml"
-        self.cons_config.write_text(
-            f'[node]\nname = "{self.cons_name}"\n[fanout]\ngroup = "{free_group()}"\n'
-            f"port = {free_port()}\nsnapshot_port = {free_port()}\n")
-        self.nodes: list[LocalNode] = []
-        text = f'[cluster]\nname = "bench"\n[consolidator]\nconfig = "{self.cons_config}"\n'
-        for k, name in enumerate(pmap.names):
-            n = LocalNode(self.dir, prefix=f"bc{name}", start=False, extra=(
-                f'[partition]\ncluster = "{self.file}"\nname = "{name}"\n'
-                + _process_map(-1 if k % 2 == 0 else -2)))
-            self.nodes.append(n)
-            k_acc = np.flatnonzero(pmap.acc_owner == k)
-            k_src = np.flatnonzero(pmap.src_owner == k)
-            text += (f'[[partition]]\nname = "{name}"\nconfig = "{n.config}"\n'
-                     f"accounts = [[{k_acc[0]}, {k_acc[-1]}]]\n"
-                     f"sources = [[{k_src[0]}, {k_src[-1]}]]\n")
-        self.file.write_text(text)
-        self.cluster: Cluster = load_cluster(self.file)
-        self.cons: subprocess.Popen | None = None
         self.stats_file = self.dir / "consolidator.stats"
         self.stats: np.ndarray | None = None
         self.progress: Progress | None = None
 
     def start(self, timeout: float = 180) -> None:
-        for n in self.nodes:
-            n.launch()
-        for n in self.nodes:
-            n.wait_ready(timeout)
+        super().start(timeout)
         self.progress = Progress([n.name for n in self.nodes])
-
-    def node_pids(self) -> list[int]:
-        return [p for n in self.nodes for p in n.pids().values()]
 
     def start_consolidator(self, timeout: float = 120, timed: bool = True) -> None:
         """The consolidator child; ``timed``: its poll and _publish wrapped in timers,
         else only its rows and batches counted (the latency run: the timers' own clock
         reads would be part of what it measures)."""
-        _stop_child(self.cons)
-        self.cons = None
+        self.stop_consolidator()
         np.zeros(_N_STATS, np.int64).tofile(self.stats_file)
         self.stats = np.memmap(self.stats_file, np.int64, mode="r", shape=(_N_STATS,))
         cmd, env = _child_cmd("consolidator" if timed else "consolidator-plain",
                               str(self.file), str(self.stats_file))
-        log = self.dir / "consolidator.log"
-        with open(log, "a") as f:
-            self.cons = subprocess.Popen(cmd, stdout=f, stderr=f, env=env, cwd=_ROOT)
-        wait_until(lambda: self.stats[_S_READY] == 1 or self.cons.poll() is not None,
-                   timeout, "the consolidator is ready", step=0.05)
-        if self.cons.poll() is not None:
-            raise RuntimeError(f"the consolidator exited: {log.read_text()[-3000:]}")
-
-    def events(self) -> list[str]:
-        """What the nodes' supervisors said about restarts (watchdog, exits)."""
-        return _restarts(self.nodes)
-
-    def dump_logs(self, say: Say, chars: int = 1500) -> None:
-        """The tail of every log of this cluster (on a failure, before they are removed)."""
-        for f in sorted(self.dir.glob("*.log")):
-            say(f"--- {f.name}:\n{f.read_text(errors='replace')[-chars:]}")
-
-    def conscpu_times(self) -> float:
-        t = psutil.Process(self.cons.pid).cpu_times()
-        return t.user + t.system
+        super().start_consolidator(timeout, cmd, lambda: self.stats[_S_READY] == 1,
+                                   env=env, cwd=_ROOT)
 
     def stop(self) -> None:
         try:
-            _stop_child(self.cons)
-        finally:
-            self.cons = None
             if self.progress is not None:
                 self.progress.close()
                 self.progress = None
-            for n in self.nodes:
-                n.stop()
-            for seg in os.listdir("/dev/shm"):
-                if seg.startswith(f"exposure.{self.cons_name}."):
-                    try:
-                        os.unlink(f"/dev/shm/{seg}")
-                    except FileNotFoundError:
-                        pass
+        finally:
+            super().stop()
 
 
 # ----------------------------------------------------------------------------- 2, 3. rates
@@ -489,7 +388,7 @@ class SingleNode:
 
     def __init__(self, base: Path, recs: np.ndarray):
         self.node = LocalNode(base, prefix="bcs", start=False,
-                              extra=_process_map(-1))
+                              extra=partition_process_map(-1))
         self.recs = recs
         self.runs: list[dict] = []
         self.progress: Progress | None = None
@@ -605,9 +504,9 @@ def consolidator_cost(bc: BenchCluster, recs: np.ndarray, session: int, rate: fl
     # Idle: no event for idle_s seconds (the partitions' feeds send heartbeats and their
     # slow refresh cycle of unchanged rows).
     time.sleep(0.2)
-    i0, c0, t0 = np.array(st), bc.conscpu_times(), time.monotonic()
+    i0, c0, t0 = np.array(st), bc.consolidator_cpu_seconds(), time.monotonic()
     time.sleep(idle_s)
-    i1, c1, dt = np.array(st), bc.conscpu_times(), time.monotonic() - t0
+    i1, c1, dt = np.array(st), bc.consolidator_cpu_seconds(), time.monotonic() - t0
     out["idle"] = {"seconds": round(dt, 2),
                    "input_changes_per_s": round(int(i1[_S_IN] - i0[_S_IN]) / dt, 1),
                    "rows_per_s": round(int(i1[_S_ROWS] - i0[_S_ROWS]) / dt, 1),
@@ -662,8 +561,8 @@ def consolidator_latency(bc: BenchCluster, recs: np.ndarray, session: int, rate:
     with open(log, "a") as f:
         rx = subprocess.Popen(cmd, stdout=f, stderr=f, env=env, cwd=_ROOT)
     try:
-        wait_until(lambda: Path(spec["ready"]).exists() or rx.poll() is not None, 120,
-                   "the receiver joined every feed", step=0.05)
+        wait_for(lambda: Path(spec["ready"]).exists() or rx.poll() is not None, 120,
+                 "the receiver joined every feed", step=0.05)
         if rx.poll() is not None:
             raise RuntimeError(f"the receiver exited: {log.read_text()[-3000:]}")
         st = bc.stats
@@ -687,7 +586,7 @@ def consolidator_latency(bc: BenchCluster, recs: np.ndarray, session: int, rate:
             raise RuntimeError(f"the receiver failed: {log.read_text()[-3000:]}")
     finally:
         _stop_child(rx)
-    steal = _steal_since(steal0)
+    steal = steal_since(steal0)
     data = np.load(spec["out"])
     t_from = t_start + int(warmup * 1e9)
     ps, pr, pk, pn = _first_receipts(data["part_send"], data["part_recv"], data["part_key"],
@@ -1111,20 +1010,20 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # recorded; the other clusters are still measured
                 res["failed"] = f"{phase}: {type(e).__name__}: {e}"
                 say(f"  FAILED in {phase}: {type(e).__name__}: {e}")
-                bc.dump_logs(say)
+                say(bc.log_tails())
             finally:
                 res["node_restarts"] = bc.events()
                 bc.stop()
         if single is not None and single.runs:
             out["single"] = single.summary()
-            out["single"]["node_restarts"] = _restarts([single.node])
+            out["single"]["node_restarts"] = single.node.restarts()
     finally:
         try:
             if single is not None:
                 single.stop()
         finally:
             shutil.rmtree(base, ignore_errors=True)
-    out.update(_steal_since(steal0))
+    out.update(steal_since(steal0))
     out["load_average"] = {"start": round(load0, 2), "end": round(os.getloadavg()[0], 2)}
     out["other_processes"] = {"start": others0, "end": _others()}
     out["seconds"] = round(time.monotonic() - t0, 1)

@@ -33,13 +33,8 @@ from pathlib import Path
 
 from exposure.bench.flowgen import generate, to_jsonl
 from exposure.bench.tool import Target, _flow, measure_run
-from exposure.harness.localnode import (
-    LocalEtcd,
-    LocalNode,
-    LocalPair,
-    process_map,
-    wait_until,
-)
+from exposure.harness.localnode import LocalEtcd, LocalNode, LocalPair, process_map
+from exposure.harness.wait import wait_for
 from exposure.shm.control import (
     CTL_ALONE,
     CTL_IN_SYNC,
@@ -73,7 +68,7 @@ def latency(tmp: Path, etcd, policies, rate: float, duration: float, warmup: flo
             else:
                 pair = LocalPair(d, etcd, release=pol)
                 node, stop = pair.a, pair.stop
-                wait_until(lambda p=pair: _synchronous(p), 60, "the backup synchronous")
+                wait_for(lambda p=pair: _synchronous(p), 60, "the backup synchronous")
             try:  # the client on the core the primary's hot process does not spin on
                 r = measure_run(_target(node), block, rate, duration, warmup, 250,
                                 client_cpu=sorted(os.sched_getaffinity(0))[0])
@@ -131,16 +126,16 @@ def _kill_under_stream(pair: LocalPair, victim: LocalNode, endpoints, recs, rate
     clock = AckClock(endpoints, recs, rate)
     killed = False
     try:
-        wait_until(lambda: _synchronous(pair), 60, "the backup synchronous")
+        wait_for(lambda: _synchronous(pair), 60, "the backup synchronous")
         clock.start()
-        wait_until(lambda: clock.acked() > rate, 30, "the stream acknowledged")
+        wait_for(lambda: clock.acked() > rate, 30, "the stream acknowledged")
         time.sleep(0.3)
         t_kill = _kill(victim)
         killed = True
-        wait_until(until, 10, what)
+        wait_for(until, 10, what)
         t_until = time.time_ns()
-        wait_until(lambda: clock.first_ack_of_records_sent_after(t_kill), 30,
-              "an ACK of a record sent after the kill")
+        wait_for(lambda: clock.first_ack_of_records_sent_after(t_kill), 30,
+                 "an ACK of a record sent after the kill")
         t_ack = clock.first_ack_of_records_sent_after(t_kill)
         return (t_until - t_kill) / 1e6, (t_ack - t_kill) / 1e6
     finally:
@@ -213,13 +208,13 @@ def catchup(tmp: Path, etcd, n: int, log) -> dict:
         assert p.returncode == 0, p.stderr.decode()
         log(f"catch-up: {n:,} events sent to the primary alone in {time.time() - t0:.1f} s")
         pair.b.start()
-        wait_until(lambda: (c := pair.b.control()) is not None and c[CTL_LINK], 60, "the link")
+        wait_for(lambda: (c := pair.b.control()) is not None and c[CTL_LINK], 60, "the link")
         t_link = time.perf_counter()
         c = pair.b.control()
         target = int(c[CTL_PRIMARY_GSEQ])
-        wait_until(lambda: pair.b.control()[CTL_IN_SYNC], 600, "in sync")
+        wait_for(lambda: pair.b.control()[CTL_IN_SYNC], 600, "in sync")
         t_sync = time.perf_counter()
-        wait_until(lambda: pair.b.last_gseq() >= target, 600, "applied")
+        wait_for(lambda: pair.b.last_gseq() >= target, 600, "applied")
         t_applied = time.perf_counter()
     finally:
         pair.stop()

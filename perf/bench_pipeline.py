@@ -44,23 +44,17 @@ import orjson
 from exposure.bench.flowgen import generate
 from exposure.core.capacity import Capacities
 from exposure.harness.localnode import LocalNode
+from exposure.harness.machine import steal_since, steal_ticks
 from exposure.shm.session_layout import SESSION_COLS
 from exposure.shm.tally_layout import allocate
 from exposure.store.journal import JournalWriter
 from exposure.store.recovery import replay_journal
 from perf.bench_kernel import _pin, run_once
 
-__all__ = ["main", "steal_ticks"]
+__all__ = ["main"]
 
 TARGETS = {"recovery_vs_kernel": 0.8, "node_vs_kernel": 0.5, "p50_vs_floor": 1.3,
            "p99_vs_floor": 2.0}
-
-
-def steal_ticks() -> tuple[int, int]:
-    """(steal, total) jiffies of all CPUs so far (/proc/stat)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return v[7] if len(v) > 7 else 0, sum(v)
 
 
 def _kernel(recs: np.ndarray, runs: int) -> dict:
@@ -171,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             out["latency"]["lost"] = r["node"]["lost"]
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    s1 = steal_ticks()
-    out["steal_percent"] = round(100 * (s1[0] - steal0[0]) / max(s1[1] - steal0[1], 1), 2)
+    out["steal_percent"] = steal_since(steal0)["steal_percent"]
     out["seconds"] = round(time.time() - t0, 1)
     out["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
     met = {k: (v >= TARGETS[k] if k.endswith("_kernel") else v <= TARGETS[k])

@@ -35,7 +35,7 @@ from exposure.core.types import ROW_ACCOUNT, UPDATE_DTYPE
 from exposure.feed.subscriber import Subscriber
 from exposure.feed.wire import DG_INCREMENTAL, DG_REFRESH, DGRAM_HEADER, DGRAM_MAGIC, dgram_word
 from exposure.harness.localnode import free_group, free_port
-from perf.bench_cluster import steal_ticks
+from exposure.harness.machine import steal_since, steal_ticks
 
 _TYPES = {"incremental": DG_INCREMENTAL, "refresh": DG_REFRESH}
 
@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     s0 = steal_ticks()
     out = {"woken": [woken(k, a.rate, a.seconds, a.rows) for k in _TYPES],
            "warm": warm(a.rows, a.burst, 200)}
-    s1 = steal_ticks()
-    out["steal_percent"] = round(100 * (s1[0] - s0[0]) / max(s1[1] - s0[1], 1), 2)
+    out["steal_percent"] = steal_since(s0)["steal_percent"]
     if a.json:
         print(orjson.dumps(out).decode())
         return 0

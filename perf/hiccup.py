@@ -22,7 +22,7 @@ import time
 
 import orjson
 
-from exposure.bench.loadgen import steal_ms
+from exposure.harness.machine import steal_ms
 
 __all__ = ["spin_gaps", "main"]
 

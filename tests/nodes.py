@@ -1,14 +1,13 @@
-"""The real local nodes the end-to-end tests start (exposure.harness.localnode, shared with the perf
-tool): one node, or a primary/backup pair."""
+"""Test-only scaffolding around the harness (exposure.harness: LocalNode, LocalPair,
+LocalEtcd, LocalCluster, wait_for): what needs pytest."""
 
 import shutil
 
 import pytest
 
-from exposure.harness.localnode import LocalEtcd, LocalPair, free_port
-from exposure.harness.localnode import LocalNode as LiveNode
+from exposure.harness.localnode import LocalEtcd
 
-__all__ = ["LiveNode", "LocalPair", "LocalEtcd", "free_port", "etcd_or_skip"]
+__all__ = ["etcd_or_skip"]
 
 
 def etcd_or_skip(tmp_path) -> LocalEtcd:

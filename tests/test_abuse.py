@@ -30,10 +30,10 @@ import time
 import numpy as np
 import orjson
 import pytest
-from nodes import LiveNode
 from support import DATA
 
 from exposure.engine.parse import read_events
+from exposure.harness.localnode import LocalNode
 from exposure.net import wire as W
 from perf.bench_abuse import Attack
 
@@ -303,7 +303,7 @@ def node(tmp_path_factory):
         'accounts = "all"\ninstrument = true\nmark = true\nlimit = true\n'
         for s in range(1, N_SESSIONS + 1)))
     sessions.chmod(0o600)
-    n = LiveNode(tmp, start=False)
+    n = LocalNode(tmp, start=False)
     n.add_keys("ingest", f'sessions = "{sessions}"\nmax_connections = {CAP}\n'
                          f"login_timeout_ms = {LOGIN_MS}\nidle_timeout_ms = {IDLE_MS}\n"
                          f"max_output_kb = {OUTPUT_KB}\n")
@@ -623,7 +623,7 @@ def test_an_authenticated_login_replaces_a_stale_connection_of_its_session(node,
 # ---------------------------------------------------------------------- descriptor limit
 @pytest.mark.timeout(360)
 def test_a_node_out_of_file_descriptors_survives_and_serves_after_the_flood(tmp_path):
-    n = LiveNode(tmp_path, start=False)
+    n = LocalNode(tmp_path, start=False)
     n.add_keys("ingest", f"login_timeout_ms = {LOGIN_MS}\n")
     n.wrap = ["prlimit", "--nofile=64:64", "--"]  # the node's processes: 64 descriptors
     cl = Clients(n.port)

@@ -2,125 +2,26 @@
 seeded stream, each partition's ingest rejects what it does not own, and the composed
 document (`exposure dump --cluster`) equals replay of the whole stream."""
 
-import glob
 import os
 import signal
 import subprocess
 import sys
-import uuid
 
 import orjson
 import pytest
 
-from exposure.cluster.topology import load_cluster, replay_cluster, replay_partition
+from exposure.cluster.topology import replay_cluster, replay_partition
 from exposure.core.routing import split
 from exposure.engine.desk import Desk
 from exposure.engine.document import compare_documents, document
-from exposure.engine.parse import to_jsonl
 from exposure.engine.replay import replay_records
 from exposure.feed.subscriber import Subscriber
-from exposure.harness.localnode import free_group, process_map, wait_until
+from exposure.harness.cluster import LocalCluster
+from exposure.harness.wait import WaitTimeout, wait_for
 from tests.clusterflow import cluster_stream
-from tests.nodes import LiveNode, LocalPair, etcd_or_skip, free_port
+from tests.nodes import etcd_or_skip
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.process]
-
-def _hot(cpu: int) -> str:
-    """A partition's process map on 2 cores (examples/cluster/p0.toml)."""
-    return process_map("spin-then-block", cpu, 2000, ("journal", "snapshot"))
-
-
-class LiveCluster:
-    """Partition nodes on free ports, with the cluster file that maps them."""
-
-    def __init__(self, tmp, pmap_ranges: list[tuple[str, list, list]], pairs=None):
-        self.file = tmp / "cluster.toml"
-        self.nodes = []
-        self.tmp = tmp
-        self.cons_name = f"cons{os.getpid()}{uuid.uuid4().hex[:6]}"
-        self.cons_config = tmp / "consolidator.toml"
-        self.cons_config.write_text(
-            f'[node]\nname = "{self.cons_name}"\n[fanout]\ngroup = "{free_group()}"\n'
-            f"port = {free_port()}\nsnapshot_port = {free_port()}\n")
-        self.cons: subprocess.Popen | None = None
-        text = (f'[cluster]\nname = "t"\n[consolidator]\nconfig = "{self.cons_config}"\n')
-        self.pairs = {}
-        for k, (name, accs, srcs) in enumerate(pmap_ranges):
-            part = f'[partition]\ncluster = "{self.file}"\nname = "{name}"\n'
-            if pairs and name in pairs:  # a pair (its a spins on CPU 1)
-                pair = LocalPair(tmp, pairs[name], start=False, node_extra=part)
-                self.pairs[name] = pair
-                self.nodes.append(pair.a)
-                files = f'["{pair.a.config}", "{pair.b.config}"]'
-            else:
-                n = LiveNode(tmp, prefix=f"c{name}", start=False,
-                             extra=part + _hot(-2 if pairs or k % 2 else -1))
-                self.nodes.append(n)
-                files = f'"{n.config}"'
-            text += (f'[[partition]]\nname = "{name}"\nconfig = {files}\n'
-                     f"accounts = {accs}\nsources = {srcs}\n")
-        self.file.write_text(text)
-        self.cluster = load_cluster(self.file)
-
-    def start(self):
-        for p in self.pairs.values():
-            p.start()
-        for n in self.nodes:
-            if n.proc is None:
-                n.launch()
-        for n in self.nodes:
-            n.wait_ready()
-
-    def consolidator_process(self, lines: str) -> None:
-        """Rewrite the cluster file's [consolidator] keys after ``config`` (cpu, wait)."""
-        head = f'[consolidator]\nconfig = "{self.cons_config}"\n'
-        text = self.file.read_text()
-        start = text.index(head) + len(head)
-        end = text.index("[[partition]]", start)
-        self.file.write_text(text[:start] + lines + text[end:])
-        self.cluster = load_cluster(self.file)
-
-    def start_consolidator(self):
-        path = self.tmp / "consolidator.log"
-        before = path.read_text().count("ready") if path.exists() else 0
-        log = open(path, "a")
-        self.cons = subprocess.Popen([sys.executable, "-m", "exposure", "consolidate",
-                                      "--cluster", str(self.file)], stdout=log, stderr=log)
-        log.close()
-        wait_until(lambda: path.read_text().count("ready") > before
-                   or self.cons.poll() is not None, 120, "the consolidator is ready")
-        assert self.cons.poll() is None, (self.tmp / "consolidator.log").read_text()
-
-    def stop_consolidator(self, sig=signal.SIGTERM):
-        if self.cons is not None and self.cons.poll() is None:
-            self.cons.send_signal(sig)
-            self.cons.wait(30)
-        self.cons = None
-
-    def stop(self):
-        try:
-            self.stop_consolidator()
-        finally:
-            if self.cons is not None:  # it did not stop: no leftovers from it either
-                self.cons.kill()
-                self.cons.wait(30)
-                self.cons = None
-            for seg in glob.glob(f"/dev/shm/exposure.{self.cons_name}.*"):
-                os.unlink(seg)  # a consolidator killed before its clean-up ran
-            for p in self.pairs.values():
-                p.stop()
-            for n in self.nodes:
-                n.stop()
-
-
-def _send(c: LiveCluster, tmp, recs, *extra) -> dict:
-    f = tmp / "events.jsonl"
-    f.write_bytes(to_jsonl(recs))
-    out = subprocess.run([sys.executable, "-m", "exposure", "send", "--cluster", str(c.file),
-                          str(f), *extra], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return orjson.loads(out.stdout)
-
 
 def _cli(*args: str) -> str:
     out = subprocess.run([sys.executable, "-m", "exposure", *args], capture_output=True,
@@ -129,19 +30,12 @@ def _cli(*args: str) -> str:
     return out.stdout
 
 
-def _dump(c: LiveCluster) -> dict:
-    out = subprocess.run([sys.executable, "-m", "exposure", "dump", "--cluster", str(c.file),
-                          "--compact"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return orjson.loads(out.stdout)
-
-
-def _applied(c: LiveCluster, recs, nodes=None) -> None:
+def _applied(c: LocalCluster, recs, nodes=None) -> None:
     """Wait until each partition has applied (and published) everything routed to it."""
     for n, sub in zip(nodes or c.nodes, split(recs, c.cluster.pmap), strict=True):
         want = len(sub)
-        wait_until(lambda n=n, want=want: n.last_gseq() == want, 60,
-                   f"{n.name} applies {want} events")
+        wait_for(lambda n=n, want=want: n.last_gseq() == want, 60,
+                 f"{n.name} applies {want} events")
 
 
 def _cluster_rows(doc: dict) -> dict:
@@ -149,7 +43,7 @@ def _cluster_rows(doc: dict) -> dict:
     return {k: doc[k] for k in ("accounts", "fund", "instruments", "sectors")}
 
 
-def _converged(c: LiveCluster, want: dict):
+def _converged(c: LocalCluster, want: dict):
     """Wait until the consolidator's segment (a Desk) and its feed (a Subscriber) both
     show ``want``'s rows; returns the subscriber's counters."""
     want = _cluster_rows(want)
@@ -164,8 +58,8 @@ def _converged(c: LiveCluster, want: dict):
             return (compare_documents(seg, want) == []
                     and compare_documents(sub.document(), want) == [])
         try:
-            wait_until(same, 60, "the consolidator shows the cluster's rows", step=0.05)
-        except RuntimeError:
+            wait_for(same, 60, "the consolidator shows the cluster's rows", step=0.05)
+        except WaitTimeout:
             with Desk(c.cons_name) as desk:
                 print(compare_documents(_cluster_rows(desk.document()), want))
             print(compare_documents(sub.document(), want))
@@ -181,9 +75,9 @@ def test_three_partitions_and_the_consolidator_through_its_restart(tmp_path):
     `exposure status --cluster` shows every partition and the consolidator."""
     seed = 33
     print(f"seed {seed}")
-    two = LiveCluster(tmp_path, [("p0", [[0, 999]], [[0, 3]]),
-                                 ("p1", [[1000, 2999]], [[4, 9]]),
-                                 ("p2", [[3000, 4095]], [[10, 15]])])
+    two = LocalCluster(tmp_path, [("p0", [[0, 999]], [[0, 3]]),
+                                  ("p1", [[1000, 2999]], [[4, 9]]),
+                                  ("p2", [[3000, 4095]], [[10, 15]])])
     try:
         two.start()
         _consolidator_through_a_restart(two, tmp_path, seed)
@@ -193,22 +87,22 @@ def test_three_partitions_and_the_consolidator_through_its_restart(tmp_path):
         assert n.segments() == [], f"{n.name} left segments behind"
 
 
-def _consolidator_through_a_restart(two: LiveCluster, tmp_path, seed: int) -> None:
+def _consolidator_through_a_restart(two: LocalCluster, tmp_path, seed: int) -> None:
     pm = two.cluster.pmap
     recs, _ = cluster_stream(seed, pm, n=6_000)
     half = len(recs) // 2
     two.start_consolidator()
-    _send(two, tmp_path, recs[:half])
+    two.send(recs[:half])
     _applied(two, recs[:half])
     _converged(two, document(replay_records(recs[:half])))
     two.stop_consolidator(signal.SIGKILL)
-    _send(two, tmp_path, recs, "--retry", "60")  # the rest, while it is down
+    two.send(recs, "--retry", "60")  # the rest, while it is down
     two.consolidator_process('cpu = -1\nwait = "spin"\n')  # restarted polling, pinned
     two.start_consolidator()
     assert os.sched_getaffinity(two.cons.pid) == {two.cluster.consolidator_cpu}
     _applied(two, recs)
     want = document(replay_records(recs))
-    assert compare_documents(_dump(two), want) == []
+    assert compare_documents(two.dump(), want) == []
     _converged(two, want)
     watched = orjson.loads(_cli("watch", "--config", str(two.cons_config), "--seconds",
                                 "1.5", "--json"))  # as one node's feed
@@ -235,22 +129,22 @@ def test_misrouted_events_a_restart_and_a_pair_failover_leave_the_cluster_exact(
     seed = 35
     print(f"seed {seed}")
     etcd = etcd_or_skip(tmp_path)
-    c = LiveCluster(tmp_path, [("p0", [[0, 2047]], [[0, 7]]),
-                               ("p1", [[2048, 4095]], [[8, 15]])], pairs={"p1": etcd})
+    c = LocalCluster(tmp_path, [("p0", [[0, 2047]], [[0, 7]]),
+                                ("p1", [[2048, 4095]], [[8, 15]])], pairs={"p1": etcd})
     try:
         c.start()
         c.start_consolidator()
         pm = c.cluster.pmap
         recs, bad = cluster_stream(seed, pm, n=12_000, misroute=0.01)
         half = len(recs) // 2
-        _send(c, tmp_path, recs[:half])
+        c.send(recs[:half])
         _applied(c, recs[:half])
-        assert compare_documents(_dump(c), replay_cluster(recs[:half], pm)) == []
+        assert compare_documents(c.dump(), replay_cluster(recs[:half], pm)) == []
         pair = c.pairs["p1"]
         c.nodes[0].kill9()
         c.nodes[0].start()
         pair.a.kill9()
-        res = _send(c, tmp_path, recs, "--retry", "60")
+        res = c.send(recs, "--retry", "60")
         assert res["events"] == len(recs)
         assert res["delivered"] == sum(len(s) for s in split(recs, pm))
         assert res["partitions"]["p0"]["resent_skipped"] > 0  # it held the first half
@@ -258,15 +152,14 @@ def test_misrouted_events_a_restart_and_a_pair_failover_leave_the_cluster_exact(
         assert set(res["rejects"]) <= {"wrong_partition"}
         nodes = [c.nodes[0], pair.b]
         _applied(c, recs, nodes=nodes)
-        got = _dump(c)  # p1 read from its new primary
+        got = c.dump()  # p1 read from its new primary
         assert compare_documents(got, replay_cluster(recs, pm)) == []
         want = document(replay_records(recs[~bad]))  # misrouted: rejected, nothing moves
         want["counts"]["rejected"] += int(bad.sum())
         want["counts"]["rejects"]["wrong_partition"] = int(bad.sum())
         assert compare_documents(got, want) == []
         for k, n in enumerate(nodes):
-            with Desk(n.name) as desk:
-                mine = desk.document()
+            mine = n.dump(process=False)
             assert compare_documents(mine, document(replay_partition(recs, pm, k))) == []
         assert "partition p0 of" in c.nodes[0].log.read_text()  # its banner: what it owns
         _converged(c, want)

@@ -11,14 +11,14 @@ import subprocess
 import sys
 import time
 
-import orjson
 import pytest
-from nodes import LiveNode
 
 from exposure.bench.flowgen import generate, to_jsonl
 from exposure.engine.document import compare_documents, document
 from exposure.engine.parse import read_events
 from exposure.engine.replay import replay_records
+from exposure.harness.localnode import LocalNode
+from exposure.harness.wait import wait_for
 from exposure.store.journal import scan
 
 pytestmark = pytest.mark.process
@@ -31,25 +31,23 @@ RATE = 40_000  # events/s: the stream lasts about 5 s, so the kills land inside 
 VICTIMS = ("hot", "durable", "supervisor")
 
 
-def _wait_restarted(node: LiveNode, old: dict[str, int], timeout: float = 60) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
+def _wait_restarted(node: LocalNode, old: dict[str, int], timeout: float = 60) -> None:
+    def restarted() -> bool:
         now = node.pids()
-        if all(k in now and now[k] != v for k, v in old.items() if k != "supervisor"):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the node did not restart its processes: {node.log.read_text()}")
+        return all(k in now and now[k] != v for k, v in old.items() if k != "supervisor")
+
+    wait_for(restarted, timeout, "the node to restart its processes", node, step=0.05,
+             show=node.pids, tail=100_000)
 
 
-def _all_up(node: LiveNode, timeout: float = 60) -> dict[str, int]:
+def _all_up(node: LocalNode, timeout: float = 60) -> dict[str, int]:
     """The node's pids once the supervisor and every stage process run."""
-    end = time.time() + timeout
-    while time.time() < end:
+    def up() -> dict[str, int] | None:
         pids = node.pids()
-        if all(v in pids for v in VICTIMS):
-            return pids
-        time.sleep(0.05)
-    raise AssertionError(f"the node's processes did not all start: {node.log.read_text()}")
+        return pids if all(v in pids for v in VICTIMS) else None
+
+    return wait_for(up, timeout, "every process of the node to run", node, step=0.05,
+                    show=node.pids, tail=100_000)
 
 
 @pytest.mark.timeout(420)
@@ -61,7 +59,7 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged_and_counts_nothing_twice(t
     events = tmp_path / "flow.jsonl"
     events.write_bytes(to_jsonl(generate(N_EVENTS, accounts=100, instruments=1000,
                                          universe=40, live_target=5000, seed=seed)))
-    node = LiveNode(tmp_path)
+    node = LocalNode(tmp_path)
     client = None
     try:
         client = subprocess.Popen(
@@ -83,9 +81,7 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged_and_counts_nothing_twice(t
         assert client.returncode == 0, err
         res = json.loads(out)
         assert res["acknowledged"] == N_EVENTS
-        p = node.cli("dump", "--compact")
-        assert p.returncode == 0, p.stderr.decode()
-        live = orjson.loads(p.stdout)
+        live = node.dump()
     finally:
         if client is not None and client.poll() is None:
             client.kill()

@@ -6,12 +6,12 @@ import subprocess
 
 import orjson
 import pytest
-from nodes import LiveNode
 
 from exposure.bench.flowgen import generate, to_jsonl
 from exposure.engine.document import compare_documents, document
 from exposure.engine.parse import read_events
 from exposure.engine.replay import replay_records
+from exposure.harness.localnode import LocalNode
 from exposure.store.journal import scan
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.process]
@@ -36,7 +36,7 @@ def test_a_full_disk_stops_acknowledgements_and_nothing_is_lost(tmp_path, tiny_f
     flow = tmp_path / "flow.jsonl"
     flow.write_bytes(to_jsonl(generate(20_000, accounts=50, instruments=500, universe=30,
                                        live_target=2000, seed=4)))
-    node = LiveNode(tmp_path, data_dir=tiny_fs, extra="segment_mb = 1\n")
+    node = LocalNode(tmp_path, data_dir=tiny_fs, extra="segment_mb = 1\n")
     try:
         p = node.cli("send", str(flow), "--timeout", "5")
         assert p.returncode != 0  # not everything can be acknowledged: the disk is full

@@ -715,16 +715,14 @@ SECTIONS = ("accounts", "fund", "instruments", "sectors")
 @pytest.mark.timeout(300)
 def test_a_real_node_s_feed_rebuilds_what_dump_prints_through_loss_late_join_and_restart(
         tmp_path):
-    from nodes import LiveNode
     from support import DATA
 
     from exposure.engine.parse import read_events
+    from exposure.harness.localnode import LocalNode
     from exposure.net.client import send_records
 
     def dump(n) -> dict:
-        p = n.cli("dump", "--compact")
-        assert p.returncode == 0, p.stderr.decode()
-        doc = orjson.loads(p.stdout)
+        doc = n.dump()
         return {k: doc[k] for k in SECTIONS}
 
     def agree(sub: Subscriber, want: dict, epoch: int = 0) -> None:
@@ -733,7 +731,7 @@ def test_a_real_node_s_feed_rebuilds_what_dump_prints_through_loss_late_join_and
              f"the feed to agree with dump ({compare_documents(sub.document(), want)[:3]})",
              timeout=60)
 
-    n = LiveNode(tmp_path)
+    n = LocalNode(tmp_path)
     subs: list[Subscriber] = []
     try:
         early = Subscriber.from_config(n.config)

@@ -8,9 +8,9 @@ import uuid
 
 import numpy as np
 import pytest
-from nodes import free_port
 
 from exposure.core.types import EVENT_DTYPE, EVENT_SIZE
+from exposure.harness.localnode import free_port
 from exposure.net import wire as W
 from exposure.node.stages.ingest import IngestStage
 from exposure.shm import session_layout as SL

@@ -5,12 +5,13 @@ import json
 import numpy as np
 import orjson
 import pytest
-from nodes import LiveNode
 from support import DATA, SCENARIOS
 
 from exposure.core.types import EVENT_DTYPE, EVENT_WORDS
 from exposure.engine.document import compare_documents
 from exposure.engine.parse import read_events
+from exposure.harness.localnode import LocalNode
+from exposure.harness.wait import wait_for
 from exposure.store.journal import JournalError, JournalWriter, read_blocks, scan
 
 pytestmark = pytest.mark.timeout(300)
@@ -91,32 +92,26 @@ def test_an_empty_data_directory_is_an_empty_journal(tmp_path):
     assert (res.records, res.last, res.torn_path) == (0, 0, None)
 
 
-def _dump(node):
-    p = node.cli("dump", "--compact")
-    assert p.returncode == 0, p.stderr.decode()
-    return orjson.loads(p.stdout)
-
-
 @pytest.mark.process
 @pytest.mark.parametrize("fsync", ["batch", "none"])  # (interval: every other node test)
 def test_a_restarted_node_recovers_exactly_its_tallies_and_sessions(tmp_path, fsync):
     data = tmp_path / "data"
-    n = LiveNode(tmp_path, data_dir=data, fsync=fsync)
+    n = LocalNode(tmp_path, data_dir=data, fsync=fsync)
     try:
         for k, name in enumerate(SCENARIOS):
             p = n.cli("send", str(DATA / f"{name}.jsonl"), "--session", str(k + 1))
             assert p.returncode == 0, p.stderr.decode()
-        before = _dump(n)
+        before = n.dump()
     finally:
         n.stop()
-    n = LiveNode(tmp_path, data_dir=data, fsync=fsync)
+    n = LocalNode(tmp_path, data_dir=data, fsync=fsync)
     try:
-        assert compare_documents(_dump(n), before) == []
+        assert compare_documents(n.dump(), before) == []
         # Every session resumes where it was: a resend is skipped, nothing counts twice.
         p = n.cli("send", str(DATA / f"{SCENARIOS[0]}.jsonl"), "--session", "1")
         res = json.loads(p.stdout)
         assert res["sent"] == 0 and res["acknowledged"] == res["resent_skipped"]
-        assert compare_documents(_dump(n), before) == []
+        assert compare_documents(n.dump(), before) == []
     finally:
         n.stop()
     # Every record sent is in the journal, rejected ones included (they are inputs too).
@@ -132,10 +127,10 @@ def test_journal_tools_verify_inspect_and_replay_as_of_any_seq(tmp_path):
     from exposure.engine.replay import replay_records
 
     name = SCENARIOS[0]
-    n = LiveNode(tmp_path)
+    n = LocalNode(tmp_path)
     try:
         assert n.cli("send", str(DATA / f"{name}.jsonl")).returncode == 0
-        live = _dump(n)
+        live = n.dump()
     finally:
         n.stop()
 
@@ -177,8 +172,6 @@ def test_resetting_a_used_state_keeps_its_capacities_and_equals_a_fresh_one():
 
 @pytest.mark.process
 def test_snapshots_bound_recovery_and_a_corrupt_one_falls_back_to_the_previous(tmp_path):
-    import time
-
     from exposure.bench.flowgen import generate, to_jsonl
     from exposure.store.snapshot import snapshots
 
@@ -188,22 +181,20 @@ def test_snapshots_bound_recovery_and_a_corrupt_one_falls_back_to_the_previous(t
     data = tmp_path / "data"
     extra = ("segment_mb = 1\n[snapshot]\nevery_events = 8000\nevery_s = 0\nkeep = 2\n"
              'journal = "delete"\n')
-    n = LiveNode(tmp_path, data_dir=data, extra=extra)
+    n = LocalNode(tmp_path, data_dir=data, extra=extra)
     try:
         assert n.cli("send", str(flow), "--rate", "20000").returncode == 0
-        end = time.time() + 60
-        while len(snapshots(data)) < 2 and time.time() < end:
-            time.sleep(0.2)
-        before = _dump(n)
+        wait_for(lambda: len(snapshots(data)) >= 2, 60, "two snapshots", n, step=0.2)
+        before = n.dump()
     finally:
         n.stop()
     snaps = snapshots(data)
     assert len(snaps) == 2, n.log.read_text()
     first_seg = min(int(p.name[8:28]) for p in data.glob("journal-*.seg"))
     assert first_seg > 1  # segments covered by the older snapshot were deleted
-    n = LiveNode(tmp_path, data_dir=data, extra=extra)
+    n = LocalNode(tmp_path, data_dir=data, extra=extra)
     try:
-        assert compare_documents(_dump(n), before) == []
+        assert compare_documents(n.dump(), before) == []
     finally:
         n.stop()
     assert f"loaded snapshot at gseq {snaps[-1][0]}" in n.log.read_text()
@@ -211,9 +202,9 @@ def test_snapshots_bound_recovery_and_a_corrupt_one_falls_back_to_the_previous(t
     b = bytearray(newest.read_bytes())
     b[len(b) // 2] ^= 0x01
     newest.write_bytes(bytes(b))
-    n = LiveNode(tmp_path, data_dir=data, extra=extra)
+    n = LocalNode(tmp_path, data_dir=data, extra=extra)
     try:
-        assert compare_documents(_dump(n), before) == []
+        assert compare_documents(n.dump(), before) == []
     finally:
         n.stop()
     log = n.log.read_text()

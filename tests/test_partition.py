@@ -19,10 +19,10 @@ from test_pair import (
     send,
     streaming,
     synchronous,
-    wait_for,
 )
 
 from exposure.harness.localnode import LocalEtcd, LocalPair
+from exposure.harness.wait import wait_for
 from exposure.shm.control import ROLE_BACKUP, ROLE_PRIMARY
 
 pytestmark = pytest.mark.process

@@ -7,13 +7,13 @@ import sys
 
 import numpy as np
 import pytest
-from nodes import LiveNode
 
 from exposure.bench.loadgen import RunRaw, build_frames
 from exposure.bench.measure import collect_arrivals, seen_times, summarize
 from exposure.bench.tool import summarize_run
 from exposure.core.types import EVENT_DTYPE, ROW_ACCOUNT, T_CANCEL, T_MARK, T_NEW, UPDATE_DTYPE
 from exposure.feed.wire import DG_INCREMENTAL, DGRAM_HEADER, DGRAM_MAGIC, dgram_word
+from exposure.harness.localnode import LocalNode
 from exposure.net import wire as W
 
 pytestmark = pytest.mark.timeout(300)
@@ -93,7 +93,7 @@ def test_frames_carry_the_flow_and_mark_its_order_events():
     assert is_order.tolist() == [[True, False, True], [True, False, True], [True, True, False]]
 
 
-def _perf(node: LiveNode, *args: str, log: list | None = None) -> dict:
+def _perf(node: LocalNode, *args: str, log: list | None = None) -> dict:
     r = subprocess.run([sys.executable, "-m", "exposure", "perf", *args, "--config",
                         str(node.config), "--json"], capture_output=True, text=True,
                        timeout=240)
@@ -105,7 +105,7 @@ def _perf(node: LiveNode, *args: str, log: list | None = None) -> dict:
 
 @pytest.fixture
 def node(tmp_path):
-    n = LiveNode(tmp_path)
+    n = LocalNode(tmp_path)
     try:
         yield n
     finally:

@@ -10,13 +10,13 @@ import struct
 import numpy as np
 import orjson
 import pytest
-from nodes import LiveNode
 
 from exposure.config.node import ConfigError, load_config
 from exposure.core.types import R_UNAUTHORIZED
 from exposure.engine.document import compare_documents, document
 from exposure.engine.parse import records_from_objects
 from exposure.engine.replay import replay_records
+from exposure.harness.localnode import LocalNode
 from exposure.net import wire as W
 from exposure.net.client import SendError, send_records
 from exposure.net.sessions import Entitlements, SessionsError, load_sessions
@@ -112,19 +112,13 @@ def node(tmp_path_factory):
     (tmp / "bravo.secret").write_bytes(SECRET[2])
     (tmp / "sessions.toml").write_text(SESSIONS)
     group = grp.getgrgid(os.getgid()).gr_name
-    n = LiveNode(tmp, ingest=f'sessions = "{tmp / "sessions.toml"}"',
+    n = LocalNode(tmp, ingest=f'sessions = "{tmp / "sessions.toml"}"',
                  extra=f'[desks]\nmode = "0640"\ngroup = "{group}"\n')
     try:
         yield n
     finally:
         n.stop()
     assert n.segments() == []
-
-
-def _dump(node) -> dict:
-    p = node.cli("dump", "--compact")
-    assert p.returncode == 0, p.stderr.decode()
-    return orjson.loads(p.stdout)
 
 
 def _status(node) -> dict:
@@ -237,7 +231,7 @@ def test_records_outside_the_entitlements_are_unauthorized_and_never_applied(nod
     assert held == 0 and out["acknowledged"] == len(stream)
     assert out["rejects"] == {"unauthorized": len(theirs)}
     want = document(replay_records(_events(ref + mine, 1)))
-    got = _dump(node)
+    got = node.dump()
     assert compare_documents(got, want) == [], "only the entitled events are applied"
     st = _status(node)
     assert st["unauthorized"] >= len(theirs)

@@ -43,6 +43,7 @@ from exposure.feed.wire import (
     snapshot_request,
 )
 from exposure.harness.localnode import free_port
+from exposure.harness.wait import wait_for
 from exposure.node.stages.snapshot_server import SnapshotServer
 from exposure.shm.control import (
     CONTROL_WORDS,
@@ -183,14 +184,6 @@ def serve():
         r.stop()
 
 
-def wait_for(cond, what: str, timeout: float = WAIT_S) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.001)
-
-
 def connect(addr, timeout: float = WAIT_S) -> socket.socket:
     s = socket.create_connection(addr, timeout=timeout)
     s.settimeout(timeout)
@@ -327,7 +320,7 @@ def test_concurrent_requests_get_the_same_snapshot(serve, tally):
             s.close()
     assert len(set(answers)) == 1
     assert parse_snapshot_header(answers[0])[3] == SNAP_OK
-    wait_for(lambda: run.server.served == 4, "four snapshots served")
+    wait_for(lambda: run.server.served == 4, WAIT_S, "four snapshots served")
 
 
 @pytest.mark.timeout(120)
@@ -390,7 +383,7 @@ def test_a_half_closed_client_still_gets_its_answer(serve, tally):
     s = connect(run.addr)
     try:
         s.sendall(snapshot_request()[:5])
-        wait_for(lambda: len(run.server.clients) == 1, "the connection accepted")
+        wait_for(lambda: len(run.server.clients) == 1, WAIT_S, "the connection accepted")
         s.sendall(snapshot_request()[5:])
         s.shutdown(socket.SHUT_WR)
         data = read_all(s)
@@ -423,10 +416,10 @@ def test_bad_requests_are_closed_and_the_server_still_serves(serve, tally):
             assert refused(s)
         finally:
             s.close()
-        wait_for(lambda k=k: run.server.bad_requests == k, f"bad request {k} counted")
+        wait_for(lambda k=k: run.server.bad_requests == k, WAIT_S, f"bad request {k} counted")
     head, rows = snapshot(run.addr)
     assert head[3] == SNAP_OK and len(rows) == len(expected_rows(tally.st))
-    wait_for(lambda: not run.server.clients, "every connection closed")
+    wait_for(lambda: not run.server.clients, WAIT_S, "every connection closed")
 
 
 @pytest.mark.timeout(120)
@@ -436,7 +429,7 @@ def test_connections_beyond_max_clients_get_busy(serve, tally):
     try:
         for _ in range(3):
             held.append(connect(run.addr))  # connected, no request yet
-        wait_for(lambda: len(run.server.clients) == 3, "three connections held")
+        wait_for(lambda: len(run.server.clients) == 3, WAIT_S, "three connections held")
         for k in (1, 2):
             s = connect(run.addr)
             try:
@@ -455,7 +448,7 @@ def test_connections_beyond_max_clients_get_busy(serve, tally):
     finally:
         for s in held:
             s.close()
-    wait_for(lambda: not run.server.clients, "the held connections closed")
+    wait_for(lambda: not run.server.clients, WAIT_S, "the held connections closed")
     assert snapshot(run.addr)[0][3] == SNAP_OK
 
 
@@ -500,7 +493,7 @@ def test_a_client_that_never_reads_is_dropped_at_the_deadline(serve, big):
         s.settimeout(WAIT_S)
         s.connect(run.addr)
         s.sendall(snapshot_request())
-        wait_for(lambda: run.server.timeouts == 1, "the non-reader dropped", timeout=30)
+        wait_for(lambda: run.server.timeouts == 1, 30, "the non-reader dropped")
         assert run.server.served == 0
         assert not run.server.clients
     finally:
@@ -516,7 +509,7 @@ def test_a_client_that_never_reads_is_dropped_at_the_deadline(serve, big):
 def test_connect_close_cycles_leave_no_descriptors_behind(serve, tally):
     run = serve(tally.ro, primary_ctl())
     snapshot(run.addr)  # anything opened once (epoll, the first answer) is open now
-    wait_for(lambda: not run.server.clients, "the first connection closed")
+    wait_for(lambda: not run.server.clients, WAIT_S, "the first connection closed")
     before = fds()
     for k in range(200):
         s = connect(run.addr)
@@ -534,7 +527,7 @@ def test_connect_close_cycles_leave_no_descriptors_behind(serve, tally):
                 assert parse_snapshot_header(read_all(s))[3] == SNAP_OK
         finally:
             s.close()
-    wait_for(lambda: not run.server.clients, "every connection closed")
+    wait_for(lambda: not run.server.clients, WAIT_S, "every connection closed")
     assert fds() == before
     assert run.server.timeouts == 0 and run.server.bad_requests == 0
     assert run.server.served >= 40

@@ -8,10 +8,10 @@ import time
 
 import orjson
 import pytest
-from nodes import LiveNode
 from support import DATA
 
 from exposure.engine.parse import read_events
+from exposure.harness.localnode import LocalNode
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -27,7 +27,7 @@ def node(tmp_path_factory):
     import subprocess
     import sys
 
-    n = LiveNode(tmp_path_factory.mktemp("status"), start=False)
+    n = LocalNode(tmp_path_factory.mktemp("status"), start=False)
     try:
         n.launch()
         deadline = time.monotonic() + 120
@@ -125,7 +125,7 @@ def test_metrics_are_scraped_over_http_and_match_what_was_sent(node):
     import subprocess
     import sys
 
-    from nodes import free_port
+    from exposure.harness.localnode import free_port
 
     n = N
     port = free_port()
@@ -256,7 +256,7 @@ def test_demo_starts_a_node_streams_a_flow_shows_it_and_cleans_up(tmp_path):
     import subprocess
     import sys
 
-    n = LiveNode(tmp_path, start=False)  # only its config: the demo starts the node
+    n = LocalNode(tmp_path, start=False)  # only its config: the demo starts the node
     p = subprocess.run([sys.executable, "-m", "exposure", "demo", "--rate", "2000",
                         "--seconds", "3", "--config", str(n.config)],
                        capture_output=True, timeout=240,

@@ -9,8 +9,8 @@ import time
 import uuid
 
 import pytest
-from nodes import LiveNode
 
+from exposure.harness.localnode import LocalNode
 from exposure.node.sdnotify import Notifier
 from exposure.shm.control import CTL_PROGRESS
 
@@ -67,7 +67,7 @@ def test_without_systemd_or_for_another_pid_the_notifier_does_nothing(notify_soc
 def test_a_hung_process_is_killed_and_restarted_and_the_watchdog_follows_progress(
         tmp_path, notify_socket):
     path, s = notify_socket
-    n = LiveNode(tmp_path, start=False)
+    n = LocalNode(tmp_path, start=False)
     text = n.config.read_text().replace("[node]\n", "[node]\nstall_ms = 600\n")
     n.config.write_text(text)
     n.env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "300000"}

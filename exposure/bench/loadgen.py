@@ -24,25 +24,15 @@ import numpy as np
 
 from exposure.core.types import EVENT_WORDS, T_CANCEL, T_DONE, T_FILL, T_NEW, T_REPLACE, W_SSEQ
 from exposure.feed.wire import open_receiver
+from exposure.harness.machine import steal_ms
 from exposure.net import wire as W
 
-__all__ = ["RunRaw", "open_loop", "build_frames", "steal_ms"]
+__all__ = ["RunRaw", "open_loop", "build_frames"]
 
 _W_SEND = 16 // 8      # send_ns word of a record
 _W_OID = 64 // 8       # order_id word of a record
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; Python does not export it
 _ORDER_TYPES = (T_NEW, T_FILL, T_REPLACE, T_CANCEL, T_DONE)
-
-
-def steal_ms() -> float:
-    """Hypervisor steal of all CPUs so far (``/proc/stat``), in ms (0 where unknown)."""
-    import os
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-        return int(fields[8]) * 1000 / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def build_frames(block: np.ndarray, frame: int) -> tuple[np.ndarray, int, np.ndarray]:

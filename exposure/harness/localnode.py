@@ -8,22 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
+from exposure.harness.wait import WaitTimeout, wait_for
+
 __all__ = ["LocalNode", "LocalPair", "LocalEtcd", "free_port", "free_group", "listening",
-           "process_map", "wait_until"]
-
-
-def wait_until(pred, timeout: float, what: str, step: float = 0.005) -> None:
-    """Poll ``pred`` every ``step`` s until it holds; RuntimeError naming ``what`` after
-    ``timeout`` s."""
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(step)
+           "process_map", "cpu_times"]
 
 
 _HANDED_OUT: set[int] = set()
@@ -128,17 +119,20 @@ class LocalNode:
                 env={**os.environ, **self.env})
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while True:
+        """Wait until the node listens (for sessions, or as a backup for its primary);
+        RuntimeError with its log if it exits first, and after ``timeout`` s (it is
+        stopped)."""
+        def up() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited: {self.log.read_text()[-3000:]}")
-            if listening("127.0.0.1", self.port) or (
-                    self.repl_port and listening("127.0.0.1", self.repl_port)):
-                break
-            if time.time() > deadline:
-                self.stop()
-                raise RuntimeError("node did not start listening")
-            time.sleep(0.05)
+            return listening("127.0.0.1", self.port) or bool(
+                self.repl_port and listening("127.0.0.1", self.repl_port))
+
+        try:
+            wait_for(up, timeout, f"node {self.name} to listen", self, step=0.05, tail=3000)
+        except WaitTimeout:
+            self.stop()
+            raise
 
     @property
     def alive(self) -> bool:
@@ -238,6 +232,34 @@ class LocalNode:
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "exposure", *args, "--config",
                                str(self.config)], capture_output=True, timeout=timeout)
+
+    def dump(self, process: bool = True, timeout: float = 120) -> dict:
+        """The node's document: what ``exposure dump --compact`` prints (run as a child
+        process, as an operator would; RuntimeError with its stderr if it fails), or with
+        ``process=False`` what a desk on the node's host reads (a Desk, in this
+        process)."""
+        if not process:
+            from exposure.engine.desk import Desk
+
+            with Desk(self.name) as desk:
+                return desk.document()
+        import orjson
+
+        p = self.cli("dump", "--compact", timeout=timeout)
+        if p.returncode != 0:
+            raise RuntimeError(f"exposure dump failed ({p.returncode}): "
+                               f"{p.stderr.decode(errors='replace')[-2000:]}")
+        return orjson.loads(p.stdout)
+
+    def restarts(self) -> list[str]:
+        """What the node's supervisor logged about restarts (its watchdog, exits), each
+        line prefixed with the node's name."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return []
+        return [f"{self.name}: {line.strip()}" for line in text.splitlines()
+                if "no progress" in line or "restart" in line or "exited" in line]
 
     def segments(self) -> list[str]:
         return [n for n in os.listdir("/dev/shm") if n.startswith(f"exposure.{self.name}.")]
@@ -402,17 +424,18 @@ strict = {str(strict).lower()}
         """``a`` first: once etcd names it primary, ``b`` starts beside it while ``a`` is
         still loading its stages."""
         self.a.launch()
-        deadline = time.time() + timeout
-        while True:
+
+        def a_primary() -> bool:
+            if self.a.proc.poll() is not None:
+                self.a.wait_ready(1)  # raises with the log
             try:
                 rec = self.record()
             except Exception:
                 rec = None
-            if rec is not None and rec.primary == self.a.name:
-                break
-            if self.a.proc.poll() is not None or time.time() > deadline:
-                self.a.wait_ready(1)  # raises with the log
-            time.sleep(0.02)
+            return rec is not None and rec.primary == self.a.name
+
+        wait_for(a_primary, timeout, f"etcd to name {self.a.name} primary", self.a,
+                 step=0.02)
         self.b.launch()
         self.a.wait_ready(timeout)
         self.b.wait_ready(timeout)
@@ -463,20 +486,25 @@ class LocalEtcd:
                  "--heartbeat-interval", "50", "--election-timeout", "500"],
                 stdout=log, stderr=log, env={**os.environ, "GOMAXPROCS": "1"},
                 preexec_fn=lambda: os.sched_setaffinity(0, self.cpus))
-        deadline = time.time() + timeout
         import urllib.request
 
-        while True:
+        def healthy() -> bool:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
                     if b"true" in r.read():
-                        return
+                        return True
             except OSError:
                 pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"etcd did not start: {self.log.read_text()[-2000:]}")
-            time.sleep(0.05)
+            if self.proc.poll() is not None:
+                raise WaitTimeout("etcd exited")
+            return False
+
+        try:
+            wait_for(healthy, timeout, "etcd to be healthy", step=0.05)
+        except WaitTimeout as e:
+            self.stop()
+            raise RuntimeError(f"etcd did not start ({e}): "
+                               f"{self.log.read_text()[-2000:]}") from None
 
     def pause(self) -> None:
         """Stop the member (kill -9), keeping its data."""

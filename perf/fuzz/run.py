@@ -14,6 +14,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from exposure.harness.machine import cpu_jiffies, cpu_shares
 from perf.fuzz.client import WAIT_S, _Sync
 from perf.fuzz.content import (
     REF,
@@ -28,19 +29,11 @@ from perf.fuzz.traffic import _worker_main
 from perf.fuzz.verify import _rss_kb, run_checks, verify
 
 
-def _cpu_times() -> list[int]:
-    with open("/proc/stat") as f:
-        return [int(x) for x in f.readline().split()[1:]]
-
-
 def _machine(before: list[int], after: list[int], load0: tuple) -> dict:
-    """What else the machine did meanwhile (/proc/stat's cpu line: user nice system idle
-    iowait irq softirq steal): shares of all CPUs' time, and the load averages."""
-    d = [b - a for a, b in zip(before, after, strict=False)]
-    total = sum(d[:8]) or 1
-    pct = {k: round(100 * d[i] / total, 2) for i, k in
-           enumerate(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"))}
-    return {"cpus": os.cpu_count(), "cpu_pct": pct, "loadavg_before": load0,
+    """What else the machine did meanwhile (exposure.harness.machine.cpu_shares: user nice
+    system idle iowait irq softirq steal): shares of all CPUs' time, and the load
+    averages."""
+    return {"cpus": os.cpu_count(), "cpu_pct": cpu_shares(before, after), "loadavg_before": load0,
             "loadavg_after": os.getloadavg()}
 
 
@@ -138,7 +131,7 @@ def run_fuzz(frames: int = 1_000_000, connections: int = 32, workers: int = 2,
         log(f"perf.fuzz: node {node.name} on 127.0.0.1:{node.port} (pids {pids0}), "
             f"RSS {rss0} kB; {len(plan)} client processes, {frames} frames")
         rss_peak, samples = rss0, []
-        cpu0, load0 = _cpu_times(), os.getloadavg()
+        cpu0, load0 = cpu_jiffies(), os.getloadavg()
         t0 = time.monotonic()
         ctx = mp.get_context("spawn")
         with cf.ProcessPoolExecutor(len(plan), mp_context=ctx) as pool:
@@ -152,7 +145,7 @@ def run_fuzz(frames: int = 1_000_000, connections: int = 32, workers: int = 2,
                     break
             results = [f.result() for f in futs]
         secs = time.monotonic() - t0
-        report["machine_during_fuzz"] = _machine(cpu0, _cpu_times(), load0)
+        report["machine_during_fuzz"] = _machine(cpu0, cpu_jiffies(), load0)
         frames_by = Counter()
         stats = Counter()
         anomalies: list[str] = []

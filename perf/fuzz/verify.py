@@ -4,12 +4,10 @@ unauthorized), and the run's own (:func:`run_checks`: alive, memory, protocol)."
 
 from __future__ import annotations
 
-import json
-import time
-
 import numpy as np
 
 from exposure.core.types import EVENT_DTYPE, R_UNAUTHORIZED
+from exposure.harness.wait import WaitTimeout, wait_for
 from perf.fuzz.client import _Sync
 from perf.fuzz.content import (
     _CATS,
@@ -104,13 +102,14 @@ def verify(node, seed: int, port: int, caps) -> dict:
     seg, tally = _attach(node)
     try:
         sess = seg.array
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if (int(tally.state.ctr[C_LAST_GSEQ]) == total
-                    and int(sess[0, SL.S_DURABLE]) >= total
-                    and all(int(sess[s.id, SL.S_DONE]) == held[s.id] for s in SPECS)):
-                break
-            time.sleep(0.05)
+        try:
+            wait_for(lambda: (int(tally.state.ctr[C_LAST_GSEQ]) == total
+                              and int(sess[0, SL.S_DURABLE]) >= total
+                              and all(int(sess[s.id, SL.S_DONE]) == held[s.id]
+                                      for s in SPECS)),
+                     60, "the node to apply and journal every held event", step=0.05)
+        except WaitTimeout:
+            pass  # the checks below say what differs
         table = {s.id: int(sess[s.id, SL.S_HELD]) for s in SPECS}
         node_unauth = int(tally.state.ctr[C_UNAUTHORIZED])
         last_gseq = int(tally.state.ctr[C_LAST_GSEQ])
@@ -121,10 +120,7 @@ def verify(node, seed: int, port: int, caps) -> dict:
     finally:
         seg.close()
         tally.close()
-    p = node.cli("dump", "--compact")
-    if p.returncode != 0:
-        raise RuntimeError(f"exposure dump failed: {p.stderr.decode()[-2000:]}")
-    dump = json.loads(p.stdout)
+    dump = node.dump()
 
     blocks = list(read_blocks(node.data_dir))
     jr = (np.concatenate([b.records for b in blocks]) if blocks

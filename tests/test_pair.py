@@ -238,17 +238,23 @@ def test_under_replicated_a_primary_whose_process_dies_hands_over_to_its_backup(
                                                                               tmp_path):
     """Under 'replicated' the backup's memory may hold acknowledged events that the
     primary never fsynced: a primary restarting its processes (here: its hot process
-    killed) lets its synchronous backup take over instead of resetting it."""
+    killed) lets its synchronous backup take over instead of resetting it.
+
+    The backup promotes itself only after failover_ms of silence; with the default 300 ms a
+    loaded machine could let it promote before the restarting primary's election runs, and
+    the primary would then follow the record without deciding anything. 5 s of failover
+    makes the primary's decision come first: it is awaited, then the backup's promotion."""
     rnd = seeded()
-    p = pair(release="replicated")
+    p = pair(release="replicated", failover_ms=5000)
     n = 40_000
     events = flow(tmp_path, n, rnd.randrange(1 << 30))
     client = send(p.a, events, rate=20_000)
     with streaming(client):
         time.sleep(rnd.uniform(0.5, 1.0))
         os.kill(p.a.pids()["hot"], 9)
-        wait_for(lambda: role(p.b) == ROLE_PRIMARY, 20, "the hand-over", p.b)
-        assert "starting as a backup (it takes over)" in p.a.log.read_text()
+        wait_for(lambda: "starting as a backup (it takes over)" in p.a.log.read_text(), 20,
+                 "the restarting primary's decision to start as a backup", p.a)
+        wait_for(lambda: role(p.b) == ROLE_PRIMARY, 30, "the hand-over", p.b)
         finish(client, n)
     wait_for(lambda: in_sync(p.a, p.b), 60, "the old primary following", p.a)
     assert_equal_to_replay(p, events)

@@ -88,3 +88,12 @@ def test_each_module_is_under_its_package_and_packages_follow_the_layers():
     assert headings == [h for h in layers if h in headings], (
         f"the package headings {headings} do not follow the layer order {layers}")
     assert layers[-1] == PUBLIC, f"the layer order should end with {PUBLIC!r}: {layers}"
+
+
+def test_the_stated_layer_order_is_the_one_the_layering_test_enforces():
+    """The order is written in two places, the layering test and this page: they agree."""
+    from test_layers import ORDER
+
+    assert tuple(_layers(_section())) == ORDER, (
+        f"docs/design.md states the layers {_layers(_section())}, tests/test_layers.py "
+        f"enforces {list(ORDER)}: make them one order")

@@ -1,0 +1,835 @@
+"""The streaming producer: one session held open all day, events sent as they come.
+
+A :class:`Producer` logs in once (the protocol: :mod:`exposure.net.wire`), then takes
+events one by one or in arrays with :meth:`Producer.send`, which numbers them with the
+session's seqs, copies them into a bounded window and returns at once. One I/O thread owns
+the socket: it sends what the window holds in frames, reads the node's ACKs, keeps the
+session alive with HEARTBEATs, and when the node goes away (a reset connection, or a node
+that says nothing for ``liveness_s``: a hung or stopped machine) it connects to the next
+endpoint (a pair's other node) and resumes from the seq that node holds. An event leaves
+the window only when the node has acknowledged it (processed and durable, per its release
+policy); with a spool (:mod:`exposure.store.spool`) every event is on disk before it goes
+out, so a producer killed with -9 and started again resends what the node lacks.
+
+Seqs: the producer's first login says what the node holds for the session; new events are
+numbered from there (or from the spool's last seq, whichever is higher). So the
+constructor waits for the first login (up to ``connect_timeout``).
+
+Thread-safety: :meth:`send` may be called from several threads (a lock keeps each call's
+seqs contiguous); ``on_result`` runs on the I/O thread and must not block.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from exposure.core.types import EVENT_DTYPE, EVENT_SIZE, NODE_REASONS
+from exposure.net import wire as W
+
+__all__ = ["Producer", "Ack", "ProducerError", "WindowFull", "FlushTimeout", "AuthError",
+           "endpoints_of", "liveness_of"]
+
+log = logging.getLogger(__name__)
+
+_WORDS = EVENT_SIZE // 8
+_W_SSEQ = EVENT_DTYPE.fields["sseq"][1] // 8
+_W_SEND_NS = EVENT_DTYPE.fields["send_ns"][1] // 8
+_BURST_FRAMES = 8         # frames queued per pass (the rest wait for the socket)
+_RESULTS = 65536          # Acks kept for results() (the oldest dropped beyond)
+_RECV = 1 << 16
+_BACKOFF_MAX = 1.0        # seconds between rounds of the endpoints, at most
+_FATAL_REJECTS = {W.E_AUTH, W.E_SEQ, W.E_SESSION, W.E_REPLACED, W.E_PROTOCOL}
+
+
+class ProducerError(RuntimeError):
+    """The producer cannot go on (the message says why)."""
+
+
+class WindowFull(ProducerError):
+    """The window of unacknowledged events is full (block=False, or after send_timeout)."""
+
+
+class FlushTimeout(ProducerError):
+    """Not every event sent was acknowledged within the timeout."""
+
+
+class AuthError(ProducerError):
+    """The node refused the login (wrong secret, or a session it does not know)."""
+
+
+class Ack(NamedTuple):
+    """An acknowledgement: every seq <= ``upto`` is processed and durable at the node.
+
+    ``rejected``: (seq, reason name) of the rejected events among those newly acknowledged
+    (reason names: :data:`exposure.core.types.NODE_REASONS`). The node's ACK carries its
+    per-reason counts, so the seqs are exact only where the counts leave no doubt (none,
+    one event, or all of them rejected); otherwise each rejected event of the range is
+    listed with seq 0 ("one of this range") and its reason, and a reason the counts cannot
+    tell is ``"unknown"``."""
+
+    upto: int
+    rejected: tuple[tuple[int, str], ...] = ()
+
+
+class _Fatal(Exception):
+    def __init__(self, error: ProducerError):
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Never(Exception):
+    """(no spool: nothing raises this)"""
+
+
+class _Dropped(Exception):
+    """The connection is gone (the message says why); try the next endpoint."""
+
+
+def _client_host(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def endpoints_of(cfg) -> list[tuple[str, int]]:
+    """A node config's session endpoints: its own ingest address, then its pair peer's."""
+    out = [(_client_host(cfg.ingest_host), int(cfg.ingest_port))]
+    if cfg.peer_ingest:
+        out.append((_client_host(cfg.peer_ingest[0]), int(cfg.peer_ingest[1])))
+    return out
+
+
+def liveness_of(cfg) -> float:
+    """The default liveness interval for a config: a pair's ``failover_ms`` x 3 (at least
+    1 s), a standalone node's 3 s."""
+    if cfg is not None and cfg.replicated:
+        return max(1.0, cfg.failover_ms * 3 / 1000)
+    return 3.0
+
+
+def _fmt(ep: tuple[str, int]) -> str:
+    return f"{ep[0]}:{ep[1]}"
+
+
+class Producer:
+    """A session held open: ``send`` events, ``flush``, read results; see the module.
+
+    ``config``: a node's (or a pair member's) NodeConfig (:class:`exposure.client.Producer`
+    also takes a TOML path, or None for the built-in default node on this host);
+    ``endpoints``: [(host, port), ...] instead.
+    ``secret`` / ``secret_file``: the session's secret (else read from the config's
+    sessions file where readable; None for a node without one). ``spool``: a directory
+    where every accepted event is written (and fdatasync'ed) before it goes out, at most
+    ``spool_bytes``. ``window``: the most unacknowledged events held; when it is full,
+    ``send`` waits up to ``send_timeout`` (``block=True``) or raises :class:`WindowFull`.
+    ``liveness_s``: no frame from the node this long and the connection is dead (default
+    :func:`liveness_of`). ``connect_timeout``: how long the first login may take.
+    ``on_result(Ack)``: called on the I/O thread for every acknowledgement. ``frame``:
+    records per EVENTS frame, at most.
+    """
+
+    def __init__(self, config=None, session: int = 1, *, endpoints=None, secret=None,
+                 secret_file=None, spool=None, spool_bytes: int = 1 << 30,
+                 window: int = 65536, block: bool = True, send_timeout: float = 30.0,
+                 liveness_s: float | None = None, connect_timeout: float = 60.0,
+                 on_result: Callable[[Ack], Any] | None = None, frame: int = 1024) -> None:
+        cfg = config
+        if cfg is not None and not hasattr(cfg, "ingest_port"):
+            raise TypeError(f"config: a NodeConfig, not {type(cfg).__name__} (the public "
+                            f"exposure.client.Producer also takes a TOML path)")
+        if endpoints is None:
+            if cfg is None:
+                raise ValueError("a producer needs a config or endpoints")
+            endpoints = endpoints_of(cfg)
+        self.endpoints: list[tuple[str, int]] = [(str(h), int(p)) for h, p in endpoints]
+        if not self.endpoints:
+            raise ValueError("a producer needs at least one endpoint")
+        if not 1 <= session < 2**32:
+            raise ValueError(f"session {session}: a session id is 1..2**32-1")
+        if not 1 <= frame <= W.MAX_RECORDS:
+            raise ValueError(f"frame {frame}: 1..{W.MAX_RECORDS} records")
+        if window < 1:
+            raise ValueError(f"window {window}: at least 1")
+        self.session = int(session)
+        self._secret = self._resolve_secret(secret, secret_file, cfg, session)
+        self.liveness_s = float(liveness_s) if liveness_s else liveness_of(cfg)
+        self._hb_s = self.liveness_s / 3
+        self.block, self.send_timeout = block, send_timeout
+        self.connect_timeout = connect_timeout
+        self.frame = int(frame)
+        self.on_result = on_result
+
+        self._spool = None
+        self._spool_full: type[BaseException] = _Never
+        self._spool_error: type[BaseException] = _Never
+        self._spool_blocked = False
+        self._hi_queued = 0
+        pending = np.zeros(0, EVENT_DTYPE)
+        last = 0
+        if spool is not None:
+            from exposure.store.spool import Spool, SpoolError, SpoolFull
+
+            self._spool_full, self._spool_error = SpoolFull, SpoolError
+            self._spool = Spool(Path(spool), spool_bytes, session=self.session)
+            last = int(self._spool.last_seq)
+            pending = np.asarray(self._spool.pending(0))
+        cap = max(int(window), len(pending))
+        self._cap = cap
+        self._ring = np.zeros(cap, EVENT_DTYPE)
+        self._words = self._ring.view(np.uint64).reshape(cap, _WORDS)
+        self._i64 = self._ring.view(np.int64).reshape(cap, _WORDS)
+        # seqs: (acked, sent] are in the window; (acked, spooled] also on disk
+        self.sent = last
+        self.acked = int(pending["sseq"][0]) - 1 if len(pending) else last
+        self._spooled = last
+        if len(pending):
+            self._put(pending, self.acked + 1)
+
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting = 0
+        self._error: ProducerError | None = None
+        self._results: collections.deque[Ack] = collections.deque()
+        self._rej: list[int] | None = None  # the node's reject counters at the last ACK
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._idle = False
+        self._stop = False
+        self._closed = False
+        self._logged_in = False
+        self._first = True
+        self.stats: dict[str, Any] = {
+            "reconnects": 0, "endpoint": None, "logins": 0, "rejects": {},
+            "bytes_sent": 0, "frames_sent": 0, "events_sent": 0, "resent": 0,
+            "heartbeats_sent": 0, "acks": 0, "results_dropped": 0, "dead_links": 0,
+            "last_error": None, "spooled": last}
+        self._thread = threading.Thread(target=self._run, name=f"producer-{session}",
+                                        daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + connect_timeout + self.liveness_s
+        with self._cond:
+            while not self._logged_in and self._error is None:
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    break
+        if not self._logged_in:
+            err = self._error or ProducerError(
+                f"no node accepted session {session} at "
+                f"{', '.join(map(_fmt, self.endpoints))} within {connect_timeout:g} s")
+            self._shutdown()
+            raise type(err)(str(err))
+
+    # ------------------------------------------------------------------ public
+    def send(self, event) -> int:
+        """Queue ``event`` (a SPEC event dict, a list of them, one EVENT_DTYPE record or an
+        array of records); return the (last) session seq assigned. Waits only for room in
+        the window (``block``, ``send_timeout``); the records' ``sseq`` is overwritten."""
+        if isinstance(event, np.void):
+            if event.dtype != EVENT_DTYPE:
+                raise ValueError(f"a record of {event.dtype}, expected EVENT_DTYPE")
+            return self._send_one(event)
+        if isinstance(event, np.ndarray):
+            if event.dtype != EVENT_DTYPE:
+                raise ValueError(f"an array of {event.dtype}, expected EVENT_DTYPE records")
+            recs = event.reshape(-1)
+        elif isinstance(event, dict):
+            from exposure.engine.parse import records_from_objects
+
+            recs = records_from_objects([event])
+            if len(recs) == 1:
+                return self._send_one(recs[0])
+        elif isinstance(event, (list, tuple)):
+            from exposure.engine.parse import records_from_objects
+
+            recs = records_from_objects(list(event))
+        else:
+            raise TypeError(f"send takes a SPEC event dict or EVENT_DTYPE records, not "
+                            f"{type(event).__name__}")
+        return self._send_many(recs)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Return once every seq sent so far is acknowledged; :class:`FlushTimeout` after
+        ``timeout`` seconds (None: no limit)."""
+        target = self.sent
+        self._raise_error()
+        if self.acked >= target:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self.acked < target and self._error is None and not self._closed:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    self._cond.wait(left)
+            finally:
+                self._waiting -= 1
+        self._raise_error()
+        if self.acked < target:
+            where = self.stats["endpoint"] or "no node"
+            why = self.stats["last_error"]
+            raise FlushTimeout(
+                f"{target - self.acked} events (seqs {self.acked + 1}..{target}) not "
+                f"acknowledged within {timeout} s (connected to {where}"
+                + (f"; last error: {why}" if why else "") + ")")
+
+    def results(self, timeout: float | None = None) -> Iterator[Ack]:
+        """The acknowledgements, in order (the same as ``on_result``), until none comes for
+        ``timeout`` seconds (None: until the producer is closed). At most 65,536 wait; the
+        oldest are dropped beyond (``stats['results_dropped']``)."""
+        while True:
+            with self._cond:
+                if not self._results:
+                    self._waiting += 1
+                    try:
+                        self._cond.wait_for(lambda: self._results or self._closed
+                                            or self._error is not None, timeout)
+                    finally:
+                        self._waiting -= 1
+                if not self._results:
+                    return
+                ack = self._results.popleft()
+            yield ack
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush (up to ``timeout``), then disconnect; idempotent. Raises what flush
+        raised, after disconnecting."""
+        if self._closed:
+            return
+        try:
+            if self._error is None:
+                self.flush(timeout)
+        finally:
+            self._shutdown()
+        self._raise_error()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, et, ev, tb) -> None:
+        if et is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except ProducerError as e:
+            log.warning("closing the producer after an error: %s", e)
+
+    # ------------------------------------------------------------------ sending
+    def _raise_error(self) -> None:
+        e = self._error
+        if e is not None:
+            raise type(e)(str(e))
+
+    def _room(self, n: int) -> int:
+        """Wait until ``n`` slots are free (n <= capacity); return when they are."""
+        if self._cap - (self.sent - self.acked) >= n:
+            return n
+        if not self.block:
+            raise WindowFull(f"the window of {self._cap} unacknowledged events is full")
+        deadline = time.monotonic() + self.send_timeout
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._cap - (self.sent - self.acked) < n:
+                    if self._error is not None:
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise WindowFull(
+                            f"the window of {self._cap} unacknowledged events stayed full "
+                            f"for {self.send_timeout:g} s (acknowledged up to "
+                            f"{self.acked}, sent {self.sent})")
+                    self._cond.wait(left)
+            finally:
+                self._waiting -= 1
+        self._raise_error()
+        return n
+
+    def _send_one(self, rec: np.void) -> int:
+        with self._send_lock:
+            if self._error is not None or self._closed:
+                self._raise_error()
+                raise ProducerError("the producer is closed")
+            if self._cap - (self.sent - self.acked) < 1:
+                self._room(1)
+            seq = self.sent + 1
+            slot = (seq - 1) % self._cap
+            self._ring[slot] = rec
+            self._words[slot, _W_SSEQ] = seq
+            self.sent = seq
+            if self._idle:
+                self._wake()
+            return seq
+
+    def _send_many(self, recs: np.ndarray) -> int:
+        n = len(recs)
+        with self._send_lock:
+            if self._error is not None or self._closed:
+                self._raise_error()
+                raise ProducerError("the producer is closed")
+            if n == 0:
+                return self.sent
+            if not self.block and self._cap - (self.sent - self.acked) < n:
+                raise WindowFull(f"{n} events do not fit the window ({self._cap} "
+                                 f"unacknowledged at most, {self.sent - self.acked} held)")
+            lo = 0
+            while lo < n:
+                room = self._cap - (self.sent - self.acked)
+                if room <= 0:
+                    room = self._room(min(n - lo, max(1, self._cap // 4)))
+                k = min(room, n - lo)
+                self._put(recs[lo:lo + k], self.sent + 1)
+                self.sent += k
+                lo += k
+                if self._idle:
+                    self._wake()
+            return self.sent
+
+    def _put(self, recs: np.ndarray, first: int) -> None:
+        """Copy ``recs`` into the slots of seqs first.. and number them."""
+        n = len(recs)
+        s0 = (first - 1) % self._cap
+        k = min(n, self._cap - s0)
+        seqs = np.arange(first, first + n, dtype=np.uint64)
+        self._ring[s0:s0 + k] = recs[:k]
+        self._words[s0:s0 + k, _W_SSEQ] = seqs[:k]
+        if k < n:
+            self._ring[:n - k] = recs[k:]
+            self._words[:n - k, _W_SSEQ] = seqs[k:]
+
+    def _pieces(self, lo: int, hi: int) -> list[np.ndarray]:
+        """The window's slots of seqs lo..hi (inclusive): one or two slices of the ring."""
+        n = hi - lo + 1
+        s0 = (lo - 1) % self._cap
+        if s0 + n <= self._cap:
+            return [self._ring[s0:s0 + n]]
+        return [self._ring[s0:], self._ring[:n - (self._cap - s0)]]
+
+    def _wake(self) -> None:
+        self._idle = False
+        try:
+            os.eventfd_write(self._efd, 1)
+        except OSError:
+            pass
+
+    def _notify(self) -> None:
+        if self._waiting:
+            with self._cond:
+                self._cond.notify_all()
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _resolve_secret(secret, secret_file, cfg, session: int) -> bytes | None:
+        if secret is not None:
+            return secret.encode() if isinstance(secret, str) else bytes(secret)
+        if secret_file is not None:
+            try:
+                return Path(secret_file).read_bytes().strip()
+            except OSError as e:
+                raise ProducerError(f"cannot read the secret file {secret_file}: "
+                                    f"{e.strerror or e}") from None
+        if cfg is not None and cfg.sessions_file is not None:
+            from exposure.net.sessions import SessionsError, secret_for
+
+            try:
+                return secret_for(cfg.sessions_file, session)
+            except PermissionError:
+                return None
+            except (OSError, SessionsError) as e:
+                raise ProducerError(f"no secret for session {session}: {e}") from None
+        return None
+
+    def _shutdown(self) -> None:
+        self._stop = True
+        self._wake()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(10)
+        self._closed = True
+        with self._cond:
+            self._cond.notify_all()
+        if not self._thread.is_alive():
+            try:
+                os.close(self._efd)
+            except OSError:
+                pass
+            self._efd = -1
+            if self._spool is not None:
+                self._spool.close()
+
+    def _fail(self, err: ProducerError) -> None:
+        log.error("producer of session %s: %s", self.session, err)
+        with self._cond:
+            self._error = err
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ the I/O thread
+    def _run(self) -> None:
+        try:
+            k = 0
+            rounds = 0
+            first_deadline = time.monotonic() + self.connect_timeout
+            while not self._stop:
+                self._spool_now()
+                ep = self.endpoints[k % len(self.endpoints)]
+                try:
+                    sock, held = self._connect(ep)
+                except _Dropped as e:
+                    self.stats["last_error"] = f"{_fmt(ep)}: {e}"
+                    log.debug("producer of session %s: %s: %s", self.session, _fmt(ep), e)
+                    k += 1
+                    if k % len(self.endpoints) == 0:
+                        rounds += 1
+                        if self._first and time.monotonic() >= first_deadline:
+                            raise _Fatal(ProducerError(
+                                f"no node accepted session {self.session} at "
+                                f"{', '.join(map(_fmt, self.endpoints))} within "
+                                f"{self.connect_timeout:g} s (last: "
+                                f"{self.stats['last_error']})")) from None
+                        self._pause(min(_BACKOFF_MAX, 0.02 * 2 ** min(rounds, 6)))
+                    continue
+                rounds = 0
+                try:
+                    self._pump(sock, ep, held)
+                except _Dropped as e:
+                    self.stats["last_error"] = f"{_fmt(ep)}: {e}"
+                    if not self._stop:
+                        self.stats["reconnects"] += 1
+                        log.warning("producer of session %s: %s: %s; trying %s",
+                                    self.session, _fmt(ep), e,
+                                    _fmt(self.endpoints[(k + 1) % len(self.endpoints)]))
+                        k += 1
+                finally:
+                    sock.close()
+        except _Fatal as e:
+            self._fail(e.error)
+        except Exception as e:  # a bug: say so, never hang the caller
+            log.exception("producer of session %s: the I/O thread failed", self.session)
+            self._fail(ProducerError(f"the producer's I/O thread failed: {e!r}"))
+        finally:
+            with self._cond:
+                self._cond.notify_all()
+
+    def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` between rounds of the endpoints, spooling what is sent
+        meanwhile (or until the producer stops)."""
+        end = time.monotonic() + seconds
+        while not self._stop and (left := end - time.monotonic()) > 0:
+            self._idle = True
+            self._spool_now()
+            try:
+                if select.select([self._efd], [], [], left)[0]:
+                    os.eventfd_read(self._efd)
+            except (BlockingIOError, InterruptedError):
+                pass
+            finally:
+                self._idle = False
+        self._spool_now()
+
+    def _spool_now(self) -> None:
+        """Disconnected: what was sent goes to the spool anyway (a producer killed while
+        its node is away loses nothing it accepted)."""
+        if self._spool is not None and self.sent > self._spooled and not self._spool_blocked:
+            self._spool_up_to(self.sent)
+
+    def _connect(self, ep: tuple[str, int]) -> tuple[socket.socket, int]:
+        """Connect and log in within ``liveness_s``: the socket (non-blocking) and the
+        seq the node holds. _Dropped for anything a retry may cure; _Fatal for a refusal."""
+        try:
+            sock = socket.create_connection(ep, timeout=self.liveness_s)
+        except OSError as e:
+            raise _Dropped(f"cannot connect: {e.strerror or e}") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            deadline = time.monotonic() + self.liveness_s
+            reader = W.FrameReader()
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop:
+                    raise _Dropped(f"no login answer within {self.liveness_s:g} s")
+                sock.settimeout(left)
+                try:
+                    data = sock.recv(_RECV)
+                except TimeoutError:
+                    continue
+                if not data:
+                    raise _Dropped("closed the connection before login")
+                for kind, payload in reader.feed(data):
+                    if kind == W.K_CHALLENGE:
+                        proof = (W.login_mac(self._secret, self.session, payload)
+                                 if self._secret else bytes(32))
+                        sock.sendall(W.encode_login(self.session, proof))
+                    elif kind == W.K_REJECT:
+                        self._rejected(payload, ep)
+                    elif kind == W.K_LOGIN_OK:
+                        (held,) = struct.unpack("<Q", payload)
+                        sock.setblocking(False)
+                        return sock, held
+        except (OSError, W.ProtocolError) as e:
+            sock.close()
+            raise _Dropped(f"login failed: {e}") from None
+        except BaseException:
+            sock.close()
+            raise
+
+    def _rejected(self, payload, ep) -> None:
+        """A REJECT from the node: fatal for a refusal a retry cannot cure, else
+        _Dropped."""
+        code, detail, text = W.decode_reject(payload)
+        name = W.REJECT_NAMES.get(code, str(code))
+        where = _fmt(ep)
+        if code == W.E_AUTH:
+            raise _Fatal(AuthError(
+                f"{where} refused session {self.session}: {text} (wrong secret, or a "
+                f"session its sessions file does not have)"))
+        if code == W.E_SEQ:
+            raise _Fatal(ProducerError(
+                f"{where} expected seq {detail} of session {self.session} and got another "
+                f"(a producer bug, or another client sending as this session): {text}"))
+        if code in _FATAL_REJECTS:
+            raise _Fatal(ProducerError(f"{where} refused session {self.session}: {text} "
+                                       f"({name})"))
+        raise _Dropped(f"rejected: {text} ({name})")
+
+    def _login_ok(self, held: int, ep) -> int:
+        """What to send first after a login at which the node holds ``held``."""
+        if self._first:
+            self._first = False
+            if held > self.sent:  # the session's history from before this producer
+                with self._send_lock:
+                    if held > self.sent:
+                        log.info("session %s: the node holds seqs up to %s: numbering "
+                                 "from %s", self.session, held, held + 1)
+                        self.sent = self.acked = self._spooled = held
+                        if self._spool is not None:
+                            self._spool.trim(held)
+        elif held > self.sent:
+            raise _Fatal(ProducerError(
+                f"{_fmt(ep)} holds seq {held} of session {self.session}, beyond the "
+                f"{self.sent} this producer sent: another client sends as this session"))
+        if held < self.acked:
+            raise _Fatal(ProducerError(
+                f"{_fmt(ep)} holds only seq {held} of session {self.session} but "
+                f"acknowledged {self.acked}: the node lost acknowledged events"))
+        self.stats["endpoint"] = _fmt(ep)
+        self.stats["logins"] += 1
+        if self._hi_queued > held:
+            self.stats["resent"] += self._hi_queued - held
+        with self._cond:
+            self._logged_in = True
+            self._cond.notify_all()
+        return held + 1
+
+    def _pump(self, sock: socket.socket, ep, held: int) -> None:
+        """Run one logged-in connection until it drops (_Dropped) or the producer stops."""
+        nxt = self._login_ok(held, ep)
+        reader = W.FrameReader()
+        ep_ = select.epoll()
+        sfd = sock.fileno()
+        try:
+            ep_.register(self._efd, select.EPOLLIN)
+            ep_.register(sfd, select.EPOLLIN)
+            mask = select.EPOLLIN
+            out: collections.deque = collections.deque()
+            now = time.monotonic()
+            last_rx = last_tx = last_hb = now
+            hb, live = self._hb_s, self.liveness_s
+            while not self._stop:
+                if not out and nxt <= self._limit():
+                    nxt = self._queue(out, nxt)
+                if out and self._write(sock, out):
+                    last_tx = time.monotonic()
+                want = select.EPOLLIN | (select.EPOLLOUT if out else 0)
+                if want != mask:
+                    ep_.modify(sfd, want)
+                    mask = want
+                timeout = 0.0  # more to send: look at the socket, then go on
+                if out or nxt > self._limit():
+                    self._idle = True  # (then re-check: a send may have come meanwhile)
+                    if out or nxt > self._limit():
+                        now = time.monotonic()
+                        due = last_rx + live
+                        if not out:
+                            due = min(due, max(min(last_rx, last_tx), last_hb) + hb)
+                        timeout = max(0.001, due - now)
+                events = ep_.poll(timeout)
+                self._idle = False
+                for fd, ev in events:
+                    if fd == self._efd:
+                        try:
+                            os.eventfd_read(self._efd)
+                        except BlockingIOError:
+                            pass
+                    elif ev & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
+                        if self._read(sock, reader, ep):
+                            last_rx = time.monotonic()
+                now = time.monotonic()
+                if now - last_rx >= live:
+                    self.stats["dead_links"] += 1
+                    raise _Dropped(f"nothing heard for {live:g} s (liveness_s)")
+                if (not out and now - last_hb >= hb
+                        and (now - last_rx >= hb or now - last_tx >= hb)):
+                    out.append(memoryview(W.encode_heartbeat()))
+                    self.stats["heartbeats_sent"] += 1
+                    last_hb = now
+                    if self._write(sock, out):
+                        last_tx = now
+        finally:
+            self._idle = False
+            ep_.close()
+
+    def _queue(self, out: collections.deque, nxt: int) -> int:
+        """Queue frames of seqs nxt.. (at most _BURST_FRAMES frames), spooling first what is
+        not on disk yet; returns the next seq to queue."""
+        hi = min(self.sent, nxt + self.frame * _BURST_FRAMES - 1)
+        if self._spool is not None and hi > self._spooled:
+            hi = min(hi, self._spool_up_to(self.sent))
+            if hi < nxt:
+                return nxt
+        now_ns = time.time_ns()
+        lo = nxt
+        n_frames = 0
+        while lo <= hi:
+            top = min(hi, lo + self.frame - 1)
+            pieces = self._pieces(lo, top)
+            n = top - lo + 1
+            out.append(memoryview(W.HEADER.pack(W.MAGIC, W.VERSION, W.K_EVENTS,
+                                                n * EVENT_SIZE)))
+            for p in pieces:
+                p["send_ns"] = now_ns
+                out.append(memoryview(p).cast("B"))
+            n_frames += 1
+            lo = top + 1
+        self._hi_queued = max(self._hi_queued, hi)
+        self.stats["frames_sent"] += n_frames
+        self.stats["events_sent"] += hi - nxt + 1
+        return hi + 1
+
+    def _limit(self) -> int:
+        """The highest seq that may go out now (with a full spool: what is on disk)."""
+        return self._spooled if self._spool_blocked else self.sent
+
+    def _spool_up_to(self, top: int) -> int:
+        """Put seqs up to ``top`` on disk (one fdatasync for all that was published);
+        return the highest seq on disk. A full spool waits for acknowledgements to trim
+        it (fatal when nothing it holds awaits one)."""
+        try:
+            for piece in self._pieces(self._spooled + 1, top):
+                self._spool.append(piece)
+                self._spooled += len(piece)
+        except self._spool_full as e:
+            if self.acked >= self._spooled:
+                raise _Fatal(ProducerError(
+                    f"the spool is full with nothing to trim (spool_bytes too small for "
+                    f"one batch?): {e}")) from None
+            self._spool_blocked = True
+            self.stats["last_error"] = f"spool full: {e}"
+        except (OSError, self._spool_error) as e:
+            raise _Fatal(ProducerError(f"the spool cannot take more events: {e}")) \
+                from None
+        self.stats["spooled"] = self._spooled
+        return self._spooled
+
+    def _write(self, sock: socket.socket, out: collections.deque) -> int:
+        try:
+            n = sock.sendmsg(list(out)[:64])
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as e:
+            raise _Dropped(f"the connection failed: {e.strerror or e}") from None
+        self.stats["bytes_sent"] += n
+        left = n
+        while left and out:
+            b = out[0]
+            if len(b) <= left:
+                left -= len(b)
+                out.popleft()
+            else:
+                out[0] = b[left:]
+                left = 0
+        return n
+
+    def _read(self, sock: socket.socket, reader: W.FrameReader, ep) -> bool:
+        try:
+            data = sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:
+            raise _Dropped(f"the connection failed: {e.strerror or e}") from None
+        if not data:
+            raise _Dropped("the node closed the connection")
+        try:
+            frames = reader.feed(data)
+        except W.ProtocolError as e:
+            raise _Dropped(f"a malformed frame from the node: {e}") from None
+        for kind, payload in frames:
+            if kind == W.K_ACK:
+                done, rej = W.decode_ack(payload)
+                self._ack(done, rej, ep)
+            elif kind == W.K_REJECT:
+                self._rejected(payload, ep)
+            elif kind != W.K_HEARTBEAT:
+                raise _Dropped(f"an unexpected frame kind {kind} from the node")
+        return True
+
+    # ------------------------------------------------------------------ acknowledgements
+    def _ack(self, done: int, rej: list[int], ep) -> None:
+        prev = self._rej
+        self._rej = rej
+        self.stats["acks"] += 1
+        if done > self.sent:
+            raise _Fatal(ProducerError(
+                f"{_fmt(ep)} acknowledged seq {done} of session {self.session}, beyond the "
+                f"{self.sent} sent: another client sends as this session"))
+        if done <= self.acked:
+            return
+        lo = self.acked + 1
+        rejected = self._rejected_in(lo, done, prev, rej)
+        self.stats["rejects"] = {NODE_REASONS.get(i, str(i)): int(v)
+                                 for i, v in enumerate(rej) if i and v}
+        with self._cond:
+            self.acked = done
+            self._cond.notify_all()
+        if self._spool is not None:
+            self._spool.trim(done)
+            self._spool_blocked = False
+        ack = Ack(done, rejected)
+        if len(self._results) >= _RESULTS:
+            self._results.popleft()
+            self.stats["results_dropped"] += 1
+        self._results.append(ack)
+        if self.on_result is not None:
+            try:
+                self.on_result(ack)
+            except Exception:
+                log.exception("producer of session %s: on_result raised", self.session)
+
+    @staticmethod
+    def _rejected_in(lo: int, hi: int, prev: Sequence[int] | None,
+                     now: Sequence[int]) -> tuple[tuple[int, str], ...]:
+        """The rejected events among seqs lo..hi from the counters' change (see Ack)."""
+        n = hi - lo + 1
+        if prev is None:  # a connection's first ACK: no baseline on this node
+            return ((0, "unknown"),) if any(now) else ()
+        delta = [b - a for a, b in zip(prev, now, strict=False)]
+        if any(d < 0 for d in delta):  # counters reset (another node, a restart)
+            return ((0, "unknown"),)
+        total = sum(delta)
+        if total == 0:
+            return ()
+        reasons = [(i, d) for i, d in enumerate(delta) if i and d]
+        if total == n:
+            name = NODE_REASONS.get(reasons[0][0], "unknown") if len(reasons) == 1 \
+                else "unknown"
+            return tuple((s, name) for s in range(lo, hi + 1))
+        return tuple((0, NODE_REASONS.get(i, str(i))) for i, d in reasons
+                     for _ in range(min(d, n)))

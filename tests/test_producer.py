@@ -1,0 +1,264 @@
+"""The streaming producer (exposure.client.Producer) against a real node: events one by one
+and in arrays, flush, results, a full window, close, a wrong secret, a node killed with -9
+mid-stream; each run ends equal to replay with every (session, seq) once in the journal."""
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from exposure.bench.flowgen import generate
+from exposure.client import Ack, AuthError, Producer, WindowFull
+from exposure.core.types import T_CANCEL
+from exposure.engine.document import compare_documents, document
+from exposure.engine.parse import record_objects
+from exposure.engine.replay import replay_records
+from exposure.harness.localnode import LocalNode, free_port
+from exposure.harness.wait import wait_for
+from exposure.shm import session_layout as SL
+from exposure.store.journal import read_blocks, scan
+
+pytestmark = pytest.mark.timeout(300)
+
+SECRET = b"producer-secret-0123456789"
+
+
+@pytest.fixture
+def node(tmp_path):
+    n = LocalNode(tmp_path)
+    try:
+        yield n
+    finally:
+        n.stop()
+    assert n.segments() == [], "the node left shared memory behind"
+
+
+def _events(n: int, seed: int = 1) -> np.ndarray:
+    return generate(n, accounts=40, instruments=300, universe=30, live_target=400, seed=seed)
+
+
+def _assert_replay_and_journal(node, recs: np.ndarray, session: int) -> None:
+    """The node's document equals replay of ``recs``, and its journal holds each seq of
+    ``session`` 1..len(recs) exactly once."""
+    want = document(replay_records(recs))
+    assert compare_documents(node.dump(), want) == []
+    wait_for(lambda: scan(node.data_dir).last == node.last_gseq(), 60, "the journal", node)
+    blocks = [b.records for b in read_blocks(node.data_dir)]
+    got = np.concatenate(blocks) if blocks else np.zeros(0)
+    seqs = np.sort(got["sseq"][got["session"] == session])
+    assert seqs.tolist() == list(range(1, len(recs) + 1))
+
+
+@pytest.mark.process
+def test_events_one_by_one_in_arrays_and_as_dicts_stream_and_equal_replay(node):
+    recs = _events(6000)
+    acks: list[Ack] = []
+    with Producer(node.config, session=3, on_result=acks.append, frame=256) as p:
+        assert p.sent == p.acked == 0
+        for r in recs[:2000]:  # one record at a time
+            p.send(r)
+        for obj in record_objects(recs[2000:2300]):  # SPEC event dicts
+            p.send(obj)
+        lo = 2300
+        for size in (1, 7, 100, 1000, 2592):  # arrays
+            assert p.send(recs[lo:lo + size]) == lo + size
+            lo += size
+        assert lo == len(recs) == p.sent
+        p.flush(timeout=60)
+        assert p.acked == p.sent == len(recs)
+        got = list(p.results(timeout=0))
+        assert got and got[-1].upto == len(recs)
+        assert [a.upto for a in got] == sorted(a.upto for a in got)
+        assert p.stats["endpoint"] == f"127.0.0.1:{node.port}"
+        assert p.stats["reconnects"] == 0
+    assert acks == got
+    _assert_replay_and_journal(node, recs, 3)
+
+
+@pytest.mark.process
+def test_rejects_come_back_with_their_reasons(node):
+    recs = _events(50)
+    bad = np.zeros(1, recs.dtype)  # a cancel of an order nobody placed
+    bad["type"] = T_CANCEL
+    bad["source"], bad["order_id"] = 1, 10**12
+    with Producer(node.config, session=4) as p:
+        p.send(recs)
+        p.flush(30)
+        seq = p.send(bad[0])
+        p.flush(30)
+        acks = list(p.results(timeout=0))
+    assert acks[-1] == Ack(seq, ((seq, "unknown_order"),))
+    assert p.stats["rejects"] == {"unknown_order": 1}
+
+
+@pytest.mark.process
+def test_a_full_window_raises_without_blocking_and_waits_with_it(node):
+    recs = _events(200)
+    with Producer(node.config, session=5, window=64, block=False, liveness_s=60) as p:
+        node.signal_all(signal.SIGSTOP)  # nothing is acknowledged while it is stopped
+        try:
+            p.send(recs[:64])
+            with pytest.raises(WindowFull):
+                p.send(recs[64])
+            with pytest.raises(WindowFull):
+                p.send(recs[64:70])
+            assert p.sent == 64
+        finally:
+            node.signal_all(signal.SIGCONT)
+        p.flush(60)
+        p.send(recs[64:128])
+    with Producer(node.config, session=5, window=64, send_timeout=0.3, liveness_s=60) as p:
+        assert p.sent == 128  # numbered after what the node holds
+        node.signal_all(signal.SIGSTOP)
+        try:
+            p.send(recs[128:192])
+            t0 = time.monotonic()
+            with pytest.raises(WindowFull, match="stayed full"):
+                p.send(recs[192])
+            assert time.monotonic() - t0 >= 0.25
+            p.send_timeout = 60
+            threading.Timer(0.5, node.signal_all, (signal.SIGCONT,)).start()
+            t0 = time.monotonic()
+            p.send(recs[192:])  # waits for room, then proceeds once acks arrive
+            assert time.monotonic() - t0 >= 0.3
+        finally:
+            node.signal_all(signal.SIGCONT)
+    _assert_replay_and_journal(node, recs, 5)
+
+
+@pytest.mark.process
+def test_close_flushes_everything_sent(node):
+    recs = _events(3000)
+    p = Producer(node.config, session=6)
+    for lo in range(0, len(recs), 10):
+        p.send(recs[lo:lo + 10])
+    p.close()
+    assert p.acked == p.sent == len(recs)
+    p.close()  # idempotent
+    with pytest.raises(Exception, match="closed"):
+        p.send(recs[0])
+    _assert_replay_and_journal(node, recs, 6)
+
+
+@pytest.mark.process
+def test_a_wrong_secret_is_refused_at_once_and_never_retried(tmp_path):
+    (tmp_path / "sessions.toml").write_text(
+        f'[[session]]\nid = 1\nsecret = "{SECRET.decode()}"\nsources = "all"\n'
+        f'accounts = "all"\ninstrument = true\nmark = true\nlimit = true\n')
+    n = LocalNode(tmp_path, ingest=f'sessions = "{tmp_path / "sessions.toml"}"')
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(AuthError, match="refused session 1"):
+            Producer(n.config, session=1, secret=b"not-the-secret-0123456789",
+                     connect_timeout=60)
+        assert time.monotonic() - t0 < 5
+        assert n.session_row(1)[SL.S_AUTH_FAILS] == 1  # one try, no storm
+        recs = _events(500)
+        with Producer(n.config, session=1) as p:  # the secret from the sessions file
+            p.send(recs)
+        assert p.acked == len(recs)
+        assert n.session_row(1)[SL.S_AUTH_FAILS] == 1
+    finally:
+        n.stop()
+    assert n.segments() == []
+
+
+@pytest.mark.process
+def test_nothing_listening_fails_after_the_connect_timeout_naming_the_address():
+    port = free_port()
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match=f"127.0.0.1:{port}"):
+        Producer(endpoints=[("127.0.0.1", port)], connect_timeout=1.0)
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.process
+def test_a_node_killed_mid_stream_and_restarted_ends_equal_to_replay(node):
+    recs = _events(40_000, seed=7)
+    seed = 7
+    print("seed", seed)
+    with Producer(node.config, session=9, window=8192) as p:
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def stream() -> None:
+            try:
+                for lo in range(0, len(recs), 20):  # about 20,000 events/s
+                    p.send(recs[lo:lo + 20])
+                    time.sleep(0.001)
+            except BaseException as e:  # (the test's assertion says what)
+                errors.append(e)
+            finally:
+                done.set()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        wait_for(lambda: p.acked >= 5000, 60, "5,000 events acknowledged", node)
+        node.kill9()
+        node.start()
+        t.join(120)
+        assert not errors, errors
+        p.flush(120)
+        assert p.acked == p.sent == len(recs)
+        assert p.stats["reconnects"] >= 1
+    _assert_replay_and_journal(node, recs, 9)
+
+
+@pytest.mark.process
+def test_a_producer_killed_with_a_spool_resends_on_restart_what_the_node_lacks(node,
+                                                                               tmp_path):
+    pytest.importorskip("exposure.store.spool")
+    recs = _events(6000, seed=3)
+    np.save(tmp_path / "recs.npy", recs)
+    spool = tmp_path / "spool"
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+import numpy as np
+from exposure.client import Producer
+recs = np.load({str(tmp_path / "recs.npy")!r})
+p = Producer({str(node.config)!r}, session=12, spool={str(spool)!r}, liveness_s=1)
+for lo in range(0, len(recs), 50):  # about 10,000 events/s
+    p.send(recs[lo:lo + 50])
+    time.sleep(0.005)
+while p.stats["spooled"] < len(recs):
+    time.sleep(0.01)
+print("spooled", p.acked, flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (node.session_row(12) or [0] * 64)[SL.S_HELD] >= 1500, 60,
+                 "the child's first events at the node", node)
+        node.kill9()  # the child goes on accepting and spooling while the node is away
+        assert child.stdout.readline().startswith("spooled")
+    finally:
+        child.kill()  # kill -9 of the producer, its window in memory lost
+        child.wait()
+    node.start()
+    held = node.session_row(12)[SL.S_HELD]
+    assert 0 < held < len(recs)
+    with Producer(node.config, session=12, spool=spool) as p:
+        assert p.sent == len(recs)  # numbered from the spool
+        p.flush(60)
+        assert p.acked == len(recs)
+        assert p.stats["resent"] == 0 or p.stats["resent"] <= len(recs) - held
+    _assert_replay_and_journal(node, recs, 12)
+
+
+def test_rejects_without_their_seqs_are_never_guessed():
+    from exposure.net.producer import Producer as P
+
+    f = P._rejected_in
+    z = [0] * 16
+    assert f(5, 9, z, z) == ()
+    one = list(z)
+    one[5] = 1  # unknown_order
+    assert f(5, 5, z, one) == ((5, "unknown_order"),)
+    assert f(5, 9, z, one) == ((0, "unknown_order"),)
+    all5 = list(z)
+    all5[5], all5[1] = 3, 2
+    assert f(5, 9, z, all5) == tuple((s, "unknown") for s in range(5, 10))
+    assert f(5, 9, one, z) == ((0, "unknown"),)  # counters went back: a restarted node

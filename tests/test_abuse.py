@@ -4,7 +4,7 @@ sessions keep sending. Whatever the attack, a session that logged in keeps being
 (its events acknowledged and in `exposure dump`), a new well-behaved login gets in, every
 resource stays bounded, the node's counters say what happened, and no process restarts.
 
-The attackers are :class:`perf.bench_abuse.Attack` (non-blocking sockets on one selector,
+The attackers are :class:`exposure.harness.attack.Attack` (non-blocking sockets on one selector,
 in a thread) and plain sockets; nothing here asserts a duration except that a deadline is
 not enforced early. Two tests reproduce bugs found here, since fixed (a flood of refused
 logins locked new connections out; a paced `exposure send` was closed as idle). The tests
@@ -33,9 +33,9 @@ import pytest
 from support import DATA
 
 from exposure.engine.parse import read_events
+from exposure.harness.attack import Attack
 from exposure.harness.localnode import LocalNode
 from exposure.net import wire as W
-from perf.bench_abuse import Attack
 
 pytestmark = pytest.mark.process
 

@@ -64,3 +64,41 @@ def test_encoders_refuse_what_no_node_would_take():
         W.encode_events(_recs(0))
     with pytest.raises(ValueError, match="1..8192"):
         W.encode_events(_recs(W.MAX_RECORDS + 1))
+
+
+def test_login_flags_and_rejected_frames_round_trip():
+    old = W.encode_login(7, b"p" * 32)
+    assert W.encode_login(7, b"p" * 32, flags=0) == old  # today's bytes, exactly
+    flagged = W.encode_login(7, b"p" * 32, flags=W.LOGIN_REJECTED)
+    assert len(flagged) == len(old) and flagged != old
+    (k, p), = W.FrameReader().feed(flagged)
+    assert k == W.K_LOGIN and W.decode_login_flags(p) == (7, W.LOGIN_REJECTED, b"p" * 32)
+    assert W.decode_login(p) == (7, b"p" * 32)
+    f = W.encode_rejected(3, 20, [5, 9, 17], [2, 8, 9])
+    assert len(f) == W.HEADER.size + 16 + 3 * 16
+    frames = []
+    rd = W.FrameReader()
+    for b in f + W.encode_rejected(20, 20, [], []):
+        frames += rd.feed(bytes([b]))
+    assert [k for k, _ in frames] == [W.K_REJECTED, W.K_REJECTED]
+    assert W.decode_rejected(frames[0][1]) == [(5, 2), (9, 8), (17, 9)]
+    assert W.rejected_range(frames[0][1]) == (3, 20)
+    assert W.decode_rejected(frames[1][1]) == [] and W.rejected_range(frames[1][1]) == (20, 20)
+    big = W.encode_rejected(0, 2**40, np.arange(1, W.MAX_REJECTED + 1) * 2**30,
+                            np.full(W.MAX_REJECTED, 3))
+    (k, p), = W.FrameReader().feed(big)
+    got = W.decode_rejected(p)
+    assert len(got) == W.MAX_REJECTED and got[-1] == (W.MAX_REJECTED * 2**30, 3)
+
+
+def test_rejected_frames_are_bounded():
+    with pytest.raises(ValueError, match="0..1024"):
+        W.encode_rejected(0, 1, np.arange(W.MAX_REJECTED + 1), np.ones(W.MAX_REJECTED + 1))
+    with pytest.raises(ValueError):
+        W.encode_rejected(0, 1, [1, 2], [1])
+    h = W.HEADER
+    for n in (0, 8, 24, 16 + 16 * W.MAX_REJECTED + 16, 2**31):
+        with pytest.raises(W.ProtocolError, match="REJECTED frame of"):
+            W.FrameReader().feed(h.pack(W.MAGIC, W.VERSION, W.K_REJECTED, n))
+    with pytest.raises(W.ProtocolError):
+        W.decode_rejected(b"\0" * 20)

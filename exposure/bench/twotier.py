@@ -570,7 +570,7 @@ def _batch(buf, st, recs, status, n, inw, nin, parts, rowsz, pristine, cand, out
         cand[nc, 2] = -1
         nc += 1
     # ---- 3. the batch's updates (and the session table, for ingest's ACKs)
-    count_sessions(r, s, n, sess_flat, ncols)
+    count_sessions(r, s, n, sess_flat, ncols, sess_flat[:0])  # (no reject log)
     m = _updates(st, r, n, upd, now_ns) if n else 0
     _scrub(st)  # the instruments', sectors' and cells' change lists: not state
     for j in range(st.ctr[C_NCHANGED]):  # batch scratch back to its initial values

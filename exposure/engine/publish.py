@@ -42,8 +42,12 @@ from exposure.core.types import (
 )
 from exposure.engine.kernel import account_values
 from exposure.shm.intrinsics import fence_seq_cst, store_release
+from exposure.shm.reject_layout import ENTRY, RING, ROW_WORDS, SEQ_MASK, W_HEAD
 from exposure.shm.seqlock import read_row
 from exposure.shm.session_layout import N_REJ, S_DONE, S_REJ
+
+_RL_ROW, _RL_HEAD, _RL_ENTRY, _RL_RING = ROW_WORDS, W_HEAD, ENTRY, np.uint64(RING)
+_RL_MASK = np.uint64(SEQ_MASK)
 
 __all__ = ["publish_batch", "publish_all", "publish", "set_values", "count_sessions",
            "gather_rows", "store_rows", "Versions", "versions"]
@@ -389,15 +393,24 @@ def publish_all(st, vers: Versions, last_gseq: int) -> None:
 
 # ----------------------------------------------------------------------------- sessions
 @njit(cache=True, _nrt=False, nogil=True)
-def count_sessions(recs, status, n, sess_flat, ncols):
-    """Each session's rejects per reason, then its processed seq (after its counters)."""
+def count_sessions(recs, status, n, sess_flat, ncols, rlog):
+    """Each session's rejects per reason, and each reject's (seq, reason) in the session's
+    reject log (``rlog``: the log's rows flat, :mod:`exposure.shm.reject_layout`; an empty
+    array for none), then its processed seq (after its counters and log)."""
     nsess = sess_flat.shape[0] // ncols
+    nlog = rlog.shape[0] // _RL_ROW
     for k in range(n):
         s = np.int64(recs[k].session)
         if s < nsess:
             code = status[k]
             if code != 0 and code < N_REJ:
                 sess_flat[s * ncols + S_REJ + code] += np.uint64(1)
+                if s < nlog:  # the entry, then (release) the head that covers it
+                    row = s * _RL_ROW
+                    h = rlog[row + _RL_HEAD]
+                    rlog[row + _RL_ENTRY + np.int64(h % _RL_RING)] = (
+                        ((recs[k].sseq & _RL_MASK) << np.uint64(8)) | np.uint64(code))
+                    store_release(rlog, row + _RL_HEAD, h + np.uint64(1))
     for k in range(n):  # then the processed marks, each after its counters (release)
         s = np.int64(recs[k].session)
         if s < nsess and recs[k].sseq > sess_flat[s * ncols + S_DONE]:

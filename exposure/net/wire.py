@@ -13,10 +13,13 @@ shared with the replication protocol: :mod:`exposure.net.framing`)::
 kind        from     payload
 =========== ======== ==================================================================
 CHALLENGE   node     32-byte random nonce: the first frame on every connection
-LOGIN       client   u4 session id (1..max_sessions), u4 0, 32-byte proof:
+LOGIN       client   u4 session id (1..max_sessions), u4 flags, 32-byte proof:
                      HMAC-SHA256(session secret, "exposure-session/2 " + u4 session id +
                      the nonce) (:func:`login_mac`; ignored by a node without a sessions
-                     file, which serves only loopback clients)
+                     file, which serves only loopback clients). Flags: bit 0
+                     (LOGIN_REJECTED) "send me REJECTED frames"; 0 is today's login.
+                     Any other bit set gets REJECT E_PROTOCOL (a flag this node does not
+                     know is refused, never silently ignored)
 LOGIN_OK    node     u8 the last session seq the node holds for this session
 EVENTS      client   n x 128-byte event records (types.EVENT_DTYPE), 1 <= n <= 8,192;
                      each carries its session seq (``sseq``) and ``source``. A record's
@@ -28,8 +31,31 @@ ACK         node     u8 highest session seq processed, then u8 x 16: the session
                      R_UNAUTHORIZED)
 REJECT      node     u2 code, u8 detail (E_SEQ: the expected seq; else 0), UTF-8 text;
                      the node closes the session after it
-HEARTBEAT   both     empty; the node answers one only after login
+REJECTED    node     (only to a session logged in with LOGIN_REJECTED) u8 after, u8 upto,
+                     then n x 16-byte records (u8 seq, u1 reason code, 7 bytes 0),
+                     0 <= n <= MAX_REJECTED (1,024), seqs ascending: every event of the
+                     session with after < seq <= upto that was rejected is listed, with
+                     its reason (types.R_*, R_UNAUTHORIZED), and no other. Sent just
+                     before the ACK of ``upto``: a client that reads an ACK has every
+                     rejected seq it covers. ``after`` is the previous REJECTED's ``upto``
+                     on the connection unless entries were lost: then the seqs between
+                     those two are known only by the ACK's per-reason counters
 =========== ======== ==================================================================
+
+**Per-event rejects** (:mod:`exposure.shm.reject_layout`). Compute logs each rejected
+event's (seq, reason) in a ring of the session's last 1,024 rejects (nothing per accepted
+event); before each ACK to a flagged session ingest sends the log's entries up to the
+ACK's seq in one REJECTED frame (skipped when there is none and nothing was lost). Lost
+entries (``after`` above the previous ``upto``): a session with more than 1,024 rejects
+between two ACKs (a client far behind, acknowledgements held back by durability), or the
+log being rebuilt. The first REJECTED on a connection (before its first ACK) lists the
+rejects the log still holds: its ``after`` is where the log's knowledge starts, the seq
+before the oldest entry kept or, when nothing was overwritten, the log's base (0 for a
+node that has replayed its whole journal; after a restart from a snapshot, the seq the
+session had processed at the snapshot: rejects of older seqs are counts only). A backup's
+compute logs the same rejects from the replicated stream, so after a failover the new
+primary answers the same; after a restart the log holds what recovery replayed.
+HEARTBEAT   both     empty; the node answers one only after login
 
 Before its LOGIN is accepted a connection may send nothing but one LOGIN: anything else
 closes it unanswered, and so does a login deadline. A LOGIN whose proof does not verify
@@ -62,7 +88,9 @@ __all__ = [
     "encode_heartbeat", "decode_ack", "decode_reject", "check_header", "K_CHALLENGE",
     "NONCE", "N_ACK_REJECTS", "encode_challenge", "login_mac", "E_PROTOCOL", "E_SESSION",
     "E_NOT_LOGGED_IN", "E_BUSY", "E_AUTH", "E_SEQ", "E_SLOW", "E_IDLE", "E_REPLACED",
-    "REJECT_NAMES",
+    "REJECT_NAMES", "K_REJECTED", "LOGIN_REJECTED", "LOGIN_FLAGS", "MAX_REJECTED",
+    "REJECTED_DTYPE", "decode_login_flags", "encode_rejected", "decode_rejected",
+    "rejected_range",
 ]
 
 MAGIC = 0x5845
@@ -74,7 +102,13 @@ NONCE = 32
 N_ACK_REJECTS = 16
 
 K_LOGIN, K_LOGIN_OK, K_EVENTS, K_ACK, K_REJECT, K_HEARTBEAT, K_CHALLENGE = 1, 2, 3, 4, 5, 6, 7
+K_REJECTED = 8
+LOGIN_REJECTED = 1           # LOGIN flag: send me REJECTED frames
+LOGIN_FLAGS = LOGIN_REJECTED  # every LOGIN flag this node knows
+MAX_REJECTED = 1024          # records per REJECTED frame
+REJECTED_DTYPE = np.dtype([("seq", "<u8"), ("reason", "u1"), ("_pad", "V7")])
 _LOGIN = struct.Struct("<II32s")
+_REJECTED = struct.Struct("<QQ")  # after, upto
 _ACK = struct.Struct(f"<Q{N_ACK_REJECTS}Q")
 _REJECT = struct.Struct("<HQ")
 MAX_REJECT_TEXT = 500
@@ -103,8 +137,12 @@ class ProtocolError(framing.FrameError):
 FRAMING = framing.Framing(
     MAGIC, VERSION, _FIXED,
     {K_EVENTS: (EVENT_SIZE, MAX_PAYLOAD, EVENT_SIZE),
-     K_REJECT: (_REJECT.size, _REJECT.size + MAX_REJECT_TEXT, 1)},
-    {K_EVENTS: "EVENTS", K_REJECT: "REJECT"}, ProtocolError)
+     K_REJECT: (_REJECT.size, _REJECT.size + MAX_REJECT_TEXT, 1),
+     K_REJECTED: (_REJECTED.size, _REJECTED.size + MAX_REJECTED * REJECTED_DTYPE.itemsize,
+                  REJECTED_DTYPE.itemsize)},
+    {K_EVENTS: "EVENTS", K_REJECT: "REJECT", K_REJECTED: "REJECTED"}, ProtocolError)
+
+assert _REJECTED.size == REJECTED_DTYPE.itemsize == 16
 _frame = FRAMING.frame
 
 
@@ -119,15 +157,56 @@ def login_mac(secret: bytes, session: int, nonce: bytes) -> bytes:
                     + struct.pack("<I", session) + nonce, sha256).digest()
 
 
-def encode_login(session: int, proof: bytes = bytes(32)) -> bytes:
+def encode_login(session: int, proof: bytes = bytes(32), flags: int = 0) -> bytes:
     """LOGIN as ``session`` with ``proof`` (:func:`login_mac` over the CHALLENGE's nonce;
-    any 32 bytes for a node without a sessions file)."""
-    return _frame(K_LOGIN, _LOGIN.pack(session, 0, proof))
+    any 32 bytes for a node without a sessions file); ``flags``: LOGIN_REJECTED for
+    REJECTED frames (0: today's bytes exactly)."""
+    return _frame(K_LOGIN, _LOGIN.pack(session, flags, proof))
 
 
 def decode_login(payload) -> tuple[int, bytes]:
     sid, _, proof = _LOGIN.unpack(payload)
     return sid, proof
+
+
+def decode_login_flags(payload) -> tuple[int, int, bytes]:
+    """(session id, flags, proof) of a LOGIN."""
+    sid, flags, proof = _LOGIN.unpack(payload)
+    return sid, flags, proof
+
+
+def encode_rejected(after: int, upto: int, seqs, reasons) -> bytes:
+    """One REJECTED frame: the rejected ``seqs`` (ascending, each in (after, upto]) with
+    their ``reasons`` (reason codes), at most MAX_REJECTED."""
+    n = len(seqs)
+    if n != len(reasons) or n > MAX_REJECTED:
+        raise ValueError(f"a REJECTED frame holds 0..{MAX_REJECTED} (seq, reason) pairs, "
+                         f"got {n} seqs and {len(reasons)} reasons")
+    recs = np.zeros(n, REJECTED_DTYPE)
+    recs["seq"] = seqs
+    recs["reason"] = reasons
+    return _frame(K_REJECTED, _REJECTED.pack(after, upto) + recs.tobytes())
+
+
+def _rejected_records(payload) -> np.ndarray:
+    if len(payload) < _REJECTED.size or (len(payload) - _REJECTED.size) % 16:
+        raise ProtocolError(f"REJECTED payload of {len(payload)} bytes")
+    return np.frombuffer(payload, REJECTED_DTYPE, offset=_REJECTED.size)
+
+
+def decode_rejected(payload) -> list[tuple[int, int]]:
+    """(seq, reason code) of each event a REJECTED frame lists (reason names:
+    types.NODE_REASONS)."""
+    r = _rejected_records(payload)
+    return list(zip(r["seq"].tolist(), r["reason"].tolist(), strict=True))
+
+
+def rejected_range(payload) -> tuple[int, int]:
+    """(after, upto) of a REJECTED frame: every rejected seq in (after, upto] is listed;
+    rejected seqs between the previous frame's ``upto`` and ``after`` were lost (counts
+    only, in the ACK)."""
+    after, upto = _REJECTED.unpack_from(payload)
+    return after, upto
 
 
 def encode_login_ok(last_seq: int) -> bytes:

@@ -24,7 +24,7 @@ from exposure.config.node import NodeConfig
 from exposure.core.types import C_LAST_GSEQ
 from exposure.net.repl import read_secret
 from exposure.net.sessions import Entitlements, load_sessions
-from exposure.node.segments import ring_names, segment_names, session_shape
+from exposure.node.segments import reject_shape, ring_names, segment_names, session_shape
 from exposure.node.stages.agent import Runner, Stage
 from exposure.node.stages.compute import ComputeStage
 from exposure.node.stages.fanout import FanoutStage
@@ -59,6 +59,7 @@ class Context:
     cnt: np.ndarray        # the counters segment
     rings: dict[str, Ring]
     opened: list = field(default_factory=list)  # closed when the process ends
+    rejects: np.ndarray | None = None  # the reject log (exposure.shm.reject_layout)
 
     def tally(self, writable: bool = False) -> TallySegment:
         seg = TallySegment.attach(self.names["tally"], writable=writable)
@@ -108,12 +109,13 @@ def _ingest(cx: Context) -> Stage:
                        next_gseq, cfg.max_sessions, cfg.ack_interval_us, ctl=cx.ctl,
                        release=cfg.release, replica=_replica_factory(cx), secrets=secrets,
                        entitlements=ents, limits=_port_limits(cfg), counters=cx.cnt,
-                       partition=cfg.partition.ingest_args() if cfg.partition else None)
+                       partition=cfg.partition.ingest_args() if cfg.partition else None,
+                       rejects=cx.rejects)
 
 
 def _compute(cx: Context) -> Stage:
     return ComputeStage(cx.tally(writable=True), cx.sessions, cx.rings["compute"],
-                        cx.rings["fanout"], counters=cx.cnt)
+                        cx.rings["fanout"], counters=cx.cnt, rejects=cx.rejects)
 
 
 def _journal(cx: Context) -> Stage:
@@ -192,10 +194,12 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
         opened.append(control)
         counters = SharedArray.attach(names["counters"], (CN.COUNTER_WORDS,), np.uint64)
         opened.append(counters)
+        rejects = SharedArray.attach(names["rejects"], reject_shape(cfg), np.uint64)
+        opened.append(rejects)
         rings = {r: Ring.attach(names[r]) for r in ring_names(cfg)}
         opened += rings.values()
         cx = Context(cfg, epoch, names, sessions.array, control.array, counters.array, rings,
-                     opened)
+                     opened, rejects.array)
         # In the map's order, ingest last: the kernels compile (or load) before the node
         # accepts a session.
         for st in sorted(spec.stages, key=lambda s: s == "ingest"):

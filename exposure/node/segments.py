@@ -1,7 +1,8 @@
 """The names and shapes of a node's shared segments, one place for the supervisor that
 creates them, the processes that attach to them and the tools that read them.
 
-A node of config name ``N`` has ``/exposure.N.tally``, ``.sessions``, ``.control``,
+A node of config name ``N`` has ``/exposure.N.tally``, ``.sessions``, ``.rejects`` (each
+session's last rejected events: :mod:`exposure.shm.reject_layout`), ``.control``,
 ``.counters`` and one ring per hand-off: ``ring.compute`` (ingest -> compute and the
 journal, its two consumers), ``ring.fanout`` (compute -> fan-out) and, in a pair,
 ``ring.mirror`` (journal -> mirror). :func:`read_control`, :func:`read_counters` and
@@ -18,10 +19,12 @@ from exposure.config.node import NodeConfig
 from exposure.shm import counters_layout as CN
 from exposure.shm import ring_layout as RL
 from exposure.shm.control import CONTROL_WORDS
+from exposure.shm.reject_layout import reject_shape as _reject_shape
 from exposure.shm.segment import SharedArray
 from exposure.shm.session_layout import SESSION_COLS
 
-__all__ = ["RINGS", "ring_names", "segment_names", "session_shape", "ring_consumers",
+__all__ = ["RINGS", "ring_names", "segment_names", "session_shape", "reject_shape",
+           "ring_consumers",
            "read_control", "read_counters", "ring_backlog"]
 
 RINGS = ("compute", "fanout", "mirror")
@@ -40,9 +43,10 @@ def ring_consumers(ring: str) -> int:
 
 
 def segment_names(cfg: NodeConfig) -> dict[str, str]:
-    """Every shared segment of the node by short name (tally, sessions, control, counters,
-    and each ring's)."""
+    """Every shared segment of the node by short name (tally, sessions, rejects, control,
+    counters, and each ring's)."""
     return {"tally": cfg.segment("tally"), "sessions": cfg.segment("sessions"),
+            "rejects": cfg.segment("rejects"),
             "control": cfg.segment("control"), "counters": cfg.segment("counters"),
             **{r: cfg.segment(f"ring.{r}") for r in ring_names(cfg)}}
 
@@ -50,6 +54,11 @@ def segment_names(cfg: NodeConfig) -> dict[str, str]:
 def session_shape(cfg: NodeConfig) -> tuple[int, int]:
     """The session table's shape: row 0 for the session port, one row per session id."""
     return (cfg.max_sessions + 1, SESSION_COLS)
+
+
+def reject_shape(cfg: NodeConfig) -> tuple[int, int]:
+    """The reject log's shape: one row per session id (row 0 unused)."""
+    return _reject_shape(cfg.max_sessions)
 
 
 def read_control(cfg: NodeConfig) -> np.ndarray:

@@ -40,7 +40,13 @@ from exposure.core.types import EVENT_SIZE, UPDATE_DTYPE
 from exposure.engine.publish import versions
 from exposure.node.process import run_process
 from exposure.node.sdnotify import Notifier
-from exposure.node.segments import ring_consumers, ring_names, segment_names, session_shape
+from exposure.node.segments import (
+    reject_shape,
+    ring_consumers,
+    ring_names,
+    segment_names,
+    session_shape,
+)
 from exposure.pair.coord import PairStore
 from exposure.pair.election import Election, Stopped
 from exposure.shm import counters_layout as CN
@@ -108,6 +114,8 @@ class Node:
             sessions = SharedArray.create(names["sessions"], session_shape(cfg), np.uint64)
             self.owned.append(sessions)
             self.sessions = sessions
+            self.rejects = SharedArray.create(names["rejects"], reject_shape(cfg), np.uint64)
+            self.owned.append(self.rejects)
             self.control = SharedArray.create(names["control"], (CONTROL_WORDS,), np.uint64)
             self.owned.append(self.control)
             self.ctl = self.control.array
@@ -121,7 +129,7 @@ class Node:
             st = self.tally.state
             self.recovered = recover(st, versions(st), self.tally.words, sessions.array,
                                      cfg.data_dir, cfg.segment_bytes, log.info,
-                                     state_buf=self.tally.buf)
+                                     state_buf=self.tally.buf, rejects=self.rejects.array)
             self.snap_gseq = self.recovered.snapshot_gseq
             self._make_rings()
             if cfg.replicated:
@@ -237,7 +245,8 @@ class Node:
         st = self.tally.state
         self.recovered = recover(st, versions(st), self.tally.words, self.sessions.array,
                                  self.cfg.data_dir, self.cfg.segment_bytes, log.info,
-                                 reset_first=True, state_buf=self.tally.buf)
+                                 reset_first=True, state_buf=self.tally.buf,
+                                 rejects=self.rejects.array)
         self.snap_gseq = self.recovered.snapshot_gseq
         self._make_rings()
         self._choose_role()

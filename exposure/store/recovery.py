@@ -26,6 +26,7 @@ from exposure.core.fs import publish_file
 from exposure.core.types import C_LAST_GSEQ, EVENT_DTYPE
 from exposure.engine.kernel import apply_batch
 from exposure.engine.publish import Versions, count_sessions, publish_all
+from exposure.shm import reject_layout as RJ
 from exposure.shm.seqlock import write_begin, write_end
 from exposure.shm.session_layout import S_DONE, S_DURABLE, S_HELD
 from exposure.shm.tally_layout import State, reset
@@ -141,21 +142,24 @@ def _batches(directory: str | Path, result: ScanResult | None, from_gseq: int, u
 def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None = None,
                    upto: int = 0, batch: int = 65536, from_gseq: int = 1,
                    result: ScanResult | None = None,
-                   progress: Callable[[str], None] | None = None) -> int:
+                   progress: Callable[[str], None] | None = None,
+                   rejects: np.ndarray | None = None) -> int:
     """Apply the journal's records from gseq ``from_gseq`` (up to ``upto`` when given) to
     ``st``; with ``sessions``, count each session's processed seq and rejects as compute
-    does. ``progress`` hears every 5 s how far a long replay is. Returns the records
-    applied."""
+    does, and log each reject in ``rejects`` (the reject log:
+    :mod:`exposure.shm.reject_layout`) when given. ``progress`` hears every 5 s how far a
+    long replay is. Returns the records applied."""
     status = np.zeros(batch, np.uint8)
     flat = sessions.reshape(-1) if sessions is not None else np.zeros(12, np.uint64)
     ncols = sessions.shape[1] if sessions is not None else 12
+    rlog = rejects.reshape(-1) if rejects is not None else np.zeros(0, np.uint64)
     done = 0
     t0 = said = time.monotonic()
     for part in _batches(directory, result, from_gseq, upto, batch):
         n = len(part)
         apply_batch(st, part, status[:n])
         if sessions is not None:
-            count_sessions(part, status[:n], n, flat, ncols)
+            count_sessions(part, status[:n], n, flat, ncols, rlog)
         done += n
         if progress is not None and time.monotonic() - said >= 5.0:
             said = time.monotonic()
@@ -166,12 +170,16 @@ def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None
 
 def recover(st: State, vers: Versions, seg_words: np.ndarray, sessions: np.ndarray,
             directory: str | Path, segment_bytes: int, log: Callable[[str], None],
-            reset_first: bool = False, state_buf: np.ndarray | None = None) -> Recovered:
+            reset_first: bool = False, state_buf: np.ndarray | None = None,
+            rejects: np.ndarray | None = None) -> Recovered:
     """Rebuild ``st`` and ``sessions`` from ``directory``; the replay runs under the
     segment's state seqlock (``seg_words``). ``reset_first``: empty them first (a node that
     restarts its processes; its published rows stay until recovery replaces them).
     ``state_buf`` (the whole state buffer ``st`` views): start from the newest valid
-    snapshot in ``directory`` and replay only the journal after it."""
+    snapshot in ``directory`` and replay only the journal after it. ``rejects`` (the reject
+    log, :mod:`exposure.shm.reject_layout`) is rebuilt from what is replayed: its base is
+    each session's processed seq before the replay (a snapshot's; rejects of seqs up to it
+    are counts only)."""
     t0 = time.perf_counter()
     w = JournalWriter(directory, segment_bytes)  # truncates a torn tail
     torn = w.torn
@@ -193,7 +201,12 @@ def recover(st: State, vers: Versions, seg_words: np.ndarray, sessions: np.ndarr
             base = load_newest(directory, state_buf, sessions, log, fresh)
             if base:
                 log(f"loaded snapshot at gseq {base}")
-        n = replay_journal(st, directory, sessions, from_gseq=base + 1, progress=log)
+        if rejects is not None:
+            rejects[...] = 0
+            rows = min(rejects.shape[0], sessions.shape[0])
+            rejects[:rows, RJ.W_BASE] = sessions[:rows, S_DONE]
+        n = replay_journal(st, directory, sessions, from_gseq=base + 1, progress=log,
+                           rejects=rejects)
     finally:
         write_end(seg_words)
     # Everything replayed came from disk: held = processed = durable.

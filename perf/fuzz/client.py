@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from perf.fuzz.traffic import Worker
 
 WAIT_S = 20.0           # the longest the fuzzer waits for any answer of the node
+# (no REJECTED: the fuzzer logs in without LOGIN_REJECTED, so one would be the node's bug)
 _FROM_NODE = (W.K_CHALLENGE, W.K_LOGIN_OK, W.K_ACK, W.K_REJECT, W.K_HEARTBEAT)
 _AFTER_LOGIN = (W.K_ACK, W.K_HEARTBEAT)
 

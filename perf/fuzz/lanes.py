@@ -268,12 +268,13 @@ class SessionLane(Lane):
             n = rnd.choice([0, 1, 8, 127, 129, 200, 1000])
             data = _hdr(W.K_EVENTS, n) + nrng.bytes(n)
         elif kind == "random_kind":
-            k = rnd.choice([0, 8, 9, 100, 254, 255])
+            k = rnd.choice([0, W.K_REJECTED + 1, W.K_REJECTED + 2, 100, 254, 255])
             n = rnd.choice([0, 8, 40, 128, 4096])
             data = _hdr(k, n) + nrng.bytes(n)
         elif kind == "client_kind":
             k, n = rnd.choice([(W.K_LOGIN_OK, 8), (W.K_ACK, 136), (W.K_CHALLENGE, 32),
-                               (W.K_REJECT, 10), (W.K_REJECT, 60), (W.K_REJECT, 510)])
+                               (W.K_REJECT, 10), (W.K_REJECT, 60), (W.K_REJECT, 510),
+                               (W.K_REJECTED, 16), (W.K_REJECTED, 48)])
             data = _hdr(k, n) + nrng.bytes(n)
         elif kind == "fixed_length":
             k, n = rnd.choice([(W.K_HEARTBEAT, 1), (W.K_HEARTBEAT, 16), (W.K_LOGIN, 39),
@@ -406,7 +407,7 @@ class ChaosLane(Lane):
         u = rnd.random()
         if u < 0.30:    # one frame of a kind: valid length, or not
             k = rnd.choice([0, W.K_LOGIN_OK, W.K_EVENTS, W.K_ACK, W.K_REJECT, W.K_HEARTBEAT,
-                            W.K_CHALLENGE, 8, 9, 77, 255])
+                            W.K_CHALLENGE, W.K_REJECTED, 9, 77, 255])
             n = {W.K_LOGIN_OK: 8, W.K_ACK: 136, W.K_CHALLENGE: 32, W.K_HEARTBEAT: 0,
                  W.K_EVENTS: EVENT_SIZE, W.K_REJECT: 20}.get(k, 16)
             if rnd.random() < 0.3:
@@ -461,6 +462,7 @@ class ChaosLane(Lane):
         if opened is None:
             return
         c, nonce = opened
+        flags = 0
         u = rnd.random()
         if u < 0.35:
             sid = rnd.choice(SPECS).id
@@ -481,14 +483,19 @@ class ChaosLane(Lane):
             sid = rnd.choice([0, MAX_SESSIONS + 1, 2**31, 2**32 - 1])
             proof = nrng.bytes(32)
             codes, cat = {W.E_SESSION}, "auth_bad_id"
-        else:
+        elif u < 0.95:
             sid = rnd.choice(SPECS).id
             proof = nrng.bytes(32)
             codes, cat = {W.E_AUTH}, "auth_random_proof"
+        else:  # a valid proof with LOGIN flags the node does not know: refused, and the
+            sid = rnd.choice(SPECS).id  # session's live connection is not replaced
+            proof = W.login_mac(secret_of(self.w.seed, sid), sid, nonce)
+            flags = rnd.choice([2, 3, 0x80, 2**31, 2**32 - 1])
+            codes, cat = {W.E_PROTOCOL}, "login_unknown_flags"
         tail = b""
         if rnd.random() < 0.2:  # frames after it, which must never be looked at
             tail = _HB * rnd.randint(1, 50) + events_frames(self.w.any_content(rnd))
-        await c.send(W.encode_login(sid, proof) + tail)
+        await c.send(W.encode_login(sid, proof, flags) + tail)
         self.count(cat)
         await self.w.expect_auth(c, codes, cat)
 

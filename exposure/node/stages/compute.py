@@ -37,7 +37,7 @@ __all__ = ["ComputeStage"]
 
 @njit(cache=True)
 def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, cver, ctrver,
-          sess_flat, ncols, arows, irows, srows, row_words, octrl, oslots, now_ns):
+          sess_flat, ncols, rlog, arows, irows, srows, row_words, octrl, oslots, now_ns):
     """Pop, apply under the state seqlock, publish, count, emit feed rows, push them: one
     entry from Python per batch (each entry unboxes the state once).
 
@@ -51,7 +51,7 @@ def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, c
     apply_batch(st, r, s)
     write_end(seg_words)
     m = publish_batch(st, pver, iver, sver, cver, ctrver, r, n, arows, irows, srows, now_ns)
-    count_sessions(r, s, n, sess_flat, ncols)
+    count_sessions(r, s, n, sess_flat, ncols, rlog)
     pushed = ring_push(octrl, oslots, row_words, m)
     asleep = 1 if pushed > 0 and sleeping(octrl, RL.W_CONSUMER_SLEEPING) else 0
     return n, m, pushed, asleep
@@ -72,13 +72,16 @@ class ComputeStage(Stage):
     fed_by = "ingest"
 
     def __init__(self, segment, sessions: np.ndarray, in_ring, out_ring, batch: int = 4096,
-                 counters: np.ndarray | None = None):
+                 counters: np.ndarray | None = None, rejects: np.ndarray | None = None):
         self.cnt = CN.or_private(counters)
         self.seg = segment
         self.st = segment.state
         self.vers = versions(self.st)
         self.sess_flat = sessions.reshape(-1)
         self.ncols = sessions.shape[1]
+        # The reject log (exposure.shm.reject_layout), flat; none: an empty array.
+        self.rlog = (rejects.reshape(-1) if rejects is not None
+                     else np.zeros(0, np.uint64))
         self.inp, self.out = in_ring, out_ring
         self.wake_source = in_ring
         self.recs = np.zeros(batch, EVENT_DTYPE)
@@ -96,7 +99,7 @@ class ComputeStage(Stage):
         self._warm()
         self._args = (self.inp.ctrl, self.inp.slots, self.words, self.recs, self.status,
                       self.st, self.seg.words, *self.vers.args(), self.sess_flat, self.ncols,
-                      self.arows, self.irows, self.srows, self.row_words, self.out.ctrl,
+                      self.rlog, self.arows, self.irows, self.srows, self.row_words, self.out.ctrl,
                       self.out.slots)
         self._step = _jit.entry(_step, *self._args, 0)
         self._tail, self._head = self.inp.ctrl[RL.W_TAIL:], self.inp.ctrl[RL.W_HEAD:]
@@ -108,7 +111,7 @@ class ComputeStage(Stage):
     def _args_empty(self) -> tuple:
         return (self.inp.ctrl, self.inp.slots, self.words[:0], self.recs, self.status,
                 self.st, self.seg.words, *self.vers.args(), self.sess_flat, self.ncols,
-                self.arows, self.irows, self.srows, self.row_words, self.out.ctrl,
+                self.rlog, self.arows, self.irows, self.srows, self.row_words, self.out.ctrl,
                 self.out.slots)
 
     def poll(self) -> int:

@@ -14,7 +14,11 @@ the session's
 records wait (and its socket is not read) until there is room. The node acknowledges to
 each session the highest seq that compute has processed, with the session's rejects per
 reason; while events stream, ACKs are coalesced to one per session per ``ack_interval_us``
-(each is a send on the hot path), and the last one follows within that interval.
+(each is a send on the hot path), and the last one follows within that interval. A session
+that logged in with the LOGIN_REJECTED flag gets, just before each ACK, a REJECTED frame
+listing the (seq, reason) of every event the ACK newly covers that was rejected, read from
+compute's reject log (:mod:`exposure.shm.reject_layout`; nothing is read for a session
+with no new rejects).
 
 Complete EVENTS frames go from the receive buffer to the ring in one jitted scan per read
 (:mod:`exposure.node.stages.ingest_scan`); login, heartbeat and anything malformed are handled
@@ -76,6 +80,7 @@ from exposure.node.stages.agent import Stage
 from exposure.node.stages.ingest_scan import NEED_MORE, RES_WORDS, RING_FULL, SEQ_GAP, scan
 from exposure.node.stages.sequencer import Sequencer
 from exposure.shm import counters_layout as CN
+from exposure.shm import reject_layout as RJ
 from exposure.shm import session_layout as SL
 from exposure.shm.control import (
     CTL_ALONE,
@@ -129,7 +134,7 @@ class _Conn(Conn):
 
     __slots__ = ("buf", "wbuf", "mv", "pos", "fill", "stalled", "session", "held", "acked",
                  "ack_due", "marks", "mark_ns", "repl", "state", "nonce", "last_rx",
-                 "close_at")
+                 "close_at", "flags", "rcur", "rupto")
 
     def __init__(self, sock: socket.socket, now: int, max_out: int):
         super().__init__(sock, None, now, max_out)
@@ -148,6 +153,9 @@ class _Conn(Conn):
         self.nonce = os.urandom(W.NONCE)
         self.last_rx = now  # monotonic ns
         self.close_at = 0
+        self.flags = 0     # the LOGIN's flags (W.LOGIN_REJECTED: REJECTED frames)
+        self.rcur = 0      # the reject log's next entry not yet sent (an index, not a slot)
+        self.rupto = 0     # the last REJECTED's upto (at login: the log's base)
 
     def _buffer(self, size: int) -> None:
         old = getattr(self, "buf", None)
@@ -173,9 +181,13 @@ class IngestStage(Stage):
                  secrets: dict[int, bytes] | None = None,
                  entitlements: Entitlements | None = None,
                  limits: PortLimits = PortLimits(), counters: np.ndarray | None = None,
-                 partition: tuple[int, np.ndarray, np.ndarray] | None = None):
+                 partition: tuple[int, np.ndarray, np.ndarray] | None = None,
+                 rejects: np.ndarray | None = None):
         self.cnt = CN.or_private(counters)
         self.sessions = sessions
+        # The reject log compute writes (exposure.shm.reject_layout): None (a stage built
+        # without one) refuses the LOGIN_REJECTED flag.
+        self.rlog = rejects
         self.out = out_ring
         self.seq = Sequencer(out_ring, next_gseq, self.cnt)  # the gseq and the ring's producer
         self.max_sessions = max_sessions
@@ -604,7 +616,7 @@ class IngestStage(Stage):
         return self.conns.get(c.fd) is c and c.state != _CLOSING
 
     def _login(self, c: _Conn, payload: bytes) -> None:
-        sid, proof = W.decode_login(payload)
+        sid, flags, proof = W.decode_login_flags(payload)
         if c.state != _PRE:
             self._count(SL.N_PROTOCOL, c.session, SL.S_PROTOCOL)
             self._reject(c, W.E_SESSION, "already logged in")
@@ -622,6 +634,11 @@ class IngestStage(Stage):
                                  "verify (wrong secret, or a session not configured)")
                 self._reject(c, W.E_AUTH, "authentication failed")
                 return
+        if flags & ~W.LOGIN_FLAGS or (flags and self.rlog is None):
+            self._count(SL.N_PROTOCOL, sid, SL.S_PROTOCOL)
+            self._reject(c, W.E_PROTOCOL, f"LOGIN flags {flags:#x}: this node knows "
+                         f"{W.LOGIN_FLAGS if self.rlog is not None else 0:#x} only")
+            return
         old = self.by_session.get(sid)
         if old is not None:  # a stale connection (half-open, or a client that restarted)
             self._count(SL.N_REPLACED, sid, SL.S_REPLACED)
@@ -633,6 +650,10 @@ class IngestStage(Stage):
         c._buffer(self.lim.buffer)
         c.session = sid
         c.held = int(self.sessions[sid, S_HELD])
+        if flags & W.LOGIN_REJECTED:  # from the oldest entry the log keeps
+            c.flags = flags
+            c.rcur = 0
+            c.rupto = int(self.rlog[sid, RJ.W_BASE])
         c.marks.append((self.seq.last, c.held))  # what it holds: pushed before now
         self.by_session[sid] = c
         self.sessions[sid, SL.S_CONNECTED] = 1
@@ -656,9 +677,25 @@ class IngestStage(Stage):
         if done > c.acked:
             c.acked = done
             c.ack_due = now + self.ack_interval_ns
+            if c.flags and done > c.rupto:
+                self._rejected(c, done)
+                if self.conns.get(c.fd) is not c:  # (it did not read its answers: closed)
+                    return
             self._send(c, W.encode_ack(done, self.sessions[c.session, S_REJ:S_REJ + N_REJ]))
         if c.acked >= c.held:
             self.unacked.discard(c)
+
+    def _rejected(self, c: _Conn, done: int) -> None:
+        """Before the ACK of ``done``: a REJECTED frame listing the session's rejected seqs
+        in (c.rupto, done] from the reject log, or saying which of them were lost (none
+        when there is nothing to say). Compute stores an entry, then the log's head, then
+        DONE (all release); ``done`` was read first, so every reject of a seq <= done is
+        below the head :func:`exposure.shm.reject_layout.read_since` reads."""
+        after, seqs, codes, c.rcur = RJ.read_since(self.rlog[c.session], c.rcur, c.rupto,
+                                                   done)
+        if len(seqs) or after > c.rupto:
+            self._send(c, W.encode_rejected(after, done, seqs, codes))
+        c.rupto = done
 
     def _send(self, c: _Conn, data: bytes) -> None:
         """Queue ``data`` behind what waits (sent now if nothing does). A client whose

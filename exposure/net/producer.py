@@ -50,6 +50,10 @@ _BURST_FRAMES = 8         # frames queued per pass (the rest wait for the socket
 _RESULTS = 65536          # Acks kept for results() (the oldest dropped beyond)
 _RECV = 1 << 16
 _BACKOFF_MAX = 1.0        # seconds between rounds of the endpoints, at most
+# Per-event rejects: a node's REJECTED frames, asked for at login (until every node has
+# them, a wire module without them leaves the producer on the ACK's counters).
+_K_REJECTED = getattr(W, "K_REJECTED", None)
+_LOGIN_REJECTED = getattr(W, "LOGIN_REJECTED", 0)
 _FATAL_REJECTS = {W.E_AUTH, W.E_SEQ, W.E_SESSION, W.E_REPLACED, W.E_PROTOCOL}
 
 
@@ -73,11 +77,11 @@ class Ack(NamedTuple):
     """An acknowledgement: every seq <= ``upto`` is processed and durable at the node.
 
     ``rejected``: (seq, reason name) of the rejected events among those newly acknowledged
-    (reason names: :data:`exposure.core.types.NODE_REASONS`). The node's ACK carries its
-    per-reason counts, so the seqs are exact only where the counts leave no doubt (none,
-    one event, or all of them rejected); otherwise each rejected event of the range is
-    listed with seq 0 ("one of this range") and its reason, and a reason the counts cannot
-    tell is ``"unknown"``."""
+    (reason names: :data:`exposure.core.types.NODE_REASONS`), exact where the node listed
+    them (REJECTED frames). Where it could not, the ACK's per-reason counts fill in: exact
+    only where they leave no doubt (none, one event, or all of them rejected); otherwise
+    each rejected event of the range is listed with seq 0 ("one of this range") and its
+    reason, and a reason the counts cannot tell is ``"unknown"``."""
 
     upto: int
     rejected: tuple[tuple[int, str], ...] = ()
@@ -201,6 +205,9 @@ class Producer:
         self._error: ProducerError | None = None
         self._results: collections.deque[Ack] = collections.deque()
         self._rej: list[int] | None = None  # the node's reject counters at the last ACK
+        self._flags = _LOGIN_REJECTED
+        self._rj: dict[int, int] = {}  # seq -> reason code from REJECTED frames, > acked
+        self._rj_lo = self._rj_hi = -1  # what this connection's REJECTED cover: (lo, hi]
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._idle = False
         self._stop = False
@@ -567,8 +574,13 @@ class Producer:
                     if kind == W.K_CHALLENGE:
                         proof = (W.login_mac(self._secret, self.session, payload)
                                  if self._secret else bytes(32))
-                        sock.sendall(W.encode_login(self.session, proof))
+                        sock.sendall(W.encode_login(self.session, proof, self._flags)
+                                     if self._flags else W.encode_login(self.session, proof))
                     elif kind == W.K_REJECT:
+                        if self._flags and W.decode_reject(payload)[0] == W.E_PROTOCOL:
+                            self._flags = 0  # a node without per-event rejects
+                            raise _Dropped("the node sends no per-event rejects: logging "
+                                           "in without asking for them")
                         self._rejected(payload, ep)
                     elif kind == W.K_LOGIN_OK:
                         (held,) = struct.unpack("<Q", payload)
@@ -633,6 +645,7 @@ class Producer:
         """Run one logged-in connection until it drops (_Dropped) or the producer stops."""
         nxt = self._login_ok(held, ep)
         reader = W.FrameReader()
+        self._rj_lo = self._rj_hi = -1
         ep_ = select.epoll()
         sfd = sock.fileno()
         try:
@@ -775,6 +788,8 @@ class Producer:
             if kind == W.K_ACK:
                 done, rej = W.decode_ack(payload)
                 self._ack(done, rej, ep)
+            elif kind == _K_REJECTED:
+                self._on_rejected(payload)
             elif kind == W.K_REJECT:
                 self._rejected(payload, ep)
             elif kind != W.K_HEARTBEAT:
@@ -793,7 +808,10 @@ class Producer:
         if done <= self.acked:
             return
         lo = self.acked + 1
-        rejected = self._rejected_in(lo, done, prev, rej)
+        if self._rj_hi >= 0:
+            rejected = self._rejected_listed(lo, done, prev, rej)
+        else:
+            rejected = self._rejected_in(lo, done, prev, rej)
         self.stats["rejects"] = {NODE_REASONS.get(i, str(i)): int(v)
                                  for i, v in enumerate(rej) if i and v}
         with self._cond:
@@ -812,6 +830,38 @@ class Producer:
                 self.on_result(ack)
             except Exception:
                 log.exception("producer of session %s: on_result raised", self.session)
+
+    def _on_rejected(self, payload) -> None:
+        """A REJECTED frame: every rejected seq in (after, upto] with its reason."""
+        after, upto = W.rejected_range(payload)
+        for seq, code in W.decode_rejected(payload):
+            if self.acked < seq <= self.sent:  # (bounded by the window)
+                self._rj[seq] = code
+        if 0 <= self._rj_hi and after <= self._rj_hi:
+            self._rj_hi = max(self._rj_hi, upto)
+        else:  # the first on this connection, or entries lost in between
+            self._rj_lo, self._rj_hi = after, upto
+
+    def _rejected_listed(self, lo: int, hi: int, prev: Sequence[int] | None,
+                         now: Sequence[int]) -> tuple[tuple[int, str], ...]:
+        """The rejected events among seqs lo..hi from the REJECTED frames where they cover
+        the range, the counters (:meth:`_rejected_in`) for the part they do not."""
+        listed = sorted((s, c) for s, c in self._rj.items() if s <= hi)
+        for s, _ in listed:
+            del self._rj[s]
+        exact = tuple((s, NODE_REASONS.get(c, str(c))) for s, c in listed if s >= lo)
+        if self._rj_lo <= lo - 1 and self._rj_hi >= hi:
+            return exact
+        if prev is None:
+            return (*exact, (0, "unknown"))
+        delta = [b - a for a, b in zip(prev, now, strict=False)]
+        for s, c in listed:
+            if s >= lo and 0 <= c < len(delta):
+                delta[c] -= 1
+        if any(d < 0 for d in delta):
+            return (*exact, (0, "unknown"))
+        return (*exact, *((0, NODE_REASONS.get(i, str(i))) for i, d in enumerate(delta)
+                          if i for _ in range(min(d, hi - lo + 1))))
 
     @staticmethod
     def _rejected_in(lo: int, hi: int, prev: Sequence[int] | None,

@@ -97,8 +97,6 @@ def test_rejects_come_back_with_their_reasons(node):
 
 @pytest.mark.process
 def test_a_reject_among_many_is_named_with_its_seq_where_the_node_lists_rejects(node):
-    from exposure.net import wire as W
-
     recs = _events(3000, seed=2)
     bad = np.zeros(1, recs.dtype)
     bad["type"], bad["source"], bad["order_id"] = T_CANCEL, 1, 10**12
@@ -106,10 +104,7 @@ def test_a_reject_among_many_is_named_with_its_seq_where_the_node_lists_rejects(
         p.send(np.concatenate([recs[:1500], bad, recs[1500:]]))
         p.flush(30)
         rejected = [r for a in p.results(timeout=0) for r in a.rejected]
-    if hasattr(W, "K_REJECTED"):  # the node lists each reject: the exact seq
-        assert rejected == [(1501, "unknown_order")]
-    else:  # counts only: never a guessed seq
-        assert rejected in ([(1501, "unknown_order")], [(0, "unknown_order")])
+    assert rejected == [(1501, "unknown_order")]  # the node lists it: the exact seq
 
 
 @pytest.mark.process
@@ -228,7 +223,6 @@ def test_a_node_killed_mid_stream_and_restarted_ends_equal_to_replay(node):
 @pytest.mark.process
 def test_a_producer_killed_with_a_spool_resends_on_restart_what_the_node_lacks(node,
                                                                                tmp_path):
-    pytest.importorskip("exposure.store.spool")
     recs = _events(6000, seed=3)
     np.save(tmp_path / "recs.npy", recs)
     spool = tmp_path / "spool"
@@ -299,3 +293,19 @@ def test_a_silent_node_is_given_up_after_liveness_and_the_stream_resumes(node):
         p.flush(60)
         assert p.acked == len(recs) and p.stats["reconnects"] >= 1
     _assert_replay_and_journal(node, recs, 13)
+
+
+def test_listed_rejects_are_exact_and_the_counts_fill_only_what_the_lists_miss():
+    from exposure.net.producer import Producer as P
+
+    p = object.__new__(P)  # (no connection: only the bookkeeping)
+    z = [0] * 16
+    two = list(z)
+    two[5] = 2  # two unknown_order in all
+    p._rj, p._rj_lo, p._rj_hi = {7: 5, 12: 5}, 0, 20
+    assert p._rejected_listed(1, 20, z, two) == ((7, "unknown_order"), (12, "unknown_order"))
+    assert p._rj == {}
+    p._rj, p._rj_lo, p._rj_hi = {12: 5}, 10, 20  # seqs 1..10 not covered by any list
+    assert p._rejected_listed(1, 20, z, two) == ((12, "unknown_order"), (0, "unknown_order"))
+    p._rj, p._rj_lo, p._rj_hi = {12: 5}, 10, 20
+    assert p._rejected_listed(1, 20, None, two) == ((12, "unknown_order"), (0, "unknown"))

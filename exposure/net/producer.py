@@ -50,10 +50,6 @@ _BURST_FRAMES = 8         # frames queued per pass (the rest wait for the socket
 _RESULTS = 65536          # Acks kept for results() (the oldest dropped beyond)
 _RECV = 1 << 16
 _BACKOFF_MAX = 1.0        # seconds between rounds of the endpoints, at most
-# Per-event rejects: a node's REJECTED frames, asked for at login (until every node has
-# them, a wire module without them leaves the producer on the ACK's counters).
-_K_REJECTED = getattr(W, "K_REJECTED", None)
-_LOGIN_REJECTED = getattr(W, "LOGIN_REJECTED", 0)
 _FATAL_REJECTS = {W.E_AUTH, W.E_SEQ, W.E_SESSION, W.E_REPLACED, W.E_PROTOCOL}
 
 
@@ -205,7 +201,7 @@ class Producer:
         self._error: ProducerError | None = None
         self._results: collections.deque[Ack] = collections.deque()
         self._rej: list[int] | None = None  # the node's reject counters at the last ACK
-        self._flags = _LOGIN_REJECTED
+        self._flags = W.LOGIN_REJECTED  # per-event rejects (0: a node without)
         self._rj: dict[int, int] = {}  # seq -> reason code from REJECTED frames, > acked
         self._rj_lo = self._rj_hi = -1  # what this connection's REJECTED cover: (lo, hi]
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -788,7 +784,7 @@ class Producer:
             if kind == W.K_ACK:
                 done, rej = W.decode_ack(payload)
                 self._ack(done, rej, ep)
-            elif kind == _K_REJECTED:
+            elif kind == W.K_REJECTED:
                 self._on_rejected(payload)
             elif kind == W.K_REJECT:
                 self._rejected(payload, ep)

@@ -124,11 +124,13 @@ def _key(r: np.ndarray) -> tuple[int, int]:
 class SnapServer:
     """A recovery server on a free port: each connection reads one request and gets
     ``answer()`` -> (status, epoch, gseq, rows), taken when the request arrives and sent
-    once ``gate`` is set (a slow transfer)."""
+    once ``gate`` is set (a slow transfer, or a server that goes silent); its first
+    ``split`` bytes go out before the gate (a server that goes silent mid-transfer)."""
 
     def __init__(self, answer):
         self.answer = answer
         self.requests = 0
+        self.split = 0
         self.gate = threading.Event()
         self.gate.set()
         self.lsock = socket.socket()
@@ -157,13 +159,16 @@ class SnapServer:
                         req += chunk
                     self.requests += 1
                     status, epoch, gseq, rows = self.answer()
+                    body = b"".join(r.tobytes() for r in rows)
+                    data = SNAP_HEADER.pack(SNAP_MAGIC, epoch, gseq, len(body) // ROW_SIZE,
+                                            status, FEED_VERSION, ROW_SIZE, time.time_ns()) \
+                        + body
+                    split = min(self.split, len(data)) if not self.gate.is_set() else 0
+                    c.sendall(data[:split])
                     while not self.gate.wait(0.05):
                         if self._stop:
                             return
-                    body = b"".join(r.tobytes() for r in rows)
-                    c.sendall(SNAP_HEADER.pack(SNAP_MAGIC, epoch, gseq, len(body) // ROW_SIZE,
-                                               status, FEED_VERSION, ROW_SIZE, time.time_ns())
-                              + body)
+                    c.sendall(data[split:])
                 except OSError:
                     pass
 
@@ -605,6 +610,52 @@ def test_an_unreachable_server_is_retried_while_datagrams_flow(node):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("split", [0, SNAP_HEADER.size + ROW_SIZE], ids=["silent",
+                                                                          "mid-transfer"])
+def test_a_server_gone_silent_is_given_up_within_the_bound_and_asked_again(node, split):
+    """A recovery server that accepts, then sends nothing (a hung or SIGSTOPped node: the
+    kernel still accepts), or stops after the header and a row: the fetch gives up after
+    snapshot_timeout of silence (the liveness rule), and the server is asked again; once
+    it answers, the subscriber goes live."""
+    _base(node)
+    node.server.gate.clear()
+    node.server.split = split
+    bound = 0.5
+    sub = node.subscriber(snapshot_timeout=bound, backoff=(0.05, 0.2), join_wait=0.0)
+    try:
+        node.send(acc(1, 0, 1.0))
+        t0 = time.monotonic()
+        pump(sub, lambda: sub.counters["snapshot_errors"] >= 1, "the silent fetch given up",
+             timeout=bound + 3.0)  # the bound, and room for a loaded machine
+        assert time.monotonic() - t0 >= bound * 0.9
+        assert f"silent for {bound:g} s" in sub.last_snapshot_error
+        assert sub.state == "joining" and sub.account(1)["long_mv"] == 1.0
+        node.server.gate.set()
+        pump(sub, settled(sub, node), "live once the server answers")
+        same(sub, node)
+    finally:
+        sub.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_feed_that_stops_is_reported_silent_until_a_datagram_comes(node):
+    """No datagram for liveness_s (a live feed heartbeats every 100 ms): ``silent``; the
+    next datagram (a heartbeat) ends it."""
+    _base(node)
+    sub = node.subscriber(liveness_s=0.3)
+    try:
+        node.send(acc(1, 0, 1.0))
+        pump(sub, settled(sub, node), "live")
+        pump(sub, lambda: sub.silent, "silent after liveness_s", timeout=0.3 + 3.0)
+        assert sub.silent_for > 0.3 and "silent" in sub.describe()
+        node.heartbeat()
+        pump(sub, lambda: not sub.silent, "a heartbeat heard")
+        assert sub.state == "live"
+    finally:
+        sub.close()
+
+
+@pytest.mark.timeout(60)
 def test_breach_transitions_are_visible_in_changes(node):
     changes: list = []
     sub = node.subscriber(on_change=lambda *c: changes.append(c))
@@ -780,4 +831,50 @@ def test_a_real_node_s_feed_rebuilds_what_dump_prints_through_loss_late_join_and
     finally:
         for s in subs:
             s.close()
+        n.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_node_stopped_while_a_subscriber_joins_is_given_up_then_followed_after_sigcont(
+        tmp_path):
+    """Every process of a real node SIGSTOPped (a hung machine: its kernel still accepts
+    the snapshot connection) while a subscriber joins: each fetch gives up after
+    snapshot_timeout of silence, the feed is reported silent; after SIGCONT the next
+    fetch succeeds and the view equals what dump prints."""
+    import signal
+
+    from support import DATA
+
+    from exposure.harness.localnode import LocalNode, listening
+    from exposure.harness.wait import wait_for
+
+    n = LocalNode(tmp_path)
+    sub = None
+    try:
+        p = n.cli("send", str(DATA / "basic.jsonl"))
+        assert p.returncode == 0, p.stderr.decode()
+        want = {k: v for k, v in n.dump().items() if k in SECTIONS}
+        wait_for(lambda: listening("127.0.0.1", n.sport), 60, "the recovery server", n)
+        n.signal_all(signal.SIGSTOP)
+        try:
+            bound = 1.0
+            sub = Subscriber.from_config(n.config, snapshot_timeout=bound,
+                                         backoff=(0.05, 0.5), join_wait=0.0)
+            assert sub.liveness_s == 1.0  # 10 feed heartbeats of 100 ms
+            t0 = time.monotonic()
+            pump(sub, lambda: sub.counters["snapshot_errors"] >= 1,
+                 "the fetch from the stopped node given up", timeout=bound + 4.0)
+            assert time.monotonic() - t0 >= bound * 0.9
+            assert f"silent for {bound:g} s" in sub.last_snapshot_error
+            pump(sub, lambda: sub.silent, "the feed reported silent", timeout=5.0)
+            assert sub.state == "joining"
+        finally:
+            n.signal_all(signal.SIGCONT)
+        pump(sub, lambda: (sub.state == "live" and not sub.silent
+                           and compare_documents(sub.document(), want) == []),
+             "the view after SIGCONT", timeout=60)
+        print(sub.counters)
+    finally:
+        if sub is not None:
+            sub.close()
         n.stop()

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -324,6 +325,69 @@ def test_kill_9_of_the_backup_the_primary_runs_alone_then_the_backup_rejoins_and
     assert_equal_to_replay(p, events)
 
 
+def log_since(node, mark: int) -> str:
+    """``node``'s log from byte ``mark`` on."""
+    return node.log.read_bytes()[mark:].decode(errors="replace")
+
+
+def silences(node, who: str, since: int = 0) -> list[int]:
+    """The silences (ms) ``node`` logged of its peer (``who``: "primary" or "backup") from
+    byte ``since`` of its log: the mirror's, the replica's and the supervisor's lines."""
+    text = log_since(node, since)
+    return [int(m) for m in re.findall(rf"the {who}(?: at \S+| '[^']*')? has been silent "
+                                       rf"for (\d+) ms", text)]
+
+
+def within_bound(ms: list[int], bound: int, what: str) -> None:
+    """A silent peer detected within ``bound`` ms (the liveness rule): the first silence
+    logged is the bound itself, give or take a loaded machine's scheduling (1 s)."""
+    assert ms, f"no line says that the {what} has been silent"
+    assert bound <= ms[0] < bound + 1000, (what, ms, bound)
+
+
+@pytest.mark.timeout(300)
+def test_sigstop_of_the_backup_the_primary_detects_it_within_the_bound_and_the_link_recovers(
+        pair, tmp_path):
+    """A hung backup (every process stopped: its kernel still takes the primary's bytes
+    and connections): the primary records that it runs alone after alone_after_ms (the
+    default release policy; strict would stay fenced) and its mirror gives the link up after
+    failover_ms of silence, each logged with the silence measured; it goes on
+    acknowledging. After SIGCONT the backup answers the pending handshake, catches up and
+    is recorded synchronous again; nothing acknowledged is lost or counted twice."""
+    rnd = seeded()
+    p = pair()
+    n = 60_000
+    events = flow(tmp_path, n, rnd.randrange(1 << 30))
+    client = send(p.a, events, rate=20_000)
+    with streaming(client):
+        time.sleep(rnd.uniform(0.5, 1.0))
+        mark = len(p.a.log.read_bytes())
+        p.b.signal_all(signal.SIGSTOP)
+        try:
+            wait_for(lambda: p.a.control()[CTL_ALONE] == 1, 10, "running alone", p.a)
+            wait_for(lambda: "mirror: the backup has been silent for" in log_since(p.a, mark),
+                     10,
+                     "the mirror giving the silent backup up", p.a)
+            assert p.record().sync == ""
+            g = p.a.last_gseq()
+            wait_for(lambda: p.a.last_gseq() > g + 5000, 30, "the primary going on", p.a)
+            assert role(p.a) == ROLE_PRIMARY and not p.a.control()[CTL_FENCED]
+        finally:
+            p.b.signal_all(signal.SIGCONT)
+        text = log_since(p.a, mark)
+        print("\n".join(ln for ln in text.splitlines() if "silent" in ln))
+        alone = re.findall(r"running alone at epoch \d+: the backup '[^']*' has been silent "
+                           r"for (\d+) ms", text)
+        within_bound([int(x) for x in alone], 200, "backup (alone_after_ms)")
+        mirror = re.findall(r"mirror: the backup has been silent for (\d+) ms", text)
+        within_bound([int(x) for x in mirror], 300, "backup (the mirror's failover_ms)")
+        wait_for(lambda: in_sync(p.b, p.a) and synchronous(p, p.b), 60,
+                 "the backup synchronous again", p.b)
+        assert p.a.control()[CTL_ALONE] == 0 and role(p.b) == ROLE_BACKUP
+        finish(client, n)
+    assert_equal_to_replay(p, events)
+
+
 @pytest.mark.timeout(300)
 def test_kill_9_of_the_primary_while_it_runs_alone_the_stale_backup_is_not_promoted(
         pair, tmp_path):
@@ -374,8 +438,12 @@ def test_sigstop_of_the_whole_primary_fails_over_and_the_old_primary_acts_no_mor
         with streaming(client):
             time.sleep(rnd.uniform(0.5, 1.5))
             old = int(p.a.control()[CTL_EPOCH])
+            mark = len(p.b.log.read_bytes())
             p.a.signal_all(signal.SIGSTOP)
             wait_for(lambda: role(p.b) == ROLE_PRIMARY, 10, "the promotion", p.b)
+            # the backup took the silence for what it is within failover_ms (the
+            # replica closing the link, or the promotion itself, logs it measured)
+            within_bound(silences(p.b, "primary", mark), 300, "primary")
             time.sleep(rnd.uniform(0, 1))
             with contextlib.suppress(BlockingIOError):  # what was sent before the stop
                 while rx.recv(65536):

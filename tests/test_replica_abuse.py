@@ -281,6 +281,30 @@ def test_unauthenticated_connects_do_not_move_the_links_timers(rep):
 
 
 @pytest.mark.timeout(60)
+def test_a_primary_gone_silent_is_dropped_within_failover_ms_and_a_new_link_resumes(rep):
+    """An authenticated primary that stops sending (hung, SIGSTOPped: its socket stays
+    open): the link is closed once it has been silent for failover_ms (the liveness rule),
+    not before; the primary's next connection resumes from what this node holds."""
+    h = rep
+    bound = 300_000_000
+    h.st.failover_ns = bound
+    p = h.primary()
+    p.send(records(1, 10) + beat(time.monotonic_ns()))
+    h.until(lambda: h.gseqs[-1:] == [10], what="the records")
+    h.until(lambda: h.st.link is None, seconds=bound / 1e9 + 3, what="the silent link closed")
+    silence = time.monotonic_ns() - int(h.ctl[CTL_HEARD_NS])
+    assert bound < silence < bound + 1_000_000_000, silence
+    assert int(h.ctl[CTL_LINK]) == 0
+    h.until(p.gone, what="the silent primary's connection closed")
+    q = h.primary()
+    (welcome,) = [pl for k, pl in q.frames if k == R.K_WELCOME]
+    assert R.WELCOME.unpack(welcome)[1] == 10  # what it holds: resume from gseq 11
+    q.send(records(11, 5) + beat(time.monotonic_ns()))
+    h.until(lambda: h.gseqs[-1:] == [15], what="the records after the reconnect")
+    assert h.gseqs == list(range(1, 16)) and int(h.ctl[CTL_LINK]) == 1
+
+
+@pytest.mark.timeout(60)
 def test_at_the_cap_a_real_primary_still_gets_in(rep):
     """The cap is full of idle connections (and one authenticated link): a new primary
     evicts the oldest idle one, authenticates, and replaces the old link as today."""

@@ -103,6 +103,7 @@ from exposure.feed.wire import (
     parse_snapshot_header,
     snapshot_request,
 )
+from exposure.net.liveness import silent
 from exposure.net.mmsg import BatchReceiver
 
 __all__ = ["Subscriber", "Change", "Rows", "SnapshotError", "fetch_snapshot", "COUNTERS",
@@ -187,12 +188,24 @@ class SnapshotError(Exception):
 
 
 # ----------------------------------------------------------------------------- snapshots
-def _recv_exact(s: socket.socket, buf: memoryview, deadline: float) -> None:
+def _recv_exact(s: socket.socket, buf: memoryview, deadline: float, silence: float) -> None:
+    """Fill ``buf``; a server silent for ``silence`` s (the liveness rule,
+    :mod:`exposure.net.liveness`) or past ``deadline`` (monotonic) is given up. Every wait
+    is bounded by both."""
     got = 0
     while got < len(buf):
-        if time.monotonic() > deadline:
-            raise SnapshotError("timed out reading the snapshot")
-        n = s.recv_into(buf[got:])
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise SnapshotError(f"timed out reading the snapshot ({got} of {len(buf)} "
+                                f"bytes)")
+        s.settimeout(min(silence, left))
+        try:
+            n = s.recv_into(buf[got:])
+        except TimeoutError:
+            if left <= silence:
+                continue  # (the deadline: said above)
+            raise SnapshotError(f"the server has been silent for {silence:g} s ({got} of "
+                                f"{len(buf)} bytes)") from None
         if n == 0:
             raise SnapshotError(f"connection closed after {got} of {len(buf)} bytes")
         got += n
@@ -202,8 +215,11 @@ def fetch_snapshot(addr: tuple[str, int], timeout: float = 5.0, max_rows: int = 
                    hold: Callable[[socket.socket | None], None] | None = None) -> Snapshot:
     """One snapshot from the recovery server at ``addr`` (blocking: connect, request,
     header, rows until EOF). A status other than SNAP_OK comes back as a Snapshot with
-    that status and no rows. ``timeout`` bounds each socket operation; the whole transfer
-    gets ``4 * timeout`` plus a second per 320,000 rows. Raises :class:`SnapshotError`
+    that status and no rows. ``timeout`` is the liveness bound (:mod:`exposure.net.liveness`):
+    the connect, and every wait for the server's bytes, gives up after it (a hung or
+    SIGSTOPped server, whose kernel still accepts the connection, is given up ``timeout``
+    after the last byte it sent); the whole transfer gets ``4 * timeout`` plus a second per
+    320,000 rows, whatever the server trickles. Raises :class:`SnapshotError`
     (with the reason) on a refused connection, a timeout or a malformed answer, including
     more than ``max_rows`` rows or a row of unknown kind. ``hold``: called with the
     connected socket, then with None, so that another thread may shut it down (cancel)."""
@@ -215,16 +231,18 @@ def fetch_snapshot(addr: tuple[str, int], timeout: float = 5.0, max_rows: int = 
     if hold is not None:
         hold(s)
     try:
-        s.sendall(snapshot_request())
+        s.sendall(snapshot_request())  # (16 bytes: the socket buffer takes them)
         hdr = bytearray(SNAP_HEADER.size)
-        _recv_exact(s, memoryview(hdr), start + 4 * timeout)
+        _recv_exact(s, memoryview(hdr), start + 4 * timeout, timeout)
         epoch, gseq, count, status, taken = parse_snapshot_header(hdr)
         if status != SNAP_OK:
             return Snapshot(epoch, gseq, status, taken, np.zeros(0, UPDATE_DTYPE))
         if count > max_rows:
             raise SnapshotError(f"a snapshot of {count} rows (at most {max_rows} expected)")
         body = bytearray(count * ROW_SIZE)
-        _recv_exact(s, memoryview(body), start + 4 * timeout + count / 320_000)
+        end = start + 4 * timeout + count / 320_000
+        _recv_exact(s, memoryview(body), end, timeout)
+        s.settimeout(max(0.001, min(timeout, end - time.monotonic())))
         if s.recv(1):
             raise SnapshotError(f"more than the {count} rows its header announced")
         rows = np.frombuffer(body, UPDATE_DTYPE)
@@ -323,8 +341,16 @@ class Subscriber:
     ``accounts``/``instruments``/``sectors``: id bounds (the node's capacities; rows beyond
     them are counted in ``bad_rows``); the tables grow on demand up to them. A snapshot
     holds at most one row per id, which bounds what a fetch may allocate.
-    ``snapshot_timeout``: seconds per socket operation of a fetch; ``backoff``: (first,
-    most) seconds between rounds over the servers when none gave a snapshot.
+    ``snapshot_timeout``: the snapshot client's liveness bound (:func:`fetch_snapshot`): a
+    server that does not connect, or sends nothing for this long (hung, SIGSTOPped), is
+    given up and the next one tried; ``backoff``: (first, most) seconds between rounds
+    over the servers when none gave a snapshot. So a join or a recovery that meets a
+    silent server goes on within ``snapshot_timeout`` plus the backoff, and one server
+    that comes back is asked again within ``backoff[1]`` plus ``snapshot_timeout``.
+    ``liveness_s``: no datagram for this long (the feed sends a HEARTBEAT every 100 ms
+    when it has nothing else) and :attr:`silent` says so: the node is hung, gone, or cut
+    off; nothing is reconnected (a datagram of the node, or of a new primary, makes it
+    live again, with a snapshot where one is needed).
     ``join_wait``: on start, how long to wait for a first datagram before fetching the join
     snapshot anyway (fetching after the first datagram makes one snapshot enough; the feed
     heartbeats every 100 ms). ``max_batch``: datagrams taken per :meth:`poll`.
@@ -335,14 +361,19 @@ class Subscriber:
                  on_change: Callable[[int, int, np.void | None], None] | None = None,
                  accounts: int = 4096, instruments: int = 65536, sectors: int = 256,
                  snapshot_timeout: float = 2.0, backoff: tuple[float, float] = (0.05, 2.0),
-                 join_wait: float = 0.25, max_batch: int = 1024):
+                 join_wait: float = 0.25, max_batch: int = 1024, liveness_s: float = 1.0):
         if drop_every < 0:
             raise ValueError(f"drop_every = {drop_every}: 0 (off) or N >= 1")
         self.group, self.port, self.interface = group, port, interface
         self.servers: list[tuple[str, int]] = [(str(h), int(p)) for h, p in snapshot]
         self.drop_every = drop_every
         self.on_change = on_change
+        if snapshot_timeout <= 0 or liveness_s <= 0:
+            raise ValueError(f"snapshot_timeout {snapshot_timeout}, liveness_s {liveness_s}: "
+                             f"both > 0")
         self.snapshot_timeout = snapshot_timeout
+        self.liveness_s = liveness_s
+        self._since = time.monotonic()  # (silent_for before any datagram)
         self.backoff = backoff
         self.join_wait = join_wait
         self.max_batch = max_batch
@@ -409,7 +440,8 @@ class Subscriber:
         """A subscriber to the node that ``config`` describes: a path to its TOML, a
         loaded ``NodeConfig``, or None for the built-in default. Its ``[fanout]`` group,
         port, interface and recovery server (``snapshot_host``/``snapshot_port``), in a
-        pair also ``[replication] peer_snapshot``, and its capacities as id bounds."""
+        pair also ``[replication] peer_snapshot``, its capacities as id bounds, and
+        ``liveness_s`` = 10 feed heartbeats (``[fanout] heartbeat_ms``), at least 1 s."""
         from exposure.config.node import NodeConfig, load_config
 
         cfg = config if isinstance(config, NodeConfig) else load_config(
@@ -422,6 +454,7 @@ class Subscriber:
         kw.setdefault("accounts", cfg.caps.accounts)
         kw.setdefault("instruments", cfg.caps.instruments)
         kw.setdefault("sectors", cfg.caps.sectors)
+        kw.setdefault("liveness_s", max(1.0, 10 * cfg.feed_heartbeat_ms / 1000))
         return cls(cfg.group, cfg.fanout_port, cfg.interface, snapshot=servers, **kw)
 
     # ------------------------------------------------------------------------ state
@@ -431,6 +464,19 @@ class Subscriber:
         if not self._joined:
             return "joining"
         return "live" if self._done >= self._want or not self.servers else "recovering"
+
+    @property
+    def silent_for(self) -> float:
+        """Seconds since the last datagram (since the start, before any)."""
+        return time.monotonic() - (self.last_datagram or self._since)
+
+    @property
+    def silent(self) -> bool:
+        """No datagram for more than ``liveness_s`` (:mod:`exposure.net.liveness`): the
+        feed's node is hung, gone or cut off from this host (a live feed sends a HEARTBEAT
+        every ``[fanout] heartbeat_ms`` when it has nothing else). Only :meth:`poll`
+        takes datagrams: a caller that does not poll sees its own pause as silence."""
+        return silent(time.monotonic(), self.last_datagram or self._since, self.liveness_s)
 
     @property
     def counters(self) -> dict[str, int]:
@@ -809,7 +855,8 @@ class Subscriber:
         """One line: epoch, state, fund gross/net/crossing and the main counters."""
         f = self.fund()
         c = self._ctr
-        return (f"epoch {self.epoch} {self.state:<10} seq {self.seq or 0} gseq {self.gseq} "
+        state = self.state + (" silent" if self.silent else "")
+        return (f"epoch {self.epoch} {state:<10} seq {self.seq or 0} gseq {self.gseq} "
                 f"| gross {f['gross']:.2f} net {f['net']:.2f} crossing {f['crossing']:.2f} "
                 f"| dg {c['datagrams']} inc {c['incrementals']} ref {c['refreshes']} "
                 f"hb {c['heartbeats']} gaps {c['gaps']} rec {c['recoveries']} "

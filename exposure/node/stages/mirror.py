@@ -21,8 +21,17 @@ never stalls the hot path; it costs this process's reads of its own journal.
 The backup's ACKs (highest gseq received, highest durable) go to the control block
 (``CTL_REPL_RECV`` / ``CTL_REPL_DUR``), where ingest's release policy reads them. A
 HEARTBEAT with this node's clock goes out every ``heartbeat_ms``; the backup's echo of it
-renews the fence (``CTL_VALID_NS``, :mod:`exposure.net.repl`); a backup silent for
-``failover_ms`` is taken for dead and the link is re-established.
+renews the fence (``CTL_VALID_NS``, :mod:`exposure.net.repl`).
+
+Liveness (:mod:`exposure.net.liveness`): a backup that has sent nothing (no ACK, no
+HEARTBEAT: it sends one every ``heartbeat_ms``) for ``failover_ms`` is taken for dead, as
+a hung or SIGSTOPped one is (the kernel keeps accepting its bytes), and the link is
+closed and re-established every ``_RETRY_NS``; so is a connect or a handshake that takes
+longer than ``failover_ms`` (the handshake: at least ``_HANDSHAKE_NS``). Every call on the
+link is non-blocking; the checks run on every poll (at least every 50 ms when idle). What
+the pair does meanwhile (the primary runs alone, or stays fenced) is the supervisor's
+(:mod:`exposure.pair.election`); after SIGCONT the backup answers the pending connection
+and catches up.
 
 The fault hook for tests and drills: while ``<data dir>/fault-cut-link`` exists, the mirror
 closes the link and does not reconnect (a cut replication link, seen from both sides).
@@ -43,6 +52,7 @@ import numpy as np
 
 from exposure.core.types import EVENT_WORDS, W_GSEQ, W_RECV_NS
 from exposure.net import repl as R
+from exposure.net.liveness import Liveness, silent
 from exposure.net.sock import flush, send_or_queue
 from exposure.node.stages.agent import Stage
 from exposure.shm import counters_layout as CN
@@ -113,11 +123,11 @@ class MirrorStage(Stage):
         self.cursor: JournalCursor | None = None
         self.snap_file = None
         self.last_sent = 0
-        self.last_beat = 0
+        # heard: the backup's last frame (or the connect); sent: the last HEARTBEAT
+        self.live = Liveness(self.failover_ns, self.heartbeat_ns)
         # the fence ends this much before the backup may promote: room for the clocks'
         # rates, a check made just before a pause, and the send it guarded
         self.margin_ns = self.failover_ns // 4
-        self.heard = 0
         self.fault_check = 0
         self.cut = False
         self.logged = ""
@@ -168,13 +178,14 @@ class MirrorStage(Stage):
         if self.out and self.sock is not None:
             self._flush()
         if self.sock is not None and self.state in ("stream", "snapshot"):
-            if now - self.last_beat >= self.heartbeat_ns:
+            if self.live.beat_due(now):
                 self._beat(now)
-            if now - self.heard > self.failover_ns:
-                self._down(f"the backup has been silent for {(now - self.heard) / 1e6:.0f} ms")
+            if self.live.silent(now):
+                self._down(f"the backup has been silent for "
+                           f"{self.live.silent_for(now) / 1e6:.0f} ms")
         elif self.sock is not None and self.state in ("hello", "welcome"):
             # (a peer that accepts but never answers, or a host gone mid-handshake)
-            if now - self.heard > max(self.failover_ns, _HANDSHAKE_NS):
+            if silent(now, self.live.heard, max(self.failover_ns, _HANDSHAKE_NS)):
                 self._down(f"the backup at {self.peer[0]}:{self.peer[1]} did not complete "
                            "the handshake in time", quiet=True)
         return work
@@ -182,7 +193,7 @@ class MirrorStage(Stage):
     def _beat(self, now: int) -> None:
         """A HEARTBEAT with this node's clock: its echo renews the fence (CTL_VALID_NS).
         Sent every heartbeat_ms while linked, whatever else is sent."""
-        self.last_beat = now
+        self.live.sent = now
         tail = int(self.sessions[0, S_DURABLE])
         self._send(R.frame(R.K_HEARTBEAT, R.BEAT.pack(tail, int(self.ctl[CTL_EPOCH]), now)))
 
@@ -214,7 +225,7 @@ class MirrorStage(Stage):
             return
         self.sock = s
         self.state = "connecting"
-        self.heard = now
+        self.live.hear(now)
         self.reader = R.ReplReader()
         self.out = bytearray()
 
@@ -223,7 +234,7 @@ class MirrorStage(Stage):
 
         _, w, _ = select.select([], [self.sock], [], 0)
         if not w:
-            if now - self.heard > self.failover_ns:
+            if self.live.silent(now):
                 self._down(f"connecting to the backup at {self.peer[0]}:{self.peer[1]} "
                            "timed out", quiet=True)
             return
@@ -281,7 +292,7 @@ class MirrorStage(Stage):
         if not data:
             self._down("the backup closed the link", quiet=self.state == "hello")
             return 0
-        self.heard = now
+        self.live.hear(now)
         self.ctl[CTL_HEARD_NS] = now
         try:
             frames = self.reader.feed(data)

@@ -18,6 +18,14 @@ catch-up target); only an in-sync backup that etcd records as the synchronous me
 promote itself (:mod:`exposure.pair.election`). A RESET (this node's state cannot continue the
 primary's) or a complete snapshot asks the supervisor to rebuild the node (``CTL_RELOAD``).
 
+Liveness (:mod:`exposure.net.liveness`): the primary's mirror sends a HEARTBEAT every
+``heartbeat_ms``; a primary that has sent nothing for ``failover_ms`` (hung, SIGSTOPped, a
+host gone without a reset: the kernel still takes this side's bytes) is taken for dead and
+its link closed (``CTL_HEARD_NS``, the last frame heard, is also what the supervisor's
+promotion waits on). The check runs after every pass of the ingest loop, which never
+sleeps more than a millisecond; after SIGCONT the primary's mirror connects again and the
+link resumes from what this node holds.
+
 **The port is bounded** (it runs on the ingest stage's hot thread, and anyone who can reach
 it may connect): at most ``_MAX_LINKS`` connections, the oldest unauthenticated one evicted
 for a new one at the cap (a flood never locks the real primary out); running out of
@@ -54,6 +62,7 @@ from exposure.core.types import EVENT_WORDS, W_GSEQ, W_SESSION, W_SSEQ
 from exposure.net import repl as R
 from exposure.net.conn import GONE, SLOW, Conn, Conns, discard
 from exposure.net.guard import Listener, RateLog, keepalive
+from exposure.net.liveness import silent
 from exposure.node.stages.sequencer import Sequencer
 from exposure.shm import ring_layout as RL
 from exposure.shm.control import (
@@ -259,9 +268,10 @@ class ReplicaStage:
         ln = self.link
         if ln is None:
             return
-        if now - int(self.ctl[CTL_HEARD_NS]) > self.failover_ns:
+        heard = int(self.ctl[CTL_HEARD_NS])
+        if silent(now, heard, self.failover_ns):
             log.warning(f"the primary at {_peer(ln)} has been silent for "
-                        f"{(now - int(self.ctl[CTL_HEARD_NS])) / 1e6:.0f} ms; closing the link")
+                        f"{(now - heard) / 1e6:.0f} ms; closing the link")
             self._close(ln)
             return
         received = self.seq.last

@@ -196,7 +196,8 @@ def test_an_unreachable_node_is_a_nonzero_exit(tmp_path):
     import subprocess
     import sys
     p = subprocess.run([sys.executable, "-m", "exposure", "send", str(DATA / "basic.jsonl"),
-                        "--config", str(cfg)], capture_output=True, timeout=120)
+                        "--config", str(cfg), "--timeout", "2"], capture_output=True,
+                       timeout=120)  # (a node may start meanwhile: waited for --timeout)
     assert p.returncode == 2 and b"cannot reach the node" in p.stderr
     p = subprocess.run([sys.executable, "-m", "exposure", "dump", "--config", str(cfg)],
                        capture_output=True, timeout=120)

@@ -341,30 +341,40 @@ def send_cluster(cluster: Cluster, recs: np.ndarray, session: int = 1, timeout: 
                  secrets: list[bytes | None] | None = None, progress=None,
                  frame: int = 1024) -> dict:
     """Send ``recs`` through the cluster: each record to its partition by the map (marks
-    and instruments to all), one session per partition with its own seqs, resends and
-    failover (:func:`exposure.net.client.send_records`), all partitions at once. Returns the
-    counts of each partition and their sums (``events``: the file's records;
-    ``delivered``: what the partitions were sent, a mark or instrument once to each, and
-    so also counted in each partition's ``rejected`` when it is rejected; the cluster's
-    document counts it once). ``frame``: events per frame (each partition's share of a
-    paced ``rate`` leaves a frame at a time)."""
+    and instruments to all), one session per partition with its own seqs, each on its own
+    :class:`~exposure.net.producer.Producer` (resends, failover to a pair's peer, and a
+    partition that goes silent given up after the producer's liveness interval: a pair's
+    ``failover_ms`` x 3, so a hung primary fails over to its backup within that bound), all
+    partitions at once; their first logins within ``timeout`` and, while connected, no
+    acknowledgement missing for longer (``retry_s``: how long a partition may stay away;
+    default 60 s for a pair, 0 for a node: see :class:`exposure.net.sender.Watch`).
+    Returns the counts of each partition (as ``exposure send FILE`` prints them) and their
+    sums (``events``: the file's records; ``delivered``: what the partitions were sent, a
+    mark or instrument once to each, and so also counted in each partition's ``rejected``
+    when it is rejected; the cluster's document counts it once). ``frame``: events per
+    frame."""
     from exposure.core.routing import split  # (jitted: here, not for dump and status)
-    from exposure.net.client import SendError, send_records
+    from exposure.net.client import SendError
+    from exposure.net.sender import Watch, abandon, finish, open_producer, send_numbered, summary
 
     parts = split(recs, cluster.pmap)
     results: list = [None] * len(parts)
 
     def one(k: int) -> None:
         cfg = cluster.configs[k]
-        others = [cfg.peer_ingest] if cfg.peer_ingest else []
-        retry = retry_s if retry_s is not None else (60.0 if others else 0.0)
+        retry = retry_s if retry_s is not None else (60.0 if cfg.peer_ingest else 0.0)
+        say = (lambda m, n=cluster.names[k]: progress(f"{n}: {m}")) if progress else None
         try:
-            results[k] = send_records(
-                cfg.ingest_host, cfg.ingest_port, parts[k], session, timeout=timeout,
-                frame=frame, retry_s=retry, rate=rate * len(parts[k]) / max(len(recs), 1),
-                alternates=others, secret=secrets[k] if secrets else None,
-                progress=(lambda m, n=cluster.names[k]: progress(f"{n}: {m}"))
-                if progress else None)
+            p = open_producer(cfg, session, secrets[k] if secrets else None, timeout)
+            try:
+                watch = Watch(p, timeout, retry)
+                skipped = send_numbered(p, parts[k], watch, rate * len(parts[k])
+                                        / max(len(recs), 1), say)
+            except BaseException:
+                abandon(p)
+                raise
+            finish(p, watch)
+            results[k] = summary(p, len(parts[k]) - skipped, skipped)
         except Exception as e:  # noqa: BLE001  (reported as this partition's failure)
             results[k] = e
 

@@ -175,14 +175,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
+    """``exposure send FILE | - | --follow FILE``, on a producer (exposure.net.sender)."""
+    import time
     from pathlib import Path
 
-    from exposure.engine.parse import EventFileError, read_events
-    from exposure.net.client import SendError, send_records
+    from exposure.net.client import SendError
     from exposure.net.sessions import MIN_SECRET, SessionsError, secret_for
 
     if args.cluster:
         return _send_cluster(args)
+    if (args.events is None) == (args.follow is None):
+        return _fail("send takes an events FILE, - (standard input) or --follow FILE")
+    if args.follow is None and args.position:
+        return _fail("--position goes with --follow FILE")
+    if args.events not in (None, "-") and args.spool:
+        return _fail("--spool goes with - or --follow: a file is its own spool (its lines "
+                     "are seqs 1..n; a send started again resends what the node lacks)")
     cfg = _load_cfg(args.config)
     if not 1 <= args.session <= min(cfg.max_sessions, 2**32 - 1):
         return _fail(f"--session {args.session}: a session id is 1..{cfg.max_sessions}")
@@ -199,22 +207,108 @@ def _cmd_send(args: argparse.Namespace) -> int:
         return _fail(f"cannot read the secret {args.secret_file!r}: {e.strerror or e}")
     except SessionsError as e:
         return _fail(f"no secret for session {args.session}: {e} (use --secret-file)")
-    try:
-        recs = read_events(args.events)
-    except EventFileError as e:
-        return _fail(str(e))
+    recs = None
+    if args.events not in (None, "-"):
+        from exposure.engine.parse import EventFileError, read_events
+
+        try:
+            recs = read_events(args.events)
+        except EventFileError as e:
+            return _fail(str(e))
+    deadline = time.monotonic() + args.timeout
     _wait_if_starting(cfg, args.timeout)
     try:
-        others = [cfg.peer_ingest] if cfg.peer_ingest else []
-        retry = args.retry if args.retry is not None else (60.0 if others else 0.0)
-        res = send_records(cfg.ingest_host, cfg.ingest_port, recs, args.session,
-                           timeout=args.timeout, retry_s=retry, rate=args.rate,
-                           alternates=others, secret=secret,
-                           progress=_send_progress)
+        if recs is not None:
+            res = _send_file(args, cfg, secret, recs, deadline)
+        else:
+            res = _send_stream(args, cfg, secret, deadline)
     except SendError as e:
         return _fail(str(e))
     sys.stdout.buffer.write(orjson.dumps(res) + b"\n")
     return 0
+
+
+def _retry_of(args: argparse.Namespace, cfg, streaming: bool) -> float | None:
+    """--retry, else 60 s for a pair and 0 for a node (a file), no limit (a stream)."""
+    if args.retry is not None:
+        return args.retry
+    if streaming:
+        return None
+    return 60.0 if cfg.peer_ingest else 0.0
+
+
+def _send_file(args: argparse.Namespace, cfg, secret, recs, deadline: float) -> dict:
+    """``send FILE``: its records are seqs 1..n; only what the node lacks goes out."""
+    import time
+
+    from exposure.net.sender import Watch, finish, open_producer, send_numbered, summary
+
+    p = open_producer(cfg, args.session, secret, max(1.0, deadline - time.monotonic()))
+    try:
+        watch = Watch(p, args.timeout, _retry_of(args, cfg, False))
+        skipped = send_numbered(p, recs, watch, rate=args.rate, progress=_send_progress)
+    except BaseException:
+        from exposure.net.sender import abandon
+
+        abandon(p)
+        raise
+    finish(p, watch)
+    return summary(p, len(recs) - skipped, skipped)
+
+
+def _send_stream(args: argparse.Namespace, cfg, secret, deadline: float) -> dict:
+    """``send -`` and ``send --follow FILE``: lines as they arrive, until the input ends
+    or SIGINT/SIGTERM/SIGHUP; then every event acknowledged, and the summary."""
+    import signal
+    import time
+
+    from exposure.net.client import SendError
+    from exposure.net.sender import Watch, abandon, finish, open_producer, summary
+    from exposure.ops.stream import Follow, Position, Stdin, stream
+
+    stop: list = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.append(1))
+    pos = Position(args.position, args.session) if args.position else None
+    last = pos.load() if pos is not None else None
+    p = open_producer(cfg, args.session, secret, max(1.0, deadline - time.monotonic()),
+                      spool=args.spool)
+    try:
+        held = p.sent  # what the node (or the spool) holds of the session
+        skip = 0
+        if args.follow is None:
+            source = Stdin()
+        elif last is not None:
+            seq, dev, ino, off = last
+            if held < seq:
+                raise SendError(
+                    f"the position file {args.position} says seq {seq} of session "
+                    f"{args.session} was acknowledged, but the node holds only {held} (another "
+                    f"node, or a session started afresh: remove the position file)")
+            skip = held - seq
+            source = Follow(args.follow, start=(dev, ino, off))
+        elif held:
+            raise SendError(
+                f"session {args.session} already holds seqs up to {held}: a follower started "
+                f"again needs --position FILE to know where it stopped (or use a new "
+                f"--session)")
+        else:
+            source = Follow(args.follow)
+        watch = Watch(p, args.timeout, _retry_of(args, cfg, True))
+        sent = stream(p, source, watch, stop, progress=_send_progress, position=pos,
+                      skip=skip)
+    except BaseException:
+        abandon(p)
+        raise
+    # (the input ended: with no --retry, the last acknowledgements get --timeout in all)
+    finish(p, watch, limit=args.timeout if args.retry is None else None)
+    if pos is not None:
+        pos.advance(p.acked, force=True)
+    res = summary(p, sent, skip)
+    if args.follow is not None:
+        res["rotations"], res["truncations"] = source.rotations, source.truncations
+        source.close()
+    return res
 
 
 def _send_progress(msg: str) -> None:
@@ -530,20 +624,40 @@ def _parser() -> argparse.ArgumentParser:
                    "[journal] dir)")
     r.set_defaults(func=_cmd_run)
 
-    r = sub.add_parser("send", help="send a JSON-lines event file to a node as one session")
-    r.add_argument("events")
+    r = sub.add_parser("send", help="send JSON-lines events to a node as one session: a "
+                       "file, standard input (-) or a file followed as it grows (--follow)")
+    r.add_argument("events", nargs="?",
+                   help="a file (its events are the session's seqs 1..n: a send started "
+                        "again resends only what the node lacks), or - for standard input "
+                        "(streamed: each line goes out as it arrives)")
+    r.add_argument("--follow", metavar="FILE",
+                   help="keep reading FILE as it grows, through rotation (renamed, then a "
+                        "new file) and truncation, like tail -F, until SIGINT/SIGTERM; then "
+                        "wait for the acknowledgements and print the counts")
+    r.add_argument("--position", metavar="FILE",
+                   help="with --follow: where the follower stopped (kept up to date as "
+                        "acknowledgements arrive); a follower started again goes on from "
+                        "there, nothing lost or sent twice. Without it, --follow needs a "
+                        "session that holds nothing yet")
+    r.add_argument("--spool", metavar="DIR",
+                   help="with - or --follow: every event is on disk in DIR before it goes "
+                        "out; a send killed and started again on DIR resends what the node "
+                        "lacks of what it had read")
     r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
     r.add_argument("--cluster", metavar="FILE",
                    help="send through a cluster: each event to its partition by the map "
                         "(marks and instruments to all), one session per partition")
     r.add_argument("--session", type=int, default=1, help="session id (default 1)")
     r.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds to wait for acknowledgements (default 60)")
+                   help="seconds to wait for the node to accept the session (one "
+                        "starting now is waited for), and for an acknowledgement while "
+                        "events are outstanding (default 60)")
     r.add_argument("--retry", type=float, default=None, metavar="SECONDS",
-                   help="keep reconnecting and resending for this long when the node goes "
-                   "away (a restart, a failover): resumes from what the node holds "
-                   "(default 0: fail; 60 when the config names a pair: it fails over to "
-                   "replication.peer_ingest by itself)")
+                   help="how long the node may stay away (a restart, a failover, a silent "
+                   "node given up after the liveness interval): it reconnects and resends "
+                   "what the node lacks meanwhile (default for a file: 0, fail; 60 when "
+                   "the config names a pair: it fails over to replication.peer_ingest; "
+                   "for - and --follow: no limit)")
     r.add_argument("--rate", type=float, default=0.0, metavar="EVENTS/S",
                    help="pace the sending (default: as fast as the node takes it)")
     r.add_argument("--secret-file", metavar="FILE",

@@ -325,6 +325,9 @@ def _send_cluster(args: argparse.Namespace) -> int:
     if args.config or args.secret_file:
         return _fail("--cluster takes each partition's config and secret from the cluster "
                      "file; leave out --config and --secret-file")
+    if args.events in (None, "-") or args.follow or args.position or args.spool:
+        return _fail("send --cluster takes an events FILE (not -, --follow, --position or "
+                     "--spool)")
     cl = _load_cluster(args.cluster)
     secrets = []
     for name, cfg in zip(cl.names, cl.configs, strict=True):

@@ -19,7 +19,7 @@
   heartbeat_ms 50, release replicated+local); every process of the primary is stopped
   (SIGSTOP); the time from the stop to the first acknowledgement of an event sent after
   it (only the promoted backup can acknowledge it), with the producer's default liveness
-  (failover_ms x 3, at least 1 s) and with ``--short-liveness``. The old primary is then
+  (failover_ms x 2, at least 0.5 s) and with ``--short-liveness``. The old primary is then
   continued and awaited as the new backup, and the next stop hits the other node.
 
 Each part reports the median of ``--runs`` and each run's figures, with the hypervisor's

@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import re
+import struct
 from itertools import repeat
 from pathlib import Path
 
@@ -50,8 +51,8 @@ from exposure.core.types import (
     TYPE_NAMES,
 )
 
-__all__ = ["parse_events", "records_from_objects", "read_events", "read_instruments_csv",
-           "EventFileError", "record_objects", "to_jsonl"]
+__all__ = ["parse_events", "records_from_objects", "record_values", "RECORD", "read_events",
+           "read_instruments_csv", "EventFileError", "record_objects", "to_jsonl"]
 
 
 class EventFileError(Exception):
@@ -276,6 +277,65 @@ def records_from_objects(objs: list) -> np.ndarray:
         sub["reject"][bad] = R_BAD_FIELD
         rec[idx] = sub
     return rec
+
+
+# One record's bytes without numpy: EVENT_DTYPE's 23 fields, packed (no padding: checked).
+RECORD = struct.Struct("<QQqqIIIIQqdddddIBBBBIIq")
+if RECORD.size != EVENT_DTYPE.itemsize:
+    raise AssertionError(f"RECORD packs {RECORD.size} bytes, EVENT_DTYPE holds "
+                         f"{EVENT_DTYPE.itemsize}")
+_AT = {name: k for k, name in enumerate(EVENT_DTYPE.names)}
+_ZERO_VALUES = tuple(0.0 if EVENT_DTYPE.fields[n][0].kind == "f" else 0
+                     for n in EVENT_DTYPE.names)
+# Per type: (json key, index in the record's values, converter, required).
+_SCALAR_FIELDS = {t: [(key, _AT[field], conv, req) for key, field, conv, req in fields]
+                  for t, fields in _FIELDS.items()}
+
+
+def _scalar(v, conv: str) -> tuple:
+    """One field's (value, bad) by the rules of :func:`_column`, for one value."""
+    tv = type(v)
+    if conv == "num":
+        if tv is float:
+            return v, False
+        if tv is int:
+            return _to_float(v), False
+        return 0.0, True
+    if conv == "side":
+        code = SIDE_CODES.get(v, 0) if tv is str else 0
+        return code, code == 0
+    if tv is not int:
+        return 0, True
+    if conv == "id":
+        return (0, True) if v < 0 else (min(v, _U32_MAX), False)
+    if conv == "oid":
+        return (v, False) if 0 <= v <= _U64_MAX else (0, True)
+    return (v, False) if _I64_MIN <= v <= _I64_MAX else (0, True)  # qty
+
+
+def record_values(obj) -> tuple:
+    """The record of one decoded JSON value as a tuple of EVENT_DTYPE's fields in order
+    (pack it with :data:`RECORD`): the same bytes as ``records_from_objects([obj])``, in
+    about a microsecond instead of the column path's fixed cost (tested against it)."""
+    vals = list(_ZERO_VALUES)
+    t = _type_code(obj)
+    if t <= 0:
+        vals[_AT["reject"]] = R_BAD_FIELD if t < 0 else R_BAD_TYPE
+        return tuple(vals)
+    vals[_AT["type"]] = t
+    bad = False
+    for key, at, conv, required in _SCALAR_FIELDS[t]:
+        v = obj.get(key, _MISSING)
+        if v is _MISSING:
+            bad = bad or required or conv == "side"
+            continue
+        vals[at], b = _scalar(v, conv)
+        bad = bad or b
+        if t == T_POSITION and key == "price":
+            vals[_AT["flags"]] |= F_HAS_PRICE
+    if bad:
+        vals[_AT["reject"]] = R_BAD_FIELD
+    return tuple(vals)
 
 
 def parse_events(data: bytes) -> np.ndarray:

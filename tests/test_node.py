@@ -50,11 +50,15 @@ def test_every_scenario_sent_to_a_node_dumps_its_expected_document(tmp_path, nam
 
 
 def test_a_resend_after_reconnect_is_not_counted_twice(node):
+    out = []
     for _ in range(2):
         p = node.cli("send", str(DATA / "basic.jsonl"), "--session", "5")
         assert p.returncode == 0, p.stderr.decode()
-    res = json.loads(p.stdout)
+        out.append(json.loads(p.stdout))
+    first, res = out
     assert res["sent"] == 0 and res["resent_skipped"] == res["acknowledged"] == 23
+    # the session's rejects so far, reported by the resend too
+    assert (res["rejected"], res["rejects"]) == (first["rejected"], first["rejects"])
     assert compare_documents(node.dump(), load_expected("basic")) == []
 
 

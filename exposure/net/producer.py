@@ -808,6 +808,10 @@ class Producer:
             raise _Fatal(ProducerError(
                 f"{_fmt(ep)} acknowledged seq {done} of session {self.session}, beyond the "
                 f"{self.sent} sent: another client sends as this session"))
+        # the session's rejects so far, also when this ACK moves nothing (a resend of what
+        # the node already holds: `exposure send` reports them as before)
+        self.stats["rejects"] = {NODE_REASONS.get(i, str(i)): int(v)
+                                 for i, v in enumerate(rej) if i and v}
         if done <= self.acked:
             return
         lo = self.acked + 1
@@ -815,8 +819,6 @@ class Producer:
             rejected = self._rejected_listed(lo, done, prev, rej)
         else:
             rejected = self._rejected_in(lo, done, prev, rej)
-        self.stats["rejects"] = {NODE_REASONS.get(i, str(i)): int(v)
-                                 for i, v in enumerate(rej) if i and v}
         with self._cond:
             self.acked = done
             self._cond.notify_all()

@@ -167,6 +167,12 @@ def finish(p: Producer, watch: Watch, limit: float | None = None) -> None:
     except BaseException:
         abandon(p)
         raise
+    # The node answers every login with an ACK (what it processed, the session's rejects
+    # so far): a run that had nothing to send waits for it (5 s at most), so that it too
+    # reports the session's rejects.
+    deadline = time.monotonic() + 5.0
+    while p.stats["acks"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.002)
     try:
         p.close(5.0)
     except ProducerError as e:

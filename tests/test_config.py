@@ -26,6 +26,8 @@ def test_the_built_in_default_fits_this_machine():
         assert len(spin) == 1 and spin[0].cpu == CPUS[-1]
         journal = cfg.processes[1]
         assert journal.wait == "sleep" and journal.cpu == CPUS[-2]  # the other core
+    # ACKs wait for the durable process: it goes ahead of a client busy-polling its core
+    assert cfg.processes[1].nice == -10 and cfg.processes[0].nice == 0
     assert cfg.segment("tally") == "/exposure.exposure.tally"
     assert cfg.caps.orders == 1_048_576 and cfg.rings["compute"] == 131072
     assert "tap" not in cfg.rings  # the journal reads the compute ring
@@ -74,6 +76,8 @@ def test_a_file_overrides_only_what_it_names(tmp_path):
      "needs a pinned cpu"),
     ("[[process]]\nname='a'\nstages=['ingest','compute','fanout']\ncolour=1\n",
      "unknown key process[0].colour"),
+    ("[[process]]\nname='a'\nstages=['ingest','compute','fanout']\nnice=-21\n",
+     "process[0].nice = -21: -20..19"),
     ("not toml [", "not valid TOML"),
 ])
 def test_a_bad_config_is_a_clear_error_naming_the_key(tmp_path, text, message):

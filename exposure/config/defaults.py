@@ -128,6 +128,12 @@ wait = "sleep"               # wakes every tick_us by itself: ingest never pays 
 tick_us = 2000               # once per fsync interval: fewer wake-ups on the core the
                              # clients share (a pair's primary: 500, since its backup's
                              # ACKs wait for the mirror here)
+nice = -10                   # ACKs wait for this process: on the core it shares with
+                             # clients that busy-poll, at nice 0 its wake-ups queued behind
+                             # them for whole time slices (ACK p99 7.0 ms; at -10 4.2 ms
+                             # while the disk is quiet: docs/performance.md, Acknowledgement
+                             # tail). It uses about 10% of the core at 20,000 events/s.
+                             # (Needs root or CAP_SYS_NICE; else a warning, inherited nice.)
 """
 
 

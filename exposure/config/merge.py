@@ -32,7 +32,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 # The keys of one [[process]] table (checked by exposure.config.processes).
 PROCESS_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "stages": list, "cpu": int,
-                                                    "tick_us": int,
+                                                    "tick_us": int, "nice": int,
                                                     "wait": str}
 
 _RETIRED = {"replication.witness": "etcd is the pair's arbiter now (replication.etcd, "

@@ -28,6 +28,7 @@ class ProcessSpec:
     cpu: int | None
     wait: str
     tick_us: int = 500
+    nice: int = 0          # the process's nice value (-20..19; 0 = left as started)
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,10 @@ def _process(k: int, p: dict, names: set[str], seen_stage: dict[str, str],
     tick = p.get("tick_us", 500)
     if not 10 <= tick <= 1_000_000:
         raise ConfigError(f"{where}tick_us = {tick}: 10..1000000")
-    return ProcessSpec(pname, tuple(stages), cpu, wait, tick)
+    nice = p.get("nice", 0)
+    if not -20 <= nice <= 19:
+        raise ConfigError(f"{where}nice = {nice}: -20..19")
+    return ProcessSpec(pname, tuple(stages), cpu, wait, tick, nice)
 
 
 def _check_wait(where: str, pname: str, wait, cpu: int | None,

@@ -323,8 +323,9 @@ class JournalWriter:
     """Appends blocks to the newest segment, rolling at ``segment_bytes``.
 
     Opening truncates a torn tail (the caller logs ``torn``). ``append`` is one
-    ``writev`` per group commit; ``sync`` makes everything appended durable (fsync of the
-    file, and of the directory after a new segment)."""
+    ``writev`` per group commit; ``sync`` makes everything appended durable (fdatasync of
+    the file: its data and its size, without the timestamp-only inode write a full fsync
+    adds; fsync of the directory after a new segment)."""
 
     def __init__(self, directory: str | Path, segment_bytes: int = 256 << 20):
         self.dir = Path(directory)
@@ -395,7 +396,7 @@ class JournalWriter:
 
     def sync(self) -> None:
         if self.fd >= 0:
-            os.fsync(self.fd)
+            os.fdatasync(self.fd)  # the data and the size that reads it back, not the mtime
         if self._dir_dirty:
             fsync_dir(self.dir)
             self._dir_dirty = False

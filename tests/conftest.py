@@ -3,11 +3,25 @@
 import pytest
 from support import Run
 
+from exposure.harness.localnode import LocalNode
+
 
 @pytest.fixture
 def run():
     """``run(lines, caps=None)``: a :class:`support.Run` of the real parser and kernel."""
     return Run
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A real node on the built-in default config (unique name and ports), stopped after
+    the test, which fails if the node left shared memory behind. (For `process` tests.)"""
+    n = LocalNode(tmp_path)
+    try:
+        yield n
+    finally:
+        n.stop()
+    assert n.segments() == [], "the node left shared memory behind"
 
 
 # ---------------------------------------------------------------------------------------------

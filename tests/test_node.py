@@ -20,16 +20,6 @@ from exposure.net import wire as W
 pytestmark = [pytest.mark.timeout(300), pytest.mark.process]
 
 
-@pytest.fixture
-def node(tmp_path):
-    n = LocalNode(tmp_path)
-    try:
-        yield n
-    finally:
-        n.stop()
-    assert n.segments() == [], "the node left shared memory behind"
-
-
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_every_scenario_sent_to_a_node_dumps_its_expected_document(tmp_path, name):
     n = LocalNode(tmp_path)

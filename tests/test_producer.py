@@ -27,16 +27,6 @@ pytestmark = pytest.mark.timeout(300)
 SECRET = b"producer-secret-0123456789"
 
 
-@pytest.fixture
-def node(tmp_path):
-    n = LocalNode(tmp_path)
-    try:
-        yield n
-    finally:
-        n.stop()
-    assert n.segments() == [], "the node left shared memory behind"
-
-
 def _events(n: int, seed: int = 1) -> np.ndarray:
     return generate(n, accounts=40, instruments=300, universe=30, live_target=400, seed=seed)
 

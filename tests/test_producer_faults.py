@@ -115,16 +115,6 @@ def assert_equal_to_replay(node, recs: np.ndarray, session: int,
     assert np.array_equal(seqs, np.arange(1, len(recs) + 1, dtype=seqs.dtype)), node.name
 
 
-@pytest.fixture
-def node(tmp_path):
-    n = LocalNode(tmp_path)
-    try:
-        yield n
-    finally:
-        n.stop()
-    assert n.segments() == [], "the node left shared memory behind"
-
-
 # ---------------------------------------------------------------------------- standalone
 def test_kill_9_of_a_standalone_node_mid_stream_then_its_restart(node):
     rnd = seeded()

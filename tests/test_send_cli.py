@@ -22,16 +22,6 @@ from exposure.harness.wait import wait_for
 pytestmark = [pytest.mark.timeout(300), pytest.mark.process]
 
 
-@pytest.fixture
-def node(tmp_path):
-    n = LocalNode(tmp_path)
-    try:
-        yield n
-    finally:
-        n.stop()
-    assert n.segments() == [], "the node left shared memory behind"
-
-
 def _send(node, *args: str, stdin=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "exposure", "send", *args, "--config",
                              str(node.config)], stdin=stdin, stdout=subprocess.PIPE,

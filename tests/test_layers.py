@@ -26,10 +26,10 @@ PKG = ROOT / "exposure"
 
 # The layer order, lowest first: a module may import from its own layer and the ones before
 # it, never from one after it. docs/design.md (its "Modules" section) must state the same
-# order: core < shm < engine < store < net < pair < config < feed < node < cluster < harness
-# < bench < ops < public
+# order: core < shm < engine < store < net < pair < config < feed < node < cluster < fix
+# < harness < bench < ops < public
 ORDER = ("core", "shm", "engine", "store", "net", "pair", "config", "feed", "node", "cluster",
-         "harness", "bench", "ops", "public")
+         "fix", "harness", "bench", "ops", "public")
 
 # The public thin modules users import (exposure/__init__.py says which): the top layer.
 # Nothing inside the product imports them; they re-export what lies below.

@@ -68,6 +68,126 @@ def test_a_torn_tail_is_truncated_and_the_journal_goes_on_after_it(tmp_path):
 
 
 @pytest.mark.usefixtures("chunk")
+def _crash(w):
+    """The writer's process dies: its descriptor closes, nothing is cut or synced more."""
+    import os
+
+    os.close(w.fd)
+    w.fd = -1
+
+
+def _blocks(w, first, blocks, per=7):
+    g = first
+    for _ in range(blocks):
+        r = np.zeros(per, EVENT_DTYPE)
+        r["gseq"] = np.arange(g, g + per)
+        r["reserved"] = -1  # a record that ends in non-zero bytes
+        g += per
+        w.append(r.view(np.uint64).reshape(per, EVENT_WORDS))
+    w.sync()
+    return g - 1
+
+
+@pytest.mark.usefixtures("chunk")
+def test_prewritten_zeros_end_the_data_and_a_restart_writes_on_over_them(tmp_path):
+    """The writer writes zeros ahead of its blocks; a crash leaves them at the end of the
+    last segment: the data ends at the first zero header (not a torn tail), and a new
+    writer cuts them off and goes on from the next gseq."""
+    w = JournalWriter(tmp_path, segment_bytes=1 << 20, prewrite=64 << 10)
+    last = _blocks(w, 1, 10)
+    seg = sorted(tmp_path.glob("*.seg"))[-1]
+    assert seg.stat().st_size >= 64 << 10 > w.size  # zeros past the data
+    _crash(w)
+    res = scan(tmp_path)
+    assert res.records == last == 70 and res.torn_path is None
+    assert res.spare_path == seg and res.spare_offset == w.size
+    w = JournalWriter(tmp_path, segment_bytes=1 << 20, prewrite=64 << 10)
+    assert w.torn.torn_path is None and seg.stat().st_size == res.spare_offset
+    last = _blocks(w, last + 1, 5)
+    w.close()  # a clean close cuts the zeros off
+    assert seg.stat().st_size == w.size
+    gseqs = np.concatenate([b.records["gseq"] for b in read_blocks(tmp_path)])
+    assert gseqs.tolist() == list(range(1, last + 1))
+
+
+@pytest.mark.usefixtures("chunk")
+def test_a_block_torn_before_the_prewritten_zeros_is_a_torn_tail_not_corruption(tmp_path):
+    w = JournalWriter(tmp_path, segment_bytes=1 << 20, prewrite=64 << 10)
+    _blocks(w, 1, 10)
+    end = w.size
+    _crash(w)
+    seg = sorted(tmp_path.glob("*.seg"))[-1]
+    b = bytearray(seg.read_bytes())
+    b[end - 20:end] = bytes(20)  # the last block's payload never reached the disk whole
+    seg.write_bytes(bytes(b))
+    res = scan(tmp_path)
+    assert res.records == 63 and res.torn_path == seg
+    assert res.torn_offset == end - (32 + 7 * 128)
+    w = JournalWriter(tmp_path, segment_bytes=1 << 20, prewrite=64 << 10)
+    assert _blocks(w, 64, 1) == 70
+    w.close()
+    assert scan(tmp_path).records == 70
+
+
+def test_rolled_segments_hold_no_zeros_and_zeros_in_one_are_an_error(tmp_path):
+    w = JournalWriter(tmp_path, segment_bytes=8_000, prewrite=64 << 10)
+    _blocks(w, 1, 40)
+    _crash(w)
+    segs = sorted(tmp_path.glob("*.seg"))
+    assert len(segs) > 3
+    for seg in segs[:-1]:  # cut to their data when the writer rolled away
+        assert not seg.read_bytes().endswith(bytes(32))
+    assert scan(tmp_path).records == 280
+    segs[1].write_bytes(segs[1].read_bytes() + bytes(4096))
+    with pytest.raises(JournalError, match=f"{segs[1].name}: offset .*zeros in a segment "
+                                           "that is not the last"):
+        scan(tmp_path)
+
+
+def test_a_cursor_reads_through_prewritten_space_and_across_rolls(tmp_path):
+    from exposure.store.journal import JournalCursor
+
+    w = JournalWriter(tmp_path, segment_bytes=8_000, prewrite=64 << 10)
+    c = JournalCursor(tmp_path, 1)
+    got = []
+    g = 1
+    for _ in range(30):
+        g = _blocks(w, g, 1) + 1
+        while (x := c.read(g - 1)) is not None:
+            got.extend(x[:, 0].tolist())
+        assert c.read(1 << 62) is None  # the zeros after the data: nothing more yet
+    c.close()
+    w.close()
+    assert got == list(range(1, g))
+
+
+def test_a_full_disk_while_prewriting_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import exposure.store.journal as J
+
+    w = JournalWriter(tmp_path, segment_bytes=1 << 20, prewrite=16 << 10)
+    _blocks(w, 1, 10)
+    seg = sorted(tmp_path.glob("*.seg"))[-1]
+    before = seg.stat().st_size
+    real = os.pwrite
+
+    def full(fd, data, off):
+        if off >= w.alloc:  # only the zeros past the prewritten end fail
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, off)
+
+    monkeypatch.setattr(J.os, "pwrite", full)
+    with pytest.raises(OSError, match="No space left"):
+        _blocks(w, 71, 40)  # runs past the prewritten space
+    monkeypatch.setattr(J.os, "pwrite", real)
+    assert seg.stat().st_size >= before
+    w.sync()
+    _crash(w)
+    assert scan(tmp_path).torn_path is None  # what was written before the failure stands
+
+
 def test_a_flipped_byte_before_the_tail_names_the_file_and_offset(tmp_path):
     _write(tmp_path)
     seg = sorted(tmp_path.glob("*.seg"))[1]
@@ -175,42 +295,44 @@ def test_snapshots_bound_recovery_and_a_corrupt_one_falls_back_to_the_previous(t
     from exposure.bench.flowgen import generate, to_jsonl
     from exposure.store.snapshot import snapshots
 
-    flow = tmp_path / "flow.jsonl"
-    flow.write_bytes(to_jsonl(generate(40_000, accounts=50, instruments=500, universe=30,
-                                       live_target=2000, seed=11)))
+    lines = to_jsonl(generate(40_000, accounts=50, instruments=500, universe=30,
+                              live_target=2000, seed=11)).splitlines(keepends=True)
+    halves = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    halves[0].write_bytes(b"".join(lines[:20_000]))
+    halves[1].write_bytes(b"".join(lines[20_000:]))
     data = tmp_path / "data"
-    extra = ("segment_mb = 1\n[snapshot]\nevery_events = 8000\nevery_s = 0\nkeep = 2\n"
+    extra = ("segment_mb = 1\n[snapshot]\nevery_events = 10000\nevery_s = 0\nkeep = 2\n"
              'journal = "delete"\n')
+
+    def journal_starts() -> int:
+        return min(int(p.name[8:28]) for p in data.glob("journal-*.seg"))
+
     n = LocalNode(tmp_path, data_dir=data, extra=extra)
     try:
-        assert n.cli("send", str(flow), "--rate", "20000").returncode == 0
-        # the snapshotter caught up with the 40,000 events (one every 8,000 at most; a late
-        # one is taken where the stream is, so the gseqs vary) and deleted the journal
-        # segments the oldest kept covers: the first one holds about 8,190 records of 1 MiB
-        def caught_up() -> bool:
-            s = snapshots(data)
-            segs = [int(p.name[8:28]) for p in data.glob("journal-*.seg")]
-            return len(s) >= 2 and s[-1][0] >= 32_000 and bool(segs) and min(segs) > 1
-
-        wait_for(caught_up, 60, "two snapshots, the newest past 32,000, and the first "
-                 "journal segment deleted", n, step=0.2)
+        # A snapshot is taken once 10,000 events are journaled past the last one (a late
+        # one where the stream is): after the first half, one at 10,000..20,000, which
+        # covers the first 1 MiB segment (about 8,190 records); after the second, one
+        # past 30,000, and the older kept one's segments are deleted.
+        assert n.cli("send", str(halves[0]), "--rate", "20000").returncode == 0
+        wait_for(lambda: snapshots(data), 60, "a snapshot of the first half", n, step=0.2)
+        assert n.cli("send", str(halves[1]), "--rate", "20000",
+                     "--session", "2").returncode == 0
+        wait_for(lambda: snapshots(data)[-1][0] > 30_000 and journal_starts() > 1, 60,
+                 "a snapshot past 30,000 and the first journal segment deleted", n,
+                 step=0.2)
         before = n.dump()
     finally:
         n.stop()
     snaps = snapshots(data)
     assert len(snaps) == 2, n.log.read_text()
-    first_seg = min(int(p.name[8:28]) for p in data.glob("journal-*.seg"))
-    assert first_seg > 1  # segments covered by the older snapshot were deleted
+    assert journal_starts() > 1  # segments covered by the older snapshot were deleted
     n = LocalNode(tmp_path, data_dir=data, extra=extra)
     try:
         assert compare_documents(n.dump(), before) == []
     finally:
         n.stop()
     assert f"loaded snapshot at gseq {snaps[-1][0]}" in n.log.read_text()
-    # The restarted node's snapshotter may have taken one more (the journal ran 12,000
-    # events past the newest): the newest and the one before it are the ones kept now.
-    snaps = snapshots(data)
-    assert len(snaps) == 2, n.log.read_text()
+    assert snapshots(data) == snaps  # under 10,000 events past the newest: none more
     newest = snaps[-1][1]
     b = bytearray(newest.read_bytes())
     b[len(b) // 2] ^= 0x01

@@ -76,6 +76,8 @@ fsync = "interval"           # batch: fsync before acknowledging | interval: eve
                              # interval_ms, acknowledging after it | none: after write()
 interval_ms = 2
 segment_mb = 256             # segments roll at this size
+prewrite_mb = 4              # zeros written ahead of the data, so a sync overwrites and
+                             # commits no file size (0: plain appends). docs/performance.md
 
 [snapshot]                   # taken by a nice-19 process replaying the journal: compute
                              # never pauses for it (exposure/snapshot.py)

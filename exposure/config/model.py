@@ -63,6 +63,7 @@ class NodeConfig:
     fsync: str
     fsync_interval_ms: int
     segment_bytes: int
+    prewrite_bytes: int
     snapshot_every_events: int
     snapshot_every_s: int
     snapshot_keep: int

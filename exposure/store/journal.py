@@ -16,11 +16,24 @@ a file header and then blocks, one block per group commit::
 Checksums are CRC32C (the ``crc32c`` package, hardware-accelerated). Sequence numbers run
 on without a gap from block to block and from segment to segment.
 
+**Prewritten space.** The writer keeps zeros written (and made durable) ahead of its last
+block, ``prewrite`` bytes at a time, and writes blocks over them: an ``fdatasync`` that
+covers only overwritten, already-allocated blocks has no file size or extent to commit, so
+the filesystem's metadata journal stays out of the acknowledgement path (on this machine's
+ext4: sync p99 0.23-0.34 ms against 0.51-1.12 ms for appends, docs/performance.md). The
+last segment therefore ends in zeros: a block header of 32 zero bytes is the **end of the
+data**, not a torn block, and whatever follows it was never made durable before it (writes
+are sequential) and is dropped like a torn tail. A segment that is rolled away from is cut
+to its data first, so only the last segment has spare space.
+
 What a reader accepts (:func:`scan`):
 
 * the end of the *last* segment may hold a torn block (a crash in the middle of a write):
   a block header cut short, a payload cut short, or a last block whose checksum fails and
-  that reaches the end of the file. Recovery truncates it and says how many bytes went;
+  that reaches the end of the file or the prewritten zeros. Recovery truncates it and says
+  how many bytes went;
+* the last segment may end in prewritten zeros (above): the data ends at the first zero
+  block header;
 * anything else that is wrong (a bad checksum with valid data after it, a gap in the
   sequence, a segment missing from the middle, a foreign file) is a :class:`JournalError`
   naming the file and the byte offset; nothing is ever skipped silently.
@@ -99,6 +112,8 @@ class ScanResult:
     torn_path: Path | None = None
     torn_offset: int = 0    # where the torn tail starts
     torn_bytes: int = 0     # bytes after it (dropped by recovery)
+    spare_path: Path | None = None  # the last segment when it ends in prewritten zeros
+    spare_offset: int = 0   # where its data ends (the first zero block header)
 
 
 def _read_file_header(path: Path, data: bytes) -> int:
@@ -142,6 +157,12 @@ def read_blocks(directory: str | Path, result: ScanResult | None = None,
 
 
 _CHUNK = 8 << 20  # bytes read at a time (a block is read whole; chunks restart at one)
+_ZERO_HEADER = bytes(BLOCK_HEADER.size)
+
+
+def _zeros_at(fd: int, off: int) -> bool:
+    """Whether the file holds a zero block header at ``off`` (prewritten space)."""
+    return os.pread(fd, BLOCK_HEADER.size, off) == _ZERO_HEADER
 
 
 def _segment_blocks(fd: int, path: Path, last_seg: bool, from_gseq: int,
@@ -168,6 +189,7 @@ def _segment_blocks(fd: int, path: Path, last_seg: bool, from_gseq: int,
                            "no snapshot covers it)")
     expect = first
     base, pos = 0, FILE_HEADER.size   # data = the file's bytes [base, base + len(data))
+    reread = -1  # the offset of a block read again once (a writer beside the reader)
     while base + pos < size:
         # What the next block needs: its header, then its payload; read on from the
         # block's start when the chunk ends before (only the file's end can tear it).
@@ -184,6 +206,12 @@ def _segment_blocks(fd: int, path: Path, last_seg: bool, from_gseq: int,
         torn = None
         if len(data) - pos < BLOCK_HEADER.size:
             torn = "block header cut short"
+        elif data[pos:pos + BLOCK_HEADER.size] == _ZERO_HEADER:
+            if not last_seg:
+                raise JournalError(f"{path}: offset {off}: zeros in a segment that is not "
+                                   "the last")
+            res.spare_path, res.spare_offset = path, off
+            return expect
         else:
             magic, count, bfirst, pcrc, _, _, hcrc = BLOCK_HEADER.unpack_from(data, pos)
             end = pos + BLOCK_HEADER.size + count * EVENT_SIZE
@@ -194,7 +222,16 @@ def _segment_blocks(fd: int, path: Path, last_seg: bool, from_gseq: int,
                 torn = "block payload cut short"
             elif pcrc != crc32c.crc32c(memoryview(data)[pos + BLOCK_HEADER.size:end]):
                 torn = "block payload checksum fails"
-                if base + end < size or not last_seg:
+                if last_seg and reread != off:
+                    # the writer may have been copying this block into the page cache
+                    # while the chunk was read: read it once more before judging it
+                    reread, base = off, off
+                    data = os.pread(fd, min(size - base, max(_CHUNK, end - pos)), base)
+                    pos = 0
+                    continue
+                if base + end < size and last_seg and _zeros_at(fd, base + end):
+                    pass  # the last block, torn, before the prewritten zeros
+                elif base + end < size or not last_seg:
                     raise JournalError(f"{path}: offset {off}: {torn} (valid data "
                                        "follows: corruption, not a torn write)")
         if torn is not None:
@@ -319,46 +356,90 @@ def read_record(directory: str | Path, gseq: int) -> np.ndarray | None:
     return None if w is None else w[0].copy()
 
 
+PREWRITE = 4 << 20  # bytes of zeros written ahead of the data (JournalWriter's default)
+
+
 class JournalWriter:
     """Appends blocks to the newest segment, rolling at ``segment_bytes``.
 
-    Opening truncates a torn tail (the caller logs ``torn``). ``append`` is one
-    ``writev`` per group commit; ``sync`` makes everything appended durable (fdatasync of
-    the file: its data and its size, without the timestamp-only inode write a full fsync
-    adds; fsync of the directory after a new segment)."""
+    Opening truncates a torn tail (the caller logs ``torn``) and any prewritten zeros.
+    ``append`` is one ``pwritev`` per group commit, over zeros written ahead of it
+    ``prewrite`` bytes at a time (0: plain appends; see the module's docstring); ``sync``
+    makes everything appended durable (fdatasync of the file; fsync of the directory after
+    a new segment)."""
 
-    def __init__(self, directory: str | Path, segment_bytes: int = 256 << 20):
+    def __init__(self, directory: str | Path, segment_bytes: int = 256 << 20,
+                 prewrite: int = PREWRITE):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
+        self.prewrite = max(0, int(prewrite))
         res = scan(self.dir)
         self.torn = res
-        if res.torn_path is not None:
-            with open(res.torn_path, "r+b") as f:
-                f.truncate(res.torn_offset)
+        cut = res.torn_path or res.spare_path
+        if cut is not None:
+            with open(cut, "r+b") as f:
+                f.truncate(res.torn_offset if res.torn_path else res.spare_offset)
                 os.fsync(f.fileno())
         self.next_gseq = res.last + 1 if res.last else 0
         segs = segments(self.dir)
         self.fd = -1
-        self.size = 0
+        self.size = 0      # where the data ends (the next block goes here)
+        self.alloc = 0     # where the file ends: data, then prewritten zeros
         self._dir_dirty = False
         if segs:
             path = segs[-1][1]
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-            self.size = os.fstat(self.fd).st_size
+            self.fd = os.open(path, os.O_WRONLY)
+            self.size = self.alloc = os.fstat(self.fd).st_size
             if self.next_gseq == 0:  # a segment with only its header
                 self.next_gseq = segs[-1][0]
 
-    def _roll(self, first: int) -> None:
+    def _cut(self) -> None:
+        """Close the current segment, its prewritten zeros cut off and its data durable."""
         if self.fd >= 0:
+            if self.alloc > self.size:
+                os.ftruncate(self.fd, self.size)
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
+
+    def _prewrite(self, need: int) -> None:
+        """Make the file reach ``size + need`` bytes, with zeros past the data, extending it
+        by at least ``prewrite`` (never past the segment's end by more than one block). A
+        short write (a full disk) leaves the file as it was and raises ENOSPC."""
+        target = self.size + need
+        if target <= self.alloc:
+            return
+        end = max(target, min(self.alloc + self.prewrite, self.segment_bytes))
+        try:
+            self._zeros(end)
+        except OSError as e:  # a nearly full disk: room for this block only, if there is
+            if e.errno != errno.ENOSPC or end == target:
+                raise
+            self._zeros(target)
+
+    def _zeros(self, end: int) -> None:
+        zeros = bytes(min(end - self.alloc, 1 << 20))
+        at = self.alloc
+        try:
+            while at < end:
+                n = os.pwrite(self.fd, zeros[:end - at], at)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short write "
+                                  "of the journal's prewritten space)")
+                at += n
+        except OSError:
+            os.ftruncate(self.fd, self.alloc)
+            raise
+        self.alloc = end
+
+    def _roll(self, first: int) -> None:
+        self._cut()
         path = self.dir / segment_name(first)
         head = FILE_HEADER.pack(FILE_MAGIC, FILE_VERSION, EVENT_SIZE, first, time.time_ns(),
                                 b"", 0)
         head = head[:-4] + struct.pack("<I", crc32c.crc32c(head[:-4]))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             if os.write(fd, head) != len(head):
                 raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short write of a "
@@ -368,7 +449,7 @@ class JournalWriter:
             path.unlink(missing_ok=True)
             raise
         self.fd = fd
-        self.size = len(head)
+        self.size = self.alloc = len(head)
         self._dir_dirty = True
 
     def append(self, words: np.ndarray) -> None:
@@ -386,11 +467,17 @@ class JournalWriter:
         head = BLOCK_HEADER.pack(BLOCK_MAGIC, n, first, crc32c.crc32c(payload), 0, 0, 0)
         head = head[:-4] + struct.pack("<I", crc32c.crc32c(head[:_BH_CRC_SPAN]))
         total = len(head) + n * EVENT_SIZE
-        done = os.writev(self.fd, [head, payload])
+        if self.prewrite:
+            self._prewrite(total)
+        done = os.pwritev(self.fd, [head, payload], self.size)
         if done != total:  # a short write (disk full): never leave half a block behind
-            os.ftruncate(self.fd, self.size)
+            if self.alloc > self.size:  # the zeros back where the block began
+                os.pwrite(self.fd, bytes(min(total, self.alloc - self.size)), self.size)
+            else:
+                os.ftruncate(self.fd, self.size)
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short write to the "
                           f"journal: {done} of {total} bytes)")
+        self.alloc = max(self.alloc, self.size + total)
         self.size += total
         self.next_gseq = first + n
 
@@ -402,7 +489,11 @@ class JournalWriter:
             self._dir_dirty = False
 
     def close(self) -> None:
+        """Close the segment, its prewritten zeros cut off (the data is synced first)."""
         if self.fd >= 0:
+            if self.alloc > self.size:
+                os.fdatasync(self.fd)
+                os.ftruncate(self.fd, self.size)
             os.close(self.fd)
             self.fd = -1
 

@@ -599,6 +599,66 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fix(args: argparse.Namespace) -> int:
+    """``exposure fix [run|status|redeliver] --config GATEWAY.toml``: the FIX gateway."""
+    from exposure.fix.config import GatewayConfigError, load_gateway_config
+    from exposure.fix.control import ControlError, read_status, request
+
+    try:
+        cfg = load_gateway_config(args.config, sessions=args.action == "run")
+    except GatewayConfigError as e:
+        return _fail(str(e))
+    if args.action == "status":
+        try:
+            st = read_status(cfg.control_socket, cfg.status_file)
+        except ControlError as e:
+            return _fail(f"gateway {cfg.name}: {e}", 1)
+        if args.json:
+            sys.stdout.buffer.write(orjson.dumps(st, option=orjson.OPT_INDENT_2) + b"\n")
+        else:
+            from exposure.fix.control import render_status
+
+            print(render_status(st))
+        return 0
+    if args.action == "redeliver":
+        from exposure.fix.gateway import Gateway, GatewayError
+
+        try:
+            res = request(cfg.control_socket, "redeliver", timeout=args.timeout)
+        except ControlError:
+            try:  # no gateway running: journal the request for its next start
+                res = Gateway.redeliver_offline(cfg)
+            except GatewayError as e:
+                return _fail(str(e))
+        sys.stdout.buffer.write(orjson.dumps(res) + b"\n")
+        return 0
+    return _run_gateway(cfg)
+
+
+def _run_gateway(cfg) -> int:
+    import signal
+
+    from exposure.fix.gateway import Gateway, GatewayError
+    from exposure.net.producer import ProducerError
+
+    stop: list = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.append(1))
+    try:
+        gw = Gateway(cfg, say=lambda m: print(f"exposure fix: {m}", flush=True))
+    except Exception as e:  # a bad node config: its message names the key
+        return _fail(str(e))
+    try:
+        gw.start()
+        print(f"exposure fix: {gw.ready_line()}", flush=True)
+        log.info(gw.wait(stop))
+        return 0
+    except (GatewayError, ProducerError, OSError) as e:
+        return _fail(str(e), 1)
+    finally:
+        gw.stop()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exposure", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -667,6 +727,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="the session's secret (default: from the [ingest] sessions file of "
                         "--config, when this machine can read it)")
     r.set_defaults(func=_cmd_send)
+
+    r = sub.add_parser("fix", help="the FIX drop-copy gateway: FIX sessions in, one "
+                       "session to the node out (docs/fix.md)")
+    r.add_argument("action", nargs="?", default="run", choices=("run", "status", "redeliver"),
+                   help="run (default): the gateway; prints a line with 'ready' once it "
+                        "accepts FIX sessions. status: its counters (a running gateway's, "
+                        "else the last it wrote). redeliver: pass the dead letters on again "
+                        "after instruments.csv / accounts.csv were fixed (exactly once: "
+                        "journaled by the running gateway, or for its next start)")
+    r.add_argument("--config", metavar="GATEWAY.toml", required=True,
+                   help="the gateway config ([gateway], [[fix]])")
+    r.add_argument("--json", action="store_true", help="status: JSON instead of text")
+    r.add_argument("--timeout", type=float, default=60.0,
+                   help="redeliver: how long the running gateway may take (default 60 s)")
+    r.set_defaults(func=_cmd_fix)
 
     r = sub.add_parser("consolidate", help="compose a cluster's rows from its partitions' "
                        "feeds; publish them as a node does (segment, multicast, snapshots)")

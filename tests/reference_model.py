@@ -22,7 +22,8 @@ import math
 MAX_QTY = 10**12
 ORDER_ID_END = 2**63
 SIDES = {"buy": 1, "sell": -1, "short": -1}
-TYPES = ("instrument", "limit", "position", "mark", "new", "replace", "cancel", "done", "fill")
+TYPES = ("instrument", "limit", "position", "mark", "new", "replace", "cancel", "done", "fill",
+         "bust", "roll")
 
 # Reject reasons.
 BAD_TYPE = "bad_type"
@@ -147,6 +148,8 @@ class Model:
         self.accepted = 0
         self.rejected = 0
         self.late_fills = 0
+        self.busts = 0
+        self.rolls = 0
         self.rejects = {}
 
     # ------------------------------------------------------------------ helpers
@@ -199,6 +202,10 @@ class Model:
         self.accepted += 1
         if result == LATE_FILL:
             self.late_fills += 1
+        if obj["type"] == "bust":
+            self.busts += 1
+        elif obj["type"] == "roll":
+            self.rolls += 1
         return result
 
     def _count_reject(self, reason):
@@ -355,6 +362,45 @@ class Model:
         order["open"] -= min(qty, order["open"])
         if order["open"] == 0:
             del self.orders[key]
+        return None
+
+    # SPEC section 6.
+
+    def _ev_bust(self, obj):
+        src = _id_field(obj, "source", 0)
+        oid = _order_id_field(obj)
+        a = _id_field(obj, "account")
+        i = _id_field(obj, "instrument")
+        side = _side_field(obj)
+        qty = _qty_field(obj)
+        price = _float_field(obj, "price", ">0")
+        self._check_range(src, self.cap_sources)
+        self._check_range(a, self.cap_accounts)
+        self._check_range(i, self.cap_instruments)
+        order = self.orders.get((src, oid))
+        if order is not None:
+            if order["account"] != a or order["instrument"] != i or order["side"] != side:
+                raise _Reject(FILL_MISMATCH)
+        else:
+            self._need_cell(a, i)
+        # The trade never happened: position and flow lose it; the order does not change
+        # and the price is no hint.
+        signed = SIDES[side] * qty
+        cell = self._cell(a, i)
+        cell["pos"] -= signed
+        cell["flow"] -= signed * price
+        return None
+
+    def _ev_roll(self, obj):
+        working = {(o["account"], o["instrument"]) for o in self.orders.values()}
+        for key in list(self.cells):
+            cell = self.cells[key]
+            if cell["pos"] == 0 and key not in working:
+                del self.cells[key]
+                continue
+            cell["sod_qty"] = cell["pos"]
+            cell["sod_price"] = self.ref_price(key[1])
+            cell["flow"] = 0.0
         return None
 
     # ------------------------------------------------------------------ tallies
@@ -532,6 +578,8 @@ class Model:
                 "accepted": self.accepted,
                 "rejected": self.rejected,
                 "late_fills": self.late_fills,
+                "busts": self.busts,
+                "rolls": self.rolls,
                 "rejects": {k: n for k, n in self.rejects.items() if n},
             },
         }

@@ -2,7 +2,8 @@
 
 Lifecycles across several sources, accounts and instruments, overfills, fills after
 cancels, replaces below the filled quantity, marks, reference-data changes, limits,
-start-of-day positions and malformed lines (wrong kinds, missing fields, unknown types,
+start-of-day positions, busts (of live, finished and unknown orders, matching or not) and
+rolls (SPEC section 6), and malformed lines (wrong kinds, missing fields, unknown types,
 non-objects, non-finite numbers).
 """
 
@@ -27,9 +28,9 @@ LIMITS = st.one_of(st.just(0), st.floats(0, 1e7, allow_nan=False, allow_infinity
 @st.composite
 def order_event(draw):
     kind = draw(st.sampled_from(["new", "new", "fill", "fill", "fill", "cancel", "done",
-                                 "replace", "replace"]))
+                                 "replace", "replace", "bust"]))
     e = {"type": kind, "source": draw(SOURCES), "order_id": draw(ORDER_IDS)}
-    if kind in ("new", "fill"):
+    if kind in ("new", "fill", "bust"):
         e.update(account=draw(ACCOUNTS), instrument=draw(INSTRUMENTS), side=draw(SIDES),
                  qty=draw(QTY), price=draw(PRICES if kind == "new" else POS_PRICES))
     elif kind == "replace":
@@ -41,7 +42,9 @@ def order_event(draw):
 
 @st.composite
 def reference_event(draw):
-    kind = draw(st.sampled_from(["mark", "mark", "instrument", "limit", "position"]))
+    kind = draw(st.sampled_from(["mark", "mark", "instrument", "limit", "position", "roll"]))
+    if kind == "roll":
+        return {"type": "roll"}
     if kind == "mark":
         return {"type": "mark", "instrument": draw(INSTRUMENTS), "price": draw(POS_PRICES)}
     if kind == "instrument":

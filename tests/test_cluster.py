@@ -141,7 +141,7 @@ def test_marks_and_instruments_count_once():
     views = [state_view(replay_partition(recs, pm, k)) for k in range(3)]
     assert all(v.document["counts"]["accepted"] == 2 for v in views)
     assert compose(views, pm)["counts"] == document(replay_records(recs))["counts"] == {
-        "accepted": 2, "rejected": 2, "late_fills": 0,
+        "accepted": 2, "rejected": 2, "late_fills": 0, "busts": 0, "rolls": 0,
         "rejects": {"bad_field": 1, "out_of_range": 1}}
 
 

@@ -166,7 +166,8 @@ def test_a_desk_over_a_private_state_reads_what_the_kernel_holds_after_every_bat
     desk = Desk.over(st)
     empty = desk.document()
     assert empty["accounts"] == empty["positions"] == empty["instruments"] == []
-    assert empty["counts"] == {"accepted": 0, "rejected": 0, "late_fills": 0, "rejects": {}}
+    assert empty["counts"] == {"accepted": 0, "rejected": 0, "late_fills": 0, "busts": 0,
+                              "rolls": 0, "rejects": {}}
     w.day(rnd, 1500, check=lambda: _check_tables(desk, st))
     doc = desk.document()
     assert doc["positions"] and doc["instruments"] and doc["sectors"] and doc["accounts"]

@@ -68,7 +68,7 @@ def test_two_objects_on_a_line_and_an_array_split_over_two_lines_are_three_bad_l
     recs = parse_events(data)
     assert len(recs) == 3
     assert recs["reject"].tolist() == [R_BAD_FIELD] * 3
-    assert _counts(data) == {"accepted": 0, "rejected": 3, "late_fills": 0,
+    assert _counts(data) == {"accepted": 0, "rejected": 3, "late_fills": 0, "busts": 0, "rolls": 0,
                              "rejects": {"bad_field": 3}}
 
 
@@ -83,7 +83,7 @@ def test_four_bad_lines_whose_values_would_pair_up_across_lines_are_all_rejected
     ])
     recs = parse_events(data)
     assert recs["reject"].tolist() == [R_BAD_FIELD] * 4
-    assert _counts(data) == {"accepted": 0, "rejected": 4, "late_fills": 0,
+    assert _counts(data) == {"accepted": 0, "rejected": 4, "late_fills": 0, "busts": 0, "rolls": 0,
                              "rejects": {"bad_field": 4}}
 
 

@@ -62,3 +62,19 @@ def test_a_long_realistic_day_agrees_with_the_model():
     assert compare_documents(r.doc, want_doc, rel=REL) == []
     assert compare_documents(r.doc, r.scratch, rel=REL) == []
     assert int(np.sum(r.status == 0x80)) == want_doc["counts"]["late_fills"] > 0
+
+
+def test_a_realistic_week_with_busts_and_rolls_agrees_with_the_model():
+    """The generated flow with busts of recent trades and a roll every 9,000 events
+    (SPEC section 6): the kernel, the model and the recomputation agree."""
+    seed = 3
+    print(f"seed {seed}")
+    recs = generate(50_000, accounts=40, instruments=300, universe=30, live_target=2000,
+                    seed=seed, busts=0.02, roll_every=9000)
+    lines = to_jsonl(recs).decode().splitlines()
+    r = Run(lines)
+    want_doc, want_status = run_lines(lines)
+    assert r.statuses() == want_status
+    assert compare_documents(r.doc, want_doc, rel=REL) == []
+    assert compare_documents(r.doc, r.scratch, rel=REL) == []
+    assert want_doc["counts"]["busts"] > 0 and want_doc["counts"]["rolls"] == 5

@@ -78,5 +78,5 @@ def test_blank_lines_are_skipped_and_garbage_lines_counted(tmp_path):
     p = _replay_cli(str(ev))
     assert p.returncode == 0, p.stderr.decode()
     counts = orjson.loads(p.stdout)["counts"]
-    assert counts == {"accepted": 1, "rejected": 4, "late_fills": 0,
+    assert counts == {"accepted": 1, "rejected": 4, "late_fills": 0, "busts": 0, "rolls": 0,
                       "rejects": {"bad_field": 4}}

@@ -5,7 +5,10 @@ start-of-day book and a first mark per instrument; then the flow: about 35% new 
 35% fills, 10% cancels, 10% replaces and 10% marks. Each account trades its own universe of
 instruments with a popularity skew, orders live for a while (the live table holds tens of
 thousands), fills are partial or complete, some replaces go below the filled quantity,
-and a few fills arrive after their order was cancelled (late fills).
+and a few fills arrive after their order was cancelled (late fills). Optionally (off by
+default, so the benchmarks' flow does not change) a fraction of the fills are followed
+later by a ``bust`` of a recent trade, and a ``roll`` starts a new day every so many events
+(SPEC section 6).
 
 Generation is a numba kernel with numba's own seeded generator: the same arguments give
 the same records on every machine.
@@ -22,6 +25,7 @@ from exposure.core.types import (
     SIDE_BUY,
     SIDE_SELL,
     SIDE_SHORT,
+    T_BUST,
     T_CANCEL,
     T_DONE,
     T_FILL,
@@ -31,6 +35,7 @@ from exposure.core.types import (
     T_NEW,
     T_POSITION,
     T_REPLACE,
+    T_ROLL,
 )
 from exposure.engine.parse import to_jsonl
 
@@ -41,7 +46,8 @@ _SRC, _OID, _ACC, _INS, _SIDE, _QTY, _FILLED = range(7)
 
 
 @njit(cache=True)
-def _gen(out, n_accounts, n_instruments, n_sources, universe, live_target, seed):
+def _gen(out, n_accounts, n_instruments, n_sources, universe, live_target, seed, busts,
+         roll_every):
     np.random.seed(seed)
     n = out.shape[0]
     # Instrument ids are spread over the SPEC's id space; accounts too.
@@ -68,6 +74,15 @@ def _gen(out, n_accounts, n_instruments, n_sources, universe, live_target, seed)
     d_ins = np.zeros(dead, np.int64)
     d_side = np.zeros(dead, np.int64)
     ndead = 0
+    ntr = 4096  # recent trades, for busts
+    t_src = np.zeros(ntr, np.int64)
+    t_oid = np.zeros(ntr, np.uint64)
+    t_acc = np.zeros(ntr, np.int64)
+    t_ins = np.zeros(ntr, np.int64)
+    t_side = np.zeros(ntr, np.int64)
+    t_qty = np.zeros(ntr, np.int64)
+    t_px = np.zeros(ntr)
+    ntrades = 0
     k = 0
     # ---- start of day: reference data, limits, book, first marks
     for j in range(n_instruments):
@@ -116,6 +131,22 @@ def _gen(out, n_accounts, n_instruments, n_sources, universe, live_target, seed)
     # ---- the flow
     while k < n:
         r = out[k]
+        if roll_every > 0 and k % roll_every == 0:  # a new trading day
+            r.type = T_ROLL
+            k += 1
+            continue
+        if busts > 0.0 and ntrades > 0 and np.random.random() < busts:  # a trade taken back
+            x = np.random.randint(0, min(ntrades, ntr))
+            r.type = T_BUST
+            r.source = t_src[x]
+            r.order_id = t_oid[x]
+            r.account = acc_ids[t_acc[x]]
+            r.instrument = inst_ids[t_ins[x]]
+            r.side = t_side[x]
+            r.qty = t_qty[x]
+            r.price = t_px[x]
+            k += 1
+            continue
         u = np.random.random()
         if u < 0.35 or nlive == 0:  # new
             if nlive >= cap:
@@ -173,6 +204,16 @@ def _gen(out, n_accounts, n_instruments, n_sources, universe, live_target, seed)
                 r.price = round(price[live[x, _INS]]
                                 * (1.0 + 0.001 * (np.random.random() - 0.5)), 2)
                 live[x, _FILLED] += q
+                if busts > 0.0:
+                    y = ntrades % ntr
+                    t_src[y] = live[x, _SRC]
+                    t_oid[y] = np.uint64(live[x, _OID])
+                    t_acc[y] = live[x, _ACC]
+                    t_ins[y] = live[x, _INS]
+                    t_side[y] = live[x, _SIDE]
+                    t_qty[y] = q
+                    t_px[y] = r.price
+                    ntrades += 1
                 if live[x, _FILLED] >= live[x, _QTY]:
                     nlive -= 1
                     live[x] = live[nlive]
@@ -216,13 +257,19 @@ def _gen(out, n_accounts, n_instruments, n_sources, universe, live_target, seed)
 
 
 def generate(n_events: int, accounts: int = 500, instruments: int = 20_000, sources: int = 8,
-             universe: int = 200, live_target: int = 100_000, seed: int = 1) -> np.ndarray:
-    """``n_events`` event records of a realistic day (gseq 1..n)."""
+             universe: int = 200, live_target: int = 100_000, seed: int = 1,
+             busts: float = 0.0, roll_every: int = 0) -> np.ndarray:
+    """``n_events`` event records of a realistic day (gseq 1..n).
+
+    ``busts``: the probability that an event of the flow is a ``bust`` of one of the last
+    4,096 trades (0: none); ``roll_every``: a ``roll`` every that many events (0: none).
+    With both off the records are those of earlier versions, seed for seed."""
     if not 1 <= accounts <= 4096 or not 1 <= instruments <= 65536 or sources < 1:
         raise ValueError(f"accounts={accounts} instruments={instruments} sources={sources} "
                          "outside 1..4096 / 1..65536 / >= 1")
     out = np.zeros(n_events, EVENT_DTYPE)
-    k = _gen(out, accounts, instruments, sources, universe, live_target, seed)
+    k = _gen(out, accounts, instruments, sources, universe, live_target, seed, float(busts),
+             int(roll_every))
     out = out[:k]
     out["gseq"] = np.arange(1, k + 1, dtype=np.uint64)
     return out

@@ -31,7 +31,7 @@ Composition (:func:`compose`), from each partition's tallies as read here:
 * ``fund``: the eleven account sums summed; ``net_long_mv``, ``net_short_mv`` and
   ``crossing`` from the summed ``fund_pos`` (SPEC section 3);
 * ``sectors`` summed;
-* ``counts`` summed, with mark and instrument events (every partition sees them; the
+* ``counts`` summed, with mark, instrument and roll events (every partition sees them; the
   kernel counts them apart: ``types.C_BCAST_*``) counted once.
 """
 
@@ -51,9 +51,11 @@ from exposure.core.types import (
     C_BCAST_ACCEPTED,
     C_BCAST_BAD_FIELD,
     C_BCAST_OUT_OF_RANGE,
+    C_BUSTS,
     C_LATE_FILLS,
     C_REJECTED,
     C_REJECTS,
+    C_ROLLS,
     R_BAD_FIELD,
     R_OUT_OF_RANGE,
     REASONS,
@@ -253,9 +255,9 @@ def compose(views: list[PartView], pmap: PartitionMap) -> dict:
 
 
 def compose_counts(views: list[PartView]) -> dict:
-    """Counts summed over the partitions, marks and instruments counted once (the first
-    partition's: every partition sees the same ones)."""
-    ctr = np.sum([v.ctr[:C_BCAST_OUT_OF_RANGE + 1] for v in views], axis=0)
+    """Counts summed over the partitions, marks, instruments and rolls counted once (the
+    first partition's: every partition sees the same ones)."""
+    ctr = np.sum([v.ctr[:C_BUSTS + 1] for v in views], axis=0)
     for v in views[1:]:
         bf, oor = v.ctr[C_BCAST_BAD_FIELD], v.ctr[C_BCAST_OUT_OF_RANGE]
         ctr[C_ACCEPTED] -= v.ctr[C_BCAST_ACCEPTED]
@@ -265,7 +267,8 @@ def compose_counts(views: list[PartView]) -> dict:
     rej = {name: int(ctr[C_REJECTS + code]) for code, name in REASONS.items()
            if ctr[C_REJECTS + code]}
     return {"accepted": int(ctr[C_ACCEPTED]), "rejected": int(ctr[C_REJECTED]),
-            "late_fills": int(ctr[C_LATE_FILLS]), "rejects": rej}
+            "late_fills": int(ctr[C_LATE_FILLS]), "busts": int(ctr[C_BUSTS]),
+            "rolls": int(views[0].ctr[C_ROLLS]), "rejects": rej}
 
 
 def partition_views(cluster: Cluster) -> list[PartView]:

@@ -13,6 +13,7 @@ from exposure.core.partition import ALL, PartitionMap
 from exposure.core.types import (
     R_BAD_FIELD,
     R_WRONG_PARTITION,
+    T_BUST,
     T_CANCEL,
     T_DONE,
     T_FILL,
@@ -22,6 +23,7 @@ from exposure.core.types import (
     T_NEW,
     T_POSITION,
     T_REPLACE,
+    T_ROLL,
 )
 
 __all__ = ["ALL", "route", "split", "mark", "owns"]
@@ -39,20 +41,21 @@ def owns(t, src, acct, me, acc_owner, src_owner):
     ids (``me`` < 0: not a cluster, everything is owned)."""
     if me < 0:
         return True
-    if t == T_NEW or t == T_FILL:
+    if t == T_NEW or t == T_FILL or t == T_BUST:
         return _owner(src_owner, src) == me and _owner(acc_owner, acct) == me
     if t == T_REPLACE or t == T_CANCEL or t == T_DONE:
         return _owner(src_owner, src) == me
     if t == T_POSITION or t == T_LIMIT:
         return _owner(acc_owner, acct) == me
-    return True  # mark, instrument: everyone's; no valid type: the kernel's bad_type
+    return True  # mark, instrument, roll: everyone's; no valid type: the kernel's bad_type
 
 
 @njit(cache=True, _nrt=False)
 def _dest(t, src, acct, acc_owner, src_owner):
-    if t == T_MARK or t == T_INSTRUMENT:
+    if t == T_MARK or t == T_INSTRUMENT or t == T_ROLL:
         return np.int64(ALL)
-    if t == T_NEW or t == T_FILL or t == T_REPLACE or t == T_CANCEL or t == T_DONE:
+    if (t == T_NEW or t == T_FILL or t == T_REPLACE or t == T_CANCEL or t == T_DONE
+            or t == T_BUST):
         k = _owner(src_owner, src)
     elif t == T_POSITION or t == T_LIMIT:
         k = _owner(acc_owner, acct)
@@ -70,14 +73,15 @@ def _route(recs, acc_owner, src_owner, out):
 
 
 def route(recs: np.ndarray, pmap: PartitionMap) -> np.ndarray:
-    """Each record's partition (int16; :data:`ALL` for mark and instrument)."""
+    """Each record's partition (int16; :data:`ALL` for mark, instrument and roll)."""
     out = np.empty(len(recs), np.int16)
     _route(recs, pmap.acc_owner, pmap.src_owner, out)
     return out
 
 
 def split(recs: np.ndarray, pmap: PartitionMap) -> list[np.ndarray]:
-    """The sub-stream of each partition, in stream order (mark and instrument in all)."""
+    """The sub-stream of each partition, in stream order (mark, instrument and roll in
+    all)."""
     dest = route(recs, pmap)
     return [recs[(dest == k) | (dest == ALL)] for k in range(pmap.partitions)]
 

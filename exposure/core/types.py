@@ -27,7 +27,7 @@ The event record (128 bytes, little-endian, two cache lines)
      88     8  f8    x2          instrument: beta         | limit: margin
      96     8  f8    x3                                   | limit: loss
     104     4  u4    sector      instrument: sector
-    108     1  u1    type        T_* below
+    108     1  u1    type        T_* below (10 bust, 11 roll: SPEC section 6)
     109     1  u1    side        SIDE_* below
     110     1  u1    reject      a reason found before the kernel (JSON kind errors), else 0
     111     1  u1    flags       F_* below
@@ -130,11 +130,14 @@ T_REPLACE = 6
 T_CANCEL = 7
 T_DONE = 8
 T_FILL = 9
-T_MAX = 9
+T_BUST = 10   # SPEC section 6: a trade taken back (fields of the trade, as a fill's)
+T_ROLL = 11   # SPEC section 6: the start of a new trading day (no fields)
+T_MAX = 11
 
 TYPE_NAMES = {
     T_INSTRUMENT: "instrument", T_LIMIT: "limit", T_POSITION: "position", T_MARK: "mark",
     T_NEW: "new", T_REPLACE: "replace", T_CANCEL: "cancel", T_DONE: "done", T_FILL: "fill",
+    T_BUST: "bust", T_ROLL: "roll",
 }
 TYPE_CODES = {v: k for k, v in TYPE_NAMES.items()}
 
@@ -399,4 +402,8 @@ C_REJECTS = 16        # C_REJECTS + reason code: per-reason reject counts (16..2
 C_BCAST_ACCEPTED = 25
 C_BCAST_BAD_FIELD = 26
 C_BCAST_OUT_OF_RANGE = 27
+# SPEC section 6: accepted busts and rolls (also in C_ACCEPTED; a roll is a broadcast event
+# too, in C_BCAST_*: a cluster counts it once).
+C_BUSTS = 28
+C_ROLLS = 29
 N_COUNTERS = 32

@@ -42,10 +42,12 @@ import numpy as np
 
 from exposure.core.types import (
     C_ACCEPTED,
+    C_BUSTS,
     C_CELLS,
     C_LATE_FILLS,
     C_REJECTED,
     C_REJECTS,
+    C_ROLLS,
     INSTPUB_DTYPE,
     POSPUB_DTYPE,
     PUBROW_DTYPE,
@@ -199,8 +201,9 @@ class Desk:
         return rows[rows["gseq"] != 0]
 
     def positions(self, account: int) -> np.ndarray:
-        """The account's position rows (every instrument it ever held or ordered), sorted
-        by instrument; ``gseq`` is the last event of the batch that published the row."""
+        """The account's position rows (every instrument it held or ordered since the last
+        ``roll``, or holds), sorted by instrument; ``gseq`` is the last event of the batch
+        that published the row."""
         cpub = self.state.cpub
         n = min(int(self._counters()["ctr"][C_CELLS]), len(cpub))
         idx = np.flatnonzero(cpub["account"][:n] == account)
@@ -240,5 +243,6 @@ def _counts(ctr: np.ndarray) -> dict:
     rej = {name: int(ctr[C_REJECTS + code]) for code, name in REASONS.items()
            if ctr[C_REJECTS + code]}
     return {"accepted": int(ctr[C_ACCEPTED]), "rejected": int(ctr[C_REJECTED]),
-            "late_fills": int(ctr[C_LATE_FILLS]), "rejects": rej}
+            "late_fills": int(ctr[C_LATE_FILLS]), "busts": int(ctr[C_BUSTS]),
+            "rolls": int(ctr[C_ROLLS]), "rejects": rej}
 

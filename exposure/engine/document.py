@@ -18,11 +18,13 @@ from exposure.core.types import (
     B_NET,
     B_WORST,
     C_ACCEPTED,
+    C_BUSTS,
     C_CELLS,
     C_LATE_FILLS,
     C_LIVE,
     C_REJECTED,
     C_REJECTS,
+    C_ROLLS,
     K_BETA,
     K_LONG,
     K_MARGIN,
@@ -75,7 +77,8 @@ def _counts(st: State) -> dict:
     rej = {name: int(st.ctr[C_REJECTS + code]) for code, name in REASONS.items()
            if st.ctr[C_REJECTS + code]}
     return {"accepted": int(st.ctr[C_ACCEPTED]), "rejected": int(st.ctr[C_REJECTED]),
-            "late_fills": int(st.ctr[C_LATE_FILLS]), "rejects": rej}
+            "late_fills": int(st.ctr[C_LATE_FILLS]), "busts": int(st.ctr[C_BUSTS]),
+            "rolls": int(st.ctr[C_ROLLS]), "rejects": rej}
 
 
 def _rows(ids: np.ndarray, idname: str, cols: dict[str, np.ndarray]) -> list[dict]:
@@ -237,7 +240,7 @@ def compare_documents(got: dict, want: dict, limit: int = 20, rel: float = 0.0) 
     for f in sorted(set(gf) | set(wf)):
         cmp(f"fund.{f}", gf.get(f), wf.get(f))
     gc, wc = got.get("counts", {}), want.get("counts", {})
-    for f in ("accepted", "rejected", "late_fills"):
+    for f in ("accepted", "rejected", "late_fills", "busts", "rolls"):  # missing: 0
         cmp(f"counts.{f}", gc.get(f), wc.get(f))
     gr, wr = gc.get("rejects", {}), wc.get("rejects", {})
     for f in sorted(set(gr) | set(wr)):

@@ -61,6 +61,7 @@ from exposure.core.types import (
     C_BCAST_ACCEPTED,
     C_BCAST_BAD_FIELD,
     C_BCAST_OUT_OF_RANGE,
+    C_BUSTS,
     C_CELLS,
     C_EVENTS,
     C_LAST_GSEQ,
@@ -74,6 +75,7 @@ from exposure.core.types import (
     C_NSCHANGED,
     C_REJECTED,
     C_REJECTS,
+    C_ROLLS,
     C_STAMP,
     C_UNAUTHORIZED,
     F_HAS_PRICE,
@@ -106,6 +108,7 @@ from exposure.core.types import (
     S_LATE_FILL,
     SIDE_BUY,
     SIDE_SHORT,
+    T_BUST,
     T_CANCEL,
     T_DONE,
     T_FILL,
@@ -116,6 +119,7 @@ from exposure.core.types import (
     T_NEW,
     T_POSITION,
     T_REPLACE,
+    T_ROLL,
 )
 from exposure.shm.intrinsics import prefetch
 
@@ -463,6 +467,92 @@ def _finite(x):
     return np.isfinite(x)
 
 
+# ----------------------------------------------------------------------------- the roll
+@njit(cache=True, _nrt=False)
+def _roll(st, gseq):
+    """SPEC section 6's ``roll``: a new trading day.
+
+    Every cell's start of day becomes its position at the instrument's reference price and
+    its flow 0, moving its P&L contribution (and so its account's and the fund's) to 0 by
+    the usual bracket. Then the cells with no position and no live order (every live order
+    has open quantity > 0, so: pos, open_buy and open_sell all 0) are forgotten: their
+    contributions are all exactly 0 by now, so no tally moves. The cell table is compacted
+    in place (survivors keep their order, so ids only go down), which keeps "cells
+    ``0..ctr[C_CELLS]-1`` are in use" true for every reader; ``cchanged`` serves as the
+    old-to-new id map while the live orders' cell ids are rewritten, then the cell index and
+    the instruments' cell chains are rebuilt. Afterwards ``cchanged`` lists every old id:
+    the survivors under their new ids and the freed rows (zeroed, account -1), so the
+    published position rows of the freed ids stop showing an old (account, instrument).
+
+    A roll costs a pass over the cells, the order slots and the cell-index slots (tens of
+    milliseconds at the default capacities): once a day, off the per-event path.
+    """
+    cells = st.cells
+    inst = st.inst
+    n = np.int64(st.ctr[C_CELLS])
+    # The previous events of this batch listed some cells; the list is rebuilt below.
+    for k in range(st.ctr[C_NCCHANGED]):
+        cells[st.cchanged[k]].dirty = 0
+    st.ctr[C_NCCHANGED] = 0
+    # 1. the start of the day, cell by cell (every account with a cell is touched)
+    for c in range(n):
+        i = cells[c].instrument
+        ins = inst[i]
+        ref, mult, mr, beta = ins.ref_price, ins.multiplier, ins.margin_rate, ins.beta
+        old = _cell_contrib(cells, c, ref, mult, mr, beta)
+        cells[c].sod_qty = cells[c].pos
+        cells[c].sod_price = ref
+        cells[c].flow = 0.0
+        a = cells[c].account
+        _apply_cell(st.acc[a], st.fund, old, _cell_contrib(cells, c, ref, mult, mr, beta))
+        _touch(st, a, gseq)
+    # 2. compaction: cchanged[old id] = new id, or -1 for a forgotten cell
+    m = np.int64(0)
+    for c in range(n):
+        if cells[c].pos != 0 or cells[c].open_buy != 0 or cells[c].open_sell != 0:
+            if m != c:
+                cells[m] = cells[c]
+            st.cchanged[c] = m
+            m += 1
+        else:
+            st.cchanged[c] = -1
+    if m < n:
+        for k in range(st.orders.shape[0]):  # live orders only point at kept cells
+            oc = st.orders[k].cell
+            if oc >= 0:
+                st.orders[k].cell = st.cchanged[oc]
+        for h in range(st.cidx.shape[0]):
+            st.cidx[h].key = -1
+            st.cidx[h].id = -1
+        nin = np.int64(inst.shape[0])
+        for i in range(nin):  # (the moved rows hide which instruments had cells)
+            inst[i].head = -1
+        for c in range(m):  # the index and the chains again, in id order
+            a = np.int64(cells[c].account)
+            i = np.int64(cells[c].instrument)
+            h = -_cell_slot(st.cidx, a * nin + i) - 1
+            st.cidx[h].key = a * nin + i
+            st.cidx[h].id = c
+            cells[c].next = inst[i].head
+            inst[i].head = c
+        for c in range(m, n):  # freed rows: nobody's
+            cells[c].pos = 0
+            cells[c].open_buy = 0
+            cells[c].open_sell = 0
+            cells[c].sod_qty = 0
+            cells[c].sod_price = 0.0
+            cells[c].flow = 0.0
+            cells[c].account = -1
+            cells[c].instrument = 0
+            cells[c].next = -1
+        st.ctr[C_CELLS] = m
+    # 3. every row changed (pnl 0) or was freed: list them all
+    for c in range(n):
+        cells[c].dirty = 1
+        st.cchanged[c] = c
+    st.ctr[C_NCCHANGED] = n
+
+
 # ----------------------------------------------------------------------------- events
 # Why one step function: numba compiles each @njit function separately and calls it with
 # every argument flattened; passing the State (14 arrays) costs ~100 stack pushes per call.
@@ -483,10 +573,10 @@ def _validate(st, r, t):
     if t < 1 or t > T_MAX:
         return R_BAD_TYPE
     price = r.price
-    if t == T_NEW or t == T_FILL:
+    if t == T_NEW or t == T_FILL or t == T_BUST:
         if (r.side < SIDE_BUY or r.side > SIDE_SHORT or r.qty < 1 or r.qty > MAX_QTY
                 or not _finite(price) or r.order_id >= _MAX_OID
-                or (t == T_NEW and price < 0.0) or (t == T_FILL and price <= 0.0)):
+                or (t == T_NEW and price < 0.0) or (t != T_NEW and price <= 0.0)):
             return R_BAD_FIELD
         if (r.account >= st.acc.shape[0] or r.instrument >= st.inst.shape[0]
                 or r.source >= st.ctr[C_MAX_SOURCES]):
@@ -510,6 +600,8 @@ def _validate(st, r, t):
             return R_BAD_FIELD
         if r.account >= st.acc.shape[0] or r.instrument >= st.inst.shape[0]:
             return R_OUT_OF_RANGE
+    elif t == T_ROLL:
+        pass  # no fields
     elif t == T_INSTRUMENT:
         if not (_finite(r.x0) and r.x0 > 0.0 and _finite(r.x1) and r.x1 >= 0.0
                 and _finite(r.x2)):
@@ -544,6 +636,10 @@ def _step(st, r):
         _touch(st, a, gseq)
         return S_ACCEPTED
 
+    if t == T_ROLL:  # SPEC section 6: rare, so a call of its own (off the hot path)
+        _roll(st, gseq)
+        return S_ACCEPTED
+
     # ---- order lookup (one site) and the rule-4/5 rejects
     order_event = t != T_MARK and t != T_INSTRUMENT and t != T_POSITION
     slot = np.int64(-1)
@@ -557,13 +653,13 @@ def _step(st, r):
                 return R_CAPACITY
         elif slot >= 0:
             c = np.int64(st.orders[slot].cell)
-            if t == T_FILL and (st.cells[c].account != r.account
+            if (t == T_FILL or t == T_BUST) and (st.cells[c].account != r.account
                                 or st.cells[c].instrument != r.instrument
                                 or st.orders[slot].side != r.side):
                 return R_FILL_MISMATCH
-        elif t != T_FILL:
+        elif t != T_FILL and t != T_BUST:
             return R_UNKNOWN_ORDER
-    if c < 0 and (t == T_NEW or t == T_FILL or t == T_POSITION):
+    if c < 0 and (t == T_NEW or t == T_FILL or t == T_POSITION or t == T_BUST):
         c = _cell_get(st, np.int64(r.account), np.int64(r.instrument))
         if c < 0:
             return R_CAPACITY
@@ -585,7 +681,8 @@ def _step(st, r):
         ref = price
     elif t == T_INSTRUMENT:
         mult, mr, beta, sector = r.x0, r.x1, r.x2, np.int64(r.sector)
-    elif t != T_POSITION and t != T_CANCEL and t != T_DONE and price > 0.0 and ins.marked == 0:
+    elif (t != T_POSITION and t != T_CANCEL and t != T_DONE and t != T_BUST and price > 0.0
+          and ins.marked == 0):  # a bust is not a price hint (SPEC section 6)
         ref = price
     if (ref != ins.ref_price or mult != ins.multiplier or mr != ins.margin_rate
             or beta != ins.beta or sector != ins.sector):
@@ -599,10 +696,13 @@ def _step(st, r):
     old_i = _inst_now(st, i)
     old = _cell_now(st, c)
     finish = False
-    if t == T_FILL or t == T_POSITION:
+    moves = t == T_FILL or t == T_POSITION or t == T_BUST
+    if moves:
         old_pos = cell.pos
-        if t == T_FILL:
+        if t != T_POSITION:
             sq = r.qty if r.side == SIDE_BUY else -r.qty
+            if t == T_BUST:  # the trade taken back; the order itself does not change
+                sq = -sq
             cell.pos = old_pos + sq
             cell.flow += float(sq) * price
         else:
@@ -623,7 +723,7 @@ def _step(st, r):
         _open_add(st, c, r.side, r.qty)
         st.acc_live[a] += 1
         st.ctr[C_LIVE] += 1
-    elif slot >= 0:  # replace, cancel, done, or a fill of a live order
+    elif slot >= 0 and t != T_BUST:  # replace, cancel, done, or a fill of a live order
         o = st.orders[slot]
         if t == T_REPLACE:
             new_open = max(r.qty - o.filled, 0)
@@ -636,7 +736,7 @@ def _step(st, r):
         o.open = new_open
         finish = new_open == 0
     _apply_cell(st.acc[a], st.fund, old, _cell_now(st, c))
-    if t == T_FILL or t == T_POSITION:
+    if moves:
         _apply_inst(st.fund, st.sec, sector, old_i, sector, _inst_now(st, i))
         _touch_sec(st, sector, gseq)
     _touch_inst(st, i, gseq)
@@ -658,10 +758,10 @@ def _prefetch_for(st, r):
     in cache, so the batch's misses overlap instead of stalling one after another.
     """
     t = r.type
-    if t >= T_NEW and t <= T_FILL:
+    if t >= T_NEW and t <= T_BUST:
         prefetch(st.orders, order_home(r.source, r.order_id, st.orders.shape[0] - 1))
-    if (t == T_NEW or t == T_FILL or t == T_POSITION) and r.account < st.acc.shape[0] and (
-            r.instrument < st.inst.shape[0]):
+    if (t == T_NEW or t == T_FILL or t == T_POSITION or t == T_BUST) and (
+            r.account < st.acc.shape[0] and r.instrument < st.inst.shape[0]):
         key = np.int64(r.account) * st.inst.shape[0] + r.instrument
         prefetch(st.cidx, cell_home(st.cidx, key))
     if r.instrument < st.inst.shape[0]:
@@ -677,11 +777,11 @@ def _prefetch_cell_for(st, r):
     """
     t = r.type
     c = -1
-    if t >= T_NEW and t <= T_FILL:
+    if t >= T_NEW and t <= T_BUST:
         h = order_home(r.source, r.order_id, st.orders.shape[0] - 1)
         if st.orders[h].order_id == r.order_id:
             c = st.orders[h].cell
-    if c < 0 and (t == T_NEW or t == T_FILL or t == T_POSITION) and (
+    if c < 0 and (t == T_NEW or t == T_FILL or t == T_POSITION or t == T_BUST) and (
             r.account < st.acc.shape[0] and r.instrument < st.inst.shape[0]):
         key = np.int64(r.account) * st.inst.shape[0] + r.instrument
         c = st.cidx[cell_home(st.cidx, key)].id
@@ -722,15 +822,20 @@ def apply_batch(st, recs, status):
             continue
         s = _step(st, r)
         status[k] = s
-        if r.type == T_MARK or r.type == T_INSTRUMENT:  # a cluster counts these once
+        t = r.type
+        if t == T_MARK or t == T_INSTRUMENT or t == T_ROLL:  # a cluster counts these once
             if s == S_ACCEPTED:
                 ctr[C_BCAST_ACCEPTED] += 1
+                if t == T_ROLL:
+                    ctr[C_ROLLS] += 1
             elif s == R_BAD_FIELD:
                 ctr[C_BCAST_BAD_FIELD] += 1
             elif s == R_OUT_OF_RANGE:
                 ctr[C_BCAST_OUT_OF_RANGE] += 1
         if s == S_ACCEPTED:
             ctr[C_ACCEPTED] += 1
+            if t == T_BUST:
+                ctr[C_BUSTS] += 1
         elif s == S_LATE_FILL:
             ctr[C_ACCEPTED] += 1
             ctr[C_LATE_FILLS] += 1

@@ -38,6 +38,7 @@ from exposure.core.types import (
     R_BAD_TYPE,
     SIDE_CODES,
     SIDE_NAMES,
+    T_BUST,
     T_CANCEL,
     T_DONE,
     T_FILL,
@@ -47,6 +48,7 @@ from exposure.core.types import (
     T_NEW,
     T_POSITION,
     T_REPLACE,
+    T_ROLL,
     TYPE_CODES,
     TYPE_NAMES,
 )
@@ -89,6 +91,11 @@ _FIELDS = {
     T_FILL: _ORDER + [("account", "account", "id", True),
                       ("instrument", "instrument", "id", True), ("side", "side", "side", True),
                       ("qty", "qty", "qty", True), ("price", "price", "num", True)],
+    # SPEC section 6: a bust carries the fields of the trade it takes back; a roll none.
+    T_BUST: _ORDER + [("account", "account", "id", True),
+                      ("instrument", "instrument", "id", True), ("side", "side", "side", True),
+                      ("qty", "qty", "qty", True), ("price", "price", "num", True)],
+    T_ROLL: [],
     T_REPLACE: _ORDER + [("qty", "qty", "qty", True), ("price", "price", "num", True)],
     T_CANCEL: _ORDER,
     T_DONE: _ORDER,
@@ -395,7 +402,7 @@ def record_objects(recs: np.ndarray, stamps: bool = False) -> list[dict]:
         (gseq, sseq, _, recv_ns, sess, source, account, instrument, order_id, qty, price,
          x0, x1, x2, x3, sector, _, side, _, flags, *_) = r
         name = TYPE_NAMES.get(t, t)
-        if t in (T_NEW, T_FILL):
+        if t in (T_NEW, T_FILL, T_BUST):
             d = {"type": name, "source": source, "order_id": order_id, "account": account,
                  "instrument": instrument, "side": SIDE_NAMES.get(side, side), "qty": qty,
                  "price": price}

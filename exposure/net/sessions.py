@@ -10,8 +10,9 @@ A node that listens on anything but a loopback address must have a sessions file
                                   # or secret = "..." inline (then protect this file)
     sources = [1]                 # the order-id namespaces it may use: ids, "lo-hi"
                                   # ranges, or "all"
-    accounts = [10, 11, "20-29"]  # the accounts it may write (new, fill, position, limit)
-    instrument = false            # may it send instrument (reference data) events
+    accounts = [10, 11, "20-29"]  # the accounts it may write (new, fill, bust, position,
+                                  # limit)
+    instrument = false            # may it send instrument (reference data) and roll events
     mark = false                  # ... mark events
     limit = false                 # ... limit events (for its accounts)
 
@@ -28,11 +29,12 @@ sessions). The rules, per event type:
 =========================== =========================================================
 type                        needs
 =========================== =========================================================
-new, fill                   its source and its account
+new, fill, bust             its source and its account
 replace, cancel, done       its source
 position                    its account
 limit                       ``limit`` and its account
 instrument / mark           ``instrument`` / ``mark``
+roll                        ``instrument`` (an operator's event, like reference data)
 =========================== =========================================================
 
 Without a sessions file (the built-in default) every session is open and entitled to

@@ -18,6 +18,7 @@ from exposure.core.types import (
     R_UNAUTHORIZED,
     R_WRONG_PARTITION,
     REJECT_SHIFT,
+    T_BUST,
     T_CANCEL,
     T_DONE,
     T_FILL,
@@ -27,6 +28,7 @@ from exposure.core.types import (
     T_NEW,
     T_POSITION,
     T_REPLACE,
+    T_ROLL,
     TYPE_SHIFT,
     W_ACCOUNT,
     W_EPOCH,
@@ -84,15 +86,16 @@ def _entitled(w_type, w_src, w_acct, ef, esrc, eacct, s):
     t = np.int64((w_type >> np.uint64(TYPE_SHIFT)) & _BYTE)
     src = np.int64(w_src >> np.uint64(32))
     acct = np.int64(w_acct & _LOW)
-    if t == T_NEW or t == T_FILL or t == T_REPLACE or t == T_CANCEL or t == T_DONE:
+    if (t == T_NEW or t == T_FILL or t == T_REPLACE or t == T_CANCEL or t == T_DONE
+            or t == T_BUST):
         if (ef & ENT_ALL_SOURCES) == 0 and not _bit(esrc, s, src):
             return False
-    if t == T_NEW or t == T_FILL or t == T_POSITION or t == T_LIMIT:
+    if t == T_NEW or t == T_FILL or t == T_POSITION or t == T_LIMIT or t == T_BUST:
         if (ef & ENT_ALL_ACCOUNTS) == 0 and not _bit(eacct, s, acct):
             return False
     if t == T_LIMIT:
         return (ef & ENT_LIMIT) != 0
-    if t == T_INSTRUMENT:
+    if t == T_INSTRUMENT or t == T_ROLL:  # roll: an operator's, as reference data is
         return (ef & ENT_INSTRUMENT) != 0
     if t == T_MARK:
         return (ef & ENT_MARK) != 0

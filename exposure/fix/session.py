@@ -58,6 +58,13 @@ REQUIRED: dict[str, tuple[int, ...]] = {
 }
 
 
+def _int(v: bytes | None) -> int | None:
+    """A non-negative integer field's value, or None when absent, not digits or absurd."""
+    if v is None or not v.isdigit() or len(v) > 18:
+        return None
+    return int(v)
+
+
 class ConfigError(ValueError):
     """A [[fix]] table that is not valid: the message names the key and its value."""
 
@@ -66,7 +73,7 @@ def _hostport(key: str, value: Any) -> tuple[str, int]:
     if not isinstance(value, str) or ":" not in value:
         raise ConfigError(f"[[fix]] {key} = {value!r}: expected \"host:port\"")
     host, _, port = value.rpartition(":")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit() and len(port) <= 5) or int(port) > 65535:
         raise ConfigError(f"[[fix]] {key} = {value!r}: the port is not 0..65535")
     return host.strip("[]") or "0.0.0.0", int(port)
 
@@ -649,9 +656,10 @@ class Session:
 
     def _on_logon(self, msg: FixMessage, seq: int) -> None:
         cfg = self.config
-        hb = msg.get_bytes(108)
-        if hb is None or not hb.isdigit() or not 0 < int(hb) <= 3600:
-            self.counters["missing_tag" if hb is None else "bad_value"] += 1
+        hb_raw = msg.get_bytes(108)
+        hb = _int(hb_raw)
+        if hb is None or not 0 < hb <= 3600:
+            self.counters["missing_tag" if hb_raw is None else "bad_value"] += 1
             self._bad("Logon without a valid HeartBtInt (108)", msg.raw)
             self._logout("HeartBtInt (108) missing or invalid", close_now=True)
             return
@@ -671,12 +679,12 @@ class Session:
             self.inbound = 1
             self.outbound = 1
         if cfg.role == "acceptor":
-            self.heartbeat_s = float(int(hb))
+            self.heartbeat_s = float(hb)
         self.state = ACTIVE
         self.counters["logons"] += 1
         log.info("FIX %s: logged on (seq %d, expecting %d)", cfg.key, seq, self.inbound)
         if cfg.role == "acceptor":
-            self._send("A", self._logon_body(reset or cfg.reset_on_logon, int(hb)))
+            self._send("A", self._logon_body(reset or cfg.reset_on_logon, hb))
         if seq < self.inbound:
             self.counters["seq_too_low"] += 1
             self._logout(f"MsgSeqNum too low, expecting {self.inbound} but received {seq}",
@@ -707,10 +715,11 @@ class Session:
         b, e = msg.get_bytes(7), msg.get_bytes(16)
         if b is None or e is None:
             return  # _process rejects it (required tag missing) if it is next in order
-        if not b.isdigit() or not e.isdigit():
+        bi, ei = _int(b), _int(e)
+        if bi is None or ei is None:
             self.counters["bad_value"] += 1
             return
-        begin = max(1, int(b))
+        begin = max(1, bi)
         if begin >= self.outbound:
             return
         # a drop copy sends no application message: one GapFill covers the range
@@ -718,13 +727,12 @@ class Session:
         self.counters["resend_requests_answered"] += 1
 
     def _gap_fill(self, msg: FixMessage) -> None:
-        v = msg.get_bytes(36)
-        if v is None or not v.isdigit():
+        new = _int(msg.get_bytes(36))
+        if new is None:
             self.counters["bad_value"] += 1
             self.inbound += 1
             self._reject(msg, 6, "Incorrect data format for value: 36", 36)
             return
-        new = int(v)
         if new <= self.inbound:
             self.counters["bad_value"] += 1
             self.inbound += 1
@@ -738,11 +746,11 @@ class Session:
     def _sequence_reset(self, msg: FixMessage) -> None:
         """SequenceReset-Reset: its MsgSeqNum is ignored; NewSeqNo is the next expected."""
         v = msg.get_bytes(36)
-        if v is None or not v.isdigit() or int(v) < 1:
+        new = _int(v)
+        if new is None or new < 1:
             self.counters["missing_tag" if v is None else "bad_value"] += 1
             self._reject(msg, 1 if v is None else 6, "NewSeqNo (36) missing or invalid", 36)
             return
-        new = int(v)
         self.counters["seq_resets_in"] += 1
         if new < self.inbound:
             self.counters["bad_value"] += 1

@@ -177,8 +177,11 @@ class GatewayState:
         if k == K_REFDATA:
             self.refdata_bytes = decode_refdata(rec.body)
             self._refdata = None
-            for m in self._mappers.values():
-                m.refdata = self.refdata()
+            from exposure.fix.mapping import Mapper
+
+            for n, m in list(self._mappers.items()):  # the same state over the new names
+                self._mappers[n] = Mapper.restore(
+                    self.refdata(), m.snapshot(), begin_string=self.params[n]["begin_string"])
             return []
         if k == K_SESSION:
             p = orjson.loads(rec.body)

@@ -106,6 +106,11 @@ alone_after_ms = 200         # the primary records "running alone" in etcd after
                              # own durability
 strict = false               # true: never run alone (stop acknowledging without a backup)
 
+[reference]                  # names for people and for the FIX gateway (docs/operations.md)
+instruments = ""             # instruments.csv: symbol,instrument[,name,...]; "" = none
+accounts = ""                # accounts.csv: name,account; "" = none (dump --names, top
+                             # and watch show symbols and account names where set)
+
 [partition]                  # one partition of a cluster (examples/cluster/, SPEC section 5)
 cluster = ""                 # the cluster file with the partition map; "" = the whole fund
 name = ""                    # this node's partition in it: events of accounts and sources

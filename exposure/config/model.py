@@ -13,6 +13,7 @@ from exposure.core.capacity import Capacities
 
 if TYPE_CHECKING:
     from exposure.core.partition import PartitionMap
+    from exposure.core.refdata import RefData
 
 __all__ = ["ConfigError", "ProcessSpec", "Partition", "NodeConfig"]
 
@@ -93,6 +94,7 @@ class NodeConfig:
     snapshot_host: str = "127.0.0.1"
     snapshot_port: int = 7702
     partition: Partition | None = None
+    names: RefData | None = field(default=None, compare=False)  # [reference]; None = no files
     source: str = field(default="<built-in default>")
 
     @property

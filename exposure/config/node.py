@@ -47,7 +47,8 @@ def _parse(doc: dict, source: str) -> NodeConfig:
     repl = sections.replication(merged["replication"], here)
     fields["processes"] = place_stages(procs, fields["snapshot_port"], bool(repl))
     return NodeConfig(**fields, **repl, **sections.desks(merged["desks"]),
-                      **sections.partition(merged["partition"], here), source=source)
+                      **sections.partition(merged["partition"], here),
+                      **sections.reference(merged["reference"], here, caps), source=source)
 
 
 def load_config(path: str | Path | None = None) -> NodeConfig:

@@ -19,7 +19,7 @@ from exposure.shm.ring_layout import RingLayoutError, check_capacity
 from exposure.store.journal import FSYNC_POLICIES
 
 __all__ = ["node", "capacities", "rings", "ingest", "fanout", "journal", "snapshot", "desks",
-           "replication", "partition"]
+           "replication", "partition", "reference"]
 
 
 def node(nd: dict) -> dict:
@@ -248,3 +248,19 @@ def partition(pt: dict, base: Path) -> dict:
     except MapError as e:
         raise ConfigError(f"partition: {e}") from None
     return {"partition": Partition(path, pt["name"], index, pmap)}
+
+
+def reference(rf: dict, base: Path, caps: Capacities) -> dict:
+    """[reference]: ``instruments.csv`` and ``accounts.csv``, read and checked now (ids
+    within the capacities): the names that ``dump --names``, ``top``, ``watch``, desks and
+    subscribers show (``NodeConfig.names``; none when both are "")."""
+    if not rf["instruments"] and not rf["accounts"]:
+        return {}
+    from exposure.core.refdata import RefDataError, load_refdata
+
+    paths = {k: base / os.path.expanduser(rf[k]) if rf[k] else None
+             for k in ("instruments", "accounts")}
+    try:
+        return {"names": load_refdata(paths["instruments"], paths["accounts"], caps)}
+    except RefDataError as e:
+        raise ConfigError(f"reference: {e}") from None

@@ -34,12 +34,17 @@ cell that the counters count.
 A row whose ``gseq`` is 0 never moved and is left out.
 
 :meth:`Desk.over` reads the published tables of any state (a private one: tests, tools).
+
+``Desk.names`` is the node's reference data (:class:`exposure.core.refdata.RefData`: symbols
+and account names from its ``[reference]`` files) when the desk was opened with them
+(``exposure.desk.open_desk(config)``), else None.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from exposure.core.refdata import RefData
 from exposure.core.types import (
     C_ACCEPTED,
     C_BUSTS,
@@ -117,10 +122,12 @@ class Desk:
 
     segment: TallySegment | None
     state: State
+    names: RefData | None  # instruments.csv / accounts.csv names ([reference]), or None
 
-    def __init__(self, node: str = "exposure"):
+    def __init__(self, node: str = "exposure", *, names: RefData | None = None):
         self.segment = TallySegment.attach(f"/exposure.{node}.tally", writable=False)
         self.state = self.segment.state
+        self.names = names
 
     @classmethod
     def over(cls, state: State) -> Desk:
@@ -130,6 +137,7 @@ class Desk:
         desk = cls.__new__(cls)
         desk.segment = None
         desk.state = state
+        desk.names = None
         return desk
 
     def close(self) -> None:

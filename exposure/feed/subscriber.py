@@ -66,6 +66,7 @@ from typing import NamedTuple
 import numpy as np
 
 from exposure.core.jit import entry
+from exposure.core.refdata import RefData
 from exposure.core.types import (
     INSTRUMENT_ROW_DTYPE,
     ROW_ACCOUNT,
@@ -361,13 +362,15 @@ class Subscriber:
                  on_change: Callable[[int, int, np.void | None], None] | None = None,
                  accounts: int = 4096, instruments: int = 65536, sectors: int = 256,
                  snapshot_timeout: float = 2.0, backoff: tuple[float, float] = (0.05, 2.0),
-                 join_wait: float = 0.25, max_batch: int = 1024, liveness_s: float = 1.0):
+                 join_wait: float = 0.25, max_batch: int = 1024, liveness_s: float = 1.0,
+                 names: RefData | None = None):
         if drop_every < 0:
             raise ValueError(f"drop_every = {drop_every}: 0 (off) or N >= 1")
         self.group, self.port, self.interface = group, port, interface
         self.servers: list[tuple[str, int]] = [(str(h), int(p)) for h, p in snapshot]
         self.drop_every = drop_every
         self.on_change = on_change
+        self.names = names  # symbols and account names ([reference]), or None
         if snapshot_timeout <= 0 or liveness_s <= 0:
             raise ValueError(f"snapshot_timeout {snapshot_timeout}, liveness_s {liveness_s}: "
                              f"both > 0")
@@ -441,7 +444,8 @@ class Subscriber:
         loaded ``NodeConfig``, or None for the built-in default. Its ``[fanout]`` group,
         port, interface and recovery server (``snapshot_host``/``snapshot_port``), in a
         pair also ``[replication] peer_snapshot``, its capacities as id bounds, and
-        ``liveness_s`` = 10 feed heartbeats (``[fanout] heartbeat_ms``), at least 1 s."""
+        ``liveness_s`` = 10 feed heartbeats (``[fanout] heartbeat_ms``), at least 1 s, and
+        ``names``: the names of its ``[reference]`` files (:attr:`names`), or None."""
         from exposure.config.node import NodeConfig, load_config
 
         cfg = config if isinstance(config, NodeConfig) else load_config(
@@ -455,6 +459,7 @@ class Subscriber:
         kw.setdefault("instruments", cfg.caps.instruments)
         kw.setdefault("sectors", cfg.caps.sectors)
         kw.setdefault("liveness_s", max(1.0, 10 * cfg.feed_heartbeat_ms / 1000))
+        kw.setdefault("names", cfg.names)
         return cls(cfg.group, cfg.fanout_port, cfg.interface, snapshot=servers, **kw)
 
     # ------------------------------------------------------------------------ state

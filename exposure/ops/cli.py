@@ -505,6 +505,9 @@ def _cmd_dump(args: argparse.Namespace) -> int:
     if args.cluster:
         from exposure.cluster.topology import ClusterError, compose, partition_views
 
+        if args.names:
+            return _fail("--names goes with --config (the node's [reference] files), not "
+                         "--cluster")
         cl = _load_cluster(args.cluster)
         try:
             doc = compose(partition_views(cl), cl.pmap)
@@ -514,11 +517,16 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(orjson.dumps(doc, option=opt) + b"\n")
         return 0
     cfg = _load_cfg(args.config)
+    if args.names and cfg.names is None:
+        return _fail(f"--names: the config {cfg.source!r} names no [reference] files "
+                     "(instruments = \"instruments.csv\", accounts = \"accounts.csv\")")
     try:
         with Desk(cfg.name) as desk:
             doc = desk.document()
     except (FileNotFoundError, TimeoutError) as e:
         return _fail(str(e))
+    if args.names:
+        doc = cfg.names.name_document(doc)
     opt = 0 if args.compact else orjson.OPT_INDENT_2
     sys.stdout.buffer.write(orjson.dumps(doc, option=opt) + b"\n")
     return 0
@@ -562,6 +570,8 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         return _fail(f"--drop-every {args.drop_every}: 0 (off) or N >= 1")
     if args.seconds is not None and args.seconds < 0:
         return _fail(f"--seconds {args.seconds}: a number of seconds >= 0")
+    if args.names and (not args.json or cfg.names is None):
+        return _fail("--names goes with --json and a config with [reference] files")
     # With --json, stdout carries only the final view: the per-second lines go to stderr.
     out = sys.stderr if args.json else sys.stdout
     try:
@@ -588,7 +598,10 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             interrupted = True
         if args.json:
-            sys.stdout.buffer.write(orjson.dumps(sub.document()) + b"\n")
+            view = sub.document()
+            if args.names:
+                view = sub.names.name_document(view)
+            sys.stdout.buffer.write(orjson.dumps(view) + b"\n")
             sys.stdout.flush()
         state, why = sub.state, sub.last_snapshot_error
         print(f"{time.monotonic() - start:6.1f}s final {sub.describe()}", file=out, flush=True)
@@ -796,6 +809,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--cluster", metavar="FILE", help="the cluster's document, composed from "
                    "its partitions' tallies on this host (SPEC section 5)")
     r.add_argument("--compact", action="store_true", help="one-line JSON")
+    r.add_argument("--names", action="store_true", help="add names from the config's "
+                   "[reference] files: name on accounts, symbol (and name) on instruments, "
+                   "symbol and account_name on positions (without it: the SPEC document)")
     r.set_defaults(func=_cmd_dump)
 
     r = sub.add_parser("watch", help="subscribe to a node's multicast feed (a pair's, when "
@@ -808,6 +824,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true",
                    help="at the end print the view as JSON (accounts, fund, instruments, "
                         "sectors, as `exposure dump`); the per-second lines go to stderr")
+    r.add_argument("--names", action="store_true",
+                   help="with --json: names from the config's [reference] files on the "
+                        "rows, as `exposure dump --names`")
     r.set_defaults(func=_cmd_watch)
     return p
 

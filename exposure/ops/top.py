@@ -10,7 +10,9 @@ Every second it redraws, from read-only sources only:
 * the fund row (gross, net, crossing, ...), the accounts with the largest gross (breaches
   in red), the instruments with the largest crossing (gross_mv - |net_mv|: what PMs hold
   against each other in it) and the sectors, from the desk's published rows
-  (:class:`exposure.engine.desk.Desk`: never waits for the node).
+  (:class:`exposure.engine.desk.Desk`: never waits for the node). Accounts and
+  instruments show their names (account names, symbols) where the config's
+  ``[reference]`` files name them, else their bare ids.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from collections import deque
 import numpy as np
 
 from exposure.config.node import NodeConfig
+from exposure.core.refdata import RefData
 
-__all__ = ["Top", "run"]
+__all__ = ["Top", "run", "account_table", "instrument_table", "account_label",
+           "instrument_label"]
 
 _BREACH = {1: "gross", 2: "net", 4: "margin", 8: "worst", 16: "loss"}
 
@@ -113,25 +117,8 @@ class Top:
         ft.add_row(*[(f"{fund[k]:,}" if k == "live_orders" else _money(fund[k]))
                      for k in ("gross", "net", "long_mv", "short_mv", "crossing",
                                "worst_gross", "margin", "pnl", "live_orders")])
-        acc = self.desk.accounts()
-        at = Table(title=f"accounts by gross (top {self.rows})", expand=True)
-        for k in ("account", "gross", "net", "open buy", "open sell", "pnl", "breach"):
-            at.add_column(k, justify="right")
-        for r in acc[np.argsort(-acc["gross"])][:self.rows]:
-            b = int(r["breach"])
-            at.add_row(str(r["account"]), _money(r["gross"]), _money(r["net"]),
-                       _money(r["open_buy_mv"]), _money(r["open_sell_mv"]), _money(r["pnl"]),
-                       ",".join(v for k, v in _BREACH.items() if b & k) or "-",
-                       style="bold red" if b else None)
-        ins = self.desk.instruments()
-        cross = ins["gross_mv"] - np.abs(ins["net_mv"])
-        it = Table(title="instruments by crossing", expand=True)
-        for k in ("instrument", "crossing", "fund pos", "net mv", "gross mv", "ref price"):
-            it.add_column(k, justify="right")
-        for k in np.argsort(-cross)[:self.rows]:
-            r = ins[k]
-            it.add_row(str(r["instrument"]), _money(cross[k]), f"{int(r['fund_pos']):,}",
-                       _money(r["net_mv"]), _money(r["gross_mv"]), f"{r['ref_price']:,.2f}")
+        at = account_table(self.desk.accounts(), self.rows, self.cfg.names)
+        it = instrument_table(self.desk.instruments(), self.rows, self.cfg.names)
         sec = self.desk.sectors()
         st = Table(title="sectors", expand=True)
         for k in ("sector", "net mv", "gross mv"):
@@ -139,6 +126,52 @@ class Top:
         for r in sec[np.argsort(-np.abs(sec["gross_mv"]))][:self.rows]:
             st.add_row(str(r["sector"]), _money(r["net_mv"]), _money(r["gross_mv"]))
         return Group(head, ft, at, it, st)
+
+
+def account_label(account: int, names: RefData | None) -> str:
+    """An account as people read it: its name from ``accounts.csv``, else the bare id."""
+    n = names.account_name(account) if names is not None else None
+    return str(account) if n is None else n
+
+
+def instrument_label(instrument: int, names: RefData | None) -> str:
+    """An instrument as people read it: its symbol from ``instruments.csv``, else the id."""
+    s = names.symbol(instrument) if names is not None else None
+    return str(instrument) if s is None else s
+
+
+def account_table(acc: np.ndarray, rows: int, names: RefData | None = None):
+    """The accounts with the largest gross (rows of ``Desk.accounts()``), breaches in red,
+    each named where ``names`` knows it (a rich Table)."""
+    from rich.table import Table
+
+    at = Table(title=f"accounts by gross (top {rows})", expand=True)
+    for k in ("account", "gross", "net", "open buy", "open sell", "pnl", "breach"):
+        at.add_column(k, justify="right")
+    for r in acc[np.argsort(-acc["gross"])][:rows]:
+        b = int(r["breach"])
+        at.add_row(account_label(int(r["account"]), names), _money(r["gross"]),
+                   _money(r["net"]), _money(r["open_buy_mv"]), _money(r["open_sell_mv"]),
+                   _money(r["pnl"]), ",".join(v for k, v in _BREACH.items() if b & k) or "-",
+                   style="bold red" if b else None)
+    return at
+
+
+def instrument_table(ins: np.ndarray, rows: int, names: RefData | None = None):
+    """The instruments with the largest crossing (rows of ``Desk.instruments()``), each by
+    its symbol where ``names`` knows it (a rich Table)."""
+    from rich.table import Table
+
+    cross = ins["gross_mv"] - np.abs(ins["net_mv"])
+    it = Table(title="instruments by crossing", expand=True)
+    for k in ("instrument", "crossing", "fund pos", "net mv", "gross mv", "ref price"):
+        it.add_column(k, justify="right")
+    for k in np.argsort(-cross)[:rows]:
+        r = ins[k]
+        it.add_row(instrument_label(int(r["instrument"]), names), _money(cross[k]),
+                   f"{int(r['fund_pos']):,}", _money(r["net_mv"]), _money(r["gross_mv"]),
+                   f"{r['ref_price']:,.2f}")
+    return it
 
 
 def run(cfg: NodeConfig, seconds: float | None = None, rows: int = 10) -> int:

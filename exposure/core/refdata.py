@@ -1,0 +1,371 @@
+"""Reference data: the names of instruments and accounts (``instruments.csv``,
+``accounts.csv``), for the FIX gateway's lookups and for people (``dump --names``, ``top``,
+``watch``, desks).
+
+``instruments.csv`` has a header row naming at least ``symbol`` and ``instrument``;
+optional columns: ``name`` (a description), ``multiplier``, ``margin_rate``, ``beta``,
+``sector`` (the SPEC ``instrument`` event's reference data, for a start-of-day load:
+:meth:`RefData.instrument_events`), and ``security_id`` with ``security_id_source`` (FIX
+SecurityID 48 and SecurityIDSource 22). Any other column (``currency``, ...) is kept as
+text in the row's ``extra``, not rejected. ``accounts.csv`` has a header row naming at
+least ``name`` and ``account``; other columns are kept the same way.
+
+Every rule is checked when the file is read and a broken file is an error
+(:class:`RefDataError`) naming the file, the line and the value: a missing column, a
+non-integer or out-of-capacity id (SPEC section 1, or a config's raised capacities), a
+duplicate symbol, account name, id or (security_id_source, security_id), a bad multiplier
+(> 0), margin rate (>= 0), beta (finite) or sector. Blank lines are skipped; cells and
+header names are stripped of surrounding spaces; a UTF-8 byte-order mark is allowed.
+
+No numba, no I/O beyond reading the two files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exposure.core.capacity import Capacities
+
+__all__ = ["RefData", "RefDataError", "Instrument", "Account", "load_refdata",
+           "INSTRUMENT_COLUMNS", "ACCOUNT_COLUMNS", "MAX_ROWS"]
+
+# Columns with a meaning here; any other column is kept as text in the row's ``extra``.
+INSTRUMENT_COLUMNS = ("symbol", "instrument", "name", "multiplier", "margin_rate", "beta",
+                      "sector", "security_id", "security_id_source")
+ACCOUNT_COLUMNS = ("name", "account")
+_REF_COLUMNS = ("multiplier", "margin_rate", "beta", "sector")
+MAX_ROWS = 16_777_216   # rows of one file (the largest capacity the layouts allow)
+_MAX_CELL = 256         # characters of one cell (symbols, names, security ids)
+_INT = re.compile(r"-?[0-9]{1,20}")
+
+
+class RefDataError(ValueError):
+    """A reference-data file that cannot be used; the message names the file, the line and
+    the value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Instrument:
+    """One row of ``instruments.csv``."""
+
+    instrument: int
+    symbol: str
+    name: str = ""
+    multiplier: float = 1.0
+    margin_rate: float = 1.0
+    beta: float = 1.0
+    sector: int = 0
+    security_id: str = ""
+    security_id_source: str = ""
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One row of ``accounts.csv``."""
+
+    account: int
+    name: str
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+def _rows(path: Path, what: str, required: tuple[str, ...]
+          ) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, {column: stripped cell}) of each non-blank data row of ``path``."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RefDataError(f"cannot read {what} file {str(path)!r}: "
+                           f"{getattr(e, 'strerror', None) or e}") from e
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        while header is not None and not any(c.strip() for c in header):
+            header = next(reader, None)
+        if header is None:
+            raise RefDataError(f"{what} file {str(path)!r}: empty (a header row naming "
+                               f"{', '.join(required)} is required)")
+        cols = [c.strip().lower() for c in header]
+        where = f"{what} file {str(path)!r} line {reader.line_num}"
+        for c in required:
+            if c not in cols:
+                raise RefDataError(f"{where}: the header has no {c!r} column (found "
+                                   f"{','.join(cols)!r}; required: {','.join(required)})")
+        seen: set[str] = set()
+        for c in cols:
+            if not c:
+                raise RefDataError(f"{where}: an empty column name in the header")
+            if c in seen:
+                raise RefDataError(f"{where}: column {c!r} appears twice in the header")
+            seen.add(c)
+        n = 0
+        for row in reader:
+            if not any(c.strip() for c in row):
+                continue
+            line = reader.line_num
+            if len(row) != len(cols):
+                raise RefDataError(f"{what} file {str(path)!r} line {line}: {len(row)} "
+                                   f"cells, the header has {len(cols)}: {','.join(row)!r}")
+            cells = {k: v.strip() for k, v in zip(cols, row, strict=True)}
+            for k, v in cells.items():
+                if len(v) > _MAX_CELL:
+                    raise RefDataError(f"{what} file {str(path)!r} line {line}: {k} is "
+                                       f"{len(v)} characters long (at most {_MAX_CELL})")
+            n += 1
+            if n > MAX_ROWS:
+                raise RefDataError(f"{what} file {str(path)!r}: more than {MAX_ROWS:,} rows")
+            yield line, cells
+    except csv.Error as e:
+        raise RefDataError(f"{what} file {str(path)!r} line {reader.line_num}: {e}") from e
+
+
+def _int(cells: dict[str, str], key: str, lo: int, hi: int, where: str) -> int:
+    v = cells[key]
+    if not _INT.fullmatch(v):
+        raise RefDataError(f"{where}: {key} {v!r} is not an integer")
+    x = int(v)
+    if not lo <= x < hi:
+        raise RefDataError(f"{where}: {key} {x} is outside 0..{hi - 1} (the capacity is "
+                           f"{hi}; a node's [capacities] can raise it)")
+    return x
+
+
+def _float(cells: dict[str, str], key: str, default: float, ok, rule: str,
+           where: str) -> float:
+    v = cells.get(key, "")
+    if v == "":
+        return default
+    try:
+        x = float(v)
+    except ValueError:
+        raise RefDataError(f"{where}: {key} {v!r} is not a number") from None
+    if not math.isfinite(x) or not ok(x):
+        raise RefDataError(f"{where}: {key} {v!r} must be {rule}")
+    return x
+
+
+def _name(cells: dict[str, str], key: str, where: str) -> str:
+    v = cells[key]
+    if not v:
+        raise RefDataError(f"{where}: an empty {key}")
+    if any(ord(c) < 32 or c == "\x7f" for c in v):
+        raise RefDataError(f"{where}: {key} {v!r} has control characters")
+    return v
+
+
+class RefData:
+    """Instruments and accounts by id and by name, every lookup one dict access.
+
+    Build it with :func:`load_refdata` (or :meth:`from_rows`); either file may be absent
+    (its tables are then empty and every lookup answers None)."""
+
+    __slots__ = ("instruments", "accounts", "instruments_file", "accounts_file",
+                 "_by_symbol", "_by_id", "_by_secid", "_acc_by_name", "_acc_by_id",
+                 "_ref_columns")
+
+    def __init__(self, instruments: list[Instrument], accounts: list[Account], *,
+                 instruments_file: Path | None = None, accounts_file: Path | None = None,
+                 ref_columns: tuple[str, ...] = ()):
+        self.instruments: tuple[Instrument, ...] = tuple(instruments)
+        self.accounts: tuple[Account, ...] = tuple(accounts)
+        self.instruments_file = instruments_file
+        self.accounts_file = accounts_file
+        self._ref_columns = ref_columns
+        self._by_symbol = {r.symbol: r.instrument for r in self.instruments}
+        self._by_id = {r.instrument: r for r in self.instruments}
+        self._by_secid = {(r.security_id_source, r.security_id): r.instrument
+                          for r in self.instruments if r.security_id}
+        self._acc_by_name = {a.name: a.account for a in self.accounts}
+        self._acc_by_id = {a.account: a.name for a in self.accounts}
+
+    @classmethod
+    def from_rows(cls, instruments: list[Instrument] = (), accounts: list[Account] = (),
+                  ) -> RefData:
+        """From rows built in code (tests, tools); duplicates are a :class:`RefDataError`."""
+        for what, keys in (("symbol", [r.symbol for r in instruments]),
+                           ("instrument", [r.instrument for r in instruments]),
+                           ("account name", [a.name for a in accounts]),
+                           ("account", [a.account for a in accounts])):
+            if len(set(keys)) != len(keys):
+                raise RefDataError(f"duplicate {what} in the rows given")
+        cols = tuple(c for c in _REF_COLUMNS if instruments)
+        return cls(list(instruments), list(accounts), ref_columns=cols)
+
+    # --------------------------------------------------------------- lookups
+    def instrument_of(self, symbol: str) -> int | None:
+        """The instrument id of a symbol (exact, case-sensitive), or None."""
+        return self._by_symbol.get(symbol)
+
+    def instrument_by_security_id(self, source: str, security_id: str) -> int | None:
+        """The instrument of FIX SecurityIDSource (22) ``source`` and SecurityID (48), or
+        None."""
+        return self._by_secid.get((source, security_id))
+
+    def symbol(self, instrument: int) -> str | None:
+        """The symbol of an instrument id, or None."""
+        r = self._by_id.get(instrument)
+        return None if r is None else r.symbol
+
+    def instrument_name(self, instrument: int) -> str | None:
+        """The ``name`` column of an instrument (None when absent or empty)."""
+        r = self._by_id.get(instrument)
+        return r.name or None if r is not None else None
+
+    def instrument_row(self, instrument: int) -> Instrument | None:
+        return self._by_id.get(instrument)
+
+    def account_of(self, name: str) -> int | None:
+        """The account id of an account name (exact, case-sensitive), or None."""
+        return self._acc_by_name.get(name)
+
+    def account_name(self, account: int) -> str | None:
+        """The name of an account id, or None."""
+        return self._acc_by_id.get(account)
+
+    @property
+    def empty(self) -> bool:
+        return not self.instruments and not self.accounts
+
+    # --------------------------------------------------------------- events
+    def instrument_events(self) -> list[dict]:
+        """SPEC ``instrument`` events (JSON form) for the rows, in file order, when the file
+        has any of the reference columns (multiplier, margin_rate, beta, sector; a blank
+        cell is the SPEC's default); none when it names only symbols, so that a file of
+        names never resets reference data set elsewhere."""
+        if not self._ref_columns:
+            return []
+        return [{"type": "instrument", "instrument": r.instrument,
+                 "multiplier": r.multiplier, "margin_rate": r.margin_rate, "beta": r.beta,
+                 "sector": r.sector} for r in self.instruments]
+
+    # --------------------------------------------------------------- documents
+    def name_document(self, doc: dict) -> dict:
+        """A copy of a SPEC document (``exposure dump``, ``watch --json``) with names added:
+        ``name`` on account rows; ``symbol`` (and ``name`` where the file has one) on
+        instrument rows; ``symbol`` and ``account_name`` on position rows. A row whose id
+        the files do not name gets no key. The input is not changed."""
+        out = dict(doc)
+        accs = []
+        for r in doc.get("accounts", ()):
+            n = self._acc_by_id.get(r.get("account"))
+            accs.append({**r, "name": n} if n is not None else r)
+        if "accounts" in doc:
+            out["accounts"] = accs
+        if "instruments" in doc:
+            ins = []
+            for r in doc["instruments"]:
+                row = self._by_id.get(r.get("instrument"))
+                if row is None:
+                    ins.append(r)
+                    continue
+                extra = {"symbol": row.symbol}
+                if row.name:
+                    extra["name"] = row.name
+                ins.append({**r, **extra})
+            out["instruments"] = ins
+        if "positions" in doc:
+            pos = []
+            for r in doc["positions"]:
+                extra = {}
+                row = self._by_id.get(r.get("instrument"))
+                if row is not None:
+                    extra["symbol"] = row.symbol
+                n = self._acc_by_id.get(r.get("account"))
+                if n is not None:
+                    extra["account_name"] = n
+                pos.append({**r, **extra} if extra else r)
+            out["positions"] = pos
+        return out
+
+    def __repr__(self) -> str:
+        return (f"RefData({len(self.instruments)} instruments from {self.instruments_file}, "
+                f"{len(self.accounts)} accounts from {self.accounts_file})")
+
+
+def _read_instruments(path: Path, caps: Capacities) -> tuple[list[Instrument], tuple]:
+    rows: list[Instrument] = []
+    by_symbol: dict[str, int] = {}
+    by_id: dict[int, int] = {}
+    by_secid: dict[tuple[str, str], int] = {}
+    cols: tuple[str, ...] = ()
+    for line, cells in _rows(path, "instruments", ("symbol", "instrument")):
+        where = f"instruments file {str(path)!r} line {line}"
+        if not cols:
+            cols = tuple(c for c in _REF_COLUMNS if c in cells)
+            if ("security_id" in cells) != ("security_id_source" in cells):
+                raise RefDataError(f"instruments file {str(path)!r}: the columns "
+                                   "security_id and security_id_source go together")
+        symbol = _name(cells, "symbol", where)
+        inst = _int(cells, "instrument", 0, caps.instruments, where)
+        if symbol in by_symbol:
+            raise RefDataError(f"{where}: duplicate symbol {symbol!r} (first on line "
+                               f"{by_symbol[symbol]})")
+        if inst in by_id:
+            raise RefDataError(f"{where}: duplicate instrument {inst} (first on line "
+                               f"{by_id[inst]})")
+        by_symbol[symbol], by_id[inst] = line, line
+        sector = 0
+        if cells.get("sector", ""):
+            sector = _int(cells, "sector", 0, caps.sectors, where)
+        sid, ssrc = cells.get("security_id", ""), cells.get("security_id_source", "")
+        if bool(sid) != bool(ssrc):
+            raise RefDataError(f"{where}: security_id {sid!r} and security_id_source "
+                               f"{ssrc!r}: both or neither")
+        if sid:
+            if (ssrc, sid) in by_secid:
+                raise RefDataError(f"{where}: duplicate security_id {sid!r} with "
+                                   f"security_id_source {ssrc!r} (first on line "
+                                   f"{by_secid[(ssrc, sid)]})")
+            by_secid[(ssrc, sid)] = line
+        extra = {k: v for k, v in cells.items() if k not in INSTRUMENT_COLUMNS}
+        rows.append(Instrument(
+            instrument=inst, symbol=symbol, name=cells.get("name", ""),
+            multiplier=_float(cells, "multiplier", 1.0, lambda x: x > 0, "> 0", where),
+            margin_rate=_float(cells, "margin_rate", 1.0, lambda x: x >= 0, ">= 0", where),
+            beta=_float(cells, "beta", 1.0, lambda x: True, "finite", where),
+            sector=sector, security_id=sid, security_id_source=ssrc, extra=extra))
+    return rows, cols
+
+
+def _read_accounts(path: Path, caps: Capacities) -> list[Account]:
+    rows: list[Account] = []
+    by_name: dict[str, int] = {}
+    by_id: dict[int, int] = {}
+    for line, cells in _rows(path, "accounts", ("name", "account")):
+        where = f"accounts file {str(path)!r} line {line}"
+        name = _name(cells, "name", where)
+        acc = _int(cells, "account", 0, caps.accounts, where)
+        if name in by_name:
+            raise RefDataError(f"{where}: duplicate account name {name!r} (first on line "
+                               f"{by_name[name]})")
+        if acc in by_id:
+            raise RefDataError(f"{where}: duplicate account {acc} (first on line "
+                               f"{by_id[acc]})")
+        by_name[name], by_id[acc] = line, line
+        rows.append(Account(acc, name, {k: v for k, v in cells.items()
+                                        if k not in ACCOUNT_COLUMNS}))
+    return rows
+
+
+def load_refdata(instruments: str | Path | None = None, accounts: str | Path | None = None,
+                 caps: Capacities | None = None) -> RefData:
+    """Read and check ``instruments.csv`` and ``accounts.csv`` (either may be None: its
+    tables stay empty); ids are checked against ``caps`` (default: SPEC section 1).
+    :class:`RefDataError` names the file, the line and the value of the first problem."""
+    caps = caps or Capacities()
+    ins: list[Instrument] = []
+    cols: tuple[str, ...] = ()
+    accs: list[Account] = []
+    ipath = None if instruments is None else Path(instruments)
+    apath = None if accounts is None else Path(accounts)
+    if ipath is not None:
+        ins, cols = _read_instruments(ipath, caps)
+    if apath is not None:
+        accs = _read_accounts(apath, caps)
+    return RefData(ins, accs, instruments_file=ipath, accounts_file=apath, ref_columns=cols)

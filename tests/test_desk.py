@@ -45,9 +45,11 @@ def _event(rnd: random.Random) -> dict | str:
     qty = rnd.choice([1, 7, 100, 250, 10**6])
     price = rnd.choice([0.0, 1.0, 99.5, 100.0, round(rnd.uniform(0.01, 500), 2)])
     kind = rnd.choices(["new", "fill", "cancel", "done", "replace", "mark", "instrument",
-                        "limit", "position", "bad"],
-                       [20, 25, 6, 3, 8, 8, 4, 3, 4, 3])[0]
-    if kind in ("new", "fill"):
+                        "limit", "position", "bad", "bust", "roll"],
+                       [20, 25, 6, 3, 8, 8, 4, 3, 4, 3, 3, 1])[0]
+    if kind == "roll":  # SPEC section 6: forgets flat cells, so position rows are reused
+        return {"type": kind}
+    if kind in ("new", "fill", "bust"):
         return {"type": kind, "source": src, "order_id": oid, "account": acc,
                 "instrument": ins, "side": side, "qty": qty,
                 "price": price if kind == "new" else max(price, 0.5)}
@@ -157,6 +159,9 @@ def _check_tables(desk: Desk, st) -> None:
         assert np.array_equal(got["pnl"], pnl)
         assert (got["gseq"] != 0).all()
     assert len(desk.positions(CAPS.accounts + 5)) == 0
+    # A row beyond the cells in use was never used, or was freed by a roll: nobody's.
+    beyond = st.cpub[int(st.ctr[C_CELLS]):]
+    assert ((beyond["gseq"] == 0) | (beyond["account"] == -1)).all()
 
 
 @pytest.mark.timeout(300)

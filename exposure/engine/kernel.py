@@ -490,9 +490,12 @@ def _roll(st, gseq):
     cells = st.cells
     inst = st.inst
     n = np.int64(st.ctr[C_CELLS])
-    # The previous events of this batch listed some cells; the list is rebuilt below.
+    # The previous events of this batch listed some cells; the list is rebuilt below, to
+    # cover them all (an earlier roll of the batch may have listed freed ids beyond n).
+    hi = n
     for k in range(st.ctr[C_NCCHANGED]):
         cells[st.cchanged[k]].dirty = 0
+        hi = max(hi, np.int64(st.cchanged[k]) + 1)
     st.ctr[C_NCCHANGED] = 0
     # 1. the start of the day, cell by cell (every account with a cell is touched)
     for c in range(n):
@@ -547,10 +550,10 @@ def _roll(st, gseq):
             cells[c].next = -1
         st.ctr[C_CELLS] = m
     # 3. every row changed (pnl 0) or was freed: list them all
-    for c in range(n):
+    for c in range(hi):
         cells[c].dirty = 1
         st.cchanged[c] = c
-    st.ctr[C_NCCHANGED] = n
+    st.ctr[C_NCCHANGED] = hi
 
 
 # ----------------------------------------------------------------------------- events

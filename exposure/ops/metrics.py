@@ -19,7 +19,8 @@ Metric names (all prefixed ``exposure_``; ``node`` is the config's ``[node] name
 * ``exposure_events_total``: records the kernel applied (accepted, rejected and
   unauthorized);
 * ``exposure_accepted_total``, ``exposure_rejected_total{reason}``,
-  ``exposure_late_fills_total``, ``exposure_unauthorized_total``;
+  ``exposure_late_fills_total``, ``exposure_busts_total``, ``exposure_rolls_total``,
+  ``exposure_unauthorized_total``;
 * ``exposure_role`` (1 primary, 2 backup), ``exposure_epoch``;
 * ``exposure_gseq{stage="received|computed|durable|replicated"}``;
 * ``exposure_journal_lag_events``, ``exposure_replication_lag_events`` and the same lags
@@ -40,9 +41,11 @@ import numpy as np
 from exposure.config.node import NodeConfig
 from exposure.core.types import (
     C_ACCEPTED,
+    C_BUSTS,
     C_EVENTS,
     C_LATE_FILLS,
     C_REJECTS,
+    C_ROLLS,
     C_UNAUTHORIZED,
     REASONS,
 )
@@ -130,6 +133,8 @@ class NodeCollector:
         yield counter("exposure_accepted", "events accepted", int(ctr[C_ACCEPTED]))
         yield counter("exposure_late_fills", "fills of orders that were not live",
                       int(ctr[C_LATE_FILLS]))
+        yield counter("exposure_busts", "trades taken back (SPEC section 6)", int(ctr[C_BUSTS]))
+        yield counter("exposure_rolls", "new trading days (SPEC section 6)", int(ctr[C_ROLLS]))
         yield counter("exposure_unauthorized", "records outside their session's "
                       "entitlements", int(ctr[C_UNAUTHORIZED]))
         rej = CounterMetricFamily("exposure_rejected", "events rejected, by SPEC reason",

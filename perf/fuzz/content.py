@@ -17,6 +17,7 @@ from exposure.core.types import (
     R_BAD_FIELD,
     R_UNAUTHORIZED,
     R_WRONG_PARTITION,
+    T_BUST,
     T_CANCEL,
     T_DONE,
     T_FILL,
@@ -26,6 +27,7 @@ from exposure.core.types import (
     T_NEW,
     T_POSITION,
     T_REPLACE,
+    T_ROLL,
 )
 from exposure.net import wire as W
 
@@ -133,10 +135,10 @@ def model_authorized(recs: np.ndarray, spec: Spec) -> np.ndarray:
     acc_ok = (np.ones(len(recs), bool) if spec.accounts is None
               else np.isin(recs["account"], np.asarray(spec.accounts, np.uint32)))
     ok = np.ones(len(recs), bool)
-    ok &= ~np.isin(t, [T_NEW, T_FILL, T_REPLACE, T_CANCEL, T_DONE]) | src_ok
-    ok &= ~np.isin(t, [T_NEW, T_FILL, T_POSITION, T_LIMIT]) | acc_ok
+    ok &= ~np.isin(t, [T_NEW, T_FILL, T_REPLACE, T_CANCEL, T_DONE, T_BUST]) | src_ok
+    ok &= ~np.isin(t, [T_NEW, T_FILL, T_POSITION, T_LIMIT, T_BUST]) | acc_ok
     ok &= (t != T_LIMIT) | spec.limit
-    ok &= (t != T_INSTRUMENT) | spec.instrument
+    ok &= ~np.isin(t, [T_INSTRUMENT, T_ROLL]) | spec.instrument
     ok &= (t != T_MARK) | spec.mark
     return ok
 

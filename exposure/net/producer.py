@@ -166,6 +166,7 @@ class Producer:
             raise ValueError(f"frame {frame}: 1..{W.MAX_RECORDS} records")
         if window < 1:
             raise ValueError(f"window {window}: at least 1")
+
         self.session = int(session)
         self._secret = self._resolve_secret(secret, secret_file, cfg, session)
         self.liveness_s = float(liveness_s) if liveness_s else liveness_of(cfg)
@@ -194,6 +195,7 @@ class Producer:
         self._ring = np.zeros(cap, EVENT_DTYPE)
         self._words = self._ring.view(np.uint64).reshape(cap, _WORDS)
         self._bytes = memoryview(self._ring.view(np.uint8))  # a dict's packed record goes here
+        self._q = self._bytes.cast("Q")  # the ring as u8 words, for one word's store
         self._i64 = self._ring.view(np.int64).reshape(cap, _WORDS)
         # seqs: (acked, sent] are in the window; (acked, spooled] also on disk
         self.sent = last
@@ -215,6 +217,7 @@ class Producer:
         self._idle = False
         self._stop = False
         self._closed = False
+        self._broken = False  # closed or failed: send's one test for both
         self._logged_in = False
         self._first = True
         self.stats: dict[str, Any] = {
@@ -363,19 +366,20 @@ class Producer:
         return n
 
     def _send_one(self, rec: np.void | bytes) -> int:
-        """``rec``: a record, or its 128 bytes (a dict's, packed by parse.RECORD)."""
+        """``rec``: a record, or its 128 bytes (a dict's, packed by parse.RECORD). The
+        common case is a handful of attribute reads and two memoryview stores (bytes into
+        the ring's memory: half the cost of a structured element assignment); the checks
+        that rarely fire (closed, failed, a full window) share one test."""
         with self._send_lock:
-            if self._error is not None or self._closed:
-                self._raise_error()
-                raise ProducerError("the producer is closed")
-            if self._cap - (self.sent - self.acked) < 1:
-                self._room(1)
             seq = self.sent + 1
-            slot = (seq - 1) % self._cap
-            # bytes into the ring's memory: half the cost of a structured element assignment
-            self._bytes[slot * EVENT_SIZE:(slot + 1) * EVENT_SIZE] = (
-                rec if type(rec) is bytes else rec.tobytes())
-            self._words[slot, _W_SSEQ] = seq
+            if self._broken or seq - self.acked > self._cap:
+                if self._error is not None or self._closed:
+                    self._raise_error()
+                    raise ProducerError("the producer is closed")
+                self._room(1)
+            off = (seq - 1) % self._cap * EVENT_SIZE
+            self._bytes[off:off + EVENT_SIZE] = rec if type(rec) is bytes else rec.tobytes()
+            self._q[(off >> 3) + _W_SSEQ] = seq
             self.sent = seq
             if self._idle:
                 self._wake()
@@ -464,7 +468,7 @@ class Producer:
         self._wake()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(10)
-        self._closed = True
+        self._closed = self._broken = True
         with self._cond:
             self._cond.notify_all()
         if not self._thread.is_alive():
@@ -480,6 +484,7 @@ class Producer:
         log.error("producer of session %s: %s", self.session, err)
         with self._cond:
             self._error = err
+            self._broken = True
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ the I/O thread

@@ -4,17 +4,20 @@
     acked = send_records(records, host="127.0.0.1", port=9400, session=1, secret=b"...")
     with Producer(config="node.toml", session=7) as p:   # held open: docs/client.md
         p.send(record_or_array_or_dict)
+    async with await AsyncProducer.open("node.toml", session=8) as p:   # for asyncio
+        await p.send(record_or_array_or_dict)
 
 The implementations are :mod:`exposure.net.client` and :mod:`exposure.net.producer`; this
 module is what users import.
 """
 
 from exposure.net import producer as _producer
+from exposure.net.aio import AsyncProducer as _AsyncProducer
 from exposure.net.client import HEARTBEAT_S, SendError, login, send_records
 from exposure.net.producer import Ack, AuthError, FlushTimeout, ProducerError, WindowFull
 
 __all__ = ["send_records", "SendError", "login", "HEARTBEAT_S", "Producer", "Ack",
-           "ProducerError", "WindowFull", "FlushTimeout", "AuthError"]
+           "ProducerError", "WindowFull", "FlushTimeout", "AuthError", "AsyncProducer"]
 
 
 class Producer(_producer.Producer):
@@ -29,3 +32,13 @@ class Producer(_producer.Producer):
                                                    or kwargs.get("endpoints") is None):
             config = load_config(config)
         super().__init__(config, session, **kwargs)
+
+
+class AsyncProducer(_AsyncProducer):
+    """The producer for asyncio (:class:`exposure.net.aio.AsyncProducer`): ``p = await
+    AsyncProducer.open(config, session, **kwargs)``; ``config`` as for :class:`Producer`."""
+
+    @classmethod
+    async def open(cls, config=None, session: int = 1, **kwargs) -> _AsyncProducer:
+        kwargs.setdefault("factory", Producer)
+        return await super().open(config, session, **kwargs)

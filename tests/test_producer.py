@@ -70,6 +70,47 @@ def test_events_one_by_one_in_arrays_and_as_dicts_stream_and_equal_replay(node):
 
 
 @pytest.mark.process
+def test_the_asyncio_producer_streams_waits_off_the_loop_and_equals_replay(node):
+    """AsyncProducer: sends that fit the window are made on the loop, one that waits for
+    room waits in a worker thread (the loop keeps ticking), acknowledgements come back as
+    an async iterator, and the run equals replay."""
+    import asyncio
+
+    from exposure.client import AsyncProducer
+
+    recs = _events(3000, seed=4)
+
+    async def main() -> tuple[list[int], int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        t = asyncio.create_task(ticker())
+        async with await AsyncProducer.open(node.config, session=4, window=64,
+                                            frame=16) as p:
+            for r in recs[:1000]:
+                await p.send(r)  # the 64-event window fills: these wait off the loop
+            await p.send(recs[1000:2000])  # an array larger than the window
+            for obj in record_objects(recs[2000:]):
+                await p.send(obj)
+            await p.flush(timeout=60)
+            assert p.acked == p.sent == len(recs)
+            got = [a.upto async for a in p.results(timeout=0.2)]
+        assert p.closed
+        t.cancel()
+        return got, ticks
+
+    got, ticks = asyncio.run(main())
+    assert got and got[-1] == len(recs) and got == sorted(got)
+    assert ticks > 5  # the loop was never held for the whole run
+    _assert_replay_and_journal(node, recs, 4)
+
+
+@pytest.mark.process
 def test_rejects_come_back_with_their_reasons(node):
     recs = _events(50)
     bad = np.zeros(1, recs.dtype)  # a cancel of an order nobody placed

@@ -265,6 +265,17 @@ class Producer:
                             f"{type(event).__name__}")
         return self._send_many(recs)
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has begun disconnecting, or the producer failed."""
+        return self._broken
+
+    @property
+    def room(self) -> int:
+        """Free slots in the window now: a ``send`` of at most this many events does not
+        wait (unless another thread sends meanwhile)."""
+        return self._cap - (self.sent - self.acked)
+
     def flush(self, timeout: float | None = None) -> None:
         """Return once every seq sent so far is acknowledged; :class:`FlushTimeout` after
         ``timeout`` seconds (None: no limit)."""

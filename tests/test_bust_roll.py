@@ -4,6 +4,7 @@ desk's rows) and a cluster."""
 
 import json
 
+import numpy as np
 import pytest
 from reference_model import run_lines
 from support import Run
@@ -182,6 +183,35 @@ def test_a_roll_revalues_nothing_and_a_mark_after_it_reaches_the_kept_cells(run)
     assert r.account(2)["pnl"] == pytest.approx(-100.0)
     assert r.account(3) == {}  # forgotten: no row
     agrees_with_the_model(r, lines)
+
+
+# ----------------------------------------------------------------------------- sessions
+def test_a_bust_needs_its_source_and_account_and_a_roll_the_instrument_entitlement(tmp_path):
+    from numba import njit
+
+    from exposure.core.types import W_ACCOUNT, W_SESSION, W_TYPE
+    from exposure.net.sessions import Entitlements, load_sessions
+    from exposure.node.stages.ingest_scan import _entitled
+
+    @njit
+    def entitled(words, ent_flags, esrc, eacct, s):
+        return _entitled(words[W_TYPE], words[W_SESSION], words[W_ACCOUNT], ent_flags[s],
+                         esrc, eacct, s)
+
+    (tmp_path / "s.toml").write_text(
+        '[[session]]\nid = 1\nsecret = "0123456789abcdef"\nsources = [1]\naccounts = [10]\n'
+        '[[session]]\nid = 2\nsecret = "0123456789abcdef"\ninstrument = true\n')
+    e = Entitlements.of(load_sessions(tmp_path / "s.toml", 4, 64, 8), 4, 64, 8)
+
+    def may(session, obj):
+        words = records_from_objects([obj]).view(np.uint64)
+        return bool(entitled(words, e.flags, e.src, e.acct, session))
+
+    assert may(1, bust(1, source=1, account=10))
+    assert not may(1, bust(1, source=2, account=10))
+    assert not may(1, bust(1, source=1, account=11))
+    assert not may(1, ROLL) and may(2, ROLL)
+    assert not may(2, bust(1, source=1, account=10))
 
 
 # ----------------------------------------------------------------------------- cluster

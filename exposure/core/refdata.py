@@ -166,7 +166,7 @@ class RefData:
     (its tables are then empty and every lookup answers None)."""
 
     __slots__ = ("instruments", "accounts", "instruments_file", "accounts_file",
-                 "_by_symbol", "_by_id", "_by_secid", "_acc_by_name", "_acc_by_id",
+                 "instrument_ids", "security_ids", "account_ids", "_by_id", "_acc_by_id",
                  "_ref_columns")
 
     def __init__(self, instruments: list[Instrument], accounts: list[Account], *,
@@ -177,11 +177,15 @@ class RefData:
         self.instruments_file = instruments_file
         self.accounts_file = accounts_file
         self._ref_columns = ref_columns
-        self._by_symbol = {r.symbol: r.instrument for r in self.instruments}
+        # The lookups by name as plain dicts, for hot paths (read-only by convention):
+        # symbol -> instrument, (security_id_source, security_id) -> instrument,
+        # account name -> account.
+        self.instrument_ids: dict[str, int] = {r.symbol: r.instrument for r in self.instruments}
+        self.security_ids: dict[tuple[str, str], int] = {
+            (r.security_id_source, r.security_id): r.instrument
+            for r in self.instruments if r.security_id}
+        self.account_ids: dict[str, int] = {a.name: a.account for a in self.accounts}
         self._by_id = {r.instrument: r for r in self.instruments}
-        self._by_secid = {(r.security_id_source, r.security_id): r.instrument
-                          for r in self.instruments if r.security_id}
-        self._acc_by_name = {a.name: a.account for a in self.accounts}
         self._acc_by_id = {a.account: a.name for a in self.accounts}
 
     @classmethod
@@ -200,12 +204,12 @@ class RefData:
     # --------------------------------------------------------------- lookups
     def instrument_of(self, symbol: str) -> int | None:
         """The instrument id of a symbol (exact, case-sensitive), or None."""
-        return self._by_symbol.get(symbol)
+        return self.instrument_ids.get(symbol)
 
     def instrument_by_security_id(self, source: str, security_id: str) -> int | None:
         """The instrument of FIX SecurityIDSource (22) ``source`` and SecurityID (48), or
         None."""
-        return self._by_secid.get((source, security_id))
+        return self.security_ids.get((source, security_id))
 
     def symbol(self, instrument: int) -> str | None:
         """The symbol of an instrument id, or None."""
@@ -222,7 +226,7 @@ class RefData:
 
     def account_of(self, name: str) -> int | None:
         """The account id of an account name (exact, case-sensitive), or None."""
-        return self._acc_by_name.get(name)
+        return self.account_ids.get(name)
 
     def account_name(self, account: int) -> str | None:
         """The name of an account id, or None."""

@@ -56,7 +56,7 @@ import re
 import struct
 import zlib
 from collections.abc import Iterable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import orjson
 
@@ -103,26 +103,17 @@ class MapperStateError(ValueError):
     """A snapshot that cannot be restored (corrupt, another version, another source)."""
 
 
-class MapResult:
+class MapResult(NamedTuple):
     """What one message maps to: ``events`` (SPEC JSON-form dicts, in order), else
     ``counted`` (the name of a message that maps to nothing on purpose), else ``dead``
     (why it cannot be mapped, for the dead-letter file; ``dead_kind`` is its short name
     for counters: ``unknown_account``, ``unknown_instrument``, ``unknown_exec_ref``,
     ``bad_field``, ``missing_field``, ``unsupported``)."""
 
-    __slots__ = ("events", "counted", "dead", "dead_kind")
-
-    def __init__(self, events: list[dict] | None = None, counted: str | None = None,
-                 dead: str | None = None, dead_kind: str | None = None):
-        self.events: list[dict] = events if events is not None else []
-        self.counted = counted
-        self.dead = dead
-        self.dead_kind = dead_kind
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, MapResult) and (
-            self.events, self.counted, self.dead, self.dead_kind) == (
-            other.events, other.counted, other.dead, other.dead_kind)
+    events: list[dict] = []   # (never mutated: a result with no events shares it)
+    counted: str | None = None
+    dead: str | None = None
+    dead_kind: str | None = None
 
     def __repr__(self) -> str:
         if self.dead is not None:
@@ -130,6 +121,9 @@ class MapResult:
         if self.counted is not None:
             return f"MapResult(counted={self.counted!r})"
         return f"MapResult(events={self.events!r})"
+
+
+_result = tuple.__new__   # _result(MapResult, (events, None, None, None)): no Python call
 
 
 class _Dead(Exception):
@@ -211,10 +205,10 @@ class Mapper:
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 2**31:
                 raise ValueError(f"{k} = {v!r}: 1..{2**31}")
         self.refdata = refdata
-        self._account_of = refdata.account_of
-        self._instrument_of = refdata.instrument_of
-        self._by_secid = refdata.instrument_by_security_id
-        self._secids = any(r.security_id for r in refdata.instruments)
+        self._account_of = refdata.account_ids.get
+        self._instrument_of = refdata.instrument_ids.get
+        self._secid_of = refdata.security_ids.get
+        self._secids = bool(refdata.security_ids)
         self.source = source
         self.order_key = order_key
         self.begin_string = begin_string
@@ -225,8 +219,8 @@ class Mapper:
         self._next_id = 1
         # key ("C"+ClOrdID or "O"+OrderID) -> order_id
         self._keys: dict[str, int] = {}
-        # order_id -> [keys, opened, finished, account, instrument, side]; in creation order
-        self._orders: dict[int, list] = {}
+        # order_id -> (keys, opened, finished, account, instrument, side); creation order
+        self._orders: dict[int, tuple] = {}
         self._done: dict[int, None] = {}       # finished order_ids, in the order finished
         # ExecID -> (order_id, account, instrument, side, qty, price, busted); oldest first
         self._trades: dict[str, tuple] = {}
@@ -380,7 +374,7 @@ class Mapper:
             if sid is not None:
                 s22 = get(22)
                 if s22 is not None:
-                    instrument = self._by_secid(s22, sid)
+                    instrument = self._secid_of((s22, sid))
             if instrument is None:
                 if sym is None:
                     if sid is not None or rec is None or rec[4] < 0:
@@ -426,7 +420,7 @@ class Mapper:
             if kind == _E_FILL:
                 if keys.get(key) != oid or (orig is not None and keys.get(orig) != oid) or \
                         (alias is not None and keys.get(alias) != oid):
-                    self._link(oid, rec, key, orig, alias)
+                    rec = self._link(oid, rec, key, orig, alias)
                 if fin and not rec[2]:
                     self._finish(oid, rec)
                 trades = self._trades
@@ -434,9 +428,10 @@ class Mapper:
                 if len(trades) > self.max_trades:
                     del trades[next(iter(trades))]
                     self._bump("evicted_trades")
-                return MapResult([{"type": "fill", "source": src, "order_id": oid,
-                                   "account": account, "instrument": instrument,
-                                   "side": side, "qty": qty, "price": price}])
+                return _result(MapResult, ([{"type": "fill", "source": src, "order_id": oid,
+                                             "account": account, "instrument": instrument,
+                                             "side": side, "qty": qty, "price": price}],
+                                           None, None, None))
             oid = keys.get(key)
             if oid is None and alias is not None:
                 oid = keys.get(alias)
@@ -444,14 +439,15 @@ class Mapper:
             if rec is None or rec[2]:
                 oid, rec = self._open_order(key, None, alias)
             else:
-                self._link(oid, rec, key, alias)
-            rec[1], rec[3], rec[4], rec[5] = True, account, instrument, side
+                rec = self._link(oid, rec, key, alias)
+            rec = self._opened(oid, rec, account, instrument, side)
             if fin:
                 self._finish(oid, rec)
             self._remember_report(exec_id)
-            return MapResult([{"type": "new", "source": src, "order_id": oid,
-                               "account": account, "instrument": instrument, "side": side,
-                               "qty": qty, "price": price}])
+            return _result(MapResult, ([{"type": "new", "source": src, "order_id": oid,
+                                         "account": account, "instrument": instrument,
+                                         "side": side, "qty": qty, "price": price}],
+                                       None, None, None))
         # replace, cancel, done
         if oid is None:
             return None
@@ -472,13 +468,13 @@ class Mapper:
                 if len(p) > 30 or not p.isascii() or not p.replace(".", "", 1).isdigit():
                     return None
                 price = float(p)
-            self._link(oid, rec, key, orig, alias)
+            rec = self._link(oid, rec, key, orig, alias)
             if _finished(get):
                 self._finish(oid, rec)
             self._remember_report(exec_id)
             return MapResult([{"type": "replace", "source": src, "order_id": oid,
                                "qty": qty, "price": price}])
-        self._link(oid, rec, key, orig, alias)
+        rec = self._link(oid, rec, key, orig, alias)
         self._finish(oid, rec)
         self._remember_report(exec_id)
         return MapResult([{"type": "cancel" if kind == _E_CANCEL else "done", "source": src,
@@ -502,7 +498,7 @@ class Mapper:
         if sid is not None:
             src = m.get(22)
             if src is not None:
-                i = self._by_secid(src, sid)
+                i = self._secid_of((src, sid))
                 if i is not None:
                     return i
         sym = m.get(55)
@@ -571,43 +567,50 @@ class Mapper:
         return oid
 
     # ------------------------------------------------------------------ state changes
-    def _link(self, oid: int, rec: list, *ks: str | None) -> None:
+    def _link(self, oid: int, rec: tuple, *ks: str | None) -> tuple:
         """Point keys ``ks`` (None skipped) at order ``oid``; a key that named another order
-        leaves that order's list (each key is in exactly its order's list)."""
+        leaves that order's keys (each key is in exactly its order's). Returns the order's
+        record (records are tuples, replaced when they change: no object the cyclic GC
+        must keep visiting per order)."""
         keys = self._keys
+        orders = self._orders
+        added: list[str] = []
         for k in ks:
             if k is not None:
                 old = keys.get(k)
                 if old != oid:
                     if old is not None:
-                        orec = self._orders.get(old)
+                        orec = orders.get(old)
                         if orec is not None:
-                            orec[0].remove(k)
+                            orders[old] = (tuple(x for x in orec[0] if x != k), *orec[1:])
                     keys[k] = oid
-                    rec[0].append(k)
+                    added.append(k)
+        if added:
+            rec = (rec[0] + tuple(added), *rec[1:])
+            orders[oid] = rec
+        return rec
 
-    def _open_order(self, key: str, orig: str | None, alias: str | None) -> tuple[int, list]:
+    def _open_order(self, key: str, orig: str | None, alias: str | None) -> tuple[int, tuple]:
         oid = self._next_id
         self._next_id = oid + 1 if oid < MAX_ORDER_ID else 1
-        rec = [[], False, False, -1, -1, None]
+        rec: tuple = ((), False, False, -1, -1, None)
         self._orders[oid] = rec
-        self._link(oid, rec, key, orig, alias)
+        rec = self._link(oid, rec, key, orig, alias)
         if len(self._orders) > self.max_orders:
             self._evict_order()
         return oid, rec
 
-    def _order(self, key: str, orig: str | None, alias: str | None) -> tuple[int, list]:
-        oid = self._find(key, orig, alias)
-        if oid is None:
-            return self._open_order(key, orig, alias)
-        rec = self._orders[oid]
-        self._link(oid, rec, key, orig, alias)
-        return oid, rec
-
-    def _finish(self, oid: int, rec: list) -> None:
+    def _finish(self, oid: int, rec: tuple) -> tuple:
         if not rec[2]:
-            rec[2] = True
+            rec = (rec[0], rec[1], True, rec[3], rec[4], rec[5])
+            self._orders[oid] = rec
             self._done[oid] = None
+        return rec
+
+    def _opened(self, oid: int, rec: tuple, account: int, instrument: int, side: str) -> tuple:
+        rec = (rec[0], True, rec[2], account, instrument, side)
+        self._orders[oid] = rec
+        return rec
 
     def _evict_order(self) -> None:
         if self._done:
@@ -658,7 +661,7 @@ class Mapper:
         if rec is None:
             oid, rec = self._open_order(key, orig, alias)
         else:
-            self._link(oid, rec, key, orig, alias)
+            rec = self._link(oid, rec, key, orig, alias)
         if _finished(m.get):
             self._finish(oid, rec)
         self._remember_trade(exec_id, (oid, account, instrument, side, qty, price, False))
@@ -678,8 +681,8 @@ class Mapper:
         if rec is None or rec[2]:   # never seen, or a finished order's key used again
             oid, rec = self._open_order(key, None, alias)
         else:
-            self._link(oid, rec, key, alias)
-        rec[1], rec[3], rec[4], rec[5] = True, account, instrument, side
+            rec = self._link(oid, rec, key, alias)
+        rec = self._opened(oid, rec, account, instrument, side)
         if _finished(m.get):
             self._finish(oid, rec)
         self._remember_report(exec_id)
@@ -699,7 +702,7 @@ class Mapper:
             return MapResult(counted=f"{name}_of_unseen_order")
         if rec[2]:
             return MapResult(counted=f"{name}_of_finished_order")
-        self._link(oid, rec, key, orig, alias)
+        rec = self._link(oid, rec, key, orig, alias)
         if kind != _E_REPLACE or _finished(m.get):
             self._finish(oid, rec)
         self._remember_report(exec_id)
@@ -808,7 +811,7 @@ class Mapper:
                      max_orders=max_orders, max_trades=max_trades, max_reports=max_reports)
             mp._next_id = int(d["next_id"])
             for oid, ks, opened, fin, acc, inst, side in d["orders"]:
-                mp._orders[oid] = [list(ks), opened, fin, acc, inst, side]
+                mp._orders[oid] = (tuple(ks), opened, fin, acc, inst, side)
                 for k in ks:
                     mp._keys[k] = oid
             for oid in d["done"]:

@@ -26,7 +26,7 @@ import csv
 import io
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,8 +189,8 @@ class RefData:
         self._acc_by_id = {a.account: a.name for a in self.accounts}
 
     @classmethod
-    def from_rows(cls, instruments: list[Instrument] = (), accounts: list[Account] = (),
-                  ) -> RefData:
+    def from_rows(cls, instruments: Sequence[Instrument] = (),
+                  accounts: Sequence[Account] = ()) -> RefData:
         """From rows built in code (tests, tools); duplicates are a :class:`RefDataError`."""
         for what, keys in (("symbol", [r.symbol for r in instruments]),
                            ("instrument", [r.instrument for r in instruments]),

@@ -320,7 +320,7 @@ class Gateway:
         self.producer = None
         self.engine = None
         self.control = None
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._out: list[dict] = []        # events of records not yet durable
         self._ck_due: tuple[int, bytes, int] | None = None
@@ -530,8 +530,8 @@ class Gateway:
         name = session_name(scfg)
         seq = msg.seq or 0
         with self._cond:
-            while self.journal.buffered >= self.cfg.limits.pending_messages and \
-                    not self._stop:
+            while self.journal.next_index - self.journal.durable_index >= \
+                    self.cfg.limits.pending_messages and not self._stop:
                 self._cond.wait(0.1)
             if self._error is not None:
                 raise GatewayError(f"the gateway is stopping: {self._error}")
@@ -545,6 +545,8 @@ class Gateway:
     def inbound_seq(self, name: str, seq: int) -> None:
         """The session layer took inbound seq ``seq`` of ``name`` (a session-level message,
         a GapFill, a reset): journaled where it differs from the journal's."""
+        if self.state.inbound.get(name) == seq:  # (an application message's: journaled)
+            return
         with self._cond:
             if self.state.inbound.get(name) != seq:
                 self._append_apply(K_SEQ, name, seq, b"")

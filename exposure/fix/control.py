@@ -21,7 +21,7 @@ from pathlib import Path
 import orjson
 
 __all__ = ["ControlServer", "ControlError", "request", "read_status", "write_status",
-           "MAX_CLIENTS", "render_status"]
+           "MAX_CLIENTS", "render_status", "GatewayCollector"]
 
 log = logging.getLogger(__name__)
 
@@ -189,3 +189,77 @@ def render_status(st: dict) -> str:
     for name, seq in sorted(st.get("inbound", {}).items()):
         lines.append(f"  inbound {name}: last seq {seq:,}")
     return "\n".join(lines)
+
+
+_FIX_REJECT_KINDS = ("rejects_sent", "business_rejects_sent", "garbage", "bad_length",
+                     "bad_checksum", "too_long", "garbled", "missing_tag", "bad_value",
+                     "unknown_msg_type", "unsupported_msg_type", "wrong_comp_id",
+                     "wrong_begin_string", "bad_password", "seq_too_low", "not_logon_first")
+
+
+class GatewayCollector:
+    """Prometheus metrics of a gateway (``exposure metrics --fix GATEWAY.toml``), read from
+    its control socket at each scrape: ``exposure_fix_up``, ``exposure_fix_messages_total``,
+    ``exposure_fix_events_total``, ``exposure_fix_dead_letters_total``,
+    ``exposure_fix_dead_letters_pending``, ``exposure_fix_redelivered_total``,
+    ``exposure_fix_not_mapped_total{kind}``, ``exposure_fix_node_rejects_total{reason}``,
+    ``exposure_fix_rejects_total{kind}`` (the session layer's, all sessions),
+    ``exposure_fix_sessions_logged_on``, ``exposure_fix_acked_seq``; label ``gateway``."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        name = self.cfg.name
+        try:
+            st = request(self.cfg.control_socket, "status", timeout=5)
+        except ControlError:
+            g = GaugeMetricFamily("exposure_fix_up", "1 while the gateway answers",
+                                  labels=["gateway"])
+            g.add_metric([name], 0)
+            yield g
+            return
+        g = GaugeMetricFamily("exposure_fix_up", "1 while the gateway answers",
+                              labels=["gateway"])
+        g.add_metric([name], 1)
+        yield g
+        for key, doc in (("messages", "FIX application messages journaled"),
+                         ("events", "SPEC events produced"),
+                         ("dead_letters", "messages sent to the dead letters"),
+                         ("redelivered", "dead letters passed on by redeliver")):
+            c = CounterMetricFamily(f"exposure_fix_{key}", doc, labels=["gateway"])
+            c.add_metric([name], int(st.get(key, 0)))
+            yield c
+        for key, doc in (("dead_pending", "dead letters held for redeliver"),
+                         ("acked", "the exposure seq the node acknowledged")):
+            metric = "dead_letters_pending" if key == "dead_pending" else "acked_seq"
+            g = GaugeMetricFamily(f"exposure_fix_{metric}", doc, labels=["gateway"])
+            g.add_metric([name], int(st.get(key, 0)))
+            yield g
+        for metric, src, label, doc in (
+                ("not_mapped", st.get("not_mapped", {}), "kind",
+                 "reports that map to nothing on purpose"),
+                ("node_rejects", st.get("node_rejects", {}), "reason",
+                 "events the node rejected"),
+                ("dead_letters_by_kind", st.get("dead_reasons", {}), "kind",
+                 "dead letters by kind")):
+            c = CounterMetricFamily(f"exposure_fix_{metric}", doc, labels=["gateway", label])
+            for k, v in sorted(src.items()):
+                c.add_metric([name, k], int(v))
+            yield c
+        fix = st.get("fix") or {}
+        totals = fix.get("totals", {}) if isinstance(fix, dict) else {}
+        c = CounterMetricFamily("exposure_fix_rejects", "FIX input refused or answered with "
+                                "a reject, by kind", labels=["gateway", "kind"])
+        for k in _FIX_REJECT_KINDS:
+            c.add_metric([name, k], int(totals.get(k, 0)))
+        for k in ("connections_refused", "unknown_comp_id", "address_not_allowed"):
+            c.add_metric([name, k], int(fix.get(k, 0)))
+        yield c
+        sessions = fix.get("sessions", {}) if isinstance(fix, dict) else {}
+        g = GaugeMetricFamily("exposure_fix_sessions_logged_on", "FIX sessions logged on",
+                              labels=["gateway"])
+        g.add_metric([name], sum(1 for s in sessions.values() if s.get("state") == "active"))
+        yield g

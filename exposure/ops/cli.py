@@ -396,11 +396,20 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     from exposure.ops.metrics import serve
 
     cfg = _load_cfg(args.config)
+    extra = []
+    for f in args.fix or ():
+        from exposure.fix.config import GatewayConfigError, load_gateway_config
+        from exposure.fix.control import GatewayCollector
+
+        try:
+            extra.append(GatewayCollector(load_gateway_config(f, sessions=False)))
+        except GatewayConfigError as e:
+            return _fail(str(e))
     stop: list = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     try:
-        serve(cfg, args.port, args.host, stop, ready=lambda a: print(
+        serve(cfg, args.port, args.host, stop, extra=tuple(extra), ready=lambda a: print(
             f"exposure: serving metrics of node {cfg.name!r} on http://{a[0]}:{a[1]}/metrics",
             flush=True))
     except OSError as e:
@@ -552,12 +561,37 @@ def _cmd_status(args: argparse.Namespace) -> int:
             st, text = node_status(cfg), render
         except (FileNotFoundError, TimeoutError) as e:
             return _fail(f"no node {cfg.name!r} is running on this host ({e})")
+    fix = _fix_status(args.fix or ())
+    if isinstance(fix, int):
+        return fix
     if args.json or args.compact:
+        if fix:
+            st = {**st, "fix": fix}
         opt = 0 if args.compact else orjson.OPT_INDENT_2
         sys.stdout.buffer.write(orjson.dumps(st, option=opt) + b"\n")
     else:
         print(text(st))
+        if fix:
+            from exposure.fix.control import render_status
+
+            for g in fix:
+                print(render_status(g))
     return 0
+
+
+def _fix_status(files) -> list | int:
+    """``status --fix GATEWAY.toml``: each gateway's counters (exposure fix status)."""
+    from exposure.fix.config import GatewayConfigError, load_gateway_config
+    from exposure.fix.control import ControlError, read_status
+
+    out = []
+    for f in files:
+        try:
+            g = load_gateway_config(f, sessions=False)
+            out.append(read_status(g.control_socket, g.status_file))
+        except (GatewayConfigError, ControlError) as e:
+            return _fail(str(e))
+    return out
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -768,6 +802,9 @@ def _parser() -> argparse.ArgumentParser:
                    "consolidator, in brief")
     r.add_argument("--json", action="store_true", help="JSON instead of text")
     r.add_argument("--compact", action="store_true", help="one-line JSON")
+    r.add_argument("--fix", metavar="GATEWAY.toml", action="append",
+                   help="add a FIX gateway's counters (messages, events, dead letters, "
+                        "rejects by kind, sessions logged on); repeatable")
     r.set_defaults(func=_cmd_status)
 
     r = sub.add_parser("metrics", help="serve a node's counters to Prometheus (/metrics), "
@@ -775,6 +812,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
     r.add_argument("--port", type=int, default=9477, help="HTTP port (default 9477)")
     r.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    r.add_argument("--fix", metavar="GATEWAY.toml", action="append",
+                   help="also serve a FIX gateway's counters (exposure_fix_*); repeatable")
     r.set_defaults(func=_cmd_metrics)
 
     r = sub.add_parser("top", help="a live dashboard of a node: fund, accounts, "

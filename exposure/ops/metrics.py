@@ -189,13 +189,16 @@ class NodeCollector:
 
 
 def serve(cfg: NodeConfig, port: int, host: str = "127.0.0.1", stop: list | None = None,
-          ready=None) -> None:
-    """Serve ``/metrics`` for the node ``cfg`` on ``host:port`` until ``stop`` is set."""
+          ready=None, extra: tuple = ()) -> None:
+    """Serve ``/metrics`` for the node ``cfg`` on ``host:port`` until ``stop`` is set
+    (``extra``: more collectors, e.g. a FIX gateway's)."""
     from prometheus_client import start_http_server
     from prometheus_client.core import CollectorRegistry
 
     registry = CollectorRegistry()
     registry.register(NodeCollector(cfg))
+    for c in extra:
+        registry.register(c)
     server, thread = start_http_server(port, addr=host, registry=registry)
     if ready is not None:
         ready(server.server_address)

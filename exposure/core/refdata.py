@@ -15,7 +15,13 @@ Every rule is checked when the file is read and a broken file is an error
 non-integer or out-of-capacity id (SPEC section 1, or a config's raised capacities), a
 duplicate symbol, account name, id or (security_id_source, security_id), a bad multiplier
 (> 0), margin rate (>= 0), beta (finite) or sector. Blank lines are skipped; cells and
-header names are stripped of surrounding spaces; a UTF-8 byte-order mark is allowed.
+header names are stripped of surrounding spaces; a UTF-8 byte-order mark is allowed. A
+file must be a regular file of at most :data:`MAX_BYTES`.
+
+The readers also serve the start-of-day loads (:mod:`exposure.core.loads`), which report
+every bad row of a file rather than the first: given a :class:`RowErrors`, a row's problem
+is recorded there (file, line, column and value in its message) and the row skipped, and
+only a problem of the whole file (unreadable, no header, too large) raises.
 
 No numba, no I/O beyond reading the two files.
 """
@@ -25,7 +31,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import re
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +41,8 @@ from pathlib import Path
 from exposure.core.capacity import Capacities
 
 __all__ = ["RefData", "RefDataError", "Instrument", "Account", "load_refdata",
-           "INSTRUMENT_COLUMNS", "ACCOUNT_COLUMNS", "MAX_ROWS"]
+           "INSTRUMENT_COLUMNS", "ACCOUNT_COLUMNS", "MAX_ROWS", "MAX_BYTES", "RowErrors",
+           "read_rows", "read_instruments", "int_cell", "float_cell", "name_cell"]
 
 # Columns with a meaning here; any other column is kept as text in the row's ``extra``.
 INSTRUMENT_COLUMNS = ("symbol", "instrument", "name", "multiplier", "margin_rate", "beta",
@@ -41,6 +50,7 @@ INSTRUMENT_COLUMNS = ("symbol", "instrument", "name", "multiplier", "margin_rate
 ACCOUNT_COLUMNS = ("name", "account")
 _REF_COLUMNS = ("multiplier", "margin_rate", "beta", "sector")
 MAX_ROWS = 16_777_216   # rows of one file (the largest capacity the layouts allow)
+MAX_BYTES = 1 << 30     # bytes of one file (16 M rows of ~60 bytes)
 _MAX_CELL = 256         # characters of one cell (symbols, names, security ids)
 _INT = re.compile(r"-?[0-9]{1,20}")
 
@@ -48,6 +58,49 @@ _INT = re.compile(r"-?[0-9]{1,20}")
 class RefDataError(ValueError):
     """A reference-data file that cannot be used; the message names the file, the line and
     the value."""
+
+
+class RowErrors:
+    """The bad rows of one file, collected instead of raised: ``(line, message)`` pairs,
+    the first ``limit`` kept (``items``) and all of them counted (``count``)."""
+
+    __slots__ = ("items", "count", "limit")
+
+    def __init__(self, limit: int = 100) -> None:
+        self.items: list[tuple[int, str]] = []
+        self.count = 0
+        self.limit = limit
+
+    def add(self, line: int, message: str) -> None:
+        self.count += 1
+        if len(self.items) < self.limit:
+            self.items.append((line, message))
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+
+def _read_text(path: Path, what: str) -> str:
+    """The text of a regular file of at most MAX_BYTES (UTF-8, an optional BOM)."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise RefDataError(f"{what} file {str(path)!r}: not a regular file")
+            if st.st_size > MAX_BYTES:
+                raise RefDataError(f"{what} file {str(path)!r}: {st.st_size:,} bytes (at "
+                                   f"most {MAX_BYTES:,})")
+            data = f.read(MAX_BYTES + 1)
+        if len(data) > MAX_BYTES:
+            raise RefDataError(f"{what} file {str(path)!r}: more than {MAX_BYTES:,} bytes")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RefDataError(f"{what} file {str(path)!r} line {line}: not UTF-8 text (byte "
+                           f"{data[e.start:e.start + 1]!r} at offset {e.start})") from None
+    except OSError as e:
+        raise RefDataError(f"cannot read {what} file {str(path)!r}: "
+                           f"{e.strerror or e}") from e
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,14 +128,14 @@ class Account:
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
 
-def _rows(path: Path, what: str, required: tuple[str, ...]
+def _rows(path: Path, what: str, required: tuple[str, ...], *,
+          one_of: tuple[tuple[str, ...], ...] = (), errors: RowErrors | None = None
           ) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, {column: stripped cell}) of each non-blank data row of ``path``."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RefDataError(f"cannot read {what} file {str(path)!r}: "
-                           f"{getattr(e, 'strerror', None) or e}") from e
+    """(line number, {column: stripped cell}) of each non-blank data row of ``path``. The
+    header names every column of ``required`` and at least one of each group of ``one_of``.
+    With ``errors``, a row of the wrong length or with too long a cell is recorded there
+    and skipped."""
+    text = _read_text(path, what)
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader, None)
@@ -97,6 +150,11 @@ def _rows(path: Path, what: str, required: tuple[str, ...]
             if c not in cols:
                 raise RefDataError(f"{where}: the header has no {c!r} column (found "
                                    f"{','.join(cols)!r}; required: {','.join(required)})")
+        for group in one_of:
+            if not any(c in cols for c in group):
+                raise RefDataError(f"{where}: the header names none of "
+                                   f"{' or '.join(map(repr, group))} (found "
+                                   f"{','.join(cols)!r})")
         seen: set[str] = set()
         for c in cols:
             if not c:
@@ -109,17 +167,24 @@ def _rows(path: Path, what: str, required: tuple[str, ...]
             if not any(c.strip() for c in row):
                 continue
             line = reader.line_num
-            if len(row) != len(cols):
-                raise RefDataError(f"{what} file {str(path)!r} line {line}: {len(row)} "
-                                   f"cells, the header has {len(cols)}: {','.join(row)!r}")
-            cells = {k: v.strip() for k, v in zip(cols, row, strict=True)}
-            for k, v in cells.items():
-                if len(v) > _MAX_CELL:
-                    raise RefDataError(f"{what} file {str(path)!r} line {line}: {k} is "
-                                       f"{len(v)} characters long (at most {_MAX_CELL})")
             n += 1
             if n > MAX_ROWS:
                 raise RefDataError(f"{what} file {str(path)!r}: more than {MAX_ROWS:,} rows")
+            try:
+                if len(row) != len(cols):
+                    raise RefDataError(f"{what} file {str(path)!r} line {line}: {len(row)} "
+                                       f"cells, the header has {len(cols)}: "
+                                       f"{','.join(row)[:_MAX_CELL]!r}")
+                cells = {k: v.strip() for k, v in zip(cols, row, strict=True)}
+                for k, v in cells.items():
+                    if len(v) > _MAX_CELL:
+                        raise RefDataError(f"{what} file {str(path)!r} line {line}: {k} is "
+                                           f"{len(v)} characters long (at most {_MAX_CELL})")
+            except RefDataError as e:
+                if errors is None:
+                    raise
+                errors.add(line, str(e))
+                continue
             yield line, cells
     except csv.Error as e:
         raise RefDataError(f"{what} file {str(path)!r} line {reader.line_num}: {e}") from e
@@ -292,69 +357,94 @@ class RefData:
                 f"{len(self.accounts)} accounts from {self.accounts_file})")
 
 
-def _read_instruments(path: Path, caps: Capacities) -> tuple[list[Instrument], tuple]:
+def _read_instruments(path: Path, caps: Capacities, errors: RowErrors | None = None,
+                      lines: list[int] | None = None) -> tuple[list[Instrument], tuple]:
+    """The rows and the reference columns the file names; ``lines`` gets each row's line
+    number."""
     rows: list[Instrument] = []
     by_symbol: dict[str, int] = {}
     by_id: dict[int, int] = {}
     by_secid: dict[tuple[str, str], int] = {}
     cols: tuple[str, ...] = ()
-    for line, cells in _rows(path, "instruments", ("symbol", "instrument")):
+    for line, cells in _rows(path, "instruments", ("symbol", "instrument"), errors=errors):
         where = f"instruments file {str(path)!r} line {line}"
         if not cols:
             cols = tuple(c for c in _REF_COLUMNS if c in cells)
             if ("security_id" in cells) != ("security_id_source" in cells):
                 raise RefDataError(f"instruments file {str(path)!r}: the columns "
                                    "security_id and security_id_source go together")
-        symbol = _name(cells, "symbol", where)
-        inst = _int(cells, "instrument", 0, caps.instruments, where)
-        if symbol in by_symbol:
-            raise RefDataError(f"{where}: duplicate symbol {symbol!r} (first on line "
-                               f"{by_symbol[symbol]})")
-        if inst in by_id:
-            raise RefDataError(f"{where}: duplicate instrument {inst} (first on line "
-                               f"{by_id[inst]})")
-        by_symbol[symbol], by_id[inst] = line, line
-        sector = 0
-        if cells.get("sector", ""):
-            sector = _int(cells, "sector", 0, caps.sectors, where)
-        sid, ssrc = cells.get("security_id", ""), cells.get("security_id_source", "")
-        if bool(sid) != bool(ssrc):
-            raise RefDataError(f"{where}: security_id {sid!r} and security_id_source "
-                               f"{ssrc!r}: both or neither")
-        if sid:
-            if (ssrc, sid) in by_secid:
-                raise RefDataError(f"{where}: duplicate security_id {sid!r} with "
-                                   f"security_id_source {ssrc!r} (first on line "
-                                   f"{by_secid[(ssrc, sid)]})")
-            by_secid[(ssrc, sid)] = line
-        extra = {k: v for k, v in cells.items() if k not in INSTRUMENT_COLUMNS}
-        rows.append(Instrument(
-            instrument=inst, symbol=symbol, name=cells.get("name", ""),
-            multiplier=_float(cells, "multiplier", 1.0, lambda x: x > 0, "> 0", where),
-            margin_rate=_float(cells, "margin_rate", 1.0, lambda x: x >= 0, ">= 0", where),
-            beta=_float(cells, "beta", 1.0, lambda x: True, "finite", where),
-            sector=sector, security_id=sid, security_id_source=ssrc, extra=extra))
+        try:
+            symbol = _name(cells, "symbol", where)
+            inst = _int(cells, "instrument", 0, caps.instruments, where)
+            if symbol in by_symbol:
+                raise RefDataError(f"{where}: duplicate symbol {symbol!r} (first on line "
+                                   f"{by_symbol[symbol]})")
+            if inst in by_id:
+                raise RefDataError(f"{where}: duplicate instrument {inst} (first on line "
+                                   f"{by_id[inst]})")
+            by_symbol[symbol], by_id[inst] = line, line
+            sector = 0
+            if cells.get("sector", ""):
+                sector = _int(cells, "sector", 0, caps.sectors, where)
+            sid, ssrc = cells.get("security_id", ""), cells.get("security_id_source", "")
+            if bool(sid) != bool(ssrc):
+                raise RefDataError(f"{where}: security_id {sid!r} and security_id_source "
+                                   f"{ssrc!r}: both or neither")
+            if sid:
+                if (ssrc, sid) in by_secid:
+                    raise RefDataError(f"{where}: duplicate security_id {sid!r} with "
+                                       f"security_id_source {ssrc!r} (first on line "
+                                       f"{by_secid[(ssrc, sid)]})")
+                by_secid[(ssrc, sid)] = line
+            extra = {k: v for k, v in cells.items() if k not in INSTRUMENT_COLUMNS}
+            rows.append(Instrument(
+                instrument=inst, symbol=symbol, name=cells.get("name", ""),
+                multiplier=_float(cells, "multiplier", 1.0, lambda x: x > 0, "> 0", where),
+                margin_rate=_float(cells, "margin_rate", 1.0, lambda x: x >= 0, ">= 0", where),
+                beta=_float(cells, "beta", 1.0, lambda x: True, "finite", where),
+                sector=sector, security_id=sid, security_id_source=ssrc, extra=extra))
+            if lines is not None:
+                lines.append(line)
+        except RefDataError as err:
+            if errors is None:
+                raise
+            errors.add(line, str(err))
     return rows, cols
 
 
-def _read_accounts(path: Path, caps: Capacities) -> list[Account]:
+def _read_accounts(path: Path, caps: Capacities, errors: RowErrors | None = None
+                   ) -> list[Account]:
     rows: list[Account] = []
     by_name: dict[str, int] = {}
     by_id: dict[int, int] = {}
-    for line, cells in _rows(path, "accounts", ("name", "account")):
+    for line, cells in _rows(path, "accounts", ("name", "account"), errors=errors):
         where = f"accounts file {str(path)!r} line {line}"
-        name = _name(cells, "name", where)
-        acc = _int(cells, "account", 0, caps.accounts, where)
-        if name in by_name:
-            raise RefDataError(f"{where}: duplicate account name {name!r} (first on line "
-                               f"{by_name[name]})")
-        if acc in by_id:
-            raise RefDataError(f"{where}: duplicate account {acc} (first on line "
-                               f"{by_id[acc]})")
-        by_name[name], by_id[acc] = line, line
-        rows.append(Account(acc, name, {k: v for k, v in cells.items()
-                                        if k not in ACCOUNT_COLUMNS}))
+        try:
+            name = _name(cells, "name", where)
+            acc = _int(cells, "account", 0, caps.accounts, where)
+            if name in by_name:
+                raise RefDataError(f"{where}: duplicate account name {name!r} (first on line "
+                                   f"{by_name[name]})")
+            if acc in by_id:
+                raise RefDataError(f"{where}: duplicate account {acc} (first on line "
+                                   f"{by_id[acc]})")
+            by_name[name], by_id[acc] = line, line
+            rows.append(Account(acc, name, {k: v for k, v in cells.items()
+                                            if k not in ACCOUNT_COLUMNS}))
+        except RefDataError as err:
+            if errors is None:
+                raise
+            errors.add(line, str(err))
     return rows
+
+
+# The reader and the cell checks, for the start-of-day loads (exposure.core.loads): the
+# same rules for the same files.
+read_rows = _rows
+read_instruments = _read_instruments
+int_cell = _int
+float_cell = _float
+name_cell = _name
 
 
 def load_refdata(instruments: str | Path | None = None, accounts: str | Path | None = None,

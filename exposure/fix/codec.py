@@ -279,6 +279,26 @@ class FixReader:
         self._buf = buf[pos:] if pos < n else b""
         return out
 
+    def feed_batch(self, data: bytes) -> list:
+        """As :meth:`feed`, but the clean messages at the front of the buffer come back as
+        one :class:`exposure.fix.fast.FixRun` (framed by a compiled kernel, with the
+        offsets of the tags the session layer and the mapping read); whatever follows the
+        first thing that is not a whole clean message goes through :meth:`feed`. The same
+        messages, errors, order, counters and buffer bound as :meth:`feed`."""
+        from exposure.fix.fast import frame
+
+        counts = self.counts
+        buf = self._buf + data if self._buf else bytes(data)
+        self._buf = b""
+        run, pos = frame(buf, self.max_message)
+        counts["bytes"] += len(data) - (len(buf) - pos)  # (feed counts the rest)
+        if run is None:
+            return self.feed(buf)
+        counts["messages"] += run.n
+        if pos == len(buf):
+            return [run]
+        return [run, *self.feed(buf[pos:])]
+
     def _garbage(self, out: list, buf: bytes, a: int, b: int) -> None:
         self.counts["garbage"] += 1
         out.append(FixError("garbage", buf[a:min(b, a + 256)], b - a,

@@ -58,9 +58,21 @@ import zlib
 from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
+import numpy as np
 import orjson
 
 from exposure.core.refdata import RefData
+from exposure.core.types import (
+    EVENT_DTYPE,
+    SIDE_BUY,
+    SIDE_SELL,
+    SIDE_SHORT,
+    T_CANCEL,
+    T_DONE,
+    T_FILL,
+    T_NEW,
+    T_REPLACE,
+)
 
 __all__ = ["Mapper", "MapResult", "MapperStateError", "FixFields", "ORDER_KEYS",
            "BEGIN_STRINGS", "COUNTED_EXEC_TYPES", "SNAPSHOT_VERSION", "MAX_QTY"]
@@ -91,6 +103,43 @@ _QTY_RE = re.compile(r"[0-9]{1,20}(?:\.0*)?")
 _DEC_RE = re.compile(r"[0-9]{1,20}\.[0-9]*")
 _PRICE_RE = re.compile(r"-?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})")
 _MAX_VALUE = 256              # characters of a key, ExecID, account or symbol looked up
+
+
+_KIND_NAMES = {1: "replace", 2: "cancel", 3: "done"}   # exposure.fix.fast's K_*
+_SIDE_OF_CODE = (None, "buy", "sell", "short")
+_SIDE_CODE = {None: 0, "buy": SIDE_BUY, "sell": SIDE_SELL, "short": SIDE_SHORT}
+# (map_batch's columns: exposure.fix.fast.COL of 17, 37, 11, 41)
+_KEY_COLS = [7, 6, 11, 12]
+# kernel kind -> the event's type code
+_TYPE_OF_KIND = np.array([T_NEW, T_REPLACE, T_CANCEL, T_DONE, T_FILL], np.uint8)
+
+
+def _records(rows, oids, accts, insts, sides, kind, qty, price, source: int) -> np.ndarray:
+    """The fast path's events as records (the same bytes as ``record_values`` of the
+    event dicts :meth:`Mapper.map` returns)."""
+    idx = np.array(rows, np.int64)
+    out = np.zeros(len(rows), EVENT_DTYPE)
+    k = kind[idx]
+    out["type"] = _TYPE_OF_KIND[k]
+    out["source"] = source
+    out["order_id"] = oids
+    out["account"] = accts
+    out["instrument"] = insts
+    out["side"] = sides
+    has_qty = k != 2
+    has_qty &= k != 3
+    out["qty"] = np.where(has_qty, qty[idx], 0)
+    out["price"] = np.where(has_qty, price[idx], 0.0)
+    return out
+
+
+def _dict_records(events: list[dict]) -> np.ndarray:
+    from exposure.engine.parse import RECORD, record_values
+
+    buf = bytearray(RECORD.size * len(events))
+    for k, e in enumerate(events):
+        RECORD.pack_into(buf, k * RECORD.size, *record_values(e))
+    return np.frombuffer(buf, EVENT_DTYPE).copy()
 
 
 class FixFields(Protocol):
@@ -231,6 +280,8 @@ class Mapper:
         # give the same results (tests/test_fix_mapping.py holds them equal); False: the
         # general path only.
         self.fast_path = True
+        self._tables = None           # the reference data's hash tables (map_batch)
+        self._tables_of = None
 
     # ------------------------------------------------------------------ the mapping
     def map(self, msg: FixFields) -> MapResult:
@@ -833,6 +884,182 @@ class Mapper:
             del mp._reports[next(iter(mp._reports))]
             mp._bump("evicted_reports")
         return mp
+
+    def map_batch(self, run, i0: int, i1: int) -> tuple[np.ndarray | None, list]:
+        """:meth:`map` of messages ``i0..i1`` of a :class:`exposure.fix.fast.FixRun`, in
+        order, with the same results and the same state as mapping each one: the common
+        reports' fields come from a compiled kernel (:func:`exposure.fix.fast.map_fields`)
+        and only the state changes run in Python; any other message goes to :meth:`map`.
+        Returns (the events as EVENT_DTYPE records, or None when there are none;
+        ``[(i, MapResult)]`` of the messages that went to :meth:`map`, in order: counted,
+        dead, or events, which are in the records too)."""
+        from exposure.fix.fast import K_FILL, K_NEW, K_REPLACE, RefTables, map_fields
+
+        tables = self._tables
+        if tables is None or self._tables_of is not self.refdata:
+            tables = self._tables = RefTables(self.refdata)
+            self._tables_of = self.refdata
+        ok, kind, acct, inst, side, qty, price, fin = map_fields(
+            run, i0, i1, self._fix42, self._secids, tables)
+        buf, vo, vl = run.buf, run.vo, run.vl
+        counts = self.counts
+        counts.setdefault("messages", 0)
+        keys, orders, trades, reports = self._keys, self._orders, self._trades, self._reports
+        by_orderid = self._by_orderid
+        src = self.source
+        sides = _SIDE_OF_CODE
+        chunks: list[np.ndarray] = []
+        fallbacks: list = []
+        rows: list[int] = []          # per event: the message's index in the kernel arrays
+        r_oid: list[int] = []
+        r_acct: list[int] = []
+        r_inst: list[int] = []
+        r_side: list[int] = []
+        nfast = 0
+        okl = ok.tolist()
+        kl = kind.tolist()
+        acct_l, inst_l, side_l, fin_l = acct.tolist(), inst.tolist(), side.tolist(), \
+            fin.tolist()
+        qty_l, price_l = qty.tolist(), price.tolist()
+        cols = vo[i0:i1, _KEY_COLS].tolist()
+        lens = vl[i0:i1, _KEY_COLS].tolist()
+
+        for r in range(i1 - i0):
+            if okl[r]:
+                res = None
+                k = kl[r]
+                o17, o37, o11, o41 = cols[r]
+                l17, l37, l11, l41 = lens[r]
+                exec_id = buf[o17:o17 + l17].decode("ascii", "replace")
+                if exec_id in trades or exec_id in reports:
+                    k = -1
+                else:
+                    o37 = buf[o37:o37 + l37].decode("ascii", "replace") if o37 >= 0 \
+                        else None
+                    if o37 == "NONE" or o37 == "":
+                        o37 = None
+                    orig = alias = None
+                    if by_orderid and o37 is not None:
+                        key = "O" + o37
+                    else:
+                        c = buf[o11:o11 + l11].decode("ascii", "replace") if o11 >= 0 \
+                            else None
+                        if not c:
+                            key = "O" + o37 if o37 is not None else None
+                        else:
+                            key = "C" + c
+                            o = buf[o41:o41 + l41].decode("ascii", "replace") if o41 >= 0 \
+                                else None
+                            if o and o != c:
+                                orig = "C" + o
+                            if o37 is not None and not by_orderid:
+                                alias = "O" + o37
+                    if key is None:
+                        k = -1
+                if k >= 0:
+                    oid = keys.get(key)
+                    if oid is None and orig is not None:
+                        oid = keys.get(orig)
+                    if oid is None and alias is not None:
+                        oid = keys.get(alias)
+                    if k == K_FILL or k == K_NEW:
+                        rec = None
+                        if k == K_FILL:
+                            if oid is None:
+                                k = -1
+                            else:
+                                rec = orders[oid]
+                        if k >= 0:
+                            account = acct_l[r]
+                            if account < 0:
+                                if rec is None or rec[3] < 0:
+                                    k = -1
+                                else:
+                                    account = rec[3]
+                            instrument = inst_l[r]
+                            if instrument < 0:
+                                if rec is None or rec[4] < 0:
+                                    k = -1
+                                else:
+                                    instrument = rec[4]
+                            sc = side_l[r]
+                            if sc == 0:
+                                if rec is None or rec[5] is None:
+                                    k = -1
+                                else:
+                                    sd = rec[5]
+                            else:
+                                sd = sides[sc]
+                        if k == K_FILL:
+                            if keys.get(key) != oid or (
+                                    orig is not None and keys.get(orig) != oid) or \
+                                    (alias is not None and keys.get(alias) != oid):
+                                rec = self._link(oid, rec, key, orig, alias)
+                            if fin_l[r] and not rec[2]:
+                                self._finish(oid, rec)
+                            trades[exec_id] = (oid, account, instrument, sd, qty_l[r],
+                                               price_l[r], False)
+                            if len(trades) > self.max_trades:
+                                del trades[next(iter(trades))]
+                                self._bump("evicted_trades")
+                            res = "fill"
+                        elif k == K_NEW:
+                            oid = keys.get(key)
+                            if oid is None and alias is not None:
+                                oid = keys.get(alias)
+                            rec = orders.get(oid) if oid is not None else None
+                            if rec is None or rec[2]:
+                                oid, rec = self._open_order(key, None, alias)
+                            else:
+                                rec = self._link(oid, rec, key, alias)
+                            rec = self._opened(oid, rec, account, instrument, sd)
+                            if fin_l[r]:
+                                self._finish(oid, rec)
+                            self._remember_report(exec_id)
+                            res = "new"
+                    else:
+                        rec = orders[oid] if oid is not None else None
+                        if rec is None or not rec[1] or rec[2]:
+                            k = -1
+                        else:
+                            rec = self._link(oid, rec, key, orig, alias)
+                            if k != K_REPLACE or fin_l[r]:
+                                self._finish(oid, rec)
+                            self._remember_report(exec_id)
+                            res = _KIND_NAMES[k]
+                            account = instrument = sc = 0
+                if res is not None:
+                    counts[res] = counts.get(res, 0) + 1
+                    nfast += 1
+                    rows.append(r)
+                    r_oid.append(oid)
+                    if k == K_FILL or k == K_NEW:
+                        r_acct.append(account)
+                        r_inst.append(instrument)
+                        r_side.append(_SIDE_CODE[sd])
+                    else:
+                        r_acct.append(0)
+                        r_inst.append(0)
+                        r_side.append(0)
+                    continue
+            # anything else: the general mapping, message by message
+            if rows:
+                chunks.append(_records(rows, r_oid, r_acct, r_inst, r_side, kind, qty,
+                                       price, src))
+                rows, r_oid, r_acct, r_inst, r_side = [], [], [], [], []
+            counts["messages"] += nfast
+            nfast = 0
+            res = self.map(run.message(i0 + r))
+            fallbacks.append((i0 + r, res))
+            if res.events:
+                chunks.append(_dict_records(res.events))
+        counts["messages"] += nfast
+        if rows:
+            chunks.append(_records(rows, r_oid, r_acct, r_inst, r_side, kind, qty, price,
+                                   src))
+        if not chunks:
+            return None, fallbacks
+        return (chunks[0] if len(chunks) == 1 else np.concatenate(chunks)), fallbacks
 
     def map_all(self, msgs: Iterable[FixFields]) -> list[MapResult]:
         """:meth:`map` of each message, in order."""

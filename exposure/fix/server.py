@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from exposure.fix.codec import FixError, FixMessage, FixReader, encode
+from exposure.fix.fast import FixRun
 from exposure.fix.session import SeqStore, Session, SessionConfig
 
 __all__ = ["FixEngine"]
@@ -71,7 +72,9 @@ class FixEngine:
                  clock: Callable[[], float] = time.monotonic,
                  on_batch: Callable[[], None] | None = None,
                  on_bad: Callable[[SessionConfig, str, bytes], None] | None = None,
-                 tick_s: float = 0.1) -> None:
+                 tick_s: float = 0.1,
+                 on_app_batch: Callable[[SessionConfig, Any, int, int], None] | None = None
+                 ) -> None:
         keys = [c.key for c in sessions]
         dup = sorted({k for k in keys if keys.count(k) > 1})
         if dup:
@@ -87,7 +90,10 @@ class FixEngine:
         self.read_size = read_size
         self.clock = clock
         self.tick_s = tick_s
-        self.sessions = {c.key: Session(c, store, self._deliver, clock=clock, on_bad=on_bad)
+        self._on_app_batch = on_app_batch
+        self.sessions = {c.key: Session(c, store, self._deliver, clock=clock, on_bad=on_bad,
+                                        on_app_batch=self._deliver_batch
+                                        if on_app_batch is not None else None)
                          for c in sessions}
         self._on_app = on_app
         self._delivered = 0
@@ -189,6 +195,10 @@ class FixEngine:
     def _deliver(self, config: SessionConfig, msg: FixMessage) -> None:
         self._on_app(config, msg)
         self._delivered += 1
+
+    def _deliver_batch(self, config: SessionConfig, run: Any, i: int, j: int) -> None:
+        self._on_app_batch(config, run, i, j)
+        self._delivered += j - i
 
     def _run(self) -> None:
         try:
@@ -370,12 +380,12 @@ class FixEngine:
         if not data:
             self._drop(c, "closed by the counterparty")
             return
-        items = c.reader.feed(data)
+        items = c.reader.feed_batch(data)
         if not items:
             return
         try:
             if c.session is None:
-                self._first(c, items)
+                self._first(c, _expand(items))
             else:
                 c.session.receive(items)
         except Exception:
@@ -479,3 +489,14 @@ class FixEngine:
         c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sel.modify(c.sock, selectors.EVENT_READ, c)
         s.connected()
+
+
+def _expand(items: list) -> list[FixMessage | FixError]:
+    """Runs (:class:`exposure.fix.fast.FixRun`) as their messages, one by one."""
+    out: list[FixMessage | FixError] = []
+    for it in items:
+        if isinstance(it, FixRun):
+            out += [it.message(i) for i in range(it.n)]
+        else:
+            out.append(it)
+    return out

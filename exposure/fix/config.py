@@ -29,6 +29,7 @@ GATEWAY_KEYS: dict[str, type | tuple[type, ...]] = {
 LIMIT_KEYS: dict[str, tuple[int, int, int]] = {
     # key: (default, least, most)
     "segment_bytes": (64 << 20, 1 << 16, 1 << 34),      # one journal segment file
+    "prewrite_bytes": (4 << 20, 0, 1 << 30),            # zeros written ahead (0: appends)
     "checkpoint_every": (100_000, 1, 1 << 40),          # journal records between checkpoints
     "pending_messages": (65_536, 16, 1 << 24),          # journaled, not yet durable
     "window": (262_144, 1024, 1 << 24),                 # the producer's window (events)
@@ -45,6 +46,7 @@ class GatewayConfigError(ValueError):
 @dataclass(frozen=True)
 class Limits:
     segment_bytes: int = LIMIT_KEYS["segment_bytes"][0]
+    prewrite_bytes: int = LIMIT_KEYS["prewrite_bytes"][0]
     checkpoint_every: int = LIMIT_KEYS["checkpoint_every"][0]
     pending_messages: int = LIMIT_KEYS["pending_messages"][0]
     window: int = LIMIT_KEYS["window"][0]

@@ -7,18 +7,21 @@ One JSON object per line, appended::
      "kind": "unknown_account", "reason": "unknown Account (1) 'PM9' (not in accounts.csv)",
      "raw": "8=FIX.4.4|9=178|35=8|34=812|...|10=093|"}
 
+``index``, where the writer has one, is the message's place in the writer's own journal
+(the gateway's inbound journal: two letters of the same session, seq and bytes at two
+indexes are two letters, and a gateway that replays its journal knows each one by it).
 ``raw`` is the message with SOH shown as ``|`` (bytes outside ASCII as the characters of
 the same code, latin-1); where the message itself holds a ``|``, ``raw_b64`` carries its
-exact bytes too. A letter is written once: one with the session, MsgSeqNum and bytes of
-one already in the file is not appended again (a gateway that maps its journal again
+exact bytes too. A letter is written once: one with the session, MsgSeqNum, bytes (and
+index) of one already in the file is not appended again (a gateway that maps its journal again
 after a restart meets the same dead messages again). The file is bounded by a number of
 letters and of bytes: at either bound :meth:`DeadLetterFile.append` raises
 :class:`DeadLetterFull` (counted in ``refused``) and writes nothing. A torn last line (a
 crash mid-append) is cut when the file is opened.
 
-:func:`redeliver` maps dead letters again through a mapper (the reference data fixed and
-reloaded) and returns the events and the letters still dead; :func:`rewrite` replaces the
-file with the letters that remain.
+:func:`redeliver` maps dead letters again through a mapper, or one per FIX session (the
+reference data fixed and reloaded), and returns the events, the letters passed on and the
+letters still dead; :func:`rewrite` replaces the file with the letters that remain.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import datetime as _dt
 import logging
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +40,10 @@ import orjson
 
 from exposure.core.fs import fsync_dir, publish_file
 from exposure.core.log import RateLog
-from exposure.fix.mapping import Mapper
+from exposure.fix.mapping import FixFields, Mapper
 
 __all__ = ["DeadLetter", "DeadLetterFile", "DeadLetterFull", "Redelivery", "RawFields",
-           "read_dead_letters", "redeliver", "rewrite", "show_raw", "MAX_LETTERS",
+           "read_dead_letters", "redeliver", "rewrite", "show_raw", "utc_now", "MAX_LETTERS",
            "MAX_BYTES"]
 
 log = logging.getLogger(__name__)
@@ -56,8 +60,8 @@ class DeadLetterFull(OSError):
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """One dead letter: when, from which FIX session and MsgSeqNum, why, and the message's
-    exact bytes."""
+    """One dead letter: when, from which FIX session and MsgSeqNum, why, the message's
+    exact bytes and (where the writer journals its messages) its journal index."""
 
     time: str
     session: str
@@ -65,14 +69,18 @@ class DeadLetter:
     reason: str
     raw: bytes
     kind: str = ""
+    index: int | None = None
 
-    def key(self) -> tuple[str, int | None, int]:
-        """What makes a letter the same letter: the session, the seq and the bytes' CRC."""
-        return (self.session, self.seq, zlib.crc32(self.raw))
+    def key(self) -> tuple[str, int | None, int, int | None]:
+        """What makes a letter the same letter: the session, the seq, the bytes' CRC and
+        the journal index."""
+        return (self.session, self.seq, zlib.crc32(self.raw), self.index)
 
     def to_json(self) -> bytes:
         d: dict = {"time": self.time, "session": self.session, "seq": self.seq,
                    "kind": self.kind, "reason": self.reason, "raw": show_raw(self.raw)}
+        if self.index is not None:
+            d["index"] = self.index
         if b"|" in self.raw:
             d["raw_b64"] = base64.b64encode(self.raw).decode("ascii")
         return orjson.dumps(d)
@@ -89,11 +97,13 @@ class DeadLetter:
             else:
                 raw = str(d["raw"]).replace("|", "\x01").encode("latin-1")
             seq = d.get("seq")
-            if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
-                raise ValueError(f"seq {seq!r}")
+            index = d.get("index")
+            for name, v in (("seq", seq), ("index", index)):
+                if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                    raise ValueError(f"{name} {v!r}")
             return cls(time=str(d.get("time", "")), session=str(d.get("session", "")),
                        seq=seq, reason=str(d.get("reason", "")), raw=raw,
-                       kind=str(d.get("kind", "")))
+                       kind=str(d.get("kind", "")), index=index)
         except (KeyError, UnicodeEncodeError, binascii.Error) as e:
             raise ValueError(f"not a dead letter: {e}") from None
 
@@ -103,7 +113,9 @@ def show_raw(raw: bytes) -> str:
     return raw.decode("latin-1").replace("\x01", "|")
 
 
-def _now(when: float | None) -> str:
+def utc_now(when: float | None = None) -> str:
+    """A letter's time: ``when`` (seconds since the epoch; default now) in UTC, to the
+    microsecond."""
     t = _dt.datetime.now(_dt.UTC) if when is None else \
         _dt.datetime.fromtimestamp(when, _dt.UTC)
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -165,10 +177,15 @@ class DeadLetterFile:
         return self.count >= self.max_letters or self.size >= self.max_bytes
 
     def append(self, session: str, seq: int | None, reason: str, raw: bytes, *,
-               kind: str = "", when: float | None = None) -> bool:
-        """Write one letter (``when``: its time, default now); False where the same letter
-        is in the file already. :class:`DeadLetterFull` at the file's bound."""
-        letter = DeadLetter(_now(when), session, seq, reason, bytes(raw), kind)
+               kind: str = "", when: float | None = None, index: int | None = None) -> bool:
+        """Write one letter (``when``: its time, default now; ``index``: its journal
+        index); False where the same letter is in the file already.
+        :class:`DeadLetterFull` at the file's bound."""
+        return self.write(DeadLetter(utc_now(when), session, seq, reason, bytes(raw), kind,
+                                     index))
+
+    def write(self, letter: DeadLetter) -> bool:
+        """:meth:`append` of a letter made already."""
         k = letter.key()
         if k in self._keys:
             self.duplicates += 1
@@ -243,32 +260,42 @@ class RawFields:
 class Redelivery:
     """What :func:`redeliver` found: ``events`` to pass on (in letter order), ``dead``: the
     letters still dead (with today's reason), ``counted``: letters that now map to nothing
-    on purpose, by name (``duplicate_exec_id``: passed on since)."""
+    on purpose, by name (``duplicate_exec_id``: passed on since); ``passed``: the letters
+    that are no longer dead (mapped to events or counted), in order."""
 
     events: list[dict] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     counted: dict[str, int] = field(default_factory=dict)
+    passed: list[DeadLetter] = field(default_factory=list)
 
 
-def redeliver(mapper: Mapper, letters: list[DeadLetter], session: str | None = None,
-              ) -> Redelivery:
+def redeliver(mapper: Mapper | Callable[[str], Mapper], letters: list[DeadLetter],
+              session: str | None = None, *,
+              fields: Callable[[bytes], FixFields] = RawFields) -> Redelivery:
     """Map ``letters`` (those of ``session`` only, when given; the others are kept as they
-    are) again through ``mapper``, in order. The mapper's state changes as for any
-    message mapped, so the caller journals the redelivery (or checkpoints the mapper)
-    before it passes the events on."""
+    are) again, in order, through ``mapper``: one Mapper, or a function giving the Mapper
+    of a letter's session (the gateway's, one per FIX session). ``fields`` makes a
+    message's fields of its bytes (the gateway passes the codec's ``FixMessage``, as for
+    the message's first mapping). The mappers' state changes as for any message mapped,
+    so the caller journals the redelivery (or checkpoints the mappers) before it passes
+    the events on. A letter still dead keeps its time and index, with today's reason."""
     out = Redelivery()
+    one = mapper if isinstance(mapper, Mapper) else None
     for letter in letters:
         if session is not None and letter.session != session:
             out.dead.append(letter)
             continue
-        res = mapper.map(RawFields(letter.raw))
+        m = one if one is not None else mapper(letter.session)  # type: ignore[operator]
+        res = m.map(fields(letter.raw))
         if res.dead is not None:
             out.dead.append(DeadLetter(letter.time, letter.session, letter.seq, res.dead,
-                                       letter.raw, res.dead_kind or ""))
-        elif res.counted is not None:
+                                       letter.raw, res.dead_kind or "", letter.index))
+            continue
+        if res.counted is not None:
             out.counted[res.counted] = out.counted.get(res.counted, 0) + 1
         else:
             out.events.extend(res.events)
+        out.passed.append(letter)
     return out
 
 

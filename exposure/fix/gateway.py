@@ -17,8 +17,9 @@ reference data (``D`` records, when the CSV files changed at a start or a redeli
 FIX session's source and BeginString (``S``), the messages (``M``) and the redeliver
 requests (``R``).
 
-:class:`GatewayState` is that deterministic part (no I/O but the dead-letter file);
-:class:`Gateway` the process around it.
+:class:`GatewayState` is that deterministic part (no I/O: a new dead letter goes to its
+``on_dead``); :class:`Gateway` the process around it, which keeps the dead-letter file
+(:mod:`exposure.fix.deadletter`) equal to the dead letters pending.
 """
 
 from __future__ import annotations
@@ -37,7 +38,17 @@ from typing import Any
 
 import orjson
 
+from exposure.core.log import RateLog
 from exposure.fix.config import GatewayConfig, session_key
+from exposure.fix.deadletter import (
+    DeadLetter,
+    DeadLetterFile,
+    DeadLetterFull,
+    read_dead_letters,
+    redeliver,
+    rewrite,
+    utc_now,
+)
 from exposure.fix.journal import (
     K_HEADER,
     K_MESSAGE,
@@ -55,6 +66,7 @@ from exposure.fix.journal import (
 __all__ = ["Gateway", "GatewayError", "GatewayState", "JournalSeqStore", "session_name"]
 
 log = logging.getLogger(__name__)
+_ratelog = RateLog(log)
 
 _STATE_VERSION = 1
 
@@ -82,12 +94,14 @@ def _refdata_from_bytes(instruments: bytes, accounts: bytes, caps=None):
 class GatewayState:
     """The journal's meaning: apply records in order, get the events each produces.
 
-    ``on_dead(index, session, seq, raw, reason)`` is called for every message that goes to
-    the dead letters (first time or again on a replay: the caller writes each index once).
+    ``on_dead(letter)`` is called for every message that goes to the dead letters (on a
+    replay too: the gateway sets it once its recovery is done). ``dead``: the letters
+    pending redeliver, by journal index (at most ``dead_limit``; more are counted,
+    ``dead_dropped``).
     """
 
     def __init__(self, *, caps=None, dead_limit: int = 1_000_000,
-                 on_dead: Callable[[int, str, int, bytes, str], None] | None = None):
+                 on_dead: Callable[[DeadLetter], None] | None = None):
         self.caps = caps
         self.dead_limit = dead_limit
         self.on_dead = on_dead
@@ -97,7 +111,7 @@ class GatewayState:
         self.inbound: dict[str, int] = {}      # FIX session -> last inbound seq taken
         self.params: dict[str, dict] = {}      # FIX session -> mapping parameters
         self.refdata_bytes: tuple[bytes, bytes] = (b"", b"")
-        self.dead: dict[int, tuple[str, int, bytes, str]] = {}  # pending, by index
+        self.dead: dict[int, DeadLetter] = {}  # pending, by journal index
         self.counters: dict[str, Any] = {
             "messages": 0, "events": 0, "dead_letters": 0, "redelivered": 0,
             "dead_dropped": 0, "counted": {}, "dead_reasons": {}}
@@ -115,7 +129,9 @@ class GatewayState:
         return {"version": _STATE_VERSION, "base": self.base, "events": self.events,
                 "index": self.index, "inbound": dict(self.inbound),
                 "params": {k: dict(v) for k, v in self.params.items()},
-                "refdata": self.refdata_bytes, "dead": dict(self.dead),
+                "refdata": self.refdata_bytes,
+                "dead": {i: (d.session, d.seq, d.raw, d.reason, d.kind, d.time)
+                         for i, d in self.dead.items()},
                 "counters": orjson.loads(orjson.dumps(self.counters)),
                 "mappers": {k: m.snapshot() for k, m in self._mappers.items()}}
 
@@ -127,7 +143,9 @@ class GatewayState:
         self.inbound = dict(snap["inbound"])
         self.params = {k: dict(v) for k, v in snap["params"].items()}
         self.refdata_bytes = tuple(snap["refdata"])
-        self.dead = dict(snap["dead"])
+        self.dead = {i: DeadLetter(t[5] if len(t) > 5 else "", t[0], t[1], t[3], t[2],
+                                   t[4] if len(t) > 4 else "", i)
+                     for i, t in snap["dead"].items()}  # (version 1 had 4-tuples)
         self.counters = snap["counters"]
         self._refdata = None
         self._mappers = {}
@@ -194,6 +212,30 @@ class GatewayState:
             return []
         raise GatewayError(f"journal record {rec.index}: unknown kind {k!r}")
 
+    def apply_messages(self, index: int, session: str, run, i: int, j: int, seqs
+                       ) -> np.ndarray | None:
+        """Apply ``M`` records ``index..`` holding messages ``i..j`` of a FixRun (with
+        MsgSeqNums ``seqs[i:j]``): the same state and events as :meth:`apply` of each
+        (:meth:`exposure.fix.mapping.Mapper.map_batch`; the messages it does not take go
+        through :meth:`_map`). Returns the events as EVENT_DTYPE records, or None."""
+        if index != self.index:
+            raise GatewayError(f"journal record {index} applied where {self.index} was due")
+        mapper = self._mapper(session)
+
+        def one(m: int) -> list[dict]:
+            self.index = index + (m - i) + 1
+            self.inbound[session] = int(seqs[m])
+            return self._map(index + (m - i), session, int(seqs[m]), run.raw(m), first=True)
+
+        self.counters["messages"] += j - i
+        evs, _ = mapper.map_batch(run, i, j, fallback=one)
+        self.index = index + (j - i)
+        self.inbound[session] = int(seqs[j - 1])
+        if evs is not None:
+            n = len(evs) - sum(1 for _ in ())  # (the fallbacks' events are counted by _map)
+            del n
+        return evs
+
     def _map(self, index: int, session: str, seq: int, raw: bytes, first: bool) -> list[dict]:
         from exposure.fix.codec import FixMessage
 
@@ -202,18 +244,17 @@ class GatewayState:
         if res.counted:
             c["counted"][res.counted] = c["counted"].get(res.counted, 0) + 1
         if res.dead:
-            if first:
-                kind = res.dead_kind or "other"
-                c["dead_letters"] += 1
-                c["dead_reasons"][kind] = c["dead_reasons"].get(kind, 0) + 1
-                if len(self.dead) < self.dead_limit:
-                    self.dead[index] = (session, seq, raw, res.dead)
-                else:
-                    c["dead_dropped"] += 1
+            kind = res.dead_kind or "other"
+            c["dead_letters"] += 1
+            c["dead_reasons"][kind] = c["dead_reasons"].get(kind, 0) + 1
+            if len(self.dead) < self.dead_limit:
+                letter = DeadLetter(utc_now(), session, seq, res.dead, raw, kind, index)
+                self.dead[index] = letter
                 if self.on_dead is not None:
-                    self.on_dead(index, session, seq, raw, res.dead)
+                    self.on_dead(letter)
             else:
-                self.dead[index] = (session, seq, raw, res.dead)
+                c["dead_dropped"] += 1
+                _dropped_log(index, session, seq, res.dead)
             return []
         if res.events:
             self.events += len(res.events)
@@ -221,14 +262,27 @@ class GatewayState:
         return list(res.events)
 
     def _redeliver(self) -> list[dict]:
-        out: list[dict] = []
-        for index in sorted(self.dead):
-            session, seq, raw, _ = self.dead.pop(index)
-            evs = self._map(index, session, seq, raw, first=False)
-            if index not in self.dead:
-                self.counters["redelivered"] += 1
-                out += evs
-        return out
+        """Map the pending dead letters again, in the order they arrived
+        (:func:`exposure.fix.deadletter.redeliver`, each through its session's Mapper and
+        the codec's FixMessage, as at first)."""
+        from exposure.fix.codec import FixMessage
+
+        out = redeliver(self._mapper, [self.dead[i] for i in sorted(self.dead)],
+                        fields=FixMessage)
+        self.dead = {d.index: d for d in out.dead}  # type: ignore[misc]
+        c = self.counters
+        for k, n in out.counted.items():
+            c["counted"][k] = c["counted"].get(k, 0) + n
+        c["redelivered"] += len(out.passed)
+        self.events += len(out.events)
+        c["events"] += len(out.events)
+        return out.events
+
+
+def _dropped_log(index: int, session: str, seq: int, reason: str) -> None:
+    _ratelog("dead_dropped", f"dead letters at their bound: journal record {index} "
+             f"({session} seq {seq}: {reason}) is counted, not held for redeliver (it "
+             "stays in the journal)", logging.ERROR)
 
 
 class JournalSeqStore:
@@ -274,38 +328,6 @@ class JournalSeqStore:
         os.replace(tmp, self.path)
 
 
-class _DeadFile:
-    """The dead-letter file, each dead letter written once (by journal index: a replay
-    after a restart meets the same dead letters again). JSON lines: index, session, seq,
-    reason, raw (the FIX bytes, SOH as \\x01)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.last = -1
-        with contextlib.suppress(FileNotFoundError):
-            with open(path, "rb") as f:
-                for line in f:
-                    with contextlib.suppress(orjson.JSONDecodeError, TypeError, KeyError,
-                                             ValueError):
-                        self.last = max(self.last, int(orjson.loads(line)["index"]))
-        self._f = None
-
-    def __call__(self, index: int, session: str, seq: int, raw: bytes, reason: str) -> None:
-        if index <= self.last:
-            return
-        if self._f is None:
-            self._f = open(self.path, "ab")  # noqa: SIM115 - kept open all day
-        self._f.write(orjson.dumps({"index": index, "session": session, "seq": seq,
-                                    "reason": reason,
-                                    "raw": raw.decode("latin-1")}) + b"\n")
-        self._f.flush()
-        self.last = index
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-
-
 class Gateway:
     """The gateway process's parts. ``start()`` locks the data directory, connects the
     producer, recovers from the journal, starts the committer and the FIX engine;
@@ -330,7 +352,8 @@ class Gateway:
         self._stop = False
         self._error: BaseException | None = None
         self._threads: list[threading.Thread] = []
-        self._dead: _DeadFile | None = None
+        self._dead: DeadLetterFile | None = None
+        self.dead_file_errors = 0
         self.node_rejects: dict[str, int] = {}
         self.started = time.time()
         self.sends = 0
@@ -362,11 +385,12 @@ class Gateway:
 
     def start(self) -> None:
         self._lock_dir()
-        self.journal = Journal.open(self.cfg.journal_dir, self.cfg.limits.segment_bytes)
-        self._dead = _DeadFile(self.cfg.dead_letter_file)
-        self.state.on_dead = self._dead
+        self.journal = Journal.open(self.cfg.journal_dir, self.cfg.limits.segment_bytes,
+                                    self.cfg.limits.prewrite_bytes)
         self.producer = self.open_producer()
         self._recover()
+        self._sync_dead_file()
+        self.state.on_dead = self._write_dead
         self._adopt_config()
         self.journal.sync()
         self._spawn(self._committer, "fix-commit")
@@ -454,6 +478,54 @@ class Gateway:
         self.say(f"recovered {replayed} journal records from record {start}: "
                  f"{st.counters['messages']} messages, exposure seq {st.seq} (the node "
                  f"held {held}), {len(st.dead)} dead letters pending")
+
+    # -- the dead-letter file: the letters pending, each with its journal index ---------
+
+    def _open_dead_file(self) -> None:
+        self._dead = DeadLetterFile(self.cfg.dead_letter_file,
+                                    max_letters=self.cfg.limits.dead_letters, fsync=False)
+
+    def _sync_dead_file(self) -> None:
+        """After a recovery: make the dead-letter file hold exactly the letters pending
+        (by journal index; the times already on file kept), then open it for appends. A
+        crash between a redeliver's rewrite and its journal record, or a file of an older
+        gateway, is put right here."""
+        path = self.cfg.dead_letter_file
+        letters, bad = read_dead_letters(path)
+        pending = self.state.dead
+        if bad or [d.index for d in letters] != sorted(pending):
+            times = {d.index: d.time for d in letters if d.index in pending}
+            for i, d in pending.items():
+                if i in times:
+                    pending[i] = DeadLetter(times[i], d.session, d.seq, d.reason, d.raw,
+                                            d.kind, i)
+            rewrite(path, [pending[i] for i in sorted(pending)])
+            log.info("dead letters %s rewritten: %d pending (the file had %d, %d "
+                     "unreadable lines)", path, len(pending), len(letters), bad)
+        self._open_dead_file()
+
+    def _write_dead(self, letter: DeadLetter) -> None:
+        """``GatewayState.on_dead``: append a new letter (not synced: the journal holds
+        the message, and a restart rewrites the file from it). A full or failing file is
+        counted and logged, never an error of the FIX session."""
+        if self._dead is None:
+            return
+        try:
+            self._dead.write(letter)
+        except DeadLetterFull:
+            self.dead_file_errors += 1
+        except OSError as e:
+            self.dead_file_errors += 1
+            log.error("dead letters %s: cannot write journal record %s: %s",
+                      self._dead.path, letter.index, e)
+
+    def _rewrite_dead(self) -> None:
+        """After a redeliver: the file holds the letters still pending."""
+        if self._dead is not None:
+            self._dead.close()
+        rewrite(self.cfg.dead_letter_file,
+                [self.state.dead[i] for i in sorted(self.state.dead)])
+        self._open_dead_file()
 
     def _send(self, events: list[dict]) -> None:
         """Pass events on; their seqs must be the journal's."""
@@ -606,6 +678,7 @@ class Gateway:
             changed = self._adopt_refdata()
             ev0 = self.state.events
             self._append_apply(K_REDELIVER, "", 0, b"")
+            self._rewrite_dead()
             self._cond.notify_all()
             return {"dead_letters_before": before, "passed_on": before - len(self.state.dead),
                     "still_dead": len(self.state.dead), "events": self.state.events - ev0,
@@ -624,6 +697,7 @@ class Gateway:
             "session": self.cfg.session, "messages": c["messages"], "events": c["events"],
             "dead_letters": c["dead_letters"], "dead_pending": len(st.dead),
             "dead_reasons": dict(c["dead_reasons"]), "redelivered": c["redelivered"],
+            "dead_dropped": c["dead_dropped"], "dead_file_errors": self.dead_file_errors,
             "not_mapped": dict(c["counted"]), "seq": st.seq,
             "acked": int(p.acked) if p is not None else 0,
             "node_rejects": dict(self.node_rejects),
@@ -647,7 +721,8 @@ class Gateway:
         gw = cls(cfg, say)
         gw._lock_dir()
         try:
-            gw.journal = j = Journal.open(cfg.journal_dir, cfg.limits.segment_bytes)
+            gw.journal = j = Journal.open(cfg.journal_dir, cfg.limits.segment_bytes,
+                                              cfg.limits.prewrite_bytes)
             start = 0
             for ck in sorted(j.checkpoints, reverse=True):
                 if not j.segments or j.segments[0].first <= ck:
@@ -665,6 +740,8 @@ class Gateway:
             res["sent_at_next_start"] = True
             return res
         finally:
+            if gw._dead is not None:  # (opened by the redeliver's rewrite)
+                gw._dead.close()
             if gw.journal is not None:
                 gw.journal.close()
             if gw._lockfd >= 0:

@@ -20,10 +20,21 @@ Records are numbered from 0 since the journal began (the *index*). Appends go to
 :meth:`Journal.sync` writes the buffer and ``fdatasync``s it (one call per batch: a group
 commit). A record is durable once the sync that wrote it returned.
 
+**Prewritten space**, as the node's journal (:mod:`exposure.store.journal`, the shared
+code in :mod:`exposure.store.prewrite`): the writer keeps zeros written ahead of its data,
+``prewrite`` bytes at a time (4 MiB; ``[limits] prewrite_bytes``, 0: plain appends), and
+writes each group commit over them, so its ``fdatasync`` commits no file size. The newest
+segment therefore ends in zeros: a record header of 8 zero bytes is the **end of the
+data** (no record has length 0), not a torn record. A segment is cut to its data when the
+writer rolls away from it or closes it, and :meth:`Journal.open` cuts the newest one's.
+
 After a crash (:meth:`Journal.open`), the newest segment may end in a torn write (the
-sync that had not returned): it is cut off at the first record that is short or fails its
-checksum, and logged. A bad record anywhere else is a :class:`JournalError` naming the
-file and the byte offset.
+sync that had not returned): a record header cut short, a length that cannot be (under
+10 bytes, over 256 MiB, past the file's end), or a last record whose checksum fails and
+that reaches the end of the file or the zeros. It is cut off and logged. Anything else
+that is wrong (a bad record with a good one after it, zeros in a segment that is not the
+newest, a bad record in an older segment) is a :class:`JournalError` naming the file and
+the byte offset.
 
 A checkpoint is a pickled state (what the gateway hands :meth:`Journal.write_checkpoint`)
 behind a magic and a crc32c, written to a temporary file, synced and renamed, so a
@@ -33,6 +44,7 @@ checkpoints and segments the gateway no longer needs (it says which: docs/fix.md
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -45,6 +57,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import crc32c
+
+from exposure.store.prewrite import PREWRITE, reserve
 
 __all__ = ["Journal", "JournalError", "Record", "KINDS", "K_MESSAGE", "K_SEQ", "K_REFDATA",
            "K_REDELIVER", "K_HEADER", "K_SESSION", "encode_refdata", "decode_refdata"]
@@ -63,6 +77,7 @@ _MAX_RECORD = 1 << 28
 _SEG = re.compile(r"^seg-(\d{16})\.fj$")
 _CK = re.compile(r"^checkpoint-(\d{16})\.ck$")
 _CK_MAGIC = b"EXPFIXC1"
+_ZERO_HEAD = bytes(_REC.size)
 
 
 class JournalError(RuntimeError):
@@ -113,6 +128,30 @@ def encode_record(kind: bytes, session: str, seq: int, body: bytes) -> bytes:
     return _REC.pack(len(payload), crc32c.crc32c(payload)) + payload
 
 
+def _bad_record(data: bytes, mv: memoryview, pos: int, newest: bool) -> str | None:
+    """What is wrong with the record at ``pos`` (None: nothing; ``"zeros"``: a zero
+    header, prewritten space). In the newest segment a bad checksum or kind is a torn
+    write only where the record reaches the file's end or the zeros; with a record after
+    it, the text ends in "follows)" (corruption)."""
+    if pos + _REC.size > len(data):
+        return "a short record header"
+    if data[pos:pos + _REC.size] == _ZERO_HEAD:
+        return "zeros"
+    length, crc = _REC.unpack_from(data, pos)
+    end = pos + _REC.size + length
+    if length < 10 or length > _MAX_RECORD or end > len(data):
+        return f"a bad record length {length}"
+    if crc32c.crc32c(mv[pos + _REC.size:end]) != crc:
+        bad = "a bad checksum"
+    elif data[pos + _REC.size] not in _KIND_SET:
+        bad = "an unknown record kind"
+    else:
+        return None
+    if newest and (end == len(data) or data[end:end + _REC.size] == _ZERO_HEAD):
+        return bad
+    return f"{bad} (a good record follows)" if newest else bad
+
+
 def _decode(payload: memoryview, index: int) -> Record:
     kind = bytes(payload[:1])
     n = payload[1]
@@ -126,9 +165,12 @@ class Journal:
     the data directory's lock. ``append`` is called under the gateway's lock; ``sync`` from
     its committer thread (it takes the buffer under ``self._lock`` and writes outside)."""
 
-    def __init__(self, directory: Path, segment_bytes: int = 64 << 20):
+    def __init__(self, directory: Path, segment_bytes: int = 64 << 20,
+                 prewrite: int = PREWRITE):
         self.dir = Path(directory)
         self.segment_bytes = segment_bytes
+        self.prewrite = max(0, int(prewrite))
+        self._alloc = 0              # where the newest segment's file ends (zeros past data)
         self._lock = threading.Lock()
         self._buf = bytearray()
         self._buf_records = 0
@@ -145,11 +187,12 @@ class Journal:
     # -- opening and reading -------------------------------------------------------------
 
     @classmethod
-    def open(cls, directory: Path, segment_bytes: int = 64 << 20) -> Journal:
+    def open(cls, directory: Path, segment_bytes: int = 64 << 20,
+             prewrite: int = PREWRITE) -> Journal:
         """Open (creating) the journal in ``directory``: list its segments and checkpoints,
-        check the records of the newest segment, cut a torn tail. Reading records is
-        :meth:`records`."""
-        j = cls(directory, segment_bytes)
+        check the records of the newest segment, cut a torn tail or the prewritten zeros.
+        Reading records is :meth:`records`."""
+        j = cls(directory, segment_bytes, prewrite)
         j.dir.mkdir(parents=True, exist_ok=True)
         for tmp in j.dir.glob("*.tmp"):
             tmp.unlink()
@@ -160,11 +203,12 @@ class Journal:
                 j.checkpoints.append(int(m.group(1)))
         if j.segments:
             last = j.segments[-1]
-            n, good, size = j._scan(last.path, last.first, tolerate_tail=True)
+            n, good, size, torn = j._scan(last.path, last.first, tolerate_tail=True)
             if good < size:
-                j.torn_bytes = size - good
-                log.warning("journal %s: a torn tail of %d bytes cut off at byte %d (a "
-                            "write that had not returned)", last.path, size - good, good)
+                if torn:
+                    j.torn_bytes = size - good
+                    log.warning("journal %s: a torn tail of %d bytes cut off at byte %d (a "
+                                "write that had not returned)", last.path, size - good, good)
                 with open(last.path, "r+b") as f:
                     f.truncate(good)
                     os.fsync(f.fileno())
@@ -172,30 +216,28 @@ class Journal:
             j.durable_index = j.next_index
         return j
 
-    def _scan(self, path: Path, first: int, tolerate_tail: bool) -> tuple[int, int, int]:
-        """(records, bytes of whole good records, file size) of one segment."""
+    def _scan(self, path: Path, first: int, tolerate_tail: bool
+              ) -> tuple[int, int, int, bool]:
+        """(records, bytes of whole good records, file size, whether what follows them is
+        a torn write rather than prewritten zeros) of one segment; ``tolerate_tail``: the
+        newest segment (the rules of the module's docstring)."""
         data = path.read_bytes()
         pos = n = 0
+        mv = memoryview(data)
         while pos < len(data):
-            bad = None
-            if pos + _REC.size > len(data):
-                bad = "a short record header"
-            else:
-                length, crc = _REC.unpack_from(data, pos)
-                end = pos + _REC.size + length
-                if length < 10 or length > _MAX_RECORD or end > len(data):
-                    bad = f"a bad record length {length}"
-                elif crc32c.crc32c(memoryview(data)[pos + _REC.size:end]) != crc:
-                    bad = "a bad checksum"
-                elif data[pos + _REC.size] not in _KIND_SET:
-                    bad = "an unknown record kind"
+            bad = _bad_record(data, mv, pos, tolerate_tail)
+            if bad == "zeros":
+                if not tolerate_tail:
+                    raise JournalError(f"{path}: zeros at byte {pos} (record {first + n}) "
+                                       "in a segment that is not the newest")
+                return n, pos, len(data), False
             if bad:
-                if tolerate_tail:
-                    return n, pos, len(data)
+                if tolerate_tail and not bad.endswith("follows)"):
+                    return n, pos, len(data), True
                 raise JournalError(f"{path}: {bad} at byte {pos} (record {first + n})")
-            pos = end
+            pos += _REC.size + _REC.unpack_from(data, pos)[0]
             n += 1
-        return n, pos, len(data)
+        return n, pos, len(data), False
 
     def records(self, start: int = 0) -> Iterator[Record]:
         """Every record from index ``start`` on, in order; JournalError where one is
@@ -215,15 +257,14 @@ class Journal:
             data = seg.path.read_bytes()
             pos, idx = 0, seg.first
             mv = memoryview(data)
+            newest = nxt is None
             while pos < len(data):
-                if pos + _REC.size > len(data):
-                    raise JournalError(f"{seg.path}: a short record header at byte {pos}")
-                length, crc = _REC.unpack_from(data, pos)
-                end = pos + _REC.size + length
-                if length < 10 or end > len(data) or \
-                        crc32c.crc32c(mv[pos + _REC.size:end]) != crc:
-                    raise JournalError(f"{seg.path}: a bad record at byte {pos} "
-                                       f"(record {idx})")
+                bad = _bad_record(data, mv, pos, newest)
+                if bad == "zeros" and newest:
+                    break  # the end of the data: prewritten space
+                if bad:
+                    raise JournalError(f"{seg.path}: {bad} at byte {pos} (record {idx})")
+                end = pos + _REC.size + _REC.unpack_from(data, pos)[0]
                 if idx >= start:
                     yield _decode(mv[pos + _REC.size:end], idx)
                 pos, idx = end, idx + 1
@@ -311,21 +352,46 @@ class Journal:
             self._buf_records = 0
         if self._fd < 0 or self._seg_size >= self.segment_bytes:
             self._roll(first)
+        if self.prewrite:
+            self._alloc = reserve(self._fd, self._seg_size, self._alloc, len(buf),
+                                  self.prewrite, self.segment_bytes)
         view = memoryview(buf)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        at = self._seg_size
+        try:
+            while view:
+                n = os.pwrite(self._fd, view, at)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short "
+                                  "write to the FIX journal)")
+                view, at = view[n:], at + n
+        except OSError:  # never leave half a record behind (the zeros back, or the end)
+            if self._alloc > self._seg_size:
+                os.pwrite(self._fd, bytes(min(at - self._seg_size,
+                                              self._alloc - self._seg_size)), self._seg_size)
+            else:
+                os.ftruncate(self._fd, self._seg_size)
+            raise
         os.fdatasync(self._fd)
+        self._alloc = max(self._alloc, at)
         self._seg_size += len(buf)
         self.bytes_written += len(buf)
         self.syncs += 1
         self.durable_index = upto
         return upto
 
-    def _roll(self, first: int) -> None:
+    def _cut(self) -> None:
+        """Close the current segment, cut to its data (the prewritten zeros off)."""
         if self._fd >= 0:
+            if self._alloc > self._seg_size:
+                os.ftruncate(self._fd, self._seg_size)
+                os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
+            self._alloc = 0
+
+    def _roll(self, first: int) -> None:
+        if self._fd >= 0:
+            self._cut()
         if self.segments and self._fd < 0 and self._seg_size == 0 and \
                 self.segments[-1].first <= first and \
                 self.segments[-1].path.stat().st_size < self.segment_bytes:
@@ -333,14 +399,14 @@ class Journal:
         else:
             seg = _Segment(first, self.dir / _seg_name(first))
             self.segments.append(seg)
-        self._fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._seg_size = os.fstat(self._fd).st_size
+        self._fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        self._seg_size = self._alloc = os.fstat(self._fd).st_size
         _fsync_dir(self.dir)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Close the newest segment, cut to its data (the records appended and not
+        synced are not written: :meth:`sync` first)."""
+        self._cut()
 
     def disk_bytes(self) -> int:
         total = 0

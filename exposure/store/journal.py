@@ -16,7 +16,8 @@ a file header and then blocks, one block per group commit::
 Checksums are CRC32C (the ``crc32c`` package, hardware-accelerated). Sequence numbers run
 on without a gap from block to block and from segment to segment.
 
-**Prewritten space.** The writer keeps zeros written (and made durable) ahead of its last
+**Prewritten space** (:mod:`exposure.store.prewrite`, shared with the FIX gateway's
+journal). The writer keeps zeros written (and made durable) ahead of its last
 block, ``prewrite`` bytes at a time, and writes blocks over them: an ``fdatasync`` that
 covers only overwritten, already-allocated blocks has no file size or extent to commit, so
 the filesystem's metadata journal stays out of the acknowledgement path (on this machine's
@@ -54,6 +55,7 @@ import numpy as np
 
 from exposure.core.fs import fsync_dir
 from exposure.core.types import EVENT_DTYPE, EVENT_SIZE, EVENT_WORDS, W_GSEQ
+from exposure.store.prewrite import PREWRITE, reserve
 
 __all__ = ["JournalError", "JournalWriter", "JournalCursor", "Block", "ScanResult", "scan",
            "read_blocks", "read_record", "segment_name", "segments", "first_gseq", "FILE_HEADER",
@@ -356,9 +358,6 @@ def read_record(directory: str | Path, gseq: int) -> np.ndarray | None:
     return None if w is None else w[0].copy()
 
 
-PREWRITE = 4 << 20  # bytes of zeros written ahead of the data (JournalWriter's default)
-
-
 class JournalWriter:
     """Appends blocks to the newest segment, rolling at ``segment_bytes``.
 
@@ -403,36 +402,6 @@ class JournalWriter:
             os.close(self.fd)
             self.fd = -1
 
-    def _prewrite(self, need: int) -> None:
-        """Make the file reach ``size + need`` bytes, with zeros past the data, extending it
-        by at least ``prewrite`` (never past the segment's end by more than one block). A
-        short write (a full disk) leaves the file as it was and raises ENOSPC."""
-        target = self.size + need
-        if target <= self.alloc:
-            return
-        end = max(target, min(self.alloc + self.prewrite, self.segment_bytes))
-        try:
-            self._zeros(end)
-        except OSError as e:  # a nearly full disk: room for this block only, if there is
-            if e.errno != errno.ENOSPC or end == target:
-                raise
-            self._zeros(target)
-
-    def _zeros(self, end: int) -> None:
-        zeros = bytes(min(end - self.alloc, 1 << 20))
-        at = self.alloc
-        try:
-            while at < end:
-                n = os.pwrite(self.fd, zeros[:end - at], at)
-                if n <= 0:
-                    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short write "
-                                  "of the journal's prewritten space)")
-                at += n
-        except OSError:
-            os.ftruncate(self.fd, self.alloc)
-            raise
-        self.alloc = end
-
     def _roll(self, first: int) -> None:
         self._cut()
         path = self.dir / segment_name(first)
@@ -468,7 +437,8 @@ class JournalWriter:
         head = head[:-4] + struct.pack("<I", crc32c.crc32c(head[:_BH_CRC_SPAN]))
         total = len(head) + n * EVENT_SIZE
         if self.prewrite:
-            self._prewrite(total)
+            self.alloc = reserve(self.fd, self.size, self.alloc, total, self.prewrite,
+                                 self.segment_bytes)
         done = os.pwritev(self.fd, [head, payload], self.size)
         if done != total:  # a short write (disk full): never leave half a block behind
             if self.alloc > self.size:  # the zeros back where the block began

@@ -390,6 +390,212 @@ def _wait_if_starting(cfg, timeout: float) -> None:
         time.sleep(0.05)
 
 
+# ------------------------------------------------------------------ start-of-day loads
+_LOAD_KINDS = {"refdata": "instruments", "limits": "limits", "positions": "positions"}
+
+
+def _cmd_load(args: argparse.Namespace) -> int:
+    """``exposure refdata|limits|positions load FILE``: check the whole file, then send its
+    events on one operator session (through the cluster's routing with --cluster)."""
+    from exposure.core.loads import LoadError, read_load
+    from exposure.core.refdata import RefDataError, load_refdata
+
+    kind = _LOAD_KINDS[args.cmd]
+    say = f"exposure {args.cmd} load"
+    if args.cluster and (args.config or args.secret_file):
+        return _fail("--cluster takes each partition's config and secret from the cluster "
+                     "file; leave out --config and --secret-file")
+    if args.cluster:
+        cl = _load_cluster(args.cluster)
+        names, configs, cfg0 = list(cl.names), list(cl.configs), cl.configs[0]
+    else:
+        cl, cfg0 = None, _load_cfg(args.config)
+        names, configs = [cfg0.name], [cfg0]
+    refs = cfg0.names
+    if args.instruments or args.accounts:
+        try:
+            refs = load_refdata(args.instruments, args.accounts, cfg0.caps)
+        except RefDataError as e:
+            return _fail(str(e))
+    try:
+        load = read_load(args.file, kind, refs, cfg0.caps)
+    except LoadError as e:
+        print(f"{say}: {e}", file=sys.stderr)
+        return 1
+    print(f"{say}: {args.file}: {len(load.events)} {kind} rows checked", flush=True)
+    if args.check or not load.events:
+        return 0
+    sessions = [args.session or c.max_sessions for c in configs]
+    secrets = []
+    for name, c, s in zip(names, configs, sessions, strict=True):
+        if not 1 <= s <= min(c.max_sessions, 2**32 - 1):
+            return _fail(f"--session {s}: {name!r} takes session ids 1..{c.max_sessions}")
+        sec = _load_secret(args, c, s, name)
+        if isinstance(sec, int):
+            return sec
+        secrets.append(sec)
+    from exposure.engine.parse import records_from_objects
+
+    recs = records_from_objects(load.events)
+    if cl is not None:
+        from exposure.core.routing import ALL, route
+
+        dest = route(recs, cl.pmap)
+        parts = [np.flatnonzero((dest == k) | (dest == ALL)) for k in range(len(configs))]
+    else:
+        parts = [np.arange(len(recs))]
+    for c in configs:
+        _wait_if_starting(c, args.timeout)
+    results: list = [None] * len(configs)
+
+    def one(k: int) -> None:
+        try:
+            results[k] = _load_send(configs[k], sessions[k], secrets[k], recs[parts[k]],
+                                    args.timeout)
+        except Exception as e:  # noqa: BLE001  (reported as this partition's failure)
+            results[k] = e
+
+    if len(configs) == 1:
+        one(0)
+    else:
+        import threading
+
+        threads = [threading.Thread(target=one, args=(k,), daemon=True)
+                   for k in range(len(configs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    code = 0
+    for k, r in enumerate(results):
+        where = f" (partition {names[k]!r})" if cl is not None else ""
+        if isinstance(r, Exception):
+            print(f"{say}: {names[k]}: {r}", file=sys.stderr)
+            code = 1
+            continue
+        sent, acked, session, rejected = r
+        print(f"{say}: {names[k]}: {sent} sent, {acked} acknowledged, {len(rejected)} "
+              f"rejected (session {session})", flush=True)
+        for idx, reason in rejected:
+            code = 1
+            line = (f"line {load.line_of(int(parts[k][idx]))}" if idx is not None
+                    else "a row of this send (the node did not say which)")
+            print(f"{say}: {args.file} {line}{where}: rejected: {reason}", file=sys.stderr)
+    return code
+
+
+def _load_secret(args: argparse.Namespace, cfg, session: int, name: str):
+    """The secret of ``session`` for ``cfg`` (--secret-file, else its sessions file, else
+    None), or an exit code."""
+    from pathlib import Path
+
+    from exposure.net.sessions import MIN_SECRET, SessionsError, secret_for
+
+    try:
+        if args.secret_file:
+            secret = Path(args.secret_file).read_bytes().strip()
+            if len(secret) < MIN_SECRET:
+                return _fail(f"--secret-file {args.secret_file}: {len(secret)} bytes; a "
+                             f"secret has at least {MIN_SECRET}")
+            return secret
+        if cfg.sessions_file is not None:
+            return secret_for(cfg.sessions_file, session)
+    except OSError as e:
+        return _fail(f"cannot read the secret {args.secret_file!r}: {e.strerror or e}")
+    except SessionsError as e:
+        return _fail(f"{name}: no secret for session {session}: {e} (use --secret-file)")
+    return None
+
+
+def _load_send(cfg, session: int, secret, recs: np.ndarray, timeout: float):
+    """Send ``recs`` on one producer, wait for every acknowledgement; (sent, acknowledged,
+    session, [(index in recs or None, reason)])."""
+    from exposure.net.producer import AuthError, Producer, ProducerError
+
+    try:
+        p = Producer(cfg, session, secret=secret, window=65536, send_timeout=timeout,
+                     connect_timeout=timeout)
+    except AuthError as e:
+        raise RuntimeError(f"login refused: {e}") from None
+    except ProducerError as e:
+        raise RuntimeError(f"cannot reach the node: {e}") from None
+    try:
+        first = p.sent + 1
+        last = p.send(recs)
+        p.flush(timeout)
+        rejected: list = []
+        for ack in p.results(timeout=timeout):
+            for seq, reason in ack.rejected:
+                rejected.append((seq - first if first <= seq <= last else None, reason))
+            if ack.upto >= last:
+                break
+        return len(recs), p.acked - first + 1, session, rejected
+    finally:
+        try:
+            p.close(timeout)
+        except ProducerError as e:
+            log.warning("session %s: %s", session, e)
+
+def _cmd_roll(args: argparse.Namespace) -> int:
+    """``exposure roll [--config FILE | --cluster FILE] [--date YYYY-MM-DD]``: one roll
+    through an operator session, then the closing day's fund line (exposure.ops.roll)."""
+    from pathlib import Path
+
+    from exposure.net.sessions import MIN_SECRET, SessionsError, secret_for
+    from exposure.ops.roll import RollError, describe, last_roll, roll_cluster, roll_date, roll_node
+
+    if args.cluster and (args.config or args.secret_file):
+        return _fail("--cluster takes each partition's config and secret from the cluster "
+                     "file; leave out --config and --secret-file")
+    cl = _load_cluster(args.cluster) if args.cluster else None
+    cfgs = list(cl.configs) if cl else [_load_cfg(args.config)]
+    try:
+        date = roll_date(cfgs[0], args.date)
+    except ValueError as e:
+        return _fail(f"--date: {e}")
+    secrets = []
+    for cfg in cfgs:
+        session = args.session or cfg.max_sessions
+        if not 1 <= session <= cfg.max_sessions:
+            return _fail(f"--session {session}: node {cfg.name!r} takes session ids "
+                         f"1..{cfg.max_sessions}")
+        try:
+            if args.secret_file:
+                secret = Path(args.secret_file).read_bytes().strip()
+                if len(secret) < MIN_SECRET:
+                    return _fail(f"--secret-file {args.secret_file}: {len(secret)} bytes; a "
+                                 f"secret has at least {MIN_SECRET}")
+            else:
+                secret = (secret_for(cfg.sessions_file, session)
+                          if cfg.sessions_file is not None else None)
+        except OSError as e:
+            return _fail(f"cannot read the secret: {e.strerror or e}")
+        except SessionsError as e:
+            return _fail(f"no secret for session {session}: {e} (use --secret-file)")
+        secrets.append(secret)
+        last, _ = last_roll(cfg)
+        if date and last >= date:
+            from exposure.core.day import date_text
+
+            return _fail(f"node {cfg.name!r} has already rolled {date_text(last)}; a roll "
+                         f"closes a later day (--date)")
+        _wait_if_starting(cfg, args.timeout)
+    try:
+        if cl is not None:
+            res = roll_cluster(cl, date, args.session or cfgs[0].max_sessions, secrets,
+                               args.timeout)
+        else:
+            res = roll_node(cfgs[0], date, args.session or cfgs[0].max_sessions, secrets[0],
+                            args.timeout)
+    except RollError as e:
+        return _fail(str(e), 1)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(res) + b"\n")
+    else:
+        print(describe(res))
+    return 0
+
+
 def _cmd_metrics(args: argparse.Namespace) -> int:
     import signal
 
@@ -774,6 +980,54 @@ def _parser() -> argparse.ArgumentParser:
                    help="the session's secret (default: from the [ingest] sessions file of "
                         "--config, when this machine can read it)")
     r.set_defaults(func=_cmd_send)
+
+    for cmd, what in (("refdata", "instruments.csv (symbol, instrument, multiplier, "
+                                  "margin_rate, beta, sector, name): instrument events"),
+                      ("limits", "accounts.csv (account or name; gross, net, margin, "
+                                 "loss): limit events"),
+                      ("positions", "positions.csv (account or name, instrument or symbol, "
+                                    "qty, price): position events")):
+        r = sub.add_parser(cmd, help=f"start-of-day load of {what}; the whole file is "
+                           "checked first, and nothing is sent when a row is bad")
+        r.add_argument("action", choices=("load",))
+        r.add_argument("file", help="the CSV file (docs/operations.md, Trading day)")
+        r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+        r.add_argument("--cluster", metavar="FILE",
+                       help="through a cluster: each event to its account's partition "
+                            "(instrument events to every partition)")
+        r.add_argument("--session", type=int, default=0,
+                       help="the operator session (default: the last session id, [ingest] "
+                            "max_sessions, 256 unless raised)")
+        r.add_argument("--secret-file", metavar="FILE",
+                       help="the session's secret (default: from the config's sessions file)")
+        r.add_argument("--accounts", metavar="FILE",
+                       help="resolve account names through this accounts.csv (default: the "
+                            "config's [reference] accounts)")
+        r.add_argument("--instruments", metavar="FILE",
+                       help="resolve symbols through this instruments.csv (default: the "
+                            "config's [reference] instruments)")
+        r.add_argument("--check", action="store_true", help="check the file, send nothing")
+        r.add_argument("--timeout", type=float, default=60.0,
+                       help="seconds to reach the node and for its acknowledgements "
+                            "(default 60)")
+        r.set_defaults(func=_cmd_load)
+
+    r = sub.add_parser("roll", help="start a new trading day: one roll through an operator "
+                       "session, then the closing day's fund line (docs/operations.md)")
+    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--cluster", metavar="FILE", help="roll every partition of a cluster")
+    r.add_argument("--date", metavar="YYYY-MM-DD",
+                   help="the trading day it closes (default: the one in progress by the "
+                        "node's [day] schedule; without one the roll is undated)")
+    r.add_argument("--session", type=int, default=0,
+                   help="the operator session, entitled to roll (default: the last session "
+                        "id, [ingest] max_sessions)")
+    r.add_argument("--secret-file", metavar="FILE",
+                   help="the session's secret (default: from the config's sessions file)")
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    r.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to reach the node and for its acknowledgement (default 60)")
+    r.set_defaults(func=_cmd_roll)
 
     r = sub.add_parser("fix", help="the FIX drop-copy gateway: FIX sessions in, one "
                        "session to the node out (docs/fix.md)")

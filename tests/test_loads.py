@@ -168,6 +168,14 @@ def test_ids_are_checked_against_the_node_capacities(tmp_path):
         {"type": "position", "account": 5000, "instrument": 70000, "qty": 1}]
 
 
+def test_a_file_longer_than_the_capacity_is_refused_as_a_whole(tmp_path):
+    caps = Capacities(accounts=16)
+    f = write(tmp_path, "l.csv", "account,gross\n" + "".join(f"{a},1\n" for a in range(17)))
+    with pytest.raises(LoadError, match="more than 16 rows") as e:
+        limit_events(f, caps=caps)
+    assert e.value.lines == [0]
+
+
 def test_names_need_a_reference_file(tmp_path):
     f = write(tmp_path, "p.csv", "name,symbol,qty\nPM1,AAPL,1\n")
     with pytest.raises(LoadError, match="name 'PM1' cannot be resolved: no accounts file"):

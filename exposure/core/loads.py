@@ -27,8 +27,10 @@ instrument) position, twice.
 **All or nothing.** Every row is checked before anything is returned: a file with any bad
 row raises :class:`LoadError`, which lists every bad row (file, line, column and value;
 the first :data:`MAX_PROBLEMS`, and how many in all) and returns no event. A file that is
-not a regular file, larger than :data:`~exposure.core.refdata.MAX_BYTES`, not UTF-8, or
-without the columns its kind needs is a :class:`LoadError` too. The reading and the checks
+not a regular file, larger than :data:`~exposure.core.refdata.MAX_BYTES`, not UTF-8,
+without the columns its kind needs, or with more rows than the capacity could hold
+(accounts for limits, position cells for positions: a file that long has a duplicate or
+an id beyond the capacity) is a :class:`LoadError` too. The reading and the checks
 of each cell are :mod:`exposure.core.refdata`'s (the FIX gateway's and ``dump --names``'
 reader of the same files).
 
@@ -205,7 +207,7 @@ def _limits(path: Path, names: RefData | None, caps: Capacities) -> Load:
     lookup = _accounts_of(names)
     try:
         for line, cells in _rows(path, "limits", (), one_of=(("account", "name"), _LIMITS),
-                                 errors=errors):
+                                 errors=errors, max_rows=caps.accounts):
             where = f"limits file {str(path)!r} line {line}"
             try:
                 acc = _id_or_name(cells, "account", "name", caps.accounts, lookup,
@@ -236,7 +238,7 @@ def _positions(path: Path, names: RefData | None, caps: Capacities) -> Load:
     try:
         for line, cells in _rows(path, "positions", ("qty",),
                                  one_of=(("account", "name"), ("instrument", "symbol")),
-                                 errors=errors):
+                                 errors=errors, max_rows=caps.cells):
             where = f"positions file {str(path)!r} line {line}"
             try:
                 acc = _id_or_name(cells, "account", "name", caps.accounts, accs, "account",

@@ -129,12 +129,12 @@ class Account:
 
 
 def _rows(path: Path, what: str, required: tuple[str, ...], *,
-          one_of: tuple[tuple[str, ...], ...] = (), errors: RowErrors | None = None
-          ) -> Iterator[tuple[int, dict[str, str]]]:
+          one_of: tuple[tuple[str, ...], ...] = (), errors: RowErrors | None = None,
+          max_rows: int = MAX_ROWS) -> Iterator[tuple[int, dict[str, str]]]:
     """(line number, {column: stripped cell}) of each non-blank data row of ``path``. The
     header names every column of ``required`` and at least one of each group of ``one_of``.
     With ``errors``, a row of the wrong length or with too long a cell is recorded there
-    and skipped."""
+    and skipped. More than ``max_rows`` rows is an error of the file."""
     text = _read_text(path, what)
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
@@ -168,8 +168,8 @@ def _rows(path: Path, what: str, required: tuple[str, ...], *,
                 continue
             line = reader.line_num
             n += 1
-            if n > MAX_ROWS:
-                raise RefDataError(f"{what} file {str(path)!r}: more than {MAX_ROWS:,} rows")
+            if n > max_rows:
+                raise RefDataError(f"{what} file {str(path)!r}: more than {max_rows:,} rows")
             try:
                 if len(row) != len(cols):
                     raise RefDataError(f"{what} file {str(path)!r} line {line}: {len(row)} "

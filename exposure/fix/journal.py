@@ -335,6 +335,17 @@ class Journal:
             self._buf_records += 1
         return idx
 
+    def append_encoded(self, records: bytes, count: int) -> int:
+        """Buffer ``count`` records already encoded as :func:`encode_record` does (the
+        gateway's batches: :func:`exposure.fix.fast.journal_records`); returns the first
+        one's index."""
+        with self._lock:
+            self._buf += records
+            idx = self.next_index
+            self.next_index += count
+            self._buf_records += count
+        return idx
+
     @property
     def buffered(self) -> int:
         """Records appended and not yet durable."""

@@ -885,14 +885,17 @@ class Mapper:
             mp._bump("evicted_reports")
         return mp
 
-    def map_batch(self, run, i0: int, i1: int) -> tuple[np.ndarray | None, list]:
+    def map_batch(self, run, i0: int, i1: int, fallback=None
+                  ) -> tuple[np.ndarray | None, list]:
         """:meth:`map` of messages ``i0..i1`` of a :class:`exposure.fix.fast.FixRun`, in
         order, with the same results and the same state as mapping each one: the common
         reports' fields come from a compiled kernel (:func:`exposure.fix.fast.map_fields`)
         and only the state changes run in Python; any other message goes to :meth:`map`.
         Returns (the events as EVENT_DTYPE records, or None when there are none;
         ``[(i, MapResult)]`` of the messages that went to :meth:`map`, in order: counted,
-        dead, or events, which are in the records too)."""
+        dead, or events, which are in the records too). ``fallback(i) -> events``, when
+        given, maps such a message instead (it must call :meth:`map` on it: the gateway's
+        own accounting of dead letters) and the list comes back empty."""
         from exposure.fix.fast import K_FILL, K_NEW, K_REPLACE, RefTables, map_fields
 
         tables = self._tables
@@ -1049,10 +1052,14 @@ class Mapper:
                 rows, r_oid, r_acct, r_inst, r_side = [], [], [], [], []
             counts["messages"] += nfast
             nfast = 0
-            res = self.map(run.message(i0 + r))
-            fallbacks.append((i0 + r, res))
-            if res.events:
-                chunks.append(_dict_records(res.events))
+            if fallback is not None:
+                evs = fallback(i0 + r)
+            else:
+                res = self.map(run.message(i0 + r))
+                fallbacks.append((i0 + r, res))
+                evs = res.events
+            if evs:
+                chunks.append(_dict_records(evs))
         counts["messages"] += nfast
         if rows:
             chunks.append(_records(rows, r_oid, r_acct, r_inst, r_side, kind, qty, price,

@@ -520,6 +520,7 @@ class Session:
         flags, seqs = run.flags, run.seqs
         if flags is None:
             flags, seqs = session_flags(run, self._bs_bytes, self._sender, self._target)
+            run.flags, run.seqs = flags, seqs
         n = run.n
         bulk = "8" in self._types
         i = 0

@@ -614,7 +614,8 @@ class Gateway:
         self.engine = FixEngine(list(self.cfg.fix), self.on_app, self.seqstore,
                                 max_connections=lim.max_connections,
                                 max_message=lim.max_message, on_batch=self._on_batch,
-                                on_app_batch=self.on_app_batch)
+                                on_app_batch=None if os.environ.get("EXPOSURE_FIX_BATCH")
+                                == "0" else self.on_app_batch)  # (0: for benchmarks)
         self.engine.start()
         if not self.engine.ready.wait(30):
             raise GatewayError("the FIX engine did not start within 30 s")

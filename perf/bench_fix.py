@@ -91,14 +91,14 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * len(xs)))]
 
 
-def latency(node: LocalNode, tmp: Path, probes: int, run: int) -> dict:
+def latency(node: LocalNode, tmp: Path, probes: int, run: int, limits: str = "") -> dict:
     from exposure.client import Producer
     from exposure.feed.subscriber import Subscriber
 
     ins, acc = _csvs()
     session = 40 + run
     gw = LocalGateway(tmp, node.config, session=session, instruments=ins, accounts=acc,
-                      sides=[FixSide("BROKER1", 20 + run)])
+                      sides=[FixSide("BROKER1", 20 + run)], limits=limits)
     fix_us: list[float] = []
     direct_us: list[float] = []
     s0 = steal_ticks()
@@ -148,6 +148,29 @@ def latency(node: LocalNode, tmp: Path, probes: int, run: int) -> dict:
     return out
 
 
+def journal_sync(tmp: Path, rounds: int = 6, commits: int = 300) -> dict:
+    """The gateway journal's group commit alone (one ~230-byte record appended, then
+    ``sync``: its write and fdatasync), with plain appends and with zeros written ahead,
+    alternated A B B A ... ``rounds`` times in one run; p50/p99 per side (us)."""
+    from exposure.fix.journal import K_MESSAGE, Journal
+
+    raw = b"8=FIX.4.4\x019=200\x0135=8\x01" + b"x" * 200
+    out: dict[str, list[float]] = {"append": [], "prewrite": []}
+    for r in range(rounds):
+        sides = [("append", 0), ("prewrite", 4 << 20)]
+        for label, pre in (sides if r % 2 == 0 else sides[::-1]):
+            with tempfile.TemporaryDirectory(prefix="fixj-", dir=tmp) as d:
+                j = Journal.open(Path(d), prewrite=pre)
+                for k in range(commits):
+                    j.append(K_MESSAGE, "FIX.4.4:EXPOSURE->BROKER1", k + 1, raw)
+                    t0 = time.perf_counter()
+                    j.sync()
+                    out[label].append((time.perf_counter() - t0) * 1e6)
+                j.close()
+    return {label: {"commits": len(xs), "p50_us": round(_pct(xs, 0.5), 1),
+                    "p99_us": round(_pct(xs, 0.99), 1)} for label, xs in out.items()}
+
+
 def perf_latency(node: LocalNode, seconds: float) -> dict:
     p = subprocess.run([sys.executable, "-m", "exposure", "perf", "latency", "--config",
                         str(node.config), "--rate", "20000", "--duration", str(seconds),
@@ -168,10 +191,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probes", type=int, default=300)
     ap.add_argument("--perf-seconds", type=float, default=5.0)
     ap.add_argument("--skip", default="", help="comma list of parts to skip "
-                    "(throughput, latency, perf)")
+                    "(throughput, latency, perf, sync)")
+    ap.add_argument("--prewrite-ab", action="store_true",
+                    help="latency twice a run: the gateway's journal with plain appends "
+                    "([limits] prewrite_bytes = 0) and with zeros written ahead (the "
+                    "default), alternated A B B A ...; and first the journal's group "
+                    "commit alone, the same two ways")
     a = ap.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
+    if a.prewrite_ab and "sync" not in skip:
+        with tempfile.TemporaryDirectory(prefix="bench-fix-sync-") as d:
+            sync = journal_sync(Path(d))
+        print(f"the journal's group commit alone: {sync}", flush=True)
     res: dict = {"throughput": [], "latency": [], "perf_latency": None}
+    if a.prewrite_ab and "sync" not in skip:
+        res["journal_sync"] = sync
     with tempfile.TemporaryDirectory(prefix="bench-fix-") as d:
         tmp = Path(d)
         node = LocalNode(tmp, orders=1 << 20)
@@ -183,10 +217,19 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"throughput run {r + 1}: {t['rate']:,} reports/s ({t['messages']:,}"
                           f" in {t['seconds']} s; sent in {t['send_seconds']} s; steal "
                           f"{t['steal_percent']}%)", flush=True)
-                if "latency" not in skip:
-                    lat = latency(node, tmp, a.probes, r)
-                    res["latency"].append(lat)
-                    print(f"latency run {r + 1}: FIX p50 {lat['fix']['p50_us']} us p99 "
+                sides = [("", "")]
+                if a.prewrite_ab:
+                    sides = [("append", "prewrite_bytes = 0"), ("prewrite", "")]
+                    sides = sides if r % 2 == 0 else sides[::-1]
+                for k, (label, limits) in enumerate(sides if "latency" not in skip else []):
+                    lat = latency(node, tmp, a.probes, r * len(sides) + k, limits)
+                    if label:
+                        lat["journal"] = label
+                        res.setdefault("latency_" + label, []).append(lat)
+                    else:
+                        res["latency"].append(lat)
+                    name = f"{r + 1} {label}" if label else f"{r + 1}"
+                    print(f"latency run {name}: FIX p50 {lat['fix']['p50_us']} us p99 "
                           f"{lat['fix']['p99_us']} us; direct p50 {lat['direct']['p50_us']} us"
                           f" p99 {lat['direct']['p99_us']} us; the gateway adds p50 "
                           f"{lat['added_p50_us']} us, p99 {lat['added_p99_us']} us (steal "
@@ -199,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     if res["throughput"]:
         res["throughput_median"] = statistics.median(t["rate"] for t in res["throughput"])
         print(f"median: {res['throughput_median']:,.0f} reports/s")
+    for label in ("append", "prewrite"):
+        xs = res.get("latency_" + label)
+        if xs:
+            for k in ("added_p50_us", "added_p99_us"):
+                res[f"{label}_{k}_median"] = statistics.median(x[k] for x in xs)
+            print(f"{label}: the gateway adds p50 {res[f'{label}_added_p50_us_median']} us,"
+                  f" p99 {res[f'{label}_added_p99_us_median']} us (medians of {len(xs)})")
     if res["latency"]:
         for k in ("added_p50_us", "added_p99_us"):
             res[k + "_median"] = statistics.median(x[k] for x in res["latency"])
@@ -207,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                 res[f"{side}_{k}_median"] = statistics.median(x[side][k]
                                                               for x in res["latency"])
         print("medians: " + ", ".join(f"{k} {v}" for k, v in res.items()
-                                      if k.endswith("_median") and "throughput" not in k))
+                                      if k.endswith("_median") and "throughput" not in k
+                                      and not k.startswith(("append", "prewrite"))))
     print(json.dumps(res))
     return 0
 

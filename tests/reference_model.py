@@ -42,6 +42,28 @@ JSON_WHITESPACE = " \t\r\n"
 _MISSING = object()
 
 
+def _is_date(v) -> bool:
+    """A roll's date: "YYYY-MM-DD" or the integer YYYYMMDD, a calendar date 1900..9999."""
+    import datetime
+    import re
+
+    if type(v) is str:
+        if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", v):
+            return False
+        y, m, d = int(v[:4]), int(v[5:7]), int(v[8:])
+    elif type(v) is int:
+        y, m, d = v // 10000, v // 100 % 100, v % 100
+        if not 19000101 <= v <= 99991231:
+            return False
+    else:
+        return False
+    try:
+        datetime.date(y, m, d)
+    except ValueError:
+        return False
+    return y >= 1900
+
+
 class _Reject(Exception):
     def __init__(self, reason):
         super().__init__(reason)
@@ -392,6 +414,8 @@ class Model:
         return None
 
     def _ev_roll(self, obj):
+        if "date" in obj and not _is_date(obj["date"]):  # the trading date it closes
+            raise _Reject(BAD_FIELD)
         working = {(o["account"], o["instrument"]) for o in self.orders.values()}
         for key in list(self.cells):
             cell = self.cells[key]

@@ -186,7 +186,7 @@ def test_a_roll_revalues_nothing_and_a_mark_after_it_reaches_the_kept_cells(run)
 
 
 # ----------------------------------------------------------------------------- sessions
-def test_a_bust_needs_its_source_and_account_and_a_roll_the_instrument_entitlement(tmp_path):
+def test_a_bust_needs_its_source_and_account_and_a_roll_the_roll_entitlement(tmp_path):
     from numba import njit
 
     from exposure.core.types import W_ACCOUNT, W_SESSION, W_TYPE
@@ -200,8 +200,10 @@ def test_a_bust_needs_its_source_and_account_and_a_roll_the_instrument_entitleme
 
     (tmp_path / "s.toml").write_text(
         '[[session]]\nid = 1\nsecret = "0123456789abcdef"\nsources = [1]\naccounts = [10]\n'
-        '[[session]]\nid = 2\nsecret = "0123456789abcdef"\ninstrument = true\n')
+        '[[session]]\nid = 2\nsecret = "0123456789abcdef"\nroll = true\n'
+        '[[session]]\nid = 3\nsecret = "0123456789abcdef"\ninstrument = true\n')
     e = Entitlements.of(load_sessions(tmp_path / "s.toml", 4, 64, 8), 4, 64, 8)
+    dated = {**ROLL, "date": "2025-03-14"}
 
     def may(session, obj):
         words = records_from_objects([obj]).view(np.uint64)
@@ -210,7 +212,8 @@ def test_a_bust_needs_its_source_and_account_and_a_roll_the_instrument_entitleme
     assert may(1, bust(1, source=1, account=10))
     assert not may(1, bust(1, source=2, account=10))
     assert not may(1, bust(1, source=1, account=11))
-    assert not may(1, ROLL) and may(2, ROLL)
+    assert not may(1, ROLL) and may(2, ROLL) and may(2, dated)
+    assert not may(3, ROLL) and not may(3, dated)  # instrument is not enough: roll is its own
     assert not may(2, bust(1, source=1, account=10))
 
 

@@ -8,9 +8,10 @@ import tomllib
 __all__ = ["DEFAULT_TOML", "STAGES", "OPTIONAL_STAGES", "RELEASE_POLICIES", "default_doc"]
 
 # The stages of a live node, in pipeline order. Every one must run in exactly one process.
-STAGES = ("ingest", "compute", "fanout", "journal", "mirror", "snapshot")
-# Stages a node may leave out of its process map: the mirror, unless [replication] is on.
-OPTIONAL_STAGES = ("mirror", "snapshot")
+STAGES = ("ingest", "compute", "fanout", "journal", "mirror", "snapshot", "roll")
+# Stages a node may leave out of its process map: the mirror, unless [replication] is on;
+# the recovery server and the scheduled roll are placed where the journal runs.
+OPTIONAL_STAGES = ("mirror", "snapshot", "roll")
 RELEASE_POLICIES = ("replicated+local", "replicated", "local")
 
 DEFAULT_TOML = """\
@@ -110,6 +111,14 @@ strict = false               # true: never run alone (stop acknowledging without
 instruments = ""             # instruments.csv: symbol,instrument[,name,...]; "" = none
 accounts = ""                # accounts.csv: name,account; "" = none (dump --names, top
                              # and watch show symbols and account names where set)
+
+[day]                        # the trading day (docs/operations.md, Trading day)
+roll_at = ""                 # the scheduled roll's local time "HH:MM" ("" = no scheduled
+                             # roll); the roll at date D's roll_at closes trading day D
+tz = "UTC"                   # its time zone (IANA: "America/New_York", "Europe/London")
+weekdays = ["mon", "tue", "wed", "thu", "fri"]  # the days that roll
+load_after_roll = []         # instruments/limits/positions CSVs sent right after the
+                             # scheduled roll, on its session (exposure.core.loads)
 
 [partition]                  # one partition of a cluster (examples/cluster/, SPEC section 5)
 cluster = ""                 # the cluster file with the partition map; "" = the whole fund

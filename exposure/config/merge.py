@@ -26,6 +26,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "snapshot": {"every_events": int, "every_s": int, "keep": int, "journal": str},
     "partition": {"cluster": str, "name": str},
     "reference": {"instruments": str, "accounts": str},
+    "day": {"roll_at": str, "tz": str, "weekdays": list, "load_after_roll": list},
     "replication": {"peer": str, "listen": str, "peer_ingest": str, "peer_snapshot": str,
                     "secret_file": str,
                     "etcd": (str, list), "etcd_prefix": str, "release": str,

@@ -12,6 +12,7 @@ import numpy as np
 from exposure.core.capacity import Capacities
 
 if TYPE_CHECKING:
+    from exposure.core.day import Schedule
     from exposure.core.partition import PartitionMap
     from exposure.core.refdata import RefData
 
@@ -95,6 +96,8 @@ class NodeConfig:
     snapshot_port: int = 7702
     partition: Partition | None = None
     names: RefData | None = field(default=None, compare=False)  # [reference]; None = no files
+    roll_schedule: Schedule | None = None   # [day]: the scheduled roll (None: none)
+    load_after_roll: tuple[Path, ...] = ()  # [day]: files loaded right after it
     source: str = field(default="<built-in default>")
 
     @property

@@ -45,8 +45,10 @@ def _parse(doc: dict, source: str) -> NodeConfig:
               **sections.snapshot(merged["snapshot"])}
     procs = parse_processes(merged["process"])
     repl = sections.replication(merged["replication"], here)
-    fields["processes"] = place_stages(procs, fields["snapshot_port"], bool(repl))
-    return NodeConfig(**fields, **repl, **sections.desks(merged["desks"]),
+    day = sections.day_schedule(merged["day"], here)
+    fields["processes"] = place_stages(procs, fields["snapshot_port"], bool(repl),
+                                       scheduled="roll_schedule" in day)
+    return NodeConfig(**fields, **repl, **sections.desks(merged["desks"]), **day,
                       **sections.partition(merged["partition"], here),
                       **sections.reference(merged["reference"], here, caps), source=source)
 

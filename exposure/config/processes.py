@@ -94,10 +94,11 @@ def _check_wait(where: str, pname: str, wait, cpu: int | None,
     spinners[cpu] = pname
 
 
-def place_stages(procs: list[ProcessSpec], snapshot_port: int,
-                 replicated: bool) -> tuple[ProcessSpec, ...]:
+def place_stages(procs: list[ProcessSpec], snapshot_port: int, replicated: bool,
+                 scheduled: bool = False) -> tuple[ProcessSpec, ...]:
     """The map with the recovery server placed (when ``snapshot_port`` is set and no process
     names it: where the journal runs, never on a spinning hot path, else the last process),
+    the scheduled roll likewise (when ``scheduled``: [day] roll_at),
     every stage the node needs placed (the mirror only when ``replicated``), at most
     MAX_PROCESSES processes and at least one core left unspun."""
     procs = list(procs)
@@ -107,6 +108,11 @@ def place_stages(procs: list[ProcessSpec], snapshot_port: int,
             if "journal" in placed else len(procs) - 1
         procs[k] = replace(procs[k], stages=procs[k].stages + ("snapshot",))
         placed.add("snapshot")
+    if "roll" not in placed and scheduled:
+        k = next(k for k, p in enumerate(procs) if "journal" in p.stages) \
+            if "journal" in placed else len(procs) - 1
+        procs[k] = replace(procs[k], stages=procs[k].stages + ("roll",))
+        placed.add("roll")
     missing = [s for s in STAGES if s not in placed
                and (s not in OPTIONAL_STAGES or (s == "mirror" and replicated))]
     if missing:

@@ -19,7 +19,7 @@ from exposure.shm.ring_layout import RingLayoutError, check_capacity
 from exposure.store.journal import FSYNC_POLICIES
 
 __all__ = ["node", "capacities", "rings", "ingest", "fanout", "journal", "snapshot", "desks",
-           "replication", "partition", "reference"]
+           "replication", "partition", "reference", "day_schedule"]
 
 
 def node(nd: dict) -> dict:
@@ -248,6 +248,27 @@ def partition(pt: dict, base: Path) -> dict:
     except MapError as e:
         raise ConfigError(f"partition: {e}") from None
     return {"partition": Partition(path, pt["name"], index, pmap)}
+
+
+def day_schedule(dy: dict, base: Path) -> dict:
+    """[day] roll_at, tz, weekdays, load_after_roll: the scheduled roll
+    (:mod:`exposure.core.day`; none while roll_at is "") and the files it loads."""
+    from exposure.core.day import parse_schedule
+
+    out: dict = {}
+    if dy["roll_at"]:
+        try:
+            out["roll_schedule"] = parse_schedule(dy["roll_at"], dy["tz"], dy["weekdays"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    files = dy["load_after_roll"]
+    if not all(isinstance(f, str) and f for f in files):
+        raise ConfigError(f"day.load_after_roll = {files!r}: a list of file names")
+    if files and "roll_schedule" not in out:
+        raise ConfigError("day.load_after_roll needs day.roll_at (the loads follow the "
+                          "scheduled roll)")
+    out["load_after_roll"] = tuple(base / os.path.expanduser(f) for f in files)
+    return out
 
 
 def reference(rf: dict, base: Path, caps: Capacities) -> dict:

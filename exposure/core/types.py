@@ -406,4 +406,9 @@ C_BCAST_OUT_OF_RANGE = 27
 # too, in C_BCAST_*: a cluster counts it once).
 C_BUSTS = 28
 C_ROLLS = 29
+# The last accepted roll: its trading date (YYYYMMDD, the record's ``qty``; set only by a
+# dated roll) and its gseq. The node's own record of which day it has closed (the
+# scheduled roll reads it: exposure.node.stages.scheduler); not in the document.
+C_ROLL_DATE = 30
+C_ROLL_GSEQ = 31
 N_COUNTERS = 32

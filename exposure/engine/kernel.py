@@ -75,6 +75,8 @@ from exposure.core.types import (
     C_NSCHANGED,
     C_REJECTED,
     C_REJECTS,
+    C_ROLL_DATE,
+    C_ROLL_GSEQ,
     C_ROLLS,
     C_STAMP,
     C_UNAUTHORIZED,
@@ -467,6 +469,27 @@ def _finite(x):
     return np.isfinite(x)
 
 
+@njit(cache=True, _nrt=False)
+def _roll_date_ok(q):
+    """A roll's ``qty``: 0 (undated) or a calendar date YYYYMMDD from 1900-01-01 to
+    9999-12-31 (the rule of :func:`exposure.core.day.date_code`, which the parser uses)."""
+    if q == 0:
+        return True
+    if q < 19000101 or q > 99991231:
+        return False
+    y = q // 10000
+    m = (q // 100) % 100
+    d = q % 100
+    if m < 1 or m > 12 or d < 1:
+        return False
+    if m == 2:
+        leap = (y % 4 == 0 and y % 100 != 0) or y % 400 == 0
+        return d <= (29 if leap else 28)
+    if m == 4 or m == 6 or m == 9 or m == 11:
+        return d <= 30
+    return d <= 31
+
+
 # ----------------------------------------------------------------------------- the roll
 @njit(cache=True, _nrt=False)
 def _roll(st, gseq):
@@ -604,7 +627,8 @@ def _validate(st, r, t):
         if r.account >= st.acc.shape[0] or r.instrument >= st.inst.shape[0]:
             return R_OUT_OF_RANGE
     elif t == T_ROLL:
-        pass  # no fields
+        if not _roll_date_ok(r.qty):  # the trading date it closes (0: undated)
+            return R_BAD_FIELD
     elif t == T_INSTRUMENT:
         if not (_finite(r.x0) and r.x0 > 0.0 and _finite(r.x1) and r.x1 >= 0.0
                 and _finite(r.x2)):
@@ -641,6 +665,9 @@ def _step(st, r):
 
     if t == T_ROLL:  # SPEC section 6: rare, so a call of its own (off the hot path)
         _roll(st, gseq)
+        st.ctr[C_ROLL_GSEQ] = gseq
+        if r.qty != 0:
+            st.ctr[C_ROLL_DATE] = r.qty
         return S_ACCEPTED
 
     # ---- order lookup (one site) and the rule-4/5 rejects

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from exposure.core.day import date_code, date_text
 from exposure.core.types import (
     EVENT_DTYPE,
     F_HAS_PRICE,
@@ -83,6 +84,7 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 #   qty   : integer in i8 (the kernel checks the SPEC's domain)
 #   num   : any JSON number (finite or not: the kernel checks)
 #   side  : "buy" | "sell" | "short"
+#   date  : "YYYY-MM-DD" or the integer YYYYMMDD, a calendar date (core.day.date_code)
 _ORDER = [("source", "source", "id", False), ("order_id", "order_id", "oid", True)]
 _FIELDS = {
     T_NEW: _ORDER + [("account", "account", "id", True), ("instrument", "instrument", "id", True),
@@ -95,7 +97,7 @@ _FIELDS = {
     T_BUST: _ORDER + [("account", "account", "id", True),
                       ("instrument", "instrument", "id", True), ("side", "side", "side", True),
                       ("qty", "qty", "qty", True), ("price", "price", "num", True)],
-    T_ROLL: [],
+    T_ROLL: [("date", "qty", "date", False)],  # the trading date it closes (0: undated)
     T_REPLACE: _ORDER + [("qty", "qty", "qty", True), ("price", "price", "num", True)],
     T_CANCEL: _ORDER,
     T_DONE: _ORDER,
@@ -218,6 +220,12 @@ def _column(ds: list[dict], key: str, conv: str, required: bool):
             (SIDE_CODES.get(v, 0) if type(v) is str else 0 for v in vals), np.uint8, len(vals)
         )
         return codes, codes == 0, ~missing
+    if conv == "date":
+        out = np.zeros(len(vals), np.int64)
+        bad = np.zeros(len(vals), bool)
+        for i in np.flatnonzero(~missing):
+            out[i], bad[i] = _scalar(vals[i], "date")
+        return out, bad, ~missing
     if conv == "num":
         ok = (kinds == _K_INT) | (kinds == _K_FLOAT)
         out = np.zeros(len(vals), np.float64)
@@ -311,6 +319,11 @@ def _scalar(v, conv: str) -> tuple:
     if conv == "side":
         code = SIDE_CODES.get(v, 0) if tv is str else 0
         return code, code == 0
+    if conv == "date":
+        try:
+            return date_code(v), False
+        except ValueError:
+            return 0, True
     if tv is not int:
         return 0, True
     if conv == "id":
@@ -423,6 +436,13 @@ def record_objects(recs: np.ndarray, stamps: bool = False) -> list[dict]:
         elif t == T_LIMIT:
             d = {"type": name, "account": account, "gross": x0, "net": x1, "margin": x2,
                  "loss": x3}
+        elif t == T_ROLL:
+            d = {"type": name}
+            if qty:  # the trading date it closes (a value no date is written as it is)
+                try:
+                    d["date"] = date_text(date_code(qty))
+                except ValueError:
+                    d["date"] = qty
         else:
             d = {"type": name}
         if stamps:

@@ -12,9 +12,10 @@ A node that listens on anything but a loopback address must have a sessions file
                                   # ranges, or "all"
     accounts = [10, 11, "20-29"]  # the accounts it may write (new, fill, bust, position,
                                   # limit)
-    instrument = false            # may it send instrument (reference data) and roll events
+    instrument = false            # may it send instrument (reference data) events
     mark = false                  # ... mark events
     limit = false                 # ... limit events (for its accounts)
+    roll = false                  # ... roll events (a new trading day: an operator's)
 
 Omitted lists entitle nothing and omitted flags are false: a session may do only what its
 table says. Login proves the secret by HMAC over a fresh per-connection nonce
@@ -34,7 +35,8 @@ replace, cancel, done       its source
 position                    its account
 limit                       ``limit`` and its account
 instrument / mark           ``instrument`` / ``mark``
-roll                        ``instrument`` (an operator's event, like reference data)
+roll                        ``roll`` (an operator's event: ``exposure roll``, the
+                            scheduled roll)
 =========================== =========================================================
 
 Without a sessions file (the built-in default) every session is open and entitled to
@@ -52,7 +54,7 @@ import numpy as np
 
 __all__ = ["SessionSpec", "SessionsError", "Entitlements", "load_sessions",
            "secret_for", "session_names", "ENT_INSTRUMENT", "ENT_MARK", "ENT_LIMIT",
-           "ENT_ALL_SOURCES", "ENT_ALL_ACCOUNTS"]
+           "ENT_ALL_SOURCES", "ENT_ALL_ACCOUNTS", "ENT_ROLL"]
 
 # Entitlement flag bits (Entitlements.flags[session]).
 ENT_INSTRUMENT = 1
@@ -60,10 +62,12 @@ ENT_MARK = 2
 ENT_LIMIT = 4
 ENT_ALL_SOURCES = 8
 ENT_ALL_ACCOUNTS = 16
-ENT_EVERYTHING = ENT_INSTRUMENT | ENT_MARK | ENT_LIMIT | ENT_ALL_SOURCES | ENT_ALL_ACCOUNTS
+ENT_ROLL = 32
+ENT_EVERYTHING = (ENT_INSTRUMENT | ENT_MARK | ENT_LIMIT | ENT_ALL_SOURCES | ENT_ALL_ACCOUNTS
+                  | ENT_ROLL)
 
 _KEYS = {"id", "name", "secret", "secret_file", "sources", "accounts", "instrument", "mark",
-         "limit"}
+         "limit", "roll"}
 MIN_SECRET = 16
 
 
@@ -81,11 +85,13 @@ class SessionSpec:
     instrument: bool = False
     mark: bool = False
     limit: bool = False
+    roll: bool = False
 
     @property
     def flags(self) -> int:
         return ((ENT_INSTRUMENT if self.instrument else 0)
                 | (ENT_MARK if self.mark else 0) | (ENT_LIMIT if self.limit else 0)
+                | (ENT_ROLL if self.roll else 0)
                 | (ENT_ALL_SOURCES if self.sources is None else 0)
                 | (ENT_ALL_ACCOUNTS if self.accounts is None else 0))
 
@@ -172,7 +178,7 @@ def load_sessions(path: str | Path, max_sessions: int, accounts: int,
         name = t.get("name", f"session-{sid}")
         if not isinstance(name, str) or not name.isprintable() or len(name) > 64:
             raise SessionsError(f"{where}.name: printable text of at most 64 characters")
-        for flag in ("instrument", "mark", "limit"):
+        for flag in ("instrument", "mark", "limit", "roll"):
             if not isinstance(t.get(flag, False), bool):
                 raise SessionsError(f"{where}.{flag} = {t[flag]!r}: true or false")
         out[sid] = SessionSpec(
@@ -180,7 +186,7 @@ def load_sessions(path: str | Path, max_sessions: int, accounts: int,
             sources=_ids(t.get("sources", []), f"{where}.sources", sources),
             accounts=_ids(t.get("accounts", []), f"{where}.accounts", accounts),
             instrument=t.get("instrument", False), mark=t.get("mark", False),
-            limit=t.get("limit", False))
+            limit=t.get("limit", False), roll=t.get("roll", False))
     return out
 
 
@@ -234,7 +240,7 @@ class Entitlements:
 
     def allows(self, session: int, what: str, x: int = 0) -> bool:
         """For tests and status: may ``session`` use ``what`` ("source", "account",
-        "instrument", "mark", "limit") ``x``."""
+        "instrument", "mark", "limit", "roll") ``x``."""
         f = int(self.flags[session])
         if what in ("source", "account"):
             every = ENT_ALL_SOURCES if what == "source" else ENT_ALL_ACCOUNTS
@@ -242,4 +248,4 @@ class Entitlements:
             return bool(f & every) or (x < bits.shape[1] * 64 and bool(
                 int(bits[session, x >> 6]) >> (x & 63) & 1))
         return bool(f & {"instrument": ENT_INSTRUMENT, "mark": ENT_MARK,
-                         "limit": ENT_LIMIT}[what])
+                         "limit": ENT_LIMIT, "roll": ENT_ROLL}[what])

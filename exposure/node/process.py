@@ -153,10 +153,23 @@ def _mirror(cx: Context) -> Stage | None:
                        cfg.failover_ms, counters=cx.cnt)
 
 
+def _roll(cx: Context) -> Stage | None:
+    """The scheduled roll ([day] roll_at; none without it), on the clock of
+    :func:`exposure.core.day.clock_from_env`."""
+    from exposure.core.day import clock_from_env
+    from exposure.node.stages.scheduler import RollScheduler
+
+    cfg = cx.cfg
+    if cfg.roll_schedule is None:
+        return None
+    return RollScheduler(cfg, cx.tally().state.ctr, cx.sessions, cx.ctl,
+                         clock=clock_from_env())
+
+
 # The registry: a stage name of the process map -> its builder.
 BUILDERS: dict[str, Callable[[Context], Stage | None]] = {
     "ingest": _ingest, "compute": _compute, "fanout": _fanout, "journal": _journal,
-    "mirror": _mirror, "snapshot": _snapshot,
+    "mirror": _mirror, "snapshot": _snapshot, "roll": _roll,
 }
 
 

@@ -45,6 +45,8 @@ from exposure.core.types import (
     C_EVENTS,
     C_LATE_FILLS,
     C_REJECTS,
+    C_ROLL_DATE,
+    C_ROLL_GSEQ,
     C_ROLLS,
     C_UNAUTHORIZED,
     REASONS,
@@ -135,6 +137,14 @@ class NodeCollector:
                       int(ctr[C_LATE_FILLS]))
         yield counter("exposure_busts", "trades taken back (SPEC section 6)", int(ctr[C_BUSTS]))
         yield counter("exposure_rolls", "new trading days (SPEC section 6)", int(ctr[C_ROLLS]))
+        g = GaugeMetricFamily("exposure_last_roll_date", "the trading day the last dated roll "
+                              "closed, as the number YYYYMMDD (0: none)", labels=["node"])
+        g.add_metric([node], int(ctr[C_ROLL_DATE]))
+        yield g
+        g = GaugeMetricFamily("exposure_last_roll_gseq", "the gseq of the last roll (0: none)",
+                              labels=["node"])
+        g.add_metric([node], int(ctr[C_ROLL_GSEQ]))
+        yield g
         yield counter("exposure_unauthorized", "records outside their session's "
                       "entitlements", int(ctr[C_UNAUTHORIZED]))
         rej = CounterMetricFamily("exposure_rejected", "events rejected, by SPEC reason",

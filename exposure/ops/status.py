@@ -22,9 +22,13 @@ import time
 import numpy as np
 
 from exposure.config.node import NodeConfig
+from exposure.core.day import day_info, system_clock
 from exposure.core.types import (
     C_LAST_GSEQ,
     C_REJECTS,
+    C_ROLL_DATE,
+    C_ROLL_GSEQ,
+    C_ROLLS,
     C_UNAUTHORIZED,
     NODE_REASONS,
     R_WRONG_PARTITION,
@@ -175,7 +179,9 @@ def node_status(cfg: NodeConfig, interval: float = 0.25) -> dict:
            "unauthorized": int(ctr[C_UNAUTHORIZED]),
            "port": {k: int(t[0, c]) for k, c in SL.NODE_COUNTERS.items()},
            "fanout": {"send_errors": int(ctl[CTL_FANOUT_ERRORS])},
-           "sessions": sessions}
+           "sessions": sessions,
+           "day": day_info(cfg.roll_schedule, int(ctr[C_ROLL_DATE]), int(ctr[C_ROLL_GSEQ]),
+                           int(ctr[C_ROLLS]), system_clock())}
     if cfg.replicated:
         out["coordinator"] = _coordinator(cfg)
     return out
@@ -225,9 +231,19 @@ def render(st: dict) -> str:
         lines.append(f"sess  {s['id']:<5} {'up  ' if s['connected'] else 'down'} held "
                      f"{s['held']:,} processed {s['processed']:,} durable {s['durable']:,}"
                      + (f" rejects {s['rejects']}" if s["rejects"] else ""))
+    if "day" in st:
+        lines.append(_day_line(st["day"]))
     if "coordinator" in st:
         lines.append(f"etcd  {st['coordinator']}")
     return "\n".join(lines)
+
+
+def _day_line(d: dict) -> str:
+    last = (f"last roll {d['last_roll_date'] or '(undated)'} at gseq {d['last_roll_gseq']:,}"
+            if d["last_roll_gseq"] else "no roll yet")
+    sched = (f"; trading day {d['trading_day']}, next roll {d['next_roll']} ({d['roll_at']})"
+             if d["trading_day"] else "; no scheduled roll")
+    return f"day   {last} ({d['rolls']} rolls){sched}"
 
 
 def cluster_status(cluster, interval: float = 0.25) -> dict:

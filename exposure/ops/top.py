@@ -2,6 +2,8 @@
 
 Every second it redraws, from read-only sources only:
 
+* the trading day in progress (``[day]``), the next roll and the last one (its date and
+  gseq, from the tally's counters);
 * the node line: role, epoch, events/s, the gseqs and the lags to the journal (and the
   backup), from the counters (:func:`exposure.ops.status.node_status` without its sampling);
 * wire-to-wire p50/p99 over the last few seconds: a feed subscriber
@@ -78,6 +80,20 @@ class Top:
         us = np.fromiter((v for _, v in self.lat), float)
         return float(np.percentile(us, 50)), float(np.percentile(us, 99)), len(us)
 
+    def day_line(self) -> str:
+        """The trading day in progress (by the [day] schedule) and the last roll."""
+        from exposure.core.day import day_info, system_clock
+        from exposure.core.types import C_ROLL_DATE, C_ROLL_GSEQ, C_ROLLS
+
+        ctr = self.desk.counters()
+        d = day_info(self.cfg.roll_schedule, int(ctr[C_ROLL_DATE]), int(ctr[C_ROLL_GSEQ]),
+                     int(ctr[C_ROLLS]), system_clock())
+        last = (f"last roll {d['last_roll_date'] or '(undated)'} (gseq "
+                f"{d['last_roll_gseq']:,})" if d["last_roll_gseq"] else "no roll yet")
+        if d["trading_day"]:
+            return f"trading day {d['trading_day']}  next roll {d['next_roll']}  {last}"
+        return f"trading day: no scheduled roll  {last}"
+
     def frame(self):
         from rich.console import Group
         from rich.table import Table
@@ -109,6 +125,7 @@ class Top:
         head.append(f"\nwire to wire p50 {p50:,.0f} us  p99 {p99:,.0f} us  ({n:,} updates, "
                     f"10 s)  feed {self.sub.state}, gaps {self.sub.counters['gaps']}  "
                     f"restarts {c['restarts_total']}")
+        head.append("\n" + self.day_line(), style="bold")
         fund = self.desk.fund()
         ft = Table(title="fund", expand=True)
         for k in ("gross", "net", "long_mv", "short_mv", "crossing", "worst_gross", "margin",

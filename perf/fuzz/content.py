@@ -55,6 +55,7 @@ class Spec:
     flow_sources: tuple[int, ...]
     flow_accounts: tuple[int, ...]
     inline: bool        # secret inline in the sessions file (else a secret_file)
+    roll: bool = False  # may it send roll events
 
     @property
     def instruments(self) -> np.ndarray:
@@ -78,7 +79,7 @@ def _r(lo: int, hi: int) -> tuple[int, ...]:
 
 
 SPECS = (
-    Spec(1, "ref", (1,), _r(0, 19), True, True, True, (1,), _r(0, 19), True),
+    Spec(1, "ref", (1,), _r(0, 19), True, True, True, (1,), _r(0, 19), True, roll=True),
     Spec(3, "pm-a", (3,), _r(100, 119), False, False, True, (3,), _r(100, 119), False),
     Spec(5, "pm-b", (5, 6), _r(200, 219), False, False, False, (5, 6), _r(200, 219), False),
     Spec(7, "pm-c", _r(10, 19), _r(300, 319), False, True, False, (10, 11, 12), _r(300, 319),
@@ -117,7 +118,8 @@ def write_sessions(directory: Path, seed: int) -> Path:
             lines.append(f'secret_file = "{p.name}"')
         lines += [f"sources = {_toml_ids(s.sources)}", f"accounts = {_toml_ids(s.accounts)}",
                   f"instrument = {str(s.instrument).lower()}",
-                  f"mark = {str(s.mark).lower()}", f"limit = {str(s.limit).lower()}", ""]
+                  f"mark = {str(s.mark).lower()}", f"limit = {str(s.limit).lower()}",
+                  f"roll = {str(s.roll).lower()}", ""]
     path = directory / "fuzz-sessions.toml"
     path.write_text("\n".join(lines))
     path.chmod(0o600)
@@ -138,7 +140,8 @@ def model_authorized(recs: np.ndarray, spec: Spec) -> np.ndarray:
     ok &= ~np.isin(t, [T_NEW, T_FILL, T_REPLACE, T_CANCEL, T_DONE, T_BUST]) | src_ok
     ok &= ~np.isin(t, [T_NEW, T_FILL, T_POSITION, T_LIMIT, T_BUST]) | acc_ok
     ok &= (t != T_LIMIT) | spec.limit
-    ok &= ~np.isin(t, [T_INSTRUMENT, T_ROLL]) | spec.instrument
+    ok &= (t != T_INSTRUMENT) | spec.instrument
+    ok &= (t != T_ROLL) | spec.roll
     ok &= (t != T_MARK) | spec.mark
     return ok
 

@@ -45,6 +45,7 @@ from exposure.net.sessions import (
     ENT_INSTRUMENT,
     ENT_LIMIT,
     ENT_MARK,
+    ENT_ROLL,
 )
 from exposure.shm import ring_layout as RL
 from exposure.shm.intrinsics import store_release
@@ -95,8 +96,10 @@ def _entitled(w_type, w_src, w_acct, ef, esrc, eacct, s):
             return False
     if t == T_LIMIT:
         return (ef & ENT_LIMIT) != 0
-    if t == T_INSTRUMENT or t == T_ROLL:  # roll: an operator's, as reference data is
+    if t == T_INSTRUMENT:
         return (ef & ENT_INSTRUMENT) != 0
+    if t == T_ROLL:  # an operator's: its own entitlement
+        return (ef & ENT_ROLL) != 0
     if t == T_MARK:
         return (ef & ENT_MARK) != 0
     return True

@@ -1,0 +1,327 @@
+"""The roll (issue 27): the trading date it carries, the trading day and its schedule
+(exposure/core/day.py), ``exposure roll`` (exposure/ops/roll.py) and the scheduled roll
+(exposure/node/stages/scheduler.py): exactly once per trading day across kill -9, a
+failover and a cluster. Time is moved through ``EXPOSURE_CLOCK_FILE``, never waited for."""
+
+import datetime as dt
+import json
+
+import numpy as np
+import pytest
+
+from exposure.core import day as D
+from exposure.core.types import C_ROLL_DATE, C_ROLL_GSEQ, T_ROLL
+from exposure.engine.document import compare_documents, document
+from exposure.engine.parse import (
+    RECORD,
+    parse_events,
+    record_objects,
+    record_values,
+    records_from_objects,
+)
+from exposure.engine.replay import replay_records
+
+NY = D.parse_schedule("17:00", "America/New_York")
+
+
+def at(text: str) -> float:
+    return dt.datetime.fromisoformat(text).timestamp()
+
+
+# ----------------------------------------------------------------------------- the day
+def test_the_trading_day_turns_at_roll_at_and_skips_the_days_that_do_not_roll():
+    assert D.trading_day(NY, at("2030-01-07T16:59:59-05:00")) == 20300107  # a Monday
+    assert D.trading_day(NY, at("2030-01-07T17:00:00-05:00")) == 20300108
+    assert D.trading_day(NY, at("2030-01-11T17:00:00-05:00")) == 20300114  # Fri -> Mon
+    assert D.trading_day(NY, at("2030-01-12T12:00:00-05:00")) == 20300114  # Saturday
+    # Time zones: 17:00 New York is 22:00 UTC in winter, 21:00 in summer.
+    assert D.next_roll(NY, at("2030-01-07T12:00:00+00:00")) == at("2030-01-07T22:00:00+00:00")
+    assert D.next_roll(NY, at("2030-07-08T12:00:00+00:00")) == at("2030-07-08T21:00:00+00:00")
+
+
+def test_the_days_due_are_the_missed_trading_days_in_order_and_bounded():
+    t = at("2030-01-09T17:00:01-05:00")  # Wednesday just after the roll time
+    assert D.due(NY, t, 20300108) == [20300109]
+    assert D.due(NY, t, 20300109) == []
+    assert D.due(NY, t, 20300104) == [20300107, 20300108, 20300109]  # Fri's done: Mon..Wed
+    assert D.due(NY, at("2030-01-09T16:59:00-05:00"), 20300108) == []
+    assert D.due(NY, t, 20200101) == [20291231, 20300101, 20300102, 20300103, 20300104,
+                                      20300107, 20300108, 20300109][-D.MAX_CATCH_UP:]
+
+
+@pytest.mark.parametrize("roll_at,tz,days", [("5pm", "UTC", ["mon"]), ("24:00", "UTC", []),
+                                             ("17:00", "Mars/Olympus", ["mon"]),
+                                             ("17:00", "UTC", ["funday"]),
+                                             ("17:00", "UTC", [])])
+def test_a_bad_schedule_names_the_key(roll_at, tz, days):
+    with pytest.raises(ValueError, match="day\\."):
+        D.parse_schedule(roll_at, tz, days)
+
+
+def test_the_day_section_of_a_config(tmp_path):
+    from exposure.config.node import ConfigError, load_config
+
+    f = tmp_path / "n.toml"
+    f.write_text('[day]\nroll_at = "17:00"\ntz = "America/New_York"\n'
+                 'weekdays = ["mon", "wed"]\nload_after_roll = ["limits.csv"]\n')
+    cfg = load_config(f)
+    assert cfg.roll_schedule.weekdays == {0, 2}
+    assert cfg.load_after_roll == (tmp_path / "limits.csv",)
+    assert any("roll" in p.stages and "journal" in p.stages for p in cfg.processes)
+    assert load_config().roll_schedule is None  # no scheduled roll by default
+    f.write_text('[day]\nroll_at = "5pm"\n')
+    with pytest.raises(ConfigError, match="day.roll_at"):
+        load_config(f)
+    f.write_text('[day]\nrollat = "17:00"\n')
+    with pytest.raises(ConfigError, match="day.rollat"):
+        load_config(f)
+
+
+# ----------------------------------------------------------------------------- the record
+def test_a_roll_carries_the_date_it_closes_on_both_parse_paths_and_in_the_kernel():
+    objs = [{"type": "roll"}, {"type": "roll", "date": "2030-01-07"},
+            {"type": "roll", "date": 20300108}, {"type": "roll", "date": "2030-02-30"},
+            {"type": "roll", "date": "2030-1-7"}, {"type": "roll", "date": True},
+            {"type": "roll", "date": 2.0}, {"type": "roll", "date": None},
+            {"type": "roll", "date": 18991231}, {"type": "roll", "date": "２０３０-01-07"}]
+    recs = records_from_objects(objs)
+    assert recs["qty"][:3].tolist() == [0, 20300107, 20300108]
+    assert recs["reject"].tolist() == [0, 0, 0] + [2] * 7  # bad_field
+    for o in objs:
+        assert RECORD.pack(*record_values(o)) == records_from_objects([o]).tobytes()
+    assert record_objects(recs[:3]) == [{"type": "roll"}, {"type": "roll", "date": "2030-01-07"},
+                                        {"type": "roll", "date": "2030-01-08"}]
+    lines = [{"type": "mark", "instrument": 1, "price": 5.0}, objs[1], objs[0], objs[3]]
+    st = replay_records(records_from_objects(lines))
+    # The kernel keeps the last dated roll's date and the last roll's gseq; the document
+    # does not change (the tallies ignore the date).
+    assert (int(st.ctr[C_ROLL_DATE]), int(st.ctr[C_ROLL_GSEQ])) == (20300107, 3)
+    bare = replay_records(records_from_objects([lines[0], {"type": "roll"}, objs[0]]))
+    assert compare_documents(document(st), {**document(bare), "counts": {
+        **document(bare)["counts"], "rejected": 1, "rejects": {"bad_field": 1}}}) == []
+    # A record whose qty is no date (a binary client's) is bad_field in the kernel too.
+    bad = records_from_objects([{"type": "roll"}])
+    bad["qty"] = 20300230
+    assert document(replay_records(bad))["counts"]["rejects"] == {"bad_field": 1}
+
+
+def test_a_dated_roll_in_a_cluster_counts_once_and_every_partition_knows_its_date():
+    from exposure.cluster.topology import replay_cluster, replay_partition
+    from exposure.core.capacity import Capacities
+    from exposure.core.partition import PartitionMap
+
+    pmap = PartitionMap.from_ranges([("a", [[0, 1]], [[0, 1]]), ("b", [[2, 3]], [[2, 3]])],
+                                    accounts=4, sources=4)
+    lines = [{"type": "mark", "instrument": 1, "price": 10.0},
+             {"type": "position", "account": 0, "instrument": 1, "qty": 5},
+             {"type": "position", "account": 2, "instrument": 1, "qty": 7},
+             {"type": "roll", "date": "2030-01-07"}, {"type": "mark", "instrument": 1,
+                                                       "price": 11.0}]
+    recs = parse_events("\n".join(json.dumps(x) for x in lines).encode())
+    caps = Capacities(accounts=4, instruments=8, sectors=4, sources=4, orders=16, cells=16)
+    doc = replay_cluster(recs, pmap, caps)
+    assert doc["counts"]["rolls"] == 1
+    assert compare_documents(doc, document(replay_records(recs, caps))) == []
+    for k in range(2):
+        assert replay_partition(recs, pmap, k, caps).ctr[C_ROLL_DATE] == 20300107
+
+
+# ----------------------------------------------------------------------------- live nodes
+REF = [{"type": "instrument", "instrument": 1, "multiplier": 1.0, "margin_rate": 0.1,
+        "beta": 1.0, "sector": 0}]
+
+
+def day_events(k: int) -> list[dict]:
+    """A trading day's events: a mark, fills in two accounts, an order left live."""
+    return [{"type": "mark", "instrument": 1, "price": 10.0 + k},
+            {"type": "fill", "source": 0, "order_id": 10 * k + 1, "account": 1,
+             "instrument": 1, "side": "buy", "qty": 10 + k, "price": 9.5 + k},
+            {"type": "fill", "source": 0, "order_id": 10 * k + 2, "account": 2,
+             "instrument": 1, "side": "sell", "qty": 3, "price": 10.5 + k},
+            {"type": "new", "source": 0, "order_id": 10 * k + 3, "account": 1,
+             "instrument": 1, "side": "buy", "qty": 1, "price": 9.0 + k}]
+
+
+def send(node, events, session=1) -> None:
+    from exposure.client import Producer
+
+    with Producer(str(node.config), session=session) as p:
+        p.send(events)
+        p.flush(30)
+
+
+def ctr(node) -> np.ndarray:
+    from exposure.shm.tally_segment import TallySegment
+
+    with TallySegment.attach(f"/exposure.{node.name}.tally") as seg:
+        return seg.state.ctr.copy()
+
+
+def journal_rolls(node) -> list[int]:
+    import inspect
+
+    from exposure.store.journal import read_blocks
+
+    kw = {"archive": True} if "archive" in inspect.signature(read_blocks).parameters else {}
+    out = []
+    for blk in read_blocks(node.data_dir, **kw):
+        r = blk.records
+        ok = (r["type"] == T_ROLL) & (r["reject"] == 0)
+        out += r["qty"][ok].tolist()
+    return out
+
+
+def equals_replay_of_its_journal(node) -> None:
+    import inspect
+
+    from exposure.config.node import load_config
+    from exposure.shm.tally_layout import allocate
+    from exposure.store.recovery import replay_journal
+
+    kw = {"archive": True} if "archive" in inspect.signature(replay_journal).parameters else {}
+    _, st = allocate(load_config(node.config).caps)
+    replay_journal(st, node.data_dir, **kw)
+    assert compare_documents(node.dump(), document(st)) == []
+
+
+SESSIONS = """[[session]]
+id = 1
+secret = "0123456789abcdef0123"
+sources = "all"
+accounts = "all"
+instrument = true
+mark = true
+limit = true
+[[session]]
+id = 256
+name = "operator"
+secret = "fedcba9876543210fedc"
+roll = true
+"""
+
+
+@pytest.mark.process
+@pytest.mark.timeout(300)
+def test_exposure_roll_prints_the_closing_fund_line_as_replay_and_needs_the_entitlement(
+        tmp_path):
+    from exposure.harness.localnode import LocalNode
+
+    (tmp_path / "sessions.toml").write_text(SESSIONS)
+    n = LocalNode(tmp_path, orders=1024, cells=1024,
+                  ingest=f'sessions = "{tmp_path / "sessions.toml"}"')
+    try:
+        before = REF + day_events(1)
+        send(n, before)
+        r = n.cli("roll", "--session", "1", "--date", "2030-01-07")
+        assert r.returncode == 1 and b"unauthorized" in r.stderr, r.stderr
+        assert ctr(n)[C_ROLL_DATE] == 0
+        r = n.cli("roll", "--date", "2030-01-07", "--json")  # session 256: the operator's
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        want = document(replay_records(records_from_objects(before)))["fund"]
+        assert res["fund"] == {k: want[k] for k in ("gross", "net", "pnl", "live_orders")}
+        assert res["date"] == "2030-01-07" and res["gseq"] == len(before) + 2  # + the refused
+        assert res["fund"]["pnl"] != 0 and n.dump()["fund"]["pnl"] == 0
+        assert (ctr(n)[C_ROLL_DATE], ctr(n)[C_ROLL_GSEQ]) == (20300107, res["gseq"])
+        r = n.cli("roll", "--date", "2030-01-07")
+        assert r.returncode == 2 and b"already rolled 2030-01-07" in r.stderr
+        st = json.loads(n.cli("status", "--json").stdout)
+        assert st["day"]["last_roll_date"] == "2030-01-07"
+        assert st["day"]["last_roll_gseq"] == res["gseq"]
+        assert journal_rolls(n) == [20300107]
+        equals_replay_of_its_journal(n)
+    finally:
+        n.stop()
+
+
+# Segments a retention rule takes away stay readable (replay from gseq 1 at the end).
+ARCHIVE = '[snapshot]\njournal = "archive"\n'
+
+
+def scheduled_node(tmp_path, clock, **kw):
+    from exposure.harness.localnode import LocalNode
+
+    n = LocalNode(tmp_path, orders=1024, cells=1024, start=False,
+                  extra=f'{ARCHIVE}[day]\nroll_at = "17:00"\ntz = "America/New_York"\n', **kw)
+    n.env["EXPOSURE_CLOCK_FILE"] = str(clock)
+    return n
+
+
+def rolled(node, date: int):
+    """The node has applied the roll of ``date`` and its journal holds it (durable: a
+    roll applied but not yet journaled is lost by a kill -9, and rolled again)."""
+    return lambda: node.alive and ctr(node)[C_ROLL_DATE] == date and date in journal_rolls(
+        node)
+
+
+@pytest.mark.process
+@pytest.mark.timeout(300)
+def test_the_scheduled_roll_happens_once_a_day_across_kill9_before_during_and_after(tmp_path):
+    from exposure.harness.wait import wait_for
+
+    clock = tmp_path / "clock"
+    clock.write_text("2030-01-07T16:00:00-05:00")  # Monday, before the roll
+    n = scheduled_node(tmp_path, clock)
+    try:
+        n.start()
+        send(n, REF + day_events(1))
+        # Killed before the roll and down over its time: it rolls Monday when it is back.
+        n.kill9()
+        clock.write_text("2030-01-07T17:02:00-05:00")
+        n.start()
+        wait_for(rolled(n, 20300107), 30, "Monday's roll, caught up", n)
+        send(n, day_events(2))
+        # Killed right after Tuesday's roll was sent (ingest holds it, or not yet), which
+        # is also after Monday's: neither is rolled twice when it is back.
+        sid = 255
+        held = n.session_counters(sid)["held"]
+        clock.write_text("2030-01-08T17:00:30-05:00")
+        wait_for(lambda: n.session_counters(sid).get("held", 0) > held, 30,
+                 "Tuesday's roll sent", n, step=0.001)
+        n.kill9()
+        n.start()
+        wait_for(rolled(n, 20300108), 30, "Tuesday's roll", n)
+        send(n, day_events(3))
+        clock.write_text("2030-01-09T17:01:00-05:00")
+        wait_for(rolled(n, 20300109), 30, "Wednesday's roll", n)
+        assert journal_rolls(n) == [20300107, 20300108, 20300109]
+        equals_replay_of_its_journal(n)
+        assert n.dump()["counts"]["rolls"] == 3
+    finally:
+        n.stop()
+
+
+@pytest.mark.process
+@pytest.mark.timeout(300)
+def test_a_backup_promoted_after_the_scheduled_roll_does_not_roll_again(tmp_path):
+    from nodes import etcd_or_skip
+
+    from exposure.harness.localnode import LocalPair
+    from exposure.harness.wait import wait_for
+    from exposure.shm.control import CTL_ROLE, ROLE_PRIMARY
+
+    etcd = etcd_or_skip(tmp_path)
+    clock = tmp_path / "clock"
+    clock.write_text("2030-01-07T16:59:00-05:00")
+    p = None
+    try:
+        p = LocalPair(tmp_path, etcd, start=False, orders=1024, cells=1024,
+                      node_extra=f'{ARCHIVE}[day]\nroll_at = "17:00"\ntz = "America/New_York"\n')
+        for node in (p.a, p.b):
+            node.env["EXPOSURE_CLOCK_FILE"] = str(clock)
+        p.start()
+        send(p.a, REF + day_events(1))
+        clock.write_text("2030-01-07T17:00:10-05:00")
+        wait_for(lambda: rolled(p.a, 20300107)() and rolled(p.b, 20300107)(), 30,
+                 "Monday's roll on both nodes", p.a)
+        p.a.kill9()
+        wait_for(lambda: (c := p.b.control()) is not None and c[CTL_ROLE] == ROLE_PRIMARY,
+                 30, "the promotion", p.b)
+        clock.write_text("2030-01-08T17:00:10-05:00")  # the next roll is the promoted one's
+        wait_for(rolled(p.b, 20300108), 30, "Tuesday's roll on the promoted backup", p.b)
+        assert journal_rolls(p.b) == [20300107, 20300108]
+        equals_replay_of_its_journal(p.b)
+    finally:
+        if p is not None:
+            p.stop()
+        etcd.stop()

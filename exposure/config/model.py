@@ -96,6 +96,7 @@ class NodeConfig:
     snapshot_port: int = 7702
     partition: Partition | None = None
     names: RefData | None = field(default=None, compare=False)  # [reference]; None = no files
+    keep_days: int = 2                      # [day]: days the journal keeps replayable
     roll_schedule: Schedule | None = None   # [day]: the scheduled roll (None: none)
     load_after_roll: tuple[Path, ...] = ()  # [day]: files loaded right after it
     source: str = field(default="<built-in default>")

@@ -128,9 +128,13 @@ def journal(jn: dict, name: str) -> dict:
             "data_dir": data_dir(jn["dir"], name)}
 
 
-def snapshot(sn: dict) -> dict:
+def snapshot(sn: dict, dy: dict | None = None) -> dict:
     """[snapshot]: when snapshots are taken, how many are kept, and what becomes of the
-    journal they cover."""
+    journal they cover; with [day] keep_days, the trading days the journal keeps (one
+    retention rule: :func:`exposure.store.snapshot.retain`)."""
+    keep_days = 0 if dy is None else dy["keep_days"]
+    if not 0 <= keep_days <= 3660:
+        raise ConfigError(f"day.keep_days = {keep_days}: 0..3660 (0: by snapshots only)")
     if sn["every_events"] < 0 or sn["every_s"] < 0:
         raise ConfigError(f"snapshot.every_events = {sn['every_events']}, every_s = "
                           f"{sn['every_s']}: not negative")
@@ -139,7 +143,8 @@ def snapshot(sn: dict) -> dict:
     if sn["journal"] not in ("delete", "archive", "keep"):
         raise ConfigError(f"snapshot.journal = {sn['journal']!r}: delete, archive or keep")
     return {"snapshot_every_events": sn["every_events"], "snapshot_every_s": sn["every_s"],
-            "snapshot_keep": sn["keep"], "snapshot_journal": sn["journal"]}
+            "snapshot_keep": sn["keep"], "snapshot_journal": sn["journal"],
+            "keep_days": keep_days}
 
 
 def desks(dk: dict) -> dict:

@@ -69,6 +69,8 @@ from exposure.shm.tally_segment import TallySegment
 from exposure.store.journal import first_gseq
 from exposure.store.recovery import next_epoch, recover
 
+_ROLL_GSEQ = CN.INDEX["journal_roll_gseq"]
+
 __all__ = ["Node", "main"]
 
 
@@ -90,6 +92,7 @@ class Node:
         self.restarts: list[float] = []
         self.snapshotter: subprocess.Popen | None = None
         self.snap_gseq = 0          # journaled gseq when the last snapshot was started
+        self.roll_due = 0           # a roll recovery replayed: its day's report may be missing
         self.snap_time = time.monotonic()
         self.election: Election | None = None
         self.stop_flag: list = []
@@ -131,6 +134,7 @@ class Node:
                                      cfg.data_dir, cfg.segment_bytes, log.info,
                                      state_buf=self.tally.buf, rejects=self.rejects.array)
             self.snap_gseq = self.recovered.snapshot_gseq
+            self.roll_due = self.recovered.last_roll
             self._make_rings()
             if cfg.replicated:
                 self.election = Election(
@@ -248,6 +252,7 @@ class Node:
                                  reset_first=True, state_buf=self.tally.buf,
                                  rejects=self.rejects.array)
         self.snap_gseq = self.recovered.snapshot_gseq
+        self.roll_due = self.recovered.last_roll
         self._make_rings()
         self._choose_role()
         self._spawn_all()
@@ -441,9 +446,13 @@ class Node:
             self.snapshotter = None
         durable = int(self.sessions.array[0, S_DURABLE])
         new = durable - self.snap_gseq
+        # a roll journaled (or replayed by recovery) past the last snapshot: at once, for
+        # the day's end-of-day report (exposure.store.eod) and the new day's snapshot
+        roll = max(self.roll_due, int(self.counters.array[_ROLL_GSEQ]))
         due = (cfg.snapshot_every_events and new >= cfg.snapshot_every_events) or (
             cfg.snapshot_every_s and new > 0
-            and time.monotonic() - self.snap_time >= cfg.snapshot_every_s)
+            and time.monotonic() - self.snap_time >= cfg.snapshot_every_s) or (
+            self.snap_gseq < roll <= durable)
         if not due:
             return
         self.snap_gseq, self.snap_time = durable, time.monotonic()

@@ -26,21 +26,16 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from exposure.engine.replay import replay_records
 
     if args.journal:
-        from exposure.shm.tally_layout import allocate
-        from exposure.store.journal import JournalError
-        from exposure.store.recovery import replay_journal
-
         if args.events or args.instruments:
             return _fail("replay takes an events file or --journal DIR, not both")
-        cfg = _load_cfg(args.config)
-        _, st = allocate(cfg.caps)
-        try:
-            replay_journal(st, args.journal, upto=args.upto or 0)
-        except (JournalError, OSError) as e:
-            return _fail(str(e))
+        doc = _journal_document(args)
+        if isinstance(doc, int):
+            return doc
         opt = 0 if args.compact else orjson.OPT_INDENT_2
-        sys.stdout.buffer.write(orjson.dumps(document(st), option=opt) + b"\n")
+        sys.stdout.buffer.write(orjson.dumps(doc, option=opt) + b"\n")
         return 0
+    if args.day:
+        return _fail("--day needs --journal DIR")
     if not args.events:
         return _fail("replay needs an events file (or --journal DIR)")
     try:
@@ -62,6 +57,48 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     opt = 0 if args.compact else orjson.OPT_INDENT_2
     sys.stdout.buffer.write(orjson.dumps(doc, option=opt) + b"\n")
     return 0
+
+
+def _journal_document(args: argparse.Namespace) -> dict | int:
+    """``replay --journal DIR [--upto SEQ | --day DATE]``: the document from the newest
+    snapshot at or before the target and the journal after it, archived segments included
+    (:func:`exposure.store.eod.state_at`). ``--day``: up to the event before that day's
+    roll (the days index, else the journal's roll records); a day not rolled yet: the
+    latest event."""
+    from exposure.engine.document import document
+    from exposure.shm.session_layout import SESSION_COLS
+    from exposure.shm.tally_layout import allocate, reset
+    from exposure.store.eod import date_code, find_rolls, read_days, state_at
+    from exposure.store.journal import JournalError
+
+    cfg = _load_cfg(args.config)
+    buf, st = allocate(cfg.caps)
+    sessions = np.zeros((cfg.max_sessions + 1, SESSION_COLS), np.uint64)
+    upto = args.upto or 0
+    try:
+        if args.day:
+            if args.upto:
+                return _fail("--day or --upto, not both")
+            try:
+                day = date_code(args.day)
+            except ValueError as e:
+                return _fail(f"--day {args.day!r}: {e}")
+            days = [(g, dt) for g, dt, _ in read_days(args.journal)]
+            if not any(dt == day for _, dt in days):  # not indexed (yet): the journal's
+                days += find_rolls(args.journal, max((g for g, _ in days), default=0) + 1)
+            rolls = [g for g, dt in days if dt == day]
+            if rolls:
+                upto = min(rolls) - 1
+            elif any(dt > day for _, dt in days):
+                return _fail(f"--day {args.day}: no roll closed that day in this journal "
+                             "(the days rolled: DIR/eod/days.csv)")
+            else:
+                print(f"exposure replay: {args.day} has not rolled: the document as of the "
+                      "latest event", file=sys.stderr)
+        state_at(st, buf, sessions, args.journal, upto, lambda: reset(st))
+    except (JournalError, OSError) as e:
+        return _fail(str(e))
+    return document(st)
 
 
 def _replay_cluster(args: argparse.Namespace, recs: np.ndarray) -> dict | int:
@@ -94,8 +131,8 @@ def _cmd_journal(args: argparse.Namespace) -> int:
 
     res = ScanResult()
     try:
-        if args.action == "verify":
-            for _ in read_blocks(args.dir, res):
+        if args.action == "verify":  # the archived segments and the live ones: one journal
+            for _ in read_blocks(args.dir, res, archive=True):
                 pass
             print(orjson.dumps({
                 "segments": res.segments, "blocks": res.blocks, "records": res.records,
@@ -105,7 +142,8 @@ def _cmd_journal(args: argparse.Namespace) -> int:
             }, option=orjson.OPT_INDENT_2).decode())
             return 0
         out = sys.stdout.buffer
-        for blk in read_blocks(args.dir, res, from_gseq=args.from_seq or 1):
+        for blk in read_blocks(args.dir, res, from_gseq=args.from_seq or 1,
+                               archive=True):
             r = blk.records
             keep = np.ones(len(r), bool)
             if args.from_seq:
@@ -921,6 +959,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--journal", metavar="DIR", help="replay a node's journal instead")
     r.add_argument("--upto", type=int, metavar="SEQ",
                    help="with --journal: the document as of this global seq")
+    r.add_argument("--day", metavar="YYYY-MM-DD",
+                   help="with --journal: the document at the end of that trading day (up "
+                        "to the event before its roll; the latest event if it has not "
+                        "rolled), from archived segments too")
     r.add_argument("--config", metavar="FILE",
                    help="with --journal: the node's config (capacities)")
     r.add_argument("--instruments", metavar="REF.csv",
@@ -1087,7 +1129,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("journal", help="check or print a node's journal")
     r.add_argument("action", choices=("verify", "inspect"),
                    help="verify: checksums, sequence, counts; inspect: records as JSON lines")
-    r.add_argument("dir", help="the node's data directory")
+    r.add_argument("dir", help="the node's data directory (with its archive/ segments)")
     r.add_argument("--from", dest="from_seq", type=int, metavar="SEQ")
     r.add_argument("--to", dest="to_seq", type=int, metavar="SEQ")
     r.add_argument("--source", type=int)

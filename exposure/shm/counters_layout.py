@@ -96,6 +96,11 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("mirror_replicated_recv_ns", "mirror", "gauge",
             "ingest's receive time (CLOCK_REALTIME ns) of the last record the backup "
             "acknowledged durable (at frame granularity: at most that record's)"),
+    # journal (appended)
+    Counter("journal_roll_gseq", "journal", "gauge",
+            "the gseq of the last roll record journaled (0: none since the start); the "
+            "supervisor starts the snapshot process, which writes the day's end-of-day "
+            "report, once it is durable"),
 )
 INDEX = {c.name: HEADER_WORDS + k for k, c in enumerate(COUNTERS)}
 assert HEADER_WORDS + len(COUNTERS) <= COUNTER_WORDS

@@ -59,7 +59,7 @@ from exposure.store.prewrite import PREWRITE, reserve
 
 __all__ = ["JournalError", "JournalWriter", "JournalCursor", "Block", "ScanResult", "scan",
            "read_blocks", "read_record", "segment_name", "segments", "first_gseq", "FILE_HEADER",
-           "BLOCK_HEADER", "FSYNC_POLICIES"]
+           "BLOCK_HEADER", "FSYNC_POLICIES", "ARCHIVE"]
 
 FILE_MAGIC = b"EXJRNL\x00\x01"
 FILE_VERSION = 1
@@ -81,14 +81,23 @@ def segment_name(first_gseq: int) -> str:
     return f"journal-{first_gseq:020d}.seg"
 
 
-def segments(directory: Path) -> list[tuple[int, Path]]:
-    out = []
-    for p in directory.glob("journal-*.seg"):
-        try:
-            out.append((int(p.name[8:28]), p))
-        except ValueError:
-            raise JournalError(f"{p}: not a journal segment name") from None
-    return sorted(out)
+ARCHIVE = "archive"  # DATA_DIR/archive: segments moved there by the retention
+
+
+def segments(directory: Path, archive: bool = False) -> list[tuple[int, Path]]:
+    """(first gseq, path) of the directory's segments, oldest first; with ``archive``, those
+    of its ``archive`` subdirectory too (the retention's ``[snapshot] journal = "archive"``
+    moves old segments there: together they are one journal)."""
+    directory = Path(directory)
+    found = {}
+    dirs = [directory / ARCHIVE, directory] if archive else [directory]
+    for d in dirs:  # a segment in both (a move cut short) is read from the live directory
+        for p in d.glob("journal-*.seg"):
+            try:
+                found[int(p.name[8:28])] = p
+            except ValueError:
+                raise JournalError(f"{p}: not a journal segment name") from None
+    return sorted(found.items())
 
 
 @dataclass
@@ -133,15 +142,16 @@ def _read_file_header(path: Path, data: bytes) -> int:
 
 
 def read_blocks(directory: str | Path, result: ScanResult | None = None,
-                from_gseq: int | None = None) -> Iterator[Block]:
+                from_gseq: int | None = None, archive: bool = False) -> Iterator[Block]:
     """Every block of the journal in order. With ``from_gseq``, blocks ending before it are
     skipped (whole segments unread) and the journal must reach back to it; without, it
     starts wherever its oldest segment does (older ones may have been removed after a
-    snapshot). Raises :class:`JournalError` on anything but a torn tail, which ends the
-    iteration and is described in ``result``."""
+    snapshot). ``archive``: the archived segments too (:func:`segments`). Raises
+    :class:`JournalError` on anything but a torn tail, which ends the iteration and is
+    described in ``result``."""
     directory = Path(directory)
     res = result if result is not None else ScanResult()
-    segs = segments(directory)
+    segs = segments(directory, archive)
     expect = None
     if from_gseq is None:
         from_gseq = segs[0][0] if segs else 1
@@ -365,7 +375,8 @@ class JournalWriter:
     ``append`` is one ``pwritev`` per group commit, over zeros written ahead of it
     ``prewrite`` bytes at a time (0: plain appends; see the module's docstring); ``sync``
     makes everything appended durable (fdatasync of the file; fsync of the directory after
-    a new segment)."""
+    a new segment). :meth:`roll_at` makes a given record begin a new segment (a trading
+    day's roll: each day's records lie in segments of their own)."""
 
     def __init__(self, directory: str | Path, segment_bytes: int = 256 << 20,
                  prewrite: int = PREWRITE):
@@ -386,6 +397,8 @@ class JournalWriter:
         self.size = 0      # where the data ends (the next block goes here)
         self.alloc = 0     # where the file ends: data, then prewritten zeros
         self._dir_dirty = False
+        self._roll_points: list[int] = []  # gseqs that begin a new segment (roll_at)
+        self.seg_first = segs[-1][0] if segs else 0  # the current segment's first gseq
         if segs:
             path = segs[-1][1]
             self.fd = os.open(path, os.O_WRONLY)
@@ -419,7 +432,16 @@ class JournalWriter:
             raise
         self.fd = fd
         self.size = self.alloc = len(head)
+        self.seg_first = first
         self._dir_dirty = True
+
+    def roll_at(self, gseq: int) -> None:
+        """Make the record ``gseq`` (not yet appended) begin a new segment: :meth:`append`
+        cuts its block there, and the segment before is cut to its data as at any roll. A
+        segment that already begins at ``gseq`` (its first append failed) is kept."""
+        if gseq >= self.next_gseq and gseq not in self._roll_points:
+            self._roll_points.append(gseq)
+            self._roll_points.sort()
 
     def append(self, words: np.ndarray) -> None:
         """Append records (u64 words ``[n, EVENT_WORDS]``, gseqs consecutive from
@@ -428,9 +450,25 @@ class JournalWriter:
         if n == 0:
             return
         first = int(words[0, W_GSEQ])
+        if self.next_gseq and first < self.next_gseq < first + n:
+            # a retry of a block cut at a roll point whose first part was written
+            words = words[self.next_gseq - first:]
+            first, n = self.next_gseq, n - (self.next_gseq - first)
         if self.next_gseq and first != self.next_gseq:
             raise JournalError(f"append of gseq {first}, the journal is at {self.next_gseq}")
-        if self.fd < 0 or self.size >= self.segment_bytes:
+        points = self._roll_points
+        while points and points[0] < first:
+            points.pop(0)  # (a roll point behind the journal: nothing to cut)
+        if points and points[0] < first + n and points[0] != first:
+            cut = points[0] - first  # a roll inside the block: two blocks
+            self.append(words[:cut])
+            self.append(words[cut:])
+            return
+        if points and points[0] == first:
+            if self.fd < 0 or self.seg_first != first:
+                self._roll(first)
+            points.pop(0)
+        elif self.fd < 0 or self.size >= self.segment_bytes:
             self._roll(first)
         payload = np.ascontiguousarray(words).view(np.uint8).reshape(-1)
         head = BLOCK_HEADER.pack(BLOCK_MAGIC, n, first, crc32c.crc32c(payload), 0, 0, 0)

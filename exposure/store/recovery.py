@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from exposure.core.fs import publish_file
-from exposure.core.types import C_LAST_GSEQ, EVENT_DTYPE
+from exposure.core.types import C_LAST_GSEQ, EVENT_DTYPE, T_ROLL
 from exposure.engine.kernel import apply_batch
 from exposure.engine.publish import Versions, count_sessions, publish_all
 from exposure.shm import reject_layout as RJ
@@ -36,7 +36,8 @@ from exposure.store.snapshot import load_newest
 # The tables desks read: kept while a restarting node recovers (publish_all rewrites them).
 PUBLISHED = ("pub", "ipub", "spub", "cpub", "ctrpub")
 
-__all__ = ["recover", "Recovered", "replay_journal", "next_epoch", "read_epoch", "store_epoch"]
+__all__ = ["recover", "Recovered", "replay_journal", "replay_to_roll", "next_epoch",
+           "read_epoch", "store_epoch"]
 
 
 def next_epoch(directory: str | Path) -> int:
@@ -77,10 +78,11 @@ class Recovered:
     torn_bytes: int = 0
     seconds: float = 0.0
     snapshot_gseq: int = 0  # the snapshot recovery started from (0: none)
+    last_roll: int = 0      # the gseq of the last roll record replayed (0: none)
 
 
 def _batches(directory: str | Path, result: ScanResult | None, from_gseq: int, upto: int,
-             batch: int, depth: int = 3) -> Iterator[np.ndarray]:
+             batch: int, depth: int = 3, archive: bool = False) -> Iterator[np.ndarray]:
     """The journal's records from ``from_gseq`` (to ``upto``), gathered into batches of
     ``batch`` by a reader thread while the caller applies the previous ones.
 
@@ -100,7 +102,8 @@ def _batches(directory: str | Path, result: ScanResult | None, from_gseq: int, u
     def read() -> None:
         try:
             buf, fill = free.get(), 0
-            for blk in read_blocks(directory, result, from_gseq=from_gseq):
+            for blk in read_blocks(directory, result, from_gseq=from_gseq,
+                                   archive=archive):
                 recs = blk.records
                 if upto and blk.first > upto:
                     break
@@ -143,20 +146,63 @@ def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None
                    upto: int = 0, batch: int = 65536, from_gseq: int = 1,
                    result: ScanResult | None = None,
                    progress: Callable[[str], None] | None = None,
-                   rejects: np.ndarray | None = None) -> int:
+                   rejects: np.ndarray | None = None, archive: bool = False,
+                   rolls: list[int] | None = None) -> int:
     """Apply the journal's records from gseq ``from_gseq`` (up to ``upto`` when given) to
     ``st``; with ``sessions``, count each session's processed seq and rejects as compute
     does, and log each reject in ``rejects`` (the reject log:
     :mod:`exposure.shm.reject_layout`) when given. ``progress`` hears every 5 s how far a
-    long replay is. Returns the records applied."""
+    long replay is. ``archive``: read the archived segments too. ``rolls`` gets the gseq
+    of every ``roll`` record replayed. Returns the records applied."""
+    return replay_to_roll(st, directory, sessions, upto, batch, from_gseq, result, progress,
+                          rejects, archive, rolls, stop=False)[0]
+
+
+def replay_to_roll(st: State, directory: str | Path, sessions: np.ndarray | None = None,
+                   upto: int = 0, batch: int = 65536, from_gseq: int = 1,
+                   result: ScanResult | None = None,
+                   progress: Callable[[str], None] | None = None,
+                   rejects: np.ndarray | None = None, archive: bool = False,
+                   rolls: list[int] | None = None,
+                   stop: bool = True) -> tuple[int, int, int]:
+    """:func:`replay_journal` that stops (with ``stop``) right before the first ``roll``
+    record from ``from_gseq`` on: the state is then the day's closing state (the end-of-day
+    report's). Returns (records applied, the roll's gseq, its date YYYYMMDD); gseq 0: no
+    roll up to ``upto`` or the journal's end (all of it applied)."""
     status = np.zeros(batch, np.uint8)
     flat = sessions.reshape(-1) if sessions is not None else np.zeros(12, np.uint64)
     ncols = sessions.shape[1] if sessions is not None else 12
     rlog = rejects.reshape(-1) if rejects is not None else np.zeros(0, np.uint64)
+    parts = _batches(directory, result, from_gseq, upto, batch, archive=archive)
+    try:
+        return _apply(st, parts, sessions, status, flat, ncols, rlog, from_gseq, progress,
+                      rolls, stop)
+    finally:
+        parts.close()  # (stopped at a roll: the reader thread ends now)
+
+
+def _apply(st: State, parts: Iterator[np.ndarray], sessions: np.ndarray | None,
+           status: np.ndarray, flat: np.ndarray, ncols: int, rlog: np.ndarray,
+           from_gseq: int, progress: Callable[[str], None] | None,
+           rolls: list[int] | None, stop: bool) -> tuple[int, int, int]:
     done = 0
     t0 = said = time.monotonic()
-    for part in _batches(directory, result, from_gseq, upto, batch):
+    for part in parts:
         n = len(part)
+        if stop or rolls is not None:  # (a day's few rolls: one vector compare a batch)
+            at = np.flatnonzero((part["type"] == T_ROLL) & (part["reject"] == 0))
+            halt = at if stop else at[:0]
+            if len(halt):
+                n = int(halt[0])  # the state before this roll: the day's close
+                at = at[at < n]
+            if rolls is not None:
+                rolls.extend(part["gseq"][at].tolist())
+            if len(halt):
+                if n:
+                    apply_batch(st, part[:n], status[:n])
+                    if sessions is not None:
+                        count_sessions(part[:n], status[:n], n, flat, ncols, rlog)
+                return done + n, int(part["gseq"][n]), int(part["qty"][n])
         apply_batch(st, part, status[:n])
         if sessions is not None:
             count_sessions(part, status[:n], n, flat, ncols, rlog)
@@ -165,7 +211,7 @@ def replay_journal(st: State, directory: str | Path, sessions: np.ndarray | None
             said = time.monotonic()
             progress(f"recovering: {done:,} events replayed up to gseq "
                      f"{int(part['gseq'][-1]):,} ({done / (said - t0):,.0f} events/s)")
-    return done
+    return done, 0, 0
 
 
 def recover(st: State, vers: Versions, seg_words: np.ndarray, sessions: np.ndarray,
@@ -205,8 +251,9 @@ def recover(st: State, vers: Versions, seg_words: np.ndarray, sessions: np.ndarr
             rejects[...] = 0
             rows = min(rejects.shape[0], sessions.shape[0])
             rejects[:rows, RJ.W_BASE] = sessions[:rows, S_DONE]
+        rolls: list[int] = []
         n = replay_journal(st, directory, sessions, from_gseq=base + 1, progress=log,
-                           rejects=rejects)
+                           rejects=rejects, rolls=rolls)
     finally:
         write_end(seg_words)
     # Everything replayed came from disk: held = processed = durable.
@@ -215,7 +262,7 @@ def recover(st: State, vers: Versions, seg_words: np.ndarray, sessions: np.ndarr
     sessions[0, S_DURABLE] = st.ctr[C_LAST_GSEQ]
     publish_all(st, vers, int(st.ctr[C_LAST_GSEQ]))
     return Recovered(n, int(st.ctr[C_LAST_GSEQ]), torn.torn_bytes,
-                     time.perf_counter() - t0, base)
+                     time.perf_counter() - t0, base, rolls[-1] if rolls else 0)
 
 
 assert EVENT_DTYPE.itemsize == 128

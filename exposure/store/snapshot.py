@@ -23,14 +23,15 @@ never pauses, never copies, never knows; the price is the replay's CPU on the co
 does not spin on, at nice 19. Then journal segments wholly covered by the oldest snapshot
 kept are deleted or archived (``[snapshot] journal``), and older snapshots beyond ``keep``
 are removed. Keeping two means a snapshot that fails its checksum falls back to the one
-before it, with the journal still there to replay from it.
+before it, with the journal still there to replay from it. With ``[day] keep_days``, the
+retention also keeps the last days replayable (:func:`retain`: one rule for both).
 """
 
 from __future__ import annotations
 
 import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import crc32c
@@ -162,15 +163,44 @@ def load_newest(directory: str | Path, state_buf: np.ndarray, sessions: np.ndarr
     return 0
 
 
-def retain(directory: Path, keep: int, journal: str, log: Callable[[str], None]) -> None:
+def retain(directory: Path, keep: int, journal: str, log: Callable[[str], None],
+           keep_days: int = 0, days: Sequence[int] = ()) -> None:
+    """The retention, one rule for snapshots and journal segments.
+
+    Kept snapshots: the ``keep`` newest, and with ``keep_days`` (N > 0) the newest one at
+    or before the start of each of the last N trading days (``days``: the gseqs of the
+    rolls the kernel accepted, oldest first; the day in progress is one of the N, and the
+    roll's own snapshot is the one its day starts from). A journal segment goes (deleted,
+    or moved to ``DIR/archive``, per ``journal``; ``"keep"``: never) only when every record
+    of it is both covered by the oldest kept snapshot and, with ``keep_days``, before the
+    oldest kept day: so ``replay --journal --upto`` reaches any gseq of the kept days, and
+    recovery never needs an archived segment. With fewer than N days rolled, the first
+    day is kept whole (nothing goes)."""
     snaps = snapshots(directory)
-    for _, p in snaps[:-keep]:
-        p.unlink()
-        log(f"removed old snapshot {p.name}")
+    horizon = None  # the first gseq of the oldest kept day (None: no day rule)
+    if keep_days > 0:
+        starts = [0, *sorted(days)]  # where each day begins (0: the journal's first day)
+        horizon = starts[-keep_days] if len(starts) >= keep_days else 0
+    kept = {g for g, _ in snaps[-keep:]}
+    if horizon is not None:
+        for start in [horizon, *(d for d in days if d > horizon)] if horizon else []:
+            base = [g for g, _ in snaps if g <= start]
+            if base:
+                kept.add(base[-1])
+    for g, p in snaps:
+        if g not in kept:
+            p.unlink()
+            log(f"removed old snapshot {p.name}")
     snaps = snapshots(directory)
-    if journal == "keep" or len(snaps) < keep:
+    if journal == "keep" or not snaps or len(snaps) < keep:
         return
     covered = snaps[0][0]  # the oldest snapshot kept: a fallback must still replay from it
+    why = f"covered by snapshot {covered}"
+    if horizon is not None:
+        if covered > horizon:  # no snapshot the oldest kept day starts from
+            return
+        covered = min(covered, horizon - 1)
+        why += f", before the {keep_days} days kept (from gseq {horizon})"
     segs = segments(directory)
     for (_, path), (nxt, _) in zip(segs, segs[1:], strict=False):
         if nxt - 1 <= covered:  # every record of this segment is in the snapshot
@@ -179,7 +209,7 @@ def retain(directory: Path, keep: int, journal: str, log: Callable[[str], None])
                 shutil.move(str(path), directory / "archive" / path.name)
             else:
                 path.unlink()
-            log(f"{journal}d journal segment {path.name} (covered by snapshot {covered})")
+            log(f"{journal}d journal segment {path.name} ({why})")
 
 
 assert read_blocks is not None

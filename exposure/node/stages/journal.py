@@ -16,6 +16,12 @@ With a mirror ring (a node of a primary/backup pair), every block written is han
 mirror stage while this node is the primary; a full mirror ring is never waited for: the
 hand-off is dropped, and the mirror reads the gap back from the journal files.
 
+A ``roll`` record (SPEC section 6: a new trading day) begins a new segment
+(:meth:`exposure.store.journal.JournalWriter.roll_at`), so each day's records lie in segments
+of their own (the retention keeps or archives whole days); its gseq goes to the counter
+``journal_roll_gseq``, which tells the supervisor to start the snapshot process once it is
+durable: that process writes the day's end-of-day report (:mod:`exposure.store.eod`).
+
 Then the stage publishes, per session, the highest session seq that is durable
 (``S_DURABLE`` of the session table, a release store after the data is on disk) and the
 journal's durable global seq (row 0 of the table, ``S_DURABLE``). Ingest acknowledges a
@@ -36,7 +42,17 @@ import numpy as np
 from numba import njit
 
 from exposure.core import jit as _jit
-from exposure.core.types import EVENT_WORDS, W_GSEQ, W_RECV_NS, W_SESSION, W_SSEQ
+from exposure.core.types import (
+    EVENT_WORDS,
+    REJECT_SHIFT,
+    T_ROLL,
+    TYPE_SHIFT,
+    W_GSEQ,
+    W_RECV_NS,
+    W_SESSION,
+    W_SSEQ,
+    W_TYPE,
+)
 from exposure.node.stages.agent import Stage
 from exposure.shm import counters_layout as CN
 from exposure.shm import ring_layout as RL
@@ -61,6 +77,20 @@ def _note_sessions(words, n, pending):
 
 
 @njit(cache=True, _nrt=False)
+def _rolls(words, n, out):
+    """The gseqs of the ``roll`` records among ``words[:n]`` (none rejected by the parser)
+    into ``out``; returns how many (at most ``len(out)``)."""
+    k = 0
+    for i in range(n):
+        w = words[i, W_TYPE]
+        if ((w >> np.uint64(TYPE_SHIFT)) & np.uint64(0xFF)) == T_ROLL and (
+                (w >> np.uint64(REJECT_SHIFT)) & np.uint64(0xFF)) == 0 and k < out.shape[0]:
+            out[k] = words[i, W_GSEQ]
+            k += 1
+    return k
+
+
+@njit(cache=True, _nrt=False)
 def _publish(pending, sess_flat, ncols, gseq):
     """Durable marks: per session, then the journal's global seq (row 0)."""
     for s in range(1, pending.shape[0]):
@@ -77,6 +107,7 @@ _FSYNC_MAX = CN.INDEX["journal_fsync_ns_max"]
 _DURABLE_GSEQ = CN.INDEX["journal_durable_gseq"]
 _DURABLE_RECV = CN.INDEX["journal_durable_recv_ns"]
 _MIRROR_DROPPED = CN.INDEX["journal_mirror_dropped_total"]
+_ROLL_GSEQ = CN.INDEX["journal_roll_gseq"]
 
 
 class JournalStage(Stage):
@@ -110,7 +141,9 @@ class JournalStage(Stage):
         self.last_sync = time.monotonic_ns()
         self.error: str | None = None
         self._tail, self._head = reader.ctrl[RL.W_TAIL:], reader.ctrl[reader.head_word:]
+        self.rolls = np.zeros(64, np.uint64)  # roll gseqs found in a block
         _note_sessions(self.buf, 0, self.pending)  # compiled (or loaded) now, not later
+        _rolls(self.buf, 0, self.rolls)
         _publish(self.pending, self.sess_flat, self.ncols, np.uint64(self.durable_gseq))
 
     def _fail(self, what: str, e: OSError) -> None:
@@ -124,6 +157,9 @@ class JournalStage(Stage):
         if not self.held and self._tail[0] != self._head[0]:
             self.held = ring_pop_at(self.inp.ctrl, self.inp.slots, self.buf, len(self.buf),
                                     self.inp.head_word)
+            for g in self.rolls[:_rolls(self.buf, self.held, self.rolls)].tolist():
+                self.w.roll_at(g)  # a new trading day begins a new segment
+                self.cnt[_ROLL_GSEQ] = g
         if self.held:
             try:
                 self.w.append(self.buf[:self.held])

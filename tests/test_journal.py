@@ -302,7 +302,7 @@ def test_snapshots_bound_recovery_and_a_corrupt_one_falls_back_to_the_previous(t
     halves[1].write_bytes(b"".join(lines[20_000:]))
     data = tmp_path / "data"
     extra = ("segment_mb = 1\n[snapshot]\nevery_events = 10000\nevery_s = 0\nkeep = 2\n"
-             'journal = "delete"\n')
+             'journal = "delete"\n[day]\nkeep_days = 0\n')  # by snapshots only: no rolls
 
     def journal_starts() -> int:
         return min(int(p.name[8:28]) for p in data.glob("journal-*.seg"))

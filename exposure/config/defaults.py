@@ -119,6 +119,9 @@ tz = "UTC"                   # its time zone (IANA: "America/New_York", "Europe/
 weekdays = ["mon", "tue", "wed", "thu", "fri"]  # the days that roll
 load_after_roll = []         # instruments/limits/positions CSVs sent right after the
                              # scheduled roll, on its session (exposure.core.loads)
+keep_days = 2                # trading days whose journal stays replayable (the day in
+                             # progress and the one before: ~5 GB at 20 M events a day);
+                             # older segments go per [snapshot] journal. 0 = by snapshots only
 
 [partition]                  # one partition of a cluster (examples/cluster/, SPEC section 5)
 cluster = ""                 # the cluster file with the partition map; "" = the whole fund

@@ -42,7 +42,7 @@ def _parse(doc: dict, source: str) -> NodeConfig:
               **sections.ingest(merged["ingest"], here, caps),
               **sections.fanout(merged["fanout"]),
               **sections.journal(merged["journal"], node["name"]),
-              **sections.snapshot(merged["snapshot"])}
+              **sections.snapshot(merged["snapshot"], merged["day"])}
     procs = parse_processes(merged["process"])
     repl = sections.replication(merged["replication"], here)
     day = sections.day_schedule(merged["day"], here)

@@ -36,7 +36,28 @@ _DEFAULT = logging.INFO
 
 
 class _Handler(logging.StreamHandler):
-    """The one handler :func:`setup` installs (found again by its type: idempotent)."""
+    """The one handler :func:`setup` installs (found again by its type: idempotent).
+    Without a stream of its own it writes to whatever ``sys.stderr`` is when a record
+    comes (as logging's last resort does), so a caller that swaps stderr for a while (a
+    test capturing it, a tool's main run in-process) never leaves it writing to a closed
+    file."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._follow = stream is None
+        super().__init__(stream)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr if self._follow else self._stream
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        self._stream = value
+
+    def setStream(self, stream: TextIO) -> TextIO | None:  # noqa: N802 (logging's name)
+        if self._follow:  # (from now on this stream, not stderr's current one)
+            self._stream, self._follow = sys.stderr, False
+        return super().setStream(stream)
 
 
 def level_from(value: str | int | None, default: int = _DEFAULT) -> int:
@@ -72,7 +93,7 @@ def setup(level: str | int | None = None, label: str = "exposure",
     root = logging.getLogger()
     h = next((h for h in root.handlers if isinstance(h, _Handler)), None)
     if h is None:
-        h = _Handler(sys.stderr if stream is None else stream)
+        h = _Handler(stream)
         root.addHandler(h)
     elif stream is not None and h.stream is not stream:
         h.setStream(stream)

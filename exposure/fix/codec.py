@@ -290,7 +290,7 @@ class FixReader:
         counts = self.counts
         buf = self._buf + data if self._buf else bytes(data)
         self._buf = b""
-        run, pos = frame(buf, self.max_message)
+        run, pos = frame(buf, self.max_message, FixMessage)
         counts["bytes"] += len(data) - (len(buf) - pos)  # (feed counts the rest)
         if run is None:
             return self.feed(buf)

@@ -160,10 +160,11 @@ class FixRun:
     length of the first value of ``tag`` (-1: absent)."""
 
     __slots__ = ("buf", "arr", "starts", "ends", "mto", "mtl", "vo", "vl", "n", "flags",
-                 "seqs")
+                 "seqs", "make")
 
     def __init__(self, buf: bytes, arr: np.ndarray, starts, ends, mto, mtl, vo, vl,
-                 n: int) -> None:
+                 n: int, make=None) -> None:
+        self.make = make  # the message type (the codec's FixMessage: raw, msg_type)
         self.buf, self.arr = buf, arr
         self.starts, self.ends, self.mto, self.mtl = starts, ends, mto, mtl
         self.vo, self.vl, self.n = vo, vl, n
@@ -177,17 +178,17 @@ class FixRun:
         return self.buf[int(self.starts[i]):int(self.ends[i])]
 
     def message(self, i: int):
-        """Message ``i`` as the codec's FixMessage."""
-        from exposure.fix.codec import FixMessage
-
+        """Message ``i`` as the codec's FixMessage (``make``, given by
+        :meth:`exposure.fix.codec.FixReader.feed_batch`: this module sits below the codec
+        and does not import it)."""
         a, b = int(self.mto[i]), int(self.mtl[i])
-        return FixMessage(self.raw(i), self.buf[a:a + b].decode("ascii", "replace"))
+        return self.make(self.raw(i), self.buf[a:a + b].decode("ascii", "replace"))
 
     def __repr__(self) -> str:
         return f"FixRun({self.n} messages)"
 
 
-def frame(buf: bytes, limit: int):
+def frame(buf: bytes, limit: int, make=None):
     """(FixRun or None, where the clean prefix ends) for ``buf``."""
     arr = np.frombuffer(buf, np.uint8)
     n = len(buf)
@@ -196,7 +197,8 @@ def frame(buf: bytes, limit: int):
     k, pos = _frame(arr, 0, n, limit, _COL_OF, starts, ends, mto, mtl, vo, vl)
     if k == 0:
         return None, 0
-    return FixRun(buf, arr, starts[:k], ends[:k], mto[:k], mtl[:k], vo[:k], vl[:k], k), pos
+    return FixRun(buf, arr, starts[:k], ends[:k], mto[:k], mtl[:k], vo[:k], vl[:k], k,
+                  make), pos
 
 
 # ------------------------------------------------------------------------ session checks

@@ -542,7 +542,8 @@ def test_a_backup_older_than_the_primarys_journal_gets_a_snapshot_first(pair, tm
     replays the rest of the journal after it."""
     rnd = seeded()
     p = pair(release="local", start=False,
-             node_extra="segment_mb = 1\n[snapshot]\nevery_events = 10000\nkeep = 1\n")
+             node_extra="segment_mb = 1\n[snapshot]\nevery_events = 10000\nkeep = 1\n"
+                        "[day]\nkeep_days = 0\n")  # (by snapshots only: no day is kept)
     n = 60_000
     events = flow(tmp_path, n, rnd.randrange(1 << 30))
     p.a.start()

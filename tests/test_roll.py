@@ -314,6 +314,10 @@ def test_a_backup_promoted_after_the_scheduled_roll_does_not_roll_again(tmp_path
         clock.write_text("2030-01-07T17:00:10-05:00")
         wait_for(lambda: rolled(p.a, 20300107)() and rolled(p.b, 20300107)(), 30,
                  "Monday's roll on both nodes", p.a)
+        # Only a backup that etcd records as synchronous may be promoted: one that joined
+        # late (the primary ran alone meanwhile) waits until the primary says it is back.
+        wait_for(lambda: (r := p.record()) is not None and r.sync == p.b.name, 30,
+                 "the backup recorded as synchronous", p.a)
         p.a.kill9()
         wait_for(lambda: (c := p.b.control()) is not None and c[CTL_ROLE] == ROLE_PRIMARY,
                  30, "the promotion", p.b)

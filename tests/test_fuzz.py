@@ -25,6 +25,7 @@ def _seed() -> int:
 
 
 # (the first node start compiles the kernels: minutes; a run takes well under a minute)
+@pytest.mark.soak
 @pytest.mark.timeout(900)
 def test_a_fuzzed_node_survives_and_equals_the_replay_of_what_it_took(tmp_path):
     seed = _seed()

@@ -648,6 +648,7 @@ FAULTS = ["kill-primary", "kill-backup", "kill-process", "cut-link", "sigstop-pr
 CHAOS_FAULTS = int(os.environ.get("EXPOSURE_CHAOS_FAULTS", "4"))  # (30+ for a longer run)
 
 
+@pytest.mark.soak
 @pytest.mark.timeout(900)
 def test_seeded_chaos_of_faults_ends_with_both_nodes_equal_to_the_replay(pair, tmp_path, etcd):
     """kill -9 of either node or of one process, a cut link, a hung (SIGSTOP) primary, an

@@ -329,3 +329,65 @@ def test_a_backup_promoted_after_the_scheduled_roll_does_not_roll_again(tmp_path
         if p is not None:
             p.stop()
         etcd.stop()
+
+
+@pytest.mark.process
+@pytest.mark.timeout(300)
+def test_subscribers_see_every_account_the_roll_moves_in_the_batch_that_carries_it(tmp_path):
+    """Item 7: a roll sets every account's P&L to 0 (and forgets flat cells). Each account
+    with a cell, the flat one and the one with only a live order included, comes on the
+    feed as an incremental row stamped with the roll's gseq, with no snapshot recovery,
+    and the subscriber's view then equals ``dump``. The refresh cycle is off, so nothing
+    but the roll's incrementals can bring the rows. (About 3 s: a node's start and stop.)"""
+    from exposure.core.types import ROW_ACCOUNT
+    from exposure.feed.subscriber import Subscriber
+    from exposure.harness.localnode import LocalNode
+    from exposure.harness.wait import wait_for
+
+    n = LocalNode(tmp_path, orders=1024, cells=1024, start=False)
+    n.config.write_text(n.config.read_text().replace(
+        "[fanout]\n", "[fanout]\nrefresh_rows_per_s = 0\n"))
+    sub = None
+    try:
+        n.start()
+        events = REF + [{"type": "mark", "instrument": 1, "price": 10.0}]
+        for a in range(40):  # 40 accounts: more account rows than one datagram holds
+            events.append({"type": "fill", "source": 0, "order_id": a + 1, "account": a,
+                           "instrument": 1, "side": "buy", "qty": a + 1,
+                           "price": 9.0 + a / 64})
+        events += [  # account 40: a round trip, flat with P&L; 41: a live order only
+            {"type": "fill", "source": 0, "order_id": 100, "account": 40, "instrument": 1,
+             "side": "buy", "qty": 5, "price": 9.0},
+            {"type": "fill", "source": 0, "order_id": 101, "account": 40, "instrument": 1,
+             "side": "sell", "qty": 5, "price": 11.0},
+            {"type": "new", "source": 0, "order_id": 102, "account": 41, "instrument": 1,
+             "side": "buy", "qty": 2, "price": 9.5}]
+        send(n, events)
+        sub = Subscriber.from_config(n.config)
+        sections = ("accounts", "fund", "instruments", "sectors")
+
+        def agrees(changes: list) -> bool:
+            changes += sub.poll(0.02)
+            want = n.dump(process=False)  # a desk's read (the command's is checked below)
+            return sub.state == "live" and compare_documents(
+                sub.document(), {k: want[k] for k in sections}) == []
+
+        wait_for(lambda: agrees([]), 30, "the feed to agree with dump before the roll", n)
+        assert all(a["pnl"] != 0 for a in sub.document()["accounts"][:41])
+        recoveries = sub.counters["recoveries"]
+        send(n, [{"type": "roll", "date": "2030-01-07"}])
+        gseq = int(ctr(n)[C_ROLL_GSEQ])
+        assert gseq == len(events) + 1
+        seen: list = []
+        wait_for(lambda: agrees(seen), 30, "the feed to agree with dump after the roll", n)
+        rolled = {c.id for c in seen if c.kind == ROW_ACCOUNT and c.row is not None
+                  and int(c.row["gseq"]) == gseq}
+        assert rolled == set(range(42))
+        assert sub.counters["recoveries"] == recoveries and sub.counters["gaps"] == 0
+        view = sub.document()
+        assert all(a["pnl"] == 0 for a in view["accounts"]) and view["fund"]["pnl"] == 0
+        equals_replay_of_its_journal(n)
+    finally:
+        if sub is not None:
+            sub.close()
+        n.stop()

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import random
+import struct
+import zlib
 
+import orjson
 import pytest
 
 from exposure.core import types
@@ -468,6 +471,39 @@ def test_a_snapshot_is_checked_before_it_is_restored():
         Mapper.restore(REF, data, source=6)
     with pytest.raises(MapperStateError, match="keyed by clordid"):
         Mapper.restore(REF, data, order_key="orderid")
+
+
+def _v1_snapshot(m: Mapper) -> bytes:
+    """The snapshot as version 1 wrote it (lists of [order_id, ...] and [ExecID, ...])."""
+    body = orjson.dumps({
+        "source": m.source, "order_key": m.order_key, "next_id": m._next_id,
+        "orders": [[oid, *r] for oid, r in m._orders.items()], "done": list(m._done),
+        "trades": [[k, *t] for k, t in m._trades.items()], "reports": list(m._reports),
+        "counts": m.counts})
+    return struct.pack("<16sIIQ", b"EXPOSURE-FIXMAP\n", 1, zlib.crc32(body), len(body)) + body
+
+
+def test_a_version_1_snapshot_restores_the_same_state():
+    msgs = flow(11, 400)
+    a = mapper()
+    run(a, msgs[:200])
+    b = Mapper.restore(REF, _v1_snapshot(a), source=5, order_key="clordid")
+    assert b.snapshot() == a.snapshot()
+    assert run(b, msgs[200:]) == run(a, msgs[200:])
+    assert b.snapshot() == a.snapshot()
+
+
+def test_a_snapshot_of_the_wrong_shape_is_refused_not_raised():
+    m = mapper()
+    new(m, "A1", "e1")
+    good = orjson.loads(m.snapshot()[32:])
+    for field, value in (("orders", [1, 2]), ("orders", {"x": []}), ("trades", [["e"]]),
+                         ("orders", {"1": [["C"], True]}), ("trades", 5)):
+        body = orjson.dumps({**good, field: value})
+        data = struct.pack("<16sIIQ", b"EXPOSURE-FIXMAP\n", 2, zlib.crc32(body),
+                           len(body)) + body
+        with pytest.raises(MapperStateError, match="unreadable"):
+            Mapper.restore(REF, data)
 
 
 # ------------------------------------------------------------------------ bounds

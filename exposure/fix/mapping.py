@@ -81,7 +81,7 @@ ORDER_KEYS = ("clordid", "orderid")
 BEGIN_STRINGS = ("FIX.4.2", "FIX.4.4", "FIXT.1.1")
 MAX_QTY = 10**12              # SPEC section 1: 1 <= qty <= 10**12 in order messages
 MAX_ORDER_ID = 2**63 - 1
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2           # (restore reads version 1 too)
 _MAGIC = b"EXPOSURE-FIXMAP\n"
 _HEAD = struct.Struct("<16sIIQ")  # magic, version, crc32 of the body, body length
 
@@ -822,14 +822,13 @@ class Mapper:
     def snapshot(self) -> bytes:
         """The whole state as bytes (a header with magic, version, CRC-32 and length, then
         JSON), for :meth:`restore`."""
+        # (version 2: the dicts as JSON objects, serialized by orjson alone, no Python
+        # step per entry: a gateway's checkpoint of a million orders in tens of ms)
         body = orjson.dumps({
             "source": self.source, "order_key": self.order_key, "next_id": self._next_id,
-            "orders": [[oid, r[0], r[1], r[2], r[3], r[4], r[5]]
-                       for oid, r in self._orders.items()],
-            "done": list(self._done),
-            "trades": [[k, *t] for k, t in self._trades.items()],
-            "reports": list(self._reports),
-            "counts": self.counts})
+            "orders": self._orders, "done": list(self._done), "trades": self._trades,
+            "reports": list(self._reports), "counts": self.counts},
+            option=orjson.OPT_NON_STR_KEYS)
         return _HEAD.pack(_MAGIC, SNAPSHOT_VERSION, zlib.crc32(body), len(body)) + body
 
     @classmethod
@@ -845,9 +844,9 @@ class Mapper:
         magic, version, crc, n = _HEAD.unpack_from(data)
         if magic != _MAGIC:
             raise MapperStateError("not a mapper snapshot (bad magic)")
-        if version != SNAPSHOT_VERSION:
+        if version not in (1, SNAPSHOT_VERSION):
             raise MapperStateError(f"mapper snapshot version {version}: this build reads "
-                                   f"{SNAPSHOT_VERSION}")
+                                   f"1 and {SNAPSHOT_VERSION}")
         body = data[_HEAD.size:]
         if len(body) != n or zlib.crc32(body) != crc:
             raise MapperStateError("mapper snapshot corrupt (length or CRC-32)")
@@ -861,19 +860,26 @@ class Mapper:
             mp = cls(refdata, source=src, order_key=key, begin_string=begin_string,
                      max_orders=max_orders, max_trades=max_trades, max_reports=max_reports)
             mp._next_id = int(d["next_id"])
-            for oid, ks, opened, fin, acc, inst, side in d["orders"]:
+            orders = d["orders"]
+            if version == 1:    # [[order_id, keys, ...]], [[ExecID, ...]]
+                orders = ((oid, r) for oid, *r in orders)
+                trades = ((k, t) for k, *t in d["trades"])
+            else:               # {"order_id": [keys, ...]}, {ExecID: [...]}
+                orders = ((int(oid), r) for oid, r in orders.items())
+                trades = d["trades"].items()
+            for oid, (ks, opened, fin, acc, inst, side) in orders:
                 mp._orders[oid] = (tuple(ks), opened, fin, acc, inst, side)
                 for k in ks:
                     mp._keys[k] = oid
             for oid in d["done"]:
                 mp._done[oid] = None
-            for k, *t in d["trades"]:
+            for k, t in trades:
                 mp._trades[k] = tuple(t)
             mp._reports = dict.fromkeys(d["reports"])
             mp.counts = {str(k): int(v) for k, v in d["counts"].items()}
         except MapperStateError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MapperStateError(f"mapper snapshot unreadable: {e!r}") from None
         while len(mp._orders) > mp.max_orders:
             mp._evict_order()

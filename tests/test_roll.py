@@ -391,3 +391,70 @@ def test_subscribers_see_every_account_the_roll_moves_in_the_batch_that_carries_
         if sub is not None:
             sub.close()
         n.stop()
+
+
+@pytest.mark.process
+@pytest.mark.timeout(300)
+def test_a_cluster_loads_its_day_rolls_once_and_equals_replay_of_the_whole_stream(tmp_path,
+                                                                                  capsys):
+    """``exposure refdata|limits|positions load --cluster`` and ``exposure roll --cluster``
+    on two partitions: the loads go to their accounts' partitions (instruments to every
+    one), the roll to every partition, counted once; the printed closing fund line is that
+    of replay up to the roll, and ``dump --cluster`` equals replay of the whole stream,
+    alone and as the cluster would. The commands run in this process (their ``main``), to
+    save their start-up. (About 4 s beyond the two nodes' start and stop; 9-12 s in all.)"""
+    from exposure.cluster.topology import replay_cluster
+    from exposure.core.loads import read_load
+    from exposure.core.routing import split
+    from exposure.harness.cluster import LocalCluster
+    from exposure.harness.wait import wait_for
+    from exposure.ops.cli import main
+    from exposure.ops.roll import describe, fund_line
+
+    c = LocalCluster(tmp_path, [("p0", [[0, 1]], [[0, 1]]), ("p1", [[2, 3]], [[2, 3]])])
+    files = {"refdata": "symbol,instrument,multiplier,margin_rate,beta,sector,name\n"
+                        "AAA,1,1,0.1,1.0,0,A\nBBB,2,10,0.2,0.5,1,B\n",
+             "limits": "name,account,gross,net,margin,loss\nPM0,0,1e6,,,\nPM3,3,,5e5,,\n",
+             "positions": "account,instrument,qty,price\n1,1,100,10\n2,2,-5,20\n"}
+    try:
+        c.start()
+        loaded: list[dict] = []
+        for cmd, text in files.items():
+            f = tmp_path / f"{cmd}.csv"
+            f.write_text(text)
+            assert main([cmd, "load", str(f), "--cluster", str(c.file)]) == 0
+            loaded += read_load(f).events
+        day = [{"type": "mark", "instrument": 1, "price": 11.0},
+               {"type": "mark", "instrument": 2, "price": 19.0}]
+        for a in range(4):
+            day.append({"type": "fill", "source": a, "order_id": a + 1, "account": a,
+                        "instrument": 1 + a % 2, "side": "buy", "qty": 3 + a,
+                        "price": 10.5})
+        day.append({"type": "new", "source": 3, "order_id": 9, "account": 3,
+                    "instrument": 1, "side": "sell", "qty": 2, "price": 12.0})
+        c.send(records_from_objects(day))
+        before = records_from_objects(loaded + day)
+        capsys.readouterr()
+        assert main(["roll", "--cluster", str(c.file), "--date", "2030-01-07"]) == 0
+        printed = capsys.readouterr().out
+        after = records_from_objects([{"type": "mark", "instrument": 1, "price": 12.0}])
+        c.send(after, "--session", "2")  # (a file is its session's seqs 1..n)
+        whole = np.concatenate([before, records_from_objects(
+            [{"type": "roll", "date": "2030-01-07"}]), after])
+        subs = split(whole, c.cluster.pmap)
+        for n, m in zip(c.nodes, map(len, subs), strict=True):
+            wait_for(lambda n=n, m=m: n.last_gseq() == m, 30, f"{n.name} applied")
+        gseqs = {name: len(sub) - len(after) for name, sub in
+                 zip(c.cluster.names, subs, strict=True)}
+        closing = fund_line(document(replay_records(before)))
+        assert closing["pnl"] != 0
+        assert printed.strip() == describe({"date": "2030-01-07", "gseq": gseqs,
+                                            "fund": closing})
+        want = document(replay_records(whole))
+        got = c.dump()
+        assert got["counts"]["rolls"] == 1 and got["fund"]["pnl"] != 0
+        assert compare_documents(got, want) == []
+        assert compare_documents(got, replay_cluster(whole, c.cluster.pmap)) == []
+    finally:
+        c.stop()
+

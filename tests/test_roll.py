@@ -256,8 +256,13 @@ def rolled(node, date: int):
 
 @pytest.mark.process
 @pytest.mark.timeout(300)
-def test_the_scheduled_roll_happens_once_a_day_across_kill9_before_during_and_after(tmp_path):
+def test_the_scheduled_roll_happens_once_a_day_across_kill9_before_during_and_after(
+        tmp_path, capsys, monkeypatch):
+    from exposure.config.node import load_config
     from exposure.harness.wait import wait_for
+    from exposure.ops.cli import main
+    from exposure.ops.metrics import NodeCollector
+    from exposure.ops.top import Top
 
     clock = tmp_path / "clock"
     clock.write_text("2030-01-07T16:00:00-05:00")  # Monday, before the roll
@@ -287,6 +292,25 @@ def test_the_scheduled_roll_happens_once_a_day_across_kill9_before_during_and_af
         assert journal_rolls(n) == [20300107, 20300108, 20300109]
         equals_replay_of_its_journal(n)
         assert n.dump()["counts"]["rolls"] == 3
+        # status, the metrics and top show the last roll and, by the same clock, the day
+        monkeypatch.setenv(D.CLOCK_ENV, str(clock))
+        g = int(ctr(n)[C_ROLL_GSEQ])
+        capsys.readouterr()
+        assert main(["status", "--json", "--config", str(n.config)]) == 0
+        day = json.loads(capsys.readouterr().out)["day"]
+        assert (day["trading_day"], day["last_roll_date"], day["last_roll_gseq"]) == (
+            "2030-01-10", "2030-01-09", g)
+        cfg = load_config(n.config)
+        assert {f.name: f.samples[0].value for f in NodeCollector(cfg).collect()
+                if f.name.startswith("exposure_last_roll")} == {
+            "exposure_last_roll_date": 20300109, "exposure_last_roll_gseq": g}
+        top = Top(cfg)
+        try:
+            line = top.day_line()
+        finally:
+            top.close()
+        assert line.startswith("trading day 2030-01-10  next roll 2030-01-10T17:00"), line
+        assert f"last roll 2030-01-09 (gseq {g:,})" in line
     finally:
         n.stop()
 

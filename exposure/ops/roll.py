@@ -42,7 +42,7 @@ def roll_date(cfg, date: str | None, now: float | None = None) -> int:
     if date is not None:
         return D.date_code(date)
     if cfg.roll_schedule is not None:
-        return D.trading_day(cfg.roll_schedule, D.system_clock() if now is None else now)
+        return D.trading_day(cfg.roll_schedule, D.clock_from_env()() if now is None else now)
     return 0
 
 

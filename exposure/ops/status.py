@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from exposure.config.node import NodeConfig
-from exposure.core.day import day_info, system_clock
+from exposure.core.day import clock_from_env, day_info
 from exposure.core.types import (
     C_LAST_GSEQ,
     C_REJECTS,
@@ -181,7 +181,7 @@ def node_status(cfg: NodeConfig, interval: float = 0.25) -> dict:
            "fanout": {"send_errors": int(ctl[CTL_FANOUT_ERRORS])},
            "sessions": sessions,
            "day": day_info(cfg.roll_schedule, int(ctr[C_ROLL_DATE]), int(ctr[C_ROLL_GSEQ]),
-                           int(ctr[C_ROLLS]), system_clock())}
+                           int(ctr[C_ROLLS]), clock_from_env()())}
     if cfg.replicated:
         out["coordinator"] = _coordinator(cfg)
     return out

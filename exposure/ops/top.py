@@ -82,12 +82,12 @@ class Top:
 
     def day_line(self) -> str:
         """The trading day in progress (by the [day] schedule) and the last roll."""
-        from exposure.core.day import day_info, system_clock
+        from exposure.core.day import clock_from_env, day_info
         from exposure.core.types import C_ROLL_DATE, C_ROLL_GSEQ, C_ROLLS
 
         ctr = self.desk.counters()
         d = day_info(self.cfg.roll_schedule, int(ctr[C_ROLL_DATE]), int(ctr[C_ROLL_GSEQ]),
-                     int(ctr[C_ROLLS]), system_clock())
+                     int(ctr[C_ROLLS]), clock_from_env()())
         last = (f"last roll {d['last_roll_date'] or '(undated)'} (gseq "
                 f"{d['last_roll_gseq']:,})" if d["last_roll_gseq"] else "no roll yet")
         if d["trading_day"]:

@@ -224,6 +224,7 @@ def test_a_node_writes_the_report_at_each_roll_also_after_a_kill_and_recovers_by
                 p.unlink()
         archived = {g for g, _ in segments(data, archive=True)} - dict(segments(data)).keys()
         assert archived and min(g for g, _ in segments(data)) == rolls[-2]
+        (data / "archive").rename(tmp_path / "moved-off")  # the archive left the machine
         n.start()  # recovers from the day before's roll snapshot: no archived segment
         assert f"loaded snapshot at gseq {rolls[-2]}" in n.log.read_text()
         assert compare_documents(n.dump(), final) == []

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from exposure.core import day as D
-from exposure.core.types import C_ROLL_DATE, C_ROLL_GSEQ, T_ROLL
+from exposure.core.types import C_ROLL_DATE, C_ROLL_GSEQ, T_LIMIT, T_ROLL
 from exposure.engine.document import compare_documents, document
 from exposure.engine.parse import (
     RECORD,
@@ -171,6 +171,15 @@ def journal_rolls(node) -> list[int]:
     return out
 
 
+def operator_records(node) -> np.ndarray:
+    """The journal's records of the scheduled roll's session (255), in order."""
+    from exposure.store.journal import read_blocks
+
+    blocks = [b.records[b.records["session"] == 255] for b in read_blocks(node.data_dir,
+                                                                           archive=True)]
+    return np.concatenate(blocks) if blocks else np.zeros(0, RECORD)
+
+
 def equals_replay_of_its_journal(node) -> None:
     import inspect
 
@@ -238,11 +247,12 @@ def test_exposure_roll_prints_the_closing_fund_line_as_replay_and_needs_the_enti
 ARCHIVE = '[snapshot]\njournal = "archive"\n'
 
 
-def scheduled_node(tmp_path, clock, **kw):
+def scheduled_node(tmp_path, clock, day: str = "", **kw):
     from exposure.harness.localnode import LocalNode
 
     n = LocalNode(tmp_path, orders=1024, cells=1024, start=False,
-                  extra=f'{ARCHIVE}[day]\nroll_at = "17:00"\ntz = "America/New_York"\n', **kw)
+                  extra=f'{ARCHIVE}[day]\nroll_at = "17:00"\ntz = "America/New_York"\n{day}',
+                  **kw)
     n.env["EXPOSURE_CLOCK_FILE"] = str(clock)
     return n
 
@@ -266,7 +276,11 @@ def test_the_scheduled_roll_happens_once_a_day_across_kill9_before_during_and_af
 
     clock = tmp_path / "clock"
     clock.write_text("2030-01-07T16:00:00-05:00")  # Monday, before the roll
-    n = scheduled_node(tmp_path, clock)
+    # load_after_roll: a good limits file goes right after the roll; a bad one not at all
+    (tmp_path / "limits.csv").write_text("account,gross,net,margin,loss\n1,1e6,,,\n2,,5e5,,\n")
+    (tmp_path / "bad.csv").write_text("account,gross,net,margin,loss\n1,2e6,,,\n2,lots,,,\n")
+    n = scheduled_node(tmp_path, clock, day=f'load_after_roll = ["{tmp_path / "bad.csv"}", '
+                                            f'"{tmp_path / "limits.csv"}"]\n')
     try:
         n.start()
         send(n, REF + day_events(1))
@@ -275,6 +289,12 @@ def test_the_scheduled_roll_happens_once_a_day_across_kill9_before_during_and_af
         clock.write_text("2030-01-07T17:02:00-05:00")
         n.start()
         wait_for(rolled(n, 20300107), 30, "Monday's roll, caught up", n)
+        wait_for(lambda: len(operator_records(n)) >= 3, 30, "the loads after the roll", n)
+        recs = operator_records(n)[:3]
+        assert recs["type"].tolist() == [T_ROLL, T_LIMIT, T_LIMIT]
+        assert np.all(np.diff(recs["gseq"].astype(np.int64)) == 1)  # right after the roll
+        assert recs["account"][1:].tolist() == [1, 2]
+        assert f"{tmp_path / 'bad.csv'} not loaded" in n.log.read_text()
         send(n, day_events(2))
         # Killed right after Tuesday's roll was sent (ingest holds it, or not yet), which
         # is also after Monday's: neither is rolled twice when it is back.

@@ -126,6 +126,9 @@ def report_stream(seed: int, n: int) -> list[list[tuple[int, object]]]:
                         if odd else ["10.25", "10", ".5", "1.", "10.125"])
         if r < 0.3 or not live:
             c = f"c{k}"
+            if rng.random() < 0.05:   # non-ASCII bytes in a key (one character each)
+                c = (c + rng.choice(["\xe9", "\xff\x80", "\xfc"])).encode(
+                    "latin-1")
             live.append(c)
             f = [(11, c), (37, rng.choice([f"o{k}", "NONE", ""])), (17, f"n{k}"),
                  (150, "0"), (38, qty), *base]
@@ -133,7 +136,7 @@ def report_stream(seed: int, n: int) -> list[list[tuple[int, object]]]:
                 f.append((44, px))
         elif r < 0.6:
             c = rng.choice(live)
-            e = f"f{k}"
+            e = f"f{k}" if rng.random() < 0.95 else f"f{k}\xe9\x81".encode("latin-1")
             trades.append(e)
             f = [(11, c), (37, rng.choice(["", f"o{k}"])), (17, e),
                  (150, rng.choice("FFF12")), (32, qty), (31, px), *base]

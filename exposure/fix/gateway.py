@@ -353,6 +353,7 @@ class Gateway:
         self._last_ck = 0
         self._lockfd = -1
         self._stop = False
+        self._stopped = threading.Event()  # (set with _stop: what housekeeping waits on)
         self._error: BaseException | None = None
         self._threads: list[threading.Thread] = []
         self._dead: DeadLetterFile | None = None
@@ -426,6 +427,7 @@ class Gateway:
             self._error = e
             with self._cond:
                 self._stop = True
+                self._stopped.set()
                 self._cond.notify_all()
 
     def _recover(self) -> None:
@@ -715,8 +717,8 @@ class Gateway:
             self._trim()
             with contextlib.suppress(OSError):
                 write_status(self.cfg.status_file, self.status())
-            with self._cond:
-                self._cond.wait(1.0)
+            # (not the lock's condition: that wakes at every round of FIX reads)
+            self._stopped.wait(1.0)
 
     def _on_result(self, ack) -> None:
         for _, reason in ack.rejected:
@@ -822,6 +824,7 @@ class Gateway:
                 self.engine.stop()
         with self._cond:
             self._stop = True
+            self._stopped.set()
             self._cond.notify_all()
         for t in self._threads:
             t.join(10)

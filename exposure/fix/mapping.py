@@ -914,6 +914,8 @@ class Mapper:
         counts = self.counts
         counts.setdefault("messages", 0)
         keys, orders, trades, reports = self._keys, self._orders, self._trades, self._reports
+        done = self._done
+        max_orders, max_reports = self.max_orders, self.max_reports
         by_orderid = self._by_orderid
         src = self.source
         sides = _SIDE_OF_CODE
@@ -930,7 +932,12 @@ class Mapper:
         acct_l, inst_l, side_l, fin_l = acct.tolist(), inst.tolist(), side.tolist(), \
             fin.tolist()
         qty_l, price_l = qty.tolist(), price.tolist()
-        cols = vo[i0:i1, _KEY_COLS].tolist()
+        # The messages' bytes decoded once: ASCII with "replace" turns each byte into one
+        # character, so a value's slice of the text is its bytes' decode (offsets from
+        # ``base``; an absent value's stays negative).
+        base = int(run.starts[i0]) if i1 > i0 else 0
+        text = buf[base:int(run.ends[i1 - 1]) if i1 > i0 else 0].decode("ascii", "replace")
+        cols = (vo[i0:i1, _KEY_COLS] - base).tolist()
         lens = vl[i0:i1, _KEY_COLS].tolist()
 
         for r in range(i1 - i0):
@@ -939,11 +946,11 @@ class Mapper:
                 k = kl[r]
                 o17, o37, o11, o41 = cols[r]
                 l17, l37, l11, l41 = lens[r]
-                exec_id = buf[o17:o17 + l17].decode("ascii", "replace")
+                exec_id = text[o17:o17 + l17]
                 if exec_id in trades or exec_id in reports:
                     k = -1
                 else:
-                    o37 = buf[o37:o37 + l37].decode("ascii", "replace") if o37 >= 0 \
+                    o37 = text[o37:o37 + l37] if o37 >= 0 \
                         else None
                     if o37 == "NONE" or o37 == "":
                         o37 = None
@@ -951,13 +958,13 @@ class Mapper:
                     if by_orderid and o37 is not None:
                         key = "O" + o37
                     else:
-                        c = buf[o11:o11 + l11].decode("ascii", "replace") if o11 >= 0 \
+                        c = text[o11:o11 + l11] if o11 >= 0 \
                             else None
                         if not c:
                             key = "O" + o37 if o37 is not None else None
                         else:
                             key = "C" + c
-                            o = buf[o41:o41 + l41].decode("ascii", "replace") if o41 >= 0 \
+                            o = text[o41:o41 + l41] if o41 >= 0 \
                                 else None
                             if o and o != c:
                                 orig = "C" + o
@@ -1016,15 +1023,38 @@ class Mapper:
                             oid = keys.get(key)
                             if oid is None and alias is not None:
                                 oid = keys.get(alias)
-                            rec = orders.get(oid) if oid is not None else None
-                            if rec is None or rec[2]:
-                                oid, rec = self._open_order(key, None, alias)
+                            if oid is None and self._next_id not in orders:
+                                # an order never seen (the common case), inlined: what
+                                # _open_order, _link, _opened, _finish and
+                                # _remember_report do for it
+                                oid = self._next_id
+                                self._next_id = oid + 1 if oid < MAX_ORDER_ID else 1
+                                keys[key] = oid
+                                if alias is None:
+                                    ks = (key,)
+                                else:
+                                    ks = (key, alias)
+                                    keys[alias] = oid
+                                orders[oid] = (ks, True, False, account, instrument, sd)
+                                if len(orders) > max_orders:
+                                    self._evict_order()
+                                if fin_l[r]:
+                                    orders[oid] = (ks, True, True, account, instrument, sd)
+                                    done[oid] = None
+                                reports[exec_id] = None
+                                if len(reports) > max_reports:
+                                    del reports[next(iter(reports))]
+                                    self._bump("evicted_reports")
                             else:
-                                rec = self._link(oid, rec, key, alias)
-                            rec = self._opened(oid, rec, account, instrument, sd)
-                            if fin_l[r]:
-                                self._finish(oid, rec)
-                            self._remember_report(exec_id)
+                                rec = orders.get(oid) if oid is not None else None
+                                if rec is None or rec[2]:
+                                    oid, rec = self._open_order(key, None, alias)
+                                else:
+                                    rec = self._link(oid, rec, key, alias)
+                                rec = self._opened(oid, rec, account, instrument, sd)
+                                if fin_l[r]:
+                                    self._finish(oid, rec)
+                                self._remember_report(exec_id)
                             res = "new"
                     else:
                         rec = orders[oid] if oid is not None else None

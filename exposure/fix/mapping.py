@@ -973,7 +973,7 @@ class Mapper:
                     if key is None:
                         k = -1
                 if k >= 0:
-                    oid = keys.get(key)
+                    oid = kk = keys.get(key)   # (kk: what the key itself names)
                     if oid is None and orig is not None:
                         oid = keys.get(orig)
                     if oid is None and alias is not None:
@@ -1007,12 +1007,13 @@ class Mapper:
                             else:
                                 sd = sides[sc]
                         if k == K_FILL:
-                            if keys.get(key) != oid or (
+                            if kk != oid or (
                                     orig is not None and keys.get(orig) != oid) or \
                                     (alias is not None and keys.get(alias) != oid):
                                 rec = self._link(oid, rec, key, orig, alias)
-                            if fin_l[r] and not rec[2]:
-                                self._finish(oid, rec)
+                            if fin_l[r] and not rec[2]:   # (_finish, inlined)
+                                orders[oid] = (rec[0], rec[1], True, rec[3], rec[4], rec[5])
+                                done[oid] = None
                             trades[exec_id] = (oid, account, instrument, sd, qty_l[r],
                                                price_l[r], False)
                             if len(trades) > self.max_trades:
@@ -1020,7 +1021,7 @@ class Mapper:
                                 self._bump("evicted_trades")
                             res = "fill"
                         elif k == K_NEW:
-                            oid = keys.get(key)
+                            oid = kk
                             if oid is None and alias is not None:
                                 oid = keys.get(alias)
                             if oid is None and self._next_id not in orders:

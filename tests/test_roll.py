@@ -77,6 +77,75 @@ def test_the_day_section_of_a_config(tmp_path):
         load_config(f)
 
 
+def test_loads_cut_short_by_a_crash_after_the_roll_are_completed_once(tmp_path):
+    """The loads after a scheduled roll follow it on the roll's session; a node that died
+    between the roll and its loads (or in the middle of them) sends, once it is back, only
+    the events its session does not hold after the roll, and nothing after a roll that was
+    not its own. No process: the stage with a fake producer over a real journal."""
+    from exposure.config.node import load_config
+    from exposure.core.types import C_ROLL_GSEQ, EVENT_DTYPE, EVENT_WORDS, N_COUNTERS, T_ROLL
+    from exposure.node.stages.scheduler import RollScheduler, roll_session
+    from exposure.shm import session_layout as SL
+    from exposure.shm.control import CONTROL_WORDS, CTL_ROLE, ROLE_PRIMARY
+    from exposure.store.journal import JournalWriter
+
+    (tmp_path / "limits.csv").write_text("name,account,gross\nA,1,100\nB,2,200\nC,3,300\n")
+    f = tmp_path / "n.toml"
+    f.write_text(f'[journal]\ndir = "{tmp_path / "data"}"\n[day]\nroll_at = "17:00"\n'
+                 'load_after_roll = ["limits.csv"]\n')
+    cfg = load_config(f)
+    sid = roll_session(cfg)
+
+    def journal_with_roll(session: int, seq: int) -> None:
+        r = np.zeros(1, EVENT_DTYPE)
+        r["gseq"], r["type"], r["session"], r["sseq"] = 7, T_ROLL, session, seq
+        w = JournalWriter(cfg.data_dir, prewrite=0)
+        w.append(r.view(np.uint64).reshape(1, EVENT_WORDS))
+        w.sync()
+        w.close()
+
+    sent: list[list[dict]] = []
+
+    class Fake:
+        def send(self, events):
+            sent.append(list(events))
+            return 0
+
+        def flush(self, timeout=None):
+            pass
+
+        def close(self, timeout=None):
+            pass
+
+    def stage(held: int) -> RollScheduler:
+        ctr = np.zeros(N_COUNTERS, np.int64)
+        ctr[C_ROLL_GSEQ] = 7
+        sessions = np.zeros((sid + 2, SL.SESSION_COLS), np.uint64)
+        sessions[sid, SL.S_HELD] = held
+        ctl = np.zeros(CONTROL_WORDS, np.int64)
+        ctl[CTL_ROLE] = ROLE_PRIMARY
+        return RollScheduler(cfg, ctr, sessions, ctl, producer_factory=Fake)
+
+    journal_with_roll(sid, 5)  # the roll was the stage's own, seq 5
+    for held, rest in ((5, 3), (6, 2), (8, 0), (9, 0)):
+        sent.clear()
+        s = stage(held)
+        assert s.loads_pending() == (5, held - 5)
+        s._run_loads()
+        want = [{"type": "limit", "account": a, "gross": g, "net": 0.0, "margin": 0.0,
+                 "loss": 0.0} for a, g in ((1, 100.0), (2, 200.0), (3, 300.0))][3 - rest:]
+        assert [[{k: e[k] for k in want[0]} for e in b] for b in sent] == (
+            [want] if rest else [])
+    for p in cfg.data_dir.glob("journal-*.seg"):
+        p.unlink()
+    journal_with_roll(sid + 1, 5)  # an operator's roll on another session: not ours
+    s = stage(5)
+    assert s.loads_pending() is None
+    sent.clear()
+    s._run_loads()
+    assert sent == []
+
+
 # ----------------------------------------------------------------------------- the record
 def test_a_roll_carries_the_date_it_closes_on_both_parse_paths_and_in_the_kernel():
     objs = [{"type": "roll"}, {"type": "roll", "date": "2030-01-07"},

@@ -20,7 +20,12 @@ rolls when it is back (catch-up). Only an acting primary (a standalone node is o
 a backup never does. Between the send and the tally showing it, the stage never sends
 again: it waits for the acknowledgement (the producer resends what the node lacks, and the
 node takes each session seq once), and a new attempt first looks in the session table
-whether the node already holds the seq it sent. While the node has never rolled (no dated
+whether the node already holds the seq it sent. The loads after a roll are exactly once
+too: they follow the roll on the same session, so once this stage starts (and after a
+failed attempt) it reads the last roll's record from the journal, and when that roll was
+its own and the session holds fewer events after it than the files give, it sends the
+rest (a node that died between the roll and its loads, or in the middle of them). While
+the node has never rolled (no dated
 roll in its state) the days before the trading day in progress when the stage first ran on
 this data directory are not due: that date is kept in ``DATA_DIR/roll-baseline``.
 
@@ -86,6 +91,7 @@ class RollScheduler(Stage):
         self._sent_date = 0        # the highest date this stage saw acknowledged
         self._unsure: tuple[int, int] | None = None  # (date, seq) sent, not acknowledged
         self._baseline = self._read_baseline()
+        self._check_loads = bool(cfg.load_after_roll)  # see the module: loads cut short
         self.rolls = 0             # rolls acknowledged (tests, logs)
         self.failures = 0
 
@@ -108,10 +114,18 @@ class RollScheduler(Stage):
         except (ValueError, OverflowError, OSError) as e:  # a clock that says nonsense
             log.warning("scheduled roll: cannot read the clock or the schedule (%s)", e)
             return 0
+        acting = self.ctl[CTL_ROLE] == ROLE_PRIMARY and (
+            not self.cfg.replicated or may_act(self.ctl, time.monotonic_ns()))
         if not days:
+            if self._check_loads and acting:
+                self._check_loads = False
+                self._result = []
+                self._worker = threading.Thread(target=self._run_loads,
+                                                name="exposure-roll-loads", daemon=True)
+                self._worker.start()
+                return 1
             return 0
-        if self.ctl[CTL_ROLE] != ROLE_PRIMARY or (
-                self.cfg.replicated and not may_act(self.ctl, time.monotonic_ns())):
+        if not acting:
             return 0  # only an acting primary rolls
         if self._unsure is not None:
             date, seq = self._unsure
@@ -186,8 +200,54 @@ class RollScheduler(Stage):
         except Exception as e:  # noqa: BLE001  (logged; the next check tries again)
             delay = self.retry_s
             self.failures += 1
+            self._check_loads = bool(self.cfg.load_after_roll)  # (the roll may have gone)
             log.warning("scheduled roll of %s: %s; trying again in %.0f s",
                         ", ".join(map(D.date_text, days)), e, delay)
+        self._result.append(delay)
+
+    def loads_pending(self) -> tuple[int, int] | None:
+        """(the last roll's session seq, events the session holds after it) when that roll
+        was this stage's own; None otherwise (another session's roll, or its record no
+        longer in the journal)."""
+        from exposure.core.types import EVENT_DTYPE
+        from exposure.store.journal import read_record
+
+        g = int(self.ctr[C_ROLL_GSEQ])
+        if g == 0:
+            return None
+        w = read_record(self.cfg.data_dir, g)
+        if w is None:
+            return None
+        rec = w.view(EVENT_DTYPE)[0]
+        if int(rec["session"]) != self.session:
+            return None
+        seq = int(rec["sseq"])
+        return seq, max(0, int(self.sessions[self.session, SL.S_HELD]) - seq)
+
+    def _run_loads(self) -> None:
+        """Send what the loads after the last roll lack (see the module)."""
+        delay = 0.0
+        try:
+            pend = self.loads_pending()
+            if pend is not None:
+                seq, held = pend
+                events = self._load_events()
+                if held < len(events):
+                    log.warning("scheduled roll: the node holds %d of the %d load events "
+                                "after its roll (session %d, seq %d): sending the rest",
+                                held, len(events), self.session, seq)
+                    p = self._factory()
+                    try:
+                        p.send(events[held:])
+                        p.flush(self.timeout_s)
+                    finally:
+                        p.close(self.timeout_s)
+        except Exception as e:  # noqa: BLE001  (logged; the next check tries again)
+            delay = self.retry_s
+            self.failures += 1
+            self._check_loads = True
+            log.warning("scheduled roll: the loads after the roll: %s; trying again in "
+                        "%.0f s", e, delay)
         self._result.append(delay)
 
     def _roll(self, days: list[int]) -> None:
@@ -214,17 +274,27 @@ class RollScheduler(Stage):
                 pass
             raise
 
-    def _loads(self, p) -> None:
-        """``[day] load_after_roll``: each file all or nothing, in order."""
+    def _load_events(self, log_each: bool = False) -> list[dict]:
+        """The events of ``[day] load_after_roll``, file after file (each all or nothing:
+        a file with a bad row is logged and left out)."""
         from exposure.core.loads import LoadError, load_events
 
+        out: list[dict] = []
         for path in self.cfg.load_after_roll:
             try:
                 events = load_events(path, names=self.cfg.names, caps=self.cfg.caps)
             except (LoadError, OSError, ValueError) as e:
                 log.error("scheduled roll: %s not loaded: %s", path, e)
                 continue
-            if events:
-                p.send(events)
-                p.flush(self.timeout_s)
-            log.info("scheduled roll: %s: %d events loaded", path, len(events))
+            if log_each:
+                log.info("scheduled roll: %s: %d events to load", path, len(events))
+            out.extend(events)
+        return out
+
+    def _loads(self, p) -> None:
+        """``[day] load_after_roll``, right after the roll on the same session."""
+        events = self._load_events(log_each=True)
+        if events:
+            p.send(events)
+            p.flush(self.timeout_s)
+        log.info("scheduled roll: %d load events sent", len(events))

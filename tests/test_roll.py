@@ -250,16 +250,34 @@ def operator_records(node) -> np.ndarray:
 
 
 def equals_replay_of_its_journal(node) -> None:
+    """The node's document equals replay of its journal (archive and live), compared at a
+    moment when the journal holds everything compute applied and nothing new came in:
+    events the node sends itself (the loads right after a scheduled roll) may still be on
+    their way to compute or to the disk."""
     import inspect
+    import time
 
     from exposure.config.node import load_config
     from exposure.shm.tally_layout import allocate
+    from exposure.store.journal import scan
     from exposure.store.recovery import replay_journal
 
     kw = {"archive": True} if "archive" in inspect.signature(replay_journal).parameters else {}
-    _, st = allocate(load_config(node.config).caps)
-    replay_journal(st, node.data_dir, **kw)
-    assert compare_documents(node.dump(), document(st)) == []
+    caps = load_config(node.config).caps
+    deadline = time.monotonic() + 30
+    while True:
+        g = node.last_gseq()
+        if scan(node.data_dir).last == g:
+            _, st = allocate(caps)
+            replay_journal(st, node.data_dir, **kw)
+            doc = node.dump()
+            if node.last_gseq() == g:  # (else something came meanwhile: again)
+                assert compare_documents(doc, document(st)) == []
+                return
+        assert time.monotonic() < deadline, (
+            f"the journal (last {scan(node.data_dir).last}) never caught up with the node "
+            f"(last gseq {node.last_gseq()}) within 30 s")
+        time.sleep(0.05)
 
 
 SESSIONS = """[[session]]

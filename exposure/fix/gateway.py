@@ -542,22 +542,18 @@ class Gateway:
                     if part:
                         self._send(part)
                         part = []
-                    self._send_records(e)
+                    self._send_one_kind(e)
                 else:
                     part.append(e)
             if part:
-                self._send(part)
+                self._send_one_kind(part)
             return
+        self._send_one_kind(events)
+
+    def _send_one_kind(self, events: list | np.ndarray) -> None:
+        """Dicts or one EVENT_DTYPE array to the producer, checking the seqs it gives."""
         want = int(self.producer.sent) + len(events)
         got = self.producer.send(events)
-        self.sends += 1
-        if got != want:
-            raise GatewayError(f"the producer numbered events up to {got}, the journal "
-                               f"says {want}")
-
-    def _send_records(self, recs: np.ndarray) -> None:
-        want = int(self.producer.sent) + len(recs)
-        got = self.producer.send(recs)
         self.sends += 1
         if got != want:
             raise GatewayError(f"the producer numbered events up to {got}, the journal "

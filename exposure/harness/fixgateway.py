@@ -11,7 +11,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from exposure.harness.localnode import free_port
+from exposure.harness.localnode import free_port, terminate
 from exposure.harness.wait import WaitTimeout, wait_for
 
 __all__ = ["LocalGateway", "FixSide", "FixClient"]
@@ -139,13 +139,7 @@ class LocalGateway:
             return ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
 class FixClient:

@@ -14,7 +14,7 @@ from pathlib import Path
 from exposure.harness.wait import WaitTimeout, wait_for
 
 __all__ = ["LocalNode", "LocalPair", "LocalEtcd", "free_port", "free_group", "listening",
-           "process_map", "cpu_times"]
+           "process_map", "cpu_times", "terminate"]
 
 
 _HANDED_OUT: set[int] = set()
@@ -312,15 +312,20 @@ class LocalNode:
                 **{k: r[c] for k, c in SL.SESSION_COUNTERS.items()}}
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         for n in self.segments():  # only if the node failed to clean up (the test checks)
             os.unlink(f"/dev/shm/{n}")
+
+
+def terminate(proc: subprocess.Popen | None, timeout: float = 20) -> None:
+    """SIGTERM ``proc`` (a node, a gateway) and wait ``timeout`` s for it, then SIGKILL."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def process_map(hot_wait: str = "spin", hot_cpu: int = -1, tick_us: int = 500,

@@ -961,6 +961,18 @@ def _run_gateway(cfg) -> int:
         gw.stop()
 
 
+def _operator_options(r: argparse.ArgumentParser, cluster: str, session: str,
+                      acks: str) -> None:
+    """The options every operator command that sends through a session shares."""
+    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--cluster", metavar="FILE", help=cluster)
+    r.add_argument("--session", type=int, default=0, help=session)
+    r.add_argument("--secret-file", metavar="FILE",
+                   help="the session's secret (default: from the config's sessions file)")
+    r.add_argument("--timeout", type=float, default=60.0,
+                   help=f"seconds to reach the node and for {acks} (default 60)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exposure", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -1044,15 +1056,11 @@ def _parser() -> argparse.ArgumentParser:
                            "checked first, and nothing is sent when a row is bad")
         r.add_argument("action", choices=("load",))
         r.add_argument("file", help="the CSV file (docs/operations.md, Trading day)")
-        r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
-        r.add_argument("--cluster", metavar="FILE",
-                       help="through a cluster: each event to its account's partition "
-                            "(instrument events to every partition)")
-        r.add_argument("--session", type=int, default=0,
-                       help="the operator session (default: the last session id, [ingest] "
-                            "max_sessions, 256 unless raised)")
-        r.add_argument("--secret-file", metavar="FILE",
-                       help="the session's secret (default: from the config's sessions file)")
+        _operator_options(r, "through a cluster: each event to its account's partition "
+                             "(instrument events to every partition)",
+                          "the operator session (default: the last session id, [ingest] "
+                          "max_sessions, 256 unless raised)",
+                          "its acknowledgements")
         r.add_argument("--accounts", metavar="FILE",
                        help="resolve account names through this accounts.csv (default: the "
                             "config's [reference] accounts)")
@@ -1060,26 +1068,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="resolve symbols through this instruments.csv (default: the "
                             "config's [reference] instruments)")
         r.add_argument("--check", action="store_true", help="check the file, send nothing")
-        r.add_argument("--timeout", type=float, default=60.0,
-                       help="seconds to reach the node and for its acknowledgements "
-                            "(default 60)")
         r.set_defaults(func=_cmd_load)
 
     r = sub.add_parser("roll", help="start a new trading day: one roll through an operator "
                        "session, then the closing day's fund line (docs/operations.md)")
-    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
-    r.add_argument("--cluster", metavar="FILE", help="roll every partition of a cluster")
+    _operator_options(r, "roll every partition of a cluster",
+                      "the operator session, entitled to roll (default: the last session "
+                      "id, [ingest] max_sessions)", "its acknowledgement")
     r.add_argument("--date", metavar="YYYY-MM-DD",
                    help="the trading day it closes (default: the one in progress by the "
                         "node's [day] schedule; without one the roll is undated)")
-    r.add_argument("--session", type=int, default=0,
-                   help="the operator session, entitled to roll (default: the last session "
-                        "id, [ingest] max_sessions)")
-    r.add_argument("--secret-file", metavar="FILE",
-                   help="the session's secret (default: from the config's sessions file)")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
-    r.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds to reach the node and for its acknowledgement (default 60)")
     r.set_defaults(func=_cmd_roll)
 
     r = sub.add_parser("fix", help="the FIX drop-copy gateway: FIX sessions in, one "

@@ -29,7 +29,7 @@ PKG = ROOT / "exposure"
 # order: core < shm < engine < store < net < pair < config < feed < node < cluster < fix
 # < harness < bench < ops < public
 ORDER = ("core", "shm", "engine", "store", "net", "pair", "config", "feed", "node", "cluster",
-         "fix", "harness", "bench", "ops", "public")
+         "fix", "web", "harness", "bench", "ops", "public")
 
 # The public thin modules users import (exposure/__init__.py says which): the top layer.
 # Nothing inside the product imports them; they re-export what lies below.

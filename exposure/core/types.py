@@ -20,14 +20,15 @@ The event record (128 bytes, little-endian, two cache lines)
      40     4  u4    account
      44     4  u4    instrument
      48     8  u8    order_id
-     56     8  i8    qty         order / fill quantity; position: signed quantity
-     64     8  f8    price
+     56     8  i8    qty         order / fill quantity; position: signed quantity;
+                                 instrument, fx: the currency (SPEC section 7; 0 = base)
+     64     8  f8    price       fx: the rate (base-currency value of one unit)
      72     8  f8    x0          instrument: multiplier   | limit: gross
      80     8  f8    x1          instrument: margin_rate  | limit: net
      88     8  f8    x2          instrument: beta         | limit: margin
      96     8  f8    x3                                   | limit: loss
     104     4  u4    sector      instrument: sector
-    108     1  u1    type        T_* below (10 bust, 11 roll: SPEC section 6)
+    108     1  u1    type        T_* below (10 bust, 11 roll: SPEC section 6; 12 fx: 7)
     109     1  u1    side        SIDE_* below
     110     1  u1    reject      a reason found before the kernel (JSON kind errors), else 0
     111     1  u1    flags       F_* below
@@ -79,6 +80,7 @@ __all__ = [
     "ROW_KINDS",
     "ACCOUNT_TALLIES",
     "FUND_TALLIES",
+    "N_CURRENCIES",
 ]
 
 # --------------------------------------------------------------------------- event record
@@ -132,12 +134,13 @@ T_DONE = 8
 T_FILL = 9
 T_BUST = 10   # SPEC section 6: a trade taken back (fields of the trade, as a fill's)
 T_ROLL = 11   # SPEC section 6: the start of a new trading day (no fields)
-T_MAX = 11
+T_FX = 12     # SPEC section 7: a currency's rate (currency in ``qty``, rate in ``price``)
+T_MAX = 12
 
 TYPE_NAMES = {
     T_INSTRUMENT: "instrument", T_LIMIT: "limit", T_POSITION: "position", T_MARK: "mark",
     T_NEW: "new", T_REPLACE: "replace", T_CANCEL: "cancel", T_DONE: "done", T_FILL: "fill",
-    T_BUST: "bust", T_ROLL: "roll",
+    T_BUST: "bust", T_ROLL: "roll", T_FX: "fx",
 }
 TYPE_CODES = {v: k for k, v in TYPE_NAMES.items()}
 
@@ -186,6 +189,8 @@ S_LATE_FILL = 0x80
 # Domain limits from the SPEC.
 MAX_QTY = 10**12
 MAX_ORDER_ID = 2**63  # exclusive
+# SPEC section 7: currency ids 0..255, 0 the base currency (a fixed capacity).
+N_CURRENCIES = 256
 
 # --------------------------------------------------------------------------- tally state
 # A position cell: one (account, instrument) pair, one cache line. ``dirty`` is 1 while the
@@ -226,15 +231,19 @@ CELLIDX_DTYPE = np.dtype(
 
 # Reference data and fund aggregates of one instrument. ``dirty`` is 1 while the instrument
 # is listed in the batch's ``ichanged`` (the kernel clears it at the next batch); ``gseq`` is
-# the event that last moved the instrument's row (a feed row's tag).
+# the event that last moved the instrument's row (a feed row's tag). ``currency`` (SPEC
+# section 7; 0 = base) is the currency its prices are quoted in: the instrument's value is
+# ref_price x multiplier x the state's ``rate[currency]``. ``cnext`` links the instruments
+# of one currency other than the base (heads: the state's ``cur_head``; -1 ends a chain),
+# which an ``fx`` event walks.
 INSTRUMENT_DTYPE = np.dtype(
     {
         "names": ["ref_price", "multiplier", "margin_rate", "beta", "fund_pos", "abs_pos",
                   "open_buy", "open_sell", "head", "sector", "marked", "dirty", "gseq",
-                  "_pad"],
+                  "currency", "cnext"],
         "formats": ["<f8", "<f8", "<f8", "<f8", "<i8", "<i8", "<i8", "<i8",
-                    "<i4", "<i4", "<i4", "<i4", "<u8", "<u8"],
-        "offsets": [0, 8, 16, 24, 32, 40, 48, 56, 64, 68, 72, 76, 80, 88],
+                    "<i4", "<i4", "<i4", "<i4", "<u8", "<i4", "<i4"],
+        "offsets": [0, 8, 16, 24, 32, 40, 48, 56, 64, 68, 72, 76, 80, 88, 92],
         "itemsize": 96,
     },
     align=True,
@@ -396,7 +405,7 @@ C_NICHANGED = 12      # instruments in ``ichanged`` after the last batch
 C_NSCHANGED = 13      # sectors in ``schanged`` after the last batch
 C_NCCHANGED = 14      # cells in ``cchanged`` after the last batch
 C_REJECTS = 16        # C_REJECTS + reason code: per-reason reject counts (16..24)
-# Events every partition of a cluster sees (mark, instrument), which the cluster counts
+# Events every partition of a cluster sees (mark, instrument, fx), which the cluster counts
 # once (SPEC section 5): accepted, and rejected as bad_field or out_of_range (the only
 # reasons such an event can have). They are also in the counts above.
 C_BCAST_ACCEPTED = 25

@@ -11,6 +11,9 @@ state of the current layout, table by table and field by field:
   anything the snapshot's gseq as the event that last moved it (the true one is not in the
   old layout), so the feed and snapshots list them; ``publish_all`` after recovery writes
   the published rows.
+* version 3 (before issue 29's currencies): no ``rate`` and ``cur_head`` tables, and the
+  instrument row's last 8 bytes were padding. Every instrument is in the base currency
+  (``currency`` 0, in no currency chain) and every rate is 1.0: the values the state had.
 """
 
 from __future__ import annotations
@@ -58,7 +61,63 @@ def _tables_v2(c: Capacities) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
     ]
 
 
-OLD_VERSIONS = {2: _tables_v2}
+_INSTRUMENT_V3 = np.dtype(
+    {
+        "names": ["ref_price", "multiplier", "margin_rate", "beta", "fund_pos", "abs_pos",
+                  "open_buy", "open_sell", "head", "sector", "marked", "dirty", "gseq",
+                  "_pad"],
+        "formats": ["<f8", "<f8", "<f8", "<f8", "<i8", "<i8", "<i8", "<i8",
+                    "<i4", "<i4", "<i4", "<i4", "<u8", "<u8"],
+        "offsets": [0, 8, 16, 24, 32, 40, 48, 56, 64, 68, 72, 76, 80, 88],
+        "itemsize": 96,
+    },
+    align=True,
+)
+
+# The published instrument row of version 3 (frozen here: the current one may grow).
+_INSTPUB_V3 = np.dtype(
+    {
+        "names": ["ver", "gseq", "fund_pos", "ref_price", "open_buy", "open_sell", "net_mv",
+                  "gross_mv", "multiplier", "margin_rate", "beta", "sector", "marked"],
+        "formats": ["<u8", "<u8", "<i8", "<f8", "<i8", "<i8", "<f8", "<f8", "<f8", "<f8",
+                    "<f8", "<i4", "<i4"],
+        "offsets": [0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 92],
+        "itemsize": 96,
+    },
+    align=True,
+)
+
+
+def _tables_v3(c: Capacities) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    A, I, S = c.accounts, c.instruments, c.sectors
+    return [
+        ("ctr", np.dtype("<i8"), (T.N_COUNTERS,)),
+        ("fund", np.dtype("<f8"), (T.N_FUND_TALLIES, 2)),
+        ("acc", np.dtype("<f8"), (A, T.N_CELL_TALLIES, 2)),
+        ("acc_lim", np.dtype("<f8"), (A, 4)),
+        ("acc_live", np.dtype("<i8"), (A,)),
+        ("acc_gseq", np.dtype("<u8"), (A,)),
+        ("acc_stamp", np.dtype("<i8"), (A,)),
+        ("changed", np.dtype("<i4"), (A,)),
+        ("ichanged", np.dtype("<i4"), (I,)),
+        ("sec", np.dtype("<f8"), (S, 2, 2)),
+        ("sec_gseq", np.dtype("<u8"), (S,)),
+        ("sec_dirty", np.dtype("<i4"), (S,)),
+        ("schanged", np.dtype("<i4"), (S,)),
+        ("inst", _INSTRUMENT_V3, (I,)),
+        ("cells", T.CELL_DTYPE, (c.cells,)),
+        ("cchanged", np.dtype("<i4"), (c.cells,)),
+        ("cidx", T.CELLIDX_DTYPE, (c.cell_slots,)),
+        ("orders", T.ORDER_DTYPE, (c.order_slots,)),
+        ("pub", T.PUBROW_DTYPE, (A + 1,)),
+        ("ipub", _INSTPUB_V3, (I,)),
+        ("spub", T.SECPUB_DTYPE, (S,)),
+        ("cpub", T.POSPUB_DTYPE, (c.cells,)),
+        ("ctrpub", T.CTRPUB_DTYPE, (1,)),
+    ]
+
+
+OLD_VERSIONS = {2: _tables_v2, 3: _tables_v3}
 # Tables of the old layouts that are batch scratch: not copied (the current state starts
 # them empty).
 _SCRATCH = ("acc_stamp", "changed", "pub")
@@ -106,6 +165,8 @@ def migrate(old: np.ndarray, st: State, gseq: int) -> None:
                     dst[f] = src[f]
     st.ctr[T.C_NCHANGED] = 0
     st.cells["dirty"] = 0
+    if version != 2:  # a version-3 state has its own change tags (and no currencies)
+        return
     g = np.uint64(gseq)
     inst = st.inst
     moved = (inst["head"] >= 0) | (inst["ref_price"] != 0) | (inst["multiplier"] != 1.0) | (

@@ -133,8 +133,21 @@ def _paced(send, items: list, rate: float | None) -> None:
         i = due
 
 
+def _pacer_cpu(items: list, rate: float | None, per: int) -> float:
+    """The pacing loop's own CPU (s) for ``items`` at ``rate``, with a send that does
+    nothing: the application's share, which :func:`cpu_run` reports apart."""
+    with _pinned():
+        t0 = time.thread_time()
+        _paced(_nothing, items, None if rate is None else rate / per)
+        return time.thread_time() - t0
+
+
+def _nothing(x) -> None:
+    return None
+
+
 def cpu_run(node: LocalNode, session: int, how: str, rate: float | None,
-            recs: np.ndarray) -> dict:
+            recs: np.ndarray, linger_us: float = 0.0) -> dict:
     if how == "record":
         items, per = list(recs), 1
     elif how == "dict":
@@ -146,7 +159,8 @@ def cpu_run(node: LocalNode, session: int, how: str, rate: float | None,
         items, per = [recs[i:i + 100] for i in range(0, len(recs), 100)], 100
     n = len(recs)
     cfg = load_config(node.config)  # (before pinning: the config resolves CPUs)
-    with _pinned(), Producer(cfg, session=session) as p:
+    pacer = _pacer_cpu(items, rate, per)
+    with _pinned(), Producer(cfg, session=session, linger_us=linger_us) as p:
         with _Run() as m:
             c0, t0 = time.process_time(), time.thread_time()
             w0 = time.monotonic()
@@ -155,22 +169,25 @@ def cpu_run(node: LocalNode, session: int, how: str, rate: float | None,
             p.flush(120)
             c1, t1 = time.process_time(), time.thread_time()
         assert p.acked == n, (p.acked, n)
-    return {"how": how, "target_rate": rate, "events": n,
+    return {"how": how, "target_rate": rate, "events": n, "linger_us": linger_us,
             "rate": round(n / w_send), "acked_rate": round(n / m.wall_s),
             "cpu_us_per_event": round((c1 - c0) * 1e6 / n, 3),
+            "pacer_us_per_event": round(pacer * 1e6 / n, 3),
+            "producer_us_per_event": round((c1 - c0 - pacer) * 1e6 / n, 3),
             "caller_us_per_event": round((t1 - t0) * 1e6 / n, 3),
             "io_thread_us_per_event": round(((c1 - c0) - (t1 - t0)) * 1e6 / n, 3),
             **m.machine}
 
 
-def cpu(tmp: Path, rate: float, duration: float, runs: int, hows, log) -> dict:
+def cpu(tmp: Path, rate: float, duration: float, runs: int, hows, log,
+        lingers=(0.0,)) -> dict:
     node = LocalNode(Path(tempfile.mkdtemp(dir=tmp)))
     out: dict[str, list[dict]] = {}
     try:
         block = _flow(_BLOCK, 7)
         session = 1
         for run in range(runs):
-            for how in hows:
+            for how, linger in [(h, g) for h in hows for g in lingers]:
                 for label, r in (("paced", rate), ("full", None)):
                     n = int(rate * duration)
                     if how == "dict":  # (about 100 us each: a few seconds' worth)
@@ -178,17 +195,22 @@ def cpu(tmp: Path, rate: float, duration: float, runs: int, hows, log) -> dict:
                     elif how == "dicts":  # (the dicts' memory)
                         n = min(n, 300_000)
                     recs = _cycle(block, n)
-                    res = cpu_run(node, session, how, r, recs)
+                    res = cpu_run(node, session, how, r, recs, linger)
                     session += 1
-                    out.setdefault(f"{how}@{label}", []).append(res)
-                    log(f"run {run + 1} {how:6s} {label:5s} sent at {res['rate']:>9,}/s: "
+                    key = f"{how}@{label}" + (f"+linger{linger:g}us" if linger else "")
+                    out.setdefault(key, []).append(res)
+                    log(f"run {run + 1} {key:26s} sent at {res['rate']:>9,}/s: "
                         f"{res['cpu_us_per_event']:6.2f} us/event (caller "
                         f"{res['caller_us_per_event']:.2f}, I/O thread "
-                        f"{res['io_thread_us_per_event']:.2f}); steal "
+                        f"{res['io_thread_us_per_event']:.2f}, the pacing loop "
+                        f"{res['pacer_us_per_event']:.2f}: the producer "
+                        f"{res['producer_us_per_event']:.2f}); steal "
                         f"{res['steal_percent']}%, load {res['load1']}")
     finally:
         node.stop()
     return {k: {"cpu_us_per_event": statistics.median(r["cpu_us_per_event"] for r in v),
+                "producer_us_per_event": statistics.median(r["producer_us_per_event"]
+                                                           for r in v),
                 "caller_us_per_event": statistics.median(r["caller_us_per_event"]
                                                          for r in v),
                 "rate": statistics.median(r["rate"] for r in v), "runs": v}
@@ -384,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="cpu: seconds at the paced rate; throughput: seconds per run")
     ap.add_argument("--how", default="record,dict,array,dicts",
                     help="cpu: ways of sending (record, dict, array, dicts)")
+    ap.add_argument("--linger-us", default="0",
+                    help="cpu: the producer's linger_us values to try (comma-separated)")
     ap.add_argument("--frame", type=int, default=1000, help="throughput: events per send")
     ap.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
     ap.add_argument("--failovers", type=int, default=3, help="SIGSTOPs per liveness")
@@ -406,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(d)
         if "cpu" in parts:
             res["cpu"] = cpu(tmp, a.rate, a.duration, a.runs,
-                             [h.strip() for h in a.how.split(",") if h.strip()], log)
+                             [h.strip() for h in a.how.split(",") if h.strip()], log,
+                             [float(x) for x in a.linger_us.split(",") if x.strip()])
         if "throughput" in parts:
             res["throughput"] = throughput(tmp, a.duration, a.frame, a.runs, log)
         if "failover" in parts:
@@ -418,8 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log("summary:")
         for k, v in res.get("cpu", {}).items():
-            log(f"  cpu {k:14s} {v['cpu_us_per_event']:.2f} us/event (caller "
-                f"{v['caller_us_per_event']:.2f}) at {v['rate']:,.0f} events/s")
+            log(f"  cpu {k:26s} {v['cpu_us_per_event']:.2f} us/event (caller "
+                f"{v['caller_us_per_event']:.2f}; less the pacing loop: "
+                f"{v['producer_us_per_event']:.2f}) at {v['rate']:,.0f} events/s")
         if "throughput" in res:
             t = res["throughput"]
             log(f"  throughput: producer {t['producer_rate']:,.0f}/s, tool "

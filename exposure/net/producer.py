@@ -141,14 +141,20 @@ class Producer:
     ``liveness_s``: no frame from the node this long and the connection is dead (default
     :func:`liveness_of`). ``connect_timeout``: how long the first login may take.
     ``on_result(Ack)``: called on the I/O thread for every acknowledgement. ``frame``:
-    records per EVENTS frame, at most.
+    records per EVENTS frame, at most. ``linger_us``: after the I/O thread sends a batch,
+    it waits this long for more before it sleeps on the wake-up (0, the default: it
+    sleeps at once, and each ``send`` that finds it asleep wakes it). While events keep
+    coming, a linger batches them: fewer wake-ups and frames, so less CPU per event (one
+    record per ``send``: about 1 us instead of 2.5-6.5 us at 100,000/s), for at most
+    ``linger_us`` more latency (docs/client.md).
     """
 
     def __init__(self, config=None, session: int = 1, *, endpoints=None, secret=None,
                  secret_file=None, spool=None, spool_bytes: int = 1 << 30,
                  window: int = 65536, block: bool = True, send_timeout: float = 30.0,
                  liveness_s: float | None = None, connect_timeout: float = 60.0,
-                 on_result: Callable[[Ack], Any] | None = None, frame: int = 1024) -> None:
+                 on_result: Callable[[Ack], Any] | None = None, frame: int = 1024,
+                 linger_us: float = 0.0) -> None:
         cfg = config
         if cfg is not None and not hasattr(cfg, "ingest_port"):
             raise TypeError(f"config: a NodeConfig, not {type(cfg).__name__} (the public "
@@ -166,6 +172,8 @@ class Producer:
             raise ValueError(f"frame {frame}: 1..{W.MAX_RECORDS} records")
         if window < 1:
             raise ValueError(f"window {window}: at least 1")
+        if not 0 <= linger_us <= 1e6:
+            raise ValueError(f"linger_us {linger_us}: 0..1,000,000 (us)")
 
         self.session = int(session)
         self._secret = self._resolve_secret(secret, secret_file, cfg, session)
@@ -175,6 +183,7 @@ class Producer:
         self.connect_timeout = connect_timeout
         self.frame = int(frame)
         self.on_result = on_result
+        self.linger_s = float(linger_us) / 1e6
 
         self._spool = None
         self._spool_full: type[BaseException] = _Never
@@ -246,7 +255,7 @@ class Producer:
         array of records); return the (last) session seq assigned. Waits only for room in
         the window (``block``, ``send_timeout``); the records' ``sseq`` is overwritten."""
         if isinstance(event, np.void):
-            if event.dtype != EVENT_DTYPE:
+            if event.dtype is not EVENT_DTYPE and event.dtype != EVENT_DTYPE:
                 raise ValueError(f"a record of {event.dtype}, expected EVENT_DTYPE")
             return self._send_one(event)
         if isinstance(event, np.ndarray):
@@ -674,12 +683,18 @@ class Producer:
             out: collections.deque = collections.deque()
             now = time.monotonic()
             last_rx = last_tx = last_hb = now
-            hb, live = self._hb_s, self.liveness_s
+            hb, live, linger = self._hb_s, self.liveness_s, self.linger_s
             while not self._stop:
+                queued = False
                 if not out and nxt <= self._limit():
                     nxt = self._queue(out, nxt)
+                    queued = True
                 if out and self._write(sock, out):
                     last_tx = time.monotonic()
+                if linger and queued and not out and nxt > self._limit():
+                    # (everything sent: while events keep coming, wait for more instead
+                    # of sleeping on the wake-up, which each send would then pay for)
+                    time.sleep(linger)
                 want = select.EPOLLIN | (select.EPOLLOUT if out else 0)
                 if want != mask:
                     ep_.modify(sfd, want)

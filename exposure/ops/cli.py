@@ -891,6 +891,30 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_web(args: argparse.Namespace) -> int:
+    """``exposure web``: the risk desk's page (exposure.web.serve; docs/web.md)."""
+    if args.hash_password:
+        from exposure.web.users import hash_password
+
+        print(hash_password(sys.stdin.readline().rstrip("\n")))
+        return 0
+    from exposure.web.serve import WebError, serve
+    from exposure.web.users import UsersError
+
+    cfg = _load_cluster(args.cluster).consolidator if args.cluster else _load_cfg(args.config)
+    if cfg is None:
+        return _fail(f"{args.cluster}: no [consolidator] config = \"FILE\"")
+    try:
+        serve(cfg, args.host, args.port, args.users, args.tls_cert, args.tls_key,
+              args.max_clients, ready=lambda url: print(f"exposure: the page of {cfg.name!r} "
+                                                        f"is at {url}", flush=True))
+    except (WebError, UsersError) as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}")
+    return 0
+
+
 def _cmd_fix(args: argparse.Namespace) -> int:
     """``exposure fix [run|status|redeliver] --config GATEWAY.toml``: the FIX gateway."""
     from exposure.fix.config import GatewayConfigError, load_gateway_config
@@ -1173,6 +1197,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --json: names from the config's [reference] files on the "
                         "rows, as `exposure dump --names`")
     r.set_defaults(func=_cmd_watch)
+
+    r = sub.add_parser("web", help="the risk desk's web page: live tallies in a browser "
+                       "(docs/web.md)")
+    r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
+    r.add_argument("--cluster", metavar="FILE", help="a cluster's consolidated feed")
+    r.add_argument("--host", default="127.0.0.1", help="address (beyond loopback: --users)")
+    r.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
+    r.add_argument("--users", metavar="FILE", help="who may log in and sees which accounts")
+    r.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate")
+    r.add_argument("--tls-key", metavar="PEM", help="... and this key")
+    r.add_argument("--max-clients", type=int, default=200, help="browsers at once (200)")
+    r.add_argument("--hash-password", action="store_true",
+                   help="print the users-file hash of the password read from stdin")
+    r.set_defaults(func=_cmd_web)
     return p
 
 

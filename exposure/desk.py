@@ -17,11 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from exposure.config.model import NodeConfig
+from exposure.core.currency import Currencies
 from exposure.core.refdata import RefData
 from exposure.engine.desk import ACCOUNT_ROW, INSTRUMENT_ROW, POSITION_ROW, SECTOR_ROW, Desk
 
 __all__ = ["Desk", "ACCOUNT_ROW", "INSTRUMENT_ROW", "SECTOR_ROW", "POSITION_ROW", "RefData",
-           "load_names", "open_desk"]
+           "Currencies", "load_names", "open_desk"]
 
 
 def _config(config: str | Path | NodeConfig | None) -> NodeConfig:
@@ -40,6 +41,8 @@ def load_names(config: str | Path | NodeConfig | None = None) -> RefData | None:
 
 def open_desk(config: str | Path | NodeConfig | None = None) -> Desk:
     """A :class:`Desk` on the node that ``config`` describes, with ``Desk.names`` set from
-    its ``[reference]`` files (None where it names none)."""
+    its ``[reference]`` files (None where it names none) and ``Desk.currencies`` from its
+    ``[currencies]`` (the base currency's code labels money figures; an instrument row's
+    ``currency`` id names its own)."""
     cfg = _config(config)
-    return Desk(cfg.name, names=cfg.names)
+    return Desk(cfg.name, names=cfg.names, currencies=cfg.currencies)

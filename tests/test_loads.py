@@ -1,4 +1,4 @@
-"""Start-of-day loads (exposure/core/loads.py and `exposure refdata|limits|positions load`):
+"""Start-of-day loads (exposure/core/loads.py and `exposure refdata|limits|positions|fx load`):
 each kind of file as the SPEC events it means, every bad row reported with its line and
 nothing returned or sent, hostile files as clear errors, names and symbols resolved, the
 kind told by the header, and a load through a node equal to replay of the same events."""
@@ -13,10 +13,12 @@ import pytest
 
 from exposure.core import refdata
 from exposure.core.capacity import Capacities
+from exposure.core.currency import Currencies
 from exposure.core.loads import (
     MAX_PROBLEMS,
     LoadError,
     detect_kind,
+    fx_events,
     instrument_events,
     limit_events,
     load_events,
@@ -26,11 +28,14 @@ from exposure.core.loads import (
 from exposure.core.refdata import Account, Instrument, RefData
 
 INSTRUMENTS = """symbol,instrument,multiplier,margin_rate,beta,sector,name,currency
-AAPL,7,1,0.25,1.2,3,Apple Inc,1
-ES,8,50,0.1,,2,"S&P 500, e-mini",0
+AAPL,7,1,0.25,1.2,3,Apple Inc,EUR
+ES,8,50,0.1,,2,"S&P 500, e-mini",
 
-VOD.L,9,,,,,,3
+VOD.L,9,,,,,,GBP
 """
+# SPEC section 7: a node's [currencies] table; rates.csv (currency, rate)
+CCY = Currencies.from_table("USD", {"EUR": 1, "GBP": 3})
+RATES = "currency,rate\nEUR,1.08\n\nGBP,1.27\n"
 LIMITS = """name,account,gross,net,margin,loss
 PM1,3,1000000,250000,50000,10000
 PM Two,4,2e6,,,
@@ -41,8 +46,8 @@ POSITIONS = """account,name,instrument,symbol,qty,price
 3,PM1,9,VOD.L,0,2.25
 """
 NAMES = RefData.from_rows(
-    [Instrument(7, "AAPL"), Instrument(8, "ES"), Instrument(9, "VOD.L")],
-    [Account(3, "PM1"), Account(4, "PM Two")])
+    [Instrument(7, "AAPL", currency=1), Instrument(8, "ES"), Instrument(9, "VOD.L", currency=3)],
+    [Account(3, "PM1"), Account(4, "PM Two")], CCY)
 
 
 def write(tmp, name: str, text: str | bytes):
@@ -53,13 +58,27 @@ def write(tmp, name: str, text: str | bytes):
 
 # ----------------------------------------------------------------------------- good rows
 def test_instruments_are_instrument_events_with_the_spec_defaults_for_blank_cells(tmp_path):
-    assert instrument_events(write(tmp_path, "i.csv", INSTRUMENTS)) == [
+    assert instrument_events(write(tmp_path, "i.csv", INSTRUMENTS), currencies=CCY) == [
         {"type": "instrument", "instrument": 7, "multiplier": 1.0, "margin_rate": 0.25,
-         "beta": 1.2, "sector": 3},
+         "beta": 1.2, "sector": 3, "currency": 1},
         {"type": "instrument", "instrument": 8, "multiplier": 50.0, "margin_rate": 0.1,
-         "beta": 1.0, "sector": 2},
+         "beta": 1.0, "sector": 2, "currency": 0},
         {"type": "instrument", "instrument": 9, "multiplier": 1.0, "margin_rate": 1.0,
-         "beta": 1.0, "sector": 0}]
+         "beta": 1.0, "sector": 0, "currency": 3}]
+    # without the currency column: no currency key (the SPEC's default, the base)
+    f = write(tmp_path, "j.csv", "symbol,instrument,beta\nAAPL,7,2\n")
+    assert instrument_events(f) == [{"type": "instrument", "instrument": 7,
+                                     "multiplier": 1.0, "margin_rate": 1.0, "beta": 2.0,
+                                     "sector": 0}]
+
+
+def test_fx_rates_are_fx_events_by_currency_code(tmp_path):
+    load = read_load(write(tmp_path, "r.csv", RATES), "fx", currencies=CCY)
+    assert load.events == [{"type": "fx", "currency": 1, "rate": 1.08},
+                           {"type": "fx", "currency": 3, "rate": 1.27}]
+    assert load.lines == [2, 4]
+    # the table comes with the names too (a node's [reference] carries its [currencies])
+    assert fx_events(write(tmp_path, "s.csv", RATES), NAMES.currencies) == load.events
 
 
 def test_limits_are_limit_events_with_all_four_limits_blank_meaning_none(tmp_path):
@@ -86,7 +105,8 @@ def test_limits_by_name_alone(tmp_path):
 
 
 def test_the_kind_is_told_by_the_header(tmp_path):
-    files = {"instruments": INSTRUMENTS, "limits": LIMITS, "positions": POSITIONS}
+    files = {"instruments": INSTRUMENTS, "limits": LIMITS, "positions": POSITIONS,
+             "fx": RATES}
     for kind, text in files.items():
         f = write(tmp_path, f"{kind}.csv", "\ufeff\n" + text)   # a BOM and a blank line
         assert detect_kind(f) == kind
@@ -124,6 +144,18 @@ BAD = [
     ("positions", "account,symbol,qty\n3,MSFT,1\n", "symbol 'MSFT' is no instrument of"),
     ("positions", "account,symbol,qty\n3,ES\x01,1\n", "control characters"),
     ("positions", "account,instrument,qty\n3,7," + "9" * 300 + "\n", "characters long"),
+    ("instruments", "symbol,instrument,currency\nAAPL,7,JPY\n",
+     r"currency 'JPY' is not in the node's \[currencies\] table \(USD \(base\), EUR = 1, "
+     r"GBP = 3\)"),
+    ("fx", "currency,rate\nJPY,0.0067\n", "currency 'JPY' is not in the node's"),
+    ("fx", "currency,rate\nUSD,1\n", "currency 'USD' is the base currency"),
+    ("fx", "currency,rate\nEUR,0\n", "rate '0' must be > 0"),
+    ("fx", "currency,rate\nEUR,-1.1\n", "rate '-1.1' must be > 0"),
+    ("fx", "currency,rate\nEUR,nan\n", "rate 'nan' must be > 0"),
+    ("fx", "currency,rate\nEUR,inf\n", "rate 'inf' must be > 0"),
+    ("fx", "currency,rate\nEUR,x\n", "rate 'x' is not a number"),
+    ("fx", "currency,rate\nEUR,\n", "an empty rate"),
+    ("fx", "currency,rate\neur,1.1\n", "currency 'eur' is not in"),
 ]
 
 
@@ -132,7 +164,7 @@ def test_a_bad_row_is_reported_with_its_file_line_and_value(tmp_path, kind, text
     head, row = text.split("\n", 1)
     f = write(tmp_path, f"{kind}.csv", f"{head}\n\n{row}")  # the bad row on line 3
     with pytest.raises(LoadError, match=match) as e:
-        read_load(f, kind, NAMES)
+        read_load(f, kind, NAMES)   # (NAMES carries CCY, the currencies table)
     assert e.value.lines == [3] and e.value.count == 1
     assert f"file {str(f)!r} line 3: " in str(e.value)
     assert "nothing from this file is loaded" in str(e.value)
@@ -150,6 +182,9 @@ def test_every_bad_row_of_a_file_is_listed_and_the_good_ones_are_not_returned(tm
     f = write(tmp_path, "l.csv", "account,gross\n1,1\n1,2\n")
     with pytest.raises(LoadError, match=r"line 3: account 1 again \(first on line 2\)"):
         limit_events(f)
+    f = write(tmp_path, "r.csv", "currency,rate\nGBP,1.2\nGBP,1.3\n")
+    with pytest.raises(LoadError, match=r"line 3: currency GBP again \(first on line 2\)"):
+        fx_events(f, CCY)
 
 
 def test_the_list_is_bounded_but_every_bad_row_is_counted(tmp_path):
@@ -189,7 +224,8 @@ def test_names_need_a_reference_file(tmp_path):
 # ----------------------------------------------------------------------------- hostile files
 @pytest.mark.parametrize("kind,header", [("instruments", "symbol,instrument,beta"),
                                          ("limits", "account,gross"),
-                                         ("positions", "account,instrument,qty")])
+                                         ("positions", "account,instrument,qty"),
+                                         ("fx", "currency,rate,x")])
 def test_hostile_files_are_clear_errors(tmp_path, kind, header, monkeypatch):
     cases = {
         "binary": (header.encode() + b"\n\x00\xff\xfe\x80garbage\n", "line 2: not UTF-8"),
@@ -230,7 +266,8 @@ def test_every_event_replays_without_a_reject(tmp_path):
     from exposure.engine.parse import parse_events
     from exposure.engine.replay import Engine
 
-    events = (instrument_events(write(tmp_path, "i.csv", INSTRUMENTS))
+    events = (instrument_events(write(tmp_path, "i.csv", INSTRUMENTS), currencies=CCY)
+              + fx_events(write(tmp_path, "r.csv", RATES), CCY)
               + limit_events(write(tmp_path, "l.csv", LIMITS))
               + position_events(write(tmp_path, "p.csv", POSITIONS), NAMES))
     status = Engine().apply(parse_events("\n".join(map(json.dumps, events)).encode()))
@@ -267,10 +304,11 @@ def test_loads_through_a_node_equal_replay_and_rejects_name_their_lines(tmp_path
     write(tmp_path, "names.csv", "symbol,instrument\nAAPL,7\nES,8\nVOD.L,9\n")
     sessions = write(tmp_path, "sessions.toml", '[[session]]\nid = 256\nsecret = '
                      '"0123456789abcdef0123"\naccounts = [3]\ninstrument = true\n'
-                     'limit = true\n')
+                     'limit = true\nfx = true\n')
     node = LocalNode(tmp_path, ingest=f'sessions = "{sessions}"',
                      extra=f'[reference]\naccounts = "{tmp_path / "accounts.csv"}"\n'
-                           f'instruments = "{tmp_path / "names.csv"}"\n')
+                           f'instruments = "{tmp_path / "names.csv"}"\n'
+                           '[currencies]\nids = { EUR = 1, GBP = 3 }\n')
     try:
         before = node.dump(False)
         bad = write(tmp_path, "bad.csv", "name,symbol,qty\nPM1,AAPL,1\nPM9,AAPL,2\n"
@@ -284,6 +322,7 @@ def test_loads_through_a_node_equal_replay_and_rejects_name_their_lines(tmp_path
         sent = []
         for cmd, name, text, rejected in (
                 ("refdata", "i.csv", INSTRUMENTS, []),
+                ("fx", "r.csv", RATES, []),
                 ("limits", "l.csv", LIMITS, [3]),
                 ("positions", "p.csv", POSITIONS, [3])):
             f = write(tmp_path, name, text)

@@ -12,16 +12,18 @@ import pytest
 
 from exposure.config import ConfigError, load_config
 from exposure.core.capacity import Capacities
+from exposure.core.currency import Currencies
 from exposure.core.refdata import Account, Instrument, RefData, RefDataError, load_refdata
 from exposure.engine.desk import ACCOUNT_ROW, INSTRUMENT_ROW
 from exposure.engine.parse import parse_events
 from exposure.engine.replay import Engine
 
-INSTRUMENTS = """symbol,instrument,name,multiplier,margin_rate,beta,sector,currency
-AAPL,7,Apple Inc,1,0.25,1.2,3,1
-ES,8,"S&P 500, e-mini",50,0.1,,2,0
-VOD.L,9,,,,,,3
+INSTRUMENTS = """symbol,instrument,name,multiplier,margin_rate,beta,sector,currency,desk
+AAPL,7,Apple Inc,1,0.25,1.2,3,USD,tech
+ES,8,"S&P 500, e-mini",50,0.1,,2,,futures
+VOD.L,9,,,,,,GBP,
 """
+CCY = Currencies.from_table("USD", {"EUR": 1, "GBP": 3})
 ACCOUNTS = "name,account,desk\nPM1,3,equities\nPM Two,4,macro\n"
 
 
@@ -32,23 +34,27 @@ def write(tmp: Path, name: str, text: str) -> Path:
 
 
 def test_both_files_read_with_lookups_both_ways(tmp_path):
-    rd = load_refdata(write(tmp_path, "i.csv", INSTRUMENTS), write(tmp_path, "a.csv", ACCOUNTS))
+    rd = load_refdata(write(tmp_path, "i.csv", INSTRUMENTS), write(tmp_path, "a.csv", ACCOUNTS),
+                      currencies=CCY)
     assert rd.instrument_of("AAPL") == 7 and rd.instrument_of("aapl") is None
     assert rd.symbol(8) == "ES" and rd.instrument_name(8) == "S&P 500, e-mini"
     assert rd.instrument_name(9) is None and rd.symbol(1) is None
     assert rd.account_of("PM Two") == 4 and rd.account_name(3) == "PM1"
     assert rd.account_of("PM9") is None and rd.account_name(99) is None
-    # unknown columns are kept, not rejected (currency: issue 29)
-    assert rd.instrument_row(7).extra == {"currency": "1"}
+    # unknown columns are kept, not rejected
+    assert rd.instrument_row(7).extra == {"desk": "tech"}
     assert rd.accounts[1].extra == {"desk": "macro"}
+    # currency codes mapped by the [currencies] table (SPEC 7); a blank cell is the base
+    assert [rd.currency_of(i) for i in (7, 8, 9, 10)] == [0, 0, 3, None]
+    assert [rd.currency_code(i) for i in (7, 8, 9, 10)] == ["USD", "USD", "GBP", None]
     # the rows as SPEC instrument events; blank cells are the SPEC's defaults
     assert rd.instrument_events() == [
         {"type": "instrument", "instrument": 7, "multiplier": 1.0, "margin_rate": 0.25,
-         "beta": 1.2, "sector": 3},
+         "beta": 1.2, "sector": 3, "currency": 0},
         {"type": "instrument", "instrument": 8, "multiplier": 50.0, "margin_rate": 0.1,
-         "beta": 1.0, "sector": 2},
+         "beta": 1.0, "sector": 2, "currency": 0},
         {"type": "instrument", "instrument": 9, "multiplier": 1.0, "margin_rate": 1.0,
-         "beta": 1.0, "sector": 0}]
+         "beta": 1.0, "sector": 0, "currency": 3}]
     eng = Engine()
     status = eng.apply(parse_events("\n".join(map(json.dumps,
                                                   rd.instrument_events())).encode()))
@@ -90,6 +96,9 @@ def test_security_ids(tmp_path):
     ("symbol,instrument,security_id,security_id_source\nA,7,X,4\nB,8,X,4\n",
      r"line 3: duplicate security_id 'X' with security_id_source '4'"),
     ("symbol,instrument,security_id,security_id_source\nA,7,X,\n", r"both or neither"),
+    ("symbol,instrument,currency\nAAPL,7,USD\nSONY,8,JPY\n",
+     r"line 3: currency 'JPY' is not in the node's \[currencies\] table \(USD \(base\)\)"),
+    ("symbol,instrument,currency\nAAPL,7,usd\n", r"line 2: currency 'usd' is not in"),
 ])
 def test_a_broken_instruments_file_names_the_file_line_and_value(tmp_path, text, match):
     p = write(tmp_path, "ins.csv", text)
@@ -128,9 +137,11 @@ def test_a_missing_file_is_a_clear_error(tmp_path):
 def test_the_reference_section_is_read_relative_to_the_config(tmp_path):
     write(tmp_path, "i.csv", INSTRUMENTS)
     write(tmp_path, "a.csv", ACCOUNTS)
-    cfg = write(tmp_path, "n.toml", '[reference]\ninstruments = "i.csv"\naccounts = "a.csv"\n')
+    cfg = write(tmp_path, "n.toml", '[reference]\ninstruments = "i.csv"\naccounts = "a.csv"\n'
+                '[currencies]\nbase = "USD"\nids = { EUR = 1, GBP = 3 }\n')
     names = load_config(cfg).names
     assert names.symbol(7) == "AAPL" and names.account_name(4) == "PM Two"
+    assert names.currency_of(9) == 3 and names.currencies.base == "USD"
     assert load_config().names is None
     only = write(tmp_path, "o.toml", '[reference]\naccounts = "a.csv"\n')
     assert load_config(only).names.instruments == ()
@@ -145,6 +156,13 @@ def test_a_broken_reference_file_fails_the_config(tmp_path):
     bad = write(tmp_path, "b.toml", '[reference]\nsymbols = "a.csv"\n')
     with pytest.raises(ConfigError, match="unknown key reference.symbols"):
         load_config(bad)
+    # a currency code the config's [currencies] does not name (here: GBP, the default
+    # table being USD alone)
+    write(tmp_path, "i.csv", INSTRUMENTS)
+    cfg = write(tmp_path, "c.toml", '[reference]\ninstruments = "i.csv"\n')
+    with pytest.raises(ConfigError, match=r"reference: instruments file .*i.csv' line 4: "
+                                          r"currency 'GBP' is not in the node's"):
+        load_config(cfg)
 
 
 def test_the_public_lookup_api(tmp_path):
@@ -169,7 +187,8 @@ DOC = {"accounts": [{"account": 3, "gross": 1.0}, {"account": 5, "gross": 2.0}],
 
 
 def test_names_added_to_a_document_and_the_rest_unchanged(tmp_path):
-    rd = load_refdata(write(tmp_path, "i.csv", INSTRUMENTS), write(tmp_path, "a.csv", ACCOUNTS))
+    rd = load_refdata(write(tmp_path, "i.csv", INSTRUMENTS), write(tmp_path, "a.csv", ACCOUNTS),
+                      currencies=CCY)
     before = json.dumps(DOC)
     got = rd.name_document(DOC)
     assert json.dumps(DOC) == before          # the input is not changed
@@ -231,7 +250,8 @@ def test_dump_names_on_a_live_node(tmp_path):
         {"type": "fill", "source": 1, "order_id": 1, "account": 3, "instrument": 7,
          "side": "buy", "qty": 4, "price": 10.0}]) + "\n")
     n = LocalNode(tmp_path, extra='\n[reference]\ninstruments = "i.csv"\n'
-                                  'accounts = "a.csv"\n')
+                                  'accounts = "a.csv"\n'
+                                  '[currencies]\nids = { EUR = 1, GBP = 3 }\n')
     try:
         assert n.cli("send", str(events)).returncode == 0
         plain = n.dump()

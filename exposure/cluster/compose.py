@@ -18,8 +18,9 @@ Sums run in partition order from 0.0. The fund's ``net_long_mv`` and ``net_short
 sums over every instrument of the cluster; they are kept as running compensated (Neumaier)
 sums in ``acc`` (``[long, its error, short, its error]``), updated by each instrument's
 change of contribution (``fpos`` and ``val``, the last composed ``fund_pos`` and
-``ref_price x multiplier`` of every instrument), so a batch costs its instruments, not the
-cluster's; :func:`resum` recomputes them from scratch.
+``ref_price x multiplier x rate`` of every instrument: in the base currency, SPEC section
+7), so a batch costs its instruments, not the cluster's; :func:`resum` recomputes them
+from scratch.
 """
 
 from __future__ import annotations
@@ -99,9 +100,11 @@ def compose_accounts(ids, owner, tabs, gseq, now, out, pub, pubsrc, pubw, pubver
 
 @njit(cache=True)
 def compose_instruments(ids, tabs, gseq, now, out, fpos, val, acc, pub, pubsrc, pubw, pubver):
-    """``fund_pos``, ``open_buy``, ``open_sell`` and ``gross_mv`` summed; ``ref_price`` the
-    lowest-numbered partition's that has priced it; reference data the lowest-numbered
-    partition's that has the row; ``net_mv`` = fund_pos x ref_price x multiplier."""
+    """``fund_pos``, ``open_buy``, ``open_sell`` and ``gross_mv`` (base currency) summed;
+    ``ref_price`` the lowest-numbered partition's that has priced it; reference data,
+    ``currency`` and ``rate`` included (every partition sees every instrument and fx
+    event), the lowest-numbered partition's that has the row; ``net_mv`` = fund_pos x
+    ref_price x multiplier x rate."""
     for j in range(ids.shape[0]):
         i = ids[j]
         o = out[j]
@@ -127,11 +130,13 @@ def compose_instruments(ids, tabs, gseq, now, out, fpos, val, acc, pub, pubsrc, 
                 o.beta = r.beta
                 o.sector = r.sector
                 o.marked = r.marked
+                o.rate = r.rate
+                o.currency = r.currency
             if r.send_ns > send:
                 send = r.send_ns
                 o.send_ns = r.send_ns
                 o.recv_ns = r.recv_ns
-        v = o.ref_price * o.multiplier
+        v = o.ref_price * o.multiplier * o.rate
         o.net_mv = o.fund_pos * v
         old = fpos[i] * val[i]
         if fpos[i] > 0:
@@ -160,6 +165,8 @@ def compose_instruments(ids, tabs, gseq, now, out, fpos, val, acc, pub, pubsrc, 
         p.beta = o.beta
         p.sector = o.sector
         p.marked = o.marked
+        p.rate = o.rate
+        p.currency = o.currency
     store_rows(pubw, pubver, ids, pubsrc)
 
 

@@ -29,17 +29,18 @@ Composition (:func:`compose`), from each partition's tallies as read here:
 * ``instruments``: ``fund_pos``, ``open_buy``, ``open_sell`` summed; ``ref_price`` the
   lowest-numbered partition's that has priced it (once marked, all partitions agree);
 * ``fund``: the eleven account sums summed; ``net_long_mv``, ``net_short_mv`` and
-  ``crossing`` from the summed ``fund_pos`` (SPEC section 3);
+  ``crossing`` from the summed ``fund_pos`` (SPEC section 3), valued in the base currency
+  at each instrument's rate (SPEC section 7; every partition sees every fx event);
 * ``sectors`` summed;
-* ``counts`` summed, with mark, instrument and roll events (every partition sees them; the
-  kernel counts them apart: ``types.C_BCAST_*``) counted once.
+* ``counts`` summed, with mark, instrument, fx and roll events (every partition sees them;
+  the kernel counts them apart: ``types.C_BCAST_*``) counted once.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -189,11 +190,14 @@ def _consolidator_process(path: Path, ct: dict) -> tuple[int | None, str]:
 @dataclass
 class PartView:
     """What the composition needs of one partition: its SPEC document, its instruments'
-    multipliers (``{instrument: multiplier}``) and its counters row (``types.C_*``)."""
+    multipliers (``{instrument: multiplier}``), its counters row (``types.C_*``) and its
+    instruments' rates (``{instrument: rate of its currency}``, SPEC section 7; an
+    instrument left out: 1.0)."""
 
     document: dict
     multipliers: dict[int, float]
     ctr: np.ndarray
+    rates: dict[int, float] = field(default_factory=dict)
 
 
 def _owner_rows(views: list[PartView], owner: np.ndarray, table: str) -> list:
@@ -218,6 +222,7 @@ def compose(views: list[PartView], pmap: PartitionMap) -> dict:
 
     inst: dict[int, dict] = {}
     mult: dict[int, float] = {}
+    rate: dict[int, float] = {}
     for v in views:
         for row in v.document.get("instruments", []):
             i = row["instrument"]
@@ -229,16 +234,20 @@ def compose(views: list[PartView], pmap: PartitionMap) -> dict:
                 cur["ref_price"] = row["ref_price"]
         for i, m in v.multipliers.items():
             mult.setdefault(i, m)
+        for i, x in v.rates.items():
+            rate.setdefault(i, x)
     instruments = [inst[i] for i in sorted(inst)]
 
     fund: dict = {}
     for f in _ACC_SUMS:
         vals = [v.document["fund"][f] for v in views]
         fund[f] = sum(vals) if f == "live_orders" else math.fsum(vals)
-    nl = math.fsum(max(r["fund_pos"], 0) * r["ref_price"] * mult.get(r["instrument"], 1.0)
-                   for r in instruments)
-    ns = math.fsum(max(-r["fund_pos"], 0) * r["ref_price"] * mult.get(r["instrument"], 1.0)
-                   for r in instruments)
+    def v(r: dict) -> float:
+        i = r["instrument"]
+        return r["ref_price"] * mult.get(i, 1.0) * rate.get(i, 1.0)
+
+    nl = math.fsum(max(r["fund_pos"], 0) * v(r) for r in instruments)
+    ns = math.fsum(max(-r["fund_pos"], 0) * v(r) for r in instruments)
     fund["net_long_mv"], fund["net_short_mv"] = nl, ns
     fund["crossing"] = fund["gross"] - (nl + ns)
 
@@ -255,7 +264,7 @@ def compose(views: list[PartView], pmap: PartitionMap) -> dict:
 
 
 def compose_counts(views: list[PartView]) -> dict:
-    """Counts summed over the partitions, marks, instruments and rolls counted once (the
+    """Counts summed over the partitions, marks, instruments, fx and rolls counted once (the
     first partition's: every partition sees the same ones)."""
     ctr = np.sum([v.ctr[:C_BUSTS + 1] for v in views], axis=0)
     for v in views[1:]:
@@ -308,7 +317,8 @@ def desk_view(desk) -> PartView:
     doc = desk.document()
     ins = desk.instruments()
     mult = dict(zip(ins["instrument"].tolist(), ins["multiplier"].tolist(), strict=True))
-    return PartView(doc, mult, ctr)
+    rates = dict(zip(ins["instrument"].tolist(), ins["rate"].tolist(), strict=True))
+    return PartView(doc, mult, ctr, rates)
 
 
 def state_view(st) -> PartView:
@@ -317,7 +327,9 @@ def state_view(st) -> PartView:
 
     touched = np.flatnonzero(st.inst["gseq"] != 0)
     mult = dict(zip(touched.tolist(), st.inst["multiplier"][touched].tolist(), strict=True))
-    return PartView(document(st), mult, st.ctr.copy())
+    rates = st.rate[st.inst["currency"][touched]]
+    return PartView(document(st), mult, st.ctr.copy(),
+                    dict(zip(touched.tolist(), rates.tolist(), strict=True)))
 
 
 def replay_partition(recs: np.ndarray, pmap: PartitionMap, k: int, caps=None):

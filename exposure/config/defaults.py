@@ -107,6 +107,12 @@ alone_after_ms = 200         # the primary records "running alone" in etcd after
                              # own durability
 strict = false               # true: never run alone (stop acknowledging without a backup)
 
+[currencies]                 # SPEC section 7: tallies are in the base currency; an
+                             # instrument's prices in its own (docs/operations.md, Currencies)
+base = "USD"                 # the base currency's code (ISO 4217 form: three capitals); id 0
+ids = {}                     # the others' ids 1..255, e.g. { EUR = 1, JPY = 2, GBP = 3 }:
+                             # instruments.csv's currency column and fx rates.csv use codes
+
 [reference]                  # names for people and for the FIX gateway (docs/operations.md)
 instruments = ""             # instruments.csv: symbol,instrument[,name,...]; "" = none
 accounts = ""                # accounts.csv: name,account; "" = none (dump --names, top

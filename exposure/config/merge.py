@@ -25,6 +25,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
                 "prewrite_mb": int},
     "snapshot": {"every_events": int, "every_s": int, "keep": int, "journal": str},
     "partition": {"cluster": str, "name": str},
+    "currencies": {"base": str, "ids": dict},
     "reference": {"instruments": str, "accounts": str},
     "day": {"roll_at": str, "tz": str, "weekdays": list, "load_after_roll": list,
             "keep_days": int},

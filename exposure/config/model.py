@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from exposure.core.capacity import Capacities
+from exposure.core.currency import Currencies
 
 if TYPE_CHECKING:
     from exposure.core.day import Schedule
@@ -96,6 +97,7 @@ class NodeConfig:
     snapshot_port: int = 7702
     partition: Partition | None = None
     names: RefData | None = field(default=None, compare=False)  # [reference]; None = no files
+    currencies: Currencies = field(default_factory=Currencies)  # [currencies] (SPEC 7)
     keep_days: int = 2                      # [day]: days the journal keeps replayable
     roll_schedule: Schedule | None = None   # [day]: the scheduled roll (None: none)
     load_after_roll: tuple[Path, ...] = ()  # [day]: files loaded right after it

@@ -48,9 +48,11 @@ def _parse(doc: dict, source: str) -> NodeConfig:
     day = sections.day_schedule(merged["day"], here)
     fields["processes"] = place_stages(procs, fields["snapshot_port"], bool(repl),
                                        scheduled="roll_schedule" in day)
+    ccy = sections.currencies(merged["currencies"])
     return NodeConfig(**fields, **repl, **sections.desks(merged["desks"]), **day,
                       **sections.partition(merged["partition"], here),
-                      **sections.reference(merged["reference"], here, caps), source=source)
+                      **sections.reference(merged["reference"], here, caps, ccy),
+                      currencies=ccy, source=source)
 
 
 def load_config(path: str | Path | None = None) -> NodeConfig:

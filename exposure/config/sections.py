@@ -14,12 +14,13 @@ from exposure.config.model import ConfigError, Partition
 from exposure.config.paths import data_dir
 from exposure.config.values import address, is_loopback, port
 from exposure.core.capacity import Capacities, CapacityError
+from exposure.core.currency import Currencies, CurrencyError
 from exposure.core.types import EVENT_SIZE
 from exposure.shm.ring_layout import RingLayoutError, check_capacity
 from exposure.store.journal import FSYNC_POLICIES
 
 __all__ = ["node", "capacities", "rings", "ingest", "fanout", "journal", "snapshot", "desks",
-           "replication", "partition", "reference", "day_schedule"]
+           "replication", "partition", "reference", "day_schedule", "currencies"]
 
 
 def node(nd: dict) -> dict:
@@ -276,10 +277,20 @@ def day_schedule(dy: dict, base: Path) -> dict:
     return out
 
 
-def reference(rf: dict, base: Path, caps: Capacities) -> dict:
+def currencies(cc: dict) -> Currencies:
+    """[currencies]: the base currency's code and the others' ids (SPEC section 7)."""
+    try:
+        return Currencies.from_table(cc["base"], cc["ids"])
+    except CurrencyError as e:
+        raise ConfigError(str(e)) from None
+
+
+def reference(rf: dict, base: Path, caps: Capacities,
+              ccy: Currencies | None = None) -> dict:
     """[reference]: ``instruments.csv`` and ``accounts.csv``, read and checked now (ids
-    within the capacities): the names that ``dump --names``, ``top``, ``watch``, desks and
-    subscribers show (``NodeConfig.names``; none when both are "")."""
+    within the capacities, currency codes in [currencies]): the names that ``dump
+    --names``, ``top``, ``watch``, desks and subscribers show (``NodeConfig.names``; none
+    when both are "")."""
     if not rf["instruments"] and not rf["accounts"]:
         return {}
     from exposure.core.refdata import RefDataError, load_refdata
@@ -287,6 +298,7 @@ def reference(rf: dict, base: Path, caps: Capacities) -> dict:
     paths = {k: base / os.path.expanduser(rf[k]) if rf[k] else None
              for k in ("instruments", "accounts")}
     try:
-        return {"names": load_refdata(paths["instruments"], paths["accounts"], caps)}
+        return {"names": load_refdata(paths["instruments"], paths["accounts"], caps,
+                                      currencies=ccy)}
     except RefDataError as e:
         raise ConfigError(f"reference: {e}") from None

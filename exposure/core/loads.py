@@ -1,6 +1,6 @@
 """Start-of-day loads: the files a fund already has, as SPEC events.
 
-Three kinds of CSV file, each with a header row (names are case-insensitive, cells and
+Four kinds of CSV file, each with a header row (names are case-insensitive, cells and
 names stripped of surrounding spaces, blank lines skipped, a UTF-8 byte-order mark allowed;
 any other column is ignored):
 
@@ -8,21 +8,27 @@ any other column is ignored):
 kind           columns                                          events
 =============  ===============================================  ===========================
 instruments    symbol, instrument; multiplier, margin_rate,     ``instrument`` (a blank
-               beta, sector (at least one of these four);       cell is the SPEC default:
-               name, security_id, ... as the FIX gateway's      1.0, 1.0, 1.0, 0)
-               ``instruments.csv``
+               beta, sector, currency (at least one of these    cell is the SPEC default:
+               five); name, security_id, ... as the FIX         1.0, 1.0, 1.0, 0, the base
+               gateway's ``instruments.csv``                    currency)
 limits         account or name (or both); gross, net, margin,   ``limit`` (all four; a
                loss (at least one; each >= 0)                   blank cell is 0 = no limit)
 positions      account or name; instrument or symbol; qty       ``position`` (price only
                (an integer, ``abs(qty) <= 10**12``); price      where the cell is not
                (optional, > 0)                                  blank)
+fx             currency (a code of ``[currencies]``, not the    ``fx`` (SPEC section 7)
+               base), rate (> 0: the base-currency value of
+               one unit)
 =============  ===============================================  ===========================
 
-A name (account) or symbol (instrument) is resolved through a :class:`RefData` (a node's
-``[reference]`` files, or files given on the command line); where a row gives both the id
-and the name, they must agree. Ids are checked against the capacities (SPEC section 1, or
-a node's raised ones). A file may not set the same account's limits, or the same (account,
-instrument) position, twice.
+A currency code (instruments' ``currency``, fx's ``currency``) is mapped to its id by a
+:class:`~exposure.core.currency.Currencies` (a node's ``[currencies]``); a code it does
+not name is a bad row. A name (account) or symbol (instrument) is resolved through a
+:class:`RefData` (a node's ``[reference]`` files, or files given on the command line);
+where a row gives both the id and the name, they must agree. Ids are checked against the
+capacities (SPEC section 1, or a node's raised ones). A file may not set the same
+account's limits, or the same (account, instrument) position, or the same currency's rate,
+twice.
 
 **All or nothing.** Every row is checked before anything is returned: a file with any bad
 row raises :class:`LoadError`, which lists every bad row (file, line, column and value;
@@ -52,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exposure.core.capacity import Capacities
+from exposure.core.currency import Currencies
 from exposure.core.refdata import RefData, RefDataError, RowErrors
 from exposure.core.refdata import float_cell as _float
 from exposure.core.refdata import int_cell as _int
@@ -60,16 +67,16 @@ from exposure.core.refdata import read_instruments as _read_instruments
 from exposure.core.refdata import read_rows as _rows
 
 __all__ = ["KINDS", "MAX_PROBLEMS", "MAX_QTY", "Load", "LoadError", "detect_kind",
-           "instrument_events", "limit_events", "position_events", "load_events",
-           "read_load"]
+           "instrument_events", "limit_events", "position_events", "fx_events",
+           "load_events", "read_load"]
 
 log = logging.getLogger(__name__)
 
-KINDS = ("instruments", "limits", "positions")
+KINDS = ("instruments", "limits", "positions", "fx")
 MAX_PROBLEMS = 100          # bad rows listed in one LoadError (all are counted)
 MAX_QTY = 10**12            # SPEC: abs(qty) of a position
 _LIMITS = ("gross", "net", "margin", "loss")
-_REF = ("multiplier", "margin_rate", "beta", "sector")
+_REF = ("multiplier", "margin_rate", "beta", "sector", "currency")
 _HEAD_BYTES = 65536         # what detect_kind reads to find the header
 _QTY = re.compile(r"-?[0-9]{1,13}")
 
@@ -183,7 +190,7 @@ def _fail(path: Path, errors: RowErrors) -> None:
 
 
 # ----------------------------------------------------------------------------- kinds
-def _instruments(path: Path, caps: Capacities) -> Load:
+def _instruments(path: Path, caps: Capacities, ccy: Currencies | None) -> Load:
     errors, lines = RowErrors(MAX_PROBLEMS), []
     try:
         if not any(c in _header(path) for c in _REF):
@@ -191,11 +198,11 @@ def _instruments(path: Path, caps: Capacities) -> Load:
                 f"instruments file {str(path)!r}: the header names none of "
                 f"{', '.join(_REF)} (a file of names alone would reset every "
                 f"instrument's reference data to the SPEC defaults)")
-        rows, _ = _read_instruments(path, caps, errors, lines)
+        rows, cols = _read_instruments(path, caps, errors, lines, ccy)
     except RefDataError as e:
         raise LoadError(path, [(0, str(e))]) from None
     _fail(path, errors)
-    events = RefData(rows, [], ref_columns=_REF).instrument_events()
+    events = RefData(rows, [], ref_columns=cols, currencies=ccy).instrument_events()
     return Load("instruments", path, events, lines)
 
 
@@ -266,12 +273,50 @@ def _positions(path: Path, names: RefData | None, caps: Capacities) -> Load:
     return Load("positions", path, events, lines)
 
 
+def _fx(path: Path, ccy: Currencies | None) -> Load:
+    ccy = ccy or Currencies()
+    errors = RowErrors(MAX_PROBLEMS)
+    events: list[dict] = []
+    lines: list[int] = []
+    seen: dict[int, int] = {}
+    try:
+        for line, cells in _rows(path, "fx", ("currency", "rate"), errors=errors,
+                                 max_rows=256):
+            where = f"fx file {str(path)!r} line {line}"
+            try:
+                code = cells["currency"]
+                cid = ccy.id_of(code)
+                if cid is None:
+                    raise RefDataError(f"{where}: currency {code!r} is not in the node's "
+                                       f"[currencies] table ({ccy.describe()})")
+                if cid == 0:
+                    raise RefDataError(f"{where}: currency {code!r} is the base currency "
+                                       f"(its rate is 1 by definition)")
+                if cells["rate"] == "":
+                    raise RefDataError(f"{where}: an empty rate")
+                rate = _float(cells, "rate", 0.0, lambda x: x > 0, "> 0", where)
+                if cid in seen:
+                    raise RefDataError(f"{where}: currency {code} again (first on line "
+                                       f"{seen[cid]})")
+            except RefDataError as e:
+                errors.add(line, str(e))
+                continue
+            seen[cid] = line
+            events.append({"type": "fx", "currency": cid, "rate": rate})
+            lines.append(line)
+    except RefDataError as e:
+        raise LoadError(path, [(0, str(e))]) from None
+    _fail(path, errors)
+    return Load("fx", path, events, lines)
+
+
 # ----------------------------------------------------------------------------- public
 def detect_kind(path: str | Path) -> str:
     """The kind of a load file by its header: ``positions`` when it has a ``qty`` column,
     else ``limits`` when it has any of gross, net, margin, loss, else ``instruments`` when
-    it has symbol or instrument and any of multiplier, margin_rate, beta, sector.
-    :class:`LoadError` when the header says none of these."""
+    it has symbol or instrument and any of multiplier, margin_rate, beta, sector,
+    currency, else ``fx`` when it has currency and rate. :class:`LoadError` when the
+    header says none of these."""
     path = Path(path)
     cols = _header(path)
     if "qty" in cols:
@@ -280,28 +325,36 @@ def detect_kind(path: str | Path) -> str:
         return "limits"
     if any(c in cols for c in ("symbol", "instrument")) and any(c in cols for c in _REF):
         return "instruments"
+    if "currency" in cols and "rate" in cols:
+        return "fx"
     shown = ",".join(cols)[:200]
     raise LoadError(path, [(0, f"{str(path)!r}: cannot tell from its header ({shown!r}) "
                                f"whether it holds instruments (symbol, instrument, "
                                f"multiplier, ...), limits (account or name, gross, net, "
-                               f"margin, loss) or positions (account or name, instrument "
-                               f"or symbol, qty, price)")])
+                               f"margin, loss), positions (account or name, instrument "
+                               f"or symbol, qty, price) or fx rates (currency, rate)")])
 
 
 def read_load(path: str | Path, kind: str | None = None, names: RefData | None = None,
-              caps: Capacities | None = None) -> Load:
+              caps: Capacities | None = None, currencies: Currencies | None = None) -> Load:
     """Check a whole file of ``kind`` (one of :data:`KINDS`; None: by its header) and
-    return its events with their line numbers; :class:`LoadError` lists every bad row."""
+    return its events with their line numbers; :class:`LoadError` lists every bad row.
+    ``currencies`` maps currency codes (default: ``names``' table, else the base, USD,
+    alone)."""
     path = Path(path)
     caps = caps or Capacities()
     if kind is None:
         kind = detect_kind(path)
+    if currencies is None and names is not None:
+        currencies = names.currencies
     if kind == "instruments":
-        load = _instruments(path, caps)
+        load = _instruments(path, caps, currencies)
     elif kind == "limits":
         load = _limits(path, names, caps)
     elif kind == "positions":
         load = _positions(path, names, caps)
+    elif kind == "fx":
+        load = _fx(path, currencies)
     else:
         raise ValueError(f"kind {kind!r}: one of {', '.join(KINDS)}")
     log.debug("%s: %d %s events", path, len(load.events), kind)
@@ -309,17 +362,19 @@ def read_load(path: str | Path, kind: str | None = None, names: RefData | None =
 
 
 def load_events(path: str | Path, kind: str | None = None, names: RefData | None = None,
-                caps: Capacities | None = None) -> list[dict]:
+                caps: Capacities | None = None,
+                currencies: Currencies | None = None) -> list[dict]:
     """The SPEC events of a load file of ``kind`` (None: told by its header, see
     :func:`detect_kind`), in file order; :class:`LoadError` (every bad row, nothing
     returned) when any row is bad. For the scheduled roll's ``[day] load_after_roll``."""
-    return read_load(path, kind, names, caps).events
+    return read_load(path, kind, names, caps, currencies).events
 
 
-def instrument_events(path: str | Path, caps: Capacities | None = None) -> list[dict]:
+def instrument_events(path: str | Path, caps: Capacities | None = None,
+                      currencies: Currencies | None = None) -> list[dict]:
     """``instrument`` events of an ``instruments.csv`` (symbol, instrument, multiplier,
-    margin_rate, beta, sector, name, ...: the FIX gateway's file)."""
-    return read_load(path, "instruments", None, caps).events
+    margin_rate, beta, sector, currency, name, ...: the FIX gateway's file)."""
+    return read_load(path, "instruments", None, caps, currencies).events
 
 
 def limit_events(path: str | Path, names: RefData | None = None,
@@ -333,3 +388,8 @@ def position_events(path: str | Path, names: RefData | None = None,
     """``position`` events of a positions file (account or name, instrument or symbol, qty,
     price)."""
     return read_load(path, "positions", names, caps).events
+
+
+def fx_events(path: str | Path, currencies: Currencies | None = None) -> list[dict]:
+    """``fx`` events of a rates file (currency as a code of ``currencies``, rate > 0)."""
+    return read_load(path, "fx", None, None, currencies).events

@@ -13,12 +13,12 @@ event                                         goes to
 ============================================  =====================================
 new, replace, cancel, done, fill, bust        the partition of its source
 position, limit                               the partition of its account
-mark, instrument, roll                        every partition (:data:`ALL`)
+mark, instrument, fx, roll                    every partition (:data:`ALL`)
 no valid type (or an id the map leaves out)   the first partition, which rejects it
 ============================================  =====================================
 
 A partition *owns* an event when it owns the event's source (orders) and account (new,
-fill, bust, position, limit); marks, instruments and rolls are everyone's, and an event
+fill, bust, position, limit); marks, instruments, fx and rolls are everyone's, and an event
 without a valid type is left to the kernel's ``bad_type``. An event a partition does not
 own is marked ``wrong_partition`` in its ``reject`` byte; the kernel reports that reason
 after rules 1-3 (so an out-of-range id is still ``out_of_range``) and applies nothing.
@@ -34,7 +34,7 @@ import numpy as np
 
 __all__ = ["PartitionMap", "MapError", "ALL", "read_toml"]
 
-ALL = -1  # routing.route(): the event goes to every partition (mark, instrument, roll)
+ALL = -1  # routing.route(): the event goes to every partition (mark, instrument, fx, roll)
 MAX_PARTITIONS = 256
 
 

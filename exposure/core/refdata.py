@@ -1,12 +1,13 @@
 """Reference data: the names of instruments and accounts (``instruments.csv``,
-``accounts.csv``), for the FIX gateway's lookups and for people (``dump --names``, ``top``,
-``watch``, desks).
-
-``instruments.csv`` has a header row naming at least ``symbol`` and ``instrument``;
-optional columns: ``name`` (a description), ``multiplier``, ``margin_rate``, ``beta``,
-``sector`` (the SPEC ``instrument`` event's reference data, for a start-of-day load:
-:meth:`RefData.instrument_events`), and ``security_id`` with ``security_id_source`` (FIX
-SecurityID 48 and SecurityIDSource 22). Any other column (``currency``, ...) is kept as
+``accounts.csv``), for the FIX gateway's lookups and for people (``dump --names``,
+``top``, ``watch``, desks). ``instruments.csv`` has a header row naming at least
+``symbol`` and ``instrument``; optional columns: ``name`` (a description), ``multiplier``,
+``margin_rate``, ``beta``, ``sector``, ``currency`` (the SPEC ``instrument`` event's
+reference data, for a start-of-day load: :meth:`RefData.instrument_events`), and
+``security_id`` with ``security_id_source`` (FIX SecurityID 48 and SecurityIDSource 22).
+``currency`` is a code (``USD``, ``JPY``) that the node's ``[currencies]`` table maps to
+its id (SPEC section 7; a blank cell is the base currency;
+:class:`~exposure.core.currency.Currencies`). Any other column (a desk, ...) is kept as
 text in the row's ``extra``, not rejected. ``accounts.csv`` has a header row naming at
 least ``name`` and ``account``; other columns are kept the same way.
 
@@ -14,7 +15,8 @@ Every rule is checked when the file is read and a broken file is an error
 (:class:`RefDataError`) naming the file, the line and the value: a missing column, a
 non-integer or out-of-capacity id (SPEC section 1, or a config's raised capacities), a
 duplicate symbol, account name, id or (security_id_source, security_id), a bad multiplier
-(> 0), margin rate (>= 0), beta (finite) or sector. Blank lines are skipped; cells and
+(> 0), margin rate (>= 0), beta (finite) or sector, a currency code the table does not
+name. Blank lines are skipped; cells and
 header names are stripped of surrounding spaces; a UTF-8 byte-order mark is allowed. A
 file must be a regular file of at most :data:`MAX_BYTES`.
 
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exposure.core.capacity import Capacities
+from exposure.core.currency import Currencies
 
 __all__ = ["RefData", "RefDataError", "Instrument", "Account", "load_refdata",
            "INSTRUMENT_COLUMNS", "ACCOUNT_COLUMNS", "MAX_ROWS", "MAX_BYTES", "RowErrors",
@@ -46,9 +49,9 @@ __all__ = ["RefData", "RefDataError", "Instrument", "Account", "load_refdata",
 
 # Columns with a meaning here; any other column is kept as text in the row's ``extra``.
 INSTRUMENT_COLUMNS = ("symbol", "instrument", "name", "multiplier", "margin_rate", "beta",
-                      "sector", "security_id", "security_id_source")
+                      "sector", "currency", "security_id", "security_id_source")
 ACCOUNT_COLUMNS = ("name", "account")
-_REF_COLUMNS = ("multiplier", "margin_rate", "beta", "sector")
+_REF_COLUMNS = ("multiplier", "margin_rate", "beta", "sector", "currency")
 MAX_ROWS = 16_777_216   # rows of one file (the largest capacity the layouts allow)
 MAX_BYTES = 1 << 30     # bytes of one file (16 M rows of ~60 bytes)
 _MAX_CELL = 256         # characters of one cell (symbols, names, security ids)
@@ -114,6 +117,7 @@ class Instrument:
     margin_rate: float = 1.0
     beta: float = 1.0
     sector: int = 0
+    currency: int = 0          # SPEC section 7: the id of the currency it is quoted in
     security_id: str = ""
     security_id_source: str = ""
     extra: dict[str, str] = field(default_factory=dict, compare=False)
@@ -232,11 +236,13 @@ class RefData:
 
     __slots__ = ("instruments", "accounts", "instruments_file", "accounts_file",
                  "instrument_ids", "security_ids", "account_ids", "_by_id", "_acc_by_id",
-                 "_ref_columns")
+                 "_ref_columns", "currencies")
 
     def __init__(self, instruments: list[Instrument], accounts: list[Account], *,
                  instruments_file: Path | None = None, accounts_file: Path | None = None,
-                 ref_columns: tuple[str, ...] = ()):
+                 ref_columns: tuple[str, ...] = (), currencies: Currencies | None = None):
+        # The [currencies] table the currency column was read with (codes for people).
+        self.currencies = currencies or Currencies()
         self.instruments: tuple[Instrument, ...] = tuple(instruments)
         self.accounts: tuple[Account, ...] = tuple(accounts)
         self.instruments_file = instruments_file
@@ -255,16 +261,25 @@ class RefData:
 
     @classmethod
     def from_rows(cls, instruments: Sequence[Instrument] = (),
-                  accounts: Sequence[Account] = ()) -> RefData:
-        """From rows built in code (tests, tools); duplicates are a :class:`RefDataError`."""
+                  accounts: Sequence[Account] = (),
+                  currencies: Currencies | None = None) -> RefData:
+        """From rows built in code (tests, tools); duplicates are a :class:`RefDataError`,
+        as is a row whose currency id ``currencies`` (default: the base alone) leaves
+        out."""
+        ccy = currencies or Currencies()
+        for r in instruments:
+            if ccy.code(r.currency) is None:
+                raise RefDataError(f"instrument {r.instrument}: currency {r.currency} is "
+                                   f"not in the currencies table ({ccy.describe()})")
         for what, keys in (("symbol", [r.symbol for r in instruments]),
                            ("instrument", [r.instrument for r in instruments]),
                            ("account name", [a.name for a in accounts]),
                            ("account", [a.account for a in accounts])):
             if len(set(keys)) != len(keys):
                 raise RefDataError(f"duplicate {what} in the rows given")
-        cols = tuple(c for c in _REF_COLUMNS if instruments)
-        return cls(list(instruments), list(accounts), ref_columns=cols)
+        cols = tuple(c for c in _REF_COLUMNS if instruments and (
+            c != "currency" or any(r.currency for r in instruments)))
+        return cls(list(instruments), list(accounts), ref_columns=cols, currencies=ccy)
 
     # --------------------------------------------------------------- lookups
     def instrument_of(self, symbol: str) -> int | None:
@@ -289,6 +304,18 @@ class RefData:
     def instrument_row(self, instrument: int) -> Instrument | None:
         return self._by_id.get(instrument)
 
+    def currency_of(self, instrument: int) -> int | None:
+        """The currency id of an instrument (0, the base, where the file has no currency
+        column or a blank cell), or None for an instrument the file does not name."""
+        r = self._by_id.get(instrument)
+        return None if r is None else r.currency
+
+    def currency_code(self, instrument: int) -> str | None:
+        """The currency code of an instrument the file names (the base's where it gives
+        none), or None."""
+        r = self._by_id.get(instrument)
+        return None if r is None else self.currencies.code(r.currency)
+
     def account_of(self, name: str) -> int | None:
         """The account id of an account name (exact, case-sensitive), or None."""
         return self.account_ids.get(name)
@@ -304,14 +331,19 @@ class RefData:
     # --------------------------------------------------------------- events
     def instrument_events(self) -> list[dict]:
         """SPEC ``instrument`` events (JSON form) for the rows, in file order, when the file
-        has any of the reference columns (multiplier, margin_rate, beta, sector; a blank
-        cell is the SPEC's default); none when it names only symbols, so that a file of
-        names never resets reference data set elsewhere."""
+        has any of the reference columns (multiplier, margin_rate, beta, sector, currency;
+        a blank cell is the SPEC's default); none when it names only symbols, so that a
+        file of names never resets reference data set elsewhere. ``currency`` (the id) is
+        in the events where the file has that column."""
         if not self._ref_columns:
             return []
-        return [{"type": "instrument", "instrument": r.instrument,
-                 "multiplier": r.multiplier, "margin_rate": r.margin_rate, "beta": r.beta,
-                 "sector": r.sector} for r in self.instruments]
+        out = [{"type": "instrument", "instrument": r.instrument,
+                "multiplier": r.multiplier, "margin_rate": r.margin_rate, "beta": r.beta,
+                "sector": r.sector} for r in self.instruments]
+        if "currency" in self._ref_columns:
+            for e, r in zip(out, self.instruments, strict=True):
+                e["currency"] = r.currency
+        return out
 
     # --------------------------------------------------------------- documents
     def name_document(self, doc: dict) -> dict:
@@ -357,10 +389,24 @@ class RefData:
                 f"{len(self.accounts)} accounts from {self.accounts_file})")
 
 
+def _currency(cells: dict[str, str], ccy: Currencies, where: str) -> int:
+    """The id of a row's currency code (a blank cell: the base currency, 0)."""
+    v = cells.get("currency", "")
+    if v == "":
+        return 0
+    cid = ccy.id_of(v)
+    if cid is None:
+        raise RefDataError(f"{where}: currency {v!r} is not in the node's [currencies] "
+                           f"table ({ccy.describe()})")
+    return cid
+
+
 def _read_instruments(path: Path, caps: Capacities, errors: RowErrors | None = None,
-                      lines: list[int] | None = None) -> tuple[list[Instrument], tuple]:
+                      lines: list[int] | None = None, currencies: Currencies | None = None
+                      ) -> tuple[list[Instrument], tuple]:
     """The rows and the reference columns the file names; ``lines`` gets each row's line
-    number."""
+    number; ``currencies`` maps the currency column's codes (default: the base alone)."""
+    ccy = currencies or Currencies()
     rows: list[Instrument] = []
     by_symbol: dict[str, int] = {}
     by_id: dict[int, int] = {}
@@ -402,7 +448,8 @@ def _read_instruments(path: Path, caps: Capacities, errors: RowErrors | None = N
                 multiplier=_float(cells, "multiplier", 1.0, lambda x: x > 0, "> 0", where),
                 margin_rate=_float(cells, "margin_rate", 1.0, lambda x: x >= 0, ">= 0", where),
                 beta=_float(cells, "beta", 1.0, lambda x: True, "finite", where),
-                sector=sector, security_id=sid, security_id_source=ssrc, extra=extra))
+                sector=sector, currency=_currency(cells, ccy, where), security_id=sid,
+                security_id_source=ssrc, extra=extra))
             if lines is not None:
                 lines.append(line)
         except RefDataError as err:
@@ -448,10 +495,13 @@ name_cell = _name
 
 
 def load_refdata(instruments: str | Path | None = None, accounts: str | Path | None = None,
-                 caps: Capacities | None = None) -> RefData:
+                 caps: Capacities | None = None, *,
+                 currencies: Currencies | None = None) -> RefData:
     """Read and check ``instruments.csv`` and ``accounts.csv`` (either may be None: its
-    tables stay empty); ids are checked against ``caps`` (default: SPEC section 1).
-    :class:`RefDataError` names the file, the line and the value of the first problem."""
+    tables stay empty); ids are checked against ``caps`` (default: SPEC section 1), the
+    currency column's codes against ``currencies`` (a node's ``[currencies]``; default: the
+    base, USD, alone). :class:`RefDataError` names the file, the line and the value of the
+    first problem."""
     caps = caps or Capacities()
     ins: list[Instrument] = []
     cols: tuple[str, ...] = ()
@@ -459,7 +509,8 @@ def load_refdata(instruments: str | Path | None = None, accounts: str | Path | N
     ipath = None if instruments is None else Path(instruments)
     apath = None if accounts is None else Path(accounts)
     if ipath is not None:
-        ins, cols = _read_instruments(ipath, caps)
+        ins, cols = _read_instruments(ipath, caps, currencies=currencies)
     if apath is not None:
         accs = _read_accounts(apath, caps)
-    return RefData(ins, accs, instruments_file=ipath, accounts_file=apath, ref_columns=cols)
+    return RefData(ins, accs, instruments_file=ipath, accounts_file=apath, ref_columns=cols,
+                   currencies=currencies)

@@ -17,6 +17,7 @@ from exposure.core.types import (
     T_CANCEL,
     T_DONE,
     T_FILL,
+    T_FX,
     T_INSTRUMENT,
     T_LIMIT,
     T_MARK,
@@ -47,12 +48,12 @@ def owns(t, src, acct, me, acc_owner, src_owner):
         return _owner(src_owner, src) == me
     if t == T_POSITION or t == T_LIMIT:
         return _owner(acc_owner, acct) == me
-    return True  # mark, instrument, roll: everyone's; no valid type: the kernel's bad_type
+    return True  # mark, instrument, fx, roll: everyone's; no valid type: the kernel's bad_type
 
 
 @njit(cache=True, _nrt=False)
 def _dest(t, src, acct, acc_owner, src_owner):
-    if t == T_MARK or t == T_INSTRUMENT or t == T_ROLL:
+    if t == T_MARK or t == T_INSTRUMENT or t == T_ROLL or t == T_FX:
         return np.int64(ALL)
     if (t == T_NEW or t == T_FILL or t == T_REPLACE or t == T_CANCEL or t == T_DONE
             or t == T_BUST):
@@ -73,15 +74,15 @@ def _route(recs, acc_owner, src_owner, out):
 
 
 def route(recs: np.ndarray, pmap: PartitionMap) -> np.ndarray:
-    """Each record's partition (int16; :data:`ALL` for mark, instrument and roll)."""
+    """Each record's partition (int16; :data:`ALL` for mark, instrument, fx and roll)."""
     out = np.empty(len(recs), np.int16)
     _route(recs, pmap.acc_owner, pmap.src_owner, out)
     return out
 
 
 def split(recs: np.ndarray, pmap: PartitionMap) -> list[np.ndarray]:
-    """The sub-stream of each partition, in stream order (mark, instrument and roll in
-    all)."""
+    """The sub-stream of each partition, in stream order (mark, instrument, fx and roll
+    in all)."""
     dest = route(recs, pmap)
     return [recs[(dest == k) | (dest == ALL)] for k in range(pmap.partitions)]
 

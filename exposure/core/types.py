@@ -266,15 +266,18 @@ PUBROW_DTYPE = np.dtype(
 
 # ----------------------------------------------------------------------------- published rows
 # What desks read without waiting (row seqlocks: ``ver`` odd while the row is written).
-# Instrument rows: reference data and the fund's aggregates of one instrument.
+# Instrument rows: reference data and the fund's aggregates of one instrument; ``currency``
+# (SPEC section 7) and ``rate``, its rate when the row was published (net_mv and gross_mv
+# are in the base currency, ref_price in the instrument's own).
 INSTPUB_DTYPE = np.dtype(
     {
         "names": ["ver", "gseq", "fund_pos", "ref_price", "open_buy", "open_sell", "net_mv",
-                  "gross_mv", "multiplier", "margin_rate", "beta", "sector", "marked"],
+                  "gross_mv", "multiplier", "margin_rate", "beta", "sector", "marked", "rate",
+                  "currency", "_pad"],
         "formats": ["<u8", "<u8", "<i8", "<f8", "<i8", "<i8", "<f8", "<f8", "<f8", "<f8",
-                    "<f8", "<i4", "<i4"],
-        "offsets": [0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 92],
-        "itemsize": 96,
+                    "<f8", "<i4", "<i4", "<f8", "<i4", "<i4"],
+        "offsets": [0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 92, 96, 104, 108],
+        "itemsize": 112,
     },
     align=True,
 )
@@ -343,13 +346,15 @@ UPDATE_DTYPE = _row("account", [
     ("beta_net", "<f8", 128), ("pnl", "<f8", 136), ("net_long_mv", "<f8", 144),
     ("net_short_mv", "<f8", 152)])
 ACCOUNT_ROW_DTYPE = UPDATE_DTYPE
-# Instrument rows (kind 3): net_mv = fund_pos x ref_price x multiplier; gross_mv = the sum
-# over accounts of abs(pos) x ref_price x multiplier.
+# Instrument rows (kind 3): net_mv = fund_pos x v; gross_mv = the sum over accounts of
+# abs(pos) x v, where v = ref_price x multiplier x rate (SPEC section 7: in the base
+# currency); ``currency`` is the instrument's and ``rate`` that currency's rate.
 INSTRUMENT_ROW_DTYPE = _row("instrument", [
     ("fund_pos", "<i8", 56), ("ref_price", "<f8", 64), ("open_buy", "<i8", 72),
     ("open_sell", "<i8", 80), ("net_mv", "<f8", 88), ("gross_mv", "<f8", 96),
     ("multiplier", "<f8", 104), ("margin_rate", "<f8", 112), ("beta", "<f8", 120),
-    ("sector", "<i4", 128), ("marked", "<i4", 132)])
+    ("sector", "<i4", 128), ("marked", "<i4", 132), ("rate", "<f8", 136),
+    ("currency", "<i4", 144)])
 # Sector rows (kind 4).
 SECTOR_ROW_DTYPE = _row("sector", [("net_mv", "<f8", 64), ("gross_mv", "<f8", 72)])
 ROW_DTYPES = {ROW_ACCOUNT: UPDATE_DTYPE, ROW_FUND: UPDATE_DTYPE,

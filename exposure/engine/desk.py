@@ -37,13 +37,18 @@ A row whose ``gseq`` is 0 never moved and is left out.
 
 ``Desk.names`` is the node's reference data (:class:`exposure.core.refdata.RefData`: symbols
 and account names from its ``[reference]`` files) when the desk was opened with them
-(``exposure.desk.open_desk(config)``), else None.
+(``exposure.desk.open_desk(config)``), else None. ``Desk.currencies`` is the node's
+``[currencies]`` table (:class:`exposure.core.currency.Currencies`; the default, USD alone,
+unless opened with one): ``desk.currencies.base`` labels every money figure (SPEC section 7:
+they are in the base currency), ``desk.currencies.code(row["currency"])`` an instrument's
+own currency, in which its ``ref_price`` is quoted; its ``rate`` converts it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from exposure.core.currency import Currencies
 from exposure.core.refdata import RefData
 from exposure.core.types import (
     C_ACCEPTED,
@@ -74,7 +79,7 @@ _ROW_FIELDS = ["gseq", "long_mv", "short_mv", "gross", "net", "open_buy_mv", "op
                "worst_gross", "margin", "beta_net", "pnl", "live_orders", "breach"]
 ACCOUNT_ROW = _with_id("account", PUBROW_DTYPE, _ROW_FIELDS)
 # :meth:`Desk.instruments`: the instrument id and its published row (types.INSTPUB_DTYPE).
-_INST_FIELDS = [f for f in INSTPUB_DTYPE.names if f != "ver"]
+_INST_FIELDS = [f for f in INSTPUB_DTYPE.names if f != "ver" and not f.startswith("_")]
 INSTRUMENT_ROW = _with_id("instrument", INSTPUB_DTYPE, _INST_FIELDS)
 # :meth:`Desk.sectors`.
 _SEC_FIELDS = ["gseq", "net_mv", "gross_mv"]
@@ -124,10 +129,13 @@ class Desk:
     state: State
     names: RefData | None  # instruments.csv / accounts.csv names ([reference]), or None
 
-    def __init__(self, node: str = "exposure", *, names: RefData | None = None):
+    def __init__(self, node: str = "exposure", *, names: RefData | None = None,
+                 currencies: Currencies | None = None):
         self.segment = TallySegment.attach(f"/exposure.{node}.tally", writable=False)
         self.state = self.segment.state
         self.names = names
+        self.currencies = currencies or (names.currencies if names is not None
+                                         else Currencies())
 
     @classmethod
     def over(cls, state: State) -> Desk:
@@ -138,6 +146,7 @@ class Desk:
         desk.segment = None
         desk.state = state
         desk.names = None
+        desk.currencies = Currencies()
         return desk
 
     def close(self) -> None:
@@ -183,10 +192,11 @@ class Desk:
 
     # ------------------------------------------------------------------ the other tables
     def instruments(self) -> np.ndarray:
-        """Every instrument whose row ever moved (reference data, ``ref_price``,
-        ``fund_pos``, open quantities, ``net_mv``/``gross_mv`` = fund_pos and the sum of
-        abs(pos), times ref_price x multiplier), sorted by id; each row consistent on its
-        own, as of the event ``gseq``."""
+        """Every instrument whose row ever moved (reference data, ``ref_price`` in its own
+        currency, ``fund_pos``, open quantities, ``net_mv``/``gross_mv`` = fund_pos and the
+        sum of abs(pos), times ref_price x multiplier x rate: in the base currency;
+        ``currency`` and ``rate``, SPEC section 7), sorted by id; each row consistent on
+        its own, as of the event ``gseq``."""
         rows, ids = _moved(self.state.ipub)
         return _pick("instrument", ids, rows, INSTRUMENT_ROW)
 

@@ -144,9 +144,10 @@ def publish(st, ver, last_gseq):
 @njit(cache=True, _nrt=False)
 def _put_inst(st, iver, i):
     ins = st.inst[i]
+    rate = st.rate[ins.currency]
     v = _begin(iver, i)
     p = st.ipub[i]
-    val = ins.ref_price * ins.multiplier
+    val = ins.ref_price * ins.multiplier * rate
     p.gseq = ins.gseq
     p.fund_pos = ins.fund_pos
     p.ref_price = ins.ref_price
@@ -159,6 +160,8 @@ def _put_inst(st, iver, i):
     p.beta = ins.beta
     p.sector = ins.sector
     p.marked = ins.marked
+    p.rate = rate
+    p.currency = ins.currency
     _end(iver, i, v)
 
 
@@ -184,8 +187,8 @@ def _put_cell(st, cver, c, gseq):
     p.pos = cell.pos
     p.open_buy = cell.open_buy
     p.open_sell = cell.open_sell
-    p.pnl = ins.multiplier * (cell.pos * ins.ref_price - cell.sod_qty * cell.sod_price
-                              - cell.flow)
+    p.pnl = ins.multiplier * st.rate[ins.currency] * (
+        cell.pos * ins.ref_price - cell.sod_qty * cell.sod_price - cell.flow)
     _end(cver, c, v)
 
 
@@ -278,6 +281,8 @@ def _inst_body(u, p):
     u.beta = p.beta
     u.sector = p.sector
     u.marked = p.marked
+    u.rate = p.rate
+    u.currency = p.currency
 
 
 @njit(cache=True, _nrt=False, inline="always")

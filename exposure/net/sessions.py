@@ -14,6 +14,7 @@ A node that listens on anything but a loopback address must have a sessions file
                                   # limit)
     instrument = false            # may it send instrument (reference data) events
     mark = false                  # ... mark events
+    fx = false                    # ... fx events (currency rates, SPEC section 7)
     limit = false                 # ... limit events (for its accounts)
     roll = false                  # ... roll events (a new trading day: an operator's)
 
@@ -34,7 +35,7 @@ new, fill, bust             its source and its account
 replace, cancel, done       its source
 position                    its account
 limit                       ``limit`` and its account
-instrument / mark           ``instrument`` / ``mark``
+instrument / mark / fx      ``instrument`` / ``mark`` / ``fx``
 roll                        ``roll`` (an operator's event: ``exposure roll``, the
                             scheduled roll)
 =========================== =========================================================
@@ -54,7 +55,7 @@ import numpy as np
 
 __all__ = ["SessionSpec", "SessionsError", "Entitlements", "load_sessions",
            "secret_for", "session_names", "ENT_INSTRUMENT", "ENT_MARK", "ENT_LIMIT",
-           "ENT_ALL_SOURCES", "ENT_ALL_ACCOUNTS", "ENT_ROLL"]
+           "ENT_ALL_SOURCES", "ENT_ALL_ACCOUNTS", "ENT_ROLL", "ENT_FX"]
 
 # Entitlement flag bits (Entitlements.flags[session]).
 ENT_INSTRUMENT = 1
@@ -63,11 +64,12 @@ ENT_LIMIT = 4
 ENT_ALL_SOURCES = 8
 ENT_ALL_ACCOUNTS = 16
 ENT_ROLL = 32
+ENT_FX = 64
 ENT_EVERYTHING = (ENT_INSTRUMENT | ENT_MARK | ENT_LIMIT | ENT_ALL_SOURCES | ENT_ALL_ACCOUNTS
-                  | ENT_ROLL)
+                  | ENT_ROLL | ENT_FX)
 
 _KEYS = {"id", "name", "secret", "secret_file", "sources", "accounts", "instrument", "mark",
-         "limit", "roll"}
+         "limit", "roll", "fx"}
 MIN_SECRET = 16
 
 
@@ -86,12 +88,13 @@ class SessionSpec:
     mark: bool = False
     limit: bool = False
     roll: bool = False
+    fx: bool = False
 
     @property
     def flags(self) -> int:
         return ((ENT_INSTRUMENT if self.instrument else 0)
                 | (ENT_MARK if self.mark else 0) | (ENT_LIMIT if self.limit else 0)
-                | (ENT_ROLL if self.roll else 0)
+                | (ENT_ROLL if self.roll else 0) | (ENT_FX if self.fx else 0)
                 | (ENT_ALL_SOURCES if self.sources is None else 0)
                 | (ENT_ALL_ACCOUNTS if self.accounts is None else 0))
 
@@ -178,7 +181,7 @@ def load_sessions(path: str | Path, max_sessions: int, accounts: int,
         name = t.get("name", f"session-{sid}")
         if not isinstance(name, str) or not name.isprintable() or len(name) > 64:
             raise SessionsError(f"{where}.name: printable text of at most 64 characters")
-        for flag in ("instrument", "mark", "limit", "roll"):
+        for flag in ("instrument", "mark", "limit", "roll", "fx"):
             if not isinstance(t.get(flag, False), bool):
                 raise SessionsError(f"{where}.{flag} = {t[flag]!r}: true or false")
         out[sid] = SessionSpec(
@@ -186,7 +189,7 @@ def load_sessions(path: str | Path, max_sessions: int, accounts: int,
             sources=_ids(t.get("sources", []), f"{where}.sources", sources),
             accounts=_ids(t.get("accounts", []), f"{where}.accounts", accounts),
             instrument=t.get("instrument", False), mark=t.get("mark", False),
-            limit=t.get("limit", False), roll=t.get("roll", False))
+            limit=t.get("limit", False), roll=t.get("roll", False), fx=t.get("fx", False))
     return out
 
 
@@ -240,7 +243,7 @@ class Entitlements:
 
     def allows(self, session: int, what: str, x: int = 0) -> bool:
         """For tests and status: may ``session`` use ``what`` ("source", "account",
-        "instrument", "mark", "limit", "roll") ``x``."""
+        "instrument", "mark", "limit", "roll", "fx") ``x``."""
         f = int(self.flags[session])
         if what in ("source", "account"):
             every = ENT_ALL_SOURCES if what == "source" else ENT_ALL_ACCOUNTS
@@ -248,4 +251,4 @@ class Entitlements:
             return bool(f & every) or (x < bits.shape[1] * 64 and bool(
                 int(bits[session, x >> 6]) >> (x & 63) & 1))
         return bool(f & {"instrument": ENT_INSTRUMENT, "mark": ENT_MARK,
-                         "limit": ENT_LIMIT, "roll": ENT_ROLL}[what])
+                         "limit": ENT_LIMIT, "roll": ENT_ROLL, "fx": ENT_FX}[what])

@@ -430,12 +430,13 @@ def _wait_if_starting(cfg, timeout: float) -> None:
 
 
 # ------------------------------------------------------------------ start-of-day loads
-_LOAD_KINDS = {"refdata": "instruments", "limits": "limits", "positions": "positions"}
+_LOAD_KINDS = {"refdata": "instruments", "limits": "limits", "positions": "positions",
+               "fx": "fx"}
 
 
 def _cmd_load(args: argparse.Namespace) -> int:
-    """``exposure refdata|limits|positions load FILE``: check the whole file, then send its
-    events on one operator session (through the cluster's routing with --cluster)."""
+    """``exposure refdata|limits|positions|fx load FILE``: check the whole file, then send
+    its events on one operator session (through the cluster's routing with --cluster)."""
     from exposure.core.loads import LoadError, read_load
     from exposure.core.refdata import RefDataError, load_refdata
 
@@ -453,11 +454,12 @@ def _cmd_load(args: argparse.Namespace) -> int:
     refs = cfg0.names
     if args.instruments or args.accounts:
         try:
-            refs = load_refdata(args.instruments, args.accounts, cfg0.caps)
+            refs = load_refdata(args.instruments, args.accounts, cfg0.caps,
+                                currencies=cfg0.currencies)
         except RefDataError as e:
             return _fail(str(e))
     try:
-        load = read_load(args.file, kind, refs, cfg0.caps)
+        load = read_load(args.file, kind, refs, cfg0.caps, cfg0.currencies)
     except LoadError as e:
         print(f"{say}: {e}", file=sys.stderr)
         return 1
@@ -1071,17 +1073,20 @@ def _parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_send)
 
     for cmd, what in (("refdata", "instruments.csv (symbol, instrument, multiplier, "
-                                  "margin_rate, beta, sector, name): instrument events"),
+                                  "margin_rate, beta, sector, currency, name): instrument "
+                                  "events"),
                       ("limits", "accounts.csv (account or name; gross, net, margin, "
                                  "loss): limit events"),
                       ("positions", "positions.csv (account or name, instrument or symbol, "
-                                    "qty, price): position events")):
+                                    "qty, price): position events"),
+                      ("fx", "rates.csv (currency, rate: a code of [currencies] and the "
+                             "base-currency value of one unit): fx events")):
         r = sub.add_parser(cmd, help=f"start-of-day load of {what}; the whole file is "
                            "checked first, and nothing is sent when a row is bad")
         r.add_argument("action", choices=("load",))
         r.add_argument("file", help="the CSV file (docs/operations.md, Trading day)")
         _operator_options(r, "through a cluster: each event to its account's partition "
-                             "(instrument events to every partition)",
+                             "(instrument and fx events to every partition)",
                           "the operator session (default: the last session id, [ingest] "
                           "max_sessions, 256 unless raised)",
                           "its acknowledgements")

@@ -22,6 +22,7 @@ from exposure.core.types import (
     T_CANCEL,
     T_DONE,
     T_FILL,
+    T_FX,
     T_INSTRUMENT,
     T_LIMIT,
     T_MARK,
@@ -42,6 +43,7 @@ from exposure.net import wire as W
 from exposure.net.sessions import (
     ENT_ALL_ACCOUNTS,
     ENT_ALL_SOURCES,
+    ENT_FX,
     ENT_INSTRUMENT,
     ENT_LIMIT,
     ENT_MARK,
@@ -102,6 +104,8 @@ def _entitled(w_type, w_src, w_acct, ef, esrc, eacct, s):
         return (ef & ENT_ROLL) != 0
     if t == T_MARK:
         return (ef & ENT_MARK) != 0
+    if t == T_FX:
+        return (ef & ENT_FX) != 0
     return True
 
 

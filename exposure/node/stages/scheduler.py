@@ -282,7 +282,8 @@ class RollScheduler(Stage):
         out: list[dict] = []
         for path in self.cfg.load_after_roll:
             try:
-                events = load_events(path, names=self.cfg.names, caps=self.cfg.caps)
+                events = load_events(path, names=self.cfg.names, caps=self.cfg.caps,
+                                     currencies=self.cfg.currencies)
             except (LoadError, OSError, ValueError) as e:
                 log.error("scheduled roll: %s not loaded: %s", path, e)
                 continue

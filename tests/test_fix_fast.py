@@ -11,6 +11,7 @@ import random
 import crc32c
 import numpy as np
 
+from exposure.core.currency import Currencies
 from exposure.core.refdata import Account, Instrument, RefData
 from exposure.fix import fast
 from exposure.fix.codec import FixError, FixMessage, FixReader, encode
@@ -21,8 +22,9 @@ from exposure.fix.session import MemorySeqStore, Session, SessionConfig
 
 REF = RefData.from_rows(
     [Instrument(7, "AAPL", security_id="US0378331005", security_id_source="4"),
-     Instrument(8, "MSFT"), Instrument(9, "VOD.L")],
-    [Account(3, "PM1"), Account(4, "PM2"), Account(5, "Zürich")])
+     Instrument(8, "MSFT"), Instrument(9, "VOD.L", currency=3)],
+    [Account(3, "PM1"), Account(4, "PM2"), Account(5, "Zürich")],
+    Currencies.from_table("USD", {"EUR": 1, "GBP": 3}))
 
 
 def msg(fields: list[tuple[int, object]], seq: int = 1, bs: str = "FIX.4.4") -> bytes:
@@ -112,6 +114,10 @@ def report_stream(seed: int, n: int) -> list[list[tuple[int, object]]]:
             base.append((55, sym))
         if odd and rng.random() < 0.2:
             base += [(48, "US0378331005"), (22, "4")]
+        if rng.random() < 0.3:   # Currency (15): the instrument's, or not
+            base.append((15, rng.choice(["USD", "GBP", "USD", "GBP", "usd", "EUR", "", "US"]
+                                        if odd else {"AAPL": ["USD"], "MSFT": ["USD"],
+                                                     "VOD.L": ["GBP"]}.get(sym, ["USD"]))))
         if not odd or rng.random() < 0.8:
             base.append((54, rng.choice("1234567" if odd else "1256")))
         lv = rng.random()

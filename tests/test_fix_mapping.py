@@ -35,7 +35,7 @@ HAS_BUST = hasattr(types, "T_BUST")
 TAGS = {"msg_type": 35, "exec_id": 17, "exec_type": 150, "trans_type": 20, "ref": 19,
         "clordid": 11, "orig": 41, "orderid": 37, "account": 1, "symbol": 55,
         "security_id": 48, "id_source": 22, "side": 54, "order_qty": 38, "price": 44,
-        "last_qty": 32, "last_px": 31, "leaves": 151, "status": 39}
+        "last_qty": 32, "last_px": 31, "leaves": 151, "status": 39, "currency": 15}
 
 
 class Msg(dict):
@@ -304,6 +304,40 @@ def test_unknown_account_and_symbol_are_dead_letters_and_change_nothing():
     m.counts.clear()
     assert m.snapshot() == before
     assert one(new(m, "A1", "e4"))["order_id"] == 1
+
+
+def test_currency_15_must_be_the_instruments_own_else_a_dead_letter():
+    """SPEC section 7: a report's Currency (15), where present, is checked against the
+    instrument's currency (instruments.csv's column; no column: the base currency)."""
+    from exposure.core.currency import Currencies
+
+    ref = RefData.from_rows([Instrument(7, "AAPL"), Instrument(8, "SONY", currency=2)],
+                            [Account(3, "PM1")], Currencies.from_table("USD", {"JPY": 2}))
+    for fast in (True, False):
+        m = Mapper(ref, source=5)
+        m.fast_path = fast
+        assert one(new(m, "A1", "e1", currency="USD"))["instrument"] == 7
+        assert one(new(m, "S1", "e2", symbol="SONY", currency="JPY", price="2500"))[
+            "instrument"] == 8
+        assert one(new(m, "S2", "e3", symbol="SONY"))["instrument"] == 8   # no tag 15
+        m.counts.clear()
+        before = m.snapshot()
+        for exec_id, kw in (("x1", {"symbol": "SONY", "currency": "USD"}),
+                            ("x2", {"currency": "JPY"}), ("x3", {"currency": "usd"}),
+                            ("x4", {"currency": ""})):
+            res = new(m, "S9", exec_id, **kw)
+            assert res.events == [] and res.dead_kind == "currency_mismatch", res
+            assert "Currency (15)" in res.dead and "is not instrument" in res.dead
+        # a fill without a Symbol takes its order's instrument, and is checked against it
+        res = m.map(er("F", "x5", clordid="S1", account="PM1", side="1", last_qty="5",
+                       last_px="2501", currency="USD"))
+        assert res.dead_kind == "currency_mismatch" and "instrument 8's currency JPY" in \
+            res.dead
+        assert m.counts["dead_currency_mismatch"] == 5
+        m.counts.clear()
+        assert m.snapshot() == before            # a dead letter changes nothing
+        assert one(m.map(er("F", "f1", clordid="S1", account="PM1", side="1", last_qty="5",
+                            last_px="2501", currency="JPY")))["instrument"] == 8
 
 
 def test_security_id_with_its_source_names_the_instrument():

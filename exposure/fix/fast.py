@@ -33,7 +33,7 @@ __all__ = ["TAGS", "COL", "FixRun", "RefTables", "frame", "session_flags", "map_
 
 # The tags whose first occurrence the framing kernel locates, and their column.
 TAGS = (34, 35, 43, 97, 49, 56, 37, 17, 150, 39, 54, 11, 41, 1, 55, 48, 22, 38, 44, 32, 31,
-        151, 20, 19)
+        151, 20, 19, 15)
 COL = {t: k for k, t in enumerate(TAGS)}
 NCOL = len(TAGS)
 _COL_OF = np.full(1024, -1, np.int64)
@@ -41,7 +41,7 @@ for _t, _k in COL.items():
     _COL_OF[_t] = _k
 
 (C34, C35, C43, C97, C49, C56, C37, C17, C150, C39, C54, C11, C41, C1, C55, C48, C22, C38,
- C44, C32, C31, C151, C20, C19) = range(NCOL)
+ C44, C32, C31, C151, C20, C19, C15) = range(NCOL)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -314,13 +314,23 @@ def _lookup(buf, off, ln, names, offs, lens, ids, slots):
 
 class RefTables:
     """Hash tables of the reference data's account names and symbols (ASCII names only: a
-    value with other bytes goes to the Python path)."""
+    value with other bytes goes to the Python path), and each instrument's currency code
+    packed as ``c0 | c1 << 8 | c2 << 16`` (``currency``, by instrument id; -1: none), for
+    Currency (15)."""
 
-    __slots__ = ("accounts", "symbols")
+    __slots__ = ("accounts", "symbols", "currency")
 
     def __init__(self, refdata) -> None:
         self.accounts = self._table(refdata.account_ids)
         self.symbols = self._table(refdata.instrument_ids)
+        ins = refdata.instruments
+        self.currency = np.full(max((r.instrument for r in ins), default=-1) + 1, -1,
+                                np.int64)
+        for r in ins:
+            code = refdata.currencies.code(r.currency)
+            if code is not None and len(code) == 3 and code.isascii():
+                b = code.encode()
+                self.currency[r.instrument] = b[0] | b[1] << 8 | b[2] << 16
 
     @staticmethod
     def _table(d: dict) -> tuple:
@@ -439,7 +449,7 @@ def _finished(buf, vo, vl, i):
 
 @numba.njit(cache=True, nogil=True)
 def _map_fields(buf, vo, vl, i0, i1, fix42, secids, et_of, p10,
-                an, ao, al, aid, asl, sn, so_, sl_, sid, ssl,
+                an, ao, al, aid, asl, sn, so_, sl_, sid, ssl, ccy,
                 ok, kind, acct, inst, side, qty, price, fin):
     for i in range(i0, i1):
         r = i - i0
@@ -479,6 +489,13 @@ def _map_fields(buf, vo, vl, i0, i1, fix42, secids, et_of, p10,
             if sym >= 0:
                 ins = _lookup(buf, sym, vl[i, C55], sn, so_, sl_, sid, ssl)
                 if ins < 0:
+                    continue
+            co = vo[i, C15]
+            if co >= 0:  # Currency (15): the instrument's own, else Mapper.map says why
+                if ins < 0 or ins >= ccy.shape[0] or vl[i, C15] != 3:
+                    continue
+                if (np.int64(buf[co]) | np.int64(buf[co + 1]) << 8
+                        | np.int64(buf[co + 2]) << 16) != ccy[ins]:
                     continue
             s = vo[i, C54]
             if s >= 0:
@@ -538,8 +555,8 @@ def map_fields(run: FixRun, i0: int, i1: int, fix42: bool, secids: bool, tables:
     price = np.empty(m, np.float64)
     fin = np.empty(m, np.uint8)
     _map_fields(run.arr, run.vo, run.vl, i0, i1, fix42, secids, _ET, _P10,
-                *tables.accounts, *tables.symbols, ok, kind, acct, inst, side, qty, price,
-                fin)
+                *tables.accounts, *tables.symbols, tables.currency, ok, kind, acct, inst,
+                side, qty, price, fin)
     return ok, kind, acct, inst, side, qty, price, fin
 
 

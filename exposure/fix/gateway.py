@@ -81,15 +81,16 @@ def session_name(scfg) -> str:
     return session_key(scfg)
 
 
-def _refdata_from_bytes(instruments: bytes, accounts: bytes, caps=None):
-    """A RefData of the two CSV files' bytes (as journaled)."""
+def _refdata_from_bytes(instruments: bytes, accounts: bytes, caps=None, currencies=None):
+    """A RefData of the two CSV files' bytes (as journaled); currency codes mapped by the
+    node's ``[currencies]`` (``currencies``)."""
     from exposure.core.refdata import load_refdata
 
     with tempfile.TemporaryDirectory(prefix="exposure-fix-ref-") as d:
         ip, ap = Path(d, "instruments.csv"), Path(d, "accounts.csv")
         ip.write_bytes(instruments)
         ap.write_bytes(accounts)
-        return load_refdata(ip, ap, caps)
+        return load_refdata(ip, ap, caps, currencies=currencies)
 
 
 class GatewayState:
@@ -102,8 +103,9 @@ class GatewayState:
     """
 
     def __init__(self, *, caps=None, dead_limit: int = 1_000_000,
-                 on_dead: Callable[[DeadLetter], None] | None = None):
+                 on_dead: Callable[[DeadLetter], None] | None = None, currencies=None):
         self.caps = caps
+        self.currencies = currencies
         self.dead_limit = dead_limit
         self.on_dead = on_dead
         self.base = 0                 # the exposure seq the session held when it began
@@ -160,7 +162,8 @@ class GatewayState:
 
     def refdata(self):
         if self._refdata is None:
-            self._refdata = _refdata_from_bytes(*self.refdata_bytes, self.caps)
+            self._refdata = _refdata_from_bytes(*self.refdata_bytes, self.caps,
+                                                self.currencies)
         return self._refdata
 
     def _mapper(self, name: str):
@@ -340,7 +343,8 @@ class Gateway:
         self.cfg = cfg
         self.say = say
         self.node_cfg = cfg.node_config()
-        self.state = GatewayState(caps=self.node_cfg.caps, dead_limit=cfg.limits.dead_letters)
+        self.state = GatewayState(caps=self.node_cfg.caps, dead_limit=cfg.limits.dead_letters,
+                                  currencies=self.node_cfg.currencies)
         self.journal: Journal | None = None
         self.producer = None
         self.engine = None
@@ -597,7 +601,7 @@ class Gateway:
         if (ib, ab) == self.state.refdata_bytes:
             return False
         try:
-            _refdata_from_bytes(ib, ab, self.node_cfg.caps)
+            _refdata_from_bytes(ib, ab, self.node_cfg.caps, self.node_cfg.currencies)
         except RefDataError as e:
             raise GatewayError(f"{e} ([gateway] instruments = {str(self.cfg.instruments)!r}"
                                f", accounts = {str(self.cfg.accounts)!r})") from e

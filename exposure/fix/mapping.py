@@ -22,7 +22,11 @@ A 6 E I 7 9 B J K L   nothing, counted (pending new/cancel/replace, order status
 FIX.4.2's ExecTransType (20): 0 new (by ExecType as above), 1 cancel (a bust of ExecRefID's
 trade), 2 correct (bust and fill), 3 status (counted). Side (54): 1 and 3 buy, 2 and 4 sell,
 5 and 6 short. Account (1) through ``accounts.csv``; SecurityID (48) with SecurityIDSource
-(22), else Symbol (55), through ``instruments.csv``.
+(22), else Symbol (55), through ``instruments.csv``. Currency (15), where a new, fill, bust
+or correction has it, must be its instrument's currency code (``instruments.csv``'s
+``currency``; a blank cell or no column: the base currency, SPEC section 7), else the
+report is a dead letter (``currency_mismatch``): its prices would be valued in the wrong
+currency.
 
 **The order key**: each source's orders get order_ids 1, 2, 3, ... in the order they are
 first seen. ``order_key="clordid"`` keys an order by ClOrdID (11) and follows OrigClOrdID
@@ -157,7 +161,7 @@ class MapResult(NamedTuple):
     ``counted`` (the name of a message that maps to nothing on purpose), else ``dead``
     (why it cannot be mapped, for the dead-letter file; ``dead_kind`` is its short name
     for counters: ``unknown_account``, ``unknown_instrument``, ``unknown_exec_ref``,
-    ``bad_field``, ``missing_field``, ``unsupported``)."""
+    ``bad_field``, ``missing_field``, ``unsupported``, ``currency_mismatch``)."""
 
     events: list[dict] = []   # (never mutated: a result with no events shares it)
     counted: str | None = None
@@ -258,6 +262,9 @@ class Mapper:
         self._instrument_of = refdata.instrument_ids.get
         self._secid_of = refdata.security_ids.get
         self._secids = bool(refdata.security_ids)
+        # instrument -> its currency's code (Currency 15 is checked against it)
+        self._ccy = {r.instrument: refdata.currencies.code(r.currency)
+                     for r in refdata.instruments}
         self.source = source
         self.order_key = order_key
         self.begin_string = begin_string
@@ -435,6 +442,9 @@ class Mapper:
                     instrument = self._instrument_of(sym)
                     if instrument is None:
                         return None
+            c15 = get(15)
+            if c15 is not None and c15 != self._ccy.get(instrument):
+                return None
             s = get(54)
             if s is None:
                 if rec is None or rec[5] is None:
@@ -544,6 +554,18 @@ class Mapper:
                                            "accounts.csv)")
         return a
 
+    def _currency(self, m: FixFields, i: int) -> int:
+        """``i``, when the message's Currency (15) is absent or instrument ``i``'s."""
+        c = m.get(15)
+        if c is not None:
+            want = self._ccy.get(i)
+            if c != want:
+                raise _Dead("currency_mismatch",
+                            f"Currency (15) {_show(c)} is not instrument {i}'s currency "
+                            + (f"{want} (instruments.csv)" if want is not None
+                               else "(the instrument is not in instruments.csv)"))
+        return i
+
     def _instrument(self, m: FixFields, fallback: int) -> int:
         sid = m.get(48)
         if sid is not None:
@@ -551,14 +573,14 @@ class Mapper:
             if src is not None:
                 i = self._secid_of((src, sid))
                 if i is not None:
-                    return i
+                    return self._currency(m, i)
         sym = m.get(55)
         if sym is not None:
             i = self._instrument_of(sym)
             if i is not None:
-                return i
+                return self._currency(m, i)
         if sym is None and sid is None and fallback >= 0:
-            return fallback
+            return self._currency(m, fallback)
         what = []
         if sym is not None:
             what.append(f"Symbol (55) {_show(sym)}")

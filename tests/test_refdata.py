@@ -195,9 +195,11 @@ def test_names_added_to_a_document_and_the_rest_unchanged(tmp_path):
     assert got["accounts"] == [{"account": 3, "gross": 1.0, "name": "PM1"},
                                {"account": 5, "gross": 2.0}]
     assert got["instruments"] == [
-        {"instrument": 7, "fund_pos": 1, "symbol": "AAPL", "name": "Apple Inc"},
-        {"instrument": 9, "fund_pos": 2, "symbol": "VOD.L"},
+        {"instrument": 7, "fund_pos": 1, "symbol": "AAPL", "name": "Apple Inc",
+         "currency": "USD"},
+        {"instrument": 9, "fund_pos": 2, "symbol": "VOD.L", "currency": "GBP"},
         {"instrument": 11, "fund_pos": 3}]
+    assert got["base_currency"] == "USD"   # the label of every money figure (SPEC 7)
     assert got["positions"] == [
         {"account": 3, "instrument": 7, "pos": 1, "symbol": "AAPL", "account_name": "PM1"},
         {"account": 5, "instrument": 11, "pos": 3}]
@@ -205,7 +207,12 @@ def test_names_added_to_a_document_and_the_rest_unchanged(tmp_path):
     assert got["counts"] == DOC["counts"]
     # a feed's view has no positions or counts: none are added
     view = {k: DOC[k] for k in ("accounts", "fund", "instruments", "sectors")}
-    assert set(rd.name_document(view)) == set(view)
+    assert set(rd.name_document(view)) == set(view) | {"base_currency"}
+    # with the rates the node published (a desk's or the feed's instrument rows): each
+    # row's currency as published (an id the table does not name: "#id") and its rate
+    got = rd.name_document(DOC, {7: (0, 1.0), 9: (3, 1.27), 11: (5, 0.5)})
+    assert [(r.get("currency"), r.get("rate")) for r in got["instruments"]] == [
+        ("USD", 1.0), ("GBP", 1.27), ("#5", 0.5)]
 
 
 def _render(table) -> str:
@@ -235,6 +242,17 @@ def test_top_shows_account_names_and_symbols_where_known():
     # without names: the bare ids
     text = _render(account_table(acc, 10, None))
     assert "PM1" not in text and " 3 " in text
+    # SPEC 7: the base currency labels the money figures; an instrument row shows its own
+    # currency and rate
+    ccy = Currencies.from_table("EUR", {"JPY": 2})
+    ins["currency"] = [2, 0]
+    ins["rate"] = [0.0061, 1.0]
+    assert "accounts by gross (top 10, EUR)" in _render(account_table(acc, 10, rd, ccy))
+    text = _render(instrument_table(ins, 10, rd, ccy))
+    assert "instruments by crossing (EUR)" in text
+    rows = {line.split()[1]: line for line in text.splitlines() if line.count("│") > 2}
+    assert "JPY" in rows["AAPL"] and "0.0061" in rows["AAPL"]
+    assert "EUR" in rows["9"] and " 1 " in rows["9"]
 
 
 @pytest.mark.process
@@ -264,6 +282,10 @@ def test_dump_names_on_a_live_node(tmp_path):
     assert "name" not in plain["accounts"][0] and "symbol" not in plain["instruments"][0]
     assert named["accounts"][0]["name"] == "PM1"
     assert named["instruments"][0]["symbol"] == "AAPL"
+    # the money figures' currency and the instrument's own, with the rate it was valued at
+    assert named["base_currency"] == "USD" and "base_currency" not in plain
+    assert (named["instruments"][0]["currency"], named["instruments"][0]["rate"]) == \
+        ("USD", 1.0)
     assert named["positions"][0]["account_name"] == "PM1"
     assert {k: v for k, v in named["accounts"][0].items() if k != "name"} == \
         plain["accounts"][0]

@@ -36,7 +36,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -346,12 +346,19 @@ class RefData:
         return out
 
     # --------------------------------------------------------------- documents
-    def name_document(self, doc: dict) -> dict:
+    def name_document(self, doc: dict,
+                      rates: Mapping[int, tuple[int, float]] | None = None) -> dict:
         """A copy of a SPEC document (``exposure dump``, ``watch --json``) with names added:
         ``name`` on account rows; ``symbol`` (and ``name`` where the file has one) on
         instrument rows; ``symbol`` and ``account_name`` on position rows. A row whose id
-        the files do not name gets no key. The input is not changed."""
+        the files do not name gets no key. And the currencies (SPEC section 7):
+        ``base_currency``, the code every money figure is in; on each instrument row its
+        own ``currency`` code and, where ``rates`` (instrument -> (currency id, rate): what
+        the node published) has it, its ``rate``. The input is not changed."""
         out = dict(doc)
+        ccy = self.currencies
+        out["base_currency"] = ccy.base
+        rates = rates or {}
         accs = []
         for r in doc.get("accounts", ()):
             n = self._acc_by_id.get(r.get("account"))
@@ -362,13 +369,18 @@ class RefData:
             ins = []
             for r in doc["instruments"]:
                 row = self._by_id.get(r.get("instrument"))
-                if row is None:
-                    ins.append(r)
-                    continue
-                extra = {"symbol": row.symbol}
-                if row.name:
-                    extra["name"] = row.name
-                ins.append({**r, **extra})
+                extra: dict = {}
+                if row is not None:
+                    extra["symbol"] = row.symbol
+                    if row.name:
+                        extra["name"] = row.name
+                cr = rates.get(r.get("instrument"))
+                if cr is not None:
+                    extra["currency"] = ccy.label(cr[0])
+                    extra["rate"] = cr[1]
+                elif row is not None:
+                    extra["currency"] = ccy.label(row.currency)
+                ins.append({**r, **extra} if extra else r)
             out["instruments"] = ins
         if "positions" in doc:
             pos = []

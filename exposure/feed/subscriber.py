@@ -65,6 +65,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from exposure.core.currency import Currencies
 from exposure.core.jit import entry
 from exposure.core.refdata import RefData
 from exposure.core.types import (
@@ -363,7 +364,7 @@ class Subscriber:
                  accounts: int = 4096, instruments: int = 65536, sectors: int = 256,
                  snapshot_timeout: float = 2.0, backoff: tuple[float, float] = (0.05, 2.0),
                  join_wait: float = 0.25, max_batch: int = 1024, liveness_s: float = 1.0,
-                 names: RefData | None = None):
+                 names: RefData | None = None, currencies: Currencies | None = None):
         if drop_every < 0:
             raise ValueError(f"drop_every = {drop_every}: 0 (off) or N >= 1")
         self.group, self.port, self.interface = group, port, interface
@@ -371,6 +372,10 @@ class Subscriber:
         self.drop_every = drop_every
         self.on_change = on_change
         self.names = names  # symbols and account names ([reference]), or None
+        # The node's [currencies] (SPEC section 7): ``currencies.base`` labels the money
+        # figures, ``currencies.label(row["currency"])`` an instrument row's own currency.
+        self.currencies = currencies or (names.currencies if names is not None
+                                         else Currencies())
         if snapshot_timeout <= 0 or liveness_s <= 0:
             raise ValueError(f"snapshot_timeout {snapshot_timeout}, liveness_s {liveness_s}: "
                              f"both > 0")
@@ -445,7 +450,8 @@ class Subscriber:
         port, interface and recovery server (``snapshot_host``/``snapshot_port``), in a
         pair also ``[replication] peer_snapshot``, its capacities as id bounds, and
         ``liveness_s`` = 10 feed heartbeats (``[fanout] heartbeat_ms``), at least 1 s, and
-        ``names``: the names of its ``[reference]`` files (:attr:`names`), or None."""
+        ``names``: the names of its ``[reference]`` files (:attr:`names`), or None, and
+        ``currencies``: its ``[currencies]`` table."""
         from exposure.config.node import NodeConfig, load_config
 
         cfg = config if isinstance(config, NodeConfig) else load_config(
@@ -460,6 +466,7 @@ class Subscriber:
         kw.setdefault("sectors", cfg.caps.sectors)
         kw.setdefault("liveness_s", max(1.0, 10 * cfg.feed_heartbeat_ms / 1000))
         kw.setdefault("names", cfg.names)
+        kw.setdefault("currencies", cfg.currencies)
         return cls(cfg.group, cfg.fanout_port, cfg.interface, snapshot=servers, **kw)
 
     # ------------------------------------------------------------------------ state
@@ -857,12 +864,14 @@ class Subscriber:
                 f"seq {self.seq} gseq {self.gseq}>")
 
     def describe(self) -> str:
-        """One line: epoch, state, fund gross/net/crossing and the main counters."""
+        """One line: epoch, state, fund gross/net/crossing (labelled with the base
+        currency's code) and the main counters."""
         f = self.fund()
         c = self._ctr
         state = self.state + (" silent" if self.silent else "")
         return (f"epoch {self.epoch} {state:<10} seq {self.seq or 0} gseq {self.gseq} "
-                f"| gross {f['gross']:.2f} net {f['net']:.2f} crossing {f['crossing']:.2f} "
+                f"| {self.currencies.base} gross {f['gross']:.2f} net {f['net']:.2f} "
+                f"crossing {f['crossing']:.2f} "
                 f"| dg {c['datagrams']} inc {c['incrementals']} ref {c['refreshes']} "
                 f"hb {c['heartbeats']} gaps {c['gaps']} rec {c['recoveries']} "
                 f"epochs {c['epoch_changes']} stale {c['stale_epoch']} "

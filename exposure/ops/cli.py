@@ -779,13 +779,21 @@ def _cmd_dump(args: argparse.Namespace) -> int:
     try:
         with Desk(cfg.name) as desk:
             doc = desk.document()
+            ins = desk.instruments() if args.names else None
     except (FileNotFoundError, TimeoutError) as e:
         return _fail(str(e))
     if args.names:
-        doc = cfg.names.name_document(doc)
+        doc = cfg.names.name_document(doc, _rates(ins))
     opt = 0 if args.compact else orjson.OPT_INDENT_2
     sys.stdout.buffer.write(orjson.dumps(doc, option=opt) + b"\n")
     return 0
+
+
+def _rates(ins: np.ndarray) -> dict[int, tuple[int, float]]:
+    """instrument -> (currency id, rate) of instrument rows (a desk's or the feed's)."""
+    return dict(zip(ins["instrument"].tolist(),
+                    zip(ins["currency"].tolist(), ins["rate"].tolist(), strict=True),
+                    strict=True))
 
 
 def _cmd_consolidate(args: argparse.Namespace) -> int:
@@ -881,7 +889,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         if args.json:
             view = sub.document()
             if args.names:
-                view = sub.names.name_document(view)
+                view = sub.names.name_document(view, _rates(sub.instruments))
             sys.stdout.buffer.write(orjson.dumps(view) + b"\n")
             sys.stdout.flush()
         state, why = sub.state, sub.last_snapshot_error

@@ -14,7 +14,10 @@ Every second it redraws, from read-only sources only:
   against each other in it) and the sectors, from the desk's published rows
   (:class:`exposure.engine.desk.Desk`: never waits for the node). Accounts and
   instruments show their names (account names, symbols) where the config's
-  ``[reference]`` files name them, else their bare ids.
+  ``[reference]`` files name them, else their bare ids. Money figures are in the base
+  currency (SPEC section 7), whose code (``[currencies] base``) every table's title
+  names; an instrument row shows its own currency's code and rate (its ``ref price`` is
+  in that currency).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections import deque
 import numpy as np
 
 from exposure.config.node import NodeConfig
+from exposure.core.currency import Currencies
 from exposure.core.refdata import RefData
 
 __all__ = ["Top", "run", "account_table", "instrument_table", "account_label",
@@ -127,17 +131,18 @@ class Top:
                     f"restarts {c['restarts_total']}")
         head.append("\n" + self.day_line(), style="bold")
         fund = self.desk.fund()
-        ft = Table(title="fund", expand=True)
+        ccy = self.cfg.currencies
+        ft = Table(title=f"fund ({ccy.base})", expand=True)
         for k in ("gross", "net", "long_mv", "short_mv", "crossing", "worst_gross", "margin",
                   "pnl", "live_orders"):
             ft.add_column(k, justify="right")
         ft.add_row(*[(f"{fund[k]:,}" if k == "live_orders" else _money(fund[k]))
                      for k in ("gross", "net", "long_mv", "short_mv", "crossing",
                                "worst_gross", "margin", "pnl", "live_orders")])
-        at = account_table(self.desk.accounts(), self.rows, self.cfg.names)
-        it = instrument_table(self.desk.instruments(), self.rows, self.cfg.names)
+        at = account_table(self.desk.accounts(), self.rows, self.cfg.names, ccy)
+        it = instrument_table(self.desk.instruments(), self.rows, self.cfg.names, ccy)
         sec = self.desk.sectors()
-        st = Table(title="sectors", expand=True)
+        st = Table(title=f"sectors ({ccy.base})", expand=True)
         for k in ("sector", "net mv", "gross mv"):
             st.add_column(k, justify="right")
         for r in sec[np.argsort(-np.abs(sec["gross_mv"]))][:self.rows]:
@@ -157,12 +162,19 @@ def instrument_label(instrument: int, names: RefData | None) -> str:
     return str(instrument) if s is None else s
 
 
-def account_table(acc: np.ndarray, rows: int, names: RefData | None = None):
+def _ccy(names: RefData | None, ccy: Currencies | None) -> Currencies:
+    return ccy or (names.currencies if names is not None else Currencies())
+
+
+def account_table(acc: np.ndarray, rows: int, names: RefData | None = None,
+                  ccy: Currencies | None = None):
     """The accounts with the largest gross (rows of ``Desk.accounts()``), breaches in red,
-    each named where ``names`` knows it (a rich Table)."""
+    each named where ``names`` knows it; the title names the base currency of ``ccy``
+    (default: ``names``', else USD) (a rich Table)."""
     from rich.table import Table
 
-    at = Table(title=f"accounts by gross (top {rows})", expand=True)
+    base = _ccy(names, ccy).base
+    at = Table(title=f"accounts by gross (top {rows}, {base})", expand=True)
     for k in ("account", "gross", "net", "open buy", "open sell", "pnl", "breach"):
         at.add_column(k, justify="right")
     for r in acc[np.argsort(-acc["gross"])][:rows]:
@@ -174,20 +186,26 @@ def account_table(acc: np.ndarray, rows: int, names: RefData | None = None):
     return at
 
 
-def instrument_table(ins: np.ndarray, rows: int, names: RefData | None = None):
+def instrument_table(ins: np.ndarray, rows: int, names: RefData | None = None,
+                     ccy: Currencies | None = None):
     """The instruments with the largest crossing (rows of ``Desk.instruments()``), each by
-    its symbol where ``names`` knows it (a rich Table)."""
+    its symbol where ``names`` knows it; the title names the base currency (the money
+    columns'), each row its own currency's code and rate (``ref price`` is in it) (a rich
+    Table)."""
     from rich.table import Table
 
+    c = _ccy(names, ccy)
     cross = ins["gross_mv"] - np.abs(ins["net_mv"])
-    it = Table(title="instruments by crossing", expand=True)
-    for k in ("instrument", "crossing", "fund pos", "net mv", "gross mv", "ref price"):
+    it = Table(title=f"instruments by crossing ({c.base})", expand=True)
+    for k in ("instrument", "crossing", "fund pos", "net mv", "gross mv", "ref price", "ccy",
+              "rate"):
         it.add_column(k, justify="right")
     for k in np.argsort(-cross)[:rows]:
         r = ins[k]
         it.add_row(instrument_label(int(r["instrument"]), names), _money(cross[k]),
                    f"{int(r['fund_pos']):,}", _money(r["net_mv"]), _money(r["gross_mv"]),
-                   f"{r['ref_price']:,.2f}")
+                   f"{r['ref_price']:,.2f}", c.label(int(r["currency"])),
+                   f"{float(r['rate']):.6g}")
     return it
 
 

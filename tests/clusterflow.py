@@ -3,6 +3,8 @@ account and source in one partition) and mark every instrument before any other 
 names it, the conditions under which the cluster's document equals replay of the whole
 stream (SPEC section 5). Optionally some ``new`` and ``fill`` events are misrouted (the
 account in another partition than the source): each must be rejected as wrong_partition.
+Optionally (``currencies``) the instruments are quoted in several currencies and ``fx``
+events move their rates throughout (SPEC section 7: every partition sees every fx).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from exposure.core.types import (
     T_CANCEL,
     T_DONE,
     T_FILL,
+    T_FX,
     T_INSTRUMENT,
     T_LIMIT,
     T_MARK,
@@ -40,10 +43,13 @@ def three_partitions() -> PartitionMap:
 
 
 def cluster_stream(seed: int, pmap: PartitionMap, n: int = 20_000, instruments: int = 300,
-                   accounts: int = 40, misroute: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                   accounts: int = 40, misroute: float = 0.0, currencies: int = 0,
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """(records, misrouted): ``n`` events after the reference data, marks, limits and
     start-of-day book; ``misrouted`` is a boolean mask of the events sent with an account
-    of another partition than their source."""
+    of another partition than their source. ``currencies`` > 0: each instrument in one of
+    the base currency and currencies 1..``currencies``, a first fx of each after the
+    marks, and one event in 100 of the stream an fx that moves a rate by up to 0.5%."""
     rng = np.random.default_rng(seed)
     P = pmap.partitions
     accs = [rng.choice(np.flatnonzero(pmap.acc_owner == k), accounts, replace=False)
@@ -59,11 +65,18 @@ def cluster_stream(seed: int, pmap: PartitionMap, n: int = 20_000, instruments: 
         bad.append(wrong)
 
     for i in inst.tolist():
-        emit({"type": T_INSTRUMENT, "instrument": i, "x0": float(rng.choice([1.0, 50.0])),
-              "x1": float(rng.uniform(0, 0.5)), "x2": float(rng.uniform(-1, 2)),
-              "sector": int(rng.integers(0, 12))})
+        e = {"type": T_INSTRUMENT, "instrument": i, "x0": float(rng.choice([1.0, 50.0])),
+             "x1": float(rng.uniform(0, 0.5)), "x2": float(rng.uniform(-1, 2)),
+             "sector": int(rng.integers(0, 12))}
+        if currencies:
+            e["qty"] = int(rng.integers(0, currencies + 1))  # SPEC 7: its currency
+        emit(e)
     for i in inst.tolist():
         emit({"type": T_MARK, "instrument": i, "price": price[i]})
+    rate = {c: float(rng.choice([1.08, 0.0067, 1.27, 0.74, 0.11])) * rng.uniform(0.9, 1.1)
+            for c in range(1, currencies + 1)}
+    for c, x in rate.items():
+        emit({"type": T_FX, "qty": c, "price": x})
     for k in range(P):
         for a in accs[k][:accounts // 2].tolist():
             emit({"type": T_LIMIT, "account": a, "x0": float(rng.uniform(1e5, 1e7)),
@@ -80,6 +93,11 @@ def cluster_stream(seed: int, pmap: PartitionMap, n: int = 20_000, instruments: 
     dead: list[tuple] = []
     next_oid = {}
     for _ in range(n):
+        if currencies and rng.random() < 0.01:
+            c = int(rng.integers(1, currencies + 1))
+            rate[c] *= rng.uniform(0.995, 1.005)
+            emit({"type": T_FX, "qty": c, "price": rate[c]})
+            continue
         u = rng.random()
         k = int(rng.integers(0, P))
         if u < 0.35 or not live:

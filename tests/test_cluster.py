@@ -17,6 +17,7 @@ from exposure.core.types import (
     R_WRONG_PARTITION,
     T_CANCEL,
     T_FILL,
+    T_FX,
     T_INSTRUMENT,
     T_LIMIT,
     T_MARK,
@@ -46,17 +47,19 @@ def test_each_event_goes_where_the_map_says():
         _rec(type=T_FILL, source=8, account=2048),
         _rec(type=T_POSITION, account=3000, source=1),  # position, limit: by account
         _rec(type=T_LIMIT, account=12),
-        _rec(type=T_MARK, instrument=7),              # mark, instrument: everyone
+        _rec(type=T_MARK, instrument=7),              # mark, instrument, fx: everyone
         _rec(type=T_INSTRUMENT, instrument=7),
+        _rec(type=T_FX, qty=2, price=1.1),
         _rec(type=0),                                  # no valid type: the first partition
         _rec(type=99, source=9),
         _rec(type=T_NEW, source=500, account=3000),    # an id the map leaves out: the first
         _rec(type=T_REPLACE, source=5000),             # beyond the map: the first
     ])
-    assert route(recs, pm).tolist() == [1, 0, 1, 1, 0, ALL, ALL, 0, 0, 0, 0]
+    assert route(recs, pm).tolist() == [1, 0, 1, 1, 0, ALL, ALL, ALL, 0, 0, 0, 0]
     parts = split(recs, pm)
-    assert [len(p) for p in parts] == [8, 5]
-    assert parts[1]["type"].tolist() == [T_NEW, T_FILL, T_POSITION, T_MARK, T_INSTRUMENT]
+    assert [len(p) for p in parts] == [9, 6]
+    assert parts[1]["type"].tolist() == [T_NEW, T_FILL, T_POSITION, T_MARK, T_INSTRUMENT,
+                                         T_FX]
 
 
 def test_a_partition_marks_what_it_does_not_own():
@@ -68,11 +71,12 @@ def test_a_partition_marks_what_it_does_not_own():
         _rec(type=T_CANCEL, source=9),
         _rec(type=T_LIMIT, account=2048),
         _rec(type=T_MARK, instrument=3),               # everyone's
+        _rec(type=T_FX, qty=1, price=0.5, source=9, account=3000),  # everyone's
         _rec(type=T_NEW, source=1, account=3000, reject=R_BAD_FIELD),  # decided already
         _rec(type=T_CANCEL, source=1, reject=R_WRONG_PARTITION),  # a client's claim
     ])
     assert mark(recs, pm, 0) == 4
-    assert recs["reject"].tolist() == [0, 8, 8, 8, 8, 0, R_BAD_FIELD, R_BAD_FIELD]
+    assert recs["reject"].tolist() == [0, 8, 8, 8, 8, 0, 0, R_BAD_FIELD, R_BAD_FIELD]
 
 
 def test_wrong_partition_comes_after_out_of_range_and_before_the_order_rules():
@@ -101,12 +105,15 @@ def test_a_map_gives_each_id_at_most_one_partition():
     assert three_partitions().describe(1) == "accounts 1000-2999, 4095, sources 4-9, 1000"
 
 
-@pytest.mark.parametrize("pmap,seed", [(two_partitions, 11), (two_partitions, 12),
-                                       (three_partitions, 13)])
-def test_the_cluster_equals_replay_of_the_whole_stream(pmap, seed):
+@pytest.mark.parametrize("pmap,seed,ccy", [(two_partitions, 11, 0), (two_partitions, 12, 4),
+                                           (three_partitions, 13, 3)])
+def test_the_cluster_equals_replay_of_the_whole_stream(pmap, seed, ccy):
+    """(``ccy``: instruments in that many currencies besides the base, with moving rates:
+    SPEC section 7, every partition sees every fx and the cluster counts it once.)"""
     print(f"seed {seed}")
     pm = pmap()
-    recs, _ = cluster_stream(seed, pm)
+    recs, _ = cluster_stream(seed, pm, currencies=ccy)
+    assert (recs["type"] == T_FX).sum() > (150 if ccy else -1)
     want = document(replay_records(recs))
     got = replay_cluster(recs, pm)
     assert compare_documents(got, want) == []
@@ -131,18 +138,26 @@ def test_misrouted_events_are_rejected_and_change_nothing_else():
     assert compare_documents(got, want) == []
 
 
-def test_marks_and_instruments_count_once():
+def test_marks_instruments_and_fx_count_once():
     pm = three_partitions()
     recs = np.concatenate([_rec(type=T_MARK, instrument=1, price=2.0),
                            _rec(type=T_MARK, instrument=1, price=-1.0),       # bad_field
                            _rec(type=T_MARK, instrument=70000, price=1.0),   # out_of_range
                            _rec(type=T_INSTRUMENT, instrument=1, x0=2.0, x1=0.1, x2=1.0,
-                                sector=3)])
+                                sector=3, qty=2),
+                           _rec(type=T_FX, qty=2, price=0.5),               # SPEC 7
+                           _rec(type=T_FX, qty=0, price=0.5),               # bad_field
+                           _rec(type=T_FX, qty=256, price=0.5),             # out_of_range
+                           _rec(type=T_POSITION, account=5, instrument=1, qty=10)])
     views = [state_view(replay_partition(recs, pm, k)) for k in range(3)]
-    assert all(v.document["counts"]["accepted"] == 2 for v in views)
-    assert compose(views, pm)["counts"] == document(replay_records(recs))["counts"] == {
-        "accepted": 2, "rejected": 2, "late_fills": 0, "busts": 0, "rolls": 0,
-        "rejects": {"bad_field": 1, "out_of_range": 1}}
+    assert [v.document["counts"]["accepted"] for v in views] == [4, 3, 3]  # p0: the position
+    got = compose(views, pm)
+    assert got["counts"] == document(replay_records(recs))["counts"] == {
+        "accepted": 4, "rejected": 4, "late_fills": 0, "busts": 0, "rolls": 0,
+        "rejects": {"bad_field": 2, "out_of_range": 2}}
+    # every partition holds the rate; the fund's net long is valued at it (10 x 2 x 2 x 0.5)
+    assert all(v.rates == {1: 0.5} for v in views)
+    assert got["fund"]["net_long_mv"] == 20.0 == got["fund"]["gross"]
 
 
 def test_a_node_config_names_its_partition(tmp_path):

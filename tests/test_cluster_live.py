@@ -1,12 +1,16 @@
 """A cluster of live partition nodes (SPEC section 5): `exposure send --cluster` routes a
 seeded stream, each partition's ingest rejects what it does not own, and the composed
-document (`exposure dump --cluster`) equals replay of the whole stream."""
+document (`exposure dump --cluster`) equals replay of the whole stream. The streams quote
+instruments in several currencies and move the rates throughout (SPEC section 7): every
+partition applies every fx, the cluster counts it once, through a kill -9, a restart and a
+pair's failover."""
 
 import os
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import orjson
 import pytest
 
@@ -67,6 +71,18 @@ def _converged(c: LocalCluster, want: dict):
         return sub.counters
 
 
+def _rates_agree(c: LocalCluster, recs) -> None:
+    """The consolidator's instrument rows carry each instrument's currency and its rate as
+    replay has them (SPEC section 7: every partition saw every fx)."""
+    st = replay_records(recs)
+    with Desk(c.cons_name) as desk:
+        ins = desk.instruments()
+    cur = st.inst["currency"][ins["instrument"]]
+    assert (ins["currency"] == cur).all() and (cur != 0).any()
+    assert (ins["rate"] == st.rate[cur]).all()
+    assert len(np.unique(ins["rate"])) > 2
+
+
 def test_three_partitions_and_the_consolidator_through_its_restart(tmp_path):
     """Three partitions. The consolidator's segment and feed equal the composed document,
     which equals replay of the whole stream; killed (-9) and restarted mid-stream (then
@@ -89,7 +105,7 @@ def test_three_partitions_and_the_consolidator_through_its_restart(tmp_path):
 
 def _consolidator_through_a_restart(two: LocalCluster, tmp_path, seed: int) -> None:
     pm = two.cluster.pmap
-    recs, _ = cluster_stream(seed, pm, n=6_000)
+    recs, _ = cluster_stream(seed, pm, n=6_000, currencies=3)
     half = len(recs) // 2
     two.start_consolidator()
     two.send(recs[:half])
@@ -104,6 +120,7 @@ def _consolidator_through_a_restart(two: LocalCluster, tmp_path, seed: int) -> N
     want = document(replay_records(recs))
     assert compare_documents(two.dump(), want) == []
     _converged(two, want)
+    _rates_agree(two, recs)
     watched = orjson.loads(_cli("watch", "--config", str(two.cons_config), "--seconds",
                                 "1.5", "--json"))  # as one node's feed
     assert compare_documents(watched, _cluster_rows(want)) == []
@@ -135,7 +152,7 @@ def test_misrouted_events_a_restart_and_a_pair_failover_leave_the_cluster_exact(
         c.start()
         c.start_consolidator()
         pm = c.cluster.pmap
-        recs, bad = cluster_stream(seed, pm, n=12_000, misroute=0.01)
+        recs, bad = cluster_stream(seed, pm, n=12_000, misroute=0.01, currencies=4)
         half = len(recs) // 2
         c.send(recs[:half])
         _applied(c, recs[:half])
@@ -163,6 +180,7 @@ def test_misrouted_events_a_restart_and_a_pair_failover_leave_the_cluster_exact(
             assert compare_documents(mine, document(replay_partition(recs, pm, k))) == []
         assert "partition p0 of" in c.nodes[0].log.read_text()  # its banner: what it owns
         _converged(c, want)
+        _rates_agree(c, recs)
     finally:
         c.stop()
         etcd.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 
 import pytest
 
@@ -336,6 +337,28 @@ def test_loads_through_a_node_equal_replay_and_rejects_name_their_lines(tmp_path
                 assert f"{f} line {line}: rejected: unauthorized" in err
             sent += [e for e, line in zip(load.events, load.lines, strict=True)
                      if line not in rejected]
+        # a feed of fx events through a session (SPEC section 7), one event per send, the
+        # rates moving: the node takes them as any event
+        from exposure.config import load_config
+        from exposure.net.producer import Producer
+
+        rng = random.Random(29)
+        rate = {1: 1.08, 3: 1.27}
+        feed = []
+        for _ in range(200):
+            c = rng.choice((1, 3))
+            rate[c] *= rng.uniform(0.995, 1.005)
+            feed.append({"type": "fx", "currency": c, "rate": rate[c]})
+        p = Producer(load_config(node.config), 256, secret=b"0123456789abcdef0123")
+        try:
+            for e in feed:
+                p.send(e)
+            p.flush(60)
+            assert p.acked == p.sent
+            assert not [r for ack in p.results(timeout=0.1) for r in ack.rejected]
+        finally:
+            p.close(10)
+        sent += feed
         want = document(replay_records(parse_events(
             "\n".join(map(json.dumps, sent)).encode())))
         assert compare_documents(node.dump(False), want) == []

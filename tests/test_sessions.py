@@ -47,6 +47,7 @@ secret = "{SECRET[3].decode()}"
 instrument = true
 mark = true
 limit = true
+fx = true
 accounts = "all"
 """
 
@@ -61,8 +62,9 @@ def test_a_sessions_file_gives_each_session_its_secret_and_entitlements(tmp_path
     e = Entitlements.of(specs, 8, 4096, 1024)
     assert e.allows(1, "source", 1) and not e.allows(1, "source", 2)
     assert [a for a in range(4096) if e.allows(1, "account", a)] == [10, 11, 12]
-    assert not any(e.allows(1, f) for f in ("instrument", "mark", "limit"))
+    assert not any(e.allows(1, f) for f in ("instrument", "mark", "limit", "fx"))
     assert e.allows(3, "account", 4095) and not e.allows(3, "source", 0)
+    assert e.allows(3, "fx") and not e.allows(3, "roll")
     assert not e.allows(5, "account", 10)  # not configured: nothing
 
 
@@ -202,8 +204,9 @@ def test_a_wrong_secret_a_replayed_login_and_an_unknown_session_are_refused(node
 @pytest.mark.process
 def test_records_outside_the_entitlements_are_unauthorized_and_never_applied(node, tmp_path):
     ref = [{"type": "instrument", "instrument": 5, "multiplier": 1.0, "margin_rate": 0.1,
-            "beta": 1.0, "sector": 1},
+            "beta": 1.0, "sector": 1, "currency": 1},
            {"type": "mark", "instrument": 5, "price": 10.0},
+           {"type": "fx", "currency": 1, "rate": 1.1},
            {"type": "limit", "account": 10, "gross": 1e9}]
     res = send_records("127.0.0.1", node.port, _events(ref, 1), session=3,
                        secret=SECRET[3])
@@ -221,6 +224,7 @@ def test_records_outside_the_entitlements_are_unauthorized_and_never_applied(nod
                "side": "buy", "qty": 100, "price": 10.0},       # bravo's source
               {"type": "cancel", "source": 2, "order_id": 3},
               {"type": "mark", "instrument": 5, "price": 99.0},  # no mark entitlement
+              {"type": "fx", "currency": 1, "rate": 9.0},        # no fx entitlement
               {"type": "instrument", "instrument": 5, "multiplier": 7.0, "margin_rate": 0.1,
                "beta": 1.0, "sector": 1},
               {"type": "limit", "account": 10, "gross": 1.0},

@@ -86,6 +86,40 @@ def test_a_bad_config_is_a_clear_error_naming_the_key(tmp_path, text, message):
     assert message in str(e.value)
 
 
+def test_the_currencies_table_names_the_base_and_the_others_ids(tmp_path):
+    """SPEC section 7: [currencies] base (id 0) and the others' ids; default USD alone."""
+    assert load_config().currencies.base == "USD" and load_config().currencies.ids == {}
+    c = _cfg(tmp_path, '[currencies]\nbase = "EUR"\nids = { JPY = 2, USD = 1, CNH = 9 }\n'
+             ).currencies
+    assert c.base == "EUR" and c.id_of("EUR") == 0 and c.id_of("CNH") == 9
+    assert c.codes == {0: "EUR", 1: "USD", 2: "JPY", 9: "CNH"} and c.id_of("GBP") is None
+    assert c.label(9) == "CNH" and c.label(200) == "#200"
+    assert "[currencies]" in DEFAULT_TOML
+
+
+@pytest.mark.parametrize("text,message", [
+    ('base = "usd"', "currencies.base = 'usd': a currency code, three capital letters"),
+    ('base = "US"', "currencies.base = 'US'"),
+    ("base = 840", "currencies.base = 840: expected str"),
+    ("ids = { EUR = 0 }", "currencies.ids.EUR = 0: an id 1..255 (0 is the base currency, "
+                          "USD)"),
+    ("ids = { EUR = 256 }", "currencies.ids.EUR = 256: an id 1..255"),
+    ("ids = { EUR = 1.5 }", "currencies.ids.EUR = 1.5: an id 1..255"),
+    ("ids = { EUR = true }", "currencies.ids.EUR = True: an id 1..255"),
+    ("ids = { EUR = 1, GBP = 1 }", "currencies.ids.GBP = 1: id 1 is EUR's too"),
+    ("ids = { USD = 3 }", "currencies.ids.USD: USD is the base currency, whose id is "
+                          "always 0"),
+    ("ids = { Euro = 3 }", "currencies.ids: 'Euro' is not a currency code"),
+    ('ids = { "E1R" = 3 }', "currencies.ids: 'E1R' is not a currency code"),
+    ("ids = [1, 2]", "currencies.ids = [1, 2]: expected dict"),
+    ("rates = { EUR = 1.1 }", "unknown key currencies.rates (allowed: base, ids)"),
+])
+def test_a_bad_currencies_table_is_a_clear_error(tmp_path, text, message):
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp_path, f"[currencies]\n{text}\n")
+    assert message in str(e.value)
+
+
 @pytest.mark.skipif(len(CPUS) < 2, reason="needs two CPUs")
 def test_two_spinners_on_one_core_are_refused(tmp_path):
     c = CPUS[0]

@@ -168,6 +168,7 @@ class WebApp:
         """Every period: one tick of the book, offered to every client."""
         next_t = time.monotonic()
         beat = 0.0
+        was_stale = None
         while True:
             next_t += self.period
             await asyncio.sleep(max(0.0, next_t - time.monotonic()))
@@ -179,9 +180,11 @@ class WebApp:
                 if not self.clients:
                     self.book.take()
                     continue
-                tick = self.book.take()
+                stale = self.book.stale()
+                flipped, was_stale = stale != was_stale, stale
+                tick = self.book.take(fresh_meta=flipped)
                 now = time.monotonic()
-                if tick.empty and not tick.reset and now - beat < 1.0:
+                if tick.empty and not tick.reset and not flipped and now - beat < 1.0:
                     continue  # nothing moved: the node line once a second (a heartbeat)
                 beat = now
                 for c in list(self.clients):

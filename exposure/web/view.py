@@ -48,7 +48,7 @@ ACCOUNT_COLUMNS = ("account", "name", "gross", "net", "long_mv", "short_mv", "wo
                    "margin", "beta_net", "pnl", "live_orders", "open_buy_mv", "open_sell_mv",
                    "breach", "limits")
 INSTRUMENT_COLUMNS = ("instrument", "symbol", "crossing", "fund_pos", "net_mv", "gross_mv",
-                      "ref_price", "open_buy", "open_sell", "sector")
+                      "ref_price", "currency", "rate", "open_buy", "open_sell", "sector")
 SECTOR_COLUMNS = ("sector", "net_mv", "gross_mv")
 POSITION_COLUMNS = ("instrument", "symbol", "pos", "open_buy", "open_sell", "pnl")
 
@@ -225,15 +225,20 @@ class Book:
 
             day = date_text(trading_day(self.cfg.roll_schedule, self.clock()))
         return {"node": self.cfg.name, "role": role, "epoch": int(sub.epoch),
+                "base_currency": sub.currencies.base,  # SPEC 7: every money figure's
                 "trading_day": day, "last_roll": last_roll, "feed": state,
                 "silent_s": round(silent_for, 2), "gaps": sub.counters["gaps"],
                 "stale": bool(stale), "stale_why": "; ".join(stale),
                 "positions": desk is not None, "limits": desk is not None,
                 "time_ns": time.time_ns()}
 
-    def _meta_bytes(self) -> bytes:
+    def stale(self) -> bool:
+        """Whether the page should say stale now (the cheap test of :meth:`meta`)."""
+        return self.sub.silent_for > STALE_S or self.sub.state != "live"
+
+    def _meta_bytes(self, fresh: bool = False) -> bytes:
         now = time.monotonic()
-        if not self._meta or now - self._meta_at >= 0.25:
+        if fresh or not self._meta or now - self._meta_at >= 0.25:
             self._meta = orjson.dumps(self.meta())
             self._meta_at = now
         return self._meta
@@ -267,8 +272,10 @@ class Book:
         ids = ids[t["kind"][ids] != 0]
         r = t[ids]
         lookup = self.names.symbol if self.names is not None else None
+        label = self.sub.currencies.label  # the instrument's own currency, by its code
         cols = {"instrument": ids.tolist(), "symbol": _named(ids, lookup),
-                "crossing": (r["gross_mv"] - np.abs(r["net_mv"])).tolist()}
+                "crossing": (r["gross_mv"] - np.abs(r["net_mv"])).tolist(),
+                "currency": [label(c) for c in r["currency"].tolist()]}
         for c in INSTRUMENT_COLUMNS:
             if c not in cols:
                 cols[c] = r[c].tolist()
@@ -318,10 +325,11 @@ class Book:
             out["rows"] = _rows_of([cols[c] for c in POSITION_COLUMNS])
         return orjson.dumps(out).decode()
 
-    def take(self) -> Tick:
-        """What moved since the last call, as a :class:`Tick` (the conflation point)."""
+    def take(self, fresh_meta: bool = False) -> Tick:
+        """What moved since the last call, as a :class:`Tick` (the conflation point);
+        ``fresh_meta``: the node line read now (else at most 0.25 s old)."""
         d = self._dirty
-        meta = self._meta_bytes()
+        meta = self._meta_bytes(fresh_meta)
         reset, self._reset = self._reset, False
         feed_ns, self._feed_ns = tuple(self._feed_ns), [0, 0]
         if reset:

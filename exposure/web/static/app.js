@@ -8,9 +8,9 @@ const LABELS = {
   long_mv: "long", short_mv: "short", worst_gross: "worst gross", beta_net: "beta net",
   live_orders: "live orders", open_buy_mv: "open buy", open_sell_mv: "open sell",
   net_mv: "net mv", gross_mv: "gross mv", ref_price: "ref price", fund_pos: "fund pos",
-  open_buy: "open buy", open_sell: "open sell", pnl: "P&L",
+  open_buy: "open buy", open_sell: "open sell", pnl: "P&L", currency: "ccy",
 };
-const TEXT = new Set(["name", "symbol"]);          // left-aligned, not numbers
+const TEXT = new Set(["name", "symbol", "currency"]);  // left-aligned, not numbers
 const IDS = new Set(["account", "instrument", "sector"]);
 const HIDDEN = new Set(["limits"]);                // used by the breach flags, not shown
 const INTS = new Set(["live_orders", "fund_pos", "open_buy", "open_sell", "pos", "breach"]);
@@ -38,6 +38,7 @@ function fmt(col, v) {
   if (v === null || v === undefined) return "";
   if (typeof v !== "number") return String(v);
   if (IDS.has(col) || col === "epoch") return String(v);
+  if (col === "rate") return v.toPrecision(6);     // a currency's rate: 0.00670000
   if (INTS.has(col)) return v.toLocaleString("en-US");
   return v.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 });
 }
@@ -136,6 +137,7 @@ function renderMeta() {
   $("epoch").dataset.value = String(m.epoch ?? "");
   $("day").textContent = m.trading_day ?? (m.last_roll ? `rolled ${m.last_roll}` : "no schedule");
   $("day").dataset.value = m.trading_day ?? "";
+  $("base").textContent = m.base_currency ?? "-";  // the money figures' currency (SPEC 7)
   checkStale();
 }
 

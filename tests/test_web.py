@@ -289,6 +289,9 @@ def test_a_pm_receives_only_their_accounts_and_the_fund_level_tables(node, serve
         assert r["symbol"] == (f"SYM{i}" if i % 3 == 0 and i < 400 else None), i
     assert snap["meta"]["role"] == "primary" and snap["meta"]["epoch"] >= 1
     assert not snap["meta"]["stale"]
+    # SPEC 7: the money figures' currency; each instrument's own and its rate (base here)
+    assert snap["meta"]["base_currency"] == "USD"
+    assert {(r["currency"], r["rate"]) for r in ins.values()} == {("USD", 1.0)}
 
 
 @pytest.mark.process

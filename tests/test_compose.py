@@ -66,6 +66,8 @@ def _randomize(rng, tabs, ids):
             t[i]["multiplier"] = [1.0, 50.0, 0.01][k]
             t[i]["sector"] = k
             t[i]["send_ns"] = rng.integers(1, 10**9)
+            t[i]["currency"] = i % 4            # SPEC 7: every partition has the same
+            t[i]["rate"] = (1.0, 1.08, 0.0067, 1.27)[i % 4]
 
 
 @pytest.mark.parametrize("seed", [int(os.environ.get("EXPOSURE_SEED", 0)) or 5, 6])
@@ -91,8 +93,10 @@ def test_instruments_and_the_fund_s_crossing_equal_the_model(seed):
             priced = [float(r["ref_price"]) for r in rows if r["ref_price"] != 0.0]
             assert o["ref_price"] == (priced[0] if priced else 0.0)
             assert o["multiplier"] == (float(rows[0]["multiplier"]) if rows else 0.0)
+            assert (o["currency"], o["rate"]) == ((int(rows[0]["currency"]),
+                                                   float(rows[0]["rate"])) if rows else (0, 0))
             assert o["net_mv"] == pytest.approx(o["fund_pos"] * o["ref_price"]
-                                                * o["multiplier"])
+                                                * o["multiplier"] * o["rate"])
             assert o["send_ns"] == max((int(r["send_ns"]) for r in rows), default=0)
             assert (o["kind"], o["instrument"], o["gseq"], o["compute_ns"]) == \
                 (ROW_INSTRUMENT, i, step + 1, 77)

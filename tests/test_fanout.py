@@ -196,7 +196,8 @@ def test_the_refresh_cycle_resends_every_published_row_that_ever_moved():
         assert seen[(ROW_ACCOUNT, 2)]["session"] == 0xFFFFFFFF  # no event tags a refresh
         # reserved bytes are zero, whatever row the buffer held before
         assert not seen[(ROW_SECTOR, 3)].tobytes()[80:].strip(b"\0")
-        assert not seen[(ROW_INSTRUMENT, 5)].tobytes()[136:].strip(b"\0")
+        assert (ins["rate"], ins["currency"]) == (1.0, 0)  # SPEC 7: the base currency
+        assert not seen[(ROW_INSTRUMENT, 5)].tobytes()[152:].strip(b"\0")
     finally:
         fo.close()
         rx.close()

@@ -354,7 +354,7 @@ INSTRUMENT_ROW_DTYPE = _row("instrument", [
     ("open_sell", "<i8", 80), ("net_mv", "<f8", 88), ("gross_mv", "<f8", 96),
     ("multiplier", "<f8", 104), ("margin_rate", "<f8", 112), ("beta", "<f8", 120),
     ("sector", "<i4", 128), ("marked", "<i4", 132), ("rate", "<f8", 136),
-    ("currency", "<i4", 144)])
+    ("currency", "<i8", 144)])  # (a whole word: the subscriber's merge compares words)
 # Sector rows (kind 4).
 SECTOR_ROW_DTYPE = _row("sector", [("net_mv", "<f8", 64), ("gross_mv", "<f8", 72)])
 ROW_DTYPES = {ROW_ACCOUNT: UPDATE_DTYPE, ROW_FUND: UPDATE_DTYPE,

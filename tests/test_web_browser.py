@@ -6,6 +6,7 @@ stopped. ``EXPOSURE_WEB_SCREENSHOT=FILE`` saves the risk user's page (docs/web.p
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -224,7 +225,9 @@ def test_a_pm_never_receives_another_pm_s_rows(node, web, browser):
     for e in browser.get_log("performance"):
         m = json.loads(e["message"])["message"]
         if m["method"] == "Network.webSocketFrameReceived":
-            frames.append(json.loads(m["params"]["response"]["payloadData"]))
+            r = m["params"]["response"]  # (a binary frame's payload comes base64-encoded)
+            data = r["payloadData"]
+            frames.append(json.loads(base64.b64decode(data) if r["opcode"] == 2 else data))
     books = [f for f in frames if f["type"] in ("snapshot", "update")]
     assert books and books[0]["type"] == "snapshot" and books[0]["user"] == "pm1"
     seen = {r[0] for f in books for r in f["accounts"]}

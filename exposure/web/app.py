@@ -6,7 +6,10 @@
 * ``/ws``: the WebSocket. On connect a client gets a full snapshot of what its user may
   see, then at most ``rate`` updates a second (the rows that moved since the last, one
   message per tick: conflated), and the drill-down (``{"open": ACCOUNT}``) of the account
-  it opened. Read-only: the only messages a client sends are ``open`` and ``close``.
+  it opened. The instruments and sectors (large, fund-level) go at most ``fund_level_rate``
+  times a second (default 2). Messages are JSON in binary frames (UTF-8, encoded once per
+  tick and scope, not per client). Read-only: the only messages a client sends are
+  ``open`` and ``close``.
 * **Who sees what**: with a users file, every message is built for the user's accounts
   (:class:`~exposure.web.view.Tick`): the fund line, instruments and sectors are
   fund-level; account rows and positions are only the user's. Without a users file (bound
@@ -112,7 +115,7 @@ class WebApp:
 
     def __init__(self, book: Book, users: Users | None = None, *, rate: float = 10.0,
                  max_clients: int = 200, queue: int = 64, tls: bool = False,
-                 max_sessions: int = 10_000):
+                 max_sessions: int = 10_000, fund_level_rate: float = 2.0):
         if not 0 < rate <= 10:
             raise ValueError(f"rate {rate}: updates per second, above 0 and at most 10")
         if max_clients < 1 or queue < 2:
@@ -120,6 +123,7 @@ class WebApp:
         self.book = book
         self.users = users
         self.period = 1.0 / rate
+        self.fund_level_every = max(1, round(rate / min(rate, fund_level_rate)))
         self.max_clients = max_clients
         self.queue = queue
         self.tls = tls
@@ -169,6 +173,7 @@ class WebApp:
         next_t = time.monotonic()
         beat = 0.0
         was_stale = None
+        k = 0
         while True:
             next_t += self.period
             await asyncio.sleep(max(0.0, next_t - time.monotonic()))
@@ -182,7 +187,9 @@ class WebApp:
                     continue
                 stale = self.book.stale()
                 flipped, was_stale = stale != was_stale, stale
-                tick = self.book.take(fresh_meta=flipped)
+                k += 1
+                tick = self.book.take(fresh_meta=flipped,
+                                      fund_level=k % self.fund_level_every == 0)
                 now = time.monotonic()
                 if tick.empty and not tick.reset and not flipped and now - beat < 1.0:
                     continue  # nothing moved: the node line once a second (a heartbeat)
@@ -198,7 +205,7 @@ class WebApp:
             except Exception:
                 log.exception("tick failed")
 
-    def _offer(self, c: Client, msg: str) -> None:
+    def _offer(self, c: Client, msg: bytes) -> None:
         if c.dropped:
             return
         try:
@@ -349,7 +356,7 @@ class WebApp:
         try:
             while True:
                 msg = await c.queue.get()
-                await c.ws.send_text(msg)
+                await c.ws.send_bytes(msg)
                 c.sent += 1
         except asyncio.CancelledError:
             raise

@@ -91,9 +91,10 @@ class Tick:
     def empty(self) -> bool:
         return not self.shared and not len(self.ids)
 
-    def message(self, user: User | None) -> str:
-        """The update for ``user`` (None: every account), as JSON text; the same object for
-        users of the same accounts (one encoding per scope and tick)."""
+    def message(self, user: User | None) -> bytes:
+        """The update for ``user`` (None: every account), as JSON (UTF-8 bytes: sent as a
+        binary frame, encoded once); the same object for users of the same accounts (one
+        encoding per scope and tick)."""
         key = None if user is None else user.accounts
         m = self._cache.get(key)
         if m is None:
@@ -103,10 +104,10 @@ class Tick:
                 keep = np.flatnonzero(np.isin(self.ids, np.fromiter(key, np.int64,
                                                                     len(key))))
                 acc = [self.rows[k] for k in keep.tolist()]
-            body = b'{"type":"update","meta":' + self.meta + self.shared + \
-                b',"feed_ns":' + orjson.dumps(list(self.feed_ns)) + \
-                b',"accounts":' + orjson.dumps(acc) + b"}"
-            m = self._cache[key] = body.decode()
+            body = b'{"type":"update","feed_ns":' + orjson.dumps(list(self.feed_ns)) + \
+                b',"meta":' + self.meta + self.shared + b',"accounts":' + \
+                orjson.dumps(acc) + b"}"
+            m = self._cache[key] = body
         return m
 
 
@@ -291,8 +292,8 @@ class Book:
             cols[c] = r[c].tolist()
         return _rows_of([cols[c] for c in SECTOR_COLUMNS])
 
-    def snapshot(self, user: User | None) -> str:
-        """The whole book ``user`` may see (None: all), as JSON text: what a client gets
+    def snapshot(self, user: User | None) -> bytes:
+        """The whole book ``user`` may see (None: all), as JSON: what a client gets
         when it connects and after a new epoch."""
         acc = self.sub.present(ROW_ACCOUNT)
         if user is not None and user.accounts is not None:
@@ -304,10 +305,10 @@ class Book:
                "accounts": self._account_rows(acc),
                "instruments": self._instrument_rows(self.sub.present(ROW_INSTRUMENT)),
                "sectors": self._sector_rows(self.sub.present(ROW_SECTOR))}
-        return orjson.dumps(doc).decode()
+        return orjson.dumps(doc)
 
-    def positions(self, account: int, user: User | None) -> str:
-        """The drill-down of ``account`` (JSON text): its positions from the node's desk,
+    def positions(self, account: int, user: User | None) -> bytes:
+        """The drill-down of ``account`` (JSON): its positions from the node's desk,
         or why there are none (not local; not an account this user may see)."""
         out: dict = {"type": "positions", "account": account, "rows": None, "why": ""}
         if user is not None and not user.may_see(account):
@@ -323,11 +324,13 @@ class Book:
             for c in POSITION_COLUMNS[2:]:
                 cols[c] = p[c].tolist()
             out["rows"] = _rows_of([cols[c] for c in POSITION_COLUMNS])
-        return orjson.dumps(out).decode()
+        return orjson.dumps(out)
 
-    def take(self, fresh_meta: bool = False) -> Tick:
+    def take(self, fresh_meta: bool = False, fund_level: bool = True) -> Tick:
         """What moved since the last call, as a :class:`Tick` (the conflation point);
-        ``fresh_meta``: the node line read now (else at most 0.25 s old)."""
+        ``fresh_meta``: the node line read now (else at most 0.25 s old); ``fund_level``
+        False: the instruments and sectors that moved wait for a later tick (the app sends
+        those large fund-level tables less often than the accounts)."""
         d = self._dirty
         meta = self._meta_bytes(fresh_meta)
         reset, self._reset = self._reset, False
@@ -339,16 +342,17 @@ class Book:
         shared = b""
         if d[ROW_FUND]:
             shared += b',"fund":' + orjson.dumps(self._fund())
-        if d[ROW_INSTRUMENT]:
+        if d[ROW_INSTRUMENT] and fund_level:
             ids = np.fromiter(sorted(d[ROW_INSTRUMENT]), np.int64)
             shared += b',"instruments":' + orjson.dumps(self._instrument_rows(ids))
-        if d[ROW_SECTOR]:
+        if d[ROW_SECTOR] and fund_level:
             ids = np.fromiter(sorted(d[ROW_SECTOR]), np.int64)
             shared += b',"sectors":' + orjson.dumps(self._sector_rows(ids))
         ids = np.fromiter(sorted(d[ROW_ACCOUNT]), np.int64)
         rows = self._account_rows(ids) if len(ids) else []
         moved = frozenset(d[ROW_ACCOUNT])
-        for s in d.values():
-            s.clear()
+        for kind, s in d.items():
+            if fund_level or kind in (ROW_ACCOUNT, ROW_FUND):
+                s.clear()
         return Tick(meta, shared, np.array([r[0] for r in rows], np.int64), rows,
                     feed_ns=feed_ns, moved=moved)

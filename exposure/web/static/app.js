@@ -24,6 +24,7 @@ const FLAGS = [
   [16, "loss", (r, l) => [-r.pnl, l[3]]],
 ];
 const STALE_MS = 2500;
+const DECODER = new TextDecoder();
 
 const S = {
   columns: null, fund: {}, accounts: new Map(), instruments: new Map(), sectors: new Map(),
@@ -255,7 +256,9 @@ function merge(map, cols, idcol, rows) {
 function onMessage(ev) {
   S.lastMsg = Date.now();
   let m;
-  try { m = JSON.parse(ev.data); } catch { return; }
+  try {
+    m = JSON.parse(typeof ev.data === "string" ? ev.data : DECODER.decode(ev.data));
+  } catch { return; }
   if (m.type === "snapshot") {
     S.columns = m.columns;
     S.accounts = new Map(); S.instruments = new Map(); S.sectors = new Map();
@@ -290,6 +293,7 @@ function send(obj) {
 
 function connect() {
   const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws");
+  ws.binaryType = "arraybuffer";  // (the server sends JSON in binary frames)
   S.ws = ws;
   ws.onopen = () => { S.backoff = 500; checkStale(); };
   ws.onmessage = onMessage;

@@ -14,7 +14,6 @@ import time
 import numpy as np
 from numba import njit
 
-from exposure.core import jit as _jit
 from exposure.core.types import (
     EVENT_DTYPE,
     INSTRUMENT_ROW_DTYPE,
@@ -29,32 +28,11 @@ from exposure.engine.publish import count_sessions, publish_batch, versions
 from exposure.node.stages.agent import Stage
 from exposure.shm import counters_layout as CN
 from exposure.shm import ring_layout as RL
+from exposure.shm.handle import Handle, bind, members
 from exposure.shm.ring import ring_pop, ring_push, sleeping
 from exposure.shm.seqlock import write_begin, write_end
 
 __all__ = ["ComputeStage"]
-
-
-@njit(cache=True)
-def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, cver, ctrver,
-          sess_flat, ncols, rlog, arows, irows, srows, row_words, octrl, oslots, now_ns):
-    """Pop, apply under the state seqlock, publish, count, emit feed rows, push them: one
-    entry from Python per batch (each entry unboxes the state once).
-
-    Returns (records applied, rows made, rows pushed, fan-out consumer asleep)."""
-    n = ring_pop(ictrl, islots, words, words.shape[0])
-    if n == 0:
-        return 0, 0, 0, 0
-    r = recs[:n]
-    s = status[:n]
-    write_begin(seg_words)
-    apply_batch(st, r, s)
-    write_end(seg_words)
-    m = publish_batch(st, pver, iver, sver, cver, ctrver, r, n, arows, irows, srows, now_ns)
-    count_sessions(r, s, n, sess_flat, ncols, rlog)
-    pushed = ring_push(octrl, oslots, row_words, m)
-    asleep = 1 if pushed > 0 and sleeping(octrl, RL.W_CONSUMER_SLEEPING) else 0
-    return n, m, pushed, asleep
 
 
 _EVENTS = CN.INDEX["compute_events_total"]
@@ -63,6 +41,57 @@ _ROWS = CN.INDEX["compute_rows_total"]
 _RING_FULL = CN.INDEX["compute_ring_full_total"]
 _GSEQ = CN.INDEX["compute_gseq"]
 _RECV = CN.INDEX["compute_recv_ns"]
+
+
+@njit(cache=True)
+def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, cver, ctrver,
+          sess_flat, ncols, rlog, arows, irows, srows, row_words, octrl, oslots, cnt, pend,
+          now_ns):
+    """Rows left on the fan-out ring's doorstep first (``pend``: how many, from which; the
+    ring was full); then pop, apply under the state seqlock, publish, count, emit feed rows,
+    push them, and count the batch into ``cnt`` (the counters segment): one entry from
+    Python per pass.
+
+    Returns (work done: records applied or rows pushed, rows still pending, fan-out
+    consumer asleep)."""
+    asleep = 0
+    if pend[0] > 0:
+        m = ring_push(octrl, oslots, row_words[pend[1]:], pend[0])
+        pend[0] -= m
+        pend[1] += m
+        if m > 0 and sleeping(octrl, RL.W_CONSUMER_SLEEPING):
+            asleep = 1
+        if pend[0] > 0:
+            return m, pend[0], asleep
+    n = ring_pop(ictrl, islots, words, words.shape[0])
+    if n == 0:
+        return 0, 0, asleep
+    r = recs[:n]
+    s = status[:n]
+    write_begin(seg_words)
+    apply_batch(st, r, s)
+    write_end(seg_words)
+    m = publish_batch(st, pver, iver, sver, cver, ctrver, r, n, arows, irows, srows, now_ns)
+    count_sessions(r, s, n, sess_flat, ncols, rlog)
+    pushed = ring_push(octrl, oslots, row_words, m)
+    if pushed > 0 and sleeping(octrl, RL.W_CONSUMER_SLEEPING):
+        asleep = 1
+    pend[0] = m - pushed
+    pend[1] = pushed
+    cnt[_EVENTS] += np.uint64(n)
+    cnt[_BATCHES] += np.uint64(1)
+    cnt[_ROWS] += np.uint64(m)
+    cnt[_GSEQ] = words[n - 1, W_GSEQ]
+    cnt[_RECV] = words[n - 1, W_RECV_NS]
+    if pushed < m:
+        cnt[_RING_FULL] += np.uint64(1)
+    return n, m - pushed, asleep
+
+
+@njit(cache=True)
+def _step_bound(h, now_ns):
+    """:func:`_step` over the arrays of the stage's :class:`exposure.shm.handle.Handle`."""
+    return _step(*members(h), now_ns)
 
 
 class ComputeStage(Stage):
@@ -95,48 +124,25 @@ class ComputeStage(Stage):
         self.irows = flat.view(INSTRUMENT_ROW_DTYPE)
         self.srows = flat.view(SECTOR_ROW_DTYPE)
         self.pending = 0  # updates not yet on the fan-out ring (it was full)
-        self.pending_from = 0
-        self._warm()
-        self._args = (self.inp.ctrl, self.inp.slots, self.words, self.recs, self.status,
-                      self.st, self.seg.words, *self.vers.args(), self.sess_flat, self.ncols,
-                      self.rlog, self.arows, self.irows, self.srows, self.row_words, self.out.ctrl,
-                      self.out.slots)
-        self._step = _jit.entry(_step, *self._args, 0)
+        self.pend = np.zeros(2, np.int64)  # (how many, from which row): the jitted step's
+        # Bound once: the per-pass call passes this handle and the clock, nothing else.
+        self.handle = Handle(self.inp.ctrl, self.inp.slots, self.words, self.recs,
+                             self.status, self.st, self.seg.words, *self.vers.args(),
+                             self.sess_flat, self.ncols, self.rlog, self.arows, self.irows,
+                             self.srows, self.row_words, self.out.ctrl, self.out.slots,
+                             self.cnt, self.pend)
+        # compiled (or loaded) now, before the node accepts sessions
+        self._step = bind(_step_bound, self.handle, 0)
         self._tail, self._head = self.inp.ctrl[RL.W_TAIL:], self.inp.ctrl[RL.W_HEAD:]
-
-    def _warm(self) -> None:
-        """Compile (or load) every kernel now, before the node accepts sessions."""
-        _step(*self._args_empty(), 0)
-
-    def _args_empty(self) -> tuple:
-        return (self.inp.ctrl, self.inp.slots, self.words[:0], self.recs, self.status,
-                self.st, self.seg.words, *self.vers.args(), self.sess_flat, self.ncols,
-                self.rlog, self.arows, self.irows, self.srows, self.row_words, self.out.ctrl,
-                self.out.slots)
 
     def poll(self) -> int:
         """One step; returns the work done (0 = idle)."""
-        if self.pending:
-            m = ring_push(self.out.ctrl, self.out.slots, self.row_words[self.pending_from:],
-                          self.pending)
-            self.pending -= m
-            self.pending_from += m
-            if self.pending:
-                return m
-        if self._tail[0] == self._head[0]:
+        if not self.pending and self._tail[0] == self._head[0]:
             return 0  # nothing on the ring (a plain read: the jitted pop re-reads, acquire)
-        n, m, pushed, asleep = self._step(*self._args, time.time_ns())
-        if n == 0:
-            return 0
-        self.pending, self.pending_from = m - pushed, pushed
-        cnt = self.cnt
-        cnt[_EVENTS] += n
-        cnt[_BATCHES] += 1
-        cnt[_ROWS] += m
-        cnt[_GSEQ] = self.words[n - 1, W_GSEQ]
-        cnt[_RECV] = self.words[n - 1, W_RECV_NS]
-        if pushed < m:
-            cnt[_RING_FULL] += 1
+        work, self.pending, asleep = self._step(self.handle, time.time_ns())
         if asleep:
             self.out.semaphore.release()  # a fan-out process that sleeps on the ring
-        return n
+        return work
+
+    def close(self) -> None:
+        self.handle.close()

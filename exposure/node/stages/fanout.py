@@ -56,6 +56,7 @@ from exposure.node.stages.agent import Stage
 from exposure.shm import counters_layout as CN
 from exposure.shm import ring_layout as RL
 from exposure.shm.control import CTL_EPOCH, CTL_FANOUT_ERRORS, CTL_ROLE, ROLE_PRIMARY, may_act
+from exposure.shm.handle import Handle, bind, members
 from exposure.shm.ring import ring_pop
 
 __all__ = ["FanoutStage"]
@@ -154,6 +155,19 @@ def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now, nacc, ninst, 
 
 
 @njit(cache=True, _nrt=False)
+def _pack_bound(h, epoch, seq, now, count):
+    """:func:`_pack` over the arrays of the stage's handle (ring, buffers, table sizes,
+    counters); with ``count``, the datagrams and rows made go to the counters. Returns
+    (rows popped, datagrams)."""
+    ctrl, slots, upd, last, per, out, ends, nacc, ninst, nsec, cnt = members(h)
+    n, d = _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now, nacc, ninst, nsec)
+    if count and d > 0:
+        cnt[_DATAGRAMS] += np.uint64(d)
+        cnt[_ROWS] += np.uint64((ends[d - 1] // 8 - d * _HDR_WORDS) // _ROW_WORDS)
+    return n, d
+
+
+@njit(cache=True, _nrt=False)
 def _seal(out, m, epoch, seq, dtype, now):
     """Stamp the epoch into rows ``0..m`` that follow the header words of ``out`` and
     write a header of type ``dtype``; returns the datagram's length in bytes."""
@@ -205,9 +219,10 @@ class FanoutStage(Stage):
         self.out = np.zeros(cap * _ROW_WORDS + (cap // self.per + 1) * _HDR_WORDS, np.uint64)
         self.ends = np.zeros(cap // self.per + 2, np.int64)
         self.sender = BatchSender(self.sock, self.out)  # one sendmmsg per poll
-        self._pack = _jit.entry(_pack, in_ring.ctrl, in_ring.slots, self.upd, self.last, 0, 0,
-                                self.per, self.out, self.ends, 0, self.nacc, self.ninst,
-                                self.nsec)  # compiled (or loaded) now
+        # Bound once (exposure.shm.handle): the per-pass call passes the handle and scalars.
+        self.handle = Handle(in_ring.ctrl, in_ring.slots, self.upd, self.last, self.per,
+                             self.out, self.ends, self.nacc, self.ninst, self.nsec, self.cnt)
+        self._pack = bind(_pack_bound, self.handle, 0, 0, 0, True)  # compiled (or loaded) now
         self._tail, self._head = in_ring.ctrl[RL.W_TAIL:], in_ring.ctrl[RL.W_HEAD:]
         # Idle work: heartbeats and the refresh cycle.
         self.hb_ns = int(heartbeat_ms) * 1_000_000
@@ -275,23 +290,17 @@ class FanoutStage(Stage):
             return 0
         if not self._may_send():
             if self.ctl is not None and self.ctl[CTL_ROLE] != ROLE_PRIMARY:
-                n, _ = self._pack(self.inp.ctrl, self.inp.slots, self.upd, self.last,
-                                  self.epoch, self.seq, self.per, self.out, self.ends, 0,
-                                  self.nacc, self.ninst, self.nsec)
+                n, _ = self._pack(self.handle, self.epoch, self.seq, 0, False)
                 return n
             return 0  # fenced: nothing goes out (the ring fills; compute waits)
-        n, d = self._pack(self.inp.ctrl, self.inp.slots, self.upd, self.last, self.epoch,
-                          self.seq, self.per, self.out, self.ends, time.time_ns(),
-                          self.nacc, self.ninst, self.nsec)
+        n, d = self._pack(self.handle, self.epoch, self.seq, time.time_ns(), True)
         if n == 0:
             return 0
         self.seq += d
         refused = self.sender.send(self.ends, d)
         if refused:
             self._lost(refused, self.sender.last_error)
-        self.sent[DG_INCREMENTAL] += d
-        self.cnt[_DATAGRAMS] += d
-        self.cnt[_ROWS] += int(self.ends[d - 1] // 8 - d * _HDR_WORDS) // _ROW_WORDS
+        self.sent[DG_INCREMENTAL] += d  # (the counters: counted by the jitted pack)
         self.last_send = time.monotonic_ns()
         return n
 
@@ -324,4 +333,5 @@ class FanoutStage(Stage):
         self.last_send = time.monotonic_ns()
 
     def close(self) -> None:
+        self.handle.close()
         self.sock.close()

@@ -70,8 +70,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
-from exposure.core import jit as _jit
 from exposure.net import wire as W
 from exposure.net.conn import GONE, SLOW, Conn, Conns
 from exposure.net.guard import Listener, RateLog, keepalive
@@ -94,6 +94,7 @@ from exposure.shm.control import (
     ROLE_PRIMARY,
     may_act,
 )
+from exposure.shm.handle import Handle, bind, members
 from exposure.shm.session_layout import N_REJ, S_DONE, S_DURABLE, S_HELD, S_REJ
 
 __all__ = ["IngestStage", "PortLimits"]
@@ -132,7 +133,7 @@ class _Conn(Conn):
     """A session connection (``since``: accepted; ``out``: answers queued, at most
     ``max_output``)."""
 
-    __slots__ = ("buf", "wbuf", "mv", "pos", "fill", "stalled", "session", "held", "acked",
+    __slots__ = ("buf", "wbuf", "mv", "hbuf", "pos", "fill", "stalled", "session", "held", "acked",
                  "ack_due", "marks", "mark_ns", "repl", "state", "nonce", "last_rx",
                  "close_at", "flags", "rcur", "rupto")
 
@@ -166,6 +167,31 @@ class _Conn(Conn):
             self.pos, self.fill = 0, n
         self.wbuf = self.buf.view(np.uint64)
         self.mv = memoryview(self.buf)
+        self.hbuf = Handle(self.buf, self.wbuf)  # the scan's view of it (exposure.shm.handle)
+
+
+_EVENTS = CN.INDEX["ingest_events_total"]
+_RECEIVED = CN.INDEX["ingest_received_gseq"]
+
+
+@njit(cache=True, _nrt=False)
+def _scan_bound(h, b, pos, fill, session, held, now, gseq):
+    """:func:`exposure.node.stages.ingest_scan.scan` over a connection's buffer handle ``b``
+    (its bytes and words) and the stage's handle ``h`` (the ring, the entitlements, the
+    partition, the result words, the session table, the counters); what it pushed is
+    counted (the sequencer's counters) and the session's held seq stored here. Returns the
+    result words (why, pos, held, pushed, compute asleep, journal asleep, expected seq)."""
+    buf, wbuf = members(b)
+    ctrl, slots, eflags, esrc, eacct, me, acc_owner, src_owner, res, sess, cnt = members(h)
+    scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, eflags, esrc, eacct,
+         me, acc_owner, src_owner, res)
+    pushed = np.int64(res[3])
+    if pushed > 0:
+        cnt[_EVENTS] += np.uint64(pushed)
+        cnt[_RECEIVED] = np.uint64(gseq + pushed - 1)
+        sess[session, S_HELD] = res[2]
+    return (np.int64(res[0]), np.int64(res[1]), res[2], pushed, np.int64(res[4]),
+            np.int64(res[5]), res[6])
 
 
 _RING_FULL = CN.INDEX["ingest_ring_full_total"]
@@ -234,10 +260,13 @@ class IngestStage(Stage):
         self._ent_args = (self.ents.flags, self.ents.src, self.ents.acct, np.int64(me),
                           acc_owner, src_owner)
         self.res = np.zeros(RES_WORDS, np.uint64)
+        # Bound once (exposure.shm.handle): a scan passes this handle, the connection's
+        # buffer handle and scalars.
+        self.handle = Handle(self.out.ctrl, self.out.slots, *self._ent_args, self.res,
+                             self.sessions, self.cnt)
         buf = np.zeros(8, np.uint8)
-        self._scan = _jit.entry(scan, buf, buf.view(np.uint64), 0, 0, 0, 0, 0, 0,
-                                self.out.ctrl, self.out.slots,
-                                *self._ent_args, self.res)  # compiled (or loaded) now
+        self._scan = bind(_scan_bound, self.handle, Handle(buf, buf.view(np.uint64)), 0, 0,
+                          0, 0, 0, 0)  # compiled (or loaded) now
         # A backup runs the replica side (``replica``: a factory Sequencer -> ReplicaStage)
         # until the supervisor promotes the node; ``self.rep`` is None once primary.
         self.rep = None
@@ -517,20 +546,16 @@ class IngestStage(Stage):
         rest here (at most ``control_budget`` of them per pass). Returns the records
         pushed."""
         pushed = 0
-        res = self.res
         budget = self.lim.control_budget
         while True:
             now = time.time_ns()
-            self._scan(c.buf, c.wbuf, c.pos, c.fill, c.session, c.held, now,
-                       self.seq.next_gseq, self.out.ctrl, self.out.slots,
-                       *self._ent_args, res)
-            why, c.pos, n = int(res[0]), int(res[1]), int(res[3])
-            if n:
-                held = int(res[2])
+            why, c.pos, held, n, casleep, jasleep, expected = self._scan(
+                self.handle, c.hbuf, c.pos, c.fill, c.session, c.held, now,
+                self.seq.next_gseq)
+            if n:  # (counted, and the session's held seq stored, by the jitted scan)
                 pushed += n
-                self.seq.commit(n, int(res[4]), int(res[5]))
+                self.seq.commit(n, casleep, jasleep, counted=True)
                 c.held = held
-                self.sessions[c.session, S_HELD] = held
                 if self.replicated:
                     self._mark(c, held, now)
                 self.unacked.add(c)
@@ -545,7 +570,6 @@ class IngestStage(Stage):
                 self.stalled.discard(c)
             if why == SEQ_GAP:
                 self._count(SL.N_SEQ_REJECTS, c.session, SL.S_SEQ_REJECTS)
-                expected = int(res[6])
                 self._reject(c, W.E_SEQ, f"a record's session seq is not {expected}, the "
                              "next one: nothing from it on was applied", expected)
                 return pushed
@@ -720,6 +744,7 @@ class IngestStage(Stage):
                 self._shut(c)
 
     def close(self) -> None:
+        self.handle.close()
         if self.rep is not None:
             self.rep.close()
         for c in list(self.conns.values()):

@@ -41,7 +41,6 @@ import time
 import numpy as np
 from numba import njit
 
-from exposure.core import jit as _jit
 from exposure.core.types import (
     EVENT_WORDS,
     REJECT_SHIFT,
@@ -57,6 +56,7 @@ from exposure.node.stages.agent import Stage
 from exposure.shm import counters_layout as CN
 from exposure.shm import ring_layout as RL
 from exposure.shm.control import CTL_ROLE, ROLE_PRIMARY
+from exposure.shm.handle import Handle, bind, members
 from exposure.shm.intrinsics import store_release
 from exposure.shm.ring import ring_pop_at, ring_push, sleeping
 from exposure.shm.session_layout import S_DURABLE
@@ -65,6 +65,22 @@ from exposure.store.journal import JournalWriter
 __all__ = ["JournalStage"]
 
 log = logging.getLogger(__name__)
+
+
+_RECORDS = CN.INDEX["journal_records_total"]
+_WRITES = CN.INDEX["journal_writes_total"]
+_FSYNCS = CN.INDEX["journal_fsyncs_total"]
+_FSYNC_NS = CN.INDEX["journal_fsync_ns_total"]
+_FSYNC_MAX = CN.INDEX["journal_fsync_ns_max"]
+_DURABLE_GSEQ = CN.INDEX["journal_durable_gseq"]
+_DURABLE_RECV = CN.INDEX["journal_durable_recv_ns"]
+_MIRROR_DROPPED = CN.INDEX["journal_mirror_dropped_total"]
+_ROLL_GSEQ = CN.INDEX["journal_roll_gseq"]
+
+
+# The stage's handle (exposure.shm.handle): what each of its jitted calls reads.
+_H = ("ctrl", "slots", "buf", "head_word", "rolls", "pending", "sess_flat", "ncols",
+      "mctrl", "mslots", "cnt")
 
 
 @njit(cache=True, _nrt=False)
@@ -99,15 +115,42 @@ def _publish(pending, sess_flat, ncols, gseq):
     store_release(sess_flat, S_DURABLE, gseq)
 
 
-_RECORDS = CN.INDEX["journal_records_total"]
-_WRITES = CN.INDEX["journal_writes_total"]
-_FSYNCS = CN.INDEX["journal_fsyncs_total"]
-_FSYNC_NS = CN.INDEX["journal_fsync_ns_total"]
-_FSYNC_MAX = CN.INDEX["journal_fsync_ns_max"]
-_DURABLE_GSEQ = CN.INDEX["journal_durable_gseq"]
-_DURABLE_RECV = CN.INDEX["journal_durable_recv_ns"]
-_MIRROR_DROPPED = CN.INDEX["journal_mirror_dropped_total"]
-_ROLL_GSEQ = CN.INDEX["journal_roll_gseq"]
+
+
+
+@njit(cache=True, _nrt=False)
+def _take(h):
+    """Pop up to a block (``buf``) from the ring; the gseqs of its roll records into
+    ``rolls``. Returns (records, rolls)."""
+    ctrl, slots, buf, head_word, rolls, _, _, _, _, _, _ = members(h)
+    n = ring_pop_at(ctrl, slots, buf, buf.shape[0], head_word)
+    return n, (_rolls(buf, n, rolls) if n > 0 else 0)
+
+
+@njit(cache=True, _nrt=False)
+def _written(h, n, mirror):
+    """After the block's ``n`` records are written: hand them to the mirror ring (when
+    ``mirror``; a full ring drops the hand-off, counted), note each session's highest seq
+    among them, count. Returns (mirror consumer asleep, last gseq, its receive time)."""
+    _, _, buf, _, _, pending, _, _, mctrl, mslots, cnt = members(h)
+    asleep = 0
+    if mirror:
+        handed = ring_push(mctrl, mslots, buf, n)
+        if handed < n:
+            cnt[_MIRROR_DROPPED] += np.uint64(n - handed)
+        if sleeping(mctrl, RL.W_CONSUMER_SLEEPING):
+            asleep = 1
+    _note_sessions(buf, n, pending)
+    cnt[_RECORDS] += np.uint64(n)
+    cnt[_WRITES] += np.uint64(1)
+    return asleep, buf[n - 1, W_GSEQ], buf[n - 1, W_RECV_NS]
+
+
+@njit(cache=True, _nrt=False)
+def _publish_bound(h, gseq):
+    """:func:`_publish` over the stage's handle."""
+    _, _, _, _, _, pending, sess_flat, ncols, _, _, _ = members(h)
+    _publish(pending, sess_flat, ncols, np.uint64(gseq))
 
 
 class JournalStage(Stage):
@@ -142,9 +185,20 @@ class JournalStage(Stage):
         self.error: str | None = None
         self._tail, self._head = reader.ctrl[RL.W_TAIL:], reader.ctrl[reader.head_word:]
         self.rolls = np.zeros(64, np.uint64)  # roll gseqs found in a block
-        _note_sessions(self.buf, 0, self.pending)  # compiled (or loaded) now, not later
-        _rolls(self.buf, 0, self.rolls)
-        _publish(self.pending, self.sess_flat, self.ncols, np.uint64(self.durable_gseq))
+        # Bound once (exposure.shm.handle; without a mirror ring, arrays of its types that
+        # are never touched): each jitted call of a pass passes this handle and scalars.
+        m = mirror_ring
+        mctrl = m.ctrl if m is not None else np.zeros(reader.ctrl.shape, np.uint64)
+        mslots = m.slots if m is not None else np.zeros((1, EVENT_WORDS), np.uint64)
+        self.handle = Handle(reader.ctrl, reader.slots, self.buf, reader.head_word,
+                             self.rolls, self.pending, self.sess_flat, self.ncols, mctrl,
+                             mslots, self.cnt)
+        assert len(self.handle.values) == len(_H)
+        # compiled (or loaded) now, not later
+        self._take = bind(_take, self.handle)
+        self._written = bind(_written, self.handle, 0, False)
+        self._publish = bind(_publish_bound, self.handle, 0)
+        self._publish(self.handle, self.durable_gseq)
 
     def _fail(self, what: str, e: OSError) -> None:
         msg = f"{what} failed: {e}; not acknowledging until it succeeds"
@@ -155,29 +209,22 @@ class JournalStage(Stage):
     def poll(self) -> int:
         work = 0
         if not self.held and self._tail[0] != self._head[0]:
-            self.held = ring_pop_at(self.inp.ctrl, self.inp.slots, self.buf, len(self.buf),
-                                    self.inp.head_word)
-            for g in self.rolls[:_rolls(self.buf, self.held, self.rolls)].tolist():
-                self.w.roll_at(g)  # a new trading day begins a new segment
-                self.cnt[_ROLL_GSEQ] = g
+            self.held, nroll = self._take(self.handle)
+            if nroll:
+                for g in self.rolls[:nroll].tolist():
+                    self.w.roll_at(g)  # a new trading day begins a new segment
+                    self.cnt[_ROLL_GSEQ] = g
         if self.held:
             try:
                 self.w.append(self.buf[:self.held])
             except OSError as e:
                 self._fail("write", e)
                 return 0
-            cnt = self.cnt
-            cnt[_RECORDS] += self.held
-            cnt[_WRITES] += 1
-            if self.mirror is not None and self.ctl[CTL_ROLE] == ROLE_PRIMARY:
-                handed = ring_push(self.mirror.ctrl, self.mirror.slots, self.buf, self.held)
-                if handed < self.held:
-                    cnt[_MIRROR_DROPPED] += self.held - handed
-                if sleeping(self.mirror.ctrl, RL.W_CONSUMER_SLEEPING):
-                    self.mirror.semaphore.release()
-            _note_sessions(self.buf, self.held, self.pending)
-            self.written_gseq = int(self.buf[self.held - 1, W_GSEQ])
-            self.written_recv = int(self.buf[self.held - 1, W_RECV_NS])
+            mirror = self.mirror is not None and bool(self.ctl[CTL_ROLE] == ROLE_PRIMARY)
+            asleep, self.written_gseq, self.written_recv = self._written(
+                self.handle, self.held, mirror)  # (mirror hand-off, sessions, counters)
+            if asleep:
+                self.mirror.semaphore.release()
             work, self.held = self.held, 0
         if self.written_gseq > self.durable_gseq:
             now = time.monotonic_ns()
@@ -201,8 +248,7 @@ class JournalStage(Stage):
                 self.durable_gseq = self.written_gseq
                 self.cnt[_DURABLE_GSEQ] = self.durable_gseq
                 self.cnt[_DURABLE_RECV] = self.written_recv
-                _publish(self.pending, self.sess_flat, self.ncols,
-                         np.uint64(self.durable_gseq))
+                self._publish(self.handle, self.durable_gseq)
                 if self.error:
                     log.info("writing again")
                     self.error = None
@@ -216,6 +262,4 @@ class JournalStage(Stage):
         except OSError:
             pass
         self.w.close()
-
-
-assert _jit is not None
+        self.handle.close()

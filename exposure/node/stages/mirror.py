@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from numba import njit
 
 from exposure.core.types import EVENT_WORDS, W_GSEQ, W_RECV_NS
 from exposure.net import repl as R
@@ -69,6 +70,7 @@ from exposure.shm.control import (
     CTL_VALID_NS,
     ROLE_PRIMARY,
 )
+from exposure.shm.handle import Handle, bind, members
 from exposure.shm.ring import ring_pop
 from exposure.shm.session_layout import S_DURABLE
 from exposure.store.journal import JournalCursor, JournalError, first_gseq, read_record
@@ -88,6 +90,13 @@ _REPL_RECV_NS = CN.INDEX["mirror_replicated_recv_ns"]
 
 log = logging.getLogger(__name__)
 
+
+
+@njit(cache=True, _nrt=False)
+def _pop(h):
+    """Pop up to a buffer of records from the mirror ring (the handle's ring and buffer)."""
+    ctrl, slots, buf = members(h)
+    return ring_pop(ctrl, slots, buf, buf.shape[0])
 
 class MirrorStage(Stage):
     name = "mirror"
@@ -132,6 +141,9 @@ class MirrorStage(Stage):
         self.cut = False
         self.logged = ""
         self._tail, self._head = ring.ctrl[RL.W_TAIL:], ring.ctrl[RL.W_HEAD:]
+        # Bound once (exposure.shm.handle): a pop passes this handle only.
+        self.handle = Handle(ring.ctrl, ring.slots, self.buf)
+        self._pop = bind(_pop, self.handle)  # compiled (or loaded) now
 
     # ------------------------------------------------------------------ loop
     def poll(self) -> int:
@@ -208,7 +220,7 @@ class MirrorStage(Stage):
     def _discard_ring(self) -> None:
         """Not streaming: the ring's records will be read from the journal when needed."""
         if self._tail[0] != self._head[0]:
-            ring_pop(self.ring.ctrl, self.ring.slots, self.buf, len(self.buf))
+            self._pop(self.handle)
         self.hold = self.buf[:0]
 
     # ------------------------------------------------------------------ connection
@@ -401,7 +413,7 @@ class MirrorStage(Stage):
         if len(self.hold) and int(self.hold[0, W_GSEQ]) < self.next:
             self.hold = self.hold[self.hold[:, W_GSEQ] >= self.next]
         if not len(self.hold) and self._tail[0] != self._head[0]:
-            n = ring_pop(self.ring.ctrl, self.ring.slots, self.buf, len(self.buf))
+            n = self._pop(self.handle)
             self.hold = self.buf[:n]
             self.hold = self.hold[self.hold[:, W_GSEQ] >= self.next]
         if len(self.hold) and int(self.hold[0, W_GSEQ]) == self.next:

@@ -1,0 +1,201 @@
+"""The fixed cost of one pass of each hot stage, in ns, measured in-process (issue 30).
+
+    python -m perf.bench_stage_pass [--passes 200000] [--events 20000] [--runs 5] [--json]
+
+Builds the stages as a node's processes do (a tally segment of the default capacities, the
+compute and fan-out rings, the counters) but in this one process, and times their public
+``poll()``:
+
+* ``build_s``: constructing the stage (its jitted calls compiled, or loaded from numba's
+  cache: run it twice, the second figure is a node start's);
+* ``idle_ns``: a pass with nothing on the input ring (the loop's cost when idle);
+* ``one_ns``: a pass that finds one record (compute: one event of a realistic flow applied,
+  published and pushed as feed rows; fan-out: one row conflated, packed and sent, the
+  ``sendmmsg`` included; journal: one record written with ``fsync = none``, the ``writev``
+  included); median over ``--events`` passes, each timed alone (the clock's own cost,
+  measured, subtracted), the input put on the ring and the output drained outside the timer.
+
+Uses only the stages' constructors and ``poll()``, so the same file measures an older
+checkout (``PYTHONPATH=<checkout> python <this file>``). Steal and load are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+
+import numpy as np
+import orjson
+
+from exposure.bench.flowgen import generate
+from exposure.core.capacity import Capacities
+from exposure.core.types import EVENT_WORDS, ROW_SIZE, W_GSEQ
+from exposure.harness.machine import steal_since, steal_ticks
+from exposure.shm import counters_layout as CN
+from exposure.shm.ring import Ring, ring_pop, ring_push
+from exposure.shm.session_layout import SESSION_COLS
+from exposure.shm.tally_segment import TallySegment
+
+__all__ = ["main"]
+
+
+def _clock_ns() -> float:
+    n = 20000
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        time.perf_counter_ns()
+    return (time.perf_counter_ns() - t0) / n
+
+
+def _idle(poll, passes: int) -> float:
+    t0 = time.perf_counter_ns()
+    for _ in range(passes):
+        poll()
+    return (time.perf_counter_ns() - t0) / passes
+
+
+def _one(poll, feed, drain, events: int, clock: float) -> float:
+    ts = []
+    pc = time.perf_counter_ns
+    for k in range(events):
+        feed(k)
+        t0 = pc()
+        poll()
+        t1 = pc()
+        ts.append(t1 - t0 - clock)
+        drain()
+    return statistics.median(ts)
+
+
+def _compute(tag: str, passes: int, events: int, clock: float) -> dict:
+    from exposure.node.stages.compute import ComputeStage
+
+    caps = Capacities()
+    seg = TallySegment.create(f"exposure-bench30-{tag}-tally", caps)
+    inp = Ring.create(f"exposure-bench30-{tag}-cin", 131072, EVENT_WORDS * 8)
+    out = Ring.create(f"exposure-bench30-{tag}-fout", 16384, ROW_SIZE)
+    sessions = np.zeros((caps.sources + 1, SESSION_COLS), np.uint64)
+    cnt = np.zeros(CN.COUNTER_WORDS, np.uint64)
+    try:
+        t0 = time.perf_counter()
+        stage = ComputeStage(seg, sessions, inp, out, counters=cnt)
+        build = time.perf_counter() - t0
+        recs = generate(events, seed=1)
+        words = recs.view(np.uint64).reshape(len(recs), -1).copy()
+        words[:, W_GSEQ] = np.arange(1, len(recs) + 1, dtype=np.uint64)
+        sink = np.zeros((out.capacity, ROW_SIZE // 8), np.uint64)
+        idle = _idle(stage.poll, passes)
+
+        def feed(k: int) -> None:
+            ring_push(inp.ctrl, inp.slots, words[k:k + 1], 1)
+
+        def drain() -> None:
+            ring_pop(out.ctrl, out.slots, sink, len(sink))
+
+        one = _one(stage.poll, feed, drain, events, clock)
+        assert int(cnt[CN.INDEX["compute_events_total"]]) == events
+        stage.close()
+        return {"build_s": round(build, 3), "idle_ns": round(idle), "one_ns": round(one)}
+    finally:
+        for r in (inp, out):
+            r.close()  # (and unlinks: this process created them)
+        seg.close()
+
+
+def _fanout(tag: str, passes: int, events: int, clock: float) -> dict:
+    from exposure.harness.localnode import free_group, free_port
+    from exposure.node.stages.fanout import FanoutStage
+    from exposure.shm.tally_layout import allocate
+
+    _, st = allocate(Capacities(accounts=64, instruments=256, sectors=16, sources=16,
+                                orders=1024, cells=1024))
+    ring = Ring.create(f"exposure-bench30-{tag}-fo", 16384, ROW_SIZE)
+    cnt = np.zeros(CN.COUNTER_WORDS, np.uint64)
+    try:
+        t0 = time.perf_counter()
+        fo = FanoutStage(ring, free_group(), free_port(), "127.0.0.1", 0, 1400, st,
+                         heartbeat_ms=1_000_000, refresh_rows_per_s=0, counters=cnt)
+        build = time.perf_counter() - t0
+        idle = _idle(fo.poll, passes)
+        row = np.zeros((1, ROW_SIZE // 8), np.uint64)
+        row[0, 0] = 1 | (3 << 32)  # an account row (kind 1), id 3
+
+        def feed(k: int) -> None:
+            ring_push(ring.ctrl, ring.slots, row, 1)
+
+        one = _one(fo.poll, feed, lambda: None, events, clock)
+        fo.close()
+        return {"build_s": round(build, 3), "idle_ns": round(idle), "one_ns": round(one)}
+    finally:
+        ring.close()
+
+
+def _journal(tag: str, passes: int, events: int, clock: float) -> dict:
+    from exposure.node.stages.journal import JournalStage
+    from exposure.store.journal import JournalWriter
+
+    d = tempfile.mkdtemp(prefix="exposure-bench30-")
+    ring = Ring.create(f"exposure-bench30-{tag}-jr", 131072, EVENT_WORDS * 8)
+    sessions = np.zeros((1025, SESSION_COLS), np.uint64)
+    cnt = np.zeros(CN.COUNTER_WORDS, np.uint64)
+    try:
+        t0 = time.perf_counter()
+        js = JournalStage(ring, sessions, JournalWriter(d, 64 << 20), "none", 0,
+                          counters=cnt)
+        build = time.perf_counter() - t0
+        idle = _idle(js.poll, passes)
+        recs = generate(events, seed=2)
+        words = recs.view(np.uint64).reshape(len(recs), -1).copy()
+        words[:, W_GSEQ] = np.arange(1, len(recs) + 1, dtype=np.uint64)
+
+        def feed(k: int) -> None:
+            ring_push(ring.ctrl, ring.slots, words[k:k + 1], 1)
+
+        one = _one(js.poll, feed, lambda: None, events, clock)
+        js.close()
+        return {"build_s": round(build, 3), "idle_ns": round(idle), "one_ns": round(one)}
+    finally:
+        ring.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--passes", type=int, default=200_000, help="idle passes per run")
+    p.add_argument("--events", type=int, default=20_000, help="one-record passes per run")
+    p.add_argument("--runs", type=int, default=5, help="runs (medians reported)")
+    p.add_argument("--stages", default="compute,fanout,journal")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    steal0 = steal_ticks()
+    load0 = os.getloadavg()[0]
+    clock = _clock_ns()
+    tag = uuid.uuid4().hex[:6]
+    fns = {"compute": _compute, "fanout": _fanout, "journal": _journal}
+    out: dict = {"clock_ns": round(clock, 1)}
+    for name in a.stages.split(","):
+        runs = [fns[name](f"{tag}{k}", a.passes, a.events, clock) for k in range(a.runs)]
+        out[name] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        out[name]["first_build_s"] = runs[0]["build_s"]
+        out[name]["runs"] = runs
+        print(f"{name:8} idle {out[name]['idle_ns']:7,.0f} ns  one {out[name]['one_ns']:7,.0f}"
+              f" ns  build {runs[0]['build_s']:.3f} s first, {out[name]['build_s']:.3f} s "
+              "median", file=sys.stderr, flush=True)
+    out["steal_percent"] = steal_since(steal0)["steal_percent"]
+    out["load"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+    if a.json:
+        sys.stdout.buffer.write(orjson.dumps(out, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print(f"steal {out['steal_percent']}%, load {out['load'][0]} -> {out['load'][1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,8 @@ MAX_QTY = 10**12
 ORDER_ID_END = 2**63
 SIDES = {"buy": 1, "sell": -1, "short": -1}
 TYPES = ("instrument", "limit", "position", "mark", "new", "replace", "cancel", "done", "fill",
-         "bust", "roll")
+         "bust", "roll", "fx")
+CURRENCIES = 256  # SPEC section 7: 0 <= currency < 256, 0 the base currency
 
 # Reject reasons.
 BAD_TYPE = "bad_type"
@@ -153,8 +154,10 @@ class Model:
         self.cap_orders = orders
         self.cap_cells = cells
 
-        # instrument -> {"multiplier", "margin_rate", "beta", "sector"}
+        # instrument -> {"multiplier", "margin_rate", "beta", "sector", "currency"}
         self.refdata = {}
+        # currency -> its last fx rate (a currency never given one: 1.0)
+        self.rates = {}
         # instrument -> last mark price
         self.marks = {}
         # instrument -> price of the most recent accepted fill/new/replace with price > 0
@@ -179,8 +182,13 @@ class Model:
     def _instrument(self, i):
         rd = self.refdata.get(i)
         if rd is None:
-            return {"multiplier": 1.0, "margin_rate": 1.0, "beta": 1.0, "sector": 0}
+            return {"multiplier": 1.0, "margin_rate": 1.0, "beta": 1.0, "sector": 0,
+                    "currency": 0}
         return rd
+
+    def rate(self, i):
+        """The base-currency value of one unit of instrument i's currency (SPEC 7)."""
+        return self.rates.get(self._instrument(i)["currency"], 1.0)
 
     def ref_price(self, i):
         if i in self.marks:
@@ -252,14 +260,26 @@ class Model:
         margin_rate = _float_field(obj, "margin_rate", ">=0")
         beta = _float_field(obj, "beta")
         sector = _id_field(obj, "sector")
+        currency = _id_field(obj, "currency", 0)
         self._check_range(i, self.cap_instruments)
         self._check_range(sector, self.cap_sectors)
+        self._check_range(currency, CURRENCIES)
         self.refdata[i] = {
             "multiplier": multiplier,
             "margin_rate": margin_rate,
             "beta": beta,
             "sector": sector,
+            "currency": currency,
         }
+        return None
+
+    # SPEC section 7.
+
+    def _ev_fx(self, obj):
+        currency = _int_field(obj, "currency", 1)  # 0 (the base) or negative: bad_field
+        rate = _float_field(obj, "rate", ">0")
+        self._check_range(currency, CURRENCIES)
+        self.rates[currency] = rate
         return None
 
     def _ev_limit(self, obj):
@@ -443,7 +463,7 @@ class Model:
             live[order["account"]] = live.get(order["account"], 0) + 1
 
         def v(i):
-            return self.ref_price(i) * self._instrument(i)["multiplier"]
+            return self.ref_price(i) * self._instrument(i)["multiplier"] * self.rate(i)
 
         # Positions.
         positions = []
@@ -451,7 +471,8 @@ class Model:
         for a, i in sorted(self.cells):
             c = self.cells[(a, i)]
             mult = self._instrument(i)["multiplier"]
-            pnl = mult * (c["pos"] * self.ref_price(i) - c["sod_qty"] * c["sod_price"] - c["flow"])
+            pnl = mult * self.rate(i) * (
+                c["pos"] * self.ref_price(i) - c["sod_qty"] * c["sod_price"] - c["flow"])
             cell_pnl[(a, i)] = pnl
             positions.append(
                 {

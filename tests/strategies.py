@@ -3,7 +3,8 @@
 Lifecycles across several sources, accounts and instruments, overfills, fills after
 cancels, replaces below the filled quantity, marks, reference-data changes, limits,
 start-of-day positions, busts (of live, finished and unknown orders, matching or not) and
-rolls (SPEC section 6), and malformed lines (wrong kinds, missing fields, unknown types,
+rolls (SPEC section 6), instruments in several currencies and moving fx rates (SPEC
+section 7), and malformed lines (wrong kinds, missing fields, unknown types,
 non-objects, non-finite numbers).
 """
 
@@ -22,6 +23,9 @@ QTY = st.one_of(st.integers(1, 500), st.integers(10**11, 10**12))
 PRICES = st.one_of(st.sampled_from([0.0, 0.01, 1.0, 99.5, 100.0, 101.25]),
                    st.floats(0.01, 1e4, allow_nan=False, allow_infinity=False))
 POS_PRICES = st.floats(0.01, 1e4, allow_nan=False, allow_infinity=False)
+CURRENCIES = st.integers(0, 3)  # 0: the base currency
+RATES = st.one_of(st.sampled_from([0.0067, 0.92, 1.0, 1.27, 150.0]),
+                  st.floats(1e-4, 1e3, allow_nan=False, allow_infinity=False))
 LIMITS = st.one_of(st.just(0), st.floats(0, 1e7, allow_nan=False, allow_infinity=False))
 
 
@@ -42,9 +46,12 @@ def order_event(draw):
 
 @st.composite
 def reference_event(draw):
-    kind = draw(st.sampled_from(["mark", "mark", "instrument", "limit", "position", "roll"]))
+    kind = draw(st.sampled_from(["mark", "mark", "instrument", "limit", "position", "roll",
+                                 "fx"]))
     if kind == "roll":
         return {"type": "roll"}
+    if kind == "fx":
+        return {"type": "fx", "currency": draw(st.integers(1, 3)), "rate": draw(RATES)}
     if kind == "mark":
         return {"type": "mark", "instrument": draw(INSTRUMENTS), "price": draw(POS_PRICES)}
     if kind == "instrument":
@@ -52,7 +59,8 @@ def reference_event(draw):
                 "multiplier": draw(st.sampled_from([0.01, 1.0, 50.0, 100.0])),
                 "margin_rate": draw(st.sampled_from([0.0, 0.1, 0.25, 1.0])),
                 "beta": draw(st.sampled_from([-0.5, 0.0, 0.8, 1.2])),
-                "sector": draw(st.integers(0, 3))}
+                "sector": draw(st.integers(0, 3)),
+                **({"currency": draw(CURRENCIES)} if draw(st.booleans()) else {})}
     if kind == "limit":
         e = {"type": "limit", "account": draw(ACCOUNTS)}
         for k in ("gross", "net", "margin", "loss"):
@@ -93,8 +101,32 @@ def line(e) -> str:
     return e if isinstance(e, str) else json.dumps(e)
 
 
+@st.composite
+def fx_event(draw):
+    """A currency's new rate (SPEC section 7), or an instrument moved to another currency."""
+    if draw(st.integers(0, 2)) == 0:
+        return {"type": "instrument", "instrument": draw(INSTRUMENTS),
+                "multiplier": draw(st.sampled_from([1.0, 50.0])), "margin_rate": 0.1,
+                "beta": 1.0, "sector": draw(st.integers(0, 3)), "currency": draw(CURRENCIES)}
+    return {"type": "fx", "currency": draw(st.integers(1, 3)), "rate": draw(RATES)}
+
+
+@st.composite
+def currency_setup(draw):
+    """Each instrument described, in a currency of its own draw (0 included)."""
+    return [{"type": "instrument", "instrument": i, "multiplier": 1.0, "margin_rate": 0.25,
+             "beta": 0.8, "sector": i % 2, "currency": draw(CURRENCIES)} for i in range(4)]
+
+
 EVENTS = st.lists(
     st.one_of(order_event(), order_event(), order_event(), reference_event(),
               malformed_event()),
     min_size=1, max_size=120,
 ).map(lambda es: [line(e) for e in es])
+# Streams in which currencies matter: every instrument in a currency from the start, and
+# rates (and instruments' currencies) that move often among the trading.
+FX_EVENTS = st.tuples(
+    currency_setup(),
+    st.lists(st.one_of(order_event(), order_event(), order_event(), fx_event(), fx_event(),
+                       reference_event(), malformed_event()), min_size=10, max_size=120),
+).map(lambda p: [line(e) for e in p[0] + p[1]])

@@ -5,7 +5,7 @@ tallies equal a from-scratch recomputation from the cells."""
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from reference_model import run_lines
-from strategies import EVENTS
+from strategies import EVENTS, FX_EVENTS
 from support import Run
 
 from exposure.bench.flowgen import generate, to_jsonl
@@ -44,6 +44,18 @@ def test_tiny_capacities_give_capacity_rejects_and_no_corrupted_state(lines):
     caps = {**CAPS, "orders": 2, "cells": 3}
     r = Run(lines, Capacities(**caps))
     want_doc, want_status = run_lines(lines, **caps)
+    assert r.statuses() == want_status
+    assert compare_documents(r.doc, want_doc, rel=REL) == []
+    assert compare_documents(r.doc, r.scratch, rel=REL) == []
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(FX_EVENTS)
+def test_with_currencies_and_moving_rates_kernel_model_and_recomputation_agree(lines):
+    """SPEC section 7: instruments in several currencies, fx events among the trading,
+    instruments that change currency: the kernel, the model and the recomputation agree."""
+    r = Run(lines, Capacities(**CAPS))
+    want_doc, want_status = run_lines(lines, **CAPS)
     assert r.statuses() == want_status
     assert compare_documents(r.doc, want_doc, rel=REL) == []
     assert compare_documents(r.doc, r.scratch, rel=REL) == []

@@ -14,7 +14,8 @@ from support import DATA
 from exposure.core.capacity import Capacities
 from exposure.engine.desk import Desk
 from exposure.engine.document import compare_documents, document
-from exposure.engine.parse import read_events
+from exposure.engine.kernel import apply_batch
+from exposure.engine.parse import read_events, records_from_objects
 from exposure.engine.publish import publish_all, versions
 from exposure.engine.replay import replay_records
 from exposure.shm.session_layout import SESSION_COLS
@@ -61,3 +62,24 @@ def test_a_snapshot_of_a_layout_version_nobody_knows_is_refused(tmp_path):
     assert HEADER_SIZE == 256
     with pytest.raises(SnapshotError, match="layout version 99"):
         _load(bad)
+
+
+def test_a_version_3_snapshot_is_migrated_into_the_base_currency():
+    """tests/data/snapshot-v3 was written by the version-3 code (commit fb6294b, before
+    SPEC section 7) from snapshot-v2/events.jsonl: every instrument comes back in the base
+    currency at rate 1.0, with its own change tags, and the currencies work after it."""
+    (_, path), = snapshots(DATA / "snapshot-v3")
+    g, st, _ = _load(path)
+    recs = read_events(V2 / "events.jsonl")
+    whole = replay_records(recs, CAPS)
+    assert g == len(recs) and compare_documents(document(st), document(whole)) == []
+    assert (st.inst["currency"] == 0).all() and (st.inst["cnext"] == -1).all()
+    assert (st.rate == 1.0).all() and (st.cur_head == -1).all()
+    assert np.array_equal(st.inst["gseq"], whole.inst["gseq"])  # not the snapshot's gseq
+    more = records_from_objects([
+        {"type": "instrument", "instrument": 3, "multiplier": 1.0, "margin_rate": 0.1,
+         "beta": 1.0, "sector": 0, "currency": 2}, {"type": "fx", "currency": 2, "rate": 0.5}])
+    more["gseq"] = [g + 1, g + 2]
+    apply_batch(st, more, np.zeros(2, np.uint8))
+    whole = replay_records(np.concatenate([recs, more]), CAPS)
+    assert compare_documents(document(st), document(whole)) == []

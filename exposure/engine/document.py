@@ -137,8 +137,9 @@ def _cell_pnl(st: State) -> np.ndarray:
     n = int(st.ctr[C_CELLS])
     c = st.cells[:n]
     ins = st.inst[c["instrument"]]
-    return ins["multiplier"] * (c["pos"] * ins["ref_price"] - c["sod_qty"] * c["sod_price"]
-                                - c["flow"])
+    rate = st.rate[ins["currency"]]  # SPEC section 7: the day's P&L at the current rate
+    return ins["multiplier"] * rate * (c["pos"] * ins["ref_price"]
+                                       - c["sod_qty"] * c["sod_price"] - c["flow"])
 
 
 def document(st: State) -> dict:
@@ -173,7 +174,7 @@ def document_from_cells(st: State) -> dict:
     c = st.cells[:n]
     A, S = st.acc.shape[0], st.sec.shape[0]
     ins = st.inst[c["instrument"]]
-    v = ins["ref_price"] * ins["multiplier"]
+    v = ins["ref_price"] * ins["multiplier"] * st.rate[ins["currency"]]  # base currency
     pos = c["pos"].astype(np.float64)
     ob, os_ = c["open_buy"], c["open_sell"]
     worst = np.maximum(np.abs(c["pos"] + ob), np.abs(c["pos"] - os_)).astype(np.float64)
@@ -185,7 +186,7 @@ def document_from_cells(st: State) -> dict:
     acc_t = np.column_stack([_group_fsum(acc_keys, terms[:, k], A) for k in range(8)])
     fund = np.array([math.fsum(terms[:, k].tolist()) for k in range(8)])
     inst = st.inst
-    iv = inst["ref_price"] * inst["multiplier"]
+    iv = inst["ref_price"] * inst["multiplier"] * st.rate[inst["currency"]]
     fp = np.zeros(len(inst), np.int64)
     ap = np.zeros(len(inst), np.int64)
     np.add.at(fp, c["instrument"], c["pos"])

@@ -12,7 +12,10 @@ long/short of its fund position, sector net and gross). When an event changes a 
 kernel computes the cell's contribution before and after from the cell's state and the
 instrument's reference data and moves the sums by the difference. A mark, a reference
 price change or an ``instrument`` event walks the instrument's chain of cells and does the
-same for each. Nothing is recomputed from scratch.
+same for each. Every value is in the base currency (SPEC section 7): an instrument's is
+ref_price x multiplier x ``st.rate[currency]``, and an ``fx`` event walks its currency's
+chain of instruments (``st.cur_head``, ``inst.cnext``), revaluing each as a mark would, at
+the old rate and then the new one. Nothing is recomputed from scratch.
 
 Each sum is kept as a (value, compensation) pair with compensated (TwoSum) addition, and
 the old contribution is removed with the bit-identical float it was added with, so a tally
@@ -97,6 +100,7 @@ from exposure.core.types import (
     MAX_ORDER_ID,
     MAX_QTY,
     N_CELL_TALLIES,
+    N_CURRENCIES,
     R_BAD_FIELD,
     R_BAD_TYPE,
     R_CAPACITY,
@@ -184,9 +188,10 @@ def _move(t, k, old, new):
 
 # ----------------------------------------------------------------------------- contributions
 @njit(cache=True, _nrt=False)
-def _contrib(pos, ob, os_, sod_qty, sod_price, flow, ref, mult, mr, beta):
-    """The eight numbers a cell adds to its account (types.K_* order)."""
-    v = ref * mult
+def _contrib(pos, ob, os_, sod_qty, sod_price, flow, ref, mult, mr, beta, rate):
+    """The eight numbers a cell adds to its account (types.K_* order), in the base
+    currency: ``rate`` is that of the instrument's currency (SPEC section 7)."""
+    v = ref * mult * rate
     p = float(pos)
     lng = p * v if pos > 0 else 0.0
     sht = -p * v if pos < 0 else 0.0
@@ -200,27 +205,28 @@ def _contrib(pos, ob, os_, sod_qty, sod_price, flow, ref, mult, mr, beta):
         float(w) * v,
         ap * v * mr,
         p * v * beta,
-        mult * (p * ref - float(sod_qty) * sod_price - flow),
+        mult * rate * (p * ref - float(sod_qty) * sod_price - flow),
     )
 
 
 @njit(cache=True, _nrt=False)
-def _cell_contrib(cells, c, ref, mult, mr, beta):
+def _cell_contrib(cells, c, ref, mult, mr, beta, rate):
     return _contrib(cells[c].pos, cells[c].open_buy, cells[c].open_sell, cells[c].sod_qty,
-                    cells[c].sod_price, cells[c].flow, ref, mult, mr, beta)
+                    cells[c].sod_price, cells[c].flow, ref, mult, mr, beta, rate)
 
 
 @njit(inline="always", cache=True, _nrt=False)
 def _cell_now(st, c):
     i = st.cells[c].instrument
     return _cell_contrib(st.cells, c, st.inst[i].ref_price, st.inst[i].multiplier,
-                         st.inst[i].margin_rate, st.inst[i].beta)
+                         st.inst[i].margin_rate, st.inst[i].beta,
+                         st.rate[st.inst[i].currency])
 
 
 @njit(cache=True, _nrt=False)
-def _inst_contrib(fund_pos, abs_pos, ref, mult):
+def _inst_contrib(fund_pos, abs_pos, ref, mult, rate):
     """(net long, net short, sector net, sector gross) of one instrument."""
-    v = ref * mult
+    v = ref * mult * rate
     fp = float(fund_pos)
     nl = fp * v if fund_pos > 0 else 0.0
     ns = -fp * v if fund_pos < 0 else 0.0
@@ -230,7 +236,7 @@ def _inst_contrib(fund_pos, abs_pos, ref, mult):
 @njit(inline="always", cache=True, _nrt=False)
 def _inst_now(st, i):
     return _inst_contrib(st.inst[i].fund_pos, st.inst[i].abs_pos, st.inst[i].ref_price,
-                         st.inst[i].multiplier)
+                         st.inst[i].multiplier, st.rate[st.inst[i].currency])
 
 
 @njit(cache=True, _nrt=False)
@@ -338,30 +344,90 @@ def _clear_changed(st):
 
 # ----------------------------------------------------------------------------- revaluation
 @njit(inline="always", cache=True, _nrt=False)
-def _revalue(st, i, ref, mult, mr, beta, sector, gseq):
-    """Change instrument ``i``'s reference data and move every tally that depends on it."""
+def _revalue_cells(st, i, ref, mult, mr, beta, o_rate, rate, gseq):
+    """Move the tallies of instrument ``i``'s cells from its current reference data and
+    the rate ``o_rate`` to (ref, mult, mr, beta) and ``rate``; the caller then stores them."""
     ins = st.inst[i]
-    old_i = _inst_now(st, i)
-    s_old = ins.sector
     o_ref, o_mult, o_mr, o_beta = ins.ref_price, ins.multiplier, ins.margin_rate, ins.beta
     c = ins.head
     while c >= 0:
-        old = _cell_contrib(st.cells, c, o_ref, o_mult, o_mr, o_beta)
-        new = _cell_contrib(st.cells, c, ref, mult, mr, beta)
+        old = _cell_contrib(st.cells, c, o_ref, o_mult, o_mr, o_beta, o_rate)
+        new = _cell_contrib(st.cells, c, ref, mult, mr, beta, rate)
         a = st.cells[c].account
         _apply_cell(st.acc[a], st.fund, old, new)
         _touch(st, a, gseq)
         _touch_cell(st, c)
         c = st.cells[c].next
+
+
+@njit(cache=True, _nrt=False)
+def _chain_unlink(inst, cur_head, i, cur):
+    """Take instrument ``i`` out of currency ``cur``'s chain (a walk of that chain: an
+    instrument changes currency rarely, if ever)."""
+    prev = np.int64(-1)
+    k = np.int64(cur_head[cur])
+    while k >= 0 and k != i:
+        prev = k
+        k = np.int64(inst[k].cnext)
+    if k < 0:
+        return
+    if prev < 0:
+        cur_head[cur] = inst[i].cnext
+    else:
+        inst[prev].cnext = inst[i].cnext
+    inst[i].cnext = -1
+
+
+@njit(inline="always", cache=True, _nrt=False)
+def _revalue(st, i, ref, mult, mr, beta, sector, cur, gseq):
+    """Change instrument ``i``'s reference data (currency ``cur`` included) and move every
+    tally that depends on it."""
+    ins = st.inst[i]
+    old_i = _inst_now(st, i)
+    s_old = ins.sector
+    o_cur = np.int64(ins.currency)
+    _revalue_cells(st, i, ref, mult, mr, beta, st.rate[o_cur], st.rate[cur], gseq)
     ins.ref_price = ref
     ins.multiplier = mult
     ins.margin_rate = mr
     ins.beta = beta
     ins.sector = sector
+    if cur != o_cur:  # the currency chains: only currencies other than the base have one
+        if o_cur != 0:
+            _chain_unlink(st.inst, st.cur_head, i, o_cur)
+        if cur != 0:
+            ins.cnext = st.cur_head[cur]
+            st.cur_head[cur] = i
+        ins.currency = cur
     _apply_inst(st.fund, st.sec, s_old, old_i, sector, _inst_now(st, i))
     _touch_inst(st, i, gseq)
     _touch_sec(st, s_old, gseq)
     _touch_sec(st, sector, gseq)
+
+
+@njit(cache=True, _nrt=False)
+def _fx(st, cur, rate, gseq):
+    """SPEC section 7's ``fx``: currency ``cur``'s rate becomes ``rate``, which moves every
+    tally of every instrument quoted in it, as a mark moves one instrument's. A call of its
+    own (off the per-event path, like the roll): it walks the currency's chain of
+    instruments and each one's chain of cells, with the same before/after brackets as
+    :func:`_revalue`."""
+    o_rate = st.rate[cur]
+    if rate == o_rate:
+        return
+    i = np.int64(st.cur_head[cur])
+    while i >= 0:
+        ins = st.inst[i]
+        old_i = _inst_now(st, i)
+        _revalue_cells(st, i, ins.ref_price, ins.multiplier, ins.margin_rate, ins.beta,
+                       o_rate, rate, gseq)
+        s = np.int64(ins.sector)
+        new_i = _inst_contrib(ins.fund_pos, ins.abs_pos, ins.ref_price, ins.multiplier, rate)
+        _apply_inst(st.fund, st.sec, s, old_i, s, new_i)
+        _touch_inst(st, i, gseq)
+        _touch_sec(st, s, gseq)
+        i = np.int64(ins.cnext)
+    st.rate[cur] = rate
 
 
 # ----------------------------------------------------------------------------- tables
@@ -526,12 +592,14 @@ def _roll(st, gseq):
         i = cells[c].instrument
         ins = inst[i]
         ref, mult, mr, beta = ins.ref_price, ins.multiplier, ins.margin_rate, ins.beta
-        old = _cell_contrib(cells, c, ref, mult, mr, beta)
+        rate = st.rate[ins.currency]
+        old = _cell_contrib(cells, c, ref, mult, mr, beta, rate)
         cells[c].sod_qty = cells[c].pos
         cells[c].sod_price = ref
         cells[c].flow = 0.0
         a = cells[c].account
-        _apply_cell(st.acc[a], st.fund, old, _cell_contrib(cells, c, ref, mult, mr, beta))
+        _apply_cell(st.acc[a], st.fund, old,
+                    _cell_contrib(cells, c, ref, mult, mr, beta, rate))
         _touch(st, a, gseq)
     # 2. compaction: cchanged[old id] = new id, or -1 for a forgotten cell
     m = np.int64(0)
@@ -597,7 +665,7 @@ def _validate(st, r, t):
     wrong_partition = r.reject == R_WRONG_PARTITION
     if r.reject != 0 and not wrong_partition:  # decided before the kernel (the JSON form)
         return R_BAD_TYPE if r.reject == R_BAD_TYPE else R_BAD_FIELD
-    if t < 1 or t > T_MAX or t == T_FX:  # fx: not applied yet (issue 29, in progress)
+    if t < 1 or t > T_MAX:
         return R_BAD_TYPE
     price = r.price
     if t == T_NEW or t == T_FILL or t == T_BUST:
@@ -630,11 +698,17 @@ def _validate(st, r, t):
     elif t == T_ROLL:
         if not _roll_date_ok(r.qty):  # the trading date it closes (0: undated)
             return R_BAD_FIELD
-    elif t == T_INSTRUMENT:
+    elif t == T_INSTRUMENT:  # currency (SPEC section 7) in qty; negative: not an id
         if not (_finite(r.x0) and r.x0 > 0.0 and _finite(r.x1) and r.x1 >= 0.0
-                and _finite(r.x2)):
+                and _finite(r.x2)) or r.qty < 0:
             return R_BAD_FIELD
-        if r.instrument >= st.inst.shape[0] or r.sector >= st.sec.shape[0]:
+        if (r.instrument >= st.inst.shape[0] or r.sector >= st.sec.shape[0]
+                or r.qty >= N_CURRENCIES):
+            return R_OUT_OF_RANGE
+    elif t == T_FX:  # SPEC section 7: currency (1..) in qty, rate (> 0) in price
+        if r.qty < 1 or not _finite(price) or price <= 0.0:
+            return R_BAD_FIELD
+        if r.qty >= N_CURRENCIES:
             return R_OUT_OF_RANGE
     else:  # T_LIMIT
         if not (_finite(r.x0) and r.x0 >= 0.0 and _finite(r.x1) and r.x1 >= 0.0
@@ -662,6 +736,10 @@ def _step(st, r):
         st.acc_lim[a, L_MARGIN] = r.x2
         st.acc_lim[a, L_LOSS] = r.x3
         _touch(st, a, gseq)
+        return S_ACCEPTED
+
+    if t == T_FX:  # SPEC section 7: a call of its own too (it walks a currency's chain)
+        _fx(st, np.int64(r.qty), r.price, gseq)
         return S_ACCEPTED
 
     if t == T_ROLL:  # SPEC section 6: rare, so a call of its own (off the hot path)
@@ -706,18 +784,20 @@ def _step(st, r):
     ins = st.inst[i]
     ref, mult, mr, beta, sector = (ins.ref_price, ins.multiplier, ins.margin_rate, ins.beta,
                                    np.int64(ins.sector))
+    cur = np.int64(ins.currency)
     price = r.price
     if t == T_MARK:
         ins.marked = 1
         ref = price
     elif t == T_INSTRUMENT:
         mult, mr, beta, sector = r.x0, r.x1, r.x2, np.int64(r.sector)
+        cur = np.int64(r.qty)
     elif (t != T_POSITION and t != T_CANCEL and t != T_DONE and t != T_BUST and price > 0.0
           and ins.marked == 0):  # a bust is not a price hint (SPEC section 6)
         ref = price
     if (ref != ins.ref_price or mult != ins.multiplier or mr != ins.margin_rate
-            or beta != ins.beta or sector != ins.sector):
-        _revalue(st, i, ref, mult, mr, beta, sector, gseq)
+            or beta != ins.beta or sector != ins.sector or cur != ins.currency):
+        _revalue(st, i, ref, mult, mr, beta, sector, cur, gseq)
     if c < 0:  # mark or instrument event: done
         return S_ACCEPTED
 
@@ -854,7 +934,8 @@ def apply_batch(st, recs, status):
         s = _step(st, r)
         status[k] = s
         t = r.type
-        if t == T_MARK or t == T_INSTRUMENT or t == T_ROLL:  # a cluster counts these once
+        if t == T_MARK or t == T_INSTRUMENT or t == T_ROLL or t == T_FX:  # counted once
+            # by a cluster (every partition sees them)
             if s == S_ACCEPTED:
                 ctr[C_BCAST_ACCEPTED] += 1
                 if t == T_ROLL:

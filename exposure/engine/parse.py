@@ -43,6 +43,7 @@ from exposure.core.types import (
     T_CANCEL,
     T_DONE,
     T_FILL,
+    T_FX,
     T_INSTRUMENT,
     T_LIMIT,
     T_MARK,
@@ -106,7 +107,10 @@ _FIELDS = {
                  ("qty", "qty", "qty", True), ("price", "price", "num", False)],
     T_INSTRUMENT: [("instrument", "instrument", "id", True), ("multiplier", "x0", "num", True),
                    ("margin_rate", "x1", "num", True), ("beta", "x2", "num", True),
-                   ("sector", "sector", "id", True)],
+                   ("sector", "sector", "id", True),
+                   ("currency", "qty", "id", False)],  # SPEC section 7 (absent: 0)
+    # SPEC section 7: a currency's rate. The kernel checks 1 <= currency < 256, rate > 0.
+    T_FX: [("currency", "qty", "id", True), ("rate", "price", "num", True)],
     T_LIMIT: [("account", "account", "id", True), ("gross", "x0", "num", False),
               ("net", "x1", "num", False), ("margin", "x2", "num", False),
               ("loss", "x3", "num", False)],
@@ -433,6 +437,10 @@ def record_objects(recs: np.ndarray, stamps: bool = False) -> list[dict]:
         elif t == T_INSTRUMENT:
             d = {"type": name, "instrument": instrument, "multiplier": x0, "margin_rate": x1,
                  "beta": x2, "sector": sector}
+            if qty:  # the currency (absent: 0, the base)
+                d["currency"] = qty
+        elif t == T_FX:
+            d = {"type": name, "currency": qty, "rate": price}
         elif t == T_LIMIT:
             d = {"type": name, "account": account, "gross": x0, "net": x1, "margin": x2,
                  "loss": x3}

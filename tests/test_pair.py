@@ -63,10 +63,30 @@ def in_sync(node, primary=None) -> bool:
     return cp is not None and cp[CTL_EPOCH] == c[CTL_PEER_EPOCH]
 
 
-def flow(tmp_path, n: int, seed: int, name: str = "flow.jsonl"):
+def flow(tmp_path, n: int, seed: int, name: str = "flow.jsonl", currencies: int = 0):
+    """``n`` events of the benchmark's flow; with ``currencies``, its instruments quoted in
+    the base and that many other currencies, and one mark in 20 an ``fx`` that moves a rate
+    (SPEC section 7; still ``n`` events)."""
     path = tmp_path / name
-    path.write_bytes(to_jsonl(generate(n, accounts=100, instruments=1000, universe=40,
-                                       live_target=5000, seed=seed)))
+    data = to_jsonl(generate(n, accounts=100, instruments=1000, universe=40,
+                             live_target=5000, seed=seed))
+    if currencies:
+        rng = random.Random(seed)
+        rate = {c: rng.choice((1.08, 0.0067, 1.27, 0.74)) for c in range(1, currencies + 1)}
+        out, marks = [], 0
+        for line in data.splitlines():
+            e = json.loads(line)
+            if e["type"] == "instrument":
+                e["currency"] = e["instrument"] % (currencies + 1)
+            elif e["type"] == "mark":
+                marks += 1
+                if marks % 20 == 0:
+                    c = rng.randrange(1, currencies + 1)
+                    rate[c] *= rng.uniform(0.99, 1.01)
+                    e = {"type": "fx", "currency": c, "rate": rate[c]}
+            out.append(json.dumps(e))
+        data = ("\n".join(out) + "\n").encode()
+    path.write_bytes(data)
     return path
 
 
@@ -187,13 +207,15 @@ def test_kill_9_of_the_primary_promotes_the_backup_and_the_client_finishes_on_it
         pair, tmp_path, release):
     """The backup (recorded synchronous) takes over within failover_ms; as the new primary
     it runs alone, so acknowledgements resume without a backup. The old primary comes back
-    as a backup and catches up; nothing acknowledged is lost or counted twice."""
+    as a backup and catches up; nothing acknowledged is lost or counted twice. The flow
+    quotes instruments in four currencies with moving rates (SPEC section 7): both nodes
+    end equal to replay and to each other, byte for byte (rates and currency chains too)."""
     from exposure.feed.subscriber import Subscriber
 
     rnd = seeded()
     p = pair(release=release)
     n = 60_000
-    events = flow(tmp_path, n, rnd.randrange(1 << 30))
+    events = flow(tmp_path, n, rnd.randrange(1 << 30), currencies=3)  # and moving rates
     # A feed subscriber configured with the primary's config alone (it learns the backup's
     # recovery server from peer_snapshot) follows the failover.
     sub = Subscriber.from_config(p.a.config)

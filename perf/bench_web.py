@@ -4,7 +4,9 @@
 
 Starts a node (harness.LocalNode), ``exposure web`` on it (its own process, as deployed),
 a sender streaming a generated flow at ``--rate`` over ``--accounts`` accounts (its own
-process), and ``--clients`` WebSocket clients in this process (asyncio).
+process), and ``--clients`` WebSocket clients in ``--procs`` processes (each a selectors
+loop over plain sockets that reads every frame as it comes: little Python per message, so
+that the clients keep up and the figures are the server's).
 Reports the web process's CPU (user + system, over the measured window, as a share of one
 core), the messages and bytes the clients received, and the **feed-to-browser latency**:
 for each update a client receives (a simulated client reads every message off its socket
@@ -18,10 +20,13 @@ newest. Percentiles p50/p99/max over every (client, update).
 from __future__ import annotations
 
 import argparse
-import asyncio
+import base64
 import multiprocessing as mp
+import os
 import re
+import selectors
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,40 +52,81 @@ def _sender(host: str, port: int, rate: float, seconds: float, accounts: int) ->
                  timeout=120)
 
 
-async def _clients(port: int, n: int, seconds: float, warm: float) -> dict:
-    import websockets
+def _connect(port: int) -> tuple[socket.socket, bytes]:
+    """A WebSocket client's connection, handshake done (a plain socket: the frames are
+    read by :func:`_clients` itself, with little Python per message)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        head += chunk
+    if b" 101 " not in head.split(b"\r\n", 1)[0]:
+        raise ConnectionError(head.split(b"\r\n", 1)[0].decode())
+    s.setblocking(False)
+    return s, head.split(b"\r\n\r\n", 1)[1]
 
+
+def _clients(port: int, n: int, seconds: float, warm: float) -> dict:
+    """``n`` clients in one process: each reads every frame off its socket as it comes
+    (selectors), stamps its arrival, and reads the stamps at the head of an update."""
     lat_old: list[int] = []
     lat_new: list[int] = []
     got = {"messages": 0, "bytes": 0, "snapshots": 0, "closed": 0}
+    sel = selectors.DefaultSelector()
+    for _ in range(n):
+        s, rest = _connect(port)
+        sel.register(s, selectors.EVENT_READ, bytearray(rest))
     t_measure = time.monotonic() + warm
     end = t_measure + seconds
-
-    async def one() -> None:
-        try:
-            async with websockets.connect(f"ws://127.0.0.1:{port}/ws",
-                                          max_size=1 << 26) as ws:
-                while (left := end - time.monotonic()) > 0:
-                    try:
-                        raw = await asyncio.wait_for(ws.recv(), left)
-                    except TimeoutError:
+    while (now_m := time.monotonic()) < end and sel.get_map():
+        for key, _ in sel.select(min(0.1, end - now_m)):
+            buf: bytearray = key.data
+            try:
+                chunk = key.fileobj.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                got["closed"] += 1
+                sel.unregister(key.fileobj)
+                continue
+            buf += chunk
+            now = time.time_ns()
+            measuring = time.monotonic() >= t_measure
+            while len(buf) >= 2:  # whole frames (server frames are not masked)
+                ln, off = buf[1] & 0x7F, 2
+                if ln == 126:
+                    if len(buf) < 4:
                         break
-                    now = time.time_ns()
-                    if time.monotonic() < t_measure:
-                        continue
+                    ln, off = int.from_bytes(buf[2:4], "big"), 4
+                elif ln == 127:
+                    if len(buf) < 10:
+                        break
+                    ln, off = int.from_bytes(buf[2:10], "big"), 10
+                if len(buf) < off + ln:
+                    break
+                if measuring and buf[0] & 0x0F in (1, 2):
                     got["messages"] += 1
-                    got["bytes"] += len(raw)
-                    head = _HEAD.match(raw)  # (the stamps lead an update: no full parse)
+                    got["bytes"] += ln
+                    head = _HEAD.match(bytes(buf[off:off + 128]))
                     if head is None:
-                        got["snapshots"] += raw.startswith(b'{"type":"snapshot"')
+                        got["snapshots"] += buf[off:off + 18] == b'{"type":"snapshot"'
                     elif int(head[1]):
                         lat_old.append(now - int(head[1]))
                         lat_new.append(now - int(head[2]))
-        except Exception:
-            got["closed"] += 1
+                del buf[:off + ln]
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()
+    return {"got": got, "old": lat_old, "new": lat_new}
 
-    await asyncio.gather(*(one() for _ in range(n)))
-    return {"got": got, "old": np.array(lat_old), "new": np.array(lat_new)}
+
+def _client_process(port: int, n: int, seconds: float, warm: float, out) -> None:
+    out.put(_clients(port, n, seconds, warm))
 
 
 def _pct(a: np.ndarray) -> str:
@@ -98,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--accounts", type=int, default=200, help="accounts the flow moves")
     ap.add_argument("--warm", type=float, default=3.0, help="seconds before measuring")
+    ap.add_argument("--procs", type=int, default=2, help="client processes")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench-web-"))
     node = LocalNode(tmp)
@@ -117,25 +164,35 @@ def main(argv: list[str] | None = None) -> int:
             daemon=True)
         sender.start()
         load0 = psutil.getloadavg()
-        cpu = {}
-
-        async def run() -> dict:
-            task = asyncio.create_task(_clients(port, args.clients, args.seconds, args.warm))
-            await asyncio.sleep(args.warm)
-            t = proc.cpu_times()
-            cpu["t0"], cpu["c0"] = time.monotonic(), t.user + t.system
-            res = await task
-            t = proc.cpu_times()
-            cpu["t1"], cpu["c1"] = time.monotonic(), t.user + t.system
-            return res
-
-        res = asyncio.run(run())
+        ctx = mp.get_context("spawn")
+        out = ctx.Queue()
+        per = [args.clients // args.procs + (k < args.clients % args.procs)
+               for k in range(args.procs)]
+        procs = [ctx.Process(target=_client_process, args=(port, k, args.seconds, args.warm,
+                                                            out), daemon=True)
+                 for k in per if k]
+        for p in procs:
+            p.start()
+        time.sleep(args.warm)
+        t = proc.cpu_times()
+        cpu = {"t0": time.monotonic(), "c0": t.user + t.system, "g0": node.last_gseq()}
+        parts = [out.get(timeout=args.seconds + 120) for _ in procs]
+        t = proc.cpu_times()
+        cpu["t1"], cpu["c1"] = time.monotonic(), t.user + t.system
+        cpu["g1"] = node.last_gseq()
+        for p in procs:
+            p.join(10)
+        res = {"got": {k: sum(r["got"][k] for r in parts) for k in parts[0]["got"]},
+               "old": np.array([x for r in parts for x in r["old"]]),
+               "new": np.array([x for r in parts for x in r["new"]])}
         share = (cpu["c1"] - cpu["c0"]) / (cpu["t1"] - cpu["t0"])
         g = res["got"]
         print(f"bench_web: {args.clients} clients, {args.rate:,.0f} events/s over "
               f"{args.accounts} accounts, "
               f"{args.seconds:g} s measured (after {args.warm:g} s), load average "
               f"before {load0[0]:.2f}, {psutil.cpu_count()} CPUs")
+        rate = (cpu["g1"] - cpu["g0"]) / (cpu["t1"] - cpu["t0"])
+        print(f"  the node applied {rate:,.0f} events/s in the window")
         print(f"  web process CPU: {100 * share:.1f}% of one core")
         per = g["messages"] / args.seconds / max(1, args.clients)
         print(f"  received: {g['messages']:,} messages ({per:.1f}/s per client), "

@@ -132,7 +132,7 @@ class Book:
                                              (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT,
                                               ROW_SECTOR)}
         self._reset = False
-        self._feed_ns = [0, 0]
+        self._feed_ns = {False: [0, 0], True: [0, 0]}  # by fund-level (instruments, sectors)
         self._epoch = 0
         self._meta: bytes = b""
         self._meta_at = 0.0
@@ -188,7 +188,7 @@ class Book:
         stamps = stamps[stamps > 0]
         if len(stamps):
             lo, hi = int(stamps.min()), int(stamps.max())
-            f = self._feed_ns
+            f = self._feed_ns[b.kind in (ROW_INSTRUMENT, ROW_SECTOR)]
             f[0] = lo if not f[0] else min(f[0], lo)
             f[1] = max(f[1], hi)
         return len(ids)
@@ -326,6 +326,17 @@ class Book:
             out["rows"] = _rows_of([cols[c] for c in POSITION_COLUMNS])
         return orjson.dumps(out)
 
+    def _stamps(self, fund_level: bool) -> tuple[int, int]:
+        """The oldest and newest compute stamps of the rows this tick sends (0: none)."""
+        a = self._feed_ns[False]
+        f = self._feed_ns[True] if fund_level else [0, 0]
+        lo = min([x for x in (a[0], f[0]) if x], default=0)
+        out = (lo, max(a[1], f[1]))
+        self._feed_ns[False] = [0, 0]
+        if fund_level:
+            self._feed_ns[True] = [0, 0]
+        return out
+
     def take(self, fresh_meta: bool = False, fund_level: bool = True) -> Tick:
         """What moved since the last call, as a :class:`Tick` (the conflation point);
         ``fresh_meta``: the node line read now (else at most 0.25 s old); ``fund_level``
@@ -334,7 +345,7 @@ class Book:
         d = self._dirty
         meta = self._meta_bytes(fresh_meta)
         reset, self._reset = self._reset, False
-        feed_ns, self._feed_ns = tuple(self._feed_ns), [0, 0]
+        feed_ns = self._stamps(fund_level or reset)
         if reset:
             for s in d.values():
                 s.clear()

@@ -9,6 +9,9 @@ events move their rates throughout (SPEC section 7: every partition sees every f
 
 from __future__ import annotations
 
+import json
+import random
+
 import numpy as np
 
 from exposure.core.partition import PartitionMap
@@ -27,7 +30,7 @@ from exposure.core.types import (
     T_REPLACE,
 )
 
-__all__ = ["cluster_stream", "two_partitions", "three_partitions"]
+__all__ = ["cluster_stream", "two_partitions", "three_partitions", "quote_in_currencies"]
 
 
 def two_partitions() -> PartitionMap:
@@ -153,3 +156,26 @@ def cluster_stream(seed: int, pmap: PartitionMap, n: int = 20_000, instruments: 
         for f, v in e.items():
             r[f] = v
     return recs, np.array(bad)
+
+
+def quote_in_currencies(jsonl: bytes, currencies: int, seed: int) -> bytes:
+    """A JSONL stream (the benchmark's flow) with its instruments quoted in the base and
+    ``currencies`` other currencies (``instrument % (currencies + 1)``) and one mark in 20
+    replaced by an ``fx`` that moves a rate by up to 1% (SPEC section 7): as many events.
+    (Only those lines are parsed: the rest pass through as they are.)"""
+    rng = random.Random(seed)
+    rate = {c: rng.choice((1.08, 0.0067, 1.27, 0.74)) for c in range(1, currencies + 1)}
+    out, marks = [], 0
+    for line in jsonl.splitlines():
+        if line.startswith(b'{"type":"instrument"'):
+            e = json.loads(line)
+            e["currency"] = e["instrument"] % (currencies + 1)
+            line = json.dumps(e, separators=(",", ":")).encode()
+        elif line.startswith(b'{"type":"mark"'):
+            marks += 1
+            if marks % 20 == 0:
+                c = rng.randrange(1, currencies + 1)
+                rate[c] *= rng.uniform(0.99, 1.01)
+                line = json.dumps({"type": "fx", "currency": c, "rate": rate[c]}).encode()
+        out.append(line)
+    return b"\n".join(out) + b"\n"

@@ -20,6 +20,7 @@ from exposure.engine.replay import replay_records
 from exposure.harness.localnode import LocalNode
 from exposure.harness.wait import wait_for
 from exposure.store.journal import scan
+from tests.clusterflow import quote_in_currencies
 
 pytestmark = pytest.mark.process
 
@@ -57,8 +58,10 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged_and_counts_nothing_twice(t
     victims = rnd.sample(VICTIMS, len(VICTIMS))
     print(f"seed {seed} victims {victims}")
     events = tmp_path / "flow.jsonl"
-    events.write_bytes(to_jsonl(generate(N_EVENTS, accounts=100, instruments=1000,
-                                         universe=40, live_target=5000, seed=seed)))
+    # instruments in four currencies, rates moving (SPEC section 7): recovery keeps them
+    events.write_bytes(quote_in_currencies(to_jsonl(generate(
+        N_EVENTS, accounts=100, instruments=1000, universe=40, live_target=5000, seed=seed)),
+        3, seed))
     node = LocalNode(tmp_path)
     client = None
     try:

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from clusterflow import quote_in_currencies
 from nodes import etcd_or_skip
 
 from exposure.bench.flowgen import generate, to_jsonl
@@ -71,21 +72,7 @@ def flow(tmp_path, n: int, seed: int, name: str = "flow.jsonl", currencies: int 
     data = to_jsonl(generate(n, accounts=100, instruments=1000, universe=40,
                              live_target=5000, seed=seed))
     if currencies:
-        rng = random.Random(seed)
-        rate = {c: rng.choice((1.08, 0.0067, 1.27, 0.74)) for c in range(1, currencies + 1)}
-        out, marks = [], 0
-        for line in data.splitlines():
-            e = json.loads(line)
-            if e["type"] == "instrument":
-                e["currency"] = e["instrument"] % (currencies + 1)
-            elif e["type"] == "mark":
-                marks += 1
-                if marks % 20 == 0:
-                    c = rng.randrange(1, currencies + 1)
-                    rate[c] *= rng.uniform(0.99, 1.01)
-                    e = {"type": "fx", "currency": c, "rate": rate[c]}
-            out.append(json.dumps(e))
-        data = ("\n".join(out) + "\n").encode()
+        data = quote_in_currencies(data, currencies, seed)
     path.write_bytes(data)
     return path
 

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import os
 import socket
+import subprocess
 import threading
 import time
 
@@ -83,11 +84,22 @@ def test_binding_beyond_loopback_needs_a_users_file(tmp_path, capsys):
     assert "users file" in capsys.readouterr().err
 
 
+def test_hash_password_prints_a_hash_that_checks(monkeypatch, capsys):
+    import io
+
+    from exposure.ops.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("correct horse\n"))
+    assert main(["web", "--hash-password"]) == 0
+    h = capsys.readouterr().out.strip()
+    assert check_password("correct horse", h) and not check_password("correct horse\n", h)
+
+
 # ----------------------------------------------------------------------------- a server
 class Server:
     """A WebApp of a Book on the node's feed, served by uvicorn in a thread."""
 
-    def __init__(self, cfg_path, users_path, **kw):
+    def __init__(self, cfg_path, users_path, tls: tuple | None = None, **kw):
         from exposure.config.node import load_config
         from exposure.harness.localnode import free_port
         from exposure.web.app import WebApp
@@ -96,9 +108,9 @@ class Server:
 
         cfg = load_config(cfg_path)
         self.book = Book(cfg)
-        self.app = WebApp(self.book, load(users_path, cfg.names), **kw)
+        self.app = WebApp(self.book, load(users_path, cfg.names), tls=tls is not None, **kw)
         self.port = free_port()
-        self.server = make_server(self.app.asgi, "127.0.0.1", self.port)
+        self.server = make_server(self.app.asgi, "127.0.0.1", self.port, *(tls or ()))
         # A small kernel send buffer per client: a client that does not read fills it soon
         self.sock = listen_socket("127.0.0.1", self.port, sndbuf=16384)
         self.thread = threading.Thread(target=self.server.run, args=([self.sock],),
@@ -366,3 +378,41 @@ def test_a_client_that_does_not_read_is_dropped_not_buffered(node, server):
         assert msgs and msgs[0]["type"] == "snapshot" and code is None
     finally:
         s.close()
+
+
+@pytest.mark.process
+def test_over_tls_the_page_is_https_with_hsts_and_a_secure_cookie(node, tmp_path):
+    """--tls-cert/--tls-key: HTTPS (a self-signed certificate made here), the HSTS header,
+    and the session cookie marked Secure."""
+    import http.client
+    import ssl
+
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    p = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                        str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"],
+                       capture_output=True)
+    if p.returncode != 0:
+        pytest.skip(f"openssl could not make a certificate: {p.stderr[-300:]!r}")
+    s = Server(node.config, users_file(tmp_path), tls=(cert, key))
+    try:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        ctx.check_hostname = False
+        c = http.client.HTTPSConnection("127.0.0.1", s.port, context=ctx, timeout=10)
+        c.request("GET", "/")
+        r = c.getresponse()
+        assert r.status == 200 and r.read()
+        assert r.getheader("strict-transport-security").startswith("max-age=")
+        c.request("POST", "/login", orjson.dumps({"name": "pm2", "password": PASSWORDS["pm2"]}),
+                  {"content-type": "application/json"})
+        r = c.getresponse()
+        r.read()
+        assert r.status == 200 and "secure" in r.getheader("set-cookie").lower()
+        c.close()
+        # Plain HTTP to the TLS port gets no page.
+        plain = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
+        with pytest.raises((http.client.HTTPException, OSError)):
+            plain.request("GET", "/")
+            plain.getresponse()
+        plain.close()
+    finally:
+        s.stop()

@@ -30,7 +30,7 @@ pytestmark = [
     pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="no chromium/chromedriver "
                        "(tools/install-browser installs Debian's chromium and chromium-driver)"),
 ]
-NEW_ACCOUNT = 4001  # an account no generated flow touches (the capacity's last id... 4095)
+NEW_ACCOUNT = 4001  # an account the generated flows never touch (they stay below 4001)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,7 @@ def test_the_page_shows_what_dump_prints(node, web, browser):
 
 def test_an_event_shows_within_a_second_and_a_breach_turns_its_flag_on(node, web, browser):
     sel = f'tr[data-account="{NEW_ACCOUNT}"]'
+    assert str(NEW_ACCOUNT) not in page(browser)["accounts"]  # (new to the page)
     send(node, [{"type": "mark", "instrument": 5000, "price": 10.0},
                 {"type": "position", "account": NEW_ACCOUNT, "instrument": 5000, "qty": 100,
                  "price": 10.0}])

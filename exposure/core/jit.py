@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import numba
@@ -34,6 +35,26 @@ def _cache_dir() -> str:
     )
     return os.path.join(base, _source_fingerprint())
 
+
+def _array_math_without_blas_probe() -> None:
+    """Load numba's array-math implementations now, with ``scipy.linalg`` out of sight.
+
+    numba loads them at a process's first compile or cache load, and their import probes
+    for scipy's BLAS by importing ``scipy.linalg`` (where scipy is installed): about half
+    of numba's start-up, 0.2-0.6 s of CPU in every process of a node, each start. The probe
+    only picks how ``np.dot`` of two 1-D arrays is inlined in a few array functions; no
+    kernel of the package does linear algebra, and one that did would still get scipy's
+    BLAS (numba's ``np.dot``, ``np.linalg`` import it when they are compiled)."""
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return
+    sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  # an ImportError
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        del sys.modules["scipy.linalg"]
+
+
+_array_math_without_blas_probe()
 
 CACHE_DIR = _cache_dir()
 try:

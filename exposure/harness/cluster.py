@@ -166,7 +166,7 @@ class LocalCluster:
         with open(self.cons_log, "a") as log:
             self.cons = subprocess.Popen(cmd, stdout=log, stderr=log, **popen)
         wait_for(lambda: self.cons.poll() is not None or ready(), timeout,
-                 "the consolidator to be ready", step=0.05)
+                 "the consolidator to be ready", step=0.01)
         if self.cons.poll() is not None:
             raise RuntimeError(f"the consolidator exited: "
                                f"{self.cons_log.read_text(errors='replace')[-3000:]}")

@@ -97,7 +97,7 @@ class LocalGateway:
             return False
 
         try:
-            wait_for(ready, timeout, f"gateway {self.name} to say ready", step=0.05)
+            wait_for(ready, timeout, f"gateway {self.name} to say ready", step=0.01)
         except WaitTimeout:
             self.stop()
             raise

@@ -129,7 +129,7 @@ class LocalNode:
                 self.repl_port and listening("127.0.0.1", self.repl_port))
 
         try:
-            wait_for(up, timeout, f"node {self.name} to listen", self, step=0.05, tail=3000)
+            wait_for(up, timeout, f"node {self.name} to listen", self, step=0.01, tail=3000)
         except WaitTimeout:
             self.stop()
             raise
@@ -505,7 +505,7 @@ class LocalEtcd:
             return False
 
         try:
-            wait_for(healthy, timeout, "etcd to be healthy", step=0.05)
+            wait_for(healthy, timeout, "etcd to be healthy", step=0.02)
         except WaitTimeout as e:
             self.stop()
             raise RuntimeError(f"etcd did not start ({e}): "

@@ -11,10 +11,13 @@ is :class:`exposure.node.stages.agent.Runner`, which knows no particular stage.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import os
 import signal
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,7 +45,7 @@ from exposure.shm.tally_segment import TallySegment
 from exposure.shm.wait import WaitStrategy
 from exposure.store.journal import JournalWriter, read_record
 
-__all__ = ["Context", "BUILDERS", "run_process"]
+__all__ = ["Context", "BUILDERS", "run_process", "exit_process"]
 
 log = logging.getLogger(__name__)
 
@@ -252,3 +255,25 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
             s.close()
         for o in opened:
             o.close()
+
+
+def exit_process(code: int) -> None:
+    """End a node's process (a stage process, the supervisor) with ``code`` once it has
+    closed everything it opened: flush the logs and the standard streams, run the
+    ``atexit`` handlers, then ``os._exit``. What that skips is the interpreter's teardown,
+    which in a process that has loaded numba (thousands of cyclic objects: typing
+    registries, compiled overloads) costs 0.1-0.5 s of CPU at every stop and restart of a
+    node and leaves nothing behind that matters: segments are closed and unlinked, the
+    journal is closed, sockets and memory go with the process. A process that still has a
+    non-daemon thread running exits the ordinary way (the interpreter waits for it)."""
+    if any(t is not threading.main_thread() and t.is_alive() and not t.daemon
+           for t in threading.enumerate()):
+        sys.exit(code)
+    try:
+        atexit._run_exitfuncs()  # logging.shutdown (flushes every handler) among them
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    finally:
+        os._exit(code)

@@ -38,7 +38,7 @@ from exposure.config.node import NodeConfig, check_ports_free, load_config
 from exposure.core.log import setup
 from exposure.core.types import EVENT_SIZE, UPDATE_DTYPE
 from exposure.engine.publish import versions
-from exposure.node.process import run_process
+from exposure.node.process import exit_process, run_process
 from exposure.node.sdnotify import Notifier
 from exposure.node.segments import (
     reject_shape,
@@ -512,4 +512,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -27,7 +27,6 @@ import time
 import numpy as np
 from numba import njit
 
-from exposure.core import jit as _jit
 from exposure.core.types import (
     INSTPUB_DTYPE,
     INSTRUMENT_ROW_DTYPE,
@@ -167,6 +166,13 @@ def _pack_bound(h, epoch, seq, now, count):
     return n, d
 
 
+@njit(cache=True)
+def _gather_bound(h, b, cursor, limit, scan):
+    """:func:`exposure.engine.publish.gather_rows` over the state's handle ``h`` (the state
+    and its published tables' versions) and the buffers' handle ``b``."""
+    return gather_rows(*members(h), cursor, limit, scan, *members(b))
+
+
 @njit(cache=True, _nrt=False)
 def _seal(out, m, epoch, seq, dtype, now):
     """Stamp the epoch into rows ``0..m`` that follow the header words of ``out`` and
@@ -243,8 +249,8 @@ class FanoutStage(Stage):
         self._gather_bufs = (rows.view(UPDATE_DTYPE), rows.view(INSTRUMENT_ROW_DTYPE),
                              rows.view(SECTOR_ROW_DTYPE), np.zeros(1, PUBROW_DTYPE),
                              np.zeros(1, INSTPUB_DTYPE), np.zeros(1, SECPUB_DTYPE))
-        self._gather = _jit.entry(gather_rows, *self._gather_args, 0, 0, 0,
-                                  *self._gather_bufs)
+        self._gather_h = (Handle(*self._gather_args), Handle(*self._gather_bufs))
+        self._gather = bind(_gather_bound, *self._gather_h, 0, 0, 0)
         _seal(self.rbuf, 0, 0, 0, DG_REFRESH, 0)  # compiled (or loaded) now
 
     def _may_send(self) -> bool:
@@ -318,8 +324,7 @@ class FanoutStage(Stage):
         datagram's worth, looking at most at 512 positions of the tables)."""
         if not self._may_send():
             return
-        m, cursor = self._gather(*self._gather_args, self.cursor, self.per, 512,
-                                 *self._gather_bufs)
+        m, cursor = self._gather(*self._gather_h, self.cursor, self.per, 512)
         if cursor < self.cursor or (cursor == 0 and self.cursor == 0 and m == 0):
             self.cycles += 1
             self.cnt[_CYCLES] += 1

@@ -203,3 +203,32 @@ def test_the_consolidator_s_cpu_and_wait_are_checked(tmp_path):
         cl.write_text(base + extra)
         with pytest.raises(ClusterError, match=msg):
             load_cluster(cl)
+
+
+def test_every_partition_and_the_consolidator_name_the_same_currencies(tmp_path):
+    """SPEC section 7: an id means one currency across the cluster (an fx goes to every
+    partition), and the consolidator labels the composed figures with the same base."""
+    from exposure.cluster.topology import ClusterError, load_cluster
+
+    ccy = '[currencies]\nids = { EUR = 1, JPY = 2 }\n'
+    for k in (0, 1):
+        (tmp_path / f"p{k}.toml").write_text(f'[node]\nname = "p{k}"\n[ingest]\nport = '
+                                             f'{7800 + k}\n[partition]\ncluster = '
+                                             f'"cluster.toml"\nname = "p{k}"\n{ccy}')
+    (tmp_path / "cons.toml").write_text('[node]\nname = "cons-x"\n' + ccy)
+    cl = tmp_path / "cluster.toml"
+    cl.write_text('[[partition]]\nname = "p0"\nconfig = "p0.toml"\naccounts = [[0, 9]]\n'
+                  'sources = [0]\n[[partition]]\nname = "p1"\nconfig = "p1.toml"\n'
+                  'accounts = [[10, 19]]\nsources = [1]\n[consolidator]\n'
+                  'config = "cons.toml"\n')
+    assert load_cluster(cl).consolidator.currencies.id_of("JPY") == 2
+    p1 = (tmp_path / "p1.toml").read_text()
+    (tmp_path / "p1.toml").write_text(p1.replace("JPY = 2", "JPY = 3"))
+    with pytest.raises(ClusterError, match=r"p1.toml: \[currencies\] \(USD \(base\), EUR = 1, "
+                                           r"JPY = 3\) differs from .*p0.toml's"):
+        load_cluster(cl)
+    (tmp_path / "p1.toml").write_text(p1)
+    (tmp_path / "cons.toml").write_text('[node]\nname = "cons-x"\n')
+    with pytest.raises(ClusterError, match=r"consolidator: \[currencies\] \(USD \(base\)\) "
+                                           r"differs from the partitions'"):
+        load_cluster(cl)

@@ -145,6 +145,12 @@ def load_cluster(path: str | Path) -> Cluster:
             cfgs.append(cfg)
         members.append(tuple(cfgs))
     configs = [m[0] for m in members]
+    ccy = configs[0].currencies  # SPEC 7: one table, or the same id means two currencies
+    for cfg in (c for m in members for c in m):
+        if cfg.currencies != ccy:
+            raise ClusterError(f"{cfg.source}: [currencies] ({cfg.currencies.describe()}) "
+                               f"differs from {configs[0].source}'s ({ccy.describe()}): "
+                               "every partition names the same currencies")
     cons = None
     ct = doc.get("consolidator", {})
     if set(ct) - _KEYS["consolidator"]:
@@ -155,6 +161,9 @@ def load_cluster(path: str | Path) -> Cluster:
             cons = load_config(path.parent / ct["config"])
         except ConfigError as e:
             raise ClusterError(f"consolidator: {e}") from None
+        if cons.currencies != ccy:
+            raise ClusterError(f"consolidator: [currencies] ({cons.currencies.describe()}) "
+                               f"differs from the partitions' ({ccy.describe()})")
         if cons.name in seen["name"]:
             raise ClusterError(f"the consolidator and partition {seen['name'][cons.name]!r} "
                                f"have the same name {cons.name!r}")

@@ -215,14 +215,6 @@ def _cell_contrib(cells, c, ref, mult, mr, beta, rate):
                     cells[c].sod_price, cells[c].flow, ref, mult, mr, beta, rate)
 
 
-@njit(inline="always", cache=True, _nrt=False)
-def _cell_now(st, c):
-    i = st.cells[c].instrument
-    return _cell_contrib(st.cells, c, st.inst[i].ref_price, st.inst[i].multiplier,
-                         st.inst[i].margin_rate, st.inst[i].beta,
-                         st.rate[st.inst[i].currency])
-
-
 @njit(cache=True, _nrt=False)
 def _inst_contrib(fund_pos, abs_pos, ref, mult, rate):
     """(net long, net short, sector net, sector gross) of one instrument."""
@@ -802,10 +794,13 @@ def _step(st, r):
         return S_ACCEPTED
 
     # ---- the cell bracket: contributions before, the change, contributions after
+    # (ref, mult, mr, beta and cur are the instrument's values now, revalued or not: kept
+    # in registers rather than read again from its row after each store to the cell)
+    rate = st.rate[cur]
     cell = st.cells[c]
     a = np.int64(cell.account)
-    old_i = _inst_now(st, i)
-    old = _cell_now(st, c)
+    old_i = _inst_contrib(ins.fund_pos, ins.abs_pos, ref, mult, rate)
+    old = _cell_contrib(st.cells, c, ref, mult, mr, beta, rate)
     finish = False
     moves = t == T_FILL or t == T_POSITION or t == T_BUST
     if moves:
@@ -846,9 +841,10 @@ def _step(st, r):
         _open_add(st, c, o.side, new_open - o.open)
         o.open = new_open
         finish = new_open == 0
-    _apply_cell(st.acc[a], st.fund, old, _cell_now(st, c))
+    _apply_cell(st.acc[a], st.fund, old, _cell_contrib(st.cells, c, ref, mult, mr, beta, rate))
     if moves:
-        _apply_inst(st.fund, st.sec, sector, old_i, sector, _inst_now(st, i))
+        _apply_inst(st.fund, st.sec, sector, old_i, sector,
+                    _inst_contrib(ins.fund_pos, ins.abs_pos, ref, mult, rate))
         _touch_sec(st, sector, gseq)
     _touch_inst(st, i, gseq)
     _touch_cell(st, c)

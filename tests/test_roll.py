@@ -580,7 +580,8 @@ def test_a_cluster_loads_its_day_rolls_once_and_equals_replay_of_the_whole_strea
         closing = fund_line(document(replay_records(before)))
         assert closing["pnl"] != 0
         assert printed.strip() == describe({"date": "2030-01-07", "gseq": gseqs,
-                                            "fund": closing})
+                                            "fund": closing, "currency": "USD"})
+        assert "closing fund (USD): gross" in printed  # labelled (SPEC 7: the base)
         want = document(replay_records(whole))
         got = c.dump()
         assert got["counts"]["rolls"] == 1 and got["fund"]["pnl"] != 0

@@ -143,7 +143,7 @@ def roll_node(cfg, date: int, session: int = 1, secret: bytes | None = None,
     gseq = _find_roll(cfg, session, seq, before)
     doc = document(state_at(cfg, gseq - 1))
     return {"date": D.date_text(date) if date else None, "gseq": gseq,
-            "fund": fund_line(doc)}
+            "fund": fund_line(doc), "currency": cfg.currencies.base}
 
 
 def roll_cluster(cluster, date: int, session: int = 1,
@@ -176,7 +176,7 @@ def roll_cluster(cluster, date: int, session: int = 1,
     doc = compose([v for _, v in out], cluster.pmap)
     return {"date": D.date_text(date) if date else None,
             "gseq": {cluster.names[k]: out[k][0] for k in range(n)},
-            "fund": fund_line(doc)}
+            "fund": fund_line(doc), "currency": cluster.configs[0].currencies.base}
 
 
 def describe(res: dict) -> str:
@@ -186,5 +186,6 @@ def describe(res: dict) -> str:
     at = (f"gseq {g}" if isinstance(g, int)
           else "gseq " + ", ".join(f"{k} {v}" for k, v in g.items()))
     day = res["date"] or "(undated)"
-    return (f"rolled {day} at {at}; closing fund: gross {f['gross']:,.2f}  net "
+    ccy = f" ({res['currency']})" if res.get("currency") else ""  # SPEC 7: the base
+    return (f"rolled {day} at {at}; closing fund{ccy}: gross {f['gross']:,.2f}  net "
             f"{f['net']:,.2f}  pnl {f['pnl']:,.2f}  live orders {f['live_orders']}")

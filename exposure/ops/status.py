@@ -289,6 +289,7 @@ def _consolidator_status(cluster) -> dict | None:
     out["state"] = "running" if alive else "down (its segment is left from a dead process)"
     out["batches"] = batches
     out["fund"] = {k: fund[k] for k in ("gross", "net", "crossing", "live_orders")}
+    out["currency"] = cfg.currencies.base  # the fund's figures are in it (SPEC 7)
     return out
 
 
@@ -313,6 +314,7 @@ def render_cluster(st: dict) -> str:
     else:
         f = c["fund"]
         lines.append(f"cons  {c['name']}: {c['state']} (pid {c['pid']}), feed {c['feed']}, "
-                     f"{c['batches']:,} batches; fund gross {f['gross']:,.2f}, net "
+                     f"{c['batches']:,} batches; fund ({c.get('currency', '?')}) gross "
+                     f"{f['gross']:,.2f}, net "
                      f"{f['net']:,.2f}, crossing {f['crossing']:,.2f}")
     return "\n".join(lines)

@@ -133,7 +133,9 @@ class ComputeStage(Stage):
                              self.cnt, self.pend)
         # compiled (or loaded) now, before the node accepts sessions
         self._step = bind(_step_bound, self.handle, 0)
-        self._tail, self._head = self.inp.ctrl[RL.W_TAIL:], self.inp.ctrl[RL.W_HEAD:]
+        # The idle check's two words as memoryviews (an index is half a numpy one's cost)
+        self._tail = memoryview(self.inp.ctrl[RL.W_TAIL:])
+        self._head = memoryview(self.inp.ctrl[RL.W_HEAD:])
 
     def poll(self) -> int:
         """One step; returns the work done (0 = idle)."""

@@ -229,7 +229,9 @@ class FanoutStage(Stage):
         self.handle = Handle(in_ring.ctrl, in_ring.slots, self.upd, self.last, self.per,
                              self.out, self.ends, self.nacc, self.ninst, self.nsec, self.cnt)
         self._pack = bind(_pack_bound, self.handle, 0, 0, 0, True)  # compiled (or loaded) now
-        self._tail, self._head = in_ring.ctrl[RL.W_TAIL:], in_ring.ctrl[RL.W_HEAD:]
+        # The idle check's two words as memoryviews (an index is half a numpy one's cost)
+        self._tail = memoryview(in_ring.ctrl[RL.W_TAIL:])
+        self._head = memoryview(in_ring.ctrl[RL.W_HEAD:])
         # Idle work: heartbeats and the refresh cycle.
         self.hb_ns = int(heartbeat_ms) * 1_000_000
         self.last_send = time.monotonic_ns()

@@ -183,7 +183,9 @@ class JournalStage(Stage):
         self.cnt[_DURABLE_GSEQ] = self.durable_gseq
         self.last_sync = time.monotonic_ns()
         self.error: str | None = None
-        self._tail, self._head = reader.ctrl[RL.W_TAIL:], reader.ctrl[reader.head_word:]
+        # The idle check's two words as memoryviews (an index is half a numpy one's cost)
+        self._tail = memoryview(reader.ctrl[RL.W_TAIL:])
+        self._head = memoryview(reader.ctrl[reader.head_word:])
         self.rolls = np.zeros(64, np.uint64)  # roll gseqs found in a block
         # Bound once (exposure.shm.handle; without a mirror ring, arrays of its types that
         # are never touched): each jitted call of a pass passes this handle and scalars.

@@ -329,14 +329,16 @@ def test_the_gateway_state_applies_a_batch_as_it_applies_its_records():
     from exposure.fix.gateway import GatewayState
     from exposure.fix.journal import K_REFDATA, K_SESSION, Record, encode_refdata
 
-    ins = b"symbol,instrument\nAAPL,7\nMSFT,8\nVOD.L,9\n"
+    ins = b"symbol,instrument,currency\nAAPL,7,\nMSFT,8,USD\nVOD.L,9,GBP\n"
     acc = b"name,account\nPM1,3\nPM2,4\n"
     name = "FIX.4.4:EXPOSURE->BROKER1"
     raws = [msg(f, seq=k + 1) for k, f in enumerate(report_stream(11, 800))]
     seqs = np.arange(1, len(raws) + 1, dtype=np.int64)
+    # the files journaled with the [currencies] table they are read with (GBP = 3)
     head = [Record(0, K_SESSION, name, 0, orjson.dumps(
         {"source": 5, "order_key": "clordid", "begin_string": "FIX.4.4"})),
-        Record(1, K_REFDATA, "", 0, encode_refdata(ins, acc))]
+        Record(1, K_REFDATA, "", 0, encode_refdata(
+            ins, acc, orjson.dumps({"base": "USD", "ids": {"GBP": 3}})))]
     dead_a: list = []
     dead_b: list = []
     a, b = GatewayState(on_dead=dead_a.append), GatewayState(on_dead=dead_b.append)
@@ -358,5 +360,7 @@ def test_the_gateway_state_applies_a_batch_as_it_applies_its_records():
                                                           b.counters)
     assert [(d.index, d.seq, d.reason, d.raw) for d in dead_a] == \
         [(d.index, d.seq, d.reason, d.raw) for d in dead_b]
+    assert a.refdata().currency_of(9) == 3   # the journaled table, not a config's
+    assert any("Currency (15)" in d.reason for d in dead_a)
     assert sorted(a.dead) == sorted(b.dead) and len(a.dead) > 10
     assert a.snapshot()["mappers"] == b.snapshot()["mappers"]

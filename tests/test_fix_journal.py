@@ -65,7 +65,13 @@ def test_appended_records_are_read_back_in_order_with_their_fields(tmp_path):
     assert [(r.index, r.kind, r.session, r.seq) for r in recs] == [
         (0, b"H", "", 41), (1, b"M", "S1", 7), (2, b"N", "S1", 9), (3, b"D", "", 0)]
     assert recs[1].body == b"8=FIX\x01"
-    assert decode_refdata(recs[3].body) == (b"symbol,instrument\n", b"name,account\n")
+    assert decode_refdata(recs[3].body) == (b"symbol,instrument\n", b"name,account\n", b"")
+    # with the [currencies] table they were read with (SPEC 7; b"": the default table,
+    # whose record keeps the first format)
+    body = encode_refdata(b"symbol,instrument,currency\n", b"name,account\n", b'{"x":1}')
+    assert decode_refdata(body) == (b"symbol,instrument,currency\n", b"name,account\n",
+                                    b'{"x":1}')
+    assert decode_refdata(encode_refdata(b"", b"a")) == (b"", b"a", b"")
     assert [r.index for r in j.records(2)] == [2, 3]
     j.close()
     again = Journal.open(tmp_path)

@@ -64,7 +64,8 @@ from exposure.fix.journal import (
     encode_refdata,
 )
 
-__all__ = ["Gateway", "GatewayError", "GatewayState", "JournalSeqStore", "session_name"]
+__all__ = ["Gateway", "GatewayError", "GatewayState", "JournalSeqStore", "session_name",
+           "currencies_bytes"]
 
 log = logging.getLogger(__name__)
 _ratelog = RateLog(log)
@@ -81,16 +82,31 @@ def session_name(scfg) -> str:
     return session_key(scfg)
 
 
-def _refdata_from_bytes(instruments: bytes, accounts: bytes, caps=None, currencies=None):
-    """A RefData of the two CSV files' bytes (as journaled); currency codes mapped by the
-    node's ``[currencies]`` (``currencies``)."""
-    from exposure.core.refdata import load_refdata
+def currencies_bytes(ccy) -> bytes:
+    """A ``[currencies]`` table as journaled with the reference data (b"": the default)."""
+    from exposure.core.currency import Currencies
 
+    if ccy == Currencies():
+        return b""
+    return orjson.dumps({"base": ccy.base, "ids": dict(ccy.ids)})
+
+
+def _refdata_from_bytes(instruments: bytes, accounts: bytes, caps=None,
+                        currencies: bytes = b""):
+    """A RefData of the two CSV files' bytes and the currencies table's (as journaled:
+    the codes of the currency column mean what they meant when the files were taken)."""
+    from exposure.core.currency import Currencies, CurrencyError
+    from exposure.core.refdata import RefDataError, load_refdata
+
+    try:
+        ccy = Currencies.from_table(**orjson.loads(currencies)) if currencies else None
+    except (CurrencyError, orjson.JSONDecodeError, TypeError) as e:
+        raise RefDataError(f"the journaled [currencies] table: {e}") from None
     with tempfile.TemporaryDirectory(prefix="exposure-fix-ref-") as d:
         ip, ap = Path(d, "instruments.csv"), Path(d, "accounts.csv")
         ip.write_bytes(instruments)
         ap.write_bytes(accounts)
-        return load_refdata(ip, ap, caps, currencies=currencies)
+        return load_refdata(ip, ap, caps, currencies=ccy)
 
 
 class GatewayState:
@@ -103,9 +119,8 @@ class GatewayState:
     """
 
     def __init__(self, *, caps=None, dead_limit: int = 1_000_000,
-                 on_dead: Callable[[DeadLetter], None] | None = None, currencies=None):
+                 on_dead: Callable[[DeadLetter], None] | None = None):
         self.caps = caps
-        self.currencies = currencies
         self.dead_limit = dead_limit
         self.on_dead = on_dead
         self.base = 0                 # the exposure seq the session held when it began
@@ -113,7 +128,8 @@ class GatewayState:
         self.index = 0                # the next record's index
         self.inbound: dict[str, int] = {}      # FIX session -> last inbound seq taken
         self.params: dict[str, dict] = {}      # FIX session -> mapping parameters
-        self.refdata_bytes: tuple[bytes, bytes] = (b"", b"")
+        # instruments.csv, accounts.csv and the [currencies] table (b"": the default)
+        self.refdata_bytes: tuple[bytes, bytes, bytes] = (b"", b"", b"")
         self.dead: dict[int, DeadLetter] = {}  # pending, by journal index
         self.counters: dict[str, Any] = {
             "messages": 0, "events": 0, "dead_letters": 0, "redelivered": 0,
@@ -145,7 +161,7 @@ class GatewayState:
         self.base, self.events, self.index = snap["base"], snap["events"], snap["index"]
         self.inbound = dict(snap["inbound"])
         self.params = {k: dict(v) for k, v in snap["params"].items()}
-        self.refdata_bytes = tuple(snap["refdata"])
+        self.refdata_bytes = (*tuple(snap["refdata"]), b"")[:3]  # (a 2-tuple before 29)
         self.dead = {i: DeadLetter(t[5] if len(t) > 5 else "", t[0], t[1], t[3], t[2],
                                    t[4] if len(t) > 4 else "", i)
                      for i, t in snap["dead"].items()}  # (version 1 had 4-tuples)
@@ -162,8 +178,8 @@ class GatewayState:
 
     def refdata(self):
         if self._refdata is None:
-            self._refdata = _refdata_from_bytes(*self.refdata_bytes, self.caps,
-                                                self.currencies)
+            self._refdata = _refdata_from_bytes(*self.refdata_bytes[:2], self.caps,
+                                                self.refdata_bytes[2])
         return self._refdata
 
     def _mapper(self, name: str):
@@ -343,8 +359,7 @@ class Gateway:
         self.cfg = cfg
         self.say = say
         self.node_cfg = cfg.node_config()
-        self.state = GatewayState(caps=self.node_cfg.caps, dead_limit=cfg.limits.dead_letters,
-                                  currencies=self.node_cfg.currencies)
+        self.state = GatewayState(caps=self.node_cfg.caps, dead_limit=cfg.limits.dead_letters)
         self.journal: Journal | None = None
         self.producer = None
         self.engine = None
@@ -590,22 +605,24 @@ class Gateway:
             self._adopt_refdata()
 
     def _adopt_refdata(self) -> bool:
-        """Journal the CSV files if they differ from the ones in force (checked first: a
-        broken file is an error and nothing changes). Under the lock."""
+        """Journal the CSV files and the node's ``[currencies]`` if they differ from the ones
+        in force (checked first: a broken file is an error and nothing changes). Under the
+        lock."""
         from exposure.core.refdata import RefDataError
 
         try:
             ib, ab = self.cfg.instruments.read_bytes(), self.cfg.accounts.read_bytes()
         except OSError as e:
             raise GatewayError(f"cannot read the reference data: {e}") from e
-        if (ib, ab) == self.state.refdata_bytes:
+        cb = currencies_bytes(self.node_cfg.currencies)
+        if (ib, ab, cb) == self.state.refdata_bytes:
             return False
         try:
-            _refdata_from_bytes(ib, ab, self.node_cfg.caps, self.node_cfg.currencies)
+            _refdata_from_bytes(ib, ab, self.node_cfg.caps, cb)
         except RefDataError as e:
             raise GatewayError(f"{e} ([gateway] instruments = {str(self.cfg.instruments)!r}"
                                f", accounts = {str(self.cfg.accounts)!r})") from e
-        self._append_apply(K_REFDATA, "", 0, encode_refdata(ib, ab))
+        self._append_apply(K_REFDATA, "", 0, encode_refdata(ib, ab, cb))
         return True
 
     def _start_engine(self) -> None:

@@ -110,14 +110,28 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def encode_refdata(instruments: bytes, accounts: bytes) -> bytes:
-    """The body of a ``D`` record: both CSV files' bytes."""
-    return struct.pack("<I", len(instruments)) + instruments + accounts
+_WITH_CURRENCIES = 0xFFFFFFFF   # (no instruments file is 4 GiB: the length cannot be it)
 
 
-def decode_refdata(body: bytes) -> tuple[bytes, bytes]:
+def encode_refdata(instruments: bytes, accounts: bytes, currencies: bytes = b"") -> bytes:
+    """The body of a ``D`` record: both CSV files' bytes, and the node's ``[currencies]``
+    table they were read with (its JSON; b"": the default table, the base USD alone, whose
+    record keeps the first format: u4 length, instruments, accounts)."""
+    if not currencies:
+        return struct.pack("<I", len(instruments)) + instruments + accounts
+    return (struct.pack("<III", _WITH_CURRENCIES, len(instruments), len(accounts))
+            + instruments + accounts + currencies)
+
+
+def decode_refdata(body: bytes) -> tuple[bytes, bytes, bytes]:
+    """(instruments, accounts, currencies) of a ``D`` record's body (currencies b"": the
+    default table)."""
     n = struct.unpack_from("<I", body)[0]
-    return bytes(body[4:4 + n]), bytes(body[4 + n:])
+    if n != _WITH_CURRENCIES:
+        return bytes(body[4:4 + n]), bytes(body[4 + n:]), b""
+    _, ni, na = struct.unpack_from("<III", body)
+    return (bytes(body[12:12 + ni]), bytes(body[12 + ni:12 + ni + na]),
+            bytes(body[12 + ni + na:]))
 
 
 def encode_record(kind: bytes, session: str, seq: int, body: bytes) -> bytes:

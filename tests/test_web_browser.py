@@ -153,7 +153,10 @@ def test_the_page_shows_what_dump_prints(node, web, browser):
         Select(browser.find_element("id", "page-size")).select_by_value("50")
         browser.find_element("css selector", "tr[data-account]").click()
         wait_for(lambda: page(browser)["positions"], 5, "the drill-down")
+        size = browser.get_window_size()
+        browser.set_window_size(size["width"], 2300)  # (down to the drill-down)
         browser.save_screenshot(shot)
+        browser.set_window_size(size["width"], size["height"])
         browser.find_element("id", "drill-close").click()
         show_all(browser)
 
@@ -223,9 +226,13 @@ def test_a_pm_never_receives_another_pm_s_rows(node, web, browser):
     wait_for(lambda: set(map(int, page(browser)["accounts"])) == set(PM1), 5,
              "pm1's accounts")
     frames = []
-    for e in browser.get_log("performance"):
+    opened: set[str] = set()  # the WebSockets the pm1 page opened (not the risk page's,
+    for e in browser.get_log("performance"):  # whose last frames may still be logged)
         m = json.loads(e["message"])["message"]
-        if m["method"] == "Network.webSocketFrameReceived":
+        if m["method"] == "Network.webSocketCreated":
+            opened.add(m["params"]["requestId"])
+        elif m["method"] == "Network.webSocketFrameReceived" \
+                and m["params"]["requestId"] in opened:
             r = m["params"]["response"]  # (a binary frame's payload comes base64-encoded)
             data = r["payloadData"]
             frames.append(json.loads(base64.b64decode(data) if r["opcode"] == 2 else data))

@@ -73,7 +73,7 @@ function flagsCell(row) {
       const pct = (100 * value) / limit;
       f.dataset.limit = String(limit);
       f.dataset.use = String(pct);
-      text += ` ${pct.toFixed(0)}%`;
+      text += ` ${Math.abs(pct) < 0.5 ? "0" : pct.toFixed(0)}%`;
       if (!on && pct >= 80) f.className += " warn";
       f.title = `${name}: ${fmt("x", value)} of a limit of ${fmt("x", limit)} (${pct.toFixed(1)}%)`;
     } else {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import socket
 import subprocess
@@ -180,8 +181,11 @@ def read_messages(server: Server, cookie: str | None, seconds: float,
         hdr = {"Cookie": cookie} if cookie else {}
         async with websockets.connect(f"ws://127.0.0.1:{server.port}/ws",
                                       additional_headers=hdr) as ws:
-            for m in send or ():
-                await ws.send(orjson.dumps(m).decode())
+            for m in send or ():  # (a number: a pause of that many seconds)
+                if isinstance(m, float):
+                    await asyncio.sleep(m)
+                else:
+                    await ws.send(orjson.dumps(m).decode())
             end = time.monotonic() + seconds
             try:
                 while (left := end - time.monotonic()) > 0:
@@ -264,9 +268,9 @@ def test_a_pm_receives_only_their_accounts_and_the_fund_level_tables(node, serve
     def flow_then_read_risk():
         send(node, flow(1500, seed=29))
 
-    # pm1 asks for its own account and for pm2's: the second gets no rows.
+    # pm1 opens its own account, then pm2's: the second gets no rows.
     seen["pm1"], code = read_messages(server, pm1, 3.0, during=flow_then_read_risk,
-                                      send=[{"open": PM1[1]}, {"open": PM2[0]}])
+                                      send=[{"open": PM1[1]}, 0.5, {"open": PM2[0]}])
     assert code is None
     seen["risk"], _ = read_messages(server, risk, 1.5)
     cols = seen["pm1"][0]["columns"]
@@ -278,7 +282,8 @@ def test_a_pm_receives_only_their_accounts_and_the_fund_level_tables(node, serve
             updates += m["type"] == "update" and bool(m["accounts"])
     assert acc_ids and acc_ids <= set(PM1), acc_ids - set(PM1)
     assert updates >= 1
-    pos = {m["account"]: m for m in seen["pm1"] if m["type"] == "positions"}
+    pos = {m["positions"]["account"]: m["positions"] for m in seen["pm1"]
+           if "positions" in m}
     assert pos[PM1[1]]["rows"] and pos[PM2[0]]["rows"] is None
     assert "not one of your accounts" in pos[PM2[0]]["why"]
     # The risk user's snapshot equals dump, names and all; pm1's fund-level parts too.
@@ -323,13 +328,22 @@ def test_clients_are_bounded_and_bad_messages_are_ignored(server):
                 with pytest.raises(websockets.ConnectionClosed) as e:
                     await extra.recv()
                 assert e.value.rcvd.code == 1013
-            # Hostile messages: counted, ignored; the client stays connected.
+            # Hostile messages: counted, ignored; the client (reading) stays connected.
+            async def drain(ws):
+                with contextlib.suppress(Exception):
+                    while True:
+                        await ws.recv()
+
+            reader = asyncio.create_task(drain(held[0]))
             for junk in ("", "[]", "{\"open\": -1}", "{\"open\": true}", "\x00" * 100,
                          "{\"open\": 1e400}", "{\"drop\": 1}"):
                 await held[0].send(junk)
             await held[0].send(b"\xff\xfe")
+            for k in range(300):  # a burst of drill-downs: one answer, the last
+                await held[0].send(orjson.dumps({"open": k}).decode())
             await asyncio.sleep(0.3)
             assert held[0].state.name == "OPEN"
+            reader.cancel()
         finally:
             for ws in held:
                 await ws.close()

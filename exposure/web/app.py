@@ -5,11 +5,12 @@
   SameSite=Strict session cookie) and ``POST /logout``; ``GET /health``.
 * ``/ws``: the WebSocket. On connect a client gets a full snapshot of what its user may
   see, then at most ``rate`` updates a second (the rows that moved since the last, one
-  message per tick: conflated), and the drill-down (``{"open": ACCOUNT}``) of the account
-  it opened. The instruments and sectors (large, fund-level) go at most ``fund_level_rate``
-  times a second (default 2). Messages are JSON in binary frames (UTF-8, encoded once per
-  tick and scope, not per client). Read-only: the only messages a client sends are
-  ``open`` and ``close``.
+  message per tick: conflated), and the drill-down (``{"open": ACCOUNT}``) of the account it
+  opened: its positions ride in the next tick's message, and again whenever the account
+  moves (a burst of requests costs one answer: the last one wins). The instruments and
+  sectors (large, fund-level) go at most ``fund_level_rate`` times a second (default 2).
+  Messages are JSON in binary frames (UTF-8, encoded once per tick and scope, not per
+  client). Read-only: the only messages a client sends are ``open`` and ``close``.
 * **Who sees what**: with a users file, every message is built for the user's accounts
   (:class:`~exposure.web.view.Tick`): the fund line, instruments and sectors are
   fund-level; account rows and positions are only the user's. Without a users file (bound
@@ -79,6 +80,7 @@ class Client:
     user: User | None
     queue: asyncio.Queue
     opened: int | None = None
+    asked: bool = False     # a drill-down asked for: answered in the next tick
     dropped: bool = False
     sent: int = 0
     since: float = field(default_factory=time.monotonic)
@@ -191,16 +193,25 @@ class WebApp:
                 tick = self.book.take(fresh_meta=flipped,
                                       fund_level=k % self.fund_level_every == 0)
                 now = time.monotonic()
-                if tick.empty and not tick.reset and not flipped and now - beat < 1.0:
-                    continue  # nothing moved: the node line once a second (a heartbeat)
-                beat = now
+                quiet = tick.empty and not tick.reset and not flipped and now - beat < 1.0
+                if not quiet:  # (nothing moved: the node line once a second, a heartbeat)
+                    beat = now
                 for c in list(self.clients):
+                    drill = c.opened is not None and (
+                        c.asked or tick.reset or c.opened in tick.moved)
+                    if quiet and not drill:
+                        continue
                     if tick.reset:
-                        self._offer(c, self.book.snapshot(c.user))
+                        msg = self.book.snapshot(c.user)
                     else:
-                        self._offer(c, tick.message(c.user))
-                    if c.opened is not None and (tick.reset or c.opened in tick.moved):
-                        self._offer(c, self.book.positions(c.opened, c.user))
+                        msg = tick.message(c.user)
+                    if drill:
+                        # The opened account's positions ride in the tick's message (one
+                        # push per tick, at most ``rate`` a second, drill-down or not).
+                        c.asked = False
+                        msg = msg[:-1] + b',"positions":' + \
+                            self.book.positions(c.opened, c.user) + b"}"
+                    self._offer(c, msg)
                 self.counters["updates"] += 1
             except Exception:
                 log.exception("tick failed")
@@ -343,8 +354,7 @@ class WebApp:
                 a = d["open"]
                 if not isinstance(a, int) or isinstance(a, bool) or not 0 <= a < 1 << 31:
                     raise ValueError(a)
-                c.opened = a
-                self._offer(c, self.book.positions(a, c.user))
+                c.opened, c.asked = a, True  # (answered in the next tick's message)
             elif d.get("close"):
                 c.opened = None
             else:

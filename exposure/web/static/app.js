@@ -268,7 +268,8 @@ function onMessage(ev) {
     merge(S.sectors, m.columns.sectors, "sector", m.sectors);
     S.meta = m.meta || {};
     $("user").textContent = m.user ? `user ${m.user}` : "";
-    if (S.opened !== null) send({ open: S.opened });
+    if (m.positions && m.positions.account === S.opened) S.positions = m.positions;
+    else if (S.opened !== null) send({ open: S.opened });
     renderAll();
   } else if (m.type === "update" && S.columns) {
     S.meta = m.meta || S.meta;
@@ -281,9 +282,10 @@ function onMessage(ev) {
     if (m.accounts && m.accounts.length) renderAccounts();
     if (m.instruments) renderInstruments();
     if (m.sectors) renderSectors();
-  } else if (m.type === "positions" && m.account === S.opened) {
-    S.positions = m;
-    renderPositions();
+    if (m.positions && m.positions.account === S.opened) {  // (the drill-down, refreshed)
+      S.positions = m.positions;
+      renderPositions();
+    }
   }
 }
 

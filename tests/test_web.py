@@ -239,6 +239,8 @@ def test_a_login_is_needed_and_wrong_passwords_are_refused(server):
     assert st == 401
     assert http(server, "POST", "/login", b"{not json",
                 {"content-type": "application/json"})[0] == 400
+    assert http(server, "POST", "/login", b"{" + b" " * 100_000 + b"}",
+                {"content-type": "application/json"})[0] == 413
     msgs, code = read_messages(server, None, 2.0)
     assert msgs == [] and code == 4401
     msgs, code = read_messages(server, "exposure_session=forged", 2.0)

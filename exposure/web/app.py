@@ -257,9 +257,13 @@ class WebApp:
         if request.headers.get("content-type", "").split(";")[0].strip() != \
                 "application/json":
             return JSONResponse({"error": "JSON only"}, 415)
-        body = await request.body()
+        body = b""
+        async for chunk in request.stream():  # at most 4 KiB read, whatever is sent
+            body += chunk
+            if len(body) > 4096:
+                return JSONResponse({"error": "too large"}, 413)
         try:
-            d = orjson.loads(body[:4096]) if len(body) <= 4096 else None
+            d = orjson.loads(body)
             name, pw = d["name"], d["password"]
             assert isinstance(name, str) and isinstance(pw, str)
         except Exception:

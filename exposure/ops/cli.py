@@ -908,8 +908,7 @@ def _cmd_web(args: argparse.Namespace) -> int:
 
         print(hash_password(sys.stdin.readline().rstrip("\n")))
         return 0
-    from exposure.web.serve import WebError, serve
-    from exposure.web.users import UsersError
+    from exposure.web.serve import serve
 
     cfg = _load_cluster(args.cluster).consolidator if args.cluster else _load_cfg(args.config)
     if cfg is None:
@@ -918,7 +917,7 @@ def _cmd_web(args: argparse.Namespace) -> int:
         serve(cfg, args.host, args.port, args.users, args.tls_cert, args.tls_key,
               args.max_clients, ready=lambda url: print(f"exposure: the page of {cfg.name!r} "
                                                         f"is at {url}", flush=True))
-    except (WebError, UsersError) as e:
+    except (ValueError, OverflowError) as e:  # WebError, UsersError, a bad number
         return _fail(str(e))
     except OSError as e:
         return _fail(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}")

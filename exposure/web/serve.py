@@ -105,9 +105,13 @@ def serve(cfg: NodeConfig, host: str = "127.0.0.1", port: int = 8080,
     check_bind(host, users, tls_cert, tls_key)
     u: Users | None = load_users(users, cfg.names) if users is not None else None
     book = Book(cfg)
-    app = WebApp(book, u, max_clients=max_clients, tls=tls_cert is not None)
-    server = make_server(app.asgi, host, port, tls_cert, tls_key, max_clients)
-    sock = listen_socket(host, port)
+    try:
+        app = WebApp(book, u, max_clients=max_clients, tls=tls_cert is not None)
+        server = make_server(app.asgi, host, port, tls_cert, tls_key, max_clients)
+        sock = listen_socket(host, port)
+    except BaseException:
+        book.close()
+        raise
     scheme = "https" if tls_cert else "http"
 
     if ready is not None:

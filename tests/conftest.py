@@ -1,5 +1,17 @@
 """Fixtures shared by the tests."""
 
+# isort: off
+# First, before any module that defines a kernel (support imports the engine): every kernel
+# this process compiles then goes to the cache keyed by the sources (exposure.core.jit), the
+# one the nodes the tests start use.
+import exposure.core.jit  # noqa: F401
+# isort: on
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
 import pytest
 from support import Run
 
@@ -101,3 +113,79 @@ def pytest_runtest_makereport(item, call):
             report.outcome = "failed"
             report.longrepr = "\n".join(dict.fromkeys(seen))
         seen.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# The numba warm-up (docs/testing.md). On a fresh clone the kernels' first compile costs about
+# 20 s of CPU; run in the first process test's setup it is 20 s of the suite's time. Instead,
+# the tests that start no process run first (each group keeps its files' order), and meanwhile
+# tests/warm_numba.py compiles the node's kernels on the other core (a real node started, fed,
+# restarted and stopped); the first process test waits for it (outside its timeout). The cache
+# is keyed by the sources, so once it is warm this costs a node start or two.
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests marked `process` after the others, each group in collection order."""
+    unit = [i for i in items if i.get_closest_marker("process") is None]
+    rest = [i for i in items if i.get_closest_marker("process") is not None]
+    items[:] = unit + rest
+
+
+class _Warmup:
+    """Starts tests/warm_numba.py once the session's tests are known (when it selects a
+    `process` test, unless EXPOSURE_NO_WARMUP is set) and waits for it before the first
+    `process` test."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.log = None
+        self.started = self.waited = 0.0
+        self.line = ""
+
+    def pytest_collection_finish(self, session):
+        import os
+
+        if os.environ.get("EXPOSURE_NO_WARMUP") or not any(
+                i.get_closest_marker("process") for i in session.items):
+            return
+        self.log = tempfile.TemporaryFile()
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("warm_numba.py"))],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def _join(self, timeout: float = 600) -> None:
+        t0 = time.monotonic()
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.waited = time.monotonic() - t0
+        self.log.seek(0)
+        out = self.log.read().decode(errors="replace").strip()
+        self.log.close()
+        self.line = (out.splitlines()[-1] if rc == 0 and out else
+                     f"failed ({rc}), the tests compile what they need: {out[-1500:]}")
+        self.proc = None
+
+    @pytest.hookimpl(hookwrapper=True, tryfirst=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        if self.proc is not None and item.get_closest_marker("process") is not None:
+            self._join()
+        yield
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.line:
+            terminalreporter.write_line(
+                f"{self.line} (started with the session; the first process test waited "
+                f"{self.waited:.1f} s for it)")
+
+    def pytest_sessionfinish(self, session):
+        if self.proc is not None:  # no process test ran (-x, a failure in the unit tests)
+            self.proc.terminate()
+            self._join(30)
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_Warmup(), "exposure-numba-warmup")

@@ -71,7 +71,8 @@ def browser():
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
               "--window-size=1900,1300"):
         o.add_argument(a)
-    o.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # the WebSocket frames
+    o.set_capability("goog:loggingPrefs", {"performance": "ALL",  # the WebSocket frames
+                                            "browser": "ALL"})     # the console (CSP)
     d = webdriver.Chrome(service=Service(DRIVER), options=o)
     try:
         yield d
@@ -145,7 +146,12 @@ def test_the_page_shows_what_dump_prints(node, web, browser):
     for i, got in p["instruments"].items():
         for k in ("ref_price", "fund_pos", "open_buy", "open_sell"):
             assert float(got[k]) == ins[int(i)][k], (i, k)
+        assert (got["currency"], float(got["rate"])) == ("USD", 1.0)  # SPEC 7: its own
+    assert browser.find_element("id", "base").text == "USD"  # the figures' currency
     assert p["stale"] == "false" and p["role"] == "primary"
+    # The page runs under its strict Content-Security-Policy without a violation.
+    console = [e["message"] for e in browser.get_log("browser")]
+    assert not [m for m in console if "Content Security Policy" in m], console
     shot = os.environ.get("EXPOSURE_WEB_SCREENSHOT")
     if shot:
         from selenium.webdriver.support.ui import Select

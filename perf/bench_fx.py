@@ -75,6 +75,23 @@ def _pin() -> None:
         pass
 
 
+def _cpu_times() -> list[int]:
+    """The machine's cpu line of /proc/stat (user ... steal), or [] where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return []
+
+
+def _steal(t0: list[int], t1: list[int]) -> float | None:
+    """The share of CPU time stolen by the host between two :func:`_cpu_times`."""
+    if not t0 or not t1:
+        return None
+    d = [b - a for a, b in zip(t0, t1, strict=True)]
+    return d[7] / sum(d) if sum(d) else None
+
+
 def _rec(n: int) -> np.ndarray:
     return np.zeros(n, EVENT_DTYPE)
 
@@ -85,13 +102,13 @@ def fx_times(n_fx: int, cur: int = 7) -> dict:
     status = np.zeros(1 << 16, np.uint8)
     gseq = 1
 
-    def apply(recs: np.ndarray) -> float:
+    def apply(recs: np.ndarray) -> tuple[float, float]:
         nonlocal gseq
         recs["gseq"] = np.arange(gseq, gseq + len(recs), dtype=np.uint64)
         gseq += len(recs)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         apply_batch(st, recs, status[:len(recs)])
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.thread_time() - c0
 
     n_inst = 3000  # 0..999 in ``cur``, 1000..1999 in the base, 2000..2999 in currency 8
     ins = _rec(n_inst)
@@ -121,12 +138,14 @@ def fx_times(n_fx: int, cur: int = 7) -> dict:
         r["type"], r["qty"], r["price"] = T_FX, cur, rate
         times.append(apply(r))
         assert status[0] == 0
-    times.sort()
     del buf
+    wall = sorted(t[0] for t in times)
+    cpu = sorted(t[1] for t in times)
+    p99 = min(len(times) - 1, int(0.99 * len(times)))
     return {"cells_in_currency": held, "fx": n_fx,
-            "median_us": statistics.median(times) * 1e6,
-            "p99_us": times[min(len(times) - 1, int(0.99 * len(times)))] * 1e6,
-            "max_us": times[-1] * 1e6}
+            "median_us": statistics.median(wall) * 1e6, "p99_us": wall[p99] * 1e6,
+            "max_us": wall[-1] * 1e6, "cpu_median_us": statistics.median(cpu) * 1e6,
+            "cpu_p99_us": cpu[p99] * 1e6}
 
 
 def flow_ratio(baseline: Path, events: int, rounds: int, batch: int = 4096) -> dict:
@@ -141,8 +160,10 @@ def flow_ratio(baseline: Path, events: int, rounds: int, batch: int = 4096) -> d
             for name, tree in (pair if k % 2 == 0 else pair[::-1]):
                 env = {**os.environ, "PYTHONPATH": str(tree)}
                 res = subprocess.run([sys.executable, "-c", _CHILD, str(path), "3", str(batch)],
-                                     cwd=tree, env=env, capture_output=True, text=True,
-                                     check=True)
+                                     cwd=tree, env=env, capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise SystemExit(f"the {name} kernel's run in {tree} failed "
+                                     f"(exit {res.returncode}):\n{res.stderr[-2000:]}")
                 out[name].append(json.loads(res.stdout.strip().splitlines()[-1])["median"])
     old, new = statistics.median(out["old"]), statistics.median(out["new"])
     return {"events": events, "rounds": rounds, "old_median": old, "new_median": new,
@@ -174,30 +195,35 @@ def kernel_ratio(rev: str, events: int, rounds: int, batch: int = 4096) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         old_apply = _old_kernel(rev, Path(tmp))
 
-        def once(fn) -> float:
+        def once(fn) -> tuple[float, float]:
+            """Events per second of wall time and of this thread's CPU time (which a
+            busy machine's other processes do not lengthen)."""
             buf, st = allocate()
             status = np.zeros(len(recs), np.uint8)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             for lo in range(0, len(recs), batch):
                 fn(st, recs[lo:lo + batch], status[lo:lo + batch])
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.thread_time() - c0
             del buf, st
-            return len(recs) / dt
+            return len(recs) / dt, len(recs) / dc
 
         once(old_apply)  # warm-up (the old source compiles once: ~40 s)
         once(apply_batch)
-        out: dict[str, list[float]] = {"old": [], "new": []}
+        out: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
         for k in range(rounds):
             pair = [("new", apply_batch), ("old", old_apply)]
             for name, fn in (pair if k % 2 == 0 else pair[::-1]):
                 out[name].append(once(fn))
-    ratios = [n / o for n, o in zip(out["new"], out["old"], strict=True)]
-    return {"rev": rev, "events": events, "rounds": rounds,
-            "old_median": statistics.median(out["old"]),
-            "new_median": statistics.median(out["new"]),
-            "ratio_of_medians": statistics.median(out["new"]) / statistics.median(out["old"]),
-            "median_paired_ratio": statistics.median(ratios),
-            "old": out["old"], "new": out["new"], "ratios": ratios}
+    res: dict = {"rev": rev, "events": events, "rounds": rounds}
+    for j, clock in enumerate(("wall", "cpu")):
+        old = [x[j] for x in out["old"]]
+        new = [x[j] for x in out["new"]]
+        ratios = [n / o for n, o in zip(new, old, strict=True)]
+        res[clock] = {"old_median": statistics.median(old), "new_median": statistics.median(new),
+                      "ratio_of_medians": statistics.median(new) / statistics.median(old),
+                      "median_paired_ratio": statistics.median(ratios), "old": old,
+                      "new": new}
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     _pin()
     out: dict = {"loadavg": os.getloadavg()}
+    cpu0 = _cpu_times()
     fx_times(5)  # JIT warm-up (compile or cache load)
     out["fx"] = fx_times(a.fx)
     if a.baseline is not None:
@@ -220,13 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.rev is not None:
         out["kernel"] = kernel_ratio(a.rev, a.events, a.rounds)
     out["loadavg_end"] = os.getloadavg()
+    out["steal"] = _steal(cpu0, _cpu_times())
     if a.json:
         print(json.dumps(out, indent=2))
         return 0
     f = out["fx"]
     print(f"fx of a currency in {f['cells_in_currency']:,} cells of 1,000 instruments: "
           f"median {f['median_us']:.0f} us, p99 {f['p99_us']:.0f} us, max "
-          f"{f['max_us']:.0f} us ({f['fx']} fx; target at most 1,000 us)")
+          f"{f['max_us']:.0f} us ({f['fx']} fx; target at most 1,000 us); its thread's CPU "
+          f"time: median {f['cpu_median_us']:.0f} us, p99 {f['cpu_p99_us']:.0f} us")
     if "flow" in out:
         w = out["flow"]
         print(f"flow without fx, {w['events']:,} events: new {w['new_median'] / 1e6:.2f} M/s, "
@@ -235,15 +264,19 @@ def main(argv: list[str] | None = None) -> int:
         print("  old " + ", ".join(f"{x / 1e6:.2f}" for x in w["old"]))
         print("  new " + ", ".join(f"{x / 1e6:.2f}" for x in w["new"]))
     if "kernel" in out:
-        w = out["kernel"]
-        print(f"kernel code alone, in one process, {w['events']:,} events: new "
-              f"{w['new_median'] / 1e6:.2f} M/s, {w['rev'][:12]} {w['old_median'] / 1e6:.2f} "
-              f"M/s; ratio of medians {w['ratio_of_medians']:.3f}, median of paired ratios "
-              f"{w['median_paired_ratio']:.3f} ({w['rounds']} rounds)")
-        print("  old " + ", ".join(f"{x / 1e6:.2f}" for x in w["old"]))
-        print("  new " + ", ".join(f"{x / 1e6:.2f}" for x in w["new"]))
+        k = out["kernel"]
+        for clock in ("wall", "cpu"):
+            w = k[clock]
+            print(f"kernel code alone, one process, {k['events']:,} events, {clock} time: new "
+                  f"{w['new_median'] / 1e6:.2f} M/s, {k['rev'][:12]} "
+                  f"{w['old_median'] / 1e6:.2f} M/s; ratio of medians "
+                  f"{w['ratio_of_medians']:.3f}, median of paired ratios "
+                  f"{w['median_paired_ratio']:.3f} ({k['rounds']} rounds)")
+            print("  old " + ", ".join(f"{x / 1e6:.2f}" for x in w["old"]))
+            print("  new " + ", ".join(f"{x / 1e6:.2f}" for x in w["new"]))
+    steal = "n/a" if out["steal"] is None else f"{out['steal']:.1%}"
     print(f"load average {out['loadavg'][0]:.1f} at the start, "
-          f"{out['loadavg_end'][0]:.1f} at the end")
+          f"{out['loadavg_end'][0]:.1f} at the end; steal {steal}")
     return 0
 
 

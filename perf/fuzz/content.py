@@ -21,6 +21,7 @@ from exposure.core.types import (
     T_CANCEL,
     T_DONE,
     T_FILL,
+    T_FX,
     T_INSTRUMENT,
     T_LIMIT,
     T_MARK,
@@ -56,6 +57,7 @@ class Spec:
     flow_accounts: tuple[int, ...]
     inline: bool        # secret inline in the sessions file (else a secret_file)
     roll: bool = False  # may it send roll events
+    fx: bool = False    # may it send fx events (SPEC section 7)
 
     @property
     def instruments(self) -> np.ndarray:
@@ -79,7 +81,8 @@ def _r(lo: int, hi: int) -> tuple[int, ...]:
 
 
 SPECS = (
-    Spec(1, "ref", (1,), _r(0, 19), True, True, True, (1,), _r(0, 19), True, roll=True),
+    Spec(1, "ref", (1,), _r(0, 19), True, True, True, (1,), _r(0, 19), True, roll=True,
+         fx=True),
     Spec(3, "pm-a", (3,), _r(100, 119), False, False, True, (3,), _r(100, 119), False),
     Spec(5, "pm-b", (5, 6), _r(200, 219), False, False, False, (5, 6), _r(200, 219), False),
     Spec(7, "pm-c", _r(10, 19), _r(300, 319), False, True, False, (10, 11, 12), _r(300, 319),
@@ -119,7 +122,7 @@ def write_sessions(directory: Path, seed: int) -> Path:
         lines += [f"sources = {_toml_ids(s.sources)}", f"accounts = {_toml_ids(s.accounts)}",
                   f"instrument = {str(s.instrument).lower()}",
                   f"mark = {str(s.mark).lower()}", f"limit = {str(s.limit).lower()}",
-                  f"roll = {str(s.roll).lower()}", ""]
+                  f"roll = {str(s.roll).lower()}", f"fx = {str(s.fx).lower()}", ""]
     path = directory / "fuzz-sessions.toml"
     path.write_text("\n".join(lines))
     path.chmod(0o600)
@@ -142,6 +145,7 @@ def model_authorized(recs: np.ndarray, spec: Spec) -> np.ndarray:
     ok &= (t != T_LIMIT) | spec.limit
     ok &= (t != T_INSTRUMENT) | spec.instrument
     ok &= (t != T_ROLL) | spec.roll
+    ok &= (t != T_FX) | spec.fx
     ok &= (t != T_MARK) | spec.mark
     return ok
 

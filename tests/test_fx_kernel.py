@@ -5,8 +5,11 @@ precedence, the roll, replay in any batching, and a snapshot taken mid-stream th
 recovers to what replay computes."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
+import orjson
 import pytest
 from reference_model import run_lines
 from support import Run
@@ -201,14 +204,17 @@ def test_binary_records_get_the_same_rejections():
 
 # ----------------------------------------------------------------------------- replay
 def _currency_day(n: int, seed: int) -> list[str]:
-    """A generated day (flowgen) with its instruments spread over five currencies and an
-    fx of one of them every 50 events; a few instruments change currency during the day."""
+    """A generated day (flowgen) whose instruments are spread over five currencies (its own
+    ``instrument`` events carry them), with an fx of one of them every 50 events and, every
+    997, an instrument moved to another currency."""
     rng = np.random.default_rng(seed)
     recs = generate(n, accounts=40, instruments=300, universe=30, live_target=2000, seed=seed)
+    described = recs["type"] == T_INSTRUMENT
+    recs["qty"][described] = rng.integers(0, 5, int(described.sum()))
+    ids = np.unique(recs["instrument"][described]).tolist()
     lines = to_jsonl(recs).decode().splitlines()
-    out = [json.dumps(inst(i, int(rng.integers(0, 5)), multiplier=float(rng.choice([1, 100])),
-                           sector=i % 7)) for i in range(300)]
     rates = {c: float(rng.choice([0.0067, 0.92, 1.08, 1.27])) for c in range(1, 5)}
+    out = []
     for k, line in enumerate(lines):
         out.append(line)
         if k % 50 == 49:
@@ -216,17 +222,17 @@ def _currency_day(n: int, seed: int) -> list[str]:
             rates[c] *= float(rng.uniform(0.98, 1.02))
             out.append(json.dumps(fx(c, rates[c])))
         if k % 997 == 996:
-            out.append(json.dumps(inst(int(rng.integers(0, 300)), int(rng.integers(0, 5)))))
+            out.append(json.dumps(inst(int(rng.choice(ids)), int(rng.integers(0, 5)))))
     return out
 
 
 def test_a_generated_day_in_five_currencies_agrees_with_the_model_in_any_batching():
     seed = 29
     print(f"seed {seed}")
-    lines = _currency_day(20_000, seed)
+    lines = _currency_day(10_000, seed)
     recs = parse_events("\n".join(lines).encode())
     want, statuses = run_lines(lines)
-    assert statuses.count(None) > 20_000 // 2
+    assert statuses.count(None) > 10_000 // 2
     for batch in (65536, 1000, 7):
         eng = Engine()
         status = eng.apply(recs, batch=batch)
@@ -237,7 +243,7 @@ def test_a_generated_day_in_five_currencies_agrees_with_the_model_in_any_batchin
 def test_a_snapshot_taken_mid_stream_recovers_to_what_replay_computes(tmp_path):
     """The rates, the currencies and their chains travel in the state buffer: a state
     loaded from a snapshot and fed the rest of the stream equals replay of all of it."""
-    caps = Capacities(accounts=64, instruments=512, sectors=16, orders=4096, cells=8192)
+    caps = Capacities(accounts=64, instruments=65536, sectors=16, orders=4096, cells=8192)
     lines = _currency_day(6000, 7)
     recs = parse_events("\n".join(lines).encode())
     recs["gseq"] = np.arange(1, len(recs) + 1, dtype=np.uint64)
@@ -259,3 +265,20 @@ def test_a_snapshot_taken_mid_stream_recovers_to_what_replay_computes(tmp_path):
     assert np.array_equal(st.cur_head, whole.state.cur_head)
     for f in ("currency", "cnext", "ref_price", "multiplier", "sector", "fund_pos", "gseq"):
         assert np.array_equal(st.inst[f], whole.state.inst[f]), f  # (not the batch's flags)
+
+
+@pytest.mark.process
+def test_the_replay_command_values_a_day_in_five_currencies_as_the_model(tmp_path):
+    seed = 31
+    print(f"seed {seed}")
+    lines = _currency_day(3000, seed)
+    path = tmp_path / "fx-day.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    p = subprocess.run([sys.executable, "-m", "exposure", "replay", str(path)],
+                       capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr.decode()
+    want, _ = run_lines(lines)
+    assert compare_documents(orjson.loads(p.stdout), want, rel=1e-13) == []
+    # the base-currency figures are not the one-currency ones: the rates matter
+    flat, _ = run_lines([ln for ln in lines if '"type": "fx"' not in ln])  # every rate 1.0
+    assert abs(want["fund"]["gross"] - flat["fund"]["gross"]) > 0.01 * flat["fund"]["gross"]

@@ -2,8 +2,8 @@
 
     python -m perf.bench_handle [--calls 200000] [--json]
 
-* ``compute``: compute's own step over its 24 members (rings, batch buffers, the state's
-  named tuple of 22 arrays, the published tables' versions, the session table, the
+* ``compute``: compute's own step over its 23 members (rings, batch buffers, the state's
+  named tuple of arrays, the published tables' versions, the session table, the
   counters) with an empty input ring, so the call is the boundary plus an empty pop:
   the arrays through the dispatcher, through the compiled entry (``exposure.core.jit.entry``,
   what the stages did before), and one :class:`exposure.shm.handle.Handle` through its

@@ -20,7 +20,7 @@ one invocation and reported against the one it is judged by:
   least 50% of the kernel's rate;
 * ``latency``: ``exposure perf compare --systems node,floor`` at 20,000 events/s: the node's
   p50 and p99 against the floor's (the same client and transports, a server that does
-  nothing); targets: p50 at most 1.3x, p99 at most 2x, nothing lost.
+  nothing); targets: p50 at most 1.2x (issue 30; 1.3x before it), p99 at most 2x, nothing lost.
 
 Steal time (``/proc/stat``) over the whole run is reported with the figures.
 """
@@ -53,7 +53,7 @@ from perf.bench_kernel import _pin, run_once
 
 __all__ = ["main"]
 
-TARGETS = {"recovery_vs_kernel": 0.8, "node_vs_kernel": 0.5, "p50_vs_floor": 1.3,
+TARGETS = {"recovery_vs_kernel": 0.8, "node_vs_kernel": 0.5, "p50_vs_floor": 1.2,
            "p99_vs_floor": 2.0}
 
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if "latency" in out:
         n, f = out["latency"]["node"], out["latency"]["floor"]
         print(f"p50        node {n['p50_us']:.1f} us, floor {f['p50_us']:.1f} us: "
-              f"{ratios['p50_vs_floor']:.2f}x (target <= 1.3)")
+              f"{ratios['p50_vs_floor']:.2f}x (target <= {TARGETS['p50_vs_floor']})")
         print(f"p99        node {n['p99_us']:.0f} us, floor {f['p99_us']:.0f} us: "
               f"{ratios['p99_vs_floor']:.2f}x (target <= 2); lost {n['lost']}")
     print(f"steal      {out['steal_percent']}% over {out['seconds']} s; met: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import orjson
 
 from exposure.core.capacity import Capacities
@@ -90,3 +91,21 @@ def read_stream(rx, check=None) -> tuple[list[int], dict]:
             prev = latest.get(int(u["account"]))
             if prev is None or u["gseq"] >= prev["gseq"]:
                 latest[int(u["account"])] = u.copy()
+
+
+def currency_chains_ok(st) -> bool:
+    """The kernel's currency chains (SPEC section 7) hold exactly the instruments of each
+    currency other than the base, once each, linked both ways."""
+    cur_of = st.inst["currency"]
+    used = set(np.unique(cur_of).tolist()) | set(np.flatnonzero(st.cur_head >= 0).tolist())
+    for cur in sorted(used - {0}):
+        seen, prev, i = [], -1, int(st.cur_head[cur])
+        while i >= 0 and len(seen) <= len(st.inst):
+            if int(st.cprev[i]) != prev:
+                return False
+            seen.append(i)
+            prev, i = i, int(st.inst[i]["cnext"])
+        if sorted(seen) != np.flatnonzero(cur_of == cur).tolist():
+            return False
+    base = np.flatnonzero(cur_of == 0)
+    return bool((st.inst["cnext"][base] == -1).all() and (st.cprev[base] == -1).all())

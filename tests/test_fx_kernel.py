@@ -12,7 +12,7 @@ import numpy as np
 import orjson
 import pytest
 from reference_model import run_lines
-from support import Run
+from support import Run, currency_chains_ok
 
 from exposure.bench.flowgen import generate, to_jsonl
 from exposure.core.capacity import Capacities
@@ -139,6 +139,7 @@ def test_an_instrument_that_changes_currency_is_revalued_and_leaves_its_old_curr
     assert set(r.statuses()) == {None, "late_fill"}
     want = 10 * 100.0 * 10.0 * (3.0 + 0.1 + 1.0)  # 1 in euros, 2 in yen, 3 in dollars
     assert r.account(1)["long_mv"] == pytest.approx(want)
+    assert currency_chains_ok(r.state)
     agrees_with_the_model(r, lines)
 
 
@@ -238,6 +239,7 @@ def test_a_generated_day_in_five_currencies_agrees_with_the_model_in_any_batchin
         status = eng.apply(recs, batch=batch)
         assert (status != 0).sum() == sum(s is not None for s in statuses)
         assert compare_documents(document(eng.state), want, rel=1e-13) == [], batch
+        assert currency_chains_ok(eng.state)
 
 
 def test_a_snapshot_taken_mid_stream_recovers_to_what_replay_computes(tmp_path):
@@ -263,6 +265,7 @@ def test_a_snapshot_taken_mid_stream_recovers_to_what_replay_computes(tmp_path):
     assert compare_documents(document(st), document(whole.state)) == []
     assert np.array_equal(st.rate, whole.state.rate)
     assert np.array_equal(st.cur_head, whole.state.cur_head)
+    assert np.array_equal(st.cprev, whole.state.cprev) and currency_chains_ok(st)
     for f in ("currency", "cnext", "ref_price", "multiplier", "sector", "fund_pos", "gseq"):
         assert np.array_equal(st.inst[f], whole.state.inst[f]), f  # (not the batch's flags)
 

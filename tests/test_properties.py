@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from reference_model import run_lines
 from strategies import EVENTS, FX_EVENTS
-from support import Run
+from support import Run, currency_chains_ok
 
 from exposure.bench.flowgen import generate, to_jsonl
 from exposure.core.capacity import Capacities
@@ -59,6 +59,7 @@ def test_with_currencies_and_moving_rates_kernel_model_and_recomputation_agree(l
     assert r.statuses() == want_status
     assert compare_documents(r.doc, want_doc, rel=REL) == []
     assert compare_documents(r.doc, r.scratch, rel=REL) == []
+    assert currency_chains_ok(r.state)
 
 
 def test_a_long_realistic_day_agrees_with_the_model():

@@ -74,7 +74,7 @@ def test_a_version_3_snapshot_is_migrated_into_the_base_currency():
     whole = replay_records(recs, CAPS)
     assert g == len(recs) and compare_documents(document(st), document(whole)) == []
     assert (st.inst["currency"] == 0).all() and (st.inst["cnext"] == -1).all()
-    assert (st.rate == 1.0).all() and (st.cur_head == -1).all()
+    assert (st.rate == 1.0).all() and (st.cur_head == -1).all() and (st.cprev == -1).all()
     assert np.array_equal(st.inst["gseq"], whole.inst["gseq"])  # not the snapshot's gseq
     more = records_from_objects([
         {"type": "instrument", "instrument": 3, "multiplier": 1.0, "margin_rate": 0.1,

@@ -234,7 +234,8 @@ CELLIDX_DTYPE = np.dtype(
 # the event that last moved the instrument's row (a feed row's tag). ``currency`` (SPEC
 # section 7; 0 = base) is the currency its prices are quoted in: the instrument's value is
 # ref_price x multiplier x the state's ``rate[currency]``. ``cnext`` links the instruments
-# of one currency other than the base (heads: the state's ``cur_head``; -1 ends a chain),
+# of one currency other than the base (heads: the state's ``cur_head``, the links back:
+# its ``cprev``, so that an instrument leaves a chain in O(1); -1 ends a chain),
 # which an ``fx`` event walks.
 INSTRUMENT_DTYPE = np.dtype(
     {

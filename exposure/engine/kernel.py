@@ -15,7 +15,8 @@ price change or an ``instrument`` event walks the instrument's chain of cells an
 same for each. Every value is in the base currency (SPEC section 7): an instrument's is
 ref_price x multiplier x ``st.rate[currency]``, and an ``fx`` event walks its currency's
 chain of instruments (``st.cur_head``, ``inst.cnext``), revaluing each as a mark would, at
-the old rate and then the new one. Nothing is recomputed from scratch.
+the old rate and then the new one (the chains are doubly linked, ``st.cprev``, so an
+instrument changes currency in O(1)). Nothing is recomputed from scratch.
 
 Each sum is kept as a (value, compensation) pair with compensated (TwoSum) addition, and
 the old contribution is removed with the bit-identical float it was added with, so a tally
@@ -353,21 +354,28 @@ def _revalue_cells(st, i, ref, mult, mr, beta, o_rate, rate, gseq):
 
 
 @njit(cache=True, _nrt=False)
-def _chain_unlink(inst, cur_head, i, cur):
-    """Take instrument ``i`` out of currency ``cur``'s chain (a walk of that chain: an
-    instrument changes currency rarely, if ever)."""
-    prev = np.int64(-1)
-    k = np.int64(cur_head[cur])
-    while k >= 0 and k != i:
-        prev = k
-        k = np.int64(inst[k].cnext)
-    if k < 0:
-        return
-    if prev < 0:
-        cur_head[cur] = inst[i].cnext
+def _chain_move(inst, cur_head, cprev, i, o_cur, cur):
+    """Move instrument ``i`` from currency ``o_cur``'s chain to ``cur``'s (the base
+    currency, 0, has none): doubly linked (``inst.cnext``, ``cprev``), so O(1) whatever the
+    chains' lengths."""
+    if o_cur != 0:
+        p = np.int64(cprev[i])
+        n = np.int64(inst[i].cnext)
+        if p >= 0:
+            inst[p].cnext = n
+        else:
+            cur_head[o_cur] = n
+        if n >= 0:
+            cprev[n] = p
+    if cur != 0:
+        h = np.int64(cur_head[cur])
+        inst[i].cnext = h
+        if h >= 0:
+            cprev[h] = i
+        cur_head[cur] = i
     else:
-        inst[prev].cnext = inst[i].cnext
-    inst[i].cnext = -1
+        inst[i].cnext = -1
+    cprev[i] = -1
 
 
 @njit(inline="always", cache=True, _nrt=False)
@@ -385,11 +393,7 @@ def _revalue(st, i, ref, mult, mr, beta, sector, cur, gseq):
     ins.beta = beta
     ins.sector = sector
     if cur != o_cur:  # the currency chains: only currencies other than the base have one
-        if o_cur != 0:
-            _chain_unlink(st.inst, st.cur_head, i, o_cur)
-        if cur != 0:
-            ins.cnext = st.cur_head[cur]
-            st.cur_head[cur] = i
+        _chain_move(st.inst, st.cur_head, st.cprev, i, o_cur, cur)
         ins.currency = cur
     _apply_inst(st.fund, st.sec, s_old, old_i, sector, _inst_now(st, i))
     _touch_inst(st, i, gseq)

@@ -26,6 +26,7 @@ that knows where each table sits.
     | inst     INSTRUMENT[I]    |  reference data + fund aggregates per instrument
     | rate     f8[256]          |  SPEC 7: base-currency value of one unit of each currency
     | cur_head i4[256]          |  first instrument of each currency's chain (inst.cnext)
+    | cprev    i4[I]            |  the instrument before each one in its currency's chain
     | cells    CELL[C]          |  position cells
     | cchanged i4[C]            |  cells moved by the last batch (cell.dirty = 1)
     | cidx     CELLIDX[CS]      |  cell index: (key = account * I + instrument, cell id)
@@ -57,7 +58,7 @@ from exposure.core.capacity import Capacities
 __all__ = ["TallyLayout", "State", "LayoutError", "MAGIC", "VERSION", "HEADER_SIZE"]
 
 MAGIC = 0x5941_4C4C_4154_5845  # "EXPTALLY" little-endian
-VERSION = 4  # 4: currencies (SPEC section 7): rate, cur_head, inst.currency/cnext
+VERSION = 4  # 4: currencies (SPEC section 7): rate, cur_head, cprev, inst.currency/cnext
 HEADER_SIZE = 256
 _ALIGN = 4096
 
@@ -77,7 +78,7 @@ State = namedtuple(
     "State",
     ["ctr", "fund", "acc", "acc_lim", "acc_live", "acc_gseq", "acc_stamp", "changed",
      "ichanged", "sec", "sec_gseq", "sec_dirty", "schanged", "inst", "rate", "cur_head",
-     "cells", "cchanged", "cidx", "orders", "pub", "ipub", "spub", "cpub", "ctrpub"],
+     "cprev", "cells", "cchanged", "cidx", "orders", "pub", "ipub", "spub", "cpub", "ctrpub"],
 )
 State.__doc__ = "Numpy views of every table of the tally state (see the module diagram)."
 
@@ -105,6 +106,7 @@ def _tables(c: Capacities) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         ("inst", T.INSTRUMENT_DTYPE, (I,)),
         ("rate", np.dtype("<f8"), (T.N_CURRENCIES,)),
         ("cur_head", np.dtype("<i4"), (T.N_CURRENCIES,)),
+        ("cprev", np.dtype("<i4"), (I,)),
         ("cells", T.CELL_DTYPE, (c.cells,)),
         ("cchanged", np.dtype("<i4"), (c.cells,)),
         ("cidx", T.CELLIDX_DTYPE, (c.cell_slots,)),
@@ -214,6 +216,7 @@ def reset(st: State, zero: bool = True, keep: tuple[str, ...] = ()) -> None:
     st.inst["cnext"] = -1
     st.rate[:] = 1.0       # SPEC section 7: a currency's rate before its first fx
     st.cur_head[:] = -1
+    st.cprev[:] = -1
     st.cells["next"] = -1
     if zero:
         st.ctr[T.C_MAX_ORDERS] = caps_orders

@@ -11,7 +11,7 @@ state of the current layout, table by table and field by field:
   anything the snapshot's gseq as the event that last moved it (the true one is not in the
   old layout), so the feed and snapshots list them; ``publish_all`` after recovery writes
   the published rows.
-* version 3 (before issue 29's currencies): no ``rate`` and ``cur_head`` tables, and the
+* version 3 (before issue 29's currencies): no ``rate``, ``cur_head`` and ``cprev`` tables, and the
   instrument row's last 8 bytes were padding. Every instrument is in the base currency
   (``currency`` 0, in no currency chain) and every rate is 1.0: the values the state had.
 """

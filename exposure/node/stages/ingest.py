@@ -227,6 +227,9 @@ class IngestStage(Stage):
         # only: exposure.config.node); else only the ids it has, each proving its secret.
         self.secrets = secrets
         self.ents = entitlements or Entitlements.everything(max_sessions)
+        if sessions.shape[0] < max_sessions + 1:  # (the jitted scan writes a row per id)
+            raise ValueError(f"a session table of {sessions.shape[0]} rows, max_sessions is "
+                             f"{max_sessions}")
         if self.ents.flags.shape[0] != max_sessions + 1:
             raise ValueError(f"entitlements for {self.ents.flags.shape[0] - 1} sessions, "
                              f"max_sessions is {max_sessions}")

@@ -1,7 +1,8 @@
-"""A stage's arrays bound once: a :class:`Handle` crosses the Python-to-numba boundary in
-about 30 ns, whatever it holds, where each array argument costs 40-80 ns of numba's
-runtime (a MemInfo made and freed per array per call: ``NRT_adapt_ndarray_from_python``,
-``malloc``/``free``).
+"""A stage's arrays bound once: a :class:`Handle` crosses the Python-to-numba boundary as
+one argument whatever it holds, where each array argument costs numba's runtime a MemInfo
+made and freed per call (``NRT_adapt_ndarray_from_python``, ``malloc``/``free``). Compute's
+step with its 23 members as arguments: 2.7 us through the compiled entry; with one handle:
+0.46-0.73 us (``perf/bench_handle.py``, docs/performance.md).
 
 A handle is made once, when a stage starts, from the arrays it passes on every call (the
 state's named tuple of arrays and plain integers too). It keeps them alive and writes a
@@ -33,8 +34,8 @@ any jitted code runs) reads the handle's ``_word`` (the descriptor's address) an
 in the descriptor's first word, and raises ``TypeError`` for a closed handle
 (:meth:`Handle.close`) or one whose members' types are not those the function was
 compiled for (a stale compiled entry, or a handle of other arrays): a mismatch is refused,
-never read. :func:`bind` also checks in Python, once, that a call through the compiled
-entry gets exactly the types it was compiled for.
+never read. :func:`bind` refuses a closed handle and returns the entry compiled for
+exactly the types of its arguments.
 
 The numba on-disk cache (``cache=True``) works: :class:`HandleType` pickles by its members'
 types, so a cached function over a handle loads in a fresh process like any other.

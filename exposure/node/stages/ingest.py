@@ -708,7 +708,9 @@ class IngestStage(Stage):
                 self._rejected(c, done)
                 if self.conns.get(c.fd) is not c:  # (it did not read its answers: closed)
                     return
-            self._send(c, W.encode_ack(done, self.sessions[c.session, S_REJ:S_REJ + N_REJ]))
+            # (tolist: one C call, where encode_ack's loop would box 16 numpy scalars)
+            self._send(c, W.encode_ack(done, self.sessions[c.session,
+                                                           S_REJ:S_REJ + N_REJ].tolist()))
         if c.acked >= c.held:
             self.unacked.discard(c)
 

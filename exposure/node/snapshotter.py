@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from exposure.config.node import ConfigError, load_config
+from exposure.core import jit as _jit  # noqa: F401  (before any kernel: the keyed cache)
 from exposure.core.log import setup
 from exposure.core.types import C_ROLLS
 from exposure.engine.document import document

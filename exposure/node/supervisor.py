@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from exposure.config.node import NodeConfig, check_ports_free, load_config
+from exposure.core import jit as _jit  # noqa: F401  (before any kernel: the keyed cache)
 from exposure.core.log import setup
 from exposure.core.types import EVENT_SIZE, UPDATE_DTYPE
 from exposure.engine.publish import versions

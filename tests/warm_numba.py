@@ -1,10 +1,11 @@
 """Compile the node's numba kernels into the cache before the suite's first process test.
 
-``tests/conftest.py`` runs this script in the background when a session that selects
-`process` tests starts, and orders the tests that start no process first: on a fresh clone
-the kernels' first compile (about 20 s of CPU on this 2-core machine) then runs on the
-second core while the unit tests run on the first, instead of inside the first process
-test's setup. The cache directory is keyed by the package's sources
+With ``EXPOSURE_WARMUP=1`` (opt-in: on the shared, loaded machine it did not pay, see
+``tests/conftest.py``), ``tests/conftest.py`` runs this script in the background when a
+session that selects `process` tests starts, and orders the tests that start no process
+first: on a fresh clone the kernels' first compile (about 20 s of CPU on this 2-core
+machine) then runs on the second core while the unit tests run on the first, instead of
+inside the first process test's setup. The cache directory is keyed by the package's sources
 (:mod:`exposure.core.jit`), so the processes the tests start load what this one compiled.
 
 What it does is what a test does: a real node (``exposure run``) takes the example flow
@@ -12,8 +13,7 @@ from ``exposure send``, is dumped, restarted on its journal (recovery's replay) 
 stopped; the node and this script keep to the last CPU and nothing spins, so that the
 other core is the unit tests'. (The kernels do not depend on the process map: numba
 compiles by argument types.) It prints what it did; a failure here is not a test
-failure (the tests compile what they need themselves), only a slower start. Set
-``EXPOSURE_NO_WARMUP=1`` to skip it.
+failure (the tests compile what they need themselves), only a slower start.
 """
 
 from __future__ import annotations

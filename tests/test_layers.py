@@ -14,6 +14,7 @@ load no numba: the operator's reads are numpy views over the layouts.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from functools import cache
@@ -292,3 +293,20 @@ def test_the_read_side_modules_load_no_numba():
     assert p.stdout.strip() == "[]", (
         f"importing {', '.join(mods)} loads numba ({p.stdout.strip()}); find which with "
         f"`python -X importtime -c 'import ...'`")
+
+
+def test_every_module_with_cached_kernels_imports_the_cache_directory_first():
+    # numba picks a kernel's cache directory when its decorator runs: a module that
+    # defines ``cache=True`` kernels before exposure.core.jit was ever imported caches them
+    # under its own __pycache__, where a change to a constant elsewhere (core/types.py)
+    # would not invalidate them. Each such module therefore imports exposure.core.jit.
+    missing = []
+    for mod, path in modules().items():
+        src = path.read_text()
+        if (mod == "exposure.core.jit"
+                or not re.search(r"^@(numba\.)?n?jit\([^)]*cache=True", src, re.M)):
+            continue
+        if not re.search(r"^from exposure\.core import (.*\b)?jit\b|^from exposure\.core\.jit "
+                         r"import|^import exposure\.core\.jit", src, re.M):
+            missing.append(str(path.relative_to(ROOT)))
+    assert missing == [], f"cache=True kernels without importing exposure.core.jit: {missing}"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
 from exposure.core.types import NO_SESSION, ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR
 from exposure.engine.publish import store_rows
 

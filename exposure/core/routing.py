@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
 from exposure.core.partition import ALL, PartitionMap
 from exposure.core.types import (
     R_BAD_FIELD,

@@ -28,6 +28,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
+
 __all__ = ["TAGS", "COL", "FixRun", "RefTables", "frame", "session_flags", "map_fields",
            "journal_records", "crc32c", "new_run_arrays"]
 

@@ -24,6 +24,7 @@ import numpy as np
 import orjson
 from numba import njit
 
+from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
 from exposure.core.log import setup
 from exposure.shm.ring import Ring, RingReader, ring_pop_at, ring_push
 from exposure.shm.wait import WAIT_STRATEGIES, WaitStrategy

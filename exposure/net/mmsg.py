@@ -27,6 +27,8 @@ import struct
 import numpy as np
 from numba import njit
 
+from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
+
 __all__ = ["BatchSender", "BatchReceiver"]
 
 _IOV_WORDS = 2    # struct iovec: base, len

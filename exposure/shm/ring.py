@@ -22,6 +22,7 @@ import numpy as np
 import posix_ipc
 from numba import njit
 
+from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
 from exposure.shm import ring_layout as L
 from exposure.shm.intrinsics import fence_seq_cst, load_acquire, store_release
 from exposure.shm.segment import release

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
 from exposure.shm.intrinsics import fence_seq_cst, load_acquire, store_release
 from exposure.shm.tally_layout import HEADER_DTYPE
 

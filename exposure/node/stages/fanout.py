@@ -27,6 +27,7 @@ import time
 import numpy as np
 from numba import njit
 
+from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
 from exposure.core.types import (
     INSTPUB_DTYPE,
     INSTRUMENT_ROW_DTYPE,

@@ -72,6 +72,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
 from exposure.net import wire as W
 from exposure.net.conn import GONE, SLOW, Conn, Conns
 from exposure.net.guard import Listener, RateLog, keepalive

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
+from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
 from exposure.core.types import EVENT_WORDS, W_GSEQ, W_RECV_NS
 from exposure.net import repl as R
 from exposure.net.liveness import Liveness, silent

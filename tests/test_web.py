@@ -16,7 +16,7 @@ import time
 
 import orjson
 import pytest
-from websupport import ACCOUNTS, PASSWORDS, PM1, PM2, flow, send, users_file, web_node
+from websupport import ACCOUNTS, PASSWORDS, PM1, PM2, fed_node, flow, send, users_file
 
 from exposure.harness.wait import wait_for
 from exposure.web.serve import (
@@ -131,12 +131,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    n = web_node(tmp_path_factory.mktemp("webnode"))
-    try:
-        send(n, flow(3000))
+    with fed_node(tmp_path_factory.mktemp("webnode")) as n:
         yield n
-    finally:
-        n.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from websupport import PASSWORDS, PM1, flow, send, users_file, web_node
+from websupport import PASSWORDS, PM1, fed_node, flow, send, users_file
 
 from exposure.harness.localnode import free_port, listening, terminate
 from exposure.harness.wait import wait_for
@@ -35,12 +35,8 @@ NEW_ACCOUNT = 4001  # an account the generated flows never touch (they stay belo
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    n = web_node(tmp_path_factory.mktemp("webbrowser"))
-    try:
-        send(n, flow(3000))
+    with fed_node(tmp_path_factory.mktemp("webbrowser")) as n:
         yield n
-    finally:
-        n.stop()
 
 
 @pytest.fixture(scope="module")

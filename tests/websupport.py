@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,17 @@ def web_node(tmp: Path) -> LocalNode:
         "symbol,instrument\n" + "".join(f"SYM{i},{i}\n" for i in range(0, 400, 3)))
     return LocalNode(tmp, extra='[reference]\naccounts = "accounts.csv"\n'
                                'instruments = "instruments.csv"\n')
+
+
+@contextlib.contextmanager
+def fed_node(tmp: Path) -> Iterator[LocalNode]:
+    """A :func:`web_node` that took 3,000 events of the flow; stopped on the way out."""
+    n = web_node(tmp)
+    try:
+        send(n, flow(3000))
+        yield n
+    finally:
+        n.stop()
 
 
 def users_file(tmp: Path) -> Path:

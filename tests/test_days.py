@@ -215,6 +215,9 @@ def test_a_node_writes_the_report_at_each_roll_also_after_a_kill_and_recovers_by
         final = n.dump()
         assert compare_documents(final, document(replay_records(recs, caps))) == []
         assert final["counts"]["rejects"] == {}
+        # (the retention runs after the last roll's report: wait for its result too)
+        wait_for(lambda: min(g for g, _ in segments(data)) == rolls[-2], 60,
+                 "the days before the two kept archived", n, step=0.2)
         n.kill9()
         last = rolls[-1]
         for p in (data / "eod").glob("2024-02-02*"):  # the last day's report...

@@ -39,6 +39,16 @@ def received(s, seconds: float = 0.3) -> list[str]:
     return out
 
 
+def pings(s, want: int, seconds: float = 30.0) -> int:
+    """Wait until ``want`` WATCHDOG=1 pings have arrived (at most ``seconds``: a loaded
+    machine stretches the 100 ms between them); how many came."""
+    got = 0
+    end = time.monotonic() + seconds
+    while got < want and time.monotonic() < end:
+        got += sum(m == "WATCHDOG=1" for m in received(s, 0.5))
+    return got
+
+
 def test_the_notifier_speaks_sd_notify_and_rate_limits_the_watchdog(notify_socket):
     path, s = notify_socket
     n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "600000"})
@@ -78,8 +88,7 @@ def test_a_hung_process_is_killed_and_restarted_and_the_watchdog_follows_progres
         while not any(m.startswith("READY=1") for m in got):
             assert time.time() < deadline, got
             got += received(s)
-        pings = [m for m in received(s, 1.0) if m == "WATCHDOG=1"]
-        assert len(pings) >= 2  # about every 100 ms while every process makes progress
+        assert pings(s, 2) >= 2  # about every 100 ms while every process makes progress
         durable = n.pids()["durable"]
         os.kill(durable, signal.SIGSTOP)  # hung: alive, but its loop does not advance
         deadline = time.time() + 30
@@ -92,7 +101,7 @@ def test_a_hung_process_is_killed_and_restarted_and_the_watchdog_follows_progres
             time.sleep(0.05)
         n.wait_ready()
         received(s)
-        assert "WATCHDOG=1" in received(s, 1.0)  # pings again after the restart
+        assert pings(s, 1) >= 1  # pings again after the restart
         control = n.control()
         assert control[CTL_PROGRESS] > 0 and control[CTL_PROGRESS + 1] > 0
         assert "process durable" in n.log.read_text()

@@ -136,6 +136,20 @@ def _send(c: Client, recs: np.ndarray, chunk: int = 300) -> None:
         c.s.sendall(W.encode_events(recs[k:k + chunk]))
 
 
+def test_an_acks_counts_leave_out_the_rejects_processed_beyond_it():
+    # Compute may have processed beyond what an ACK acknowledges (durability, the backup):
+    # the log's rejects above the ACK's seq are what its counters must not include.
+    row = _log([(3, 2), (7, 5), (9, 1), (12, 2)])
+    assert RJ.counts_after(row, 12, 16) == [0] * 16  # the newest at or below: nothing
+    assert RJ.counts_after(row, 8, 16)[:6] == [0, 1, 1, 0, 0, 0]  # 9 (1) and 12 (2)
+    assert RJ.counts_after(row, 0, 16)[:6] == [0, 1, 2, 0, 0, 1]
+    assert RJ.counts_after(_log([]), 5, 16) == [0] * 16
+    # Entries above the seq overwritten: the log cannot tell (None: counts as they are).
+    row = _log([(2 * k + 1, 4) for k in range(RJ.RING + 5)])
+    assert RJ.counts_after(row, 3, 16) is None
+    assert RJ.counts_after(row, 2 * (RJ.RING + 5) - 3, 16)[4] == 1
+
+
 @pytest.mark.process
 def test_a_flagged_session_gets_each_reject_before_the_ack_that_covers_it(node):
     recs, want = _mix(random.randrange(1 << 30), 2000)  # (fewer rejects than the log keeps)

@@ -26,9 +26,10 @@ EVENTS      client   n x 128-byte event records (types.EVENT_DTYPE), 1 <= n <= 8
                      seq must be exactly the next one (held + 1); one at or below the held
                      seq is a resend and is dropped; any other seq gets a REJECT (E_SEQ,
                      naming the expected seq) and the session is closed
-ACK         node     u8 highest session seq processed, then u8 x 16: the session's
-                     rejects so far per reason code (index 0 unused; types.R_* and
-                     R_UNAUTHORIZED)
+ACK         node     u8 highest session seq acknowledged, then u8 x 16: the session's
+                     rejects of seqs up to it per reason code (index 0 unused; types.R_*
+                     and R_UNAUTHORIZED); where the reject log has lost entries above it,
+                     all the rejects processed so far
 REJECT      node     u2 code, u8 detail (E_SEQ: the expected seq; else 0), UTF-8 text;
                      the node closes the session after it
 REJECTED    node     (only to a session logged in with LOGIN_REJECTED) u8 after, u8 upto,

@@ -41,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["RING", "W_HEAD", "W_BASE", "ENTRY", "ROW_WORDS", "SEQ_MASK", "reject_shape",
-           "pack", "unpack", "read_since"]
+           "pack", "unpack", "read_since", "counts_after"]
 
 RING = 1024          # entries kept per session (a power of two)
 W_HEAD = 0
@@ -97,3 +97,24 @@ def read_since(row: np.ndarray, cur: int, upto: int, done: int, tries: int = 3):
     lo = int(np.searchsorted(seqs, after, "right"))
     hi = int(np.searchsorted(seqs, done, "right"))
     return after, seqs[lo:hi], codes[lo:hi], i + hi
+
+
+def counts_after(row: np.ndarray, seq: int, ncodes: int) -> list[int] | None:
+    """Per reason code (``ncodes`` of them), how many rejects of a seq above ``seq`` the log
+    row ``row`` holds: what to take from the session's counters for an ACK of ``seq``
+    while compute has processed beyond it (acknowledgements held back by durability). The
+    newest entry is looked at first (at or below ``seq``: nothing, the common case).
+    None when the log cannot tell: entries above ``seq`` were overwritten, or overwritten
+    while being read."""
+    head = int(row[W_HEAD])
+    if head == 0 or int(row[ENTRY + (head - 1) % RING]) >> 8 <= seq:
+        return [0] * ncodes
+    i = max(0, head - RING)
+    words = row[ENTRY + np.arange(i, head) % RING]
+    if int(row[W_HEAD]) - RING > i:  # overwritten while read
+        return None
+    seqs, codes = unpack(words)
+    if i > 0 and int(seqs[0]) > seq:  # the oldest kept is above seq: some were lost
+        return None
+    above = codes[seqs > np.uint64(seq)]
+    return np.bincount(above, minlength=ncodes)[:ncodes].tolist()

@@ -710,8 +710,15 @@ class IngestStage(Stage):
                 if self.conns.get(c.fd) is not c:  # (it did not read its answers: closed)
                     return
             # (tolist: one C call, where encode_ack's loop would box 16 numpy scalars)
-            self._send(c, W.encode_ack(done, self.sessions[c.session,
-                                                           S_REJ:S_REJ + N_REJ].tolist()))
+            rej = self.sessions[c.session, S_REJ:S_REJ + N_REJ].tolist()
+            if self.rlog is not None:
+                # The counters are as of what compute processed, which may be beyond
+                # ``done`` (durability, the backup): the ACK's are as of ``done``, so the
+                # rejects the log holds above it are taken back.
+                above = RJ.counts_after(self.rlog[c.session], done, N_REJ)
+                if above is not None:
+                    rej = [a - b for a, b in zip(rej, above, strict=True)]
+            self._send(c, W.encode_ack(done, rej))
         if c.acked >= c.held:
             self.unacked.discard(c)
 

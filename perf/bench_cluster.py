@@ -89,7 +89,7 @@ from exposure.core.partition import PartitionMap
 from exposure.core.routing import route, split
 from exposure.core.types import C_LAST_GSEQ, T_CANCEL, T_DONE, T_FILL, T_NEW, T_REPLACE
 from exposure.harness.cluster import LocalCluster, map_ranges, partition_process_map
-from exposure.harness.localnode import LocalNode, cpu_times
+from exposure.harness.localnode import LocalNode, cpu_times, terminate
 from exposure.harness.machine import cpu_pressure_us, steal_since, steal_ticks
 from exposure.harness.wait import wait_for
 from exposure.net.client import SendError, send_records
@@ -289,17 +289,6 @@ def settle(pids: list[int], say: Say, timeout: float = 30.0, busy: float = 0.25)
             return time.monotonic() - t0
     say(f"  (still busy after {timeout:.0f} s; measuring anyway)")
     return time.monotonic() - t0
-
-
-def _stop_child(proc: subprocess.Popen | None, timeout: float = 20) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _child_cmd(*args: str) -> tuple[list[str], dict]:
@@ -585,7 +574,7 @@ def consolidator_latency(bc: BenchCluster, recs: np.ndarray, session: int, rate:
         if rx.returncode != 0:
             raise RuntimeError(f"the receiver failed: {log.read_text()[-3000:]}")
     finally:
-        _stop_child(rx)
+        terminate(rx)
     steal = steal_since(steal0)
     data = np.load(spec["out"])
     t_from = t_start + int(warmup * 1e9)

@@ -49,8 +49,17 @@ def test_events_one_by_one_in_arrays_and_as_dicts_stream_and_equal_replay(node):
     acks: list[Ack] = []
     with Producer(node.config, session=3, on_result=acks.append, frame=256) as p:
         assert p.sent == p.acked == 0
-        for r in recs[:2000]:  # one record at a time
+        for r in recs[:1000]:  # one record at a time
             p.send(r)
+        same = recs[1000:2000].astype(np.dtype(recs.dtype.descr))  # equal, not the same
+        assert same.dtype is not recs.dtype and same.dtype == recs.dtype
+        for r in same:
+            p.send(r)
+        other = np.zeros(2, [("type", "u1"), ("qty", "<i8")])
+        for bad in (other, other[0]):  # refused, and nothing was numbered for it
+            with pytest.raises(ValueError, match="expected EVENT_DTYPE"):
+                p.send(bad)
+        assert p.sent == 2000
         for obj in record_objects(recs[2000:2300]):  # SPEC event dicts
             p.send(obj)
         lo = 2300

@@ -93,7 +93,8 @@ def datagram(epoch: int, seq: int, rows=(), dtype: int = DG_INCREMENTAL) -> byte
 
 
 def expected(rows: dict) -> dict:
-    """The SPEC document's four sections of a set of rows (what the node would dump)."""
+    """The SPEC document's sections of a set of rows (what the node would dump; this fake
+    node sends no position rows, so ``positions`` is empty)."""
     by = {k: sorted((key[1], r) for key, r in rows.items() if key[0] == k)
           for k in (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR)}
     accounts = [{"account": a, **{k: float(r[k][0]) for k in ACC_FLOATS},
@@ -111,7 +112,8 @@ def expected(rows: dict) -> dict:
                     "open_sell": int(r["open_sell"][0])} for i, r in by[ROW_INSTRUMENT]]
     sectors = [{"sector": s, "net_mv": float(r["net_mv"][0]), "gross_mv": float(r["gross_mv"][0])}
                for s, r in by[ROW_SECTOR]]
-    return {"accounts": accounts, "fund": f, "instruments": instruments, "sectors": sectors}
+    return {"accounts": accounts, "fund": f, "instruments": instruments, "sectors": sectors,
+            "positions": []}
 
 
 def _key(r: np.ndarray) -> tuple[int, int]:
@@ -760,7 +762,7 @@ def test_watch_rejects_bad_arguments(tmp_path):
 
 
 # ----------------------------------------------------------------------------- end to end
-SECTIONS = ("accounts", "fund", "instruments", "sectors")
+SECTIONS = ("accounts", "fund", "instruments", "sectors", "positions")
 
 
 @pytest.mark.timeout(300)

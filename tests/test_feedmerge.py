@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from exposure.core.types import (
-    INSTRUMENT_ROW_DTYPE,
     ROW_ACCOUNT,
+    ROW_DTYPES,
     ROW_FUND,
     ROW_INSTRUMENT,
+    ROW_LIMITS,
+    ROW_POSITION,
     ROW_SECTOR,
-    SECTOR_ROW_DTYPE,
     UPDATE_DTYPE,
 )
 from exposure.feed.merge import ROW_WORDS
@@ -33,10 +34,11 @@ from exposure.harness.localnode import free_group, free_port
 
 pytestmark = pytest.mark.process
 
-KINDS = (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR)
-DTYPES = {ROW_ACCOUNT: UPDATE_DTYPE, ROW_FUND: UPDATE_DTYPE,
-          ROW_INSTRUMENT: INSTRUMENT_ROW_DTYPE, ROW_SECTOR: SECTOR_ROW_DTYPE}
-BOUNDS = {ROW_ACCOUNT: 3000, ROW_FUND: 1, ROW_INSTRUMENT: 9000, ROW_SECTOR: 300}
+# Feed version 4: position rows (by cell id) and limits rows (by account) too.
+KINDS = (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR, ROW_POSITION, ROW_LIMITS)
+DTYPES = ROW_DTYPES
+BOUNDS = {ROW_ACCOUNT: 3000, ROW_FUND: 1, ROW_INSTRUMENT: 9000, ROW_SECTOR: 300,
+          ROW_POSITION: 5000, ROW_LIMITS: 3000}
 
 
 def _state(kind: int, row) -> tuple:
@@ -58,6 +60,9 @@ class Model:
         best: dict[tuple[int, int], int] = {}
         for j, r in enumerate(rows):
             kind, rid = int(r["kind"]), int(r["account"])
+            if kind not in BOUNDS:
+                self.bad += 1
+                continue
             if kind == ROW_FUND:
                 if rid != -1:
                     self.bad += 1
@@ -88,10 +93,13 @@ def _batch(rng, n: int, pool: np.ndarray) -> np.ndarray:
     rows["kind"] = kinds
     ids = rng.integers(0, 40, n)
     ids[kinds == ROW_FUND] = -1
-    ids[rng.random(n) < 0.03] = rng.choice([-7, 3000, 9000, 300, 2**31 - 1], 1)[0]
+    ids[rng.random(n) < 0.03] = rng.choice([-7, 3000, 9000, 300, 5000, 2**31 - 1], 1)[0]
     far = rng.random(n) < 0.05  # beyond the tables' first sizes, within the bounds
     ids[far & (kinds == ROW_ACCOUNT)] = 2900
     ids[far & (kinds == ROW_INSTRUMENT)] = 8191
+    ids[far & (kinds == ROW_POSITION)] = 4999
+    ids[far & (kinds == ROW_LIMITS)] = 2999
+    rows["kind"][rng.random(n) < 0.02] = 7  # a kind beyond the known ones: a bad row
     rows["account"] = ids
     rows["gseq"] = rng.integers(1, 12, n)
     # States from a small pool, so that equal gseqs often carry equal states.
@@ -115,7 +123,8 @@ def test_merge_rows_equals_the_per_row_model(seed):
     pool = np.zeros(6, UPDATE_DTYPE)
     pool.view(np.uint64)[:] = rng.integers(0, 2**63, 6 * ROW_WORDS, dtype=np.uint64)
     sub = Subscriber("239.255.77.99", 0, accounts=BOUNDS[ROW_ACCOUNT],
-                     instruments=BOUNDS[ROW_INSTRUMENT], sectors=BOUNDS[ROW_SECTOR])
+                     instruments=BOUNDS[ROW_INSTRUMENT], sectors=BOUNDS[ROW_SECTOR],
+                     cells=BOUNDS[ROW_POSITION])
     model = Model()
     try:
         for step in range(300):
@@ -230,7 +239,8 @@ def _spoil(rng, d: bytes) -> bytes:
     elif what == 4:
         return bytes(b) + b"\0" * 7                           # length
     elif what == 5 and len(b) > 32:
-        b[32] = 9                                             # a row's kind
+        b[32] = int(rng.choice([0, 7, 9, 255]))               # a row's kind (7: just past
+                                                              # version 4's limits)
     else:
         b[8:16] = (2**64 - 1 - int(rng.integers(0, 3))).to_bytes(8, "little")  # seq
     return bytes(b)

@@ -226,7 +226,7 @@ def test_kill_9_of_the_primary_promotes_the_backup_and_the_client_finishes_on_it
         # It dropped the old epoch's view (phantoms of events never made durable
         # included) and ends equal to the new primary's document.
         want = {k: v for k, v in p.b.dump(process=False).items()
-                if k in ("accounts", "fund", "instruments", "sectors")}
+                if k in ("accounts", "fund", "instruments", "sectors", "positions")}
         deadline = time.monotonic() + 60
         while compare_documents(sub.document(), want):
             assert time.monotonic() < deadline, (sub.describe(),

@@ -495,7 +495,7 @@ def test_subscribers_see_every_account_the_roll_moves_in_the_batch_that_carries_
              "side": "buy", "qty": 2, "price": 9.5}]
         send(n, events)
         sub = Subscriber.from_config(n.config)
-        sections = ("accounts", "fund", "instruments", "sectors")
+        sections = ("accounts", "fund", "instruments", "sectors", "positions")
 
         def agrees(changes: list) -> bool:
             changes += sub.poll(0.02)
@@ -517,6 +517,12 @@ def test_subscribers_see_every_account_the_roll_moves_in_the_batch_that_carries_
         assert sub.counters["recoveries"] == recoveries and sub.counters["gaps"] == 0
         view = sub.document()
         assert all(a["pnl"] == 0 for a in view["accounts"]) and view["fund"]["pnl"] == 0
+        # Feed version 4's position rows came through the roll's compaction of the cell
+        # table by incrementals alone: account 40's flat cell is gone (its id now holds
+        # account 41's, whose old id was sent freed), every other cell kept, P&L 0.
+        assert [(p["account"], p["pos"]) for p in view["positions"]] == \
+            [(a, a + 1) for a in range(40)] + [(41, 0)]
+        assert all(p["pnl"] == 0 for p in view["positions"])
         equals_replay_of_its_journal(n)
     finally:
         if sub is not None:

@@ -16,10 +16,14 @@ from exposure.core.capacity import Capacities
 from exposure.core.types import (
     EVENT_DTYPE,
     INSTRUMENT_ROW_DTYPE,
+    LIMITS_ROW_DTYPE,
     NO_SESSION,
+    POSITION_ROW_DTYPE,
     ROW_ACCOUNT,
     ROW_FUND,
     ROW_INSTRUMENT,
+    ROW_LIMITS,
+    ROW_POSITION,
     ROW_SECTOR,
     ROW_SIZE,
     SECTOR_ROW_DTYPE,
@@ -67,6 +71,8 @@ ACC_FIELDS = ("live_orders", "long_mv", "short_mv", "gross", "net", "open_buy_mv
               "net_short_mv")
 INST_FIELDS = ("fund_pos", "ref_price", "open_buy", "open_sell", "net_mv", "gross_mv",
                "multiplier", "margin_rate", "beta", "sector", "marked")
+POS_FIELDS = ("account", "instrument", "pos", "open_buy", "open_sell", "pnl", "mv")
+LIM_FIELDS = ("gross_limit", "net_limit", "margin_limit", "loss_limit")
 
 
 # ----------------------------------------------------------------------------- state
@@ -234,6 +240,14 @@ def expected_rows(st) -> list[tuple]:
         if p["gseq"]:
             out.append((ROW_SECTOR, s, int(p["gseq"]), 0,
                         (p["net_mv"].item(), p["gross_mv"].item())))
+    for c in range(st.cpub.shape[0]):  # feed version 4: the cells, taken in order
+        p = st.cpub[c]
+        if not p["gseq"]:
+            break
+        out.append((ROW_POSITION, c, int(p["gseq"]), 0, tuple(p[f].item() for f in POS_FIELDS)))
+    for a in range(A):  # and every moved account's limits, as of the account's last event
+        if st.acc_gseq[a]:
+            out.append((ROW_LIMITS, a, int(st.acc_gseq[a]), 0, tuple(st.acc_lim[a].tolist())))
     return out
 
 
@@ -248,10 +262,18 @@ def got_rows(rows: np.ndarray) -> list[tuple]:
             u = r.reshape(1).view(INSTRUMENT_ROW_DTYPE)[0]
             out.append((kind, int(u["instrument"]), int(u["gseq"]), int(u["breach"]),
                         tuple(u[f].item() for f in INST_FIELDS)))
-        else:
+        elif kind == ROW_SECTOR:
             u = r.reshape(1).view(SECTOR_ROW_DTYPE)[0]
             out.append((kind, int(u["sector"]), int(u["gseq"]), int(u["breach"]),
                         (u["net_mv"].item(), u["gross_mv"].item())))
+        elif kind == ROW_POSITION:
+            u = r.reshape(1).view(POSITION_ROW_DTYPE)[0]
+            out.append((kind, int(u["cell"]), int(u["gseq"]), int(u["breach"]),
+                        tuple(u[f].item() for f in POS_FIELDS)))
+        else:
+            u = r.reshape(1).view(LIMITS_ROW_DTYPE)[0]
+            out.append((kind, int(u["account"]), int(u["gseq"]), int(u["breach"]),
+                        tuple(u[f].item() for f in LIM_FIELDS)))
     return out
 
 
@@ -273,9 +295,15 @@ def test_snapshot_rows_are_the_published_rows(serve):
     assert got_rows(rows) == want
     kinds = [w[0] for w in want]
     # accounts 3 and 7, the fund, instruments 1, 5 and 9, sectors 2 and 3 and 0 (which
-    # the instruments left): only moved rows
-    assert kinds == [ROW_ACCOUNT] * 2 + [ROW_FUND] + [ROW_INSTRUMENT] * 3 + [ROW_SECTOR] * 3
-    assert [w[1] for w in want] == [3, 7, -1, 1, 5, 9, 0, 2, 3]
+    # the instruments left): only moved rows; then cells 0 and 1 (account 3's instrument
+    # 1, account 7's instrument 5) and the two accounts' limits (none set: zeros)
+    assert kinds == ([ROW_ACCOUNT] * 2 + [ROW_FUND] + [ROW_INSTRUMENT] * 3
+                     + [ROW_SECTOR] * 3 + [ROW_POSITION] * 2 + [ROW_LIMITS] * 2)
+    assert [w[1] for w in want] == [3, 7, -1, 1, 5, 9, 0, 2, 3, 0, 1, 3, 7]
+    pos = rows_of(rows, ROW_POSITION)
+    assert pos[["account", "instrument", "pos", "open_buy", "open_sell"]].tolist() == [
+        (3, 1, 40, 60, 0), (7, 5, 0, 0, 50)]
+    assert pos["mv"].tolist() == [40 * 100.0 * 10.0, 0.0]
     assert count == len(want)
     assert (rows["epoch"] == EPOCH).all() and (rows["session"] == NO_SESSION).all()
     assert not rows["sseq"].any() and not rows["send_ns"].any()

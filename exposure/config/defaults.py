@@ -69,6 +69,9 @@ refresh_rows_per_s = 2000    # published rows re-sent per second in a slow cycle
                              # hot path is idle, so silent rows converge (0 = off)
 snapshot_host = "127.0.0.1"  # the recovery server: every row as of a gseq, over TCP
 snapshot_port = 7702         # (stage "snapshot"; 0 = off). docs/feed.md
+positions = true             # position rows (one per (account, instrument) cell) on the
+                             # feed and in its snapshots; false: accounts, limits,
+                             # instruments and sectors only (docs/feed.md)
 
 [journal]                    # every sequenced record, on disk, before it is acknowledged
 dir = ""                     # data directory; "" = ~/.local/share/exposure/<node name>

@@ -20,7 +20,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "desks": {"mode": str, "group": str},
     "fanout": {"group": str, "port": int, "interface": str, "ttl": int, "max_datagram": int,
                "heartbeat_ms": int, "refresh_rows_per_s": int, "snapshot_host": str,
-               "snapshot_port": int},
+               "snapshot_port": int, "positions": bool},
     "journal": {"dir": str, "fsync": str, "interval_ms": int, "segment_mb": int,
                 "prewrite_mb": int},
     "snapshot": {"every_events": int, "every_s": int, "keep": int, "journal": str},

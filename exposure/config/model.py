@@ -93,6 +93,7 @@ class NodeConfig:
     desk_group: str = ""
     feed_heartbeat_ms: int = 100
     refresh_rows_per_s: int = 2000
+    feed_positions: bool = True  # [fanout] positions: position rows on the feed (version 4)
     snapshot_host: str = "127.0.0.1"
     snapshot_port: int = 7702
     partition: Partition | None = None

@@ -110,7 +110,8 @@ def fanout(fo: dict) -> dict:
             "ttl": fo["ttl"], "max_datagram": fo["max_datagram"],
             "feed_heartbeat_ms": fo["heartbeat_ms"],
             "refresh_rows_per_s": fo["refresh_rows_per_s"],
-            "snapshot_host": fo["snapshot_host"], "snapshot_port": fo["snapshot_port"]}
+            "snapshot_host": fo["snapshot_host"], "snapshot_port": fo["snapshot_port"],
+            "feed_positions": fo["positions"]}
 
 
 def journal(jn: dict, name: str) -> dict:

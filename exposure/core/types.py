@@ -76,6 +76,8 @@ __all__ = [
     "ACCOUNT_ROW_DTYPE",
     "INSTRUMENT_ROW_DTYPE",
     "SECTOR_ROW_DTYPE",
+    "POSITION_ROW_DTYPE",
+    "LIMITS_ROW_DTYPE",
     "ROW_DTYPES",
     "ROW_KINDS",
     "ACCOUNT_TALLIES",
@@ -289,12 +291,13 @@ SECPUB_DTYPE = np.dtype(
     align=True,
 )
 # Position rows, one per cell (same index as the cell table); ``gseq`` is the last event of
-# the batch that published the row.
+# the batch that published the row. ``mv`` (the cell's pos x ref_price x multiplier x rate,
+# base currency; the feed's position row carries it) took the row's last 8 spare bytes.
 POSPUB_DTYPE = np.dtype(
     {
         "names": ["ver", "gseq", "account", "instrument", "pos", "open_buy", "open_sell",
-                  "pnl", "_pad"],
-        "formats": ["<u8", "<u8", "<i4", "<i4", "<i8", "<i8", "<i8", "<f8", "<i8"],
+                  "pnl", "mv"],
+        "formats": ["<u8", "<u8", "<i4", "<i4", "<i8", "<i8", "<i8", "<f8", "<f8"],
         "offsets": [0, 8, 16, 20, 24, 32, 40, 48, 56],
         "itemsize": 64,
     },
@@ -319,8 +322,10 @@ ROW_ACCOUNT = 1
 ROW_FUND = 2
 ROW_INSTRUMENT = 3
 ROW_SECTOR = 4
+ROW_POSITION = 5  # feed version 4: one per position cell (id = the cell's index)
+ROW_LIMITS = 6    # feed version 4: an account's limits (id = the account)
 ROW_KINDS = {ROW_ACCOUNT: "account", ROW_FUND: "fund", ROW_INSTRUMENT: "instrument",
-             ROW_SECTOR: "sector"}
+             ROW_SECTOR: "sector", ROW_POSITION: "position", ROW_LIMITS: "limits"}
 ROW_SIZE = 160
 NO_SESSION = 0xFFFFFFFF
 _HEAD_NAMES = ["kind", "breach", "breach_prev", "flags", "id", "epoch", "session", "gseq",
@@ -358,8 +363,21 @@ INSTRUMENT_ROW_DTYPE = _row("instrument", [
     ("currency", "<i8", 144)])  # (a whole word: the subscriber's merge compares words)
 # Sector rows (kind 4).
 SECTOR_ROW_DTYPE = _row("sector", [("net_mv", "<f8", 64), ("gross_mv", "<f8", 72)])
+# Position rows (kind 5, feed version 4): one per position cell of the node, ``cell`` its
+# index in the node's cell table (a roll compacts the table: every id it moves or frees is
+# sent again, a freed one with account -1). ``pnl`` and ``mv`` (pos x ref_price x
+# multiplier x rate) are in the base currency.
+POSITION_ROW_DTYPE = _row("cell", [
+    ("account", "<i4", 56), ("instrument", "<i4", 60), ("pos", "<i8", 64),
+    ("open_buy", "<i8", 72), ("open_sell", "<i8", 80), ("pnl", "<f8", 88),
+    ("mv", "<f8", 96)])
+# Limits rows (kind 6, feed version 4): an account's four limits (0 = off; base currency).
+LIMITS_ROW_DTYPE = _row("account", [
+    ("gross_limit", "<f8", 56), ("net_limit", "<f8", 64), ("margin_limit", "<f8", 72),
+    ("loss_limit", "<f8", 80)])
 ROW_DTYPES = {ROW_ACCOUNT: UPDATE_DTYPE, ROW_FUND: UPDATE_DTYPE,
-              ROW_INSTRUMENT: INSTRUMENT_ROW_DTYPE, ROW_SECTOR: SECTOR_ROW_DTYPE}
+              ROW_INSTRUMENT: INSTRUMENT_ROW_DTYPE, ROW_SECTOR: SECTOR_ROW_DTYPE,
+              ROW_POSITION: POSITION_ROW_DTYPE, ROW_LIMITS: LIMITS_ROW_DTYPE}
 
 # Columns of the per-account tally array (each kept as a compensated sum: value + error).
 K_LONG = 0

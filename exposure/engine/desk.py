@@ -85,7 +85,7 @@ INSTRUMENT_ROW = _with_id("instrument", INSTPUB_DTYPE, _INST_FIELDS)
 _SEC_FIELDS = ["gseq", "net_mv", "gross_mv"]
 SECTOR_ROW = _with_id("sector", SECPUB_DTYPE, _SEC_FIELDS)
 # :meth:`Desk.positions`: one account's position rows (types.POSPUB_DTYPE).
-_POS_FIELDS = ["gseq", "pos", "open_buy", "open_sell", "pnl"]
+_POS_FIELDS = ["gseq", "pos", "open_buy", "open_sell", "pnl", "mv"]
 POSITION_ROW = _with_id("instrument", POSPUB_DTYPE, _POS_FIELDS)
 
 _ACC_DOC = ["long_mv", "short_mv", "gross", "net", "open_buy_mv", "open_sell_mv",

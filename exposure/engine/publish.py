@@ -39,19 +39,22 @@ from exposure.core.types import (
     ROW_ACCOUNT,
     ROW_FUND,
     ROW_INSTRUMENT,
+    ROW_LIMITS,
+    ROW_POSITION,
     ROW_SECTOR,
 )
 from exposure.engine.kernel import account_values
 from exposure.shm.intrinsics import fence_seq_cst, store_release
 from exposure.shm.reject_layout import ENTRY, RING, ROW_WORDS, SEQ_MASK, W_HEAD
-from exposure.shm.seqlock import read_row
+from exposure.shm.seqlock import read_begin, read_end, read_row
 from exposure.shm.session_layout import N_REJ, S_DONE, S_REJ
 
 _RL_ROW, _RL_HEAD, _RL_ENTRY, _RL_RING = ROW_WORDS, W_HEAD, ENTRY, np.uint64(RING)
 _RL_MASK = np.uint64(SEQ_MASK)
 
 __all__ = ["publish_batch", "publish_all", "publish", "set_values", "count_sessions",
-           "gather_rows", "store_rows", "Versions", "versions"]
+           "gather_rows", "store_rows", "Versions", "versions", "position_rows", "limit_rows",
+           "LIMIT_TRIES"]
 
 
 class Versions:
@@ -188,8 +191,10 @@ def _put_cell(st, cver, c, gseq):
     p.pos = cell.pos
     p.open_buy = cell.open_buy
     p.open_sell = cell.open_sell
-    p.pnl = ins.multiplier * st.rate[ins.currency] * (
+    rate = st.rate[ins.currency]
+    p.pnl = ins.multiplier * rate * (
         cell.pos * ins.ref_price - cell.sod_qty * cell.sod_price - cell.flow)
+    p.mv = cell.pos * (ins.ref_price * ins.multiplier * rate)
     _end(cver, c, v)
 
 
@@ -373,6 +378,80 @@ def publish_batch(st, pver, iver, sver, cver, ctrver, recs, n, arows, irows, sro
     return m
 
 
+@njit(cache=True, _nrt=False, inline="always")
+def _pos_body(u, p):
+    """A position feed row's body from its published row ``p`` (types.POSPUB_DTYPE)."""
+    u.account = p.account
+    u.instrument = p.instrument
+    u.pos = p.pos
+    u.open_buy = p.open_buy
+    u.open_sell = p.open_sell
+    u.pnl = p.pnl
+    u.mv = p.mv
+
+
+@njit(cache=True, _nrt=False)
+def position_rows(st, recs, n, arows, prows, m, end, cursor, now_ns):
+    """Feed version 4's position rows (types.POSITION_ROW_DTYPE) of the cells the batch of
+    ``recs[:n]`` moved (``cchanged``, published by :func:`publish_batch`), from the
+    ``cursor``-th on, into rows ``m .. end`` of the batch's row buffer (``arows`` and
+    ``prows`` views of it), tagged with the batch's last event (their gseq, as the fund's).
+    Returns (rows now in the buffer, the next cursor): a batch that moved more cells than
+    the buffer holds (a roll, a mark of a widely held instrument) is sent in parts."""
+    k = np.int64(cursor)
+    nc = np.int64(st.ctr[C_NCCHANGED])
+    if n == 0:
+        return m, nc
+    r = recs[n - 1]
+    while k < nc and m < end:
+        c = np.int64(st.cchanged[k])
+        _clear_body(arows[m])
+        u = prows[m]
+        _tag(u, ROW_POSITION, r, now_ns)
+        u.cell = c
+        _pos_body(u, st.cpub[c])
+        u.gseq = st.cpub[c].gseq
+        m += 1
+        k += 1
+    return m, k
+
+
+@njit(cache=True, _nrt=False, inline="always")
+def _lim_body(u, lim, a):
+    u.gross_limit = lim[a, 0]
+    u.net_limit = lim[a, 1]
+    u.margin_limit = lim[a, 2]
+    u.loss_limit = lim[a, 3]
+
+
+@njit(cache=True, _nrt=False)
+def limit_rows(st, recs, n, sent, arows, lrows, m, now_ns):
+    """Feed version 4's limits rows (types.LIMITS_ROW_DTYPE): one for each account the
+    batch moved whose limits differ from ``sent`` (the limits last sent, [A, 4], the
+    compute stage's own; updated here), appended at row ``m`` of the batch's row buffer
+    and tagged with the event that last moved the account. Returns the rows now in it."""
+    if n == 0:
+        return m
+    g0 = np.int64(recs[0].gseq)
+    lim = st.acc_lim
+    for j in range(st.ctr[C_NCHANGED]):
+        a = np.int64(st.changed[j])
+        same = True
+        for q in range(4):
+            if lim[a, q] != sent[a, q]:
+                same = False
+                sent[a, q] = lim[a, q]
+        if same:
+            continue
+        _clear_body(arows[m])
+        u = lrows[m]
+        _tag(u, ROW_LIMITS, _at(recs, g0, n, st.acc_gseq[a]), now_ns)
+        u.account = a
+        _lim_body(u, lim, a)
+        m += 1
+    return m
+
+
 @njit(cache=True)
 def _publish_rest(st, iver, sver, cver, ctrver, last):
     for i in range(st.inst.shape[0]):
@@ -424,19 +503,48 @@ def count_sessions(recs, status, n, sess_flat, ncols, rlog):
 
 
 # ----------------------------------------------------------------------------- reading back
-@njit(cache=True)
-def gather_rows(st, pver, iver, sver, cursor, limit, scan, arows, irows, srows, tmp_a,
-                tmp_i, tmp_s):
-    """Feed rows (untagged) of the published rows that ever moved (gseq != 0), starting at
-    position ``cursor`` of the cycle accounts, fund, instruments, sectors; at most ``limit``
-    rows and ``scan`` positions looked at. Each row is copied consistently on its own.
-    Returns (rows written, next cursor); the cursor wraps to 0 after the last sector.
+# Tries of the state's seqlock for one account's limits (a batch being applied holds it
+# odd for microseconds; past this many the row is left for the next cycle or snapshot).
+LIMIT_TRIES = 100_000
 
-    ``tmp_a``/``tmp_i``/``tmp_s``: one-row scratch arrays of PUBROW/INSTPUB/SECPUB dtype."""
+
+@njit(cache=True, _nrt=False)
+def _read_limits(st, words, a, out):
+    """Account ``a``'s limits into ``out[:4]`` and its gseq (the event that last moved it:
+    within an epoch the limits are a function of it), read under the state's seqlock
+    (``words``: the tally segment as u8 words); -1 if the seqlock never held still."""
+    for _ in range(LIMIT_TRIES):
+        v = read_begin(words)
+        if v & np.uint64(1):
+            continue
+        g = st.acc_gseq[a]
+        for q in range(4):
+            out[q] = st.acc_lim[a, q]
+        if read_end(words) == v:
+            return np.int64(g)
+    return np.int64(-1)
+
+
+@njit(cache=True)
+def gather_rows(st, pver, iver, sver, cver, words, cursor, limit, scan, positions, arows,
+                irows, srows, prows, lrows, tmp_a, tmp_i, tmp_s, tmp_p):
+    """Feed rows (untagged) of the published rows that ever moved (gseq != 0), starting at
+    position ``cursor`` of the cycle accounts, fund, instruments, sectors, position cells
+    (with ``positions``; the cells in use and the ones a roll freed: the published cells
+    up to the first that never moved) and limits (every account that ever moved, read
+    under the state's seqlock: ``words``); at most ``limit`` rows and ``scan`` positions
+    looked at. Each row is copied consistently on its own. Returns (rows written, next
+    cursor); the cursor wraps to 0 after the last account's limits.
+
+    ``tmp_a``/``tmp_i``/``tmp_s``/``tmp_p``: one-row scratch arrays of
+    PUBROW/INSTPUB/SECPUB/POSPUB dtype."""
     A1 = st.pub.shape[0]  # accounts + the fund
     I = st.ipub.shape[0]
     S = st.spub.shape[0]
-    total = A1 + I + S
+    C = st.cpub.shape[0] if positions else 0
+    A = st.acc.shape[0]
+    total = A1 + I + S + C + A
+    lim = np.empty(4)
     m = 0
     looked = 0
     pos = cursor
@@ -468,7 +576,7 @@ def gather_rows(st, pver, iver, sver, cursor, limit, scan, arows, irows, srows, 
                 u.instrument = i
                 _inst_body(u, p)
                 m += 1
-        else:
+        elif pos < A1 + I + S:
             s = pos - A1 - I
             read_row(st.spub, sver, s, tmp_s)
             p = tmp_s[0]
@@ -479,6 +587,33 @@ def gather_rows(st, pver, iver, sver, cursor, limit, scan, arows, irows, srows, 
                 u.sector = s
                 u.net_mv = p.net_mv
                 u.gross_mv = p.gross_mv
+                m += 1
+        elif pos < A1 + I + S + C:
+            c = pos - A1 - I - S
+            read_row(st.cpub, cver, c, tmp_p)
+            p = tmp_p[0]
+            if p.gseq == 0:  # cells are taken in order: none moved beyond this one
+                pos = A1 + I + S + C
+                looked += 1
+                continue
+            _clear_body(arows[m])
+            u = prows[m]
+            _untag(u, ROW_POSITION, p.gseq)
+            u.cell = c
+            _pos_body(u, p)
+            m += 1
+        else:
+            a = pos - A1 - I - S - C
+            g = _read_limits(st, words, a, lim)
+            if g > 0:
+                _clear_body(arows[m])
+                u = lrows[m]
+                _untag(u, ROW_LIMITS, np.uint64(g))
+                u.account = a
+                u.gross_limit = lim[0]
+                u.net_limit = lim[1]
+                u.margin_limit = lim[2]
+                u.loss_limit = lim[3]
                 m += 1
         pos += 1
         looked += 1

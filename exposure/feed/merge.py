@@ -12,7 +12,8 @@ gathered, incrementals and refreshes apart, for the merge.
 **Rows:**
 
 A batch (the rows of the datagrams one :meth:`exposure.feed.subscriber.Subscriber.poll` took, or a
-snapshot's rows) is merged into the view's four tables by the per-row gseq rule
+snapshot's rows) is merged into the view's six tables (accounts, the fund, instruments,
+sectors, position cells, limits: feed version 4) by the per-row gseq rule
 (:mod:`exposure.feed.subscriber`): per (kind, id) the batch's row with the highest gseq (the last of
 equals) replaces the view's when its gseq is higher, or when the view has none; with
 ``replace_equal`` (a refresh, a snapshot) also when the gseqs are equal and the state
@@ -40,19 +41,17 @@ from numba import njit
 
 from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
 from exposure.core.types import (
-    INSTRUMENT_ROW_DTYPE,
     ROW_ACCOUNT,
+    ROW_DTYPES,
     ROW_FUND,
-    ROW_INSTRUMENT,
-    ROW_SECTOR,
+    ROW_LIMITS,
     ROW_SIZE,
-    SECTOR_ROW_DTYPE,
-    UPDATE_DTYPE,
 )
 from exposure.feed.wire import DG_HEARTBEAT, DG_INCREMENTAL, DG_REFRESH, DGRAM_MAGIC, FEED_VERSION
 
 __all__ = ["ROW_WORDS", "BODY", "merge_rows", "scan_datagrams", "words", "S_EPOCH", "S_SEQ",
-           "S_WANT", "S_JOINED", "S_NEXT_EPOCH", "S_INC", "S_REF", "SCAN_STATE", "SCAN_COUNTERS"]
+           "S_WANT", "S_JOINED", "S_NEXT_EPOCH", "S_INC", "S_REF", "SCAN_STATE", "SCAN_COUNTERS",
+           "N_KINDS", "INFO", "I_GSEQ", "I_START"]
 
 ROW_WORDS = ROW_SIZE // 8
 _HEAD = 56
@@ -66,11 +65,17 @@ def _body(dt: np.dtype) -> tuple[int, int]:
     return lo // 8, -(-hi // 8)
 
 
-# BODY[kind] = (first word, end word) of the state compared; row kinds are 1..4.
-BODY = np.zeros((5, 2), np.int64)
-for _k, _dt in ((ROW_ACCOUNT, UPDATE_DTYPE), (ROW_FUND, UPDATE_DTYPE),
-                (ROW_INSTRUMENT, INSTRUMENT_ROW_DTYPE), (ROW_SECTOR, SECTOR_ROW_DTYPE)):
+# Row kinds are 1..N_KINDS (types.ROW_*; 5 position and 6 limits: feed version 4).
+N_KINDS = ROW_LIMITS
+# BODY[kind] = (first word, end word) of the state compared.
+BODY = np.zeros((N_KINDS + 1, 2), np.int64)
+for _k, _dt in ROW_DTYPES.items():
     BODY[_k] = _body(_dt)
+# merge_rows' ``info``: [0] bad rows, [kind] the table size a kind needs (grow), [I_GSEQ]
+# the highest gseq written, [I_START + kind - 1] where that kind's changed rows start.
+I_GSEQ = N_KINDS + 1
+I_START = N_KINDS + 2
+INFO = I_START + N_KINDS
 
 
 def words(a: np.ndarray) -> np.ndarray:
@@ -80,20 +85,21 @@ def words(a: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True)
-def merge_rows(rows, t_acc, t_fund, t_inst, t_sec, bounds, replace_equal, body,
+def merge_rows(rows, t_acc, t_fund, t_inst, t_sec, t_pos, t_lim, bounds, replace_equal, body,
                out_rows, out_kind, out_id, out_prev, info):
     """Merge ``rows`` (uint64 words, ``[n, ROW_WORDS]``) into the tables (uint64 words;
-    the fund's has one row). ``bounds[kind]``: ids at or above it are bad rows (counted in
-    ``info[0]``, ignored). Returns how many rows changed, their new rows, kinds, ids and
-    previous breach bits in ``out_*[:count]``, sorted by kind then id; ``info[5]`` is
-    their highest gseq and ``info[5 + kind]`` where that kind's rows start. Returns -1
-    when a row's id lies beyond its table: nothing was written, and ``info[kind]`` holds
-    the highest such id plus one (grow the table and merge again)."""
+    the fund's has one row; positions by cell id, limits by account). ``bounds[kind]``:
+    ids at or above it are bad rows (counted in ``info[0]``, ignored), as is a row of a
+    kind outside 1..N_KINDS. Returns how many rows changed, their new rows, kinds, ids and
+    previous breach bits in ``out_*[:count]``, sorted by kind then id; ``info[I_GSEQ]`` is
+    their highest gseq and ``info[I_START + kind - 1]`` where that kind's rows start.
+    Returns -1 when a row's id lies beyond its table: nothing was written, and
+    ``info[kind]`` holds the highest such id plus one (grow the table and merge again)."""
     n = rows.shape[0]
-    tabs = (t_acc, t_fund, t_inst, t_sec)
+    tabs = (t_acc, t_fund, t_inst, t_sec, t_pos, t_lim)
     key = np.empty(n, np.int64)
     pos = np.empty(n, np.int64)
-    for k in range(10):
+    for k in range(INFO):
         info[k] = 0
     m = 0
     bad = 0
@@ -109,7 +115,7 @@ def merge_rows(rows, t_acc, t_fund, t_inst, t_sec, bounds, replace_equal, body,
                 bad += 1
                 continue
             idx = 0
-        elif kind == ROW_ACCOUNT or kind == ROW_INSTRUMENT or kind == ROW_SECTOR:
+        elif ROW_ACCOUNT <= kind <= N_KINDS:
             if rid < 0 or rid >= bounds[kind]:
                 bad += 1
                 continue
@@ -163,14 +169,14 @@ def merge_rows(rows, t_acc, t_fund, t_inst, t_sec, bounds, replace_equal, body,
             out_rows[count, w] = rows[best, w]
         out_kind[count] = kind
         out_id[count] = -1 if kind == ROW_FUND else idx
-        if np.int64(gnew) > info[5]:
-            info[5] = np.int64(gnew)
+        if np.int64(gnew) > info[I_GSEQ]:
+            info[I_GSEQ] = np.int64(gnew)
         count += 1
     c = 0
-    for kind in range(1, 5):
+    for kind in range(1, N_KINDS + 1):
         while c < count and out_kind[c] < kind:
             c += 1
-        info[5 + kind] = c
+        info[I_START + kind - 1] = c
     return count
 
 
@@ -225,7 +231,7 @@ def scan_datagrams(words_, lens, start, n, d0, drop_every, servers, st, ctr, inc
         ok = True  # (a seq of 2**63 or more, read as negative above, is no node's: bad)
         for r in range(count):
             kind = w[_HDR_WORDS + r * ROW_WORDS] & np.uint64(0xFF)
-            if kind < ROW_ACCOUNT or kind > ROW_SECTOR:
+            if kind < ROW_ACCOUNT or kind > N_KINDS:
                 ok = False
                 break
         if not ok:

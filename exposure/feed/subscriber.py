@@ -2,7 +2,8 @@
 
 A connectivity engine (an OMS gateway, a desk's screen, a risk check) joins the feed's
 multicast group and keeps its own view of the tallies: every account row, the fund row,
-every instrument and sector row (:mod:`exposure.feed.wire` is the wire format). The view is
+every instrument and sector row, every position cell and every account's limits (feed
+version 4; :mod:`exposure.feed.wire` is the wire format). The view is
 kept right through lost datagrams, late joins and node restarts or failovers:
 
 * **merge rule**: every row carries the gseq of the event that last moved it, and within
@@ -38,14 +39,17 @@ Example::
             if ch.kind == ROW_ACCOUNT and ch.breach_changed:
                 print("account", ch.id, "breach", ch.prev_breach, "->", ch.row["breach"])
         print(sub.state, sub.counters, sub.fund_row())
-        doc = sub.document()      # accounts, fund, instruments, sectors: as `exposure dump`
+        doc = sub.document()      # accounts, fund, instruments, sectors, positions: as
+                                  # `exposure dump`
+        sub.positions(7)          # account 7's position rows; sub.limits(7): its limits
 
 or drive it from your own loop: ``changes = sub.poll(0.05)`` (a list of :class:`Change`),
 or pass ``on_change=callback`` (called as ``callback(kind, id, row)``; ``row`` is None when
 an epoch change dropped the row).
 
 The view, as numpy arrays of the feed's row dtypes (types.UPDATE_DTYPE, INSTRUMENT_ROW_DTYPE,
-SECTOR_ROW_DTYPE) indexed by id: :meth:`Subscriber.table` (a row is present when its
+SECTOR_ROW_DTYPE, POSITION_ROW_DTYPE by the node's cell id, LIMITS_ROW_DTYPE by account)
+indexed by id: :meth:`Subscriber.table` (a row is present when its
 ``kind`` is not 0; ``gseq`` is the event that last moved it), :meth:`Subscriber.rows` (the
 present rows only), :meth:`Subscriber.fund_row`. Everything runs on the thread that calls
 :meth:`Subscriber.poll`; only snapshot fetches run on a helper thread.
@@ -70,9 +74,14 @@ from exposure.core.jit import entry
 from exposure.core.refdata import RefData
 from exposure.core.types import (
     INSTRUMENT_ROW_DTYPE,
+    LIMITS_ROW_DTYPE,
+    POSITION_ROW_DTYPE,
     ROW_ACCOUNT,
+    ROW_DTYPES,
     ROW_FUND,
     ROW_INSTRUMENT,
+    ROW_LIMITS,
+    ROW_POSITION,
     ROW_SECTOR,
     ROW_SIZE,
     SECTOR_ROW_DTYPE,
@@ -80,6 +89,9 @@ from exposure.core.types import (
 )
 from exposure.feed.merge import (
     BODY,
+    I_GSEQ,
+    I_START,
+    INFO,
     ROW_WORDS,
     S_EPOCH,
     S_INC,
@@ -135,9 +147,9 @@ COUNTERS = (
 
 _ACC_FLOATS = ("long_mv", "short_mv", "gross", "net", "open_buy_mv", "open_sell_mv",
                "worst_gross", "margin", "beta_net", "pnl")
-_DTYPES = {ROW_ACCOUNT: UPDATE_DTYPE, ROW_FUND: UPDATE_DTYPE,
-           ROW_INSTRUMENT: INSTRUMENT_ROW_DTYPE, ROW_SECTOR: SECTOR_ROW_DTYPE}
-_KINDS = (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR)
+_DTYPES = ROW_DTYPES
+_KINDS = (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR, ROW_POSITION, ROW_LIMITS)
+_LIMIT_FIELDS = ("gross_limit", "net_limit", "margin_limit", "loss_limit")
 _SLOTS = 32          # datagrams taken per receive call
 _SLOT = 65536        # bytes a datagram may have
 
@@ -340,7 +352,8 @@ class Subscriber:
     recovery servers, ``[(host, port), ...]`` (a pair: both nodes; empty: no recovery).
     ``drop_every``: discard every Nth datagram on receipt (a demonstration of recovery;
     0 = off). ``on_change(kind, id, row)``: called from :meth:`poll` for every change.
-    ``accounts``/``instruments``/``sectors``: id bounds (the node's capacities; rows beyond
+    ``accounts``/``instruments``/``sectors``/``cells``: id bounds (the node's capacities;
+    ``cells`` bounds the position rows' cell ids; rows beyond
     them are counted in ``bad_rows``); the tables grow on demand up to them. A snapshot
     holds at most one row per id, which bounds what a fetch may allocate.
     ``snapshot_timeout``: the snapshot client's liveness bound (:func:`fetch_snapshot`): a
@@ -362,6 +375,7 @@ class Subscriber:
                  snapshot: Sequence[tuple[str, int]] = (), drop_every: int = 0, *,
                  on_change: Callable[[int, int, np.void | None], None] | None = None,
                  accounts: int = 4096, instruments: int = 65536, sectors: int = 256,
+                 cells: int = 1048576,
                  snapshot_timeout: float = 2.0, backoff: tuple[float, float] = (0.05, 2.0),
                  join_wait: float = 0.25, max_batch: int = 1024, liveness_s: float = 1.0,
                  names: RefData | None = None, currencies: Currencies | None = None):
@@ -386,19 +400,22 @@ class Subscriber:
         self.join_wait = join_wait
         self.max_batch = max_batch
         self._bounds = {ROW_ACCOUNT: accounts, ROW_FUND: 1, ROW_INSTRUMENT: instruments,
-                        ROW_SECTOR: sectors}
-        self.max_rows = accounts + instruments + sectors + 1
+                        ROW_SECTOR: sectors, ROW_POSITION: cells, ROW_LIMITS: accounts}
+        self.max_rows = 2 * accounts + instruments + sectors + cells + 1
         self._tables = {ROW_ACCOUNT: np.zeros(min(accounts, 1024), UPDATE_DTYPE),
                         ROW_FUND: np.zeros(1, UPDATE_DTYPE),
                         ROW_INSTRUMENT: np.zeros(min(instruments, 4096), INSTRUMENT_ROW_DTYPE),
-                        ROW_SECTOR: np.zeros(min(sectors, 256), SECTOR_ROW_DTYPE)}
+                        ROW_SECTOR: np.zeros(min(sectors, 256), SECTOR_ROW_DTYPE),
+                        ROW_POSITION: np.zeros(min(cells, 4096), POSITION_ROW_DTYPE),
+                        ROW_LIMITS: np.zeros(min(accounts, 1024), LIMITS_ROW_DTYPE)}
         # The merge's operands: the tables as words (in kind order), the id bounds by
         # kind, and its outputs (grown with the batches).
         self._words = [words(self._tables[k]) for k in _KINDS]
-        self._bound_arr = np.array([0, accounts, 1, instruments, sectors], np.int64)
+        self._bound_arr = np.array([0, accounts, 1, instruments, sectors, cells, accounts],
+                                   np.int64)
         self._new = np.empty((256, ROW_WORDS), np.uint64)
         self._out = np.empty((3, 256), np.int64)
-        self._info = np.zeros(10, np.int64)
+        self._info = np.zeros(INFO, np.int64)
         self._merge_entry: dict[bool, Callable] = {}  # by whether the batch is writeable
         self._ctr: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.epoch = 0              # the view's epoch (0: none seen yet)
@@ -464,6 +481,7 @@ class Subscriber:
         kw.setdefault("accounts", cfg.caps.accounts)
         kw.setdefault("instruments", cfg.caps.instruments)
         kw.setdefault("sectors", cfg.caps.sectors)
+        kw.setdefault("cells", cfg.caps.cells)
         kw.setdefault("liveness_s", max(1.0, 10 * cfg.feed_heartbeat_ms / 1000))
         kw.setdefault("names", cfg.names)
         kw.setdefault("currencies", cfg.currencies)
@@ -537,6 +555,26 @@ class Subscriber:
         """A copy of every sector row (SECTOR_ROW_DTYPE), by sector id."""
         return self.rows(ROW_SECTOR)
 
+    def positions(self, account: int | None = None) -> np.ndarray:
+        """A copy of the position rows (POSITION_ROW_DTYPE) the view holds: every cell
+        that has an account (a roll's freed cells, account -1, are left out), or only
+        ``account``'s; sorted by account, then instrument. Empty where the node sends no
+        position rows (``[fanout] positions = false``)."""
+        t = self._tables[ROW_POSITION]
+        keep = (t["kind"] != 0) & (t["account"] >= 0)
+        if account is not None:
+            keep &= t["account"] == account
+        rows = t[keep]
+        return rows[np.lexsort((rows["instrument"], rows["account"]))]
+
+    def limits(self, account: int) -> dict[str, float] | None:
+        """One account's limits (``gross_limit``, ``net_limit``, ``margin_limit``,
+        ``loss_limit``; 0 = off), or None when the view has no limits row for it."""
+        t = self._tables[ROW_LIMITS]
+        if 0 <= account < len(t) and t["kind"][account]:
+            return {k: float(t[k][account]) for k in _LIMIT_FIELDS}
+        return None
+
     def account(self, account: int) -> np.void | None:
         """A copy of one account's row, or None when the view has none."""
         t = self._tables[ROW_ACCOUNT]
@@ -569,9 +607,10 @@ class Subscriber:
         return out
 
     def document(self) -> dict:
-        """The view as the SPEC document's ``accounts``, ``fund``, ``instruments`` and
-        ``sectors`` (what ``exposure dump`` prints for them; rows never seen are left out,
-        which a reader takes as zeros). The feed carries no positions or counts."""
+        """The view as the SPEC document's ``accounts``, ``fund``, ``instruments``,
+        ``sectors`` and ``positions`` (what ``exposure dump`` prints for them; rows never
+        seen are left out, which a reader takes as zeros; ``positions`` is empty where the
+        node sends none). The feed carries no counts."""
         a = self.accounts
         accounts = _records(a, "account", {**{k: a[k] for k in _ACC_FLOATS},
                                            "live_orders": a["live_orders"],
@@ -582,8 +621,16 @@ class Subscriber:
                                                   "open_sell")})
         s = self.sectors
         sectors = _records(s, "sector", {"net_mv": s["net_mv"], "gross_mv": s["gross_mv"]})
+        p = self.positions()
+        positions = [
+            {"account": a, "instrument": i, "pos": q, "open_buy": ob, "open_sell": os_,
+             "pnl": pl}
+            for a, i, q, ob, os_, pl in zip(
+                p["account"].tolist(), p["instrument"].tolist(), p["pos"].tolist(),
+                p["open_buy"].tolist(), p["open_sell"].tolist(), p["pnl"].tolist(),
+                strict=True)]
         return {"accounts": accounts, "fund": self.fund(), "instruments": instruments,
-                "sectors": sectors}
+                "sectors": sectors, "positions": positions}
 
     # ------------------------------------------------------------------------ polling
     def poll(self, timeout: float | None = 0.0) -> list[Change]:
@@ -765,7 +812,7 @@ class Subscriber:
         while size <= top:
             size *= 2
         bigger = np.zeros(min(size, self._bounds[kind]), t.dtype)
-        bigger[:len(t)] = t
+        words(bigger)[:len(t)] = words(t)  # whole rows (a structured copy skips padding)
         self._tables[kind] = bigger
         self._words[kind - 1] = words(bigger)
 
@@ -799,12 +846,12 @@ class Subscriber:
             self._ctr["bad_rows"] += int(info[0])
         if not count:
             return
-        self.gseq = max(self.gseq, int(info[5]))
+        self.gseq = max(self.gseq, int(info[I_GSEQ]))
         # Copies: the rows, ids and bits handed out never move after this.
         new = self._new[:count].copy().view(UPDATE_DTYPE).reshape(count)
         ids = o[1, :count].copy()
         prev = o[2, :count].copy()
-        cuts = [*info[6:10].tolist(), count]
+        cuts = [*info[I_START:I_START + len(_KINDS)].tolist(), count]
         for k, kind in enumerate(_KINDS):
             a, b = cuts[k], cuts[k + 1]
             if a < b:

@@ -10,21 +10,23 @@ Datagram (UDP multicast, little-endian)::
                             REFRESH and HEARTBEAT: the last incremental seq sent (no advance)
      16    2 u2   count     rows that follow
      18    1 u1   type      1 INCREMENTAL, 2 REFRESH, 3 HEARTBEAT
-     19    1 u1   version   3 (3: instrument rows carry currency and rate, issue 29)
+     19    1 u1   version   4 (3: instrument rows carry currency and rate, issue 29;
+                            4: position and limits rows, issue 28)
      20    2 u2   row_size  160
      22    2 u2   reserved  0
      24    8 i8   sent_ns   when the fan-out sent it (CLOCK_REALTIME ns)
-     32  160 x count        rows (types.UPDATE_DTYPE, INSTRUMENT_ROW_DTYPE, SECTOR_ROW_DTYPE:
-                            byte 0 of each row names its kind)
+     32  160 x count        rows (types.UPDATE_DTYPE, INSTRUMENT_ROW_DTYPE, SECTOR_ROW_DTYPE,
+                            POSITION_ROW_DTYPE, LIMITS_ROW_DTYPE: byte 0 of each row
+                            names its kind, types.ROW_DTYPES)
 
 Snapshot (TCP, the node's recovery server, ``[fanout] snapshot_port``): the client sends
 one 16-byte request; the server answers with a 32-byte header and ``count`` rows, then
 closes::
 
-    request:  0 u4 magic 0x51504E53 ("SNPQ")   4 u2 version 3   6 u2 0   8 u8 0
+    request:  0 u4 magic 0x51504E53 ("SNPQ")   4 u2 version 4   6 u2 0   8 u8 0
     response: 0 u4 magic 0x50414E53 ("SNAP")   4 u4 epoch       8 u8 gseq (every row
               includes every event up to it)   16 u4 count      20 u1 status (SNAP_*)
-              21 u1 version 3                  22 u2 row_size   24 i8 taken_ns
+              21 u1 version 4                  22 u2 row_size   24 i8 taken_ns
 
 Every row carries the gseq of the event that last moved it, and a row's state is a function
 of that gseq within one epoch; so a receiver merges rows from incrementals, refreshes and
@@ -40,12 +42,10 @@ from typing import NamedTuple
 import numpy as np
 
 from exposure.core.types import (
-    INSTRUMENT_ROW_DTYPE,
     ROW_ACCOUNT,
-    ROW_INSTRUMENT,
-    ROW_SECTOR,
+    ROW_DTYPES,
+    ROW_LIMITS,
     ROW_SIZE,
-    SECTOR_ROW_DTYPE,
     UPDATE_DTYPE,
 )
 
@@ -56,7 +56,7 @@ __all__ = ["DGRAM_MAGIC", "DGRAM_HEADER", "FEED_VERSION", "DG_INCREMENTAL", "DG_
            "Snapshot", "snapshot_request", "parse_snapshot_header", "rows_of"]
 
 DGRAM_MAGIC = 0x58505544
-FEED_VERSION = 3
+FEED_VERSION = 4  # 4: position and limits rows (issue 28); a v3 receiver refuses v4
 # magic, epoch, seq, count | type << 16 | version << 24 (one u4), row_size | 0 << 16, sent_ns
 DGRAM_HEADER = struct.Struct("<IIQIIq")
 DG_INCREMENTAL = 1
@@ -96,9 +96,7 @@ class Datagram(NamedTuple):
 def rows_of(rows: np.ndarray, kind: int) -> np.ndarray:
     """The rows of ``kind`` among ``rows`` (any 160-byte row dtype), viewed in its dtype."""
     sel = rows[rows["kind"] == kind]
-    dt = (INSTRUMENT_ROW_DTYPE if kind == ROW_INSTRUMENT else
-          SECTOR_ROW_DTYPE if kind == ROW_SECTOR else UPDATE_DTYPE)
-    return sel.view(dt)
+    return sel.view(ROW_DTYPES.get(kind, UPDATE_DTYPE))
 
 
 def parse_datagram(data) -> Datagram:
@@ -120,7 +118,7 @@ def parse_datagram(data) -> Datagram:
     rows = np.frombuffer(data, UPDATE_DTYPE, count, DGRAM_HEADER.size)
     if count:
         kinds = bytes(memoryview(data)[DGRAM_HEADER.size::ROW_SIZE])  # byte 0 of each row
-        if min(kinds) < ROW_ACCOUNT or max(kinds) > ROW_SECTOR:
+        if min(kinds) < ROW_ACCOUNT or max(kinds) > ROW_LIMITS:
             raise ValueError("a row of unknown kind")
     return Datagram(epoch, seq, sent, rows, dtype)
 

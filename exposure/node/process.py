@@ -118,7 +118,8 @@ def _ingest(cx: Context) -> Stage:
 
 def _compute(cx: Context) -> Stage:
     return ComputeStage(cx.tally(writable=True), cx.sessions, cx.rings["compute"],
-                        cx.rings["fanout"], counters=cx.cnt, rejects=cx.rejects)
+                        cx.rings["fanout"], counters=cx.cnt, rejects=cx.rejects,
+                        positions=cx.cfg.feed_positions)
 
 
 def _journal(cx: Context) -> Stage:
@@ -136,15 +137,18 @@ def _fanout(cx: Context) -> Stage:
     return FanoutStage(cx.rings["fanout"], cfg.group, cfg.fanout_port, cfg.interface,
                        cfg.ttl, cfg.max_datagram, tally.state, epoch=cx.epoch, ctl=cx.ctl,
                        pair=cfg.replicated, heartbeat_ms=cfg.feed_heartbeat_ms,
-                       refresh_rows_per_s=cfg.refresh_rows_per_s, counters=cx.cnt)
+                       refresh_rows_per_s=cfg.refresh_rows_per_s, counters=cx.cnt,
+                       words=tally.words, positions=cfg.feed_positions)
 
 
 def _snapshot(cx: Context) -> Stage | None:
     cfg = cx.cfg
     if not cfg.snapshot_port:  # 0: off
         return None
-    return SnapshotServer(cfg.snapshot_host, cfg.snapshot_port, cx.tally().state, cx.ctl,
-                          pair=cfg.replicated, counters=cx.cnt)
+    tally = cx.tally()
+    return SnapshotServer(cfg.snapshot_host, cfg.snapshot_port, tally.state, cx.ctl,
+                          pair=cfg.replicated, counters=cx.cnt, words=tally.words,
+                          positions=cfg.feed_positions)
 
 
 def _mirror(cx: Context) -> Stage | None:

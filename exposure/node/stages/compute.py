@@ -4,7 +4,11 @@ Per batch: apply under the state seqlock, publish the changed rows (row seqlocks
 the session table (highest seq processed, rejects per reason) and push one feed row per
 changed account, the fund, each changed instrument and sector onto the fan-out ring
 (conflated: the batch's latest state of each, tagged with the event that last moved it;
-exposure.engine.publish).
+exposure.engine.publish), then (feed version 4) a limits row per moved account whose
+limits changed and, with ``positions`` (``[fanout] positions``), a position row per moved
+cell. A batch that moved more cells than the row buffer holds (``_POS_CHUNK``: a roll, a
+mark of a widely held instrument) pushes its position rows in parts before the next batch
+is taken.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ from numba import njit
 
 from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
 from exposure.core.types import (
+    C_NCCHANGED,
     EVENT_DTYPE,
     INSTRUMENT_ROW_DTYPE,
+    LIMITS_ROW_DTYPE,
+    POSITION_ROW_DTYPE,
     ROW_SIZE,
     SECTOR_ROW_DTYPE,
     UPDATE_DTYPE,
@@ -25,7 +32,13 @@ from exposure.core.types import (
     W_RECV_NS,
 )
 from exposure.engine.kernel import apply_batch
-from exposure.engine.publish import count_sessions, publish_batch, versions
+from exposure.engine.publish import (
+    count_sessions,
+    limit_rows,
+    position_rows,
+    publish_batch,
+    versions,
+)
 from exposure.node.stages.agent import Stage
 from exposure.shm import counters_layout as CN
 from exposure.shm import ring_layout as RL
@@ -42,28 +55,46 @@ _ROWS = CN.INDEX["compute_rows_total"]
 _RING_FULL = CN.INDEX["compute_ring_full_total"]
 _GSEQ = CN.INDEX["compute_gseq"]
 _RECV = CN.INDEX["compute_recv_ns"]
+# Position rows one pass puts in the row buffer at most (the rest of a batch's follow).
+_POS_CHUNK = 65536
+# pend: rows not yet pushed, from which row, the next cell to send, the batch's size (for
+# the position rows' tags), whether position rows are sent.
+_P_LEFT, _P_FROM, _P_CELL, _P_N, _P_ON = range(5)
 
 
 @njit(cache=True)
 def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, cver, ctrver,
-          sess_flat, ncols, rlog, arows, irows, srows, row_words, octrl, oslots, cnt, pend,
-          now_ns):
+          sess_flat, ncols, rlog, arows, irows, srows, prows, lrows, lim_sent, row_words, octrl,
+          oslots, cnt, pend, now_ns):
     """Rows left on the fan-out ring's doorstep first (``pend``: how many, from which; the
-    ring was full); then pop, apply under the state seqlock, publish, count, emit feed rows,
-    push them, and count the batch into ``cnt`` (the counters segment): one entry from
-    Python per pass.
+    ring was full), then the batch's position rows that did not fit the buffer; then pop,
+    apply under the state seqlock, publish, count, emit feed rows, push them, and count the
+    batch into ``cnt`` (the counters segment): one entry from Python per pass.
 
     Returns (work done: records applied or rows pushed, rows still pending, fan-out
     consumer asleep)."""
     asleep = 0
-    if pend[0] > 0:
-        m = ring_push(octrl, oslots, row_words[pend[1]:], pend[0])
-        pend[0] -= m
-        pend[1] += m
-        if m > 0 and sleeping(octrl, RL.W_CONSUMER_SLEEPING):
-            asleep = 1
-        if pend[0] > 0:
-            return m, pend[0], asleep
+    done = 0
+    while True:
+        if pend[_P_LEFT] > 0:
+            m = ring_push(octrl, oslots, row_words[pend[_P_FROM]:], pend[_P_LEFT])
+            pend[_P_LEFT] -= m
+            pend[_P_FROM] += m
+            done += m
+            if m > 0 and sleeping(octrl, RL.W_CONSUMER_SLEEPING):
+                asleep = 1
+            if pend[_P_LEFT] > 0:
+                return done, pend[_P_LEFT], asleep
+        if pend[_P_ON] == 0 or pend[_P_CELL] >= st.ctr[C_NCCHANGED]:
+            break
+        # the batch's next position rows (its cells are listed until the next batch)
+        m, pend[_P_CELL] = position_rows(st, recs, pend[_P_N], arows, prows, 0,
+                                         row_words.shape[0], pend[_P_CELL], now_ns)
+        pend[_P_LEFT] = m
+        pend[_P_FROM] = 0
+        cnt[_ROWS] += np.uint64(m)
+    if done > 0:
+        return done, 0, asleep
     n = ring_pop(ictrl, islots, words, words.shape[0])
     if n == 0:
         return 0, 0, asleep
@@ -73,12 +104,20 @@ def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, c
     apply_batch(st, r, s)
     write_end(seg_words)
     m = publish_batch(st, pver, iver, sver, cver, ctrver, r, n, arows, irows, srows, now_ns)
+    m = limit_rows(st, r, n, lim_sent, arows, lrows, m, now_ns)
+    pend[_P_N] = n
+    pend[_P_CELL] = 0
+    if pend[_P_ON]:
+        m, pend[_P_CELL] = position_rows(st, r, n, arows, prows, m, row_words.shape[0], 0,
+                                         now_ns)
+    else:
+        pend[_P_CELL] = st.ctr[C_NCCHANGED]
     count_sessions(r, s, n, sess_flat, ncols, rlog)
     pushed = ring_push(octrl, oslots, row_words, m)
     if pushed > 0 and sleeping(octrl, RL.W_CONSUMER_SLEEPING):
         asleep = 1
-    pend[0] = m - pushed
-    pend[1] = pushed
+    pend[_P_LEFT] = m - pushed
+    pend[_P_FROM] = pushed
     cnt[_EVENTS] += np.uint64(n)
     cnt[_BATCHES] += np.uint64(1)
     cnt[_ROWS] += np.uint64(m)
@@ -86,7 +125,8 @@ def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, c
     cnt[_RECV] = words[n - 1, W_RECV_NS]
     if pushed < m:
         cnt[_RING_FULL] += np.uint64(1)
-    return n, m - pushed, asleep
+    more = pend[_P_CELL] < st.ctr[C_NCCHANGED]  # position rows that did not fit
+    return n, m - pushed + (1 if more else 0), asleep
 
 
 @njit(cache=True)
@@ -102,7 +142,8 @@ class ComputeStage(Stage):
     fed_by = "ingest"
 
     def __init__(self, segment, sessions: np.ndarray, in_ring, out_ring, batch: int = 4096,
-                 counters: np.ndarray | None = None, rejects: np.ndarray | None = None):
+                 counters: np.ndarray | None = None, rejects: np.ndarray | None = None,
+                 positions: bool = True):
         self.cnt = CN.or_private(counters)
         self.seg = segment
         self.st = segment.state
@@ -118,19 +159,27 @@ class ComputeStage(Stage):
         self.words = self.recs.view(np.uint64).reshape(batch, -1)
         self.status = np.zeros(batch, np.uint8)
         st = self.st
-        nrows = st.acc.shape[0] + 1 + st.inst.shape[0] + st.sec.shape[0]
-        self.row_words = np.zeros((nrows, ROW_SIZE // 8), np.uint64)  # one batch's rows
+        # One batch's rows: accounts, the fund, instruments, sectors, limits, and up to
+        # _POS_CHUNK position rows (the rest of a batch's follow in parts).
+        nrows = (2 * st.acc.shape[0] + 1 + st.inst.shape[0] + st.sec.shape[0]
+                 + (min(st.cells.shape[0], _POS_CHUNK) if positions else 0))
+        self.row_words = np.zeros((nrows, ROW_SIZE // 8), np.uint64)
         flat = self.row_words.reshape(-1)
         self.arows = flat.view(UPDATE_DTYPE)
         self.irows = flat.view(INSTRUMENT_ROW_DTYPE)
         self.srows = flat.view(SECTOR_ROW_DTYPE)
+        self.prows = flat.view(POSITION_ROW_DTYPE)
+        self.lrows = flat.view(LIMITS_ROW_DTYPE)
+        self.lim_sent = np.zeros_like(st.acc_lim)  # the limits last sent, per account
         self.pending = 0  # updates not yet on the fan-out ring (it was full)
-        self.pend = np.zeros(2, np.int64)  # (how many, from which row): the jitted step's
+        self.pend = np.zeros(5, np.int64)  # (_P_*): the jitted step's
+        self.pend[_P_ON] = 1 if positions else 0
         # Bound once: the per-pass call passes this handle and the clock, nothing else.
         self.handle = Handle(self.inp.ctrl, self.inp.slots, self.words, self.recs,
                              self.status, self.st, self.seg.words, *self.vers.args(),
                              self.sess_flat, self.ncols, self.rlog, self.arows, self.irows,
-                             self.srows, self.row_words, self.out.ctrl, self.out.slots,
+                             self.srows, self.prows, self.lrows, self.lim_sent,
+                             self.row_words, self.out.ctrl, self.out.slots,
                              self.cnt, self.pend)
         # compiled (or loaded) now, before the node accepts sessions
         self._step = bind(_step_bound, self.handle, 0)

@@ -8,7 +8,8 @@ quiet spell sees the gap) and a REFRESH cycle: published rows re-read from the t
 converge in a receiver that missed them. Neither advances the seq.
 
 Conflation: each poll takes everything on the ring and keeps only the latest row of each
-account, the fund, each instrument and each sector, in the order of those last rows, so
+account, the fund, each instrument, each sector, each position cell and each account's
+limits (feed version 4), in the order of those last rows, so
 under load a receiver gets fewer, fresher rows; every row carries the epoch it is sent
 under and the gseq, session, session seq and client send time of the event that last
 moved it.
@@ -31,10 +32,15 @@ from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directo
 from exposure.core.types import (
     INSTPUB_DTYPE,
     INSTRUMENT_ROW_DTYPE,
+    LIMITS_ROW_DTYPE,
+    POSITION_ROW_DTYPE,
+    POSPUB_DTYPE,
     PUBROW_DTYPE,
     ROW_ACCOUNT,
     ROW_FUND,
     ROW_INSTRUMENT,
+    ROW_LIMITS,
+    ROW_POSITION,
     ROW_SECTOR,
     ROW_SIZE,
     SECPUB_DTYPE,
@@ -87,27 +93,33 @@ def _close_datagram(out, hdr, epoch, seq, count, dtype, now):
 
 
 @njit(cache=True, _nrt=False, inline="always")
-def _slot(word0, nacc, ninst, nsec):
+def _slot(word0, nacc, ninst, nsec, ncell):
     """Where a row (kind in the low byte of its first word, i4 id in the high half) sits in
-    ``last``: accounts, the fund, instruments, sectors; anything else in the spill slot."""
+    ``last``: accounts, the fund, instruments, sectors, position cells, limits; anything
+    else in the spill slot."""
     kind = word0 & np.uint64(0xFF)
     rid = np.int64(word0 >> np.uint64(32))
     if rid >= 0x80000000:
         rid -= 0x100000000
-    spill = nacc + 1 + ninst + nsec
+    base = nacc + 1 + ninst + nsec
+    spill = base + ncell + nacc
     if kind == ROW_ACCOUNT:
         return rid if 0 <= rid < nacc else spill
+    if kind == ROW_POSITION:
+        return base + rid if 0 <= rid < ncell else spill
     if kind == ROW_FUND:
         return nacc
     if kind == ROW_INSTRUMENT:
         return nacc + 1 + rid if 0 <= rid < ninst else spill
     if kind == ROW_SECTOR:
         return nacc + 1 + ninst + rid if 0 <= rid < nsec else spill
+    if kind == ROW_LIMITS:
+        return base + ncell + rid if 0 <= rid < nacc else spill
     return spill
 
 
 @njit(cache=True, _nrt=False)
-def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now, nacc, ninst, nsec):
+def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now, nacc, ninst, nsec, ncell):
     """Pop every row on the ring, keep the last of each (account, fund, instrument,
     sector), in the order of those last rows, stamp the epoch into each and pack them into
     INCREMENTAL datagrams in ``out`` (u8 words, header included). Returns (rows popped,
@@ -120,14 +132,14 @@ def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now, nacc, ninst, 
     if n == 0:
         return 0, 0
     for k in range(n):
-        last[_slot(upd[k, 0], nacc, ninst, nsec)] = k
+        last[_slot(upd[k, 0], nacc, ninst, nsec, ncell)] = k
     w = 0
     d = 0
     count = 0
     hdr = 0
     ep = np.uint64(epoch)
     for k in range(n):
-        if last[_slot(upd[k, 0], nacc, ninst, nsec)] != k:
+        if last[_slot(upd[k, 0], nacc, ninst, nsec, ncell)] != k:
             continue  # conflated: a later version of this row follows
         if count == 0:  # open a datagram: header words filled when it closes
             hdr = w
@@ -150,7 +162,7 @@ def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now, nacc, ninst, 
         ends[d] = w * 8
         d += 1
     for k in range(n):  # back to all -1
-        last[_slot(upd[k, 0], nacc, ninst, nsec)] = -1
+        last[_slot(upd[k, 0], nacc, ninst, nsec, ncell)] = -1
     return n, d
 
 
@@ -159,8 +171,9 @@ def _pack_bound(h, epoch, seq, now, count):
     """:func:`_pack` over the arrays of the stage's handle (ring, buffers, table sizes,
     counters); with ``count``, the datagrams and rows made go to the counters. Returns
     (rows popped, datagrams)."""
-    ctrl, slots, upd, last, per, out, ends, nacc, ninst, nsec, cnt = members(h)
-    n, d = _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now, nacc, ninst, nsec)
+    ctrl, slots, upd, last, per, out, ends, nacc, ninst, nsec, ncell, cnt = members(h)
+    n, d = _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now, nacc, ninst, nsec,
+                 ncell)
     if count and d > 0:
         cnt[_DATAGRAMS] += np.uint64(d)
         cnt[_ROWS] += np.uint64((ends[d - 1] // 8 - d * _HDR_WORDS) // _ROW_WORDS)
@@ -168,10 +181,11 @@ def _pack_bound(h, epoch, seq, now, count):
 
 
 @njit(cache=True)
-def _gather_bound(h, b, cursor, limit, scan):
-    """:func:`exposure.engine.publish.gather_rows` over the state's handle ``h`` (the state
-    and its published tables' versions) and the buffers' handle ``b``."""
-    return gather_rows(*members(h), cursor, limit, scan, *members(b))
+def _gather_bound(h, b, cursor, limit, scan, positions):
+    """:func:`exposure.engine.publish.gather_rows` over the state's handle ``h`` (the state,
+    its published tables' versions and the segment's words) and the buffers' handle
+    ``b``."""
+    return gather_rows(*members(h), cursor, limit, scan, positions, *members(b))
 
 
 @njit(cache=True, _nrt=False)
@@ -189,7 +203,10 @@ def _seal(out, m, epoch, seq, dtype, now):
 class FanoutStage(Stage):
     """Sends the fan-out ring's rows as INCREMENTAL datagrams; HEARTBEAT and REFRESH ones
     while idle. ``state``: the tally state (a read-only mapping is enough), for the
-    refresh cycle and the table sizes."""
+    refresh cycle and the table sizes; ``words``: the tally segment as u8 words (its
+    state seqlock, for the refresh's limits rows; None: a private seqlock word, for a
+    state no batch writes concurrently); ``positions``: position rows in the refresh
+    cycle (``[fanout] positions``)."""
 
     name = "fanout"
     fed_by = "compute"
@@ -197,7 +214,8 @@ class FanoutStage(Stage):
     def __init__(self, in_ring, group: str, port: int, interface: str, ttl: int,
                  max_datagram: int, state, epoch: int = 0, ctl: np.ndarray | None = None,
                  pair: bool = False, heartbeat_ms: int = 100, refresh_rows_per_s: int = 2000,
-                 counters: np.ndarray | None = None):
+                 counters: np.ndarray | None = None, words: np.ndarray | None = None,
+                 positions: bool = True):
         self.inp = in_ring
         self.wake_source = in_ring
         self.cnt = CN.or_private(counters)
@@ -220,15 +238,19 @@ class FanoutStage(Stage):
         st = state
         self.st = st
         self.nacc, self.ninst, self.nsec = st.acc.shape[0], st.inst.shape[0], st.sec.shape[0]
+        self.ncell = st.cpub.shape[0]
+        self.positions = 1 if positions else 0
         cap = in_ring.capacity
         self.upd = np.zeros((cap, _ROW_WORDS), np.uint64)
-        self.last = np.full(self.nacc + 1 + self.ninst + self.nsec + 1, -1, np.int64)
+        self.last = np.full(2 * self.nacc + 1 + self.ninst + self.nsec + self.ncell + 1, -1,
+                            np.int64)
         self.out = np.zeros(cap * _ROW_WORDS + (cap // self.per + 1) * _HDR_WORDS, np.uint64)
         self.ends = np.zeros(cap // self.per + 2, np.int64)
         self.sender = BatchSender(self.sock, self.out)  # one sendmmsg per poll
         # Bound once (exposure.shm.handle): the per-pass call passes the handle and scalars.
         self.handle = Handle(in_ring.ctrl, in_ring.slots, self.upd, self.last, self.per,
-                             self.out, self.ends, self.nacc, self.ninst, self.nsec, self.cnt)
+                             self.out, self.ends, self.nacc, self.ninst, self.nsec, self.ncell,
+                             self.cnt)
         self._pack = bind(_pack_bound, self.handle, 0, 0, 0, True)  # compiled (or loaded) now
         # The idle check's two words as memoryviews (an index is half a numpy one's cost)
         self._tail = memoryview(in_ring.ctrl[RL.W_TAIL:])
@@ -248,12 +270,15 @@ class FanoutStage(Stage):
         self.rbuf_mv = memoryview(self.rbuf.view(np.uint8))
         rows = self.rbuf[_HDR_WORDS:]
         vers = versions(st)
-        self._gather_args = (st, vers.pub, vers.ipub, vers.spub)
+        seg_words = words if words is not None else np.zeros(32, np.uint64)
+        self._gather_args = (st, vers.pub, vers.ipub, vers.spub, vers.cpub, seg_words)
         self._gather_bufs = (rows.view(UPDATE_DTYPE), rows.view(INSTRUMENT_ROW_DTYPE),
-                             rows.view(SECTOR_ROW_DTYPE), np.zeros(1, PUBROW_DTYPE),
-                             np.zeros(1, INSTPUB_DTYPE), np.zeros(1, SECPUB_DTYPE))
+                             rows.view(SECTOR_ROW_DTYPE), rows.view(POSITION_ROW_DTYPE),
+                             rows.view(LIMITS_ROW_DTYPE), np.zeros(1, PUBROW_DTYPE),
+                             np.zeros(1, INSTPUB_DTYPE), np.zeros(1, SECPUB_DTYPE),
+                             np.zeros(1, POSPUB_DTYPE))
         self._gather_h = (Handle(*self._gather_args), Handle(*self._gather_bufs))
-        self._gather = bind(_gather_bound, *self._gather_h, 0, 0, 0)
+        self._gather = bind(_gather_bound, *self._gather_h, 0, 0, 0, 0)
         _seal(self.rbuf, 0, 0, 0, DG_REFRESH, 0)  # compiled (or loaded) now
 
     def _may_send(self) -> bool:
@@ -327,7 +352,7 @@ class FanoutStage(Stage):
         datagram's worth, looking at most at 512 positions of the tables)."""
         if not self._may_send():
             return
-        m, cursor = self._gather(*self._gather_h, self.cursor, self.per, 512)
+        m, cursor = self._gather(*self._gather_h, self.cursor, self.per, 512, self.positions)
         if cursor < self.cursor or (cursor == 0 and self.cursor == 0 and m == 0):
             self.cycles += 1
             self.cnt[_CYCLES] += 1

@@ -6,7 +6,9 @@ sends one 16-byte ``SNAP_REQUEST`` (magic ``SNAP_REQUEST_MAGIC``, version ``FEED
 two reserved words); the server answers a 32-byte ``SNAP_HEADER`` (epoch, gseq, count,
 status, version, row size, taken_ns) and ``count`` rows of ``ROW_SIZE`` bytes, then closes.
 The rows are every published account, the fund (account -1), every instrument and every
-sector row that ever moved (gseq != 0), untagged (session ``NO_SESSION``) and stamped with
+sector row that ever moved (gseq != 0), then (feed version 4) every position cell that
+ever moved (in use, or freed by a roll: account -1) and the limits of every account that
+ever moved, untagged (session ``NO_SESSION``) and stamped with
 the header's epoch, read with :func:`exposure.engine.publish.gather_rows` (row seqlocks: the
 server never waits for compute, and only reads the tally segment, which may be mapped
 read-only). The header's gseq is read before the rows: every row includes every event up to
@@ -54,6 +56,9 @@ from exposure.core import jit as _jit
 from exposure.core.types import (
     INSTPUB_DTYPE,
     INSTRUMENT_ROW_DTYPE,
+    LIMITS_ROW_DTYPE,
+    POSITION_ROW_DTYPE,
+    POSPUB_DTYPE,
     PUBROW_DTYPE,
     ROW_SIZE,
     SECPUB_DTYPE,
@@ -123,7 +128,8 @@ class SnapshotServer(Stage):
 
     def __init__(self, host: str, port: int, state, ctl: np.ndarray, pair: bool = False,
                  max_clients: int = 8, deadline_s: float = 10.0,
-                 counters: np.ndarray | None = None):
+                 counters: np.ndarray | None = None, words: np.ndarray | None = None,
+                 positions: bool = True):
         self.cnt = CN.or_private(counters)
         if max_clients < 1:
             raise ValueError(f"max_clients = {max_clients}: at least 1")
@@ -138,19 +144,29 @@ class SnapshotServer(Stage):
         self.emfile = self.accept_errors = 0
         self.log = RateLog(log, _LOG_EVERY_S)
         st = state
-        self.nrows = st.pub.shape[0] + st.ipub.shape[0] + st.spub.shape[0]
-        # One rows buffer, gathered into per snapshot (then copied into the response).
+        # Every row: accounts and the fund, instruments, sectors, position cells (with
+        # ``positions``), limits. ``words``: the tally segment's header words (the state
+        # seqlock the limits are read under; None: a private one, for a state no batch
+        # writes concurrently).
+        self.positions = 1 if positions else 0
+        self.nrows = (st.pub.shape[0] + st.ipub.shape[0] + st.spub.shape[0]
+                      + (st.cpub.shape[0] if positions else 0) + st.acc.shape[0])
+        # One rows buffer, gathered into per snapshot (then copied into the response; its
+        # pages are touched only as far as rows are gathered).
         self.row_words = np.zeros((self.nrows, ROW_SIZE // 8), np.uint64)
         flat = self.row_words.reshape(-1)
         self.row_bytes = memoryview(flat.view(np.uint8))
         self.arows = flat.view(UPDATE_DTYPE)
         vers = versions(st)
-        self._gather_args = (st, vers.pub, vers.ipub, vers.spub)
+        seg_words = words if words is not None else np.zeros(32, np.uint64)
+        self._gather_args = (st, vers.pub, vers.ipub, vers.spub, vers.cpub, seg_words)
         self._gather_bufs = (self.arows, flat.view(INSTRUMENT_ROW_DTYPE),
-                             flat.view(SECTOR_ROW_DTYPE), np.zeros(1, PUBROW_DTYPE),
-                             np.zeros(1, INSTPUB_DTYPE), np.zeros(1, SECPUB_DTYPE))
+                             flat.view(SECTOR_ROW_DTYPE), flat.view(POSITION_ROW_DTYPE),
+                             flat.view(LIMITS_ROW_DTYPE), np.zeros(1, PUBROW_DTYPE),
+                             np.zeros(1, INSTPUB_DTYPE), np.zeros(1, SECPUB_DTYPE),
+                             np.zeros(1, POSPUB_DTYPE))
         # Compiled (or loaded) now, not at the first request.
-        self._gather = _jit.entry(gather_rows, *self._gather_args, 0, 0, 0,
+        self._gather = _jit.entry(gather_rows, *self._gather_args, 0, 0, 0, 0,
                                   *self._gather_bufs)
         self._cache: tuple[tuple[int, int], bytearray] | None = None  # (epoch, gseq), answer
         self._idle = 0  # passes since the listener was last looked at (while no client)
@@ -352,7 +368,8 @@ class SnapshotServer(Stage):
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         taken = time.time_ns()
-        m, _ = self._gather(*self._gather_args, 0, self.nrows, self.nrows, *self._gather_bufs)
+        m, _ = self._gather(*self._gather_args, 0, self.nrows, self.nrows, self.positions,
+                            *self._gather_bufs)
         if int(ctl[CTL_EPOCH]) != epoch or int(ctl[CTL_ROLE]) != role:
             self._event("not_ready", "answered NOT_READY: the node's epoch or role changed "
                         "while the snapshot was read")

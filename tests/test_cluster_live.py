@@ -43,8 +43,9 @@ def _applied(c: LocalCluster, recs, nodes=None) -> None:
 
 
 def _cluster_rows(doc: dict) -> dict:
-    """What the consolidator publishes: accounts, fund, instruments, sectors."""
-    return {k: doc[k] for k in ("accounts", "fund", "instruments", "sectors")}
+    """What the consolidator publishes: accounts, fund, instruments, sectors and (feed
+    version 4) positions."""
+    return {k: doc[k] for k in ("accounts", "fund", "instruments", "sectors", "positions")}
 
 
 def _converged(c: LocalCluster, want: dict):

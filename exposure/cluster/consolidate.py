@@ -11,7 +11,17 @@ that moved in any partition:
   lowest-numbered partition that has the row, ``net_mv`` = fund_pos x ref_price x multiplier;
 * a **sector** row: summed;
 * the **fund** row: the eleven account sums summed, ``net_long_mv`` / ``net_short_mv`` from
-  the summed ``fund_pos`` of every instrument (so the crossing is the cluster's).
+  the summed ``fund_pos`` of every instrument (so the crossing is the cluster's);
+* a **limits** row (feed version 4): the owning partition's, written to the segment's
+  ``acc_lim`` (and ``acc_gseq``: the consolidator's gseq) under its state seqlock;
+* a **position** row (feed version 4): a partition's cell ``c`` gets a cluster cell id of
+  its own the first time it is seen (ids taken in order from 0, so the cluster's cell table
+  is dense as a node's: its refresh and snapshot stop at the first unused id), which then
+  stays that partition cell's for the consolidator's life: whatever the partition's row
+  says (a roll's freed cell too: account -1) is what the cluster's row says. A row the
+  partition's view dropped (a new epoch of the partition) is sent as a freed cell until
+  the partition's snapshot brings it back. Beyond the consolidator's ``[capacities]
+  cells`` new cells are counted (``cells_full``) and not sent.
 
 The rows go to the consolidator's own tally segment (``/exposure.<name>.tally``, read-only
 for desks: :class:`exposure.engine.desk.Desk` reads it as a node's) and, through a fan-out ring,
@@ -23,9 +33,9 @@ The consolidator's rows carry its own sequence (one gseq per composed batch) and
 epoch (the start time, in seconds; a consolidator waits for the next second before it
 exits or picks one, so every restart is a higher epoch): a restarted consolidator is a new
 incarnation whose subscribers drop their view and fetch its snapshot. It keeps no state
-that a restart can lose: it rebuilds from the partitions' snapshots. Positions and counts
-are not on the partitions' feeds, so its segment has none: ``exposure dump --cluster``
-composes the whole document (counts and positions too) from the partitions' own segments.
+that a restart can lose: it rebuilds from the partitions' snapshots. Counts are not on
+the partitions' feeds, so its segment has none: ``exposure dump --cluster`` composes the
+whole document (counts and positions too) from the partitions' own segments.
 
 Nothing is published while a partition's subscriber is not live: joining (before its first
 snapshot), or recovering from a loss or from the partition's new epoch (a restart, a
@@ -49,12 +59,19 @@ from exposure.cluster.compose import (
 )
 from exposure.core.partition import PartitionMap
 from exposure.core.types import (
+    C_CELLS,
     INSTPUB_DTYPE,
     INSTRUMENT_ROW_DTYPE,
+    LIMITS_ROW_DTYPE,
+    NO_SESSION,
+    POSITION_ROW_DTYPE,
+    POSPUB_DTYPE,
     PUBROW_DTYPE,
     ROW_ACCOUNT,
     ROW_FUND,
     ROW_INSTRUMENT,
+    ROW_LIMITS,
+    ROW_POSITION,
     ROW_SECTOR,
     SECPUB_DTYPE,
     SECTOR_ROW_DTYPE,
@@ -64,10 +81,13 @@ from exposure.engine.publish import store_rows, versions
 from exposure.feed.subscriber import Subscriber
 from exposure.node.stages.agent import Stage
 from exposure.shm.ring import ring_push
+from exposure.shm.seqlock import write_begin, write_end
 
 __all__ = ["ConsolidateStage"]
 
-_KINDS = (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR)
+_KINDS = (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR, ROW_LIMITS)
+_LIMITS = ("gross_limit", "net_limit", "margin_limit", "loss_limit")
+_POS = ("account", "instrument", "pos", "open_buy", "open_sell", "pnl", "mv")
 _NONE = np.zeros(0, np.int64)
 
 
@@ -89,7 +109,7 @@ class ConsolidateStage(Stage):
     name = "consolidate"
 
     def __init__(self, pmap: PartitionMap, subscribers: list[Subscriber], state, out_ring,
-                 on_ready=None):
+                 on_ready=None, words: np.ndarray | None = None):
         if len(subscribers) != pmap.partitions:
             raise ValueError(f"{len(subscribers)} subscribers for {pmap.partitions} "
                              "partitions")
@@ -124,13 +144,26 @@ class ConsolidateStage(Stage):
         self._ctr_at = np.zeros(1, np.int64)  # the counters row's index
         self._feed = np.zeros(self.nacc + self.ninst + self.nsec + 1, UPDATE_DTYPE)
         self._wait = [x for s in subscribers for x in s.selectables]
+        # Feed version 4: limits (under the state seqlock: ``words``, the segment's header
+        # words) and positions (per partition: its cells that moved, and its cell id ->
+        # the cluster's cell id, -1 none yet).
+        self._seg_words = words if words is not None else np.zeros(32, np.uint64)
+        self.ncell = state.cpub.shape[0]
+        self.pdirty: list[list[np.ndarray]] = [[] for _ in subscribers]
+        self.cmap = [np.full(0, -1, np.int64) for _ in subscribers]
+        self.cells_used = 0
+        self.cells_full = 0  # partition cells never given a cluster id (capacity)
+        self._cpub = _words(state.cpub)
 
     # ------------------------------------------------------------------ the duty cycle
     def poll(self) -> int:
         work = 0
-        for sub in self.subs:
+        for p, sub in enumerate(self.subs):
             for b in sub.poll_rows(0):
-                self.dirty[b.kind].append(b.ids)
+                if b.kind == ROW_POSITION:  # a partition's own cell ids
+                    self.pdirty[p].append(b.ids)
+                else:
+                    self.dirty[b.kind].append(b.ids)
                 work += len(b.ids)
         if not all(s.state == "live" for s in self.subs):
             # A partition joining, or recovering (a loss, or a new epoch whose view was
@@ -143,7 +176,7 @@ class ConsolidateStage(Stage):
             self.joined = True
             self.dirty[ROW_FUND].append(_NONE)  # the first batch: at least the fund's row
             work += 1
-        if not any(self.dirty.values()):
+        if not any(self.dirty.values()) and not any(self.pdirty):
             return work
         self._publish()
         if self.on_ready is not None and self.batches == 1:
@@ -212,15 +245,106 @@ class ConsolidateStage(Stage):
             p = self._acc_pub  # (the accounts' rows are stored by now)
             compose_fund(self._tables(ROW_FUND), self.nacc, g, now, feed[n - 1:], self.acc,
                          p.rows, p.words, self._pub, self.vers.pub)
+        extra = [x for x in (self._limits(g, now), self._positions(g, now)) if len(x)]
         self._counters()
         if n:
             pushed = ring_push(self.out.ctrl, self.out.slots, _words(feed), n)
             if pushed < n:
                 self.ring_full += 1
+        for x in extra:
+            pushed = ring_push(self.out.ctrl, self.out.slots, _words(x), len(x))
+            if pushed < len(x):
+                self.ring_full += 1
+            n += len(x)
         self.rows_total += n
         self.batches += 1
+
+    @staticmethod
+    def _tagged(rows: np.ndarray, kind: int, g: int, now: int) -> None:
+        rows["kind"] = kind
+        rows["session"] = NO_SESSION
+        rows["gseq"] = g
+        rows["compute_ns"] = now
+
+    def _limits(self, g: int, now: int) -> np.ndarray:
+        """The limits rows of the accounts whose owner sent one: the owner's limits (zeros
+        where its view has none), stored in the segment under its state seqlock."""
+        ids = self._ids(ROW_LIMITS, self.nacc)
+        out = np.zeros(len(ids), LIMITS_ROW_DTYPE)
+        if not len(ids):
+            return out
+        owner = self.pmap.acc_owner[ids]
+        for p, sub in enumerate(self.subs):
+            t = sub.table(ROW_LIMITS)
+            sel = np.flatnonzero((owner == p) & (ids < len(t)))
+            src = t[ids[sel]]
+            for k in _LIMITS:
+                out[k][sel] = np.where(src["kind"] != 0, src[k], 0.0)
+        self._tagged(out, ROW_LIMITS, g, now)
+        out["account"] = ids
+        lim = np.column_stack([out[k] for k in _LIMITS])
+        write_begin(self._seg_words)
+        self.st.acc_lim[ids] = lim
+        self.st.acc_gseq[ids] = g
+        write_end(self._seg_words)
+        return out
+
+    def _cluster_cells(self, p: int, ids: np.ndarray) -> np.ndarray:
+        """Partition ``p``'s cell ids as the cluster's (-1: no room left), new ones taken
+        in order."""
+        m = self.cmap[p]
+        if len(ids) and ids[-1] >= len(m):
+            bigger = np.full(max(int(ids[-1]) + 1, 2 * len(m)), -1, np.int64)
+            bigger[:len(m)] = m
+            m = self.cmap[p] = bigger
+        new = ids[m[ids] < 0]
+        room = self.ncell - self.cells_used
+        if len(new) > room:
+            self.cells_full += len(new) - room
+            new = new[:room]
+        m[new] = np.arange(self.cells_used, self.cells_used + len(new))
+        self.cells_used += len(new)
+        return m[ids]
+
+    def _positions(self, g: int, now: int) -> np.ndarray:
+        """The position rows of the partitions' cells that moved, under the cluster's cell
+        ids, published to the segment's cell table."""
+        parts = []
+        for p, got in enumerate(self.pdirty):
+            if not got:
+                continue
+            ids = np.unique(np.concatenate(got) if len(got) > 1 else got[0])
+            got.clear()
+            ids = ids[ids >= 0]
+            cids = self._cluster_cells(p, ids)
+            keep = cids >= 0
+            ids, cids = ids[keep], cids[keep]
+            t = self.subs[p].table(ROW_POSITION)
+            rows = np.zeros(len(ids), POSITION_ROW_DTYPE)
+            inside = np.flatnonzero(ids < len(t))
+            src = t[ids[inside]]
+            there = inside[src["kind"] != 0]
+            src = src[src["kind"] != 0]
+            for k in (*_POS, "send_ns", "recv_ns"):
+                rows[k][there] = src[k]
+            gone = np.ones(len(ids), bool)
+            gone[there] = False
+            rows["account"][gone] = -1  # dropped by the partition's view: a freed cell
+            rows["cell"] = cids
+            parts.append(rows)
+        if not parts:
+            return np.zeros(0, POSITION_ROW_DTYPE)
+        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        self._tagged(out, ROW_POSITION, g, now)
+        pub = np.zeros(len(out), POSPUB_DTYPE)
+        pub["gseq"] = g
+        for k in _POS:
+            pub[k] = out[k]
+        store_rows(self._cpub, self.vers.cpub, out["cell"].astype(np.int64), _words(pub))
+        return out
 
     def _counters(self) -> None:
         """The counters row last: its gseq is what a snapshot of the rows includes."""
         self._ctr_row["gseq"] = self.gseq
+        self._ctr_row["ctr"][0, C_CELLS] = self.cells_used
         store_rows(self._ctr, self.vers.ctrpub, self._ctr_at, _words(self._ctr_row))

@@ -74,7 +74,7 @@ def run_consolidator(cluster: Cluster, stop: list, on_ready=None) -> dict:
     if cfg is None:
         raise ValueError(f"{cluster.path}: no [consolidator] config")
     caps = Capacities(accounts=cfg.caps.accounts, instruments=cfg.caps.instruments,
-                      sectors=cfg.caps.sectors, sources=1, orders=1, cells=1)
+                      sectors=cfg.caps.sectors, sources=1, orders=1, cells=cfg.caps.cells)
     ring_name = cfg.segment("ring.fanout")
     Ring.unlink(ring_name)  # a dead consolidator's leftovers
     after = _previous_epoch_bound(cfg.segment("tally"))
@@ -91,14 +91,17 @@ def run_consolidator(cluster: Cluster, stop: list, on_ready=None) -> dict:
             subs.append(Subscriber.from_config(pcfg))
         cons = ConsolidateStage(cluster.pmap, subs, seg.state, ring, on_ready=lambda: (
             on_ready(f"consolidator {cfg.name!r} ready: {len(subs)} partitions, feed "
-                     f"{cfg.group}:{cfg.fanout_port}, epoch {epoch}") if on_ready else None))
+                     f"{cfg.group}:{cfg.fanout_port}, epoch {epoch}") if on_ready else None),
+            words=seg.words)
         stages.append(cons)
         stages.append(FanoutStage(ring, cfg.group, cfg.fanout_port, cfg.interface, cfg.ttl,
                                   cfg.max_datagram, seg.state, epoch=epoch,
                                   heartbeat_ms=cfg.feed_heartbeat_ms,
-                                  refresh_rows_per_s=cfg.refresh_rows_per_s))
+                                  refresh_rows_per_s=cfg.refresh_rows_per_s,
+                                  words=seg.words, positions=cfg.feed_positions))
         if cfg.snapshot_port:
-            stages.append(SnapshotServer(cfg.snapshot_host, cfg.snapshot_port, seg.state, ctl))
+            stages.append(SnapshotServer(cfg.snapshot_host, cfg.snapshot_port, seg.state, ctl,
+                                         words=seg.words, positions=cfg.feed_positions))
         # What exists now lives for the whole run (numba's and numpy's machinery, the
         # stages): frozen out of the cyclic collector's sight, whose full collections
         # would otherwise walk it all (py-spy put 38% of this process's samples in them

@@ -98,9 +98,12 @@ def test_hash_password_prints_a_hash_that_checks(monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------- a server
 class Server:
-    """A WebApp of a Book on the node's feed, served by uvicorn in a thread."""
+    """A WebApp of a Book on the node's feed, served by uvicorn in a thread. ``local``
+    False: the Book never reads the node's shared memory (the page as on another host:
+    the feed alone)."""
 
-    def __init__(self, cfg_path, users_path, tls: tuple | None = None, **kw):
+    def __init__(self, cfg_path, users_path, tls: tuple | None = None, local: bool = True,
+                 **kw):
         from exposure.config.node import load_config
         from exposure.harness.localnode import free_port
         from exposure.web.app import WebApp
@@ -108,7 +111,7 @@ class Server:
         from exposure.web.view import Book
 
         cfg = load_config(cfg_path)
-        self.book = Book(cfg)
+        self.book = Book(cfg, local=local)
         self.app = WebApp(self.book, load(users_path, cfg.names), tls=tls is not None, **kw)
         self.port = free_port()
         self.server = make_server(self.app.asgi, "127.0.0.1", self.port, *(tls or ()))
@@ -138,7 +141,7 @@ def node(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(node, tmp_path_factory):
     s = Server(node.config, users_file(tmp_path_factory.mktemp("webusers")), max_clients=4,
-               queue=4)
+               queue=4, local=False)  # the feed alone: positions and limits included
     try:
         yield s
     finally:
@@ -259,7 +262,8 @@ def test_a_login_is_needed_and_wrong_passwords_are_refused(server):
 def test_a_pm_receives_only_their_accounts_and_the_fund_level_tables(node, server):
     """Every message pushed to pm1 (the snapshot, the updates while a flow runs, a
     drill-down) carries only pm1's accounts; the risk user gets every account, equal to
-    what dump prints; both get the same fund line, instruments and sectors."""
+    what dump prints; both get the same fund line, instruments and sectors. The page is
+    fed by the feed alone (no desk): the drill-down and the limits come on the feed."""
     pm1, risk = login(server, "pm1"), login(server, "risk")
     seen: dict[str, list[dict]] = {}
 
@@ -270,7 +274,7 @@ def test_a_pm_receives_only_their_accounts_and_the_fund_level_tables(node, serve
     seen["pm1"], code = read_messages(server, pm1, 3.0, during=flow_then_read_risk,
                                       send=[{"open": PM1[1]}, 0.5, {"open": PM2[0]}])
     assert code is None
-    seen["risk"], _ = read_messages(server, risk, 1.5)
+    seen["risk"], _ = read_messages(server, risk, 1.5, send=[{"open": PM1[1]}])
     cols = seen["pm1"][0]["columns"]
     acc_ids: set[int] = set()
     updates = 0
@@ -302,6 +306,24 @@ def test_a_pm_receives_only_their_accounts_and_the_fund_level_tables(node, serve
     assert sorted(ins) == sorted(i["instrument"] for i in want["instruments"])
     for i, r in ins.items():  # instruments.csv names every third instrument
         assert r["symbol"] == (f"SYM{i}" if i % 3 == 0 and i < 400 else None), i
+    # The drill-down off the feed equals dump's positions of the account, and each
+    # account's limits (the breach flags' limit and use in percent) equal the node's.
+    want_pos = [p for p in want["positions"] if p["account"] == PM1[1]]
+    got_pos = [m["positions"] for m in seen["risk"] if "positions" in m][-1]
+    assert got_pos["account"] == PM1[1] and not got_pos["why"]
+    pcols = cols["positions"]
+    got_rows = [dict(zip(pcols, r, strict=True)) for r in got_pos["rows"]]
+    assert [r["instrument"] for r in got_rows] == [p["instrument"] for p in want_pos]
+    for g, w in zip(got_rows, want_pos, strict=True):
+        assert [g[k] for k in ("pos", "open_buy", "open_sell", "pnl")] == \
+            [w[k] for k in ("pos", "open_buy", "open_sell", "pnl")], w
+    from exposure.engine.desk import Desk
+
+    with Desk(node.name) as desk:  # (the test reads the node's limits to compare)
+        lim = desk.state.acc_lim.copy()
+    assert any(r["limits"] and any(r["limits"]) for r in rows.values())
+    for a, r in rows.items():
+        assert r["limits"] == lim[a].tolist(), a
     assert snap["meta"]["role"] == "primary" and snap["meta"]["epoch"] >= 1
     assert not snap["meta"]["stale"]
     # SPEC 7: the money figures' currency; each instrument's own and its rate (base here)

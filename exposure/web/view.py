@@ -1,11 +1,13 @@
 """The book the web page shows, and the messages pushed to each client.
 
 :class:`Book` keeps a feed :class:`~exposure.feed.subscriber.Subscriber` (the node's
-multicast feed, in this process: the node never waits for the page) and, where the node
-runs on this host, a read-only :class:`~exposure.engine.desk.Desk` for what the feed does
-not carry: an account's positions (the drill-down), its limits (the breach flags' limit and
-use in percent), the node's role and the last roll's date. Without a local node the page
-shows everything the feed carries and says what it lacks.
+multicast feed, in this process: the node never waits for the page). The feed (version 4)
+carries everything the page shows, an account's positions (the drill-down) and limits (the
+breach flags' limit and use in percent) included, so the page works the same on any host
+that receives the feed and on a cluster's consolidator's feed. Where the node runs on this
+host, a read-only :class:`~exposure.engine.desk.Desk` adds the node's role and the last
+roll's date, and the positions of a node whose feed sends none (``[fanout] positions =
+false``).
 
 Changes are conflated: :meth:`Book.pump` takes datagrams as they come and only marks which
 rows moved; :meth:`Book.take` (called by the app at most 10 times a second) makes one
@@ -29,7 +31,15 @@ import orjson
 
 from exposure.config.model import NodeConfig
 from exposure.core.refdata import RefData
-from exposure.core.types import C_ROLL_DATE, ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR
+from exposure.core.types import (
+    C_ROLL_DATE,
+    ROW_ACCOUNT,
+    ROW_FUND,
+    ROW_INSTRUMENT,
+    ROW_LIMITS,
+    ROW_POSITION,
+    ROW_SECTOR,
+)
 from exposure.feed.subscriber import Rows, Subscriber
 from exposure.web.users import User
 
@@ -50,7 +60,8 @@ ACCOUNT_COLUMNS = ("account", "name", "gross", "net", "long_mv", "short_mv", "wo
 INSTRUMENT_COLUMNS = ("instrument", "symbol", "crossing", "fund_pos", "net_mv", "gross_mv",
                       "ref_price", "currency", "rate", "open_buy", "open_sell", "sector")
 SECTOR_COLUMNS = ("sector", "net_mv", "gross_mv")
-POSITION_COLUMNS = ("instrument", "symbol", "pos", "open_buy", "open_sell", "pnl")
+POSITION_COLUMNS = ("instrument", "symbol", "pos", "open_buy", "open_sell", "mv", "pnl")
+_LIMITS = ("gross_limit", "net_limit", "margin_limit", "loss_limit")
 
 
 def columns() -> dict[str, list[str]]:
@@ -116,8 +127,9 @@ class Book:
 
     ``cfg``: the node's config (its ``[fanout]``, capacities, ``[reference]`` names and
     ``[day]``). ``sub``: a subscriber to use instead of ``Subscriber.from_config(cfg)``.
-    ``local``: read the node's shared memory for positions, limits, role and the last
-    roll (True: try, and again every few seconds while it is absent; False: never)."""
+    ``local``: read the node's shared memory for its role and the last roll, and the
+    positions of a node that sends none on its feed (True: try, and again every few
+    seconds while it is absent; False: never)."""
 
     def __init__(self, cfg: NodeConfig, sub: Subscriber | None = None, local: bool = True,
                  clock: Callable[[], float] = time.time):
@@ -131,6 +143,8 @@ class Book:
         self._dirty: dict[int, set[int]] = {k: set() for k in
                                              (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT,
                                               ROW_SECTOR)}
+        # Positions from the feed (version 4) unless the node sends none.
+        self.feed_positions = bool(getattr(cfg, "feed_positions", True))
         self._reset = False
         self._feed_ns = {False: [0, 0], True: [0, 0]}  # by fund-level (instruments, sectors)
         self._epoch = 0
@@ -182,6 +196,14 @@ class Book:
         if b.rows is None:  # an epoch change dropped these rows: a full snapshot follows
             self._reset = True
             return len(b.ids)
+        if b.kind == ROW_LIMITS:  # its account's row (the flags' limits) goes again
+            ids = b.ids.tolist()
+            self._dirty[ROW_ACCOUNT].update(ids)
+            return len(ids)
+        if b.kind == ROW_POSITION:  # its account moved (an open drill-down is refreshed)
+            acc = b.rows["account"]
+            self._dirty[ROW_ACCOUNT].update(acc[acc >= 0].tolist())
+            return len(b.ids)
         ids = b.ids.tolist()
         self._dirty[b.kind].update(ids)
         stamps = b.rows["compute_ns"]
@@ -230,7 +252,7 @@ class Book:
                 "trading_day": day, "last_roll": last_roll, "feed": state,
                 "silent_s": round(silent_for, 2), "gaps": sub.counters["gaps"],
                 "stale": bool(stale), "stale_why": "; ".join(stale),
-                "positions": desk is not None, "limits": desk is not None,
+                "positions": self.feed_positions or desk is not None, "limits": True,
                 "time_ns": time.time_ns()}
 
     def stale(self) -> bool:
@@ -252,14 +274,16 @@ class Book:
         t = self.sub.table(ROW_ACCOUNT)
         ids = ids[(ids < len(t))]
         ids = ids[t["kind"][ids] != 0]
-        desk = self.desk()
         lim: list = [None] * len(ids)
-        if desk is not None:
-            acc_lim = desk.state.acc_lim
-            ok = ids < len(acc_lim)
+        if len(ids):  # the feed's limits rows ([gross, net, margin, loss]; none: None)
+            lt = self.sub.table(ROW_LIMITS)
+            ok = ids < len(lt)
+            have = np.zeros(len(ids), bool)
+            have[ok] = lt["kind"][ids[ok]] != 0
             got = np.zeros((len(ids), 4))
-            got[ok] = acc_lim[ids[ok]]
-            lim = got.tolist()
+            for j, k in enumerate(_LIMITS):
+                got[have, j] = lt[k][ids[have]]
+            lim = [g if h else None for g, h in zip(got.tolist(), have.tolist(), strict=True)]
         lookup = self.names.account_name if self.names is not None else None
         cols = {"account": ids.tolist(), "name": _named(ids, lookup), "limits": lim}
         for c in ACCOUNT_COLUMNS:
@@ -308,16 +332,22 @@ class Book:
         return orjson.dumps(doc)
 
     def positions(self, account: int, user: User | None) -> bytes:
-        """The drill-down of ``account`` (JSON): its positions from the node's desk,
-        or why there are none (not local; not an account this user may see)."""
+        """The drill-down of ``account`` (JSON): its positions from the feed (or, for a
+        node that sends none, from its desk where it is local), or why there are none (not
+        an account this user may see: the server filters)."""
         out: dict = {"type": "positions", "account": account, "rows": None, "why": ""}
         if user is not None and not user.may_see(account):
             out["why"] = "not one of your accounts"
+            return orjson.dumps(out)
+        if self.feed_positions:
+            p = self.sub.positions(account)
         elif (desk := self.desk()) is None:
-            out["why"] = ("positions are read from the node's shared memory: run exposure "
-                          "web on the node's host")
+            out["why"] = ("this node sends no positions on its feed ([fanout] positions = "
+                          "false): run exposure web on the node's host")
+            p = None
         else:
             p = desk.positions(account)
+        if p is not None:
             ids = p["instrument"]
             lookup = self.names.symbol if self.names is not None else None
             cols = {"instrument": ids.tolist(), "symbol": _named(ids, lookup)}

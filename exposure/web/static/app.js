@@ -77,7 +77,7 @@ function flagsCell(row) {
       if (!on && pct >= 80) f.className += " warn";
       f.title = `${name}: ${fmt("x", value)} of a limit of ${fmt("x", limit)} (${pct.toFixed(1)}%)`;
     } else {
-      f.title = `${name} limit breached (the limit is read on the node's host)`;
+      f.title = `${name} limit breached (no limits row for this account on the feed yet)`;
     }
     f.textContent = text;
     td.appendChild(f);

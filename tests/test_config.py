@@ -79,6 +79,10 @@ def test_a_file_overrides_only_what_it_names(tmp_path):
     ("[[process]]\nname='a'\nstages=['ingest','compute','fanout']\nnice=-21\n",
      "process[0].nice = -21: -20..19"),
     ("not toml [", "not valid TOML"),
+    ("[web]\nport = 0\n", "web.port = 0: 1..65535"),
+    ("[web]\ntls_cert = 'c.pem'\n", "web.tls_cert and web.tls_key: both or neither"),
+    ("[web]\nmax_clients = 0\n", "web.max_clients = 0"),
+    ("[web]\nhost = ''\n", "web.host is empty"),
 ])
 def test_a_bad_config_is_a_clear_error_naming_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as e:
@@ -203,6 +207,17 @@ def test_a_pair_config_resolves_its_files_next_to_it(tmp_path):
     cfg = _cfg(tmp_path, _PAIR)
     assert cfg.secret_file == tmp_path / "secret"
     assert cfg.etcd == ("http://127.0.0.1:2379",) and cfg.etcd_prefix == "/exposure/pair"
+
+
+def test_the_web_section_gives_the_page_s_address_and_files_next_to_the_config(tmp_path):
+    d = load_config()
+    assert (d.web_host, d.web_port, d.web_max_clients) == ("127.0.0.1", 8080, 200)
+    assert d.web_users is d.web_tls_cert is d.web_tls_key is None
+    cfg = _cfg(tmp_path, "[web]\nhost = '0.0.0.0'\nport = 8443\nusers = 'users.toml'\n"
+                         "tls_cert = 'c.pem'\ntls_key = '/etc/k.pem'\nmax_clients = 50\n")
+    assert (cfg.web_host, cfg.web_port, cfg.web_max_clients) == ("0.0.0.0", 8443, 50)
+    assert cfg.web_users == tmp_path / "users.toml" and cfg.web_tls_cert == tmp_path / "c.pem"
+    assert str(cfg.web_tls_key) == "/etc/k.pem"
 
 
 def test_a_pair_config_takes_a_list_of_etcd_endpoints_and_its_settings(tmp_path):

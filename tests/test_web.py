@@ -83,6 +83,17 @@ def test_binding_beyond_loopback_needs_a_users_file(tmp_path, capsys):
         check_bind("127.0.0.1", None, tls_cert=tmp_path / "c.pem")
     assert main(["web", "--host", "0.0.0.0", "--port", "1"]) == 2
     assert "users file" in capsys.readouterr().err
+    # The config's [web] gives the defaults (paths next to it); options override them.
+    cfg = tmp_path / "node.toml"
+    cfg.write_text("[web]\nhost = '0.0.0.0'\nport = 1\n")
+    assert main(["web", "--config", str(cfg)]) == 2
+    assert "users file" in capsys.readouterr().err
+    cfg.write_text("[web]\nhost = '0.0.0.0'\nport = 1\nusers = 'absent.toml'\n")
+    assert main(["web", "--config", str(cfg)]) == 2
+    assert str(tmp_path / "absent.toml") in capsys.readouterr().err
+    assert main(["web", "--config", str(cfg), "--host", "127.0.0.1",
+                 "--users", str(tmp_path / "other.toml")]) == 2
+    assert str(tmp_path / "other.toml") in capsys.readouterr().err
 
 
 def test_hash_password_prints_a_hash_that_checks(monkeypatch, capsys):

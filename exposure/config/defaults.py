@@ -132,6 +132,16 @@ keep_days = 2                # trading days whose journal stays replayable (the 
                              # progress and the one before: ~5 GB at 20 M events a day);
                              # older segments go per [snapshot] journal. 0 = by snapshots only
 
+[web]                        # the risk desk's page, `exposure web --config FILE`
+                             # (docs/web.md); its command-line options override these
+host = "127.0.0.1"           # the address it binds; beyond loopback it needs users
+port = 8080
+users = ""                   # the users file: who may log in and which accounts each
+                             # sees; "" = none (then loopback only, everyone sees all)
+tls_cert = ""                # PEM certificate and key: serve HTTPS (both or neither;
+tls_key = ""                 # or a reverse proxy with TLS in front)
+max_clients = 200            # browsers at once; more are refused
+
 [partition]                  # one partition of a cluster (examples/cluster/, SPEC section 5)
 cluster = ""                 # the cluster file with the partition map; "" = the whole fund
 name = ""                    # this node's partition in it: events of accounts and sources

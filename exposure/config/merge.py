@@ -27,6 +27,8 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "partition": {"cluster": str, "name": str},
     "currencies": {"base": str, "ids": dict},
     "reference": {"instruments": str, "accounts": str},
+    "web": {"host": str, "port": int, "users": str, "tls_cert": str, "tls_key": str,
+            "max_clients": int},
     "day": {"roll_at": str, "tz": str, "weekdays": list, "load_after_roll": list,
             "keep_days": int},
     "replication": {"peer": str, "listen": str, "peer_ingest": str, "peer_snapshot": str,

@@ -102,6 +102,12 @@ class NodeConfig:
     keep_days: int = 2                      # [day]: days the journal keeps replayable
     roll_schedule: Schedule | None = None   # [day]: the scheduled roll (None: none)
     load_after_roll: tuple[Path, ...] = ()  # [day]: files loaded right after it
+    web_host: str = "127.0.0.1"             # [web]: exposure web's defaults
+    web_port: int = 8080
+    web_users: Path | None = None
+    web_tls_cert: Path | None = None
+    web_tls_key: Path | None = None
+    web_max_clients: int = 200
     source: str = field(default="<built-in default>")
 
     @property

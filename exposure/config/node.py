@@ -51,6 +51,7 @@ def _parse(doc: dict, source: str) -> NodeConfig:
     ccy = sections.currencies(merged["currencies"])
     return NodeConfig(**fields, **repl, **sections.desks(merged["desks"]), **day,
                       **sections.partition(merged["partition"], here),
+                      **sections.web(merged["web"], here),
                       **sections.reference(merged["reference"], here, caps, ccy),
                       currencies=ccy, source=source)
 

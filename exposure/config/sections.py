@@ -20,7 +20,7 @@ from exposure.shm.ring_layout import RingLayoutError, check_capacity
 from exposure.store.journal import FSYNC_POLICIES
 
 __all__ = ["node", "capacities", "rings", "ingest", "fanout", "journal", "snapshot", "desks",
-           "replication", "partition", "reference", "day_schedule", "currencies"]
+           "replication", "partition", "reference", "day_schedule", "currencies", "web"]
 
 
 def node(nd: dict) -> dict:
@@ -255,6 +255,24 @@ def partition(pt: dict, base: Path) -> dict:
     except MapError as e:
         raise ConfigError(f"partition: {e}") from None
     return {"partition": Partition(path, pt["name"], index, pmap)}
+
+
+def web(wb: dict, base: Path) -> dict:
+    """[web]: where ``exposure web`` serves the page and with which users file and TLS
+    files (paths relative to the config's directory; read when the page starts)."""
+    if not wb["host"].strip():
+        raise ConfigError("web.host is empty (an address: 127.0.0.1, 0.0.0.0, ::)")
+    if not 1 <= wb["port"] <= 65535:
+        raise ConfigError(f"web.port = {wb['port']}: 1..65535")
+    if not 1 <= wb["max_clients"] <= 100_000:
+        raise ConfigError(f"web.max_clients = {wb['max_clients']}: 1..100,000")
+    if bool(wb["tls_cert"]) != bool(wb["tls_key"]):
+        raise ConfigError("web.tls_cert and web.tls_key: both or neither")
+    files = {k: base / os.path.expanduser(wb[k]) if wb[k] else None
+             for k in ("users", "tls_cert", "tls_key")}
+    return {"web_host": wb["host"], "web_port": wb["port"], "web_users": files["users"],
+            "web_tls_cert": files["tls_cert"], "web_tls_key": files["tls_key"],
+            "web_max_clients": wb["max_clients"]}
 
 
 def day_schedule(dy: dict, base: Path) -> dict:

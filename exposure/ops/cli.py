@@ -913,14 +913,20 @@ def _cmd_web(args: argparse.Namespace) -> int:
     cfg = _load_cluster(args.cluster).consolidator if args.cluster else _load_cfg(args.config)
     if cfg is None:
         return _fail(f"{args.cluster}: no [consolidator] config = \"FILE\"")
+    def opt(given, configured):  # (a command-line option overrides the config's [web])
+        return configured if given is None else given
+
+    host, port = opt(args.host, cfg.web_host), opt(args.port, cfg.web_port)
     try:
-        serve(cfg, args.host, args.port, args.users, args.tls_cert, args.tls_key,
-              args.max_clients, ready=lambda url: print(f"exposure: the page of {cfg.name!r} "
-                                                        f"is at {url}", flush=True))
+        serve(cfg, host, port, opt(args.users, cfg.web_users),
+              opt(args.tls_cert, cfg.web_tls_cert), opt(args.tls_key, cfg.web_tls_key),
+              opt(args.max_clients, cfg.web_max_clients),
+              ready=lambda url: print(f"exposure: the page of {cfg.name!r} is at {url}",
+                                      flush=True))
     except (ValueError, OverflowError) as e:  # WebError, UsersError, a bad number
         return _fail(str(e))
     except OSError as e:
-        return _fail(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}")
+        return _fail(f"cannot serve on {host}:{port}: {e.strerror or e}")
     return 0
 
 
@@ -1214,12 +1220,16 @@ def _parser() -> argparse.ArgumentParser:
                        "(docs/web.md)")
     r.add_argument("--config", metavar="FILE", help="which node (default: the built-in)")
     r.add_argument("--cluster", metavar="FILE", help="a cluster's consolidated feed")
-    r.add_argument("--host", default="127.0.0.1", help="address (beyond loopback: --users)")
-    r.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
-    r.add_argument("--users", metavar="FILE", help="who may log in and sees which accounts")
-    r.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate")
-    r.add_argument("--tls-key", metavar="PEM", help="... and this key")
-    r.add_argument("--max-clients", type=int, default=200, help="browsers at once (200)")
+    r.add_argument("--host", help="address (beyond loopback: --users); default: the "
+                   "config's [web] host, 127.0.0.1")
+    r.add_argument("--port", type=int, help="HTTP port (default: [web] port, 8080)")
+    r.add_argument("--users", metavar="FILE", help="who may log in and sees which accounts "
+                   "(default: [web] users)")
+    r.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate "
+                   "(default: [web] tls_cert)")
+    r.add_argument("--tls-key", metavar="PEM", help="... and this key ([web] tls_key)")
+    r.add_argument("--max-clients", type=int, help="browsers at once ([web] max_clients, "
+                   "200)")
     r.add_argument("--hash-password", action="store_true",
                    help="print the users-file hash of the password read from stdin")
     r.set_defaults(func=_cmd_web)

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -132,4 +131,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from exposure.node.process import exit_process
+
+    exit_process(main())  # (no interpreter teardown: 0.1-0.5 s of CPU after numba)

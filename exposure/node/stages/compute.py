@@ -143,7 +143,7 @@ class ComputeStage(Stage):
 
     def __init__(self, segment, sessions: np.ndarray, in_ring, out_ring, batch: int = 4096,
                  counters: np.ndarray | None = None, rejects: np.ndarray | None = None,
-                 positions: bool = True):
+                 positions: bool = True, pos_chunk: int = _POS_CHUNK):
         self.cnt = CN.or_private(counters)
         self.seg = segment
         self.st = segment.state
@@ -160,9 +160,11 @@ class ComputeStage(Stage):
         self.status = np.zeros(batch, np.uint8)
         st = self.st
         # One batch's rows: accounts, the fund, instruments, sectors, limits, and up to
-        # _POS_CHUNK position rows (the rest of a batch's follow in parts).
+        # ``pos_chunk`` position rows (the rest of a batch's follow in parts).
+        if pos_chunk < 1:
+            raise ValueError(f"pos_chunk = {pos_chunk}: at least 1")
         nrows = (2 * st.acc.shape[0] + 1 + st.inst.shape[0] + st.sec.shape[0]
-                 + (min(st.cells.shape[0], _POS_CHUNK) if positions else 0))
+                 + (min(st.cells.shape[0], pos_chunk) if positions else 0))
         self.row_words = np.zeros((nrows, ROW_SIZE // 8), np.uint64)
         flat = self.row_words.reshape(-1)
         self.arows = flat.view(UPDATE_DTYPE)

@@ -2,6 +2,7 @@
 and in arrays, flush, results, a full window, close, a wrong secret, a node killed with -9
 mid-stream; each run ends equal to replay with every (session, seq) once in the journal."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -317,6 +318,42 @@ time.sleep(600)
         p.flush(60)
         assert p.acked == len(recs)
     _assert_replay_and_journal(node, recs, 12)
+
+
+@pytest.mark.process
+def test_a_linger_returns_the_node_s_answer_also_beyond_select_s_descriptor_limit():
+    """Producer._linger: select (microsecond timeouts) below fd 1024, a sleep and an epoll
+    look above it; either way an answer waiting on the socket is returned, and nothing
+    when there is none."""
+    import resource
+    import select
+    import socket
+
+    a, b = socket.socketpair()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    high = None
+    try:
+        if hard == resource.RLIM_INFINITY or hard > 1100:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+            high = os.dup2(a.fileno(), 1090)
+        for fd in [a.fileno()] + ([high] if high is not None else []):
+            ep = select.epoll()
+            try:
+                ep.register(fd, select.EPOLLIN)
+                assert Producer._linger(ep, fd, 0.0002) == []
+                b.send(b"x")
+                got = Producer._linger(ep, fd, 0.0002)
+                assert [f for f, ev in got if ev & select.EPOLLIN] == [fd]
+                assert a.recv(8) == b"x"
+            finally:
+                ep.close()
+    finally:
+        if high is not None:
+            os.close(high)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        a.close()
+        b.close()
+    assert high is not None or hard <= 1100  # (the high path ran wherever the limit allows)
 
 
 def test_rejects_without_their_seqs_are_never_guessed():

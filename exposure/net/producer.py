@@ -710,21 +710,22 @@ class Producer:
                 if want != mask:
                     ep_.modify(sfd, want)
                     mask = want
-                timeout = 0.0  # more to send: look at the socket, then go on
                 if linger and queued and not out and nxt > self._limit():
                     # everything sent: while events keep coming, wait for more (and for
-                    # ACKs: one system call) instead of sleeping on the wake-up, which
-                    # each send would then pay for
-                    timeout = linger
-                elif out or nxt > self._limit():
-                    self._idle = True  # (then re-check: a send may have come meanwhile)
+                    # ACKs) instead of sleeping on the wake-up, which each send would
+                    # then pay for
+                    events = self._linger(ep_, sfd, linger)
+                else:
+                    timeout = 0.0  # more to send: look at the socket, then go on
                     if out or nxt > self._limit():
-                        now = time.monotonic()
-                        due = last_rx + live
-                        if not out:
-                            due = min(due, max(min(last_rx, last_tx), last_hb) + hb)
-                        timeout = max(0.001, due - now)
-                events = ep_.poll(timeout)
+                        self._idle = True  # (then re-check: a send may have come meanwhile)
+                        if out or nxt > self._limit():
+                            now = time.monotonic()
+                            due = last_rx + live
+                            if not out:
+                                due = min(due, max(min(last_rx, last_tx), last_hb) + hb)
+                            timeout = max(0.001, due - now)
+                    events = ep_.poll(timeout)
                 self._idle = False
                 for fd, ev in events:
                     if fd == self._efd:
@@ -749,6 +750,21 @@ class Producer:
         finally:
             self._idle = False
             ep_.close()
+
+    @staticmethod
+    def _linger(ep, fd: int, seconds: float) -> list:
+        """Wait up to ``seconds`` for more events to send or for the node's answer on
+        ``fd``; returns what ``ep.poll`` would. One ``select`` (its timeout has
+        microseconds; epoll's is whole milliseconds, so a 200 us linger would wait 1 ms);
+        beyond select's descriptor limit, a sleep and a look."""
+        if fd < 1024:
+            try:
+                ready = select.select([fd], [], [], seconds)[0]
+            except InterruptedError:
+                return []
+            return [(fd, select.EPOLLIN)] if ready else []
+        time.sleep(seconds)
+        return ep.poll(0)
 
     def _queue(self, out: collections.deque, nxt: int) -> int:
         """Queue frames of seqs nxt.. (at most _BURST_FRAMES frames), spooling first what is

@@ -6,8 +6,9 @@
 A generated day (perf/flowgen.py, as perf.bench_kernel uses) runs through the node's own
 code in one process: the kernel (``apply_batch``), then what compute does after it
 (``exposure.engine.publish.publish_batch``: the published tables and the feed rows; feed
-version 4's limits rows and, with ``--positions on``, a position row per moved cell, as
-the compute stage makes them; and the push onto a real fan-out ring), then the fan-out
+version 4's limits rows and, with ``--positions on``, a position row per cell whose
+quantities moved (a mark's revalued cells send none: feed version 5), as the compute stage
+makes them; and the push onto a real fan-out ring), then the fan-out
 stage's poll (conflation, packing, one
 ``send`` per datagram to a multicast group that a receiver socket has joined on loopback,
 drained between batches outside the timed part). Each part is timed on its own.

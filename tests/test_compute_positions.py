@@ -1,7 +1,9 @@
 """The compute stage's feed version 4 rows, in-process: a position row per cell a batch
 moved (in parts when they outnumber the row buffer, before the next batch is taken), a
-limits row when an account's limits changed, a roll's compaction of the cell table (every
-id it moved or freed, a freed one with account -1), and none with ``positions`` off."""
+limits row when an account's limits changed, none for a mark (the instrument row carries
+the price; the desks' published cells are revalued), a roll's compaction of the cell table
+(every id it moved or freed, a freed one with account -1), and none with ``positions``
+off."""
 
 import json
 import os
@@ -14,6 +16,7 @@ from exposure.core.capacity import Capacities
 from exposure.core.types import (
     LIMITS_ROW_DTYPE,
     POSITION_ROW_DTYPE,
+    ROW_INSTRUMENT,
     ROW_LIMITS,
     ROW_POSITION,
     ROW_SIZE,
@@ -21,6 +24,7 @@ from exposure.core.types import (
     W_GSEQ,
 )
 from exposure.engine.parse import parse_events
+from exposure.engine.publish import position_values
 from exposure.feed.wire import rows_of
 from exposure.node.stages.compute import ComputeStage
 from exposure.shm.ring import Ring, ring_pop, ring_push
@@ -106,7 +110,13 @@ def test_a_batch_s_cells_come_in_parts_then_limits_and_a_roll_s_compaction(stage
     for r in pos:
         c = int(r["cell"])
         assert (r["account"], r["instrument"], r["pos"]) == (c, 1, c + 1)
-        assert (r["pnl"], r["mv"]) == (cpub[c]["pnl"], cpub[c]["mv"]) == (0.0, 20.0 * (c + 1))
+        assert (r["sod_qty"], r["sod_price"], r["flow"]) == (0, 0.0, 10.0 * (c + 1))
+        assert tuple(cpub[c][f].item() for f in ("sod_qty", "sod_price", "flow")) == (
+            0, 0.0, 10.0 * (c + 1))
+        # a receiver's pnl and mv at the instrument row's price: the node's, bit for bit
+        pnl, mv = position_values(r["pos"], r["sod_qty"], r["sod_price"], r["flow"], 10.0,
+                                  2.0, 1.0)
+        assert (pnl, mv) == (cpub[c]["pnl"], cpub[c]["mv"]) == (0.0, 20.0 * (c + 1))
     lim = rows_of(rows, ROW_LIMITS)
     assert lim.dtype == LIMITS_ROW_DTYPE
     assert {int(r["account"]): (r["gross_limit"], r["net_limit"], r["margin_limit"],
@@ -116,14 +126,33 @@ def test_a_batch_s_cells_come_in_parts_then_limits_and_a_roll_s_compaction(stage
     rows = np.concatenate(stage.run([_fill(100, 7, "sell", 8)]))
     assert rows_of(rows, ROW_POSITION)[["cell", "account", "pos"]].tolist() == [(7, 7, 0)]
     assert not len(rows_of(rows, ROW_LIMITS))
-    # A roll forgets account 7's flat cell: ids 8.. move down one, id 39 is freed.
+    # A mark moves every holder's P&L but no quantity: the instrument row carries the new
+    # price and no position row goes out, except account 2's, whose fill followed it.
+    rows = np.concatenate(stage.run([{"type": "mark", "instrument": 1, "price": 11.37},
+                                     _fill(101, 2, "buy", 1)]))
+    assert rows_of(rows, ROW_INSTRUMENT)[["instrument", "ref_price"]].tolist() == [(1, 11.37)]
+    assert rows_of(rows, ROW_POSITION)[["cell", "account", "pos"]].tolist() == [(2, 2, 4)]
+    # the desks' published cells are all revalued, with the batch's gseq, and a receiver's
+    # figures from the rows and the instrument row are the same bits
+    p = cpub[:N]
+    assert (p["gseq"] == stage.gseq).all()
+    pnl, mv = position_values(p["pos"], p["sod_qty"], p["sod_price"], p["flow"], 11.37, 2.0,
+                              1.0)
+    assert pnl.tolist() == p["pnl"].tolist() and mv.tolist() == p["mv"].tolist()
+    assert p["pnl"][5] == pytest.approx(2.0 * (6 * 11.37 - 6 * 10.0))
+    # A roll forgets account 7's flat cell: ids 8.. move down one, id 39 is freed; every
+    # id goes out (its start of day moved).
     rows = np.concatenate(stage.run([{"type": "roll", "date": "2030-01-07"}]))
     pos = rows_of(rows, ROW_POSITION)
     assert sorted(pos["cell"].tolist()) == list(range(N))
     got = {int(r["cell"]): (int(r["account"]), int(r["pos"])) for r in pos}
     want = {c: (c, c + 1) for c in range(7)} | {c: (c + 1, c + 2) for c in range(7, N - 1)}
-    assert got == want | {N - 1: (-1, 0)}
-    assert pos.view(POSITION_ROW_DTYPE)["pnl"].tolist() == [0.0] * N
+    assert got == want | {2: (2, 4), N - 1: (-1, 0)}
+    pos = pos.view(POSITION_ROW_DTYPE)
+    kept = pos[pos["account"] >= 0]
+    assert (kept["sod_qty"] == kept["pos"]).all() and (kept["sod_price"] == 11.37).all()
+    assert (pos["flow"] == 0.0).all()
+    assert cpub["pnl"][:N].tolist() == [0.0] * N
 
 
 def test_positions_off_sends_no_position_rows():

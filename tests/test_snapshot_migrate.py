@@ -19,7 +19,8 @@ from exposure.engine.parse import read_events, records_from_objects
 from exposure.engine.publish import publish_all, versions
 from exposure.engine.replay import replay_records
 from exposure.shm.session_layout import SESSION_COLS
-from exposure.shm.tally_layout import HEADER_SIZE, allocate
+from exposure.shm.tally_layout import HEADER_DTYPE, HEADER_SIZE, MAGIC, allocate
+from exposure.shm.tally_migrate import OLD_VERSIONS, migrate
 from exposure.store.snapshot import SNAP_HEADER, SnapshotError, load_snapshot, snapshots
 
 pytestmark = pytest.mark.timeout(120)
@@ -83,3 +84,49 @@ def test_a_version_3_snapshot_is_migrated_into_the_base_currency():
     apply_batch(st, more, np.zeros(2, np.uint8))
     whole = replay_records(np.concatenate([recs, more]), CAPS)
     assert compare_documents(document(st), document(whole)) == []
+
+
+def test_a_version_4_state_migrates_and_recovery_publishes_the_cells_p_and_l_terms():
+    """A version-4 state (its published position rows 64 bytes, without sod_qty, sod_price
+    and flow), laid out as that code did (the header, then each table on a 4 KiB
+    boundary), migrates field by field; publish_all (what recovery does next) writes the
+    cells' P&L terms that the feed's position rows now carry."""
+    recs = records_from_objects(
+        [{"type": "instrument", "instrument": i, "multiplier": 2.0, "margin_rate": 0.1,
+          "beta": 1.0, "sector": 1} for i in (1, 2)]
+        + [{"type": "mark", "instrument": 1, "price": 10.5},
+           {"type": "position", "account": 3, "instrument": 2, "qty": 70, "price": 4.25}]
+        + [{"type": "fill", "source": 0, "order_id": k + 1, "account": k % 5,
+            "instrument": 1 + k % 2, "side": "buy" if k % 3 else "sell", "qty": 10 + k,
+            "price": 10.0 + k / 8} for k in range(12)]
+        + [{"type": "mark", "instrument": 2, "price": 4.75}])
+    whole = replay_records(recs, CAPS)
+    g = len(recs)
+    publish_all(whole, versions(whole), g)
+    specs = OLD_VERSIONS[4](CAPS)
+    assert dict((n, dt.itemsize) for n, dt, _ in specs)["cpub"] == 64
+    offsets, off = {}, HEADER_SIZE
+    for name, dt, shape in specs:
+        off = -(-off // 4096) * 4096
+        offsets[name] = off
+        off += dt.itemsize * int(np.prod(shape))
+    old = np.zeros(-(-off // 4096) * 4096, np.uint8)
+    h = np.ndarray((), HEADER_DTYPE, buffer=old)
+    h["magic"], h["version"], h["size"] = MAGIC, 4, len(old)
+    for k, v in CAPS.as_dict().items():
+        h[k] = v
+    h["order_slots"], h["cell_slots"] = CAPS.order_slots, CAPS.cell_slots
+    for name, dt, shape in specs:
+        t = np.ndarray(shape, dt, buffer=old, offset=offsets[name])
+        src = getattr(whole, name)
+        for f in dt.names or ():
+            t[f] = src[f]
+        if dt.names is None:
+            t[...] = src
+    _, st = allocate(CAPS)
+    migrate(old, st, g)
+    publish_all(st, versions(st), g)
+    assert compare_documents(document(st), document(whole)) == []
+    for f in ("account", "instrument", "pos", "sod_qty", "sod_price", "flow", "pnl", "mv"):
+        assert np.array_equal(st.cpub[f], whole.cpub[f]), f
+    assert whole.cpub["flow"].any() and whole.cpub["sod_qty"].any()  # (not all zeros)

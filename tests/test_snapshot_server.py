@@ -71,7 +71,8 @@ ACC_FIELDS = ("live_orders", "long_mv", "short_mv", "gross", "net", "open_buy_mv
               "net_short_mv")
 INST_FIELDS = ("fund_pos", "ref_price", "open_buy", "open_sell", "net_mv", "gross_mv",
                "multiplier", "margin_rate", "beta", "sector", "marked")
-POS_FIELDS = ("account", "instrument", "pos", "open_buy", "open_sell", "pnl", "mv")
+POS_FIELDS = ("account", "instrument", "pos", "open_buy", "open_sell", "sod_qty", "sod_price",
+              "flow")
 LIM_FIELDS = ("gross_limit", "net_limit", "margin_limit", "loss_limit")
 
 
@@ -303,7 +304,9 @@ def test_snapshot_rows_are_the_published_rows(serve):
     pos = rows_of(rows, ROW_POSITION)
     assert pos[["account", "instrument", "pos", "open_buy", "open_sell"]].tolist() == [
         (3, 1, 40, 60, 0), (7, 5, 0, 0, 50)]
-    assert pos["mv"].tolist() == [40 * 100.0 * 10.0, 0.0]
+    # (no prices: the P&L terms that do not move with them; a receiver derives mv and pnl)
+    assert pos[["sod_qty", "sod_price", "flow"]].tolist() == [(0, 0.0, 40 * 101.0),
+                                                              (0, 0.0, 0.0)]
     assert count == len(want)
     assert (rows["epoch"] == EPOCH).all() and (rows["session"] == NO_SESSION).all()
     assert not rows["sseq"].any() and not rows["send_ns"].any()

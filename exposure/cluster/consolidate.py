@@ -77,7 +77,7 @@ from exposure.core.types import (
     SECTOR_ROW_DTYPE,
     UPDATE_DTYPE,
 )
-from exposure.engine.publish import store_rows, versions
+from exposure.engine.publish import position_values, store_rows, versions
 from exposure.feed.subscriber import Subscriber
 from exposure.node.stages.agent import Stage
 from exposure.shm.ring import ring_push
@@ -87,7 +87,7 @@ __all__ = ["ConsolidateStage"]
 
 _KINDS = (ROW_ACCOUNT, ROW_FUND, ROW_INSTRUMENT, ROW_SECTOR, ROW_LIMITS)
 _LIMITS = ("gross_limit", "net_limit", "margin_limit", "loss_limit")
-_POS = ("account", "instrument", "pos", "open_buy", "open_sell", "pnl", "mv")
+_POS = ("account", "instrument", "pos", "open_buy", "open_sell", "sod_qty", "sod_price", "flow")
 _NONE = np.zeros(0, np.int64)
 
 
@@ -154,6 +154,12 @@ class ConsolidateStage(Stage):
         self.cells_used = 0
         self.cells_full = 0  # partition cells never given a cluster id (capacity)
         self._cpub = _words(state.cpub)
+        # The cluster cells' last published rows: a mark moves no position row, so the
+        # cells of the instruments that moved get their pnl and mv published again here.
+        self._cells = np.zeros(self.ncell, POSPUB_DTYPE)
+        # Their ids by instrument (sorted, and where each instrument's start), rebuilt only
+        # when a cell is new or changed hands (a roll's compaction): a mark is a lookup.
+        self._by_inst: tuple[int, np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ the duty cycle
     def poll(self) -> int:
@@ -245,7 +251,7 @@ class ConsolidateStage(Stage):
             p = self._acc_pub  # (the accounts' rows are stored by now)
             compose_fund(self._tables(ROW_FUND), self.nacc, g, now, feed[n - 1:], self.acc,
                          p.rows, p.words, self._pub, self.vers.pub)
-        extra = [x for x in (self._limits(g, now), self._positions(g, now)) if len(x)]
+        extra = [x for x in (self._limits(g, now), self._positions(g, now, ins)) if len(x)]
         self._counters()
         if n:
             pushed = ring_push(self.out.ctrl, self.out.slots, _words(feed), n)
@@ -306,9 +312,11 @@ class ConsolidateStage(Stage):
         self.cells_used += len(new)
         return m[ids]
 
-    def _positions(self, g: int, now: int) -> np.ndarray:
+    def _positions(self, g: int, now: int, ins: np.ndarray) -> np.ndarray:
         """The position rows of the partitions' cells that moved, under the cluster's cell
-        ids, published to the segment's cell table."""
+        ids; published to the segment's cell table with those of the cells of the
+        instruments ``ins`` (which moved: their pnl and mv at the cluster's instrument
+        rows, as a node's desk has them)."""
         parts = []
         for p, got in enumerate(self.pdirty):
             if not got:
@@ -332,16 +340,47 @@ class ConsolidateStage(Stage):
             rows["account"][gone] = -1  # dropped by the partition's view: a freed cell
             rows["cell"] = cids
             parts.append(rows)
-        if not parts:
-            return np.zeros(0, POSITION_ROW_DTYPE)
-        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        self._tagged(out, ROW_POSITION, g, now)
-        pub = np.zeros(len(out), POSPUB_DTYPE)
-        pub["gseq"] = g
+        out = np.zeros(0, POSITION_ROW_DTYPE)
+        if parts:
+            out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            self._tagged(out, ROW_POSITION, g, now)
+        cells = self._cells
+        ids = out["cell"].astype(np.int64)
+        if len(ids) and ((cells["instrument"][ids] != out["instrument"])
+                         | (cells["account"][ids] != out["account"])).any():
+            self._by_inst = None
         for k in _POS:
-            pub[k] = out[k]
-        store_rows(self._cpub, self.vers.cpub, out["cell"].astype(np.int64), _words(pub))
+            cells[k][ids] = out[k]
+        if len(ins) and self.cells_used:
+            ids = np.union1d(ids, self._cells_of(ins))
+        if not len(ids):
+            return out
+        pub = cells[ids]
+        pub["gseq"] = g
+        i = pub["instrument"].astype(np.int64)
+        i[(i < 0) | (i >= self.ninst)] = 0  # (a partition's row is checked nowhere else)
+        ip = self.st.ipub  # (this stage writes them: as composed above)
+        pub["pnl"], pub["mv"] = position_values(
+            pub["pos"], pub["sod_qty"], pub["sod_price"], pub["flow"], ip["ref_price"][i],
+            ip["multiplier"][i], ip["rate"][i])
+        store_rows(self._cpub, self.vers.cpub, ids, _words(pub))
         return out
+
+    def _cells_of(self, ins: np.ndarray) -> np.ndarray:
+        """The cluster cells (with an account) of the instruments ``ins``."""
+        if self._by_inst is None or self._by_inst[0] != self.cells_used:
+            used = self._cells[:self.cells_used]
+            live = np.flatnonzero(used["account"] >= 0)
+            order = live[np.argsort(used["instrument"][live], kind="stable")]
+            starts = np.searchsorted(used["instrument"][order], np.arange(self.ninst + 1))
+            self._by_inst = (self.cells_used, order, starts)
+        _, order, starts = self._by_inst
+        lo, n = starts[ins], starts[ins + 1] - starts[ins]
+        total = int(n.sum())
+        if not total:
+            return _NONE
+        first = np.cumsum(n) - n  # where each instrument's run starts in the result
+        return order[np.repeat(lo - first, n) + np.arange(total)]
 
     def _counters(self) -> None:
         """The counters row last: its gseq is what a snapshot of the rows includes."""

@@ -195,8 +195,10 @@ MAX_ORDER_ID = 2**63  # exclusive
 N_CURRENCIES = 256
 
 # --------------------------------------------------------------------------- tally state
-# A position cell: one (account, instrument) pair, one cache line. ``dirty`` is 1 while the
-# cell is listed in the batch's ``cchanged`` (published to desks after the batch).
+# A position cell: one (account, instrument) pair, one cache line. ``dirty`` is not 0 while
+# the cell is listed in the batch's ``cchanged`` (published to desks after the batch): 1 when
+# only revalued (a mark, an fx, an instrument change: no feed row), 2 when its quantities or
+# P&L terms moved (the feed's position row goes out).
 CELL_DTYPE = np.dtype(
     {
         "names": ["pos", "open_buy", "open_sell", "sod_qty", "sod_price", "flow",
@@ -291,15 +293,18 @@ SECPUB_DTYPE = np.dtype(
     align=True,
 )
 # Position rows, one per cell (same index as the cell table); ``gseq`` is the last event of
-# the batch that published the row. ``mv`` (the cell's pos x ref_price x multiplier x rate,
-# base currency; the feed's position row carries it) took the row's last 8 spare bytes.
+# the batch that published the row. ``pnl`` and ``mv`` (the cell's pos x ref_price x
+# multiplier x rate, base currency) move with every mark; ``sod_qty``, ``sod_price`` and
+# ``flow`` (the cell's own, the price-independent terms of its P&L) are what the feed's
+# position row carries instead (tally layout 5: the row grew from 64 to 96 bytes).
 POSPUB_DTYPE = np.dtype(
     {
         "names": ["ver", "gseq", "account", "instrument", "pos", "open_buy", "open_sell",
-                  "pnl", "mv"],
-        "formats": ["<u8", "<u8", "<i4", "<i4", "<i8", "<i8", "<i8", "<f8", "<f8"],
-        "offsets": [0, 8, 16, 20, 24, 32, 40, 48, 56],
-        "itemsize": 64,
+                  "pnl", "mv", "sod_qty", "sod_price", "flow", "_pad"],
+        "formats": ["<u8", "<u8", "<i4", "<i4", "<i8", "<i8", "<i8", "<f8", "<f8", "<i8",
+                    "<f8", "<f8", "<u8"],
+        "offsets": [0, 8, 16, 20, 24, 32, 40, 48, 56, 64, 72, 80, 88],
+        "itemsize": 96,
     },
     align=True,
 )
@@ -365,12 +370,13 @@ INSTRUMENT_ROW_DTYPE = _row("instrument", [
 SECTOR_ROW_DTYPE = _row("sector", [("net_mv", "<f8", 64), ("gross_mv", "<f8", 72)])
 # Position rows (kind 5, feed version 4): one per position cell of the node, ``cell`` its
 # index in the node's cell table (a roll compacts the table: every id it moves or frees is
-# sent again, a freed one with account -1). ``pnl`` and ``mv`` (pos x ref_price x
-# multiplier x rate) are in the base currency.
+# sent again, a freed one with account -1). Only what does not move with prices (a mark
+# sends no position rows): the quantities and the cell's price-independent P&L terms; a
+# receiver derives pnl and mv from the instrument row (publish.position_values).
 POSITION_ROW_DTYPE = _row("cell", [
     ("account", "<i4", 56), ("instrument", "<i4", 60), ("pos", "<i8", 64),
-    ("open_buy", "<i8", 72), ("open_sell", "<i8", 80), ("pnl", "<f8", 88),
-    ("mv", "<f8", 96)])
+    ("open_buy", "<i8", 72), ("open_sell", "<i8", 80), ("sod_qty", "<i8", 88),
+    ("sod_price", "<f8", 96), ("flow", "<f8", 104)])
 # Limits rows (kind 6, feed version 4): an account's four limits (0 = off; base currency).
 LIMITS_ROW_DTYPE = _row("account", [
     ("gross_limit", "<f8", 56), ("net_limit", "<f8", 64), ("margin_limit", "<f8", 72),

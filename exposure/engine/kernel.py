@@ -45,7 +45,10 @@ Each batch bumps a stamp; an account moved by an accepted event is appended once
 to ``st.changed`` (``ctr[C_NCHANGED]`` entries) and its ``acc_gseq`` is set to the event's
 global sequence number. Instruments (``inst.gseq``), sectors (``sec_gseq``) and cells are
 listed the same way in ``ichanged``, ``schanged`` and ``cchanged``, deduplicated by a dirty
-flag that the next batch clears. :mod:`exposure.engine.publish` publishes exactly those rows, and
+flag that the next batch clears (a cell's is 1 when it was only revalued by a price, 2 when
+its quantities or P&L terms moved: only those go on the feed as position rows, whose
+receivers derive P&L and value from the instrument row). :mod:`exposure.engine.publish`
+publishes exactly those rows, and
 the fan-out sends them (conflated: the latest state of each, tagged with the last event
 that moved it).
 """
@@ -312,7 +315,20 @@ def _touch_sec(st, s, gseq):
 
 @njit(inline="always", cache=True, _nrt=False)
 def _touch_cell(st, c):
-    """Record that cell ``c`` moved (once per batch in ``cchanged``: its position row)."""
+    """Record that cell ``c``'s quantities or P&L terms moved (once per batch in
+    ``cchanged``, dirty 2: its published row and its feed position row)."""
+    cell = st.cells[c]
+    if cell.dirty == 0:
+        n = st.ctr[C_NCCHANGED]
+        st.cchanged[n] = c
+        st.ctr[C_NCCHANGED] = n + 1
+    cell.dirty = 2
+
+
+@njit(inline="always", cache=True, _nrt=False)
+def _revalue_touch_cell(st, c):
+    """Record that cell ``c`` was only revalued (dirty 1 unless already listed: its
+    published row's pnl and mv move, the feed sends no position row for it)."""
     cell = st.cells[c]
     if cell.dirty == 0:
         cell.dirty = 1
@@ -350,7 +366,7 @@ def _revalue_cells(st, i, ref, mult, mr, beta, o_rate, rate, gseq):
         a = st.cells[c].account
         _apply_cell(st.acc[a], st.fund, old, new)
         _touch(st, a, gseq)
-        _touch_cell(st, c)
+        _revalue_touch_cell(st, c)
         c = st.cells[c].next
 
 
@@ -639,8 +655,8 @@ def _roll(st, gseq):
             cells[c].next = -1
         st.ctr[C_CELLS] = m
     # 3. every row changed (pnl 0) or was freed: list them all
-    for c in range(hi):
-        cells[c].dirty = 1
+    for c in range(hi):  # (dirty 2: their start of day moved, the feed sends them all)
+        cells[c].dirty = 2
         st.cchanged[c] = c
     st.ctr[C_NCCHANGED] = hi
 

@@ -54,7 +54,7 @@ _RL_MASK = np.uint64(SEQ_MASK)
 
 __all__ = ["publish_batch", "publish_all", "publish", "set_values", "count_sessions",
            "gather_rows", "store_rows", "Versions", "versions", "position_rows", "limit_rows",
-           "LIMIT_TRIES"]
+           "LIMIT_TRIES", "position_values"]
 
 
 class Versions:
@@ -195,6 +195,9 @@ def _put_cell(st, cver, c, gseq):
     p.pnl = ins.multiplier * rate * (
         cell.pos * ins.ref_price - cell.sod_qty * cell.sod_price - cell.flow)
     p.mv = cell.pos * (ins.ref_price * ins.multiplier * rate)
+    p.sod_qty = cell.sod_qty
+    p.sod_price = cell.sod_price
+    p.flow = cell.flow
     _end(cver, c, v)
 
 
@@ -386,18 +389,21 @@ def _pos_body(u, p):
     u.pos = p.pos
     u.open_buy = p.open_buy
     u.open_sell = p.open_sell
-    u.pnl = p.pnl
-    u.mv = p.mv
+    u.sod_qty = p.sod_qty
+    u.sod_price = p.sod_price
+    u.flow = p.flow
 
 
 @njit(cache=True, _nrt=False)
 def position_rows(st, recs, n, arows, prows, m, end, cursor, now_ns):
-    """Feed version 4's position rows (types.POSITION_ROW_DTYPE) of the cells the batch of
+    """The feed's position rows (types.POSITION_ROW_DTYPE) of the cells the batch of
     ``recs[:n]`` moved (``cchanged``, published by :func:`publish_batch`), from the
     ``cursor``-th on, into rows ``m .. end`` of the batch's row buffer (``arows`` and
     ``prows`` views of it), tagged with the batch's last event (their gseq, as the fund's).
     Returns (rows now in the buffer, the next cursor): a batch that moved more cells than
-    the buffer holds (a roll, a mark of a widely held instrument) is sent in parts."""
+    the buffer holds (a roll) is sent in parts. A cell only revalued (``dirty`` 1: a mark,
+    an fx, an instrument change) gets no row: its row holds nothing that moves with prices
+    (a receiver derives pnl and mv from the instrument row: :func:`position_values`)."""
     k = np.int64(cursor)
     nc = np.int64(st.ctr[C_NCCHANGED])
     if n == 0:
@@ -405,6 +411,9 @@ def position_rows(st, recs, n, arows, prows, m, end, cursor, now_ns):
     r = recs[n - 1]
     while k < nc and m < end:
         c = np.int64(st.cchanged[k])
+        k += 1
+        if st.cells[c].dirty == 1:
+            continue
         _clear_body(arows[m])
         u = prows[m]
         _tag(u, ROW_POSITION, r, now_ns)
@@ -412,8 +421,26 @@ def position_rows(st, recs, n, arows, prows, m, end, cursor, now_ns):
         _pos_body(u, st.cpub[c])
         u.gseq = st.cpub[c].gseq
         m += 1
-        k += 1
     return m, k
+
+
+def position_values(pos: np.ndarray, sod_qty: np.ndarray, sod_price: np.ndarray,
+                    flow: np.ndarray, ref_price: np.ndarray, multiplier: np.ndarray,
+                    rate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pnl, mv) of position rows (the feed's kind 5: pos, sod_qty, sod_price, flow)
+    at their instruments' ``ref_price``, ``multiplier`` and ``rate`` (the instrument rows'),
+    by the node's own expressions (``_put_cell``), so equal to its published figures bit
+    for bit: pnl = multiplier x rate x (pos x ref_price - sod_qty x sod_price - flow),
+    mv = pos x (ref_price x multiplier x rate)."""
+    p = np.asarray(pos, np.int64).astype(np.float64)
+    q = np.asarray(sod_qty, np.int64).astype(np.float64)
+    ref = np.asarray(ref_price, np.float64)
+    mult = np.asarray(multiplier, np.float64)
+    r = np.asarray(rate, np.float64)
+    pnl = mult * r * (p * ref - q * np.asarray(sod_price, np.float64)
+                      - np.asarray(flow, np.float64))
+    mv = p * (ref * mult * r)
+    return pnl, mv
 
 
 @njit(cache=True, _nrt=False, inline="always")

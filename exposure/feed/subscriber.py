@@ -87,6 +87,7 @@ from exposure.core.types import (
     SECTOR_ROW_DTYPE,
     UPDATE_DTYPE,
 )
+from exposure.engine.publish import position_values
 from exposure.feed.merge import (
     BODY,
     I_GSEQ,
@@ -567,6 +568,24 @@ class Subscriber:
         rows = t[keep]
         return rows[np.lexsort((rows["instrument"], rows["account"]))]
 
+    def position_values(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pnl, mv) of position rows (POSITION_ROW_DTYPE, e.g. :meth:`positions`'), base
+        currency, at the view's instrument rows (ref_price, multiplier, rate) by the node's
+        own expressions (exposure.engine.publish.position_values): equal to what the node
+        publishes once the view holds the rows of the same events. A position row carries
+        no price (a mark moves no position row); an instrument the view has no row for
+        counts as unmarked (ref_price 0, multiplier 1, rate 1)."""
+        t = self._tables[ROW_INSTRUMENT]
+        i = rows["instrument"].astype(np.int64)
+        ref, mult, rate = np.zeros(len(i)), np.ones(len(i)), np.ones(len(i))
+        k = np.flatnonzero((i >= 0) & (i < len(t)))
+        k = k[t["kind"][i[k]] != 0]
+        ref[k] = t["ref_price"][i[k]]
+        mult[k] = t["multiplier"][i[k]]
+        rate[k] = t["rate"][i[k]]
+        return position_values(rows["pos"], rows["sod_qty"], rows["sod_price"], rows["flow"],
+                               ref, mult, rate)
+
     def limits(self, account: int) -> dict[str, float] | None:
         """One account's limits (``gross_limit``, ``net_limit``, ``margin_limit``,
         ``loss_limit``; 0 = off), or None when the view has no limits row for it."""
@@ -622,12 +641,13 @@ class Subscriber:
         s = self.sectors
         sectors = _records(s, "sector", {"net_mv": s["net_mv"], "gross_mv": s["gross_mv"]})
         p = self.positions()
+        pnl, _ = self.position_values(p)
         positions = [
             {"account": a, "instrument": i, "pos": q, "open_buy": ob, "open_sell": os_,
              "pnl": pl}
             for a, i, q, ob, os_, pl in zip(
                 p["account"].tolist(), p["instrument"].tolist(), p["pos"].tolist(),
-                p["open_buy"].tolist(), p["open_sell"].tolist(), p["pnl"].tolist(),
+                p["open_buy"].tolist(), p["open_sell"].tolist(), pnl.tolist(),
                 strict=True)]
         return {"accounts": accounts, "fund": self.fund(), "instruments": instruments,
                 "sectors": sectors, "positions": positions}

@@ -23,10 +23,10 @@ Snapshot (TCP, the node's recovery server, ``[fanout] snapshot_port``): the clie
 one 16-byte request; the server answers with a 32-byte header and ``count`` rows, then
 closes::
 
-    request:  0 u4 magic 0x51504E53 ("SNPQ")   4 u2 version 4   6 u2 0   8 u8 0
+    request:  0 u4 magic 0x51504E53 ("SNPQ")   4 u2 version 5   6 u2 0   8 u8 0
     response: 0 u4 magic 0x50414E53 ("SNAP")   4 u4 epoch       8 u8 gseq (every row
               includes every event up to it)   16 u4 count      20 u1 status (SNAP_*)
-              21 u1 version 4                  22 u2 row_size   24 i8 taken_ns
+              21 u1 version 5                  22 u2 row_size   24 i8 taken_ns
 
 Every row carries the gseq of the event that last moved it, and a row's state is a function
 of that gseq within one epoch; so a receiver merges rows from incrementals, refreshes and
@@ -56,7 +56,8 @@ __all__ = ["DGRAM_MAGIC", "DGRAM_HEADER", "FEED_VERSION", "DG_INCREMENTAL", "DG_
            "Snapshot", "snapshot_request", "parse_snapshot_header", "rows_of"]
 
 DGRAM_MAGIC = 0x58505544
-FEED_VERSION = 4  # 4: position and limits rows (issue 28); a v3 receiver refuses v4
+FEED_VERSION = 5  # 4: position and limits rows (issue 28); 5: position rows without
+# prices (pnl and mv derived from the instrument row); a receiver refuses other versions
 # magic, epoch, seq, count | type << 16 | version << 24 (one u4), row_size | 0 << 16, sent_ns
 DGRAM_HEADER = struct.Struct("<IIQIIq")
 DG_INCREMENTAL = 1

@@ -55,10 +55,11 @@ import numpy as np
 from exposure.core import types as T
 from exposure.core.capacity import Capacities
 
-__all__ = ["TallyLayout", "State", "LayoutError", "MAGIC", "VERSION", "HEADER_SIZE"]
+__all__ = ["TallyLayout", "State", "LayoutError", "MAGIC", "VERSION", "HEADER_SIZE", "table_specs"]
 
 MAGIC = 0x5941_4C4C_4154_5845  # "EXPTALLY" little-endian
-VERSION = 4  # 4: currencies (SPEC section 7): rate, cur_head, cprev, inst.currency/cnext
+VERSION = 5  # 4: currencies (SPEC section 7): rate, cur_head, cprev, inst.currency/cnext
+# 5: the published position row (cpub) carries sod_qty, sod_price, flow (96 bytes)
 HEADER_SIZE = 256
 _ALIGN = 4096
 
@@ -117,6 +118,11 @@ def _tables(c: Capacities) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         ("cpub", T.POSPUB_DTYPE, (c.cells,)),
         ("ctrpub", T.CTRPUB_DTYPE, (1,)),
     ]
+
+
+def table_specs(c: Capacities) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """The current layout's tables (name, dtype, shape), in order, for capacities ``c``."""
+    return _tables(c)
 
 
 class TallyLayout:

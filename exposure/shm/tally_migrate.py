@@ -14,6 +14,9 @@ state of the current layout, table by table and field by field:
 * version 3 (before issue 29's currencies): no ``rate``, ``cur_head`` and ``cprev`` tables, and the
   instrument row's last 8 bytes were padding. Every instrument is in the base currency
   (``currency`` 0, in no currency chain) and every rate is 1.0: the values the state had.
+* version 4 (before the feed's position rows stopped carrying pnl and mv): the published
+  position row (``cpub``) was 64 bytes without ``sod_qty``, ``sod_price`` and ``flow``;
+  ``publish_all`` after recovery writes them from the cells.
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ import numpy as np
 
 from exposure.core import types as T
 from exposure.core.capacity import Capacities
-from exposure.shm.tally_layout import HEADER_DTYPE, HEADER_SIZE, VERSION, LayoutError, State
+from exposure.shm.tally_layout import (
+    HEADER_DTYPE,
+    HEADER_SIZE,
+    VERSION,
+    LayoutError,
+    State,
+    table_specs,
+)
 
 __all__ = ["OLD_VERSIONS", "migrate"]
 
@@ -36,6 +46,19 @@ _INSTRUMENT_V2 = np.dtype(
                     "<i4", "<i4", "<i4", "<i4"],
         "offsets": [0, 8, 16, 24, 32, 40, 48, 56, 64, 68, 72, 76],
         "itemsize": 80,
+    },
+    align=True,
+)
+
+
+# The published position row of layouts 3 and 4 (64 bytes).
+_POSPUB_V4 = np.dtype(
+    {
+        "names": ["ver", "gseq", "account", "instrument", "pos", "open_buy", "open_sell",
+                  "pnl", "mv"],
+        "formats": ["<u8", "<u8", "<i4", "<i4", "<i8", "<i8", "<i8", "<f8", "<f8"],
+        "offsets": [0, 8, 16, 20, 24, 32, 40, 48, 56],
+        "itemsize": 64,
     },
     align=True,
 )
@@ -112,12 +135,17 @@ def _tables_v3(c: Capacities) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         ("pub", T.PUBROW_DTYPE, (A + 1,)),
         ("ipub", _INSTPUB_V3, (I,)),
         ("spub", T.SECPUB_DTYPE, (S,)),
-        ("cpub", T.POSPUB_DTYPE, (c.cells,)),
+        ("cpub", _POSPUB_V4, (c.cells,)),
         ("ctrpub", T.CTRPUB_DTYPE, (1,)),
     ]
 
 
-OLD_VERSIONS = {2: _tables_v2, 3: _tables_v3}
+def _tables_v4(c: Capacities) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    return [(name, _POSPUB_V4 if name == "cpub" else dt, shape)
+            for name, dt, shape in table_specs(c)]
+
+
+OLD_VERSIONS = {2: _tables_v2, 3: _tables_v3, 4: _tables_v4}
 # Tables of the old layouts that are batch scratch: not copied (the current state starts
 # them empty).
 _SCRATCH = ("acc_stamp", "changed", "pub")

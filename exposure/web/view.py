@@ -339,8 +339,11 @@ class Book:
         if user is not None and not user.may_see(account):
             out["why"] = "not one of your accounts"
             return orjson.dumps(out)
+        vals: dict[str, np.ndarray] = {}
         if self.feed_positions:
             p = self.sub.positions(account)
+            # (a position row carries no price: mv and pnl from the instrument rows)
+            vals["pnl"], vals["mv"] = self.sub.position_values(p)
         elif (desk := self.desk()) is None:
             out["why"] = ("this node sends no positions on its feed ([fanout] positions = "
                           "false): run exposure web on the node's host")
@@ -352,7 +355,7 @@ class Book:
             lookup = self.names.symbol if self.names is not None else None
             cols = {"instrument": ids.tolist(), "symbol": _named(ids, lookup)}
             for c in POSITION_COLUMNS[2:]:
-                cols[c] = p[c].tolist()
+                cols[c] = (vals[c] if c in vals else p[c]).tolist()
             out["rows"] = _rows_of([cols[c] for c in POSITION_COLUMNS])
         return orjson.dumps(out)
 

@@ -310,3 +310,23 @@ def test_every_module_with_cached_kernels_imports_the_cache_directory_first():
                          r"import|^import exposure\.core\.jit", src, re.M):
             missing.append(str(path.relative_to(ROOT)))
     assert missing == [], f"cache=True kernels without importing exposure.core.jit: {missing}"
+
+
+def test_the_numba_cache_is_keyed_by_every_source_of_the_package(tmp_path):
+    """A constant of one module is compiled into another module's cached kernels (the
+    feed's VERSION into the fan-out's, a type code into the kernel's): numba invalidates a
+    cache entry only when its own file changes, so exposure.core.jit keys the cache
+    directory by every .py file of the package, not only of core/ (a feed version bumped
+    in feed/wire.py once kept the fan-out sending the old one)."""
+    from exposure.core import jit
+
+    assert jit._PKG == Path(jit.__file__).resolve().parent.parent
+    assert (jit._PKG / "feed" / "wire.py").exists() and (jit._PKG / "core" / "types.py").exists()
+    (tmp_path / "core").mkdir()
+    (tmp_path / "feed").mkdir()
+    (tmp_path / "core" / "types.py").write_text("A = 1\n")
+    (tmp_path / "feed" / "wire.py").write_text("VERSION = 4\n")
+    before = jit._source_fingerprint(tmp_path)
+    (tmp_path / "feed" / "wire.py").write_text("VERSION = 5\n")
+    assert jit._source_fingerprint(tmp_path) != before
+    assert jit.CACHE_DIR.endswith(jit._source_fingerprint())

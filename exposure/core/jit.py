@@ -17,14 +17,17 @@ from pathlib import Path
 import numba
 from numba.core import config as _nb_config
 
-_PKG = Path(__file__).resolve().parent
+_PKG = Path(__file__).resolve().parent.parent  # the exposure package (this file: core/)
 
 
-def _source_fingerprint() -> str:
+def _source_fingerprint(root: Path = _PKG) -> str:
+    """A hash of numba's version and of every ``.py`` file under ``root`` (the whole
+    package: a constant of ``feed/wire.py`` compiled into ``node/stages/fanout.py`` must
+    start a fresh cache, as must one of ``core/types.py``)."""
     h = hashlib.blake2b(digest_size=8)
     h.update(numba.__version__.encode())
-    for p in sorted(_PKG.rglob("*.py")):
-        h.update(str(p.relative_to(_PKG)).encode())
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()
 

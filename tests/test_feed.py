@@ -813,7 +813,10 @@ def test_a_real_node_s_feed_rebuilds_what_dump_prints_through_loss_late_join_and
             agree(s, want)
         assert early.counters["incrementals"] > 20 and early.counters["gaps"] == 0
         assert lossy.counters["dropped"] > 0 and lossy.counters["gaps"] > 0
-        assert lossy.counters["recoveries"] >= 2 and late.counters["recoveries"] >= 1
+        # (the join's snapshot and the first gap's may be one: a gap seen before the join
+        # requests its snapshot is served by it, as under load, when the first datagrams
+        # arrive together; the gap rules are counted exactly in the unit tests above)
+        assert lossy.counters["recoveries"] >= 1 and late.counters["recoveries"] >= 1
         # exposure watch, joining now (after the stream), losing every 10th datagram too
         p = n.cli("watch", "--seconds", "3", "--drop-every", "10", "--json", timeout=60)
         assert p.returncode == 0, p.stderr.decode()

@@ -456,13 +456,18 @@ class Producer:
             self._ring[:n - k] = recs[k:]
             self._words[:n - k, _W_SSEQ] = seqs[k:]
 
-    def _pieces(self, lo: int, hi: int) -> list[np.ndarray]:
-        """The window's slots of seqs lo..hi (inclusive): one or two slices of the ring."""
+    def _spans(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The window's slots of seqs lo..hi (inclusive): one or two ranges [a, b) of the
+        ring (two where they wrap)."""
         n = hi - lo + 1
         s0 = (lo - 1) % self._cap
         if s0 + n <= self._cap:
-            return [self._ring[s0:s0 + n]]
-        return [self._ring[s0:], self._ring[:n - (self._cap - s0)]]
+            return [(s0, s0 + n)]
+        return [(s0, self._cap), (0, s0 + n - self._cap)]
+
+    def _pieces(self, lo: int, hi: int) -> list[np.ndarray]:
+        """The window's slots of seqs lo..hi (inclusive): one or two slices of the ring."""
+        return [self._ring[a:b] for a, b in self._spans(lo, hi)]
 
     def _wake(self) -> None:
         self._idle = False
@@ -782,11 +787,9 @@ class Producer:
             n = top - lo + 1
             out.append(memoryview(W.HEADER.pack(W.MAGIC, W.VERSION, W.K_EVENTS,
                                                 n * EVENT_SIZE)))
-            s0 = (lo - 1) % self._cap
-            for a, b in ((s0, min(self._cap, s0 + n)), (0, s0 + n - self._cap)):
-                if b > a:  # (slots a..b-1: the ring's bytes, no per-call buffer format)
-                    self._i64[a:b, _W_SEND_NS] = now_ns
-                    out.append(self._bytes[a * EVENT_SIZE:b * EVENT_SIZE])
+            for a, b in self._spans(lo, top):  # (the ring's bytes: no buffer format)
+                self._i64[a:b, _W_SEND_NS] = now_ns
+                out.append(self._bytes[a * EVENT_SIZE:b * EVENT_SIZE])
             n_frames += 1
             lo = top + 1
         self._hi_queued = max(self._hi_queued, hi)

@@ -321,7 +321,7 @@ def _at(recs, g0, n, gseq):
     return recs[k]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def publish_batch(st, pver, iver, sver, cver, ctrver, recs, n, arows, irows, srows, now_ns):
     """Publish what the batch of ``recs[:n]`` moved and write its feed rows; returns how
     many feed rows (``arows``, ``irows`` and ``srows`` are views of one buffer, one row per
@@ -394,7 +394,7 @@ def _pos_body(u, p):
     u.flow = p.flow
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, inline="always")
 def position_rows(st, recs, n, arows, prows, m, end, cursor, now_ns):
     """The feed's position rows (types.POSITION_ROW_DTYPE) of the cells the batch of
     ``recs[:n]`` moved (``cchanged``, published by :func:`publish_batch`), from the
@@ -451,7 +451,7 @@ def _lim_body(u, lim, a):
     u.loss_limit = lim[a, 3]
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, inline="always")
 def limit_rows(st, recs, n, sent, arows, lrows, m, now_ns):
     """Feed version 4's limits rows (types.LIMITS_ROW_DTYPE): one for each account the
     batch moved whose limits differ from ``sent`` (the limits last sent, [A, 4], the
@@ -504,7 +504,7 @@ def publish_all(st, vers: Versions, last_gseq: int) -> None:
 
 
 # ----------------------------------------------------------------------------- sessions
-@njit(cache=True, _nrt=False, nogil=True)
+@njit(cache=True, _nrt=False, nogil=True, inline="always")
 def count_sessions(recs, status, n, sess_flat, ncols, rlog):
     """Each session's rejects per reason, and each reject's (seq, reason) in the session's
     reject log (``rlog``: the log's rows flat, :mod:`exposure.shm.reject_layout`; an empty

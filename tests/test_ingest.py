@@ -144,3 +144,43 @@ def test_frames_sent_before_a_half_close_are_all_taken_even_past_the_pass_budget
     _poll_until(st, lambda: beats() == 1000)
     assert beats() == 1000  # every one answered, over several passes
     c.close()
+
+
+def test_an_ack_goes_out_each_time_the_processed_seq_moves_and_never_twice(stage):
+    """The loop looks for ACKs to send after every pass; while a session's processed seq
+    stands still, hundreds of passes send nothing, and each move is acknowledged once."""
+    st, ring, sessions, port = stage
+    c = socket.create_connection(("127.0.0.1", port))
+    recs = np.zeros(5, EVENT_DTYPE)
+    recs["sseq"] = np.arange(1, 6)
+    recs["type"] = 4
+    c.sendall(W.encode_login(2) + W.encode_events(recs))
+    c.settimeout(5)
+    rd, frames = W.FrameReader(), []
+
+    def acks() -> list[int]:
+        return [W.decode_ack(p)[0] for k, p in frames if k == W.K_ACK]
+
+    def read_until(cond) -> None:
+        end = time.time() + 5
+        while not cond() and time.time() < end:
+            st.wait_io(0.01)
+            st.after()
+            try:
+                c.setblocking(False)
+                frames.extend(rd.feed(c.recv(4096)))
+            except BlockingIOError:
+                pass
+            finally:
+                c.setblocking(True)
+
+    _poll_until(st, lambda: len(ring) == 5)
+    read_until(lambda: acks() == [0])  # the first ACK: what compute has processed (nothing)
+    for done in (3, 5):
+        for _ in range(300):  # passes with nothing new: no ACK
+            st.poll()
+            st.after()
+        sessions[2, SL.S_DONE] = done  # compute processed up to `done`
+        read_until(lambda d=done: acks()[-1:] == [d])
+    assert acks() == [0, 3, 5]  # (TCP keeps order: a repeated ACK would show before 5)
+    c.close()

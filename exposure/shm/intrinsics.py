@@ -33,15 +33,18 @@ __all__ = ["prefetch", "load_acquire", "store_release", "fence_seq_cst"]
 
 @intrinsic
 def prefetch(typingctx, arr, idx):
-    """Hint the CPU to fetch the cache line of ``arr[idx]`` (read, keep in all levels)."""
+    """Hint the CPU to fetch the cache line of ``arr[idx]`` (read, keep in all levels); of
+    an N-d array, the first line of ``arr[idx, 0, ...]``."""
     if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
         return None
     sig = types.void(arr, idx)
 
     def codegen(context, builder, signature, args):
-        aryty, _ = signature.args
+        aryty, idxty = signature.args
         ary = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]],
+        first = context.cast(builder, args[1], idxty, types.intp)
+        zeros = [context.get_constant(types.intp, 0)] * (aryty.ndim - 1)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [first, *zeros],
                                        wraparound=False)
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)

@@ -324,6 +324,17 @@ def _at(recs, g0, n, gseq):
 _AHEAD = 8  # rows fetched ahead by publish_batch (its loops over the changed lists)
 
 
+@njit(cache=True, _nrt=False, inline="always")
+def _fetch_ahead(ids, j, n, rows, pub):
+    """Prefetch the lines of row ``ids[j + _AHEAD]`` of ``rows`` and ``pub`` (none past
+    ``n``): in a large state (a day's cells and instruments) every changed row misses the
+    cache, and fetched early its miss overlaps the rows' work before it."""
+    if j + _AHEAD < n:
+        k = np.int64(ids[j + _AHEAD])
+        prefetch(rows, k)
+        prefetch(pub, k)
+
+
 @njit(cache=True, inline="always")
 def publish_batch(st, pver, iver, sver, cver, ctrver, recs, n, arows, irows, srows, now_ns):
     """Publish what the batch of ``recs[:n]`` moved and write its feed rows; returns how
@@ -335,14 +346,9 @@ def publish_batch(st, pver, iver, sver, cver, ctrver, recs, n, arows, irows, sro
     g0 = np.int64(recs[0].gseq)
     vals = np.empty(8)
     m = 0
-    # Each changed row's lines are fetched _AHEAD rows early: in a large state (a day's
-    # cells and instruments) every row misses the cache, and a miss then overlaps others.
     na = st.ctr[C_NCHANGED]
     for j in range(na):
-        if j + _AHEAD < na:
-            a2 = np.int64(st.changed[j + _AHEAD])
-            prefetch(st.acc, a2)
-            prefetch(st.pub, a2)
+        _fetch_ahead(st.changed, j, na, st.acc, st.pub)
         a = np.int64(st.changed[j])
         b = np.int64(account_values(st.acc, st.acc_lim, a, vals))
         prev = st.pub[a].breach
@@ -368,10 +374,7 @@ def publish_batch(st, pver, iver, sver, cver, ctrver, recs, n, arows, irows, sro
     m += 1
     ni = st.ctr[C_NICHANGED]
     for j in range(ni):
-        if j + _AHEAD < ni:
-            i2 = np.int64(st.ichanged[j + _AHEAD])
-            prefetch(st.inst, i2)
-            prefetch(st.ipub, i2)
+        _fetch_ahead(st.ichanged, j, ni, st.inst, st.ipub)
         i = np.int64(st.ichanged[j])
         _put_inst(st, iver, i)
         _clear_body(arows[m])
@@ -392,10 +395,7 @@ def publish_batch(st, pver, iver, sver, cver, ctrver, recs, n, arows, irows, sro
         m += 1
     nc = st.ctr[C_NCCHANGED]
     for j in range(nc):
-        if j + _AHEAD < nc:
-            c2 = np.int64(st.cchanged[j + _AHEAD])
-            prefetch(st.cells, c2)
-            prefetch(st.cpub, c2)
+        _fetch_ahead(st.cchanged, j, nc, st.cells, st.cpub)
         _put_cell(st, cver, np.int64(st.cchanged[j]), last)
     _put_counters(st, ctrver, last)
     return m

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import orjson
 
-from exposure.ops.common import fail, load_cfg, load_cluster, wait_if_starting
+from exposure.ops.common import fail, load_cfg, load_cluster, secret_of, wait_if_starting
 
 __all__ = ["cmd_load", "cmd_roll"]
 
@@ -59,7 +59,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     for name, c, s in zip(names, configs, sessions, strict=True):
         if not 1 <= s <= min(c.max_sessions, 2**32 - 1):
             return fail(f"--session {s}: {name!r} takes session ids 1..{c.max_sessions}")
-        sec = _load_secret(args, c, s, name)
+        sec = secret_of(args, c, s, name)
         if isinstance(sec, int):
             return sec
         secrets.append(sec)
@@ -113,29 +113,6 @@ def cmd_load(args: argparse.Namespace) -> int:
     return code
 
 
-def _load_secret(args: argparse.Namespace, cfg, session: int, name: str):
-    """The secret of ``session`` for ``cfg`` (--secret-file, else its sessions file, else
-    None), or an exit code."""
-    from pathlib import Path
-
-    from exposure.net.sessions import MIN_SECRET, SessionsError, secret_for
-
-    try:
-        if args.secret_file:
-            secret = Path(args.secret_file).read_bytes().strip()
-            if len(secret) < MIN_SECRET:
-                return fail(f"--secret-file {args.secret_file}: {len(secret)} bytes; a "
-                             f"secret has at least {MIN_SECRET}")
-            return secret
-        if cfg.sessions_file is not None:
-            return secret_for(cfg.sessions_file, session)
-    except OSError as e:
-        return fail(f"cannot read the secret {args.secret_file!r}: {e.strerror or e}")
-    except SessionsError as e:
-        return fail(f"{name}: no secret for session {session}: {e} (use --secret-file)")
-    return None
-
-
 def _load_send(cfg, session: int, secret, recs: np.ndarray, timeout: float):
     """Send ``recs`` on one producer, wait for every acknowledgement; (sent, acknowledged,
     session, [(index in recs or None, reason)])."""
@@ -169,9 +146,7 @@ def _load_send(cfg, session: int, secret, recs: np.ndarray, timeout: float):
 def cmd_roll(args: argparse.Namespace) -> int:
     """``exposure roll [--config FILE | --cluster FILE] [--date YYYY-MM-DD]``: one roll
     through an operator session, then the closing day's fund line (exposure.ops.roll)."""
-    from pathlib import Path
 
-    from exposure.net.sessions import MIN_SECRET, SessionsError, secret_for
     from exposure.ops.roll import RollError, describe, last_roll, roll_cluster, roll_date, roll_node
 
     if args.cluster and (args.config or args.secret_file):
@@ -189,19 +164,9 @@ def cmd_roll(args: argparse.Namespace) -> int:
         if not 1 <= session <= cfg.max_sessions:
             return fail(f"--session {session}: node {cfg.name!r} takes session ids "
                          f"1..{cfg.max_sessions}")
-        try:
-            if args.secret_file:
-                secret = Path(args.secret_file).read_bytes().strip()
-                if len(secret) < MIN_SECRET:
-                    return fail(f"--secret-file {args.secret_file}: {len(secret)} bytes; a "
-                                 f"secret has at least {MIN_SECRET}")
-            else:
-                secret = (secret_for(cfg.sessions_file, session)
-                          if cfg.sessions_file is not None else None)
-        except OSError as e:
-            return fail(f"cannot read the secret: {e.strerror or e}")
-        except SessionsError as e:
-            return fail(f"no secret for session {session}: {e} (use --secret-file)")
+        secret = secret_of(args, cfg, session)
+        if isinstance(secret, int):
+            return secret
         secrets.append(secret)
         last, _ = last_roll(cfg)
         if date and last >= date:

@@ -8,7 +8,7 @@ import sys
 
 import orjson
 
-from exposure.ops.common import fail, load_cfg, load_cluster, wait_if_starting
+from exposure.ops.common import fail, load_cfg, load_cluster, secret_of, wait_if_starting
 
 __all__ = ["cmd_send"]
 
@@ -16,10 +16,8 @@ __all__ = ["cmd_send"]
 def cmd_send(args: argparse.Namespace) -> int:
     """``exposure send FILE | - | --follow FILE``, on a producer (exposure.net.sender)."""
     import time
-    from pathlib import Path
 
     from exposure.net.client import SendError
-    from exposure.net.sessions import MIN_SECRET, SessionsError, secret_for
 
     if args.cluster:
         return _send_cluster(args)
@@ -33,19 +31,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     cfg = load_cfg(args.config)
     if not 1 <= args.session <= min(cfg.max_sessions, 2**32 - 1):
         return fail(f"--session {args.session}: a session id is 1..{cfg.max_sessions}")
-    secret = None
-    try:
-        if args.secret_file:
-            secret = Path(args.secret_file).read_bytes().strip()
-            if len(secret) < MIN_SECRET:
-                return fail(f"--secret-file {args.secret_file}: {len(secret)} bytes; a "
-                             f"secret has at least {MIN_SECRET}")
-        elif cfg.sessions_file is not None:
-            secret = secret_for(cfg.sessions_file, args.session)
-    except OSError as e:
-        return fail(f"cannot read the secret {args.secret_file!r}: {e.strerror or e}")
-    except SessionsError as e:
-        return fail(f"no secret for session {args.session}: {e} (use --secret-file)")
+    secret = secret_of(args, cfg, args.session)
+    if isinstance(secret, int):
+        return secret
     recs = None
     if args.events not in (None, "-"):
         from exposure.engine.parse import EventFileError, read_events

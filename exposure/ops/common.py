@@ -1,12 +1,13 @@
 """What the ``exposure`` command's subcommands share: a failure message, loading a node's
-or a cluster's config, and waiting for a node that is starting on this host."""
+or a cluster's config, a session's secret, and waiting for a node that is starting on this
+host."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-__all__ = ["fail", "load_cfg", "load_cluster", "wait_if_starting"]
+__all__ = ["fail", "load_cfg", "load_cluster", "secret_of", "wait_if_starting"]
 
 
 def fail(msg: str, code: int = 2) -> int:
@@ -65,3 +66,28 @@ def wait_if_starting(cfg, timeout: float) -> None:
             print(f"exposure: node {cfg.name!r} is starting; waiting for it to accept "
                   "sessions", file=sys.stderr, flush=True)
         time.sleep(0.05)
+
+
+def secret_of(args, cfg, session: int, name: str | None = None):
+    """The secret of ``session`` for ``cfg``: ``--secret-file``, else the config's sessions
+    file, else None (an open node); or an exit code, the problem said. ``name``: a node's
+    name to start the missing-secret message with."""
+    from pathlib import Path
+
+    from exposure.net.sessions import MIN_SECRET, SessionsError, secret_for
+
+    try:
+        if args.secret_file:
+            secret = Path(args.secret_file).read_bytes().strip()
+            if len(secret) < MIN_SECRET:
+                return fail(f"--secret-file {args.secret_file}: {len(secret)} bytes; a "
+                            f"secret has at least {MIN_SECRET}")
+            return secret
+        if cfg.sessions_file is not None:
+            return secret_for(cfg.sessions_file, session)
+    except OSError as e:
+        return fail(f"cannot read the secret {args.secret_file!r}: {e.strerror or e}")
+    except SessionsError as e:
+        where = f"{name}: " if name else ""
+        return fail(f"{where}no secret for session {session}: {e} (use --secret-file)")
+    return None

@@ -185,13 +185,15 @@ def test_a_full_window_raises_without_blocking_and_waits_with_it(node):
 
 @pytest.mark.process
 def test_a_linger_batches_events_sent_one_by_one_into_fewer_frames(node):
-    # Paced one by one, each event would find the I/O thread asleep and go alone; with a
+    # Over TCP (a linger is TCP's: an IPC link's sends write their frames themselves),
+    # paced one by one, each event would find the I/O thread asleep and go alone; with a
     # linger of 20 ms the I/O thread waits for more after each batch (a sleep of 0.2-2 ms
     # between sends still puts ten or more in a frame).
     recs = _events(300, seed=4)
     with pytest.raises(ValueError, match="linger_us"):
         Producer(node.config, session=8, linger_us=-1)
-    with Producer(node.config, session=7, linger_us=20_000) as p:
+    with Producer(node.config, session=7, linger_us=20_000, ipc=False) as p:
+        assert p.stats["transport"] == "tcp"
         for r in recs:
             p.send(r)
             time.sleep(0.0002)

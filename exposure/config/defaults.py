@@ -53,6 +53,10 @@ idle_timeout_ms = 30000      # a session that sends nothing this long is closed 
                              # at least 6000)
 max_output_kb = 64           # answers queued for a client; one that does not read them
                              # is disconnected
+ipc = true                   # producers on this host may send through shared memory: a
+                             # Unix socket beside the port (abstract name, no file) where
+                             # they log in and get a ring (docs/client.md); false: TCP only
+ipc_ring_kb = 1024           # each IPC session's ring (a power of two, 64..1048576)
 
 [desks]                      # who may read the tally segment (/dev/shm/exposure.<name>.tally)
 mode = "0640"                # its permission bits: desks read it, nobody else writes it

@@ -16,7 +16,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "rings": {"compute": int, "tap": int, "fanout": int, "mirror": int},
     "ingest": {"host": str, "port": int, "max_sessions": int, "ack_interval_us": int,
                "sessions": str, "max_connections": int, "login_timeout_ms": int,
-               "idle_timeout_ms": int, "max_output_kb": int},
+               "idle_timeout_ms": int, "max_output_kb": int, "ipc": bool, "ipc_ring_kb": int},
     "desks": {"mode": str, "group": str},
     "fanout": {"group": str, "port": int, "interface": str, "ttl": int, "max_datagram": int,
                "heartbeat_ms": int, "refresh_rows_per_s": int, "snapshot_host": str,

@@ -89,6 +89,8 @@ class NodeConfig:
     login_timeout_ms: int = 5000
     idle_timeout_ms: int = 30000
     max_output_kb: int = 64
+    ipc: bool = True         # [ingest] ipc: producers on this host may log in by IPC
+    ipc_ring_kb: int = 1024
     desk_mode: int = 0o640
     desk_group: str = ""
     feed_heartbeat_ms: int = 100

@@ -72,8 +72,12 @@ def ingest(ing: dict, base: Path, caps: Capacities) -> dict:
                         ("idle_timeout_ms", 6000, 86_400_000), ("max_output_kb", 4, 65536)):
         if not lo <= ing[key] <= hi:
             raise ConfigError(f"ingest.{key} = {ing[key]}: {lo}..{hi}")
+    kb = ing["ipc_ring_kb"]
+    if not 64 <= kb <= 1 << 20 or kb & (kb - 1):
+        raise ConfigError(f"ingest.ipc_ring_kb = {kb}: a power of two in 64..1048576")
     out = {k: ing[k] for k in ("max_connections", "login_timeout_ms", "idle_timeout_ms",
-                               "max_output_kb", "max_sessions", "ack_interval_us")}
+                               "max_output_kb", "max_sessions", "ack_interval_us", "ipc",
+                               "ipc_ring_kb")}
     out["ingest_host"], out["ingest_port"] = ing["host"], ing["port"]
     if not ing["sessions"]:
         if not is_loopback(ing["host"]):

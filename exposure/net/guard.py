@@ -35,10 +35,15 @@ class Listener:
     reserve reopened. ``fd_limit`` counts those; ``accept_errors`` counts the other failures
     of accept() that are not retried (ENOBUFS, ENOMEM). The caller may read and reset both."""
 
-    def __init__(self, addr: tuple[str, int], backlog: int = 128) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    def __init__(self, addr: tuple[str, int] | str, backlog: int = 128) -> None:
+        # ``addr``: (host, port), or a Unix socket's name (a str: a leading NUL is Linux's
+        # abstract namespace, no file)
+        self.unix = isinstance(addr, str)
+        self.sock = socket.socket(socket.AF_UNIX if self.unix else socket.AF_INET,
+                                  socket.SOCK_STREAM)
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if not self.unix:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.sock.bind(addr)
             self.sock.listen(backlog)
             self.sock.setblocking(False)
@@ -51,7 +56,7 @@ class Listener:
         self.accept_errors = 0
 
     def accept(self, log: RateLog | None = None) -> socket.socket | None:
-        """One pending connection (non-blocking, TCP_NODELAY), or None when there is none
+        """One pending connection (non-blocking; TCP_NODELAY on TCP), or None when there is none
         now (or it could not be kept)."""
         got = self.accept_addr(log)
         return None if got is None else got[0]
@@ -78,7 +83,8 @@ class Listener:
                 return None
             try:
                 s.setblocking(False)
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if not self.unix:
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 s.close()
                 continue

@@ -85,7 +85,7 @@ def _port_limits(cfg: NodeConfig) -> PortLimits:
     return PortLimits(max_connections=cfg.max_connections,
                       login_timeout_ms=cfg.login_timeout_ms,
                       idle_timeout_ms=cfg.idle_timeout_ms,
-                      max_output=cfg.max_output_kb * 1024)
+                      max_output=cfg.max_output_kb * 1024, ipc_ring_kb=cfg.ipc_ring_kb)
 
 
 def _replica_factory(cx: Context):
@@ -113,7 +113,7 @@ def _ingest(cx: Context) -> Stage:
                        release=cfg.release, replica=_replica_factory(cx), secrets=secrets,
                        entitlements=ents, limits=_port_limits(cfg), counters=cx.cnt,
                        partition=cfg.partition.ingest_args() if cfg.partition else None,
-                       rejects=cx.rejects)
+                       rejects=cx.rejects, ipc=cfg.ipc)
 
 
 def _compute(cx: Context) -> Stage:

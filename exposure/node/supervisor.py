@@ -63,6 +63,7 @@ from exposure.shm.control import (
     ROLE_NAMES,
     ROLE_PRIMARY,
 )
+from exposure.shm.ipc_layout import ipc_name
 from exposure.shm.ring import Ring
 from exposure.shm.segment import SharedArray
 from exposure.shm.session_layout import S_DURABLE
@@ -338,7 +339,9 @@ class Node:
                  f"(ids 1..{cfg.max_sessions}; " + (
                      f"authenticated: {cfg.sessions_file})" if cfg.sessions_file else
                      "UNAUTHENTICATED: no [ingest] sessions file, every session open and "
-                     "entitled to everything; loopback only)"),
+                     "entitled to everything; loopback only)")
+                 + (f"; on this host also by shared memory (IPC, "
+                    f"@{ipc_name(cfg.ingest_host, cfg.ingest_port)[1:]})" if cfg.ipc else ""),
                  f"  updates   udp multicast {cfg.group}:{cfg.fanout_port} "
                  f"via {cfg.interface}",
                  f"  segments  {', '.join(names.values())}",

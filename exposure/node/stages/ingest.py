@@ -96,6 +96,7 @@ from exposure.shm.control import (
     may_act,
 )
 from exposure.shm.handle import Handle, bind, members
+from exposure.shm.ipc_layout import W_SLEEPING, W_TAIL, IpcError, IpcRing, ipc_name
 from exposure.shm.session_layout import N_REJ, S_DONE, S_DURABLE, S_HELD, S_REJ
 
 __all__ = ["IngestStage", "PortLimits"]
@@ -123,6 +124,7 @@ class PortLimits:
     read_budget: int = 256 * 1024  # bytes read per connection per pass
     control_budget: int = 64       # frames other than EVENTS handled per connection per pass
     max_output: int = 64 * 1024    # answers queued for a client that does not read them
+    ipc_ring_kb: int = 1024        # an IPC session's ring (exposure.shm.ipc_layout)
 
     @property
     def buffer(self) -> int:
@@ -136,9 +138,9 @@ class _Conn(Conn):
 
     __slots__ = ("buf", "wbuf", "mv", "hbuf", "pos", "fill", "stalled", "session", "row", "held",
                  "acked", "ack_due", "marks", "mark_ns", "repl", "state", "nonce", "last_rx",
-                 "close_at", "flags", "rcur", "rupto")
+                 "close_at", "flags", "rcur", "rupto", "ipc", "ring", "rhead")
 
-    def __init__(self, sock: socket.socket, now: int, max_out: int):
+    def __init__(self, sock: socket.socket, now: int, max_out: int, ipc: bool = False):
         super().__init__(sock, None, now, max_out)
         self._buffer(_PRE_BUF)
         self.pos = 0       # next unconsumed byte of buf
@@ -159,6 +161,9 @@ class _Conn(Conn):
         self.flags = 0     # the LOGIN's flags (W.LOGIN_REJECTED: REJECTED frames)
         self.rcur = 0      # the reject log's next entry not yet sent (an index, not a slot)
         self.rupto = 0     # the last REJECTED's upto (at login: the log's base)
+        self.ipc = ipc     # came in on the IPC socket: after login, frames come by ring
+        self.ring: IpcRing | None = None  # its ring once logged in
+        self.rhead = 0     # the ring's bytes taken (the node's own count, never read back)
 
     def _buffer(self, size: int) -> None:
         old = getattr(self, "buf", None)
@@ -210,7 +215,7 @@ class IngestStage(Stage):
                  entitlements: Entitlements | None = None,
                  limits: PortLimits = PortLimits(), counters: np.ndarray | None = None,
                  partition: tuple[int, np.ndarray, np.ndarray] | None = None,
-                 rejects: np.ndarray | None = None):
+                 rejects: np.ndarray | None = None, ipc: bool = False):
         self.cnt = CN.or_private(counters)
         self.sessions = sessions
         # The reject log compute writes (exposure.shm.reject_layout): None (a stage built
@@ -247,6 +252,12 @@ class IngestStage(Stage):
         self.ep = select.epoll()
         self.listener: Listener | None = None
         self.lfd = -1
+        # IPC sessions (exposure.shm.ipc_layout): a Unix socket beside the TCP port, where
+        # a producer on this host logs in and then sends through a shared-memory ring
+        self.ipc = ipc
+        self.ulistener: Listener | None = None
+        self.ufd = -1
+        self.rings: set[_Conn] = set()     # logged-in IPC sessions whose ring is read
         self.conns: Conns = Conns(self.ep)  # fd -> _Conn
         self.pre: OrderedDict[int, _Conn] = OrderedDict()  # not logged in, oldest first
         self.by_session: dict[int, _Conn] = {}
@@ -289,6 +300,16 @@ class IngestStage(Stage):
         self.listener = Listener(self.addr)
         self.lfd = self.listener.fd
         self.ep.register(self.lfd, select.EPOLLIN)
+        if self.ipc and self.ulistener is None:
+            name = ipc_name(self.addr[0], self.listener.sock.getsockname()[1])
+            try:
+                self.ulistener = Listener(name)
+            except OSError as e:
+                log.warning("no IPC sessions: cannot listen on @%s (%s); TCP only",
+                            name[1:], e.strerror)
+            else:
+                self.ufd = self.ulistener.fd
+                self.ep.register(self.ufd, select.EPOLLIN)
         self.cnt[_LISTENING] = 1  # bound and listening: what the supervisor calls ready
 
     def _promoted(self) -> None:
@@ -313,8 +334,19 @@ class IngestStage(Stage):
         return self._poll(0)
 
     def wait_io(self, timeout: float) -> bool:
-        """Sleep in the selector (a blocking process's idle): a client's bytes wake it."""
+        """Sleep in the selector (a blocking process's idle): a client's bytes wake it. An
+        IPC session's client is asked for a doorbell (a byte on its socket) meanwhile; one
+        that publishes just as the flag is raised may miss it (store, then load, on both
+        sides, without a fence): its frames wait for the end of ``timeout``, no longer."""
+        rings = self.rings
+        if rings:
+            for c in rings:
+                c.ring.words[W_SLEEPING] = 1
+            if any(c.ring.words[W_TAIL] != c.rhead for c in rings):
+                timeout = 0
         self._poll(timeout)
+        for c in self.rings:
+            c.ring.words[W_SLEEPING] = 0
         return True
 
     def _poll(self, timeout: float | None) -> int:
@@ -326,7 +358,10 @@ class IngestStage(Stage):
         work = 0
         for fd, _ in self.ep.poll(timeout if timeout is not None else -1):
             if fd == self.lfd:
-                work += self._accept()
+                work += self._accept(self.listener)
+                continue
+            if fd == self.ufd:
+                work += self._accept(self.ulistener, ipc=True)
                 continue
             c = self.conns.get(fd)
             if c is None or c.stalled or c in self.ready:
@@ -335,6 +370,12 @@ class IngestStage(Stage):
                 self._drain(c)
             else:
                 work += self._read(c)
+        if self.rings:  # (one word read per IPC session and pass)
+            for c in tuple(self.rings):
+                r = c.ring  # (None: closed meanwhile by this pass)
+                if (r is not None and r.words[W_TAIL] != c.rhead and not c.stalled
+                        and c not in self.ready):
+                    work += self._take(c)
         if self.stalled:
             for c in list(self.stalled):
                 work += self._consume(c)
@@ -396,10 +437,10 @@ class IngestStage(Stage):
                     "acknowledging again")
 
     # ------------------------------------------------------------------ connections
-    def _accept(self) -> int:
+    def _accept(self, listener: Listener, ipc: bool = False) -> int:
         n = 0
         for _ in range(_ACCEPTS_PER_PASS):
-            s = self.listener.accept(self.log)
+            s = listener.accept(self.log)
             if s is None:
                 break
             n += 1
@@ -421,18 +462,19 @@ class IngestStage(Stage):
                     s.close()
                     continue
             try:
-                keepalive(s)
+                if not ipc:
+                    keepalive(s)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.lim.max_output)
             except OSError:
                 s.close()
                 continue
-            c = _Conn(s, time.monotonic_ns(), self.lim.max_output)
+            c = _Conn(s, time.monotonic_ns(), self.lim.max_output, ipc)
             self.conns.add(c)
             self.pre[c.fd] = c
             self._send(c, W.encode_challenge(c.nonce))
-        if self.listener.fd_limit:
-            self.node[SL.N_EMFILE] += self.listener.fd_limit
-            self.listener.fd_limit = 0
+        if listener.fd_limit:
+            self.node[SL.N_EMFILE] += listener.fd_limit
+            listener.fd_limit = 0
         self.node[SL.N_OPEN] = len(self.conns)
         return n
 
@@ -441,9 +483,12 @@ class IngestStage(Stage):
             return
         self._detach(c)
         for group in (self.closing, self.ending, self.stalled, self.ready, self.unacked,
-                      self.backlog):
+                      self.backlog, self.rings):
             group.discard(c)
         c.sock.close()
+        if c.ring is not None:
+            c.ring.close()
+            c.ring = None
         self.node[SL.N_OPEN] = len(self.conns)
 
     def _detach(self, c: _Conn) -> None:
@@ -459,7 +504,7 @@ class IngestStage(Stage):
         if c.state == _CLOSING:
             return
         self._detach(c)
-        for group in (self.stalled, self.ready, self.unacked, self.ending):
+        for group in (self.stalled, self.ready, self.unacked, self.ending, self.rings):
             group.discard(c)
         c.stalled = False
         c.state = _CLOSING
@@ -515,10 +560,13 @@ class IngestStage(Stage):
                 self._close(c)
         for c in list(self.ending):
             if now >= c.close_at or not (c.stalled or c in self.ready or c in self.unacked
-                                         or c.out):
+                                         or c.out or (c.ring is not None and
+                                                      c.ring.words[W_TAIL] != c.rhead)):
                 self._close(c)
 
-    def _read(self, c: _Conn) -> int:
+    def _room(self, c: _Conn) -> int:
+        """The bytes ``c``'s buffer takes now (at most ``read_budget``); -1: none will ever
+        fit, and ``c`` is closed."""
         if c.pos == c.fill:
             c.pos = c.fill = 0
         elif c.pos and len(c.buf) - c.fill < self.lim.read_budget:
@@ -531,6 +579,32 @@ class IngestStage(Stage):
         if room <= 0:  # (only a pre-login buffer full of a frame that is not a LOGIN)
             self._count(SL.N_PRELOGIN)
             self._close(c)
+            return -1
+        return room
+
+    def _take(self, c: _Conn) -> int:
+        """An IPC session's frames: what its ring holds, copied into its buffer (the copy
+        is what is checked and parsed: see exposure.shm.ipc_layout), then consumed."""
+        room = self._room(c)
+        if room < 0:
+            return 1
+        got = c.ring.take(c.rhead, c.mv, c.fill, room)
+        if got <= 0:
+            if got < 0:
+                self._count(SL.N_PROTOCOL, c.session, SL.S_PROTOCOL)
+                self._reject(c, W.E_PROTOCOL, "the IPC ring's tail is out of range")
+            return 0
+        c.rhead += got
+        c.fill += got
+        c.last_rx = time.monotonic_ns()
+        self._consume(c)
+        return 1
+
+    def _read(self, c: _Conn) -> int:
+        if c.ring is not None:
+            return self._doorbell(c)
+        room = self._room(c)
+        if room < 0:
             return 1
         got = c.recv_into(c.mv[c.fill:c.fill + room])
         if got is None:
@@ -544,6 +618,26 @@ class IngestStage(Stage):
         c.fill += got
         c.last_rx = time.monotonic_ns()
         self._consume(c)
+        return 1
+
+    def _doorbell(self, c: _Conn) -> int:
+        """An IPC session's socket after login: the client writes only doorbells there
+        (read and dropped); its end is the session's end: what the ring holds is taken
+        first (:meth:`_end`; later passes take the rest)."""
+        got = c.recv_into(self.scratch)
+        if got is None or got:
+            return 0
+        while (c.state == _LIVE and c.ring is not None and not c.stalled
+               and c not in self.ready and c.ring.words[W_TAIL] != c.rhead
+               and self._take(c)):
+            pass
+        if self.conns.get(c.fd) is not c:
+            return 1
+        if c.state == _LIVE and (c.pos < c.fill or c in self.unacked or (
+                c.ring is not None and c.ring.words[W_TAIL] != c.rhead)):
+            self._end(c)
+        else:
+            self._close(c)
         return 1
 
     def _consume(self, c: _Conn) -> int:
@@ -668,6 +762,18 @@ class IngestStage(Stage):
             self._reject(c, W.E_PROTOCOL, f"LOGIN flags {flags:#x}: this node knows "
                          f"{W.LOGIN_FLAGS if self.rlog is not None else 0:#x} only")
             return
+        ring = None
+        if c.ipc:  # its ring goes with the LOGIN_OK, before anything else is queued
+            if c.out:
+                self._count(SL.N_PROTOCOL, sid, SL.S_PROTOCOL)
+                self._reject(c, W.E_PROTOCOL, "LOGIN before the CHALLENGE was read")
+                return
+            try:
+                ring = IpcRing.create(self.lim.ipc_ring_kb * 1024, f"exposure-ipc-{sid}")
+            except IpcError as e:
+                self.log("ipc", f"session {sid}: {e}")
+                self._reject(c, W.E_BUSY, "no IPC ring now: log in over TCP")
+                return
         old = self.by_session.get(sid)
         if old is not None:  # a stale connection (half-open, or a client that restarted)
             self._count(SL.N_REPLACED, sid, SL.S_REPLACED)
@@ -688,7 +794,20 @@ class IngestStage(Stage):
         self.by_session[sid] = c
         self.sessions[sid, SL.S_CONNECTED] = 1
         self._count(SL.N_LOGINS, sid, SL.S_LOGINS)
-        self._send(c, W.encode_login_ok(c.held))
+        if ring is None:
+            self._send(c, W.encode_login_ok(c.held))
+        else:
+            ok = W.encode_login_ok(c.held)
+            try:
+                sent = socket.send_fds(c.sock, [ok], [ring.fd])
+            except OSError:
+                sent = -1
+            ring.release_fd()
+            c.ring = ring
+            if sent != len(ok):  # (an empty Unix socket takes 16 bytes, or has failed)
+                self._close(c)
+                return
+            self.rings.add(c)
         self.unacked.add(c)  # a first ACK tells the client what compute has processed
 
     def _ack(self, c: _Conn, now: int) -> None:
@@ -771,4 +890,7 @@ class IngestStage(Stage):
         if self.listener is not None:
             self.ep.unregister(self.lfd)
             self.listener.close()
+        if self.ulistener is not None:
+            self.ep.unregister(self.ufd)
+            self.ulistener.close()
         self.ep.close()

@@ -7,9 +7,11 @@
   ``--rate`` (100,000 events/s) and at full speed (as fast as ``send`` returns), for each
   way of sending: one record per call (``record``: an EVENT_DTYPE ``np.void``), one SPEC
   event dict per call (``dict``), arrays of 100 records (``array``) and lists of 100 dicts
-  (``dicts``). The caller's share
+  (``dicts``), over each ``--transport``: ``ipc`` (the node's shared-memory ring, what a
+  producer on the node's host uses by default) and ``tcp``. The caller's share
   (``time.thread_time``) is reported apart. The events, records and dicts are made before
-  the clock starts; the pacing loop is counted (a few ns an event).
+  the clock starts; the pacing loop's own CPU (measured apart, with a send that does
+  nothing) is reported and subtracted ("the producer").
 * **throughput**: one producer's sustained rate against a node (arrays of ``--frame``
   records sent as fast as the window lets, until every one is acknowledged), as a ratio to
   ``exposure perf throughput`` against the same node in the same run (interleaved run by
@@ -147,7 +149,7 @@ def _nothing(x) -> None:
 
 
 def cpu_run(node: LocalNode, session: int, how: str, rate: float | None,
-            recs: np.ndarray, linger_us: float = 0.0) -> dict:
+            recs: np.ndarray, linger_us: float = 0.0, ipc: bool = True) -> dict:
     if how == "record":
         items, per = list(recs), 1
     elif how == "dict":
@@ -160,7 +162,8 @@ def cpu_run(node: LocalNode, session: int, how: str, rate: float | None,
     n = len(recs)
     cfg = load_config(node.config)  # (before pinning: the config resolves CPUs)
     pacer = _pacer_cpu(items, rate, per)
-    with _pinned(), Producer(cfg, session=session, linger_us=linger_us) as p:
+    with _pinned(), Producer(cfg, session=session, linger_us=linger_us, ipc=ipc) as p:
+        transport = p.stats["transport"]
         with _Run() as m:
             c0, t0 = time.process_time(), time.thread_time()
             w0 = time.monotonic()
@@ -170,6 +173,7 @@ def cpu_run(node: LocalNode, session: int, how: str, rate: float | None,
             c1, t1 = time.process_time(), time.thread_time()
         assert p.acked == n, (p.acked, n)
     return {"how": how, "target_rate": rate, "events": n, "linger_us": linger_us,
+            "transport": transport,
             "rate": round(n / w_send), "acked_rate": round(n / m.wall_s),
             "cpu_us_per_event": round((c1 - c0) * 1e6 / n, 3),
             "pacer_us_per_event": round(pacer * 1e6 / n, 3),
@@ -180,14 +184,15 @@ def cpu_run(node: LocalNode, session: int, how: str, rate: float | None,
 
 
 def cpu(tmp: Path, rate: float, duration: float, runs: int, hows, log,
-        lingers=(0.0,)) -> dict:
+        lingers=(0.0,), transports=("ipc",)) -> dict:
     node = LocalNode(Path(tempfile.mkdtemp(dir=tmp)))
     out: dict[str, list[dict]] = {}
     try:
         block = _flow(_BLOCK, 7)
         session = 1
         for run in range(runs):
-            for how, linger in [(h, g) for h in hows for g in lingers]:
+            for how, linger, tr in [(h, g, t) for h in hows for g in lingers
+                                    for t in transports]:
                 for label, r in (("paced", rate), ("full", None)):
                     n = int(rate * duration)
                     if how == "dict":  # (about 100 us each: a few seconds' worth)
@@ -195,9 +200,10 @@ def cpu(tmp: Path, rate: float, duration: float, runs: int, hows, log,
                     elif how == "dicts":  # (the dicts' memory)
                         n = min(n, 300_000)
                     recs = _cycle(block, n)
-                    res = cpu_run(node, session, how, r, recs, linger)
+                    res = cpu_run(node, session, how, r, recs, linger, tr == "ipc")
                     session += 1
-                    key = f"{how}@{label}" + (f"+linger{linger:g}us" if linger else "")
+                    key = (f"{how}@{label}" + (f"+linger{linger:g}us" if linger else "")
+                           + f"/{res['transport']}")
                     out.setdefault(key, []).append(res)
                     log(f"run {run + 1} {key:26s} sent at {res['rate']:>9,}/s: "
                         f"{res['cpu_us_per_event']:6.2f} us/event (caller "
@@ -219,18 +225,25 @@ def cpu(tmp: Path, rate: float, duration: float, runs: int, hows, log,
 
 # ---------------------------------------------------------------------------- throughput
 def producer_rate(node: LocalNode, session: int, block: np.ndarray, duration: float,
-                  frame: int) -> dict:
+                  frame: int, ipc: bool = True) -> dict:
     """Arrays of ``frame`` events as fast as the window lets for ``duration`` s, then
     until all are acknowledged: events / (first send .. last acknowledgement)."""
     cfg = load_config(node.config)
-    with _pinned(), Producer(cfg, session=session, frame=min(frame, 1024)) as p:
+    with _pinned(), Producer(cfg, session=session, frame=min(frame, 1024), ipc=ipc) as p:
+        transport = p.stats["transport"]
         with _Run() as m:
             t0 = time.monotonic()
             cyc = 0
             n = 0
+            orders = np.isin(block["type"], _ORDER_TYPES)
             while time.monotonic() - t0 < duration:
-                recs = _cycle(block, len(block) * (cyc + 1))[len(block) * cyc:] if cyc \
-                    else block
+                # cycle ``cyc`` of the flow: one copy of the block, its order ids moved on
+                # (until 2026-12-06 this built all cycles so far again, each time: at
+                # 800,000 events/s most of this thread's time)
+                recs = block
+                if cyc:
+                    recs = block.copy()
+                    recs["order_id"][orders] += np.uint64(cyc) << np.uint64(36)
                 for lo in range(0, len(recs), frame):
                     p.send(recs[lo:lo + frame])
                     n += min(frame, len(recs) - lo)
@@ -239,7 +252,7 @@ def producer_rate(node: LocalNode, session: int, block: np.ndarray, duration: fl
                 cyc += 1
             p.flush(120)
         assert p.acked == n
-    return {"events": n, "rate": round(n / m.wall_s), **m.machine}
+    return {"events": n, "rate": round(n / m.wall_s), "transport": transport, **m.machine}
 
 
 def tool_rate(node: LocalNode, session: int, duration: float, frame: int) -> dict:
@@ -256,24 +269,40 @@ def tool_rate(node: LocalNode, session: int, duration: float, frame: int) -> dic
     return {"rate": res["sustained_rate"], **m.machine}
 
 
-def throughput(tmp: Path, duration: float, frame: int, runs: int, log) -> dict:
+def throughput(tmp: Path, duration: float, frame: int, runs: int, log,
+               transports=("ipc",)) -> dict:
+    """Per run: the tool, then a producer over each transport (its ratio to the tool's
+    rate of the same run). The figures at the top are the first transport's."""
     node = LocalNode(Path(tempfile.mkdtemp(dir=tmp)))
     rows = []
+    session = 100
     try:
         block = _flow(_BLOCK, 11)
         for run in range(runs):
             t = tool_rate(node, 200 + run, duration, frame)
-            pr = producer_rate(node, 100 + run, block, duration, frame)
-            ratio = pr["rate"] / t["rate"] if t["rate"] else 0.0
-            rows.append({"producer": pr, "tool": t, "ratio": round(ratio, 3)})
-            log(f"run {run + 1}: producer {pr['rate']:,}/s, exposure perf throughput "
-                f"{t['rate']:,.0f}/s: {ratio:.2f}x; steal {pr['steal_percent']}% / "
-                f"{t['steal_percent']}%, load {pr['load1']} / {t['load1']}")
+            for tr in transports:
+                pr = producer_rate(node, session, block, duration, frame, tr == "ipc")
+                session += 1
+                ratio = pr["rate"] / t["rate"] if t["rate"] else 0.0
+                rows.append({"producer": pr, "tool": t, "ratio": round(ratio, 3),
+                             "transport": pr["transport"]})
+                log(f"run {run + 1}: producer ({pr['transport']}) {pr['rate']:,}/s, exposure "
+                    f"perf throughput {t['rate']:,.0f}/s: {ratio:.2f}x; steal "
+                    f"{pr['steal_percent']}% / {t['steal_percent']}%, load {pr['load1']} / "
+                    f"{t['load1']}")
     finally:
         node.stop()
-    return {"ratio": statistics.median(r["ratio"] for r in rows),
-            "producer_rate": statistics.median(r["producer"]["rate"] for r in rows),
-            "tool_rate": statistics.median(r["tool"]["rate"] for r in rows), "runs": rows}
+    by = {tr: [r for r in rows if r["transport"] == tr] for tr in {r["transport"] for r in rows}}
+    first = by[rows[0]["transport"]]
+    return {"ratio": statistics.median(r["ratio"] for r in first),
+            "producer_rate": statistics.median(r["producer"]["rate"] for r in first),
+            "tool_rate": statistics.median(r["tool"]["rate"] for r in first),
+            "transport": rows[0]["transport"],
+            "by_transport": {tr: {"ratio": statistics.median(r["ratio"] for r in v),
+                                  "producer_rate": statistics.median(r["producer"]["rate"]
+                                                                     for r in v)}
+                             for tr, v in by.items()},
+            "runs": rows}
 
 
 # ------------------------------------------------------------------------------ failover
@@ -408,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="cpu: ways of sending (record, dict, array, dicts)")
     ap.add_argument("--linger-us", default="0",
                     help="cpu: the producer's linger_us values to try (comma-separated)")
+    ap.add_argument("--transport", default="ipc,tcp",
+                    help="cpu, throughput: how the producer reaches the node (ipc: its "
+                         "shared-memory ring, the default on the node's host; tcp)")
     ap.add_argument("--frame", type=int, default=1000, help="throughput: events per send")
     ap.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
     ap.add_argument("--failovers", type=int, default=3, help="SIGSTOPs per liveness")
@@ -431,9 +463,12 @@ def main(argv: list[str] | None = None) -> int:
         if "cpu" in parts:
             res["cpu"] = cpu(tmp, a.rate, a.duration, a.runs,
                              [h.strip() for h in a.how.split(",") if h.strip()], log,
-                             [float(x) for x in a.linger_us.split(",") if x.strip()])
+                             [float(x) for x in a.linger_us.split(",") if x.strip()],
+                             [t.strip() for t in a.transport.split(",") if t.strip()])
         if "throughput" in parts:
-            res["throughput"] = throughput(tmp, a.duration, a.frame, a.runs, log)
+            res["throughput"] = throughput(
+                tmp, a.duration, a.frame, a.runs, log,
+                [t.strip() for t in a.transport.split(",") if t.strip()])
         if "failover" in parts:
             res["failover"] = failover(tmp, a.failovers, a.failover_rate,
                                        a.short_liveness, log)
@@ -448,8 +483,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{v['producer_us_per_event']:.2f}) at {v['rate']:,.0f} events/s")
         if "throughput" in res:
             t = res["throughput"]
-            log(f"  throughput: producer {t['producer_rate']:,.0f}/s, tool "
-                f"{t['tool_rate']:,.0f}/s: {t['ratio']:.2f}x")
+            for tr, v in t["by_transport"].items():
+                log(f"  throughput ({tr}): producer {v['producer_rate']:,.0f}/s, tool "
+                    f"{t['tool_rate']:,.0f}/s: {v['ratio']:.2f}x")
         for k, v in res.get("failover", {}).items():
             log(f"  failover ({k}, liveness {v['liveness_s'] or 'default'}): first new "
                 f"ack {v['first_ack_ms']:.0f} ms, promotion {v['promoted_ms']:.0f} ms")

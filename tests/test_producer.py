@@ -250,11 +250,15 @@ def test_nothing_listening_fails_after_the_connect_timeout_naming_the_address():
 
 
 @pytest.mark.process
-def test_a_node_killed_mid_stream_and_restarted_ends_equal_to_replay(node):
+@pytest.mark.parametrize("ipc", [True, False], ids=["ipc", "tcp"])
+def test_a_node_killed_mid_stream_and_restarted_ends_equal_to_replay(node, ipc):
+    # (ipc: the node's shared-memory ring, as a producer on its host has by default; tcp:
+    # as one on another host)
     recs = _events(40_000, seed=7)
     seed = 7
     print("seed", seed)
-    with Producer(node.config, session=9, window=8192) as p:
+    with Producer(node.config, session=9, window=8192, ipc=ipc) as p:
+        assert p.stats["transport"] == ("ipc" if ipc else "tcp")
         done = threading.Event()
         errors: list[BaseException] = []
 
@@ -375,9 +379,10 @@ def test_rejects_without_their_seqs_are_never_guessed():
 
 
 @pytest.mark.process
-def test_a_silent_node_is_given_up_after_liveness_and_the_stream_resumes(node):
+@pytest.mark.parametrize("ipc", [True, False], ids=["ipc", "tcp"])
+def test_a_silent_node_is_given_up_after_liveness_and_the_stream_resumes(node, ipc):
     recs = _events(4000, seed=5)
-    with Producer(node.config, session=13, liveness_s=1.0) as p:
+    with Producer(node.config, session=13, liveness_s=1.0, ipc=ipc) as p:
         p.send(recs[:1000])
         p.flush(30)
         node.signal_all(signal.SIGSTOP)  # a hung machine: the connection stays open

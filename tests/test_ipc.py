@@ -230,3 +230,31 @@ def test_ipc_off_keeps_every_client_on_tcp(tmp_path):
         _assert_replay_and_journal(node, recs, 2)
     finally:
         node.stop()
+
+
+@pytest.mark.process
+def test_a_flood_of_ipc_connections_is_bounded_and_a_session_still_logs_in(tmp_path):
+    """More connections to the IPC socket than [ingest] max_connections, none logging in:
+    the oldest make room (as on TCP), no ring is made for any of them, and a producer
+    still logs in and streams."""
+    node = LocalNode(tmp_path, ingest="max_connections = 8")
+    socks = []
+    try:
+        for _ in range(40):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(ipc_name("127.0.0.1", node.port))
+            socks.append(s)
+        wait_for(lambda: node.port_counters().get("accepted", 0) >= 40, 20,
+                 "the flood accepted", node)
+        assert node.port_counters()["evicted_before_login"] >= 32
+        recs = _events(500, seed=12)
+        with Producer(node.config, session=3) as p:
+            assert p.stats["transport"] == "ipc"
+            p.send(recs)
+            p.flush(timeout=60)
+        _assert_replay_and_journal(node, recs, 3)
+        assert node.port_counters()["ipc_logins"] == 1  # (no ring for the flood)
+    finally:
+        for s in socks:
+            s.close()
+        node.stop()

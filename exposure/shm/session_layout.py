@@ -59,16 +59,17 @@ N_SLOW = 43         # closed: output queue full
 N_IDLE = 44         # closed: idle timeout
 N_PROTOCOL = 45     # closed: malformed frame after login
 N_REPLACED = 46     # connections replaced by a newer login of their session
+N_IPC_LOGINS = 47   # logins on the IPC socket, each given its shared-memory ring
 NODE_COUNTERS = {"accepted": N_ACCEPTED, "open": N_OPEN, "refused_at_cap": N_REFUSED,
                  "evicted_before_login": N_EVICTED, "fd_limit": N_EMFILE,
                  "login_timeouts": N_LOGIN_TIMEOUT, "closed_before_login": N_PRELOGIN,
                  "auth_failures": N_AUTH_FAILS, "bad_session_ids": N_BAD_SESSION,
                  "logins": N_LOGINS, "seq_rejects": N_SEQ_REJECTS, "closed_slow": N_SLOW,
                  "closed_idle": N_IDLE, "protocol_errors": N_PROTOCOL,
-                 "replaced": N_REPLACED}
+                 "replaced": N_REPLACED, "ipc_logins": N_IPC_LOGINS}
 SESSION_COLS = 48
 
-assert S_REJ + N_REJ == S_LOGINS and S_PROTOCOL < N_ACCEPTED and N_REPLACED < SESSION_COLS
+assert S_REJ + N_REJ == S_LOGINS and S_PROTOCOL < N_ACCEPTED and N_IPC_LOGINS < SESSION_COLS
 
 
 def session_shape(max_sessions: int) -> tuple[int, int]:

@@ -808,6 +808,7 @@ class IngestStage(Stage):
                 self._close(c)
                 return
             self.rings.add(c)
+            self.node[SL.N_IPC_LOGINS] += 1
         self.unacked.add(c)  # a first ACK tells the client what compute has processed
 
     def _ack(self, c: _Conn, now: int) -> None:

@@ -11,6 +11,11 @@ the window only when the node has acknowledged it (processed and durable, per it
 policy); with a spool (:mod:`exposure.store.spool`) every event is on disk before it goes
 out, so a producer killed with -9 and started again resends what the node lacks.
 
+On the node's host (a loopback endpoint, ``ipc=True``) the link is the node's Unix socket
+and a shared-memory ring (:mod:`exposure.shm.ipc_layout`): a ``send`` writes its frame into
+the ring itself, and the I/O thread only reads the node's answers on the socket and writes
+what the sends could not (see :class:`_Link`).
+
 Seqs: the producer's first login says what the node holds for the session; new events are
 numbered from there (or from the spool's last seq, whichever is higher). So the
 constructor waits for the first login (up to ``connect_timeout``).
@@ -190,7 +195,10 @@ class Producer:
     sleeps at once, and each ``send`` that finds it asleep wakes it). While events keep
     coming, a linger batches them: fewer wake-ups and frames, so less CPU per event (one
     record per ``send``: about 1 us instead of 2.5-6.5 us at 100,000/s), for at most
-    ``linger_us`` more latency (docs/client.md).
+    ``linger_us`` more latency (docs/client.md). ``ipc``: to a node on this host (a
+    loopback endpoint whose node offers it), log in on its Unix socket and send through
+    the shared-memory ring it gives (:class:`_Link`; no system call per event, no linger
+    needed); False, or a node without IPC: TCP.
     """
 
     def __init__(self, config=None, session: int = 1, *, endpoints=None, secret=None,

@@ -363,9 +363,8 @@ def test_a_linger_returns_the_node_s_answer_also_beyond_select_s_descriptor_limi
 
 
 def test_rejects_without_their_seqs_are_never_guessed():
-    from exposure.net.producer import Producer as P
+    from exposure.net.ack_rejects import from_counts as f
 
-    f = P._rejected_in
     z = [0] * 16
     assert f(5, 9, z, z) == ()
     one = list(z)
@@ -398,16 +397,18 @@ def test_a_silent_node_is_given_up_after_liveness_and_the_stream_resumes(node, i
 
 
 def test_listed_rejects_are_exact_and_the_counts_fill_only_what_the_lists_miss():
-    from exposure.net.producer import Producer as P
+    from exposure.net.ack_rejects import RejectBook
 
-    p = object.__new__(P)  # (no connection: only the bookkeeping)
+    b = RejectBook()
     z = [0] * 16
     two = list(z)
     two[5] = 2  # two unknown_order in all
-    p._rj, p._rj_lo, p._rj_hi = {7: 5, 12: 5}, 0, 20
-    assert p._rejected_listed(1, 20, z, two) == ((7, "unknown_order"), (12, "unknown_order"))
-    assert p._rj == {}
-    p._rj, p._rj_lo, p._rj_hi = {12: 5}, 10, 20  # seqs 1..10 not covered by any list
-    assert p._rejected_listed(1, 20, z, two) == ((12, "unknown_order"), (0, "unknown_order"))
-    p._rj, p._rj_lo, p._rj_hi = {12: 5}, 10, 20
-    assert p._rejected_listed(1, 20, None, two) == ((12, "unknown_order"), (0, "unknown"))
+    b.listed, b.lo, b.hi = {7: 5, 12: 5}, 0, 20
+    assert b.resolve(1, 20, z, two) == ((7, "unknown_order"), (12, "unknown_order"))
+    assert b.listed == {}
+    b.listed, b.lo, b.hi = {12: 5}, 10, 20  # seqs 1..10 not covered by any list
+    assert b.resolve(1, 20, z, two) == ((12, "unknown_order"), (0, "unknown_order"))
+    b.listed, b.lo, b.hi = {12: 5}, 10, 20
+    assert b.resolve(1, 20, None, two) == ((12, "unknown_order"), (0, "unknown"))
+    b.new_connection()  # no list covers anything yet: the counters alone
+    assert b.resolve(21, 22, z, two) == ((21, "unknown_order"), (22, "unknown_order"))

@@ -35,7 +35,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,6 +45,7 @@ from exposure.core.types import EVENT_DTYPE, EVENT_SIZE, NODE_REASONS
 from exposure.engine.parse import RECORD as _RECORD
 from exposure.engine.parse import record_values
 from exposure.net import wire as W
+from exposure.net.ack_rejects import RejectBook
 from exposure.shm.ipc_layout import W_HEAD, W_SLEEPING, W_TAIL, IpcError, IpcRing, ipc_name
 
 __all__ = ["Producer", "Ack", "ProducerError", "WindowFull", "FlushTimeout", "AuthError",
@@ -277,8 +278,7 @@ class Producer:
         self._results: collections.deque[Ack] = collections.deque()
         self._rej: list[int] | None = None  # the node's reject counters at the last ACK
         self._flags = W.LOGIN_REJECTED  # per-event rejects (0: a node without)
-        self._rj: dict[int, int] = {}  # seq -> reason code from REJECTED frames, > acked
-        self._rj_lo = self._rj_hi = -1  # what this connection's REJECTED cover: (lo, hi]
+        self._rejects = RejectBook()  # REJECTED frames' entries, until an ACK covers them
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._idle = False
         self._stop = False
@@ -825,7 +825,7 @@ class Producer:
         """Run one logged-in connection until it drops (_Dropped) or the producer stops."""
         nxt = self._login_ok(held, ep)
         reader = W.FrameReader()
-        self._rj_lo = self._rj_hi = -1
+        self._rejects.new_connection()
         ep_ = select.epoll()
         sfd = sock.fileno()
         try:
@@ -899,7 +899,7 @@ class Producer:
         if self._spool is None:  # (with one, every event goes to disk first: the sends
             self._link = link    # do not write their own frames)
         reader = W.FrameReader()
-        self._rj_lo = self._rj_hi = -1
+        self._rejects.new_connection()
         ep_ = select.epoll()
         lock = self._send_lock
         try:
@@ -1116,7 +1116,7 @@ class Producer:
                 done, rej = W.decode_ack(payload)
                 self._ack(done, rej, ep)
             elif kind == W.K_REJECTED:
-                self._on_rejected(payload)
+                self._rejects.on_rejected(payload, self.acked, self.sent)
             elif kind == W.K_REJECT:
                 self._rejected(payload, ep)
             elif kind != W.K_HEARTBEAT:
@@ -1139,10 +1139,7 @@ class Producer:
         if done <= self.acked:
             return
         lo = self.acked + 1
-        if self._rj_hi >= 0:
-            rejected = self._rejected_listed(lo, done, prev, rej)
-        else:
-            rejected = self._rejected_in(lo, done, prev, rej)
+        rejected = self._rejects.resolve(lo, done, prev, rej)
         with self._cond:
             self.acked = done
             self._cond.notify_all()
@@ -1159,56 +1156,3 @@ class Producer:
                 self.on_result(ack)
             except Exception:
                 log.exception("producer of session %s: on_result raised", self.session)
-
-    def _on_rejected(self, payload) -> None:
-        """A REJECTED frame: every rejected seq in (after, upto] with its reason."""
-        after, upto = W.rejected_range(payload)
-        for seq, code in W.decode_rejected(payload):
-            if self.acked < seq <= self.sent:  # (bounded by the window)
-                self._rj[seq] = code
-        if 0 <= self._rj_hi and after <= self._rj_hi:
-            self._rj_hi = max(self._rj_hi, upto)
-        else:  # the first on this connection, or entries lost in between
-            self._rj_lo, self._rj_hi = after, upto
-
-    def _rejected_listed(self, lo: int, hi: int, prev: Sequence[int] | None,
-                         now: Sequence[int]) -> tuple[tuple[int, str], ...]:
-        """The rejected events among seqs lo..hi from the REJECTED frames where they cover
-        the range, the counters (:meth:`_rejected_in`) for the part they do not."""
-        listed = sorted((s, c) for s, c in self._rj.items() if s <= hi)
-        for s, _ in listed:
-            del self._rj[s]
-        exact = tuple((s, NODE_REASONS.get(c, str(c))) for s, c in listed if s >= lo)
-        if self._rj_lo <= lo - 1 and self._rj_hi >= hi:
-            return exact
-        if prev is None:
-            return (*exact, (0, "unknown"))
-        delta = [b - a for a, b in zip(prev, now, strict=False)]
-        for s, c in listed:
-            if s >= lo and 0 <= c < len(delta):
-                delta[c] -= 1
-        if any(d < 0 for d in delta):
-            return (*exact, (0, "unknown"))
-        return (*exact, *((0, NODE_REASONS.get(i, str(i))) for i, d in enumerate(delta)
-                          if i for _ in range(min(d, hi - lo + 1))))
-
-    @staticmethod
-    def _rejected_in(lo: int, hi: int, prev: Sequence[int] | None,
-                     now: Sequence[int]) -> tuple[tuple[int, str], ...]:
-        """The rejected events among seqs lo..hi from the counters' change (see Ack)."""
-        n = hi - lo + 1
-        if prev is None:  # a connection's first ACK: no baseline on this node
-            return ((0, "unknown"),) if any(now) else ()
-        delta = [b - a for a, b in zip(prev, now, strict=False)]
-        if any(d < 0 for d in delta):  # counters reset (another node, a restart)
-            return ((0, "unknown"),)
-        total = sum(delta)
-        if total == 0:
-            return ()
-        reasons = [(i, d) for i, d in enumerate(delta) if i and d]
-        if total == n:
-            name = NODE_REASONS.get(reasons[0][0], "unknown") if len(reasons) == 1 \
-                else "unknown"
-            return tuple((s, name) for s in range(lo, hi + 1))
-        return tuple((0, NODE_REASONS.get(i, str(i))) for i, d in reasons
-                     for _ in range(min(d, n)))

@@ -46,6 +46,16 @@ def _assert_replay_and_journal(node, recs: np.ndarray, session: int) -> None:
     assert seqs.tolist() == list(range(1, len(recs) + 1))
 
 
+def _send_all(node, session: int, recs: np.ndarray, transport: str) -> None:
+    """One producer sends ``recs`` as one array over ``transport`` (what it chose itself),
+    then the node equals replay."""
+    with Producer(node.config, session=session) as p:
+        assert p.stats["transport"] == transport
+        p.send(recs)
+        p.flush(timeout=60)
+    _assert_replay_and_journal(node, recs, session)
+
+
 class RawIpc:
     """A hand-driven IPC client: login on the Unix socket, then the ring, byte by byte."""
 
@@ -222,12 +232,7 @@ def test_ipc_off_keeps_every_client_on_tcp(tmp_path):
                 s.connect(ipc_name("127.0.0.1", node.port))
             finally:
                 s.close()
-        recs = _events(300, seed=11)
-        with Producer(node.config, session=2) as p:
-            assert p.stats["transport"] == "tcp"
-            p.send(recs)
-            p.flush(timeout=60)
-        _assert_replay_and_journal(node, recs, 2)
+        _send_all(node, 2, _events(300, seed=11), "tcp")
     finally:
         node.stop()
 
@@ -247,12 +252,7 @@ def test_a_flood_of_ipc_connections_is_bounded_and_a_session_still_logs_in(tmp_p
         wait_for(lambda: node.port_counters().get("accepted", 0) >= 40, 20,
                  "the flood accepted", node)
         assert node.port_counters()["evicted_before_login"] >= 32
-        recs = _events(500, seed=12)
-        with Producer(node.config, session=3) as p:
-            assert p.stats["transport"] == "ipc"
-            p.send(recs)
-            p.flush(timeout=60)
-        _assert_replay_and_journal(node, recs, 3)
+        _send_all(node, 3, _events(500, seed=12), "ipc")
         assert node.port_counters()["ipc_logins"] == 1  # (no ring for the flood)
     finally:
         for s in socks:

@@ -27,7 +27,6 @@ seqs contiguous); ``on_result`` runs on the I/O thread and must not block.
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
 import os
 import select
@@ -46,6 +45,7 @@ from exposure.engine.parse import RECORD as _RECORD
 from exposure.engine.parse import record_values
 from exposure.net import wire as W
 from exposure.net.ack_rejects import RejectBook
+from exposure.net.hosts import client_host, is_loopback
 from exposure.shm.ipc_layout import W_HEAD, W_SLEEPING, W_TAIL, IpcError, IpcRing, ipc_name
 
 __all__ = ["Producer", "Ack", "ProducerError", "WindowFull", "FlushTimeout", "AuthError",
@@ -111,15 +111,11 @@ class _Dropped(Exception):
     """The connection is gone (the message says why); try the next endpoint."""
 
 
-def _client_host(host: str) -> str:
-    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-
-
 def endpoints_of(cfg) -> list[tuple[str, int]]:
     """A node config's session endpoints: its own ingest address, then its pair peer's."""
-    out = [(_client_host(cfg.ingest_host), int(cfg.ingest_port))]
+    out = [(client_host(cfg.ingest_host), int(cfg.ingest_port))]
     if cfg.peer_ingest:
-        out.append((_client_host(cfg.peer_ingest[0]), int(cfg.peer_ingest[1])))
+        out.append((client_host(cfg.peer_ingest[0]), int(cfg.peer_ingest[1])))
     return out
 
 
@@ -137,15 +133,6 @@ def liveness_of(cfg) -> float:
 
 def _fmt(ep: tuple[str, int]) -> str:
     return f"{ep[0]}:{ep[1]}"
-
-
-def _is_local(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Link:
@@ -691,12 +678,12 @@ class Producer:
     def _connect_ipc(self, ep: tuple[str, int]) -> socket.socket | None:
         """The node's IPC socket for ``ep`` (a node on this host), or None (not local, no
         such socket, or IPC turned off): then TCP."""
-        if not self.ipc or ep in self._no_ipc or not _is_local(ep[0]):
+        if not self.ipc or ep in self._no_ipc or not is_loopback(ep[0]):
             return None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.liveness_s)
-            sock.connect(ipc_name(*ep))
+            sock.connect(ipc_name(client_host(ep[0]), ep[1]))
         except OSError:
             sock.close()
             return None
@@ -864,15 +851,8 @@ class Producer:
                             timeout = max(0.001, due - now)
                     events = ep_.poll(timeout)
                 self._idle = False
-                for fd, ev in events:
-                    if fd == self._efd:
-                        try:
-                            os.eventfd_read(self._efd)
-                        except BlockingIOError:
-                            pass
-                    elif ev & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
-                        if self._read(sock, reader, ep):
-                            last_rx = time.monotonic()
+                if self._heard(events, sock, reader, ep):
+                    last_rx = time.monotonic()
                 now = time.monotonic()
                 if now - last_rx >= live:
                     self.stats["dead_links"] += 1
@@ -931,26 +911,20 @@ class Producer:
                             link.tail = ring.put(link.tail, (W.encode_heartbeat(),))
                             self.stats["heartbeats_sent"] += 1
                             wrote = 1
+                            if link.words[W_SLEEPING]:
+                                link.doorbell()  # (_fill_ring rings for its frames)
                     finally:
                         lock.release()
                 if wrote:
                     last_hb = now
-                    if link.words[W_SLEEPING]:
-                        link.doorbell()
                 if pending:
                     timeout = _RING_POLL_S  # a full ring, or the lock was held: soon
                 else:
                     timeout = max(0.001, min(last_rx + live, last_hb + hb) - now)
                 events = ep_.poll(timeout)
                 self._idle = False
-                for fd, _ in events:
-                    if fd == self._efd:
-                        try:
-                            os.eventfd_read(self._efd)
-                        except BlockingIOError:
-                            pass
-                    elif self._read(sock, reader, ep):
-                        last_rx = time.monotonic()
+                if self._heard(events, sock, reader, ep):
+                    last_rx = time.monotonic()
                 now = time.monotonic()
                 if now - last_rx >= live:
                     self.stats["dead_links"] += 1
@@ -1012,6 +986,20 @@ class Producer:
         if link.words[W_SLEEPING]:
             link.doorbell()
         return link.tail - start
+
+    def _heard(self, events, sock: socket.socket, reader: W.FrameReader, ep) -> bool:
+        """What a pump's poll returned: the wake-up consumed, the node's frames read; True
+        when something came from the node."""
+        heard = False
+        for fd, ev in events:
+            if fd == self._efd:
+                try:
+                    os.eventfd_read(self._efd)
+                except BlockingIOError:
+                    pass
+            elif ev & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
+                heard = self._read(sock, reader, ep) or heard
+        return heard
 
     @staticmethod
     def _linger(ep, fd: int, seconds: float) -> list:

@@ -39,6 +39,7 @@ from exposure.core import jit as _jit  # noqa: F401  (before any kernel: the key
 from exposure.core.log import setup
 from exposure.core.types import EVENT_SIZE, UPDATE_DTYPE
 from exposure.engine.publish import versions
+from exposure.net.hosts import client_host
 from exposure.node.process import exit_process, run_process
 from exposure.node.sdnotify import Notifier
 from exposure.node.segments import (
@@ -341,7 +342,8 @@ class Node:
                      "UNAUTHENTICATED: no [ingest] sessions file, every session open and "
                      "entitled to everything; loopback only)")
                  + (f"; on this host also by shared memory (IPC, "
-                    f"@{ipc_name(cfg.ingest_host, cfg.ingest_port)[1:]})" if cfg.ipc else ""),
+                    f"@{ipc_name(client_host(cfg.ingest_host), cfg.ingest_port)[1:]})"
+                    if cfg.ipc else ""),
                  f"  updates   udp multicast {cfg.group}:{cfg.fanout_port} "
                  f"via {cfg.interface}",
                  f"  segments  {', '.join(names.values())}",

@@ -66,10 +66,10 @@ MAX_CAPACITY = 1 << 30
 
 def ipc_name(host: str, port: int) -> str:
     """The IPC socket of the node whose session port is ``host:port`` as its clients name
-    it (a wildcard host is 127.0.0.1 or ::1): a name in Linux's abstract namespace (no
-    file; like a loopback port, scoped to the network namespace). The host is part of the
-    name, so two nodes on one port of two loopback addresses are never confused."""
-    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    it (``exposure.net.hosts.client_host``: a wildcard bind address is the loopback's): a
+    name in Linux's abstract namespace (no file; like a loopback port, scoped to the
+    network namespace). The host is part of the name, so two nodes on one port of two
+    loopback addresses are never confused."""
     return f"\0exposure-ingest-{host}:{int(port)}"
 
 

@@ -8,13 +8,13 @@ proxy in front (docs/web.md shows one).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 from collections.abc import Callable
 from pathlib import Path
 
 from exposure.config.model import NodeConfig
+from exposure.net.hosts import is_loopback
 from exposure.web.users import Users, load_users
 
 __all__ = ["check_bind", "serve", "make_server", "listen_socket", "SNDBUF", "is_loopback",
@@ -25,21 +25,6 @@ log = logging.getLogger(__name__)
 
 class WebError(ValueError):
     """A setting that ``exposure web`` refuses to start with; the message says why."""
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or a name) is reachable only from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            addrs = {a[4][0] for a in socket.getaddrinfo(host, None)}
-        except OSError:
-            return False
-        return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback
-                                   for a in addrs)
 
 
 def check_bind(host: str, users: str | Path | None, tls_cert: str | Path | None = None,

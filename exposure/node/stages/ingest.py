@@ -76,6 +76,7 @@ from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directo
 from exposure.net import wire as W
 from exposure.net.conn import GONE, SLOW, Conn, Conns
 from exposure.net.guard import Listener, RateLog, keepalive
+from exposure.net.hosts import client_host
 from exposure.net.sessions import Entitlements
 from exposure.node.stages.agent import Stage
 from exposure.node.stages.ingest_scan import NEED_MORE, RES_WORDS, RING_FULL, SEQ_GAP, scan
@@ -301,7 +302,7 @@ class IngestStage(Stage):
         self.lfd = self.listener.fd
         self.ep.register(self.lfd, select.EPOLLIN)
         if self.ipc and self.ulistener is None:
-            name = ipc_name(self.addr[0], self.listener.sock.getsockname()[1])
+            name = ipc_name(client_host(self.addr[0]), self.listener.sock.getsockname()[1])
             try:
                 self.ulistener = Listener(name)
             except OSError as e:

@@ -421,15 +421,23 @@ class JournalWriter:
         head = FILE_HEADER.pack(FILE_MAGIC, FILE_VERSION, EVENT_SIZE, first, time.time_ns(),
                                 b"", 0)
         head = head[:-4] + struct.pack("<I", crc32c.crc32c(head[:-4]))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # The header goes into a file of another name first, which is then linked under the
+        # segment's name: a reader of the live journal (the mirror, a tool) or a recovery
+        # after a crash never finds the segment without its header (created, then
+        # written, a reader could read 0 bytes: "file header cut short"). The link fails,
+        # as O_EXCL did, where the segment exists.
+        tmp = path.with_name(path.name + ".new")  # (not a segment name: never listed)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             if os.write(fd, head) != len(head):
                 raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short write of a "
                               "segment header)")
+            os.link(tmp, path)
         except OSError:  # (disk full) no half-made segment is left behind: retried later
             os.close(fd)
-            path.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
+        tmp.unlink()
         self.fd = fd
         self.size = self.alloc = len(head)
         self.seg_first = first

@@ -148,7 +148,9 @@ def test_frames_sent_before_a_half_close_are_all_taken_even_past_the_pass_budget
 
 def test_an_ack_goes_out_each_time_the_processed_seq_moves_and_never_twice(stage):
     """The loop looks for ACKs to send after every pass; while a session's processed seq
-    stands still, hundreds of passes send nothing, and each move is acknowledged once."""
+    stands still, hundreds of passes send nothing, and each move is acknowledged once.
+    Compute stores a session's DONE and then row 0's processed gseq; the loop looks at
+    the sessions' rows only after that word has moved."""
     st, ring, sessions, port = stage
     c = socket.create_connection(("127.0.0.1", port))
     recs = np.zeros(5, EVENT_DTYPE)
@@ -161,18 +163,21 @@ def test_an_ack_goes_out_each_time_the_processed_seq_moves_and_never_twice(stage
     def acks() -> list[int]:
         return [W.decode_ack(p)[0] for k, p in frames if k == W.K_ACK]
 
+    def drain() -> None:
+        try:
+            c.setblocking(False)
+            frames.extend(rd.feed(c.recv(4096)))
+        except BlockingIOError:
+            pass
+        finally:
+            c.setblocking(True)
+
     def read_until(cond) -> None:
         end = time.time() + 5
         while not cond() and time.time() < end:
             st.wait_io(0.01)
             st.after()
-            try:
-                c.setblocking(False)
-                frames.extend(rd.feed(c.recv(4096)))
-            except BlockingIOError:
-                pass
-            finally:
-                c.setblocking(True)
+            drain()
 
     _poll_until(st, lambda: len(ring) == 5)
     read_until(lambda: acks() == [0])  # the first ACK: what compute has processed (nothing)
@@ -180,7 +185,14 @@ def test_an_ack_goes_out_each_time_the_processed_seq_moves_and_never_twice(stage
         for _ in range(300):  # passes with nothing new: no ACK
             st.poll()
             st.after()
-        sessions[2, SL.S_DONE] = done  # compute processed up to `done`
+        sessions[2, SL.S_DONE] = done  # compute processed up to `done` ...
+        for _ in range(300):  # (row 0 not yet moved: not looked at)
+            st.poll()
+            st.after()
+        time.sleep(0.05)  # (an ACK sent would be here by now: loopback)
+        drain()
+        assert acks() == [0] + [3] * (done == 5)
+        sessions[0, SL.N_PROCESSED] = done  # ... then stores its gseq in row 0
         read_until(lambda d=done: acks()[-1:] == [d])
     assert acks() == [0, 3, 5]  # (TCP keeps order: a repeated ACK would show before 5)
     c.close()

@@ -47,7 +47,7 @@ from exposure.engine.kernel import account_values
 from exposure.shm.intrinsics import fence_seq_cst, prefetch, store_release
 from exposure.shm.reject_layout import ENTRY, RING, ROW_WORDS, SEQ_MASK, W_HEAD
 from exposure.shm.seqlock import read_begin, read_end, read_row
-from exposure.shm.session_layout import N_REJ, S_DONE, S_REJ
+from exposure.shm.session_layout import N_PROCESSED, N_REJ, S_DONE, S_REJ
 
 _RL_ROW, _RL_HEAD, _RL_ENTRY, _RL_RING = ROW_WORDS, W_HEAD, ENTRY, np.uint64(RING)
 _RL_MASK = np.uint64(SEQ_MASK)
@@ -528,7 +528,8 @@ def publish_all(st, vers: Versions, last_gseq: int) -> None:
 def count_sessions(recs, status, n, sess_flat, ncols, rlog):
     """Each session's rejects per reason, and each reject's (seq, reason) in the session's
     reject log (``rlog``: the log's rows flat, :mod:`exposure.shm.reject_layout`; an empty
-    array for none), then its processed seq (after its counters and log)."""
+    array for none), then its processed seq (after its counters and log), then the
+    batch's last gseq in row 0 (``N_PROCESSED``: ingest's one look per pass)."""
     nsess = sess_flat.shape[0] // ncols
     nlog = rlog.shape[0] // _RL_ROW
     for k in range(n):
@@ -547,6 +548,8 @@ def count_sessions(recs, status, n, sess_flat, ncols, rlog):
         s = np.int64(recs[k].session)
         if s < nsess and recs[k].sseq > sess_flat[s * ncols + S_DONE]:
             store_release(sess_flat, s * ncols + S_DONE, recs[k].sseq)
+    if n > 0 and ncols > N_PROCESSED and nsess > 0:  # then the batch's gseq, row 0 (release)
+        store_release(sess_flat, N_PROCESSED, recs[n - 1].gseq)
 
 
 # ----------------------------------------------------------------------------- reading back

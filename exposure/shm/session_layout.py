@@ -11,8 +11,14 @@ Row ``s`` (1..max_sessions) is session ``s``; row 0 is the node's own::
                (types.R_*; R_UNAUTHORIZED too)
     19..26     LOGINS, AUTH_FAILS, SEQ_REJECTS, SLOW,       ingest
                IDLE, REPLACED, CONNECTED (0/1), PROTOCOL
-    row 0:     DURABLE = the journal's durable global seq; N_* (32..47): the session
-               port's counters (connections, refusals, timeouts ...), ingest
+    row 0:     DURABLE = the journal's durable global seq; PROCESSED (27) = the last
+               global seq compute processed (release store, after the sessions'
+               DONE); N_* (32..47): the session port's counters (connections,
+               refusals, timeouts ...), ingest
+
+Row 0's DURABLE and PROCESSED move whenever any session's DURABLE or DONE does (each is
+stored after them), so ingest reads those two words once per pass and looks at its
+sessions' rows only when one has moved.
 
 Counters count since the segment was created (the node started); readers (``exposure
 status``) read them without a lock: each is one aligned word with one writer.
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 __all__ = ["SESSION_COLS", "S_HELD", "S_DONE", "S_DURABLE", "S_REJ", "N_REJ",
            "S_LOGINS", "S_AUTH_FAILS", "S_SEQ_REJECTS", "S_SLOW", "S_IDLE", "S_REPLACED",
-           "S_CONNECTED", "S_PROTOCOL", "SESSION_COUNTERS", "NODE_COUNTERS",
+           "S_CONNECTED", "S_PROTOCOL", "N_PROCESSED", "SESSION_COUNTERS", "NODE_COUNTERS",
            "session_shape"]
 
 S_HELD = 0
@@ -43,6 +49,8 @@ SESSION_COUNTERS = {"logins": S_LOGINS, "auth_failures": S_AUTH_FAILS,
                     "closed_idle": S_IDLE, "replaced": S_REPLACED,
                     "protocol_errors": S_PROTOCOL}
 
+# Row 0: the last global seq compute processed (a gauge; see the module's docstring).
+N_PROCESSED = 27
 # Row 0: the session port's counters.
 N_ACCEPTED = 32     # connections accepted
 N_OPEN = 33         # connections open now (a gauge)
@@ -69,7 +77,8 @@ NODE_COUNTERS = {"accepted": N_ACCEPTED, "open": N_OPEN, "refused_at_cap": N_REF
                  "replaced": N_REPLACED, "ipc_logins": N_IPC_LOGINS}
 SESSION_COLS = 48
 
-assert S_REJ + N_REJ == S_LOGINS and S_PROTOCOL < N_ACCEPTED and N_IPC_LOGINS < SESSION_COLS
+assert S_REJ + N_REJ == S_LOGINS and S_PROTOCOL < N_PROCESSED < N_ACCEPTED
+assert N_IPC_LOGINS < SESSION_COLS
 
 
 def session_shape(max_sessions: int) -> tuple[int, int]:

@@ -98,7 +98,7 @@ from exposure.shm.control import (
 )
 from exposure.shm.handle import Handle, bind, members
 from exposure.shm.ipc_layout import W_SLEEPING, W_TAIL, IpcError, IpcRing, ipc_name
-from exposure.shm.session_layout import N_REJ, S_DONE, S_DURABLE, S_HELD, S_REJ
+from exposure.shm.session_layout import N_PROCESSED, N_REJ, S_DONE, S_DURABLE, S_HELD, S_REJ
 
 __all__ = ["IngestStage", "PortLimits"]
 
@@ -269,6 +269,13 @@ class IngestStage(Stage):
         self.unacked: set[_Conn] = set()   # sessions with records not yet acknowledged
         self.backlog: set[_Conn] = set()   # sessions with answers the socket did not take
         self.sweep_at = 0
+        self._passes = 0   # after()'s passes, for the deadlines' clock
+        # after()'s look at the ACKs: row 0 of the session table (a memoryview: cheap
+        # reads), the key last looked at, and whether to look anyway next pass (an ACK
+        # held back by the interval, a session with new records or newly logged in)
+        self._gate = memoryview(sessions[0])
+        self._seen: tuple = ()
+        self._look = True
         self.scratch = bytearray(self.lim.read_budget)  # what closing connections send
         # A cluster's partition (index, account and source owner tables: exposure.core.partition)
         # marks what it does not own as wrong_partition; (-1, ...) is a whole-fund node.
@@ -398,18 +405,31 @@ class IngestStage(Stage):
         if self.pair:
             self._pair_state()
         if self.unacked and not self.fenced:
-            now = time.monotonic_ns()
-            for c in list(self.unacked):
-                if now >= c.ack_due:
-                    self._ack(c, now)
+            # An ACK moves only after compute's or the journal's row-0 word has (each is
+            # stored after the sessions' words: exposure.shm.session_layout), or the
+            # backup's, or an ACK held back by the interval, or a session newly unacked;
+            # else the sessions' rows are not looked at (they were, on every pass: each
+            # pass's cost delays the pick-up of the next event, for every session there is)
+            g = self._gate
+            key = (g[N_PROCESSED], g[S_DURABLE],
+                   int(self.ctl[CTL_REPL_RECV]) if self.replicated else 0, self.alone)
+            if key != self._seen or self._look:
+                self._seen = key  # (read before the rows: a later move shows next pass)
+                self._look = False
+                now = time.monotonic_ns()
+                for c in list(self.unacked):
+                    if self._ack(c, now):
+                        self._look = True
         if self.backlog:
             for c in list(self.backlog):
                 self._flush(c)
         if self.conns:
-            now = time.monotonic_ns()
-            if now >= self.sweep_at:
-                self.sweep_at = now + _SWEEP_NS
-                self._sweep(now)
+            self._passes += 1
+            if not self._passes & 63:  # deadlines (coarse: _SWEEP_NS); the clock every 64
+                now = time.monotonic_ns()
+                if now >= self.sweep_at:
+                    self.sweep_at = now + _SWEEP_NS
+                    self._sweep(now)
 
     def _show_seq(self, gseq: int) -> None:
         if gseq != self.seq_shown:
@@ -659,6 +679,7 @@ class IngestStage(Stage):
                 if self.replicated:
                     self._mark(c, held, now)
                 self.unacked.add(c)
+                self._look = True
             if why == RING_FULL:
                 self.cnt[_RING_FULL] += 1
                 if not c.stalled:
@@ -811,14 +832,16 @@ class IngestStage(Stage):
             self.rings.add(c)
             self.node[SL.N_IPC_LOGINS] += 1
         self.unacked.add(c)  # a first ACK tells the client what compute has processed
+        self._look = True
 
-    def _ack(self, c: _Conn, now: int) -> None:
+    def _ack(self, c: _Conn, now: int) -> bool:
         # Compute writes a session's reject counters, then (release) its S_DONE; reading
         # S_DONE first and the counters after is ordered on x86 (loads are not reordered
         # with loads) and Python does not reorder its own loads.
-        # (called on every pass while the session has unacknowledged events, mostly to find
-        # nothing new: its row's words through a memoryview, where numpy's 2-D indexing
-        # was 22% of a spinning hot process at 20,000 events/s)
+        # (called by after()'s look, on passes where row 0 moved, mostly to find nothing
+        # new: its row's words through a memoryview, where numpy's 2-D indexing was 22%
+        # of a spinning hot process at 20,000 events/s). True: an ACK is due but held back
+        # by the interval, so the next pass looks again.
         row = c.row
         done = row[S_DONE]
         if self.local or self.alone:  # acknowledged only once durable as well
@@ -830,12 +853,14 @@ class IngestStage(Stage):
             if not self.alone:
                 done = min(done, c.repl)
         if done > c.acked:
+            if now < c.ack_due:
+                return True  # held back by the interval (looked at again next pass)
             c.acked = done
             c.ack_due = now + self.ack_interval_ns
             if c.flags and done > c.rupto:
                 self._rejected(c, done)
                 if self.conns.get(c.fd) is not c:  # (it did not read its answers: closed)
-                    return
+                    return False
             # (tolist: one C call, where encode_ack's loop would box 16 numpy scalars)
             rej = self.sessions[c.session, S_REJ:S_REJ + N_REJ].tolist()
             if self.rlog is not None:
@@ -848,6 +873,7 @@ class IngestStage(Stage):
             self._send(c, W.encode_ack(done, rej))
         if c.acked >= c.held:
             self.unacked.discard(c)
+        return False
 
     def _rejected(self, c: _Conn, done: int) -> None:
         """Before the ACK of ``done``: a REJECTED frame listing the session's rejected seqs

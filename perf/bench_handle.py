@@ -107,7 +107,7 @@ def _compute(calls: int) -> dict:
         r = {"members": len(vals),
              "arrays_dispatcher_ns": _ns(C._step, (*vals, 0), calls // 4),
              "arrays_entry_ns": _ns(arrays_entry, (*vals, 0), calls),
-             "handle_entry_ns": _ns(stage._step, (stage.handle, 0), calls)}
+             "handle_entry_ns": _ns(stage._step, (stage.handle,), calls)}
         stage.close()
         return r
     finally:

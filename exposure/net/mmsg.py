@@ -9,8 +9,10 @@ numpy arrays (x86-64 / aarch64 Linux layouts: iovec = {void *base, size_t len}, 
 mmsghdr = {msghdr (56 bytes: name, namelen, iov, iovlen, control, controllen, flags),
 unsigned msg_len}, 64 bytes); each call only writes the bases and lengths.
 
-Where libc has no ``sendmmsg`` (not Linux), :class:`BatchSender` falls back to one
-``send`` per datagram, and :class:`BatchReceiver` to one ``recv_into`` per datagram.
+Sending is jitted (:func:`send_datagrams`: libc's ``send`` and ``sendmmsg`` called from
+numba, :mod:`exposure.shm.intrinsics`), so the fan-out's pass packs and sends in one call;
+one datagram goes by a plain ``send``. It needs Linux. Where libc has no ``recvmmsg``,
+:class:`BatchReceiver` falls back to one ``recv_into`` per datagram.
 
 A received datagram longer than its slot is truncated by the kernel (``MSG_TRUNC`` in
 ``msg_flags``); :class:`BatchReceiver` reports its length as the slot's plus one, which no
@@ -28,8 +30,9 @@ import numpy as np
 from numba import njit
 
 from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
+from exposure.shm.intrinsics import errno, sys_send, sys_sendmmsg
 
-__all__ = ["BatchSender", "BatchReceiver"]
+__all__ = ["BatchSender", "BatchReceiver", "send_datagrams"]
 
 _IOV_WORDS = 2    # struct iovec: base, len
 _MMSG_WORDS = 8   # struct mmsghdr: 64 bytes
@@ -43,17 +46,13 @@ _MSG_DONTWAIT = 0x40
 
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
-    _sendmmsg = _libc.sendmmsg
-    _sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
-    _sendmmsg.restype = ctypes.c_int
     _recvmmsg = _libc.recvmmsg
     _recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int,
                           ctypes.c_void_p]
     _recvmmsg.restype = ctypes.c_int
 except (OSError, AttributeError):  # pragma: no cover (not Linux)
-    _sendmmsg = _recvmmsg = None
+    _recvmmsg = None
 
-_OK = struct.calcsize("P") == 8 and _sendmmsg is not None
 _OK_RECV = struct.calcsize("P") == 8 and _recvmmsg is not None
 
 
@@ -70,62 +69,78 @@ def _fill_iov(iov, ends, lo, n, base):
     return n
 
 
+_EINTR = 4
+
+
+@njit(cache=True, _nrt=False)
+def send_datagrams(fd, iov, msgs_at, ends, d, base):
+    """Send datagrams ``0 .. d`` on the connected socket ``fd``: datagram k is bytes
+    ``ends[k - 1]:ends[k]`` (``ends[-1]`` read as 0) of the buffer at address ``base``; one
+    ``send`` for one datagram, else ``sendmmsg`` over ``iov`` (u8 ``[m, 2]``) and the
+    ``m`` message headers at address ``msgs_at``, at most ``m`` per call. A datagram the
+    socket refuses is counted and skipped; a call interrupted by a signal is made again.
+    Returns (datagrams refused, the last refusal's errno). Jitted, so that the fan-out's
+    one call per pass ends in the system call (``exposure.shm.intrinsics``)."""
+    refused = 0
+    err = 0
+    if d == 1:
+        while True:
+            r = sys_send(fd, base, ends[0], 0)
+            if r >= 0:
+                return 0, 0
+            err = errno()
+            if err != _EINTR:
+                return 1, err
+    most = iov.shape[0]
+    lo = 0
+    while lo < d:
+        n = _fill_iov(iov, ends, lo, min(d - lo, most), base)
+        k = 0
+        while k < n:
+            sent = sys_sendmmsg(fd, msgs_at + np.uint64(64 * k), n - k, 0)
+            if sent > 0:
+                k += sent
+                continue
+            e = errno()
+            if sent < 0 and e == _EINTR:
+                continue
+            err = e  # datagram k was refused: count it, go on with the next
+            refused += 1
+            k += 1
+        lo += n
+    return refused, err
+
+
 class BatchSender:
     """Sends datagrams that are slices of ``buf`` (a numpy array) on a connected UDP
     socket, at most ``max_msgs`` per system call. ``send(ends, d)``: datagram k is bytes
     ``ends[k - 1]:ends[k]`` of ``buf`` (``ends[-1]`` read as 0). Returns the datagrams the
-    socket refused; ``errors`` holds the last error's text."""
+    socket refused; ``last_error`` holds the last error's text. A jitted caller calls
+    :func:`send_datagrams` with :attr:`args` itself (the fan-out's pass does)."""
 
     def __init__(self, sock: socket.socket, buf: np.ndarray, max_msgs: int = 1024):
         self.sock = sock
         self.buf = buf
-        self.mv = memoryview(buf.view(np.uint8))
         self.max = max(1, max_msgs)
-        self.batched = _OK
         self.last_error = ""
-        if self.batched:
-            self.iov = np.zeros((self.max, _IOV_WORDS), np.uint64)
-            self.msgs = np.zeros((self.max, _MMSG_WORDS), np.uint64)
-            self.msgs[:, _MSG_IOV] = self.iov.ctypes.data + 16 * np.arange(self.max,
-                                                                          dtype=np.uint64)
-            self.msgs[:, _MSG_IOVLEN] = 1
-            self._base = np.uint64(buf.ctypes.data)
-            _fill_iov(self.iov, np.zeros(1, np.int64), 0, 1, self._base)  # compiled now
-            self._msgs_at = self.msgs.ctypes.data
+        self.iov = np.zeros((self.max, _IOV_WORDS), np.uint64)
+        self.msgs = np.zeros((self.max, _MMSG_WORDS), np.uint64)
+        self.msgs[:, _MSG_IOV] = self.iov.ctypes.data + 16 * np.arange(self.max,
+                                                                      dtype=np.uint64)
+        self.msgs[:, _MSG_IOVLEN] = 1
+        # (fd, iov, message headers' address, buffer's address): send_datagrams' own
+        self.args = (sock.fileno(), self.iov, np.uint64(self.msgs.ctypes.data),
+                     np.uint64(buf.ctypes.data))
+        fd, iov, at, base = self.args
+        send_datagrams(fd, iov, at, np.zeros(1, np.int64), 0, base)  # compiled now
 
     def send(self, ends: np.ndarray, d: int) -> int:
         if d <= 0:
             return 0
-        if d == 1 or not self.batched:  # one datagram: a plain send is as cheap
-            return self._one_by_one(ends, d)
-        refused = 0
-        fd = self.sock.fileno()
-        lo = 0
-        while lo < d:
-            n = _fill_iov(self.iov, ends, lo, min(d - lo, self.max), self._base)
-            k = 0
-            while k < n:
-                sent = _sendmmsg(fd, self._msgs_at + 64 * k, n - k, 0)
-                if sent > 0:
-                    k += sent
-                else:  # datagram k was refused: count it, go on with the next
-                    self.last_error = os.strerror(ctypes.get_errno())
-                    refused += 1
-                    k += 1
-            lo += n
-        return refused
-
-    def _one_by_one(self, ends: np.ndarray, d: int) -> int:
-        refused = 0
-        lo = 0
-        for k in range(d):
-            hi = int(ends[k])
-            try:
-                self.sock.send(self.mv[lo:hi])
-            except OSError as e:
-                self.last_error = e.strerror or str(e)
-                refused += 1
-            lo = hi
+        fd, iov, at, base = self.args
+        refused, err = send_datagrams(fd, iov, at, ends, d, base)
+        if refused:
+            self.last_error = os.strerror(err)
         return refused
 
 

@@ -12,6 +12,9 @@ Names say the memory semantics. Nothing else in the code base emits raw LLVM.
   (shared/NOTES.md shows numba doing all three to plain array accesses).
 * :func:`fence_seq_cst` - a full fence, needed only for store-then-load ordering ("I am
   going to sleep" then "is there work?"); about 5 ns.
+* :func:`clock_realtime_ns`, :func:`sys_send`, :func:`sys_sendmmsg`, :func:`errno` - libc
+  called by name from jitted code, so that a hot stage's one call per pass can read the
+  clock and end in its system call (the fan-out's send) without a return to Python.
 
 The ordering argument of a single-producer single-consumer ring: the producer writes the
 payload, then ``store_release(tail)``; the consumer ``load_acquire(tail)``, then reads the
@@ -28,7 +31,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["prefetch", "load_acquire", "store_release", "fence_seq_cst"]
+__all__ = ["prefetch", "load_acquire", "store_release", "fence_seq_cst", "clock_realtime_ns",
+           "sys_send", "sys_sendmmsg", "errno"]
 
 
 @intrinsic
@@ -108,5 +112,87 @@ def fence_seq_cst(typingctx):
     def codegen(context, builder, signature, args):
         builder.fence("seq_cst")
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ------------------------------------------------------------------ system calls
+# A hot stage's one jitted call per pass may end in the system call it exists for (the
+# fan-out's send) and read the clock, without going back to Python for either: these
+# call libc by name (the symbols resolve in the process when the code is loaded, so the
+# functions cache like any other). Linux with glibc or musl (``__errno_location``).
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_I8P = ir.IntType(8).as_pointer()
+
+
+def _libc(builder, name: str, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+@intrinsic
+def clock_realtime_ns(typingctx):
+    """``clock_gettime(CLOCK_REALTIME)`` in ns: what ``time.time_ns()`` returns (the vDSO,
+    no system call)."""
+    sig = types.int64()
+
+    def codegen(context, builder, signature, args):
+        ts = cgutils.alloca_once(builder, ir.LiteralStructType([_I64, _I64]))
+        builder.call(_libc(builder, "clock_gettime", _I32, [_I32, ts.type]), [_I32(0), ts])
+        sec = builder.load(cgutils.gep_inbounds(builder, ts, 0, 0))
+        nsec = builder.load(cgutils.gep_inbounds(builder, ts, 0, 1))
+        return builder.add(builder.mul(sec, _I64(1_000_000_000)), nsec)
+
+    return sig, codegen
+
+
+@intrinsic
+def sys_send(typingctx, fd, addr, length, flags):
+    """``send(fd, (void *) addr, length, flags)``: bytes sent, or -1 (see :func:`errno`)."""
+    if not all(isinstance(t, types.Integer) for t in (fd, addr, length, flags)):
+        return None
+    sig = types.int64(fd, addr, length, flags)
+
+    def codegen(context, builder, signature, args):
+        fdt, at, nt, ft = signature.args
+        fdv = context.cast(builder, args[0], fdt, types.int32)
+        a = builder.inttoptr(context.cast(builder, args[1], at, types.uint64), _I8P)
+        n = context.cast(builder, args[2], nt, types.int64)
+        fl = context.cast(builder, args[3], ft, types.int32)
+        return builder.call(_libc(builder, "send", _I64, [_I32, _I8P, _I64, _I32]),
+                            [fdv, a, n, fl])
+
+    return sig, codegen
+
+
+@intrinsic
+def sys_sendmmsg(typingctx, fd, addr, count, flags):
+    """``sendmmsg(fd, (struct mmsghdr *) addr, count, flags)``: messages sent, or -1."""
+    if not all(isinstance(t, types.Integer) for t in (fd, addr, count, flags)):
+        return None
+    sig = types.int64(fd, addr, count, flags)
+
+    def codegen(context, builder, signature, args):
+        fdt, at, ct, ft = signature.args
+        fdv = context.cast(builder, args[0], fdt, types.int32)
+        a = builder.inttoptr(context.cast(builder, args[1], at, types.uint64), _I8P)
+        c = context.cast(builder, args[2], ct, types.int32)
+        fl = context.cast(builder, args[3], ft, types.int32)
+        r = builder.call(_libc(builder, "sendmmsg", _I32, [_I32, _I8P, _I32, _I32]),
+                         [fdv, a, c, fl])
+        return builder.sext(r, _I64)
+
+    return sig, codegen
+
+
+@intrinsic
+def errno(typingctx):
+    """The calling thread's ``errno`` (read right after the call that failed)."""
+    sig = types.int64()
+
+    def codegen(context, builder, signature, args):
+        loc = builder.call(_libc(builder, "__errno_location", _I32.as_pointer(), []), [])
+        return builder.sext(builder.load(loc), _I64)
 
     return sig, codegen

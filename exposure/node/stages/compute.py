@@ -13,8 +13,6 @@ is taken.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from numba import njit
 
@@ -43,6 +41,7 @@ from exposure.node.stages.agent import Stage
 from exposure.shm import counters_layout as CN
 from exposure.shm import ring_layout as RL
 from exposure.shm.handle import Handle, bind, members
+from exposure.shm.intrinsics import clock_realtime_ns
 from exposure.shm.ring import ring_pop, ring_push, sleeping
 from exposure.shm.seqlock import write_begin, write_end
 
@@ -130,8 +129,9 @@ def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, c
 
 
 @njit(cache=True)
-def _step_bound(h, now_ns):
-    """:func:`_step` over the arrays of the stage's :class:`exposure.shm.handle.Handle`.
+def _step_bound(h):
+    """:func:`_step` over the arrays of the stage's :class:`exposure.shm.handle.Handle`,
+    stamped with the clock read here (``CLOCK_REALTIME``, as ``time.time_ns()``).
 
     ``_step`` and the engine functions it calls are inlined here (numba's
     ``inline="always"``), so the state's named tuple of arrays is never passed by value
@@ -144,7 +144,7 @@ def _step_bound(h, now_ns):
      oslots, cnt, pend) = members(h)
     return _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, cver,
                  ctrver, sess_flat, ncols, rlog, arows, irows, srows, prows, lrows, lim_sent,
-                 row_words, octrl, oslots, cnt, pend, now_ns)
+                 row_words, octrl, oslots, cnt, pend, clock_realtime_ns())
 
 
 class ComputeStage(Stage):
@@ -196,7 +196,7 @@ class ComputeStage(Stage):
                              self.row_words, self.out.ctrl, self.out.slots,
                              self.cnt, self.pend)
         # compiled (or loaded) now, before the node accepts sessions
-        self._step = bind(_step_bound, self.handle, 0)
+        self._step = bind(_step_bound, self.handle)
         # The idle check's two words as memoryviews (an index is half a numpy one's cost)
         self._tail = memoryview(self.inp.ctrl[RL.W_TAIL:])
         self._head = memoryview(self.inp.ctrl[RL.W_HEAD:])
@@ -205,7 +205,7 @@ class ComputeStage(Stage):
         """One step; returns the work done (0 = idle)."""
         if not self.pending and self._tail[0] == self._head[0]:
             return 0  # nothing on the ring (a plain read: the jitted pop re-reads, acquire)
-        work, self.pending, asleep = self._step(self.handle, time.time_ns())
+        work, self.pending, asleep = self._step(self.handle)
         if asleep:
             self.out.semaphore.release()  # a fan-out process that sleeps on the ring
         return work

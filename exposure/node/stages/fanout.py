@@ -22,6 +22,7 @@ from etcd holds its rows once its fence has expired.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 
@@ -57,12 +58,13 @@ from exposure.feed.wire import (
     FEED_VERSION,
 )
 from exposure.net.guard import RateLog
-from exposure.net.mmsg import BatchSender
+from exposure.net.mmsg import BatchSender, send_datagrams
 from exposure.node.stages.agent import Stage
 from exposure.shm import counters_layout as CN
 from exposure.shm import ring_layout as RL
 from exposure.shm.control import CTL_EPOCH, CTL_FANOUT_ERRORS, CTL_ROLE, ROLE_PRIMARY, may_act
 from exposure.shm.handle import Handle, bind, members
+from exposure.shm.intrinsics import clock_realtime_ns
 from exposure.shm.ring import ring_pop
 
 __all__ = ["FanoutStage"]
@@ -167,17 +169,23 @@ def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now, nacc, ninst, 
 
 
 @njit(cache=True, _nrt=False)
-def _pack_bound(h, epoch, seq, now, count):
+def _pack_bound(h, epoch, seq, send):
     """:func:`_pack` over the arrays of the stage's handle (ring, buffers, table sizes,
-    counters); with ``count``, the datagrams and rows made go to the counters. Returns
-    (rows popped, datagrams)."""
-    ctrl, slots, upd, last, per, out, ends, nacc, ninst, nsec, ncell, cnt = members(h)
-    n, d = _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now, nacc, ninst, nsec,
-                 ncell)
-    if count and d > 0:
+    counters, the sender's), stamped with the clock read here; with ``send``, the
+    datagrams go out in the same call (:func:`exposure.net.mmsg.send_datagrams`) and are
+    counted with their rows (a backup packs, to keep up, and sends nothing). Returns (rows
+    popped, datagrams, datagrams the socket refused, the last refusal's errno)."""
+    (ctrl, slots, upd, last, per, out, ends, nacc, ninst, nsec, ncell, cnt, fd, iov, msgs_at,
+     base) = members(h)
+    n, d = _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, clock_realtime_ns(),
+                 nacc, ninst, nsec, ncell)
+    refused = 0
+    err = 0
+    if send and d > 0:
+        refused, err = send_datagrams(fd, iov, msgs_at, ends, d, base)
         cnt[_DATAGRAMS] += np.uint64(d)
         cnt[_ROWS] += np.uint64((ends[d - 1] // 8 - d * _HDR_WORDS) // _ROW_WORDS)
-    return n, d
+    return n, d, refused, err
 
 
 @njit(cache=True)
@@ -252,8 +260,8 @@ class FanoutStage(Stage):
         # Bound once (exposure.shm.handle): the per-pass call passes the handle and scalars.
         self.handle = Handle(in_ring.ctrl, in_ring.slots, self.upd, self.last, self.per,
                              self.out, self.ends, self.nacc, self.ninst, self.nsec, self.ncell,
-                             self.cnt)
-        self._pack = bind(_pack_bound, self.handle, 0, 0, 0, True)  # compiled (or loaded) now
+                             self.cnt, *self.sender.args)
+        self._pack = bind(_pack_bound, self.handle, 0, 0, True)  # compiled (or loaded) now
         # The idle check's two words as memoryviews (an index is half a numpy one's cost)
         self._tail = memoryview(in_ring.ctrl[RL.W_TAIL:])
         self._head = memoryview(in_ring.ctrl[RL.W_HEAD:])
@@ -327,17 +335,16 @@ class FanoutStage(Stage):
             return 0
         if not self._may_send():
             if self.ctl is not None and self.ctl[CTL_ROLE] != ROLE_PRIMARY:
-                n, _ = self._pack(self.handle, self.epoch, self.seq, 0, False)
-                return n
+                return self._pack(self.handle, self.epoch, self.seq, False)[0]
             return 0  # fenced: nothing goes out (the ring fills; compute waits)
-        n, d = self._pack(self.handle, self.epoch, self.seq, time.time_ns(), True)
+        # popped, packed and sent in one call (the counters: counted there too)
+        n, d, refused, err = self._pack(self.handle, self.epoch, self.seq, True)
         if n == 0:
             return 0
         self.seq += d
-        refused = self.sender.send(self.ends, d)
         if refused:
-            self._lost(refused, self.sender.last_error)
-        self.sent[DG_INCREMENTAL] += d  # (the counters: counted by the jitted pack)
+            self._lost(refused, os.strerror(err))
+        self.sent[DG_INCREMENTAL] += d
         self.last_send = time.monotonic_ns()
         return n
 

@@ -226,3 +226,34 @@ def test_batch_sender_sends_every_slice_in_order_in_calls_of_at_most_max_msgs():
     finally:
         s.close()
         rx.close()
+
+
+def test_batch_sender_counts_what_the_socket_refuses_and_names_the_error():
+    """More than one datagram goes by sendmmsg from jitted code: refusals (here ICMP port
+    unreachable, reported on the next call as ECONNREFUSED) are counted, with the error's
+    text, and the rest is still sent; a failure is never raised."""
+    from exposure.net.mmsg import BatchSender
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("127.0.0.1", _closed_udp_port()))
+    buf = np.zeros(4096, np.uint8)
+    ends = np.arange(1, 9, dtype=np.int64) * 100  # 8 datagrams of 100 bytes
+    try:
+        bs = BatchSender(s, buf, max_msgs=4)
+        refused = sum(bs.send(ends, 8) for _ in range(5))
+        assert refused >= 1 and "refused" in bs.last_error.lower(), (refused, bs.last_error)
+    finally:
+        s.close()
+
+
+def test_the_jitted_clock_reads_what_time_time_ns_reads():
+    from numba import njit
+
+    from exposure.shm.intrinsics import clock_realtime_ns
+
+    now = njit(lambda: clock_realtime_ns())
+    now()
+    before = time.time_ns()
+    t = now()
+    after = time.time_ns()
+    assert before <= t <= after

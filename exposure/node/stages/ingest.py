@@ -450,6 +450,7 @@ class IngestStage(Stage):
         fenced = not may_act(ctl, time.monotonic_ns())
         if fenced != self.fenced:
             self.fenced = fenced
+            self._look = True  # (ACKs held while fenced: looked at again once not)
             ctl[CTL_FENCED] = int(fenced)
             log.log(logging.WARNING if fenced else logging.INFO, "%s (epoch %s): %s",
                     "fenced" if fenced else "no longer fenced", int(ctl[CTL_EPOCH]),

@@ -147,43 +147,38 @@ def clock_realtime_ns(typingctx):
     return sig, codegen
 
 
-@intrinsic
-def sys_send(typingctx, fd, addr, length, flags):
-    """``send(fd, (void *) addr, length, flags)``: bytes sent, or -1 (see :func:`errno`)."""
-    if not all(isinstance(t, types.Integer) for t in (fd, addr, length, flags)):
-        return None
-    sig = types.int64(fd, addr, length, flags)
+def _fd_call(name: str, nbits: int, doc: str):
+    """An intrinsic calling libc's ``name(int fd, void *addr, n, int flags)``, ``n`` and
+    the result ``nbits`` wide (``size_t``/``ssize_t``: 64; ``unsigned int``/``int``: 32),
+    the result sign-extended to int64; any integer arguments."""
+    nty = ir.IntType(nbits)
+    ntype = types.int64 if nbits == 64 else types.int32
 
-    def codegen(context, builder, signature, args):
-        fdt, at, nt, ft = signature.args
-        fdv = context.cast(builder, args[0], fdt, types.int32)
-        a = builder.inttoptr(context.cast(builder, args[1], at, types.uint64), _I8P)
-        n = context.cast(builder, args[2], nt, types.int64)
-        fl = context.cast(builder, args[3], ft, types.int32)
-        return builder.call(_libc(builder, "send", _I64, [_I32, _I8P, _I64, _I32]),
-                            [fdv, a, n, fl])
+    def typer(typingctx, fd, addr, n, flags):
+        if not all(isinstance(t, types.Integer) for t in (fd, addr, n, flags)):
+            return None
+        sig = types.int64(fd, addr, n, flags)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            fdt, at, nt, ft = signature.args
+            vals = [context.cast(builder, args[0], fdt, types.int32),
+                    builder.inttoptr(context.cast(builder, args[1], at, types.uint64), _I8P),
+                    context.cast(builder, args[2], nt, ntype),
+                    context.cast(builder, args[3], ft, types.int32)]
+            r = builder.call(_libc(builder, name, nty, [_I32, _I8P, nty, _I32]), vals)
+            return r if nbits == 64 else builder.sext(r, _I64)
+
+        return sig, codegen
+
+    typer.__name__ = typer.__qualname__ = f"sys_{name}"
+    typer.__doc__ = doc
+    return intrinsic(typer)
 
 
-@intrinsic
-def sys_sendmmsg(typingctx, fd, addr, count, flags):
-    """``sendmmsg(fd, (struct mmsghdr *) addr, count, flags)``: messages sent, or -1."""
-    if not all(isinstance(t, types.Integer) for t in (fd, addr, count, flags)):
-        return None
-    sig = types.int64(fd, addr, count, flags)
-
-    def codegen(context, builder, signature, args):
-        fdt, at, ct, ft = signature.args
-        fdv = context.cast(builder, args[0], fdt, types.int32)
-        a = builder.inttoptr(context.cast(builder, args[1], at, types.uint64), _I8P)
-        c = context.cast(builder, args[2], ct, types.int32)
-        fl = context.cast(builder, args[3], ft, types.int32)
-        r = builder.call(_libc(builder, "sendmmsg", _I32, [_I32, _I8P, _I32, _I32]),
-                         [fdv, a, c, fl])
-        return builder.sext(r, _I64)
-
-    return sig, codegen
+sys_send = _fd_call("send", 64, """``send(fd, (void *) addr, length, flags)``: bytes sent, or
+    -1 (see :func:`errno`).""")
+sys_sendmmsg = _fd_call("sendmmsg", 32, """``sendmmsg(fd, (struct mmsghdr *) addr, count,
+    flags)``: messages sent, or -1.""")
 
 
 @intrinsic

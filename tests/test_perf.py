@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from exposure.bench.loadgen import RunRaw, build_frames
+from exposure.bench.loadgen import RunRaw, build_frames, move_order_ids
 from exposure.bench.measure import collect_arrivals, seen_times, summarize
 from exposure.bench.tool import summarize_run
 from exposure.core.types import EVENT_DTYPE, ROW_ACCOUNT, T_CANCEL, T_MARK, T_NEW, UPDATE_DTYPE
@@ -93,6 +93,26 @@ def test_frames_carry_the_flow_and_mark_its_order_events():
     assert is_order.tolist() == [[True, False, True], [True, False, True], [True, True, False]]
 
 
+def test_a_new_order_id_range_moves_the_order_ids_of_order_events_and_nothing_else():
+    # (It once moved the price word instead: runs whose range reached the exponent sent
+    # prices the node rejected, and measured rejects.)
+    block = np.zeros(6, EVENT_DTYPE)
+    block["type"] = [T_NEW, T_MARK, T_CANCEL, T_NEW, T_MARK, T_NEW]
+    block["order_id"] = [1, 0, 1, 2, 0, 3]
+    block["price"] = 101.5
+    block["qty"] = 7
+    buf, fsz, is_order = build_frames(block, 3)
+    before = buf.copy()
+    move_order_ids(buf, fsz, is_order, 1, 0xFFFFF << 43)
+    recs = [np.frombuffer(p, EVENT_DTYPE) for _, p in W.FrameReader().feed(buf.tobytes())]
+    assert recs[0]["order_id"].tolist() == [1, 0, 1]  # frame 0 untouched
+    assert recs[1]["order_id"].tolist() == [2 + (0xFFFFF << 43), 0, 3 + (0xFFFFF << 43)]
+    for r in recs:
+        assert r["price"].tolist() == [101.5] * 3 and r["qty"].tolist() == [7] * 3
+    changed = np.nonzero(buf != before)[0]
+    assert len(changed) and changed.min() >= fsz and changed.max() < 2 * fsz
+
+
 def _perf(node: LocalNode, *args: str, log: list | None = None) -> dict:
     r = subprocess.run([sys.executable, "-m", "exposure", "perf", *args, "--config",
                         str(node.config), "--json"], capture_output=True, text=True,
@@ -119,6 +139,7 @@ def test_a_latency_run_against_a_real_node_sees_and_acknowledges_everything(node
     for k in ("p50_us", "p90_us", "p99_us", "p999_us", "max_us", "rate", "sent", "lost"):
         assert k in r
     assert r["sent"] == r["seen"] == r["acknowledged"] == 2400 and r["lost"] == 0
+    assert r["rejected"] == 0  # the flow is valid: the node applied it
     assert 0 < r["p50_us"] <= r["p99_us"] <= r["max_us"]
     assert set(r["stages"]) == {"client_to_ingest", "ingest_to_compute", "compute_to_fanout",
                                 "fanout_to_client"}
@@ -126,6 +147,7 @@ def test_a_latency_run_against_a_real_node_sees_and_acknowledges_everything(node
     # A second run against the same node continues the session and the order ids.
     again = _perf(node, "latency", "--rate", "2000", "--duration", "0.5", "--warmup", "0")
     assert again["node"]["lost"] == 0 and again["node"]["acknowledged"] == 1000
+    assert again["node"]["rejected"] == 0  # a fresh order-id range: no duplicate order
 
 
 @pytest.mark.process
@@ -152,4 +174,4 @@ def test_throughput_mode_reports_the_highest_rate_it_sustained(node):
         assert r["sent"] == 0
         return
     assert r["sustained_rate"] in (20000, 40000) and r["lost"] == 0
-    assert r["acknowledged"] == r["sent"] > 0
+    assert r["acknowledged"] == r["sent"] > 0 and r["rejected"] == 0

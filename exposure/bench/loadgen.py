@@ -22,15 +22,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from exposure.core.types import EVENT_WORDS, T_CANCEL, T_DONE, T_FILL, T_NEW, T_REPLACE, W_SSEQ
+from exposure.core.types import (
+    EVENT_WORDS,
+    T_CANCEL,
+    T_DONE,
+    T_FILL,
+    T_NEW,
+    T_REPLACE,
+    W_ORDER_ID,
+    W_SEND_NS,
+    W_SSEQ,
+)
 from exposure.feed.wire import open_receiver
 from exposure.harness.machine import steal_ms
 from exposure.net import wire as W
 
-__all__ = ["RunRaw", "open_loop", "build_frames"]
+__all__ = ["RunRaw", "open_loop", "build_frames", "move_order_ids"]
 
-_W_SEND = 16 // 8      # send_ns word of a record
-_W_OID = 64 // 8       # order_id word of a record
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; Python does not export it
 _ORDER_TYPES = (T_NEW, T_FILL, T_REPLACE, T_CANCEL, T_DONE)
 
@@ -53,6 +61,17 @@ def build_frames(block: np.ndarray, frame: int) -> tuple[np.ndarray, int, np.nda
     return buf, fbytes, is_order
 
 
+def move_order_ids(buf: np.ndarray, fbytes: int, is_order: np.ndarray, j: int,
+                   delta: int) -> None:
+    """Add ``delta`` to the order id of every order event of frame ``j`` of ``buf`` (as
+    :func:`build_frames` made it), in place: a run's fresh order-id range, a new cycle of
+    the block. Nothing else of the records moves (the word is the types module's)."""
+    frame = is_order.shape[1]
+    w0 = (j * fbytes + W.HEADER.size) // 8
+    ids = buf.view(np.uint64)[w0 + W_ORDER_ID:w0 + frame * EVENT_WORDS:EVENT_WORDS]
+    ids[is_order[j]] += np.uint64(delta)
+
+
 @dataclass
 class RunRaw:
     """What one open-loop run saw (times are CLOCK_REALTIME ns)."""
@@ -64,6 +83,10 @@ class RunRaw:
     send_ns: np.ndarray             # per event: when its frame went out (0: never sent)
     datagrams: list = field(default_factory=list)   # (receipt ns, bytes)
     ack_log: list = field(default_factory=list)     # (receipt ns, acknowledged seq)
+    # The session's reject counters (per reason) in the first and the last ACK of the run:
+    # their difference is what the node rejected of this run (after the first ACK's seq).
+    rejects_first: list | None = None
+    rejects_last: list | None = None
     late_sends: int = 0             # frames sent more than 50 us after they were due
     steal_ms: float = 0.0
     wall_s: float = 0.0             # from the first due time to the last send
@@ -84,6 +107,14 @@ class RunRaw:
         """Events of this run the node acknowledged (processed)."""
         top = max((s for _, s in self.ack_log), default=0)
         return int(min(max(0, top - self.first_sseq + 1), len(self.send_ns)))
+
+    @property
+    def rejected(self) -> int:
+        """Events of this run the node rejected, after the first ACK (a run whose flow
+        the node rejects measures rejects, not the tallies: every flow here is valid)."""
+        if self.rejects_first is None or self.rejects_last is None:
+            return 0
+        return int(sum(self.rejects_last) - sum(self.rejects_first))
 
 
 def _login(sock: socket.socket, session: int, timeout: float = 10.0,
@@ -137,12 +168,8 @@ def open_loop(host: str, port: int, group: str, mport: int, interface: str,
         uv = fbuf.view(np.uint64)
         cycle_of = np.zeros(nblock, np.int64)  # how often each frame's order ids moved on
         # A fresh order-id range per run (ids are unique per source), moved on per cycle.
-        if oid_base is None:
-            oid_base = (time.time_ns() // 1000 & 0xFFFFF) << 43
         for j in range(nblock):
-            w0 = (j * fsz + W.HEADER.size) // 8
-            uv[w0 + _W_OID:w0 + frame * EVENT_WORDS:EVENT_WORDS][is_order[j]] += \
-                np.uint64(oid_base)
+            move_order_ids(fbuf, fsz, is_order, j, oid_base)
         nframes = -(-n_events // frame)
         n_events = nframes * frame  # whole frames only
         period = 1e9 / rate
@@ -179,19 +206,18 @@ def open_loop(host: str, port: int, group: str, mport: int, interface: str,
                 off = j * fsz
                 w0 = (off + W.HEADER.size) // 8
                 if cyc != cycle_of[j]:  # a new cycle of the block: new order ids
-                    uv[w0 + _W_OID:w0 + frame * EVENT_WORDS:EVENT_WORDS][is_order[j]] += \
-                        np.uint64((cyc - cycle_of[j]) << 36)
+                    move_order_ids(fbuf, fsz, is_order, j, int(cyc - cycle_of[j]) << 36)
                     cycle_of[j] = cyc
                 cnt = frame
                 ts = time.time_ns()
                 if cnt == 1:  # the latency path: no numpy on it
                     pack_q(fmv, off + W.HEADER.size + 8 * W_SSEQ, first + ev0)
-                    pack_q(fmv, off + W.HEADER.size + 8 * _W_SEND, ts)
+                    pack_q(fmv, off + W.HEADER.size + 8 * W_SEND_NS, ts)
                     send_ns[ev0] = ts
                 else:
                     uv[w0 + W_SSEQ:w0 + cnt * EVENT_WORDS:EVENT_WORDS] = np.arange(
                         first + ev0, first + ev0 + cnt, dtype=np.uint64)
-                    sv[w0 + _W_SEND:w0 + cnt * EVENT_WORDS:EVENT_WORDS] = ts
+                    sv[w0 + W_SEND_NS:w0 + cnt * EVENT_WORDS:EVENT_WORDS] = ts
                     send_ns[ev0:ev0 + cnt] = ts
                 if now - pc0 - due[k] > 50_000:
                     raw.late_sends += 1
@@ -233,8 +259,11 @@ def open_loop(host: str, port: int, group: str, mport: int, interface: str,
                     t = time.time_ns()
                     for kind, payload in rd.feed(data):
                         if kind == W.K_ACK:
-                            acked = W.decode_ack(payload)[0]
+                            acked, rej = W.decode_ack(payload)
                             raw.ack_log.append((t, acked))
+                            if raw.rejects_first is None:
+                                raw.rejects_first = rej
+                            raw.rejects_last = rej
         raw.wall_s = (last_send - pc0) / 1e9
         raw.steal_ms = steal_ms() - stolen0
         ep.close()

@@ -9,7 +9,8 @@
   of the first multicast update that reflects it; HdrHistogram percentiles.
 * ``throughput``: frames of ``--frame`` events; the highest rate (doubling, then
   bisecting) that runs ``--duration`` seconds with every event sent on time, every event
-  acknowledged within a second of the last send and seen on multicast, nothing lost.
+  acknowledged within a second of the last send and seen on multicast, nothing lost and
+  nothing rejected (the flow is valid: a node that rejects it is not measuring tallies).
 * ``compare``: ``latency`` on the node, then on the floor (``perf/floor.py``: the same
   client and transports, a server that does nothing) and on the two-tier design the fund
   had before (``perf/twotier.py``: the same kernel, its state in a real ``redis-server``),
@@ -284,6 +285,7 @@ def summarize_run(raw: RunRaw, warmup: float, cpu: dict | None = None) -> dict:
         "target_rate": raw.rate,
         "sent": raw.sent,
         "acknowledged": raw.acknowledged,
+        "rejected": raw.rejected,
         "seen": int(np.count_nonzero(seen)),
         "lost": int(raw.sent - np.count_nonzero(seen[raw.send_ns > 0])),
         "measured": int(ok.sum()),
@@ -307,7 +309,7 @@ def _median(runs: list[dict]) -> dict:
     out["hist"] = [statistics.median(v) for v in zip(*(r["hist"] for r in runs), strict=True)]
     for k in KEYS + ("rate",):
         out[k] = statistics.median(r[k] for r in runs)
-    for k in ("sent", "acknowledged", "seen", "lost", "measured"):
+    for k in ("sent", "acknowledged", "rejected", "seen", "lost", "measured"):
         out[k] = sum(r[k] for r in runs)
     out["runs"] = [{k: r[k] for k in KEYS + ("rate", "lost", "steal_ms")} for r in runs]
     return out
@@ -321,7 +323,7 @@ def _latency(target: Target, a, block: np.ndarray, session: int, log=None) -> di
         runs.append(r)
         if log is not None:
             log(f"  run {k + 1}/{a.runs}: p50 {r['p50_us']:,.1f} us, p99 {r['p99_us']:,.0f} "
-                f"us, lost {r['lost']}, steal {r.get('steal_ms', 0):,.0f} ms")
+                f"us, lost {r['lost']}, rejected {r['rejected']}, steal {r.get('steal_ms', 0):,.0f} ms")
     res = _median(runs)
     res["crossings"] = target.crossings()
     if target.stats():
@@ -333,9 +335,10 @@ def _throughput(target: Target, a, block: np.ndarray, session: int, log) -> dict
     def trial(rate: float) -> tuple[bool, dict]:
         r = measure_run(target, block, rate, a.duration, 0.0, session, frame=a.frame,
                         client_cpu=a.client_cpu)
-        good = (r["lost"] == 0 and r["acknowledged"] == r["sent"]
+        good = (r["lost"] == 0 and r["acknowledged"] == r["sent"] and r["rejected"] == 0
                 and r["rate"] >= 0.97 * rate and r["catch_up_ms"] <= 1000)
         log(f"  {rate:>12,.0f} events/s: achieved {r['rate']:,.0f}, lost {r['lost']}, "
+            f"rejected {r['rejected']:,}, "
             f"acknowledged {r['acknowledged']:,}/{r['sent']:,} (last {r['catch_up_ms']:,.0f} ms "
             f"after the last send), p99 {r['p99_us']:,.0f} us "
             f"-> {'sustained' if good else 'not sustained'}")
@@ -400,7 +403,8 @@ def _print_table(res: dict, mode: str, delay_us: float, proj: dict | None) -> No
             extra.append(f"acknowledged p50 {r['ack']['p50_us']:.0f}us p99 "
                          f"{r['ack']['p99_us']:.0f}us")
         extra.append(f"late sends {r.get('late_sends', 0)}, steal {r.get('steal_ms', 0):.0f}"
-                     f" ms, stream gaps {r.get('stream_gaps', 0)}")
+                     f" ms, stream gaps {r.get('stream_gaps', 0)}, rejected "
+                     f"{r.get('rejected', 0)}")
         if "sustained_rate" in r:
             extra.append(f"sustained {r['sustained_rate']:,.0f} events/s")
         if node is not None and r is not node and node["p50_us"] > 0:

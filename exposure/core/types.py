@@ -114,7 +114,9 @@ EVENT_WORDS = EVENT_SIZE // 8
 # dtype (numpy copies and indexes structured arrays field by field: microseconds each).
 W_GSEQ = EVENT_DTYPE.fields["gseq"][1] // 8
 W_SSEQ = EVENT_DTYPE.fields["sseq"][1] // 8
+W_SEND_NS = EVENT_DTYPE.fields["send_ns"][1] // 8
 W_RECV_NS = EVENT_DTYPE.fields["recv_ns"][1] // 8
+W_ORDER_ID = EVENT_DTYPE.fields["order_id"][1] // 8
 W_SESSION = EVENT_DTYPE.fields["session"][1] // 8   # low half; source is the high half
 W_EPOCH = EVENT_DTYPE.fields["epoch"][1] // 8       # low half; crc is the high half
 W_ACCOUNT = EVENT_DTYPE.fields["account"][1] // 8   # low half; instrument is the high half

@@ -323,7 +323,8 @@ def _latency(target: Target, a, block: np.ndarray, session: int, log=None) -> di
         runs.append(r)
         if log is not None:
             log(f"  run {k + 1}/{a.runs}: p50 {r['p50_us']:,.1f} us, p99 {r['p99_us']:,.0f} "
-                f"us, lost {r['lost']}, rejected {r['rejected']}, steal {r.get('steal_ms', 0):,.0f} ms")
+                f"us, lost {r['lost']}, rejected {r['rejected']}, "
+                f"steal {r.get('steal_ms', 0):,.0f} ms")
     res = _median(runs)
     res["crossings"] = target.crossings()
     if target.stats():

@@ -65,6 +65,8 @@ def test_a_file_overrides_only_what_it_names(tmp_path):
     ("[rings]\ncompute = 1000\n", "rings.compute: ring capacity 1000"),
     ("[capacities]\nsources = 70000\n", "sources=70000"),
     ("[fanout]\ngroup = '10.0.0.1'\n", "not a multicast address"),
+    ("[fanout]\nmax_datagram = 100\n", "fanout.max_datagram = 100: 0 (the interface's MTU) or 256..65000"),
+    ("[fanout]\nmax_datagram = 65001\n", "fanout.max_datagram = 65001"),
     ("[node]\nname = 'a/b'\n", "node.name = 'a/b'"),
     ("[[process]]\nname='a'\nstages=['ingest','compute']\ncpu=0\nwait='block'\n",
      "stage(s) fanout, journal run in no process"),

@@ -12,6 +12,8 @@ import pytest
 from exposure.core.capacity import Capacities
 from exposure.core.types import (
     INSTRUMENT_ROW_DTYPE,
+    MAX_DATAGRAM,
+    ROW_SIZE,
     ROW_ACCOUNT,
     ROW_FUND,
     ROW_INSTRUMENT,
@@ -24,6 +26,9 @@ from exposure.feed.wire import (
     DG_HEARTBEAT,
     DG_INCREMENTAL,
     DG_REFRESH,
+    DGRAM_HEADER,
+    FALLBACK_DATAGRAM,
+    datagram_size,
     open_receiver,
     parse_datagram,
     rows_of,
@@ -122,6 +127,40 @@ def test_rows_conflate_per_kind_and_id_and_carry_the_epoch():
         fo.close()
         rx.close()
         ring.close()
+
+
+def test_a_datagram_is_as_large_as_the_interface_allows_unless_configured():
+    # Loopback's MTU is 65,536: one datagram of 406 rows where 1,400 bytes would take 51.
+    ring = _ring(1024)
+    group, port = free_group(), free_port()
+    rx = open_receiver(group, port)
+    rx.settimeout(2)
+    _, st = allocate(CAPS)
+    fo = FanoutStage(ring, group, port, "127.0.0.1", 1, 0, st, epoch=1, ctl=_ctl(1),
+                     refresh_rows_per_s=0)
+    try:
+        per = (MAX_DATAGRAM - DGRAM_HEADER.size) // ROW_SIZE
+        assert fo.max_datagram == MAX_DATAGRAM and fo.per == per == 406
+        rows = np.concatenate([_row(ROW_ACCOUNT, k, k + 1) for k in range(CAPS.accounts)]
+                              + [_row(ROW_INSTRUMENT, k, 100 + k) for k in range(64)]
+                              + [_row(ROW_FUND, -1, 500)] * 500)  # 81 rows after conflation
+        assert ring.push(rows) == len(rows) and fo.poll() == len(rows)
+        d = parse_datagram(rx.recv(65536))
+        assert d.type == DG_INCREMENTAL and len(d.updates) == CAPS.accounts + 64 + 1
+        assert fo.seq == 1  # one datagram for the whole batch
+    finally:
+        fo.close()
+        rx.close()
+        ring.close()
+
+
+def test_the_datagram_size_falls_back_where_the_system_cannot_say_the_mtu():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # not connected: no path MTU
+    try:
+        assert datagram_size(s, 0) == FALLBACK_DATAGRAM == 1400
+        assert datagram_size(s, 9000) == 9000  # a configured size is taken as it is
+    finally:
+        s.close()
 
 
 def test_an_idle_feed_sends_heartbeats_with_the_last_seq():

@@ -116,7 +116,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -155,7 +154,14 @@ from exposure.core.types import (
 )
 from exposure.engine.kernel import account_values, apply_batch, cell_home, order_home
 from exposure.engine.publish import count_sessions, set_values
-from exposure.feed.wire import DG_INCREMENTAL, DGRAM_HEADER, DGRAM_MAGIC, dgram_word
+from exposure.feed.wire import (
+    DG_INCREMENTAL,
+    DGRAM_HEADER,
+    DGRAM_MAGIC,
+    datagram_size,
+    dgram_word,
+    open_sender,
+)
 from exposure.node.stages.ingest import IngestStage
 from exposure.shm import ring_layout as RL
 from exposure.shm.ring import Ring, ring_pop
@@ -806,14 +812,9 @@ class Publisher:
     """Tally updates as multicast datagrams in exactly the fan-out's format."""
 
     def __init__(self, group: str, port: int, interface: str, ttl: int, max_datagram: int):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
-        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
-        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                             socket.inet_aton(interface))
-        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-        self.sock.connect((group, port))
-        self.per = max(1, (max_datagram - DGRAM_HEADER.size) // UPDATE_DTYPE.itemsize)
+        self.sock = open_sender(group, port, interface, ttl)
+        size = datagram_size(self.sock, max_datagram)  # (0: the interface's MTU, as the node)
+        self.per = max(1, (size - DGRAM_HEADER.size) // UPDATE_DTYPE.itemsize)
         self.seq = 0
 
     def send(self, upd: np.ndarray) -> None:

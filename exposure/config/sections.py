@@ -15,7 +15,7 @@ from exposure.config.paths import data_dir
 from exposure.config.values import address, is_loopback, port
 from exposure.core.capacity import Capacities, CapacityError
 from exposure.core.currency import Currencies, CurrencyError
-from exposure.core.types import EVENT_SIZE
+from exposure.core.types import EVENT_SIZE, MAX_DATAGRAM
 from exposure.shm.ring_layout import RingLayoutError, check_capacity
 from exposure.store.journal import FSYNC_POLICIES
 
@@ -103,10 +103,13 @@ def fanout(fo: dict) -> dict:
     _ip(fo["interface"])
     if not grp.is_multicast:
         raise ConfigError(f"fanout.group = {fo['group']!r} is not a multicast address")
-    for key, lo, hi in (("ttl", 0, 255), ("max_datagram", 256, 65000),
-                        ("heartbeat_ms", 10, 60_000), ("refresh_rows_per_s", 0, 1_000_000)):
+    for key, lo, hi in (("ttl", 0, 255), ("heartbeat_ms", 10, 60_000),
+                        ("refresh_rows_per_s", 0, 1_000_000)):
         if not lo <= fo[key] <= hi:
             raise ConfigError(f"fanout.{key} = {fo[key]}: {lo}..{hi}")
+    if fo["max_datagram"] != 0 and not 256 <= fo["max_datagram"] <= MAX_DATAGRAM:
+        raise ConfigError(f"fanout.max_datagram = {fo['max_datagram']}: 0 (the interface's "
+                          f"MTU) or 256..{MAX_DATAGRAM}")
     if fo["snapshot_port"]:
         port(fo["snapshot_port"], "fanout.snapshot_port")
     _ip(fo["snapshot_host"], f"fanout.snapshot_host = {fo['snapshot_host']!r}: ")

@@ -334,6 +334,8 @@ ROW_LIMITS = 6    # feed version 4: an account's limits (id = the account)
 ROW_KINDS = {ROW_ACCOUNT: "account", ROW_FUND: "fund", ROW_INSTRUMENT: "instrument",
              ROW_SECTOR: "sector", ROW_POSITION: "position", ROW_LIMITS: "limits"}
 ROW_SIZE = 160
+# The largest feed datagram (``[fanout] max_datagram``; under UDP's 65,507 bytes on IPv4).
+MAX_DATAGRAM = 65000
 NO_SESSION = 0xFFFFFFFF
 _HEAD_NAMES = ["kind", "breach", "breach_prev", "flags", "id", "epoch", "session", "gseq",
                "sseq", "send_ns", "recv_ns", "compute_ns"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 
 import numpy as np
@@ -56,6 +55,8 @@ from exposure.feed.wire import (
     DGRAM_HEADER,
     DGRAM_MAGIC,
     FEED_VERSION,
+    datagram_size,
+    open_sender,
 )
 from exposure.net.guard import RateLog
 from exposure.net.mmsg import BatchSender, send_datagrams
@@ -232,14 +233,13 @@ class FanoutStage(Stage):
         self._ctl = memoryview(ctl) if ctl is not None else None
         self.pair = pair and ctl is not None  # a fenced primary holds its rows
         self.dest = (group, port)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
-        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
-        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                             socket.inet_aton(interface))
-        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-        self.sock.connect(self.dest)  # send() on a connected socket skips a route lookup
-        self.per = max(1, (max_datagram - DGRAM_HEADER.size) // ROW_SIZE)
+        self.sock = open_sender(group, port, interface, ttl)
+        # (0: as large as the interface's MTU allows: fewer datagrams under load, the
+        # kernel's cost being per datagram; docs/feed.md)
+        self.max_datagram = datagram_size(self.sock, max_datagram)
+        self.per = max(1, (self.max_datagram - DGRAM_HEADER.size) // ROW_SIZE)
+        log.info("fan-out: %s:%d through %s, datagrams of up to %d bytes (%d rows)",
+                 group, port, interface, self.max_datagram, self.per)
         self.epoch = epoch
         self.seq = 0
         self.send_errors = 0

@@ -13,11 +13,11 @@ from exposure.core.capacity import Capacities
 from exposure.core.types import (
     INSTRUMENT_ROW_DTYPE,
     MAX_DATAGRAM,
-    ROW_SIZE,
     ROW_ACCOUNT,
     ROW_FUND,
     ROW_INSTRUMENT,
     ROW_SECTOR,
+    ROW_SIZE,
     SECTOR_ROW_DTYPE,
     UPDATE_DTYPE,
 )

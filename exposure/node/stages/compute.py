@@ -153,7 +153,7 @@ class ComputeStage(Stage):
     name = "compute"
     fed_by = "ingest"
 
-    def __init__(self, segment, sessions: np.ndarray, in_ring, out_ring, batch: int = 4096,
+    def __init__(self, segment, sessions: np.ndarray, in_ring, out_ring, batch: int = 8192,
                  counters: np.ndarray | None = None, rejects: np.ndarray | None = None,
                  positions: bool = True, pos_chunk: int = _POS_CHUNK):
         self.cnt = CN.or_private(counters)

@@ -1,6 +1,7 @@
 """The fixed cost of one pass of each hot stage, in ns, measured in-process (issue 30).
 
-    python -m perf.bench_stage_pass [--passes 200000] [--events 20000] [--runs 5] [--json]
+    python -m perf.bench_stage_pass [--passes 200000] [--events 20000] [--runs 5]
+                                    [--evict MIB] [--json]
 
 Builds the stages as a node's processes do (a tally segment of the default capacities, the
 compute and fan-out rings, the counters) but in this one process, and times their public
@@ -14,6 +15,10 @@ compute and fan-out rings, the counters) but in this one process, and times thei
   ``sendmmsg`` included; journal: one record written with ``fsync = none``, the ``writev``
   included); median over ``--events`` passes, each timed alone (the clock's own cost,
   measured, subtracted), the input put on the ring and the output drained outside the timer.
+  With ``--evict MIB``, a buffer of that size is written between passes (outside the timer),
+  so each pass starts with the caches holding none of the stage's state: the cost of an
+  event that finds them cold, as on a node whose events come tens of microseconds apart
+  on a shared machine.
 
 Uses only the stages' constructors and ``poll()``, so the same file measures an older
 checkout (``PYTHONPATH=<checkout> python <this file>``). Steal and load are reported.
@@ -60,11 +65,17 @@ def _idle(poll, passes: int) -> float:
     return (time.perf_counter_ns() - t0) / passes
 
 
+_EVICT: np.ndarray | None = None  # --evict: written between one-record passes
+
+
 def _one(poll, feed, drain, events: int, clock: float) -> float:
     ts = []
     pc = time.perf_counter_ns
+    ev = _EVICT
     for k in range(events):
         feed(k)
+        if ev is not None:
+            ev += 1  # every cache line of a buffer larger than the caches
         t0 = pc()
         poll()
         t1 = pc()
@@ -172,14 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=int, default=20_000, help="one-record passes per run")
     p.add_argument("--runs", type=int, default=5, help="runs (medians reported)")
     p.add_argument("--stages", default="compute,fanout,journal")
+    p.add_argument("--evict", type=int, default=0,
+                   help="MiB written between one-record passes (0: none)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    global _EVICT
+    _EVICT = np.zeros(a.evict << 17, np.uint64) if a.evict > 0 else None
     steal0 = steal_ticks()
     load0 = os.getloadavg()[0]
     clock = _clock_ns()
     tag = uuid.uuid4().hex[:6]
     fns = {"compute": _compute, "fanout": _fanout, "journal": _journal}
-    out: dict = {"clock_ns": round(clock, 1)}
+    out: dict = {"clock_ns": round(clock, 1), "evict_mib": a.evict}
     for name in a.stages.split(","):
         runs = [fns[name](f"{tag}{k}", a.passes, a.events, clock) for k in range(a.runs)]
         out[name] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}

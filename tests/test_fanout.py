@@ -1,6 +1,7 @@
 """The fan-out stage in-process: conflation per row kind, the epoch in every row, heartbeats
 that repeat the last seq, a refresh cycle of published rows, and send errors counted."""
 
+import contextlib
 import os
 import socket
 import time
@@ -63,6 +64,27 @@ def _ctl(epoch: int = 1) -> np.ndarray:
     return ctl
 
 
+@contextlib.contextmanager
+def _feed(st, max_datagram: int, epoch: int, ring_cap: int = 64, **kw):
+    """A fan-out of ``st`` (as primary of ``epoch``) from a fresh ring to a fresh group that
+    a receiver has joined (its socket times out after 2 s); yields (ring, stage, receiver)
+    and closes all three."""
+    ring = _ring(ring_cap)
+    group, port = free_group(), free_port()
+    rx = open_receiver(group, port)
+    rx.settimeout(2)
+    try:
+        fo = FanoutStage(ring, group, port, "127.0.0.1", 1, max_datagram, st, epoch=epoch,
+                         ctl=_ctl(epoch), **kw)
+        try:
+            yield ring, fo, rx
+        finally:
+            fo.close()
+    finally:
+        rx.close()
+        ring.close()
+
+
 def _row(kind: int, rid: int, gseq: int) -> np.ndarray:
     dt = {ROW_INSTRUMENT: INSTRUMENT_ROW_DTYPE, ROW_SECTOR: SECTOR_ROW_DTYPE}.get(kind,
                                                                               UPDATE_DTYPE)
@@ -100,14 +122,8 @@ def test_datagrams_the_socket_refuses_are_counted_and_the_stage_goes_on():
 
 
 def test_rows_conflate_per_kind_and_id_and_carry_the_epoch():
-    ring = _ring()
-    group, port = free_group(), free_port()
-    rx = open_receiver(group, port)
-    rx.settimeout(2)
     _, st = allocate(CAPS)
-    fo = FanoutStage(ring, group, port, "127.0.0.1", 1, 1400, st, epoch=5, ctl=_ctl(5),
-                     refresh_rows_per_s=0)
-    try:
+    with _feed(st, 1400, 5, refresh_rows_per_s=0) as (ring, fo, rx):
         rows = [_row(ROW_ACCOUNT, 3, 1), _row(ROW_INSTRUMENT, 3, 2), _row(ROW_SECTOR, 3, 3),
                 _row(ROW_ACCOUNT, 3, 4), _row(ROW_FUND, -1, 5), _row(ROW_INSTRUMENT, 3, 6),
                 _row(ROW_INSTRUMENT, 9, 7), _row(ROW_FUND, -1, 8)]
@@ -123,22 +139,12 @@ def test_rows_conflate_per_kind_and_id_and_carry_the_epoch():
         assert got == [(ROW_SECTOR, 3, 3, 5), (ROW_ACCOUNT, 3, 4, 5),
                        (ROW_INSTRUMENT, 3, 6, 5), (ROW_INSTRUMENT, 9, 7, 5),
                        (ROW_FUND, -1, 8, 5)]
-    finally:
-        fo.close()
-        rx.close()
-        ring.close()
 
 
 def test_a_datagram_is_as_large_as_the_interface_allows_unless_configured():
     # Loopback's MTU is 65,536: one datagram of 406 rows where 1,400 bytes would take 51.
-    ring = _ring(1024)
-    group, port = free_group(), free_port()
-    rx = open_receiver(group, port)
-    rx.settimeout(2)
     _, st = allocate(CAPS)
-    fo = FanoutStage(ring, group, port, "127.0.0.1", 1, 0, st, epoch=1, ctl=_ctl(1),
-                     refresh_rows_per_s=0)
-    try:
+    with _feed(st, 0, 1, ring_cap=1024, refresh_rows_per_s=0) as (ring, fo, rx):
         per = (MAX_DATAGRAM - DGRAM_HEADER.size) // ROW_SIZE
         assert fo.max_datagram == MAX_DATAGRAM and fo.per == per == 406
         rows = np.concatenate([_row(ROW_ACCOUNT, k, k + 1) for k in range(CAPS.accounts)]
@@ -148,10 +154,6 @@ def test_a_datagram_is_as_large_as_the_interface_allows_unless_configured():
         d = parse_datagram(rx.recv(65536))
         assert d.type == DG_INCREMENTAL and len(d.updates) == CAPS.accounts + 64 + 1
         assert fo.seq == 1  # one datagram for the whole batch
-    finally:
-        fo.close()
-        rx.close()
-        ring.close()
 
 
 def test_the_datagram_size_falls_back_where_the_system_cannot_say_the_mtu():
@@ -164,14 +166,8 @@ def test_the_datagram_size_falls_back_where_the_system_cannot_say_the_mtu():
 
 
 def test_an_idle_feed_sends_heartbeats_with_the_last_seq():
-    ring = _ring()
-    group, port = free_group(), free_port()
-    rx = open_receiver(group, port)
-    rx.settimeout(2)
     _, st = allocate(CAPS)
-    fo = FanoutStage(ring, group, port, "127.0.0.1", 1, 1400, st, epoch=2, ctl=_ctl(2),
-                     heartbeat_ms=20, refresh_rows_per_s=0)
-    try:
+    with _feed(st, 1400, 2, heartbeat_ms=20, refresh_rows_per_s=0) as (ring, fo, rx):
         for k in range(3):
             ring.push(_row(ROW_ACCOUNT, k, k + 1))
             fo.poll()
@@ -184,20 +180,12 @@ def test_an_idle_feed_sends_heartbeats_with_the_last_seq():
         assert len(beats) >= 3
         assert {(d.seq, d.epoch, len(d.updates)) for d in beats} == {(3, 2, 0)}
         assert fo.seq == 3  # heartbeats do not advance the stream
-    finally:
-        fo.close()
-        rx.close()
-        ring.close()
 
 
 def test_the_refresh_cycle_resends_every_published_row_that_ever_moved():
     from exposure.engine.kernel import apply_batch
     from exposure.engine.parse import records_from_objects
 
-    ring = _ring()
-    group, port = free_group(), free_port()
-    rx = open_receiver(group, port)
-    rx.setblocking(False)
     _, st = allocate(CAPS)
     evs = [{"type": "instrument", "instrument": 5, "multiplier": 2.0, "margin_rate": 0.1,
             "beta": 1.0, "sector": 3},
@@ -210,9 +198,8 @@ def test_the_refresh_cycle_resends_every_published_row_that_ever_moved():
     recs["gseq"] = np.arange(1, len(recs) + 1)
     apply_batch(st, recs, np.zeros(len(recs), np.uint8))
     publish_all(st, versions(st), int(recs["gseq"][-1]))
-    fo = FanoutStage(ring, group, port, "127.0.0.1", 1, 400, st, epoch=3, ctl=_ctl(3),
-                     refresh_rows_per_s=100_000)
-    try:
+    with _feed(st, 400, 3, refresh_rows_per_s=100_000) as (_, fo, rx):
+        rx.setblocking(False)
         seen: dict = {}
         deadline = time.monotonic() + 20
         while fo.cycles < 2 and time.monotonic() < deadline:
@@ -237,10 +224,6 @@ def test_the_refresh_cycle_resends_every_published_row_that_ever_moved():
         assert not seen[(ROW_SECTOR, 3)].tobytes()[80:].strip(b"\0")
         assert (ins["rate"], ins["currency"]) == (1.0, 0)  # SPEC 7: the base currency
         assert not seen[(ROW_INSTRUMENT, 5)].tobytes()[152:].strip(b"\0")
-    finally:
-        fo.close()
-        rx.close()
-        ring.close()
 
 
 def test_batch_sender_sends_every_slice_in_order_in_calls_of_at_most_max_msgs():

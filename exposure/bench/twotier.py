@@ -161,6 +161,7 @@ from exposure.feed.wire import (
     datagram_size,
     dgram_word,
     open_sender,
+    rows_per_datagram,
 )
 from exposure.node.stages.ingest import IngestStage
 from exposure.shm import ring_layout as RL
@@ -813,8 +814,8 @@ class Publisher:
 
     def __init__(self, group: str, port: int, interface: str, ttl: int, max_datagram: int):
         self.sock = open_sender(group, port, interface, ttl)
-        size = datagram_size(self.sock, max_datagram)  # (0: the interface's MTU, as the node)
-        self.per = max(1, (size - DGRAM_HEADER.size) // UPDATE_DTYPE.itemsize)
+        # (0: the interface's MTU, as the node's fan-out)
+        self.per = rows_per_datagram(datagram_size(self.sock, max_datagram))
         self.seq = 0
 
     def send(self, upd: np.ndarray) -> None:

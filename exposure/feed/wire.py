@@ -52,7 +52,7 @@ from exposure.core.types import (
 
 __all__ = ["DGRAM_MAGIC", "DGRAM_HEADER", "FEED_VERSION", "DG_INCREMENTAL", "DG_REFRESH",
            "DG_HEARTBEAT", "DG_TYPES", "Datagram", "parse_datagram", "dgram_word",
-           "open_receiver", "open_sender", "datagram_size", "MAX_DATAGRAM",
+           "open_receiver", "open_sender", "datagram_size", "rows_per_datagram", "MAX_DATAGRAM",
            "FALLBACK_DATAGRAM", "SNAP_REQUEST", "SNAP_REQUEST_MAGIC", "SNAP_HEADER", "SNAP_MAGIC",
            "SNAP_OK", "SNAP_NOT_PRIMARY", "SNAP_BUSY", "SNAP_NOT_READY", "SNAP_STATUS",
            "Snapshot", "snapshot_request", "parse_snapshot_header", "rows_of"]
@@ -178,6 +178,11 @@ def datagram_size(sock: socket.socket, configured: int) -> int:
         return FALLBACK_DATAGRAM
     size = min(MAX_DATAGRAM, mtu - _IP_UDP_HEADERS)
     return size if size >= 256 else FALLBACK_DATAGRAM
+
+
+def rows_per_datagram(size: int) -> int:
+    """Rows a datagram of ``size`` bytes holds after its header (at least one)."""
+    return max(1, (size - DGRAM_HEADER.size) // ROW_SIZE)
 
 
 # ----------------------------------------------------------------------------- snapshots

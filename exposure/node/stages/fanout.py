@@ -57,6 +57,7 @@ from exposure.feed.wire import (
     FEED_VERSION,
     datagram_size,
     open_sender,
+    rows_per_datagram,
 )
 from exposure.net.guard import RateLog
 from exposure.net.mmsg import BatchSender, send_datagrams
@@ -237,7 +238,7 @@ class FanoutStage(Stage):
         # (0: as large as the interface's MTU allows: fewer datagrams under load, the
         # kernel's cost being per datagram; docs/feed.md)
         self.max_datagram = datagram_size(self.sock, max_datagram)
-        self.per = max(1, (self.max_datagram - DGRAM_HEADER.size) // ROW_SIZE)
+        self.per = rows_per_datagram(self.max_datagram)
         log.info("fan-out: %s:%d through %s, datagrams of up to %d bytes (%d rows)",
                  group, port, interface, self.max_datagram, self.per)
         self.epoch = epoch

@@ -31,6 +31,7 @@ from exposure.node.segments import reject_shape, ring_names, segment_names, sess
 from exposure.node.stages.agent import Runner, Stage
 from exposure.node.stages.compute import ComputeStage
 from exposure.node.stages.fanout import FanoutStage
+from exposure.node.stages.fused import fuse
 from exposure.node.stages.ingest import IngestStage, PortLimits
 from exposure.node.stages.journal import JournalStage
 from exposure.node.stages.mirror import MirrorStage
@@ -245,7 +246,8 @@ def run_process(cfg: NodeConfig, name: str, epoch: int = 0) -> int:
         def progress(beat: int) -> None:
             ctl[slot] = beat
 
-        runner = Runner(stages, wait, progress)
+        # Compute followed by its fan-out: one jitted call a pass (exposure.node.stages.fused)
+        runner = Runner(fuse(stages), wait, progress)
         # No cyclic-GC pauses in the loop: everything long-lived exists now (frozen out of
         # the collector's sight); what the loop allocates per frame is acyclic and freed by
         # reference counting.

@@ -49,6 +49,11 @@ class Stage:
     def close(self) -> None:
         """Release sockets, files and mappings."""
 
+    @property
+    def parts(self) -> tuple[Stage, ...]:
+        """The stages this one runs (itself; a fused pair: both, :mod:`.fused`)."""
+        return (self,)
+
 
 class Runner:
     """The loop of one process over its ``stages`` (in order) until ``stop`` is set."""
@@ -59,7 +64,7 @@ class Runner:
         self.wait = wait
         self.progress = progress
         self.afters = [s for s in self.stages if type(s).after is not Stage.after]
-        names = {s.name for s in self.stages}
+        names = {p.name for s in self.stages for p in s.parts}
         # Where work from outside arrives: the first stage fed by another process.
         outside = [s for s in self.stages if s.fed_by is not None and s.fed_by not in names
                    and s.wake_source is not None]

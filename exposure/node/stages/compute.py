@@ -45,7 +45,7 @@ from exposure.shm.intrinsics import clock_realtime_ns
 from exposure.shm.ring import ring_pop, ring_push, sleeping
 from exposure.shm.seqlock import write_begin, write_end
 
-__all__ = ["ComputeStage"]
+__all__ = ["ComputeStage", "step_pass"]
 
 
 _EVENTS = CN.INDEX["compute_events_total"]
@@ -129,7 +129,7 @@ def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, c
 
 
 @njit(cache=True)
-def _step_bound(h):
+def step_pass(h):
     """:func:`_step` over the arrays of the stage's :class:`exposure.shm.handle.Handle`,
     stamped with the clock read here (``CLOCK_REALTIME``, as ``time.time_ns()``).
 
@@ -196,14 +196,15 @@ class ComputeStage(Stage):
                              self.row_words, self.out.ctrl, self.out.slots,
                              self.cnt, self.pend)
         # compiled (or loaded) now, before the node accepts sessions
-        self._step = bind(_step_bound, self.handle)
-        # The idle check's two words as memoryviews (an index is half a numpy one's cost)
-        self._tail = memoryview(self.inp.ctrl[RL.W_TAIL:])
-        self._head = memoryview(self.inp.ctrl[RL.W_HEAD:])
+        self._step = bind(step_pass, self.handle)
+        # The idle check's two words of the input ring, as memoryviews (an index is half a
+        # numpy one's cost): nothing to do while they are equal and nothing is pending.
+        self.tail = memoryview(self.inp.ctrl[RL.W_TAIL:])
+        self.head = memoryview(self.inp.ctrl[RL.W_HEAD:])
 
     def poll(self) -> int:
         """One step; returns the work done (0 = idle)."""
-        if not self.pending and self._tail[0] == self._head[0]:
+        if not self.pending and self.tail[0] == self.head[0]:
             return 0  # nothing on the ring (a plain read: the jitted pop re-reads, acquire)
         work, self.pending, asleep = self._step(self.handle)
         if asleep:

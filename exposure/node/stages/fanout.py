@@ -69,7 +69,7 @@ from exposure.shm.handle import Handle, bind, members
 from exposure.shm.intrinsics import clock_realtime_ns
 from exposure.shm.ring import ring_pop
 
-__all__ = ["FanoutStage"]
+__all__ = ["FanoutStage", "pack_pass", "SEND", "PACK", "HOLD"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ _DROPPED = CN.INDEX["fanout_dropped_total"]
 _CYCLES = CN.INDEX["fanout_refresh_cycles_total"]
 _HDR_WORDS = DGRAM_HEADER.size // 8  # the header as u8 words
 _LOW32 = np.uint64(0xFFFFFFFF)
+# FanoutStage.mode(): send the rows; pack them and send nothing (a backup); hold them on the
+# ring (a fenced primary).
+SEND, PACK, HOLD = 1, 0, -1
 _HIGH32 = np.uint64(0xFFFFFFFF00000000)
 
 
@@ -171,7 +174,7 @@ def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now, nacc, ninst, 
 
 
 @njit(cache=True, _nrt=False)
-def _pack_bound(h, epoch, seq, send):
+def pack_pass(h, epoch, seq, send):
     """:func:`_pack` over the arrays of the stage's handle (ring, buffers, table sizes,
     counters, the sender's), stamped with the clock read here; with ``send``, the
     datagrams go out in the same call (:func:`exposure.net.mmsg.send_datagrams`) and are
@@ -262,7 +265,7 @@ class FanoutStage(Stage):
         self.handle = Handle(in_ring.ctrl, in_ring.slots, self.upd, self.last, self.per,
                              self.out, self.ends, self.nacc, self.ninst, self.nsec, self.ncell,
                              self.cnt, *self.sender.args)
-        self._pack = bind(_pack_bound, self.handle, 0, 0, True)  # compiled (or loaded) now
+        self._pack = bind(pack_pass, self.handle, 0, 0, True)  # compiled (or loaded) now
         # The idle check's two words as memoryviews (an index is half a numpy one's cost)
         self._tail = memoryview(in_ring.ctrl[RL.W_TAIL:])
         self._head = memoryview(in_ring.ctrl[RL.W_HEAD:])
@@ -292,17 +295,25 @@ class FanoutStage(Stage):
         self._gather = bind(_gather_bound, *self._gather_h, 0, 0, 0, 0)
         _seal(self.rbuf, 0, 0, 0, DG_REFRESH, 0)  # compiled (or loaded) now
 
-    def _may_send(self) -> bool:
-        """Whether this node publishes now: a primary, and in a pair one that may act."""
+    def mode(self) -> int:
+        """What this node does with the rows now: :data:`SEND` (a primary, and in a pair
+        one that may act), :data:`PACK` (a backup: packs, to keep up, sends nothing) or
+        :data:`HOLD` (a fenced primary: the rows stay on the ring)."""
         ctl = self._ctl
         if ctl is None:
-            return True
+            return SEND
         epoch = ctl[CTL_EPOCH]
         if epoch != self.epoch:  # a new incarnation or a promotion: a new stream
             self.epoch, self.seq = epoch, 0
         if ctl[CTL_ROLE] != ROLE_PRIMARY:
-            return False
-        return not (self.pair and not may_act(self.ctl, time.monotonic_ns()))
+            return PACK
+        if self.pair and not may_act(self.ctl, time.monotonic_ns()):
+            return HOLD
+        return SEND
+
+    def _may_send(self) -> bool:
+        """Whether this node publishes now: a primary, and in a pair one that may act."""
+        return self.mode() == SEND
 
     def _lost(self, n: int, why: str) -> None:
         """``n`` datagrams the socket refused: receivers see the gap."""
@@ -334,14 +345,17 @@ class FanoutStage(Stage):
             elif now - self.last_send >= self.hb_ns:
                 self._heartbeat(now)
             return 0
-        if not self._may_send():
-            if self.ctl is not None and self.ctl[CTL_ROLE] != ROLE_PRIMARY:
-                return self._pack(self.handle, self.epoch, self.seq, False)[0]
+        mode = self.mode()
+        if mode == HOLD:
             return 0  # fenced: nothing goes out (the ring fills; compute waits)
-        # popped, packed and sent in one call (the counters: counted there too)
-        n, d, refused, err = self._pack(self.handle, self.epoch, self.seq, True)
-        if n == 0:
-            return 0
+        # popped, packed and (SEND) sent in one call (the counters: counted there too)
+        return self.packed(mode, *self._pack(self.handle, self.epoch, self.seq, mode == SEND))
+
+    def packed(self, mode: int, n: int, d: int, refused: int, err: int) -> int:
+        """After a pack in ``mode`` (:func:`pack_pass`'s results): the stream seq moves
+        past the datagrams sent, refusals are counted. Returns the rows popped."""
+        if n == 0 or mode != SEND:
+            return n
         self.seq += d
         if refused:
             self._lost(refused, os.strerror(err))

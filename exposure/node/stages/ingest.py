@@ -97,6 +97,7 @@ from exposure.shm.control import (
     may_act,
 )
 from exposure.shm.handle import Handle, bind, members
+from exposure.shm.intrinsics import clock_realtime_ns
 from exposure.shm.ipc_layout import W_SLEEPING, W_TAIL, IpcError, IpcRing, ipc_name
 from exposure.shm.session_layout import N_PROCESSED, N_REJ, S_DONE, S_DURABLE, S_HELD, S_REJ
 
@@ -140,13 +141,15 @@ class _Conn(Conn):
     """A session connection (``since``: accepted; ``out``: answers queued, at most
     ``max_output``)."""
 
-    __slots__ = ("buf", "wbuf", "mv", "hbuf", "pos", "fill", "stalled", "session", "row", "held",
-                 "acked", "ack_due", "marks", "mark_ns", "repl", "state", "nonce", "last_rx",
-                 "close_at", "flags", "rcur", "rupto", "ipc", "ring", "rhead")
+    __slots__ = ("buf", "wbuf", "mv", "mv0", "hbuf", "pos", "fill", "stalled", "session", "row",
+                 "held", "acked", "ack_due", "marks", "mark_ns", "repl", "state", "nonce",
+                 "last_rx", "rx", "rx_seen", "close_at", "flags", "rcur", "rupto", "ipc", "ring",
+                 "rhead")
 
-    def __init__(self, sock: socket.socket, now: int, max_out: int, ipc: bool = False):
+    def __init__(self, sock: socket.socket, now: int, max_out: int, budget: int,
+                 ipc: bool = False):
         super().__init__(sock, None, now, max_out)
-        self._buffer(_PRE_BUF)
+        self._buffer(_PRE_BUF, budget)
         self.pos = 0       # next unconsumed byte of buf
         self.fill = 0      # bytes received into buf
         self.stalled = False  # the ring was full: frames wait in buf, the socket is not read
@@ -160,7 +163,9 @@ class _Conn(Conn):
         self.repl = 0      # highest session seq the backup has received
         self.state = _PRE
         self.nonce = os.urandom(W.NONCE)
-        self.last_rx = now  # monotonic ns
+        self.last_rx = now  # monotonic ns, as of the last deadline sweep that saw reads
+        self.rx = 0        # reads with bytes (the sweep sets last_rx when it moved: no clock
+        self.rx_seen = 0   # read per receive on the hot path)
         self.close_at = 0
         self.flags = 0     # the LOGIN's flags (W.LOGIN_REJECTED: REJECTED frames)
         self.rcur = 0      # the reject log's next entry not yet sent (an index, not a slot)
@@ -169,7 +174,7 @@ class _Conn(Conn):
         self.ring: IpcRing | None = None  # its ring once logged in
         self.rhead = 0     # the ring's bytes taken (the node's own count, never read back)
 
-    def _buffer(self, size: int) -> None:
+    def _buffer(self, size: int, budget: int) -> None:
         old = getattr(self, "buf", None)
         self.buf = np.zeros(size, np.uint8)  # pages are touched only as far as frames go
         if old is not None:
@@ -178,6 +183,7 @@ class _Conn(Conn):
             self.pos, self.fill = 0, n
         self.wbuf = self.buf.view(np.uint64)
         self.mv = memoryview(self.buf)
+        self.mv0 = self.mv[:budget]  # what one read takes into an empty buffer
         self.hbuf = Handle(self.buf, self.wbuf)  # the scan's view of it (exposure.shm.handle)
 
 
@@ -186,12 +192,15 @@ _RECEIVED = CN.INDEX["ingest_received_gseq"]
 
 
 @njit(cache=True, _nrt=False)
-def _scan_bound(h, b, pos, fill, session, held, now, gseq):
+def _scan_bound(h, b, pos, fill, session, held, gseq):
     """:func:`exposure.node.stages.ingest_scan.scan` over a connection's buffer handle ``b``
     (its bytes and words) and the stage's handle ``h`` (the ring, the entitlements, the
-    partition, the result words, the session table, the counters); what it pushed is
-    counted (the sequencer's counters) and the session's held seq stored here. Returns the
-    result words (why, pos, held, pushed, compute asleep, journal asleep, expected seq)."""
+    partition, the result words, the session table, the counters), the records stamped
+    with the clock read here (``CLOCK_REALTIME``, as ``time.time_ns()``: one read from
+    Python costs more); what it pushed is counted (the sequencer's counters) and the
+    session's held seq stored here. Returns the result words (why, pos, held, pushed,
+    compute asleep, journal asleep, expected seq)."""
+    now = clock_realtime_ns()
     buf, wbuf = members(b)
     ctrl, slots, eflags, esrc, eacct, me, acc_owner, src_owner, res, sess, cnt = members(h)
     scan(buf, wbuf, pos, fill, session, held, now, gseq, ctrl, slots, eflags, esrc, eacct,
@@ -293,7 +302,7 @@ class IngestStage(Stage):
                              self.sessions, self.cnt)
         buf = np.zeros(8, np.uint8)
         self._scan = bind(_scan_bound, self.handle, Handle(buf, buf.view(np.uint64)), 0, 0,
-                          0, 0, 0, 0)  # compiled (or loaded) now
+                          0, 0, 0)  # compiled (or loaded) now
         # A backup runs the replica side (``replica``: a factory Sequencer -> ReplicaStage)
         # until the supervisor promotes the node; ``self.rep`` is None once primary.
         self.rep = None
@@ -493,7 +502,8 @@ class IngestStage(Stage):
             except OSError:
                 s.close()
                 continue
-            c = _Conn(s, time.monotonic_ns(), self.lim.max_output, ipc)
+            c = _Conn(s, time.monotonic_ns(), self.lim.max_output, self.lim.read_budget,
+                      ipc)
             self.conns.add(c)
             self.pre[c.fd] = c
             self._send(c, W.encode_challenge(c.nonce))
@@ -575,7 +585,10 @@ class IngestStage(Stage):
             self._close(c)
         idle = self.lim.idle_timeout_ms * 1_000_000
         for c in list(self.by_session.values()):
-            if (now - c.last_rx >= idle and not c.stalled and c not in self.unacked
+            if c.rx != c.rx_seen:  # read since the last sweep
+                c.rx_seen = c.rx
+                c.last_rx = now
+            elif (now - c.last_rx >= idle and not c.stalled and c not in self.unacked
                     and c not in self.ending):
                 self._count(SL.N_IDLE, c.session, SL.S_IDLE)
                 self._reject(c, W.E_IDLE, f"nothing received for "
@@ -621,19 +634,27 @@ class IngestStage(Stage):
             return 0
         c.rhead += got
         c.fill += got
-        c.last_rx = time.monotonic_ns()
+        c.rx += 1
         self._consume(c)
         return 1
 
     def _read(self, c: _Conn) -> int:
         if c.ring is not None:
             return self._doorbell(c)
-        room = self._room(c)
-        if room < 0:
-            return 1
-        got = c.recv_into(c.mv[c.fill:c.fill + room])
-        if got is None:
+        if c.pos == c.fill:  # (the usual case: everything received so far was taken)
+            c.pos = c.fill = 0
+            view = c.mv0
+        else:
+            room = self._room(c)
+            if room < 0:
+                return 1
+            view = c.mv[c.fill:c.fill + room]
+        try:  # (the socket's own call: this is the path every event takes)
+            got = c.sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
             return 0
+        except OSError:
+            got = 0
         if not got:  # the client went away, or shut its write side (it may still read)
             if c.state == _LIVE and (c.pos < c.fill or c in self.unacked):
                 self._end(c)  # what it sent first is taken and acknowledged, then closed
@@ -641,7 +662,7 @@ class IngestStage(Stage):
                 self._close(c)
             return 1
         c.fill += got
-        c.last_rx = time.monotonic_ns()
+        c.rx += 1
         self._consume(c)
         return 1
 
@@ -672,16 +693,14 @@ class IngestStage(Stage):
         pushed = 0
         budget = self.lim.control_budget
         while True:
-            now = time.time_ns()
             why, c.pos, held, n, casleep, jasleep, expected = self._scan(
-                self.handle, c.hbuf, c.pos, c.fill, c.session, c.held, now,
-                self.seq.next_gseq)
+                self.handle, c.hbuf, c.pos, c.fill, c.session, c.held, self.seq.next_gseq)
             if n:  # (counted, and the session's held seq stored, by the jitted scan)
                 pushed += n
-                self.seq.commit(n, casleep, jasleep, counted=True)
+                self.seq.commit(n, casleep, jasleep, True)
                 c.held = held
                 if self.replicated:
-                    self._mark(c, held, now)
+                    self._mark(c, held, time.time_ns())
                 self.unacked.add(c)
                 self._look = True
             if why == RING_FULL:
@@ -808,7 +827,7 @@ class IngestStage(Stage):
             self._reject(old, W.E_REPLACED, "the session logged in on another connection")
         del self.pre[c.fd]
         c.state = _LIVE
-        c._buffer(self.lim.buffer)
+        c._buffer(self.lim.buffer, self.lim.read_budget)
         c.session = sid
         c.row = memoryview(self.sessions[sid])
         c.held = int(self.sessions[sid, S_HELD])

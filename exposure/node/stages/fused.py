@@ -1,0 +1,91 @@
+"""Compute and the fan-out in one pass, when a process runs them one after the other.
+
+In the default process map one spinning process runs ingest, compute and the fan-out
+(``exposure.config.defaults``). Each stage's pass is one jitted call over its handle
+(:mod:`exposure.shm.handle`); between compute's call and the fan-out's there was a return
+to Python, the runner's loop, the fan-out's idle check and its role check, then a second
+call: about 1 us an event at 20,000 events/s on this VM, a seventh of the node's excess
+over the floor (docs/performance.md, the fifteenth session). :class:`ComputeFanout` keeps
+both stages as they are and makes the pass that finds records on the compute ring one call:
+compute's step, then the fan-out's pop, pack and send (:func:`_step_then_pack`), with the
+fan-out's role decided before it (:meth:`FanoutStage.mode`). A pass that finds nothing for
+compute is the fan-out's own (its rows held while fenced, heartbeats, the refresh cycle).
+
+The two stages stay separate agents with their own rings: the fan-out ring between them is
+written and read as before (a batch's rows are conflated there, and rows left over when it
+was full go first next pass), so what goes on the wire is the same, datagram for datagram.
+:func:`fuse` is how the process builder (:mod:`exposure.node.process`) asks for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from numba import njit
+
+from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
+from exposure.node.stages.agent import Stage
+from exposure.node.stages.compute import ComputeStage, step_pass
+from exposure.node.stages.fanout import HOLD, SEND, FanoutStage, pack_pass
+from exposure.shm.handle import bind
+
+__all__ = ["ComputeFanout", "fuse"]
+
+
+@njit(cache=True)
+def _step_then_pack(hc, hf, epoch, seq, send):
+    """Compute's step over its handle ``hc``, then the fan-out's pop, pack and (``send``)
+    send over ``hf``: (compute's work, rows pending, fan-out asleep, rows popped,
+    datagrams, datagrams refused, the last refusal's errno)."""
+    work, pending, asleep = step_pass(hc)
+    n, d, refused, err = pack_pass(hf, epoch, seq, send)
+    return work, pending, asleep, n, d, refused, err
+
+
+class ComputeFanout(Stage):
+    """``compute`` and then ``fanout`` (its consumer, in the same process) as one stage."""
+
+    def __init__(self, compute: ComputeStage, fanout: FanoutStage):
+        if fanout.inp is not compute.out:
+            raise ValueError("the fan-out does not read the compute stage's output ring")
+        self.compute, self.fanout = compute, fanout
+        self.name = f"{compute.name}+{fanout.name}"
+        self.fed_by = compute.fed_by
+        self.wake_source = compute.wake_source
+        self._call = bind(_step_then_pack, compute.handle, fanout.handle, 0, 0, True)
+
+    @property
+    def parts(self) -> tuple[Stage, ...]:
+        return self.compute, self.fanout
+
+    def poll(self) -> int:
+        c, f = self.compute, self.fanout
+        if not c.pending and c.tail[0] == c.head[0]:
+            return f.poll()  # nothing for compute: the fan-out's own pass
+        mode = f.mode()
+        if mode == HOLD:  # fenced: compute goes on until the fan-out ring is full
+            return c.poll()
+        work, c.pending, asleep, n, d, refused, err = self._call(
+            c.handle, f.handle, f.epoch, f.seq, mode == SEND)
+        if asleep:
+            c.out.semaphore.release()  # (a fan-out of this process never sleeps: kept
+            # for symmetry with ComputeStage.poll)
+        return work + f.packed(mode, n, d, refused, err)
+
+    def close(self) -> None:
+        self.compute.close()
+        self.fanout.close()
+
+
+def fuse(stages: Sequence[Stage]) -> list[Stage]:
+    """``stages`` (a process's, in its map's order) with every compute stage that is
+    directly followed by the fan-out reading its ring made one :class:`ComputeFanout`."""
+    out: list[Stage] = []
+    for s in stages:
+        prev = out[-1] if out else None
+        if (isinstance(s, FanoutStage) and isinstance(prev, ComputeStage)
+                and s.inp is prev.out):
+            out[-1] = ComputeFanout(prev, s)
+        else:
+            out.append(s)
+    return out

@@ -1,6 +1,7 @@
 """The fixed cost of one pass of each hot stage, in ns, measured in-process (issue 30).
 
     python -m perf.bench_stage_pass [--passes 200000] [--events 20000] [--runs 5]
+                                    [--stages compute,fanout,journal,pair,fused]
                                     [--evict MIB] [--json]
 
 Builds the stages as a node's processes do (a tally segment of the default capacities, the
@@ -13,12 +14,14 @@ compute and fan-out rings, the counters) but in this one process, and times thei
 * ``one_ns``: a pass that finds one record (compute: one event of a realistic flow applied,
   published and pushed as feed rows; fan-out: one row conflated, packed and sent, the
   ``sendmmsg`` included; journal: one record written with ``fsync = none``, the ``writev``
-  included); median over ``--events`` passes, each timed alone (the clock's own cost,
-  measured, subtracted), the input put on the ring and the output drained outside the timer.
-  With ``--evict MIB``, a buffer of that size is written between passes (outside the timer),
-  so each pass starts with the caches holding none of the stage's state: the cost of an
-  event that finds them cold, as on a node whose events come tens of microseconds apart
-  on a shared machine.
+  included; ``pair``: compute's poll then the fan-out's, as the default map's hot process
+  ran them, the event's rows sent; ``fused``: the same as one stage of one jitted call,
+  :mod:`exposure.node.stages.fused`, as it runs them now); median over ``--events`` passes,
+  each timed alone (the clock's own cost, measured, subtracted), the input put on the ring
+  and the output drained outside the timer. With ``--evict MIB``, a buffer of that size is
+  written between passes (outside the timer), so each pass starts with the caches holding
+  none of the stage's state: the cost of an event that finds them cold, as on a node whose
+  events come tens of microseconds apart on a shared machine.
 
 Uses only the stages' constructors and ``poll()``, so the same file measures an older
 checkout (``PYTHONPATH=<checkout> python <this file>``). Steal and load are reported.
@@ -119,6 +122,57 @@ def _compute(tag: str, passes: int, events: int, clock: float) -> dict:
         seg.close()
 
 
+def _pair(tag: str, passes: int, events: int, clock: float, fused: bool) -> dict:
+    """Compute and the fan-out of its ring (to a real multicast group), as the default
+    map's hot process runs them: polled one after the other (``fused`` False) or as one
+    stage of one jitted call a pass (exposure.node.stages.fused)."""
+    from exposure.harness.localnode import free_group, free_port
+    from exposure.node.stages.compute import ComputeStage
+    from exposure.node.stages.fanout import FanoutStage
+
+    caps = Capacities()
+    seg = TallySegment.create(f"exposure-bench30-{tag}-tally", caps)
+    inp = Ring.create(f"exposure-bench30-{tag}-cin", 131072, EVENT_WORDS * 8)
+    out = Ring.create(f"exposure-bench30-{tag}-fout", 16384, ROW_SIZE)
+    sessions = np.zeros((caps.sources + 1, SESSION_COLS), np.uint64)
+    cnt = np.zeros(CN.COUNTER_WORDS, np.uint64)
+    stages = []
+    try:
+        t0 = time.perf_counter()
+        cs = ComputeStage(seg, sessions, inp, out, counters=cnt)
+        stages.append(cs)
+        fo = FanoutStage(out, free_group(), free_port(), "127.0.0.1", 0, 1400, seg.state,
+                         heartbeat_ms=1_000_000, refresh_rows_per_s=0, counters=cnt,
+                         words=seg.words)
+        stages.append(fo)
+        if fused:
+            from exposure.node.stages.fused import ComputeFanout
+
+            poll = ComputeFanout(cs, fo).poll
+        else:
+            def poll() -> int:
+                return cs.poll() + fo.poll()
+        build = time.perf_counter() - t0
+        recs = generate(events, seed=1)
+        words = recs.view(np.uint64).reshape(len(recs), -1).copy()
+        words[:, W_GSEQ] = np.arange(1, len(recs) + 1, dtype=np.uint64)
+        idle = _idle(poll, passes)
+
+        def feed(k: int) -> None:
+            ring_push(inp.ctrl, inp.slots, words[k:k + 1], 1)
+
+        one = _one(poll, feed, lambda: None, events, clock)
+        assert int(cnt[CN.INDEX["compute_events_total"]]) == events
+        assert len(out) == 0  # every row packed and sent in the pass
+        return {"build_s": round(build, 3), "idle_ns": round(idle), "one_ns": round(one)}
+    finally:
+        for s in stages:
+            s.close()
+        for r in (inp, out):
+            r.close()
+        seg.close()
+
+
 def _fanout(tag: str, passes: int, events: int, clock: float) -> dict:
     from exposure.harness.localnode import free_group, free_port
     from exposure.node.stages.fanout import FanoutStage
@@ -193,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     clock = _clock_ns()
     tag = uuid.uuid4().hex[:6]
-    fns = {"compute": _compute, "fanout": _fanout, "journal": _journal}
+    fns = {"compute": _compute, "fanout": _fanout, "journal": _journal,
+           "pair": lambda *a: _pair(*a, fused=False), "fused": lambda *a: _pair(*a, fused=True)}
     out: dict = {"clock_ns": round(clock, 1), "evict_mib": a.evict}
     for name in a.stages.split(","):
         runs = [fns[name](f"{tag}{k}", a.passes, a.events, clock) for k in range(a.runs)]

@@ -159,6 +159,21 @@ def test_compare_measures_the_floor_beside_the_node_and_projects_a_link_delay(no
     proj = out["projection"]
     assert proj["node"]["p50_us"] == pytest.approx(out["node"]["p50_us"] + 2 * 25)
     assert proj["floor"]["crossings"] == 2
+    # Several runs: the systems take turns, and each turn's ratio is reported.
+    log: list[str] = []
+    out = _perf(node, "compare", "--systems", "node,floor", "--rate", "2000", "--duration",
+                "0.3", "--warmup", "0.1", "--runs", "2", log=log)
+    turns = [line.split()[1] + " " + line.split()[3] for line in log[0].splitlines()
+             if line.startswith("measuring")]
+    assert turns == ["node 1/2)", "floor 1/2)", "node 2/2)", "floor 2/2)"], log[0]
+    assert out["node"]["lost"] == out["floor"]["lost"] == 0
+    assert out["floor"]["sent"] == out["node"]["sent"] == 2 * 800  # two runs each
+    pair = out["paired"]["floor"]
+    node_p50s = [r["p50_us"] for r in out["node"]["runs"]]
+    floor_p50s = [r["p50_us"] for r in out["floor"]["runs"]]
+    assert pair["node_p50_over"] == pytest.approx(
+        [n / f for n, f in zip(node_p50s, floor_p50s, strict=True)], rel=1e-3)
+    assert pair["median_p50_ratio"] == pytest.approx(sum(pair["node_p50_over"]) / 2, rel=1e-3)
 
 
 @pytest.mark.process

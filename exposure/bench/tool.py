@@ -14,7 +14,12 @@
 * ``compare``: ``latency`` on the node, then on the floor (``perf/floor.py``: the same
   client and transports, a server that does nothing) and on the two-tier design the fund
   had before (``perf/twotier.py``: the same kernel, its state in a real ``redis-server``),
-  each on the CPU the node spins on, in the same invocation. ``--link-delay-us N`` adds a
+  each on the CPU the node spins on, in the same invocation. With ``--runs K`` the systems
+  take turns (run 1 of each, then run 2 of each, ...; each started for its run and stopped
+  after it), so a change in the shared machine's speed during the invocation falls on all
+  of them alike; each system's figures are the medians of its runs, and the JSON's
+  ``paired`` gives, per system, its p50 over the node's in each turn and their median (the
+  ratio least moved by that drift). ``--link-delay-us N`` adds a
   *projection* onto a network with that one-way delay: each design's measured figures plus
   N per network crossing on its critical path (counted while it ran: the two-tier service
   reports the sequential Redis round trips it made).
@@ -315,21 +320,37 @@ def _median(runs: list[dict]) -> dict:
     return out
 
 
-def _latency(target: Target, a, block: np.ndarray, session: int, log=None) -> dict:
-    runs = []
-    for k in range(a.runs):
+def _latency_runs(target: Target, a, block: np.ndarray, session: int, runs: range,
+                  log=None) -> list[dict]:
+    out = []
+    for k in runs:
         r = measure_run(target, block, a.rate, a.duration, a.warmup, session,
                         client_cpu=a.client_cpu)
-        runs.append(r)
+        out.append(r)
         if log is not None:
             log(f"  run {k + 1}/{a.runs}: p50 {r['p50_us']:,.1f} us, p99 {r['p99_us']:,.0f} "
                 f"us, lost {r['lost']}, rejected {r['rejected']}, "
                 f"steal {r.get('steal_ms', 0):,.0f} ms")
-    res = _median(runs)
-    res["crossings"] = target.crossings()
-    if target.stats():
-        res["service"] = target.stats()
-    return res
+    return out
+
+
+def _paired(runs: dict[str, list[dict]]) -> dict:
+    """Per system other than the node: its p50 and p99 over the node's, turn by turn (runs
+    measured back to back), and the medians of those ratios."""
+    node = runs.get("node")
+    if not node:
+        return {}
+    out = {}
+    for name, rs in runs.items():
+        if name == "node":
+            continue
+        p50 = [n["p50_us"] / max(r["p50_us"], 1e-9) for n, r in zip(node, rs, strict=True)]
+        p99 = [n["p99_us"] / max(r["p99_us"], 1e-9) for n, r in zip(node, rs, strict=True)]
+        out[name] = {"node_p50_over": [round(x, 4) for x in p50],
+                     "node_p99_over": [round(x, 4) for x in p99],
+                     "median_p50_ratio": round(statistics.median(p50), 4),
+                     "median_p99_ratio": round(statistics.median(p99), 4)}
+    return out
 
 
 def _throughput(target: Target, a, block: np.ndarray, session: int, log) -> dict:
@@ -506,32 +527,44 @@ def main(argv: list[str] | None = None) -> int:
         1_000_000, max(1, int(a.rate * (a.duration + a.warmup))))
     block = _flow(block_n, a.seed)
     res: dict[str, dict] = {}
+    paired: dict = {}
     with tempfile.TemporaryDirectory(prefix="exposure-perf-") as tmp:
         order = systems if a.mode == "compare" else ["node"]
-        for name in order:
-            log(f"measuring {name} ...")
-            target: Target | None = None
-            try:
-                if name == "node":
-                    target = NodeTarget(cfg, a.config)
-                    if target.proc is None and a.mode == "compare" and len(order) > 1:
-                        log("note: a node was already running; it keeps spinning while the "
-                            "baselines are measured beside it")
-                elif name == "floor":
-                    target = FloorTarget(server_cpu, cfg.interface)
-                else:
-                    target = TwoTierTarget(server_cpu, a.config, cfg.interface, Path(tmp))
-                if a.mode == "throughput":
-                    r = _throughput(target, a, block, session, log)
-                else:
-                    r = _latency(target, a, block, session, log)
-            finally:
-                if target is not None:
-                    target.stop()
-            if isinstance(target, TwoTierTarget):
-                r["crossings"] = target.crossings()
-                r["service"] = target.stats()
-            res[name] = r
+        # compare with several runs: the systems take turns, one run each a turn
+        turns = a.runs if a.mode == "compare" and len(order) > 1 else 1
+        runs: dict[str, list[dict]] = {name: [] for name in order}
+        extra: dict[str, dict] = {name: {} for name in order}
+        for turn in range(turns):
+            for name in order:
+                log(f"measuring {name} ..." if turns == 1 else
+                    f"measuring {name} (turn {turn + 1}/{turns}) ...")
+                target: Target | None = None
+                try:
+                    if name == "node":
+                        target = NodeTarget(cfg, a.config)
+                        if target.proc is None and a.mode == "compare" and len(order) > 1:
+                            log("note: a node was already running; it keeps spinning while "
+                                "the baselines are measured beside it")
+                    elif name == "floor":
+                        target = FloorTarget(server_cpu, cfg.interface)
+                    else:
+                        target = TwoTierTarget(server_cpu, a.config, cfg.interface, Path(tmp))
+                    if a.mode == "throughput":
+                        res[name] = _throughput(target, a, block, session, log)
+                    else:
+                        some = range(turn, turn + 1) if turns > 1 else range(a.runs)
+                        runs[name] += _latency_runs(target, a, block, session, some, log)
+                finally:
+                    if target is not None:
+                        target.stop()
+                # (after stop: the two-tier service reports its round trips as it exits)
+                extra[name]["crossings"] = target.crossings()
+                if target.stats():
+                    extra[name]["service"] = target.stats()
+        if a.mode != "throughput":
+            for name in order:
+                res[name] = {**_median(runs[name]), **extra[name]}
+            paired = _paired(runs) if turns > 1 else {}
     proj = _projection(res, a.link_delay_us) if a.link_delay_us > 0 else None
     if a.plot:
         _plot(res, a.plot)
@@ -539,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         r.pop("hist", None)
     if a.json:
         out = dict(res)
+        if paired:
+            out["paired"] = paired
         if proj:
             out["projection"] = {"link_delay_us": a.link_delay_us, **proj}
         print(orjson.dumps(out, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)

@@ -129,6 +129,36 @@ def test_a_block_torn_before_the_prewritten_zeros_is_a_torn_tail_not_corruption(
     assert scan(tmp_path).records == 70
 
 
+def test_a_fast_stream_appends_plainly_and_a_slow_one_writes_zeros_ahead_again(tmp_path):
+    """Above ``append_above`` bytes a second (over windows of at least 20 ms) the writer
+    writes no zeros ahead: each byte would be written twice. Below it, zeros ahead again.
+    What it wrote reads back and recovers whole either way."""
+    import time
+
+    w = JournalWriter(tmp_path, segment_bytes=64 << 20, prewrite=64 << 10,
+                      append_above=1 << 20)  # 1 MiB/s: a test's loop is far above it
+    g = _blocks(w, 1, 1)
+    seg = sorted(tmp_path.glob("*.seg"))[-1]
+    assert seg.stat().st_size >= 64 << 10 > w.size and not w.fast  # zeros ahead
+    t_end = time.monotonic() + 0.1
+    while time.monotonic() < t_end or w.size < 256 << 10:  # 100 ms, past the zeros
+        g = _blocks(w, g + 1, 20)
+    assert w.fast
+    assert seg.stat().st_size == w.size  # the data's end is the file's: no zeros ahead
+    for _ in range(2):  # the window that saw the fast blocks, then a slow one
+        time.sleep(0.05)
+        g = _blocks(w, g + 1, 1)
+    assert not w.fast
+    assert seg.stat().st_size >= w.size + (64 << 10) - 2000  # zeros ahead again
+    _crash(w)
+    res = scan(tmp_path)
+    assert res.records == g and res.torn_path is None and res.spare_path == seg
+    w = JournalWriter(tmp_path, segment_bytes=64 << 20)
+    w.close()
+    gseqs = np.concatenate([b.records["gseq"] for b in read_blocks(tmp_path)])
+    assert gseqs.tolist() == list(range(1, g + 1))
+
+
 def test_rolled_segments_hold_no_zeros_and_zeros_in_one_are_an_error(tmp_path):
     w = JournalWriter(tmp_path, segment_bytes=8_000, prewrite=64 << 10)
     _blocks(w, 1, 40)

@@ -21,7 +21,12 @@ journal). The writer keeps zeros written (and made durable) ahead of its last
 block, ``prewrite`` bytes at a time, and writes blocks over them: an ``fdatasync`` that
 covers only overwritten, already-allocated blocks has no file size or extent to commit, so
 the filesystem's metadata journal stays out of the acknowledgement path (on this machine's
-ext4: sync p99 0.23-0.34 ms against 0.51-1.12 ms for appends, docs/performance.md). The
+ext4: sync p99 0.23-0.34 ms against 0.51-1.12 ms for appends, docs/performance.md). Above
+``append_above`` bytes a second (:data:`APPEND_ABOVE`, about 500,000 events/s; measured
+over windows of at least 20 ms of appends) the writer appends plainly instead: there the
+zeros cost as much CPU as the data (each byte is written twice: at 2 M events/s offered,
+half the journal process's time on the client's core went to writing them) while a group
+commit is large enough that the sync's one metadata commit is a small part of it. The
 last segment therefore ends in zeros: a block header of 32 zero bytes is the **end of the
 data**, not a torn block, and whatever follows it was never made durable before it (writes
 are sequential) and is dropped like a torn tail. A segment that is rolled away from is cut
@@ -56,6 +61,10 @@ import numpy as np
 from exposure.core.fs import fsync_dir
 from exposure.core.types import EVENT_DTYPE, EVENT_SIZE, EVENT_WORDS, W_GSEQ
 from exposure.store.prewrite import PREWRITE, reserve
+
+# Appends above this many bytes a second skip the zeros ahead (see the module docstring).
+APPEND_ABOVE = 64 << 20
+_RATE_WINDOW_NS = 20_000_000  # the append rate is measured over at least this long
 
 __all__ = ["JournalError", "JournalWriter", "JournalCursor", "Block", "ScanResult", "scan",
            "read_blocks", "read_record", "segment_name", "segments", "first_gseq", "FILE_HEADER",
@@ -373,17 +382,22 @@ class JournalWriter:
 
     Opening truncates a torn tail (the caller logs ``torn``) and any prewritten zeros.
     ``append`` is one ``pwritev`` per group commit, over zeros written ahead of it
-    ``prewrite`` bytes at a time (0: plain appends; see the module's docstring); ``sync``
+    ``prewrite`` bytes at a time (0: plain appends; and while blocks come faster than
+    ``append_above`` bytes a second, see the module's docstring); ``sync``
     makes everything appended durable (fdatasync of the file; fsync of the directory after
     a new segment). :meth:`roll_at` makes a given record begin a new segment (a trading
     day's roll: each day's records lie in segments of their own)."""
 
     def __init__(self, directory: str | Path, segment_bytes: int = 256 << 20,
-                 prewrite: int = PREWRITE):
+                 prewrite: int = PREWRITE, append_above: int = APPEND_ABOVE):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
         self.prewrite = max(0, int(prewrite))
+        self.append_above = append_above
+        self.fast = False  # blocks come faster than append_above: no zeros written ahead
+        self._appended = 0  # bytes appended since the writer opened (the rate's count)
+        self._mark = (time.monotonic_ns(), 0)  # the rate window's start: (ns, bytes)
         res = scan(self.dir)
         self.torn = res
         cut = res.torn_path or res.spare_path
@@ -483,8 +497,14 @@ class JournalWriter:
         head = head[:-4] + struct.pack("<I", crc32c.crc32c(head[:_BH_CRC_SPAN]))
         total = len(head) + n * EVENT_SIZE
         if self.prewrite:
-            self.alloc = reserve(self.fd, self.size, self.alloc, total, self.prewrite,
-                                 self.segment_bytes)
+            now = time.monotonic_ns()
+            t0, b0 = self._mark
+            if now - t0 >= _RATE_WINDOW_NS:
+                self.fast = (self._appended - b0) * 1_000_000_000 > self.append_above * (now - t0)
+                self._mark = (now, self._appended)
+            if not self.fast:
+                self.alloc = reserve(self.fd, self.size, self.alloc, total, self.prewrite,
+                                     self.segment_bytes)
         done = os.pwritev(self.fd, [head, payload], self.size)
         if done != total:  # a short write (disk full): never leave half a block behind
             if self.alloc > self.size:  # the zeros back where the block began
@@ -495,6 +515,7 @@ class JournalWriter:
                           f"journal: {done} of {total} bytes)")
         self.alloc = max(self.alloc, self.size + total)
         self.size += total
+        self._appended += total
         self.next_gseq = first + n
 
     def sync(self) -> None:

@@ -82,10 +82,10 @@ _DROPPED = CN.INDEX["fanout_dropped_total"]
 _CYCLES = CN.INDEX["fanout_refresh_cycles_total"]
 _HDR_WORDS = DGRAM_HEADER.size // 8  # the header as u8 words
 _LOW32 = np.uint64(0xFFFFFFFF)
+_HIGH32 = np.uint64(0xFFFFFFFF00000000)
 # FanoutStage.mode(): send the rows; pack them and send nothing (a backup); hold them on the
 # ring (a fenced primary).
 SEND, PACK, HOLD = 1, 0, -1
-_HIGH32 = np.uint64(0xFFFFFFFF00000000)
 
 
 @njit(cache=True, _nrt=False, inline="always")

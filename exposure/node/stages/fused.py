@@ -67,9 +67,8 @@ class ComputeFanout(Stage):
             return c.poll()
         work, c.pending, asleep, n, d, refused, err = self._call(
             c.handle, f.handle, f.epoch, f.seq, mode == SEND)
-        if asleep:
-            c.out.semaphore.release()  # (a fan-out of this process never sleeps: kept
-            # for symmetry with ComputeStage.poll)
+        if asleep:  # (as ComputeStage.poll; a fan-out fused here idles in this loop)
+            c.out.semaphore.release()
         return work + f.packed(mode, n, d, refused, err)
 
     def close(self) -> None:

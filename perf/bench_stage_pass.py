@@ -30,6 +30,7 @@ checkout (``PYTHONPATH=<checkout> python <this file>``). Steal and load are repo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -87,22 +88,40 @@ def _one(poll, feed, drain, events: int, clock: float) -> float:
     return statistics.median(ts)
 
 
-def _compute(tag: str, passes: int, events: int, clock: float) -> dict:
-    from exposure.node.stages.compute import ComputeStage
-
+@contextlib.contextmanager
+def _compute_rig(tag: str):
+    """A tally segment of the default capacities, compute's input ring and its fan-out
+    ring, a session table and counters, as a node's processes attach them; yields (segment,
+    input ring, fan-out ring, sessions, counters) and removes the segments."""
     caps = Capacities()
     seg = TallySegment.create(f"exposure-bench30-{tag}-tally", caps)
     inp = Ring.create(f"exposure-bench30-{tag}-cin", 131072, EVENT_WORDS * 8)
     out = Ring.create(f"exposure-bench30-{tag}-fout", 16384, ROW_SIZE)
-    sessions = np.zeros((caps.sources + 1, SESSION_COLS), np.uint64)
-    cnt = np.zeros(CN.COUNTER_WORDS, np.uint64)
     try:
+        yield (seg, inp, out, np.zeros((caps.sources + 1, SESSION_COLS), np.uint64),
+               np.zeros(CN.COUNTER_WORDS, np.uint64))
+    finally:
+        for r in (inp, out):
+            r.close()  # (and unlinks: this process created them)
+        seg.close()
+
+
+def _flow_words(events: int) -> np.ndarray:
+    """``events`` records of the benchmark flow as u64 words, gseqs 1 on."""
+    recs = generate(events, seed=1)
+    words = recs.view(np.uint64).reshape(len(recs), -1).copy()
+    words[:, W_GSEQ] = np.arange(1, len(recs) + 1, dtype=np.uint64)
+    return words
+
+
+def _compute(tag: str, passes: int, events: int, clock: float) -> dict:
+    from exposure.node.stages.compute import ComputeStage
+
+    with _compute_rig(tag) as (seg, inp, out, sessions, cnt):
         t0 = time.perf_counter()
         stage = ComputeStage(seg, sessions, inp, out, counters=cnt)
         build = time.perf_counter() - t0
-        recs = generate(events, seed=1)
-        words = recs.view(np.uint64).reshape(len(recs), -1).copy()
-        words[:, W_GSEQ] = np.arange(1, len(recs) + 1, dtype=np.uint64)
+        words = _flow_words(events)
         sink = np.zeros((out.capacity, ROW_SIZE // 8), np.uint64)
         idle = _idle(stage.poll, passes)
 
@@ -116,10 +135,6 @@ def _compute(tag: str, passes: int, events: int, clock: float) -> dict:
         assert int(cnt[CN.INDEX["compute_events_total"]]) == events
         stage.close()
         return {"build_s": round(build, 3), "idle_ns": round(idle), "one_ns": round(one)}
-    finally:
-        for r in (inp, out):
-            r.close()  # (and unlinks: this process created them)
-        seg.close()
 
 
 def _pair(tag: str, passes: int, events: int, clock: float, fused: bool) -> dict:
@@ -130,47 +145,38 @@ def _pair(tag: str, passes: int, events: int, clock: float, fused: bool) -> dict
     from exposure.node.stages.compute import ComputeStage
     from exposure.node.stages.fanout import FanoutStage
 
-    caps = Capacities()
-    seg = TallySegment.create(f"exposure-bench30-{tag}-tally", caps)
-    inp = Ring.create(f"exposure-bench30-{tag}-cin", 131072, EVENT_WORDS * 8)
-    out = Ring.create(f"exposure-bench30-{tag}-fout", 16384, ROW_SIZE)
-    sessions = np.zeros((caps.sources + 1, SESSION_COLS), np.uint64)
-    cnt = np.zeros(CN.COUNTER_WORDS, np.uint64)
     stages = []
-    try:
-        t0 = time.perf_counter()
-        cs = ComputeStage(seg, sessions, inp, out, counters=cnt)
-        stages.append(cs)
-        fo = FanoutStage(out, free_group(), free_port(), "127.0.0.1", 0, 1400, seg.state,
-                         heartbeat_ms=1_000_000, refresh_rows_per_s=0, counters=cnt,
-                         words=seg.words)
-        stages.append(fo)
-        if fused:
-            from exposure.node.stages.fused import ComputeFanout
+    with _compute_rig(tag) as (seg, inp, out, sessions, cnt):
+        try:
+            t0 = time.perf_counter()
+            cs = ComputeStage(seg, sessions, inp, out, counters=cnt)
+            stages.append(cs)
+            fo = FanoutStage(out, free_group(), free_port(), "127.0.0.1", 0, 1400, seg.state,
+                             heartbeat_ms=1_000_000, refresh_rows_per_s=0, counters=cnt,
+                             words=seg.words)
+            stages.append(fo)
+            if fused:
+                from exposure.node.stages.fused import ComputeFanout
 
-            poll = ComputeFanout(cs, fo).poll
-        else:
-            def poll() -> int:
-                return cs.poll() + fo.poll()
-        build = time.perf_counter() - t0
-        recs = generate(events, seed=1)
-        words = recs.view(np.uint64).reshape(len(recs), -1).copy()
-        words[:, W_GSEQ] = np.arange(1, len(recs) + 1, dtype=np.uint64)
-        idle = _idle(poll, passes)
+                poll = ComputeFanout(cs, fo).poll
+            else:
+                def poll() -> int:
+                    return cs.poll() + fo.poll()
+            build = time.perf_counter() - t0
+            words = _flow_words(events)
+            idle = _idle(poll, passes)
 
-        def feed(k: int) -> None:
-            ring_push(inp.ctrl, inp.slots, words[k:k + 1], 1)
+            def feed(k: int) -> None:
+                ring_push(inp.ctrl, inp.slots, words[k:k + 1], 1)
 
-        one = _one(poll, feed, lambda: None, events, clock)
-        assert int(cnt[CN.INDEX["compute_events_total"]]) == events
-        assert len(out) == 0  # every row packed and sent in the pass
-        return {"build_s": round(build, 3), "idle_ns": round(idle), "one_ns": round(one)}
-    finally:
-        for s in stages:
-            s.close()
-        for r in (inp, out):
-            r.close()
-        seg.close()
+            one = _one(poll, feed, lambda: None, events, clock)
+            assert int(cnt[CN.INDEX["compute_events_total"]]) == events
+            assert len(out) == 0  # every row packed and sent in the pass
+            return {"build_s": round(build, 3), "idle_ns": round(idle),
+                    "one_ns": round(one)}
+        finally:
+            for s in stages:
+                s.close()
 
 
 def _fanout(tag: str, passes: int, events: int, clock: float) -> dict:

@@ -151,6 +151,20 @@ def test_a_latency_run_against_a_real_node_sees_and_acknowledges_everything(node
 
 
 @pytest.mark.process
+def test_a_node_the_tool_starts_runs_on_a_scratch_directory_it_removes(tmp_path):
+    """No node answers on the config's port: the tool starts one, on a fresh data
+    directory beside the config's, and removes it when it stops the node: the synthetic
+    flow never lands in the node's own journal."""
+    n = LocalNode(tmp_path, start=False)
+    out = _perf(n, "latency", "--rate", "2000", "--duration", "0.5", "--warmup", "0.1")
+    r = out["node"]
+    assert r["sent"] == r["seen"] == r["acknowledged"] == 1200 and r["rejected"] == 0
+    assert r["cpu_percent"]  # (the tool found the processes of the node it started)
+    assert not n.data_dir.exists()  # the config's own data directory: never written
+    assert list(tmp_path.glob("*.perf-*")) == []  # the scratch one: removed
+
+
+@pytest.mark.process
 def test_compare_measures_the_floor_beside_the_node_and_projects_a_link_delay(node):
     out = _perf(node, "compare", "--systems", "node,floor", "--rate", "2000", "--duration",
                 "0.5", "--warmup", "0.1", "--link-delay-us", "25")

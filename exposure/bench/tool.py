@@ -25,7 +25,9 @@
   reports the sequential Redis round trips it made).
 
 The node is the one of ``--config`` (the built-in default without it); if none answers on
-its port, the tool starts it (``exposure run``) and stops it afterwards. The client runs in
+its port, the tool starts it (``exposure run``) and stops it afterwards, on a scratch data
+directory beside the config's (the same disk; removed when it stops), so the synthetic flow
+never lands in a node's own journal and every start is a fresh day. The client runs in
 this process, pinned to a CPU the node does not spin on.
 """
 
@@ -137,8 +139,10 @@ class NodeTarget(Target):
                          cfg.interface)
         self.cfg = cfg
         self.proc: subprocess.Popen | None = None
+        self.scratch: Path | None = None  # the data directory of a node this tool started
         if not _answers(cfg.ingest_host, cfg.ingest_port):
-            cmd = [sys.executable, "-m", "exposure", "run"]
+            self.scratch = _scratch_dir(cfg.data_dir)
+            cmd = [sys.executable, "-m", "exposure", "run", "--data-dir", str(self.scratch)]
             if config_path:
                 cmd += ["--config", config_path]
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
@@ -166,6 +170,19 @@ class NodeTarget(Target):
     def stop(self) -> None:
         _stop(self.proc)
         self.proc = None
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+
+
+def _scratch_dir(data_dir: Path) -> Path:
+    """A fresh directory beside ``data_dir`` (on its disk), or in the system's temporary
+    directory where that one cannot be made."""
+    try:
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{data_dir.name}.perf-", dir=data_dir.parent))
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="exposure-perf-node-"))
 
 
 class FloorTarget(Target):

@@ -206,7 +206,12 @@ class ComputeStage(Stage):
         """One step; returns the work done (0 = idle)."""
         if not self.pending and self.tail[0] == self.head[0]:
             return 0  # nothing on the ring (a plain read: the jitted pop re-reads, acquire)
-        work, self.pending, asleep = self._step(self.handle)
+        return self.stepped(*self._step(self.handle))
+
+    def stepped(self, work: int, pending: int, asleep: int) -> int:
+        """After a step (:func:`step_pass`'s results): the rows still pending, and a
+        fan-out that sleeps on its ring woken. Returns the work done."""
+        self.pending = pending
         if asleep:
             self.out.semaphore.release()  # a fan-out process that sleeps on the ring
         return work

@@ -65,11 +65,9 @@ class ComputeFanout(Stage):
         mode = f.mode()
         if mode == HOLD:  # fenced: compute goes on until the fan-out ring is full
             return c.poll()
-        work, c.pending, asleep, n, d, refused, err = self._call(
+        work, pending, asleep, n, d, refused, err = self._call(
             c.handle, f.handle, f.epoch, f.seq, mode == SEND)
-        if asleep:  # (as ComputeStage.poll; a fan-out fused here idles in this loop)
-            c.out.semaphore.release()
-        return work + f.packed(mode, n, d, refused, err)
+        return c.stepped(work, pending, asleep) + f.packed(mode, n, d, refused, err)
 
     def close(self) -> None:
         self.compute.close()

@@ -143,7 +143,7 @@ class _Conn(Conn):
 
     __slots__ = ("buf", "wbuf", "mv", "mv0", "hbuf", "pos", "fill", "stalled", "session", "row",
                  "held", "acked", "ack_due", "marks", "mark_ns", "repl", "state", "nonce",
-                 "last_rx", "rx", "rx_seen", "close_at", "flags", "rcur", "rupto", "ipc", "ring",
+                 "last_rx", "rx", "close_at", "flags", "rcur", "rupto", "ipc", "ring",
                  "rhead")
 
     def __init__(self, sock: socket.socket, now: int, max_out: int, budget: int,
@@ -164,8 +164,7 @@ class _Conn(Conn):
         self.state = _PRE
         self.nonce = os.urandom(W.NONCE)
         self.last_rx = now  # monotonic ns, as of the last deadline sweep that saw reads
-        self.rx = 0        # reads with bytes (the sweep sets last_rx when it moved: no clock
-        self.rx_seen = 0   # read per receive on the hot path)
+        self.rx = False    # bytes read since that sweep (no clock read per receive)
         self.close_at = 0
         self.flags = 0     # the LOGIN's flags (W.LOGIN_REJECTED: REJECTED frames)
         self.rcur = 0      # the reject log's next entry not yet sent (an index, not a slot)
@@ -585,8 +584,8 @@ class IngestStage(Stage):
             self._close(c)
         idle = self.lim.idle_timeout_ms * 1_000_000
         for c in list(self.by_session.values()):
-            if c.rx != c.rx_seen:  # read since the last sweep
-                c.rx_seen = c.rx
+            if c.rx:  # read since the last sweep
+                c.rx = False
                 c.last_rx = now
             elif (now - c.last_rx >= idle and not c.stalled and c not in self.unacked
                     and c not in self.ending):
@@ -634,7 +633,7 @@ class IngestStage(Stage):
             return 0
         c.rhead += got
         c.fill += got
-        c.rx += 1
+        c.rx = True
         self._consume(c)
         return 1
 
@@ -649,12 +648,9 @@ class IngestStage(Stage):
             if room < 0:
                 return 1
             view = c.mv[c.fill:c.fill + room]
-        try:  # (the socket's own call: this is the path every event takes)
-            got = c.sock.recv_into(view)
-        except (BlockingIOError, InterruptedError):
+        got = c.recv_into(view)
+        if got is None:
             return 0
-        except OSError:
-            got = 0
         if not got:  # the client went away, or shut its write side (it may still read)
             if c.state == _LIVE and (c.pos < c.fill or c in self.unacked):
                 self._end(c)  # what it sent first is taken and acknowledged, then closed
@@ -662,7 +658,7 @@ class IngestStage(Stage):
                 self._close(c)
             return 1
         c.fill += got
-        c.rx += 1
+        c.rx = True
         self._consume(c)
         return 1
 

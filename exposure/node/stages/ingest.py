@@ -316,20 +316,30 @@ class IngestStage(Stage):
             self.sessions[session, scol] += 1
 
     def _listen(self) -> None:
+        # The IPC socket first where its name is known (the configured port): a client that
+        # finds the TCP port accepting then finds it too (it was opened after, and a client
+        # trying IPC first could be refused in between).
+        if self.addr[1]:
+            self._listen_ipc(self.addr[1])
         self.listener = Listener(self.addr)
         self.lfd = self.listener.fd
         self.ep.register(self.lfd, select.EPOLLIN)
-        if self.ipc and self.ulistener is None:
-            name = ipc_name(client_host(self.addr[0]), self.listener.sock.getsockname()[1])
-            try:
-                self.ulistener = Listener(name)
-            except OSError as e:
-                log.warning("no IPC sessions: cannot listen on @%s (%s); TCP only",
-                            name[1:], e.strerror)
-            else:
-                self.ufd = self.ulistener.fd
-                self.ep.register(self.ufd, select.EPOLLIN)
+        if not self.addr[1]:  # (port 0: its number is known now)
+            self._listen_ipc(self.listener.sock.getsockname()[1])
         self.cnt[_LISTENING] = 1  # bound and listening: what the supervisor calls ready
+
+    def _listen_ipc(self, port: int) -> None:
+        if not self.ipc or self.ulistener is not None:
+            return
+        name = ipc_name(client_host(self.addr[0]), port)
+        try:
+            self.ulistener = Listener(name)
+        except OSError as e:
+            log.warning("no IPC sessions: cannot listen on @%s (%s); TCP only", name[1:],
+                        e.strerror)
+        else:
+            self.ufd = self.ulistener.fd
+            self.ep.register(self.ufd, select.EPOLLIN)
 
     def _promoted(self) -> None:
         """The supervisor made this node the primary: stop following, accept sessions."""

@@ -44,7 +44,7 @@ from exposure.core.types import (
     ROW_SECTOR,
 )
 from exposure.engine.kernel import account_values
-from exposure.shm.intrinsics import fence_seq_cst, prefetch, store_release
+from exposure.shm.intrinsics import fence_release, prefetch, store_release
 from exposure.shm.reject_layout import ENTRY, RING, ROW_WORDS, SEQ_MASK, W_HEAD
 from exposure.shm.seqlock import read_begin, read_end, read_row
 from exposure.shm.session_layout import N_PROCESSED, N_REJ, S_DONE, S_REJ
@@ -83,7 +83,7 @@ def versions(st) -> Versions:
 def _begin(ver, r):
     v = np.uint64(ver[r] + np.uint64(1))
     store_release(ver, r, v)  # odd: being written
-    fence_seq_cst()
+    fence_release()
     return v
 
 
@@ -112,7 +112,7 @@ def set_values(row, vals):
 def _put_row(pub, ver, r, vals, live, breach, gseq, nl, ns):
     v = np.uint64(ver[r] + np.uint64(1))
     store_release(ver, r, v)  # odd: being written
-    fence_seq_cst()
+    fence_release()
     row = pub[r]
     row.gseq = gseq
     set_values(row, vals)

@@ -31,14 +31,25 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["prefetch", "load_acquire", "store_release", "fence_seq_cst", "clock_realtime_ns",
-           "sys_send", "sys_sendmmsg", "errno"]
+__all__ = ["prefetch", "load_acquire", "store_release", "fence_release", "fence_seq_cst",
+           "clock_realtime_ns", "sys_send", "sys_sendmmsg", "errno"]
+
+
+_LINE = 64  # bytes of a cache line
+
+
+def _line_offsets(size: int) -> list[int]:
+    """Byte offsets, within an element of ``size`` bytes, that touch every cache line the
+    element can span wherever it starts: one per line's worth, and its last byte."""
+    return sorted({*range(0, size, _LINE), size - 1})
 
 
 @intrinsic
 def prefetch(typingctx, arr, idx):
-    """Hint the CPU to fetch the cache line of ``arr[idx]`` (read, keep in all levels); of
-    an N-d array, the first line of ``arr[idx, 0, ...]``."""
+    """Hint the CPU to fetch ``arr[idx]`` (read, keep in all levels): of a 1-d array, every
+    cache line the element spans (a 96- or 112-byte row straddles two or three, and a miss
+    on the one not fetched costs what the prefetch saved); of an N-d array, the first line
+    of ``arr[idx, 0, ...]``."""
     if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
         return None
     sig = types.void(arr, idx)
@@ -54,8 +65,12 @@ def prefetch(typingctx, arr, idx):
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        # (address, rw = 0 read, locality = 3 keep in all levels, cache type = 1 data)
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        base = builder.bitcast(ptr, i8p)
+        size = context.get_abi_sizeof(context.get_data_type(aryty.dtype))
+        for off in _line_offsets(size) if aryty.ndim == 1 else [0]:
+            at = builder.gep(base, [ir.IntType(64)(off)]) if off else base
+            # (address, rw = 0 read, locality = 3 keep in all levels, cache type = 1 data)
+            builder.call(fn, [at, i32(0), i32(3), i32(1)])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -99,6 +114,21 @@ def store_release(typingctx, arr, idx, val):
         ptr = _elem_ptr(context, builder, aryty, args[0], args[1])
         v = context.cast(builder, args[2], valty, aryty.dtype)
         builder.store_atomic(v, ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def fence_release(typingctx):
+    """A release fence: every load and store before it is ordered before every store after
+    it (a seqlock writer's edge between the odd version and the row's data). On x86-64
+    (whose stores become visible in program order) it emits no instruction and only stops
+    the compiler moving memory accesses across it; on a weaker CPU, its barrier."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        builder.fence("release")
         return context.get_dummy_value()
 
     return sig, codegen

@@ -2,6 +2,7 @@
 that repeat the last seq, a refresh cycle of published rows, and send errors counted."""
 
 import contextlib
+import errno
 import os
 import socket
 import time
@@ -226,9 +227,9 @@ def test_the_refresh_cycle_resends_every_published_row_that_ever_moved():
         assert not seen[(ROW_INSTRUMENT, 5)].tobytes()[152:].strip(b"\0")
 
 
-def test_batch_sender_sends_every_slice_in_order_in_calls_of_at_most_max_msgs():
-    from exposure.net.mmsg import BatchSender
-
+def _sender_and_receiver() -> tuple[socket.socket, socket.socket]:
+    """A UDP socket connected to a fresh group on loopback, and a receiver that joined it
+    (5 s timeout)."""
     group, port = free_group(), free_port()
     rx = open_receiver(group, port)
     rx.settimeout(5)
@@ -236,6 +237,13 @@ def test_batch_sender_sends_every_slice_in_order_in_calls_of_at_most_max_msgs():
     s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
     s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
     s.connect((group, port))
+    return s, rx
+
+
+def test_batch_sender_sends_every_slice_in_order_in_calls_of_at_most_max_msgs():
+    from exposure.net.mmsg import BatchSender
+
+    s, rx = _sender_and_receiver()
     buf = np.arange(4000, dtype=np.uint64).view(np.uint8)[:10_000].copy()
     ends = np.cumsum([100 * (k + 1) for k in range(10)]).astype(np.int64)  # 100..1000 bytes
     try:
@@ -248,6 +256,37 @@ def test_batch_sender_sends_every_slice_in_order_in_calls_of_at_most_max_msgs():
     finally:
         s.close()
         rx.close()
+
+
+def test_a_headed_sender_sends_each_header_then_its_slice_in_calls_of_at_most_max_msgs():
+    """The fused pass's datagrams are gathered by the kernel from a header row and a slice
+    of compute's buffer: each arrives as the two back to back; a refusal is counted."""
+    from exposure.net.mmsg import HeadedSender, send_headed
+
+    s, rx = _sender_and_receiver()
+    heads = (np.arange(40, dtype=np.uint64) + 7_000).reshape(10, 4)  # 32-byte headers
+    buf = np.arange(4000, dtype=np.uint64).view(np.uint8)[:10_000].copy()
+    ends = np.cumsum([100 * (k + 1) for k in range(10)]).astype(np.int64)  # 100..1000 bytes
+    try:
+        hs = HeadedSender(s, heads, buf, max_msgs=3)
+        assert send_headed(*hs.args[:5], ends, 10, hs.args[5]) == (0, 0)
+        lo = 0
+        for k in range(10):
+            want = heads[k].tobytes() + buf[lo:ends[k]].tobytes()
+            assert rx.recv(65536) == want, k
+            lo = int(ends[k])
+    finally:
+        s.close()
+        rx.close()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("127.0.0.1", _closed_udp_port()))
+    try:
+        hs = HeadedSender(s, heads, buf, max_msgs=4)
+        refused = [send_headed(*hs.args[:5], ends, 8, hs.args[5]) for _ in range(5)]
+        assert sum(r for r, _ in refused) >= 1
+        assert any(e == errno.ECONNREFUSED for _, e in refused), refused
+    finally:
+        s.close()
 
 
 def test_batch_sender_counts_what_the_socket_refuses_and_names_the_error():

@@ -1,6 +1,7 @@
 """Compute and the fan-out fused into one call a pass (exposure.node.stages.fused): the
 wire sees exactly what the two stages polled one after the other send, datagram for
-datagram, through a full fan-out ring; a backup packs and sends nothing; a fenced primary
+datagram, through a full fan-out ring and past an empty one (a batch's rows sent from
+compute's buffer); a backup packs and sends nothing; a fenced primary
 holds its rows while compute goes on; only a compute stage directly followed by the
 fan-out reading its ring is fused."""
 
@@ -21,6 +22,7 @@ from exposure.node.stages.agent import Runner, Stage
 from exposure.node.stages.compute import ComputeStage
 from exposure.node.stages.fanout import FanoutStage
 from exposure.node.stages.fused import ComputeFanout, fuse
+from exposure.shm import ring_layout as RL
 from exposure.shm.control import (
     CONTROL_WORDS,
     CTL_EPOCH,
@@ -99,7 +101,11 @@ def _run(stage_polls, inp, chunks) -> None:
             pass
 
 
-def test_one_call_a_pass_sends_what_the_two_stages_send_datagram_for_datagram():
+@pytest.mark.parametrize("out_cap", [16, 4096])
+def test_one_call_a_pass_sends_what_the_two_stages_send_datagram_for_datagram(out_cap):
+    """Through a 16-row fan-out ring most batches fill it and their rows go in several
+    parts; through one of 4,096 every batch's rows fit, so the fused pass sends them from
+    compute's buffer without the ring, and the wire must not tell."""
     seed = random.randrange(1 << 30)
     print(f"seed {seed}")
     rng = random.Random(seed)
@@ -110,8 +116,7 @@ def test_one_call_a_pass_sends_what_the_two_stages_send_datagram_for_datagram():
     chunks = [words[a:b] for a, b in zip([0, *cuts], [*cuts, len(words)], strict=True)]
     got = {}
     for fused in (True, False):
-        # a 16-row fan-out ring: most batches fill it, and their rows go in several parts
-        with _pipeline(out_cap=16) as (inp, cs, fo, rx, _):
+        with _pipeline(out_cap=out_cap) as (inp, cs, fo, rx, _):
             if fused:
                 one = ComputeFanout(cs, fo)
                 _run([one.poll], inp, chunks)
@@ -120,8 +125,15 @@ def test_one_call_a_pass_sends_what_the_two_stages_send_datagram_for_datagram():
             dgs = _datagrams(rx)
             assert [d.seq for d in dgs if d.type == DG_INCREMENTAL] == list(
                 range(1, fo.seq + 1))
-            got[fused] = (_rows(dgs), fo.seq, cs.st.ctr.copy())
-    (rows_f, seq_f, ctr_f), (rows_s, seq_s, ctr_s) = got[True], got[False]
+            got[fused] = (_rows(dgs), fo.seq, cs.st.ctr.copy(),
+                          [(d.seq, len(d.updates)) for d in dgs if d.type == DG_INCREMENTAL])
+            through_ring = int(cs.out.ctrl[RL.W_TAIL])  # rows pushed onto the ring
+            if not fused:
+                assert through_ring == len(got[fused][0])
+            elif out_cap > 512 * 4:  # (a batch of 512 makes fewer rows than that)
+                assert through_ring == 0  # every batch's rows went from compute's buffer
+    (rows_f, seq_f, ctr_f, sizes_f), (rows_s, seq_s, ctr_s, sizes_s) = got[True], got[False]
+    assert sizes_f == sizes_s  # the same datagrams: each with the same rows
     assert seq_f == seq_s > len(chunks)  # more datagrams than batches: the ring was full
     assert len(rows_f) == len(rows_s) > 0
     assert (rows_f == rows_s).all()

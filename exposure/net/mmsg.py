@@ -11,8 +11,11 @@ unsigned msg_len}, 64 bytes); each call only writes the bases and lengths.
 
 Sending is jitted (:func:`send_datagrams`: libc's ``send`` and ``sendmmsg`` called from
 numba, :mod:`exposure.shm.intrinsics`), so the fan-out's pass packs and sends in one call;
-one datagram goes by a plain ``send``. It needs Linux. Where libc has no ``recvmmsg``,
-:class:`BatchReceiver` falls back to one ``recv_into`` per datagram.
+one datagram goes by a plain ``send``. :func:`send_headed` (:class:`HeadedSender`) sends
+datagrams that are not packed: each a header from one buffer and a slice of another,
+gathered by the kernel (two iovecs a message; the fused pass sends compute's rows so). It
+needs Linux. Where libc has no ``recvmmsg``, :class:`BatchReceiver` falls back to one
+``recv_into`` per datagram.
 
 A received datagram longer than its slot is truncated by the kernel (``MSG_TRUNC`` in
 ``msg_flags``); :class:`BatchReceiver` reports its length as the slot's plus one, which no
@@ -32,7 +35,7 @@ from numba import njit
 from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
 from exposure.shm.intrinsics import errno, sys_send, sys_sendmmsg
 
-__all__ = ["BatchSender", "BatchReceiver", "send_datagrams"]
+__all__ = ["BatchSender", "HeadedSender", "BatchReceiver", "send_datagrams", "send_headed"]
 
 _IOV_WORDS = 2    # struct iovec: base, len
 _MMSG_WORDS = 8   # struct mmsghdr: 64 bytes
@@ -56,15 +59,21 @@ except (OSError, AttributeError):  # pragma: no cover (not Linux)
 _OK_RECV = struct.calcsize("P") == 8 and _recvmmsg is not None
 
 
-@njit(cache=True, _nrt=False)
-def _fill_iov(iov, ends, lo, n, base):
-    """iovecs of datagrams ``lo .. lo + n`` (bytes ``ends[k - 1]:ends[k]`` of the buffer at
-    address ``base``); returns n."""
+@njit(cache=True, _nrt=False, inline="always")
+def _fill_iov(iov, ends, lo, n, base, heads_at, head):
+    """iovecs of datagrams ``lo .. lo + n``: bytes ``ends[k - 1]:ends[k]`` of the buffer at
+    address ``base``, after (``head`` > 0) the ``head`` bytes at ``heads_at + k * head``;
+    returns n."""
     start = np.uint64(0) if lo == 0 else np.uint64(ends[lo - 1])
     for k in range(n):
         end = np.uint64(ends[lo + k])
-        iov[k, 0] = base + start
-        iov[k, 1] = end - start
+        j = 0
+        if head > 0:
+            iov[k, 0] = heads_at + np.uint64(head * (lo + k))
+            iov[k, 1] = np.uint64(head)
+            j = 2
+        iov[k, j] = base + start
+        iov[k, j + 1] = end - start
         start = end
     return n
 
@@ -72,29 +81,17 @@ def _fill_iov(iov, ends, lo, n, base):
 _EINTR = 4
 
 
-@njit(cache=True, _nrt=False)
-def send_datagrams(fd, iov, msgs_at, ends, d, base):
-    """Send datagrams ``0 .. d`` on the connected socket ``fd``: datagram k is bytes
-    ``ends[k - 1]:ends[k]`` (``ends[-1]`` read as 0) of the buffer at address ``base``; one
-    ``send`` for one datagram, else ``sendmmsg`` over ``iov`` (u8 ``[m, 2]``) and the
-    ``m`` message headers at address ``msgs_at``, at most ``m`` per call. A datagram the
-    socket refuses is counted and skipped; a call interrupted by a signal is made again.
-    Returns (datagrams refused, the last refusal's errno). Jitted, so that the fan-out's
-    one call per pass ends in the system call (``exposure.shm.intrinsics``)."""
+@njit(cache=True, _nrt=False, inline="always")
+def _send_all(fd, iov, msgs_at, ends, d, base, heads_at, head):
+    """Datagrams ``0 .. d`` (:func:`_fill_iov`'s) by ``sendmmsg``, at most ``iov``'s rows a
+    call: a datagram the socket refuses is counted and skipped, a call interrupted by a
+    signal is made again. Returns (datagrams refused, the last refusal's errno)."""
     refused = 0
     err = 0
-    if d == 1:
-        while True:
-            r = sys_send(fd, base, ends[0], 0)
-            if r >= 0:
-                return 0, 0
-            err = errno()
-            if err != _EINTR:
-                return 1, err
     most = iov.shape[0]
     lo = 0
     while lo < d:
-        n = _fill_iov(iov, ends, lo, min(d - lo, most), base)
+        n = _fill_iov(iov, ends, lo, min(d - lo, most), base, heads_at, head)
         k = 0
         while k < n:
             sent = sys_sendmmsg(fd, msgs_at + np.uint64(64 * k), n - k, 0)
@@ -109,6 +106,39 @@ def send_datagrams(fd, iov, msgs_at, ends, d, base):
             k += 1
         lo += n
     return refused, err
+
+
+@njit(cache=True, _nrt=False)
+def send_datagrams(fd, iov, msgs_at, ends, d, base):
+    """Send datagrams ``0 .. d`` on the connected socket ``fd``: datagram k is bytes
+    ``ends[k - 1]:ends[k]`` (``ends[-1]`` read as 0) of the buffer at address ``base``; one
+    ``send`` for one datagram, else ``sendmmsg`` over ``iov`` (u8 ``[m, 2]``) and the
+    ``m`` message headers at address ``msgs_at``, at most ``m`` per call. A datagram the
+    socket refuses is counted and skipped; a call interrupted by a signal is made again.
+    Returns (datagrams refused, the last refusal's errno). Jitted, so that the fan-out's
+    one call per pass ends in the system call (``exposure.shm.intrinsics``)."""
+    if d == 1:
+        while True:
+            r = sys_send(fd, base, ends[0], 0)
+            if r >= 0:
+                return 0, 0
+            err = errno()
+            if err != _EINTR:
+                return 1, err
+    return _send_all(fd, iov, msgs_at, ends, d, base, np.uint64(0), 0)
+
+
+@njit(cache=True, _nrt=False)
+def send_headed(fd, iov, msgs_at, heads_at, head, ends, d, base):
+    """Send datagrams ``0 .. d`` on the connected socket ``fd``, each gathered from two
+    places: datagram k is the ``head`` bytes at ``heads_at + k * head`` (its header), then
+    bytes ``ends[k - 1]:ends[k]`` (``ends[-1]`` read as 0) of the buffer at ``base``;
+    ``sendmmsg`` over ``iov`` (u8 ``[m, 4]``: two iovecs a message) and the ``m``
+    message headers at ``msgs_at`` (:class:`HeadedSender` makes them), at most ``m`` per
+    call. What the kernel sends is what :func:`send_datagrams` sends of the same bytes
+    packed back to back, without packing them. Returns (datagrams refused, the last
+    refusal's errno)."""
+    return _send_all(fd, iov, msgs_at, ends, d, base, heads_at, head)
 
 
 class BatchSender:
@@ -142,6 +172,30 @@ class BatchSender:
         if refused:
             self.last_error = os.strerror(err)
         return refused
+
+
+class HeadedSender:
+    """The message headers and iovecs of :func:`send_headed`: up to ``max_msgs`` datagrams
+    a system call, each a header (one row of ``heads``, u8 words) and then a slice of
+    ``buf``. :attr:`args` are ``send_headed``'s (fd, iov, message headers' address,
+    headers' address, header bytes) and the buffer's address, for a jitted caller."""
+
+    def __init__(self, sock: socket.socket, heads: np.ndarray, buf: np.ndarray,
+                 max_msgs: int = 1024):
+        if heads.ndim != 2 or not heads.flags.c_contiguous:
+            raise ValueError(f"heads: a C-contiguous 2-d array, not {heads.shape}")
+        self.sock, self.heads, self.buf = sock, heads, buf
+        self.max = max(1, max_msgs)
+        self.iov = np.zeros((self.max, 2 * _IOV_WORDS), np.uint64)
+        self.msgs = np.zeros((self.max, _MMSG_WORDS), np.uint64)
+        self.msgs[:, _MSG_IOV] = self.iov.ctypes.data + 32 * np.arange(self.max,
+                                                                      dtype=np.uint64)
+        self.msgs[:, _MSG_IOVLEN] = 2
+        self.args = (sock.fileno(), self.iov, np.uint64(self.msgs.ctypes.data),
+                     np.uint64(heads.ctypes.data), heads.shape[1] * heads.itemsize,
+                     np.uint64(buf.ctypes.data))
+        fd, iov, at, hat, head, base = self.args
+        send_headed(fd, iov, at, hat, head, np.zeros(1, np.int64), 0, base)  # compiled now
 
 
 @njit(cache=True, _nrt=False)

@@ -42,7 +42,7 @@ from exposure.shm import counters_layout as CN
 from exposure.shm import ring_layout as RL
 from exposure.shm.handle import Handle, bind, members
 from exposure.shm.intrinsics import clock_realtime_ns
-from exposure.shm.ring import ring_pop, ring_push, sleeping
+from exposure.shm.ring import ring_pop, ring_push, ring_size, sleeping
 from exposure.shm.seqlock import write_begin, write_end
 
 __all__ = ["ComputeStage", "step_pass"]
@@ -64,14 +64,21 @@ _P_LEFT, _P_FROM, _P_CELL, _P_N, _P_ON = range(5)
 @njit(cache=True, inline="always")
 def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, cver, ctrver,
           sess_flat, ncols, rlog, arows, irows, srows, prows, lrows, lim_sent, row_words, octrl,
-          oslots, cnt, pend, now_ns):
+          oslots, cnt, pend, now_ns, direct):
     """Rows left on the fan-out ring's doorstep first (``pend``: how many, from which; the
     ring was full), then the batch's position rows that did not fit the buffer; then pop,
     apply under the state seqlock, publish, count, emit feed rows, push them, and count the
     batch into ``cnt`` (the counters segment): one entry from Python per pass.
 
+    With ``direct`` (the fused pass, :mod:`exposure.node.stages.fused`), a batch whose rows
+    find the fan-out ring empty and fit it is not pushed: its caller sends them from
+    ``row_words`` itself. Each row of a batch is a different row of the feed, so with
+    nothing before them on the ring there is nothing to conflate, and the datagrams are
+    those the fan-out would pack from the ring.
+
     Returns (work done: records applied or rows pushed, rows still pending, fan-out
-    consumer asleep)."""
+    consumer asleep, the batch's rows left in ``row_words`` for the caller: 0 unless
+    ``direct``)."""
     asleep = 0
     done = 0
     while True:
@@ -83,7 +90,7 @@ def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, c
             if m > 0 and sleeping(octrl, RL.W_CONSUMER_SLEEPING):
                 asleep = 1
             if pend[_P_LEFT] > 0:
-                return done, pend[_P_LEFT], asleep
+                return done, pend[_P_LEFT], asleep, 0
         if pend[_P_ON] == 0 or pend[_P_CELL] >= st.ctr[C_NCCHANGED]:
             break
         # the batch's next position rows (its cells are listed until the next batch)
@@ -93,10 +100,10 @@ def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, c
         pend[_P_FROM] = 0
         cnt[_ROWS] += np.uint64(m)
     if done > 0:
-        return done, 0, asleep
+        return done, 0, asleep, 0
     n = ring_pop(ictrl, islots, words, words.shape[0])
     if n == 0:
-        return 0, 0, asleep
+        return 0, 0, asleep, 0
     r = recs[:n]
     s = status[:n]
     write_begin(seg_words)
@@ -112,9 +119,13 @@ def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, c
     else:
         pend[_P_CELL] = st.ctr[C_NCCHANGED]
     count_sessions(r, s, n, sess_flat, ncols, rlog)
-    pushed = ring_push(octrl, oslots, row_words, m)
-    if pushed > 0 and sleeping(octrl, RL.W_CONSUMER_SLEEPING):
-        asleep = 1
+    taken = 0
+    if direct and m <= oslots.shape[0] and ring_size(octrl) == 0:
+        taken = pushed = m  # the caller sends them (see above)
+    else:
+        pushed = ring_push(octrl, oslots, row_words, m)
+        if pushed > 0 and sleeping(octrl, RL.W_CONSUMER_SLEEPING):
+            asleep = 1
     pend[_P_LEFT] = m - pushed
     pend[_P_FROM] = pushed
     cnt[_EVENTS] += np.uint64(n)
@@ -125,11 +136,11 @@ def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, c
     if pushed < m:
         cnt[_RING_FULL] += np.uint64(1)
     more = pend[_P_CELL] < st.ctr[C_NCCHANGED]  # position rows that did not fit
-    return n, m - pushed + (1 if more else 0), asleep
+    return n, m - pushed + (1 if more else 0), asleep, taken
 
 
 @njit(cache=True)
-def step_pass(h):
+def step_pass(h, direct):
     """:func:`_step` over the arrays of the stage's :class:`exposure.shm.handle.Handle`,
     stamped with the clock read here (``CLOCK_REALTIME``, as ``time.time_ns()``).
 
@@ -144,7 +155,7 @@ def step_pass(h):
      oslots, cnt, pend) = members(h)
     return _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, cver,
                  ctrver, sess_flat, ncols, rlog, arows, irows, srows, prows, lrows, lim_sent,
-                 row_words, octrl, oslots, cnt, pend, clock_realtime_ns())
+                 row_words, octrl, oslots, cnt, pend, clock_realtime_ns(), direct)
 
 
 class ComputeStage(Stage):
@@ -196,7 +207,7 @@ class ComputeStage(Stage):
                              self.row_words, self.out.ctrl, self.out.slots,
                              self.cnt, self.pend)
         # compiled (or loaded) now, before the node accepts sessions
-        self._step = bind(step_pass, self.handle)
+        self._step = bind(step_pass, self.handle, 0)
         # The idle check's two words of the input ring, as memoryviews (an index is half a
         # numpy one's cost): nothing to do while they are equal and nothing is pending.
         self.tail = memoryview(self.inp.ctrl[RL.W_TAIL:])
@@ -206,7 +217,8 @@ class ComputeStage(Stage):
         """One step; returns the work done (0 = idle)."""
         if not self.pending and self.tail[0] == self.head[0]:
             return 0  # nothing on the ring (a plain read: the jitted pop re-reads, acquire)
-        return self.stepped(*self._step(self.handle))
+        work, pending, asleep, _ = self._step(self.handle, 0)
+        return self.stepped(work, pending, asleep)
 
     def stepped(self, work: int, pending: int, asleep: int) -> int:
         """After a step (:func:`step_pass`'s results): the rows still pending, and a

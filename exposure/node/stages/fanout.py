@@ -60,7 +60,7 @@ from exposure.feed.wire import (
     rows_per_datagram,
 )
 from exposure.net.guard import RateLog
-from exposure.net.mmsg import BatchSender, send_datagrams
+from exposure.net.mmsg import BatchSender, HeadedSender, send_datagrams, send_headed
 from exposure.node.stages.agent import Stage
 from exposure.shm import counters_layout as CN
 from exposure.shm import ring_layout as RL
@@ -69,7 +69,7 @@ from exposure.shm.handle import Handle, bind, members
 from exposure.shm.intrinsics import clock_realtime_ns
 from exposure.shm.ring import ring_pop
 
-__all__ = ["FanoutStage", "pack_pass", "SEND", "PACK", "HOLD"]
+__all__ = ["FanoutStage", "pack_pass", "send_rows", "SEND", "PACK", "HOLD"]
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,38 @@ def pack_pass(h, epoch, seq, send):
     return n, d, refused, err
 
 
+@njit(cache=True, _nrt=False)
+def send_rows(h, m, epoch, seq, send):
+    """Rows ``0 .. m`` of the buffer a :meth:`FanoutStage.direct` handle ``h`` was made
+    for (a batch's rows, each a different row of the feed: nothing to conflate) as
+    INCREMENTAL datagrams, not copied: each row's epoch is stamped where it is, each
+    datagram's header written on its own and, with ``send``, the kernel gathers header and
+    rows (:func:`exposure.net.mmsg.send_headed`). The same datagrams as :func:`pack_pass`
+    makes of the same rows popped from the ring, at none of its copies. Returns what
+    ``pack_pass`` returns."""
+    rows, heads, ends, per, cnt, fd, iov, msgs_at, heads_at, head, base = members(h)
+    now = clock_realtime_ns()
+    ep = np.uint64(epoch)
+    for k in range(m):
+        rows[k, 1] = (rows[k, 1] & _HIGH32) | ep
+    d = 0
+    k = 0
+    while k < m:
+        c = min(per, m - k)
+        seq += 1
+        _close_datagram(heads, d * _HDR_WORDS, epoch, seq, c, DG_INCREMENTAL, now)
+        k += c
+        ends[d] = k * ROW_SIZE
+        d += 1
+    refused = 0
+    err = 0
+    if send and d > 0:
+        refused, err = send_headed(fd, iov, msgs_at, heads_at, head, ends, d, base)
+        cnt[_DATAGRAMS] += np.uint64(d)
+        cnt[_ROWS] += np.uint64(m)
+    return m, d, refused, err
+
+
 @njit(cache=True)
 def _gather_bound(h, b, cursor, limit, scan, positions):
     """:func:`exposure.engine.publish.gather_rows` over the state's handle ``h`` (the state,
@@ -266,6 +298,7 @@ class FanoutStage(Stage):
                              self.out, self.ends, self.nacc, self.ninst, self.nsec, self.ncell,
                              self.cnt, *self.sender.args)
         self._pack = bind(pack_pass, self.handle, 0, 0, True)  # compiled (or loaded) now
+        self._direct: list = []  # (sender, handle) of direct(): a fused pass's
         # The idle check's two words as memoryviews (an index is half a numpy one's cost)
         self._tail = memoryview(in_ring.ctrl[RL.W_TAIL:])
         self._head = memoryview(in_ring.ctrl[RL.W_HEAD:])
@@ -294,6 +327,22 @@ class FanoutStage(Stage):
         self._gather_h = (Handle(*self._gather_args), Handle(*self._gather_bufs))
         self._gather = bind(_gather_bound, *self._gather_h, 0, 0, 0, 0)
         _seal(self.rbuf, 0, 0, 0, DG_REFRESH, 0)  # compiled (or loaded) now
+
+    def direct(self, rows: np.ndarray) -> Handle:
+        """A handle for :func:`send_rows` over ``rows`` (u8 words, one feed row a line:
+        the buffer the compute stage before this one in the process makes a batch's rows
+        in), for the fused pass (:mod:`exposure.node.stages.fused`); made once, kept with
+        this stage and closed with it."""
+        if rows.ndim != 2 or rows.shape[1] != _ROW_WORDS or not rows.flags.c_contiguous:
+            raise ValueError(f"rows: C-contiguous u8 words [n, {_ROW_WORDS}], not "
+                             f"{rows.shape}")
+        most = rows.shape[0] // self.per + 1
+        heads = np.zeros((most, _HDR_WORDS), np.uint64)
+        ends = np.zeros(most, np.int64)
+        sender = HeadedSender(self.sock, heads, rows)
+        h = Handle(rows, heads.reshape(-1), ends, self.per, self.cnt, *sender.args)
+        self._direct.append((sender, h))
+        return h
 
     def mode(self) -> int:
         """What this node does with the rows now: :data:`SEND` (a primary, and in a pair
@@ -392,4 +441,6 @@ class FanoutStage(Stage):
 
     def close(self) -> None:
         self.handle.close()
+        for _, h in self._direct:
+            h.close()
         self.sock.close()

@@ -108,3 +108,21 @@ def test_a_hung_process_is_killed_and_restarted_and_the_watchdog_follows_progres
     finally:
         n.stop()
     assert n.segments() == []
+
+
+
+def test_a_child_started_nice_runs_nice_from_its_first_instruction(tmp_path):
+    """The snapshot process (started every million events) is niced before it imports
+    anything: its imports are about a second of CPU on the core the clients share."""
+    import sys
+    from types import SimpleNamespace
+
+    from exposure.node.supervisor import Node
+
+    out = tmp_path / "nice"
+    probe = [sys.executable, "-S", "-c",
+             f"import os; open({str(out)!r}, 'w').write(str(os.nice(0)))"]
+    me = SimpleNamespace(all_cpus=set(os.sched_getaffinity(0)))
+    for nice in (19, 0):
+        assert Node._popen(me, probe, nice=nice).wait(timeout=30) == 0
+        assert int(out.read_text()) == min(19, os.nice(0) + nice)

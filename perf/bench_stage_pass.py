@@ -1,7 +1,7 @@
 """The fixed cost of one pass of each hot stage, in ns, measured in-process (issue 30).
 
     python -m perf.bench_stage_pass [--passes 200000] [--events 20000] [--runs 5]
-                                    [--stages compute,fanout,journal,pair,fused]
+                                    [--stages compute,fanout,journal,pair,fused,batch]
                                     [--evict MIB] [--json]
 
 Builds the stages as a node's processes do (a tally segment of the default capacities, the
@@ -22,6 +22,10 @@ compute and fan-out rings, the counters) but in this one process, and times thei
   written between passes (outside the timer), so each pass starts with the caches holding
   none of the stage's state: the cost of an event that finds them cold, as on a node whose
   events come tens of microseconds apart on a shared machine.
+* ``event_ns`` (stage ``batch``): the fused pass under load, ns an event over 500,000
+  events of the flow in batches of 4,096 (a node's batch at millions of events a second),
+  datagrams as large as loopback takes, a receiver drained between batches outside the
+  timer: what caps the hot process's sustained rate, besides ingest.
 
 Uses only the stages' constructors and ``poll()``, so the same file measures an older
 checkout (``PYTHONPATH=<checkout> python <this file>``). Steal and load are reported.
@@ -179,6 +183,65 @@ def _pair(tag: str, passes: int, events: int, clock: float, fused: bool) -> dict
                 s.close()
 
 
+_BATCH = 4096  # events a batch of the ``batch`` stage (a node's batch under load)
+_BATCH_EVENTS = 500_000  # and the events it runs through, per run
+
+
+def _batch(tag: str, passes: int, events: int, clock: float) -> dict:
+    """The fused pass (exposure.node.stages.fused) under load: :data:`_BATCH_EVENTS` of
+    the flow in batches of :data:`_BATCH`, datagrams as large as loopback takes (the
+    default ``max_datagram``), a receiver joined and drained between batches outside the
+    timer; ns an event, and feed rows an event."""
+    import socket
+
+    from exposure.feed.wire import open_receiver
+    from exposure.harness.localnode import free_group, free_port
+    from exposure.node.stages.compute import ComputeStage
+    from exposure.node.stages.fanout import FanoutStage
+    from exposure.node.stages.fused import ComputeFanout
+
+    group, port = free_group(), free_port()
+    rx = open_receiver(group, port)
+    rx.setblocking(False)
+    with contextlib.suppress(OSError):  # SO_RCVBUFFORCE (root): room for a batch's rows
+        rx.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)
+    stages = []
+    with _compute_rig(tag) as (seg, inp, out, sessions, cnt):
+        try:
+            t0 = time.perf_counter()
+            cs = ComputeStage(seg, sessions, inp, out, counters=cnt, batch=_BATCH)
+            stages.append(cs)
+            fo = FanoutStage(out, group, port, "127.0.0.1", 0, 0, seg.state,
+                             heartbeat_ms=1_000_000, refresh_rows_per_s=0, counters=cnt,
+                             words=seg.words)
+            stages.append(fo)
+            poll = ComputeFanout(cs, fo).poll
+            build = time.perf_counter() - t0
+            words = _flow_words(_BATCH_EVENTS)
+            buf = bytearray(65536)
+            spent = 0
+            for lo in range(0, len(words), _BATCH):
+                n = min(_BATCH, len(words) - lo)
+                ring_push(inp.ctrl, inp.slots, words[lo:lo + n], n)
+                t = time.perf_counter_ns()
+                while poll():
+                    pass
+                spent += time.perf_counter_ns() - t
+                while True:
+                    try:
+                        rx.recv_into(buf)
+                    except BlockingIOError:
+                        break
+            assert int(cnt[CN.INDEX["compute_events_total"]]) == len(words)
+            rows = int(cnt[CN.INDEX["fanout_rows_total"]])
+            return {"build_s": round(build, 3), "event_ns": round(spent / len(words), 1),
+                    "rows_per_event": round(rows / len(words), 3)}
+        finally:
+            for s in stages:
+                s.close()
+            rx.close()
+
+
 def _fanout(tag: str, passes: int, events: int, clock: float) -> dict:
     from exposure.harness.localnode import free_group, free_port
     from exposure.node.stages.fanout import FanoutStage
@@ -254,16 +317,20 @@ def main(argv: list[str] | None = None) -> int:
     clock = _clock_ns()
     tag = uuid.uuid4().hex[:6]
     fns = {"compute": _compute, "fanout": _fanout, "journal": _journal,
-           "pair": lambda *a: _pair(*a, fused=False), "fused": lambda *a: _pair(*a, fused=True)}
+           "pair": lambda *a: _pair(*a, fused=False), "fused": lambda *a: _pair(*a, fused=True),
+           "batch": _batch}
     out: dict = {"clock_ns": round(clock, 1), "evict_mib": a.evict}
     for name in a.stages.split(","):
         runs = [fns[name](f"{tag}{k}", a.passes, a.events, clock) for k in range(a.runs)]
         out[name] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         out[name]["first_build_s"] = runs[0]["build_s"]
         out[name]["runs"] = runs
-        print(f"{name:8} idle {out[name]['idle_ns']:7,.0f} ns  one {out[name]['one_ns']:7,.0f}"
-              f" ns  build {runs[0]['build_s']:.3f} s first, {out[name]['build_s']:.3f} s "
-              "median", file=sys.stderr, flush=True)
+        got = out[name]
+        what = (f"{got['event_ns']:7,.1f} ns an event ({got['rows_per_event']} rows), "
+                f"batches of {_BATCH}" if name == "batch" else
+                f"idle {got['idle_ns']:7,.0f} ns  one {got['one_ns']:7,.0f} ns")
+        print(f"{name:8} {what}  build {runs[0]['build_s']:.3f} s first, "
+              f"{got['build_s']:.3f} s median", file=sys.stderr, flush=True)
     out["steal_percent"] = steal_since(steal0)["steal_percent"]
     out["load"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
     if a.json:

@@ -2,14 +2,20 @@
 
 Names say the memory semantics. Nothing else in the code base emits raw LLVM.
 
-* :func:`prefetch` - ``llvm.prefetch`` of an array element's cache line: a hint, never a
-  fault (the address is computed without a load, and an index outside the array is
-  clamped by the caller). Used by the kernel to pipeline hash-table lookups across a batch.
+* :func:`prefetch` - ``llvm.prefetch`` of every cache line of an array element (of a 1-d
+  array; the first line of an N-d array's row): a hint, never a fault (the address is
+  computed without a load, and an index outside the array is clamped by the caller). Used
+  by the kernel to pipeline hash-table lookups across a batch, and by publishing to fetch
+  the rows a batch moved ahead of writing them.
 * :func:`load_acquire` / :func:`store_release` - an atomic 8-byte load with acquire
   ordering and store with release ordering of an array element. On x86-64 both are a plain
   ``mov``; what they buy is that the *compiler* may not hoist the load out of a spin loop,
   sink the store out of a producer loop, or move other memory accesses across them
   (shared/NOTES.md shows numba doing all three to plain array accesses).
+* :func:`fence_release` - every earlier access before every later store: a seqlock
+  writer's edge between a row's odd version and its data (Linux's ``smp_wmb``). On x86-64,
+  whose stores become visible in program order, no instruction: only the compiler's
+  barrier.
 * :func:`fence_seq_cst` - a full fence, needed only for store-then-load ordering ("I am
   going to sleep" then "is there work?"); about 5 ns.
 * :func:`clock_realtime_ns`, :func:`sys_send`, :func:`sys_sendmmsg`, :func:`errno` - libc

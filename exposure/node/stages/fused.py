@@ -17,8 +17,9 @@ row of the feed, so with nothing before them there is nothing to conflate, and t
 sends them from compute's buffer (:func:`exposure.node.stages.fanout.send_rows`: each
 datagram's header and its rows gathered by the kernel, ``sendmmsg`` with two iovecs). That
 saves three copies of every row (onto the ring, off it, into the datagram buffer) and the
-conflation's three lookups a row: the pass with a batch of 4,096 events cost 27% less
-in-process (docs/performance.md, the sixteenth session). Otherwise (rows already waiting,
+conflation's three lookups a row: with the prefetches of the same session, the pass over
+batches of 4,096 events cost 0.67-0.76x its time before, in-process (docs/performance.md,
+the sixteenth session). Otherwise (rows already waiting,
 a batch larger than the ring, a fenced primary) the ring is written and read as before (a
 batch's rows are conflated there, and rows left over when it was full go first next pass).
 Either way what goes on the wire is the same, datagram for datagram (tests/test_fused.py).

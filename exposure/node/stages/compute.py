@@ -70,11 +70,13 @@ def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, c
     apply under the state seqlock, publish, count, emit feed rows, push them, and count the
     batch into ``cnt`` (the counters segment): one entry from Python per pass.
 
-    With ``direct`` (the fused pass, :mod:`exposure.node.stages.fused`), a batch whose rows
-    find the fan-out ring empty and fit it is not pushed: its caller sends them from
-    ``row_words`` itself. Each row of a batch is a different row of the feed, so with
-    nothing before them on the ring there is nothing to conflate, and the datagrams are
-    those the fan-out would pack from the ring.
+    With ``direct`` > 0 (the fused pass, :mod:`exposure.node.stages.fused`: the rows of one
+    datagram), a batch of more rows than that whose rows find the fan-out ring empty and
+    fit it is not pushed: its caller sends them from ``row_words`` itself. Each row of a
+    batch is a different row of the feed, so with nothing before them on the ring there is
+    nothing to conflate, and the datagrams are those the fan-out would pack from the ring.
+    (A batch of one datagram's rows takes the ring, whose copies cost next to nothing for
+    a few rows, and goes by a plain ``send``: the path of an event at low rates.)
 
     Returns (work done: records applied or rows pushed, rows still pending, fan-out
     consumer asleep, the batch's rows left in ``row_words`` for the caller: 0 unless
@@ -120,7 +122,7 @@ def _step(ictrl, islots, words, recs, status, st, seg_words, pver, iver, sver, c
         pend[_P_CELL] = st.ctr[C_NCCHANGED]
     count_sessions(r, s, n, sess_flat, ncols, rlog)
     taken = 0
-    if direct and m <= oslots.shape[0] and ring_size(octrl) == 0:
+    if 0 < direct < m <= oslots.shape[0] and ring_size(octrl) == 0:
         taken = pushed = m  # the caller sends them (see above)
     else:
         pushed = ring_push(octrl, oslots, row_words, m)

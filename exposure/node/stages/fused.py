@@ -11,16 +11,17 @@ compute's step, then the fan-out's pop, pack and send (:func:`_step_then_pack`),
 fan-out's role decided before it (:meth:`FanoutStage.mode`). A pass that finds nothing for
 compute is the fan-out's own (its rows held while fenced, heartbeats, the refresh cycle).
 
-The two stages stay separate agents with their own rings. A batch whose rows find the
-fan-out ring empty, and fit it, does not go through it: each row of a batch is a different
-row of the feed, so with nothing before them there is nothing to conflate, and the fan-out
-sends them from compute's buffer (:func:`exposure.node.stages.fanout.send_rows`: each
-datagram's header and its rows gathered by the kernel, ``sendmmsg`` with two iovecs). That
-saves three copies of every row (onto the ring, off it, into the datagram buffer) and the
-conflation's three lookups a row: with the prefetches of the same session, the pass over
-batches of 4,096 events cost 0.67-0.76x its time before, in-process (docs/performance.md,
-the sixteenth session). Otherwise (rows already waiting,
-a batch larger than the ring, a fenced primary) the ring is written and read as before (a
+The two stages stay separate agents with their own rings. A batch of more rows than one
+datagram holds, whose rows find the fan-out ring empty and fit it, does not go through it:
+each row of a batch is a different row of the feed, so with nothing before them there is
+nothing to conflate, and the fan-out sends them from compute's buffer
+(:func:`exposure.node.stages.fanout.send_rows`: each datagram's header and its rows
+gathered by the kernel, ``sendmmsg`` with two iovecs). That saves three copies of every row
+(onto the ring, off it, into the datagram buffer) and the conflation's three lookups a row:
+with the prefetches of the same session, the pass over batches of 4,096 events cost
+0.67-0.76x its time before, in-process (docs/performance.md, the sixteenth session).
+Otherwise (one datagram's rows, the path of an event at low rates; rows already waiting; a
+batch larger than the ring; a fenced primary) the ring is written and read as before (a
 batch's rows are conflated there, and rows left over when it was full go first next pass).
 Either way what goes on the wire is the same, datagram for datagram (tests/test_fused.py).
 :func:`fuse` is how the process builder (:mod:`exposure.node.process`) asks for it.
@@ -42,13 +43,13 @@ __all__ = ["ComputeFanout", "fuse"]
 
 
 @njit(cache=True)
-def _step_then_pack(hc, hf, hd, epoch, seq, send):
+def _step_then_pack(hc, hf, hd, per, epoch, seq, send):
     """Compute's step over its handle ``hc``, then the fan-out's pop, pack and (``send``)
     send over ``hf``, or, for a batch whose rows compute left in its buffer (the ring was
-    empty), the fan-out's datagrams of them sent from there (``hd``): (compute's work, rows
-    pending, fan-out asleep, rows popped or taken, datagrams, datagrams refused, the last
-    refusal's errno)."""
-    work, pending, asleep, taken = step_pass(hc, 1)
+    empty and they are more than one datagram's ``per``), the fan-out's datagrams of them
+    sent from there (``hd``): (compute's work, rows pending, fan-out asleep, rows popped or
+    taken, datagrams, datagrams refused, the last refusal's errno)."""
+    work, pending, asleep, taken = step_pass(hc, per)
     if taken > 0:
         n, d, refused, err = send_rows(hd, taken, epoch, seq, send)
     else:
@@ -67,8 +68,8 @@ class ComputeFanout(Stage):
         self.fed_by = compute.fed_by
         self.wake_source = compute.wake_source
         self._direct = fanout.direct(compute.row_words)
-        self._call = bind(_step_then_pack, compute.handle, fanout.handle, self._direct, 0, 0,
-                          True)
+        self._call = bind(_step_then_pack, compute.handle, fanout.handle, self._direct,
+                          fanout.per, 0, 0, True)
 
     @property
     def parts(self) -> tuple[Stage, ...]:
@@ -82,7 +83,7 @@ class ComputeFanout(Stage):
         if mode == HOLD:  # fenced: compute goes on until the fan-out ring is full
             return c.poll()
         work, pending, asleep, n, d, refused, err = self._call(
-            c.handle, f.handle, self._direct, f.epoch, f.seq, mode == SEND)
+            c.handle, f.handle, self._direct, f.per, f.epoch, f.seq, mode == SEND)
         return c.stepped(work, pending, asleep) + f.packed(mode, n, d, refused, err)
 
     def close(self) -> None:

@@ -141,11 +141,12 @@ def _compute(tag: str, passes: int, events: int, clock: float) -> dict:
         return {"build_s": round(build, 3), "idle_ns": round(idle), "one_ns": round(one)}
 
 
-def _pair(tag: str, passes: int, events: int, clock: float, fused: bool) -> dict:
-    """Compute and the fan-out of its ring (to a real multicast group), as the default
-    map's hot process runs them: polled one after the other (``fused`` False) or as one
-    stage of one jitted call a pass (exposure.node.stages.fused)."""
-    from exposure.harness.localnode import free_group, free_port
+@contextlib.contextmanager
+def _hot_pair(tag: str, group: str, port: int, max_datagram: int, batch: int = 8192):
+    """Compute (batches of up to ``batch``) and the fan-out of its ring, sending to
+    ``group``:``port`` in datagrams of ``max_datagram`` bytes (0: the interface's), over
+    :func:`_compute_rig`; yields (compute, fan-out, input ring, fan-out ring, counters,
+    seconds the two took to build) and closes them."""
     from exposure.node.stages.compute import ComputeStage
     from exposure.node.stages.fanout import FanoutStage
 
@@ -153,34 +154,43 @@ def _pair(tag: str, passes: int, events: int, clock: float, fused: bool) -> dict
     with _compute_rig(tag) as (seg, inp, out, sessions, cnt):
         try:
             t0 = time.perf_counter()
-            cs = ComputeStage(seg, sessions, inp, out, counters=cnt)
+            cs = ComputeStage(seg, sessions, inp, out, counters=cnt, batch=batch)
             stages.append(cs)
-            fo = FanoutStage(out, free_group(), free_port(), "127.0.0.1", 0, 1400, seg.state,
+            fo = FanoutStage(out, group, port, "127.0.0.1", 0, max_datagram, seg.state,
                              heartbeat_ms=1_000_000, refresh_rows_per_s=0, counters=cnt,
                              words=seg.words)
             stages.append(fo)
-            if fused:
-                from exposure.node.stages.fused import ComputeFanout
-
-                poll = ComputeFanout(cs, fo).poll
-            else:
-                def poll() -> int:
-                    return cs.poll() + fo.poll()
-            build = time.perf_counter() - t0
-            words = _flow_words(events)
-            idle = _idle(poll, passes)
-
-            def feed(k: int) -> None:
-                ring_push(inp.ctrl, inp.slots, words[k:k + 1], 1)
-
-            one = _one(poll, feed, lambda: None, events, clock)
-            assert int(cnt[CN.INDEX["compute_events_total"]]) == events
-            assert len(out) == 0  # every row packed and sent in the pass
-            return {"build_s": round(build, 3), "idle_ns": round(idle),
-                    "one_ns": round(one)}
+            yield cs, fo, inp, out, cnt, time.perf_counter() - t0
         finally:
             for s in stages:
                 s.close()
+
+
+def _pair(tag: str, passes: int, events: int, clock: float, fused: bool) -> dict:
+    """Compute and the fan-out of its ring (to a real multicast group), as the default
+    map's hot process runs them: polled one after the other (``fused`` False) or as one
+    stage of one jitted call a pass (exposure.node.stages.fused)."""
+    from exposure.harness.localnode import free_group, free_port
+    from exposure.node.stages.fused import ComputeFanout
+
+    with _hot_pair(tag, free_group(), free_port(), 1400) as (cs, fo, inp, out, cnt, build):
+        if fused:
+            t0 = time.perf_counter()
+            poll = ComputeFanout(cs, fo).poll
+            build += time.perf_counter() - t0
+        else:
+            def poll() -> int:
+                return cs.poll() + fo.poll()
+        words = _flow_words(events)
+        idle = _idle(poll, passes)
+
+        def feed(k: int) -> None:
+            ring_push(inp.ctrl, inp.slots, words[k:k + 1], 1)
+
+        one = _one(poll, feed, lambda: None, events, clock)
+        assert int(cnt[CN.INDEX["compute_events_total"]]) == events
+        assert len(out) == 0  # every row packed and sent in the pass
+        return {"build_s": round(build, 3), "idle_ns": round(idle), "one_ns": round(one)}
 
 
 _BATCH = 4096  # events a batch of the ``batch`` stage (a node's batch under load)
@@ -196,8 +206,6 @@ def _batch(tag: str, passes: int, events: int, clock: float) -> dict:
 
     from exposure.feed.wire import open_receiver
     from exposure.harness.localnode import free_group, free_port
-    from exposure.node.stages.compute import ComputeStage
-    from exposure.node.stages.fanout import FanoutStage
     from exposure.node.stages.fused import ComputeFanout
 
     group, port = free_group(), free_port()
@@ -205,18 +213,11 @@ def _batch(tag: str, passes: int, events: int, clock: float) -> dict:
     rx.setblocking(False)
     with contextlib.suppress(OSError):  # SO_RCVBUFFORCE (root): room for a batch's rows
         rx.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)
-    stages = []
-    with _compute_rig(tag) as (seg, inp, out, sessions, cnt):
-        try:
+    try:
+        with _hot_pair(tag, group, port, 0, _BATCH) as (cs, fo, inp, out, cnt, build):
             t0 = time.perf_counter()
-            cs = ComputeStage(seg, sessions, inp, out, counters=cnt, batch=_BATCH)
-            stages.append(cs)
-            fo = FanoutStage(out, group, port, "127.0.0.1", 0, 0, seg.state,
-                             heartbeat_ms=1_000_000, refresh_rows_per_s=0, counters=cnt,
-                             words=seg.words)
-            stages.append(fo)
             poll = ComputeFanout(cs, fo).poll
-            build = time.perf_counter() - t0
+            build += time.perf_counter() - t0
             words = _flow_words(_BATCH_EVENTS)
             buf = bytearray(65536)
             spent = 0
@@ -236,10 +237,8 @@ def _batch(tag: str, passes: int, events: int, clock: float) -> dict:
             rows = int(cnt[CN.INDEX["fanout_rows_total"]])
             return {"build_s": round(build, 3), "event_ns": round(spent / len(words), 1),
                     "rows_per_event": round(rows / len(words), 3)}
-        finally:
-            for s in stages:
-                s.close()
-            rx.close()
+    finally:
+        rx.close()
 
 
 def _fanout(tag: str, passes: int, events: int, clock: float) -> dict:

@@ -23,20 +23,17 @@ def _fetch(rows, i):
     prefetch(rows, i)
 
 
-@njit
-def _write_row(ver, vals, i, x):
-    ver[i] += np.uint64(1)
-    fence_release()
-    vals[i] = x
-    ver[i] += np.uint64(1)
+def _row_writer(fence):
+    """A seqlock row write (odd version, the value, even version) with ``fence`` between
+    the odd version and the value."""
+    @njit
+    def write(ver, vals, i, x):
+        ver[i] += np.uint64(1)
+        fence()
+        vals[i] = x
+        ver[i] += np.uint64(1)
 
-
-@njit
-def _write_row_seq_cst(ver, vals, i, x):
-    ver[i] += np.uint64(1)
-    fence_seq_cst()
-    vals[i] = x
-    ver[i] += np.uint64(1)
+    return write
 
 
 def _asm(fn, *args) -> str:
@@ -66,7 +63,7 @@ def test_a_prefetch_of_a_row_fetches_each_of_its_lines(dtype):
 @x86
 def test_a_release_fence_is_no_instruction_and_a_full_fence_is_one():
     ver, vals = np.zeros(4, np.uint64), np.zeros(4)
-    assert "mfence" not in _asm(_write_row, ver, vals, 1, 2.5)
-    full = _asm(_write_row_seq_cst, ver, vals, 1, 2.5)
+    assert "mfence" not in _asm(_row_writer(fence_release), ver, vals, 1, 2.5)
+    full = _asm(_row_writer(fence_seq_cst), ver, vals, 1, 2.5)
     assert "mfence" in full or "lock" in full
     assert ver[1] == 4 and vals[1] == 2.5  # both ran once: two versions each

@@ -100,6 +100,13 @@ def _close_datagram(out, hdr, epoch, seq, count, dtype, now):
 
 
 @njit(cache=True, _nrt=False, inline="always")
+def _with_epoch(word1, ep):
+    """A row's second word with the epoch it is sent under in its low half (the gseq's
+    high half stays): every datagram's rows are stamped so, packed or sent in place."""
+    return (word1 & _HIGH32) | ep
+
+
+@njit(cache=True, _nrt=False, inline="always")
 def _slot(word0, nacc, ninst, nsec, ncell):
     """Where a row (kind in the low byte of its first word, i4 id in the high half) sits in
     ``last``: accounts, the fund, instruments, sectors, position cells, limits; anything
@@ -152,7 +159,7 @@ def _pack(ctrl, slots, upd, last, epoch, seq, per, out, ends, now, nacc, ninst, 
             hdr = w
             w += _HDR_WORDS
         out[w] = upd[k, 0]
-        out[w + 1] = (upd[k, 1] & _HIGH32) | ep
+        out[w + 1] = _with_epoch(upd[k, 1], ep)
         for b in range(2, _ROW_WORDS):
             out[w + b] = upd[k, b]
         w += _ROW_WORDS
@@ -206,7 +213,7 @@ def send_rows(h, m, epoch, seq, send):
     now = clock_realtime_ns()
     ep = np.uint64(epoch)
     for k in range(m):
-        rows[k, 1] = (rows[k, 1] & _HIGH32) | ep
+        rows[k, 1] = _with_epoch(rows[k, 1], ep)
     d = 0
     k = 0
     while k < m:
@@ -240,7 +247,7 @@ def _seal(out, m, epoch, seq, dtype, now):
     ep = np.uint64(epoch)
     for k in range(m):
         w = _HDR_WORDS + k * _ROW_WORDS + 1
-        out[w] = (out[w] & _HIGH32) | ep
+        out[w] = _with_epoch(out[w], ep)
     _close_datagram(out, 0, epoch, seq, m, dtype, now)
     return (_HDR_WORDS + m * _ROW_WORDS) * 8
 

@@ -8,11 +8,28 @@ import sys
 import numpy as np
 import pytest
 
-from exposure.bench.loadgen import RunRaw, build_frames, move_order_ids
-from exposure.bench.measure import collect_arrivals, seen_times, summarize
+from exposure.bench.loadgen import RunRaw, _stamp_frame, build_frames, move_order_ids
+from exposure.bench.measure import summarize
+from exposure.bench.recorder import ArrivalRecorder
 from exposure.bench.tool import summarize_run
-from exposure.core.types import EVENT_DTYPE, ROW_ACCOUNT, T_CANCEL, T_MARK, T_NEW, UPDATE_DTYPE
-from exposure.feed.wire import DG_INCREMENTAL, DGRAM_HEADER, DGRAM_MAGIC, dgram_word
+from exposure.core.types import (
+    EVENT_DTYPE,
+    ROW_ACCOUNT,
+    ROW_LIMITS,
+    T_CANCEL,
+    T_MARK,
+    T_NEW,
+    UPDATE_DTYPE,
+)
+from exposure.feed.wire import (
+    DG_HEARTBEAT,
+    DG_INCREMENTAL,
+    DG_REFRESH,
+    DGRAM_HEADER,
+    DGRAM_MAGIC,
+    dgram_word,
+    parse_datagram,
+)
 from exposure.harness.localnode import LocalNode
 from exposure.net import wire as W
 
@@ -44,26 +61,124 @@ def test_an_update_covers_every_earlier_event_of_its_session_and_later_ones_are_
     grams = [(1_000, _dgram(1, 900, [{"session": 5, "sseq": 3}, {"session": 6, "sseq": 99}])),
              (2_000, _dgram(2, 1900, [{"session": 5, "sseq": 2}])),   # conflated, older
              (3_000, _dgram(4, 2900, [{"session": 5, "sseq": 7}]))]
-    arr = collect_arrivals(grams + [(4_000, b"not a datagram")], session=5)
-    seen = seen_times(arr, np.arange(1, 10))
-    assert seen.tolist() == [1_000] * 3 + [3_000] * 4 + [0, 0]
-    assert arr.stream_gaps == 1  # datagram 3 never came
+    rec = ArrivalRecorder(session=5, first=1, n_events=9)
+    for t, data in grams + [(4_000, b"not a datagram")]:
+        rec.add(t, data)
+    assert rec.seen.tolist() == [1_000] * 3 + [3_000] * 4 + [0, 0]
+    assert rec.stream_gaps == 1  # datagram 3 never came
 
 
-def _raw(n: int, period: int, stall_from: int, stall_ns: int) -> RunRaw:
+def _raw(n: int, period: int, stall_from: int, stall_ns: int, shown: int | None = None
+         ) -> RunRaw:
     """A run whose sender stalled: events from ``stall_from`` went out ``stall_ns`` late;
-    each is seen 10 us after it was actually sent."""
+    each of the first ``shown`` (all) is seen 10 us after it was actually sent."""
     intended = np.arange(n, dtype=np.int64) * period + 1_000_000_000
     send = intended.copy()
     send[stall_from:] += stall_ns
     raw = RunRaw(session=1, first_sseq=1, rate=1e9 / period, frame=1, intended_ns=intended,
                  send_ns=send)
-    raw.datagrams = [(int(t) + 10_000, _dgram(k + 1, int(t), [{"session": 1, "sseq": k + 1,
-                                                                "send_ns": int(t)}]))
-                     for k, t in enumerate(send)]
+    grams = [(int(t) + 10_000, _dgram(k + 1, int(t), [{"session": 1, "sseq": k + 1,
+                                                       "send_ns": int(t)}]))
+             for k, t in enumerate(send[:shown])]
+    raw.arrivals = ArrivalRecorder(session=1, first=1, n_events=n)
+    for t, data in grams:
+        raw.arrivals.add(t, data)
     raw.wall_s = n * period / 1e9
     raw.ack_log = [(int(send[-1]) + 20_000, n)]
     return raw
+
+
+def _model(grams: list[tuple[int, bytes]], session: int, first: int, n: int,
+           measured_from: int) -> tuple[list[int], dict[str, np.ndarray], list[int]]:
+    """What the recorder must make of ``grams``, the slow way: every row of the session
+    from the feed's own parser, in arrival order; then each event is seen at the first row
+    at or beyond its seq, and the legs are those of the measured rows."""
+    rows, seqs = [], []
+    for t, data in grams:
+        try:
+            d = parse_datagram(data)
+        except ValueError:
+            continue
+        if d.type != DG_INCREMENTAL:
+            continue
+        seqs.append(d.seq)
+        rows += [(t, int(u["sseq"]), int(u["send_ns"]), int(u["recv_ns"]),
+                  int(u["compute_ns"]), d.sent_ns) for u in d.updates
+                 if int(u["session"]) == session]
+    r = np.array(rows, np.int64).reshape(-1, 6)
+    seen = [0] * n
+    if len(r):
+        reach = np.maximum.accumulate(r[:, 1])
+        for e in range(n):
+            i = int(np.searchsorted(reach, first + e))
+            seen[e] = int(r[i, 0]) if i < len(r) else 0
+    m = r[(r[:, 1] >= measured_from) & (r[:, 1] < first + n)]
+    legs = {"client_to_ingest": m[:, 3] - m[:, 2], "ingest_to_compute": m[:, 4] - m[:, 3],
+            "compute_to_fanout": m[:, 5] - m[:, 4], "fanout_to_client": m[:, 0] - m[:, 5]}
+    return seen, legs, seqs
+
+
+def _random_datagram(rng: np.random.Generator, seq: int, sseq0: int = 0) -> bytes:
+    """A feed datagram of any kind of row, or a broken one: a bad magic, version, type,
+    row kind or length. Its rows' session seqs are ``sseq0`` + 7 ``seq`` - 100 + 0..39,
+    so they mostly rise from datagram to datagram, and sometimes fall."""
+    n = int(rng.integers(0, 40))
+    u = np.zeros(n, UPDATE_DTYPE)
+    u["kind"] = rng.integers(ROW_ACCOUNT, ROW_LIMITS + 1, n)
+    u["session"] = rng.choice([1, 2, 0xFFFFFFFF], n)
+    u["sseq"] = sseq0 + 7 * seq - 100 + rng.integers(0, 40, n)
+    for f in ("send_ns", "recv_ns", "compute_ns"):
+        u[f] = rng.integers(0, 1 << 40, n)
+    kind = int(rng.choice([DG_INCREMENTAL] * 6 + [DG_REFRESH, DG_HEARTBEAT, 9]))
+    data = bytearray(DGRAM_HEADER.pack(DGRAM_MAGIC, 3, seq, *dgram_word(n, kind),
+                                       int(rng.integers(0, 1 << 40))) + u.tobytes())
+    broken = int(rng.integers(0, 12))
+    if broken == 0:
+        data[0] ^= 1                                   # magic
+    elif broken == 1:
+        data[19] += 1                                  # version
+    elif broken == 2 and n:
+        data[DGRAM_HEADER.size + 160 * int(rng.integers(0, n))] = 7   # row kind
+    elif broken == 3:
+        data = data[:int(rng.integers(0, len(data)))]  # cut short
+    elif broken == 4:
+        data += b"\0" * 8                              # trailing bytes
+    return bytes(data)
+
+
+def test_the_recorder_folds_in_exactly_what_the_feeds_parser_reads():
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
+    grams = [(1_000 * k, _random_datagram(rng, k, 1 << 60)) for k in range(1, 400)]
+    grams.append((500_000, b"\0" * 70_000))  # longer than any UDP payload: not a datagram
+    rec = ArrivalRecorder(session=1, first=1 << 60, n_events=3000,
+                          measured_from=(1 << 60) + 1000)
+    for t, data in grams:
+        rec.add(t, data)
+    seen, legs, seqs = _model(grams, 1, 1 << 60, 3000, (1 << 60) + 1000)
+    assert rec.seen.tolist() == seen and any(seen) and not all(seen)
+    assert rec.datagrams == len(seqs)
+    assert rec.stream_gaps == (max(seqs) - min(seqs) + 1 - len(set(seqs)))
+    got = rec.legs()
+    for name, v in legs.items():
+        assert len(v) > 10
+        for q in (50, 99):
+            want = float(np.percentile(np.maximum(v, 0), q, method="inverted_cdf")) / 1000
+            assert got[name][f"p{q}_us"] == pytest.approx(want, rel=1e-3, abs=1e-3), (name, q)
+
+
+def test_the_leg_histogram_is_within_a_thousandth_from_a_nanosecond_to_minutes():
+    rng = np.random.default_rng(7)
+    for v in [0, 1, 1023, 1024, 1025, 2047, 2048, 123_456_789, (1 << 40) - 1]:
+        rec = ArrivalRecorder(session=1, first=1, n_events=1)
+        rec.add(5, _dgram(1, 5, [{"session": 1, "sseq": 1, "recv_ns": v}]))
+        assert rec.legs()["client_to_ingest"]["p50_us"] * 1000 == pytest.approx(
+            v, rel=1e-3, abs=0.5)
+    rec = ArrivalRecorder(session=1, first=1, n_events=1)
+    rec.add(5, _dgram(1, 5, [{"session": 1, "sseq": 1, "recv_ns": -7}]))  # clocks apart
+    assert rec.legs()["client_to_ingest"]["p50_us"] == 0
+    assert rng is not None
 
 
 def test_latency_counts_from_the_intended_send_time_so_a_stall_is_not_omitted():
@@ -76,8 +191,7 @@ def test_latency_counts_from_the_intended_send_time_so_a_stall_is_not_omitted():
 
 
 def test_warm_up_is_excluded_and_unseen_events_are_lost():
-    raw = _raw(1000, 50_000, 1000, 0)
-    raw.datagrams = raw.datagrams[:990]  # the last 10 events never show on multicast
+    raw = _raw(1000, 50_000, 1000, 0, shown=990)  # the last 10 never show on multicast
     r = summarize_run(raw, warmup=0.025)  # the first 500 events are warm-up
     assert r["measured"] == 490 and r["lost"] == 10 and r["seen"] == 990
 
@@ -111,6 +225,26 @@ def test_a_new_order_id_range_moves_the_order_ids_of_order_events_and_nothing_el
         assert r["price"].tolist() == [101.5] * 3 and r["qty"].tolist() == [7] * 3
     changed = np.nonzero(buf != before)[0]
     assert len(changed) and changed.min() >= fsz and changed.max() < 2 * fsz
+
+
+def test_a_frame_is_stamped_with_its_seqs_and_send_time_and_moves_its_ids_on_a_new_cycle():
+    block = np.zeros(6, EVENT_DTYPE)
+    block["type"] = [T_NEW, T_MARK, T_CANCEL, T_NEW, T_MARK, T_NEW]
+    block["order_id"] = [1, 0, 1, 2, 0, 3]
+    block["price"] = 101.5
+    buf, fsz, is_order = build_frames(block, 3)
+    w0 = (fsz + W.HEADER.size) // 8  # frame 1's first record
+    _stamp_frame(buf.view(np.uint64), w0, 3, 41, 123_456, is_order, 1, 5 << 36)
+    recs = [np.frombuffer(p, EVENT_DTYPE) for _, p in W.FrameReader().feed(buf.tobytes())]
+    assert recs[1]["sseq"].tolist() == [41, 42, 43]
+    assert recs[1]["send_ns"].tolist() == [123_456] * 3
+    assert recs[1]["order_id"].tolist() == [2 + (5 << 36), 0, 3 + (5 << 36)]
+    assert recs[1]["price"].tolist() == [101.5] * 3
+    assert recs[0]["sseq"].tolist() == [0] * 3 and recs[0]["order_id"].tolist() == [1, 0, 1]
+    _stamp_frame(buf.view(np.uint64), w0, 3, 44, 7, is_order, 1, 0)
+    recs = [np.frombuffer(p, EVENT_DTYPE) for _, p in W.FrameReader().feed(buf.tobytes())]
+    assert recs[1]["order_id"].tolist() == [2 + (5 << 36), 0, 3 + (5 << 36)]  # delta 0
+    assert recs[1]["sseq"].tolist() == [44, 45, 46] and recs[1]["send_ns"].tolist() == [7] * 3
 
 
 def _perf(node: LocalNode, *args: str, log: list | None = None) -> dict:

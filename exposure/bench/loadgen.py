@@ -3,9 +3,11 @@ receiver for the multicast updates and the node's ACKs, in one pinned process.
 
 The sender never waits for replies: event *k* is due at ``t0 + k / rate`` and goes out as
 soon as it is due (frames of ``frame`` events are due with their first event). Between
-sends the loop polls (epoll) the multicast socket and the session socket and only stores
-what arrives with its receipt time; matching happens after the run, so the client's own
-work never queues behind the stream. The flow is a block of records replayed cyclically;
+sends the loop polls (epoll) the multicast socket and the session socket. A datagram is
+folded in as it arrives by one compiled call (:mod:`exposure.bench.recorder`: which events
+it shows, the legs of its measured rows), into memory made and touched before the run's
+clock starts; an ACK is stored with its receipt time. So the client's work per datagram is
+small and fixed, and does not grow with the stream's bytes. The flow is a block of records replayed cyclically;
 each cycle's order ids are moved to a fresh range, and every run numbers its session seqs
 after what the node already holds for the session, so runs can follow each other against
 one node.
@@ -14,6 +16,7 @@ one node.
 from __future__ import annotations
 
 import gc
+import resource
 import select
 import socket
 import struct
@@ -21,7 +24,10 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 
+from exposure.bench.recorder import ArrivalRecorder
+from exposure.core import jit as _jit
 from exposure.core.types import (
     EVENT_WORDS,
     T_CANCEL,
@@ -61,6 +67,21 @@ def build_frames(block: np.ndarray, frame: int) -> tuple[np.ndarray, int, np.nda
     return buf, fbytes, is_order
 
 
+@njit(cache=True, nogil=True)
+def _stamp_frame(words, w0, cnt, sseq0, ts, is_order, j, delta):
+    """Stamp the ``cnt`` records from word ``w0`` of ``words`` (frame ``j`` of the block)
+    for sending: session seqs from ``sseq0``, send time ``ts``, and the order ids of its
+    order events moved by ``delta`` (a new cycle of the block; 0: none). One compiled call a
+    frame instead of four numpy ones."""
+    t = np.uint64(ts)
+    for i in range(cnt):
+        b = w0 + i * EVENT_WORDS
+        words[b + W_SSEQ] = np.uint64(sseq0 + i)
+        words[b + W_SEND_NS] = t
+        if delta != 0 and is_order[j, i]:
+            words[b + W_ORDER_ID] += np.uint64(delta)
+
+
 def move_order_ids(buf: np.ndarray, fbytes: int, is_order: np.ndarray, j: int,
                    delta: int) -> None:
     """Add ``delta`` to the order id of every order event of frame ``j`` of ``buf`` (as
@@ -81,13 +102,17 @@ class RunRaw:
     frame: int
     intended_ns: np.ndarray         # per event: when it was due
     send_ns: np.ndarray             # per event: when its frame went out (0: never sent)
-    datagrams: list = field(default_factory=list)   # (receipt ns, bytes)
+    arrivals: ArrivalRecorder | None = None  # what the run saw on multicast
     ack_log: list = field(default_factory=list)     # (receipt ns, acknowledged seq)
     # The session's reject counters (per reason) in the first and the last ACK of the run:
     # their difference is what the node rejected of this run (after the first ACK's seq).
     rejects_first: list | None = None
     rejects_last: list | None = None
     late_sends: int = 0             # frames sent more than 50 us after they were due
+    # The client's own CPU (user, system) over its loop, as fractions of the loop's wall
+    # time: near 1.0 the client, not the target, set the rate.
+    client_cpu: tuple[float, float] = (0.0, 0.0)
+    client_faults: int = 0          # page faults the client took in its loop
     steal_ms: float = 0.0
     wall_s: float = 0.0             # from the first due time to the last send
 
@@ -142,10 +167,11 @@ def _login(sock: socket.socket, session: int, timeout: float = 10.0,
 def open_loop(host: str, port: int, group: str, mport: int, interface: str,
               block: np.ndarray, n_events: int, rate: float, session: int, frame: int = 1,
               drain_s: float = 0.5, ack_timeout_s: float = 10.0,
-              oid_base: int | None = None) -> RunRaw:
+              oid_base: int | None = None, warmup_s: float = 0.0) -> RunRaw:
     """Send ``n_events`` of the cyclic flow ``block`` at ``rate`` events/s as one session,
     in frames of ``frame`` events; keep receiving until ``drain_s`` after the last send and
-    until the last event is acknowledged (at most ``ack_timeout_s`` more)."""
+    until the last event is acknowledged (at most ``ack_timeout_s`` more). The stage
+    breakdown counts the events due after ``warmup_s``."""
     if rate <= 0 or n_events < 1 or frame < 1:
         raise ValueError(f"rate={rate}, n_events={n_events}, frame={frame}: must be positive")
     rx = open_receiver(group, mport, interface)
@@ -164,7 +190,6 @@ def open_loop(host: str, port: int, group: str, mport: int, interface: str,
         fbuf, fsz, is_order = build_frames(block, frame)
         nblock = len(is_order)            # frames in the block
         fmv = memoryview(fbuf)
-        sv = fbuf.view(np.int64)          # frames are multiples of 8 bytes
         uv = fbuf.view(np.uint64)
         cycle_of = np.zeros(nblock, np.int64)  # how often each frame's order ids moved on
         # A fresh order-id range per run (ids are unique per source), moved on per cycle.
@@ -175,23 +200,28 @@ def open_loop(host: str, port: int, group: str, mport: int, interface: str,
         period = 1e9 / rate
         due = (np.arange(nframes) * frame * period).astype(np.int64).tolist()  # ns after t0
         pack_q = struct.Struct("<Q").pack_into
-        raw = RunRaw(session, first, rate, frame, np.zeros(n_events, np.int64),
-                     np.zeros(n_events, np.int64))
+        # What the loop writes is made and touched before its clock starts (on this VM a
+        # fresh page costs more than the loop's own work: docs/performance.md); the
+        # per-event times are made after it.
+        raw = RunRaw(session, first, rate, frame, np.zeros(0, np.int64), np.zeros(0, np.int64))
+        fsend = np.empty(nframes, np.int64)  # per frame: when it went out (0: never)
+        fsend.fill(0)
+        measured_from = first + min(n_events, int(np.ceil(warmup_s * rate)))
+        rec = ArrivalRecorder(session, first, n_events, measured_from)
         sock.setblocking(False)
         ep = select.epoll()
         sfd, rfd = sock.fileno(), rx.fileno()
         ep.register(sfd, select.EPOLLIN)
         ep.register(rfd, select.EPOLLIN)
-        buf = bytearray(65536)
-        got = raw.datagrams
-        send_ns = raw.send_ns
+        rbuf, take = rec.buffer, rec.take
+        stamp = _jit.entry(_stamp_frame, uv, 0, frame, 0, 0, is_order, 0, 0)
         gc.collect()
         gc.disable()  # the client's collector would stall its loop
         stolen0 = steal_ms()
+        ru0, loop0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter_ns()
         k = 0          # next frame
         pc0 = time.perf_counter_ns() + 20_000_000
         wall0 = time.time_ns() + (pc0 - time.perf_counter_ns())
-        raw.intended_ns[:] = wall0 + (np.arange(n_events) * period).astype(np.int64)
         pending = b""
         rd = W.FrameReader()
         acked = held
@@ -205,20 +235,20 @@ def open_loop(host: str, port: int, group: str, mport: int, interface: str,
                 j, cyc = k % nblock, k // nblock
                 off = j * fsz
                 w0 = (off + W.HEADER.size) // 8
+                delta = 0
                 if cyc != cycle_of[j]:  # a new cycle of the block: new order ids
-                    move_order_ids(fbuf, fsz, is_order, j, int(cyc - cycle_of[j]) << 36)
+                    delta = int(cyc - cycle_of[j]) << 36
                     cycle_of[j] = cyc
                 cnt = frame
                 ts = time.time_ns()
                 if cnt == 1:  # the latency path: no numpy on it
+                    if delta:
+                        move_order_ids(fbuf, fsz, is_order, j, delta)
                     pack_q(fmv, off + W.HEADER.size + 8 * W_SSEQ, first + ev0)
                     pack_q(fmv, off + W.HEADER.size + 8 * W_SEND_NS, ts)
-                    send_ns[ev0] = ts
                 else:
-                    uv[w0 + W_SSEQ:w0 + cnt * EVENT_WORDS:EVENT_WORDS] = np.arange(
-                        first + ev0, first + ev0 + cnt, dtype=np.uint64)
-                    sv[w0 + W_SEND_NS:w0 + cnt * EVENT_WORDS:EVENT_WORDS] = ts
-                    send_ns[ev0:ev0 + cnt] = ts
+                    stamp(uv, w0, cnt, first + ev0, ts, is_order, j, delta)
+                fsend[k] = ts
                 if now - pc0 - due[k] > 50_000:
                     raw.late_sends += 1
                 data = fmv[off:off + W.HEADER.size + cnt * EVENT_WORDS * 8]
@@ -245,10 +275,10 @@ def open_loop(host: str, port: int, group: str, mport: int, interface: str,
                 if fd == rfd:
                     while True:
                         try:
-                            m = rx.recv_into(buf)
+                            m = rx.recv_into(rbuf)
                         except BlockingIOError:
                             break
-                        got.append((time.time_ns(), bytes(buf[:m])))
+                        take(time.time_ns(), m)
                 else:
                     try:
                         data = sock.recv(65536)
@@ -266,6 +296,14 @@ def open_loop(host: str, port: int, group: str, mport: int, interface: str,
                             raw.rejects_last = rej
         raw.wall_s = (last_send - pc0) / 1e9
         raw.steal_ms = steal_ms() - stolen0
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        loop_s = (time.perf_counter_ns() - loop0) / 1e9
+        raw.client_faults = ru1.ru_minflt + ru1.ru_majflt - ru0.ru_minflt - ru0.ru_majflt
+        raw.client_cpu = ((ru1.ru_utime - ru0.ru_utime) / loop_s,
+                          (ru1.ru_stime - ru0.ru_stime) / loop_s)
+        raw.intended_ns = wall0 + (np.arange(n_events) * period).astype(np.int64)
+        raw.send_ns = fsend if frame == 1 else np.repeat(fsend, frame)
+        raw.arrivals = rec
         ep.close()
         return raw
     finally:

@@ -54,10 +54,7 @@ from exposure.bench.flowgen import generate
 from exposure.bench.loadgen import RunRaw, open_loop
 from exposure.bench.measure import (
     PLOT_PERCENTILES,
-    collect_arrivals,
     percentile_curve,
-    seen_times,
-    stage_breakdown,
     summarize,
 )
 from exposure.config.node import ConfigError, NodeConfig, load_config
@@ -271,7 +268,8 @@ def measure_run(target: Target, block: np.ndarray, rate: float, duration: float,
     cpu0, t0 = cpu_times(target.pids), time.monotonic()
     try:
         raw = open_loop(target.host, target.port, target.group, target.mport,
-                        target.interface, block, n, rate, session, frame=frame)
+                        target.interface, block, n, rate, session, frame=frame,
+                        warmup_s=warmup)
     finally:
         os.sched_setaffinity(0, mask)  # processes started later get every CPU
     wall = time.monotonic() - t0
@@ -285,8 +283,8 @@ def summarize_run(raw: RunRaw, warmup: float, cpu: dict | None = None) -> dict:
     corrected) over the events due after ``warmup`` seconds; counts over all events."""
     n = len(raw.send_ns)
     sseqs = raw.first_sseq + np.arange(n, dtype=np.int64)
-    arr = collect_arrivals(raw.datagrams, raw.session)
-    seen = seen_times(arr, sseqs)
+    arr = raw.arrivals
+    seen = arr.seen if arr is not None else np.zeros(n, np.int64)
     measured = (raw.intended_ns - raw.intended_ns[0]) >= warmup * 1e9
     ok = measured & (seen > 0) & (raw.send_ns > 0)
     out = summarize(seen[ok] - raw.intended_ns[ok])
@@ -311,13 +309,15 @@ def summarize_run(raw: RunRaw, warmup: float, cpu: dict | None = None) -> dict:
         "seen": int(np.count_nonzero(seen)),
         "lost": int(raw.sent - np.count_nonzero(seen[raw.send_ns > 0])),
         "measured": int(ok.sum()),
-        "stream_gaps": arr.stream_gaps,
+        "stream_gaps": arr.stream_gaps if arr is not None else 0,
         "late_sends": raw.late_sends,
         "catch_up_ms": raw.catch_up_ms,
         "steal_ms": raw.steal_ms,
+        "client_cpu": {"user": round(raw.client_cpu[0], 3), "sys": round(raw.client_cpu[1], 3),
+                       "faults": raw.client_faults},
         "uncorrected": {k: raw_lat[k] for k in ("p50_us", "p99_us", "max_us")},
         "ack": {k: ack[k] for k in ("p50_us", "p99_us", "max_us")},
-        "stages": stage_breakdown(arr, sseqs[ok]),
+        "stages": arr.legs() if arr is not None else {},
         "cpu_percent": cpu or {},
         "hist": percentile_curve(seen[ok] - raw.intended_ns[ok]),
     })
@@ -376,10 +376,12 @@ def _throughput(target: Target, a, block: np.ndarray, session: int, log) -> dict
                         client_cpu=a.client_cpu)
         good = (r["lost"] == 0 and r["acknowledged"] == r["sent"] and r["rejected"] == 0
                 and r["rate"] >= 0.97 * rate and r["catch_up_ms"] <= 1000)
+        cc = r["client_cpu"]
         log(f"  {rate:>12,.0f} events/s: achieved {r['rate']:,.0f}, lost {r['lost']}, "
             f"rejected {r['rejected']:,}, "
             f"acknowledged {r['acknowledged']:,}/{r['sent']:,} (last {r['catch_up_ms']:,.0f} ms "
-            f"after the last send), p99 {r['p99_us']:,.0f} us "
+            f"after the last send), p99 {r['p99_us']:,.0f} us, client CPU "
+            f"{100 * cc['user']:.0f}% user {100 * cc['sys']:.0f}% sys, {cc['faults']:,} faults "
             f"-> {'sustained' if good else 'not sustained'}")
         return good, r
 

@@ -7,10 +7,10 @@ sends the loop polls (epoll) the multicast socket and the session socket. A data
 folded in as it arrives by one compiled call (:mod:`exposure.bench.recorder`: which events
 it shows, the legs of its measured rows), into memory made and touched before the run's
 clock starts; an ACK is stored with its receipt time. So the client's work per datagram is
-small and fixed, and does not grow with the stream's bytes. The flow is a block of records replayed cyclically;
-each cycle's order ids are moved to a fresh range, and every run numbers its session seqs
-after what the node already holds for the session, so runs can follow each other against
-one node.
+small and fixed, and does not grow with the stream's bytes. The flow is a block of records
+replayed cyclically; each cycle's order ids are moved to a fresh range, and every run
+numbers its session seqs after what the node already holds for the session, so runs can
+follow each other against one node.
 """
 
 from __future__ import annotations

@@ -88,6 +88,9 @@ interval_ms = 2
 segment_mb = 256             # segments roll at this size
 prewrite_mb = 4              # zeros written ahead of the data, so a sync overwrites and
                              # commits no file size (0: plain appends). docs/performance.md
+cache_mb = 256               # the newest journal kept in the page cache for its readers
+                             # (snapshotter, mirror); older synced pages are dropped, so
+                             # writes reuse them (0: the kernel decides). docs/performance.md
 
 [snapshot]                   # taken by a nice-19 process replaying the journal: compute
                              # never pauses for it (exposure/snapshot.py)

@@ -22,7 +22,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
                "heartbeat_ms": int, "refresh_rows_per_s": int, "snapshot_host": str,
                "snapshot_port": int, "positions": bool},
     "journal": {"dir": str, "fsync": str, "interval_ms": int, "segment_mb": int,
-                "prewrite_mb": int},
+                "prewrite_mb": int, "cache_mb": int},
     "snapshot": {"every_events": int, "every_s": int, "keep": int, "journal": str},
     "partition": {"cluster": str, "name": str},
     "currencies": {"base": str, "ids": dict},

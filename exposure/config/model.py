@@ -67,6 +67,7 @@ class NodeConfig:
     fsync_interval_ms: int
     segment_bytes: int
     prewrite_bytes: int
+    journal_cache_bytes: int
     snapshot_every_events: int
     snapshot_every_s: int
     snapshot_keep: int

@@ -132,9 +132,11 @@ def journal(jn: dict, name: str) -> dict:
         raise ConfigError(f"journal.segment_mb = {jn['segment_mb']}: 1..65536")
     if not 0 <= jn["prewrite_mb"] <= 1024:
         raise ConfigError(f"journal.prewrite_mb = {jn['prewrite_mb']}: 0..1024")
+    if not 0 <= jn["cache_mb"] <= 65536:
+        raise ConfigError(f"journal.cache_mb = {jn['cache_mb']}: 0..65536")
     return {"fsync": jn["fsync"], "fsync_interval_ms": jn["interval_ms"],
             "segment_bytes": jn["segment_mb"] << 20, "prewrite_bytes": jn["prewrite_mb"] << 20,
-            "data_dir": data_dir(jn["dir"], name)}
+            "journal_cache_bytes": jn["cache_mb"] << 20, "data_dir": data_dir(jn["dir"], name)}
 
 
 def snapshot(sn: dict, dy: dict | None = None) -> dict:

@@ -126,7 +126,8 @@ def _compute(cx: Context) -> Stage:
 def _journal(cx: Context) -> Stage:
     cfg = cx.cfg
     return JournalStage(cx.rings["compute"].reader(1), cx.sessions,
-                        JournalWriter(cfg.data_dir, cfg.segment_bytes, cfg.prewrite_bytes),
+                        JournalWriter(cfg.data_dir, cfg.segment_bytes, cfg.prewrite_bytes,
+                                      cache_bytes=cfg.journal_cache_bytes),
                         cfg.fsync,
                         cfg.fsync_interval_ms, mirror_ring=cx.rings.get("mirror"), ctl=cx.ctl,
                         counters=cx.cnt)

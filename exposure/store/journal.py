@@ -60,6 +60,7 @@ import numpy as np
 
 from exposure.core.fs import fsync_dir
 from exposure.core.types import EVENT_DTYPE, EVENT_SIZE, EVENT_WORDS, W_GSEQ
+from exposure.store.dropbehind import DropBehind
 from exposure.store.prewrite import PREWRITE, reserve
 
 # Appends above this many bytes a second skip the zeros ahead (see the module docstring).
@@ -386,10 +387,13 @@ class JournalWriter:
     ``append_above`` bytes a second, see the module's docstring); ``sync``
     makes everything appended durable (fdatasync of the file; fsync of the directory after
     a new segment). :meth:`roll_at` makes a given record begin a new segment (a trading
-    day's roll: each day's records lie in segments of their own)."""
+    day's roll: each day's records lie in segments of their own). With ``cache_bytes``,
+    only the newest ``cache_bytes`` of synced data stay in the page cache
+    (:mod:`exposure.store.dropbehind`; 0: the kernel keeps what it likes)."""
 
     def __init__(self, directory: str | Path, segment_bytes: int = 256 << 20,
-                 prewrite: int = PREWRITE, append_above: int = APPEND_ABOVE):
+                 prewrite: int = PREWRITE, append_above: int = APPEND_ABOVE,
+                 cache_bytes: int = 0):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
@@ -412,6 +416,7 @@ class JournalWriter:
         self.alloc = 0     # where the file ends: data, then prewritten zeros
         self._dir_dirty = False
         self._roll_points: list[int] = []  # gseqs that begin a new segment (roll_at)
+        self.cache = DropBehind(cache_bytes) if cache_bytes > 0 else None
         self.seg_first = segs[-1][0] if segs else 0  # the current segment's first gseq
         if segs:
             path = segs[-1][1]
@@ -430,7 +435,11 @@ class JournalWriter:
             self.fd = -1
 
     def _roll(self, first: int) -> None:
+        old = self.dir / segment_name(self.seg_first), self.size
+        was_open = self.fd >= 0
         self._cut()
+        if was_open and self.cache is not None:
+            self.cache.rolled(*old)
         path = self.dir / segment_name(first)
         head = FILE_HEADER.pack(FILE_MAGIC, FILE_VERSION, EVENT_SIZE, first, time.time_ns(),
                                 b"", 0)
@@ -521,6 +530,8 @@ class JournalWriter:
     def sync(self) -> None:
         if self.fd >= 0:
             os.fdatasync(self.fd)  # the data and the size that reads it back, not the mtime
+            if self.cache is not None:
+                self.cache.synced(self.fd, self.size)
         if self._dir_dirty:
             fsync_dir(self.dir)
             self._dir_dirty = False

@@ -7,9 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+from hdrh.histogram import HdrHistogram
 
 from exposure.bench.loadgen import RunRaw, _stamp_frame, build_frames, move_order_ids
-from exposure.bench.measure import summarize
+from exposure.bench.measure import histogram, summarize
 from exposure.bench.recorder import ArrivalRecorder
 from exposure.bench.tool import summarize_run
 from exposure.core.types import (
@@ -55,6 +56,21 @@ def test_percentiles_come_from_an_hdr_histogram_in_microseconds():
     assert s["p999_us"] == pytest.approx(99_900, rel=1e-3)
     assert s["max_us"] == pytest.approx(100_000, rel=1e-3)
     assert summarize(np.zeros(0, np.int64))["p99_us"] == 0.0
+
+
+def test_the_histogram_equals_one_record_per_value():
+    rng = np.random.default_rng(3)
+    lat = np.concatenate([rng.integers(-5, 3000, 5000), rng.lognormal(11, 2, 20000)
+                          .astype(np.int64), [1 << 39, 2047, 2048, 2049, 4095, 4096]])
+    one = HdrHistogram(1, 1_000_000_000_000, 3)
+    for v in np.maximum(lat, 1).tolist():
+        one.record_value(v)
+    h = histogram(lat)
+    assert h.get_total_count() == one.get_total_count() == len(lat)
+    for q in (0.1, 1, 10, 25, 50, 75, 90, 99, 99.9, 99.99, 100):
+        assert h.get_value_at_percentile(q) == one.get_value_at_percentile(q), q
+    assert h.get_max_value() == one.get_max_value()
+    assert h.get_min_value() == one.get_min_value()
 
 
 def test_an_update_covers_every_earlier_event_of_its_session_and_later_ones_are_lost():

@@ -19,10 +19,21 @@ __all__ = ["histogram", "summarize", "percentile_curve", "PERCENTILES", "PLOT_PE
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
 
+_SUB_BUCKET_BITS = 11  # an HdrHistogram of 3 significant digits: 2,048 sub-buckets
+
+
 def histogram(latency_ns: np.ndarray) -> HdrHistogram:
+    """The HdrHistogram of ``latency_ns`` (values below 1 count as 1). Each value is first
+    moved to the lowest value of its bucket and each bucket recorded once with its count:
+    the same histogram as a record per value, without a Python call per value (a 16 M-event
+    trial's took about a minute)."""
     h = HdrHistogram(1, 1_000_000_000_000, 3)
-    for v in np.maximum(latency_ns, 1).tolist():
-        h.record_value(v)
+    v = np.maximum(np.asarray(latency_ns, np.int64), 1)
+    bits = np.frexp(v.astype(np.float64))[1]  # the bit length (exact below 2**53)
+    shift = np.maximum(bits - _SUB_BUCKET_BITS, 0)
+    vals, counts = np.unique((v >> shift) << shift, return_counts=True)
+    for x, c in zip(vals.tolist(), counts.tolist(), strict=True):
+        h.record_value(x, c)
     return h
 
 

@@ -52,6 +52,8 @@ def test_the_default_text_is_commented_and_complete():
 def test_a_file_overrides_only_what_it_names(tmp_path):
     cfg = _cfg(tmp_path, '[node]\nname = "pm-a"\n[ingest]\nport = 7800\n')
     assert cfg.name == "pm-a" and cfg.ingest_port == 7800 and cfg.fanout_port == 7701
+    assert cfg.journal_cache_bytes == 256 << 20
+    assert _cfg(tmp_path, "[journal]\ncache_mb = 0\n").journal_cache_bytes == 0
 
 
 @pytest.mark.parametrize("text,message", [
@@ -89,6 +91,7 @@ def test_a_file_overrides_only_what_it_names(tmp_path):
     ("[web]\ntls_cert = 'c.pem'\n", "web.tls_cert and web.tls_key: both or neither"),
     ("[web]\nmax_clients = 0\n", "web.max_clients = 0"),
     ("[web]\nhost = ''\n", "web.host is empty"),
+    ("[journal]\ncache_mb = -1\n", "journal.cache_mb = -1: 0..65536"),
 ])
 def test_a_bad_config_is_a_clear_error_naming_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as e:

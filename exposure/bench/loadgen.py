@@ -110,7 +110,8 @@ class RunRaw:
     rejects_last: list | None = None
     late_sends: int = 0             # frames sent more than 50 us after they were due
     # The client's own CPU (user, system) over its loop, as fractions of the loop's wall
-    # time: near 1.0 the client, not the target, set the rate.
+    # time. The loop spins, so it is high either way; a high system share (and page faults)
+    # says the client, not the target, was short of room.
     client_cpu: tuple[float, float] = (0.0, 0.0)
     client_faults: int = 0          # page faults the client took in its loop
     steal_ms: float = 0.0

@@ -31,7 +31,7 @@ Datagram words read here (little-endian u8 words of the feed's datagram, feed/wi
                                                        recv_ns, compute_ns in words 3-6)
 
 Leg histograms: log-linear buckets (HdrHistogram's layout) of 2**10 sub-buckets per power of
-two, so a reported value is within 0.1% of the true one; values from 0 to 2**40 ns (18
+two, so a reported value is within 0.1% of the true one; values from 0 to 2**41 ns (36
 minutes), a negative leg (clocks of two processes) counts as 0 and a longer one as the top.
 """
 
@@ -68,7 +68,7 @@ assert MAX_DATAGRAM <= _RECV_BYTES
 
 _SUB_BITS = 10                       # sub-buckets per power of two: 2**10
 _SUB = 1 << _SUB_BITS
-_TOP_BIT = 40                        # values up to 2**40 ns
+_TOP_BIT = 40                        # the highest bit of a value: up to 2**41 - 1 ns
 _BUCKETS = (_TOP_BIT - _SUB_BITS + 2) * _SUB
 
 # state words
@@ -82,7 +82,7 @@ def _bucket(v):
     """The histogram bucket of ``v`` ns (see the module's note)."""
     if v <= 0:
         return 0
-    if v >= np.int64(1) << _TOP_BIT:
+    if v >= np.int64(1) << (_TOP_BIT + 1):
         return _BUCKETS - 1
     if v < _SUB:
         return v

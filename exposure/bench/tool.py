@@ -57,6 +57,7 @@ from exposure.bench.measure import (
     percentile_curve,
     summarize,
 )
+from exposure.bench.recorder import ArrivalRecorder
 from exposure.config.node import ConfigError, NodeConfig, load_config
 from exposure.core.log import setup
 from exposure.harness.localnode import cpu_times, free_group, free_port
@@ -283,8 +284,8 @@ def summarize_run(raw: RunRaw, warmup: float, cpu: dict | None = None) -> dict:
     corrected) over the events due after ``warmup`` seconds; counts over all events."""
     n = len(raw.send_ns)
     sseqs = raw.first_sseq + np.arange(n, dtype=np.int64)
-    arr = raw.arrivals
-    seen = arr.seen if arr is not None else np.zeros(n, np.int64)
+    arr = raw.arrivals or ArrivalRecorder(raw.session, raw.first_sseq, n)  # (none: saw nothing)
+    seen = arr.seen
     measured = (raw.intended_ns - raw.intended_ns[0]) >= warmup * 1e9
     ok = measured & (seen > 0) & (raw.send_ns > 0)
     out = summarize(seen[ok] - raw.intended_ns[ok])
@@ -309,7 +310,7 @@ def summarize_run(raw: RunRaw, warmup: float, cpu: dict | None = None) -> dict:
         "seen": int(np.count_nonzero(seen)),
         "lost": int(raw.sent - np.count_nonzero(seen[raw.send_ns > 0])),
         "measured": int(ok.sum()),
-        "stream_gaps": arr.stream_gaps if arr is not None else 0,
+        "stream_gaps": arr.stream_gaps,
         "late_sends": raw.late_sends,
         "catch_up_ms": raw.catch_up_ms,
         "steal_ms": raw.steal_ms,
@@ -317,7 +318,7 @@ def summarize_run(raw: RunRaw, warmup: float, cpu: dict | None = None) -> dict:
                        "faults": raw.client_faults},
         "uncorrected": {k: raw_lat[k] for k in ("p50_us", "p99_us", "max_us")},
         "ack": {k: ack[k] for k in ("p50_us", "p99_us", "max_us")},
-        "stages": arr.legs() if arr is not None else {},
+        "stages": arr.legs(),
         "cpu_percent": cpu or {},
         "hist": percentile_curve(seen[ok] - raw.intended_ns[ok]),
     })

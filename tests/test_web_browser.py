@@ -58,10 +58,13 @@ def web(node, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
+    # chromium leaves its singleton socket's directory (org.chromium.Chromium.*) in its
+    # temporary directory after quit(): that is the module's own, removed with the rest.
+    tmp = tmp_path_factory.mktemp("browser-tmp")
     o = Options()
     o.binary_location = CHROMIUM
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -69,11 +72,13 @@ def browser():
         o.add_argument(a)
     o.set_capability("goog:loggingPrefs", {"performance": "ALL",  # the WebSocket frames
                                             "browser": "ALL"})     # the console (CSP)
-    d = webdriver.Chrome(service=Service(DRIVER), options=o)
+    d = webdriver.Chrome(service=Service(DRIVER, env={**os.environ, "TMPDIR": str(tmp)}),
+                         options=o)
     try:
         yield d
     finally:
         d.quit()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def login(d, url: str, user: str) -> None:

@@ -394,22 +394,27 @@ def test_model(tmp_path):
             s.close()
 
 
+# Each line is one write(2) to the pipe (under PIPE_BUF: atomic), so the kill cannot cut
+# one: print() writes its words and the newline one by one where stdout is unbuffered
+# (PYTHONUNBUFFERED), and a kill between them left "done" without its seq (seen once).
 CHILD = textwrap.dedent("""
-    import random, sys
+    import os, random, sys
     sys.path.insert(0, sys.argv[3])
     from test_spool import recs
     from exposure.store.spool import Spool
+    def say(*words):
+        os.write(1, (" ".join(map(str, words)) + "\\n").encode())
     s = Spool(sys.argv[1], segment_bytes=64 << 10)
     rng = random.Random(int(sys.argv[2]))
-    print("open", s.last_seq, s.acked_seq, flush=True)
+    say("open", s.last_seq, s.acked_seq)
     while True:
         n = rng.choice([1, 3, 64, 200, 1024])
-        print("try", s.last_seq + n, flush=True)
+        say("try", s.last_seq + n)
         s.append(recs(s.last_seq + 1, n))
-        print("done", s.last_seq, flush=True)
+        say("done", s.last_seq)
         if rng.random() < 0.1:
             s.trim(max(s.acked_seq, s.last_seq - 2000))
-            print("acked", s.acked_seq, flush=True)
+            say("acked", s.acked_seq)
 """)
 
 

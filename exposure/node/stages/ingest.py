@@ -359,9 +359,6 @@ class IngestStage(Stage):
                  int(self.ctl[CTL_EPOCH]), self.addr[0], self.addr[1], self.seq.next_gseq)
 
     # ------------------------------------------------------------------ loop
-    def poll(self) -> int:
-        return self._poll(0)
-
     def wait_io(self, timeout: float) -> bool:
         """Sleep in the selector (a blocking process's idle): a client's bytes wake it. An
         IPC session's client is asked for a doorbell (a byte on its socket) meanwhile; one
@@ -373,19 +370,23 @@ class IngestStage(Stage):
                 c.ring.words[W_SLEEPING] = 1
             if any(c.ring.words[W_TAIL] != c.rhead for c in rings):
                 timeout = 0
-        self._poll(timeout)
+        self.poll(timeout)
         for c in self.rings:
             c.ring.words[W_SLEEPING] = 0
         return True
 
-    def _poll(self, timeout: float | None) -> int:
+    def poll(self, timeout: float = 0) -> int:
+        """One pass: what epoll reports (waiting up to ``timeout`` s: the spinning loop's
+        pass waits for nothing), the IPC sessions' rings, the sessions whose frames wait.
+        (One frame: a spinning process runs this hundreds of thousands of times a second,
+        and a call from another method was a seventh of its idle pass.)"""
         if self.rep is not None:
             if self.ctl[CTL_ROLE] == ROLE_PRIMARY:
                 self._promoted()
             else:
                 return self.rep.poll(timeout or 0)
         work = 0
-        for fd, _ in self.ep.poll(timeout if timeout is not None else -1):
+        for fd, _ in self.ep.poll(timeout):
             if fd == self.lfd:
                 work += self._accept(self.listener)
                 continue

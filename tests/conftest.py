@@ -205,8 +205,9 @@ def pytest_configure(config):
 # A bytecode cache for the processes the tests start. Where the environment sets
 # PYTHONDONTWRITEBYTECODE (this machine's does), every `exposure run`, stage process and CLI
 # call compiled the package's sources again: about 0.2 s of a node's 1.4-1.8 s start and
-# 15% of its CPU, measured (docs/testing.md). For the session the children may write bytecode, into a directory of
-# its own (PYTHONPYCACHEPREFIX), so the checkout stays as it was; it goes at the end.
+# 15% of its CPU, measured (docs/testing.md). For the session the children may write
+# bytecode, into a directory of its own (PYTHONPYCACHEPREFIX), so the checkout stays as it
+# was; it goes at the end.
 
 
 class _Bytecode:

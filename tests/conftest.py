@@ -116,20 +116,20 @@ def pytest_runtest_makereport(item, call):
 
 
 # ---------------------------------------------------------------------------------------------
-# The numba warm-up, opt-in (EXPOSURE_WARMUP=1; docs/testing.md). On a fresh clone the kernels'
-# first compile costs about 20 s of CPU inside the first process test's setup. With the
+# The numba warm-up, on unless EXPOSURE_WARMUP=0 (docs/testing.md). On a fresh clone the
+# kernels' first compile costs about 30 s inside the first process test's setup. With the
 # warm-up, the tests that start no process run first (each group keeps its files' order), and
 # meanwhile tests/warm_numba.py compiles the node's kernels on the last CPU (a real node
 # started, fed, restarted and stopped); the first process test waits for it (outside its
-# timeout). Measured on the shared, loaded machine (2026-12-06) it did not pay: cold-cache
-# runs of five files took 95 and 119 s with it against 69 and 110 s without, so it is off
-# unless asked for.
+# timeout). On the quiet machine (2026-12-07) the unit tests and two process files from a
+# cold cache took 125 and 131 s with it against 149 and 153 s without; on the loaded one
+# (2026-12-06, load 3-6) five files had taken 95 and 119 s with it against 69 and 110 s.
 
 
 def _warmup_wanted() -> bool:
     import os
 
-    return os.environ.get("EXPOSURE_WARMUP") == "1"
+    return os.environ.get("EXPOSURE_WARMUP", "1") != "0"
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -144,7 +144,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 class _Warmup:
     """Starts tests/warm_numba.py once the session's tests are known (with
-    EXPOSURE_WARMUP=1, when the session selects a `process` test) and waits for it before
+    the warm-up on, when the session selects a `process` test) and waits for it before
     the first `process` test."""
 
     def __init__(self):

@@ -1,7 +1,7 @@
 """Compile the node's numba kernels into the cache before the suite's first process test.
 
-With ``EXPOSURE_WARMUP=1`` (opt-in: on the shared, loaded machine it did not pay, see
-``tests/conftest.py``), ``tests/conftest.py`` runs this script in the background when a
+Unless ``EXPOSURE_WARMUP=0`` (measurements in ``tests/conftest.py`` and docs/testing.md),
+``tests/conftest.py`` runs this script in the background when a
 session that selects `process` tests starts, and orders the tests that start no process
 first: on a fresh clone the kernels' first compile (about 20 s of CPU on this 2-core
 machine) then runs on the second core while the unit tests run on the first, instead of

@@ -1,12 +1,13 @@
 """Compile the node's numba kernels into the cache before the suite's first process test.
 
-Unless ``EXPOSURE_WARMUP=0`` (measurements in ``tests/conftest.py`` and docs/testing.md),
-``tests/conftest.py`` runs this script in the background when a
-session that selects `process` tests starts, and orders the tests that start no process
-first: on a fresh clone the kernels' first compile (about 20 s of CPU on this 2-core
-machine) then runs on the second core while the unit tests run on the first, instead of
-inside the first process test's setup. The cache directory is keyed by the package's sources
-(:mod:`exposure.core.jit`), so the processes the tests start load what this one compiled.
+With ``EXPOSURE_WARMUP=1`` (opt-in: it did not pay in the whole suite, see
+``tests/conftest.py`` and docs/testing.md), ``tests/conftest.py`` runs this script in the
+background when a session that selects `process` tests starts, and orders the tests that
+start no process first: on a fresh clone the kernels' first compile (about 20 s of CPU on
+this 2-core machine) then runs on the second core while the unit tests run on the first,
+instead of inside the first process test's setup. The cache directory is keyed by the
+package's sources (:mod:`exposure.core.jit`), so the processes the tests start load what
+this one compiled.
 
 What it does is what a test does: a real node (``exposure run``) takes the example flow
 from ``exposure send``, is dumped, restarted on its journal (recovery's replay) and

@@ -30,13 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import orjson
 
 from exposure.harness.localnode import LocalNode, terminate
 from exposure.harness.machine import steal_since, steal_ticks
-from exposure.shm.control import CONTROL_WORDS, CTL_PROGRESS
-from exposure.shm.segment import SharedArray
+from exposure.shm.control import CTL_PROGRESS
 
 __all__ = ["main"]
 
@@ -72,7 +70,6 @@ def measure(seconds: int, session: bool, baseline: str | None) -> dict:
     """Passes a second of this tree's node (and of ``baseline``'s, at the same time)."""
     trees = [None] + ([baseline] if baseline else [])
     nodes: list[LocalNode] = []
-    segs: list[SharedArray] = []
     follows: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="exposure-bench-idle-") as d:
         try:
@@ -81,18 +78,16 @@ def measure(seconds: int, session: bool, baseline: str | None) -> dict:
                 tmp.mkdir()
                 n = _node(tmp, tree)
                 nodes.append(n)
-                segs.append(SharedArray.attach(f"/exposure.{n.name}.control",
-                                               (CONTROL_WORDS,), np.uint64, readonly=True))
                 if session:
                     follows.append(_follow(n, tmp, tree))
             time.sleep(3)  # logged in, acknowledged, idle
             s0 = steal_ticks()
             passes: list[list[int]] = [[] for _ in trees]
             for _ in range(seconds):
-                b0 = [int(s.array[CTL_PROGRESS]) for s in segs]
+                b0 = [int(n.control()[CTL_PROGRESS]) for n in nodes]
                 t0 = time.perf_counter()
                 time.sleep(1)
-                b1 = [int(s.array[CTL_PROGRESS]) for s in segs]
+                b1 = [int(n.control()[CTL_PROGRESS]) for n in nodes]
                 dt = time.perf_counter() - t0
                 for i in range(len(trees)):
                     passes[i].append(round((b1[i] - b0[i]) / dt))
@@ -100,8 +95,6 @@ def measure(seconds: int, session: bool, baseline: str | None) -> dict:
         finally:
             for p in follows:
                 terminate(p)
-            for s in segs:
-                s.close()
             for n in nodes:
                 n.stop()
     out = {"seconds": seconds, "session": session, "steal": steal,

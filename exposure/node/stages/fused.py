@@ -70,7 +70,7 @@ class ComputeFanout(Stage):
         self._direct = fanout.direct(compute.row_words)
         self._call = bind(_step_then_pack, compute.handle, fanout.handle, self._direct,
                           fanout.per, 0, 0, True)
-        self._idle = fanout.poll  # (bound once: the idle pass is most passes)
+        self._fanout_poll = fanout.poll  # (bound once: the idle pass is most passes)
 
     @property
     def parts(self) -> tuple[Stage, ...]:
@@ -79,7 +79,7 @@ class ComputeFanout(Stage):
     def poll(self) -> int:
         c = self.compute
         if not c.pending and c.tail[0] == c.head[0]:
-            return self._idle()  # nothing for compute: the fan-out's own pass
+            return self._fanout_poll()  # nothing for compute: the fan-out's own pass
         f = self.fanout
         mode = f.mode()
         if mode == HOLD:  # fenced: compute goes on until the fan-out ring is full

@@ -3,11 +3,14 @@ wire sees exactly what the two stages polled one after the other send, datagram 
 datagram, through a full fan-out ring and past an empty one (a batch's rows sent from
 compute's buffer); a backup packs and sends nothing; a fenced primary
 holds its rows while compute goes on; only a compute stage directly followed by the
-fan-out reading its ring is fused."""
+fan-out reading its ring is fused. Ingest chained to it (each scan and the pass in one
+call) sends what it sends unchained, through back-pressure and a fenced primary."""
 
 import contextlib
 import os
 import random
+import socket
+import time
 import uuid
 
 import numpy as np
@@ -15,13 +18,21 @@ import pytest
 
 from exposure.bench.flowgen import generate
 from exposure.core.capacity import Capacities
-from exposure.core.types import C_LAST_GSEQ, EVENT_WORDS, ROW_SIZE, UPDATE_DTYPE
+from exposure.core.types import (
+    C_LAST_GSEQ,
+    EVENT_WORDS,
+    ROW_POSITION,
+    ROW_SIZE,
+    UPDATE_DTYPE,
+)
 from exposure.feed.wire import DG_INCREMENTAL, open_receiver, parse_datagram
 from exposure.harness.localnode import free_group, free_port
+from exposure.net import wire as W
 from exposure.node.stages.agent import Runner, Stage
 from exposure.node.stages.compute import ComputeStage
 from exposure.node.stages.fanout import FanoutStage
 from exposure.node.stages.fused import ComputeFanout, fuse
+from exposure.node.stages.ingest import IngestStage
 from exposure.shm import ring_layout as RL
 from exposure.shm.control import (
     CONTROL_WORDS,
@@ -32,7 +43,7 @@ from exposure.shm.control import (
     ROLE_PRIMARY,
 )
 from exposure.shm.ring import Ring, ring_push
-from exposure.shm.session_layout import SESSION_COLS
+from exposure.shm.session_layout import S_HELD, SESSION_COLS
 from exposure.shm.tally_segment import TallySegment
 from exposure.shm.wait import WaitStrategy
 
@@ -45,13 +56,14 @@ _COMPUTE_NS = UPDATE_DTYPE.fields["compute_ns"][1] // 8  # the same word in ever
 
 
 @contextlib.contextmanager
-def _pipeline(out_cap: int = 16, role: int = ROLE_PRIMARY, pair: bool = False):
+def _pipeline(out_cap: int = 16, role: int = ROLE_PRIMARY, pair: bool = False,
+              in_cap: int = 4096):
     """Compute over a fresh tally segment and its fan-out (through a fan-out ring of
     ``out_cap`` rows) to a fresh group a receiver has joined; yields (input ring, compute,
     fan-out, receiver, control block) and removes all of it."""
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
     seg = TallySegment.create(f"exposure-test-fused-{tag}-tally", CAPS)
-    inp = Ring.create(f"exposure-test-fused-{tag}-in", 4096, EVENT_WORDS * 8)
+    inp = Ring.create(f"exposure-test-fused-{tag}-in", in_cap, EVENT_WORDS * 8)
     out = Ring.create(f"exposure-test-fused-{tag}-out", out_cap, ROW_SIZE)
     ctl = np.zeros(CONTROL_WORDS, np.uint64)
     ctl[CTL_ROLE], ctl[CTL_EPOCH] = role, 3
@@ -189,3 +201,114 @@ def test_only_compute_directly_followed_by_the_fan_out_of_its_ring_is_fused():
             fo.inp = cs.out
     finally:
         other.close()
+
+
+_RECV_NS = UPDATE_DTYPE.fields["recv_ns"][1] // 8  # ingest's clock: differs run to run
+
+
+def _settle(ingest, polls, done, seconds: float = 30.0) -> None:
+    """Run ``polls`` (then ingest's ``after``) until ``done()`` and a whole pass idles."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        work = sum(p() for p in polls)
+        ingest.after()
+        if not work and done():
+            return
+    raise AssertionError("the stages did not settle")
+
+
+_GSEQ_W = UPDATE_DTYPE.fields["gseq"][1] // 8
+_SSEQ_W = UPDATE_DTYPE.fields["sseq"][1] // 8
+
+
+def _last_rows(words) -> dict:
+    """The last row of each feed key (kind, id), its clock words zeroed, and a position
+    row's tag too: it is its batch's last event, and batches depend on how bytes arrive."""
+    words = words.copy()
+    words[:, _RECV_NS] = 0
+    pos = (words[:, 0] & 0xFF) == ROW_POSITION
+    words[pos, _GSEQ_W] = words[pos, _SSEQ_W] = 0
+    return {(int(w[0]) & 0xFF, int(w[0]) >> 32): w.tobytes() for w in words}
+
+
+def _published(st) -> dict:
+    """What desks read (accounts and the fund, instruments, sectors, cells), less what
+    depends on how events fell into batches: each row's seqlock version (one per publish)
+    and a cell's gseq (its batch's last, as a position row's tag)."""
+    return {(name, f): np.array(getattr(st, name)[f], copy=True)
+            for name in ("pub", "ipub", "spub", "cpub")
+            for f in getattr(st, name).dtype.names
+            if f != "ver" and (name, f) != ("cpub", "gseq")}
+
+
+@pytest.mark.parametrize("fenced", [False, True])
+def test_ingest_chained_to_the_fused_stage_sends_what_it_sends_unchained(fenced):
+    """A real session's frames through ingest's scan with compute and the fan-out in the
+    same call (the default map's hot process) and through the scan alone with the fused
+    stage polled after it. Frames one at a time (some followed by a HEARTBEAT, so a read
+    is scanned in parts): the same datagrams, row for row. Then thousands of records at
+    once through a compute ring of 256 (the scan stops at a full ring; batches then
+    depend on how the bytes arrive): the same published tally and the same last row of
+    every key. A fenced primary scans on its own: every record applied, nothing sent."""
+    seed = random.randrange(1 << 30)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    recs = generate(9000, accounts=CAPS.accounts, instruments=200, sources=4,
+                    universe=200, live_target=2000, seed=seed % 1000 + 1)
+    recs["sseq"] = np.arange(1, len(recs) + 1)
+    cuts = sorted(rng.sample(range(1, 3000), 299))
+    frames = [recs[a:b] for a, b in zip([0, *cuts], [*cuts, 3000], strict=True)]
+    got = {}
+    for chained in (True, False):
+        with _pipeline(out_cap=4096, pair=fenced, in_cap=256) as (inp, cs, fo, rx, ctl):
+            if fenced:
+                ctl[CTL_VALID_NS] = 0  # a primary of a pair whose fence has expired
+            sessions = np.zeros((5, SESSION_COLS), np.uint64)
+            port = free_port()
+            ingest = IngestStage("127.0.0.1", port, sessions, inp, next_gseq=1,
+                                 max_sessions=4)
+            client = None
+            try:
+                if chained:
+                    staged = fuse([ingest, cs, fo])
+                    assert ingest.down is staged[1]
+                else:
+                    staged = [ingest, ComputeFanout(cs, fo)]
+                    assert ingest.down is None
+                polls = [s.poll for s in staged]
+                client = socket.create_connection(("127.0.0.1", port))
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # (no 40 ms
+                # waits for delayed ACKs between small frames)
+                client.sendall(W.encode_login(2))
+                sent = 0
+                for k, f in enumerate(frames):
+                    client.sendall(W.encode_events(f) + (
+                        W.encode_heartbeat() if k % 3 == 0 else b""))
+                    sent += len(f)
+                    _settle(ingest, polls, lambda n=sent: cs.st.ctr[C_LAST_GSEQ] == n)
+                one_by_one = _datagrams(rx)
+                for a in range(3000, len(recs), 200):  # at once, read nothing back
+                    client.sendall(W.encode_events(recs[a:a + 200]))
+                _settle(ingest, polls, lambda: cs.st.ctr[C_LAST_GSEQ] == len(recs))
+                rest = _datagrams(rx)
+                assert int(sessions[2, S_HELD]) == len(recs)
+                incremental = [d for d in one_by_one + rest if d.type == DG_INCREMENTAL]
+                if fenced:
+                    assert incremental == [] and fo.seq == 0 and len(cs.out) > 0
+                    continue
+                assert [d.seq for d in incremental] == list(range(1, fo.seq + 1))
+                got[chained] = (_rows(one_by_one), _last_rows(_rows(one_by_one + rest)),
+                                _published(cs.st))
+            finally:
+                if client is not None:
+                    client.close()
+                ingest.close()
+    if fenced:
+        return
+    (rows_c, last_c, state_c), (rows_u, last_u, state_u) = got[True], got[False]
+    rows_c[:, _RECV_NS] = rows_u[:, _RECV_NS] = 0
+    assert len(rows_c) == len(rows_u) > len(frames)
+    assert (rows_c == rows_u).all()  # frame by frame: the same rows in the same order
+    assert last_c == last_u
+    assert state_c.keys() == state_u.keys()
+    assert [k for k in state_c if not (state_c[k] == state_u[k]).all()] == []

@@ -25,19 +25,34 @@ batch larger than the ring; a fenced primary) the ring is written and read as be
 batch's rows are conflated there, and rows left over when it was full go first next pass).
 Either way what goes on the wire is the same, datagram for datagram (tests/test_fused.py).
 :func:`fuse` is how the process builder (:mod:`exposure.node.process`) asks for it.
+
+**Ingest's scan in the same call.** Where ingest runs just before them in the same process
+and feeds compute's ring (the default map), :func:`fuse` also chains the two: each scan of
+a connection's buffer is one jitted call that takes the frames onto the ring, then runs
+compute's step and the fan-out's pack and send (:func:`_scan_step_pack`), so an event's
+path from its receive stamp to its datagram has no return to Python in it. Between the
+scan and compute's call there were its results boxed, ingest's bookkeeping, the runner's
+loop, the fused stage's checks and a second entry: 2-3 us of the node's p50 at 20,000
+events/s (docs/performance.md, the nineteenth session). Ingest's bookkeeping of what it
+pushed (the sequence, the ACKs) follows the call; the rings between the stages are
+unchanged (a scan that fills compute's ring leaves the rest to the fused stage's own pass,
+which uses the same compiled call with nothing to scan). A fenced primary's scans are
+ingest's own: compute goes on in the fused stage's pass, the rows held.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from numba import njit
 
 from exposure.core import jit as _jit  # noqa: F401  (sets numba's cache directory before this module's kernels)
 from exposure.node.stages.agent import Stage
 from exposure.node.stages.compute import ComputeStage, step_pass
 from exposure.node.stages.fanout import HOLD, SEND, FanoutStage, pack_pass, send_rows
-from exposure.shm.handle import bind
+from exposure.node.stages.ingest import IngestStage, scan_bound
+from exposure.shm.handle import Handle, bind
 
 __all__ = ["ComputeFanout", "fuse"]
 
@@ -57,19 +72,45 @@ def _step_then_pack(hc, hf, hd, per, epoch, seq, send):
     return work, pending, asleep, n, d, refused, err
 
 
-class ComputeFanout(Stage):
-    """``compute`` and then ``fanout`` (its consumer, in the same process) as one stage."""
+@njit(cache=True)
+def _scan_step_pack(hi, b, pos, fill, session, held, gseq, hc, hf, hd, per, epoch, seq,
+                    send):
+    """Ingest's scan of the buffer ``b`` from ``pos`` to ``fill`` over its handle ``hi``
+    (:func:`exposure.node.stages.ingest.scan_bound`), then :func:`_step_then_pack`: (the
+    scan's results, the step's and pack's results). With ``pos == fill`` it is the fused
+    stage's own pass."""
+    got = scan_bound(hi, b, pos, fill, session, held, gseq)
+    return got, _step_then_pack(hc, hf, hd, per, epoch, seq, send)
 
-    def __init__(self, compute: ComputeStage, fanout: FanoutStage):
+
+class ComputeFanout(Stage):
+    """``compute`` and then ``fanout`` (its consumer, in the same process) as one stage;
+    with ``ingest`` (the stage that runs just before them and feeds compute's ring), each
+    of its scans runs this stage's pass in the same call (:meth:`scan_then_pass`)."""
+
+    def __init__(self, compute: ComputeStage, fanout: FanoutStage,
+                 ingest: IngestStage | None = None):
         if fanout.inp is not compute.out:
             raise ValueError("the fan-out does not read the compute stage's output ring")
+        if ingest is not None and ingest.out is not compute.inp:
+            raise ValueError("ingest does not feed the compute stage's input ring")
         self.compute, self.fanout = compute, fanout
         self.name = f"{compute.name}+{fanout.name}"
         self.fed_by = compute.fed_by
         self.wake_source = compute.wake_source
         self._direct = fanout.direct(compute.row_words)
-        self._call = bind(_step_then_pack, compute.handle, fanout.handle, self._direct,
-                          fanout.per, 0, 0, True)
+        self._chained = ingest is not None
+        if ingest is None:
+            self._call = bind(_step_then_pack, compute.handle, fanout.handle, self._direct,
+                              fanout.per, 0, 0, True)
+        else:  # (one compiled call for both uses: _step_then_pack alone is not compiled)
+            buf = np.zeros(8, np.uint8)
+            self._ingest = ingest.handle
+            self._empty = Handle(buf, buf.view(np.uint64))  # nothing to scan
+            self._chain = bind(_scan_step_pack, ingest.handle, self._empty, 0, 0, 0, 0, 0,
+                               compute.handle, fanout.handle, self._direct, fanout.per, 0,
+                               0, True)
+            ingest.down = self
         self._fanout_poll = fanout.poll  # (bound once: the idle pass is most passes)
 
     @property
@@ -84,9 +125,31 @@ class ComputeFanout(Stage):
         mode = f.mode()
         if mode == HOLD:  # fenced: compute goes on until the fan-out ring is full
             return c.poll()
-        work, pending, asleep, n, d, refused, err = self._call(
-            c.handle, f.handle, self._direct, f.per, f.epoch, f.seq, mode == SEND)
+        if self._chained:
+            _, (work, pending, asleep, n, d, refused, err) = self._chain(
+                self._ingest, self._empty, 0, 0, 0, 0, 0, c.handle, f.handle, self._direct,
+                f.per, f.epoch, f.seq, mode == SEND)
+        else:
+            work, pending, asleep, n, d, refused, err = self._call(
+                c.handle, f.handle, self._direct, f.per, f.epoch, f.seq, mode == SEND)
         return c.stepped(work, pending, asleep) + f.packed(mode, n, d, refused, err)
+
+    def scan_then_pass(self, b: Handle, pos: int, fill: int, session: int, held: int,
+                       gseq: int) -> tuple | None:
+        """Ingest's scan (its arguments: the connection's buffer handle and scalars), then
+        this stage's pass, in one call; returns the scan's results, or None when the
+        fan-out holds its rows (a fenced primary: ingest scans on its own)."""
+        f = self.fanout
+        mode = f.mode()
+        if mode == HOLD:
+            return None
+        c = self.compute
+        got, (work, pending, asleep, n, d, refused, err) = self._chain(
+            self._ingest, b, pos, fill, session, held, gseq, c.handle, f.handle,
+            self._direct, f.per, f.epoch, f.seq, mode == SEND)
+        c.stepped(work, pending, asleep)
+        f.packed(mode, n, d, refused, err)
+        return got
 
     def close(self) -> None:
         self.compute.close()
@@ -95,13 +158,16 @@ class ComputeFanout(Stage):
 
 def fuse(stages: Sequence[Stage]) -> list[Stage]:
     """``stages`` (a process's, in its map's order) with every compute stage that is
-    directly followed by the fan-out reading its ring made one :class:`ComputeFanout`."""
+    directly followed by the fan-out reading its ring made one :class:`ComputeFanout`,
+    chained to the ingest stage directly before it that feeds its ring, if any."""
     out: list[Stage] = []
     for s in stages:
         prev = out[-1] if out else None
         if (isinstance(s, FanoutStage) and isinstance(prev, ComputeStage)
                 and s.inp is prev.out):
-            out[-1] = ComputeFanout(prev, s)
+            up = out[-2] if len(out) > 1 else None
+            ingest = up if isinstance(up, IngestStage) and up.out is prev.inp else None
+            out[-1] = ComputeFanout(prev, s, ingest)
         else:
             out.append(s)
     return out

@@ -101,7 +101,7 @@ from exposure.shm.intrinsics import clock_realtime_ns
 from exposure.shm.ipc_layout import W_SLEEPING, W_TAIL, IpcError, IpcRing, ipc_name
 from exposure.shm.session_layout import N_PROCESSED, N_REJ, S_DONE, S_DURABLE, S_HELD, S_REJ
 
-__all__ = ["IngestStage", "PortLimits"]
+__all__ = ["IngestStage", "PortLimits", "scan_bound"]
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ _RECEIVED = CN.INDEX["ingest_received_gseq"]
 
 
 @njit(cache=True, _nrt=False)
-def _scan_bound(h, b, pos, fill, session, held, gseq):
+def scan_bound(h, b, pos, fill, session, held, gseq):
     """:func:`exposure.node.stages.ingest_scan.scan` over a connection's buffer handle ``b``
     (its bytes and words) and the stage's handle ``h`` (the ring, the entitlements, the
     partition, the result words, the session table, the counters), the records stamped
@@ -300,11 +300,15 @@ class IngestStage(Stage):
         self.handle = Handle(self.out.ctrl, self.out.slots, *self._ent_args, self.res,
                              self.sessions, self.cnt)
         buf = np.zeros(8, np.uint8)
-        self._scan = bind(_scan_bound, self.handle, Handle(buf, buf.view(np.uint64)), 0, 0,
+        self._scan = bind(scan_bound, self.handle, Handle(buf, buf.view(np.uint64)), 0, 0,
                           0, 0, 0)  # compiled (or loaded) now
         # A backup runs the replica side (``replica``: a factory Sequencer -> ReplicaStage)
         # until the supervisor promotes the node; ``self.rep`` is None once primary.
         self.rep = None
+        # The compute and fan-out stage this one runs just before, in this process, when
+        # the process builder chained them (exposure.node.stages.fused): a scan runs its
+        # pass in the same call.
+        self.down = None
         if ctl is not None and ctl[CTL_ROLE] == ROLE_BACKUP:
             self.rep = replica(self.seq)
         else:
@@ -699,9 +703,14 @@ class IngestStage(Stage):
         pushed."""
         pushed = 0
         budget = self.lim.control_budget
+        down = self.down
         while True:
-            why, c.pos, held, n, casleep, jasleep, expected = self._scan(
-                self.handle, c.hbuf, c.pos, c.fill, c.session, c.held, self.seq.next_gseq)
+            got = None if down is None else down.scan_then_pass(
+                c.hbuf, c.pos, c.fill, c.session, c.held, self.seq.next_gseq)
+            if got is None:
+                got = self._scan(self.handle, c.hbuf, c.pos, c.fill, c.session, c.held,
+                                 self.seq.next_gseq)
+            why, c.pos, held, n, casleep, jasleep, expected = got
             if n:  # (counted, and the session's held seq stored, by the jitted scan)
                 pushed += n
                 self.seq.commit(n, casleep, jasleep, True)

@@ -103,7 +103,7 @@ class ComputeFanout(Stage):
         if ingest is None:
             self._call = bind(_step_then_pack, compute.handle, fanout.handle, self._direct,
                               fanout.per, 0, 0, True)
-        else:  # (one compiled call for both uses: _step_then_pack alone is not compiled)
+        else:  # (one compiled entry for both passes: a scan's, and its own with nothing to scan)
             buf = np.zeros(8, np.uint8)
             self._ingest = ingest.handle
             self._empty = Handle(buf, buf.view(np.uint64))  # nothing to scan

@@ -21,7 +21,9 @@ compute's reject log (:mod:`exposure.shm.reject_layout`; nothing is read for a s
 with no new rejects).
 
 Complete EVENTS frames go from the receive buffer to the ring in one jitted scan per read
-(:mod:`exposure.node.stages.ingest_scan`); login, heartbeat and anything malformed are handled
+(:mod:`exposure.node.stages.ingest_scan`); where the process runs compute and the fan-out
+right after ingest, the same call goes on with their pass (``down``:
+:mod:`exposure.node.stages.fused`). Login, heartbeat and anything malformed are handled
 here in Python.
 
 **Hostile input is normal input.** No byte a client sends can harm the node or another

@@ -231,6 +231,26 @@ def _last_rows(words) -> dict:
     return {(int(w[0]) & 0xFF, int(w[0]) >> 32): w.tobytes() for w in words}
 
 
+def _one_chained_pass_a_read(ingest, polls, fused, client) -> None:
+    """A read of twenty HEARTBEATs runs the chained pass once: a flood of control frames
+    costs ingest a scan each, not a pass of every stage."""
+    calls = []
+    chain = fused.scan_then_pass
+
+    def counted(*args):
+        calls.append(1)
+        return chain(*args)
+
+    fused.scan_then_pass = counted
+    try:
+        client.sendall(W.encode_heartbeat() * 20)
+        _settle(ingest, polls, lambda: bool(calls) and all(
+            c.pos == c.fill for c in ingest.conns.values()))
+    finally:
+        del fused.scan_then_pass
+    assert len(calls) == 1
+
+
 def _published(st) -> dict:
     """What desks read (accounts and the fund, instruments, sectors, cells), less what
     depends on how events fell into batches: each row's seqlock version (one per publish)
@@ -287,6 +307,8 @@ def test_ingest_chained_to_the_fused_stage_sends_what_it_sends_unchained(fenced)
                     sent += len(f)
                     _settle(ingest, polls, lambda n=sent: cs.st.ctr[C_LAST_GSEQ] == n)
                 one_by_one = _datagrams(rx)
+                if chained and not fenced:
+                    _one_chained_pass_a_read(ingest, polls, staged[1], client)
                 for a in range(3000, len(recs), 200):  # at once, read nothing back
                     client.sendall(W.encode_events(recs[a:a + 200]))
                 _settle(ingest, polls, lambda: cs.st.ctr[C_LAST_GSEQ] == len(recs))

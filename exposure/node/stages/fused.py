@@ -36,8 +36,11 @@ loop, the fused stage's checks and a second entry: 2-3 us of the node's p50 at 2
 events/s (docs/performance.md, the nineteenth session). Ingest's bookkeeping of what it
 pushed (the sequence, the ACKs) follows the call; the rings between the stages are
 unchanged (a scan that fills compute's ring leaves the rest to the fused stage's own pass,
-which uses the same compiled call with nothing to scan). A fenced primary's scans are
-ingest's own: compute goes on in the fused stage's pass, the rows held.
+which uses the same compiled call with nothing to scan). One read's first scan is
+chained, the scans after a control frame in it are not (their records go in the fused
+stage's pass, later in the same runner pass), so a flood of HEARTBEATs costs a scan each,
+not a pass of every stage. A fenced primary's scans are ingest's own: compute goes on in
+the fused stage's pass, the rows held.
 """
 
 from __future__ import annotations

@@ -709,6 +709,10 @@ class IngestStage(Stage):
         while True:
             got = None if down is None else down.scan_then_pass(
                 c.hbuf, c.pos, c.fill, c.session, c.held, self.seq.next_gseq)
+            # (one chained pass per call: the scans after a control frame are ingest's
+            # own, and what they push goes in the fused stage's pass, later in this one;
+            # a flood of control frames costs a scan each, not a pass of every stage)
+            down = None
             if got is None:
                 got = self._scan(self.handle, c.hbuf, c.pos, c.fill, c.session, c.held,
                                  self.seq.next_gseq)

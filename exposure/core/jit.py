@@ -5,19 +5,36 @@ in a constant of :mod:`exposure.core.types` or in a helper module would silently
 machine code (see shared/NOTES.md). The cache therefore lives in a directory named after
 a hash of every ``.py`` file of the package, so any source change starts a fresh cache.
 Set ``EXPOSURE_NUMBA_CACHE`` to choose the parent directory.
+
+**The parent directory is bounded.** Each version of the sources leaves a directory of
+30-45 MB, and every upgrade (or, on a developer's machine, every edit) makes another: 63 of
+them, 621 MB, had piled up here. A process records its use of its directory (its
+modification time) at start; when it makes a new one it removes the directories of other
+versions that no process has used for :data:`KEEP_DAYS` days, always keeping the
+:data:`KEEP` most recently used. A version still running (another checkout, the previous
+release during a rolling restart) has been used recently and stays; one removed anyway only
+compiles again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import numba
 from numba.core import config as _nb_config
 
+__all__ = ["CACHE_DIR", "KEEP", "KEEP_DAYS", "entry", "prune"]
+
 _PKG = Path(__file__).resolve().parent.parent  # the exposure package (this file: core/)
+KEEP = 4         # the most recently used versions' directories are always kept
+KEEP_DAYS = 7.0  # other versions' directories go once unused for this long
+_VERSION_DIR = re.compile(r"[0-9a-f]{16}")  # what _source_fingerprint names
 
 
 def _source_fingerprint(root: Path = _PKG) -> str:
@@ -37,6 +54,33 @@ def _cache_dir() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "exposure", "numba"
     )
     return os.path.join(base, _source_fingerprint())
+
+
+def prune(base: str | os.PathLike, keep: int = KEEP, keep_days: float = KEEP_DAYS,
+          now: float | None = None) -> list[str]:
+    """Remove the version directories under ``base`` beyond the ``keep`` most recently
+    used (modification time) that have not been used for ``keep_days``; other entries are
+    never touched. Returns the paths removed. Never raises for what it cannot read or
+    remove (a cache: another process may be pruning too)."""
+    now = time.time() if now is None else now
+    found = []
+    try:
+        with os.scandir(base) as it:
+            for e in it:
+                if _VERSION_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False):
+                    try:
+                        found.append((e.stat(follow_symlinks=False).st_mtime, e.path))
+                    except OSError:
+                        continue
+    except OSError:
+        return []
+    found.sort(reverse=True)
+    gone = []
+    for mtime, path in found[keep:]:
+        if now - mtime > keep_days * 86400:
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path)
+    return gone
 
 
 def _array_math_without_blas_probe() -> None:
@@ -61,8 +105,12 @@ _array_math_without_blas_probe()
 
 CACHE_DIR = _cache_dir()
 try:
+    _new = not os.path.isdir(CACHE_DIR)
     os.makedirs(CACHE_DIR, exist_ok=True)
+    os.utime(CACHE_DIR)  # used now (what prune keeps by)
     _nb_config.CACHE_DIR = CACHE_DIR
+    if _new:  # a new version of the sources: the old ones' directories may go
+        prune(os.path.dirname(CACHE_DIR))
 except OSError:  # unwritable home: numba falls back to its own locations
     pass
 

@@ -280,7 +280,9 @@ def test_ingest_chained_to_the_fused_stage_sends_what_it_sends_unchained(fenced)
     frames = [recs[a:b] for a, b in zip([0, *cuts], [*cuts, 3000], strict=True)]
     got = {}
     for chained in (True, False):
-        with _pipeline(out_cap=4096, pair=fenced, in_cap=256) as (inp, cs, fo, rx, ctl):
+        # (a fenced primary's rows wait on the fan-out ring, one per feed key: about
+        # 2,000 of this flow's; the ring holds eight times that)
+        with _pipeline(out_cap=16384, pair=fenced, in_cap=256) as (inp, cs, fo, rx, ctl):
             if fenced:
                 ctl[CTL_VALID_NS] = 0  # a primary of a pair whose fence has expired
             sessions = np.zeros((5, SESSION_COLS), np.uint64)

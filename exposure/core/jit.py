@@ -107,12 +107,16 @@ CACHE_DIR = _cache_dir()
 try:
     _new = not os.path.isdir(CACHE_DIR)
     os.makedirs(CACHE_DIR, exist_ok=True)
-    os.utime(CACHE_DIR)  # used now (what prune keeps by)
     _nb_config.CACHE_DIR = CACHE_DIR
-    if _new:  # a new version of the sources: the old ones' directories may go
-        prune(os.path.dirname(CACHE_DIR))
 except OSError:  # unwritable home: numba falls back to its own locations
     pass
+else:
+    try:
+        os.utime(CACHE_DIR)  # used now (what prune keeps by)
+    except OSError:  # (a directory another user owns: used, not marked)
+        pass
+    if _new:  # a new version of the sources: the old ones' directories may go
+        prune(os.path.dirname(CACHE_DIR))
 
 
 def entry(dispatcher, *args):

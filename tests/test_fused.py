@@ -105,12 +105,22 @@ def _rows(datagrams) -> np.ndarray:
     return words
 
 
+def _settle(polls, done=lambda: True, after=lambda: None, seconds: float = 30.0) -> None:
+    """Run ``polls`` (then ``after``, ingest's) until ``done()`` and a whole pass idles."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        work = sum(p() for p in polls)
+        after()
+        if not work and done():
+            return
+    raise AssertionError("the stages did not settle")
+
+
 def _run(stage_polls, inp, chunks) -> None:
     """Push each chunk of records, then poll until a whole pass does nothing."""
     for words in chunks:
         assert ring_push(inp.ctrl, inp.slots, words, len(words)) == len(words)
-        while sum(p() for p in stage_polls):
-            pass
+        _settle(stage_polls)
 
 
 @pytest.mark.parametrize("out_cap", [16, 4096])
@@ -204,19 +214,6 @@ def test_only_compute_directly_followed_by_the_fan_out_of_its_ring_is_fused():
 
 
 _RECV_NS = UPDATE_DTYPE.fields["recv_ns"][1] // 8  # ingest's clock: differs run to run
-
-
-def _settle(ingest, polls, done, seconds: float = 30.0) -> None:
-    """Run ``polls`` (then ingest's ``after``) until ``done()`` and a whole pass idles."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        work = sum(p() for p in polls)
-        ingest.after()
-        if not work and done():
-            return
-    raise AssertionError("the stages did not settle")
-
-
 _GSEQ_W = UPDATE_DTYPE.fields["gseq"][1] // 8
 _SSEQ_W = UPDATE_DTYPE.fields["sseq"][1] // 8
 
@@ -244,8 +241,8 @@ def _one_chained_pass_a_read(ingest, polls, fused, client) -> None:
     fused.scan_then_pass = counted
     try:
         client.sendall(W.encode_heartbeat() * 20)
-        _settle(ingest, polls, lambda: bool(calls) and all(
-            c.pos == c.fill for c in ingest.conns.values()))
+        _settle(polls, lambda: bool(calls) and all(
+            c.pos == c.fill for c in ingest.conns.values()), ingest.after)
     finally:
         del fused.scan_then_pass
     assert len(calls) == 1
@@ -307,13 +304,13 @@ def test_ingest_chained_to_the_fused_stage_sends_what_it_sends_unchained(fenced)
                     client.sendall(W.encode_events(f) + (
                         W.encode_heartbeat() if k % 3 == 0 else b""))
                     sent += len(f)
-                    _settle(ingest, polls, lambda n=sent: cs.st.ctr[C_LAST_GSEQ] == n)
+                    _settle(polls, lambda n=sent: cs.st.ctr[C_LAST_GSEQ] == n, ingest.after)
                 one_by_one = _datagrams(rx)
                 if chained and not fenced:
                     _one_chained_pass_a_read(ingest, polls, staged[1], client)
                 for a in range(3000, len(recs), 200):  # at once, read nothing back
                     client.sendall(W.encode_events(recs[a:a + 200]))
-                _settle(ingest, polls, lambda: cs.st.ctr[C_LAST_GSEQ] == len(recs))
+                _settle(polls, lambda: cs.st.ctr[C_LAST_GSEQ] == len(recs), ingest.after)
                 rest = _datagrams(rx)
                 assert int(sessions[2, S_HELD]) == len(recs)
                 incremental = [d for d in one_by_one + rest if d.type == DG_INCREMENTAL]
